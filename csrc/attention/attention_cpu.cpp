@@ -1,0 +1,218 @@
+// CPU attention, forward and backward, in the accumulation type (float64 for float64 inputs,
+// float32 otherwise), one sequence at a time so memory stays at heads x Sq x Sk:
+//   S = scale q k^T (causal: key j visible to query i when j <= i + Sk - Sq, flash-attn's
+//   bottom-right alignment), lse = logsumexp_j S, P = exp(S - lse), o = P v.
+// A row that sees no key (causal with Sq > Sk) gives o = 0 and lse = -inf.
+// Backward: dv = P^T do, dP = do v^T, dS = P (dP - rowsum(do * o)), dq = scale dS k,
+// dk = scale dS^T q; grouped-query heads (H = G * Hk) sum their dk, dv over the group.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "checks.h"
+
+namespace pyssm {
+namespace {
+
+struct AttnSizes {
+  bool varlen;
+  int64_t batch, seqlen_q, seqlen_k, heads, heads_k, head_dim;
+  std::vector<int64_t> starts;  // varlen: cu_seqlens as int64
+};
+
+AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& cu_seqlens,
+                               std::optional<int64_t> max_seqlen) {
+  check_floating(q, "q");
+  check_floating(k, "k");
+  check_floating(v, "v");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "q, k and v must have the same dtype, got ", q.scalar_type(), ", ",
+                   k.scalar_type(), " and ", v.scalar_type());
+  check_same_device(k, q, "k", "q");
+  check_same_device(v, q, "v", "q");
+  AttnSizes s;
+  s.varlen = cu_seqlens.has_value();
+  if (s.varlen) {
+    const char* layout = "(total_tokens, heads, head_dim) when cu_seqlens is given";
+    check_rank(q, 3, "q", layout);
+    check_rank(k, 3, "k", layout);
+    check_rank(v, 3, "v", layout);
+    TORCH_CHECK_TYPE(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32, got ",
+                     cu_seqlens->scalar_type());
+    check_rank(*cu_seqlens, 1, "cu_seqlens", "(num_sequences + 1,)");
+    TORCH_CHECK_VALUE(cu_seqlens->size(0) >= 1, "cu_seqlens must hold at least one offset (0)");
+    check_same_device(*cu_seqlens, q, "cu_seqlens", "q");
+    at::Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+    const int64_t* p = cu.const_data_ptr<int64_t>();
+    s.starts.assign(p, p + cu.numel());
+    TORCH_CHECK_VALUE(s.starts.front() == 0, "cu_seqlens must start at 0, got ", s.starts.front());
+    int64_t longest = 0;
+    for (size_t i = 1; i < s.starts.size(); ++i) {
+      TORCH_CHECK_VALUE(s.starts[i] >= s.starts[i - 1], "cu_seqlens must be non-decreasing, got ",
+                        s.starts[i - 1], " then ", s.starts[i]);
+      longest = std::max(longest, s.starts[i] - s.starts[i - 1]);
+    }
+    TORCH_CHECK_VALUE(s.starts.back() == q.size(0), "cu_seqlens must end at the ", q.size(0),
+                      " tokens of q, got ", s.starts.back());
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+                      "with cu_seqlens, k and v must have the same number of tokens as q (",
+                      q.size(0), "), got ", k.size(0), " and ", v.size(0));
+    if (max_seqlen) {
+      TORCH_CHECK_VALUE(*max_seqlen >= longest, "max_seqlen (", *max_seqlen,
+                        ") is smaller than the longest sequence in cu_seqlens (", longest, ")");
+    }
+    s.batch = static_cast<int64_t>(s.starts.size()) - 1;
+    s.seqlen_q = s.seqlen_k = longest;
+    s.heads = q.size(1);
+    s.heads_k = k.size(1);
+    s.head_dim = q.size(2);
+  } else {
+    const char* layout = "(batch, seqlen, heads, head_dim)";
+    check_rank(q, 4, "q", layout);
+    check_rank(k, 4, "k", layout);
+    check_rank(v, 4, "v", layout);
+    TORCH_CHECK_VALUE(!max_seqlen, "max_seqlen is only used with cu_seqlens");
+    s.batch = q.size(0);
+    s.seqlen_q = q.size(1);
+    s.seqlen_k = k.size(1);
+    s.heads = q.size(2);
+    s.heads_k = k.size(2);
+    s.head_dim = q.size(3);
+    TORCH_CHECK_VALUE(k.size(0) == s.batch && v.size(0) == s.batch,
+                      "q, k and v must have the same batch size, got ", s.batch, ", ", k.size(0),
+                      " and ", v.size(0));
+  }
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", shape_str(k),
+                    " and ", shape_str(v));
+  TORCH_CHECK_VALUE(k.size(-1) == s.head_dim, "k must have head_dim ", s.head_dim,
+                    " (the last dim of q), got ", shape_str(k));
+  TORCH_CHECK_VALUE(s.heads_k >= 1 && s.heads % s.heads_k == 0, "the ", s.heads_k,
+                    " heads of k and v must divide the ", s.heads, " heads of q");
+  return s;
+}
+
+// One sequence: q_s (Sq, H, d), k_s, v_s (Sk, Hk, d) -> heads-first tensors in acc type.
+at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
+  at::Tensor h = t.to(acc).transpose(0, 1);  // (heads, S, d)
+  return group == 1 ? h : h.repeat_interleave(group, 0);
+}
+
+// Scaled, masked scores (H, Sq, Sk).
+at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal) {
+  at::Tensor S = at::matmul(qh, kh.transpose(1, 2)) * scale;
+  if (causal) {
+    const int64_t Sq = S.size(1), Sk = S.size(2);
+    at::Tensor i = at::arange(Sq, S.options().dtype(at::kLong)).unsqueeze(1);
+    at::Tensor j = at::arange(Sk, S.options().dtype(at::kLong)).unsqueeze(0);
+    S = S.masked_fill(j > i + (Sk - Sq), -std::numeric_limits<double>::infinity());
+  }
+  return S;
+}
+
+// P = exp(S - lse) with rows that see no key (lse = -inf) set to 0 rather than NaN.
+at::Tensor probs(const at::Tensor& S, const at::Tensor& lse) {
+  at::Tensor empty_row = at::isneginf(lse);
+  at::Tensor lse_safe = at::where(empty_row, at::zeros_like(lse), lse);
+  return at::exp(S - lse_safe.unsqueeze(-1));
+}
+
+double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
+  return softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
+// Views of sequence i: tokens [start, end) of a packed tensor, or batch row i.
+at::Tensor seq(const at::Tensor& t, const AttnSizes& s, int64_t i) {
+  return s.varlen ? t.narrow(0, s.starts[i], s.starts[i + 1] - s.starts[i]) : t.select(0, i);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, bool causal,
+                                                 std::optional<double> softmax_scale,
+                                                 const std::optional<at::Tensor>& cu_seqlens,
+                                                 std::optional<int64_t> max_seqlen) {
+  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const int64_t group = s.heads / s.heads_k;
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  // lse: (B, H, Sq), or (H, total) packed.
+  at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(acc))
+                            : at::empty({s.batch, s.heads, s.seqlen_q}, q.options().dtype(acc));
+  for (int64_t i = 0; i < s.batch; ++i) {
+    at::Tensor qh = heads_first(seq(q, s, i), 1, acc);
+    at::Tensor kh = heads_first(seq(k, s, i), group, acc);
+    at::Tensor vh = heads_first(seq(v, s, i), group, acc);
+    at::Tensor S = scores(qh, kh, scale, causal);
+    at::Tensor lse_i = at::logsumexp(S, -1);  // (H, Sq)
+    at::Tensor o = at::matmul(probs(S, lse_i), vh);
+    seq(out, s, i).copy_(o.transpose(0, 1));
+    if (s.varlen) {
+      lse.narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i]).copy_(lse_i);
+    } else {
+      lse.select(0, i).copy_(lse_i);
+    }
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
+    const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
+  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
+  check_shape(dout, q.sizes(), "dout", "the shape of q");
+  check_shape(out, q.sizes(), "out", "the shape of q");
+  const std::vector<int64_t> lse_shape =
+      s.varlen ? std::vector<int64_t>{s.heads, q.size(0)}
+               : std::vector<int64_t>{s.batch, s.heads, s.seqlen_q};
+  check_shape(lse, lse_shape, "lse", s.varlen ? "(heads, total_tokens)" : "(batch, heads, seqlen_q)");
+  if (dlse) check_shape(*dlse, lse.sizes(), "dlse", "the shape of lse");
+  const at::ScalarType acc = acc_type(q.scalar_type());
+  const double scale = resolve_scale(softmax_scale, s.head_dim);
+  const int64_t group = s.heads / s.heads_k;
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  for (int64_t i = 0; i < s.batch; ++i) {
+    at::Tensor qh = heads_first(seq(q, s, i), 1, acc);
+    at::Tensor kh = heads_first(seq(k, s, i), group, acc);
+    at::Tensor vh = heads_first(seq(v, s, i), group, acc);
+    at::Tensor doh = heads_first(seq(dout, s, i), 1, acc);
+    at::Tensor oh = heads_first(seq(out, s, i), 1, acc);
+    at::Tensor lse_i =
+        s.varlen ? lse.narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i]) : lse.select(0, i);
+    at::Tensor P = probs(scores(qh, kh, scale, causal), lse_i.to(acc));
+    // dlse/dS = P, so an lse gradient enters as P * dlse.
+    at::Tensor rowdot = (doh * oh).sum(-1, /*keepdim=*/true);
+    if (dlse) {
+      at::Tensor dlse_i = s.varlen ? dlse->narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i])
+                                   : dlse->select(0, i);
+      rowdot = rowdot - dlse_i.to(acc).unsqueeze(-1);
+    }
+    at::Tensor dvh = at::matmul(P.transpose(1, 2), doh);
+    at::Tensor dP = at::matmul(doh, vh.transpose(1, 2));
+    at::Tensor dS = P * (dP - rowdot);
+    at::Tensor dqh = at::matmul(dS, kh) * scale;
+    at::Tensor dkh = at::matmul(dS.transpose(1, 2), qh) * scale;
+    if (group > 1) {  // (H, Sk, d) -> (Hk, G, Sk, d) -> sum over the group
+      dkh = dkh.view({s.heads_k, group, dkh.size(1), s.head_dim}).sum(1);
+      dvh = dvh.view({s.heads_k, group, dvh.size(1), s.head_dim}).sum(1);
+    }
+    seq(dq, s, i).copy_(dqh.transpose(0, 1));
+    seq(dk, s, i).copy_(dkh.transpose(0, 1));
+    seq(dv, s, i).copy_(dvh.transpose(0, 1));
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyssm, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace pyssm

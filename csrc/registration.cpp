@@ -1,0 +1,52 @@
+// The one schema block of pyssm. Kernels register per device in csrc/<family>/*_cpu.cpp and
+// csrc/<family>/*_cuda.cpp; Python wrappers, fake (meta) functions and autograd live in
+// pyssm/ops/<op>.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import pyssm._C` loads this library, which registers the ops below as a side effect. The
+// module itself is empty: Python reaches the ops through torch.ops.pyssm.*.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pyssm, m) {
+  // (B, C, H, W) -> (B, 4, C, H*W), direction k in scan order (DESIGN.md table).
+  m.def("cross_scan(Tensor x) -> Tensor");
+  // (B, 4, C, H, W) in scan order -> (B, C, H*W), summed over directions in pixel order.
+  m.def("cross_merge(Tensor ys) -> Tensor");
+
+  // u, delta: (batch, K*D, L); A: (K*D, N); B, C: (batch, K, N, L); D, delta_bias: (K*D,).
+  m.def(
+      "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? delta_bias, bool delta_softplus, bool out_float32) -> Tensor");
+  // Gradients of u, delta, A, B, C, D, delta_bias (the last two empty when absent).
+  m.def(
+      "selective_scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // x: (B, H, W, D) or, with channels_first, (B, D, H, W); output in the same layout.
+  m.def(
+      "ss2d(Tensor x, Tensor x_proj_weight, Tensor dt_projs_weight, Tensor dt_projs_bias, "
+      "Tensor A_logs, Tensor Ds, bool channels_first, bool out_float32) -> Tensor");
+  // Gradients of x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds.
+  m.def(
+      "ss2d_backward(Tensor dout, Tensor x, Tensor x_proj_weight, Tensor dt_projs_weight, "
+      "Tensor dt_projs_bias, Tensor A_logs, Tensor Ds, bool channels_first) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // q: (B, Sq, H, d), k, v: (B, Sk, Hk, d) with H % Hk == 0; packed (T, H, d) with
+  // cu_seqlens (int32, nseq + 1). Returns (out like q, lse (B, H, Sq) or (H, T)).
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, "
+      "Tensor? cu_seqlens, int? max_seqlen) -> (Tensor, Tensor)");
+  // dlse (optional) is the gradient of the lse output.
+  m.def(
+      "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, bool causal, float? softmax_scale, Tensor? cu_seqlens, int? max_seqlen) "
+      "-> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,72 @@
+"""Loading of the compiled extension ``pyssm._C``.
+
+``import pyssm`` never fails because of the extension: when ``_C`` is missing or does not load
+(for example an "undefined symbol" after torch was upgraded), pyssm warns once, says how to
+rebuild, and every op keeps working through its pure-PyTorch reference. Forcing a compiled
+backend (``backend="cpu"`` / ``"cuda"`` or ``PYSSM_BACKEND``) then raises with the same reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+REBUILD_HINT = (
+    "rebuild it against the installed torch from the pyssm source tree with "
+    "'pip install --no-build-isolation -e .' (or 'pip install --no-build-isolation .')"
+)
+
+_loaded = False
+_error: str | None = None
+_kernels: dict[tuple[str, str], bool] = {}
+
+
+def _load() -> None:
+    global _loaded, _error
+    try:
+        from pyssm import _C  # noqa: F401  (loading registers torch.ops.pyssm.*)
+    except (ImportError, OSError) as exc:  # missing, or built against another torch
+        _error = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"pyssm's compiled extension pyssm._C could not be loaded ({_error}); pyssm falls "
+            f"back to its pure-PyTorch reference ops. To get the CPU and CUDA kernels, "
+            f"{REBUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    _loaded = True
+    ops = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_backward", "ss2d",
+           "ss2d_backward", "attention", "attention_backward")
+    for op in ops:
+        for key in ("CPU", "CUDA"):
+            _kernels[(op, key.lower())] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"pyssm::{op}", key)
+
+
+def available() -> bool:
+    """True when ``pyssm._C`` loaded and its ops are registered."""
+    return _loaded
+
+
+def load_error() -> str | None:
+    """Why ``pyssm._C`` did not load, or None."""
+    return _error
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``pyssm._C`` has a kernel of ``op`` (and its backward) for ``device_type``."""
+    return _kernels.get((op, device_type), False)
+
+
+def status() -> dict[str, object]:
+    """A summary for bug reports and the benchmark headers."""
+    return {
+        "loaded": _loaded,
+        "error": _error,
+        "kernels": sorted(f"{op}:{dev}" for (op, dev), ok in _kernels.items() if ok),
+    }
+
+
+_load()

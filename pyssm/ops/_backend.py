@@ -1,0 +1,55 @@
+"""Backend choice for every op: ``cuda``, ``cpu`` (pyssm's compiled kernels) or ``reference``
+(the pure-PyTorch implementation beside each op).
+
+The choice comes from the op's ``backend=`` argument, else the ``PYSSM_BACKEND`` environment
+variable, else automatically: the compiled kernel for the tensors' device when it exists, the
+reference otherwise. A backend that is asked for and cannot run raises; only the automatic
+choice falls back.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from pyssm import _extension
+
+BACKENDS = ("cuda", "cpu", "reference")
+_warned: set[tuple[str, str]] = set()
+
+
+def _kernel_backend(device: torch.device) -> str | None:
+    return device.type if device.type in ("cpu", "cuda") else None
+
+
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
+    """The backend that runs ``op`` on tensors on ``device``."""
+    requested = backend if backend is not None else os.environ.get("PYSSM_BACKEND", "") or None
+    source = "backend" if backend is not None else "PYSSM_BACKEND"
+    if requested is None or requested == "auto":
+        kernel = _kernel_backend(device)
+        if kernel is not None and _extension.has_kernel(op, kernel):
+            return kernel
+        if kernel == "cuda" and (op, kernel) not in _warned:
+            _warned.add((op, kernel))
+            why = (f"pyssm._C did not load ({_extension.load_error()})"
+                   if not _extension.available() else "it has no CUDA kernel for this op yet")
+            warnings.warn(f"pyssm.ops.{op}: running the pure-PyTorch reference on {device}: "
+                          f"{why}", RuntimeWarning, stacklevel=3)
+        return "reference"
+    if requested not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or 'auto', got {requested!r}")
+    if requested == "reference":
+        return "reference"
+    if _kernel_backend(device) != requested:
+        raise ValueError(f"{source}={requested!r} cannot run pyssm.ops.{op} on tensors on "
+                         f"{device}; move the tensors or choose another backend")
+    if not _extension.available():
+        raise RuntimeError(f"{source}={requested!r} needs pyssm's compiled extension, which did "
+                           f"not load ({_extension.load_error()}); {_extension.REBUILD_HINT}")
+    if not _extension.has_kernel(op, requested):
+        raise RuntimeError(f"{source}={requested!r}: pyssm._C has no {requested.upper()} kernel "
+                           f"for {op} (built without it); {_extension.REBUILD_HINT}")
+    return requested

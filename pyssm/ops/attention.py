@@ -1,0 +1,179 @@
+"""attention: softmax attention in the flash-attn layout (DESIGN.md).
+
+q (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, heads_k, head_dim), with heads_k
+dividing heads (grouped-query attention). With ``cu_seqlens`` (int32, num_sequences + 1
+offsets) q, k and v are packed as (total_tokens, heads, head_dim) and sequence i is tokens
+cu_seqlens[i] ... cu_seqlens[i+1] - 1 (images of different resolutions in one batch).
+
+    S = softmax_scale * q k^T   (default scale 1 / sqrt(head_dim))
+    causal: query i sees key j when j <= i + seqlen_k - seqlen_q (bottom-right, as flash-attn)
+    lse = logsumexp_j S;  out = softmax(S) v
+
+Returns out (the shape and dtype of q) and, with ``return_lse=True``, also lse: (batch, heads,
+seqlen_q), or (heads, total_tokens) packed; float32 (float64 for float64 inputs). A query
+that sees no key gets out = 0 and lse = -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyssm import _extension
+from pyssm.ops import _backend, _checks
+
+
+def _attend(q, k, v, causal, scale):
+    """q (..., Sq, H, d), k, v (..., Sk, Hk, d) in the accumulation dtype -> out, lse."""
+    qh, kh, vh = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
+    group = qh.shape[-3] // kh.shape[-3]
+    if group > 1:
+        kh = kh.repeat_interleave(group, dim=-3)
+        vh = vh.repeat_interleave(group, dim=-3)
+    S = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if causal:
+        Sq, Sk = S.shape[-2], S.shape[-1]
+        i = torch.arange(Sq, device=S.device)[:, None]
+        j = torch.arange(Sk, device=S.device)[None, :]
+        S = S.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    # Stable softmax; the shift m cancels exactly, so it carries no gradient.
+    m = S.amax(dim=-1, keepdim=True).detach() if S.shape[-1] else S.new_zeros(*S.shape[:-1], 1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(S - m)
+    total = e.sum(dim=-1, keepdim=True)
+    P = e / torch.where(total == 0, torch.ones_like(total), total)
+    lse = (torch.log(total) + m).squeeze(-1)
+    return torch.matmul(P, vh).transpose(-3, -2), lse
+
+
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None,
+                        max_seqlen=None, return_lse=False):
+    """Pure-PyTorch attention (materialises the scores). Same arguments as attention."""
+    acc = _checks.acc_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if cu_seqlens is None:
+        out, lse = _attend(qa, ka, va, causal, scale)
+    else:
+        bounds = [int(b) for b in cu_seqlens.tolist()]
+        outs, lses = [], []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            o, l_ = _attend(qa[start:end], ka[start:end], va[start:end], causal, scale)
+            outs.append(o)
+            lses.append(l_)
+        out = torch.cat(outs, 0) if outs else qa.new_zeros(qa.shape)
+        lse = torch.cat(lses, -1) if lses else qa.new_zeros(q.shape[1], 0)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def check_attention(q, k, v, cu_seqlens, max_seqlen) -> None:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _checks.floating(t, name)
+    if not (k.dtype == q.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and "
+                        f"{v.dtype}")
+    _checks.same_device(k, q, "k", "q")
+    _checks.same_device(v, q, "v", "q")
+    if cu_seqlens is not None:
+        layout = "(total_tokens, heads, head_dim) when cu_seqlens is given"
+        for t, name in ((q, "q"), (k, "k"), (v, "v")):
+            _checks.rank(t, 3, name, layout)
+        if cu_seqlens.dtype != torch.int32:
+            raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+        _checks.rank(cu_seqlens, 1, "cu_seqlens", "(num_sequences + 1,)")
+        if cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must hold at least one offset (0)")
+        _checks.same_device(cu_seqlens, q, "cu_seqlens", "q")
+        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+            raise ValueError(f"with cu_seqlens, k and v must have the same number of tokens as q "
+                             f"({q.shape[0]}), got {k.shape[0]} and {v.shape[0]}")
+    else:
+        layout = "(batch, seqlen, heads, head_dim)"
+        for t, name in ((q, "q"), (k, "k"), (v, "v")):
+            _checks.rank(t, 4, name, layout)
+        if max_seqlen is not None:
+            raise ValueError("max_seqlen is only used with cu_seqlens")
+        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+            raise ValueError(f"q, k and v must have the same batch size, got {q.shape[0]}, "
+                             f"{k.shape[0]} and {v.shape[0]}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have head_dim {q.shape[-1]} (the last dim of q), got "
+                         f"{tuple(k.shape)}")
+    heads, heads_k = q.shape[-2], k.shape[-2]
+    if heads_k < 1 or heads % heads_k != 0:
+        raise ValueError(f"the {heads_k} heads of k and v must divide the {heads} heads of q")
+
+
+def check_cu_seqlens_values(cu_seqlens, total, max_seqlen) -> None:
+    """Checks the offsets themselves (reads them: a device sync for CUDA tensors)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the {total} tokens of q, got {bounds[-1]}")
+    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
+                         f"cu_seqlens ({longest})")
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+              return_lse=False, backend=None):
+    """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
+    Differentiable in q, k and v (through out and lse)."""
+    check_attention(q, k, v, cu_seqlens, max_seqlen)
+    if cu_seqlens is not None and not torch.compiler.is_compiling():
+        check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    if _backend.resolve("attention", q.device, backend) == "reference":
+        return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                   return_lse=return_lse)
+    scale = None if softmax_scale is None else float(softmax_scale)
+    out, lse = torch.ops.pyssm.attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+    return (out, lse) if return_lse else out
+
+
+def _lse_shape(q, cu_seqlens):
+    return (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2],
+                                                                    q.shape[1])
+
+
+if _extension.available():
+
+    @torch.library.register_fake("pyssm::attention")
+    def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
+        check_attention(q, k, v, cu_seqlens, max_seqlen)
+        lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
+        return torch.empty_like(q), lse
+
+    @torch.library.register_fake("pyssm::attention_backward")
+    def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
+                                 cu_seqlens, max_seqlen):
+        check_attention(q, k, v, cu_seqlens, max_seqlen)
+        _checks.shape(dout, q.shape, "dout", "the shape of q")
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _attention_setup(ctx, inputs, output):
+        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (causal, softmax_scale, max_seqlen)
+
+    def _attention_backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        causal, softmax_scale, max_seqlen = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.pyssm.attention_backward(
+            dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd(
+        "pyssm::attention", _attention_backward, setup_context=_attention_setup)
