@@ -1,0 +1,101 @@
+"""attention TFLOP/s at ViT token counts: pyssm's kernel against torch SDPA's backends.
+
+GPU (bf16, non-causal, 12 heads, head_dim 64): ViT-B/16 token counts N = 197, 442, 785, 1025,
+2305, 4097 (224 ... 1024 px, CLS included); forward at batch round(131072 / N) (~128k tokens)
+and forward+backward at round(65536 / N) (~64k), as in ANCHORS.md, whose SDPA numbers sit beside.
+SDPA runs with each backend forced (flash, cudnn, efficient) and with torch's own choice
+(default), on transposed views (B, H, N, d) of the same (B, N, H, d) tensors.
+CPU (float32): N = 65, 197, batch 2, 4 heads, head_dim 32: pyssm-cpu, reference, SDPA math and
+default.
+
+    python bench/bench_attention.py [--device auto|cpu|cuda] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import harness
+from pyssm import ops
+
+# ANCHORS.md, H200, torch 2.11: SDPA TFLOP/s by mode -> N -> backend.
+ANCHOR_TFLOPS = {
+    "forward": {197: {"flash": 130, "cudnn": 189, "efficient": 72, "default": 191},
+                442: {"flash": 199, "cudnn": 276, "efficient": 122, "default": 271},
+                785: {"flash": 220, "cudnn": 305, "efficient": 117, "default": 303},
+                1025: {"flash": 231, "cudnn": 322, "efficient": 118, "default": 313},
+                2305: {"flash": 278, "cudnn": 373, "efficient": 128, "default": 368},
+                4097: {"flash": 295, "cudnn": 389, "efficient": 132, "default": 390}},
+    "full": {197: {"flash": 74, "cudnn": 118}, 1025: {"flash": 174, "cudnn": 283},
+             4097: {"flash": 249, "cudnn": 381}},
+}
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+                 "default": None}
+NOTES = [
+    "TFLOP/s: 4 * batch * heads * N^2 * head_dim for forward, 3.5x that for forward+backward.",
+    f"anchor {harness.ANCHOR_LABEL}: torch SDPA with the same backend forced; for pyssm rows "
+    "the SDPA backend to beat (cuDNN, the default on H200). vs anchor = TFLOP/s / anchor.",
+]
+
+
+def sdpa_provider(backend: str) -> harness.Provider:
+    """torch SDPA on (B, H, N, d) views, returning the (B, N, H, d) layout of the inputs."""
+    def attend(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if SDPA_BACKENDS[backend] is None:
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        with sdpa_kernel(SDPA_BACKENDS[backend]):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return harness.Provider(f"sdpa-{backend}", attend)
+
+
+def anchor(mode: str, seqlen: int, provider: str) -> dict:
+    by_backend = ANCHOR_TFLOPS.get(mode, {}).get(seqlen, {})
+    backend = provider.removeprefix("sdpa-") if provider.startswith("sdpa-") else "cudnn"
+    return {"anchor_tflops": by_backend.get(backend)}
+
+
+def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    kernel, gpu = device.type, device.type == "cuda"
+    providers = [harness.pyssm_provider("attention", kernel,
+                                        lambda q, k, v: ops.attention(q, k, v, backend=kernel))]
+    if gpu:
+        heads, head_dim, dtype = 12, 64, torch.bfloat16
+        seqlens = [197, 1025, 4097] if quick else [197, 442, 785, 1025, 2305, 4097]
+        providers += [sdpa_provider(b) for b in ("flash", "cudnn", "efficient", "default")]
+        batches = {"forward": lambda n: round(131072 / n), "full": lambda n: round(65536 / n)}
+    else:
+        heads, head_dim, dtype, seqlens = 4, 32, torch.float32, [65] if quick else [65, 197]
+        providers += [harness.Provider("reference", lambda q, k, v: ops.attention(
+            q, k, v, backend="reference")), sdpa_provider("math"), sdpa_provider("default")]
+        batches = {"forward": lambda n: 2, "full": lambda n: 2}
+    out = []
+    for mode, batch_of in batches.items():
+        for n in seqlens:
+            batch = batch_of(n)
+            flops = 4 * batch * heads * n * n * head_dim
+            out.append(harness.Case(
+                op="attention", size={"N": n, "batch": batch, "heads": heads, "head_dim": head_dim},
+                make_inputs=lambda b=batch, n=n: tuple(
+                    torch.randn(b, n, heads, head_dim, device=device, dtype=dtype)
+                    for _ in range(3)),
+                providers=providers, modes=(mode,), dtype=str(dtype).removeprefix("torch."),
+                flops={"forward": flops, "full": 3.5 * flops, "backward": 2.5 * flops},
+                extra=(lambda provider, m, n=n: anchor(m, n, provider)) if gpu else None))
+    return out
+
+
+def main(argv=None):
+    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
+                            ).parse_args(argv)
+    device = harness.resolve_device(args.device, args.threads)
+    harness.run_benchmark("attention", cases(device, args.quick), NOTES, args, device)
+
+
+if __name__ == "__main__":
+    main()

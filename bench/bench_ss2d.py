@@ -1,0 +1,84 @@
+"""ss2d cost versus resolution: pyssm's kernel against the pure-PyTorch reference.
+
+GPU (bf16 x, fp32 weights as a module holds them): the VMamba-T stage-1 SS2D core, D = 96,
+d_state N = 1, dt_rank R = 6, image R px -> an R/4 x R/4 grid, batch 64 / 12 / 3 at
+224 / 512 / 1024 (ANCHORS.md "Official SS2D pieces"), with the official module's times beside.
+CPU (float32): a small sweep, D = 32, N = 1, R = 2, grids 8 / 16 / 32, batch 2.
+
+    python bench/bench_ss2d.py [--device auto|cpu|cuda] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import harness
+from pyssm import ops
+
+# ANCHORS.md: official VMamba-T s1l8 SS2D module (stage-1 block's op), bf16 autocast, H200.
+ANCHOR_MS = {224: {"forward": 2.418, "full": 7.136},
+             512: {"forward": 2.156, "full": 6.468},
+             1024: {"forward": 2.212, "full": 6.765}}
+NOTES = [
+    "GB/s: x read + y written once, in x's dtype, over the median time (the op's minimum traffic).",
+    f"anchor {harness.ANCHOR_LABEL}: the official VMamba-T s1l8 SS2D module, which also runs "
+    "in_proj, the depthwise conv, SiLU, out_norm and out_proj around this op, so it is not the "
+    "same op: vs anchor = anchor ms / measured ms overstates what the op saves in the module.",
+    "The reference is a Python loop over L = H*W (slow by design, timed with few repeats).",
+]
+
+
+def ss2d_inputs(batch, grid, dim, dstate, rank, dtype, device):
+    """x (B, H, W, D) in ``dtype`` and the five weights in float32, VMamba-style init."""
+    def f32(*shape):
+        return torch.randn(*shape, device=device)
+    dt = torch.exp(torch.empty(4, dim, device=device).uniform_(math.log(1e-3), math.log(1e-1)))
+    return (torch.randn(batch, grid, grid, dim, device=device, dtype=dtype),
+            f32(4, rank + 2 * dstate, dim) * dim ** -0.5,              # x_proj_weight
+            f32(4, dim, rank) * rank ** -0.5,                          # dt_projs_weight
+            dt + torch.log(-torch.expm1(-dt)),                         # dt_projs_bias
+            torch.log(torch.arange(1, dstate + 1, device=device, dtype=torch.float32)
+                      ).repeat(4 * dim, 1),                            # A_logs
+            torch.ones(4 * dim, device=device))                        # Ds
+
+
+def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    kernel = device.type
+    providers = [
+        harness.pyssm_provider("ss2d", kernel, lambda *a: ops.ss2d(*a, backend=kernel)),
+        harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference")),
+    ]
+    if device.type == "cuda":
+        dim, dstate, rank, dtype = 96, 1, math.ceil(96 / 16), torch.bfloat16
+        sizes = [(224, 64), (512, 12), (1024, 3)][: 1 if quick else 3]
+    else:
+        dim, dstate, rank, dtype = 32, 1, 2, torch.float32
+        sizes = [(32, 2), (64, 2), (128, 2)][: 2 if quick else 3]
+    out = []
+    for res, batch in sizes:
+        grid = res // 4
+        anchors = ANCHOR_MS.get(res, {}) if device.type == "cuda" else {}
+        xy_bytes = 2 * batch * grid * grid * dim * dtype.itemsize
+        out.append(harness.Case(
+            op="ss2d", size={"res": res, "grid": f"{grid}x{grid}", "batch": batch, "D": dim,
+                             "N": dstate, "R": rank},
+            make_inputs=lambda b=batch, g=grid: ss2d_inputs(b, g, dim, dstate, rank, dtype,
+                                                            device),
+            providers=providers, dtype=str(dtype).removeprefix("torch."),
+            bytes={"forward": xy_bytes},
+            extra=lambda provider, mode, a=anchors: {"anchor_ms": a.get(mode)}))
+    return out
+
+
+def main(argv=None):
+    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
+                            ).parse_args(argv)
+    device = harness.resolve_device(args.device, args.threads)
+    harness.run_benchmark("ss2d", cases(device, args.quick), NOTES, args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+// CUDA cross_scan and cross_merge: one thread per (batch, channel, pixel). Reads of x and
+// writes of directions 0 and 2 are coalesced; directions 1 and 3 (column-major) are strided.
+// These are the plain standalone ops; the fused ss2d kernel never materialises them.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "ss2d/cross_scan.cuh"
+
+namespace pyssm {
+namespace {
+
+// Loads widen to the accumulation type (float, or double for double); stores round back.
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+template <typename T>
+__global__ void cross_scan_kernel(const T* __restrict__ x_gmem, T* __restrict__ out_gmem,
+                                  int64_t total, int64_t C, int64_t H, int64_t W) {
+  const int64_t L = H * W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t bc = i / L, pix = i % L, b = bc / C, c = bc % C;
+    const int64_t h = pix / W, w = pix % W;
+    const int64_t l0 = pix, l1 = w * H + h;
+    const T v = x_gmem[i];
+    T* out_b = out_gmem + (b * 4 * C + c) * L;
+    out_b[0 * C * L + l0] = v;
+    out_b[1 * C * L + l1] = v;
+    out_b[2 * C * L + (L - 1 - l0)] = v;
+    out_b[3 * C * L + (L - 1 - l1)] = v;
+  }
+}
+
+template <typename T>
+__global__ void cross_merge_kernel(const T* __restrict__ ys_gmem, T* __restrict__ out_gmem,
+                                   int64_t total, int64_t C, int64_t H, int64_t W) {
+  const int64_t L = H * W;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t bc = i / L, pix = i % L, b = bc / C, c = bc % C;
+    const int64_t h = pix / W, w = pix % W;
+    const int64_t l0 = pix, l1 = w * H + h;
+    const T* ys_b = ys_gmem + (b * 4 * C + c) * L;
+    const auto s = widen(ys_b[0 * C * L + l0]) + widen(ys_b[1 * C * L + l1]) +
+                   widen(ys_b[2 * C * L + (L - 1 - l0)]) + widen(ys_b[3 * C * L + (L - 1 - l1)]);
+    store(out_gmem + i, s);
+  }
+}
+
+constexpr int kThreads = 256;
+
+dim3 grid_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return dim3(static_cast<unsigned>(blocks < 65536 * 32 ? blocks : 65536 * 32));
+}
+
+template <typename T>
+cudaError_t launch(const CrossScanParams& p, cudaStream_t stream, bool merge) {
+  const int64_t total = p.batch * p.channels * p.height * p.width;
+  if (total == 0) return cudaSuccess;
+  if (merge) {
+    cross_merge_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.in), static_cast<T*>(p.out), total, p.channels, p.height, p.width);
+  } else {
+    cross_scan_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
+        static_cast<const T*>(p.in), static_cast<T*>(p.out), total, p.channels, p.height, p.width);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t dispatch(const CrossScanParams& p, cudaStream_t stream, bool merge) {
+  switch (p.dtype) {
+    case DType::kFloat64: return launch<double>(p, stream, merge);
+    case DType::kFloat32: return launch<float>(p, stream, merge);
+    case DType::kFloat16: return launch<__half>(p, stream, merge);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream, merge);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t cross_scan_cuda_launch(const CrossScanParams& p, cudaStream_t stream) {
+  return dispatch(p, stream, /*merge=*/false);
+}
+
+cudaError_t cross_merge_cuda_launch(const CrossScanParams& p, cudaStream_t stream) {
+  return dispatch(p, stream, /*merge=*/true);
+}
+
+}  // namespace pyssm

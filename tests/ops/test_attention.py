@@ -1,0 +1,191 @@
+"""attention against row-by-row float64 softmax attention, forward and backward."""
+
+import math
+
+import naive
+import pytest
+import torch
+from conftest import backend_params
+
+from pyssm import _extension, ops
+
+F64 = torch.float64
+
+
+def qkv(batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, device, dtype=F64,
+        requires_grad=False):
+    q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, seqlen_k, heads_k, head_dim, dtype=dtype, device=device)
+    v = torch.randn(batch, seqlen_k, heads_k, head_dim, dtype=dtype, device=device)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim
+    (1, 1, 1, 1, 1, 32), (2, 5, 5, 3, 3, 64), (1, 197, 197, 2, 2, 80), (2, 7, 12, 4, 2, 32),
+    (1, 9, 4, 2, 1, 64),
+]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}q{}k{}h{}hk{}d{}".format(*c))
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_matches_softmax(device, backend, case, causal):
+    q, k, v = qkv(*case, device=device)
+    scale = 0.3 if case[1] == 7 else None
+    out, lse = ops.attention(q, k, v, causal=causal, softmax_scale=scale, return_lse=True,
+                             backend=backend)
+    want_out, want_lse = naive.attention(q.cpu(), k.cpu(), v.cpu(), causal, scale)
+    assert out.shape == q.shape and lse.shape == (case[0], case[3], case[1])
+    torch.testing.assert_close(out.cpu(), want_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_against_reference_autograd(device, backend, causal):
+    q, k, v = qkv(2, 9, 6, 4, 2, 32, device, requires_grad=True)  # causal: 3 rows see no key
+    out, lse = ops.attention(q, k, v, causal=causal, return_lse=True, backend=backend)
+    ref_out, ref_lse = ops.attention_reference(q, k, v, causal=causal, return_lse=True)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-10, rtol=1e-10)
+    g_lse = torch.where(finite, g_lse, torch.zeros_like(g_lse))
+    got = torch.autograd.grad((out * g).sum() + (lse * g_lse).nan_to_num().sum(), (q, k, v))
+    want = torch.autograd.grad((ref_out * g).sum() + (ref_lse * g_lse).nan_to_num().sum(),
+                               (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_gradcheck(device, backend):
+    q, k, v = qkv(1, 4, 5, 2, 1, 3, device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.attention(*t, causal=True, backend=backend), (q, k, v))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_equals_separate_sequences(device, backend, causal):
+    lengths = [5, 1, 17, 0, 9]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32,
+                      device=device)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 3, 32, dtype=F64, device=device, requires_grad=True)
+               for _ in range(3))
+    out, lse = ops.attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=max(lengths),
+                             return_lse=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (3, total)
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        if n:
+            want_out, want_lse = naive.attention(q[None, sl].detach().cpu(), k[None, sl].detach().cpu(),
+                                                 v[None, sl].detach().cpu(), causal)
+            torch.testing.assert_close(out[sl].detach().cpu(), want_out[0], atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(lse[:, sl].detach().cpu(), want_lse[0], atol=1e-10,
+                                       rtol=1e-10)
+            ref = ops.attention_reference(q[None, sl], k[None, sl], v[None, sl], causal=causal)
+            want = torch.autograd.grad(ref, (q, k, v), g[None, sl])
+            for a, b in zip((dq, dk, dv), want):
+                torch.testing.assert_close(a[sl], b[sl], atol=1e-10, rtol=1e-10)
+        start += n
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision(device, backend, dtype):
+    q, k, v = qkv(2, 33, 33, 2, 2, 64, device, dtype=dtype)
+    exact, _ = naive.attention(q.cpu(), k.cpu(), v.cpu())
+    out = ops.attention(q, k, v, backend=backend)
+    assert out.dtype == dtype
+    err = (out.cpu().double() - exact).abs().max()
+    rounding = (exact.to(dtype).double() - exact).abs().max()
+    assert err <= 2 * rounding + 1e-5, (err, rounding)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_noncontiguous_nan_and_empty(device, backend):
+    qkv_packed = torch.randn(2, 11, 3, 4, 32, dtype=F64, device=device)  # fused QKV linear
+    q, k, v = qkv_packed.unbind(2)
+    want, _ = naive.attention(q.cpu(), k.cpu(), v.cpu())
+    torch.testing.assert_close(ops.attention(q, k, v, backend=backend).cpu(), want,
+                               atol=1e-10, rtol=1e-10)
+    q2 = q.clone()
+    q2[1, 3, 2, 0] = float("nan")
+    out = ops.attention(q2, k, v, backend=backend)
+    assert out[1, 3, 2].isnan().all() and not out[0].isnan().any()
+    q0, k0, v0 = qkv(0, 5, 5, 2, 2, 32, device)
+    assert ops.attention(q0, k0, v0, backend=backend).shape == (0, 5, 2, 32)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_inputs(backend):
+    q, k, v = qkv(2, 5, 5, 4, 2, 32, "cpu")
+    with pytest.raises(ValueError, match="the 3 heads of k and v must divide the 4 heads of q"):
+        ops.attention(q, *qkv(2, 5, 5, 3, 3, 32, "cpu")[1:], backend=backend)
+    with pytest.raises(ValueError, match="k must have head_dim 32"):
+        ops.attention(q, *qkv(2, 5, 5, 4, 2, 64, "cpu")[1:], backend=backend)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        ops.attention(q, k, v[:, :4], backend=backend)
+    with pytest.raises(TypeError, match="q, k and v must have the same dtype"):
+        ops.attention(q, k.float(), v, backend=backend)
+    with pytest.raises(ValueError, match=r"q must have 4 dimensions \(batch, seqlen, heads"):
+        ops.attention(q[0], k, v, backend=backend)
+    with pytest.raises(ValueError, match="same batch size"):
+        ops.attention(q, k[:1], v[:1], backend=backend)
+    with pytest.raises(ValueError, match="max_seqlen is only used with cu_seqlens"):
+        ops.attention(q, k, v, max_seqlen=5, backend=backend)
+    packed = torch.randn(10, 2, 32, dtype=F64)
+    with pytest.raises(TypeError, match="cu_seqlens must be int32"):
+        ops.attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 10]), backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the 10 tokens of q"):
+        ops.attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32),
+                      backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        ops.attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 6, 4, 10], dtype=torch.int32),
+                      backend=backend)
+    with pytest.raises(ValueError, match=r"max_seqlen \(3\) is smaller than the longest"):
+        ops.attention(packed, packed, packed, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
+                      max_seqlen=3, backend=backend)
+
+
+def test_direct_op_call_checks_too():
+    if not _extension.available():
+        pytest.skip("extension not built")
+    packed = torch.randn(10, 2, 32, dtype=F64)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the 10 tokens"):
+        torch.ops.pyssm.attention(packed, packed, packed, False, None,
+                                  torch.tensor([0, 4, 12], dtype=torch.int32), None)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
+                                            if p.values[1] != "reference"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck(device, backend, causal):
+    q, k, v = qkv(2, 5, 7, 4, 2, 32, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.attention.default, (q, k, v, causal, None, None, None))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    packed = [torch.randn(8, 2, 32, dtype=F64, device=device, requires_grad=True) for _ in range(3)]
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (*packed, causal, 1 / math.sqrt(8), cu, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
+                                            if p.values[1] != "reference"])
+def test_compile_fullgraph(device, backend):
+    q, k, v = qkv(2, 13, 13, 4, 4, 32, device, requires_grad=True)
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, causal=True, backend=backend) * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g),
+                    torch.autograd.grad(f(q, k, v), (q, k, v), g)):
+        torch.testing.assert_close(a, b)

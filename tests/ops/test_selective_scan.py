@@ -1,0 +1,168 @@
+"""selective_scan against an independent float64 recurrence, forward and backward."""
+
+import naive
+import pytest
+import torch
+from conftest import backend_params
+
+from pyssm import _extension, ops
+
+F64 = torch.float64
+
+
+def make_inputs(batch, groups, per_group, L, N, device, dtype=F64, with_D=True, with_bias=True,
+                requires_grad=False):
+    channels = groups * per_group
+    u = torch.randn(batch, channels, L, dtype=dtype, device=device)
+    delta = torch.randn(batch, channels, L, dtype=dtype, device=device) * 0.5
+    A = -torch.rand(channels, N, dtype=torch.float32 if dtype != F64 else F64, device=device) - 0.1
+    B = torch.randn(batch, groups, N, L, dtype=dtype, device=device)
+    C = torch.randn(batch, groups, N, L, dtype=dtype, device=device)
+    D = torch.randn(channels, dtype=A.dtype, device=device) if with_D else None
+    bias = torch.randn(channels, dtype=A.dtype, device=device) * 0.5 if with_bias else None
+    tensors = [u, delta, A, B, C, D, bias]
+    if requires_grad:
+        for t in tensors:
+            if t is not None:
+                t.requires_grad_()
+    return tensors
+
+
+CASES = [  # batch, groups K, channels per group, L, d_state N
+    (1, 1, 1, 1, 1), (2, 1, 3, 17, 1), (1, 4, 3, 49, 1), (2, 4, 2, 9, 16), (3, 2, 5, 13, 4),
+    (1, 4, 1, 197, 16),
+]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}k{}d{}l{}n{}".format(*c))
+@pytest.mark.parametrize("softplus", [True, False])
+def test_forward_matches_recurrence(device, backend, case, softplus):
+    inputs = make_inputs(*case, device=device, with_D=case[0] != 3, with_bias=case[2] != 5)
+    out = ops.selective_scan(*inputs, delta_softplus=softplus, backend=backend)
+    want = naive.selective_scan(*(t.cpu() if t is not None else None for t in inputs),
+                                delta_softplus=softplus)
+    assert out.dtype == F64 and out.shape == inputs[0].shape
+    torch.testing.assert_close(out.cpu(), want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
+@pytest.mark.parametrize("with_optional", [True, False])
+def test_gradients_against_reference_autograd(device, backend, with_optional):
+    inputs = make_inputs(2, 2, 3, 11, 4, device, with_D=with_optional,
+                         with_bias=with_optional, requires_grad=True)
+    leaves = [t for t in inputs if t is not None]
+    out = ops.selective_scan(*inputs, delta_softplus=True, backend=backend)
+    ref = ops.selective_scan_reference(*inputs, delta_softplus=True)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g)
+    for name, a, b in zip("u delta A B C D delta_bias".split(), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
+def test_gradcheck(device, backend):
+    inputs = make_inputs(1, 2, 2, 5, 3, device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.selective_scan(*t, delta_softplus=True, backend=backend), tuple(inputs))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_float32", [False, True])
+def test_low_precision_accumulates_in_fp32(device, backend, dtype, out_float32):
+    inputs = make_inputs(2, 4, 3, 64, 1, device, dtype=dtype)
+    out = ops.selective_scan(*inputs, delta_softplus=True, out_float32=out_float32,
+                             backend=backend)
+    assert out.dtype == (torch.float32 if out_float32 else dtype)
+    exact = naive.selective_scan(*(t.cpu() for t in inputs), delta_softplus=True)
+    err = (out.cpu().double() - exact).abs().max()
+    # an fp32-accumulating scan is off from float64 by about one rounding of the output dtype
+    rounding = (exact.to(out.dtype).double() - exact).abs().max()
+    assert err <= 2 * rounding + 1e-4 * exact.abs().max(), (err, rounding)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
+def test_noncontiguous_nan_and_empty(device, backend):
+    u, delta, A, B, C, D, bias = make_inputs(2, 2, 3, 10, 2, device)
+    u_nc = torch.randn(2, 10, 6, dtype=F64, device=device).transpose(1, 2)
+    B_nc = torch.randn(2, 2, 10, 2, dtype=F64, device=device).transpose(2, 3)
+    out = ops.selective_scan(u_nc, delta, A, B_nc, C, D, bias, True, backend=backend)
+    want = naive.selective_scan(u_nc.cpu(), delta.cpu(), A.cpu(), B_nc.cpu(), C.cpu(), D.cpu(),
+                                bias.cpu(), True)
+    torch.testing.assert_close(out.cpu(), want, atol=1e-10, rtol=1e-10)
+    u2 = u.clone()
+    u2[1, 4, 3] = float("nan")
+    out = ops.selective_scan(u2, delta, A, B, C, D, bias, True, backend=backend)
+    assert out[1, 4, 3:].isnan().all() and not out[0].isnan().any() and not out[1, 4, :3].isnan().any()
+    empty = make_inputs(0, 2, 3, 10, 2, device)
+    assert ops.selective_scan(*empty, backend=backend).shape == (0, 6, 10)
+    zero_len = make_inputs(2, 2, 3, 0, 2, device)
+    assert ops.selective_scan(*zero_len, backend=backend).shape == (2, 6, 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_inputs(backend):
+    u, delta, A, B, C, D, bias = make_inputs(2, 2, 3, 10, 2, "cpu")
+
+    def call(**kw):
+        args = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=bias)
+        args.update(kw)
+        return ops.selective_scan(**args, backend=backend)
+
+    with pytest.raises(ValueError, match=r"delta must have shape \(2, 6, 10\)"):
+        call(delta=delta[:, :, :9])
+    with pytest.raises(ValueError, match=r"A must have shape \(6, 2\)"):
+        call(A=A[:5])
+    with pytest.raises(ValueError, match="B has 4 groups .* must be >= 1 and divide the 6 channels"):
+        call(B=torch.randn(2, 4, 2, 10, dtype=F64), C=torch.randn(2, 4, 2, 10, dtype=F64))
+    with pytest.raises(ValueError, match=r"C must have shape \(2, 2, 2, 10\)"):
+        call(C=C[:, :, :1])
+    with pytest.raises(ValueError, match=r"B must have 4 dimensions \(batch, K, N, L\)"):
+        call(B=B[:, 0])
+    with pytest.raises(ValueError, match=r"D must have shape \(6,\)"):
+        call(D=D[:4])
+    with pytest.raises(ValueError, match=r"delta_bias must have shape \(6,\)"):
+        call(delta_bias=bias[None])
+    with pytest.raises(TypeError, match="u must be a floating-point tensor"):
+        call(u=u.long())
+    with pytest.raises(ValueError, match=r"u must have 3 dimensions"):
+        call(u=u[0])
+
+
+def test_direct_op_call_checks_too():
+    if not _extension.available():
+        pytest.skip("extension not built")
+    u, delta, A, B, C, D, bias = make_inputs(2, 2, 3, 10, 2, "cpu")
+    with pytest.raises(ValueError, match="B has 4 groups"):
+        torch.ops.pyssm.selective_scan(u, delta, A, torch.randn(2, 4, 2, 10, dtype=F64),
+                                       torch.randn(2, 4, 2, 10, dtype=F64), D, bias, True, False)
+    with pytest.raises(ValueError, match=r"A must have shape \[6, 2\]"):
+        torch.ops.pyssm.selective_scan(u, delta, A[:5], B, C, D, bias, True, False)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("selective_scan")
+                                            if p.values[1] != "reference"])
+@pytest.mark.parametrize("with_optional", [True, False])
+def test_opcheck(device, backend, with_optional):
+    inputs = make_inputs(2, 2, 3, 7, 2, device, with_D=with_optional, with_bias=with_optional,
+                         requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.selective_scan.default, (*inputs, True, False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("selective_scan")
+                                            if p.values[1] != "reference"])
+def test_compile_fullgraph(device, backend):
+    inputs = make_inputs(2, 2, 3, 7, 2, device, requires_grad=True)
+
+    def f(*t):
+        return ops.selective_scan(*t, delta_softplus=True, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*inputs)
+    torch.testing.assert_close(out, f(*inputs))
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(f(*inputs), inputs, g)):
+        torch.testing.assert_close(a, b)

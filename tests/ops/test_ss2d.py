@@ -1,0 +1,165 @@
+"""ss2d against an independent float64 composition of DESIGN.md's formulas."""
+
+import math
+
+import naive
+import pytest
+import torch
+from conftest import backend_params
+
+from pyssm import _extension, ops
+
+F64 = torch.float64
+
+
+def make_weights(D, N, R, device, dtype=F64, requires_grad=False):
+    """Official VMamba v2 shapes: x_proj (4, R+2N, D), dt_projs (4, D, R), bias (4, D),
+    A_logs (4D, N), Ds (4D,)."""
+    ws = [torch.randn(4, R + 2 * N, D, dtype=dtype, device=device) / math.sqrt(D),
+          torch.randn(4, D, R, dtype=dtype, device=device) / math.sqrt(R),
+          torch.randn(4, D, dtype=dtype, device=device) * 0.5,
+          torch.log(torch.rand(4 * D, N, dtype=dtype, device=device) * 2 + 0.1),
+          torch.randn(4 * D, dtype=dtype, device=device)]
+    return [w.requires_grad_(requires_grad) for w in ws]
+
+
+def make_x(B, H, W, D, device, channels_first=False, dtype=F64, requires_grad=False):
+    shape = (B, D, H, W) if channels_first else (B, H, W, D)
+    return torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
+
+
+GRIDS = [(1, 1), (1, 3), (3, 1), (3, 7), (7, 3), (14, 14), (17, 14), (17, 17)]
+# d_state 1 (VMamba v2) on every grid; d_state 16 (vanilla VMamba) on the ones the slow naive
+# float64 scan gets through quickly.
+GRID_CASES = [(H, W, 1) for H, W in GRIDS] + [(H, W, 16) for H, W in GRIDS if H * W <= 50]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+@pytest.mark.parametrize("H,W,N", GRID_CASES)
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_forward_matches_formula(device, backend, H, W, N, channels_first):
+    D, R = 3, 2
+    x = make_x(1 + (H % 2), H, W, D, device, channels_first)
+    ws = make_weights(D, N, R, device)
+    out = ops.ss2d(x, *ws, channels_first=channels_first, backend=backend)
+    assert out.shape == x.shape and out.dtype == F64
+    want = naive.ss2d(x.cpu(), *(w.cpu() for w in ws), channels_first=channels_first)
+    torch.testing.assert_close(out.cpu(), want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("N", [1, 4])
+def test_gradients_against_reference_autograd(device, backend, channels_first, N):
+    x = make_x(2, 5, 3, 4, device, channels_first, requires_grad=True)
+    ws = make_weights(4, N, 3, device, requires_grad=True)
+    out = ops.ss2d(x, *ws, channels_first=channels_first, backend=backend)
+    ref = ops.ss2d_reference(x, *ws, channels_first=channels_first)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *ws], g)
+    want = torch.autograd.grad(ref, [x, *ws], g)
+    names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+def test_gradcheck(device, backend):
+    x = make_x(1, 3, 2, 2, device, requires_grad=True)
+    ws = make_weights(2, 2, 1, device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.ss2d(*t, backend=backend), (x, *ws))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision(device, backend, dtype):
+    x = make_x(2, 7, 5, 8, device, dtype=dtype)
+    ws = make_weights(8, 1, 1, device, dtype=torch.float32)
+    exact = naive.ss2d(x.cpu(), *(w.cpu() for w in ws))
+    for out_float32 in (False, True):
+        out = ops.ss2d(x, *ws, out_float32=out_float32, backend=backend)
+        assert out.dtype == (torch.float32 if out_float32 else dtype)
+        err = (out.cpu().double() - exact).abs().max()
+        rounding = (exact.to(out.dtype).double() - exact).abs().max()
+        assert err <= 2 * rounding + 1e-4 * exact.abs().max(), (err, rounding)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+def test_noncontiguous_nan_and_empty(device, backend):
+    ws = make_weights(4, 2, 2, device)
+    x_nc = torch.randn(2, 4, 6, 5, dtype=F64, device=device).permute(0, 2, 3, 1)[:, ::2]
+    torch.testing.assert_close(ops.ss2d(x_nc, *ws, backend=backend).cpu(),
+                               naive.ss2d(x_nc.cpu(), *(w.cpu() for w in ws)),
+                               atol=1e-10, rtol=1e-10)
+    x = make_x(2, 3, 3, 4, device)
+    x[1, 1, 1, 2] = float("nan")
+    out = ops.ss2d(x, *ws, backend=backend)
+    assert out[1].isnan().any() and not out[0].isnan().any()
+    assert ops.ss2d(make_x(0, 3, 3, 4, device), *ws, backend=backend).shape == (0, 3, 3, 4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_inputs(backend):
+    D, N, R = 4, 2, 3
+    x = make_x(1, 3, 3, D, "cpu")
+    xp, dtw, dtb, al, ds = make_weights(D, N, R, "cpu")
+
+    def call(**kw):
+        args = dict(x=x, x_proj_weight=xp, dt_projs_weight=dtw, dt_projs_bias=dtb, A_logs=al,
+                    Ds=ds)
+        args.update(kw)
+        return ops.ss2d(**args, backend=backend)
+
+    with pytest.raises(ValueError, match=r"x_proj_weight must have shape \(4, 7, 4\) \(4, R \+ 2N, D\)"):
+        call(x_proj_weight=xp[:, :6])
+    with pytest.raises(ValueError, match=r"A_logs must have shape \(16, 2\) \(4\*D, N\)"):
+        call(A_logs=al[:12])
+    with pytest.raises(ValueError, match=r"dt_projs_weight must have shape \(4, 4, 3\)"):
+        call(dt_projs_weight=dtw[:, :3])
+    with pytest.raises(ValueError, match=r"dt_projs_bias must have shape \(4, 4\)"):
+        call(dt_projs_bias=dtb.flatten())
+    with pytest.raises(ValueError, match=r"Ds must have shape \(16,\)"):
+        call(Ds=ds[:15])
+    with pytest.raises(ValueError, match=r"x must have 4 dimensions \(B, H, W, D\)"):
+        call(x=x[0])
+    with pytest.raises(ValueError, match=r"dt_projs_weight must have shape \(4, 5, 3\)"):
+        call(x=make_x(1, 3, 3, 5, "cpu"))
+    with pytest.raises(TypeError, match="A_logs must be a floating-point tensor"):
+        call(A_logs=al.int())
+
+
+def test_direct_op_call_checks_too():
+    if not _extension.available():
+        pytest.skip("extension not built")
+    x = make_x(1, 3, 3, 4, "cpu")
+    xp, dtw, dtb, al, ds = make_weights(4, 2, 3, "cpu")
+    with pytest.raises(ValueError, match="x_proj_weight must have shape"):
+        torch.ops.pyssm.ss2d(x, xp[:, :6], dtw, dtb, al, ds, False, False)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d")
+                                            if p.values[1] != "reference"])
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_opcheck(device, backend, channels_first):
+    x = make_x(2, 3, 5, 4, device, channels_first, requires_grad=True)
+    ws = make_weights(4, 2, 2, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.ss2d.default, (x, *ws, channels_first, False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d")
+                                            if p.values[1] != "reference"])
+def test_compile_fullgraph(device, backend):
+    x = make_x(2, 3, 5, 4, device, requires_grad=True)
+    ws = make_weights(4, 2, 2, device, requires_grad=True)
+
+    def f(x, *ws):
+        return torch.nn.functional.layer_norm(ops.ss2d(x, *ws, backend=backend), (4,))
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x, *ws)
+    torch.testing.assert_close(out, f(x, *ws))
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *ws], g),
+                    torch.autograd.grad(f(x, *ws), [x, *ws], g)):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,91 @@
+"""The compiled extension loads, and pyssm still imports and works when it does not."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pyssm
+from pyssm import _extension
+from pyssm.ops import _backend
+
+
+def test_extension_loaded():
+    """CI builds pyssm._C; a test run without it would silently test only the references."""
+    if os.environ.get("PYSSM_ALLOW_NO_EXTENSION") == "1":
+        pytest.skip("PYSSM_ALLOW_NO_EXTENSION=1")
+    assert _extension.available(), _extension.load_error()
+    for op in ("cross_scan", "cross_merge", "selective_scan", "ss2d", "attention"):
+        assert _extension.has_kernel(op, "cpu"), op
+        assert _extension.has_kernel(f"{op}_backward" if op not in ("cross_scan", "cross_merge")
+                                     else op, "cpu")
+
+
+def test_import_without_extension_falls_back_and_explains():
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["pyssm._C"] = None  # what a missing or unloadable library looks like
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import pyssm, torch
+        assert any("pip install --no-build-isolation" in str(w.message) for w in caught), caught
+        x = torch.randn(1, 2, 3, 4)
+        assert pyssm.cross_scan(x).shape == (1, 4, 2, 12)
+        assert pyssm.extension_status()["loaded"] is False
+        try:
+            pyssm.cross_scan(x, backend="cpu")
+        except RuntimeError as e:
+            assert "did not load" in str(e) and "pip install" in str(e), e
+        else:
+            raise AssertionError("forced cpu backend without the extension did not raise")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYSSM_BACKEND": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PYSSM_BACKEND", raising=False)
+    assert _backend.resolve("ss2d", cpu, None) == ("cpu" if _extension.available() else "reference")
+    assert _backend.resolve("ss2d", cpu, "reference") == "reference"
+    monkeypatch.setenv("PYSSM_BACKEND", "reference")
+    assert _backend.resolve("ss2d", cpu, None) == "reference"
+    assert _backend.resolve("ss2d", cpu, "cpu" if _extension.available() else "reference") in (
+        "cpu", "reference")
+    monkeypatch.setenv("PYSSM_BACKEND", "triton")
+    with pytest.raises(ValueError, match="PYSSM_BACKEND must be one of"):
+        _backend.resolve("ss2d", cpu, None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pyssm.ss2d(torch.randn(1, 2, 2, 1), torch.randn(4, 3, 1), torch.randn(4, 1, 1),
+                   torch.randn(4, 1), torch.randn(4, 1), torch.randn(4), backend="fast")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run pyssm.ops.cross_scan on "
+                                         "tensors on cpu"):
+        pyssm.cross_scan(torch.randn(1, 2, 3, 4), backend="cuda")
+
+
+def test_env_backend_is_used(monkeypatch):
+    """PYSSM_BACKEND=reference really runs the reference (it has no C++ input checks)."""
+    monkeypatch.setenv("PYSSM_BACKEND", "reference")
+    calls = []
+    module = sys.modules["pyssm.ops.cross_scan"]  # the attribute pyssm.ops.cross_scan is the op
+    monkeypatch.setattr(module, "cross_scan_reference", lambda x: calls.append(x) or x)
+    pyssm.ops.cross_scan(torch.randn(1, 2, 3, 4))
+    assert len(calls) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_auto_falls_back_with_a_warning_when_no_kernel():
+    missing = [op for op in ("selective_scan", "ss2d", "attention")
+               if not _extension.has_kernel(op, "cuda")]
+    if not missing:
+        pytest.skip("every op has a CUDA kernel")
+    op = missing[0]
+    assert _backend.resolve(op, torch.device("cuda"), "reference") == "reference"
+    with pytest.raises(RuntimeError, match="no CUDA kernel"):
+        _backend.resolve(op, torch.device("cuda"), "cuda")
