@@ -73,7 +73,8 @@ def cases(device: torch.device, quick: bool = False, reference: bool = False):
         anchors = ANCHOR_MS.get((batch, length), {}) if gpu else {}
         out.append(harness.Case(
             op="selective_scan",
-            size={"batch": batch, "L": length, "K": groups, "channels": groups * dim, "d_state": 1},
+            size={"batch": batch, "L": length, "K": groups, "channels": groups * dim,
+                  "d_state": 1},
             make_inputs=lambda b=batch, n=length: scan_inputs(b, groups, dim, 1, n, dtype, device),
             providers=providers, dtype=str(dtype).removeprefix("torch."),
             bytes={"forward": elems * (2 * dtype.itemsize + (4 if gpu else dtype.itemsize))},

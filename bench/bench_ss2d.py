@@ -64,7 +64,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
         xy_bytes = 2 * batch * grid * grid * dim * dtype.itemsize
         out.append(harness.Case(
             op="ss2d", size={"res": res, "grid": f"{grid}x{grid}", "batch": batch, "D": dim,
-                             "N": dstate, "R": rank},
+                             "d_state": dstate, "dt_rank": rank},
             make_inputs=lambda b=batch, g=grid: ss2d_inputs(b, g, dim, dstate, rank, dtype,
                                                             device),
             providers=providers, dtype=str(dtype).removeprefix("torch."),

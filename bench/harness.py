@@ -294,6 +294,23 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+RESULT_KEYS = {"op", "provider", "mode", "dtype", "device", "status", "copies", "repeats", "ms",
+               "ms_p20", "ms_p80", "gbps", "tflops", "peak_mb", "anchor_ms", "anchor_tflops",
+               "vs_anchor", "vs_copy", "size"}
+SHORT_COLUMNS = ["op", "provider", "mode", "size", "dtype", "ms", "gbps", "tflops", "peak_mb",
+                 "vs_anchor", "vs_copy", "status"]
+
+
+def short_table(rows: list[dict]) -> str:
+    """A narrow markdown table: one "size" column of the size keys that vary, key results."""
+    varying = [k for row in rows for k in row if k not in RESULT_KEYS
+               and len({str(r.get(k)) for r in rows if r["op"] == row["op"]}) > 1]
+    for row in rows:
+        row["size"] = " ".join(f"{k}={row[k]}" for k in dict.fromkeys(varying) if k in row)
+    columns = [c for c in SHORT_COLUMNS if any(row.get(c) not in (None, "") for row in rows)]
+    return markdown_table(rows, columns)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
                                      delete=False) as f:

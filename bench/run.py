@@ -16,9 +16,6 @@ import bench_attention
 import bench_ss2d
 import harness
 
-SHORT = ["op", "provider", "mode", "size", "dtype", "ms", "gbps", "tflops", "peak_mb",
-         "vs_anchor", "status"]
-
 
 def main(argv=None):
     args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,11 +31,7 @@ def main(argv=None):
                                      module.NOTES)
         print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
         rows += these
-    size_keys = {"res", "grid", "batch", "N"}
-    for row in rows:
-        row["size"] = " ".join(f"{k}={row[k]}" for k in row if k in size_keys)
-    columns = [c for c in SHORT if any(row.get(c) not in (None, "") for row in rows)]
-    print(harness.markdown_table(rows, columns))
+    print(harness.short_table(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; full tables in {args.out}")
 
 

@@ -89,3 +89,20 @@ def test_cuda_auto_falls_back_with_a_warning_when_no_kernel():
     assert _backend.resolve(op, torch.device("cuda"), "reference") == "reference"
     with pytest.raises(RuntimeError, match="no CUDA kernel"):
         _backend.resolve(op, torch.device("cuda"), "cuda")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_mismatched_devices_are_named(backend):
+    """Tensors on two devices (meta stands in for a GPU here) raise and name both."""
+    meta = torch.device("meta")
+    u = torch.randn(1, 2, 5)
+    with pytest.raises(RuntimeError, match="delta is on meta but u is on cpu"):
+        pyssm.selective_scan(u, u.to(meta), torch.randn(2, 1), torch.randn(1, 1, 1, 5),
+                             torch.randn(1, 1, 1, 5), backend=backend)
+    x = torch.randn(1, 3, 3, 2)
+    with pytest.raises(RuntimeError, match="A_logs is on meta but x is on cpu"):
+        pyssm.ss2d(x, torch.randn(4, 3, 2), torch.randn(4, 2, 1), torch.randn(4, 2),
+                   torch.randn(8, 1, device=meta), torch.randn(8), backend=backend)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="v is on meta but q is on cpu"):
+        pyssm.attention(q, q, q.to(meta), backend=backend)

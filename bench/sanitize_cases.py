@@ -1,0 +1,104 @@
+"""Tiny cases for compute-sanitizer: every op that has a CUDA kernel, once, forward + backward.
+
+Sizes are small and odd (and a few long enough to span several blocks or chunks) so that
+out-of-bounds reads, tail handling and shared-memory races show up. Run under the sanitizer:
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitize_cases.py
+    compute-sanitizer --tool racecheck python bench/sanitize_cases.py
+
+Exits 1 if any case raises; ops without a CUDA kernel are listed and skipped.
+PYSSM_SANITIZE_DEVICE=cpu runs the same cases on the CPU kernels (a check of this script).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from pyssm import _extension, ops
+
+DEV = os.environ.get("PYSSM_SANITIZE_DEVICE", "cuda")  # "cpu" to try the cases without a GPU
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV, dtype=dtype).requires_grad_()
+
+
+def cross_scan_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        yield f"(2, 5, 7, 9) {dtype}", lambda d=dtype: ops.cross_scan(rand(2, 5, 7, 9, dtype=d),
+                                                                    backend=DEV)
+
+
+def cross_merge_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        yield f"(2, 4, 5, 7, 9) {dtype}", lambda d=dtype: ops.cross_merge(
+            rand(2, 4, 5, 7, 9, dtype=d), backend=DEV)
+
+
+def selective_scan_cases():
+    for batch, groups, dim, dstate, length, dtype in ((2, 2, 3, 3, 37, torch.float32),
+                                                      (1, 4, 5, 1, 2101, torch.bfloat16)):
+        def run(b=batch, k=groups, d=dim, n=dstate, L=length, dt=dtype):
+            return ops.selective_scan(
+                rand(b, k * d, L, dtype=dt), rand(b, k * d, L, dtype=dt),
+                (-torch.rand(k * d, n, device=DEV) - 0.5).requires_grad_(),
+                rand(b, k, n, L, dtype=dt), rand(b, k, n, L, dtype=dt), rand(k * d), rand(k * d),
+                delta_softplus=True, backend=DEV)
+        yield f"batch {batch} K {groups} D {dim} N {dstate} L {length} {dtype}", run
+
+
+def ss2d_cases():
+    for batch, H, W, dim, dstate, rank, dtype in ((2, 7, 9, 6, 2, 3, torch.float32),
+                                                  (1, 45, 47, 8, 1, 1, torch.bfloat16)):
+        def run(b=batch, h=H, w=W, d=dim, n=dstate, r=rank, dt=dtype):
+            return ops.ss2d(rand(b, h, w, d, dtype=dt), rand(4, r + 2 * n, d) * 0.3,
+                            rand(4, d, r) * 0.3, rand(4, d) * 0.1 - 3, rand(4 * d, n) * 0.1,
+                            rand(4 * d), backend=DEV)
+        yield f"({batch}, {H}, {W}, {dim}) N {dstate} R {rank} {dtype}", run
+
+
+def attention_cases():
+    for batch, seqlen, heads, head_dim, causal in ((2, 97, 3, 64, False), (1, 197, 2, 80, True),
+                                                   (1, 33, 1, 128, False)):
+        def run(b=batch, n=seqlen, h=heads, d=head_dim, c=causal):
+            q, k, v = (rand(b, n, h, d, dtype=torch.bfloat16) for _ in range(3))
+            return ops.attention(q, k, v, causal=c, backend=DEV)
+        yield f"({batch}, {seqlen}, {heads}, {head_dim}) causal={causal}", run
+
+    def varlen():
+        q, k, v = (rand(147, 2, 64, dtype=torch.float16) for _ in range(3))
+        cu = torch.tensor([0, 50, 147], device=DEV, dtype=torch.int32)
+        return ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=97, backend=DEV)
+    yield "varlen (0, 50, 147) fp16", varlen
+
+
+CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
+         "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
+         "attention": attention_cases}
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    failed = 0
+    for op, cases in CASES.items():
+        if not _extension.has_kernel(op, DEV):
+            print(f"skip {op}: no {DEV} kernel")
+            continue
+        for name, run in cases():
+            try:
+                out = run()
+                out.backward(torch.randn_like(out))
+                if DEV == "cuda":
+                    torch.cuda.synchronize()
+                print(f"ok   {op} {name}", flush=True)
+            except Exception as exc:  # report every case, then fail
+                failed += 1
+                print(f"FAIL {op} {name}: {type(exc).__name__}: {exc}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
