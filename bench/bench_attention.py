@@ -75,16 +75,18 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
             q, k, v, backend="reference")), sdpa_provider("math"), sdpa_provider("default")]
         batches = {"forward": lambda n: 2, "full": lambda n: 2}
     out = []
-    for mode, batch_of in batches.items():
-        for n in seqlens:
-            batch = batch_of(n)
+    for n in seqlens:
+        modes_at = {}  # batch -> the modes timed at that batch
+        for mode, batch_of in batches.items():
+            modes_at.setdefault(batch_of(n), []).append(mode)
+        for batch, modes in modes_at.items():
             flops = 4 * batch * heads * n * n * head_dim
             out.append(harness.Case(
                 op="attention", size={"N": n, "batch": batch, "heads": heads, "head_dim": head_dim},
                 make_inputs=lambda b=batch, n=n: tuple(
                     torch.randn(b, n, heads, head_dim, device=device, dtype=dtype)
                     for _ in range(3)),
-                providers=providers, modes=(mode,), dtype=str(dtype).removeprefix("torch."),
+                providers=providers, modes=tuple(modes), dtype=str(dtype).removeprefix("torch."),
                 flops={"forward": flops, "full": 3.5 * flops, "backward": 2.5 * flops},
                 extra=(lambda provider, m, n=n: anchor(m, n, provider)) if gpu else None))
     return out

@@ -51,16 +51,18 @@ def _mamba_ssm_provider() -> harness.Provider:
         u, dt, A, B, C, D, delta_bias=bias, delta_softplus=True))
 
 
+def _scan(backend: str, out_float32: bool):
+    return lambda *inputs: ops.selective_scan(*inputs, delta_softplus=True,
+                                              out_float32=out_float32, backend=backend)
+
+
 def cases(device: torch.device, quick: bool = False, reference: bool = False):
     kernel, gpu = device.type, device.type == "cuda"
-    Provider = harness.Provider
-    providers = [
-        harness.pyssm_provider("selective_scan", kernel, lambda *a: ops.selective_scan(
-            *a, delta_softplus=True, out_float32=gpu, backend=kernel)),
-        Provider("reference", lambda *a: ops.selective_scan(
-            *a, delta_softplus=True, out_float32=gpu, backend="reference"))
-        if reference or not gpu else Provider("reference", None, "skipped (use --reference)"),
-    ]
+    providers = [harness.pyssm_provider("selective_scan", kernel, _scan(kernel, gpu))]
+    if gpu and not reference:
+        providers.append(harness.Provider("reference", None, "skipped (use --reference)"))
+    else:
+        providers.append(harness.Provider("reference", _scan("reference", gpu)))
     if gpu:
         providers.append(_mamba_ssm_provider())
         groups, dim, dtype, sizes = 4, 96, torch.bfloat16, list(ANCHOR_MS)[: 1 if quick else 3]

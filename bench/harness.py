@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+try:
+    import pyssm  # noqa: F401
+except ImportError:  # not installed (e.g. its build failed): the source tree, reference ops only
+    sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = ROOT / "build" / "bench-results"
 MODES = ("forward", "backward", "full")
 ANCHOR_LABEL = "(ANCHORS.md, measured another day)"
@@ -166,7 +171,7 @@ def _steps(fn: Callable, mode: str):
     def backward(out, inputs):
         if not grad_out:  # made on the first (cold) call, outside the timed steps
             grad_out.append(torch.randn_like(out))
-        torch.autograd.grad(out, _grad_leaves(inputs), grad_out[0])
+        torch.autograd.grad(out, _grad_leaves(inputs), grad_out[0], allow_unused=True)
 
     if mode == "forward":
         def step(inputs):
@@ -187,12 +192,15 @@ def measure(fn: Callable, copies: list[tuple], mode: str, device: torch.device, 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
+    start = time.perf_counter()
     step(prepare(copies[0]))  # cold call: lazy init, allocator, autotuning
     sync()
-    start = time.perf_counter()
-    step(prepare(copies[1 % len(copies)]))  # a warm call for the time estimate
-    sync()
-    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
+    estimate_ms = (time.perf_counter() - start) * 1e3
+    if estimate_ms < budget_s * 1e3:  # not so slow that one more call matters: a warm estimate
+        start = time.perf_counter()
+        step(prepare(copies[1 % len(copies)]))
+        sync()
+        estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
     n = max(1, min(repeats, int(budget_s * 1e3 / estimate_ms)))
     for i in range(min(warmup - 1, int(0.25 * budget_s * 1e3 / estimate_ms))):
         step(prepare(copies[i % len(copies)]))
@@ -226,8 +234,10 @@ def measure(fn: Callable, copies: list[tuple], mode: str, device: torch.device, 
 
 
 def run_cases(cases: list[Case], device: torch.device, *, modes: tuple[str, ...] | None = None,
-              warmup: int, repeats: int, budget_s: float, verbose: bool = True) -> list[dict]:
-    """Times every provider of every case in each of its modes (or ``modes``); a row each."""
+              warmup: int, repeats: int, budget_s: float, verbose: bool = True,
+              after_case: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Times every provider of every case in each of its modes (or ``modes``); a row each.
+    ``after_case(rows so far)`` runs after each case (to save partial results)."""
     rows = []
     for case in cases:
         torch.manual_seed(0)
@@ -267,6 +277,8 @@ def run_cases(cases: list[Case], device: torch.device, *, modes: tuple[str, ...]
                     print(f"  {case.op} {provider.name:15s} {mode:8s} {size}: "
                           f"{_fmt(ms) + ' ms' if ms else row['status']}", flush=True)
         del copies, one
+        if after_case is not None:
+            after_case(rows)
     return rows
 
 
@@ -298,7 +310,7 @@ RESULT_KEYS = {"op", "provider", "mode", "dtype", "device", "status", "copies", 
                "ms_p20", "ms_p80", "gbps", "tflops", "peak_mb", "anchor_ms", "anchor_tflops",
                "vs_anchor", "vs_copy", "size"}
 SHORT_COLUMNS = ["op", "provider", "mode", "size", "dtype", "ms", "gbps", "tflops", "peak_mb",
-                 "vs_anchor", "vs_copy", "status"]
+                 "anchor_ms", "anchor_tflops", "vs_anchor", "vs_copy", "status"]
 
 
 def short_table(rows: list[dict]) -> str:
@@ -346,7 +358,8 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES,
                         help="run these modes on every case (default: each case's own)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--repeats", type=int, help="timed steps per row (default 30 GPU, 5 CPU)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed steps per row (default 30 GPU, 10 CPU)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default 5 GPU, 2 CPU)")
     parser.add_argument("--budget-s", type=float, help="about this long per row (default 1.0)")
     return parser
@@ -366,21 +379,29 @@ def timing_kwargs(args, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     return {"warmup": args.warmup if args.warmup is not None else (5 if gpu else 2),
             "repeats": args.repeats or ((10 if args.quick else 30) if gpu else
-                                        (3 if args.quick else 5)),
+                                        (3 if args.quick else 10)),
             "budget_s": args.budget_s or (0.5 if args.quick else 1.0),
             "modes": tuple(args.modes) if args.modes else None}
 
 
 def run_benchmark(name: str, cases: list[Case], notes: list[str], args, device: torch.device,
-                  post: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """What each bench script's main does: time the cases, write and print the results."""
+                  post: Callable[[list[dict]], None] | None = None,
+                  show: bool = True) -> list[dict]:
+    """What each bench script's main does: time the cases, write the results (after each case)
+    and print them (``show``). ``post(rows)`` adds derived columns before each write."""
     print(f"{name}: {len(cases)} cases on {device}", flush=True)
-    rows = run_cases(cases, device, **timing_kwargs(args, device))
-    if post is not None:
-        post(rows)
-    path = write_results(name, rows, environment(device), args.out, notes)
-    print(markdown_table(rows))
-    for i, note in enumerate(notes):
-        print(f"{i + 1}. {note}")
-    print(f"wrote {path} and {path.with_suffix('.md')}")
+    env = environment(device)
+
+    def save(rows):  # after every case, so a run cut short still leaves its rows
+        if post is not None:
+            post(rows)
+        return write_results(name, rows, env, args.out, notes)
+
+    rows = run_cases(cases, device, **timing_kwargs(args, device), after_case=save)
+    path = save(rows)
+    if show:
+        print(markdown_table(rows))
+        for i, note in enumerate(notes):
+            print(f"{i + 1}. {note}")
+    print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
     return rows

@@ -24,13 +24,8 @@ def main(argv=None):
     start = time.perf_counter()
     rows = []
     for name, module in (("ss2d", bench_ss2d), ("attention", bench_attention)):
-        print(f"{name} on {device}", flush=True)
-        these = harness.run_cases(module.cases(device, args.quick), device,
-                                  **harness.timing_kwargs(args, device))
-        path = harness.write_results(name, these, harness.environment(device), args.out,
-                                     module.NOTES)
-        print(f"wrote {path} and {path.with_suffix('.md')}", flush=True)
-        rows += these
+        rows += harness.run_benchmark(name, module.cases(device, args.quick), module.NOTES, args,
+                                      device, show=False)
     print(harness.short_table(rows))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; full tables in {args.out}")
 

@@ -3,10 +3,12 @@
 Sizes are small and odd (and a few long enough to span several blocks or chunks) so that
 out-of-bounds reads, tail handling and shared-memory races show up. Run under the sanitizer:
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitize_cases.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        python bench/sanitize_cases.py
     compute-sanitizer --tool racecheck python bench/sanitize_cases.py
 
-Exits 1 if any case raises; ops without a CUDA kernel are listed and skipped.
+Exits 1 if any case raises; ops without a CUDA kernel are listed and skipped. With --list it
+only prints the ops that have a kernel ("none" and why, if none).
 PYSSM_SANITIZE_DEVICE=cpu runs the same cases on the CPU kernels (a check of this script).
 """
 
@@ -17,6 +19,7 @@ import sys
 
 import torch
 
+import harness  # noqa: F401  (puts the source tree on sys.path when pyssm is not installed)
 from pyssm import _extension, ops
 
 DEV = os.environ.get("PYSSM_SANITIZE_DEVICE", "cuda")  # "cpu" to try the cases without a GPU
@@ -80,7 +83,14 @@ CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "attention": attention_cases}
 
 
+def with_kernel() -> list[str]:
+    return [op for op in CASES if _extension.has_kernel(op, DEV)]
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--list"]:
+        print(" ".join(with_kernel()) or f"none (pyssm._C: {_extension.load_error() or 'loaded'})")
+        return 0
     torch.manual_seed(0)
     failed = 0
     for op, cases in CASES.items():

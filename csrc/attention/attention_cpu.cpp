@@ -1,5 +1,5 @@
 // CPU attention, forward and backward, in the accumulation type (float64 for float64 inputs,
-// float32 otherwise), one sequence at a time so memory stays at heads x Sq x Sk:
+// float32 otherwise), in chunks of sequences so the scores stay small:
 //   S = scale q k^T (causal: key j visible to query i when j <= i + Sk - Sq, flash-attn's
 //   bottom-right alignment), lse = logsumexp_j S, P = exp(S - lse), o = P v.
 // A row that sees no key (causal with Sq > Sk) gives o = 0 and lse = -inf.
@@ -94,17 +94,17 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
   return s;
 }
 
-// One sequence: q_s (Sq, H, d), k_s, v_s (Sk, Hk, d) -> heads-first tensors in acc type.
+// A chunk (b, S, H, d) -> heads-first (b, H, S, d) in acc type, kv heads repeated per group.
 at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
-  at::Tensor h = t.to(acc).transpose(0, 1);  // (heads, S, d)
-  return group == 1 ? h : h.repeat_interleave(group, 0);
+  at::Tensor h = t.to(acc).transpose(1, 2);
+  return group == 1 ? h : h.repeat_interleave(group, 1);
 }
 
-// Scaled, masked scores (H, Sq, Sk).
+// Scaled, masked scores (b, H, Sq, Sk).
 at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal) {
-  at::Tensor S = at::matmul(qh, kh.transpose(1, 2)) * scale;
+  at::Tensor S = at::matmul(qh, kh.transpose(-1, -2)) * scale;
   if (causal) {
-    const int64_t Sq = S.size(1), Sk = S.size(2);
+    const int64_t Sq = S.size(-2), Sk = S.size(-1);
     at::Tensor i = at::arange(Sq, S.options().dtype(at::kLong)).unsqueeze(1);
     at::Tensor j = at::arange(Sk, S.options().dtype(at::kLong)).unsqueeze(0);
     S = S.masked_fill(j > i + (Sk - Sq), -std::numeric_limits<double>::infinity());
@@ -123,9 +123,23 @@ double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
   return softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
-// Views of sequence i: tokens [start, end) of a packed tensor, or batch row i.
-at::Tensor seq(const at::Tensor& t, const AttnSizes& s, int64_t i) {
-  return s.varlen ? t.narrow(0, s.starts[i], s.starts[i + 1] - s.starts[i]) : t.select(0, i);
+// The work is split in chunks that bound the score memory: packed sequences one at a time,
+// padded batches kBatchChunk rows at a time. chunk() gives chunk i of a (B, S, H, d) or packed
+// (T, H, d) tensor as (b, S, H, d); lse_chunk() the matching (b, H, S) view of lse.
+constexpr int64_t kBatchChunk = 16;
+
+int64_t num_chunks(const AttnSizes& s) {
+  return s.varlen ? s.batch : (s.batch + kBatchChunk - 1) / kBatchChunk;
+}
+
+at::Tensor chunk(const at::Tensor& t, const AttnSizes& s, int64_t i) {
+  if (s.varlen) return t.narrow(0, s.starts[i], s.starts[i + 1] - s.starts[i]).unsqueeze(0);
+  return t.narrow(0, i * kBatchChunk, std::min(kBatchChunk, s.batch - i * kBatchChunk));
+}
+
+at::Tensor lse_chunk(const at::Tensor& lse, const AttnSizes& s, int64_t i) {
+  if (s.varlen) return lse.narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i]).unsqueeze(0);
+  return lse.narrow(0, i * kBatchChunk, std::min(kBatchChunk, s.batch - i * kBatchChunk));
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -141,19 +155,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   // lse: (B, H, Sq), or (H, total) packed.
   at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(acc))
                             : at::empty({s.batch, s.heads, s.seqlen_q}, q.options().dtype(acc));
-  for (int64_t i = 0; i < s.batch; ++i) {
-    at::Tensor qh = heads_first(seq(q, s, i), 1, acc);
-    at::Tensor kh = heads_first(seq(k, s, i), group, acc);
-    at::Tensor vh = heads_first(seq(v, s, i), group, acc);
+  for (int64_t i = 0; i < num_chunks(s); ++i) {
+    at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
+    at::Tensor kh = heads_first(chunk(k, s, i), group, acc);
+    at::Tensor vh = heads_first(chunk(v, s, i), group, acc);
     at::Tensor S = scores(qh, kh, scale, causal);
-    at::Tensor lse_i = at::logsumexp(S, -1);  // (H, Sq)
+    at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
     at::Tensor o = at::matmul(probs(S, lse_i), vh);
-    seq(out, s, i).copy_(o.transpose(0, 1));
-    if (s.varlen) {
-      lse.narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i]).copy_(lse_i);
-    } else {
-      lse.select(0, i).copy_(lse_i);
-    }
+    chunk(out, s, i).copy_(o.transpose(1, 2));
+    lse_chunk(lse, s, i).copy_(lse_i);
   }
   return {out, lse};
 }
@@ -176,34 +186,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  for (int64_t i = 0; i < s.batch; ++i) {
-    at::Tensor qh = heads_first(seq(q, s, i), 1, acc);
-    at::Tensor kh = heads_first(seq(k, s, i), group, acc);
-    at::Tensor vh = heads_first(seq(v, s, i), group, acc);
-    at::Tensor doh = heads_first(seq(dout, s, i), 1, acc);
-    at::Tensor oh = heads_first(seq(out, s, i), 1, acc);
-    at::Tensor lse_i =
-        s.varlen ? lse.narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i]) : lse.select(0, i);
-    at::Tensor P = probs(scores(qh, kh, scale, causal), lse_i.to(acc));
+  for (int64_t i = 0; i < num_chunks(s); ++i) {
+    at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
+    at::Tensor kh = heads_first(chunk(k, s, i), group, acc);
+    at::Tensor vh = heads_first(chunk(v, s, i), group, acc);
+    at::Tensor doh = heads_first(chunk(dout, s, i), 1, acc);
+    at::Tensor oh = heads_first(chunk(out, s, i), 1, acc);
+    at::Tensor P = probs(scores(qh, kh, scale, causal), lse_chunk(lse, s, i).to(acc));
     // dlse/dS = P, so an lse gradient enters as P * dlse.
     at::Tensor rowdot = (doh * oh).sum(-1, /*keepdim=*/true);
-    if (dlse) {
-      at::Tensor dlse_i = s.varlen ? dlse->narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i])
-                                   : dlse->select(0, i);
-      rowdot = rowdot - dlse_i.to(acc).unsqueeze(-1);
-    }
-    at::Tensor dvh = at::matmul(P.transpose(1, 2), doh);
-    at::Tensor dP = at::matmul(doh, vh.transpose(1, 2));
+    if (dlse) rowdot = rowdot - lse_chunk(*dlse, s, i).to(acc).unsqueeze(-1);
+    at::Tensor dvh = at::matmul(P.transpose(-1, -2), doh);
+    at::Tensor dP = at::matmul(doh, vh.transpose(-1, -2));
     at::Tensor dS = P * (dP - rowdot);
     at::Tensor dqh = at::matmul(dS, kh) * scale;
-    at::Tensor dkh = at::matmul(dS.transpose(1, 2), qh) * scale;
-    if (group > 1) {  // (H, Sk, d) -> (Hk, G, Sk, d) -> sum over the group
-      dkh = dkh.view({s.heads_k, group, dkh.size(1), s.head_dim}).sum(1);
-      dvh = dvh.view({s.heads_k, group, dvh.size(1), s.head_dim}).sum(1);
+    at::Tensor dkh = at::matmul(dS.transpose(-1, -2), qh) * scale;
+    if (group > 1) {  // (b, H, Sk, d) -> (b, Hk, G, Sk, d) -> sum over the group
+      const int64_t b = dkh.size(0), Sk = dkh.size(2);
+      dkh = dkh.view({b, s.heads_k, group, Sk, s.head_dim}).sum(2);
+      dvh = dvh.view({b, s.heads_k, group, Sk, s.head_dim}).sum(2);
     }
-    seq(dq, s, i).copy_(dqh.transpose(0, 1));
-    seq(dk, s, i).copy_(dkh.transpose(0, 1));
-    seq(dv, s, i).copy_(dvh.transpose(0, 1));
+    chunk(dq, s, i).copy_(dqh.transpose(1, 2));
+    chunk(dk, s, i).copy_(dkh.transpose(1, 2));
+    chunk(dv, s, i).copy_(dvh.transpose(1, 2));
   }
   return {dq, dk, dv};
 }
