@@ -13,12 +13,13 @@ from pyssm.ops import _backend, _checks
 
 
 def cross_merge_reference(ys: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch cross_merge. ys: (B, 4, C, H, W) in scan order -> (B, C, H*W)."""
+    """Pure-PyTorch cross_merge. ys: (B, 4, C, H, W) in scan order -> (B, C, H*W).
+    Sums in float32 (float64 for float64) and rounds once to ys's dtype."""
     B, _, C, H, W = ys.shape
-    y = ys.flatten(3)
+    y = ys.flatten(3).to(_checks.acc_dtype(ys.dtype))
     row = y[:, 0] + y[:, 2].flip(-1)
     col = (y[:, 1] + y[:, 3].flip(-1)).reshape(B, C, W, H).transpose(2, 3).flatten(2)
-    return row + col
+    return (row + col).to(ys.dtype)
 
 
 def check_cross_merge(ys: torch.Tensor) -> None:
