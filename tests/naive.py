@@ -36,27 +36,27 @@ def cross_merge(ys: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def softplus(x: float) -> float:
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
-
-
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    # Differentiable (autograd through the loops): the tests take gradients of it too.
     batch, channels, L = u.shape
     groups, N = B.shape[1], A.shape[1]
     per_group = channels // groups
-    out = torch.zeros(batch, channels, L, dtype=torch.float64)
+    columns = []
     for c in range(channels):
         g = c // per_group
-        bias = float(delta_bias[c]) if delta_bias is not None else 0.0
-        skip = float(D[c]) if D is not None else 0.0
+        bias = delta_bias[c].double() if delta_bias is not None else 0.0
+        skip = D[c].double() if D is not None else 0.0
         h = torch.zeros(batch, N, dtype=torch.float64)
+        steps = []
         for l in range(L):
             pre = delta[:, c, l] + bias
-            dt = pre.apply_(softplus) if delta_softplus else pre
+            # threshold 30: log(1 + e^x) - x < 1e-13 beyond it, far below the tests' 1e-10
+            dt = torch.nn.functional.softplus(pre, threshold=30.0) if delta_softplus else pre
             h = torch.exp(dt[:, None] * A[c][None, :]) * h + (dt * u[:, c, l])[:, None] * B[:, g, :, l]
-            out[:, c, l] = (C[:, g, :, l] * h).sum(-1) + skip * u[:, c, l]
-    return out
+            steps.append((C[:, g, :, l] * h).sum(-1) + skip * u[:, c, l])
+        columns.append(torch.stack(steps, -1) if steps else u.new_zeros(batch, 0))
+    return torch.stack(columns, 1) if columns else u.new_zeros(batch, 0, L)
 
 
 def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first=False):
@@ -65,7 +65,7 @@ def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_
     B, D, H, W = x_bdhw.shape
     R, N = dt_projs_weight.shape[2], A_logs.shape[1]
     pixels = x_bdhw.reshape(B, D, H * W)
-    y = torch.zeros(B, D, H * W, dtype=torch.float64)
+    y = 0
     for k in range(4):
         order = scan_positions(H, W, k)
         u = pixels[:, :, order]                                        # (B, D, L) scan order
@@ -75,8 +75,10 @@ def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_
         yk = selective_scan(u, delta, -torch.exp(A_logs[k * D:(k + 1) * D].double()),
                             Bk[:, None], Ck[:, None], Ds[k * D:(k + 1) * D].double(),
                             dt_projs_bias[k].double(), delta_softplus=True)
+        inverse = [0] * (H * W)
         for l, pixel in enumerate(order):
-            y[:, :, pixel] += yk[:, :, l]
+            inverse[pixel] = l
+        y = y + yk[:, :, inverse]  # back to pixel order
     y = y.reshape(B, D, H, W)
     return y if channels_first else y.permute(0, 2, 3, 1)
 

@@ -125,3 +125,17 @@ def test_compile_fullgraph(device, backend):
     (want,) = torch.autograd.grad(f(x), x, g)
     torch.testing.assert_close(compiled(x), f(x))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("cross_scan"))
+def test_gradients_match_index_table(device, backend):
+    x = _x((2, 3, 5, 4), device, requires_grad=True)
+    ys = _x((2, 4, 3, 5, 4), device, requires_grad=True)
+    for fn, ref, inp in ((ops.cross_scan, naive.cross_scan, x),
+                         (ops.cross_merge, naive.cross_merge, ys)):
+        out = fn(inp, backend=backend)
+        g = torch.randn_like(out)
+        (got,) = torch.autograd.grad(out, inp, g)
+        cpu = inp.detach().cpu().requires_grad_()
+        (want,) = torch.autograd.grad(ref(cpu), cpu, g.cpu())
+        torch.testing.assert_close(got.cpu(), want, atol=1e-10, rtol=0)

@@ -163,3 +163,19 @@ def test_compile_fullgraph(device, backend):
     for a, b in zip(torch.autograd.grad(out, [x, *ws], g),
                     torch.autograd.grad(f(x, *ws), [x, *ws], g)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_gradients_match_independent_math(device, backend, channels_first):
+    """Gradients of the op against autograd through the independent float64 composition."""
+    x = make_x(1, 3, 4, 2, device, channels_first, requires_grad=True)
+    ws = make_weights(2, 2, 1, device, requires_grad=True)
+    out = ops.ss2d(x, *ws, channels_first=channels_first, backend=backend)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *ws], g)
+    cpu = [t.detach().cpu().requires_grad_() for t in (x, *ws)]
+    want = torch.autograd.grad(naive.ss2d(*cpu, channels_first=channels_first), cpu, g.cpu())
+    names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
