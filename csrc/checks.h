@@ -43,6 +43,18 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
               ref.device(), "; all tensors must be on the same device");
 }
 
+// cross_scan's x (B, C, H, W) and cross_merge's ys (B, 4, C, H, W), for every device.
+inline void check_cross_scan_input(const at::Tensor& x) {
+  check_floating(x, "x");
+  check_rank(x, 4, "x", "(B, C, H, W)");
+}
+inline void check_cross_merge_input(const at::Tensor& ys) {
+  check_floating(ys, "ys");
+  check_rank(ys, 5, "ys", "(B, 4, C, H, W)");
+  TORCH_CHECK_VALUE(ys.size(1) == 4, "ys must have shape (B, 4, C, H, W) (4 directions), got ",
+                    shape_str(ys));
+}
+
 // The dtype every pyssm kernel accumulates in: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

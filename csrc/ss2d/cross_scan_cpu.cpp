@@ -68,8 +68,7 @@ void cross_merge_kernel(const scalar_t* ys, scalar_t* out, int64_t planes, int64
 }  // namespace
 
 at::Tensor cross_scan_cpu(const at::Tensor& x_in) {
-  check_floating(x_in, "x");
-  check_rank(x_in, 4, "x", "(B, C, H, W)");
+  check_cross_scan_input(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor out = at::empty({B, 4, C, H * W}, x.options());
@@ -82,10 +81,7 @@ at::Tensor cross_scan_cpu(const at::Tensor& x_in) {
 }
 
 at::Tensor cross_merge_cpu(const at::Tensor& ys_in) {
-  check_floating(ys_in, "ys");
-  check_rank(ys_in, 5, "ys", "(B, 4, C, H, W)");
-  TORCH_CHECK_VALUE(ys_in.size(1) == 4, "ys must have shape (B, 4, C, H, W) (4 directions), got ",
-                    shape_str(ys_in));
+  check_cross_merge_input(ys_in);
   const at::Tensor ys = ys_in.contiguous();
   const int64_t B = ys.size(0), C = ys.size(2), H = ys.size(3), W = ys.size(4);
   at::Tensor out = at::empty({B, C, H * W}, ys.options());

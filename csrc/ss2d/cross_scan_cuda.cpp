@@ -21,8 +21,7 @@ DType kernel_dtype(at::ScalarType t) {
 }
 
 at::Tensor cross_scan_cuda(const at::Tensor& x_in) {
-  check_floating(x_in, "x");
-  check_rank(x_in, 4, "x", "(B, C, H, W)");
+  check_cross_scan_input(x_in);
   const at::Tensor x = x_in.contiguous();
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -35,10 +34,7 @@ at::Tensor cross_scan_cuda(const at::Tensor& x_in) {
 }
 
 at::Tensor cross_merge_cuda(const at::Tensor& ys_in) {
-  check_floating(ys_in, "ys");
-  check_rank(ys_in, 5, "ys", "(B, 4, C, H, W)");
-  TORCH_CHECK_VALUE(ys_in.size(1) == 4, "ys must have shape (B, 4, C, H, W) (4 directions), got ",
-                    shape_str(ys_in));
+  check_cross_merge_input(ys_in);
   const at::Tensor ys = ys_in.contiguous();
   const c10::cuda::CUDAGuard guard(ys.device());
   const int64_t B = ys.size(0), C = ys.size(2), H = ys.size(3), W = ys.size(4);

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -84,6 +85,14 @@ inline T sigmoid(T x) {
 // the inner loop over states is contiguous.
 struct ScanInputs {
   at::Tensor u, delta, A, B, C, D, bias;
+
+  template <typename acc_t>
+  auto ptrs() const {
+    return std::tuple{u.const_data_ptr<acc_t>(), delta.const_data_ptr<acc_t>(),
+                      A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(),
+                      C.const_data_ptr<acc_t>(), D.const_data_ptr<acc_t>(),
+                      bias.const_data_ptr<acc_t>()};
+  }
 };
 
 ScanInputs to_acc(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -105,13 +114,7 @@ template <typename acc_t>
 void scan_forward_kernel(const ScanSizes& s, const ScanInputs& in, acc_t* out,
                          bool delta_softplus) {
   const int64_t L = s.length, N = s.dstate;
-  const acc_t* u = in.u.const_data_ptr<acc_t>();
-  const acc_t* delta = in.delta.const_data_ptr<acc_t>();
-  const acc_t* A = in.A.const_data_ptr<acc_t>();
-  const acc_t* Bm = in.B.const_data_ptr<acc_t>();
-  const acc_t* Cm = in.C.const_data_ptr<acc_t>();
-  const acc_t* D = in.D.const_data_ptr<acc_t>();
-  const acc_t* bias = in.bias.const_data_ptr<acc_t>();
+  const auto [u, delta, A, Bm, Cm, D, bias] = in.ptrs<acc_t>();
   at::parallel_for(0, s.batch * s.channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h(N);
     for (int64_t bc = begin; bc < end; ++bc) {
@@ -146,13 +149,7 @@ template <typename acc_t>
 void scan_backward_kernel(const ScanSizes& s, const ScanInputs& in, const acc_t* dout,
                           ScanGrads& g, bool delta_softplus) {
   const int64_t L = s.length, N = s.dstate;
-  const acc_t* u = in.u.const_data_ptr<acc_t>();
-  const acc_t* delta = in.delta.const_data_ptr<acc_t>();
-  const acc_t* A = in.A.const_data_ptr<acc_t>();
-  const acc_t* Bm = in.B.const_data_ptr<acc_t>();
-  const acc_t* Cm = in.C.const_data_ptr<acc_t>();
-  const acc_t* D = in.D.const_data_ptr<acc_t>();
-  const acc_t* bias = in.bias.const_data_ptr<acc_t>();
+  const auto [u, delta, A, Bm, Cm, D, bias] = in.ptrs<acc_t>();
   acc_t* du = g.du.mutable_data_ptr<acc_t>();
   acc_t* ddelta = g.ddelta.mutable_data_ptr<acc_t>();
   acc_t* dA = g.dA_part.mutable_data_ptr<acc_t>();      // (batch, KD, N)
