@@ -4,27 +4,26 @@
 # Used by the README's two commands (bench/main.sh, tests/run.sh) and by .ci/run.
 #
 #   PYSSM_VENV     where the environment lives (default .venv in the repository)
-#   PYSSM_TORCH    the torch requirement (default: torch==2.14.1, the CUDA 13.0 build, when a GPU
-#                  is present; torch==2.13.0, a CPU-only build, otherwise)
+#   PYSSM_TORCH    the torch requirement (default torch==2.14.1 torchvision==0.29.1: the CUDA 13.0
+#                  build, which also runs on the CPU; timm needs torchvision)
+#   PYSSM_EXTRAS   the test and model dependencies (default: pytest, numpy, timm, safetensors)
 #   PYSSM_CUDA_ARCHS, PYSSM_BUILD_CUDA, MAX_JOBS   passed to the build (see CMakeLists.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${PYSSM_VENV:-.venv}
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  TORCH=${PYSSM_TORCH:-torch==2.14.1}
-else
-  TORCH=${PYSSM_TORCH:-torch==2.13.0}
-fi
+TORCH=${PYSSM_TORCH:-torch==2.14.1 torchvision==0.29.1}
+EXTRAS=${PYSSM_EXTRAS-pytest==9.0.2 numpy==2.4.6 timm==1.0.29 safetensors==0.8.0}
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-echo "[setup] installing $TORCH and the build/test tools into $VENV"
+echo "[setup] installing $TORCH, the build tools and $EXTRAS into $VENV"
+# shellcheck disable=SC2086  # the requirement lists are word lists
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "$TORCH" numpy==2.4.6 pytest==9.0.2 scikit-build-core==0.11.6 ninja==1.13.0 \
+  $TORCH scikit-build-core==0.11.6 ninja==1.13.0 $EXTRAS \
   2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
