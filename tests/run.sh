@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash .ci/setup.sh
 VENV=${PYSSM_VENV:-.venv}
 set +e
-"$VENV/bin/python" -m pytest tests -q "$@"
+"$VENV/bin/python" -m pytest -q "$@"   # no paths: pyproject testpaths (tests/)
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
