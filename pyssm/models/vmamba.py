@@ -1,0 +1,395 @@
+"""VMamba encoders (v2 and vanilla) on pyssm's ``ss2d`` op, with the official module layout so
+official checkpoints load unchanged (configs in vmamba_configs.py).
+
+    stem (patch_embed) -> 4 stages (layers.i.blocks, then layers.i.downsample) -> classifier
+    VSSBlock:  x = x + SS2D(norm(x));  x = x + MLP(norm2(x))      (no MLP in vanilla models)
+    SS2D:      in_proj -> [z gate] -> depthwise conv -> SiLU -> ss2d core -> out_norm
+               -> [* SiLU(z)] -> out_proj
+
+Layouts: channel-first (B, C, H, W) with LayerNorm2d for "ln2d" configs, channel-last
+(B, H, W, C) for "ln"; the weights are the same either way. Any input size works (the stem and
+downsampling convs round odd sizes up, as the official code does).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyssm.models.registry import register_encoder
+from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
+from pyssm.ops import ss2d
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Linear2d(nn.Linear):
+    """A Linear applied to the channels of a (B, C, H, W) tensor (weight (out, in))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on the residual branch (training only)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+def _norm(cfg: VMambaConfig, dim: int) -> nn.Module:
+    return (LayerNorm2d if cfg.channel_first else nn.LayerNorm)(dim, eps=cfg.norm_eps)
+
+
+def _to_cf(cfg: VMambaConfig) -> nn.Module:  # channel-last -> channel-first, when needed
+    return nn.Identity() if cfg.channel_first else Permute(0, 3, 1, 2)
+
+
+def _to_cl(cfg: VMambaConfig) -> nn.Module:  # channel-first -> channel-last, when needed
+    return nn.Identity() if cfg.channel_first else Permute(0, 2, 3, 1)
+
+
+class SS2D(nn.Module):
+    """The SS2D mixer of one block; its core is ``pyssm.ops.ss2d``."""
+
+    def __init__(self, cfg: VMambaConfig, d_model: int, d_inner: int, rank: int):
+        super().__init__()
+        self.channel_first, self.with_z = cfg.channel_first, cfg.with_z
+        self.backend: str | None = None
+        Lin = Linear2d if cfg.channel_first else nn.Linear
+        N = cfg.d_state
+        self.in_proj = Lin(d_model, d_inner * (2 if self.with_z else 1), bias=False)
+        self.act = nn.SiLU()
+        self.conv2d = (nn.Conv2d(d_inner, d_inner, cfg.ssm_conv, padding=(cfg.ssm_conv - 1) // 2,
+                                 groups=d_inner, bias=cfg.ssm_conv_bias)
+                       if cfg.ssm_conv > 1 else nn.Identity())
+        self.x_proj_weight = nn.Parameter(torch.empty(4, rank + 2 * N, d_inner))
+        self.dt_projs_weight = nn.Parameter(torch.empty(4, d_inner, rank))
+        self.dt_projs_bias = nn.Parameter(torch.empty(4, d_inner))
+        self.A_logs = nn.Parameter(torch.empty(4 * d_inner, N))
+        self.Ds = nn.Parameter(torch.empty(4 * d_inner))
+        # vanilla (v0) normalises channel-last whatever the model's layout
+        self.out_norm = (_norm(cfg, d_inner) if not self.with_z else
+                         nn.LayerNorm(d_inner, eps=cfg.norm_eps))
+        self.out_proj = Lin(d_inner, d_model, bias=False)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+        """mamba's initialisation: dt spread log-uniformly in [dt_min, dt_max] through the
+        softplus-inverse bias, A = -(1 ... N), D = 1."""
+        d_inner, rank = self.dt_projs_weight.shape[1:]
+        bound = 1.0 / math.sqrt(self.x_proj_weight.shape[2])
+        self.x_proj_weight.uniform_(-bound, bound)
+        self.dt_projs_weight.uniform_(-rank ** -0.5, rank ** -0.5)
+        dt = torch.exp(torch.rand(4, d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp_min(dt_floor)
+        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        N = self.A_logs.shape[1]
+        self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(x)
+        if self.with_z:
+            x, z = x.chunk(2, dim=1 if self.channel_first else -1)
+            z = self.act(z)
+        if not self.channel_first:
+            x = x.permute(0, 3, 1, 2)
+        x = self.act(self.conv2d(x))
+        # 16-bit activations: the core returns float32 (as the official oflex path) for out_norm
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        y = ss2d(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+                 self.Ds, channels_first=True, out_float32=low, backend=self.backend)
+        if not self.channel_first or self.with_z:
+            y = y.permute(0, 2, 3, 1)
+        if not torch.is_autocast_enabled(y.device.type):  # autocast runs LayerNorm in fp32
+            y = y.to(self.out_norm.weight.dtype)
+        y = self.out_norm(y).to(x.dtype)
+        if self.with_z:  # gated channel-last, as the official v0 forward
+            y = y * (z.permute(0, 2, 3, 1) if self.channel_first else z)
+            if self.channel_first:
+                y = y.permute(0, 3, 1, 2)
+        return self.out_proj(y)
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: VMambaConfig, dim: int, hidden: int):
+        super().__init__()
+        Lin = Linear2d if cfg.channel_first else nn.Linear
+        self.fc1, self.act, self.fc2 = Lin(dim, hidden), nn.GELU(), Lin(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VSSBlock(nn.Module):
+    def __init__(self, cfg: VMambaConfig, stage: int, drop_path: float = 0.0):
+        super().__init__()
+        dim = cfg.dims[stage]
+        self.norm = _norm(cfg, dim)
+        self.op = SS2D(cfg, dim, cfg.d_inner(stage), cfg.rank(stage))
+        self.drop_path = DropPath(drop_path)
+        self.has_mlp = cfg.mlp_ratio > 0
+        if self.has_mlp:
+            self.norm2 = _norm(cfg, dim)
+            self.mlp = Mlp(cfg, dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        if self.has_mlp:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class PatchMerging2D(nn.Module):
+    """Vanilla downsampling (channel-last): 2x2 neighbours concatenated, LayerNorm, Linear."""
+
+    def __init__(self, cfg: VMambaConfig, dim: int, out_dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim, eps=cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[1:3]
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+def _patch_embed(cfg: VMambaConfig) -> nn.Sequential:
+    dim = cfg.dims[0]
+    if cfg.patchembed_version == "v1":
+        return nn.Sequential(nn.Conv2d(cfg.in_chans, dim, cfg.patch_size, cfg.patch_size),
+                             _to_cl(cfg), _norm(cfg, dim))
+    if cfg.patchembed_version == "v2":
+        stride = cfg.patch_size // 2
+        return nn.Sequential(
+            nn.Conv2d(cfg.in_chans, dim // 2, stride + 1, stride, 1), _to_cl(cfg),
+            _norm(cfg, dim // 2), _to_cf(cfg), nn.GELU(),
+            nn.Conv2d(dim // 2, dim, stride + 1, stride, 1), _to_cl(cfg), _norm(cfg, dim))
+    raise ValueError(f"patchembed_version must be 'v1' or 'v2', got {cfg.patchembed_version!r}")
+
+
+def _downsample(cfg: VMambaConfig, dim: int, out_dim: int) -> nn.Module:
+    if cfg.downsample_version == "v3":
+        return nn.Sequential(_to_cf(cfg), nn.Conv2d(dim, out_dim, 3, 2, 1), _to_cl(cfg),
+                             _norm(cfg, out_dim))
+    if cfg.downsample_version == "v1":
+        if cfg.channel_first:
+            raise ValueError("downsample_version 'v1' (patch merging) needs norm='ln'")
+        return PatchMerging2D(cfg, dim, out_dim)
+    raise ValueError(f"downsample_version must be 'v1' or 'v3', got {cfg.downsample_version!r}")
+
+
+class VMamba(nn.Module):
+    """A VMamba classifier / encoder with timm's API (see the module docstring)."""
+
+    def __init__(self, cfg: VMambaConfig, img_size: int | tuple[int, int] = 224,
+                 backend: str | None = None):
+        super().__init__()
+        self.cfg, self.img_size = cfg, img_size
+        self.num_classes, self.num_features = cfg.num_classes, cfg.dims[-1]
+        self.patch_embed = _patch_embed(cfg)
+        rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(cfg.depths):
+            first = sum(cfg.depths[:i])
+            blocks = nn.Sequential(*(VSSBlock(cfg, i, rates[first + j]) for j in range(depth)))
+            down = (_downsample(cfg, cfg.dims[i], cfg.dims[i + 1]) if i + 1 < len(cfg.depths)
+                    else nn.Identity())
+            self.layers.append(nn.Sequential(OrderedDict(blocks=blocks, downsample=down)))
+        self.classifier = nn.Sequential(OrderedDict(
+            norm=_norm(cfg, self.num_features), permute=_to_cf(cfg),
+            avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
+            head=(nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes
+                  else nn.Identity())))
+        self.apply(self._init_weights)
+        self.set_backend(backend)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def set_backend(self, backend: str | None) -> VMamba:
+        """The pyssm backend every SS2D core uses ("cuda", "cpu", "reference" or None)."""
+        for m in self.modules():
+            if isinstance(m, SS2D):
+                m.backend = backend
+        return self
+
+    # ---- the timm API -----------------------------------------------------------------------
+
+    def _stages(self, x: torch.Tensor, last: int):
+        """Yields each stage's output (before its downsampling), channel-first, up to ``last``."""
+        x = self.patch_embed(x)
+        for i, layer in enumerate(self.layers[: last + 1]):
+            x = layer.blocks(x)
+            yield x if self.cfg.channel_first else x.permute(0, 3, 1, 2)
+            x = layer.downsample(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's features after the final norm, (B, C, H/32, W/32)."""
+        *_, last = self._stages(x, len(self.layers) - 1)
+        return self._final_norm(last)
+
+    def _final_norm(self, x_cf: torch.Tensor) -> torch.Tensor:
+        if self.cfg.channel_first:
+            return self.classifier.norm(x_cf)
+        return self.classifier.norm(x_cf.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.classifier.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Stage outputs (before downsampling) for ``indices`` (None: all, int n: the last n,
+        or a list of stage indices), as NCHW or NHWC; ``norm`` applies the final norm to the
+        last stage. Returns (final features, intermediates), or the intermediates alone."""
+        n = len(self.layers)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n for i in indices]
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        outs, last = [], None
+        for i, y in enumerate(self._stages(x, n - 1 if not intermediates_only else max(take))):
+            last = y
+            if i in take:
+                y = self._final_norm(y) if norm and i == n - 1 else y
+                outs.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return outs
+        return self._final_norm(last), outs
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"VMamba pools by average only, got global_pool={global_pool!r}")
+        self.num_classes = num_classes
+        self.classifier.head = (nn.Linear(self.num_features, num_classes) if num_classes
+                                else nn.Identity())
+
+    def tokens(self, images: torch.Tensor, tap: int = 3) -> torch.Tensor:
+        """Visual tokens (B, T, C) for a VLM: the output of stage ``tap`` (1-based, as the
+        study's "stage 3": 14 x 14 = 196 tokens at 224 px), flattened row-major."""
+        n = len(self.layers)
+        if not 1 <= tap <= n:
+            raise ValueError(f"tap must be a stage number from 1 to {n}, got {tap}")
+        *_, y = self._stages(images, tap - 1)
+        return y.flatten(2).transpose(1, 2)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    _RENAMES = ((r"^module\.", ""), (r"^patch_embed\.proj\.", "patch_embed.0."),
+                (r"^patch_embed\.norm\.", "patch_embed.2."), (r"\.ln_1\.", ".norm."),
+                (r"\.self_attention\.", ".op."), (r"^norm\.", "classifier.norm."),
+                (r"^head\.", "classifier.head."))
+
+    def checkpoint_filter(self, state: dict) -> dict:
+        """An official VMamba state dict (v2 or vanilla; channel-first or channel-last; older
+        key names) mapped onto this model's keys and shapes."""
+        own = self.state_dict()
+        out = {}
+        for key, value in state.items():
+            for pattern, repl in self._RENAMES:
+                key = re.sub(pattern, repl, key)
+            if key.startswith("classifier.head.") and not self.num_classes:
+                continue
+            if key in own and value.dim() == 4 and own[key].dim() == 2 and value.shape[2:] == (1, 1):
+                value = value.flatten(1)  # a 1x1 conv stored for a Linear
+            if key in own and value.shape != own[key].shape:
+                raise ValueError(f"checkpoint entry {key!r} has shape {tuple(value.shape)} but "
+                                 f"this model expects {tuple(own[key].shape)} (a different "
+                                 f"VMamba configuration?)")
+            out[key] = value
+        return out
+
+
+def _create(name: str, img_size, backend, overrides: dict) -> VMamba:
+    return VMamba(CONFIGS[name].with_overrides(**overrides), img_size=img_size, backend=backend)
+
+
+@register_encoder
+def vmamba_tiny_s1l8(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_tiny_s1l8", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_small_s1l20(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_small_s1l20", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_base_s1l20(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_base_s1l20", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_tiny_s2l5(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_tiny_s2l5", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_small_s2l15(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_small_s2l15", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_base_s2l15(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_base_s2l15", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_tiny_vanilla(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_tiny_vanilla", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_small_vanilla(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_small_vanilla", img_size, backend, overrides)
+
+
+@register_encoder
+def vmamba_base_vanilla(img_size=224, backend=None, **overrides) -> VMamba:
+    return _create("vmamba_base_vanilla", img_size, backend, overrides)

@@ -1,0 +1,201 @@
+"""VMamba encoders: official layout and configurations, checkpoints, and equality with a
+straightforward composition of pyssm's reference ops for the same weights."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyssm.models import create_encoder, list_encoders
+from pyssm.ops import cross_merge_reference, cross_scan_reference, selective_scan_reference
+
+F64 = torch.float64
+SMALL = dict(depths=(1, 2, 1, 1), dims=16)   # dims 16, 32, 64, 128; dt_rank 1, 2, 4, 8
+
+
+def official_forward(sd: dict, name: str, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """The official VMamba forward written out from the state dict, channel-last throughout,
+    with pyssm's reference cross_scan / selective_scan / cross_merge (and einsum projections
+    in scan order, as the official forward_corev2 does)."""
+    vanilla = "vanilla" in name
+    cl, cf = (lambda t: t.permute(0, 2, 3, 1)), (lambda t: t.permute(0, 3, 1, 2))
+
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps)
+
+    def ss2d_branch(h, p):
+        xz = F.linear(h, sd[p + ".in_proj.weight"])
+        x_, z = xz.chunk(2, -1) if vanilla else (xz, None)
+        x_ = F.silu(F.conv2d(cf(x_), sd[p + ".conv2d.weight"], sd.get(p + ".conv2d.bias"),
+                             padding=1, groups=x_.shape[-1]))
+        B, D, H, W = x_.shape
+        R, N = sd[p + ".dt_projs_weight"].shape[2], sd[p + ".A_logs"].shape[1]
+        xs = cross_scan_reference(x_)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, sd[p + ".x_proj_weight"])
+        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, sd[p + ".dt_projs_weight"])
+        ys = selective_scan_reference(xs.reshape(B, -1, H * W), dts.reshape(B, -1, H * W),
+                                      -torch.exp(sd[p + ".A_logs"]), Bs, Cs, sd[p + ".Ds"],
+                                      sd[p + ".dt_projs_bias"].flatten(), True)
+        y = cross_merge_reference(ys.reshape(B, 4, D, H, W)).transpose(1, 2).reshape(B, H, W, D)
+        y = ln(y, p + ".out_norm")
+        if vanilla:
+            y = y * F.silu(z)
+        return F.linear(y, sd[p + ".out_proj.weight"])
+
+    if vanilla:
+        x = ln(cl(F.conv2d(x, sd["patch_embed.0.weight"], sd["patch_embed.0.bias"], stride=4)),
+               "patch_embed.2")
+    else:
+        x = F.conv2d(x, sd["patch_embed.0.weight"], sd["patch_embed.0.bias"], stride=2, padding=1)
+        x = F.gelu(cf(ln(cl(x), "patch_embed.2")))
+        x = F.conv2d(x, sd["patch_embed.5.weight"], sd["patch_embed.5.bias"], stride=2, padding=1)
+        x = ln(cl(x), "patch_embed.7")
+    n_stages = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("layers."))
+    for i in range(n_stages):
+        depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"layers.{i}.blocks."))
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}"
+            x = x + ss2d_branch(ln(x, p + ".norm"), p + ".op")
+            if p + ".mlp.fc1.weight" in sd:
+                h = F.gelu(F.linear(ln(x, p + ".norm2"), sd[p + ".mlp.fc1.weight"],
+                                    sd[p + ".mlp.fc1.bias"]))
+                x = x + F.linear(h, sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
+        d = f"layers.{i}.downsample"
+        if d + ".1.weight" in sd:      # v3: 3x3 stride-2 conv, then LayerNorm
+            x = ln(cl(F.conv2d(cf(x), sd[d + ".1.weight"], sd[d + ".1.bias"], stride=2,
+                               padding=1)), d + ".3")
+        elif d + ".reduction.weight" in sd:  # v1: patch merging
+            H, W = x.shape[1:3]
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2],
+                           x[:, 1::2, 1::2]], -1)
+            x = F.linear(ln(x, d + ".norm"), sd[d + ".reduction.weight"])
+    x = ln(x, "classifier.norm").mean(dim=(1, 2))
+    return F.linear(x, sd["classifier.head.weight"], sd["classifier.head.bias"])
+
+
+def randomized(model):
+    """Moves every parameter off its init (LayerNorm 1/0, D = 1) so nothing is trivially equal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln"),
+                                       ("vmamba_small_s2l15", "ln2d"),
+                                       ("vmamba_tiny_vanilla", "ln")])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_equals_reference_composition(name, norm, backend):
+    model = randomized(create_encoder(name, backend=backend, norm=norm, **SMALL).double())
+    x = torch.randn(2, 3, 50, 38, dtype=F64)   # odd grids: 25x19 / 13x10 / ... after the stem
+    with torch.no_grad():
+        got = model(x)
+    want = official_forward({k: v.detach() for k, v in model.state_dict().items()}, name, x)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+# Published parameter counts (official README / paper, millions).
+PUBLISHED = {"vmamba_tiny_s1l8": 30, "vmamba_small_s2l15": 50, "vmamba_base_s2l15": 89,
+             "vmamba_tiny_vanilla": 22, "vmamba_small_vanilla": 44, "vmamba_base_vanilla": 76}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts(name):
+    params = sum(p.numel() for p in create_encoder(name).parameters()) / 1e6
+    assert abs(params - PUBLISHED[name]) < 1.0, params
+
+
+def test_official_key_layout():
+    keys = set(create_encoder("vmamba_tiny_s1l8", depths=(1, 1, 1, 1)).state_dict())
+    op = ["in_proj.weight", "conv2d.weight", "x_proj_weight", "dt_projs_weight",
+          "dt_projs_bias", "A_logs", "Ds", "out_norm.weight", "out_norm.bias", "out_proj.weight"]
+    block = [f"op.{k}" for k in op] + [f"{n}.{w}" for n in ("norm", "norm2")
+                                       for w in ("weight", "bias")]
+    block += [f"mlp.{fc}.{w}" for fc in ("fc1", "fc2") for w in ("weight", "bias")]
+    want = {f"patch_embed.{i}.{w}" for i in (0, 2, 5, 7) for w in ("weight", "bias")}
+    want |= {f"layers.{i}.blocks.0.{k}" for i in range(4) for k in block}
+    want |= {f"layers.{i}.downsample.{j}.{w}" for i in range(3) for j in (1, 3)
+             for w in ("weight", "bias")}
+    want |= {f"classifier.{n}.{w}" for n in ("norm", "head") for w in ("weight", "bias")}
+    assert keys == want
+    vanilla = set(create_encoder("vmamba_tiny_vanilla", depths=(1, 1, 1, 1)).state_dict())
+    assert "layers.0.downsample.reduction.weight" in vanilla and "layers.0.blocks.0.op.conv2d.bias" in vanilla
+    assert not any("mlp" in k or "norm2" in k for k in vanilla)
+
+
+def test_checkpoint_variants_load_unchanged(tmp_path):
+    src = randomized(create_encoder("vmamba_tiny_s1l8", **SMALL))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = src(x)
+    sd = src.state_dict()
+    # DDP prefix, 1x1-conv-shaped linears, wrapped in {"model": ...} as the official .pth files
+    odd = {f"module.{k}": (v[:, :, None, None] if k.endswith(("in_proj.weight", "fc1.weight")) else v)
+           for k, v in sd.items()}
+    path = tmp_path / "vssm.pth"
+    torch.save({"model": odd, "epoch": 3}, path)
+    for norm in ("ln2d", "ln"):  # the channel-first and channel-last variants share weights
+        model = create_encoder("vmamba_tiny_s1l8", checkpoint=path, norm=norm, **SMALL).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+    headless = create_encoder("vmamba_tiny_s1l8", checkpoint=sd, num_classes=0, **SMALL).eval()
+    with torch.no_grad():
+        assert headless(x).shape == (1, 128)
+
+
+def test_vanilla_old_key_names_load():
+    src = randomized(create_encoder("vmamba_tiny_vanilla", **SMALL))
+    renamed = {}
+    for k, v in src.state_dict().items():
+        k = re.sub(r"\.norm\.", ".ln_1.", k) if ".blocks." in k else k
+        k = k.replace(".op.", ".self_attention.").replace("patch_embed.0.", "patch_embed.proj.")
+        k = k.replace("patch_embed.2.", "patch_embed.norm.").replace("classifier.", "")
+        renamed[k] = v
+    model = create_encoder("vmamba_tiny_vanilla", checkpoint=renamed, **SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x))
+
+
+def test_bad_checkpoints_are_named():
+    sd = create_encoder("vmamba_tiny_s1l8", **SMALL).state_dict()
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.op\.(x_proj_weight|A_logs).* has shape"):
+        create_encoder("vmamba_tiny_s1l8", checkpoint=sd, d_state=4, **SMALL)
+    partial = {k: v for k, v in sd.items() if "mlp" not in k}
+    with pytest.raises(ValueError, match="missing"):
+        create_encoder("vmamba_tiny_s1l8", checkpoint=partial, **SMALL)
+    with pytest.raises(ValueError, match="not a state dict of tensors"):
+        create_encoder("vmamba_tiny_s1l8", checkpoint={"model": {"a": 1}}, **SMALL)
+    with pytest.raises(FileNotFoundError):
+        create_encoder("vmamba_tiny_s1l8", checkpoint="/nonexistent/vssm.pth")
+    with pytest.raises(ValueError, match="unknown encoder 'vmamba_huge'"):
+        create_encoder("vmamba_huge")
+
+
+def test_tokens_intermediates_and_head():
+    model = create_encoder("vmamba_tiny_s1l8", depths=(1, 1, 1, 1)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model.tokens(x).shape == (1, 196, 384)        # the study's stage-3 tap
+        assert model.tokens(x, tap=1).shape == (1, 56 * 56, 96)
+        final, inter = model.forward_intermediates(x[:, :, :97, :131])
+        assert [t.shape[1:] for t in inter] == [(96, 25, 33), (192, 13, 17), (384, 7, 9),
+                                                (768, 4, 5)]
+        assert final.shape == (1, 768, 4, 5)
+        only = model.forward_intermediates(x[:, :, :64, :64], indices=[1], output_fmt="NHWC",
+                                           intermediates_only=True)
+        assert len(only) == 1 and only[0].shape == (1, 8, 8, 192)
+        model.reset_classifier(7)
+        assert model(x[:, :, :64, :64]).shape == (1, 7)
+    with pytest.raises(ValueError, match="tap must be a stage number from 1 to 4"):
+        model.tokens(x, tap=5)
+
+
+def test_registry_lists_every_family():
+    names = list_encoders("vmamba")
+    for n in ("vmamba_tiny_s1l8", "vmamba_tiny_s2l5", "vmamba_small_s2l15", "vmamba_base_s2l15",
+              "vmamba_tiny_vanilla", "vmamba_small_vanilla", "vmamba_base_vanilla"):
+        assert n in names
