@@ -88,9 +88,10 @@ case $RC in  # pytest: 0 all passed, 1 some failed, 5 none collected
 esac
 
 # (c) benchmarks
-for bench in ss2d selective_scan cross_scan attention; do
+for bench in ss2d selective_scan cross_scan attention encoders; do
+  quick=""; [ "$bench" = encoders ] && quick="--quick"   # encoders: 224 and 512 px only
   run_step "bench_$bench" 100 "$LOGS/bench_$bench.log" \
-    "$PY" bench/bench_$bench.py --device cuda --out "$PROFILE_DIR"
+    "$PY" bench/bench_$bench.py --device cuda --out "$PROFILE_DIR" $quick
   note "bench_$bench" "$(outcome "$LOGS/bench_$bench.log")" "$TOOK"
 done
 if [ -n "$EXTRA_OUT" ]; then

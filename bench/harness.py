@@ -6,7 +6,8 @@ Provider is a function of the inputs, or the reason it cannot run ("not built", 
 becomes a row with that status instead of a crash.
 
 Modes: forward (under no_grad), backward (gradients of every float input; the forward runs
-untimed before each step), full (forward + backward).
+untimed before each step), full (forward + backward), step (the provider runs a whole step
+itself, such as a training step with its own backward).
 
 Timing: CUDA events around each step on a GPU, time.perf_counter on the CPU. The inputs rotate
 among a few copies (together more than twice the L2 cache) so caches don't flatter. One cold
@@ -43,12 +44,13 @@ try:
 except ImportError:  # not installed (e.g. its build failed): the source tree, reference ops only
     sys.path.insert(0, str(ROOT))
 DEFAULT_OUT = ROOT / "build" / "bench-results"
-MODES = ("forward", "backward", "full")
+MODES = ("forward", "backward", "full", "step")
 ANCHOR_LABEL = "(ANCHORS.md, measured another day)"
 LABELS = {"ms": "ms", "ms_p20": "p20", "ms_p80": "p80", "gbps": "GB/s", "tflops": "TFLOP/s",
           "peak_mb": "peak MB", "anchor_ms": f"anchor ms {ANCHOR_LABEL}",
           "anchor_tflops": f"anchor TFLOP/s {ANCHOR_LABEL}",
-          "vs_anchor": "vs anchor (>1: faster)", "vs_copy": "vs copy"}
+          "vs_anchor": "vs anchor (>1: faster)", "vs_copy": "vs copy", "img_s": "img/s",
+          "mb_per_img": "MB/img"}
 _NOT_COLUMNS = {"device", "repeats", "copies"}
 
 
@@ -182,6 +184,8 @@ def _steps(fn: Callable, mode: str):
         return (lambda inputs: inputs), (lambda inputs: backward(fn(*inputs), inputs))
     if mode == "backward":
         return (lambda inputs: (fn(*inputs), inputs)), (lambda prepared: backward(*prepared))
+    if mode == "step":  # fn runs a whole step itself (a training step: forward, backward)
+        return (lambda inputs: inputs), (lambda inputs: fn(*inputs))
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
@@ -244,7 +248,7 @@ def run_cases(cases: list[Case], device: torch.device, *, modes: tuple[str, ...]
         one = case.make_inputs()
         copies = [one] + [case.make_inputs() for _ in range(n_copies(_copy_bytes(one), device) - 1)]
         for mode in modes or case.modes:
-            if mode != "forward":
+            if mode in ("backward", "full"):
                 copies = [tuple(t.requires_grad_() if isinstance(t, torch.Tensor)
                                 and t.is_floating_point() else t for t in c) for c in copies]
             for provider in case.providers:
@@ -308,8 +312,9 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 RESULT_KEYS = {"op", "provider", "mode", "dtype", "device", "status", "copies", "repeats", "ms",
                "ms_p20", "ms_p80", "gbps", "tflops", "peak_mb", "anchor_ms", "anchor_tflops",
-               "vs_anchor", "vs_copy", "size"}
-SHORT_COLUMNS = ["op", "provider", "mode", "size", "dtype", "ms", "gbps", "tflops", "peak_mb",
+               "vs_anchor", "vs_copy", "size", "img_s", "mb_per_img"}
+SHORT_COLUMNS = ["op", "provider", "mode", "size", "dtype", "ms", "img_s", "mb_per_img", "gbps",
+                 "tflops", "peak_mb",
                  "anchor_ms", "anchor_tflops", "vs_anchor", "vs_copy", "status"]
 
 

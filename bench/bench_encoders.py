@@ -1,0 +1,144 @@
+"""Encoder throughput and memory versus resolution: pyssm's VMamba and ViT, and timm's ViT
+with the same weights, side by side.
+
+GPU (bf16 autocast): VMamba-T s1l8 / S s2l15 / B s2l15, ViT-S/B/L 16 at 224, 384, 512, 768,
+1024 px; inference at batch round(128 (224/R)^2), a training step (forward, backward of the
+mean logit, all parameters) at round(64 (224/R)^2) for 224 and 512; ANCHORS.md's img/s beside
+(official VMamba for the VMamba rows, timm for the ViT rows). pyssm rows whose kernels are
+not built yet on this device say so instead of running the slow reference.
+CPU (float32): VMamba-T s1l8 and ViT-S/16 at 64 and 128 px, batch 2.
+
+    python bench/bench_encoders.py [--device auto|cpu|cuda] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+import harness
+from pyssm import _extension
+from pyssm.models import create_encoder
+
+# ANCHORS.md, H200, bf16 autocast: img/s by model -> resolution.
+ANCHOR_INFER = {
+    "vmamba_tiny_s1l8": {224: 3054, 384: 1066, 512: 643, 768: 267, 1024: 156},
+    "vmamba_small_s2l15": {224: 1635, 384: 558, 512: 350, 768: 143, 1024: 87},
+    "vmamba_base_s2l15": {224: 1307, 512: 261, 1024: 68},
+    "vit_small_patch16": {224: 17757, 384: 5721, 512: 2993, 768: 1135, 1024: 543},
+    "vit_base_patch16": {224: 8716, 384: 2813, 512: 1411, 768: 545, 1024: 254},
+}
+ANCHOR_TRAIN = {"vmamba_tiny_s1l8": {224: 912, 512: 183},
+                "vit_small_patch16": {224: 3126, 512: 550},
+                "vit_base_patch16": {224: 2380, 512: 405}}
+KERNEL = {"vmamba": "ss2d", "vit": "attention"}  # the op each family's speed rests on
+NOTES = [
+    "img/s = batch / median time; MB/img = peak allocated above weights and inputs / batch.",
+    f"anchor {harness.ANCHOR_LABEL}: official VMamba (VMamba rows) and timm (ViT rows); "
+    "vs anchor = measured img/s / anchor img/s.",
+    "step = one training step: forward, mean of the logits, backward into every parameter.",
+]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _runners(model: torch.nn.Module, device: torch.device):
+    """(inference fn, training-step fn) of a model."""
+    def infer(x):
+        with _autocast(device):
+            return model(x)
+
+    def train_step(x):
+        model.zero_grad(set_to_none=True)
+        with _autocast(device):
+            loss = model(x).float().mean()
+        loss.backward()
+        return loss
+
+    return infer, train_step
+
+
+def providers_for(name: str, res: int, device: torch.device) -> dict[str, list[harness.Provider]]:
+    """mode -> providers for one encoder at one resolution (models built once, shared)."""
+    family = name.split("_")[0]
+    kernel = device.type
+    built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
+    pyssm_model = create_encoder(name, img_size=res, backend=kernel if built else None)
+    pyssm_model = pyssm_model.to(device)
+    infer, step = _runners(pyssm_model.eval(), device)
+    status = "ok" if built else f"not built ({KERNEL[family]} has no {kernel} kernel yet)"
+    out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
+           "step": [harness.Provider("pyssm", step if built else None, status)]}
+    if family == "vit":
+        try:
+            import timm
+        except ImportError:
+            note = harness.Provider("timm", None, "not installed")
+            out["forward"].append(note)
+            out["step"].append(note)
+            return out
+        timm_model = timm.create_model(f"{name}_224", pretrained=False, img_size=res)
+        timm_model.load_state_dict(pyssm_model.state_dict())  # the same weights
+        t_infer, t_step = _runners(timm_model.to(device).eval(), device)
+        out["forward"].append(harness.Provider("timm", t_infer))
+        out["step"].append(harness.Provider("timm", t_step))
+    return out
+
+
+def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    if gpu:
+        names = ["vmamba_tiny_s1l8", "vit_small_patch16", "vit_base_patch16"] if quick else [
+            "vmamba_tiny_s1l8", "vmamba_small_s2l15", "vmamba_base_s2l15",
+            "vit_small_patch16", "vit_base_patch16", "vit_large_patch16"]
+        resolutions = [224, 512] if quick else [224, 384, 512, 768, 1024]
+        train_at = {224, 512}
+        batch = {"forward": lambda r: round(128 * (224 / r) ** 2),
+                 "step": lambda r: round(64 * (224 / r) ** 2)}
+    else:
+        names, resolutions, train_at = ["vmamba_tiny_s1l8", "vit_small_patch16"], [64, 128], {64}
+        batch = {"forward": lambda r: 2, "step": lambda r: 2}
+    out = []
+    for name in names:
+        for res in resolutions:
+            providers = providers_for(name, res, device)
+            for mode in ("forward", "step"):
+                if mode == "step" and res not in train_at:
+                    continue
+                b = batch[mode](res)
+                anchors = (ANCHOR_INFER if mode == "forward" else ANCHOR_TRAIN).get(name, {})
+                anchor_img_s = anchors.get(res) if gpu else None
+                out.append(harness.Case(
+                    op=name, size={"res": res, "batch": b},
+                    make_inputs=lambda b=b, r=res: (torch.randn(b, 3, r, r, device=device),),
+                    providers=providers[mode], modes=(mode,),
+                    dtype="bf16-autocast" if gpu else "float32",
+                    extra=(lambda p, m, a=anchor_img_s, b=b:
+                           {"anchor_ms": b / a * 1e3} if a and p == "pyssm" else {})))
+    return out
+
+
+def add_rates(rows: list[dict]) -> None:
+    for row in rows:
+        if row.get("ms"):
+            row["img_s"] = row["batch"] / row["ms"] * 1e3
+        if row.get("peak_mb") is not None:
+            row["mb_per_img"] = row["peak_mb"] / row["batch"]
+
+
+def main(argv=None):
+    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
+                            ).parse_args(argv)
+    device = harness.resolve_device(args.device, args.threads)
+    harness.run_benchmark("encoders", cases(device, args.quick), NOTES, args, device,
+                          post=add_rates)
+
+
+if __name__ == "__main__":
+    main()
