@@ -19,21 +19,31 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// Where element i = ((b * C + c) * L + pixel) of a (B, C, H, W) tensor goes in the four
+// directions: the offset of (b, k = 0, c) in (B, 4, C, L), the direction stride C * L, and its
+// scan positions l0 (row-major) and l1 (column-major); directions 2, 3 are L-1-l0, L-1-l1.
+struct ScanSlot {
+  int64_t base, stride, l0, l1;
+};
+
+__device__ __forceinline__ ScanSlot scan_slot(int64_t i, int64_t C, int64_t H, int64_t W) {
+  const int64_t L = H * W, bc = i / L, pix = i % L, b = bc / C, c = bc % C;
+  return {(b * 4 * C + c) * L, C * L, pix, (pix % W) * H + pix / W};
+}
+
 template <typename T>
 __global__ void cross_scan_kernel(const T* __restrict__ x_gmem, T* __restrict__ out_gmem,
                                   int64_t total, int64_t C, int64_t H, int64_t W) {
   const int64_t L = H * W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t bc = i / L, pix = i % L, b = bc / C, c = bc % C;
-    const int64_t h = pix / W, w = pix % W;
-    const int64_t l0 = pix, l1 = w * H + h;
+    const ScanSlot s = scan_slot(i, C, H, W);
     const T v = x_gmem[i];
-    T* out_b = out_gmem + (b * 4 * C + c) * L;
-    out_b[0 * C * L + l0] = v;
-    out_b[1 * C * L + l1] = v;
-    out_b[2 * C * L + (L - 1 - l0)] = v;
-    out_b[3 * C * L + (L - 1 - l1)] = v;
+    T* out_b = out_gmem + s.base;
+    out_b[s.l0] = v;
+    out_b[s.stride + s.l1] = v;
+    out_b[2 * s.stride + (L - 1 - s.l0)] = v;
+    out_b[3 * s.stride + (L - 1 - s.l1)] = v;
   }
 }
 
@@ -43,13 +53,12 @@ __global__ void cross_merge_kernel(const T* __restrict__ ys_gmem, T* __restrict_
   const int64_t L = H * W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t bc = i / L, pix = i % L, b = bc / C, c = bc % C;
-    const int64_t h = pix / W, w = pix % W;
-    const int64_t l0 = pix, l1 = w * H + h;
-    const T* ys_b = ys_gmem + (b * 4 * C + c) * L;
-    const auto s = widen(ys_b[0 * C * L + l0]) + widen(ys_b[1 * C * L + l1]) +
-                   widen(ys_b[2 * C * L + (L - 1 - l0)]) + widen(ys_b[3 * C * L + (L - 1 - l1)]);
-    store(out_gmem + i, s);
+    const ScanSlot s = scan_slot(i, C, H, W);
+    const T* ys_b = ys_gmem + s.base;
+    const auto sum = widen(ys_b[s.l0]) + widen(ys_b[s.stride + s.l1]) +
+                     widen(ys_b[2 * s.stride + (L - 1 - s.l0)]) +
+                     widen(ys_b[3 * s.stride + (L - 1 - s.l1)]);
+    store(out_gmem + i, sum);
   }
 }
 
