@@ -5,6 +5,7 @@ from pyssm.vlm.model import VisionLanguageModel, VLMConfig
 from pyssm.vlm.parse import normalize_answer, parse_box
 from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.splice import splice_image_embeds
+from pyssm.vlm.train import Trainer, TrainConfig
 
 __all__ = ["CONNECTORS", "VLMConfig", "VisionLanguageModel", "build_connector",
-           "normalize_answer", "parse_box", "prepare_images", "splice_image_embeds"]
+           "normalize_answer", "parse_box", "prepare_images", "splice_image_embeds", "TrainConfig", "Trainer"]

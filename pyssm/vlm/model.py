@@ -21,11 +21,12 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyssm.models import create_encoder
 from pyssm.vlm.connector import build_connector, connector_dims
-from pyssm.vlm.splice import STYLES, splice_image_embeds
+from pyssm.vlm.splice import IGNORE, STYLES, splice_image_embeds
 
 CONFIG_NAME = "vlm_config.json"
 
@@ -101,9 +102,21 @@ class VisionLanguageModel(nn.Module):
             padding_side=padding_side or self.tokenizer.padding_side,
             max_length=getattr(self.lm.config, "max_position_embeddings", None))
 
-    def forward(self, images, input_ids, attention_mask, labels=None):
+    def forward(self, images, input_ids, attention_mask, labels=None, loss_reduction="mean"):
+        """The LM's output on the spliced inputs. With labels, ``loss`` is the mean next-token
+        cross-entropy over label tokens, or their sum with ``loss_reduction="sum"`` (for
+        normalising by a count over several micro-batches or ranks)."""
         embeds, mask, labels = self.build_inputs(images, input_ids, attention_mask, labels)
-        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask,
+                      labels=labels if loss_reduction == "mean" else None)
+        if labels is not None and loss_reduction == "sum":
+            logits = out.logits[:, :-1].float()
+            out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1), ignore_index=IGNORE,
+                                       reduction="sum")
+        return out
 
     def format_prompt(self, prompt: str) -> str:
         if self.config.image_style == "llava" and self.config.image_token not in prompt:

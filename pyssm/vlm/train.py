@@ -1,0 +1,233 @@
+"""Training the VLM: stages, AdamW with warmup + cosine decay, gradient accumulation, bf16
+autocast, atomic checkpoints with exact resume, and DDP under torchrun.
+
+    trainer = Trainer(vlm, dataset, TrainConfig(stage="finetune", steps=1000, out_dir="runs/a"))
+    trainer.fit()                       # resumes from runs/a/checkpoint.pt when it exists
+
+Stages: ``align`` trains the connector only; ``finetune`` and ``one-stage`` (the study's
+recipe: a fresh connector and the LM trained together) train the connector and the LM. The
+encoder is always frozen.
+
+A dataset is any sequence of (image (3, S, S) tensor, prompt, answer). The samples of step s
+are a function of (seed, s) alone, so a run killed after a checkpoint and resumed sees the same
+batches, in the same order, with the same optimizer, scheduler and RNG state, and so gives the
+same loss curve as an uninterrupted run.
+
+Under torchrun (WORLD_SIZE > 1) each rank takes its share of every global batch, the
+trainable modules are wrapped in DistributedDataParallel, and the loss is normalised by the
+global count of answer tokens, so the update equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from pyssm.vlm.model import VisionLanguageModel
+from pyssm.vlm.splice import IGNORE
+
+STAGES = ("align", "finetune", "one-stage")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "one-stage"
+    steps: int = 100
+    batch_size: int = 8               # global batch per optimizer step (all ranks, all micro-batches)
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+    out_dir: str | None = None
+    checkpoint_every: int = 0         # steps; 0: only at the end
+    stop_after: int | None = None     # stop (as if killed) after this many steps; for tests
+
+
+def lr_lambda(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def encoder_fingerprint(vlm: VisionLanguageModel) -> float:
+    """A cheap checksum of the frozen encoder's weights (they are not in the checkpoint)."""
+    with torch.no_grad():
+        return float(sum((p.double().abs().sum() + p.double().sum()) * (i + 1)
+                         for i, p in enumerate(vlm.encoder.parameters())))
+
+
+class Trainer:
+    def __init__(self, vlm: VisionLanguageModel, dataset: Sequence, config: TrainConfig):
+        if config.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
+        if config.batch_size % config.grad_accum:
+            raise ValueError(f"batch_size {config.batch_size} must be a multiple of grad_accum "
+                             f"{config.grad_accum}")
+        self.vlm, self.dataset, self.config = vlm, dataset, config
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        micro = config.batch_size // config.grad_accum
+        if micro % self.world:
+            raise ValueError(f"a micro-batch of {micro} does not split over {self.world} ranks")
+        vlm.lm.requires_grad_(config.stage != "align")
+        vlm.connector.requires_grad_(True)
+        if config.grad_checkpointing and config.stage != "align":
+            vlm.lm.gradient_checkpointing_enable()
+        self.params = [p for p in vlm.parameters() if p.requires_grad]
+        self.model = vlm
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(vlm)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        warmup = max(1, round(config.warmup_ratio * config.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, config.steps, warmup))
+        self.step = 0
+        self.losses: list[float] = []
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+    # ---- data -------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The global batch of ``step``: consecutive slices of one permutation per epoch."""
+        n, bs = len(self.dataset), self.config.batch_size
+        start = step * bs
+        out = []
+        while len(out) < bs:
+            epoch, offset = divmod(start + len(out), n)
+            g = torch.Generator().manual_seed(self.config.seed * 100003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            out += order[offset:offset + bs - len(out)]
+        return out
+
+    def collate(self, indices: list[int]):
+        """images, input_ids, attention_mask, labels (answer tokens + EOS only), right-padded."""
+        tok, vlm = self.vlm.tokenizer, self.vlm
+        images, ids, labels = [], [], []
+        for i in indices:
+            image, prompt, answer = self.dataset[i]
+            p = tok(vlm.format_prompt(prompt))["input_ids"]
+            a = tok(f" {answer}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            images.append(image)
+            ids.append(p + a)
+            labels.append([IGNORE] * len(p) + a)
+        n = max(len(x) for x in ids)
+        pad = tok.pad_token_id
+        device = next(self.vlm.connector.parameters()).device
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
+        input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
+        label_t = torch.tensor([x + [IGNORE] * (n - len(x)) for x in labels], device=device)
+        return torch.stack(images).to(device), input_ids, mask, label_t
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def backward(self, step: int) -> float:
+        """Accumulates into .grad the gradient of the mean token loss of ``step``'s global batch
+        (summed over micro-batches, divided by the global count of answer tokens) and returns
+        that loss."""
+        cfg = self.config
+        indices = self.batch_indices(step)
+        micro = cfg.batch_size // cfg.grad_accum
+        batches = [self.collate(indices[k * micro:(k + 1) * micro][self.rank::self.world])
+                   for k in range(cfg.grad_accum)]
+        n_total = torch.tensor(float(sum(int((b[3] != IGNORE).sum()) for b in batches)))
+        if self.world > 1:
+            dist.all_reduce(n_total)
+        self.model.train()
+        total = torch.zeros(())
+        for images, input_ids, mask, labels in batches:
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss_sum = self.model(images, input_ids, mask, labels, loss_reduction="sum").loss
+            # DDP averages gradients over ranks: scale so the result is sum / global tokens
+            (loss_sum * self.world / n_total).backward()
+            total += loss_sum.detach().float().cpu()
+        if self.world > 1:
+            dist.all_reduce(total)
+        return float(total / n_total)
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns its mean token loss."""
+        loss = self.backward(self.step)
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss
+
+    def fit(self) -> list[float]:
+        cfg = self.config
+        if cfg.out_dir and os.path.exists(os.path.join(cfg.out_dir, CHECKPOINT)):
+            self.load_checkpoint(os.path.join(cfg.out_dir, CHECKPOINT))
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=None if self.rank == 0 else True,
+                   desc=f"{cfg.stage}", unit="step")
+        start, tokens = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            self.losses.append(loss)
+            tokens += cfg.batch_size
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{tokens / (time.perf_counter() - start):.1f}")
+            bar.update(1)
+            done = self.step == cfg.steps
+            every = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            stopping = cfg.stop_after is not None and self.step >= cfg.stop_after
+            if cfg.out_dir and (done or every or stopping):
+                self.save_checkpoint(os.path.join(cfg.out_dir, CHECKPOINT))
+            if stopping:
+                break
+        bar.close()
+        return self.losses
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict:
+        names = {id(p): n for n, p in self.vlm.named_parameters()}
+        return {names[id(p)]: p.detach().clone() for p in self.params}
+
+    def save_checkpoint(self, path: str) -> None:
+        """Everything a resume needs, written to a temporary file and renamed into place."""
+        if self.rank != 0:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        state = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
+                 "encoder_fingerprint": encoder_fingerprint(self.vlm),
+                 "params": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved, now = state["encoder_fingerprint"], encoder_fingerprint(self.vlm)
+        if abs(saved - now) > 1e-6 * max(1.0, abs(saved)):
+            raise ValueError(f"{path} was written with different (frozen) encoder weights; "
+                             f"resume with the encoder the run started with")
+        params = dict(self.vlm.named_parameters())
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
