@@ -86,7 +86,10 @@ class Trainer:
         vlm.lm.requires_grad_(config.stage != "align")
         vlm.connector.requires_grad_(True)
         if config.grad_checkpointing and config.stage != "align":
-            vlm.lm.gradient_checkpointing_enable()
+            # transformers 5 renamed it; older releases only have gradient_checkpointing_enable
+            enable = (getattr(vlm.lm, "activation_checkpointing_enable", None)
+                      or vlm.lm.gradient_checkpointing_enable)
+            enable()
         self.params = [p for p in vlm.parameters() if p.requires_grad]
         self.model = vlm
         if self.world > 1:

@@ -133,3 +133,11 @@ def test_bad_training_config():
         Trainer(make_vlm(), ColourData(), TrainConfig(stage="pretrain"))
     with pytest.raises(ValueError, match="multiple of grad_accum"):
         Trainer(make_vlm(), ColourData(), TrainConfig(batch_size=5, grad_accum=2))
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run():
+    vlm = make_vlm()
+    losses = Trainer(vlm, ColourData(), TrainConfig(steps=2, batch_size=4, lr=1e-2,
+                                                    grad_checkpointing=True, bf16=True)).fit()
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert getattr(vlm.lm, "is_activation_checkpointing", None) or vlm.lm.is_gradient_checkpointing
