@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${PYSSM_VENV:-.venv}
 TORCH=${PYSSM_TORCH:-torch==2.14.1 torchvision==0.29.1}
-EXTRAS=${PYSSM_EXTRAS-pytest==9.0.2 numpy==2.4.6 timm==1.0.29 safetensors==0.8.0 transformers==5.24.0 tokenizers==0.23.3 tqdm==4.70.1 scikit-learn==1.9.1}
+EXTRAS=${PYSSM_EXTRAS-pytest==9.0.2 numpy==2.4.6 timm==1.0.29 safetensors==0.8.0 transformers==5.24.0 tokenizers==0.23.3 tqdm==4.70.1 scikit-learn==1.9.1 matplotlib==3.11.2}
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then

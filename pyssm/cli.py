@@ -4,6 +4,7 @@
     pyssm vlm train --encoder vmamba_tiny_s1l8 --lm tiny --out runs/vlm
     pyssm vlm eval --model runs/vlm --split test
     pyssm vlm generate --model runs/vlm --image scene.png --prompt "what color is the circle ?"
+    pyssm study run --encoders vmamba_tiny_s1l8,vit_small_patch16 --seeds 3 --budget tiny
 
 ``--help`` on each command explains its options.
 """
@@ -71,6 +72,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from pyssm.study import run_study
+
+    result = run_study([e.strip() for e in args.encoders.split(",") if e.strip()],
+                       seeds=args.seeds, budget=args.budget,
+                       objectives=tuple(args.objectives.split(",")), out_dir=args.out,
+                       img_size=args.img_size, letterbox=not args.no_letterbox,
+                       checkpoint=args.checkpoint, device=args.device)
+    with open(f"{result['out_dir']}/table.md") as f:
+        print(f.read())
+    print(f"results, table and plots in {result['out_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyssm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.set_defaults(fn=cmd_generate)
+
+    study = sub.add_parser("study", help="the controlled encoder study")
+    ssub = study.add_subparsers(dest="study_command", required=True)
+    run = ssub.add_parser("run", help="pretrain, freeze, train the VLM, evaluate; per encoder",
+                          description="For each encoder: pretrain it from scratch on the scene "
+                          "generator (classification and dense objectives, the same budget for "
+                          "every encoder) or load --checkpoint, freeze it, train the same VLM on "
+                          "top and evaluate VQA per type and grounding Acc@0.5 on val, test and "
+                          "the compositional split, over --seeds seeds.")
+    run.add_argument("--encoders", default="vmamba_tiny_s1l8,vit_small_patch16",
+                     help="comma-separated names from `pyssm encoders`")
+    run.add_argument("--seeds", type=int, default=3)
+    run.add_argument("--budget", default="tiny", choices=("tiny", "small", "medium"),
+                     help="tiny: toy smoke run on CPU; small: laptop scale; medium: one GPU")
+    run.add_argument("--objectives", default="classification,dense",
+                     help="pretraining objectives (classification, dense)")
+    run.add_argument("--checkpoint", default=None,
+                     help="use these encoder weights instead of pretraining (one encoder)")
+    run.add_argument("--img-size", type=int, default=None, help="override the budget's size")
+    run.add_argument("--no-letterbox", action="store_true", help="resize instead of letterbox")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    run.add_argument("--out", default=None,
+                     help="output folder (default profiles/study/<date>-<budget>)")
+    run.set_defaults(fn=cmd_study)
     return parser
 
 

@@ -83,16 +83,14 @@ def detokenize(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate_vlm(model_dir: str, split: str = "val", size: int = 200, seed: int = 0,
-                 batch_size: int = 32, max_new_tokens: int = 24) -> dict:
-    """VQA exact match per type, grounding Acc@0.5 and the overall score on ``size`` examples
-    of ``split`` (pyssm.data.score)."""
+def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed: int = 0,
+             batch_size: int = 32, max_new_tokens: int = 24) -> dict:
+    """VQA exact match per type, grounding Acc@0.5 and the overall score of ``vlm`` on ``size``
+    examples of ``split`` (pyssm.data.score), greedy decoding."""
     from pyssm.data import SceneDataset, score
 
-    vlm = VisionLanguageModel.from_pretrained(model_dir).eval()
+    vlm.eval()
     device = next(vlm.connector.parameters()).device
-    if torch.cuda.is_available():
-        vlm, device = vlm.cuda(), torch.device("cuda")
     cfg = vlm.config
     data = SceneDataset(split, num_scenes=math.ceil(size / QUESTIONS_PER_SCENE),
                         size=cfg.image_size, base_seed=seed,
@@ -109,3 +107,12 @@ def evaluate_vlm(model_dir: str, split: str = "val", size: int = 200, seed: int 
     result = score(predictions, examples)
     result["split"], result["examples"] = split, size
     return result
+
+
+def evaluate_vlm(model_dir: str, split: str = "val", size: int = 200, seed: int = 0,
+                 batch_size: int = 32, max_new_tokens: int = 24) -> dict:
+    """``evaluate`` on a model saved by ``pyssm vlm train`` / ``save_pretrained``."""
+    vlm = VisionLanguageModel.from_pretrained(model_dir)
+    if torch.cuda.is_available():
+        vlm = vlm.cuda()
+    return evaluate(vlm, split, size, seed, batch_size, max_new_tokens)
