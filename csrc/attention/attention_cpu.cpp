@@ -102,7 +102,7 @@ at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
 
 // Scaled, masked scores (b, H, Sq, Sk).
 at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal) {
-  at::Tensor S = at::matmul(qh, kh.transpose(-1, -2)) * scale;
+  at::Tensor S = at::matmul(qh * scale, kh.transpose(-1, -2));  // scale the smaller operand
   if (causal) {
     const int64_t Sq = S.size(-2), Sk = S.size(-1);
     at::Tensor i = at::arange(Sq, S.options().dtype(at::kLong)).unsqueeze(1);
@@ -161,7 +161,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
     at::Tensor vh = heads_first(chunk(v, s, i), group, acc);
     at::Tensor S = scores(qh, kh, scale, causal);
     at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
-    at::Tensor o = at::matmul(probs(S, lse_i), vh);
+    at::Tensor P = at::softmax(S, -1);
+    if (causal && s.seqlen_q > s.seqlen_k) {  // rows that see no key: 0, not softmax's NaN
+      P.masked_fill_(at::isneginf(lse_i).unsqueeze(-1), 0);
+    }
+    at::Tensor o = at::matmul(P, vh);
     chunk(out, s, i).copy_(o.transpose(1, 2));
     lse_chunk(lse, s, i).copy_(lse_i);
   }
