@@ -1,5 +1,6 @@
 """The VLM assembly layer: a frozen pyssm encoder, a connector and a Hugging Face causal LM."""
 
+from pyssm.vlm.cache import cache_tokens
 from pyssm.vlm.connector import CONNECTORS, build_connector
 from pyssm.vlm.model import VisionLanguageModel, VLMConfig
 from pyssm.vlm.parse import normalize_answer, parse_box
@@ -7,5 +8,5 @@ from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.splice import splice_image_embeds
 from pyssm.vlm.train import Trainer, TrainConfig
 
-__all__ = ["CONNECTORS", "VLMConfig", "VisionLanguageModel", "build_connector",
+__all__ = ["cache_tokens", "CONNECTORS", "VLMConfig", "VisionLanguageModel", "build_connector",
            "normalize_answer", "parse_box", "prepare_images", "splice_image_embeds", "TrainConfig", "Trainer"]

@@ -86,9 +86,17 @@ class VisionLanguageModel(nn.Module):
     # ---- the forward path -------------------------------------------------------------------
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> connector output (B, T, lm_dim); the encoder runs under no_grad."""
-        with torch.no_grad():
-            feats = _tokens(self.encoder, images, self.config.tap)
+        """(B, 3, H, W) images -> connector output (B, T, lm_dim); the encoder runs under
+        no_grad. (B, T, C) input is taken as the encoder's tokens, precomputed
+        (pyssm.vlm.cache), and goes straight to the connector."""
+        if images.dim() == 3:
+            feats = images
+        elif images.dim() != 4:
+            raise ValueError(f"images must be (B, 3, H, W) images or (B, T, C) precomputed "
+                             f"encoder tokens, got shape {tuple(images.shape)}")
+        else:
+            with torch.no_grad():
+                feats = _tokens(self.encoder, images, self.config.tap)
         dtype = next(self.connector.parameters()).dtype
         return self.connector(feats.to(dtype))
 

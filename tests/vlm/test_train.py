@@ -141,3 +141,21 @@ def test_gradient_checkpointing_and_bf16_autocast_run():
                                                     grad_checkpointing=True, bf16=True)).fit()
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert getattr(vlm.lm, "is_activation_checkpointing", None) or vlm.lm.is_gradient_checkpointing
+
+
+def test_training_on_cached_tokens_matches_training_on_images(tmp_path):
+    from pyssm.vlm.cache import cache_tokens
+
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2)
+    direct = Trainer(make_vlm(), ColourData(), cfg).fit()
+    vlm = make_vlm()
+    path = tmp_path / "tokens.safetensors"
+    cached = cache_tokens(vlm, ColourData(), path, dtype=torch.float32)
+    assert cached[0][0].shape == (4, 32)          # 32 px: 2 x 2 stage-3 tokens of 32 channels
+    again = cache_tokens(vlm, ColourData(), path, dtype=torch.float32)   # read back, not recomputed
+    assert torch.equal(again.tokens, cached.tokens)
+    got = Trainer(vlm, cached, cfg).fit()
+    assert got == pytest.approx(direct, rel=1e-5)
+    other = make_vlm(seed=5)                      # another encoder: the file is not reused
+    assert not torch.equal(cache_tokens(other, ColourData(), path, dtype=torch.float32).tokens,
+                           cached.tokens)
