@@ -56,6 +56,7 @@ Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
 struct Ss2dTrace {
   at::Tensor xs;     // (B, 4, D, L) scan-ordered input
   at::Tensor z;      // (B, 4, R + 2N, L)
+  at::Tensor Bs, Cs; // (B, 4, N, L) each, contiguous slices of z
   at::Tensor delta;  // (B, 4*D, L)
   at::Tensor A;      // (4*D, N)
 };
@@ -70,6 +71,8 @@ Ss2dTrace trace_forward(const Ss2dSizes& s, const at::Tensor& x, const at::Tenso
   t.z = at::matmul(x_proj_weight.to(acc), t.xs);
   at::Tensor dt = t.z.narrow(2, 0, s.rank);
   t.delta = at::matmul(dt_projs_weight.to(acc), dt).reshape({s.batch, 4 * s.dim, L});
+  t.Bs = t.z.narrow(2, s.rank, s.dstate).contiguous();
+  t.Cs = t.z.narrow(2, s.rank + s.dstate, s.dstate).contiguous();
   t.A = -at::exp(A_logs.to(acc));
   return t;
 }
@@ -87,10 +90,8 @@ at::Tensor ss2d_cpu(const at::Tensor& x, const at::Tensor& x_proj_weight,
 
   const Ss2dTrace t =
       trace_forward(s, x, x_proj_weight, dt_projs_weight, A_logs, channels_first, acc);
-  at::Tensor Bs = t.z.narrow(2, s.rank, s.dstate).contiguous();
-  at::Tensor Cs = t.z.narrow(2, s.rank + s.dstate, s.dstate).contiguous();
-  at::Tensor ys = selective_scan_cpu(t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, Bs, Cs,
-                                     Ds.to(acc), dt_projs_bias.to(acc).reshape({4 * s.dim}),
+  at::Tensor ys = selective_scan_cpu(t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, t.Bs,
+                                     t.Cs, Ds.to(acc), dt_projs_bias.to(acc).reshape({4 * s.dim}),
                                      /*delta_softplus=*/true, /*out_float32=*/false);
   at::Tensor y = cross_merge_cpu(ys.view({s.batch, 4, s.dim, s.height, s.width}))
                      .view({s.batch, s.dim, s.height, s.width});
@@ -116,14 +117,12 @@ ss2d_backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
 
   const Ss2dTrace t =
       trace_forward(s, x, x_proj_weight, dt_projs_weight, A_logs, channels_first, acc);
-  at::Tensor Bs = t.z.narrow(2, s.rank, s.dstate).contiguous();
-  at::Tensor Cs = t.z.narrow(2, s.rank + s.dstate, s.dstate).contiguous();
 
   // cross_merge's adjoint is cross_scan.
   at::Tensor dy = (channels_first ? dout : dout.permute({0, 3, 1, 2})).to(acc).contiguous();
   at::Tensor dys = cross_scan_cpu(dy).reshape({s.batch, 4 * s.dim, L});
   auto [dxs_scan, ddelta, dA, dBs, dCs, dDs, dbias] = selective_scan_backward_cpu(
-      dys, t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, Bs, Cs, Ds.to(acc),
+      dys, t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, t.Bs, t.Cs, Ds.to(acc),
       dt_projs_bias.to(acc).reshape({4 * s.dim}), /*delta_softplus=*/true);
 
   // A = -exp(A_logs)  =>  dA_logs = dA * A.
