@@ -32,6 +32,17 @@ def list_encoders(pattern: str = "") -> list[str]:
     return sorted(name for name in _ENCODERS if pattern in name)
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """A state-dict key without the prefixes DDP ("module.") and torch.compile ("_orig_mod.")
+    put in front of it."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict:
     """A state dict from a path or mapping; unwraps {"model": ...} / {"state_dict": ...}."""
     if isinstance(checkpoint, Mapping):

@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.registry import register_encoder
+from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vit_configs import GLOBAL_POOLS, VIT_CONFIGS, ViTConfig
 from pyssm.ops import attention
 from pyssm.ops._backend import BACKENDS
 
-_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
 def _pair(size) -> tuple[int, int]:
@@ -328,9 +327,7 @@ class VisionTransformer(nn.Module):
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a "
                                  f"tensor: not a state dict")
-            k = key
-            while k.startswith(_PREFIXES):
-                k = k.split(".", 1)[1]
+            k = strip_wrapper_prefixes(key)
             if self.num_classes == 0 and k.startswith("head."):
                 continue
             if k not in expected:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.registry import register_encoder
+from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
 
@@ -321,17 +321,18 @@ class VMamba(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    _RENAMES = ((r"^module\.", ""), (r"^patch_embed\.proj\.", "patch_embed.0."),
+    _RENAMES = ((r"^patch_embed\.proj\.", "patch_embed.0."),
                 (r"^patch_embed\.norm\.", "patch_embed.2."), (r"\.ln_1\.", ".norm."),
                 (r"\.self_attention\.", ".op."), (r"^norm\.", "classifier.norm."),
                 (r"^head\.", "classifier.head."))
 
     def checkpoint_filter(self, state: dict) -> dict:
         """An official VMamba state dict (v2 or vanilla; channel-first or channel-last; older
-        key names) mapped onto this model's keys and shapes."""
+        key names; DDP / torch.compile prefixes) mapped onto this model's keys and shapes."""
         own = self.state_dict()
         out = {}
         for key, value in state.items():
+            key = strip_wrapper_prefixes(key)
             for pattern, repl in self._RENAMES:
                 key = re.sub(pattern, repl, key)
             if key.startswith("classifier.head.") and not self.num_classes:

@@ -16,16 +16,10 @@ from torch import nn
 from pyssm.data import COLOURS, DIGITS, SHAPES, scene_batch
 from pyssm.models import create_encoder
 from pyssm.study.budgets import Budget
-from pyssm.vlm.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from pyssm.vlm.preprocess import normalize
 
 OBJECTIVES = ("classification", "dense")
 LABELS = (*SHAPES, *DIGITS, *COLOURS)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
 
 
 def class_targets(scenes) -> torch.Tensor:

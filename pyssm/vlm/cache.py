@@ -14,13 +14,11 @@ import os
 
 import torch
 
-from pyssm.vlm.model import VisionLanguageModel, _tokens
+from pyssm.vlm.model import VisionLanguageModel, _tokens, encoder_fingerprint
 
 
 def _fingerprint(vlm: VisionLanguageModel, n: int) -> torch.Tensor:
-    with torch.no_grad():
-        total = sum(float(p.double().sum()) * (i + 1) for i, p in enumerate(vlm.encoder.parameters()))
-    return torch.tensor([total, float(n)], dtype=torch.float64)
+    return torch.tensor([encoder_fingerprint(vlm), float(n)], dtype=torch.float64)
 
 
 class TokenDataset:

@@ -200,6 +200,14 @@ class VisionLanguageModel(nn.Module):
         return vlm
 
 
+def encoder_fingerprint(vlm: VisionLanguageModel) -> float:
+    """A cheap checksum of the frozen encoder's weights, for files that depend on them but do
+    not hold them (training checkpoints, token caches)."""
+    with torch.no_grad():
+        return float(sum((p.double().abs().sum() + p.double().sum()) * (i + 1)
+                         for i, p in enumerate(vlm.encoder.parameters())))
+
+
 def _tokens(encoder: nn.Module, images: torch.Tensor, tap) -> torch.Tensor:
     return encoder.tokens(images) if tap is None else encoder.tokens(images, tap=tap)
 

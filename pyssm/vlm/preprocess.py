@@ -12,6 +12,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """(..., 3, H, W) in [0, 1] -> normalised per channel."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    return (images - mean_t) / std_t
+
+
 def prepare_images(images: Sequence[torch.Tensor], size: int, letterbox: bool = True,
                    mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
@@ -21,7 +29,6 @@ def prepare_images(images: Sequence[torch.Tensor], size: int, letterbox: bool = 
     if len(images) == 0:
         raise ValueError("images is empty")
     mean_t = torch.tensor(mean).view(3, 1, 1)
-    std_t = torch.tensor(std).view(3, 1, 1)
     out = []
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != 3:
@@ -40,5 +47,5 @@ def prepare_images(images: Sequence[torch.Tensor], size: int, letterbox: bool = 
         else:
             x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)[0]
-        out.append((x - mean_t) / std_t)
+        out.append(normalize(x, mean, std))
     return torch.stack(out)

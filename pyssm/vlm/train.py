@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from pyssm.vlm.model import VisionLanguageModel
+from pyssm.vlm.model import VisionLanguageModel, encoder_fingerprint
 from pyssm.vlm.splice import IGNORE
 
 STAGES = ("align", "finetune", "one-stage")
@@ -61,13 +61,6 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def encoder_fingerprint(vlm: VisionLanguageModel) -> float:
-    """A cheap checksum of the frozen encoder's weights (they are not in the checkpoint)."""
-    with torch.no_grad():
-        return float(sum((p.double().abs().sum() + p.double().sum()) * (i + 1)
-                         for i, p in enumerate(vlm.encoder.parameters())))
 
 
 class Trainer:
