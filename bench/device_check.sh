@@ -2,7 +2,8 @@
 # The one device check for a GPU machine (torch preinstalled, no internet needed):
 #   (a) build pyssm's CUDA kernels for the local GPU arch (pip, editable), logging to a file;
 #   (b) run the CUDA tests (pytest -m cuda);
-#   (c) run every kernel benchmark on the GPU -> profiles/<gpu-slug>/ and a copy in --out DIR;
+#   (c) `pyssm bench all` on the GPU (kernels, encoders, VLM, report, plots) ->
+#       profiles/<gpu-slug>/ and a copy in --out DIR;
 #   (d) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist;
 #   (e) print a summary table last (also in <out>/summary.md and profiles/<gpu-slug>/).
 # A failing step never stops the others; each step is timed and capped, and the whole run
@@ -59,10 +60,11 @@ outcome() {
 }
 
 # the GPU's name, its arch for the build (9.0 -> 90a) and its folder name (nvidia-h200)
-PROBE='import sys, torch; sys.path.insert(0, "bench"); import harness
+PROBE='import torch, re
 M, m = torch.cuda.get_device_capability()
-print(torch.cuda.get_device_name(0), f"{M}{m}" + ("a" if M == 9 else ""), harness.device_slug(),
-      sep="\n")'
+name = torch.cuda.get_device_name(0)
+print(name, f"{M}{m}" + ("a" if M == 9 else ""),
+      re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), sep="\n")'
 { read -r GPU; read -r ARCH; read -r SLUG; } < <($PY -c "$PROBE" 2>/dev/null)
 GPU=${GPU:-none} ARCH=${ARCH:-} SLUG=${SLUG:-unknown-gpu}
 PROFILE_DIR=profiles/$SLUG
@@ -87,16 +89,14 @@ case $RC in  # pytest: 0 all passed, 1 some failed, 5 none collected
   *) note "tests (-m cuda)" "$(outcome "$LOGS/tests.log")" "$TOOK" ;;
 esac
 
-# (c) benchmarks
-for bench in ss2d selective_scan cross_scan attention encoders; do
-  quick=""; [ "$bench" = encoders ] && quick="--quick"   # encoders: 224 and 512 px only
-  run_step "bench_$bench" 100 "$LOGS/bench_$bench.log" \
-    "$PY" bench/bench_$bench.py --device cuda --out "$PROFILE_DIR" $quick
-  note "bench_$bench" "$(outcome "$LOGS/bench_$bench.log")" "$TOOK"
-done
+# (c) benchmarks: the main job on the GPU, its tables printed last by pyssm bench all
+BENCH_ARGS=${PYSSM_BENCH_ARGS:---quick}   # the full sweep: PYSSM_BENCH_ARGS=" " (about 6 min)
+run_step "bench all" 330 "$LOGS/bench_all.log" \
+  "$PY" -m pyssm bench all --device cuda --no-progress --out "$PROFILE_DIR" $BENCH_ARGS
+note "bench all $BENCH_ARGS" "$(outcome "$LOGS/bench_all.log")" "$TOOK"
 if [ -n "$EXTRA_OUT" ]; then
   mkdir -p "$EXTRA_OUT/$SLUG"
-  cp "$PROFILE_DIR"/*.json "$PROFILE_DIR"/*.md "$EXTRA_OUT/$SLUG/" 2>/dev/null
+  cp "$PROFILE_DIR"/*.json "$PROFILE_DIR"/*.md "$PROFILE_DIR"/*.png "$EXTRA_OUT/$SLUG/" 2>/dev/null
 fi
 
 # (d) compute-sanitizer on the ops that have CUDA kernels
@@ -132,8 +132,9 @@ done
   printf '%s\n' "${SUMMARY[@]}"
   echo "| total | | $(( SECONDS - START )) |"
   echo
-  echo "Key benchmark rows (vs anchor > 1: faster than ANCHORS.md; full tables in $PROFILE_DIR):"
-  "$PY" bench/summarize.py "$PROFILE_DIR" 2>&1
+  echo "Key benchmark rows (vs anchor > 1: faster than ANCHORS.md; report.md and full tables"
+  echo "in $PROFILE_DIR):"
+  sed -n '/^| op | provider/,$p' "$LOGS/bench_all.log" 2>/dev/null | tail -n 80
   echo
   echo "Logs: $LOGS"
 } > "$LOGS/../summary.md"

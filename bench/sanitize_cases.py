@@ -19,7 +19,6 @@ import sys
 
 import torch
 
-import harness  # noqa: F401  (puts the source tree on sys.path when pyssm is not installed)
 from pyssm import _extension, ops
 
 DEV = os.environ.get("PYSSM_SANITIZE_DEVICE", "cuda")  # "cpu" to try the cases without a GPU

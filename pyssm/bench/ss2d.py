@@ -4,18 +4,16 @@ GPU (bf16 x, fp32 weights as a module holds them): the VMamba-T stage-1 SS2D cor
 d_state N = 1, dt_rank R = 6, image R px -> an R/4 x R/4 grid, batch 64 / 12 / 3 at
 224 / 512 / 1024 (ANCHORS.md "Official SS2D pieces"), with the official module's times beside.
 CPU (float32): a small sweep, D = 32, N = 1, R = 2, grids 8 / 16 / 32, batch 2.
-
-    python bench/bench_ss2d.py [--device auto|cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
 
-import harness
+from pyssm.bench import harness
+from pyssm.bench.results import ANCHOR_LABEL
 from pyssm import ops
 
 # ANCHORS.md: official VMamba-T s1l8 SS2D module (stage-1 block's op), bf16 autocast, H200.
@@ -24,7 +22,7 @@ ANCHOR_MS = {224: {"forward": 2.418, "full": 7.136},
              1024: {"forward": 2.212, "full": 6.765}}
 NOTES = [
     "GB/s: x read + y written once, in x's dtype, over the median time (the op's minimum traffic).",
-    f"anchor {harness.ANCHOR_LABEL}: the official VMamba-T s1l8 SS2D module, which also runs "
+    f"anchor {ANCHOR_LABEL}: the official VMamba-T s1l8 SS2D module, which also runs "
     "in_proj, the depthwise conv, SiLU, out_norm and out_proj around this op, so it is not the "
     "same op: vs anchor = anchor ms / measured ms overstates what the op saves in the module.",
     "The reference is a Python loop over L = H*W (slow by design, timed with few repeats).",
@@ -71,14 +69,3 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
             bytes={"forward": xy_bytes},
             extra=lambda provider, mode, a=anchors: {"anchor_ms": a.get(mode)}))
     return out
-
-
-def main(argv=None):
-    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
-                            ).parse_args(argv)
-    device = harness.resolve_device(args.device, args.threads)
-    harness.run_benchmark("ss2d", cases(device, args.quick), NOTES, args, device)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,17 +6,15 @@ pyssm's kernel, the pure-PyTorch reference and ``x.clone()`` in the same run; "v
 op's GB/s over the clone's.
 GPU (bf16): VMamba-T stage-1 maps (B, 96, R/4, R/4) at R = 224 / 512 / 1024, batch 64 / 12 / 3,
 and a stage-3 map (64, 384, 14, 14). CPU (float32): (2, 32, 32, 32) and (2, 64, 64, 64).
-
-    python bench/bench_cross_scan.py [--device auto|cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-import harness
+from pyssm.bench import harness
+from pyssm.bench.results import ANCHOR_LABEL
 from pyssm import ops
 
 NOTES = [
@@ -56,21 +54,10 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
 
 def add_vs_copy(rows: list[dict]) -> None:
     """Adds "vs copy" (GB/s over the copy's GB/s at the same op and size) to the op rows."""
+    rows = [r for r in rows if r["op"] in ("cross_scan", "cross_merge")]
     copies = {(r["op"], r["batch"], r["C"], r["HxW"]): r.get("gbps")
               for r in rows if r["provider"] == "copy"}
     for row in rows:
         copy = copies.get((row["op"], row["batch"], row["C"], row["HxW"]))
         if row["provider"] != "copy" and copy and row.get("gbps"):
             row["vs_copy"] = row["gbps"] / copy
-
-
-def main(argv=None):
-    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
-                            ).parse_args(argv)
-    device = harness.resolve_device(args.device, args.threads)
-    harness.run_benchmark("cross_scan", cases(device, args.quick), NOTES, args, device,
-                          post=add_vs_copy)
-
-
-if __name__ == "__main__":
-    main()

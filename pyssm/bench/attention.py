@@ -7,19 +7,17 @@ SDPA runs with each backend forced (flash, cudnn, efficient) and with torch's ow
 (default), on transposed views (B, H, N, d) of the same (B, N, H, d) tensors.
 CPU (float32): N = 65, 197, batch 2, 4 heads, head_dim 32: pyssm-cpu, reference, SDPA math and
 default.
-
-    python bench/bench_attention.py [--device auto|cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import harness
+from pyssm.bench import harness
+from pyssm.bench.results import ANCHOR_LABEL
 from pyssm import ops
 
 # ANCHORS.md, H200, torch 2.11: SDPA TFLOP/s by mode -> N -> backend.
@@ -38,7 +36,7 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_
                  "default": None}
 NOTES = [
     "TFLOP/s: 4 * batch * heads * N^2 * head_dim for forward, 3.5x that for forward+backward.",
-    f"anchor {harness.ANCHOR_LABEL}: torch SDPA with the same backend forced; for pyssm rows "
+    f"anchor {ANCHOR_LABEL}: torch SDPA with the same backend forced; for pyssm rows "
     "the SDPA backend to beat (cuDNN, the default on H200). vs anchor = TFLOP/s / anchor.",
 ]
 
@@ -90,14 +88,3 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                 flops={"forward": flops, "full": 3.5 * flops, "backward": 2.5 * flops},
                 extra=(lambda provider, m, n=n: anchor(m, n, provider)) if gpu else None))
     return out
-
-
-def main(argv=None):
-    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
-                            ).parse_args(argv)
-    device = harness.resolve_device(args.device, args.threads)
-    harness.run_benchmark("attention", cases(device, args.quick), NOTES, args, device)
-
-
-if __name__ == "__main__":
-    main()

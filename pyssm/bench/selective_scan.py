@@ -4,17 +4,15 @@ GPU: the sizes of ANCHORS.md "The oflex selective-scan kernel alone": K = 4 grou
 channels, d_state 1, (batch, L) = (64, 3136), (12, 16384), (3, 65536); bf16 u, delta, B, C; fp32
 A, D, delta_bias; fp32 out; softplus on delta (as VMamba calls it), with the oflex times beside.
 CPU (float32): K = 4, 64 channels, d_state 1, (2, 256), (2, 1024), (2, 4096).
-
-    python bench/bench_selective_scan.py [--device auto|cpu|cuda] [--quick] [--reference]
 """
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-import harness
+from pyssm.bench import harness
+from pyssm.bench.results import ANCHOR_LABEL
 from pyssm import ops
 
 # ANCHORS.md: official VMamba oflex selective-scan kernel, H200, (batch, L) -> mode -> ms.
@@ -24,9 +22,9 @@ ANCHOR_MS = {(64, 3136): {"forward": 0.602, "full": 2.452},
 NOTES = [
     "GB/s: u and delta read + y written (fp32 on GPU), once, over the median time; B, C, A and "
     "the per-channel vectors are small beside them (mamba_ssm writes y in bf16: a bit less).",
-    f"anchor {harness.ANCHOR_LABEL}: VMamba's oflex kernel (selective_scan_cuda_oflex) at the "
+    f"anchor {ANCHOR_LABEL}: VMamba's oflex kernel (selective_scan_cuda_oflex) at the "
     "same sizes and dtypes; vs anchor = anchor ms / measured ms.",
-    "The reference is a Python loop over L; on a GPU it runs only with --reference.",
+    "The reference is a Python loop over L; on a GPU it is skipped (too slow to matter).",
 ]
 
 
@@ -51,6 +49,17 @@ def _mamba_ssm_provider() -> harness.Provider:
         u, dt, A, B, C, D, delta_bias=bias, delta_softplus=True))
 
 
+def _oflex_provider() -> harness.Provider:
+    """Official VMamba's oflex kernel (selective_scan_cuda_oflex), called as VMamba's csms6s
+    does: fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, nrows=1, oflex=True)[0]."""
+    try:
+        import selective_scan_cuda_oflex as oflex
+    except ImportError:
+        return harness.Provider("vmamba-oflex", None, "not installed")
+    return harness.Provider("vmamba-oflex", lambda u, dt, A, B, C, D, bias: oflex.fwd(
+        u, dt, A, B, C, D, bias, True, 1, True)[0])
+
+
 def _scan(backend: str, out_float32: bool):
     return lambda *inputs: ops.selective_scan(*inputs, delta_softplus=True,
                                               out_float32=out_float32, backend=backend)
@@ -60,11 +69,11 @@ def cases(device: torch.device, quick: bool = False, reference: bool = False):
     kernel, gpu = device.type, device.type == "cuda"
     providers = [harness.pyssm_provider("selective_scan", kernel, _scan(kernel, gpu))]
     if gpu and not reference:
-        providers.append(harness.Provider("reference", None, "skipped (use --reference)"))
+        providers.append(harness.Provider("reference", None, "skipped on a GPU (slow)"))
     else:
         providers.append(harness.Provider("reference", _scan("reference", gpu)))
     if gpu:
-        providers.append(_mamba_ssm_provider())
+        providers += [_mamba_ssm_provider(), _oflex_provider()]
         groups, dim, dtype, sizes = 4, 96, torch.bfloat16, list(ANCHOR_MS)[: 1 if quick else 3]
     else:
         groups, dim, dtype = 4, 16, torch.float32
@@ -82,17 +91,3 @@ def cases(device: torch.device, quick: bool = False, reference: bool = False):
             bytes={"forward": elems * (2 * dtype.itemsize + (4 if gpu else dtype.itemsize))},
             extra=lambda provider, mode, a=anchors: {"anchor_ms": a.get(mode)}))
     return out
-
-
-def main(argv=None):
-    parser = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    parser.add_argument("--reference", action="store_true",
-                        help="also time the Python-loop reference on a GPU (slow)")
-    args = parser.parse_args(argv)
-    device = harness.resolve_device(args.device, args.threads)
-    harness.run_benchmark("selective_scan", cases(device, args.quick, args.reference), NOTES,
-                          args, device)
-
-
-if __name__ == "__main__":
-    main()

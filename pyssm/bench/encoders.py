@@ -1,24 +1,32 @@
-"""Encoder throughput and memory versus resolution: pyssm's VMamba and ViT, and timm's ViT
-with the same weights, side by side.
+"""Encoder throughput and memory versus resolution: pyssm's VMamba and ViT, timm's ViT with
+the same weights and (when importable) official VMamba, side by side.
 
 GPU (bf16 autocast): VMamba-T s1l8 / S s2l15 / B s2l15, ViT-S/B/L 16 at 224, 384, 512, 768,
 1024 px; inference at batch round(128 (224/R)^2), a training step (forward, backward of the
 mean logit, all parameters) at round(64 (224/R)^2) for 224 and 512; ANCHORS.md's img/s beside
 (official VMamba for the VMamba rows, timm for the ViT rows). pyssm rows whose kernels are
 not built yet on this device say so instead of running the slow reference.
-CPU (float32): VMamba-T s1l8 and ViT-S/16 at 64 and 128 px, batch 2.
+CPU (float32): VMamba-T s1l8 and ViT-S/16 at 64, 96, 128, 160 and 224 px (--quick: 64, 96),
+batch 2, a training step at 64 px.
 
-    python bench/bench_encoders.py [--device auto|cpu|cuda] [--quick] [--out DIR]
+Each row carries "tokens", the visual tokens the encoder gives the VLM at that resolution
+(ViT: (R / patch)^2; VMamba: its stage-3 map, (R / 16)^2): the x axis of the cost fits.
+Official VMamba runs when its classification/models/vmamba.py is importable as ``vmamba``
+(put its folder on PYTHONPATH, or set PYSSM_OFFICIAL_VMAMBA to it); random weights, since
+speed does not depend on them.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import importlib
+import os
+import sys
 
 import torch
 
-import harness
+from pyssm.bench import harness
+from pyssm.bench.results import ANCHOR_LABEL
 from pyssm import _extension
 from pyssm.models import create_encoder
 
@@ -36,7 +44,7 @@ ANCHOR_TRAIN = {"vmamba_tiny_s1l8": {224: 912, 512: 183},
 KERNEL = {"vmamba": "ss2d", "vit": "attention"}  # the op each family's speed rests on
 NOTES = [
     "img/s = batch / median time; MB/img = peak allocated above weights and inputs / batch.",
-    f"anchor {harness.ANCHOR_LABEL}: official VMamba (VMamba rows) and timm (ViT rows); "
+    f"anchor {ANCHOR_LABEL}: official VMamba (VMamba rows) and timm (ViT rows); "
     "vs anchor = measured img/s / anchor img/s.",
     "step = one training step: forward, mean of the logits, backward into every parameter.",
 ]
@@ -64,6 +72,32 @@ def _runners(model: torch.nn.Module, device: torch.device):
     return infer, train_step
 
 
+def visual_tokens(name: str, res: int) -> int:
+    """Tokens the encoder hands the VLM at ``res`` px: ViT patches, VMamba's stage-3 map."""
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("patch", 1)[1])
+        return (res // patch) ** 2
+    return (res // 16) ** 2
+
+
+def official_vmamba(name: str, res: int):
+    """An official VMamba model for ``name`` (random weights), or the reason there is none."""
+    folder = os.environ.get("PYSSM_OFFICIAL_VMAMBA")
+    if folder and folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        module = importlib.import_module("vmamba")
+        build = getattr(module, name)
+    except ImportError:
+        return None, "not installed (official VMamba's vmamba.py is not importable)"
+    except AttributeError:
+        return None, f"not in official vmamba.py: {name}"
+    try:
+        return build(), "ok"
+    except Exception as exc:  # the official code needs its CUDA kernels, for example
+        return None, f"error: {type(exc).__name__}: {str(exc)[:120]}"
+
+
 def providers_for(name: str, res: int, device: torch.device) -> dict[str, list[harness.Provider]]:
     """mode -> providers for one encoder at one resolution (models built once, shared)."""
     family = name.split("_")[0]
@@ -79,22 +113,32 @@ def providers_for(name: str, res: int, device: torch.device) -> dict[str, list[h
         try:
             import timm
         except ImportError:
-            note = harness.Provider("timm", None, "not installed")
-            out["forward"].append(note)
-            out["step"].append(note)
-            return out
-        timm_model = timm.create_model(f"{name}_224", pretrained=False, img_size=res)
-        timm_model.load_state_dict(pyssm_model.state_dict())  # the same weights
-        t_infer, t_step = _runners(timm_model.to(device).eval(), device)
-        out["forward"].append(harness.Provider("timm", t_infer))
-        out["step"].append(harness.Provider("timm", t_step))
+            timm = None
+        if timm is None:
+            other, why = None, "not installed"
+        else:
+            other = timm.create_model(f"{name}_224", pretrained=False, img_size=res)
+            other.load_state_dict(pyssm_model.state_dict())  # the same weights
+            why = "ok"
+        label = "timm"
+    else:
+        other, why = official_vmamba(name, res)
+        label = "official"
+    if other is None:
+        for mode in out:
+            out[mode].append(harness.Provider(label, None, why))
+    else:
+        o_infer, o_step = _runners(other.to(device).eval(), device)
+        out["forward"].append(harness.Provider(label, o_infer))
+        out["step"].append(harness.Provider(label, o_step))
     return out
 
 
-def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+def cases(device: torch.device, quick: bool = False,
+          names: list[str] | None = None) -> list[harness.Case]:
     gpu = device.type == "cuda"
     if gpu:
-        names = ["vmamba_tiny_s1l8", "vit_small_patch16", "vit_base_patch16"] if quick else [
+        default = ["vmamba_tiny_s1l8", "vit_small_patch16", "vit_base_patch16"] if quick else [
             "vmamba_tiny_s1l8", "vmamba_small_s2l15", "vmamba_base_s2l15",
             "vit_small_patch16", "vit_base_patch16", "vit_large_patch16"]
         resolutions = [224, 512] if quick else [224, 384, 512, 768, 1024]
@@ -102,10 +146,11 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
         batch = {"forward": lambda r: round(128 * (224 / r) ** 2),
                  "step": lambda r: round(64 * (224 / r) ** 2)}
     else:
-        names, resolutions, train_at = ["vmamba_tiny_s1l8", "vit_small_patch16"], [64, 128], {64}
+        default = ["vmamba_tiny_s1l8", "vit_small_patch16"]
+        resolutions, train_at = ([64, 96] if quick else [64, 96, 128, 160, 224]), {64}
         batch = {"forward": lambda r: 2, "step": lambda r: 2}
     out = []
-    for name in names:
+    for name in names or default:
         for res in resolutions:
             providers = providers_for(name, res, device)
             for mode in ("forward", "step"):
@@ -119,8 +164,9 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     make_inputs=lambda b=b, r=res: (torch.randn(b, 3, r, r, device=device),),
                     providers=providers[mode], modes=(mode,),
                     dtype="bf16-autocast" if gpu else "float32",
-                    extra=(lambda p, m, a=anchor_img_s, b=b:
-                           {"anchor_ms": b / a * 1e3} if a and p == "pyssm" else {})))
+                    extra=(lambda p, m, a=anchor_img_s, b=b, t=visual_tokens(name, res):
+                           {"tokens": t, **({"anchor_ms": b / a * 1e3}
+                                            if a and p == "pyssm" else {})})))
     return out
 
 
@@ -130,15 +176,3 @@ def add_rates(rows: list[dict]) -> None:
             row["img_s"] = row["batch"] / row["ms"] * 1e3
         if row.get("peak_mb") is not None:
             row["mb_per_img"] = row["peak_mb"] / row["batch"]
-
-
-def main(argv=None):
-    args = harness.add_args(argparse.ArgumentParser(description=__doc__.splitlines()[0])
-                            ).parse_args(argv)
-    device = harness.resolve_device(args.device, args.threads)
-    harness.run_benchmark("encoders", cases(device, args.quick), NOTES, args, device,
-                          post=add_rates)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+import sys
+
+from pyssm.bench.cli import main
+
+sys.exit(main())
