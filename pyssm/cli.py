@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
                        lr=args.lr, img_size=args.img_size, letterbox=not args.no_letterbox,
                        image_style=args.image_style, out_dir=args.out, seed=args.seed,
                        train_size=args.train_size, encoder_checkpoint=args.checkpoint,
-                       bf16=args.bf16)
+                       bf16=args.bf16, parallel=args.parallel)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-letterbox", action="store_true", help="resize instead of letterbox")
     train.add_argument("--train-size", type=int, default=2000, help="training examples")
     train.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    train.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                       help="under torchrun (several processes): ddp keeps a full model copy on "
+                       "every rank; fsdp shards the connector and the LM over the ranks, for an "
+                       "LM that does not fit one device (the frozen encoder is not sharded)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", required=True, help="run folder (checkpoint and saved model)")
     train.set_defaults(fn=cmd_train)

@@ -155,10 +155,18 @@ class VisionLanguageModel(nn.Module):
 
     # ---- save / load ------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
         """config JSON, encoder and connector as safetensors, the LM and tokenizer in their own
-        Hugging Face format under lm/. Written to a temporary folder, then moved into place."""
+        Hugging Face format under lm/. Written to a temporary folder, then moved into place.
+        ``state_dict`` (the whole VLM's) replaces the modules' own tensors: an FSDP-sharded
+        model holds only its shards, gathered elsewhere (``Trainer.save_model``)."""
         from safetensors.torch import save_file
+
+        state = self.state_dict() if state_dict is None else state_dict
+
+        def part(prefix):
+            return {k[len(prefix):]: v.contiguous() for k, v in state.items()
+                    if k.startswith(prefix)}
 
         path = os.fspath(path)
         parent = os.path.dirname(os.path.abspath(path))
@@ -167,11 +175,10 @@ class VisionLanguageModel(nn.Module):
         try:
             with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
                 json.dump(dataclasses.asdict(self.config), f, indent=1)
-            save_file({k: v.contiguous() for k, v in self.connector.state_dict().items()},
-                      os.path.join(tmp, "connector.safetensors"))
-            save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()},
-                      os.path.join(tmp, "encoder.safetensors"))
-            self.lm.save_pretrained(os.path.join(tmp, "lm"))
+            save_file(part("connector."), os.path.join(tmp, "connector.safetensors"))
+            save_file(part("encoder."), os.path.join(tmp, "encoder.safetensors"))
+            self.lm.save_pretrained(os.path.join(tmp, "lm"),
+                                    state_dict=None if state_dict is None else part("lm."))
             self.tokenizer.save_pretrained(os.path.join(tmp, "lm"))
             old = None
             if os.path.exists(path):

@@ -12,7 +12,7 @@ import torch
 from pyssm.vlm.model import VisionLanguageModel, VLMConfig
 from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
-from pyssm.vlm.train import Trainer, TrainConfig
+from pyssm.vlm.train import Trainer, TrainConfig, init_distributed
 
 QUESTIONS_PER_SCENE = 4
 
@@ -55,24 +55,27 @@ def load_lm(lm: str, image_style: str):
 def train_vlm(*, encoder: str, connector: str, lm: str, stage: str, steps: int,
               batch_size: int, lr: float, img_size: int, letterbox: bool, image_style: str,
               out_dir: str, seed: int = 0, train_size: int = 2000, encoder_checkpoint=None,
-              bf16: bool = False) -> dict:
+              bf16: bool = False, parallel: str = "ddp") -> dict:
     from pyssm.data import SceneDataset
 
+    several = init_distributed()      # under torchrun
     torch.manual_seed(seed)
     model, tokenizer = load_lm(lm, image_style)
     config = VLMConfig(encoder=encoder, image_size=img_size, letterbox=letterbox,
                        connector=connector, image_style=image_style)
     vlm = VisionLanguageModel.from_config(config, model, tokenizer, checkpoint=encoder_checkpoint)
     if torch.cuda.is_available():
-        vlm = vlm.cuda()
+        # FSDP moves each rank's shard of the LM to its GPU itself: the whole LM need not fit
+        (vlm.encoder if several and parallel == "fsdp" else vlm).cuda()
     scenes = math.ceil(train_size / QUESTIONS_PER_SCENE)
     data = Preprocessed(SceneDataset("train", num_scenes=scenes, size=img_size, base_seed=seed,
                                      questions_per_scene=QUESTIONS_PER_SCENE), img_size, letterbox)
     trainer = Trainer(vlm, data, TrainConfig(stage=stage, steps=steps, batch_size=batch_size,
-                                             lr=lr, seed=seed, out_dir=out_dir, bf16=bf16))
+                                             lr=lr, seed=seed, out_dir=out_dir, bf16=bf16,
+                                             parallel=parallel))
     losses = trainer.fit()
     model_dir = os.path.join(out_dir, "model")
-    vlm.save_pretrained(model_dir)
+    trainer.save_model(model_dir)
     return {"steps": trainer.step, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "model": model_dir}
 

@@ -1,5 +1,5 @@
 """Training the VLM: stages, AdamW with warmup + cosine decay, gradient accumulation, bf16
-autocast, atomic checkpoints with exact resume, and DDP under torchrun.
+autocast, atomic checkpoints with exact resume, and DDP or FSDP under torchrun.
 
     trainer = Trainer(vlm, dataset, TrainConfig(stage="finetune", steps=1000, out_dir="runs/a"))
     trainer.fit()                       # resumes from runs/a/checkpoint.pt when it exists
@@ -13,9 +13,11 @@ are a function of (seed, s) alone, so a run killed after a checkpoint and resume
 batches, in the same order, with the same optimizer, scheduler and RNG state, and so gives the
 same loss curve as an uninterrupted run.
 
-Under torchrun (WORLD_SIZE > 1) each rank takes its share of every global batch, the
-trainable modules are wrapped in DistributedDataParallel, and the loss is normalised by the
-global count of answer tokens, so the update equals the single-process one.
+Under torchrun (WORLD_SIZE > 1) each rank takes its share of every global batch and the loss
+is normalised by the global count of answer tokens, so the update equals the single-process
+one. ``parallel="ddp"`` (the default) keeps a full copy of the model on every rank and wraps it
+in DistributedDataParallel; ``parallel="fsdp"`` shards the connector and the LM over the ranks
+(FSDP2, ``shard_vlm``), for LMs that do not fit one device.
 """
 
 from __future__ import annotations
@@ -29,11 +31,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from pyssm.vlm.model import VisionLanguageModel, encoder_fingerprint
 from pyssm.vlm.splice import IGNORE
 
 STAGES = ("align", "finetune", "one-stage")
+PARALLEL = ("ddp", "fsdp")
+# FSDP shards gathered to full tensors on rank 0's CPU, for writing (not one device's memory)
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -53,6 +62,7 @@ class TrainConfig:
     out_dir: str | None = None
     checkpoint_every: int = 0         # steps; 0: only at the end
     stop_after: int | None = None     # stop (as if killed) after this many steps; for tests
+    parallel: str = "ddp"             # with several ranks: "ddp" replicates, "fsdp" shards
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -63,10 +73,54 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def init_distributed() -> bool:
+    """Joins the process group that torchrun describes (WORLD_SIZE > 1), unless one is already
+    up: NCCL with the GPU LOCAL_RANK when CUDA is there, gloo on the CPU otherwise. Returns
+    whether there are several ranks."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def shard_vlm(vlm: VisionLanguageModel) -> None:
+    """Shards ``vlm`` in place over all ranks with FSDP2: each LM decoder layer is its own group,
+    gathered only while it runs forward or backward; the VLM itself is the root group and holds
+    the rest of the LM (embeddings, final norm, head) and the connector. The frozen encoder is
+    left out (``ignored_params``): every rank keeps all of it and runs it under no_grad.
+
+    The root is the VLM and not the LM because the VLM looks up the token embeddings and runs
+    the connector before it calls the LM; with the LM as its own group the embedding weight is
+    still sharded there (``aten.embedding.default got mixed torch.Tensor and DTensor``). The
+    connector is small, so sharding it with the root costs nothing and keeps every gradient a
+    DTensor, which clip_grad_norm_ needs (it cannot mix DTensors with plain tensors).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # shards live where the encoder runs (fully_shard moves the LM there, shard by shard)
+    device = next(vlm.encoder.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    # Hugging Face names the decoder layer classes in _no_split_modules
+    names = set(getattr(vlm.lm, "_no_split_modules", None) or ())
+    layers = [m for m in vlm.lm.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"parallel='fsdp' shards the LM per decoder layer, but "
+                         f"{type(vlm.lm).__name__} names none in _no_split_modules")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(vlm, mesh=mesh, ignored_params=set(vlm.encoder.parameters()))
+
+
 class Trainer:
     def __init__(self, vlm: VisionLanguageModel, dataset: Sequence, config: TrainConfig):
         if config.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
+        if config.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {config.parallel!r}")
         if config.batch_size % config.grad_accum:
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of grad_accum "
                              f"{config.grad_accum}")
@@ -83,11 +137,17 @@ class Trainer:
             enable = (getattr(vlm.lm, "activation_checkpointing_enable", None)
                       or vlm.lm.gradient_checkpointing_enable)
             enable()
-        self.params = [p for p in vlm.parameters() if p.requires_grad]
+        self.fsdp = config.parallel == "fsdp" and self.world > 1
         self.model = vlm
-        if self.world > 1:
+        if self.fsdp:
+            shard_vlm(vlm)        # replaces the parameters by their shards: collect them after
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             self.model = DistributedDataParallel(vlm)
+        self.params = [p for p in vlm.parameters() if p.requires_grad]
+        # every name of a trainable parameter, tied aliases too (the LM's head and embeddings)
+        self.trainable_names = {n for n, p in vlm.named_parameters(remove_duplicate=False)
+                                if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                            weight_decay=config.weight_decay)
         warmup = max(1, round(config.warmup_ratio * config.steps))
@@ -150,7 +210,9 @@ class Trainer:
         for images, input_ids, mask, labels in batches:
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss_sum = self.model(images, input_ids, mask, labels, loss_reduction="sum").loss
-            # DDP averages gradients over ranks: scale so the result is sum / global tokens
+            # DDP and FSDP average gradients over ranks: scale so the result is sum / global
+            # tokens. FSDP reduce-scatters after every micro-batch: skipping the sync until the
+            # last one would keep full, unsharded gradients, which is what FSDP is there to avoid
             (loss_sum * self.world / n_total).backward()
             total += loss_sum.detach().float().cpu()
         if self.world > 1:
@@ -160,7 +222,7 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns its mean token loss."""
         loss = self.backward(self.step)
-        if self.config.max_grad_norm:
+        if self.config.max_grad_norm:   # under FSDP the norm is over all ranks' shards
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -195,22 +257,34 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def trainable_state(self) -> dict:
+        """name -> value of every trainable parameter. Under FSDP the shards are gathered to
+        full tensors on rank 0's CPU (other ranks get {}), so every rank must call it."""
+        if self.fsdp:
+            full = get_model_state_dict(self.vlm, options=GATHER)
+            return {n: v for n, v in full.items() if n in self.trainable_names}
         names = {id(p): n for n, p in self.vlm.named_parameters()}
         return {names[id(p)]: p.detach().clone() for p in self.params}
 
     def save_checkpoint(self, path: str) -> None:
-        """Everything a resume needs, written to a temporary file and renamed into place."""
-        if self.rank != 0:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        state = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
-                 "encoder_fingerprint": encoder_fingerprint(self.vlm),
-                 "params": self.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        """Everything a resume needs, written by rank 0 to a temporary file and renamed into
+        place. Every rank must call it (under FSDP it gathers the shards); all return once the
+        file is in place."""
+        if self.fsdp or self.rank == 0:
+            params = self.trainable_state()
+            optimizer = (get_optimizer_state_dict(self.vlm, self.optimizer, options=GATHER)
+                         if self.fsdp else self.optimizer.state_dict())
+        if self.rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            state = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
+                     "encoder_fingerprint": encoder_fingerprint(self.vlm),
+                     "fsdp": self.fsdp, "params": params, "optimizer": optimizer,
+                     "scheduler": self.scheduler.state_dict(),
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+            tmp = f"{path}.tmp-{os.getpid()}"
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        if self.world > 1:
+            dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -218,12 +292,31 @@ class Trainer:
         if abs(saved - now) > 1e-6 * max(1.0, abs(saved)):
             raise ValueError(f"{path} was written with different (frozen) encoder weights; "
                              f"resume with the encoder the run started with")
-        params = dict(self.vlm.named_parameters())
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != self.fsdp:   # the optimizer state is keyed differently
+            written = "under FSDP" if state.get("fsdp") else "without FSDP"
+            raise ValueError(f"{path} was written {written}; resume it the same way")
+        if self.fsdp:
+            # every rank has read the full tensors; each keeps its own shard of them
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.vlm, state["params"], options=options)
+            set_optimizer_state_dict(self.vlm, self.optimizer, state["optimizer"],
+                                     options=options)
+        else:
+            params = dict(self.vlm.named_parameters())
+            with torch.no_grad():
+                for name, value in state["params"].items():
+                    params[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = state["step"], list(state["losses"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+
+    def save_model(self, path: str) -> None:
+        """``vlm.save_pretrained(path)`` by rank 0, FSDP shards gathered first; every rank must
+        call it, and all return once the folder is in place."""
+        state = get_model_state_dict(self.vlm, options=GATHER) if self.fsdp else None
+        if self.rank == 0:
+            self.vlm.save_pretrained(path, state_dict=state)
+        if self.world > 1:
+            dist.barrier()
