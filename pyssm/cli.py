@@ -5,6 +5,9 @@
     pyssm vlm eval --model runs/vlm --split test
     pyssm vlm generate --model runs/vlm --image scene.png --prompt "what color is the circle ?"
     pyssm study run --encoders vmamba_tiny_s1l8,vit_small_patch16 --seeds 3 --budget tiny
+    pyssm bench all                                the main job: kernels, encoders, VLM, report
+    pyssm bench compare A.json B.json              the ratio of two benchmark runs
+    pyssm profile encoder vmamba_tiny_s1l8 --img-size 224 --batch 8
 
 ``--help`` on each command explains its options.
 """
@@ -165,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None,
                      help="output folder (default profiles/study/<date>-<budget>)")
     run.set_defaults(fn=cmd_study)
+
+    from pyssm.bench.cli import add_bench_parser, add_profile_parser
+    add_bench_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 
