@@ -42,7 +42,8 @@ def cross_merge_cases():
 
 def selective_scan_cases():
     for batch, groups, dim, dstate, length, dtype in ((2, 2, 3, 3, 37, torch.float32),
-                                                      (1, 4, 5, 1, 2101, torch.bfloat16)):
+                                                      (1, 4, 5, 1, 2101, torch.bfloat16),
+                                                      (1, 1, 4, 16, 700, torch.float16)):
         def run(b=batch, k=groups, d=dim, n=dstate, L=length, dt=dtype):
             return ops.selective_scan(
                 rand(b, k * d, L, dtype=dt), rand(b, k * d, L, dtype=dt),

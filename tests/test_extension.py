@@ -106,3 +106,23 @@ def test_mismatched_devices_are_named(backend):
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="v is on meta but q is on cpu"):
         pyssm.attention(q, q, q.to(meta), backend=backend)
+
+
+def test_unverified_cuda_kernels_are_not_chosen_automatically(monkeypatch):
+    """A CUDA kernel that has not passed the tests on a GPU runs only when asked for."""
+    monkeypatch.setattr(_extension, "available", lambda: True)
+    monkeypatch.setattr(_extension, "has_kernel", lambda op, dev: True)
+    monkeypatch.delenv("PYSSM_BACKEND", raising=False)
+    monkeypatch.delenv("PYSSM_UNVERIFIED_CUDA", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    cuda = torch.device("cuda")  # a device object only: nothing runs
+    op = sorted(_extension.UNVERIFIED_CUDA)[0]
+    with pytest.warns(RuntimeWarning, match="has not yet passed"):
+        assert _backend.resolve(op, cuda, None) == "reference"
+    assert _backend.resolve(op, cuda, "cuda") == "cuda"
+    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
+    assert _backend.resolve(op, cuda, None) == "cuda"
+    other = "ss2d"  # not in the set: its (here pretended) kernel is chosen as usual
+    assert other not in _extension.UNVERIFIED_CUDA
+    monkeypatch.delenv("PYSSM_UNVERIFIED_CUDA")
+    assert _backend.resolve(other, cuda, None) == "cuda"

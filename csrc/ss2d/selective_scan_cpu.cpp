@@ -17,14 +17,10 @@
 #include <vector>
 
 #include "checks.h"
+#include "ss2d/selective_scan_args.h"
 #include "ss2d/ss2d_cpu.h"
 
 namespace pyssm {
-namespace {
-
-struct ScanSizes {
-  int64_t batch, channels, length, groups, dstate, per_group;
-};
 
 ScanSizes check_scan_args(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                           const at::Tensor& B, const at::Tensor& C,
@@ -70,6 +66,8 @@ ScanSizes check_scan_args(const at::Tensor& u, const at::Tensor& delta, const at
   }
   return s;
 }
+
+namespace {
 
 // softplus(x) = log(1 + e^x) without overflow and without a threshold, so float64 stays exact.
 template <typename T>

@@ -2,8 +2,8 @@
 (the pure-PyTorch implementation beside each op).
 
 The choice comes from the op's ``backend=`` argument, else the ``PYSSM_BACKEND`` environment
-variable, else automatically: the compiled kernel for the tensors' device when it exists, the
-reference otherwise. A backend that is asked for and cannot run raises; only the automatic
+variable, else automatically: the compiled kernel for the tensors' device when it exists (and,
+for CUDA, has passed the tests on a GPU: _extension.UNVERIFIED_CUDA), the reference otherwise. A backend that is asked for and cannot run raises; only the automatic
 choice falls back.
 """
 
@@ -31,6 +31,16 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
     if requested is None or requested == "auto":
         kernel = _kernel_backend(device)
         if kernel is not None and _extension.has_kernel(op, kernel):
+            if (kernel == "cuda" and op in _extension.UNVERIFIED_CUDA
+                    and os.environ.get("PYSSM_UNVERIFIED_CUDA", "") != "1"):
+                if (op, "unverified") not in _warned:
+                    _warned.add((op, "unverified"))
+                    warnings.warn(f"pyssm.ops.{op}: running the pure-PyTorch reference on "
+                                  f"{device}: the CUDA kernel is built but has not yet passed "
+                                  f"pyssm's tests on a GPU; backend='cuda' or "
+                                  f"PYSSM_UNVERIFIED_CUDA=1 runs it", RuntimeWarning,
+                                  stacklevel=3)
+                return "reference"
             return kernel
         if kernel == "cuda" and (op, kernel) not in _warned:
             _warned.add((op, kernel))

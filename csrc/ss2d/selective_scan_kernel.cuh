@@ -1,0 +1,387 @@
+// CUDA selective scan, forward and backward (DESIGN.md "selective_scan"): the kernels, as
+// templates over the input type T and the largest d_state kMaxN. Per channel c, state n:
+//   h_l = a_l h_{l-1} + b_l,   a_l = exp(dt_l A_cn),   b_l = dt_l B_gnl u_l
+//   y_l = sum_n C_gnl h_l + D_c u_l
+//
+// One block of kThreads threads per (batch, channel) row walks L in tiles of kTile positions;
+// thread t owns kItems consecutive positions of a tile. A linear recurrence is a scan over
+// (a, b) pairs composed as (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2): each thread composes
+// its items, a block scan (warp shuffles, then the kWarps warp totals through shared memory)
+// gives each thread the state entering its items, and the state leaving the tile carries into
+// the next. State and arithmetic are in acc_t (float; double for double input).
+//
+// Backward, per row: a first pass stores the state entering every tile (`carries`); then tiles
+// run from the last to the first, recomputing h inside the tile from its carry and running the
+// adjoint recurrence backwards with the same block scan in reverse thread order:
+//   q_l = a_l (dy_l C_l + q_{l+1}),   g_l = dy_l C_l + q_{l+1} = dLoss/dh_l.
+// Per-channel gradients (dA, dD, dbias) are block sums written once per row; dB and dC, shared
+// by the channels of a group, are added with atomics (a first version: the design aim is to
+// reduce them on chip; see csrc/ss2d/NOTES.md).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+
+#include "ss2d/selective_scan.cuh"
+
+namespace pyssm {
+namespace scan {
+
+constexpr int kThreads = 128;
+constexpr int kTile = kSelectiveScanTile;
+constexpr int kItems = kTile / kThreads;
+static_assert(kItems * kThreads == kTile, "the tile must split evenly over the threads");
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
+
+// softplus without a threshold (float64 stays exact), and its derivative
+template <typename acc_t>
+__device__ __forceinline__ acc_t softplus(acc_t x) {
+  return (x > acc_t(0) ? x : acc_t(0)) + log1p_(exp_(-(x > acc_t(0) ? x : -x)));
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp_(-x));
+}
+
+// h -> a h + b
+template <typename acc_t>
+struct Step {
+  acc_t a, b;
+};
+
+// first x, then y
+template <typename acc_t>
+__device__ __forceinline__ Step<acc_t> then(Step<acc_t> x, Step<acc_t> y) {
+  return {x.a * y.a, y.a * x.b + y.b};
+}
+
+template <typename acc_t>
+struct ScanSmem {
+  Step<acc_t> warp[kWarps];
+  acc_t sum[kWarps];
+};
+
+// The state entering this thread's items, given `mine` (its items composed in scan order) and
+// `carry` (the state entering the tile), which it advances to the state leaving the tile.
+// kReverse scans from the last thread to the first (the adjoint recurrence). Every thread of
+// the block must call it; it ends with a barrier so the shared memory can be reused.
+template <bool kReverse, typename acc_t>
+__device__ __forceinline__ acc_t block_scan(Step<acc_t> mine, acc_t& carry,
+                                           ScanSmem<acc_t>& smem) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  Step<acc_t> incl = mine;  // inclusive scan within the warp, in scan order
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    Step<acc_t> other;
+    if (kReverse) {
+      other.a = __shfl_down_sync(0xffffffffu, incl.a, d);
+      other.b = __shfl_down_sync(0xffffffffu, incl.b, d);
+      if (lane + d < 32) incl = then(other, incl);
+    } else {
+      other.a = __shfl_up_sync(0xffffffffu, incl.a, d);
+      other.b = __shfl_up_sync(0xffffffffu, incl.b, d);
+      if (lane >= d) incl = then(other, incl);
+    }
+  }
+  Step<acc_t> excl;  // the inclusive scan of the previous lane in scan order
+  excl.a = kReverse ? __shfl_down_sync(0xffffffffu, incl.a, 1)
+                    : __shfl_up_sync(0xffffffffu, incl.a, 1);
+  excl.b = kReverse ? __shfl_down_sync(0xffffffffu, incl.b, 1)
+                    : __shfl_up_sync(0xffffffffu, incl.b, 1);
+  const bool first_lane = kReverse ? lane == 31 : lane == 0;
+  if (first_lane) excl = {acc_t(1), acc_t(0)};
+  if (kReverse ? lane == 0 : lane == 31) smem.warp[warp] = incl;  // the warp's total
+  __syncthreads();
+  acc_t h = carry, h_in = carry;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) {
+    const int w = kReverse ? kWarps - 1 - i : i;
+    if (w == warp) h_in = excl.a * h + excl.b;
+    h = smem.warp[w].a * h + smem.warp[w].b;
+  }
+  carry = h;
+  __syncthreads();
+  return h_in;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, ScanSmem<acc_t>& smem) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xffffffffu, v, d);
+  if (threadIdx.x % 32 == 0) smem.sum[threadIdx.x / 32] = v;
+  __syncthreads();
+  acc_t total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += smem.sum[w];
+  __syncthreads();
+  return total;
+}
+
+// What a block needs of its (batch, channel) row.
+template <typename T>
+struct Row {
+  using acc_t = typename Acc<T>::type;
+  const T *u, *delta, *B, *C;  // B, C: (N, L) of this row's group
+  acc_t D, bias;
+  int64_t bc, length, dstate;
+
+  __device__ Row(const SelectiveScanParams& p) {
+    bc = blockIdx.x;
+    const int64_t b = bc / p.channels, c = bc % p.channels;
+    const int64_t g = c / (p.channels / p.groups);
+    length = p.length;
+    dstate = p.dstate;
+    u = static_cast<const T*>(p.u) + bc * length;
+    delta = static_cast<const T*>(p.delta) + bc * length;
+    B = static_cast<const T*>(p.B) + (b * p.groups + g) * dstate * length;
+    C = static_cast<const T*>(p.C) + (b * p.groups + g) * dstate * length;
+    D = p.D ? static_cast<const acc_t*>(p.D)[c] : acc_t(0);
+    bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[c] : acc_t(0);
+  }
+
+  // u and dt at this thread's items of the tile at t0; dt = 0 (the identity step) past L
+  __device__ void load(int64_t t0, acc_t (&uu)[kItems], acc_t (&dt)[kItems],
+                       acc_t (&raw)[kItems], bool softplus_on) const {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t l = t0 + threadIdx.x * kItems + i;
+      const bool ok = l < length;
+      uu[i] = ok ? widen(u[l]) : acc_t(0);
+      raw[i] = ok ? widen(delta[l]) + bias : acc_t(0);
+      dt[i] = ok ? (softplus_on ? softplus(raw[i]) : raw[i]) : acc_t(0);
+    }
+  }
+};
+
+template <typename T, int kMaxN>
+__global__ void __launch_bounds__(kThreads)
+    selective_scan_fwd_kernel(const SelectiveScanParams p) {
+  using acc_t = typename Acc<T>::type;
+  __shared__ ScanSmem<acc_t> smem;
+  const Row<T> row(p);
+  const acc_t* A = static_cast<const acc_t*>(p.A) + (row.bc % p.channels) * p.dstate;
+  acc_t* out = static_cast<acc_t*>(p.out) + row.bc * p.length;
+  acc_t Ac[kMaxN], carry[kMaxN];
+#pragma unroll
+  for (int n = 0; n < kMaxN; ++n) {
+    Ac[n] = n < p.dstate ? A[n] : acc_t(0);
+    carry[n] = 0;
+  }
+  for (int64_t t0 = 0; t0 < p.length; t0 += kTile) {
+    acc_t uu[kItems], dt[kItems], raw[kItems], y[kItems];
+    row.load(t0, uu, dt, raw, p.delta_softplus);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) y[i] = row.D * uu[i];
+#pragma unroll
+    for (int n = 0; n < kMaxN; ++n) {
+      if (n >= p.dstate) break;  // the same for the whole block: no thread skips a barrier
+      acc_t a[kItems], bx[kItems];
+      Step<acc_t> mine{acc_t(1), acc_t(0)};
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t l = t0 + threadIdx.x * kItems + i;
+        a[i] = exp_(dt[i] * Ac[n]);
+        bx[i] = l < p.length ? dt[i] * widen(row.B[n * p.length + l]) * uu[i] : acc_t(0);
+        mine = then(mine, Step<acc_t>{a[i], bx[i]});
+      }
+      acc_t h = block_scan<false>(mine, carry[n], smem);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t l = t0 + threadIdx.x * kItems + i;
+        h = a[i] * h + bx[i];
+        if (l < p.length) y[i] += widen(row.C[n * p.length + l]) * h;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t l = t0 + threadIdx.x * kItems + i;
+      if (l < p.length) out[l] = y[i];
+    }
+  }
+}
+
+template <typename T, int kMaxN>
+__global__ void __launch_bounds__(kThreads)
+    selective_scan_bwd_kernel(const SelectiveScanBwdParams bp) {
+  using acc_t = typename Acc<T>::type;
+  const SelectiveScanParams& p = bp.fwd;
+  __shared__ ScanSmem<acc_t> smem;
+  const Row<T> row(p);
+  const int64_t L = p.length, N = p.dstate, c = row.bc % p.channels;
+  const int64_t b = row.bc / p.channels, g = c / (p.channels / p.groups);
+  const int64_t tiles = (L + kTile - 1) / kTile;
+  const acc_t* A = static_cast<const acc_t*>(p.A) + c * N;
+  const acc_t* dout = static_cast<const acc_t*>(bp.dout) + row.bc * L;
+  acc_t* du = static_cast<acc_t*>(bp.du) + row.bc * L;
+  acc_t* ddelta = static_cast<acc_t*>(bp.ddelta) + row.bc * L;
+  acc_t* dB = static_cast<acc_t*>(bp.dB) + (b * p.groups + g) * N * L;
+  acc_t* dC = static_cast<acc_t*>(bp.dC) + (b * p.groups + g) * N * L;
+  acc_t* carries = static_cast<acc_t*>(bp.carries) + row.bc * tiles * N;
+
+  acc_t Ac[kMaxN], h_carry[kMaxN], q_carry[kMaxN], dA[kMaxN];
+#pragma unroll
+  for (int n = 0; n < kMaxN; ++n) {
+    Ac[n] = n < N ? A[n] : acc_t(0);
+    h_carry[n] = q_carry[n] = dA[n] = 0;
+  }
+  // Pass 1: the state entering every tile.
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t t0 = tile * kTile;
+    acc_t uu[kItems], dt[kItems], raw[kItems];
+    row.load(t0, uu, dt, raw, p.delta_softplus);
+#pragma unroll
+    for (int n = 0; n < kMaxN; ++n) {
+      if (n >= N) break;
+      if (threadIdx.x == 0) carries[tile * N + n] = h_carry[n];
+      Step<acc_t> mine{acc_t(1), acc_t(0)};
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t l = t0 + threadIdx.x * kItems + i;
+        const acc_t bx = l < L ? dt[i] * widen(row.B[n * L + l]) * uu[i] : acc_t(0);
+        mine = then(mine, Step<acc_t>{exp_(dt[i] * Ac[n]), bx});
+      }
+      block_scan<false>(mine, h_carry[n], smem);
+    }
+  }
+  __syncthreads();  // the carries thread 0 wrote are read by every thread below
+
+  // Pass 2: tiles from the last, the adjoint running backwards.
+  acc_t dD = 0, dbias = 0;
+  for (int64_t tile = tiles - 1; tile >= 0; --tile) {
+    const int64_t t0 = tile * kTile;
+    acc_t uu[kItems], dt[kItems], raw[kItems], dy[kItems], du_i[kItems], ddt[kItems];
+    row.load(t0, uu, dt, raw, p.delta_softplus);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t l = t0 + threadIdx.x * kItems + i;
+      dy[i] = l < L ? dout[l] : acc_t(0);
+      du_i[i] = row.D * dy[i];
+      ddt[i] = 0;
+      dD += dy[i] * uu[i];
+    }
+#pragma unroll
+    for (int n = 0; n < kMaxN; ++n) {
+      if (n >= N) break;
+      acc_t a[kItems], Bv[kItems], Cv[kItems], h_prev[kItems], h_cur[kItems];
+      Step<acc_t> fwd{acc_t(1), acc_t(0)};
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t l = t0 + threadIdx.x * kItems + i;
+        a[i] = exp_(dt[i] * Ac[n]);
+        Bv[i] = l < L ? widen(row.B[n * L + l]) : acc_t(0);
+        Cv[i] = l < L ? widen(row.C[n * L + l]) : acc_t(0);
+        fwd = then(fwd, Step<acc_t>{a[i], dt[i] * Bv[i] * uu[i]});
+      }
+      acc_t h_tile = carries[tile * N + n];
+      acc_t h = block_scan<false>(fwd, h_tile, smem);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        h_prev[i] = h;
+        h = a[i] * h + dt[i] * Bv[i] * uu[i];
+        h_cur[i] = h;
+      }
+      // q_l = a_l (dy_l C_l + q_{l+1}): this thread's items composed from its last to its first
+      Step<acc_t> bwd{acc_t(1), acc_t(0)};
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) bwd = then(bwd, Step<acc_t>{a[i], a[i] * dy[i] * Cv[i]});
+      acc_t q = block_scan<true>(bwd, q_carry[n], smem);  // q_{l+1} after this thread's last item
+#pragma unroll
+      for (int i = kItems - 1; i >= 0; --i) {
+        const int64_t l = t0 + threadIdx.x * kItems + i;
+        const acc_t grad_h = dy[i] * Cv[i] + q;  // dLoss/dh_l
+        if (l < L) {
+          atomicAdd(dC + n * L + l, dy[i] * h_cur[i]);
+          atomicAdd(dB + n * L + l, grad_h * dt[i] * uu[i]);
+          ddt[i] += grad_h * (Ac[n] * a[i] * h_prev[i] + Bv[i] * uu[i]);
+          dA[n] += grad_h * dt[i] * a[i] * h_prev[i];
+          du_i[i] += grad_h * dt[i] * Bv[i];
+        }
+        q = a[i] * grad_h;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t l = t0 + threadIdx.x * kItems + i;
+      if (l < L) {
+        if (p.delta_softplus) ddt[i] *= sigmoid(raw[i]);
+        ddelta[l] = ddt[i];
+        du[l] = du_i[i];
+        dbias += ddt[i];
+      }
+    }
+  }
+  // Per-channel sums, written once per row (summed over batch by the caller).
+#pragma unroll
+  for (int n = 0; n < kMaxN; ++n) {
+    if (n >= N) break;
+    const acc_t total = block_sum(dA[n], smem);
+    if (threadIdx.x == 0) static_cast<acc_t*>(bp.dA_part)[row.bc * N + n] = total;
+  }
+  const acc_t dD_total = block_sum(dD, smem), dbias_total = block_sum(dbias, smem);
+  if (threadIdx.x == 0) {
+    static_cast<acc_t*>(bp.dD_part)[row.bc] = dD_total;
+    static_cast<acc_t*>(bp.dbias_part)[row.bc] = dbias_total;
+  }
+}
+
+inline int64_t rows(const SelectiveScanParams& p) { return p.batch * p.channels; }
+
+template <typename T, int kMaxN>
+cudaError_t launch_fwd(const SelectiveScanParams& p, cudaStream_t stream) {
+  selective_scan_fwd_kernel<T, kMaxN><<<unsigned(rows(p)), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kMaxN>
+cudaError_t launch_bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+  selective_scan_bwd_kernel<T, kMaxN><<<unsigned(rows(p.fwd)), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// d_state 1 has its own instantiation (no state arrays, no loop); 2..16 round up to 4, 8, 16.
+template <typename T>
+cudaError_t fwd(const SelectiveScanParams& p, cudaStream_t stream) {
+  if (rows(p) == 0 || p.length == 0) return cudaSuccess;
+  if (rows(p) > INT_MAX || p.dstate < 1 || p.dstate > kSelectiveScanMaxState)
+    return cudaErrorInvalidValue;
+  if (p.dstate == 1) return launch_fwd<T, 1>(p, stream);
+  if (p.dstate <= 4) return launch_fwd<T, 4>(p, stream);
+  if (p.dstate <= 8) return launch_fwd<T, 8>(p, stream);
+  return launch_fwd<T, 16>(p, stream);
+}
+
+template <typename T>
+cudaError_t bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+  const SelectiveScanParams& f = p.fwd;
+  if (rows(f) == 0 || f.length == 0) return cudaSuccess;
+  if (rows(f) > INT_MAX || f.dstate < 1 || f.dstate > kSelectiveScanMaxState)
+    return cudaErrorInvalidValue;
+  if (f.dstate == 1) return launch_bwd<T, 1>(p, stream);
+  if (f.dstate <= 4) return launch_bwd<T, 4>(p, stream);
+  if (f.dstate <= 8) return launch_bwd<T, 8>(p, stream);
+  return launch_bwd<T, 16>(p, stream);
+}
+
+}  // namespace scan
+}  // namespace pyssm
