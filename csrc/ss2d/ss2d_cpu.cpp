@@ -1,18 +1,69 @@
-// CPU SS2D core (DESIGN.md "ss2d"), composed from the CPU cross-scan and selective-scan
-// kernels and ATen matrix products, all in the accumulation type:
+// SS2D core (DESIGN.md "ss2d") composed from pyssm's cross-scan and selective-scan ops and ATen
+// matrix products, all in the accumulation type. The ops are called through the dispatcher, so
+// the same code runs on CPU tensors (registered here) and on CUDA tensors (ss2d_cuda.cpp):
 //   xs = cross_scan(x)                          (B, 4, D, L)
 //   z  = x_proj_weight[k] @ xs[:, k]            (B, 4, R + 2N, L) -> dt (R), Bs (N), Cs (N)
 //   delta = dt_projs_weight[k] @ dt             (B, 4, D, L)
 //   y  = cross_merge(selective_scan(xs, delta, -exp(A_logs), Bs, Cs, Ds, dt_projs_bias, softplus))
 // The backward recomputes the forward intermediates and applies the chain rule by hand.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "checks.h"
-#include "ss2d/ss2d_cpu.h"
+#include "ss2d/ss2d_composed.h"
 
 namespace pyssm {
 namespace {
+
+// pyssm's own ops, through the dispatcher: the kernel for the tensors' device.
+at::Tensor cross_scan_op(const at::Tensor& x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyssm::cross_scan", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  return op.call(x);
+}
+
+at::Tensor cross_merge_op(const at::Tensor& ys) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyssm::cross_merge", "")
+                             .typed<at::Tensor(const at::Tensor&)>();
+  return op.call(ys);
+}
+
+at::Tensor selective_scan_op(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                             const at::Tensor& B, const at::Tensor& C,
+                             const std::optional<at::Tensor>& D,
+                             const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                             bool out_float32) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyssm::selective_scan", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, bool, bool)>();
+  return op.call(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32);
+}
+
+using Grads7 =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads7 selective_scan_backward_op(const at::Tensor& dout, const at::Tensor& u,
+                                  const at::Tensor& delta, const at::Tensor& A,
+                                  const at::Tensor& B, const at::Tensor& C,
+                                  const std::optional<at::Tensor>& D,
+                                  const std::optional<at::Tensor>& delta_bias,
+                                  bool delta_softplus) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pyssm::selective_scan_backward", "")
+          .typed<Grads7(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                        bool)>();
+  return op.call(dout, u, delta, A, B, C, D, delta_bias, delta_softplus);
+}
 
 struct Ss2dSizes {
   int64_t batch, dim, height, width, rank, dstate;
@@ -67,7 +118,7 @@ Ss2dTrace trace_forward(const Ss2dSizes& s, const at::Tensor& x, const at::Tenso
   const int64_t L = s.height * s.width;
   at::Tensor x_bdhw = channels_first ? x : x.permute({0, 3, 1, 2});
   Ss2dTrace t;
-  t.xs = cross_scan_cpu(x_bdhw.to(acc).contiguous());
+  t.xs = cross_scan_op(x_bdhw.to(acc).contiguous());
   t.z = at::matmul(x_proj_weight.to(acc), t.xs);
   at::Tensor dt = t.z.narrow(2, 0, s.rank);
   t.delta = at::matmul(dt_projs_weight.to(acc), dt).reshape({s.batch, 4 * s.dim, L});
@@ -77,12 +128,15 @@ Ss2dTrace trace_forward(const Ss2dSizes& s, const at::Tensor& x, const at::Tenso
   return t;
 }
 
-at::Tensor ss2d_cpu(const at::Tensor& x, const at::Tensor& x_proj_weight,
+}  // namespace
+
+at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
                     const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                     const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
                     bool out_float32) {
   const Ss2dSizes s =
       check_ss2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the inner ops: kernels only
   const at::ScalarType acc = acc_type(x.scalar_type());
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : x.scalar_type();
   const int64_t L = s.height * s.width;
@@ -90,17 +144,17 @@ at::Tensor ss2d_cpu(const at::Tensor& x, const at::Tensor& x_proj_weight,
 
   const Ss2dTrace t =
       trace_forward(s, x, x_proj_weight, dt_projs_weight, A_logs, channels_first, acc);
-  at::Tensor ys = selective_scan_cpu(t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, t.Bs,
+  at::Tensor ys = selective_scan_op(t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, t.Bs,
                                      t.Cs, Ds.to(acc), dt_projs_bias.to(acc).reshape({4 * s.dim}),
                                      /*delta_softplus=*/true, /*out_float32=*/false);
-  at::Tensor y = cross_merge_cpu(ys.view({s.batch, 4, s.dim, s.height, s.width}))
+  at::Tensor y = cross_merge_op(ys.view({s.batch, 4, s.dim, s.height, s.width}))
                      .view({s.batch, s.dim, s.height, s.width});
   if (!channels_first) y = y.permute({0, 2, 3, 1});
   return y.to(out_dtype).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ss2d_backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
+ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
                   const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                   const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
   const Ss2dSizes s =
@@ -108,6 +162,7 @@ ss2d_backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
   check_floating(dout, "dout");
   check_shape(dout, x.sizes(), "dout", "the shape of x");
   check_same_device(dout, x, "dout", "x");
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t L = s.height * s.width;
   if (x.numel() == 0) {
@@ -120,8 +175,8 @@ ss2d_backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
 
   // cross_merge's adjoint is cross_scan.
   at::Tensor dy = (channels_first ? dout : dout.permute({0, 3, 1, 2})).to(acc).contiguous();
-  at::Tensor dys = cross_scan_cpu(dy).reshape({s.batch, 4 * s.dim, L});
-  auto [dxs_scan, ddelta, dA, dBs, dCs, dDs, dbias] = selective_scan_backward_cpu(
+  at::Tensor dys = cross_scan_op(dy).reshape({s.batch, 4 * s.dim, L});
+  auto [dxs_scan, ddelta, dA, dBs, dCs, dDs, dbias] = selective_scan_backward_op(
       dys, t.xs.reshape({s.batch, 4 * s.dim, L}), t.delta, t.A, t.Bs, t.Cs, Ds.to(acc),
       dt_projs_bias.to(acc).reshape({4 * s.dim}), /*delta_softplus=*/true);
 
@@ -138,7 +193,7 @@ ss2d_backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
   at::Tensor dxs = at::matmul(x_proj_weight.to(acc).transpose(1, 2), dz) +
                    dxs_scan.view({s.batch, 4, s.dim, L});
   // cross_scan's adjoint is cross_merge.
-  at::Tensor dx = cross_merge_cpu(dxs.view({s.batch, 4, s.dim, s.height, s.width}))
+  at::Tensor dx = cross_merge_op(dxs.view({s.batch, 4, s.dim, s.height, s.width}))
                       .view({s.batch, s.dim, s.height, s.width});
   if (!channels_first) dx = dx.permute({0, 2, 3, 1});
   return {dx.to(x.scalar_type()).contiguous(),
@@ -149,11 +204,9 @@ ss2d_backward_cpu(const at::Tensor& dout, const at::Tensor& x, const at::Tensor&
           dDs.to(Ds.scalar_type())};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(pyssm, CPU, m) {
-  m.impl("ss2d", &ss2d_cpu);
-  m.impl("ss2d_backward", &ss2d_backward_cpu);
+  m.impl("ss2d", &ss2d_composed);
+  m.impl("ss2d_backward", &ss2d_backward_composed);
 }
 
 }  // namespace pyssm

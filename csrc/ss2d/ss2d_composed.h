@@ -1,0 +1,23 @@
+// The SS2D core composed from pyssm's cross_scan / selective_scan / cross_merge ops and ATen
+// matrix products (ss2d_cpu.cpp): registered for CPU there and for CUDA in ss2d_cuda.cpp, until
+// the fused CUDA kernel replaces it on the GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace pyssm {
+
+at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
+                         const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
+                         const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
+                         bool out_float32);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x,
+                       const at::Tensor& x_proj_weight, const at::Tensor& dt_projs_weight,
+                       const at::Tensor& dt_projs_bias, const at::Tensor& A_logs,
+                       const at::Tensor& Ds, bool channels_first);
+
+}  // namespace pyssm
