@@ -1,0 +1,139 @@
+"""pyssm's attention as a Hugging Face transformers attention backend.
+
+    import pyssm.integrations.transformers as pyssm_hf
+    pyssm_hf.register()                                   # once per process
+    model = AutoModel.from_pretrained(path, attn_implementation="pyssm")
+    # or per sub-model: attn_implementation={"text_config": "pyssm", "vision_config": "sdpa"}
+
+``register()`` adds "pyssm" to transformers' ``AttentionInterface`` (the attention function)
+and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like flash-attn, pyssm
+takes no dense mask: the model hands it either no mask (every key visible, or plain causal) or
+the 2D padding mask, and the attention function unpads the valid tokens into pyssm's packed
+variable-length form (``cu_seqlens``), causal per sequence where the model is causal. Causal
+masking is bottom-right aligned, so decoding with a KV cache (one query against the cache)
+is right. What pyssm does not compute raises instead of being dropped: attention dropout while
+training, soft-capping, sliding windows, position biases (T5-style), attention sinks, and
+attention probabilities (``output_attentions``).
+
+Tested with transformers 5.24 (CLIP and SigLIP vision towers, Llama, LLaVA; tests/integrations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyssm.ops import attention
+
+NAME = "pyssm"
+_backend: str | None = None
+
+
+def _unsupported(what: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"attn_implementation='{NAME}' does not support {what}; use 'sdpa' or 'eager' for this "
+        f"model (or this sub-model, with a per-sub-config attn_implementation dict)")
+
+
+def _packed(mask_2d: torch.Tensor, *tensors: torch.Tensor):
+    """The tokens of (B, S, ...) tensors where ``mask_2d`` (B, S) is true, packed as
+    (T, ...), with int32 cu_seqlens (B + 1) and the longest sequence."""
+    keep = mask_2d.bool()
+    lengths = keep.sum(1, dtype=torch.int32)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=mask_2d.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    flat = keep.reshape(-1)
+    packed = [t.reshape(-1, *t.shape[2:])[flat] for t in tensors]
+    return packed, cu, int(lengths.max()) if lengths.numel() else 0
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, sliding_window: int | None = None,
+                      softcap: float | None = None, position_bias: torch.Tensor | None = None,
+                      s_aux: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract: query (B, H, Sq, d), key and value
+    (B, Hk, Sk, d) -> ((B, Sq, H, d), None)."""
+    if dropout and module.training:
+        raise _unsupported(f"attention dropout while training (dropout={dropout}); set the "
+                           f"config's attention_dropout to 0")
+    if softcap:
+        raise _unsupported("attention soft-capping")
+    if sliding_window is not None:
+        raise _unsupported(f"sliding-window attention (sliding_window={sliding_window})")
+    if position_bias is not None:
+        raise _unsupported("an additive position bias")
+    if s_aux is not None:
+        raise _unsupported("attention sinks (s_aux)")
+    if kwargs.get("output_attentions"):
+        raise _unsupported("output_attentions=True (it never forms the attention matrix)")
+    if value.shape[-1] != query.shape[-1]:
+        raise _unsupported(f"a value head size ({value.shape[-1]}) different from the query's "
+                           f"({query.shape[-1]})")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, heads, d)
+    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    # what the model computes in: the dtype of the projections' weights, as the other backends
+    dtype = q.dtype
+    k, v = k.to(dtype), v.to(dtype)
+    call = dict(causal=causal, softmax_scale=scaling, backend=_backend)
+
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attn_implementation='{NAME}' expects the 2D padding mask its mask "
+                             f"function makes, got shape {tuple(attention_mask.shape)}; was "
+                             f"register() called before the model was built?")
+        if attention_mask.shape[1] != Sk:
+            raise _unsupported(f"a padding mask over {attention_mask.shape[1]} keys for {Sk} "
+                               f"keys (a static KV cache)")
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None:
+        return attention(q, k, v, **call).contiguous(), None
+
+    if Sq == Sk:  # prefill / encoder: every row's valid tokens, packed
+        (qp, kp, vp), cu, longest = _packed(attention_mask, q, k, v)
+        out_p = attention(qp, kp, vp, cu_seqlens=cu, max_seqlen=longest, **call)
+        out = q.new_zeros(q.shape)
+        out.reshape(-1, *q.shape[2:])[attention_mask.bool().reshape(-1)] = out_p
+        return out, None
+    # queries are the last Sq positions (decoding with a cache): one row at a time, each
+    # against its own valid keys
+    rows = []
+    for b in range(B):
+        keep = attention_mask[b].bool()
+        rows.append(attention(q[b:b + 1], k[b:b + 1, keep], v[b:b + 1, keep], **call))
+    return torch.cat(rows, 0).contiguous(), None
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+                 kv_offset: int = 0, mask_function=None,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+    """The mask transformers builds for "pyssm": None when no token is padding, otherwise
+    the boolean (batch, kv_length) padding mask (the attention function unpads with it)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
+                         f"(batch, length), got shape {tuple(attention_mask.shape)}")
+    attention_mask = attention_mask[:, -kv_length:].bool()
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register(name: str = NAME, backend: str | None = None) -> str:
+    """Registers pyssm's attention and mask functions under ``name`` in transformers'
+    interfaces and returns the name. ``backend`` fixes pyssm's backend ("cuda", "cpu",
+    "reference"); None picks it per call from the tensors' device."""
+    global NAME, _backend
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as exc:
+        raise ImportError("pyssm.integrations.transformers needs transformers>=5.24 "
+                          "(pip install 'pyssm[integrations]')") from exc
+    NAME, _backend = name, backend
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, padding_mask)
+    return name

@@ -1,0 +1,53 @@
+"""pyssm.integrations.flash_attn against independent float64 math (tests/naive.py)."""
+
+import pytest
+import torch
+
+import naive
+from pyssm.integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_matches_math_with_gqa(causal):
+    q = torch.randn(2, 7, 6, 16, dtype=F64)
+    k, v = torch.randn(2, 9, 2, 16, dtype=F64), torch.randn(2, 9, 2, 16, dtype=F64)
+    out = flash_attn_func(q, k, v, causal=causal, softmax_scale=0.3)
+    want, want_lse = naive.attention(q, k, v, causal=causal, softmax_scale=0.3)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    out2, lse, probs = flash_attn_func(q, k, v, causal=causal, softmax_scale=0.3,
+                                       return_attn_probs=True)
+    assert probs is None and lse.shape == (2, 6, 7)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_flash_attn_varlen_func_packs_like_flash_attn():
+    lengths = [5, 1, 12]
+    cu = torch.tensor([0, 5, 6, 18], dtype=torch.int32)
+    q, k, v = (torch.randn(18, 4, 8, dtype=F64) for _ in range(3))
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths),
+                                         causal=True, return_attn_probs=True)
+    assert lse.shape == (4, 18)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        want, want_lse = naive.attention(q[None, s:e], k[None, s:e], v[None, s:e], causal=True)
+        torch.testing.assert_close(out[s:e], want[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(lse[:, s:e], want_lse[0], atol=1e-10, rtol=1e-10)
+
+
+def test_what_is_not_supported_says_so():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="sliding windows"):
+        flash_attn_func(q, q, q, window_size=(2, 0))
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        flash_attn_func(q, q, q, softcap=30.0)
+    with pytest.raises(NotImplementedError, match="ALiBi"):
+        flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
+    packed = torch.randn(6, 2, 8)
+    cu_q = torch.tensor([0, 2, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="different boundaries"):
+        flash_attn_varlen_func(packed, packed, packed, cu_q, cu_k, 4, 3)

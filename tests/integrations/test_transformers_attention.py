@@ -1,0 +1,163 @@
+"""attn_implementation="pyssm" in transformers against "sdpa" on tiny random models (CPU):
+CLIP and SigLIP vision towers, a Llama causal LM (padding on either side, cached generation),
+and LLaVA. Weights are drawn with a large init so that attention dominates the outputs."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import pyssm.integrations.transformers as pyssm_hf  # noqa: E402
+from pyssm import ops  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    pyssm_hf.register()
+
+
+def _pair(cls, config, **kw):
+    """(sdpa model, pyssm model) with the same weights; separate configs so that setting one's
+    attention backend cannot change the other's."""
+    torch.manual_seed(0)
+    ref = cls(copy.deepcopy(config), **kw).eval()
+    ref.set_attn_implementation("sdpa")
+    ours = cls(copy.deepcopy(config), **kw).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("pyssm")
+    assert ours.config._attn_implementation == "pyssm"
+    assert ref.config._attn_implementation == "sdpa"
+    return ref, ours
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = ops.attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("cu_seqlens") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyssm_hf, "attention", counting)
+    return calls
+
+
+def _llama_config(**kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
+                       **kw)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (3, 13))
+    mask = torch.ones_like(ids)
+    if side != "none":
+        for row, pad in enumerate((5, 1, 0)):
+            if pad:
+                mask[row, :pad] = 0 if side == "left" else 1
+                if side == "right":
+                    mask[row, -pad:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert calls and all(calls) == (side != "none")  # packed varlen exactly when padded
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
+    if side == "left":  # the padding mattered: ignoring it changes the outputs
+        with torch.no_grad():
+            unmasked = ours(input_ids=ids).logits
+        assert (unmasked[valid] - want[valid]).abs().max() > 1e-2
+
+
+def test_llama_generate_with_cache_and_left_padding_matches_sdpa():
+    from transformers import LlamaForCausalLM
+
+    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+    torch.manual_seed(2)
+    ids = torch.randint(3, 97, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(input_ids=ids, **kw),
+                               ref.generate(input_ids=ids, **kw), atol=0, rtol=0)
+
+
+def test_clip_vision_matches_sdpa(monkeypatch):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(image_size=40, patch_size=8, hidden_size=48, intermediate_size=96,
+                              num_hidden_layers=2, num_attention_heads=4, initializer_factor=3.0)
+    ref, ours = _pair(CLIPVisionModel, config)
+    pixels = torch.randn(2, 3, 40, 40)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(pixel_values=pixels).last_hidden_state
+        got = ours(pixel_values=pixels).last_hidden_state
+    assert len(calls) == 2  # one per layer, 26 tokens (CLS + 25 patches)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_siglip_vision_matches_sdpa():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(image_size=36, patch_size=6, hidden_size=40, intermediate_size=80,
+                                num_hidden_layers=2, num_attention_heads=5)
+    ref, ours = _pair(SiglipVisionModel, config)
+    pixels = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixel_values=pixels).last_hidden_state,
+                                   ref(pixel_values=pixels).last_hidden_state,
+                                   atol=2e-5, rtol=2e-5)
+
+
+def test_llava_matches_sdpa(monkeypatch):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4)
+    config = LlavaConfig(vision_config=vision, text_config=_llama_config(), image_token_id=96,
+                         vision_feature_layer=-1, vision_feature_select_strategy="full")
+    ref, ours = _pair(LlavaForConditionalGeneration, config)
+    assert ours.config.vision_config._attn_implementation == "pyssm"
+    assert ours.config.text_config._attn_implementation == "pyssm"
+    torch.manual_seed(3)
+    ids = torch.randint(3, 90, (2, 8))
+    ids = torch.cat([ids[:, :1], torch.full((2, 17), 96), ids[:, 1:]], 1)  # 1 + 16 patches + CLS
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    pixels = torch.randn(2, 3, 32, 32)
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        got = ours(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert len(calls) == 4  # 2 vision layers + 2 text layers
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
+
+
+def test_what_pyssm_does_not_compute_raises():
+    from transformers import LlamaForCausalLM
+
+    _, ours = _pair(LlamaForCausalLM, _llama_config(attention_dropout=0.1))
+    ids = torch.randint(3, 97, (1, 5))
+    ours.eval()
+    with torch.no_grad():
+        ours(input_ids=ids)  # no dropout in eval: fine
+        with pytest.raises(NotImplementedError, match="output_attentions"):
+            ours(input_ids=ids, output_attentions=True)
+    ours.train()
+    with pytest.raises(NotImplementedError, match="attention dropout while training"):
+        ours(input_ids=ids)
