@@ -9,6 +9,15 @@
 
 namespace pyssm {
 
+struct Ss2dSizes {
+  int64_t batch, dim, height, width, rank, dstate;
+};
+
+// Every shape, dtype and device check of ss2d, naming the argument and the expected shape.
+Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
+                          const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
+                          const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first);
+
 at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
                          const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                          const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,

@@ -15,6 +15,41 @@
 #include "ss2d/ss2d_composed.h"
 
 namespace pyssm {
+
+Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
+                          const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
+                          const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
+  check_floating(x, "x");
+  check_floating(x_proj_weight, "x_proj_weight");
+  check_floating(dt_projs_weight, "dt_projs_weight");
+  check_floating(dt_projs_bias, "dt_projs_bias");
+  check_floating(A_logs, "A_logs");
+  check_floating(Ds, "Ds");
+  check_rank(x, 4, "x", channels_first ? "(B, D, H, W) (channels_first)" : "(B, H, W, D)");
+  Ss2dSizes s;
+  s.batch = x.size(0);
+  s.dim = channels_first ? x.size(1) : x.size(3);
+  s.height = channels_first ? x.size(2) : x.size(1);
+  s.width = channels_first ? x.size(3) : x.size(2);
+  check_rank(dt_projs_weight, 3, "dt_projs_weight", "(4, D, R)");
+  s.rank = dt_projs_weight.size(2);
+  check_shape(dt_projs_weight, {4, s.dim, s.rank}, "dt_projs_weight",
+              "(4, D, R) with D the channels of x");
+  check_rank(A_logs, 2, "A_logs", "(4*D, N)");
+  s.dstate = A_logs.size(1);
+  check_shape(A_logs, {4 * s.dim, s.dstate}, "A_logs", "(4*D, N) with D the channels of x");
+  check_shape(x_proj_weight, {4, s.rank + 2 * s.dstate, s.dim}, "x_proj_weight",
+              "(4, R + 2N, D) with R from dt_projs_weight and N from A_logs");
+  check_shape(dt_projs_bias, {4, s.dim}, "dt_projs_bias", "(4, D)");
+  check_shape(Ds, {4 * s.dim}, "Ds", "(4*D,)");
+  check_same_device(x_proj_weight, x, "x_proj_weight", "x");
+  check_same_device(dt_projs_weight, x, "dt_projs_weight", "x");
+  check_same_device(dt_projs_bias, x, "dt_projs_bias", "x");
+  check_same_device(A_logs, x, "A_logs", "x");
+  check_same_device(Ds, x, "Ds", "x");
+  return s;
+}
+
 namespace {
 
 // pyssm's own ops, through the dispatcher: the kernel for the tensors' device.
@@ -63,44 +98,6 @@ Grads7 selective_scan_backward_op(const at::Tensor& dout, const at::Tensor& u,
                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                         bool)>();
   return op.call(dout, u, delta, A, B, C, D, delta_bias, delta_softplus);
-}
-
-struct Ss2dSizes {
-  int64_t batch, dim, height, width, rank, dstate;
-};
-
-Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
-                          const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
-                          const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
-  check_floating(x, "x");
-  check_floating(x_proj_weight, "x_proj_weight");
-  check_floating(dt_projs_weight, "dt_projs_weight");
-  check_floating(dt_projs_bias, "dt_projs_bias");
-  check_floating(A_logs, "A_logs");
-  check_floating(Ds, "Ds");
-  check_rank(x, 4, "x", channels_first ? "(B, D, H, W) (channels_first)" : "(B, H, W, D)");
-  Ss2dSizes s;
-  s.batch = x.size(0);
-  s.dim = channels_first ? x.size(1) : x.size(3);
-  s.height = channels_first ? x.size(2) : x.size(1);
-  s.width = channels_first ? x.size(3) : x.size(2);
-  check_rank(dt_projs_weight, 3, "dt_projs_weight", "(4, D, R)");
-  s.rank = dt_projs_weight.size(2);
-  check_shape(dt_projs_weight, {4, s.dim, s.rank}, "dt_projs_weight",
-              "(4, D, R) with D the channels of x");
-  check_rank(A_logs, 2, "A_logs", "(4*D, N)");
-  s.dstate = A_logs.size(1);
-  check_shape(A_logs, {4 * s.dim, s.dstate}, "A_logs", "(4*D, N) with D the channels of x");
-  check_shape(x_proj_weight, {4, s.rank + 2 * s.dstate, s.dim}, "x_proj_weight",
-              "(4, R + 2N, D) with R from dt_projs_weight and N from A_logs");
-  check_shape(dt_projs_bias, {4, s.dim}, "dt_projs_bias", "(4, D)");
-  check_shape(Ds, {4 * s.dim}, "Ds", "(4*D,)");
-  check_same_device(x_proj_weight, x, "x_proj_weight", "x");
-  check_same_device(dt_projs_weight, x, "dt_projs_weight", "x");
-  check_same_device(dt_projs_bias, x, "dt_projs_bias", "x");
-  check_same_device(A_logs, x, "A_logs", "x");
-  check_same_device(Ds, x, "Ds", "x");
-  return s;
 }
 
 // The forward intermediates that both directions need, in the accumulation type.

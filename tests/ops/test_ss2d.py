@@ -179,3 +179,23 @@ def test_gradients_match_independent_math(device, backend, channels_first):
     names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
     for name, a, b in zip(names, got, want):
         torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d") if p.id == "cuda"])
+@pytest.mark.parametrize("B,H,W,D,N,R,channels_first", [
+    (1, 23, 23, 5, 1, 2, False),   # one image: the fused kernel cuts each scan into chunks
+    (3, 17, 31, 130, 3, 4, True),  # two channel blocks, channels-first input
+    (2, 1, 97, 7, 16, 1, False),   # a single row; d_state 16
+])
+def test_cuda_fused_forward_at_sizes_that_chunk(device, backend, B, H, W, D, N, R,
+                                                channels_first):
+    """CUDA: the fused forward where the scans are split into chunks with carries, and where
+    the channels span several blocks, against the float64 CPU kernel."""
+    x = make_x(B, H, W, D, device, channels_first=channels_first)
+    weights = make_weights(D, N, R, device)
+    got = ops.ss2d(x, *weights, channels_first=channels_first, backend=backend)
+    want = ops.ss2d(x.cpu(), *(w.cpu() for w in weights), channels_first=channels_first,
+                    backend="cpu")
+    torch.testing.assert_close(got.cpu(), want, atol=1e-9, rtol=1e-9)
+    lowp = ops.ss2d(x.float(), *weights, channels_first=channels_first, backend=backend)
+    torch.testing.assert_close(lowp.double().cpu(), want, atol=2e-4, rtol=2e-4)

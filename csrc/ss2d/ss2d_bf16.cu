@@ -1,0 +1,11 @@
+// The fused CUDA SS2D forward for __nv_bfloat16 input (one translation unit per dtype, so nvcc builds
+// them in parallel). The kernels are in ss2d_kernel.cuh.
+#include "ss2d/ss2d_kernel.cuh"
+
+namespace pyssm {
+
+cudaError_t ss2d_fwd_bf16(const Ss2dParams& p, cudaStream_t stream) {
+  return ss2d::fwd<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace pyssm

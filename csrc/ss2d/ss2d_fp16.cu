@@ -1,0 +1,11 @@
+// The fused CUDA SS2D forward for __half input (one translation unit per dtype, so nvcc builds
+// them in parallel). The kernels are in ss2d_kernel.cuh.
+#include "ss2d/ss2d_kernel.cuh"
+
+namespace pyssm {
+
+cudaError_t ss2d_fwd_fp16(const Ss2dParams& p, cudaStream_t stream) {
+  return ss2d::fwd<__half>(p, stream);
+}
+
+}  // namespace pyssm

@@ -1,0 +1,168 @@
+// Fused CUDA SS2D forward (DESIGN.md "ss2d"), v1: the four directional scans read x in place
+// (channels-last, one thread per channel, so every load of a pixel's channels is coalesced
+// whatever the direction), form delta from the R-wide dt inside the kernel (no (B, 4D, L)
+// delta), and add their outputs straight into one y; no cross-scanned copy of x and no four
+// separate outputs exist. x_proj (z = W_x x, per pixel) comes in precomputed (one GEMM).
+//
+// Parallelism at any batch: each direction's scan is cut into `chunks` pieces of chunk_len
+// positions. With chunks > 1, pass 0 runs every chunk from a zero state and records its end
+// state and its total decay, a small kernel chains those into the state entering every chunk,
+// and pass 1 reruns each chunk from its entering state and writes y. With chunks == 1 only
+// pass 1 runs. Block: (up to 128 channels) x (one chunk) x (batch, direction).
+#pragma once
+
+#include "ss2d/selective_scan_kernel.cuh"  // scan::Acc, widen, exp_, softplus
+#include "ss2d/ss2d.cuh"
+
+namespace pyssm {
+namespace ss2d {
+
+using scan::Acc;
+using scan::exp_;
+using scan::softplus;
+using scan::widen;
+
+constexpr int kTilePositions = 32;  // positions whose z rows sit in shared memory at once
+
+// The pixel (row-major index) that direction k visits at scan position l.
+__device__ __forceinline__ int64_t pixel(int k, int64_t l, int64_t H, int64_t W) {
+  if (k >= 2) l = H * W - 1 - l;
+  if (k % 2 == 0) return l;
+  return (l % H) * W + l / H;  // column-major: l = w * H + h
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t* scratch_part(const Ss2dParams& p, int part) {
+  const int64_t size = p.batch * 4 * p.chunks * p.dim * p.dstate;
+  return static_cast<acc_t*>(p.scratch) + part * size;
+}
+
+// kPass 0: chunk summaries (end state from zero, total decay); 1: y.
+template <typename T, int kMaxN, int kPass>
+__global__ void ss2d_chunk_kernel(const Ss2dParams p) {
+  using acc_t = typename Acc<T>::type;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // (kTilePositions, R + 2N)
+
+  const int64_t H = p.height, W = p.width, L = H * W, D = p.dim, R = p.rank, N = p.dstate;
+  const int64_t zw = R + 2 * N;
+  const int64_t b = blockIdx.z / 4;
+  const int k = blockIdx.z % 4;
+  const int64_t chunk = blockIdx.y;
+  const int64_t d = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = d < D;
+  const int64_t l_begin = chunk * p.chunk_len;
+  const int64_t l_end = l_begin + p.chunk_len < L ? l_begin + p.chunk_len : L;
+
+  const T* x = static_cast<const T*>(p.x) + b * L * D;
+  const acc_t* z = static_cast<const acc_t*>(p.z) + b * L * 4 * zw;
+  const acc_t* dt_w = static_cast<const acc_t*>(p.dt_w) + (k * D + (active ? d : 0)) * R;
+  const acc_t bias = active ? static_cast<const acc_t*>(p.dt_b)[k * D + d] : acc_t(0);
+  const acc_t Dk = active ? static_cast<const acc_t*>(p.Ds)[k * D + d] : acc_t(0);
+  const acc_t* A = static_cast<const acc_t*>(p.A) + (k * D + (active ? d : 0)) * N;
+  acc_t* y = static_cast<acc_t*>(p.y) + b * L * D;
+
+  // scratch index of (b, k, chunk, d, n)
+  const int64_t state_at = (((b * 4 + k) * p.chunks + chunk) * D + (active ? d : 0)) * N;
+  acc_t Ak[kMaxN], h[kMaxN];
+#pragma unroll
+  for (int n = 0; n < kMaxN; ++n) {
+    Ak[n] = n < N ? A[n] : acc_t(0);
+    h[n] = (kPass == 1 && p.chunks > 1 && n < N && active)
+               ? scratch_part<acc_t>(p, 2)[state_at + n]
+               : acc_t(0);
+  }
+  acc_t dt_sum = 0;
+
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += kTilePositions) {
+    const int count = int(l_end - l0 < kTilePositions ? l_end - l0 : kTilePositions);
+    __syncthreads();  // the previous tile's z rows are consumed
+    for (int64_t i = threadIdx.x; i < count * zw; i += blockDim.x) {
+      const int64_t j = i / zw, c = i % zw;
+      zs[i] = z[(pixel(k, l0 + j, H, W) * 4 + k) * zw + c];
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int j = 0; j < count; ++j) {
+      const int64_t pix = pixel(k, l0 + j, H, W);
+      const acc_t* zj = zs + j * zw;
+      const acc_t u = widen(x[pix * D + d]);
+      acc_t dt = bias;
+      for (int64_t r = 0; r < R; ++r) dt += dt_w[r] * zj[r];
+      dt = softplus(dt);
+      dt_sum += dt;
+      const acc_t dtu = dt * u;
+      acc_t out = Dk * u;
+#pragma unroll
+      for (int n = 0; n < kMaxN; ++n) {
+        if (n >= N) break;
+        h[n] = exp_(dt * Ak[n]) * h[n] + dtu * zj[R + n];
+        if (kPass == 1) out += zj[R + N + n] * h[n];
+      }
+      if (kPass == 1) atomicAdd(y + pix * D + d, out);
+    }
+  }
+  if (kPass == 0 && active) {
+#pragma unroll
+    for (int n = 0; n < kMaxN; ++n) {
+      if (n >= N) break;
+      scratch_part<acc_t>(p, 0)[state_at + n] = exp_(Ak[n] * dt_sum);  // the chunk's decay
+      scratch_part<acc_t>(p, 1)[state_at + n] = h[n];                 // its end state from 0
+    }
+  }
+}
+
+// The state entering each chunk: one thread per (batch, direction, channel, state), in order.
+template <typename acc_t>
+__global__ void ss2d_carry_kernel(const Ss2dParams p) {
+  const int64_t D = p.dim, N = p.dstate;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.batch * 4 * D * N) return;
+  const int64_t n = i % N, d = (i / N) % D, bk = i / (N * D);
+  const acc_t* decay = scratch_part<acc_t>(p, 0);
+  const acc_t* local = scratch_part<acc_t>(p, 1);
+  acc_t* carry = scratch_part<acc_t>(p, 2);
+  acc_t h = 0;
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    const int64_t at = ((bk * p.chunks + c) * D + d) * N + n;
+    carry[at] = h;
+    h = decay[at] * h + local[at];
+  }
+}
+
+template <typename T, int kMaxN>
+cudaError_t launch(const Ss2dParams& p, cudaStream_t stream) {
+  using acc_t = typename Acc<T>::type;
+  const int threads = int(p.dim >= 128 ? 128 : (p.dim + 31) / 32 * 32);
+  const dim3 grid(unsigned((p.dim + threads - 1) / threads), unsigned(p.chunks),
+                  unsigned(p.batch * 4));
+  const size_t smem = size_t(kTilePositions) * (p.rank + 2 * p.dstate) * sizeof(acc_t);
+  if (p.chunks > 1) {
+    ss2d_chunk_kernel<T, kMaxN, 0><<<grid, threads, smem, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const int64_t n = p.batch * 4 * p.dim * p.dstate;
+    ss2d_carry_kernel<acc_t><<<unsigned((n + 255) / 256), 256, 0, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  ss2d_chunk_kernel<T, kMaxN, 1><<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fwd(const Ss2dParams& p, cudaStream_t stream) {
+  using acc_t = typename Acc<T>::type;
+  if (p.batch * p.height * p.width * p.dim == 0) return cudaSuccess;
+  if (p.dstate < 1 || p.dstate > kSs2dMaxState || p.chunks < 1 || p.chunk_len < 1 ||
+      p.batch * 4 > 65535 || p.chunks > 65535 ||
+      size_t(kTilePositions) * (p.rank + 2 * p.dstate) * sizeof(acc_t) > 48 * 1024)
+    return cudaErrorInvalidValue;
+  if (p.dstate == 1) return launch<T, 1>(p, stream);
+  if (p.dstate <= 4) return launch<T, 4>(p, stream);
+  if (p.dstate <= 8) return launch<T, 8>(p, stream);
+  return launch<T, 16>(p, stream);
+}
+
+}  // namespace ss2d
+}  // namespace pyssm
