@@ -21,7 +21,7 @@ REBUILD_HINT = (
 # check has run them): the automatic backend choice runs the reference instead, with a warning.
 # backend="cuda" (what the CUDA tests and the device check use) or PYSSM_UNVERIFIED_CUDA=1 runs
 # them. An op leaves this set in the commit that records its passing device check.
-UNVERIFIED_CUDA = frozenset({"cross_scan", "cross_merge", "selective_scan", "ss2d"})
+UNVERIFIED_CUDA = frozenset({"cross_scan", "cross_merge", "selective_scan", "ss2d", "attention"})
 
 _loaded = False
 _error: str | None = None

@@ -122,7 +122,7 @@ def test_unverified_cuda_kernels_are_not_chosen_automatically(monkeypatch):
     assert _backend.resolve(op, cuda, "cuda") == "cuda"
     monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
     assert _backend.resolve(op, cuda, None) == "cuda"
-    other = "attention"  # not in the set: its (here pretended) kernel is chosen as usual
+    other = "verified_op"  # not in the set: its (here pretended) kernel is chosen as usual
     assert other not in _extension.UNVERIFIED_CUDA
     monkeypatch.delenv("PYSSM_UNVERIFIED_CUDA")
     assert _backend.resolve(other, cuda, None) == "cuda"

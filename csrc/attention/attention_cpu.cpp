@@ -1,5 +1,7 @@
-// CPU attention, forward and backward, in the accumulation type (float64 for float64 inputs,
-// float32 otherwise), in chunks of sequences so the scores stay small:
+// Attention composed from ATen ops, forward and backward, in the accumulation type (float64 for
+// float64 inputs, float32 otherwise), in chunks of sequences so the scores stay small. It is
+// the CPU kernel, and on CUDA the path for what the flash kernel does not take (float32 /
+// float64, other head sizes) and, for now, the backward (attention_cuda.cpp):
 //   S = scale q k^T (causal: key j visible to query i when j <= i + Sk - Sq, flash-attn's
 //   bottom-right alignment), lse = logsumexp_j S, P = exp(S - lse), o = P v.
 // A row that sees no key (causal with Sq > Sk) gives o = 0 and lse = -inf.
@@ -11,16 +13,10 @@
 #include <cmath>
 #include <limits>
 
+#include "attention/attention_composed.h"
 #include "checks.h"
 
 namespace pyssm {
-namespace {
-
-struct AttnSizes {
-  bool varlen;
-  int64_t batch, seqlen_q, seqlen_k, heads, heads_k, head_dim;
-  std::vector<int64_t> starts;  // varlen: cu_seqlens as int64
-};
 
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
@@ -94,6 +90,8 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
   return s;
 }
 
+namespace {
+
 // A chunk (b, S, H, d) -> heads-first (b, H, S, d) in acc type, kv heads repeated per group.
 at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
   at::Tensor h = t.to(acc).transpose(1, 2);
@@ -142,7 +140,9 @@ at::Tensor lse_chunk(const at::Tensor& lse, const AttnSizes& s, int64_t i) {
   return lse.narrow(0, i * kBatchChunk, std::min(kBatchChunk, s.batch - i * kBatchChunk));
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::Tensor& k,
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, bool causal,
                                                  std::optional<double> softmax_scale,
                                                  const std::optional<at::Tensor>& cu_seqlens,
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
@@ -217,11 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   return {dq, dk, dv};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(pyssm, CPU, m) {
-  m.impl("attention", &attention_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention", &attention_composed);
+  m.impl("attention_backward", &attention_backward_composed);
 }
 
 }  // namespace pyssm

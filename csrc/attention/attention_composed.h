@@ -1,0 +1,36 @@
+// Attention composed from ATen ops (attention_cpu.cpp): the CPU kernel, and on CUDA the path
+// for inputs the flash kernel does not take and for the backward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace pyssm {
+
+struct AttnSizes {
+  bool varlen;
+  int64_t batch, seqlen_q, seqlen_k, heads, heads_k, head_dim;
+  std::vector<int64_t> starts;  // varlen: cu_seqlens as int64
+};
+
+// Every shape, dtype, device and cu_seqlens check of attention (reads cu_seqlens on the host).
+AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& cu_seqlens,
+                               std::optional<int64_t> max_seqlen);
+
+std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, bool causal,
+                                                      std::optional<double> softmax_scale,
+                                                      const std::optional<at::Tensor>& cu_seqlens,
+                                                      std::optional<int64_t> max_seqlen);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen);
+
+}  // namespace pyssm

@@ -1,0 +1,39 @@
+// Launcher interface of the CUDA flash-attention forward (csrc/attention/flash_kernel.cuh; one
+// flash_<dtype>_hd<head_dim>.cu per dtype and head size). Torch-free.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace pyssm {
+
+// q (tokens, heads, d), k, v (tokens, heads_k, d), out like q: contiguous fp16 / bf16, the
+// tokens of sequence b at [start_b, start_b + len_b): start_b = b * seqlen (dense batches) or
+// cu_seqlens[b] (packed). lse: float, (batch, heads, seqlen_q) dense or (heads, total) packed.
+struct FlashParams {
+  const void *q, *k, *v;
+  void* out;
+  float* lse;
+  const int* cu_seqlens;       // device pointer, or null for a dense batch
+  int64_t batch, heads, heads_k, seqlen_q, seqlen_k, total_q;  // seqlen_*: max_seqlen packed
+  float scale_log2;            // softmax_scale * log2(e)
+  bool causal;
+};
+
+// head sizes with a kernel (others run the composed path)
+inline bool flash_supported_head_dim(int64_t d) {
+  return d == 32 || d == 64 || d == 72 || d == 80 || d == 96 || d == 128;
+}
+
+#define PYSSM_FLASH_DECLARE(tag, hd) \
+  cudaError_t flash_fwd_##tag##_hd##hd(const FlashParams& p, cudaStream_t stream);
+#define PYSSM_FLASH_DECLARE_ALL(tag)                                                   \
+  PYSSM_FLASH_DECLARE(tag, 32) PYSSM_FLASH_DECLARE(tag, 64) PYSSM_FLASH_DECLARE(tag, 72) \
+  PYSSM_FLASH_DECLARE(tag, 80) PYSSM_FLASH_DECLARE(tag, 96) PYSSM_FLASH_DECLARE(tag, 128)
+PYSSM_FLASH_DECLARE_ALL(fp16)
+PYSSM_FLASH_DECLARE_ALL(bf16)
+#undef PYSSM_FLASH_DECLARE_ALL
+#undef PYSSM_FLASH_DECLARE
+
+}  // namespace pyssm

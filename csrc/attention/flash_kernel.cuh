@@ -1,0 +1,285 @@
+// CUDA flash-attention forward, portable path (sm_80 and newer: mma.sync m16n8k16, fp32
+// accumulation), v1. One block of 4 warps takes 64 query rows of one (sequence, head); each
+// warp owns 16 rows. Q stays in registers as mma A fragments; K and V tiles of 64 keys go
+// through shared memory; S = Q K^T is computed into registers, masked, turned into
+// probabilities with an online softmax in the log2 domain (the scale folded into one multiply),
+// and multiplied into O straight from the S registers (the C fragment of one mma is the A
+// fragment of the next). Causal blocks stop at their last visible key tile. Head sizes that
+// are not a multiple of 16 (72) are zero-padded to one in shared memory and registers only for
+// the Q K^T reduction (72 -> 80, not 128); O keeps exactly head_dim columns.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16 / .f16): lane = 4 g + t;
+//   A (16 x 16, row): reg0 = A[g][2t..2t+1], reg1 = A[g+8][2t..], reg2 = A[g][2t+8..],
+//                     reg3 = A[g+8][2t+8..]
+//   B (16 x 8, col):  reg0 = B[2t..2t+1][g], reg1 = B[2t+8..2t+9][g]
+//   C (16 x 8, f32):  c0, c1 = C[g][2t..2t+1], c2, c3 = C[g+8][2t..2t+1]
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/flash.cuh"
+
+namespace pyssm {
+namespace flash {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockM = 16 * kWarps;  // query rows per block
+constexpr int kBlockN = 64;           // keys per tile
+
+template <typename T>
+struct Pack;
+template <>
+struct Pack<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Pack<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+};
+
+// d += a b on one m16n8k16 tile
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// two consecutive elements as one 32-bit register (zero where the column is past `limit`)
+template <typename T>
+__device__ __forceinline__ uint32_t load_pair(const T* row, int col, int limit) {
+  if (col + 1 < limit) return *reinterpret_cast<const uint32_t*>(row + col);
+  const float lo = col < limit ? Pack<T>::to_float(row[col]) : 0.f;
+  return Pack<T>::pack(lo, 0.f);
+}
+
+template <typename T, int kHeadDim>
+struct Traits {
+  static constexpr int kPadDim = (kHeadDim + 15) / 16 * 16;  // the Q K^T reduction length
+  static constexpr int kKSteps = kPadDim / 16;
+  static constexpr int kDimTiles = kHeadDim / 8;              // O columns in 8-wide tiles
+  static constexpr int kSmemStride = kPadDim + 8;             // +16 bytes: fewer bank conflicts
+  static constexpr int kChunks = kPadDim / 8;                 // 16-byte chunks per smem row
+  static_assert(kHeadDim % 8 == 0, "head_dim must be a multiple of 8");
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p) {
+  using Tr = Traits<T, kHeadDim>;
+  __shared__ __align__(16) T k_tile[kBlockN * Tr::kSmemStride];
+  __shared__ __align__(16) T v_tile[kBlockN * Tr::kSmemStride];
+
+  const int b = blockIdx.z, h = blockIdx.y, m_block = blockIdx.x;
+  const int64_t q_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
+  const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
+  const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
+  const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
+  if (int64_t(m_block) * kBlockM >= Sq) return;  // the whole block: before any barrier
+  const int64_t hk = h / (p.heads / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t row0 = int64_t(m_block) * kBlockM + warp * 16 + g;  // this thread's rows:
+  const int64_t row1 = row0 + 8;                                     // row0 and row0 + 8
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k) + (k_start * p.heads_k + hk) * kHeadDim;
+  const T* v = static_cast<const T*>(p.v) + (k_start * p.heads_k + hk) * kHeadDim;
+  const int64_t kv_row = p.heads_k * kHeadDim;
+
+  // Q as A fragments, one set per 16-wide step of the reduction
+  uint32_t qf[Tr::kKSteps][4];
+  {
+    const T* q0 = q + ((q_start + row0) * p.heads + h) * kHeadDim;
+    const T* q1 = q + ((q_start + row1) * p.heads + h) * kHeadDim;
+    const bool ok0 = row0 < Sq, ok1 = row1 < Sq;
+#pragma unroll
+    for (int s = 0; s < Tr::kKSteps; ++s) {
+      const int c = s * 16 + 2 * t;
+      qf[s][0] = ok0 ? load_pair(q0, c, kHeadDim) : 0u;
+      qf[s][1] = ok1 ? load_pair(q1, c, kHeadDim) : 0u;
+      qf[s][2] = ok0 ? load_pair(q0, c + 8, kHeadDim) : 0u;
+      qf[s][3] = ok1 ? load_pair(q1, c + 8, kHeadDim) : 0u;
+    }
+  }
+
+  float o[Tr::kDimTiles][4];
+#pragma unroll
+  for (int n = 0; n < Tr::kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+
+  // causal: query i sees key j <= i + Sk - Sq; the block's last row bounds the keys to visit
+  int64_t key_end = Sk;
+  if (p.causal) {
+    const int64_t last_row = (int64_t(m_block) + 1) * kBlockM - 1;
+    const int64_t limit = last_row + Sk - Sq + 1;
+    key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
+  }
+
+  for (int64_t n0 = 0; n0 < key_end; n0 += kBlockN) {
+    __syncthreads();  // the previous tiles are consumed
+    for (int i = threadIdx.x; i < kBlockN * Tr::kChunks; i += kThreads) {
+      const int r = i / Tr::kChunks, c = (i % Tr::kChunks) * 8;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (n0 + r < Sk && c < kHeadDim) {
+        kv = *reinterpret_cast<const uint4*>(k + (n0 + r) * kv_row + c);
+        vv = *reinterpret_cast<const uint4*>(v + (n0 + r) * kv_row + c);
+      }
+      *reinterpret_cast<uint4*>(k_tile + r * Tr::kSmemStride + c) = kv;
+      *reinterpret_cast<uint4*>(v_tile + r * Tr::kSmemStride + c) = vv;
+    }
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows and the tile's 64 keys
+    float s[kBlockN / 8][4];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      const T* krow = k_tile + (j * 8 + g) * Tr::kSmemStride;
+#pragma unroll
+      for (int st = 0; st < Tr::kKSteps; ++st) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + st * 16 + 2 * t);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + st * 16 + 2 * t + 8);
+        mma<T>(s[j], qf[st], b0, b1);
+      }
+    }
+    // scale into the log2 domain and mask (past the sequence, or causal)
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = n0 + j * 8 + 2 * t + (e & 1);
+        const int64_t row = e < 2 ? row0 : row1;
+        const bool visible = key < Sk && (!p.causal || key <= row + Sk - Sq);
+        s[j][e] = visible ? s[j][e] * p.scale_log2 : -INFINITY;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+    }
+#pragma unroll
+    for (int d = 1; d < 4; d *= 2) {  // the 4 lanes of a row
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, d));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, d));
+    }
+    const float new0 = fmaxf(m0, mx0), new1 = fmaxf(m1, mx1);
+    const float use0 = new0 == -INFINITY ? 0.f : new0;  // a row with nothing visible yet
+    const float use1 = new1 == -INFINITY ? 0.f : new1;
+    const float alpha0 = exp2f(m0 - use0), alpha1 = exp2f(m1 - use1);
+    m0 = new0;
+    m1 = new1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      s[j][0] = exp2f(s[j][0] - use0);
+      s[j][1] = exp2f(s[j][1] - use0);
+      s[j][2] = exp2f(s[j][2] - use1);
+      s[j][3] = exp2f(s[j][3] - use1);
+      sum0 += s[j][0] + s[j][1];
+      sum1 += s[j][2] + s[j][3];
+    }
+    l0 = l0 * alpha0 + sum0;  // per-lane partial sums: the lanes of a row add up at the end
+    l1 = l1 * alpha1 + sum1;
+#pragma unroll
+    for (int n = 0; n < Tr::kDimTiles; ++n) {
+      o[n][0] *= alpha0;
+      o[n][1] *= alpha0;
+      o[n][2] *= alpha1;
+      o[n][3] *= alpha1;
+    }
+    // O += P V, P taken from the S registers 16 keys at a time
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t pf[4] = {Pack<T>::pack(s[2 * kk][0], s[2 * kk][1]),
+                              Pack<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                              Pack<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              Pack<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const T* v0 = v_tile + (kk * 16 + 2 * t) * Tr::kSmemStride;
+#pragma unroll
+      for (int n = 0; n < Tr::kDimTiles; ++n) {
+        const int col = n * 8 + g;
+        const T* vc = v0 + col;
+        const uint32_t b0 = Pack<T>::pack(Pack<T>::to_float(vc[0]),
+                                          Pack<T>::to_float(vc[Tr::kSmemStride]));
+        const uint32_t b1 = Pack<T>::pack(Pack<T>::to_float(vc[8 * Tr::kSmemStride]),
+                                          Pack<T>::to_float(vc[9 * Tr::kSmemStride]));
+        mma<T>(o[n], pf, b0, b1);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int d = 1; d < 4; d *= 2) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, d);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, d);
+  }
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int n = 0; n < Tr::kDimTiles; ++n) {
+    const int col = n * 8 + 2 * t;
+    if (row0 < Sq) {
+      T* dst = out + ((q_start + row0) * p.heads + h) * kHeadDim + col;
+      *reinterpret_cast<uint32_t*>(dst) = Pack<T>::pack(o[n][0] * inv0, o[n][1] * inv0);
+    }
+    if (row1 < Sq) {
+      T* dst = out + ((q_start + row1) * p.heads + h) * kHeadDim + col;
+      *reinterpret_cast<uint32_t*>(dst) = Pack<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
+    }
+  }
+  if (t == 0) {
+    constexpr float kLn2 = 0.6931471805599453f;
+    const float lse0 = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : -INFINITY;
+    const float lse1 = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : -INFINITY;
+    // dense (batch, heads, seqlen_q); packed (heads, total)
+    const int64_t base = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
+    if (row0 < Sq) p.lse[base + row0] = lse0;
+    if (row1 < Sq) p.lse[base + row1] = lse1;
+  }
+}
+
+template <typename T, int kHeadDim>
+cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads > 65535)
+    return cudaErrorInvalidValue;
+  const dim3 grid(unsigned((p.seqlen_q + kBlockM - 1) / kBlockM), unsigned(p.heads),
+                  unsigned(p.batch));
+  flash_fwd_kernel<T, kHeadDim><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flash
+}  // namespace pyssm
