@@ -54,37 +54,32 @@ def encoder_plots(rows: list[dict], laws: list[PowerLaw], crossings: list[dict],
     plt = _plt()
     written = []
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    series = _by_series(rows, "forward", "img_s")
-    for label, pts in series.items():
-        ax.plot(*zip(*pts), marker="o", label=label)
-    for c in crossings:
-        if c["resolution"] is not None and c["mode"] == "forward":
+    def against_resolution(key: str, what: str, ylabel: str, title: str, marks=()):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        series = _by_series(rows, "forward", key)
+        for label, pts in series.items():
+            ax.plot(*zip(*pts), marker="o", label=label)
+        for c in marks:
             ax.axvline(c["resolution"], ls="--", lw=0.8, color="grey")
             ax.annotate(f"{c['vmamba']} overtakes {c['vit']}\n({c['how']}, "
                         f"{c['resolution']:.0f} px)", (c["resolution"], 0.95),
                         xycoords=("data", "axes fraction"), fontsize=6, va="top")
-    if series:
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    else:
-        _empty(ax, "throughput")
-    ax.set(xlabel="resolution (px)", ylabel="img/s (inference)",
-           title=f"Encoder throughput against resolution ({device})")
-    written.append(_save(fig, out_dir, "throughput_vs_resolution.png"))
+        if series:
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax, what)
+        ax.set(xlabel="resolution (px)", ylabel=ylabel, title=f"{title} ({device})")
+        return fig
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    series = _by_series(rows, "forward", "mb_per_img")
-    for label, pts in series.items():
-        ax.plot(*zip(*pts), marker="o", label=label)
-    if series:
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    else:
-        _empty(ax, "memory")
-    ax.set(xlabel="resolution (px)", ylabel="peak MB per image above the inputs",
-           title=f"Encoder memory against resolution ({device})")
-    written.append(_save(fig, out_dir, "memory_vs_resolution.png"))
+    marks = [c for c in crossings if c["resolution"] is not None and c["mode"] == "forward"]
+    written.append(_save(against_resolution("img_s", "throughput", "img/s (inference)",
+                                            "Encoder throughput against resolution", marks),
+                         out_dir, "throughput_vs_resolution.png"))
+    written.append(_save(against_resolution("mb_per_img", "memory",
+                                            "peak MB per image above the inputs",
+                                            "Encoder memory against resolution"),
+                         out_dir, "memory_vs_resolution.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for law in laws:
