@@ -4,12 +4,16 @@ import json
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 from pyssm.cli import main
-from pyssm.data import COLOURS, SceneObject
+from pyssm.data import COLOURS, SceneDataset, SceneObject, scene_batch
 from pyssm.study import BUDGETS
-from pyssm.study.pretrain import LABELS, class_targets, dense_targets, pretrain_encoder
+from pyssm.study.pretrain import (LABELS, PretrainScenes, class_targets, dense_targets,
+                                  pretrain_encoder)
+from pyssm.study.run import TrainScenes, summarize_runs
+from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, Preprocessed
 
 
 class FakeScene:
@@ -23,7 +27,7 @@ def test_targets_follow_the_scene_graph():
     scene = FakeScene([obj, digit])
     cls = class_targets([scene])[0]
     assert {LABELS[i] for i in cls.nonzero().flatten().tolist()} == {"circle", "red", "7", "blue"}
-    dense = dense_targets([scene], grid=4)[0]           # cell centres 0.125, 0.375, ...
+    dense = dense_targets([scene], grid=4)[0]           # cells [0, 0.25), [0.25, 0.5), ...
     red = 1 + list(COLOURS).index("red")
     assert dense[:, 0].view(4, 4).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0],
                                                [0, 0, 0, 1]]
@@ -38,7 +42,11 @@ def test_dense_pretraining_runs():
     assert not encoder.training
 
 
-def test_tiny_study_runs_and_writes_its_table(tmp_path, capsys):
+def test_tiny_study_runs_and_writes_its_table(tmp_path, capsys, monkeypatch):
+    # the tiny budget shrunk further: this checks the plumbing, not what the budget learns
+    small = replace(BUDGETS["tiny"], pretrain_steps=3, vlm_steps=12, train_scenes=48,
+                    eval_examples=16)
+    monkeypatch.setitem(BUDGETS, "tiny", small)
     out = tmp_path / "study"
     assert main(["study", "run", "--encoders", "vmamba_tiny_s1l8,vit_tiny_patch16", "--seeds",
                  "1", "--budget", "tiny", "--objectives", "classification", "--device", "cpu",
@@ -50,7 +58,113 @@ def test_tiny_study_runs_and_writes_its_table(tmp_path, capsys):
     for run in result["runs"]:
         assert run["visual_tokens"] == 4                # 32 px: a 2 x 2 token grid
         assert run["vlm_losses"][-1] < run["vlm_losses"][0]
-        for split in ("val", "test", "test_comp"):
+        for split in ("val", "test", "test_comp", "test_shuffled"):
             assert 0.0 <= run["scores"][split]["overall"] <= 1.0
+    assert "shuffled images" in table and "uniform chance" in table
     assert (out / "accuracy_by_type.png").stat().st_size > 0
     assert (out / "accuracy_vs_throughput.png").stat().st_size > 0
+
+
+def test_dense_targets_mark_every_cell_an_object_overlaps():
+    # a small object off the cell centres: at 2 x 2 the centres (0.25, 0.75) miss it, and a
+    # centre-based target would show an empty scene
+    obj = SceneObject("shape", "square", "green", "small", (0.30, 0.05, 0.45, 0.20))
+    wide = SceneObject("shape", "circle", "red", "large", (0.40, 0.55, 0.60, 0.70))
+    dense = dense_targets([FakeScene([obj, wide])], grid=2)[0]
+    green, red = 1 + list(COLOURS).index("green"), 1 + list(COLOURS).index("red")
+    assert dense[:, 0].tolist() == [1, 0, 1, 1]           # the wide one straddles two cells
+    assert dense[:, green].tolist() == [1, 0, 0, 0]
+    assert dense[:, red].tolist() == [0, 0, 1, 1]
+    # boxes that only touch a cell's edge do not overlap it
+    edge = SceneObject("shape", "square", "green", "small", (0.0, 0.0, 0.5, 0.5))
+    assert dense_targets([FakeScene([edge])], grid=2)[0][:, 0].tolist() == [1, 0, 0, 0]
+
+
+def test_pretraining_warms_up_the_learning_rate(monkeypatch):
+    import pyssm.study.pretrain as pretrain
+
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    budget = replace(BUDGETS["tiny"], pretrain_steps=10, pretrain_batch=2, train_scenes=8,
+                     pretrain_lr=1e-3, pretrain_warmup=0.3)
+    pretrain.pretrain_encoder("vit_tiny_patch16", "classification", budget, seed=0,
+                              device=torch.device("cpu"))
+    assert seen[:3] == [pytest.approx(1e-3 / 3), pytest.approx(2e-3 / 3), pytest.approx(1e-3)]
+    assert seen[-1] < seen[3]                           # then a cosine decay
+
+
+def test_pretrain_scenes_are_the_rendered_batches():
+    budget = replace(BUDGETS["tiny"], train_scenes=12)
+    kept, rendered = PretrainScenes(budget, seed=2), PretrainScenes(budget, seed=2, max_bytes=0)
+    assert kept.images is not None and rendered.images is None
+    want_images, want_scenes = scene_batch("train", 3, 5, budget.img_size, base_seed=2)
+    for scenes in (kept, rendered):
+        images, batch = scenes.batch(3, 5)
+        assert torch.equal(images, want_images) and batch == want_scenes
+
+
+def test_train_scenes_give_what_preprocessed_gives():
+    budget = replace(BUDGETS["tiny"], train_scenes=6)
+    cached = TrainScenes(budget, seed=1, letterbox=True)
+    plain = Preprocessed(SceneDataset("train", num_scenes=6, size=budget.img_size, base_seed=1,
+                                      questions_per_scene=QUESTIONS_PER_SCENE,
+                                      n_objects=budget.n_objects), budget.img_size, True)
+    assert len(cached) == len(plain)
+    for i in (0, 5, 0, 23):                             # again from the cache
+        (a, pa, aa), (b, pb, ab) = cached[i], plain[i]
+        assert torch.equal(a, b) and (pa, aa) == (pb, ab)
+
+
+def test_summary_skips_seeds_without_a_type():
+    def run(seed, by_type):
+        scores = {"overall": 0.5, "vqa": 0.5, "by_type": by_type,
+                  "counts": {t: 2 for t in by_type}}
+        return {"encoder": "e", "objective": "dense", "seed": seed, "params_m": 1.0,
+                "visual_tokens": 4, "encoder_img_s": 10.0,
+                "scores": {s: scores for s in ("val", "test", "test_comp", "test_shuffled")}}
+
+    rows = summarize_runs([run(0, {"exist": 1.0, "colour": 0.5}), run(1, {"exist": 0.5}),
+                           run(2, {"exist": 0.0, "colour": 0.25})])
+    mean, half = rows[0]["test/type/colour"]
+    assert mean == pytest.approx(0.375) and math.isfinite(half)   # seeds 0 and 2, not nan
+    assert rows[0]["test/n/colour"] == 4
+    assert rows[0]["test/type/exist"][0] == pytest.approx(0.5)
+
+
+def test_shuffled_image_control_asks_about_the_next_scene():
+    from pyssm.vlm import VLMConfig
+    from pyssm.vlm.preprocess import prepare_images
+    from pyssm.vlm.recipes import evaluate
+
+    class Recorder(torch.nn.Module):
+        """A stand-in VLM that answers "yes" and keeps the images it was shown."""
+
+        def __init__(self):
+            super().__init__()
+            self.connector = torch.nn.Linear(1, 1)
+            self.config = VLMConfig(image_size=32)
+            self.images = []
+
+        def generate(self, images, prompts, max_new_tokens):
+            self.images.append(images)
+            return ["yes"] * len(prompts)
+
+    data = SceneDataset("test", num_scenes=3, size=32, base_seed=4,
+                        questions_per_scene=QUESTIONS_PER_SCENE, n_objects=(1, 2))
+    shown = {}
+    for shuffle in (False, True):
+        vlm = Recorder()
+        result = evaluate(vlm, "test", 12, seed=4, batch_size=5,
+                          scene_kwargs={"n_objects": (1, 2)}, shuffle_images=shuffle)
+        assert result["examples"] == 12
+        shown[shuffle] = torch.cat(vlm.images)
+    image = [prepare_images([data[4 * j][0]], 32)[0] for j in range(3)]
+    for i in range(12):
+        assert torch.equal(shown[False][i], image[i // 4])
+        assert torch.equal(shown[True][i], image[(i // 4 + 1) % 3])      # the next scene's

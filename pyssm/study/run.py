@@ -1,10 +1,12 @@
 """The controlled encoder study (``pyssm study run``).
 
-For each encoder and pretraining objective, and each seed: pretrain the encoder from scratch on
-the scene generator (pyssm.study.pretrain, the same images / steps / optimizer / schedule for
+For each seed, encoder and pretraining objective: pretrain the encoder from scratch on the
+scene generator (pyssm.study.pretrain, the same images / steps / optimizer / schedule for
 every encoder) or load ``--checkpoint``; freeze it; train the VLM with the same connector, LM,
 data, steps and hyperparameters (pyssm.vlm.Trainer); evaluate on val, test and the
-compositional test split. Writes results.json, table.md and plots under the output folder.
+compositional test split, and on test again with every question asked about another scene's
+image (the shuffled-image control: what the model scores without reading the image). Writes
+results.json, table.md and plots under the output folder.
 """
 
 from __future__ import annotations
@@ -20,14 +22,54 @@ import torch
 
 from pyssm.data import SceneDataset
 from pyssm.data.metrics import mean_interval
+from pyssm.data.render import render
 from pyssm.study.budgets import BUDGETS, Budget
-from pyssm.study.pretrain import OBJECTIVES, build_encoder, pretrain_encoder
+from pyssm.study.pretrain import OBJECTIVES, PretrainScenes, build_encoder, pretrain_encoder
 from pyssm.vlm import VisionLanguageModel, VLMConfig
-from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, Preprocessed, evaluate
+from pyssm.vlm.preprocess import prepare_images
+from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, evaluate
 from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
 from pyssm.vlm.train import Trainer, TrainConfig
 
 EVAL_SPLITS = ("val", "test", "test_comp")
+CONTROL = "test_shuffled"       # test, every question asked about another scene's image
+# uniform guessing over the answers a question type can have (types whose answer set depends
+# on the scene, count / nearest / farthest, have none)
+CHANCE = {"exist": 1 / 2, "compare": 1 / 2, "relation": 1 / 2, "colour": 1 / 7, "shape": 1 / 5,
+          "digit": 1 / 10}
+
+
+class TrainScenes:
+    """The VLM's training examples for one seed, (image, prompt, answer) as
+    pyssm.vlm.recipes.Preprocessed gives them, with each scene's image rendered and
+    preprocessed once and kept (when they fit in ``max_bytes``): the VLM revisits every
+    example many times, and all encoders and objectives of a seed read the same examples."""
+
+    def __init__(self, budget: Budget, seed: int, letterbox: bool,
+                 max_bytes: int = 512 * 2**20):
+        self.data = SceneDataset("train", num_scenes=budget.train_scenes, size=budget.img_size,
+                                 base_seed=seed, questions_per_scene=QUESTIONS_PER_SCENE,
+                                 n_objects=budget.n_objects)
+        self.size, self.letterbox = budget.img_size, letterbox
+        self.keep = budget.train_scenes * 3 * budget.img_size ** 2 * 4 <= max_bytes
+        self.images: dict[int, torch.Tensor] = {}
+        self.examples: dict[int, tuple[str, str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        if i not in self.examples:
+            ex = self.data.example(i)
+            self.examples[i] = (ex.prompt, ex.answer, ex.scene_index)
+        prompt, answer, j = self.examples[i]
+        image = self.images.get(j)
+        if image is None:
+            image = prepare_images([render(self.data.scene(j), self.size)], self.size,
+                                   letterbox=self.letterbox)[0]
+            if self.keep:
+                self.images[j] = image
+        return image, prompt, answer
 
 
 def encoder_throughput(encoder, img_size: int, device: torch.device, batch: int = 16) -> float:
@@ -48,7 +90,10 @@ def encoder_throughput(encoder, img_size: int, device: torch.device, batch: int 
 
 
 def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device,
-            letterbox: bool, checkpoint=None) -> dict:
+            letterbox: bool, checkpoint=None, pretrain_scenes: PretrainScenes | None = None,
+            train_scenes: TrainScenes | None = None) -> dict:
+    """One (encoder, objective, seed) of the study. ``pretrain_scenes`` / ``train_scenes``:
+    the seed's data, shared by its runs (made here when not given)."""
     from pyssm.data import vocabulary
 
     start = time.perf_counter()
@@ -56,30 +101,37 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
         encoder = build_encoder(encoder_name, budget, checkpoint).to(device).eval()
         pre_losses = []
     else:
-        encoder, pre_losses = pretrain_encoder(encoder_name, objective, budget, seed, device)
+        encoder, pre_losses = pretrain_encoder(encoder_name, objective, budget, seed, device,
+                                               scenes=pretrain_scenes)
+    pretrain_s = time.perf_counter() - start
     torch.manual_seed(seed)
     tokenizer = build_word_tokenizer(vocabulary())
     lm = build_tiny_lm(tokenizer, hidden_size=budget.lm_hidden, num_layers=budget.lm_layers)
     cfg = VLMConfig(encoder=encoder_name, image_size=budget.img_size, letterbox=letterbox,
-                    connector=budget.connector)
+                    connector=budget.connector, image_style=budget.image_style,
+                    prompt_template=budget.prompt_template)
     vlm = VisionLanguageModel.from_config(cfg, lm, tokenizer, encoder=encoder).to(device)
-    data = Preprocessed(SceneDataset("train", num_scenes=budget.train_scenes,
-                                     size=budget.img_size, base_seed=seed,
-                                     questions_per_scene=QUESTIONS_PER_SCENE),
-                        budget.img_size, letterbox)
+    data = train_scenes or TrainScenes(budget, seed, letterbox)
     trainer = Trainer(vlm, data, TrainConfig(stage="one-stage", steps=budget.vlm_steps,
                                              batch_size=budget.vlm_batch, lr=budget.vlm_lr,
-                                             seed=seed))
+                                             seed=seed, loss_weighting=budget.loss_weighting))
     vlm_losses = trainer.fit()
+    vlm_s = time.perf_counter() - start - pretrain_s
+    scene_kwargs = {"n_objects": budget.n_objects}
     scores = {split: evaluate(vlm, split, budget.eval_examples, seed=seed,
-                              batch_size=budget.vlm_batch) for split in EVAL_SPLITS}
+                              batch_size=budget.vlm_batch, scene_kwargs=scene_kwargs)
+              for split in EVAL_SPLITS}
+    scores[CONTROL] = evaluate(vlm, "test", budget.eval_examples, seed=seed,
+                               batch_size=budget.vlm_batch, scene_kwargs=scene_kwargs,
+                               shuffle_images=True)
     tokens = encoder.tokens(torch.zeros(1, 3, budget.img_size, budget.img_size, device=device))
     return {
         "encoder": encoder_name, "objective": objective if checkpoint is None else "checkpoint",
         "seed": seed, "params_m": sum(p.numel() for p in encoder.parameters()) / 1e6,
         "visual_tokens": tokens.shape[1], "encoder_img_s": encoder_throughput(
             encoder, budget.img_size, device), "pretrain_losses": pre_losses,
-        "vlm_losses": vlm_losses, "scores": scores, "seconds": time.perf_counter() - start}
+        "vlm_losses": vlm_losses, "scores": scores, "seconds": time.perf_counter() - start,
+        "pretrain_seconds": pretrain_s, "vlm_seconds": vlm_s}
 
 
 def summarize_runs(runs: list[dict]) -> list[dict]:
@@ -92,15 +144,21 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
         row = {"encoder": encoder, "objective": objective, "seeds": len(rs),
                "params_m": rs[0]["params_m"], "visual_tokens": rs[0]["visual_tokens"],
                "encoder_img_s": sum(r["encoder_img_s"] for r in rs) / len(rs)}
-        for split in EVAL_SPLITS:
+        for split in (*EVAL_SPLITS, CONTROL):
+            scored = [r["scores"][split] for r in rs if split in r["scores"]]
+            if not scored:
+                continue
             for key in ("overall", "vqa", "grounding"):
-                vals = [r["scores"][split].get(key) for r in rs]
+                vals = [sc.get(key) for sc in scored]
                 if all(v is not None for v in vals):
                     row[f"{split}/{key}"] = mean_interval(vals)
-            types = sorted({t for r in rs for t in r["scores"][split]["by_type"]})
+            types = sorted({t for sc in scored for t in sc["by_type"]})
             for t in types:
-                vals = [r["scores"][split]["by_type"].get(t, math.nan) for r in rs]
+                # over the seeds whose sample has the type: with a small eval set a rare type
+                # can be missing from a seed, and a nan there would blank the whole mean
+                vals = [sc["by_type"][t] for sc in scored if t in sc["by_type"]]
                 row[f"{split}/type/{t}"] = mean_interval(vals)
+                row[f"{split}/n/{t}"] = sum(sc["counts"].get(t, 0) for sc in scored)
         rows.append(row)
     return rows
 
@@ -112,19 +170,44 @@ def _fmt(cell) -> str:
     return f"{cell:.2f}" if isinstance(cell, float) else str(cell)
 
 
-def markdown(rows: list[dict], budget_name: str, seeds: int) -> str:
+def markdown(rows: list[dict], budget_name: str, seeds: int, budget: Budget | None = None) -> str:
     cols = ["encoder", "objective", "params_m", "visual_tokens", "encoder_img_s",
-            "val/overall", "test/vqa", "test/grounding", "test/overall", "test_comp/overall"]
-    types = sorted({k.split("/")[-1] for r in rows for k in r if k.startswith("test/type/")})
-    cols += [f"test/type/{t}" for t in types]
-    head = ["encoder", "objective", "params (M)", "visual tokens", "encoder img/s"]
-    head += [c.replace("/type/", " ") for c in cols[5:]]
-    lines = [f"# pyssm encoder study: budget {budget_name}, {seeds} seed(s)", "",
-             "Accuracies: mean ± 95% half-width over seeds (t interval); grounding is "
-             "Acc@0.5 IoU; overall weights every example equally.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            "val/overall", "test/vqa", f"{CONTROL}/vqa", "test/grounding", "test/overall",
+            "test_comp/overall"]
+    head = ["encoder", "objective", "params (M)", "visual tokens", "encoder img/s",
+            "val overall", "test vqa", "test vqa, shuffled images", "test grounding",
+            "test overall", "test_comp overall"]
+    lines = [f"# pyssm encoder study: budget {budget_name}, {seeds} seed(s)", ""]
+    if budget is not None:
+        lines += [f"{budget.img_size} px, scenes of {budget.n_objects[0]}-{budget.n_objects[1]} "
+                  f"objects, {budget.train_scenes} training scenes; pretraining "
+                  f"{budget.pretrain_steps} steps x {budget.pretrain_batch}, VLM "
+                  f"{budget.vlm_steps} steps x {budget.vlm_batch}; {budget.eval_examples} "
+                  f"examples per split and seed.", ""]
+    lines += ["Accuracies: mean ± 95% half-width over seeds (t interval); grounding is "
+              "Acc@0.5 IoU; overall weights every example equally. \"shuffled images\": the "
+              "same model on the same test questions, each asked about another scene's image: "
+              "what it scores without reading the image.", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    types = sorted({k.split("/")[-1] for r in rows for k in r if k.startswith("test/type/")})
+    lines += ["", "## Test accuracy by type: the model / with shuffled images", "",
+              "Each cell: accuracy with the scene's own image / with another scene's image; "
+              "n is the number of test examples of the type over all seeds.", "",
+              "| encoder | objective | " + " | ".join(types) + " |",
+              "|" + "---|" * (len(types) + 2)]
+    for r in rows:
+        cells = []
+        for t in types:
+            own, shuffled = r.get(f"test/type/{t}"), r.get(f"{CONTROL}/type/{t}")
+            cell = _fmt(own) if own else ""
+            if own and shuffled:
+                cell += f" / {shuffled[0]:.3f}"
+            cells.append(cell + (f" (n {r[f'test/n/{t}']})" if f"test/n/{t}" in r else ""))
+        lines.append(f"| {r['encoder']} | {r['objective']} | " + " | ".join(cells) + " |")
+    lines.append("| uniform chance | | " + " | ".join(
+        f"{CHANCE[t]:.3f}" if t in CHANCE else "" for t in types) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -139,8 +222,16 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(types) * len(rows) / 2), 4))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
+        xs = [j + i * width for j in range(len(types))]
         vals = [r.get(f"test/type/{t}", (math.nan, 0))[0] for t in types]
-        ax.bar([j + i * width for j in range(len(types))], vals, width, label=labels[i])
+        ax.bar(xs, vals, width, label=labels[i])
+        control = [r.get(f"{CONTROL}/type/{t}", (math.nan, 0))[0] for t in types]
+        ax.scatter(xs, control, marker="_", s=120, color="black", zorder=3,
+                   label="shuffled images" if i == 0 else None)
+    chance = [j for j, t in enumerate(types) if t in CHANCE]
+    for j in chance:
+        ax.hlines(CHANCE[types[j]], j - width / 2, j + 0.8 - width / 2, colors="grey",
+                  linestyles="dotted", label="uniform chance" if j == chance[0] else None)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(types))], types, rotation=30)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
@@ -196,20 +287,27 @@ def run_study(encoders: list[str], seeds: int = 3, budget: str = "tiny",
         "profiles", "study", f"{datetime.date.today().isoformat()}-{budget}")
     os.makedirs(out_dir, exist_ok=True)
     runs = []
-    for name in encoders:
-        for objective in (objectives if checkpoint is None else ("checkpoint",)):
-            for seed in range(seeds):
+    start = time.perf_counter()
+    for seed in range(seeds):          # seeds outermost: a seed's runs share its data
+        pretrain_scenes = PretrainScenes(b, seed) if checkpoint is None else None
+        train_scenes = TrainScenes(b, seed, letterbox)
+        for name in encoders:
+            for objective in (objectives if checkpoint is None else ("checkpoint",)):
                 log(f"[study] {name} / {objective} / seed {seed} ...")
-                run = run_one(name, objective, seed, b, dev, letterbox, checkpoint)
-                log(f"[study]   test overall {run['scores']['test']['overall']:.3f} "
+                run = run_one(name, objective, seed, b, dev, letterbox, checkpoint,
+                              pretrain_scenes, train_scenes)
+                test, control = run["scores"]["test"], run["scores"][CONTROL]
+                log(f"[study]   test vqa {test.get('vqa', math.nan):.3f} (shuffled images "
+                    f"{control.get('vqa', math.nan):.3f}), overall {test['overall']:.3f} "
                     f"in {run['seconds']:.0f} s")
                 runs.append(run)
     rows = summarize_runs(runs)
     result = {"budget": budget, "budget_config": {k: v for k, v in vars(b).items()},
-              "seeds": seeds, "device": str(dev), "letterbox": letterbox, "runs": runs,
-              "summary": rows}
+              "seeds": seeds, "device": str(dev), "letterbox": letterbox,
+              "torch_threads": torch.get_num_threads(),
+              "wall_seconds": time.perf_counter() - start, "runs": runs, "summary": rows}
     _write(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1, default=str))
-    _write(os.path.join(out_dir, "table.md"), markdown(rows, budget, seeds))
+    _write(os.path.join(out_dir, "table.md"), markdown(rows, budget, seeds, b))
     result["plots"] = plot(rows, out_dir)
     result["out_dir"] = out_dir
     return result

@@ -29,6 +29,7 @@ from pyssm.vlm.connector import build_connector, connector_dims
 from pyssm.vlm.splice import IGNORE, STYLES, splice_image_embeds
 
 CONFIG_NAME = "vlm_config.json"
+LOSS_REDUCTIONS = ("mean", "sum", "sequence_sum")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class VLMConfig:
     connector: str = "mlp2x_gelu"
     image_style: str = "prismatic"     # "prismatic" (after BOS) or "llava" (<image> token)
     image_token: str = "<image>"
+    # how a question becomes the LM's prompt; "{image}" marks where the llava style's image
+    # goes ("{prompt} {image}": after the question). None: "{image} {prompt}" (llava), or
+    # the question as it is (prismatic, whose image always follows BOS)
+    prompt_template: str | None = None
 
 
 class VisionLanguageModel(nn.Module):
@@ -57,6 +62,11 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"the connector outputs {out_dim} features but the LM's hidden "
                              f"size is {lm_dim}")
         self.image_token_id = None
+        template = config.prompt_template
+        if template is not None and (template.count("{prompt}") != 1 or template.count(
+                "{image}") != (config.image_style == "llava")):
+            raise ValueError(f"prompt_template must hold {{prompt}} once, and {{image}} once "
+                             f"with the llava style (never with prismatic), got {template!r}")
         if config.image_style == "llava":
             ids = tokenizer.convert_tokens_to_ids(config.image_token)
             if ids is None or ids == tokenizer.unk_token_id:
@@ -112,24 +122,36 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, images, input_ids, attention_mask, labels=None, loss_reduction="mean"):
         """The LM's output on the spliced inputs. With labels, ``loss`` is the mean next-token
-        cross-entropy over label tokens, or their sum with ``loss_reduction="sum"`` (for
-        normalising by a count over several micro-batches or ranks)."""
+        cross-entropy over label tokens; with ``loss_reduction="sum"`` their sum, and with
+        ``"sequence_sum"`` the sum over sequences of each sequence's mean (every sequence with
+        label tokens counts once, however long its answer). The sums are for normalising by a
+        count over several micro-batches or ranks."""
         embeds, mask, labels = self.build_inputs(images, input_ids, attention_mask, labels)
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got "
+                             f"{loss_reduction!r}")
         out = self.lm(inputs_embeds=embeds, attention_mask=mask,
                       labels=labels if loss_reduction == "mean" else None)
-        if labels is not None and loss_reduction == "sum":
-            logits = out.logits[:, :-1].float()
-            out.loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                       labels[:, 1:].reshape(-1), ignore_index=IGNORE,
-                                       reduction="sum")
+        if labels is not None and loss_reduction != "mean":
+            logits, target = out.logits[:, :-1].float(), labels[:, 1:]
+            flat = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+            if loss_reduction == "sum":      # one fused sum: the token path's numerics as before
+                out.loss = F.cross_entropy(*flat, ignore_index=IGNORE, reduction="sum")
+            else:
+                per_token = F.cross_entropy(*flat, ignore_index=IGNORE,
+                                            reduction="none").view(target.shape)
+                counts = (target != IGNORE).sum(1)
+                out.loss = (per_token.sum(1)[counts > 0] / counts[counts > 0]).sum()
         return out
 
     def format_prompt(self, prompt: str) -> str:
-        if self.config.image_style == "llava" and self.config.image_token not in prompt:
-            return f"{self.config.image_token} {prompt}"
-        return prompt
+        cfg = self.config
+        if cfg.image_token in prompt:              # already placed by the caller
+            return prompt
+        template = cfg.prompt_template
+        if template is None:
+            template = "{image} {prompt}" if cfg.image_style == "llava" else "{prompt}"
+        return template.format(prompt=prompt, image=cfg.image_token)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompts: list[str], max_new_tokens: int = 32,

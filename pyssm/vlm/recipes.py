@@ -87,22 +87,31 @@ def detokenize(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed: int = 0,
-             batch_size: int = 32, max_new_tokens: int = 24) -> dict:
+             batch_size: int = 32, max_new_tokens: int = 24, scene_kwargs: dict | None = None,
+             shuffle_images: bool = False) -> dict:
     """VQA exact match per type, grounding Acc@0.5 and the overall score of ``vlm`` on ``size``
-    examples of ``split`` (pyssm.data.score), greedy decoding."""
+    examples of ``split`` (pyssm.data.score), greedy decoding. ``scene_kwargs`` go to
+    SceneDataset (e.g. n_objects). With ``shuffle_images`` every question is asked about the
+    next scene's image: a control for how much of the score the image explains (a model that
+    does not read the image scores the same)."""
     from pyssm.data import SceneDataset, score
 
     vlm.eval()
     device = next(vlm.connector.parameters()).device
     cfg = vlm.config
-    data = SceneDataset(split, num_scenes=math.ceil(size / QUESTIONS_PER_SCENE),
-                        size=cfg.image_size, base_seed=seed,
-                        questions_per_scene=QUESTIONS_PER_SCENE)
+    scenes = math.ceil(size / QUESTIONS_PER_SCENE)
+    if shuffle_images and scenes < 2:
+        raise ValueError("shuffle_images needs examples from at least two scenes")
+    data = SceneDataset(split, num_scenes=scenes, size=cfg.image_size, base_seed=seed,
+                        questions_per_scene=QUESTIONS_PER_SCENE, **(scene_kwargs or {}))
     examples = [data.example(i) for i in range(size)]
+    # the image of example i (+ one scene, wrapping around, when shuffled)
+    shift = QUESTIONS_PER_SCENE if shuffle_images else 0
+    image_of = [(i + shift) % (scenes * QUESTIONS_PER_SCENE) for i in range(size)]
     predictions = []
     for start in range(0, size, batch_size):
         chunk = range(start, min(size, start + batch_size))
-        images = prepare_images([data[i][0] for i in chunk], cfg.image_size,
+        images = prepare_images([data[image_of[i]][0] for i in chunk], cfg.image_size,
                                 letterbox=cfg.letterbox).to(device)
         answers = vlm.generate(images, [examples[i].prompt for i in chunk],
                                max_new_tokens=max_new_tokens)

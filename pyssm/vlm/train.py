@@ -41,6 +41,7 @@ from pyssm.vlm.splice import IGNORE
 
 STAGES = ("align", "finetune", "one-stage")
 PARALLEL = ("ddp", "fsdp")
+LOSS_WEIGHTINGS = ("token", "example")
 # FSDP shards gathered to full tensors on rank 0's CPU, for writing (not one device's memory)
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 CHECKPOINT = "checkpoint.pt"
@@ -63,6 +64,10 @@ class TrainConfig:
     checkpoint_every: int = 0         # steps; 0: only at the end
     stop_after: int | None = None     # stop (as if killed) after this many steps; for tests
     parallel: str = "ddp"             # with several ranks: "ddp" replicates, "fsdp" shards
+    # "token": the loss is the mean over all answer tokens of the global batch (LLaVA's);
+    # "example": the mean over examples of each one's mean token loss, so a long answer (a
+    # box is 17 tokens, "yes" 2) weighs no more than a short one, as in the benchmark's score
+    loss_weighting: str = "token"
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -121,6 +126,9 @@ class Trainer:
             raise ValueError(f"stage must be one of {STAGES}, got {config.stage!r}")
         if config.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {config.parallel!r}")
+        if config.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got "
+                             f"{config.loss_weighting!r}")
         if config.batch_size % config.grad_accum:
             raise ValueError(f"batch_size {config.batch_size} must be a multiple of grad_accum "
                              f"{config.grad_accum}")
@@ -194,24 +202,29 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def backward(self, step: int) -> float:
-        """Accumulates into .grad the gradient of the mean token loss of ``step``'s global batch
-        (summed over micro-batches, divided by the global count of answer tokens) and returns
-        that loss."""
+        """Accumulates into .grad the gradient of the mean loss of ``step``'s global batch
+        (summed over micro-batches, divided by the global count of answer tokens, or of
+        examples with ``loss_weighting="example"``) and returns that loss."""
         cfg = self.config
         indices = self.batch_indices(step)
         micro = cfg.batch_size // cfg.grad_accum
         batches = [self.collate(indices[k * micro:(k + 1) * micro][self.rank::self.world])
                    for k in range(cfg.grad_accum)]
-        n_total = torch.tensor(float(sum(int((b[3] != IGNORE).sum()) for b in batches)))
+        per_example = cfg.loss_weighting == "example"
+        reduction = "sequence_sum" if per_example else "sum"
+        n_total = torch.tensor(float(sum(
+            int((b[3] != IGNORE).any(1).sum()) if per_example else int((b[3] != IGNORE).sum())
+            for b in batches)))
         if self.world > 1:
             dist.all_reduce(n_total)
         self.model.train()
         total = torch.zeros(())
         for images, input_ids, mask, labels in batches:
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss_sum = self.model(images, input_ids, mask, labels, loss_reduction="sum").loss
+                loss_sum = self.model(images, input_ids, mask, labels,
+                                      loss_reduction=reduction).loss
             # DDP and FSDP average gradients over ranks: scale so the result is sum / global
-            # tokens. FSDP reduce-scatters after every micro-batch: skipping the sync until the
+            # count. FSDP reduce-scatters after every micro-batch: skipping the sync until the
             # last one would keep full, unsharded gradients, which is what FSDP is there to avoid
             (loss_sum * self.world / n_total).backward()
             total += loss_sum.detach().float().cpu()

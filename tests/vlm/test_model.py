@@ -118,3 +118,25 @@ def test_bad_configuration_and_input():
     long_prompt = " ".join(["what"] * 600)
     with pytest.raises(ValueError, match="exceeds the LM's context of 512"):
         vlm.generate(torch.randn(1, 3, 64, 64), [long_prompt])
+
+
+def test_prompt_template_puts_the_image_after_the_question():
+    vlm = tiny_vlm("vmamba", "llava")
+    vlm.config.prompt_template = "{prompt} {image}"
+    assert vlm.format_prompt("what color ?") == "what color ? <image>"
+    assert vlm.format_prompt("<image> what color ?") == "<image> what color ?"   # placed already
+    batch = vlm.tokenizer([vlm.format_prompt("what color ?")], return_tensors="pt")
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        embeds, mask, _ = vlm.build_inputs(images, batch["input_ids"], batch["attention_mask"])
+        image = vlm.encode_images(images)[0]
+        words = vlm.lm.get_input_embeddings()(batch["input_ids"][0])
+    # <s> what color ? then the 16 image tokens
+    torch.testing.assert_close(embeds[0, :4], words[:4])
+    torch.testing.assert_close(embeds[0, 4:], image)
+    name, kwargs, size, _ = ENCODERS["vmamba"]
+    for style, template in (("llava", "{prompt}"), ("prismatic", "{prompt} {image}")):
+        cfg = VLMConfig(encoder=name, encoder_kwargs=kwargs, image_size=size, image_style=style,
+                        prompt_template=template)
+        with pytest.raises(ValueError, match="prompt_template must hold"):
+            VisionLanguageModel.from_config(cfg, vlm.lm, vlm.tokenizer)

@@ -104,6 +104,30 @@ def test_gradient_accumulation_equals_the_mean_token_loss_of_the_whole_batch():
             torch.testing.assert_close(got[name], value, atol=1e-7, rtol=1e-4)
 
 
+def test_example_weighting_is_the_mean_of_each_examples_mean_token_loss():
+    """loss_weighting="example": every example counts once however long its answer (here
+    "red" and "it is blue"), with any number of micro-batches."""
+    results = []
+    for accum in (1, 2, 4):
+        vlm = make_vlm()
+        trainer = Trainer(vlm, ColourData(), TrainConfig(steps=1, batch_size=4, grad_accum=accum,
+                                                         loss_weighting="example"))
+        results.append((trainer.backward(0), grads(vlm)))
+    vlm = make_vlm()
+    trainer = Trainer(vlm, ColourData(), TrainConfig(steps=1, batch_size=4))
+    batch = trainer.collate(trainer.batch_indices(0))
+    per_example = [vlm(*(t[i:i + 1] for t in batch)).loss for i in range(4)]
+    assert per_example[0].item() != pytest.approx(per_example[1].item())
+    loss = torch.stack(per_example).mean()
+    loss.backward()
+    token_mean = Trainer(make_vlm(), ColourData(), TrainConfig(steps=1, batch_size=4)).backward(0)
+    assert token_mean != pytest.approx(loss.item(), rel=1e-3)    # the two weightings differ
+    for got_loss, got in results:
+        assert got_loss == pytest.approx(loss.item(), rel=1e-5)
+        for name, value in grads(vlm).items():
+            torch.testing.assert_close(got[name], value, atol=1e-7, rtol=1e-4)
+
+
 def _ddp_worker(rank, world, port, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -202,6 +226,8 @@ def test_bad_training_config():
         Trainer(make_vlm(), ColourData(), TrainConfig(batch_size=5, grad_accum=2))
     with pytest.raises(ValueError, match="parallel must be one of \\('ddp', 'fsdp'\\)"):
         Trainer(make_vlm(), ColourData(), TrainConfig(parallel="zero3"))
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        Trainer(make_vlm(), ColourData(), TrainConfig(loss_weighting="answer"))
 
 
 def test_gradient_checkpointing_and_bf16_autocast_run():
