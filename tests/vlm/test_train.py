@@ -200,7 +200,8 @@ def test_two_process_fsdp_matches_single_process_and_resumes_exactly(tmp_path):
     Trainer(one, ColourData(), TrainConfig(**FSDP_RUN)).backward(0)
     fsdp_grads = torch.load(os.path.join(out_dir, "grads.pt"))
     for name, value in grads(one).items():
-        torch.testing.assert_close(fsdp_grads[name], value, atol=1e-7, rtol=1e-4)
+        # float32 sums in another order (reduce-scatter): a few 1e-7 apart near zero
+        torch.testing.assert_close(fsdp_grads[name], value, atol=1e-6, rtol=1e-4)
     after_one = Trainer(make_vlm(), ColourData(), TrainConfig(**FSDP_RUN))
     after_one.train_step()
     straight = Trainer(make_vlm(), ColourData(), TrainConfig(**FSDP_RUN))
@@ -208,12 +209,13 @@ def test_two_process_fsdp_matches_single_process_and_resumes_exactly(tmp_path):
     step1 = torch.load(os.path.join(out_dir, "step1.pt"), weights_only=False)
     assert step1["losses"] == pytest.approx(want[:1], rel=1e-5)
     for name, value in trainable(after_one.vlm).items():
-        torch.testing.assert_close(step1["params"][name], value, atol=1e-6, rtol=1e-4)
+        # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into ~1e-6
+        torch.testing.assert_close(step1["params"][name], value, atol=1e-5, rtol=1e-4)
     assert torch.load(os.path.join(out_dir, "losses.pt")) == pytest.approx(want, rel=1e-5)
     saved = VisionLanguageModel.from_pretrained(os.path.join(out_dir, "model"))
     for name, value in trainable(straight.vlm).items():
         torch.testing.assert_close(dict(saved.named_parameters())[name], value,
-                                   atol=1e-6, rtol=1e-4)
+                                   atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="written under FSDP; resume it the same way"):
         Trainer(make_vlm(), ColourData(),
                 TrainConfig(out_dir=out_dir, **{**FSDP_RUN, "steps": 4})).fit()
