@@ -272,10 +272,3 @@ def _derive(row: dict, case: Case, provider: Provider, mode: str) -> None:
         row["vs_anchor"] = row["anchor_ms"] / ms
     elif row.get("tflops") and row.get("anchor_tflops"):
         row["vs_anchor"] = row["tflops"] / row["anchor_tflops"]
-
-
-def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int,
-              budget_s: float) -> dict:
-    """ms median / p20 / p80 of ``fn()`` (no inputs to rotate: a whole pipeline stage)."""
-    return measure(lambda: fn(), [()], "step", device, warmup=warmup, repeats=repeats,
-                   budget_s=budget_s, cpu_memory=False)
