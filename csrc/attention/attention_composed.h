@@ -1,5 +1,5 @@
 // Attention composed from ATen ops (attention_cpu.cpp): the CPU kernel, and on CUDA the path
-// for inputs the flash kernel does not take and for the backward.
+// for inputs the flash kernels do not take.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,6 +20,15 @@ struct AttnSizes {
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
                                std::optional<int64_t> max_seqlen);
+
+// ... and those of attention_backward (dout, out, lse, dlse against q's sizes).
+AttnSizes check_attention_backward_args(const at::Tensor& dout,
+                                        const std::optional<at::Tensor>& dlse,
+                                        const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out,
+                                        const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& cu_seqlens,
+                                        std::optional<int64_t> max_seqlen);
 
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, bool causal,

@@ -1,7 +1,7 @@
 // Attention composed from ATen ops, forward and backward, in the accumulation type (float64 for
 // float64 inputs, float32 otherwise), in chunks of sequences so the scores stay small. It is
 // the CPU kernel, and on CUDA the path for what the flash kernel does not take (float32 /
-// float64, other head sizes) and, for now, the backward (attention_cuda.cpp):
+// float64, other head sizes), forward and backward (attention_cuda.cpp):
 //   S = scale q k^T (causal: key j visible to query i when j <= i + Sk - Sq, flash-attn's
 //   bottom-right alignment), lse = logsumexp_j S, P = exp(S - lse), o = P v.
 // A row that sees no key (causal with Sq > Sk) gives o = 0 and lse = -inf.
@@ -87,6 +87,28 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
                     " (the last dim of q), got ", shape_str(k));
   TORCH_CHECK_VALUE(s.heads_k >= 1 && s.heads % s.heads_k == 0, "the ", s.heads_k,
                     " heads of k and v must divide the ", s.heads, " heads of q");
+  return s;
+}
+
+AttnSizes check_attention_backward_args(const at::Tensor& dout,
+                                        const std::optional<at::Tensor>& dlse,
+                                        const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out,
+                                        const at::Tensor& lse,
+                                        const std::optional<at::Tensor>& cu_seqlens,
+                                        std::optional<int64_t> max_seqlen) {
+  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
+  check_shape(dout, q.sizes(), "dout", "the shape of q");
+  check_shape(out, q.sizes(), "out", "the shape of q");
+  const std::vector<int64_t> lse_shape =
+      s.varlen ? std::vector<int64_t>{s.heads, q.size(0)}
+               : std::vector<int64_t>{s.batch, s.heads, s.seqlen_q};
+  check_shape(lse, lse_shape, "lse", s.varlen ? "(heads, total_tokens)" : "(batch, heads, seqlen_q)");
+  if (dlse) check_shape(*dlse, lse.sizes(), "dlse", "the shape of lse");
+  check_same_device(dout, q, "dout", "q");
+  check_same_device(out, q, "out", "q");
+  check_same_device(lse, q, "lse", "q");
+  if (dlse) check_same_device(*dlse, q, "dlse", "q");
   return s;
 }
 
@@ -176,14 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
-  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
-  check_shape(dout, q.sizes(), "dout", "the shape of q");
-  check_shape(out, q.sizes(), "out", "the shape of q");
-  const std::vector<int64_t> lse_shape =
-      s.varlen ? std::vector<int64_t>{s.heads, q.size(0)}
-               : std::vector<int64_t>{s.batch, s.heads, s.seqlen_q};
-  check_shape(lse, lse_shape, "lse", s.varlen ? "(heads, total_tokens)" : "(batch, heads, seqlen_q)");
-  if (dlse) check_shape(*dlse, lse.sizes(), "dlse", "the shape of lse");
+  const AttnSizes s =
+      check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;

@@ -1,13 +1,13 @@
-// Torch side of attention on CUDA tensors. Forward: the flash kernel (flash_kernel.cuh) for
-// fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else (float32, float64, other
-// head sizes) runs the composed ATen path of attention_cpu.cpp. Backward: the composed path
-// for now (it recomputes the probabilities from lse, in chunks of sequences).
+// Torch side of attention on CUDA tensors. The flash kernels (forward flash_kernel.cuh, backward
+// flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else
+// (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "attention/attention_composed.h"
 #include "attention/flash.cuh"
@@ -17,10 +17,17 @@ namespace pyssm {
 namespace {
 
 using Launch = cudaError_t (*)(const FlashParams&, cudaStream_t);
+using BwdLaunch = cudaError_t (*)(const FlashBwdParams&, cudaStream_t);
 
-Launch launcher(at::ScalarType t, int64_t d) {
+// the forward's (Launch) or the backward's (BwdLaunch) launcher, or null
+template <typename L>
+L launcher(at::ScalarType t, int64_t d) {
+  constexpr bool fwd = std::is_same_v<L, Launch>;
 #define PYSSM_FLASH_CASE(tag, hd) \
-  if (d == hd) return flash_fwd_##tag##_hd##hd;
+  if (d == hd) {                                                                           \
+    if constexpr (fwd) return flash_fwd_##tag##_hd##hd;                                    \
+    else return flash_bwd_##tag##_hd##hd;                                                  \
+  }
 #define PYSSM_FLASH_CASES(tag)                                                         \
   PYSSM_FLASH_CASE(tag, 32) PYSSM_FLASH_CASE(tag, 64) PYSSM_FLASH_CASE(tag, 72)        \
   PYSSM_FLASH_CASE(tag, 80) PYSSM_FLASH_CASE(tag, 96) PYSSM_FLASH_CASE(tag, 128)
@@ -46,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                   std::optional<int64_t> max_seqlen) {
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
-  const Launch launch = launcher(q.scalar_type(), s.head_dim);
+  const Launch launch = launcher<Launch>(q.scalar_type(), s.head_dim);
   if (launch == nullptr || s.batch > 65535 || s.heads > 65535) {
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
   }
@@ -80,11 +87,68 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen) {
+  const AttnSizes s =
+      check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen);
+  const BwdLaunch launch = launcher<BwdLaunch>(q.scalar_type(), s.head_dim);
+  const at::ScalarType t = q.scalar_type();
+  if (launch == nullptr || s.batch > 65535 || s.heads_k > 65535 || dout.scalar_type() != t ||
+      out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
+    return attention_backward_composed(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
+                                       cu_seqlens, max_seqlen);
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = for_kernel(q), kc = for_kernel(k), vc = for_kernel(v);
+  const at::Tensor oc = for_kernel(out), doc = for_kernel(dout), lc = lse.contiguous();
+  at::Tensor dlc;
+  if (dlse) dlc = dlse->to(at::kFloat).contiguous();
+  at::Tensor cu;
+  if (s.varlen) cu = cu_seqlens->contiguous();
+  at::Tensor dq = at::empty(qc.sizes(), qc.options());
+  at::Tensor dk = at::empty(kc.sizes(), kc.options());
+  at::Tensor dv = at::empty(vc.sizes(), vc.options());
+  at::Tensor delta = at::empty(lc.sizes(), lc.options());
+  at::Tensor dq_accum = at::empty(qc.sizes(), qc.options().dtype(at::kFloat));  // zeroed there
+  const double scale =
+      softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  FlashBwdParams p{};
+  p.q = qc.const_data_ptr();
+  p.k = kc.const_data_ptr();
+  p.v = vc.const_data_ptr();
+  p.out = oc.const_data_ptr();
+  p.dout = doc.const_data_ptr();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  p.lse = lc.const_data_ptr<float>();
+  p.dlse = dlse ? dlc.const_data_ptr<float>() : nullptr;
+  p.delta = delta.mutable_data_ptr<float>();
+  p.dq_accum = dq_accum.mutable_data_ptr<float>();
+  p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
+  p.batch = s.batch;
+  p.heads = s.heads;
+  p.heads_k = s.heads_k;
+  p.seqlen_q = s.seqlen_q;
+  p.seqlen_k = s.seqlen_k;
+  p.total_q = s.varlen ? q.size(0) : s.batch * s.seqlen_q;
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.causal = causal;
+  const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "attention backward CUDA launch failed: ",
+              cudaGetErrorString(err));
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyssm, CUDA, m) {
   m.impl("attention", &attention_cuda);
-  m.impl("attention_backward", &attention_backward_composed);
+  m.impl("attention_backward", &attention_backward_cuda);
 }
 
 }  // namespace pyssm

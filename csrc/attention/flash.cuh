@@ -1,5 +1,6 @@
-// Launcher interface of the CUDA flash-attention forward (csrc/attention/flash_kernel.cuh; one
-// flash_<dtype>_hd<head_dim>.cu per dtype and head size). Torch-free.
+// Launcher interface of the CUDA flash attention: forward (flash_kernel.cuh, one
+// flash_<dtype>_hd<head_dim>.cu per dtype and head size) and backward (flash_bwd_kernel.cuh,
+// flash_bwd_<dtype>_hd<head_dim>.cu). Torch-free.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -21,13 +22,29 @@ struct FlashParams {
   bool causal;
 };
 
+// Backward. dout, out like q; dq like q, dk, dv like k; lse, dlse (may be null): float, lse's
+// layout. Workspace from the caller: delta (float, lse's layout) and dq_accum (float, q's shape,
+// zero-filled by the launcher). All contiguous, 16-byte aligned.
+struct FlashBwdParams {
+  const void *q, *k, *v, *out, *dout;
+  void *dq, *dk, *dv;
+  const float *lse, *dlse;
+  float *delta, *dq_accum;
+  const int* cu_seqlens;       // device pointer, or null for a dense batch
+  int64_t batch, heads, heads_k, seqlen_q, seqlen_k, total_q;  // seqlen_*: max_seqlen packed
+  float scale;                 // softmax_scale
+  float scale_log2;            // softmax_scale * log2(e)
+  bool causal;
+};
+
 // head sizes with a kernel (others run the composed path)
 inline bool flash_supported_head_dim(int64_t d) {
   return d == 32 || d == 64 || d == 72 || d == 80 || d == 96 || d == 128;
 }
 
 #define PYSSM_FLASH_DECLARE(tag, hd) \
-  cudaError_t flash_fwd_##tag##_hd##hd(const FlashParams& p, cudaStream_t stream);
+  cudaError_t flash_fwd_##tag##_hd##hd(const FlashParams& p, cudaStream_t stream); \
+  cudaError_t flash_bwd_##tag##_hd##hd(const FlashBwdParams& p, cudaStream_t stream);
 #define PYSSM_FLASH_DECLARE_ALL(tag)                                                   \
   PYSSM_FLASH_DECLARE(tag, 32) PYSSM_FLASH_DECLARE(tag, 64) PYSSM_FLASH_DECLARE(tag, 72) \
   PYSSM_FLASH_DECLARE(tag, 80) PYSSM_FLASH_DECLARE(tag, 96) PYSSM_FLASH_DECLARE(tag, 128)

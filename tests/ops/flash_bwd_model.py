@@ -27,7 +27,7 @@ BLOCK_N = 64  # keys per block (flash_bwd_kernel.cuh: kBlockN)
 
 def block_m(head_dim: int) -> int:
     """Query rows per tile (flash_bwd_kernel.cuh: BwdTraits::kBlockM)."""
-    return 64 if head_dim <= 64 else 32
+    return 64 if head_dim <= 32 else 32
 
 
 def pad_dim(head_dim: int) -> int:

@@ -263,14 +263,15 @@ def test_cuda_flash_kernel_varlen_and_large_scores(device, backend):
 MODEL_CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, causal
     (2, 1, 1, 2, 2, 32, False), (1, 17, 17, 4, 2, 72, True), (1, 197, 197, 2, 1, 64, False),
     (1, 197, 130, 2, 2, 72, True), (1, 65, 197, 3, 1, 128, True), (2, 17, 197, 2, 2, 80, False),
-    (1, 128, 129, 2, 1, 96, True), (1, 3, 1, 2, 1, 64, True),
+    (1, 128, 129, 2, 1, 96, True), (1, 3, 1, 2, 1, 64, True), (2, 197, 150, 4, 2, 32, True),
+    (1, 130, 197, 2, 2, 32, False),
 ]
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: "b{}q{}k{}h{}hk{}d{}c{:d}".format(*c))
 def test_flash_backward_model_matches_autograd(case):
     """The float64 model of the CUDA backward's tiling (flash_bwd_model.py: tiles of 64 keys and
-    32 / 64 queries, causal skip, grouped heads, Delta with dlse) equals autograd through the
+    64 (head_dim 32) or 32 queries, causal skip, grouped heads, Delta with dlse) equals autograd through the
     reference, gradients through out and lse."""
     import flash_bwd_model
     B, Sq, Sk, H, Hk, d, causal = case
@@ -309,3 +310,80 @@ def test_flash_backward_model_varlen(causal, head_dim):
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-10, rtol=1e-10,
                                    msg=f"d{name}")
+
+
+def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None):
+    """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    cu = None if cu_seqlens is None else cu_seqlens.cpu()
+    out, lse = ops.attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale,
+                                       cu_seqlens=cu, return_lse=True)
+    loss = (out * g.cpu().double()).sum()
+    if g_lse is not None:
+        loss = loss + (lse * g_lse.cpu().double()).nan_to_num().sum()
+    return torch.autograd.grad(loss, (q64, k64, v64))
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
+@pytest.mark.parametrize("shape,causal", [((2, 197, 197, 4, 4), False), ((1, 97, 300, 4, 2), True),
+                                          ((1, 130, 65, 2, 1), True), ((3, 1, 1, 2, 2), False),
+                                          ((1, 17, 17, 6, 2), True)])
+def test_cuda_flash_backward_error_within_twice_torchs(device, backend, dtype, head_dim, shape,
+                                                       causal):
+    """CUDA flash backward (fp16 / bf16, every head size, key and query tiles cut mid-way,
+    grouped heads, causal with Sq < Sk and Sq > Sk, seqlen 1): dq, dk, dv against float64
+    autograd, max error at most about twice that of torch's SDPA backward in the same dtype.
+    Outputs start as NaN (conftest), so an unwritten element fails."""
+    B, Sq, Sk, H, Hk = shape
+    q, k, v = qkv(B, Sq, Sk, H, Hk, head_dim, device, dtype=dtype, requires_grad=True)
+    out = ops.attention(q, k, v, causal=causal, backend=backend)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    exact = _exact_grads(q, k, v, g, None, causal)
+    # torch's SDPA on the query rows that see a key (bottom-right causal; with Sq > Sk the first
+    # Sq - Sk rows see none, and their dq is 0)
+    first = max(0, Sq - Sk) if causal else 0
+    group = H // Hk
+    q_seen = q[:, first:]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q_seen.transpose(1, 2), k.repeat_interleave(group, 2).transpose(1, 2),
+        v.repeat_interleave(group, 2).transpose(1, 2),
+        attn_mask=torch.ones(Sq - first, Sk, dtype=torch.bool, device=device).tril(Sk - Sq + first)
+        if causal else None).transpose(1, 2)
+    tq, tk, tv = torch.autograd.grad(sdpa, (q, k, v), g[:, first:])
+    for name, a, t, e in zip("qkv", got, (tq, tk, tv), exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        if name == "q":
+            assert (a[:, :first] == 0).all(), "dq of rows that see no key"
+            a, t, e = a[:, first:], t[:, first:], e[:, first:]
+        err = (a.cpu().double() - e).abs().max()
+        torch_err = (t.cpu().double() - e).abs().max()
+        assert err <= 2 * torch_err + 1e-3 * e.abs().max(), (name, err, torch_err)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_flash_backward_lse_gradient_and_varlen(device, backend, dtype, causal):
+    """CUDA flash backward with a gradient through lse (the dlse input), on packed sequences of
+    lengths 0, 1, 64, 65, 197 with head_dim 72 and grouped heads: relative error against
+    float64 autograd within the dtype's rounding."""
+    lengths = [0, 1, 64, 65, 197]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
+                      device=device)
+    total = sum(lengths)
+    q = torch.randn(total, 4, 72, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(total, 2, 72, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    out, lse = ops.attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=max(lengths),
+                             return_lse=True, backend=backend)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).sum(), (q, k, v))
+    exact = _exact_grads(q, k, v, g, g_lse, causal, cu_seqlens=cu)
+    bound = 1e-2 if dtype == torch.float16 else 3e-2
+    for name, a, e in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - e).norm() / e.norm()
+        assert rel < bound, (name, rel)

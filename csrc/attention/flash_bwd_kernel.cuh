@@ -1,0 +1,336 @@
+// CUDA flash-attention backward, portable path (sm_80 and newer: mma.sync m16n8k16, fp32
+// accumulation), v1. Three kernels (tests/ops/flash_bwd_model.py is a float64 model of them):
+//   1. delta: Delta = rowsum(dO * O) - dlse per query row and head (fp32, lse's layout).
+//   2. main: one block of 4 warps per (64-key tile, kv head, sequence); each warp owns 16 keys
+//      and keeps their dK and dV in registers (fp32) over every q head of the kv head's group
+//      and every query tile that can see the keys (causal: earlier tiles are skipped). Per
+//      query tile of kBlockM rows, in registers, transposed so the keys are the mma rows:
+//        S^T = K Q^T;  P^T = exp2(S^T scale log2(e) - lse log2(e)) (0 where masked)
+//        dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T (dP^T - Delta);  dK += dS^T Q
+//      (the C fragments of S^T and dS^T are the A fragments of the next products). dS goes
+//      through shared memory for dQ = dS K, which every key tile adds into an fp32 buffer
+//      with atomicAdd (so dQ's summation order, and its last bits, vary from run to run).
+//   3. dq: dQ = scale dQ_accum in the input dtype.
+// head_dim 72 is zero-padded to 80 in shared memory for the reductions over head_dim only.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/flash.cuh"
+#include "attention/flash_mma.cuh"
+
+namespace pyssm {
+namespace flash_bwd {
+
+using flash::mma;
+using flash::Pack;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockN = 16 * kWarps;  // keys per block, 16 per warp
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T, int kHeadDim>
+struct Traits {
+  static constexpr int kBlockM = kHeadDim <= 32 ? 64 : 32;   // query rows per tile
+  static constexpr int kPadDim = (kHeadDim + 15) / 16 * 16;  // reduction length over head_dim
+  static constexpr int kDSteps = kPadDim / 16;                // its 16-wide mma steps
+  static constexpr int kDimTiles = kHeadDim / 8;              // dK, dV, dQ columns, 8 per tile
+  static constexpr int kQTiles = kBlockM / 8;                 // S^T columns (queries), 8 per tile
+  static constexpr int kQSteps = kBlockM / 16;                // reduction steps over queries
+  static constexpr int kStride = kPadDim + 8;                 // smem row, +16 bytes vs conflicts
+  static constexpr int kDsStride = kBlockN + 8;
+  static constexpr int kChunks = kPadDim / 8;                 // 16-byte chunks per smem row
+  static constexpr int kSlabs = kBlockM / 16;                 // dQ: 16-row slabs of the tile,
+  static constexpr int kWarpsPerSlab = kWarps / kSlabs;       // each split over this many warps
+  // K, V, Q, dO tiles; dS (queries x keys); lse (log2 domain) and Delta per query row
+  static constexpr size_t kSmem = size_t(2 * kBlockN + 2 * kBlockM) * kStride * sizeof(T) +
+                                  size_t(kBlockM) * kDsStride * sizeof(T) +
+                                  2 * kBlockM * sizeof(float);
+  static_assert(kHeadDim % 8 == 0, "head_dim must be a multiple of 8");
+};
+
+__device__ __forceinline__ uint32_t ld32(const void* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+// two elements of one column, p[0] and p[stride], as one register (the lower index low)
+template <typename T>
+__device__ __forceinline__ uint32_t ld_col_pair(const T* p, int stride) {
+  const uint16_t* u = reinterpret_cast<const uint16_t*>(p);
+  return uint32_t(u[0]) | (uint32_t(u[stride]) << 16);
+}
+
+// rows [first, first + rows) of a (tokens, heads, d) tensor (src at the head's first token) into
+// smem rows of kStride; zero past `len` rows and past head_dim columns
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stride,
+                                          int64_t first, int64_t len, int rows) {
+  using Tr = Traits<T, kHeadDim>;
+  for (int i = threadIdx.x; i < rows * Tr::kChunks; i += kThreads) {
+    const int r = i / Tr::kChunks, c = (i % Tr::kChunks) * 8;
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (first + r < len && c < kHeadDim)
+      x = *reinterpret_cast<const uint4*>(src + (first + r) * row_stride + c);
+    *reinterpret_cast<uint4*>(dst + r * Tr::kStride + c) = x;
+  }
+}
+
+// C[16 x 8*kQTiles] = A B^T with A (16 rows at a, this warp's keys) and B (kQTiles*8 rows at b)
+// both row-major in smem of kStride, reduced over the padded head_dim (S^T = K Q^T, dP^T = V dO^T)
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void rows_times_rows(float (&c)[Traits<T, kHeadDim>::kQTiles][4],
+                                                const T* a, const T* b, int g, int t) {
+  using Tr = Traits<T, kHeadDim>;
+#pragma unroll
+  for (int j = 0; j < Tr::kQTiles; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+#pragma unroll
+  for (int st = 0; st < Tr::kDSteps; ++st) {
+    const T* a0 = a + g * Tr::kStride + st * 16 + 2 * t;
+    const T* a1 = a0 + 8 * Tr::kStride;
+    const uint32_t af[4] = {ld32(a0), ld32(a1), ld32(a0 + 8), ld32(a1 + 8)};
+#pragma unroll
+    for (int j = 0; j < Tr::kQTiles; ++j) {
+      const T* br = b + (j * 8 + g) * Tr::kStride + st * 16 + 2 * t;
+      mma<T>(c[j], af, ld32(br), ld32(br + 8));
+    }
+  }
+}
+
+// acc[16 x head_dim] += X (the C registers of a 16 x kBlockM product, used as A fragments)
+// times the kBlockM x head_dim tile at b (smem, kStride): dV += P^T dO, dK += dS^T Q
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void regs_times_tile(float (&acc)[Traits<T, kHeadDim>::kDimTiles][4],
+                                                const float (&x)[Traits<T, kHeadDim>::kQTiles][4],
+                                                const T* b, int g, int t) {
+  using Tr = Traits<T, kHeadDim>;
+#pragma unroll
+  for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+    const uint32_t af[4] = {Pack<T>::pack(x[2 * kk][0], x[2 * kk][1]),
+                            Pack<T>::pack(x[2 * kk][2], x[2 * kk][3]),
+                            Pack<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                            Pack<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+    const T* b0 = b + (kk * 16 + 2 * t) * Tr::kStride + g;
+#pragma unroll
+    for (int n = 0; n < Tr::kDimTiles; ++n) {
+      const T* bc = b0 + n * 8;
+      mma<T>(acc[n], af, ld_col_pair(bc, Tr::kStride),
+             ld_col_pair(bc + 8 * Tr::kStride, Tr::kStride));
+    }
+  }
+}
+
+// 1. Delta = rowsum(dO * O) - dlse, one thread per (token, head)
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) flash_bwd_delta_kernel(const FlashBwdParams p) {
+  const int64_t r = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // token * heads + head
+  if (r >= p.total_q * p.heads) return;
+  const T* o = static_cast<const T*>(p.out) + r * kHeadDim;
+  const T* d = static_cast<const T*>(p.dout) + r * kHeadDim;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = 0; c < kHeadDim; c += 8) {
+    const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
+    const uint4 dv = *reinterpret_cast<const uint4*>(d + c);
+    const T* oe = reinterpret_cast<const T*>(&ov);
+    const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc += Pack<T>::to_float(oe[e]) * Pack<T>::to_float(de[e]);
+  }
+  const int64_t token = r / p.heads, h = r % p.heads;
+  const int64_t idx = p.cu_seqlens ? h * p.total_q + token  // (heads, total) packed
+                                   : ((token / p.seqlen_q) * p.heads + h) * p.seqlen_q +
+                                         token % p.seqlen_q;  // (batch, heads, seqlen_q)
+  p.delta[idx] = p.dlse ? acc - p.dlse[idx] : acc;
+}
+
+// 2. dK, dV of one key tile; dQ added into dq_accum
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParams p) {
+  using Tr = Traits<T, kHeadDim>;
+  constexpr int kM = Tr::kBlockM, S = Tr::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_s = reinterpret_cast<T*>(smem);
+  T* v_s = k_s + kBlockN * S;
+  T* q_s = v_s + kBlockN * S;
+  T* do_s = q_s + kM * S;
+  T* ds_s = do_s + kM * S;
+  float* lse_s = reinterpret_cast<float*>(ds_s + kM * Tr::kDsStride);
+  float* delta_s = lse_s + kM;
+
+  const int b = blockIdx.z, hk = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
+  const int64_t q_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
+  const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
+  const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
+  const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
+  if (n0 >= Sk) return;  // the whole block: before any barrier
+  const int group = int(p.heads / p.heads_k);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int kw = warp * 16;  // this warp's keys in the tile: kw + g and kw + g + 8
+
+  const int64_t kv_row = p.heads_k * kHeadDim, q_row = p.heads * kHeadDim;
+  const int64_t kv_off = (k_start * p.heads_k + hk) * kHeadDim;
+  load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, kv_row, n0, Sk, kBlockN);
+  load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, kv_row, n0, Sk, kBlockN);
+
+  float dk[Tr::kDimTiles][4], dv[Tr::kDimTiles][4];
+#pragma unroll
+  for (int n = 0; n < Tr::kDimTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+
+  // causal: query i sees key j when j <= i + Sk - Sq; start at the tile of the first query
+  // that sees key n0
+  int64_t m_begin = 0;
+  if (p.causal) {
+    const int64_t first = n0 - (Sk - Sq);
+    m_begin = first > 0 ? first / kM * kM : 0;
+  }
+
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const int64_t q_off = (q_start * p.heads + h) * kHeadDim;
+    const T* q = static_cast<const T*>(p.q) + q_off;
+    const T* dout = static_cast<const T*>(p.dout) + q_off;
+    float* dq = p.dq_accum + q_off;
+    const int64_t stat = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
+    for (int64_t m0 = m_begin; m0 < Sq; m0 += kM) {
+      // No barrier needed before these stores: every warp read the previous tile's Q, dO, lse
+      // and Delta before the barrier after the dS stores, and the dS of this tile is stored
+      // only after the next barrier, which every warp reaches after its previous dQ.
+      load_tile<T, kHeadDim>(q_s, q, q_row, m0, Sq, kM);
+      load_tile<T, kHeadDim>(do_s, dout, q_row, m0, Sq, kM);
+      for (int i = threadIdx.x; i < kM; i += kThreads) {
+        const bool ok = m0 + i < Sq;
+        lse_s[i] = ok ? p.lse[stat + m0 + i] * kLog2e : 0.f;
+        delta_s[i] = ok ? p.delta[stat + m0 + i] : 0.f;
+      }
+      __syncthreads();
+
+      float s[Tr::kQTiles][4];  // S^T, then P^T
+      rows_times_rows<T, kHeadDim>(s, k_s + kw * S, q_s, g, t);
+#pragma unroll
+      for (int j = 0; j < Tr::kQTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + 2 * t + (e & 1);
+          const int64_t key = n0 + kw + g + (e & 2 ? 8 : 0), row = m0 + qi;
+          const bool visible = key < Sk && row < Sq && (!p.causal || key <= row + Sk - Sq);
+          s[j][e] = visible ? exp2f(s[j][e] * p.scale_log2 - lse_s[qi]) : 0.f;
+        }
+      }
+      regs_times_tile<T, kHeadDim>(dv, s, do_s, g, t);  // dV += P^T dO
+
+      float ds[Tr::kQTiles][4];  // dP^T, then dS^T
+      rows_times_rows<T, kHeadDim>(ds, v_s + kw * S, do_s, g, t);
+#pragma unroll
+      for (int j = 0; j < Tr::kQTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = j * 8 + 2 * t + (e & 1);
+          ds[j][e] = s[j][e] * (ds[j][e] - delta_s[qi]);
+          ds_s[qi * Tr::kDsStride + kw + g + (e & 2 ? 8 : 0)] = Pack<T>::from_float(ds[j][e]);
+        }
+      }
+      regs_times_tile<T, kHeadDim>(dk, ds, q_s, g, t);  // dK += dS^T Q
+      __syncthreads();
+
+      // dQ += dS K: warp takes 16 query rows (its slab) and every kWarpsPerSlab-th column tile
+      const int slab = warp % Tr::kSlabs, sub = warp / Tr::kSlabs;
+      uint32_t af[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const T* a0 = ds_s + (slab * 16 + g) * Tr::kDsStride + kk * 16 + 2 * t;
+        const T* a1 = a0 + 8 * Tr::kDsStride;
+        af[kk][0] = ld32(a0);
+        af[kk][1] = ld32(a1);
+        af[kk][2] = ld32(a0 + 8);
+        af[kk][3] = ld32(a1 + 8);
+      }
+      const int64_t r0 = m0 + slab * 16 + g, r1 = r0 + 8;
+      for (int n = sub; n < Tr::kDimTiles; n += Tr::kWarpsPerSlab) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          const T* bc = k_s + (kk * 16 + 2 * t) * S + n * 8 + g;
+          mma<T>(acc, af[kk], ld_col_pair(bc, S), ld_col_pair(bc + 8 * S, S));
+        }
+        const int col = n * 8 + 2 * t;
+        if (r0 < Sq) {
+          atomicAdd(dq + r0 * q_row + col, acc[0]);
+          atomicAdd(dq + r0 * q_row + col + 1, acc[1]);
+        }
+        if (r1 < Sq) {
+          atomicAdd(dq + r1 * q_row + col, acc[2]);
+          atomicAdd(dq + r1 * q_row + col + 1, acc[3]);
+        }
+      }
+    }
+  }
+
+  T* dk_out = static_cast<T*>(p.dk) + kv_off;
+  T* dv_out = static_cast<T*>(p.dv) + kv_off;
+  const int64_t key0 = n0 + kw + g, key1 = key0 + 8;
+#pragma unroll
+  for (int n = 0; n < Tr::kDimTiles; ++n) {
+    const int col = n * 8 + 2 * t;
+    if (key0 < Sk) {
+      *reinterpret_cast<uint32_t*>(dk_out + key0 * kv_row + col) =
+          Pack<T>::pack(dk[n][0] * p.scale, dk[n][1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + key0 * kv_row + col) = Pack<T>::pack(dv[n][0], dv[n][1]);
+    }
+    if (key1 < Sk) {
+      *reinterpret_cast<uint32_t*>(dk_out + key1 * kv_row + col) =
+          Pack<T>::pack(dk[n][2] * p.scale, dk[n][3] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + key1 * kv_row + col) = Pack<T>::pack(dv[n][2], dv[n][3]);
+    }
+  }
+}
+
+// 3. dQ = scale dQ_accum, 8 elements per thread
+template <typename T>
+__global__ void __launch_bounds__(256) flash_bwd_dq_kernel(const float* acc, T* dq, int64_t n8,
+                                                           float scale) {
+  const int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= n8) return;
+  const float4 a = reinterpret_cast<const float4*>(acc)[2 * i];
+  const float4 b = reinterpret_cast<const float4*>(acc)[2 * i + 1];
+  reinterpret_cast<uint4*>(dq)[i] =
+      make_uint4(Pack<T>::pack(a.x * scale, a.y * scale), Pack<T>::pack(a.z * scale, a.w * scale),
+                 Pack<T>::pack(b.x * scale, b.y * scale), Pack<T>::pack(b.z * scale, b.w * scale));
+}
+
+template <typename T, int kHeadDim>
+cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
+  using Tr = Traits<T, kHeadDim>;
+  if (p.batch == 0 || p.heads == 0) return cudaSuccess;
+  if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads_k > 65535)
+    return cudaErrorInvalidValue;
+  const int64_t rows = p.total_q * p.heads;  // query rows x heads
+  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * kHeadDim * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  if (rows > 0) {
+    flash_bwd_delta_kernel<T, kHeadDim>
+        <<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (p.seqlen_k > 0) {
+    err = cudaFuncSetAttribute(flash_bwd_kernel<T, kHeadDim>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem));
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned((p.seqlen_k + kBlockN - 1) / kBlockN), unsigned(p.heads_k),
+                    unsigned(p.batch));
+    flash_bwd_kernel<T, kHeadDim><<<grid, kThreads, Tr::kSmem, stream>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (rows > 0) {
+    const int64_t n8 = rows * kHeadDim / 8;
+    flash_bwd_dq_kernel<T><<<unsigned((n8 + 255) / 256), 256, 0, stream>>>(
+        p.dq_accum, static_cast<T*>(p.dq), n8, p.scale);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace flash_bwd
+}  // namespace pyssm
