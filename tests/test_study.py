@@ -10,9 +10,9 @@ import torch
 from pyssm.cli import main
 from pyssm.data import COLOURS, SceneDataset, SceneObject, scene_batch
 from pyssm.study import BUDGETS
-from pyssm.study.pretrain import (LABELS, PretrainScenes, class_targets, dense_targets,
-                                  pretrain_encoder)
-from pyssm.study.run import TrainScenes, summarize_runs
+from pyssm.study.pretrain import (DENSE_LABELS, LABELS, PretrainScenes, class_targets,
+                                  dense_targets, pretrain_encoder)
+from pyssm.study.run import SceneTokens, TrainScenes, summarize_runs
 from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, Preprocessed
 
 
@@ -28,10 +28,13 @@ def test_targets_follow_the_scene_graph():
     cls = class_targets([scene])[0]
     assert {LABELS[i] for i in cls.nonzero().flatten().tolist()} == {"circle", "red", "7", "blue"}
     dense = dense_targets([scene], grid=4)[0]           # cells [0, 0.25), [0.25, 0.5), ...
-    red = 1 + list(COLOURS).index("red")
+    red, circle, seven = (DENSE_LABELS.index(x) for x in ("red", "circle", "7"))
     assert dense[:, 0].view(4, 4).tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0],
                                                [0, 0, 0, 1]]
-    assert dense[:, red].view(4, 4)[:2, :2].eq(1).all() and dense[:, red].sum() == 4
+    for label in (red, circle):
+        assert dense[:, label].view(4, 4)[:2, :2].eq(1).all() and dense[:, label].sum() == 4
+    assert dense[:, seven].view(4, 4)[3, 3] == 1 and dense[:, seven].sum() == 1
+    assert dense.sum() == 3 * 4 + 3 * 1                 # nothing else is marked
 
 
 def test_dense_pretraining_runs():
@@ -121,6 +124,29 @@ def test_train_scenes_give_what_preprocessed_gives():
         assert torch.equal(a, b) and (pa, aa) == (pb, ab)
 
 
+def test_scene_tokens_are_the_encoders_tokens_of_each_scene():
+    from pyssm.vlm import VisionLanguageModel, VLMConfig
+    from pyssm.vlm.model import _tokens
+    from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
+
+    budget = replace(BUDGETS["tiny"], train_scenes=70)      # two batches of 64
+    scenes = TrainScenes(budget, seed=3, letterbox=True)
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(["yes"])
+    vlm = VisionLanguageModel.from_config(
+        VLMConfig(encoder="vit_tiny_patch16", image_size=32, encoder_kwargs={"depth": 1}),
+        build_tiny_lm(tokenizer, hidden_size=16, num_layers=1), tokenizer)
+    cached = SceneTokens(scenes, vlm)
+    assert len(cached) == len(scenes)
+    for i in (0, 7, 255, 279, 7):
+        tokens, prompt, answer = cached[i]
+        image, want_prompt, want_answer = scenes[i]
+        with torch.no_grad():
+            want = _tokens(vlm.encoder, image[None], None)[0]
+        torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
+        assert (prompt, answer) == (want_prompt, want_answer)
+
+
 def test_summary_skips_seeds_without_a_type():
     def run(seed, by_type):
         scores = {"overall": 0.5, "vqa": 0.5, "by_type": by_type,
@@ -168,3 +194,4 @@ def test_shuffled_image_control_asks_about_the_next_scene():
     for i in range(12):
         assert torch.equal(shown[False][i], image[i // 4])
         assert torch.equal(shown[True][i], image[(i // 4 + 1) % 3])      # the next scene's
+

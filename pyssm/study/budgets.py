@@ -34,6 +34,7 @@ class Budget:
     vlm_lr: float = 1e-3
     connector: str = "mlp2x_gelu"
     n_objects: tuple[int, int] = (2, 6)   # objects per scene of the VLM's data
+    grounding_fraction: float = 0.5       # of the VLM's training examples (evaluation: 0.5)
     loss_weighting: str = "example"       # pyssm.vlm.train.TrainConfig.loss_weighting
     image_style: str = "llava"
     prompt_template: str | None = "{prompt} {image}"   # pyssm.vlm.VLMConfig
@@ -41,10 +42,11 @@ class Budget:
 
 
 BUDGETS = {
-    # ~55 s a run on two CPU cores (12 runs by default). With fewer than ~200 pretraining
+    # ~55 s a run on two CPU cores (12 runs by default); 800 VLM steps cost what 400 did
+    # before the frozen encoder's tokens were computed once per scene (pyssm.study.run). With fewer than ~200 pretraining
     # steps of 32 images the tokens tell an object's colour no better than a random encoder's;
     # 48 eval examples left most question types with 1-7 examples a seed
-    "tiny": Budget(img_size=32, pretrain_steps=200, pretrain_batch=32, vlm_steps=400,
+    "tiny": Budget(img_size=32, pretrain_steps=200, pretrain_batch=32, vlm_steps=800,
                    vlm_batch=16, train_scenes=2000, eval_examples=300, lm_hidden=64,
                    lm_layers=2, vlm_lr=3e-3, n_objects=(1, 2),
                    encoder_overrides={"vmamba": {"depths": (1, 1, 2, 1), "dims": 32},

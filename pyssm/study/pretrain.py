@@ -4,7 +4,8 @@ Two objectives, as in the study (ImageNet classification checkpoints, and dense-
   classification  multi-label: which shapes, digits and colours a scene contains (BCE on the
                   encoder's own head);
   dense           per visual token (the grid the VLM reads): does an object overlap the
-                  cell, and one of each colour (BCE on a linear head over the tokens).
+                  cell, and one of each colour, and of each shape / digit (BCE on a linear
+                  head over the tokens).
 
 Pretraining reads the generator's usual scenes (2-6 objects), whatever scenes the budget's VLM
 is trained on: more objects per image is more signal per step.
@@ -36,9 +37,14 @@ def class_targets(scenes) -> torch.Tensor:
     return out
 
 
+DENSE_LABELS = ("object", *COLOURS, *SHAPES, *DIGITS)
+
+
 def dense_targets(scenes, grid: int) -> torch.Tensor:
-    """(B, grid * grid, 1 + colours): which cells object boxes overlap, any object
-    (objectness) and per colour.
+    """(B, grid * grid, len(DENSE_LABELS)): which cells object boxes overlap, any object
+    (objectness), per colour and per shape / digit. (With objectness and colours alone the
+    tokens carried too little of what an object is: a VLM on them answered shape questions
+    no better than with another scene's image.)
 
     Overlap rather than "is the cell's centre inside an object": at the tiny budget's 2 x 2
     grid the four centres miss most objects (a third of the scenes have no positive cell),
@@ -46,10 +52,10 @@ def dense_targets(scenes, grid: int) -> torch.Tensor:
     cell); with either, 200 steps of pretraining left the tokens no better than random ones
     at telling an object's colour, while with overlap they tell it from 86-97% of the
     scenes. On a fine grid overlap is the object's cells and those its box edges touch."""
-    colours = {c: i + 1 for i, c in enumerate(COLOURS)}
+    index = {label: i for i, label in enumerate(DENSE_LABELS)}
     edges = torch.arange(grid + 1, dtype=torch.float64) / grid
     lo, hi = edges[:-1], edges[1:]
-    out = torch.zeros(len(scenes), grid, grid, 1 + len(COLOURS))
+    out = torch.zeros(len(scenes), grid, grid, len(DENSE_LABELS))
     for b, scene in enumerate(scenes):
         for obj in scene.objects:
             x1, y1, x2, y2 = obj.box
@@ -57,7 +63,8 @@ def dense_targets(scenes, grid: int) -> torch.Tensor:
             rows = (torch.minimum(hi, torch.tensor(y2)) - torch.maximum(lo, torch.tensor(y1))) > 0
             cells = rows[:, None] & cols[None, :]       # a positive area in common
             out[b, cells, 0] = 1.0
-            out[b, cells, colours[obj.colour]] = 1.0
+            out[b, cells, index[obj.colour]] = 1.0
+            out[b, cells, index[obj.name]] = 1.0
     return out.flatten(1, 2)
 
 
@@ -106,7 +113,7 @@ def pretrain_encoder(name: str, objective: str, budget: Budget, seed: int,
     else:
         width = encoder.tokens(torch.zeros(1, 3, budget.img_size, budget.img_size,
                                            device=device)).shape[-1]
-        head = nn.Linear(width, 1 + len(COLOURS)).to(device)
+        head = nn.Linear(width, len(DENSE_LABELS)).to(device)
     encoder.to(device).train()
     params = list(encoder.parameters()) + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=budget.pretrain_lr, weight_decay=0.05)

@@ -49,7 +49,8 @@ class TrainScenes:
                  max_bytes: int = 512 * 2**20):
         self.data = SceneDataset("train", num_scenes=budget.train_scenes, size=budget.img_size,
                                  base_seed=seed, questions_per_scene=QUESTIONS_PER_SCENE,
-                                 n_objects=budget.n_objects)
+                                 n_objects=budget.n_objects,
+                                 grounding_fraction=budget.grounding_fraction)
         self.size, self.letterbox = budget.img_size, letterbox
         self.keep = budget.train_scenes * 3 * budget.img_size ** 2 * 4 <= max_bytes
         self.images: dict[int, torch.Tensor] = {}
@@ -58,18 +59,58 @@ class TrainScenes:
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
+    def text(self, i: int) -> tuple[str, str, int]:
+        """(prompt, answer, scene index) of item i."""
         if i not in self.examples:
             ex = self.data.example(i)
             self.examples[i] = (ex.prompt, ex.answer, ex.scene_index)
-        prompt, answer, j = self.examples[i]
+        return self.examples[i]
+
+    def image(self, j: int) -> torch.Tensor:
+        """Scene j's image, preprocessed for the encoder."""
         image = self.images.get(j)
         if image is None:
             image = prepare_images([render(self.data.scene(j), self.size)], self.size,
                                    letterbox=self.letterbox)[0]
             if self.keep:
                 self.images[j] = image
-        return image, prompt, answer
+        return image
+
+    def __getitem__(self, i: int):
+        prompt, answer, j = self.text(i)
+        return self.image(j), prompt, answer
+
+
+class SceneTokens:
+    """TrainScenes with each scene's image replaced by the frozen encoder's visual tokens,
+    computed once per scene (batched) when the run starts: the VLM reads every scene many
+    times, and the encoder is frozen, so its output never changes. Items are (tokens (T, C),
+    prompt, answer), which VisionLanguageModel takes in place of images."""
+
+    def __init__(self, scenes: TrainScenes, vlm: VisionLanguageModel, batch: int = 64):
+        from pyssm.vlm.model import _tokens
+
+        self.scenes = scenes
+        device = next(vlm.connector.parameters()).device
+        n = scenes.data.num_scenes
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                images = torch.stack([scenes.image(j)
+                                      for j in range(start, min(n, start + batch))])
+                chunks.append(_tokens(vlm.encoder, images.to(device), vlm.config.tap))
+        self.tokens = torch.cat(chunks)
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int):
+        prompt, answer, j = self.scenes.text(i)
+        return self.tokens[j], prompt, answer
+
+
+def token_cache_fits(budget: Budget, width: int, tokens: int, max_bytes: int = 2**30) -> bool:
+    return budget.train_scenes * tokens * width * 4 <= max_bytes
 
 
 def encoder_throughput(encoder, img_size: int, device: torch.device, batch: int = 16) -> float:
@@ -112,6 +153,9 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
                     prompt_template=budget.prompt_template)
     vlm = VisionLanguageModel.from_config(cfg, lm, tokenizer, encoder=encoder).to(device)
     data = train_scenes or TrainScenes(budget, seed, letterbox)
+    probe = encoder.tokens(torch.zeros(1, 3, budget.img_size, budget.img_size, device=device))
+    if token_cache_fits(budget, probe.shape[2], probe.shape[1]):
+        data = SceneTokens(data, vlm)
     trainer = Trainer(vlm, data, TrainConfig(stage="one-stage", steps=budget.vlm_steps,
                                              batch_size=budget.vlm_batch, lr=budget.vlm_lr,
                                              seed=seed, loss_weighting=budget.loss_weighting))
