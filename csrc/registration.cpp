@@ -2,6 +2,8 @@
 // csrc/<family>/*_cuda.cpp; Python wrappers, fake (meta) functions and autograd live in
 // pyssm/ops/<op>.py.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -50,3 +52,30 @@ TORCH_LIBRARY(pyssm, m) {
       "Tensor lse, bool causal, float? softmax_scale, Tensor? cu_seqlens, int? max_seqlen) "
       "-> (Tensor, Tensor, Tensor)");
 }
+
+namespace {
+
+// Under torch.autocast, pyssm's ops take their inputs as they are and run with autocast off:
+// they choose their own precision (fp32 state and accumulation), and a matmul inside a kernel
+// must not be recast. (Before this, the fused CUDA ss2d under bf16 autocast got its x_proj
+// GEMM back in bf16 and read it as float32, past its end: found by compute-sanitizer on the
+// H200, 2026-11-28.) Called again from the top with the autocast keys excluded, so autograd
+// still records the op.
+void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+}  // namespace
+
+#define PYSSM_NO_AUTOCAST(key)                                                              \
+  TORCH_LIBRARY_IMPL(pyssm, key, m) {                                                       \
+    for (const char* op : {"cross_scan", "cross_merge", "selective_scan",                   \
+                           "selective_scan_backward", "ss2d", "ss2d_backward", "attention", \
+                           "attention_backward"}) {                                          \
+      m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());           \
+    }                                                                                       \
+  }
+PYSSM_NO_AUTOCAST(AutocastCPU)
+PYSSM_NO_AUTOCAST(AutocastCUDA)
+#undef PYSSM_NO_AUTOCAST

@@ -20,6 +20,12 @@ BACKENDS = ("cuda", "cpu", "reference")
 _warned: set[tuple[str, str]] = set()
 
 
+def without_autocast(device: torch.device):
+    """Autocast off, for the references: like the compiled kernels (csrc/registration.cpp),
+    every op keeps its own precision under torch.autocast (float32 state and accumulation)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _kernel_backend(device: torch.device) -> str | None:
     return device.type if device.type in ("cpu", "cuda") else None
 

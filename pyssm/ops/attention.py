@@ -132,9 +132,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     if cu_seqlens is not None and not torch.compiler.is_compiling():
         check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     if _backend.resolve("attention", q.device, backend) == "reference":
-        return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                   return_lse=return_lse)
+        with _backend.without_autocast(q.device):
+            return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       return_lse=return_lse)
     scale = None if softmax_scale is None else float(softmax_scale)
     out, lse = torch.ops.pyssm.attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
     return (out, lse) if return_lse else out

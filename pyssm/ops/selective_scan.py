@@ -84,8 +84,9 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     float tensor argument."""
     check_selective_scan(u, delta, A, B, C, D, delta_bias)
     if _backend.resolve("selective_scan", u.device, backend) == "reference":
-        return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                        out_float32=out_float32)
+        with _backend.without_autocast(u.device):
+            return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                            out_float32=out_float32)
     return torch.ops.pyssm.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                           out_float32)
 

@@ -75,8 +75,9 @@ def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *, channe
     """The SS2D core of the module docstring; differentiable in x and every weight."""
     check_ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first)
     if _backend.resolve("ss2d", x.device, backend) == "reference":
-        return ss2d_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                              channels_first=channels_first, out_float32=out_float32)
+        with _backend.without_autocast(x.device):
+            return ss2d_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                                  channels_first=channels_first, out_float32=out_float32)
     return torch.ops.pyssm.ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                 channels_first, out_float32)
 

@@ -360,7 +360,11 @@ def test_cuda_flash_backward_error_within_twice_torchs(device, backend, dtype, h
             a, t, e = a[:, first:], t[:, first:], e[:, first:]
         err = (a.cpu().double() - e).abs().max()
         torch_err = (t.cpu().double() - e).abs().max()
-        assert err <= 2 * torch_err + 1e-3 * e.abs().max(), (name, err, torch_err)
+        # with one key the exact dq is 0 (softmax of one score has no gradient): there both
+        # kernels leave only fp32 rounding of dP - Delta (~1e-7, the H200 measured 3.5e-7
+        # against torch's 1.2e-7), so the floor is 1e-5 of the scale of dP
+        scale = max(e.abs().max().item(), 1e-2 * (g.abs().max() * v.abs().max()).item())
+        assert err <= 2 * torch_err + 1e-3 * scale, (name, err, torch_err)
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
