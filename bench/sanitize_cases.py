@@ -62,6 +62,15 @@ def ss2d_cases():
                             rand(4 * d), backend=DEV)
         yield f"({batch}, {H}, {W}, {dim}) N {dstate} R {rank} {dtype}", run
 
+    def autocast():
+        # a VMamba block's call: channels-first bf16 under autocast (the first device check
+        # found the fused kernel reading its x_proj past the end here)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            return ops.ss2d(rand(2, 24, 16, 16, dtype=torch.bfloat16), rand(4, 8, 24) * 0.3,
+                            rand(4, 24, 6) * 0.3, rand(4, 24) * 0.1 - 3, rand(96, 1) * 0.1,
+                            rand(96), channels_first=True, out_float32=True, backend=DEV)
+    yield "(2, 24, 16, 16) channels-first N 1 R 6 under bf16 autocast", autocast
+
 
 def attention_cases():
     for batch, seqlen, heads, head_dim, causal in ((2, 97, 3, 64, False), (1, 197, 2, 80, True),
