@@ -35,6 +35,17 @@ inline int64_t ss2d_chunks(int64_t batch, int64_t length, int64_t dim, int sms) 
   return chunks < 1 ? 1 : chunks;
 }
 
+// Threads per block (one per channel, up to 128) and the dynamic shared memory a block uses:
+// the z rows (accumulation type) and the x values (input type) of a tile of 32 positions.
+constexpr int kSs2dTilePositions = 32;
+constexpr size_t kSs2dMaxSmem = 48 * 1024;
+inline int ss2d_threads(int64_t dim) { return int(dim >= 128 ? 128 : (dim + 31) / 32 * 32); }
+inline size_t ss2d_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t x_bytes,
+                              size_t acc_bytes) {
+  return size_t(kSs2dTilePositions) *
+         (size_t(rank + 2 * dstate) * acc_bytes + size_t(ss2d_threads(dim)) * x_bytes);
+}
+
 inline int64_t ss2d_scratch_elems(const Ss2dParams& p) {
   return p.chunks > 1 ? 3 * p.batch * 4 * p.chunks * p.dim * p.dstate : 0;
 }

@@ -36,7 +36,8 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   const int64_t acc_bytes = acc == at::kDouble ? 8 : 4;
   const Launch launch = launcher(x.scalar_type());
   const bool fits = launch != nullptr && s.dstate <= kSs2dMaxState && s.batch * 4 <= 65535 &&
-                    32 * (s.rank + 2 * s.dstate) * acc_bytes <= 48 * 1024;
+                    ss2d_smem_bytes(s.dim, s.rank, s.dstate, x.element_size(),
+                                    size_t(acc_bytes)) <= kSs2dMaxSmem;
   if (!fits) {
     return ss2d_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                          channels_first, out_float32);
