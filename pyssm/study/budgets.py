@@ -51,6 +51,7 @@ BUDGETS = {
                    lm_layers=2, vlm_lr=3e-3, n_objects=(1, 2),
                    encoder_overrides={"vmamba": {"depths": (1, 1, 2, 1), "dims": 32},
                                       "vit": {"depth": 2}}),
+    # one run (VMamba-T, dense) took 10.4 min on two CPU cores, 7 of them pretraining
     "small": Budget(img_size=64, pretrain_steps=300, pretrain_batch=32, vlm_steps=600,
                     vlm_batch=32, train_scenes=5000, eval_examples=400, lm_hidden=128,
                     lm_layers=2, encoder_overrides={"vmamba": {"depths": (2, 2, 4, 2)},
