@@ -47,6 +47,25 @@ at::Tensor for_kernel(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
+// The fields FlashParams and FlashBwdParams share: q, k, v, the sizes, scale and masking.
+template <typename Params>
+void set_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                const AttnSizes& s, const at::Tensor& cu, int64_t total_q, double scale,
+                bool causal) {
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
+  p.batch = s.batch;
+  p.heads = s.heads;
+  p.heads_k = s.heads_k;
+  p.seqlen_q = s.seqlen_q;
+  p.seqlen_k = s.seqlen_k;
+  p.total_q = s.varlen ? total_q : s.batch * s.seqlen_q;
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.causal = causal;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, bool causal,
                                                   std::optional<double> softmax_scale,
@@ -68,20 +87,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashParams p{};
-  p.q = qc.const_data_ptr();
-  p.k = kc.const_data_ptr();
-  p.v = vc.const_data_ptr();
+  set_common(p, qc, kc, vc, s, cu, q.size(0), scale, causal);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
-  p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
-  p.batch = s.batch;
-  p.heads = s.heads;
-  p.heads_k = s.heads_k;
-  p.seqlen_q = s.seqlen_q;
-  p.seqlen_k = s.seqlen_k;
-  p.total_q = s.varlen ? q.size(0) : s.batch * s.seqlen_q;
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "attention CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};
@@ -116,9 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashBwdParams p{};
-  p.q = qc.const_data_ptr();
-  p.k = kc.const_data_ptr();
-  p.v = vc.const_data_ptr();
+  set_common(p, qc, kc, vc, s, cu, q.size(0), scale, causal);
+  p.scale = static_cast<float>(scale);
   p.out = oc.const_data_ptr();
   p.dout = doc.const_data_ptr();
   p.dq = dq.mutable_data_ptr();
@@ -128,16 +135,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dlse = dlse ? dlc.const_data_ptr<float>() : nullptr;
   p.delta = delta.mutable_data_ptr<float>();
   p.dq_accum = dq_accum.mutable_data_ptr<float>();
-  p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
-  p.batch = s.batch;
-  p.heads = s.heads;
-  p.heads_k = s.heads_k;
-  p.seqlen_q = s.seqlen_q;
-  p.seqlen_k = s.seqlen_k;
-  p.total_q = s.varlen ? q.size(0) : s.batch * s.seqlen_q;
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "attention backward CUDA launch failed: ",
               cudaGetErrorString(err));
