@@ -9,6 +9,7 @@ choice falls back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -22,8 +23,11 @@ _warned: set[tuple[str, str]] = set()
 
 def without_autocast(device: torch.device):
     """Autocast off, for the references: like the compiled kernels (csrc/registration.cpp),
-    every op keeps its own precision under torch.autocast (float32 state and accumulation)."""
-    return torch.autocast(device.type, enabled=False)
+    every op keeps its own precision under torch.autocast (float32 state and accumulation).
+    Devices autocast does not know (meta tensors, for shapes) need nothing."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _kernel_backend(device: torch.device) -> str | None:
