@@ -1,5 +1,9 @@
-// CUDA cross_scan and cross_merge: one thread per (batch, channel, pixel). Reads of x and
-// writes of directions 0 and 2 are coalesced; directions 1 and 3 (column-major) are strided.
+// CUDA cross_scan and cross_merge: one thread per (batch, channel, scan position), so every
+// write of cross_scan and every read of cross_merge's four directions is at the thread's
+// position (coalesced); the column-major directions gather x / scatter into the merged output
+// a row apart, which the caches absorb. (cross_scan v1 went the other way, one thread per
+// pixel writing the column-major directions a row apart: on the H200 it took 0.52 ms, 2.3x
+// torch's own transpose, while cross_merge, which gathers, ran at 1.4 TB/s.)
 // These are the plain standalone ops; the fused ss2d kernel never materialises them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,19 +35,26 @@ __device__ __forceinline__ ScanSlot scan_slot(int64_t i, int64_t C, int64_t H, i
   return {(b * 4 * C + c) * L, C * L, pix, (pix % W) * H + pix / W};
 }
 
+// The pixel (row-major index) that column-major scan position l visits: l = w * H + h.
+__device__ __forceinline__ int64_t column_major_pixel(int64_t l, int64_t H, int64_t W) {
+  return (l % H) * W + l / H;
+}
+
 template <typename T>
 __global__ void cross_scan_kernel(const T* __restrict__ x_gmem, T* __restrict__ out_gmem,
                                   int64_t total, int64_t C, int64_t H, int64_t W) {
   const int64_t L = H * W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const ScanSlot s = scan_slot(i, C, H, W);
-    const T v = x_gmem[i];
-    T* out_b = out_gmem + s.base;
-    out_b[s.l0] = v;
-    out_b[s.stride + s.l1] = v;
-    out_b[2 * s.stride + (L - 1 - s.l0)] = v;
-    out_b[3 * s.stride + (L - 1 - s.l1)] = v;
+    // i = (b * C + c) * L + l, a scan position l of plane (b, c)
+    const int64_t bc = i / L, l = i % L, b = bc / C, c = bc % C;
+    const T* x = x_gmem + bc * L;
+    T* out_b = out_gmem + (b * 4 * C + c) * L;
+    const int64_t stride = C * L;
+    out_b[l] = x[l];
+    out_b[stride + l] = x[column_major_pixel(l, H, W)];
+    out_b[2 * stride + l] = x[L - 1 - l];
+    out_b[3 * stride + l] = x[column_major_pixel(L - 1 - l, H, W)];
   }
 }
 
