@@ -15,11 +15,11 @@ import datetime
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
 
+from pyssm.bench.results import atomic_write
 from pyssm.data import SceneDataset
 from pyssm.data.metrics import mean_interval
 from pyssm.data.render import render
@@ -297,23 +297,16 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
 
 
 def _save(fig, out_dir: str, name: str) -> str:
+    import io
+
     import matplotlib.pyplot as plt
 
-    path = os.path.join(out_dir, name)
-    tmp = tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".{name}.", suffix=".png",
-                                      delete=False)
-    tmp.close()
-    fig.savefig(tmp.name, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp.name, path)
+    path = os.path.join(out_dir, name)
+    atomic_write(path, buf.getvalue())
     return path
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run_study(encoders: list[str], seeds: int = 3, budget: str = "tiny",
@@ -350,8 +343,9 @@ def run_study(encoders: list[str], seeds: int = 3, budget: str = "tiny",
               "seeds": seeds, "device": str(dev), "letterbox": letterbox,
               "torch_threads": torch.get_num_threads(),
               "wall_seconds": time.perf_counter() - start, "runs": runs, "summary": rows}
-    _write(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1, default=str))
-    _write(os.path.join(out_dir, "table.md"), markdown(rows, budget, seeds, b))
+    atomic_write(os.path.join(out_dir, "results.json"),
+                 json.dumps(result, indent=1, default=str))
+    atomic_write(os.path.join(out_dir, "table.md"), markdown(rows, budget, seeds, b))
     result["plots"] = plot(rows, out_dir)
     result["out_dir"] = out_dir
     return result
