@@ -153,8 +153,10 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
                     prompt_template=budget.prompt_template)
     vlm = VisionLanguageModel.from_config(cfg, lm, tokenizer, encoder=encoder).to(device)
     data = train_scenes or TrainScenes(budget, seed, letterbox)
-    probe = encoder.tokens(torch.zeros(1, 3, budget.img_size, budget.img_size, device=device))
-    if token_cache_fits(budget, probe.shape[2], probe.shape[1]):
+    with torch.no_grad():   # the token grid and width, for the cache and the results
+        _, n_tokens, width = encoder.tokens(
+            torch.zeros(1, 3, budget.img_size, budget.img_size, device=device)).shape
+    if token_cache_fits(budget, width, n_tokens):
         data = SceneTokens(data, vlm)
     trainer = Trainer(vlm, data, TrainConfig(stage="one-stage", steps=budget.vlm_steps,
                                              batch_size=budget.vlm_batch, lr=budget.vlm_lr,
@@ -168,11 +170,10 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
     scores[CONTROL] = evaluate(vlm, "test", budget.eval_examples, seed=seed,
                                batch_size=budget.vlm_batch, scene_kwargs=scene_kwargs,
                                shuffle_images=True)
-    tokens = encoder.tokens(torch.zeros(1, 3, budget.img_size, budget.img_size, device=device))
     return {
         "encoder": encoder_name, "objective": objective if checkpoint is None else "checkpoint",
         "seed": seed, "params_m": sum(p.numel() for p in encoder.parameters()) / 1e6,
-        "visual_tokens": tokens.shape[1], "encoder_img_s": encoder_throughput(
+        "visual_tokens": n_tokens, "encoder_img_s": encoder_throughput(
             encoder, budget.img_size, device), "pretrain_losses": pre_losses,
         "vlm_losses": vlm_losses, "scores": scores, "seconds": time.perf_counter() - start,
         "pretrain_seconds": pretrain_s, "vlm_seconds": vlm_s}
