@@ -50,6 +50,61 @@ inline int64_t ss2d_scratch_elems(const Ss2dParams& p) {
   return p.chunks > 1 ? 3 * p.batch * 4 * p.chunks * p.dim * p.dstate : 0;
 }
 
+// The fused backward (csrc/ss2d/ss2d_bwd_kernel.cuh; one ss2d_bwd_<dtype>.cu per input dtype).
+// x as in the forward; dy (B, L, D) in the input dtype, or in the accumulation type when
+// dy_acc; z, dt_w, dt_b, A, Ds as in the forward. Outputs, all accumulation type, zeroed by the
+// caller:
+//   dx (B, L, D): the scans' own input gradient (the four directions add into it)
+//   dz (B, L, 4, R + 2N): the gradient of z (the caller applies x_proj's adjoint)
+//   partial (B, 4, chunks, N + 2 + R, D): per chunk sums of dA (N planes), dDs, dbias, and the
+//     dt_projs_weight gradient (R planes); the caller sums over batch and chunks
+// scratch: ss2d_bwd_scratch_elems(p) elements (chunk summaries and carries, tile states).
+// chunk_len is a whole number of tiles of ss2d_bwd_tile(dstate) positions.
+struct Ss2dBwdParams {
+  const void *x, *dy;
+  bool dy_acc;
+  const void *z, *dt_w, *dt_b, *A, *Ds;
+  void *dx, *dz, *partial, *scratch;
+  int64_t batch, height, width, dim, rank, dstate;
+  int64_t chunk_len, chunks;
+};
+
+// Positions per backward tile: the state of every position of a tile lives in shared memory,
+// so larger states take shorter tiles.
+__host__ __device__ inline int64_t ss2d_bwd_max_state(int64_t dstate) {
+  return dstate <= 1 ? 1 : dstate <= 4 ? 4 : dstate <= 8 ? 8 : 16;
+}
+__host__ __device__ inline int64_t ss2d_bwd_tile(int64_t dstate) {
+  const int64_t n = ss2d_bwd_max_state(dstate);
+  return n == 1 ? 16 : n == 16 ? 4 : 8;
+}
+
+// Dynamic shared memory of the main backward kernel: z rows (T x (R + 2N)), x and dy of the
+// tile (T x (threads + 1) each), h of every position (threads x (T * maxN + 1)) and dt / dpre
+// (threads x (T + 1)), all in the accumulation type; the rows padded by one so that both the
+// per-thread walks and the per-position sums over channels are free of bank conflicts.
+inline size_t ss2d_bwd_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t acc_bytes) {
+  const size_t T = size_t(ss2d_bwd_tile(dstate)), thr = size_t(ss2d_threads(dim));
+  const size_t maxn = size_t(ss2d_bwd_max_state(dstate));
+  return acc_bytes * (T * size_t(rank + 2 * dstate) + 2 * T * (thr + 1) +
+                      thr * (T * maxn + 1) + thr * (T + 1));
+}
+
+__host__ __device__ inline int64_t ss2d_bwd_summary_elems(const Ss2dBwdParams& p) {
+  return p.batch * 4 * p.chunks * p.dim * p.dstate;
+}
+// Five chunk summaries (decay, end state from zero, adjoint summary, state in, adjoint in),
+// then the state entering each tile from zero and the dt summed before it.
+inline int64_t ss2d_bwd_scratch_elems(const Ss2dBwdParams& p) {
+  const int64_t tiles = p.batch * 4 * p.chunks * (p.chunk_len / ss2d_bwd_tile(p.dstate)) * p.dim;
+  return 5 * ss2d_bwd_summary_elems(p) + tiles * (p.dstate + 1);
+}
+
+cudaError_t ss2d_bwd_fp64(const Ss2dBwdParams& p, cudaStream_t stream);
+cudaError_t ss2d_bwd_fp32(const Ss2dBwdParams& p, cudaStream_t stream);
+cudaError_t ss2d_bwd_fp16(const Ss2dBwdParams& p, cudaStream_t stream);
+cudaError_t ss2d_bwd_bf16(const Ss2dBwdParams& p, cudaStream_t stream);
+
 cudaError_t ss2d_fwd_fp64(const Ss2dParams& p, cudaStream_t stream);
 cudaError_t ss2d_fwd_fp32(const Ss2dParams& p, cudaStream_t stream);
 cudaError_t ss2d_fwd_fp16(const Ss2dParams& p, cudaStream_t stream);

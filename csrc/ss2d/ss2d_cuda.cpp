@@ -1,11 +1,15 @@
-// ss2d on CUDA tensors. Forward: the fused kernel (ss2d_kernel.cuh) after one x_proj GEMM;
-// shapes it does not take (d_state > 16, a huge batch, a z row too wide for its shared-memory
-// tile) run the composed core of ss2d_cpu.cpp instead. Backward: the composed core, whose
-// inner ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
+// ss2d on CUDA tensors. Forward: the fused kernel (ss2d_kernel.cuh) after one x_proj GEMM.
+// Backward: the fused kernels (ss2d_bwd_kernel.cuh) between the x_proj GEMM (recomputed) and
+// the GEMMs of x_proj's adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
+// tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
+// ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <tuple>
+#include <utility>
 
 #include "checks.h"
 #include "ss2d/ss2d.cuh"
@@ -15,6 +19,7 @@ namespace pyssm {
 namespace {
 
 using Launch = cudaError_t (*)(const Ss2dParams&, cudaStream_t);
+using LaunchBwd = cudaError_t (*)(const Ss2dBwdParams&, cudaStream_t);
 
 Launch launcher(at::ScalarType t) {
   switch (t) {
@@ -24,6 +29,37 @@ Launch launcher(at::ScalarType t) {
     case at::kBFloat16: return ss2d_fwd_bf16;
     default: return nullptr;
   }
+}
+
+LaunchBwd bwd_launcher(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return ss2d_bwd_fp64;
+    case at::kFloat: return ss2d_bwd_fp32;
+    case at::kHalf: return ss2d_bwd_fp16;
+    case at::kBFloat16: return ss2d_bwd_bf16;
+    default: return nullptr;
+  }
+}
+
+// x in channels-last (B, H, W, D), contiguous.
+at::Tensor channels_last(const at::Tensor& x, bool channels_first) {
+  return (channels_first ? x.permute({0, 2, 3, 1}) : x).contiguous();
+}
+
+// x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)).
+at::Tensor x_proj(const at::Tensor& xl, const at::Tensor& x_proj_weight, at::ScalarType acc) {
+  const int64_t D = xl.size(3);
+  return at::matmul(xl.reshape({-1, D}).to(acc), x_proj_weight.to(acc).reshape({-1, D}).t())
+      .contiguous();
+}
+
+// Scan chunks for a grid of a few blocks per SM; chunk_len a multiple of `tile`.
+std::pair<int64_t, int64_t> chunking(int64_t B, int64_t L, int64_t D, int64_t tile) {
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t chunks = ss2d_chunks(B, L, D, sms);
+  int64_t chunk_len = (L + chunks - 1) / chunks;
+  chunk_len = (chunk_len + tile - 1) / tile * tile;
+  return {chunk_len, (L + chunk_len - 1) / chunk_len};
 }
 
 at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
@@ -48,11 +84,8 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, D = s.dim, L = s.height * s.width, zw = s.rank + 2 * s.dstate;
 
-  const at::Tensor xl = (channels_first ? x.permute({0, 2, 3, 1}) : x).contiguous();
-  // x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N))
-  const at::Tensor z =
-      at::matmul(xl.reshape({B * L, D}).to(acc), x_proj_weight.to(acc).reshape({4 * zw, D}).t())
-          .contiguous();
+  const at::Tensor xl = channels_last(x, channels_first);
+  const at::Tensor z = x_proj(xl, x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
@@ -73,10 +106,7 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   p.dim = D;
   p.rank = s.rank;
   p.dstate = s.dstate;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  p.chunks = ss2d_chunks(B, L, D, sms);
-  p.chunk_len = (L + p.chunks - 1) / p.chunks;
-  p.chunks = (L + p.chunk_len - 1) / p.chunk_len;
+  std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, 1);
   const at::Tensor scratch = at::empty({ss2d_scratch_elems(p)}, x.options().dtype(acc));
   p.scratch = scratch.numel() ? scratch.mutable_data_ptr() : nullptr;
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
@@ -87,11 +117,96 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   return out.to(out_dtype).contiguous();
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
+                   const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
+                   const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
+  const Ss2dSizes s =
+      check_ss2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first);
+  check_floating(dout, "dout");
+  check_shape(dout, x.sizes(), "dout", "the shape of x");
+  check_same_device(dout, x, "dout", "x");
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const size_t acc_bytes = acc == at::kDouble ? 8 : 4;
+  const LaunchBwd launch = bwd_launcher(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const bool fits = launch != nullptr && x.numel() > 0 && s.dstate <= kSs2dMaxState &&
+                    s.batch * 4 <= 65535 &&
+                    ss2d_bwd_smem_bytes(s.dim, s.rank, s.dstate, acc_bytes) <= smem_limit;
+  if (!fits) {
+    return ss2d_backward_composed(dout, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
+                                  Ds, channels_first);
+  }
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t B = s.batch, D = s.dim, R = s.rank, N = s.dstate, L = s.height * s.width;
+  const int64_t zw = R + 2 * N;
+
+  const at::Tensor xl = channels_last(x, channels_first);
+  // dy in x's dtype, or in the accumulation type when it comes in another (out_float32)
+  const bool dy_acc = dout.scalar_type() != x.scalar_type();
+  const at::Tensor dyl = channels_last(dy_acc ? dout.to(acc) : dout, channels_first);
+  const at::Tensor z = x_proj(xl, x_proj_weight, acc);
+  const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
+  const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
+  const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
+  const at::Tensor Ds_acc = Ds.to(acc).contiguous();
+
+  Ss2dBwdParams p{};
+  p.batch = B;
+  p.height = s.height;
+  p.width = s.width;
+  p.dim = D;
+  p.rank = R;
+  p.dstate = N;
+  std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, ss2d_bwd_tile(N));
+  const at::TensorOptions opts = x.options().dtype(acc);
+  at::Tensor dx = at::zeros({B, L, D}, opts);
+  at::Tensor dz = at::zeros({B, L, 4, zw}, opts);
+  at::Tensor partial = at::zeros({B, 4, p.chunks, N + 2 + R, D}, opts);
+  const at::Tensor scratch = at::empty({ss2d_bwd_scratch_elems(p)}, opts);
+  p.x = xl.const_data_ptr();
+  p.dy = dyl.const_data_ptr();
+  p.dy_acc = dy_acc;
+  p.z = z.const_data_ptr();
+  p.dt_w = dt_w.const_data_ptr();
+  p.dt_b = dt_b.const_data_ptr();
+  p.A = A.const_data_ptr();
+  p.Ds = Ds_acc.const_data_ptr();
+  p.dx = dx.mutable_data_ptr();
+  p.dz = dz.mutable_data_ptr();
+  p.partial = partial.mutable_data_ptr();
+  p.scratch = scratch.mutable_data_ptr();
+  const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "ss2d backward CUDA launch failed: ", cudaGetErrorString(err));
+
+  // z = W_x x per pixel: dx += dz W_x, dW_x = dz^T x
+  const at::Tensor dzf = dz.view({B * L, 4 * zw});
+  const at::Tensor wx = x_proj_weight.to(acc).reshape({4 * zw, D});
+  dx.view({B * L, D}).addmm_(dzf, wx);
+  const at::Tensor d_x_proj_weight = at::matmul(dzf.t(), xl.reshape({B * L, D}).to(acc))
+                                         .view({4, zw, D});
+  const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // (4, N + 2 + R, D)
+  const at::Tensor dA = sums.narrow(1, 0, N).transpose(1, 2).reshape({4 * D, N});
+  const at::Tensor dDs = sums.select(1, N).reshape({4 * D});
+  const at::Tensor dbias = sums.select(1, N + 1);
+  const at::Tensor d_dt_w = sums.narrow(1, N + 2, R).transpose(1, 2);  // (4, D, R)
+
+  at::Tensor dx_out = dx.view({B, s.height, s.width, D});
+  if (channels_first) dx_out = dx_out.permute({0, 3, 1, 2});
+  return {dx_out.to(x.scalar_type()).contiguous(),
+          d_x_proj_weight.to(x_proj_weight.scalar_type()),
+          d_dt_w.to(dt_projs_weight.scalar_type()).contiguous(),
+          dbias.to(dt_projs_bias.scalar_type()).contiguous(),
+          (dA * A).to(A_logs.scalar_type()),
+          dDs.to(Ds.scalar_type()).contiguous()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyssm, CUDA, m) {
   m.impl("ss2d", &ss2d_cuda);
-  m.impl("ss2d_backward", &ss2d_backward_composed);
+  m.impl("ss2d_backward", &ss2d_backward_cuda);
 }
 
 }  // namespace pyssm

@@ -199,3 +199,83 @@ def test_cuda_fused_forward_at_sizes_that_chunk(device, backend, B, H, W, D, N, 
     torch.testing.assert_close(got.cpu(), want, atol=1e-9, rtol=1e-9)
     lowp = ops.ss2d(x.float(), *weights, channels_first=channels_first, backend=backend)
     torch.testing.assert_close(lowp.double().cpu(), want, atol=2e-4, rtol=2e-4)
+
+
+# The fused CUDA backward's algorithm (chunks, tiles, carries; ss2d_bwd_model.py), on the CPU.
+# (B, H, W, D, R, N, chunks, tile): one chunk and several, partial last chunks and tiles, a grid
+# of one row, d_state 1 to 16 (tile None: the kernel's own tile for that d_state).
+BWD_MODEL_CASES = [
+    (2, 3, 5, 4, 2, 1, 1, None), (1, 7, 4, 3, 3, 2, 4, None), (2, 5, 5, 2, 1, 3, 7, 4),
+    (1, 1, 6, 2, 2, 1, 3, 2), (1, 6, 7, 5, 3, 16, 2, None), (1, 9, 9, 3, 2, 8, 3, None),
+    (1, 13, 11, 2, 1, 1, 5, None),
+]
+
+
+@pytest.mark.parametrize("case", BWD_MODEL_CASES,
+                         ids=lambda c: "b{}h{}w{}d{}r{}n{}c{}t{}".format(*c))
+def test_fused_backward_model_matches_autograd(case):
+    """The float64 model of the fused CUDA backward (ss2d_bwd_model.py) gives autograd's
+    gradients through the reference, for every argument."""
+    import ss2d_bwd_model
+    B, H, W, D, R, N, chunks, tile = case
+    x = make_x(B, H, W, D, "cpu", requires_grad=True)
+    ws = make_weights(D, N, R, "cpu", requires_grad=True)
+    out = ops.ss2d_reference(x, *ws)
+    g = torch.randn_like(out)
+    want = torch.autograd.grad(out, [x, *ws], g)
+    got = ss2d_bwd_model.ss2d_backward_model(
+        g.numpy(), *(t.detach().numpy() for t in (x, *ws)), chunks=chunks, tile=tile)
+    names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-10, rtol=1e-10,
+                                   msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d") if p.id == "cuda"])
+@pytest.mark.parametrize("B,H,W,D,N,R,channels_first", [
+    (1, 23, 23, 5, 1, 2, False),    # one image: chunks with carries both ways
+    (3, 17, 31, 130, 3, 4, True),   # two channel blocks (dz by atomics), channels-first
+    (2, 1, 97, 7, 16, 1, False),    # a single row; d_state 16 (tiles of 4)
+    (2, 9, 11, 33, 8, 6, False),    # d_state 8, a block of 64 threads with 31 idle
+])
+def test_cuda_fused_backward_at_sizes_that_chunk(device, backend, B, H, W, D, N, R,
+                                                 channels_first):
+    """CUDA: every gradient of the fused backward against the float64 CPU kernel, in float64
+    and in float32 (whose bound covers fp32 rounding and the order of the atomic sums)."""
+    x = make_x(B, H, W, D, device, channels_first=channels_first)
+    ws = make_weights(D, N, R, device)
+    g = torch.randn_like(x)
+
+    def grads(dev, dtype, backend):
+        ts = [t.detach().to(dev, dtype).requires_grad_() for t in (x, *ws)]
+        out = ops.ss2d(*ts, channels_first=channels_first, backend=backend)
+        return [a.double().cpu() for a in torch.autograd.grad(out, ts, g.to(dev, dtype))]
+
+    want = grads("cpu", F64, "cpu")
+    names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+    for name, a, b in zip(names, grads(device, F64, backend), want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=f"d{name} float64")
+    for name, a, b in zip(names, grads(device, torch.float32, backend), want):
+        assert (a - b).abs().max() <= 2e-4 * b.abs().max() + 1e-6, f"d{name} float32"
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("out_float32", [False, True])
+def test_low_precision_gradients(device, backend, dtype, out_float32):
+    """Half-precision x, fp32 weights: each gradient within twice the rounding of its own dtype
+    (plus 1e-3 of its size for the fp32 sums) of the exact float64 gradient of the same rounded
+    inputs; with out_float32 the output gradient comes in fp32 (on CUDA: read as fp32)."""
+    x = make_x(2, 7, 5, 24, device, dtype=dtype, requires_grad=True)
+    ws = make_weights(24, 1, 3, device, dtype=torch.float32, requires_grad=True)
+    out = ops.ss2d(x, *ws, out_float32=out_float32, backend=backend)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *ws], g)
+    exact_in = [t.detach().cpu().double().requires_grad_() for t in (x, *ws)]
+    exact = torch.autograd.grad(naive.ss2d(*exact_in), exact_in, g.cpu().double())
+    names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+    for name, a, b in zip(names, got, exact):
+        assert a.dtype == (dtype if name == "x" else torch.float32), name
+        rounding = (b.to(a.dtype).double() - b).abs().max()
+        err = (a.cpu().double() - b).abs().max()
+        assert err <= 2 * rounding + 1e-3 * b.abs().max(), (name, err, rounding)
