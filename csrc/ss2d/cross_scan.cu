@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernel_launch.cuh"
 #include "ss2d/cross_scan.cuh"
 
 namespace pyssm {
@@ -84,14 +85,9 @@ template <typename T>
 cudaError_t launch(const CrossScanParams& p, cudaStream_t stream, bool merge) {
   const int64_t total = p.batch * p.channels * p.height * p.width;
   if (total == 0) return cudaSuccess;
-  if (merge) {
-    cross_merge_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.in), static_cast<T*>(p.out), total, p.channels, p.height, p.width);
-  } else {
-    cross_scan_kernel<T><<<grid_for(total), kThreads, 0, stream>>>(
-        static_cast<const T*>(p.in), static_cast<T*>(p.out), total, p.channels, p.height, p.width);
-  }
-  return cudaGetLastError();
+  return launch_kernel(merge ? cross_merge_kernel<T> : cross_scan_kernel<T>, grid_for(total),
+                       dim3(kThreads), 0, stream, static_cast<const T*>(p.in),
+                       static_cast<T*>(p.out), total, p.channels, p.height, p.width);
 }
 
 cudaError_t dispatch(const CrossScanParams& p, cudaStream_t stream, bool merge) {

@@ -24,6 +24,7 @@
 
 #include <climits>
 
+#include "ss2d/scan_math.cuh"
 #include "ss2d/selective_scan.cuh"
 
 namespace pyssm {
@@ -34,35 +35,6 @@ constexpr int kTile = kSelectiveScanTile;
 constexpr int kItems = kTile / kThreads;
 static_assert(kItems * kThreads == kTile, "the tile must split evenly over the threads");
 constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ float widen(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
-__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
-
-// softplus without a threshold (float64 stays exact), and its derivative
-template <typename acc_t>
-__device__ __forceinline__ acc_t softplus(acc_t x) {
-  return (x > acc_t(0) ? x : acc_t(0)) + log1p_(exp_(-(x > acc_t(0) ? x : -x)));
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t sigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + exp_(-x));
-}
 
 // h -> a h + b
 template <typename acc_t>

@@ -23,7 +23,8 @@
 //     slot of `partial`. Several channel blocks (D > 128) add into dz with atomics; one writes.
 #pragma once
 
-#include "ss2d/selective_scan_kernel.cuh"  // scan::Acc, widen, exp_, softplus
+#include "kernel_launch.cuh"
+#include "ss2d/scan_math.cuh"  // scan::Acc, widen, exp_, expm1_, softplus
 #include "ss2d/ss2d.cuh"
 #include "ss2d/ss2d_kernel.cuh"            // ss2d::pixel
 
@@ -32,12 +33,10 @@ namespace ss2d_bwd {
 
 using scan::Acc;
 using scan::exp_;
+using scan::expm1_;
 using scan::softplus;
 using scan::widen;
 using ss2d::pixel;
-
-__device__ __forceinline__ float expm1_(float x) { return expm1f(x); }
-__device__ __forceinline__ double expm1_(double x) { return expm1(x); }
 
 // What every kernel of the backward knows about its block: (channel group, chunk, batch x dir).
 template <typename T>
@@ -374,24 +373,14 @@ cudaError_t launch(const Ss2dBwdParams& p, cudaStream_t stream) {
   const size_t stage = sizeof(acc_t) * (size_t(kTile) * size_t(p.rank + 2 * p.dstate) +
                                         2 * size_t(kTile) * size_t(threads + 1));
   const size_t smem = ss2d_bwd_smem_bytes(p.dim, p.rank, p.dstate, sizeof(acc_t));
-  cudaError_t err;
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(main_kernel<T, kMaxN, kTile>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
-  }
-  if (stage > 48 * 1024) {
-    err = cudaFuncSetAttribute(summary_kernel<T, kMaxN, kTile>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage));
-    if (err != cudaSuccess) return err;
-  }
-  summary_kernel<T, kMaxN, kTile><<<grid, threads, stage, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  cudaError_t err = launch_kernel(summary_kernel<T, kMaxN, kTile>, grid, dim3(threads), stage,
+                                  stream, p);
+  if (err != cudaSuccess) return err;
   const int64_t n = p.batch * 4 * p.dim * p.dstate;
-  carry_kernel<acc_t><<<unsigned((n + 255) / 256), 256, 0, stream>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  main_kernel<T, kMaxN, kTile><<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
+  err = launch_kernel(carry_kernel<acc_t>, dim3(unsigned((n + 255) / 256)), dim3(256), 0, stream,
+                      p);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(main_kernel<T, kMaxN, kTile>, grid, dim3(threads), smem, stream, p);
 }
 
 template <typename T>

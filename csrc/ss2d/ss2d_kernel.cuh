@@ -18,7 +18,8 @@
 // pass 1 runs. Block: (up to 128 channels) x (one chunk) x (batch, direction).
 #pragma once
 
-#include "ss2d/selective_scan_kernel.cuh"  // scan::Acc, widen, exp_, softplus
+#include "kernel_launch.cuh"
+#include "ss2d/scan_math.cuh"  // scan::Acc, widen, exp_, softplus
 #include "ss2d/ss2d.cuh"
 
 namespace pyssm {
@@ -151,16 +152,15 @@ cudaError_t launch(const Ss2dParams& p, cudaStream_t stream) {
                   unsigned(p.batch * 4));
   const size_t smem = ss2d_smem_bytes(p.dim, p.rank, p.dstate, sizeof(T), sizeof(acc_t));
   if (p.chunks > 1) {
-    ss2d_chunk_kernel<T, kMaxN, 0><<<grid, threads, smem, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err =
+        launch_kernel(ss2d_chunk_kernel<T, kMaxN, 0>, grid, dim3(threads), smem, stream, p);
     if (err != cudaSuccess) return err;
     const int64_t n = p.batch * 4 * p.dim * p.dstate;
-    ss2d_carry_kernel<acc_t><<<unsigned((n + 255) / 256), 256, 0, stream>>>(p);
-    err = cudaGetLastError();
+    err = launch_kernel(ss2d_carry_kernel<acc_t>, dim3(unsigned((n + 255) / 256)), dim3(256), 0,
+                        stream, p);
     if (err != cudaSuccess) return err;
   }
-  ss2d_chunk_kernel<T, kMaxN, 1><<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(ss2d_chunk_kernel<T, kMaxN, 1>, grid, dim3(threads), smem, stream, p);
 }
 
 template <typename T>

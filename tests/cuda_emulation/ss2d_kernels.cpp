@@ -1,0 +1,127 @@
+// The SS2D-family CUDA kernels compiled for the CPU emulation (cuda_emulation.h), behind a C
+// interface that tests/cuda_emulation/test_ss2d_kernels.py calls through ctypes: the real
+// launchers (template dispatch, argument checks) and the real kernel code, nothing rewritten.
+#include "ss2d/cross_scan.cu"
+#include "ss2d/ss2d_bwd_kernel.cuh"
+#include "ss2d/ss2d_kernel.cuh"
+
+namespace pyssm::ss2d {
+alignas(16) unsigned char smem_raw[256 * 1024];
+}
+namespace pyssm::ss2d_bwd {
+alignas(16) unsigned char smem_raw[256 * 1024];
+}
+
+namespace {
+const bool registered =
+    cuda_emulation::add_shared_region(pyssm::ss2d::smem_raw, sizeof(pyssm::ss2d::smem_raw)) &&
+    cuda_emulation::add_shared_region(pyssm::ss2d_bwd::smem_raw,
+                                      sizeof(pyssm::ss2d_bwd::smem_raw));
+
+// dtype codes: 0 float64, 1 float32, 2 float16, 3 bfloat16
+template <template <typename> class Fn, typename P>
+int by_dtype(int dtype, const P& p) {
+  switch (dtype) {
+    case 0: return int(Fn<double>::call(p));
+    case 1: return int(Fn<float>::call(p));
+    case 2: return int(Fn<__half>::call(p));
+    case 3: return int(Fn<__nv_bfloat16>::call(p));
+  }
+  return int(cudaErrorInvalidValue);
+}
+template <typename T>
+struct Fwd {
+  static cudaError_t call(const pyssm::Ss2dParams& p) { return pyssm::ss2d::fwd<T>(p, nullptr); }
+};
+template <typename T>
+struct Bwd {
+  static cudaError_t call(const pyssm::Ss2dBwdParams& p) {
+    return pyssm::ss2d_bwd::bwd<T>(p, nullptr);
+  }
+};
+}  // namespace
+
+extern "C" {
+
+int emu_registered() { return registered ? 1 : 0; }
+
+int emu_cross_scan(int dtype, const void* in, void* out, int64_t B, int64_t C, int64_t H,
+                   int64_t W, int merge) {
+  const pyssm::CrossScanParams p{in, out, B, C, H, W, pyssm::DType(dtype)};
+  return int(merge ? pyssm::cross_merge_cuda_launch(p, nullptr)
+                   : pyssm::cross_scan_cuda_launch(p, nullptr));
+}
+
+// sizes: batch, height, width, dim, rank, dstate, chunk_len, chunks
+int emu_ss2d_fwd(int dtype, const void* x, const void* z, const void* dt_w, const void* dt_b,
+                 const void* A, const void* Ds, void* y, void* scratch, const int64_t* sizes) {
+  pyssm::Ss2dParams p{};
+  p.x = x;
+  p.z = z;
+  p.dt_w = dt_w;
+  p.dt_b = dt_b;
+  p.A = A;
+  p.Ds = Ds;
+  p.y = y;
+  p.scratch = scratch;
+  p.batch = sizes[0];
+  p.height = sizes[1];
+  p.width = sizes[2];
+  p.dim = sizes[3];
+  p.rank = sizes[4];
+  p.dstate = sizes[5];
+  p.chunk_len = sizes[6];
+  p.chunks = sizes[7];
+  return by_dtype<Fwd>(dtype, p);
+}
+
+int64_t emu_ss2d_fwd_scratch(const int64_t* sizes) {
+  pyssm::Ss2dParams p{};
+  p.batch = sizes[0];
+  p.dim = sizes[3];
+  p.dstate = sizes[5];
+  p.chunks = sizes[7];
+  return pyssm::ss2d_scratch_elems(p);
+}
+
+int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const void* z,
+                 const void* dt_w, const void* dt_b, const void* A, const void* Ds, void* dx,
+                 void* dz, void* partial, void* scratch, const int64_t* sizes) {
+  pyssm::Ss2dBwdParams p{};
+  p.x = x;
+  p.dy = dy;
+  p.dy_acc = dy_acc != 0;
+  p.z = z;
+  p.dt_w = dt_w;
+  p.dt_b = dt_b;
+  p.A = A;
+  p.Ds = Ds;
+  p.dx = dx;
+  p.dz = dz;
+  p.partial = partial;
+  p.scratch = scratch;
+  p.batch = sizes[0];
+  p.height = sizes[1];
+  p.width = sizes[2];
+  p.dim = sizes[3];
+  p.rank = sizes[4];
+  p.dstate = sizes[5];
+  p.chunk_len = sizes[6];
+  p.chunks = sizes[7];
+  return by_dtype<Bwd>(dtype, p);
+}
+
+int64_t emu_ss2d_bwd_scratch(const int64_t* sizes) {
+  pyssm::Ss2dBwdParams p{};
+  p.batch = sizes[0];
+  p.dim = sizes[3];
+  p.dstate = sizes[5];
+  p.chunk_len = sizes[6];
+  p.chunks = sizes[7];
+  return pyssm::ss2d_bwd_scratch_elems(p);
+}
+
+int64_t emu_ss2d_bwd_tile(int64_t dstate) { return pyssm::ss2d_bwd_tile(dstate); }
+int64_t emu_ss2d_threads(int64_t dim) { return pyssm::ss2d_threads(dim); }
+
+}  // extern "C"

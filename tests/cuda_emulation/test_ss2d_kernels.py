@@ -1,0 +1,191 @@
+"""The SS2D-family CUDA kernels, run on the CPU in cuda_emulation.h's emulation (the real kernel
+sources and launchers, compiled by g++), against the float64 references.
+
+The torch-side glue of csrc/ss2d/ss2d_cuda.cpp (the x_proj GEMM before the kernels, x_proj's
+adjoint and the per-chunk sums after the backward) is redone here in torch; on a GPU the op
+tests cover the glue itself. What the emulation does and does not check is in its header.
+Skipped without g++ or the CUDA headers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyssm import ops
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+F64 = torch.float64
+CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    cxx = shutil.which("g++")
+    if cxx is None or not (include / "cuda_runtime_api.h").exists():
+        pytest.skip(f"needs g++ and the CUDA headers (looked in {include})")
+    lib_path = tmp_path_factory.mktemp("cuda_emulation") / "libss2d_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-pthread",
+           "-DPYSSM_CUDA_EMULATION", f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{HERE}",
+           "-include", "cuda_emulation.h", str(HERE / "ss2d_kernels.cpp"), "-o", str(lib_path)]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-4000:]
+    lib = ctypes.CDLL(str(lib_path))
+    for name in ("emu_ss2d_fwd_scratch", "emu_ss2d_bwd_scratch", "emu_ss2d_bwd_tile"):
+        getattr(lib, name).restype = ctypes.c_int64
+    lib.emu_ss2d_bwd_tile.argtypes = [ctypes.c_int64]
+    lib.emu_cross_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + \
+        [ctypes.c_int64] * 4 + [ctypes.c_int]
+    assert lib.emu_registered() == 1
+    return lib
+
+
+def ptr(t: torch.Tensor):
+    return ctypes.c_void_p(t.data_ptr() if t.numel() else None)
+
+
+def poisoned(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+# cross_scan / cross_merge -------------------------------------------------------------------
+
+SCAN_SHAPES = [(2, 3, 5, 7), (1, 1, 1, 1), (1, 2, 1, 9), (2, 5, 8, 3)]
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("shape", SCAN_SHAPES, ids=str)
+def test_cross_scan_and_merge(emu, dtype, shape):
+    B, C, H, W = shape
+    x = torch.randn(B, C, H, W, dtype=dtype)
+    out = poisoned(B, 4, C, H * W, dtype=dtype)
+    assert emu.emu_cross_scan(CODES[dtype], ptr(x), ptr(out), B, C, H, W, 0) == 0
+    assert torch.equal(out, ops.cross_scan(x, backend="reference"))
+
+    ys = torch.randn(B, 4, C, H, W, dtype=dtype)
+    merged = poisoned(B, C, H * W, dtype=dtype)
+    assert emu.emu_cross_scan(CODES[dtype], ptr(ys), ptr(merged), B, C, H, W, 1) == 0
+    exact = ops.cross_merge(ys.double(), backend="reference")
+    # the four directions summed in the accumulation type, then rounded once
+    torch.testing.assert_close(merged, exact.to(dtype))
+
+
+# the fused ss2d forward and backward ----------------------------------------------------------
+
+def make_case(B, H, W, D, R, N, dtype, weight_dtype):
+    x = torch.randn(B, H, W, D, dtype=dtype)
+    ws = [torch.randn(4, R + 2 * N, D, dtype=weight_dtype) / math.sqrt(D),
+          torch.randn(4, D, R, dtype=weight_dtype) / math.sqrt(R),
+          torch.randn(4, D, dtype=weight_dtype) * 0.5,
+          torch.log(torch.rand(4 * D, N, dtype=weight_dtype) * 2 + 0.1),
+          torch.randn(4 * D, dtype=weight_dtype)]
+    return x, ws
+
+
+def acc_of(dtype):
+    return F64 if dtype == F64 else torch.float32
+
+
+def prepare(x, ws):
+    """ss2d_cuda.cpp's inputs to the kernels: z = x_proj of every pixel, A = -exp(A_logs)."""
+    B, H, W, D = x.shape
+    acc = acc_of(x.dtype)
+    xw, dtw, dtb, A_logs, Ds = (w.to(acc).contiguous() for w in ws)
+    z = (x.reshape(B * H * W, D).to(acc) @ xw.reshape(-1, D).t()).contiguous()
+    return acc, z, dtw, dtb, (-torch.exp(A_logs)).contiguous(), Ds
+
+
+def sizes_of(x, ws, chunk_len, chunks):
+    B, H, W, D = x.shape
+    R, N = ws[1].shape[2], ws[3].shape[1]
+    return (ctypes.c_int64 * 8)(B, H, W, D, R, N, chunk_len, chunks)
+
+
+def forward_emulated(emu, x, ws, chunks):
+    B, H, W, D = x.shape
+    L = H * W
+    acc, z, dtw, dtb, A, Ds = prepare(x, ws)
+    chunk_len = -(-L // chunks)
+    sizes = sizes_of(x, ws, chunk_len, -(-L // chunk_len))
+    y = torch.zeros(B, L, D, dtype=acc)
+    scratch = poisoned(emu.emu_ss2d_fwd_scratch(sizes), dtype=acc)
+    rc = emu.emu_ss2d_fwd(CODES[x.dtype], ptr(x), ptr(z), ptr(dtw), ptr(dtb), ptr(A), ptr(Ds),
+                          ptr(y), ptr(scratch), sizes)
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    return y.view(B, H, W, D)
+
+
+def backward_emulated(emu, dy, x, ws, chunks):
+    B, H, W, D = x.shape
+    L = H * W
+    R, N = ws[1].shape[2], ws[3].shape[1]
+    zw = R + 2 * N
+    acc, z, dtw, dtb, A, Ds = prepare(x, ws)
+    tile = emu.emu_ss2d_bwd_tile(N)
+    chunk_len = -(-(-(-L // chunks)) // tile) * tile
+    chunks = -(-L // chunk_len)
+    sizes = sizes_of(x, ws, chunk_len, chunks)
+    dx = torch.zeros(B, L, D, dtype=acc)
+    dz = torch.zeros(B, L, 4, zw, dtype=acc)
+    partial = torch.zeros(B, 4, chunks, N + 2 + R, D, dtype=acc)
+    scratch = poisoned(emu.emu_ss2d_bwd_scratch(sizes), dtype=acc)
+    dy_acc = dy.dtype != x.dtype
+    dy = dy.to(acc) if dy_acc else dy
+    rc = emu.emu_ss2d_bwd(CODES[x.dtype], ptr(x), ptr(dy.contiguous()), int(dy_acc), ptr(z),
+                          ptr(dtw), ptr(dtb), ptr(A), ptr(Ds), ptr(dx), ptr(dz), ptr(partial),
+                          ptr(scratch), sizes)
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    dzf = dz.view(B * L, 4 * zw)
+    dx = dx.view(B * L, D) + dzf @ ws[0].to(acc).reshape(4 * zw, D)
+    d_xw = (dzf.t() @ x.reshape(B * L, D).to(acc)).view(4, zw, D)
+    sums = partial.sum((0, 2))
+    d_A_logs = sums[:, :N].transpose(1, 2).reshape(4 * D, N) * A
+    return [dx.view(B, H, W, D), d_xw, sums[:, N + 2:].transpose(1, 2), sums[:, N + 1],
+            d_A_logs, sums[:, N].reshape(4 * D)]
+
+
+# (B, H, W, D, R, N, chunks): one chunk and several (partial last ones), two channel blocks
+# (D 130: the backward's dz by atomics), a single row, d_state 1 / 3 / 8 / 16.
+SS2D_CASES = [(2, 3, 5, 4, 2, 1, 1), (1, 7, 9, 5, 3, 3, 4), (1, 5, 6, 130, 2, 16, 2),
+              (2, 1, 9, 3, 1, 8, 3), (1, 13, 11, 33, 6, 1, 5)]
+CASE_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in SS2D_CASES]
+NAMES = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+
+
+@pytest.mark.parametrize("case", SS2D_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_ss2d_forward(emu, case, dtype):
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    got = forward_emulated(emu, x, ws, chunks)
+    want = ops.ss2d_reference(x.double(), *(w.double() for w in ws))
+    tol = 1e-12 if dtype == F64 else 2e-5
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("case", SS2D_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype,dy_dtype", [(F64, F64), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32)])
+def test_ss2d_backward(emu, case, dtype, dy_dtype):
+    """Every gradient against autograd through the float64 reference from the same rounded
+    inputs (dy in fp32 with bf16 x: the out_float32 case, read as fp32)."""
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    dy = torch.randn(B, H, W, D, dtype=dy_dtype)
+    got = backward_emulated(emu, dy, x, ws, chunks)
+    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
+    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
+    tol = 1e-11 if dtype == F64 else 1e-4
+    for name, a, b in zip(NAMES, got, want):
+        err = (a.double() - b).abs().max()
+        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
