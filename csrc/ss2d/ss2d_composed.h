@@ -13,6 +13,18 @@ struct Ss2dSizes {
   int64_t batch, dim, height, width, rank, dstate;
 };
 
+// The layout of ss2d's output and of x's gradient: channels-last memory when x, given
+// channels-first, is stored channels-last (torch.channels_last: the encoders' fast path, no
+// copy on either side), contiguous otherwise. The fake kernels (pyssm/ops/ss2d.py) agree.
+inline bool ss2d_channels_last_out(const at::Tensor& x, bool channels_first) {
+  return channels_first && !x.is_contiguous() &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+inline at::Tensor ss2d_out_layout(const at::Tensor& t, bool channels_last) {
+  return t.contiguous(channels_last ? at::MemoryFormat::ChannelsLast
+                                    : at::MemoryFormat::Contiguous);
+}
+
 // Every shape, dtype and device check of ss2d, naming the argument and the expected shape.
 Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
                           const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,

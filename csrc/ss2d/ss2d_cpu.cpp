@@ -147,7 +147,7 @@ at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
   at::Tensor y = cross_merge_op(ys.view({s.batch, 4, s.dim, s.height, s.width}))
                      .view({s.batch, s.dim, s.height, s.width});
   if (!channels_first) y = y.permute({0, 2, 3, 1});
-  return y.to(out_dtype).contiguous();
+  return ss2d_out_layout(y.to(out_dtype), ss2d_channels_last_out(x, channels_first));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -163,8 +163,9 @@ ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x, const at::Te
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t L = s.height * s.width;
   if (x.numel() == 0) {
-    return {at::zeros_like(x), at::zeros_like(x_proj_weight), at::zeros_like(dt_projs_weight),
-            at::zeros_like(dt_projs_bias), at::zeros_like(A_logs), at::zeros_like(Ds)};
+    return {at::zeros(x.sizes(), x.options()), at::zeros_like(x_proj_weight),
+            at::zeros_like(dt_projs_weight), at::zeros_like(dt_projs_bias), at::zeros_like(A_logs),
+            at::zeros_like(Ds)};
   }
 
   const Ss2dTrace t =
@@ -193,7 +194,7 @@ ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x, const at::Te
   at::Tensor dx = cross_merge_op(dxs.view({s.batch, 4, s.dim, s.height, s.width}))
                       .view({s.batch, s.dim, s.height, s.width});
   if (!channels_first) dx = dx.permute({0, 2, 3, 1});
-  return {dx.to(x.scalar_type()).contiguous(),
+  return {ss2d_out_layout(dx.to(x.scalar_type()), ss2d_channels_last_out(x, channels_first)),
           d_x_proj_weight.to(x_proj_weight.scalar_type()),
           d_dt_projs_weight.to(dt_projs_weight.scalar_type()),
           dbias.view({4, s.dim}).to(dt_projs_bias.scalar_type()),

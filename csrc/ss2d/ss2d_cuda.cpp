@@ -113,8 +113,8 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   TORCH_CHECK(err == cudaSuccess, "ss2d CUDA launch failed: ", cudaGetErrorString(err));
 
   at::Tensor out = y.view({B, s.height, s.width, D});
-  if (channels_first) out = out.permute({0, 3, 1, 2});
-  return out.to(out_dtype).contiguous();
+  if (channels_first) out = out.permute({0, 3, 1, 2});  // channels-last memory: no copy when
+  return ss2d_out_layout(out.to(out_dtype), ss2d_channels_last_out(x, channels_first));  // kept
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -194,7 +194,7 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
 
   at::Tensor dx_out = dx.view({B, s.height, s.width, D});
   if (channels_first) dx_out = dx_out.permute({0, 3, 1, 2});
-  return {dx_out.to(x.scalar_type()).contiguous(),
+  return {ss2d_out_layout(dx_out.to(x.scalar_type()), ss2d_channels_last_out(x, channels_first)),
           d_x_proj_weight.to(x_proj_weight.scalar_type()),
           d_dt_w.to(dt_projs_weight.scalar_type()).contiguous(),
           dbias.to(dt_projs_bias.scalar_type()).contiguous(),

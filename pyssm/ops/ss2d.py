@@ -12,6 +12,8 @@ For x (B, H, W, D), or (B, D, H, W) with ``channels_first=True``:
                                               dt_projs_bias, delta_softplus=True))
 
 The output has the layout of the input: (B, H, W, D), or (B, D, H, W) when channels_first.
+Memory: contiguous, except that a channels-first x stored channels-last (torch.channels_last,
+as pyssm's VMamba runs) gives a channels-last output and gradient, so that neither side copies.
 out_norm and out_proj of the official SS2D module are the encoder's, not this op's.
 """
 
@@ -24,6 +26,17 @@ from pyssm.ops import _backend, _checks
 from pyssm.ops.cross_merge import cross_merge_reference
 from pyssm.ops.cross_scan import cross_scan_reference
 from pyssm.ops.selective_scan import selective_scan_reference
+
+
+def channels_last_out(x: torch.Tensor, channels_first: bool) -> bool:
+    """Whether ss2d's output and x's gradient are stored channels-last (module docstring)."""
+    return (channels_first and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _out_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last if channels_last else
+                        torch.contiguous_format)
 
 
 def ss2d_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *,
@@ -44,7 +57,8 @@ def ss2d_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
     y = cross_merge_reference(ys.reshape(batch, 4, dim, H, W)).reshape(batch, dim, H, W)
     if not channels_first:
         y = y.permute(0, 2, 3, 1)
-    return y.to(torch.float32 if out_float32 else x.dtype).contiguous()
+    return _out_layout(y.to(torch.float32 if out_float32 else x.dtype),
+                       channels_last_out(x, channels_first))
 
 
 def check_ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
@@ -88,15 +102,17 @@ if _extension.available():
     def _ss2d_fake(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first,
                    out_float32):
         check_ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first)
-        return x.new_empty(x.shape, dtype=torch.float32 if out_float32 else x.dtype)
+        return _out_layout(x.new_empty(x.shape, dtype=torch.float32 if out_float32 else x.dtype),
+                           channels_last_out(x, channels_first))
 
     @torch.library.register_fake("pyssm::ss2d_backward")
     def _ss2d_backward_fake(dout, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                             channels_first):
         check_ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first)
         _checks.shape(dout, x.shape, "dout", "the shape of x")
-        return tuple(torch.empty_like(t) for t in
-                     (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds))
+        dx = _out_layout(x.new_empty(x.shape), channels_last_out(x, channels_first))
+        return (dx, *(torch.empty_like(t, memory_format=torch.contiguous_format) for t in
+                      (x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)))
 
     def _ss2d_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:6])

@@ -199,3 +199,41 @@ def test_registry_lists_every_family():
     for n in ("vmamba_tiny_s1l8", "vmamba_tiny_s2l5", "vmamba_small_s2l15", "vmamba_base_s2l15",
               "vmamba_tiny_vanilla", "vmamba_small_vanilla", "vmamba_base_vanilla"):
         assert n in names
+
+
+@pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln"),
+                                       ("vmamba_tiny_vanilla", "ln")])
+def test_activations_stay_channels_last(name, norm):
+    """The fast path's layout: every block's input and every ss2d core's input and output are
+    stored channels-last (torch.channels_last for channel-first configs, contiguous (B, H, W, C)
+    for the others), so LayerNorm, the convolutions and the CUDA ss2d read them without a copy.
+    (On the CPU the composed ss2d copies inside; the layout contract is what is checked.)"""
+    model = create_encoder(name, norm=norm, **SMALL).eval()
+    seen = []
+
+    def block_input(module, args):
+        x = args[0]
+        ok = (x.is_contiguous(memory_format=torch.channels_last) if model.cfg.channel_first
+              else x.is_contiguous())
+        seen.append(("block input", tuple(x.shape), ok))
+
+    def core_io(module, args, out):  # the depthwise conv's output is the core's input
+        seen.append(("ss2d input", tuple(out.shape),
+                     out.is_contiguous(memory_format=torch.channels_last)))
+
+    def norm_input(module, args):  # out_norm reads the core's output
+        x = args[0]
+        ok = (x.permute(0, 2, 3, 1).is_contiguous() if type(module).__name__ == "LayerNorm2d"
+              else x.is_contiguous())
+        seen.append(("out_norm input", tuple(x.shape), ok))
+
+    for m in model.modules():
+        if type(m).__name__ == "VSSBlock":
+            m.register_forward_pre_hook(block_input)
+        if type(m).__name__ == "SS2D":
+            m.conv2d.register_forward_hook(core_io)
+            m.out_norm.register_forward_pre_hook(norm_input)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 48))
+    assert len(seen) == 3 * sum(model.cfg.depths)
+    assert all(ok for *_, ok in seen), [s for s in seen if not s[2]]

@@ -144,6 +144,34 @@ def test_opcheck(device, backend, channels_first):
     x = make_x(2, 3, 5, 4, device, channels_first, requires_grad=True)
     ws = make_weights(4, 2, 2, device, requires_grad=True)
     torch.library.opcheck(torch.ops.pyssm.ss2d.default, (x, *ws, channels_first, False))
+    if channels_first:  # stored channels-last: the fake kernels' strides must agree too
+        x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        torch.library.opcheck(torch.ops.pyssm.ss2d.default, (x_cl, *ws, True, False))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("ss2d"))
+def test_channels_last_memory_in_and_out(device, backend):
+    """A channels-first x stored channels-last (how pyssm's VMamba runs) gives an output and an
+    x gradient stored channels-last, equal to the contiguous x's; other layouts give contiguous
+    ones."""
+    x = make_x(2, 5, 3, 4, device, channels_first=True)
+    ws = make_weights(4, 2, 2, device)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out_cl = ops.ss2d(x_cl, *ws, channels_first=True, backend=backend)
+    out = ops.ss2d(x, *ws, channels_first=True, backend=backend)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert not out_cl.is_contiguous() and out.is_contiguous()
+    torch.testing.assert_close(out_cl, out, atol=1e-12, rtol=1e-12)
+    if backend != "reference":
+        g = torch.randn_like(out)
+        dx_cl = torch.ops.pyssm.ss2d_backward(g, x_cl, *ws, True)[0]
+        dx = torch.ops.pyssm.ss2d_backward(g, x, *ws, True)[0]
+        assert dx_cl.is_contiguous(memory_format=torch.channels_last) and not dx_cl.is_contiguous()
+        assert dx.is_contiguous()
+        torch.testing.assert_close(dx_cl, dx, atol=1e-12, rtol=1e-12)
+    # channels-last (B, H, W, D) input stored in any order: a contiguous output
+    x_odd = make_x(2, 5, 3, 4, device).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    assert ops.ss2d(x_odd, *ws, backend=backend).is_contiguous()
 
 
 @pytest.mark.slow
