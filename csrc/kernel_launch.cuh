@@ -1,6 +1,6 @@
 // Starts a kernel: the triple-chevron launch, after raising the kernel's dynamic shared-memory
-// limit when it asks for more than the default 48 KB. The SS2D-family launchers (ss2d forward
-// and backward, cross_scan / cross_merge) go through it, so that when
+// limit when it asks for more than the default 48 KB. Every pyssm launcher goes through it, so
+// that when
 // PYSSM_CUDA_EMULATION is defined (tests/cuda_emulation: the kernel sources compiled by a host
 // compiler), the same kernel code runs on the CPU instead, one std::thread per CUDA thread.
 #pragma once
@@ -12,6 +12,13 @@
 
 #ifdef PYSSM_CUDA_EMULATION
 #include "cuda_emulation.h"
+#endif
+
+// A kernel's dynamic shared memory, as `unsigned char name[]` (16-byte aligned).
+#ifdef PYSSM_CUDA_EMULATION
+#define PYSSM_DYNAMIC_SMEM(name) unsigned char* name = ::cuda_emulation::dynamic_shared_memory()
+#else
+#define PYSSM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
 
 namespace pyssm {

@@ -149,7 +149,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParams p) {
   using Tr = Traits<T, kHeadDim>;
   constexpr int kM = Tr::kBlockM, S = Tr::kStride;
-  extern __shared__ __align__(16) unsigned char smem[];
+  PYSSM_DYNAMIC_SMEM(smem);
   T* k_s = reinterpret_cast<T*>(smem);
   T* v_s = k_s + kBlockN * S;
   T* q_s = v_s + kBlockN * S;
@@ -310,24 +310,24 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * kHeadDim * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   if (rows > 0) {
-    flash_bwd_delta_kernel<T, kHeadDim>
-        <<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_kernel(flash_bwd_delta_kernel<T, kHeadDim>,
+                        dim3(unsigned((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0,
+                        stream, p);
+    if (err != cudaSuccess) return err;
   }
   if (p.seqlen_k > 0) {
-    err = cudaFuncSetAttribute(flash_bwd_kernel<T, kHeadDim>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem));
-    if (err != cudaSuccess) return err;
     const dim3 grid(unsigned((p.seqlen_k + kBlockN - 1) / kBlockN), unsigned(p.heads_k),
                     unsigned(p.batch));
-    flash_bwd_kernel<T, kHeadDim><<<grid, kThreads, Tr::kSmem, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_kernel(flash_bwd_kernel<T, kHeadDim>, grid, dim3(kThreads), size_t(Tr::kSmem),
+                        stream, p);
+    if (err != cudaSuccess) return err;
   }
   if (rows > 0) {
     const int64_t n8 = rows * kHeadDim / 8;
-    flash_bwd_dq_kernel<T><<<unsigned((n8 + 255) / 256), 256, 0, stream>>>(
-        p.dq_accum, static_cast<T*>(p.dq), n8, p.scale);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_kernel(flash_bwd_dq_kernel<T>, dim3(unsigned((n8 + 255) / 256)), dim3(256), 0,
+                        stream, static_cast<const float*>(p.dq_accum), static_cast<T*>(p.dq),
+                        n8, p.scale);
+    if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }

@@ -215,8 +215,7 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const dim3 grid(unsigned((p.seqlen_q + kBlockM - 1) / kBlockM), unsigned(p.heads),
                   unsigned(p.batch));
-  flash_fwd_kernel<T, kHeadDim><<<grid, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(flash_fwd_kernel<T, kHeadDim>, grid, dim3(kThreads), 0, stream, p);
 }
 
 }  // namespace flash

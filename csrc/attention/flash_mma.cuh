@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: the emulated mma)
+
 namespace pyssm {
 namespace flash {
 
@@ -44,6 +46,17 @@ struct Pack<__nv_bfloat16> {
 template <typename T>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                     uint32_t b1);
+#ifdef PYSSM_CUDA_EMULATION
+template <>
+inline void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cuda_emulation::mma_m16n8k16<__half>(d, a, b0, b1);
+}
+template <>
+inline void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                               uint32_t b1) {
+  cuda_emulation::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
+}
+#else
 template <>
 __device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                             uint32_t b1) {
@@ -62,6 +75,7 @@ __device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif  // PYSSM_CUDA_EMULATION
 
 // two consecutive elements as one 32-bit register (zero where the column is past `limit`)
 template <typename T>

@@ -24,6 +24,7 @@
 
 #include <climits>
 
+#include "kernel_launch.cuh"
 #include "ss2d/scan_math.cuh"
 #include "ss2d/selective_scan.cuh"
 
@@ -321,14 +322,14 @@ inline int64_t rows(const SelectiveScanParams& p) { return p.batch * p.channels;
 
 template <typename T, int kMaxN>
 cudaError_t launch_fwd(const SelectiveScanParams& p, cudaStream_t stream) {
-  selective_scan_fwd_kernel<T, kMaxN><<<unsigned(rows(p)), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(selective_scan_fwd_kernel<T, kMaxN>, dim3(unsigned(rows(p))),
+                       dim3(kThreads), 0, stream, p);
 }
 
 template <typename T, int kMaxN>
 cudaError_t launch_bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  selective_scan_bwd_kernel<T, kMaxN><<<unsigned(rows(p.fwd)), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(selective_scan_bwd_kernel<T, kMaxN>, dim3(unsigned(rows(p.fwd))),
+                       dim3(kThreads), 0, stream, p);
 }
 
 // d_state 1 has its own instantiation (no state arrays, no loop); 2..16 round up to 4, 8, 16.

@@ -137,7 +137,7 @@ struct Channel {
 template <typename T, int kMaxN, int kTile>
 __global__ void summary_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  PYSSM_DYNAMIC_SMEM(smem_raw);
   const Block<T> blk(p, kTile);
   const int64_t stride = blockDim.x + 1;
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // (kTile, zw)
@@ -226,7 +226,7 @@ __device__ __forceinline__ void add_dz(acc_t* at, acc_t v, bool shared) {
 template <typename T, int kMaxN, int kTile>
 __global__ void main_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  PYSSM_DYNAMIC_SMEM(smem_raw);
   const Block<T> blk(p, kTile);
   const int64_t stride = blockDim.x + 1;          // x / dy rows
   const int64_t hstride = kTile * kMaxN + 1;      // a channel's h (then dB terms) row

@@ -49,7 +49,7 @@ __device__ __forceinline__ acc_t* scratch_part(const Ss2dParams& p, int part) {
 template <typename T, int kMaxN, int kPass>
 __global__ void ss2d_chunk_kernel(const Ss2dParams p) {
   using acc_t = typename Acc<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  PYSSM_DYNAMIC_SMEM(smem_raw);
   const int64_t H = p.height, W = p.width, L = H * W, D = p.dim, R = p.rank, N = p.dstate;
   const int64_t zw = R + 2 * N;
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);            // (kTilePositions, R + 2N)

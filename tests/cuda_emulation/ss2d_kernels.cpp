@@ -5,18 +5,7 @@
 #include "ss2d/ss2d_bwd_kernel.cuh"
 #include "ss2d/ss2d_kernel.cuh"
 
-namespace pyssm::ss2d {
-alignas(16) unsigned char smem_raw[256 * 1024];
-}
-namespace pyssm::ss2d_bwd {
-alignas(16) unsigned char smem_raw[256 * 1024];
-}
-
 namespace {
-const bool registered =
-    cuda_emulation::add_shared_region(pyssm::ss2d::smem_raw, sizeof(pyssm::ss2d::smem_raw)) &&
-    cuda_emulation::add_shared_region(pyssm::ss2d_bwd::smem_raw,
-                                      sizeof(pyssm::ss2d_bwd::smem_raw));
 
 // dtype codes: 0 float64, 1 float32, 2 float16, 3 bfloat16
 template <template <typename> class Fn, typename P>
@@ -42,8 +31,6 @@ struct Bwd {
 }  // namespace
 
 extern "C" {
-
-int emu_registered() { return registered ? 1 : 0; }
 
 int emu_cross_scan(int dtype, const void* in, void* out, int64_t B, int64_t C, int64_t H,
                    int64_t W, int merge) {

@@ -4,57 +4,33 @@ sources and launchers, compiled by g++), against the float64 references.
 The torch-side glue of csrc/ss2d/ss2d_cuda.cpp (the x_proj GEMM before the kernels, x_proj's
 adjoint and the per-chunk sums after the backward) is redone here in torch; on a GPU the op
 tests cover the glue itself. What the emulation does and does not check is in its header.
-Skipped without g++ or the CUDA headers.
+Skipped without g++ or the CUDA headers (emulation.py builds the harness).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from emulation import build, poisoned, ptr
 
 from pyssm import ops
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 F64 = torch.float64
 CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    include = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
-    cxx = shutil.which("g++")
-    if cxx is None or not (include / "cuda_runtime_api.h").exists():
-        pytest.skip(f"needs g++ and the CUDA headers (looked in {include})")
-    lib_path = tmp_path_factory.mktemp("cuda_emulation") / "libss2d_emu.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-pthread",
-           "-DPYSSM_CUDA_EMULATION", f"-I{include}", f"-I{ROOT / 'csrc'}", f"-I{HERE}",
-           "-include", "cuda_emulation.h", str(HERE / "ss2d_kernels.cpp"), "-o", str(lib_path)]
-    built = subprocess.run(cmd, capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-4000:]
-    lib = ctypes.CDLL(str(lib_path))
+    lib = build(tmp_path_factory, "ss2d_kernels.cpp")
     for name in ("emu_ss2d_fwd_scratch", "emu_ss2d_bwd_scratch", "emu_ss2d_bwd_tile"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.emu_ss2d_bwd_tile.argtypes = [ctypes.c_int64]
     lib.emu_cross_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + \
         [ctypes.c_int64] * 4 + [ctypes.c_int]
-    assert lib.emu_registered() == 1
     return lib
-
-
-def ptr(t: torch.Tensor):
-    return ctypes.c_void_p(t.data_ptr() if t.numel() else None)
-
-
-def poisoned(*shape, dtype):
-    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 # cross_scan / cross_merge -------------------------------------------------------------------

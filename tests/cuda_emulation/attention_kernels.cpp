@@ -1,0 +1,93 @@
+// The flash-attention CUDA kernels compiled for the CPU emulation (cuda_emulation.h: warps,
+// shuffles and mma.sync emulated), behind a C interface that test_attention_kernels.py calls
+// through ctypes: the real launchers and kernel code, nothing rewritten.
+#include "attention/flash_bwd_kernel.cuh"
+#include "attention/flash_kernel.cuh"
+
+namespace {
+
+// sizes: batch, heads, heads_k, seqlen_q, seqlen_k, total_q
+template <typename P>
+void set_sizes(P& p, const int64_t* sizes, const int* cu, float scale, int causal) {
+  p.cu_seqlens = cu;
+  p.batch = sizes[0];
+  p.heads = sizes[1];
+  p.heads_k = sizes[2];
+  p.seqlen_q = sizes[3];
+  p.seqlen_k = sizes[4];
+  p.total_q = sizes[5];
+  p.scale_log2 = scale * 1.4426950408889634f;
+  p.causal = causal != 0;
+}
+
+template <typename T>
+cudaError_t fwd(int head_dim, const pyssm::FlashParams& p) {
+  switch (head_dim) {
+    case 32: return pyssm::flash::fwd<T, 32>(p, nullptr);
+    case 64: return pyssm::flash::fwd<T, 64>(p, nullptr);
+    case 72: return pyssm::flash::fwd<T, 72>(p, nullptr);
+    case 80: return pyssm::flash::fwd<T, 80>(p, nullptr);
+    case 96: return pyssm::flash::fwd<T, 96>(p, nullptr);
+    case 128: return pyssm::flash::fwd<T, 128>(p, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t bwd(int head_dim, const pyssm::FlashBwdParams& p) {
+  switch (head_dim) {
+    case 32: return pyssm::flash_bwd::bwd<T, 32>(p, nullptr);
+    case 64: return pyssm::flash_bwd::bwd<T, 64>(p, nullptr);
+    case 72: return pyssm::flash_bwd::bwd<T, 72>(p, nullptr);
+    case 80: return pyssm::flash_bwd::bwd<T, 80>(p, nullptr);
+    case 96: return pyssm::flash_bwd::bwd<T, 96>(p, nullptr);
+    case 128: return pyssm::flash_bwd::bwd<T, 128>(p, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 2 float16, 3 bfloat16
+int emu_flash_fwd(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                  void* out, float* lse, const int* cu, const int64_t* sizes, float scale,
+                  int causal) {
+  pyssm::FlashParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.lse = lse;
+  set_sizes(p, sizes, cu, scale, causal);
+  if (dtype == 2) return int(fwd<__half>(head_dim, p));
+  if (dtype == 3) return int(fwd<__nv_bfloat16>(head_dim, p));
+  return int(cudaErrorInvalidValue);
+}
+
+int emu_flash_bwd(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                  const void* out, const void* dout, void* dq, void* dk, void* dv,
+                  const float* lse, const float* dlse, float* delta, float* dq_accum,
+                  const int* cu, const int64_t* sizes, float scale, int causal) {
+  pyssm::FlashBwdParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.lse = lse;
+  p.dlse = dlse;
+  p.delta = delta;
+  p.dq_accum = dq_accum;
+  p.scale = scale;
+  set_sizes(p, sizes, cu, scale, causal);
+  if (dtype == 2) return int(bwd<__half>(head_dim, p));
+  if (dtype == 3) return int(bwd<__nv_bfloat16>(head_dim, p));
+  return int(cudaErrorInvalidValue);
+}
+
+}  // extern "C"

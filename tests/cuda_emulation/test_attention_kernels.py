@@ -1,0 +1,114 @@
+"""The flash-attention CUDA kernels (forward and backward), run on the CPU in cuda_emulation.h's
+emulation (warps, shuffles and mma.sync m16n8k16 emulated from the PTX ISA's fragment
+layouts), against float64 attention from the same rounded inputs.
+
+The torch-side glue (csrc/attention/attention_cuda.cpp: layouts, workspaces) is redone here;
+on a GPU the op tests cover the glue itself. Skipped without g++ or the CUDA headers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+from emulation import build, poisoned, ptr, sizes
+
+from pyssm import ops
+
+CODES = {torch.float16: 2, torch.bfloat16: 3}
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = build(tmp_path_factory, "attention_kernels.cpp")
+    lib.emu_flash_fwd.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 7 + \
+        [ctypes.c_float, ctypes.c_int]
+    lib.emu_flash_bwd.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 14 + \
+        [ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def layout(B, Sq, Sk, H, Hk, lengths):
+    """(batch, seqlen_q, seqlen_k, total_q, cu_seqlens) as attention_cuda.cpp sets them."""
+    if lengths is None:
+        return B, Sq, Sk, B * Sq, None
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return len(lengths), max(lengths), max(lengths), int(cu[-1]), cu
+
+
+def inputs(dtype, B, Sq, Sk, H, Hk, d, lengths):
+    if lengths is None:
+        return (torch.randn(B, Sq, H, d, dtype=dtype), torch.randn(B, Sk, Hk, d, dtype=dtype),
+                torch.randn(B, Sk, Hk, d, dtype=dtype))
+    total = sum(lengths)
+    return (torch.randn(total, H, d, dtype=dtype), torch.randn(total, Hk, d, dtype=dtype),
+            torch.randn(total, Hk, d, dtype=dtype))
+
+
+def forward_emulated(emu, q, k, v, causal, scale, lengths):
+    H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
+    batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
+    out = poisoned(*q.shape, dtype=q.dtype)
+    lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
+    rc = emu.emu_flash_fwd(CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
+                           ptr(cu), sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
+                           int(causal))
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    return out, lse
+
+
+def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths):
+    H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
+    batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
+    dq, dk, dv = (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
+    delta = poisoned(*lse.shape, dtype=torch.float32)
+    dq_accum = poisoned(*q.shape, dtype=torch.float32)
+    rc = emu.emu_flash_bwd(CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), ptr(out), ptr(dout),
+                           ptr(dq), ptr(dk), ptr(dv), ptr(lse), None, ptr(delta), ptr(dq_accum),
+                           ptr(cu), sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
+                           int(causal))
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    return dq, dk, dv
+
+
+# (B, Sq, Sk, H, Hk, head_dim, causal, lengths): a tail tile, Sq != Sk under causal, grouped
+# heads, head_dim 72 (padded to 80 in the reduction only), one key, packed sequences (0 long).
+CASES = [
+    (1, 97, 97, 2, 1, 64, False, None),
+    (1, 33, 70, 2, 2, 72, True, None),
+    (2, 17, 17, 1, 1, 128, False, None),
+    (1, 5, 1, 2, 2, 32, False, None),
+    (0, 0, 0, 2, 1, 80, True, [0, 1, 65, 17]),
+]
+IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "") for c in CASES]
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_flash_forward_and_backward(emu, case, dtype):
+    B, Sq, Sk, H, Hk, d, causal, lengths = case
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    scale = 1.0 / math.sqrt(d)
+    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
+
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu,
+                                             return_lse=True)
+    bound = 4 * EPS[dtype] * want.abs().max()
+    assert (out.double() - want).abs().max() <= bound, "out"
+    visible = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), visible), "lse: the rows that see no key"
+    assert torch.all((lse.double() - want_lse)[visible].abs() <= 1e-3), "lse"
+
+    dout = torch.randn_like(q)
+    got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths)
+    grads = torch.autograd.grad(want, exact_in, dout.double())
+    for name, a, b in zip("qkv", got, grads):
+        err = (a.double() - b).abs().max()
+        assert err <= 8 * EPS[dtype] * b.abs().max() + 1e-6, (f"d{name}", float(err))
