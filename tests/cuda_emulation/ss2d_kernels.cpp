@@ -2,6 +2,7 @@
 // interface that tests/cuda_emulation/test_ss2d_kernels.py calls through ctypes: the real
 // launchers (template dispatch, argument checks) and the real kernel code, nothing rewritten.
 #include "ss2d/cross_scan.cu"
+#include "ss2d/selective_scan_kernel.cuh"
 #include "ss2d/ss2d_bwd_kernel.cuh"
 #include "ss2d/ss2d_kernel.cuh"
 
@@ -18,6 +19,18 @@ int by_dtype(int dtype, const P& p) {
   }
   return int(cudaErrorInvalidValue);
 }
+template <typename T>
+struct ScanFwd {
+  static cudaError_t call(const pyssm::SelectiveScanParams& p) {
+    return pyssm::scan::fwd<T>(p, nullptr);
+  }
+};
+template <typename T>
+struct ScanBwd {
+  static cudaError_t call(const pyssm::SelectiveScanBwdParams& p) {
+    return pyssm::scan::bwd<T>(p, nullptr);
+  }
+};
 template <typename T>
 struct Fwd {
   static cudaError_t call(const pyssm::Ss2dParams& p) { return pyssm::ss2d::fwd<T>(p, nullptr); }
@@ -37,6 +50,53 @@ int emu_cross_scan(int dtype, const void* in, void* out, int64_t B, int64_t C, i
   const pyssm::CrossScanParams p{in, out, B, C, H, W, pyssm::DType(dtype)};
   return int(merge ? pyssm::cross_merge_cuda_launch(p, nullptr)
                    : pyssm::cross_scan_cuda_launch(p, nullptr));
+}
+
+// selective_scan: u, delta, B, C in the input dtype; A, D, bias (D, bias may be null), out and
+// every gradient in the accumulation type. sizes: batch, channels, length, groups, dstate.
+// With dout null only the forward runs.
+int emu_selective_scan(int dtype, const void* u, const void* delta, const void* A, const void* B,
+                       const void* C, const void* D, const void* bias, void* out,
+                       const int64_t* sizes, int softplus, const void* dout, void* du,
+                       void* ddelta, void* dA_part, void* dB, void* dC, void* dD_part,
+                       void* dbias_part, void* carries) {
+  pyssm::SelectiveScanParams p{};
+  p.u = u;
+  p.delta = delta;
+  p.A = A;
+  p.B = B;
+  p.C = C;
+  p.D = D;
+  p.delta_bias = bias;
+  p.out = out;
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.length = sizes[2];
+  p.groups = sizes[3];
+  p.dstate = sizes[4];
+  p.delta_softplus = softplus != 0;
+  if (dout == nullptr) return by_dtype<ScanFwd>(dtype, p);
+  pyssm::SelectiveScanBwdParams b{};
+  b.fwd = p;
+  b.dout = dout;
+  b.du = du;
+  b.ddelta = ddelta;
+  b.dA_part = dA_part;
+  b.dB = dB;
+  b.dC = dC;
+  b.dD_part = dD_part;
+  b.dbias_part = dbias_part;
+  b.carries = carries;
+  return by_dtype<ScanBwd>(dtype, b);
+}
+
+int64_t emu_selective_scan_carries(const int64_t* sizes) {
+  pyssm::SelectiveScanParams p{};
+  p.batch = sizes[0];
+  p.channels = sizes[1];
+  p.length = sizes[2];
+  p.dstate = sizes[4];
+  return pyssm::selective_scan_carry_elems(p);
 }
 
 // sizes: batch, height, width, dim, rank, dstate, chunk_len, chunks

@@ -25,7 +25,8 @@ CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "ss2d_kernels.cpp")
-    for name in ("emu_ss2d_fwd_scratch", "emu_ss2d_bwd_scratch", "emu_ss2d_bwd_tile"):
+    for name in ("emu_ss2d_fwd_scratch", "emu_ss2d_bwd_scratch", "emu_ss2d_bwd_tile",
+                 "emu_selective_scan_carries"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.emu_ss2d_bwd_tile.argtypes = [ctypes.c_int64]
     lib.emu_cross_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + \
@@ -53,6 +54,49 @@ def test_cross_scan_and_merge(emu, dtype, shape):
     exact = ops.cross_merge(ys.double(), backend="reference")
     # the four directions summed in the accumulation type, then rounded once
     torch.testing.assert_close(merged, exact.to(dtype))
+
+
+# selective_scan (block scans through warp shuffles) -----------------------------------------
+
+# (batch, groups, dim per group, dstate, length): one tile and several (tiles of 512), N 1 to 16
+SCAN_CASES = [(2, 2, 3, 1, 37), (1, 4, 2, 3, 1100), (1, 1, 2, 16, 513)]
+
+
+@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "b{}k{}d{}n{}l{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_selective_scan(emu, case, dtype):
+    Bt, K, Dg, N, L = case
+    C_ = K * Dg
+    acc = acc_of(dtype)
+    u, delta = torch.randn(Bt, C_, L, dtype=dtype), torch.randn(Bt, C_, L, dtype=dtype) * 0.5
+    Bm, Cm = torch.randn(Bt, K, N, L, dtype=dtype), torch.randn(Bt, K, N, L, dtype=dtype)
+    A = -torch.rand(C_, N, dtype=acc) - 0.2
+    D, bias = torch.randn(C_, dtype=acc), torch.randn(C_, dtype=acc) * 0.3
+    sz = (ctypes.c_int64 * 5)(Bt, C_, L, K, N)
+    out = poisoned(Bt, C_, L, dtype=acc)
+    code = CODES[dtype]
+    args = [ptr(t) for t in (u, delta, A, Bm, Cm, D, bias, out)]
+    assert emu.emu_selective_scan(code, *args, sz, 1, *([None] * 9)) == 0
+    exact_in = [t.double().requires_grad_() for t in (u, delta, A, Bm, Cm, D, bias)]
+    want = ops.selective_scan_reference(*exact_in, delta_softplus=True)
+    tol = 1e-12 if dtype == F64 else 2e-5
+    assert (out.double() - want).abs().max() <= tol * want.abs().max(), "out"
+
+    dout = torch.randn(Bt, C_, L, dtype=acc)
+    grads = [poisoned(Bt, C_, L, dtype=acc), poisoned(Bt, C_, L, dtype=acc),
+             torch.zeros(Bt, C_, N, dtype=acc), torch.zeros(Bt, K, N, L, dtype=acc),
+             torch.zeros(Bt, K, N, L, dtype=acc), torch.zeros(Bt, C_, dtype=acc),
+             torch.zeros(Bt, C_, dtype=acc)]
+    carries = poisoned(emu.emu_selective_scan_carries(sz), dtype=acc)
+    assert emu.emu_selective_scan(code, *args, sz, 1, ptr(dout), *(ptr(g) for g in grads),
+                                  ptr(carries)) == 0
+    du, ddelta, dA, dB, dC, dD, dbias = grads
+    got = [du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)]
+    exact = torch.autograd.grad(want, exact_in, dout.double())
+    tol = 1e-11 if dtype == F64 else 1e-4
+    for name, a, b in zip("u delta A B C D bias".split(), got, exact):
+        err = (a.double() - b).abs().max()
+        assert err <= tol * b.abs().max(), (name, float(err))
 
 
 # the fused ss2d forward and backward ----------------------------------------------------------
