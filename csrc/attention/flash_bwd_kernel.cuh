@@ -1,5 +1,7 @@
 // CUDA flash-attention backward, portable path (sm_80 and newer: mma.sync m16n8k16, fp32
-// accumulation), v1. Three kernels (tests/ops/flash_bwd_model.py is a float64 model of them):
+// accumulation), v2: every mma fragment read from shared memory comes through ldmatrix (v1
+// read the column-pair B fragments of three of the five products two 16-bit halves at a time).
+// Three kernels (tests/ops/flash_bwd_model.py is a float64 model of them):
 //   1. delta: Delta = rowsum(dO * O) - dlse per query row and head (fp32, lse's layout).
 //   2. main: one block of 4 warps per (64-key tile, kv head, sequence); each warp owns 16 keys
 //      and keeps their dK and dV in registers (fp32) over every q head of the kv head's group
@@ -23,6 +25,8 @@
 namespace pyssm {
 namespace flash_bwd {
 
+using flash::ldmatrix_x2;
+using flash::ldmatrix_x4;
 using flash::mma;
 using flash::Pack;
 
@@ -48,18 +52,11 @@ struct Traits {
   static constexpr size_t kSmem = size_t(2 * kBlockN + 2 * kBlockM) * kStride * sizeof(T) +
                                   size_t(kBlockM) * kDsStride * sizeof(T) +
                                   2 * kBlockM * sizeof(float);
+  // dV += P^T dO and dK += dS^T Q take two reduction steps per B load (ldmatrix.x4) at
+  // head_dim 32, one (.x2) above: the pairs' extra registers spilled at 64 on sm_80 and at 128
+  static constexpr bool kPairSteps = kHeadDim <= 32;
   static_assert(kHeadDim % 8 == 0, "head_dim must be a multiple of 8");
 };
-
-__device__ __forceinline__ uint32_t ld32(const void* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-// two elements of one column, p[0] and p[stride], as one register (the lower index low)
-template <typename T>
-__device__ __forceinline__ uint32_t ld_col_pair(const T* p, int stride) {
-  const uint16_t* u = reinterpret_cast<const uint16_t*>(p);
-  return uint32_t(u[0]) | (uint32_t(u[stride]) << 16);
-}
 
 // rows [first, first + rows) of a (tokens, heads, d) tensor (src at the head's first token) into
 // smem rows of kStride; zero past `len` rows and past head_dim columns
@@ -76,23 +73,53 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row_stri
   }
 }
 
+// ldmatrix row addresses (flash_mma.cuh): lane 8i + r gives row r of matrix i.
+// A fragment of the 16 x 16 block at (row0, col0) of a row-major tile: matrices (rows 0-7,
+// cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+template <typename T>
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], const T* tile, int stride, int row0,
+                                           int col0, int lane) {
+  const int mat = lane / 8, r = lane % 8;
+  ldmatrix_x4<false>(a, tile + (row0 + (mat % 2) * 8 + r) * stride + col0 + (mat / 2) * 8);
+}
+// B fragments of two 8-row groups (rows row0.. and row0 + 8..) of a row-major tile whose rows
+// are the product's columns, for the 16-wide step at col0: b[0], b[1] for the first group,
+// b[2], b[3] for the second (matrices (0-7, 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15)).
+template <typename T>
+__device__ __forceinline__ void b_fragments_rows(uint32_t (&b)[4], const T* tile, int stride,
+                                                 int row0, int col0, int lane) {
+  const int mat = lane / 8, r = lane % 8;
+  ldmatrix_x4<false>(b, tile + (row0 + (mat / 2) * 8 + r) * stride + col0 + (mat % 2) * 8);
+}
+// B fragments of two 16-deep reduction steps (rows row0.. and row0 + 16..) for the 8 columns at
+// col0 of a row-major tile whose rows are the reduction: b[0], b[1] for the first step, b[2],
+// b[3] for the second (four 8-row matrices, transposed).
+template <typename T>
+__device__ __forceinline__ void b_fragments_cols(uint32_t (&b)[4], const T* tile, int stride,
+                                                 int row0, int col0, int lane) {
+  const int mat = lane / 8, r = lane % 8;
+  ldmatrix_x4<true>(b, tile + (row0 + mat * 8 + r) * stride + col0);
+}
+
 // C[16 x 8*kQTiles] = A B^T with A (16 rows at a, this warp's keys) and B (kQTiles*8 rows at b)
 // both row-major in smem of kStride, reduced over the padded head_dim (S^T = K Q^T, dP^T = V dO^T)
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void rows_times_rows(float (&c)[Traits<T, kHeadDim>::kQTiles][4],
-                                                const T* a, const T* b, int g, int t) {
+                                                const T* a, const T* b, int lane) {
   using Tr = Traits<T, kHeadDim>;
+  static_assert(Tr::kQTiles % 2 == 0, "B fragments come in pairs of 8-row groups");
 #pragma unroll
   for (int j = 0; j < Tr::kQTiles; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
 #pragma unroll
   for (int st = 0; st < Tr::kDSteps; ++st) {
-    const T* a0 = a + g * Tr::kStride + st * 16 + 2 * t;
-    const T* a1 = a0 + 8 * Tr::kStride;
-    const uint32_t af[4] = {ld32(a0), ld32(a1), ld32(a0 + 8), ld32(a1 + 8)};
+    uint32_t af[4];
+    a_fragment(af, a, Tr::kStride, 0, st * 16, lane);
 #pragma unroll
-    for (int j = 0; j < Tr::kQTiles; ++j) {
-      const T* br = b + (j * 8 + g) * Tr::kStride + st * 16 + 2 * t;
-      mma<T>(c[j], af, ld32(br), ld32(br + 8));
+    for (int jp = 0; jp < Tr::kQTiles / 2; ++jp) {
+      uint32_t bf[4];
+      b_fragments_rows(bf, b, Tr::kStride, jp * 16, st * 16, lane);
+      mma<T>(c[2 * jp], af, bf[0], bf[1]);
+      mma<T>(c[2 * jp + 1], af, bf[2], bf[3]);
     }
   }
 }
@@ -102,20 +129,43 @@ __device__ __forceinline__ void rows_times_rows(float (&c)[Traits<T, kHeadDim>::
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void regs_times_tile(float (&acc)[Traits<T, kHeadDim>::kDimTiles][4],
                                                 const float (&x)[Traits<T, kHeadDim>::kQTiles][4],
-                                                const T* b, int g, int t) {
+                                                const T* b, int lane) {
   using Tr = Traits<T, kHeadDim>;
+  if constexpr (!Tr::kPairSteps) {
 #pragma unroll
-  for (int kk = 0; kk < Tr::kQSteps; ++kk) {
-    const uint32_t af[4] = {Pack<T>::pack(x[2 * kk][0], x[2 * kk][1]),
-                            Pack<T>::pack(x[2 * kk][2], x[2 * kk][3]),
-                            Pack<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                            Pack<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-    const T* b0 = b + (kk * 16 + 2 * t) * Tr::kStride + g;
+    for (int kk = 0; kk < Tr::kQSteps; ++kk) {
+      const uint32_t af[4] = {Pack<T>::pack(x[2 * kk][0], x[2 * kk][1]),
+                              Pack<T>::pack(x[2 * kk][2], x[2 * kk][3]),
+                              Pack<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]),
+                              Pack<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+      const T* row = b + (kk * 16 + lane % 16) * Tr::kStride;
 #pragma unroll
-    for (int n = 0; n < Tr::kDimTiles; ++n) {
-      const T* bc = b0 + n * 8;
-      mma<T>(acc[n], af, ld_col_pair(bc, Tr::kStride),
-             ld_col_pair(bc + 8 * Tr::kStride, Tr::kStride));
+      for (int n = 0; n < Tr::kDimTiles; ++n) {
+        uint32_t bf[2];
+        ldmatrix_x2<true>(bf, row + n * 8);
+        mma<T>(acc[n], af, bf[0], bf[1]);
+      }
+    }
+  } else {
+    static_assert(Tr::kQSteps % 2 == 0, "reduction steps come in pairs");
+#pragma unroll
+    for (int kp = 0; kp < Tr::kQSteps / 2; ++kp) {
+      uint32_t af[2][4];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int kk = 2 * kp + h2;
+        af[h2][0] = Pack<T>::pack(x[2 * kk][0], x[2 * kk][1]);
+        af[h2][1] = Pack<T>::pack(x[2 * kk][2], x[2 * kk][3]);
+        af[h2][2] = Pack<T>::pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+        af[h2][3] = Pack<T>::pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int n = 0; n < Tr::kDimTiles; ++n) {
+        uint32_t bf[4];
+        b_fragments_cols(bf, b, Tr::kStride, kp * 32, n * 8, lane);
+        mma<T>(acc[n], af[0], bf[0], bf[1]);
+        mma<T>(acc[n], af[1], bf[2], bf[3]);
+      }
     }
   }
 }
@@ -208,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
       __syncthreads();
 
       float s[Tr::kQTiles][4];  // S^T, then P^T
-      rows_times_rows<T, kHeadDim>(s, k_s + kw * S, q_s, g, t);
+      rows_times_rows<T, kHeadDim>(s, k_s + kw * S, q_s, lane);
 #pragma unroll
       for (int j = 0; j < Tr::kQTiles; ++j) {
 #pragma unroll
@@ -219,10 +269,10 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
           s[j][e] = visible ? exp2f(s[j][e] * p.scale_log2 - lse_s[qi]) : 0.f;
         }
       }
-      regs_times_tile<T, kHeadDim>(dv, s, do_s, g, t);  // dV += P^T dO
+      regs_times_tile<T, kHeadDim>(dv, s, do_s, lane);  // dV += P^T dO
 
       float ds[Tr::kQTiles][4];  // dP^T, then dS^T
-      rows_times_rows<T, kHeadDim>(ds, v_s + kw * S, do_s, g, t);
+      rows_times_rows<T, kHeadDim>(ds, v_s + kw * S, do_s, lane);
 #pragma unroll
       for (int j = 0; j < Tr::kQTiles; ++j) {
 #pragma unroll
@@ -232,28 +282,24 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
           ds_s[qi * Tr::kDsStride + kw + g + (e & 2 ? 8 : 0)] = Pack<T>::from_float(ds[j][e]);
         }
       }
-      regs_times_tile<T, kHeadDim>(dk, ds, q_s, g, t);  // dK += dS^T Q
+      regs_times_tile<T, kHeadDim>(dk, ds, q_s, lane);  // dK += dS^T Q
       __syncthreads();
 
       // dQ += dS K: warp takes 16 query rows (its slab) and every kWarpsPerSlab-th column tile
       const int slab = warp % Tr::kSlabs, sub = warp / Tr::kSlabs;
       uint32_t af[kBlockN / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        const T* a0 = ds_s + (slab * 16 + g) * Tr::kDsStride + kk * 16 + 2 * t;
-        const T* a1 = a0 + 8 * Tr::kDsStride;
-        af[kk][0] = ld32(a0);
-        af[kk][1] = ld32(a1);
-        af[kk][2] = ld32(a0 + 8);
-        af[kk][3] = ld32(a1 + 8);
-      }
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        a_fragment(af[kk], ds_s, Tr::kDsStride, slab * 16, kk * 16, lane);
       const int64_t r0 = m0 + slab * 16 + g, r1 = r0 + 8;
       for (int n = sub; n < Tr::kDimTiles; n += Tr::kWarpsPerSlab) {
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          const T* bc = k_s + (kk * 16 + 2 * t) * S + n * 8 + g;
-          mma<T>(acc, af[kk], ld_col_pair(bc, S), ld_col_pair(bc + 8 * S, S));
+        for (int kp = 0; kp < kBlockN / 32; ++kp) {
+          uint32_t bf[4];
+          b_fragments_cols(bf, k_s, S, kp * 32, n * 8, lane);
+          mma<T>(acc, af[2 * kp], bf[0], bf[1]);
+          mma<T>(acc, af[2 * kp + 1], bf[2], bf[3]);
         }
         const int col = n * 8 + 2 * t;
         if (r0 < Sq) {

@@ -77,6 +77,77 @@ __device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t
 }
 #endif  // PYSSM_CUDA_EMULATION
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8 x 8 matrices of 16-bit elements;
+// lanes 8i..8i+7 give the addresses of matrix i's rows (16 bytes each, 16-byte aligned).
+// Register i of lane l = 4 g + t: rows g, columns 2t..2t+1 of matrix i; with kTrans, rows 2t and
+// 2t+1 of column g (matrix i transposed), which is an mma B fragment of a row-major tile.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::ldmatrix_x4(r, row, kTrans);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+#endif
+}
+
+// ldmatrix .x2: matrices 0 and 1 only (lanes 0-15 give the row addresses; the other lanes'
+// addresses are not read).
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::ldmatrix_x2(r, row, kTrans);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+  }
+#endif
+}
+
+// cp.async: 16 bytes from global to shared memory without passing through registers; with
+// `valid` false the 16 bytes are zero-filled and nothing is read. Copies land once a later
+// cp_async_wait<N>() leaves at most N newer committed groups pending.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::cp_async_16(smem, gmem, valid);
+#else
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
+               "r"(bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::cp_async_wait(kPending);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
 // two consecutive elements as one 32-bit register (zero where the column is past `limit`)
 template <typename T>
 __device__ __forceinline__ uint32_t load_pair(const T* row, int col, int limit) {

@@ -112,6 +112,55 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
+// ldmatrix.sync.aligned.m8n8.{x2,x4}[.trans].b16 (flash_mma.cuh): lane 8i + r gives row r of
+// matrix i; register i of lane 4g + t is row g, columns 2t, 2t+1 (trans: rows 2t, 2t+1 of
+// column g).
+template <int kCount>
+inline void ldmatrix(uint32_t (&r)[kCount], const void* row, bool trans) {
+  Warp& w = my_warp();
+  w.lanes[lane_id()].address = row;
+  w.barrier->arrive_and_wait();
+  const int g = int(lane_id()) / 4, t = int(lane_id()) % 4;
+  auto at = [&](int matrix, int rr, int col) {  // 16-bit element (rr, col) of a matrix
+    uint16_t v;
+    std::memcpy(&v, static_cast<const unsigned char*>(w.lanes[8 * matrix + rr].address) + 2 * col,
+                2);
+    return uint32_t(v);
+  };
+  for (int i = 0; i < kCount; ++i)
+    r[i] = trans ? at(i, 2 * t, g) | (at(i, 2 * t + 1, g) << 16)
+                 : at(i, g, 2 * t) | (at(i, g, 2 * t + 1) << 16);
+  w.barrier->arrive_and_wait();
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) { ldmatrix(r, row, trans); }
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* row, bool trans) { ldmatrix(r, row, trans); }
+
+// cp.async: a thread's copies wait in commit groups and land only at cp_async_wait, so a
+// kernel that reads shared memory before waiting reads the poison, as on a GPU it would read
+// stale data.
+struct AsyncCopy {
+  void* dst;
+  const void* src;  // null: zero-fill
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> committed;
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  open_group.push_back({dst, valid ? src : nullptr});
+}
+inline void cp_async_commit() {
+  committed.push_back(std::move(open_group));
+  open_group.clear();
+}
+inline void cp_async_wait(int pending) {
+  while (int(committed.size()) > pending) {
+    for (const AsyncCopy& c : committed.front()) {
+      if (c.src) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    committed.erase(committed.begin());
+  }
+}
+
 template <typename... Params, typename... Args>
 cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   if (smem > kDynamicSmem) return cudaErrorInvalidValue;
@@ -138,6 +187,8 @@ cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, A
           team.emplace_back([&, t] {
             linear_tid = t;
             thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+            open_group.clear();
+            committed.clear();
             kernel(args...);
             // an exited thread no longer holds its block or its warp back
             team_warps[t / 32].barrier->arrive_and_drop();
