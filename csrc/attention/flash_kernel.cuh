@@ -1,15 +1,19 @@
 // CUDA flash-attention forward, portable path (sm_80 and newer: mma.sync m16n8k16, fp32
-// accumulation), v2. One block of 4 warps takes 64 query rows of one (sequence, head); each
-// warp owns 16 rows. Q stays in registers as mma A fragments; K and V tiles of 64 keys go
-// through shared memory in two stages: cp.async brings the next tile's K and V while this one
-// is computed, and the mma B fragments come out of shared memory with ldmatrix (K as is, V
-// transposed: v1 read V's fragments two 16-bit halves at a time, 0.37-0.41x cuDNN on the H200).
-// S = Q K^T is computed into registers, masked, turned into
-// probabilities with an online softmax in the log2 domain (the scale folded into one multiply),
-// and multiplied into O straight from the S registers (the C fragment of one mma is the A
-// fragment of the next). Causal blocks stop at their last visible key tile. Head sizes that
-// are not a multiple of 16 (72) are zero-padded to one in shared memory and registers only for
-// the Q K^T reduction (72 -> 80, not 128); O keeps exactly head_dim columns.
+// accumulation), v3. One block of 4 warps takes kBlockM query rows of one (sequence, head);
+// each warp owns kMTiles 16-row tiles of them (2 up to head_dim 64: 128 rows a block, so every
+// K and V fragment loaded from shared memory feeds two mmas and every K / V tile serves twice
+// the rows; 1 above, where the accumulators of two row tiles would not fit in registers). Q
+// stays in registers as mma A fragments; K and V tiles of 64 keys go through shared memory in
+// two stages: cp.async brings the next tile's K and V while this one is computed, and the mma
+// B fragments come out of shared memory with ldmatrix (K as is, V transposed). History: v1
+// read V's fragments two 16-bit halves at a time (0.37-0.41x cuDNN on the H200); v2 added
+// ldmatrix and cp.async with 16 rows a warp.
+// S = Q K^T is computed into registers, masked, turned into probabilities with an online
+// softmax in the log2 domain (the scale folded into one multiply), and multiplied into O
+// straight from the S registers (the C fragment of one mma is the A fragment of the next).
+// Causal blocks stop at their last visible key tile. Head sizes that are not a multiple of 16
+// (72) are zero-padded to one in shared memory and registers only for the Q K^T reduction
+// (72 -> 80, not 128); O keeps exactly head_dim columns.
 
 // (mma fragment layouts: flash_mma.cuh)
 #pragma once
@@ -25,15 +29,16 @@ namespace flash {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockM = 16 * kWarps;  // query rows per block
-constexpr int kBlockN = 64;           // keys per tile
+constexpr int kBlockN = 64;  // keys per tile
 
 template <typename T, int kHeadDim>
 struct Traits {
+  static constexpr int kMTiles = kHeadDim <= 64 ? 2 : 1;      // 16-row tiles per warp
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;       // query rows per block
   static constexpr int kPadDim = (kHeadDim + 15) / 16 * 16;  // the Q K^T reduction length
   static constexpr int kKSteps = kPadDim / 16;
   static constexpr int kDimTiles = kHeadDim / 8;              // O columns in 8-wide tiles
-  static constexpr int kSmemStride = kPadDim + 8;             // +16 bytes: fewer bank conflicts
+  static constexpr int kSmemStride = kPadDim + 8;             // +16 bytes: no bank conflicts
   static constexpr int kChunks = kPadDim / 8;                 // 16-byte chunks per smem row
   static constexpr int kTileElems = kBlockN * kSmemStride;    // one K or V tile
   // two stages of K and V tiles (dynamic shared memory: 69.6 KB at head_dim 128)
@@ -44,6 +49,7 @@ struct Traits {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p) {
   using Tr = Traits<T, kHeadDim>;
+  constexpr int kM = Tr::kMTiles;
   PYSSM_DYNAMIC_SMEM(smem);
   T* const tiles = reinterpret_cast<T*>(smem);  // stage s: K at 2 s, V at 2 s + 1 (x kTileElems)
 
@@ -52,42 +58,53 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
   const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
   const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
-  if (int64_t(m_block) * kBlockM >= Sq) return;  // the whole block: before any barrier
+  if (int64_t(m_block) * Tr::kBlockM >= Sq) return;  // the whole block: before any barrier
   const int64_t hk = h / (p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t row0 = int64_t(m_block) * kBlockM + warp * 16 + g;  // this thread's rows:
-  const int64_t row1 = row0 + 8;                                     // row0 and row0 + 8
+  // this thread's rows: row[mt][0] and row[mt][1] = row[mt][0] + 8 of each of its row tiles
+  int64_t row[kM][2];
+#pragma unroll
+  for (int mt = 0; mt < kM; ++mt) {
+    row[mt][0] = int64_t(m_block) * Tr::kBlockM + (warp * kM + mt) * 16 + g;
+    row[mt][1] = row[mt][0] + 8;
+  }
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k) + (k_start * p.heads_k + hk) * kHeadDim;
   const T* v = static_cast<const T*>(p.v) + (k_start * p.heads_k + hk) * kHeadDim;
   const int64_t kv_row = p.heads_k * kHeadDim;
 
-  // Q as A fragments, one set per 16-wide step of the reduction
-  uint32_t qf[Tr::kKSteps][4];
-  {
-    const T* q0 = q + ((q_start + row0) * p.heads + h) * kHeadDim;
-    const T* q1 = q + ((q_start + row1) * p.heads + h) * kHeadDim;
-    const bool ok0 = row0 < Sq, ok1 = row1 < Sq;
+  // Q as A fragments, one set per row tile and 16-wide step of the reduction
+  uint32_t qf[kM][Tr::kKSteps][4];
 #pragma unroll
-    for (int s = 0; s < Tr::kKSteps; ++s) {
-      const int c = s * 16 + 2 * t;
-      qf[s][0] = ok0 ? load_pair(q0, c, kHeadDim) : 0u;
-      qf[s][1] = ok1 ? load_pair(q1, c, kHeadDim) : 0u;
-      qf[s][2] = ok0 ? load_pair(q0, c + 8, kHeadDim) : 0u;
-      qf[s][3] = ok1 ? load_pair(q1, c + 8, kHeadDim) : 0u;
+  for (int mt = 0; mt < kM; ++mt) {
+    const T* q0 = q + ((q_start + row[mt][0]) * p.heads + h) * kHeadDim;
+    const T* q1 = q + ((q_start + row[mt][1]) * p.heads + h) * kHeadDim;
+    const bool ok0 = row[mt][0] < Sq, ok1 = row[mt][1] < Sq;
+#pragma unroll
+    for (int st = 0; st < Tr::kKSteps; ++st) {
+      const int c = st * 16 + 2 * t;
+      qf[mt][st][0] = ok0 ? load_pair(q0, c, kHeadDim) : 0u;
+      qf[mt][st][1] = ok1 ? load_pair(q1, c, kHeadDim) : 0u;
+      qf[mt][st][2] = ok0 ? load_pair(q0, c + 8, kHeadDim) : 0u;
+      qf[mt][st][3] = ok1 ? load_pair(q1, c + 8, kHeadDim) : 0u;
     }
   }
 
-  float o[Tr::kDimTiles][4];
+  float o[kM][Tr::kDimTiles][4];
+  float m_run[kM][2], l_run[kM][2];  // running max (log2 domain) and per-lane partial sums
 #pragma unroll
-  for (int n = 0; n < Tr::kDimTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int n = 0; n < Tr::kDimTiles; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
 
   // causal: query i sees key j <= i + Sk - Sq; the block's last row bounds the keys to visit
   int64_t key_end = Sk;
   if (p.causal) {
-    const int64_t last_row = (int64_t(m_block) + 1) * kBlockM - 1;
+    const int64_t last_row = (int64_t(m_block) + 1) * Tr::kBlockM - 1;
     const int64_t limit = last_row + Sk - Sq + 1;
     key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
   }
@@ -121,120 +138,128 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
     const T* k_tile = tiles + (2 * (it & 1)) * Tr::kTileElems;
     const T* v_tile = k_tile + Tr::kTileElems;
 
-    // S = Q K^T for this warp's 16 rows and the tile's 64 keys. One ldmatrix.x4 gives the B
+    // S = Q K^T for this warp's rows and the tile's 64 keys. One ldmatrix.x4 gives the B
     // fragments of two 8-key groups for one 16-wide step: matrices (keys 8j.., dims 16st..),
-    // (8j.., 16st + 8..), (8j + 8.., 16st..), (8j + 8.., 16st + 8..).
-    float s[kBlockN / 8][4];
+    // (8j.., 16st + 8..), (8j + 8.., 16st..), (8j + 8.., 16st + 8..); each feeds every row tile.
+    float s[kM][kBlockN / 8][4];
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
 #pragma unroll
     for (int jp = 0; jp < kBlockN / 16; ++jp) {
       const T* krow = k_tile + ((2 * jp + mat / 2) * 8 + mrow) * Tr::kSmemStride + (mat % 2) * 8;
 #pragma unroll
       for (int st = 0; st < Tr::kKSteps; ++st) {
-        uint32_t b[4];
-        ldmatrix_x4<false>(b, krow + st * 16);
-        mma<T>(s[2 * jp], qf[st], b[0], b[1]);
-        mma<T>(s[2 * jp + 1], qf[st], b[2], b[3]);
+        uint32_t bf[4];
+        ldmatrix_x4<false>(bf, krow + st * 16);
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          mma<T>(s[mt][2 * jp], qf[mt][st], bf[0], bf[1]);
+          mma<T>(s[mt][2 * jp + 1], qf[mt][st], bf[2], bf[3]);
+        }
       }
     }
-    // scale into the log2 domain and mask (past the sequence, or causal)
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+
+    // per row tile: scale into the log2 domain, mask (past the sequence, or causal), online
+    // softmax; then P's A fragments
+    uint32_t pf[kM][kBlockN / 16][4];
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
+    for (int mt = 0; mt < kM; ++mt) {
+      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t key = n0 + j * 8 + 2 * t + (e & 1);
-        const int64_t row = e < 2 ? row0 : row1;
-        const bool visible = key < Sk && (!p.causal || key <= row + Sk - Sq);
-        s[j][e] = visible ? s[j][e] * p.scale_log2 : -INFINITY;
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = n0 + j * 8 + 2 * t + (e & 1);
+          const int64_t r = row[mt][e >> 1];
+          const bool visible = key < Sk && (!p.causal || key <= r + Sk - Sq);
+          s[mt][j][e] = visible ? s[mt][j][e] * p.scale_log2 : -INFINITY;
+        }
+        mx0 = fmaxf(mx0, fmaxf(s[mt][j][0], s[mt][j][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[mt][j][2], s[mt][j][3]));
       }
-      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-    }
 #pragma unroll
-    for (int d = 1; d < 4; d *= 2) {  // the 4 lanes of a row
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, d));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, d));
-    }
-    const float new0 = fmaxf(m0, mx0), new1 = fmaxf(m1, mx1);
-    const float use0 = new0 == -INFINITY ? 0.f : new0;  // a row with nothing visible yet
-    const float use1 = new1 == -INFINITY ? 0.f : new1;
-    const float alpha0 = exp2f(m0 - use0), alpha1 = exp2f(m1 - use1);
-    m0 = new0;
-    m1 = new1;
-    float sum0 = 0.f, sum1 = 0.f;
+      for (int d = 1; d < 4; d *= 2) {  // the 4 lanes of a row
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, d));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, d));
+      }
+      const float new0 = fmaxf(m_run[mt][0], mx0), new1 = fmaxf(m_run[mt][1], mx1);
+      const float use0 = new0 == -INFINITY ? 0.f : new0;  // a row with nothing visible yet
+      const float use1 = new1 == -INFINITY ? 0.f : new1;
+      const float alpha0 = exp2f(m_run[mt][0] - use0), alpha1 = exp2f(m_run[mt][1] - use1);
+      m_run[mt][0] = new0;
+      m_run[mt][1] = new1;
+      float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      s[j][0] = exp2f(s[j][0] - use0);
-      s[j][1] = exp2f(s[j][1] - use0);
-      s[j][2] = exp2f(s[j][2] - use1);
-      s[j][3] = exp2f(s[j][3] - use1);
-      sum0 += s[j][0] + s[j][1];
-      sum1 += s[j][2] + s[j][3];
-    }
-    l0 = l0 * alpha0 + sum0;  // per-lane partial sums: the lanes of a row add up at the end
-    l1 = l1 * alpha1 + sum1;
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        s[mt][j][0] = exp2f(s[mt][j][0] - use0);
+        s[mt][j][1] = exp2f(s[mt][j][1] - use0);
+        s[mt][j][2] = exp2f(s[mt][j][2] - use1);
+        s[mt][j][3] = exp2f(s[mt][j][3] - use1);
+        sum0 += s[mt][j][0] + s[mt][j][1];
+        sum1 += s[mt][j][2] + s[mt][j][3];
+      }
+      l_run[mt][0] = l_run[mt][0] * alpha0 + sum0;  // the lanes of a row add up at the end
+      l_run[mt][1] = l_run[mt][1] * alpha1 + sum1;
 #pragma unroll
-    for (int n = 0; n < Tr::kDimTiles; ++n) {
-      o[n][0] *= alpha0;
-      o[n][1] *= alpha0;
-      o[n][2] *= alpha1;
-      o[n][3] *= alpha1;
+      for (int n = 0; n < Tr::kDimTiles; ++n) {
+        o[mt][n][0] *= alpha0;
+        o[mt][n][1] *= alpha0;
+        o[mt][n][2] *= alpha1;
+        o[mt][n][3] *= alpha1;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        pf[mt][kk][0] = Pack<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pf[mt][kk][1] = Pack<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pf[mt][kk][2] = Pack<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pf[mt][kk][3] = Pack<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
     }
-    // O += P V, P taken from the S registers 16 keys at a time, two such steps per pass. One
-    // ldmatrix.x4.trans gives V's B fragments for 32 keys of one 8-wide column tile: matrices
-    // (keys 32kp.., ), (32kp + 8..), (32kp + 16..), (32kp + 24..), each transposed.
+
+    // O += P V, 16 keys a step, two steps per ldmatrix.x4.trans: V's B fragments for 32 keys
+    // of one 8-wide column tile, matrices (keys 32kp.., ), (32kp + 8..), (32kp + 16..),
+    // (32kp + 24..), each transposed; each feeds every row tile.
 #pragma unroll
     for (int kp = 0; kp < kBlockN / 32; ++kp) {
-      uint32_t pf[2][4];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int kk = 2 * kp + h2;
-        pf[h2][0] = Pack<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-        pf[h2][1] = Pack<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-        pf[h2][2] = Pack<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pf[h2][3] = Pack<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
       const T* vrow = v_tile + (kp * 32 + mat * 8 + mrow) * Tr::kSmemStride;
 #pragma unroll
       for (int n = 0; n < Tr::kDimTiles; ++n) {
-        uint32_t b[4];
-        ldmatrix_x4<true>(b, vrow + n * 8);
-        mma<T>(o[n], pf[0], b[0], b[1]);
-        mma<T>(o[n], pf[1], b[2], b[3]);
+        uint32_t bf[4];
+        ldmatrix_x4<true>(bf, vrow + n * 8);
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          mma<T>(o[mt][n], pf[mt][2 * kp], bf[0], bf[1]);
+          mma<T>(o[mt][n], pf[mt][2 * kp + 1], bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // the next iteration loads tile it + 2 into this stage
   }
 
-#pragma unroll
-  for (int d = 1; d < 4; d *= 2) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, d);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, d);
-  }
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
   T* out = static_cast<T*>(p.out);
+  constexpr float kLn2 = 0.6931471805599453f;
+  // dense (batch, heads, seqlen_q); packed (heads, total)
+  const int64_t base = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
 #pragma unroll
-  for (int n = 0; n < Tr::kDimTiles; ++n) {
-    const int col = n * 8 + 2 * t;
-    if (row0 < Sq) {
-      T* dst = out + ((q_start + row0) * p.heads + h) * kHeadDim + col;
-      *reinterpret_cast<uint32_t*>(dst) = Pack<T>::pack(o[n][0] * inv0, o[n][1] * inv0);
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float l = l_run[mt][half];
+#pragma unroll
+      for (int d = 1; d < 4; d *= 2) l += __shfl_xor_sync(0xffffffffu, l, d);
+      const int64_t r = row[mt][half];
+      if (r >= Sq) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int n = 0; n < Tr::kDimTiles; ++n) {
+        T* dst = out + ((q_start + r) * p.heads + h) * kHeadDim + n * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(dst) =
+            Pack<T>::pack(o[mt][n][2 * half] * inv, o[mt][n][2 * half + 1] * inv);
+      }
+      if (t == 0) p.lse[base + r] = l > 0.f ? (m_run[mt][half] + log2f(l)) * kLn2 : -INFINITY;
     }
-    if (row1 < Sq) {
-      T* dst = out + ((q_start + row1) * p.heads + h) * kHeadDim + col;
-      *reinterpret_cast<uint32_t*>(dst) = Pack<T>::pack(o[n][2] * inv1, o[n][3] * inv1);
-    }
-  }
-  if (t == 0) {
-    constexpr float kLn2 = 0.6931471805599453f;
-    const float lse0 = l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : -INFINITY;
-    const float lse1 = l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : -INFINITY;
-    // dense (batch, heads, seqlen_q); packed (heads, total)
-    const int64_t base = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
-    if (row0 < Sq) p.lse[base + row0] = lse0;
-    if (row1 < Sq) p.lse[base + row1] = lse1;
   }
 }
 
@@ -243,6 +268,7 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads > 65535)
     return cudaErrorInvalidValue;
+  constexpr int kBlockM = Traits<T, kHeadDim>::kBlockM;
   const dim3 grid(unsigned((p.seqlen_q + kBlockM - 1) / kBlockM), unsigned(p.heads),
                   unsigned(p.batch));
   return launch_kernel(flash_fwd_kernel<T, kHeadDim>, grid, dim3(kThreads),

@@ -77,13 +77,16 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths):
 
 
 # (B, Sq, Sk, H, Hk, head_dim, causal, lengths): a tail tile, Sq != Sk under causal, grouped
-# heads, head_dim 72 (padded to 80 in the reduction only), one key, packed sequences (0 long).
+# heads, head_dim 72 (padded to 80 in the reduction only), one key, packed sequences (0 long),
+# several query blocks of the forward's 128 rows (head_dim <= 64) and of the backward's tiles.
 CASES = [
     (1, 97, 97, 2, 1, 64, False, None),
     (1, 33, 70, 2, 2, 72, True, None),
     (2, 17, 17, 1, 1, 128, False, None),
     (1, 5, 1, 2, 2, 32, False, None),
     (0, 0, 0, 2, 1, 80, True, [0, 1, 65, 17]),
+    (1, 200, 150, 2, 1, 64, True, None),   # two 128-row blocks (2 row tiles per warp), causal
+    (1, 130, 130, 1, 1, 32, False, None),
 ]
 IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "") for c in CASES]
 
