@@ -165,6 +165,7 @@ __global__ void summary_kernel(const Ss2dBwdParams p) {
     stage_tile<T>(p, blk, l0, count, stride, zs, xs, dys);
     __syncthreads();
     if (!blk.active) continue;
+#pragma unroll 4  // the steps' dt, softplus and exp overlap; only h and P are serial chains
     for (int j = 0; j < count; ++j) {
       const acc_t* zj = zs + j * blk.zw;
       const acc_t u = xs[j * stride + c], dy = dys[j * stride + c];
@@ -276,6 +277,7 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
                         : acc_t(0);
         h[n] = h_in[n];
       }
+#pragma unroll 4
       for (int j = 0; j < count; ++j) {
         const acc_t* zj = zs + j * zw;
         const acc_t u = xs[j * stride + c];
@@ -304,6 +306,7 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
 
     // the positions backwards
     if (blk.active) {
+#pragma unroll 4
       for (int j = count - 1; j >= 0; --j) {
         const acc_t* zj = zs + j * zw;
         const acc_t u = xs[j * stride + c], dy = dys[j * stride + c];
