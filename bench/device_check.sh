@@ -5,7 +5,8 @@
 #   (c) `pyssm bench all` on the GPU (kernels, encoders, VLM, report, plots) ->
 #       profiles/<gpu-slug>/ and a copy in --out DIR;
 #   (d) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist;
-#   (e) print a summary table last (also in <out>/summary.md and profiles/<gpu-slug>/).
+#   (e) Nsight Compute (ncu) on the hot kernels at their benchmark shapes, if time is left;
+#   (f) print a summary table last (also in <out>/summary.md and profiles/<gpu-slug>/).
 # A failing step never stops the others; each step is timed and capped, and the whole run
 # keeps to PYSSM_CHECK_BUDGET_S seconds (default 540).
 #
@@ -118,7 +119,20 @@ for tool in memcheck racecheck; do
   note "sanitizer $tool" "$RESULT" "$TOOK"
 done
 
-# (e) summary, last
+# (e) Nsight Compute on the hot kernels (bench/ncu_cases.py), when ncu is there and time is left:
+# duration, throughput against the roofline, occupancy and warp stalls per kernel
+NCU=$(command -v ncu || ls "$CUDA_HOME/bin/ncu" 2>/dev/null)
+if [ -z "$NCU" ]; then
+  note ncu "skipped: no ncu" 0
+else
+  run_step ncu 90 "$LOGS/ncu.log" "$NCU" --clock-control none --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats \
+    -k 'regex:ss2d|summary_kernel|main_kernel|flash' --launch-count 12 \
+    "$PY" bench/ncu_cases.py
+  note ncu "$(outcome "$LOGS/ncu.log") (logs/ncu.log)" "$TOOK"
+fi
+
+# (f) summary, last
 {
   SHA=$(git rev-parse --short=12 HEAD 2>/dev/null || echo no-git)
   echo "# pyssm device check: $GPU (sm_$ARCH), $(date -u +%FT%TZ), $SHA"
@@ -128,6 +142,12 @@ done
   printf '%s\n' "${SUMMARY[@]}"
   echo "| total | | $(( SECONDS - START )) |"
   echo
+  if [ -s "$LOGS/ncu.log" ]; then
+    echo "Nsight Compute (duration, SM / memory throughput, achieved occupancy per kernel):"
+    grep -E '^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|^    Memory Throughput|Achieved Occupancy' \
+      "$LOGS/ncu.log" | head -n 60
+    echo
+  fi
   echo "Key benchmark rows (vs anchor > 1: faster than ANCHORS.md; report.md and full tables"
   echo "in $PROFILE_DIR):"
   sed -n '/^| op | provider/,$p' "$LOGS/bench_all.log" 2>/dev/null | tail -n 80
