@@ -15,7 +15,7 @@ from pyssm.models import create_encoder
 ])
 def test_encoder_compiles_to_one_graph(name, kw):
     torch.manual_seed(0)
-    model = create_encoder(name, img_size=64, **kw)
+    model = create_encoder(name, img_size=64, **kw).eval()  # eval: no drop-path draws
     x = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
