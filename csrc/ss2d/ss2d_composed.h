@@ -30,6 +30,13 @@ Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
                           const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                           const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first);
 
+// check_ss2d_args, and dout: floating, x's shape and device.
+Ss2dSizes check_ss2d_backward_args(const at::Tensor& dout, const at::Tensor& x,
+                                   const at::Tensor& x_proj_weight,
+                                   const at::Tensor& dt_projs_weight,
+                                   const at::Tensor& dt_projs_bias, const at::Tensor& A_logs,
+                                   const at::Tensor& Ds, bool channels_first);
+
 at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
                          const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                          const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,

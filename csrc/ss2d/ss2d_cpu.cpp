@@ -50,6 +50,19 @@ Ss2dSizes check_ss2d_args(const at::Tensor& x, const at::Tensor& x_proj_weight,
   return s;
 }
 
+Ss2dSizes check_ss2d_backward_args(const at::Tensor& dout, const at::Tensor& x,
+                                   const at::Tensor& x_proj_weight,
+                                   const at::Tensor& dt_projs_weight,
+                                   const at::Tensor& dt_projs_bias, const at::Tensor& A_logs,
+                                   const at::Tensor& Ds, bool channels_first) {
+  const Ss2dSizes s =
+      check_ss2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first);
+  check_floating(dout, "dout");
+  check_shape(dout, x.sizes(), "dout", "the shape of x");
+  check_same_device(dout, x, "dout", "x");
+  return s;
+}
+
 namespace {
 
 // pyssm's own ops, through the dispatcher: the kernel for the tensors' device.
@@ -154,11 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
                   const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                   const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
-  const Ss2dSizes s =
-      check_ss2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first);
-  check_floating(dout, "dout");
-  check_shape(dout, x.sizes(), "dout", "the shape of x");
-  check_same_device(dout, x, "dout", "x");
+  const Ss2dSizes s = check_ss2d_backward_args(dout, x, x_proj_weight, dt_projs_weight,
+                                               dt_projs_bias, A_logs, Ds, channels_first);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t L = s.height * s.width;

@@ -121,11 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
                    const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                    const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
-  const Ss2dSizes s =
-      check_ss2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first);
-  check_floating(dout, "dout");
-  check_shape(dout, x.sizes(), "dout", "the shape of x");
-  check_same_device(dout, x, "dout", "x");
+  const Ss2dSizes s = check_ss2d_backward_args(dout, x, x_proj_weight, dt_projs_weight,
+                                               dt_projs_bias, A_logs, Ds, channels_first);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const size_t acc_bytes = acc == at::kDouble ? 8 : 4;
   const LaunchBwd launch = bwd_launcher(x.scalar_type());

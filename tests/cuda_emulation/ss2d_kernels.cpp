@@ -31,6 +31,22 @@ struct ScanBwd {
     return pyssm::scan::bwd<T>(p, nullptr);
   }
 };
+// sizes: batch, height, width, dim, rank, dstate, chunk_len, chunks (Ss2dParams and
+// Ss2dBwdParams name them alike)
+template <typename P>
+P ss2d_params(const int64_t* sizes) {
+  P p{};
+  p.batch = sizes[0];
+  p.height = sizes[1];
+  p.width = sizes[2];
+  p.dim = sizes[3];
+  p.rank = sizes[4];
+  p.dstate = sizes[5];
+  p.chunk_len = sizes[6];
+  p.chunks = sizes[7];
+  return p;
+}
+
 template <typename T>
 struct Fwd {
   static cudaError_t call(const pyssm::Ss2dParams& p) { return pyssm::ss2d::fwd<T>(p, nullptr); }
@@ -99,10 +115,9 @@ int64_t emu_selective_scan_carries(const int64_t* sizes) {
   return pyssm::selective_scan_carry_elems(p);
 }
 
-// sizes: batch, height, width, dim, rank, dstate, chunk_len, chunks
 int emu_ss2d_fwd(int dtype, const void* x, const void* z, const void* dt_w, const void* dt_b,
                  const void* A, const void* Ds, void* y, void* scratch, const int64_t* sizes) {
-  pyssm::Ss2dParams p{};
+  auto p = ss2d_params<pyssm::Ss2dParams>(sizes);
   p.x = x;
   p.z = z;
   p.dt_w = dt_w;
@@ -111,30 +126,17 @@ int emu_ss2d_fwd(int dtype, const void* x, const void* z, const void* dt_w, cons
   p.Ds = Ds;
   p.y = y;
   p.scratch = scratch;
-  p.batch = sizes[0];
-  p.height = sizes[1];
-  p.width = sizes[2];
-  p.dim = sizes[3];
-  p.rank = sizes[4];
-  p.dstate = sizes[5];
-  p.chunk_len = sizes[6];
-  p.chunks = sizes[7];
   return by_dtype<Fwd>(dtype, p);
 }
 
 int64_t emu_ss2d_fwd_scratch(const int64_t* sizes) {
-  pyssm::Ss2dParams p{};
-  p.batch = sizes[0];
-  p.dim = sizes[3];
-  p.dstate = sizes[5];
-  p.chunks = sizes[7];
-  return pyssm::ss2d_scratch_elems(p);
+  return pyssm::ss2d_scratch_elems(ss2d_params<pyssm::Ss2dParams>(sizes));
 }
 
 int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const void* z,
                  const void* dt_w, const void* dt_b, const void* A, const void* Ds, void* dx,
                  void* dz, void* partial, void* scratch, const int64_t* sizes) {
-  pyssm::Ss2dBwdParams p{};
+  auto p = ss2d_params<pyssm::Ss2dBwdParams>(sizes);
   p.x = x;
   p.dy = dy;
   p.dy_acc = dy_acc != 0;
@@ -147,25 +149,11 @@ int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const voi
   p.dz = dz;
   p.partial = partial;
   p.scratch = scratch;
-  p.batch = sizes[0];
-  p.height = sizes[1];
-  p.width = sizes[2];
-  p.dim = sizes[3];
-  p.rank = sizes[4];
-  p.dstate = sizes[5];
-  p.chunk_len = sizes[6];
-  p.chunks = sizes[7];
   return by_dtype<Bwd>(dtype, p);
 }
 
 int64_t emu_ss2d_bwd_scratch(const int64_t* sizes) {
-  pyssm::Ss2dBwdParams p{};
-  p.batch = sizes[0];
-  p.dim = sizes[3];
-  p.dstate = sizes[5];
-  p.chunk_len = sizes[6];
-  p.chunks = sizes[7];
-  return pyssm::ss2d_bwd_scratch_elems(p);
+  return pyssm::ss2d_bwd_scratch_elems(ss2d_params<pyssm::Ss2dBwdParams>(sizes));
 }
 
 int64_t emu_ss2d_bwd_tile(int64_t dstate) { return pyssm::ss2d_bwd_tile(dstate); }
