@@ -113,8 +113,10 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   TORCH_CHECK(err == cudaSuccess, "ss2d CUDA launch failed: ", cudaGetErrorString(err));
 
   at::Tensor out = y.view({B, s.height, s.width, D});
-  if (channels_first) out = out.permute({0, 3, 1, 2});  // channels-last memory: no copy when
-  return ss2d_out_layout(out.to(out_dtype), ss2d_channels_last_out(x, channels_first));  // kept
+  // channels-first: a (B, D, H, W) view of the channels-last result, kept without a copy when
+  // x itself is stored channels-last (ss2d_channels_last_out)
+  if (channels_first) out = out.permute({0, 3, 1, 2});
+  return ss2d_out_layout(out.to(out_dtype), ss2d_channels_last_out(x, channels_first));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

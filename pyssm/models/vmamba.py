@@ -258,7 +258,7 @@ class VMamba(nn.Module):
         """Yields each stage's output (before its downsampling), channel-first, up to ``last``.
         Activations are stored channels-last throughout (torch.channels_last for the (B, C, H, W)
         tensors of channel-first configs, plain (B, H, W, C) for the others), so LayerNorm, the
-        1x1 and depthwise convolutions and the ss2d core all read them without a copy."""
+        1x1 and depthwise convolutions and the CUDA ss2d core read them without a layout copy."""
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for i, layer in enumerate(self.layers[: last + 1]):
             x = layer.blocks(x)
