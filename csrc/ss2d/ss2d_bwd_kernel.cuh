@@ -36,7 +36,6 @@ using scan::exp_;
 using scan::expm1_;
 using scan::softplus;
 using scan::widen;
-using ss2d::pixel;
 
 // What every kernel of the backward knows about its block: (channel group, chunk, batch x dir).
 template <typename T>
@@ -87,24 +86,36 @@ __device__ __forceinline__ acc_t* tile_dts(const Ss2dBwdParams& p, int64_t tile)
          p.batch * 4 * p.chunks * (p.chunk_len / tile) * p.dim * p.dstate;
 }
 
-// Stage positions [l0, l0 + count) of direction k: z rows, and x, dy of the block's channels
-// (rows of `stride` values), in the accumulation type. Independent coalesced loads.
+// The pixels of positions [l0, l0 + count) of direction k into pix_s (threads < count; the
+// caller synchronises before reading them).
+template <typename T>
+__device__ __forceinline__ void tile_pixels(const Block<T>& blk, int64_t l0, int count,
+                                            int* pix_s) {
+  if (int(threadIdx.x) < count)
+    pix_s[threadIdx.x] = ss2d::pixel(blk.k, int(l0) + threadIdx.x, int(blk.H), int(blk.W));
+}
+
+// Stage positions [l0, l0 + count) of direction k (pixels in pix_s): z rows, and x, dy of the
+// block's channels (rows of `stride` values), in the accumulation type. Independent coalesced
+// loads: x and dy a channel per thread.
 template <typename T>
 __device__ __forceinline__ void stage_tile(const Ss2dBwdParams& p, const Block<T>& blk,
-                                           int64_t l0, int count, int64_t stride,
+                                           const int* pix_s, int count, int64_t stride,
                                            typename Acc<T>::type* zs, typename Acc<T>::type* xs,
                                            typename Acc<T>::type* dys) {
   using acc_t = typename Acc<T>::type;
   const acc_t* z = static_cast<const acc_t*>(p.z) + blk.b * blk.L * 4 * blk.zw;
-  for (int64_t i = threadIdx.x; i < count * blk.zw; i += blockDim.x) {
-    const int64_t j = i / blk.zw, c = i % blk.zw;
-    zs[i] = z[(pixel(blk.k, l0 + j, blk.H, blk.W) * 4 + blk.k) * blk.zw + c];
+  const int zw = int(blk.zw);
+  for (int i = threadIdx.x; i < count * zw; i += blockDim.x) {
+    const int j = i / zw, c = i - j * zw;
+    zs[i] = z[(int64_t(pix_s[j]) * 4 + blk.k) * blk.zw + c];
   }
   const int64_t base = blk.b * blk.L * blk.D + blk.d0;
   const T* x = static_cast<const T*>(p.x) + base;
-  for (int64_t i = threadIdx.x; i < count * blk.channels; i += blockDim.x) {
-    const int64_t j = i / blk.channels, c = i % blk.channels;
-    const int64_t at = pixel(blk.k, l0 + j, blk.H, blk.W) * blk.D + c;
+  const int c = threadIdx.x;
+  if (c >= blk.channels) return;
+  for (int j = 0; j < count; ++j) {
+    const int64_t at = int64_t(pix_s[j]) * blk.D + c;
     xs[j * stride + c] = widen(x[at]);
     dys[j * stride + c] = p.dy_acc ? (static_cast<const acc_t*>(p.dy) + base)[at]
                                    : widen((static_cast<const T*>(p.dy) + base)[at]);
@@ -139,6 +150,7 @@ __global__ void summary_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
   PYSSM_DYNAMIC_SMEM(smem_raw);
   const Block<T> blk(p, kTile);
+  __shared__ int pix_s[kTile];  // the tile's pixels
   const int64_t stride = blockDim.x + 1;
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // (kTile, zw)
   acc_t* xs = zs + kTile * blk.zw;                  // (kTile, stride)
@@ -162,7 +174,9 @@ __global__ void summary_kernel(const Ss2dBwdParams p) {
       tile_dts<acc_t>(p, kTile)[at] = dtacc;
     }
     __syncthreads();  // the previous tile is consumed
-    stage_tile<T>(p, blk, l0, count, stride, zs, xs, dys);
+    tile_pixels(blk, l0, count, pix_s);
+    __syncthreads();
+    stage_tile<T>(p, blk, pix_s, count, stride, zs, xs, dys);
     __syncthreads();
     if (!blk.active) continue;
 #pragma unroll 4  // the steps' dt, softplus and exp overlap; only h and P are serial chains
@@ -229,6 +243,7 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
   PYSSM_DYNAMIC_SMEM(smem_raw);
   const Block<T> blk(p, kTile);
+  __shared__ int pix_s[kTile];  // the tile's pixels
   const int64_t stride = blockDim.x + 1;          // x / dy rows
   const int64_t hstride = kTile * kMaxN + 1;      // a channel's h (then dB terms) row
   const int64_t tstride = kTile + 1;              // a channel's dt (then dpre) row
@@ -262,7 +277,9 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
     const int64_t l0 = blk.l_begin + t * kTile;
     const int count = int(blk.l_end - l0 < kTile ? blk.l_end - l0 : kTile);
     __syncthreads();  // the previous tile's shared memory is consumed
-    stage_tile<T>(p, blk, l0, count, stride, zs, xs, dys);
+    tile_pixels(blk, l0, count, pix_s);
+    __syncthreads();
+    stage_tile<T>(p, blk, pix_s, count, stride, zs, xs, dys);
     __syncthreads();
 
     // the state entering the tile, then the forward inside it
@@ -294,12 +311,13 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
     __syncthreads();
 
     // dC_j[n] = sum over the block's channels of dy_j h_j[n]
-    for (int64_t i = threadIdx.x; i < count * N; i += blockDim.x) {
-      const int64_t j = i / N, n = i % N;
+    const int n32 = int(N), nr32 = int(N + R), channels = int(blk.channels);
+    for (int i = threadIdx.x; i < count * n32; i += blockDim.x) {
+      const int j = i / n32, n = i - j * n32;
       acc_t s = 0;
-      for (int64_t cc = 0; cc < blk.channels; ++cc)
+      for (int cc = 0; cc < channels; ++cc)
         s += dys[j * stride + cc] * hs[cc * hstride + j * kMaxN + n];
-      add_dz(dz + (pixel(blk.k, l0 + j, blk.H, blk.W) * 4 + blk.k) * zw + R + N + n, s,
+      add_dz(dz + (int64_t(pix_s[j]) * 4 + blk.k) * zw + R + N + n, s,
              shared_dz);
     }
     __syncthreads();
@@ -328,23 +346,22 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
         const acc_t dpre = ddt * -expm1_(-dt);  // softplus'(pre) = sigmoid(pre) = 1 - exp(-dt)
         dbias += dpre;
         dts[c * tstride + j] = dpre;
-        atomicAdd(dx + pixel(blk.k, l0 + j, blk.H, blk.W) * D + blk.d, ch.Ds * dy + dt * bsum);
+        atomicAdd(dx + int64_t(pix_s[j]) * D + blk.d, ch.Ds * dy + dt * bsum);
       }
     }
     __syncthreads();
 
     // dB_j[n] and the dt part of dz, summed over the block's channels
-    for (int64_t i = threadIdx.x; i < count * (N + R); i += blockDim.x) {
-      const int64_t j = i / (N + R), q = i % (N + R);
+    for (int i = threadIdx.x; i < count * nr32; i += blockDim.x) {
+      const int j = i / nr32, q = i - j * nr32;
       acc_t s = 0;
       if (q < N) {
-        for (int64_t cc = 0; cc < blk.channels; ++cc) s += hs[cc * hstride + j * kMaxN + q];
+        for (int cc = 0; cc < channels; ++cc) s += hs[cc * hstride + j * kMaxN + q];
       } else {
         const int64_t r = q - N;
-        for (int64_t cc = 0; cc < blk.channels; ++cc)
-          s += dts[cc * tstride + j] * dt_w[cc * R + r];
+        for (int cc = 0; cc < channels; ++cc) s += dts[cc * tstride + j] * dt_w[cc * R + r];
       }
-      add_dz(dz + (pixel(blk.k, l0 + j, blk.H, blk.W) * 4 + blk.k) * zw + (q < N ? R + q : q - N),
+      add_dz(dz + (int64_t(pix_s[j]) * 4 + blk.k) * zw + (q < N ? R + q : q - N),
              s, shared_dz);
     }
     // the tile's dt_projs_weight gradient, into the thread's own slots
@@ -390,7 +407,7 @@ template <typename T>
 cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
   if (p.batch * p.height * p.width * p.dim == 0) return cudaSuccess;
   if (p.dstate < 1 || p.dstate > kSs2dMaxState || p.chunks < 1 || p.chunk_len < 1 ||
-      p.batch * 4 > 65535 || p.chunks > 65535)
+      p.batch * 4 > 65535 || p.chunks > 65535 || p.height * p.width >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
   if (p.dstate == 1) return launch<T, 1>(p, stream);
   if (p.dstate <= 4) return launch<T, 4>(p, stream);

@@ -32,8 +32,11 @@ using scan::widen;
 
 constexpr int kTilePositions = kSs2dTilePositions;  // positions staged in shared memory at once
 
-// The pixel (row-major index) that direction k visits at scan position l.
-__device__ __forceinline__ int64_t pixel(int k, int64_t l, int64_t H, int64_t W) {
+// The pixel (row-major index) that direction k visits at scan position l. 32-bit: the
+// launchers refuse H * W >= 2^31, and a 64-bit division is a ~70-instruction call (v2 made one
+// per step in the forward's inner loop; the kernels now look each tile's pixels up in a small
+// shared table filled once per tile).
+__device__ __forceinline__ int pixel(int k, int l, int H, int W) {
   if (k >= 2) l = H * W - 1 - l;
   if (k % 2 == 0) return l;
   return (l % H) * W + l / H;  // column-major: l = w * H + h
@@ -84,16 +87,20 @@ __global__ void ss2d_chunk_kernel(const Ss2dParams p) {
   }
   acc_t dt_sum = 0;
 
+  __shared__ int pix_s[kTilePositions];  // the tile's pixels
+  const int zw32 = int(zw);
   for (int64_t l0 = l_begin; l0 < l_end; l0 += kTilePositions) {
     const int count = int(l_end - l0 < kTilePositions ? l_end - l0 : kTilePositions);
-    __syncthreads();  // the previous tile's z rows are consumed
-    for (int64_t i = threadIdx.x; i < count * zw; i += blockDim.x) {
-      const int64_t j = i / zw, c = i % zw;
-      zs[i] = z[(pixel(k, l0 + j, H, W) * 4 + k) * zw + c];
+    __syncthreads();  // the previous tile's pixels, z rows and x are consumed
+    if (int(threadIdx.x) < count) pix_s[threadIdx.x] = pixel(k, int(l0) + threadIdx.x, int(H), int(W));
+    __syncthreads();
+    for (int i = threadIdx.x; i < count * zw32; i += blockDim.x) {
+      const int j = i / zw32, c = i - j * zw32;
+      zs[i] = z[(int64_t(pix_s[j]) * 4 + k) * zw + c];
     }
-    for (int64_t i = threadIdx.x; i < count * channels; i += blockDim.x) {
-      const int64_t j = i / channels, c = i % channels;
-      xs[j * channels + c] = x[pixel(k, l0 + j, H, W) * D + d0 + c];
+    if (int64_t(threadIdx.x) < channels) {  // a channel per thread: coalesced per position
+      for (int j = 0; j < count; ++j)
+        xs[j * channels + threadIdx.x] = x[int64_t(pix_s[j]) * D + d0 + threadIdx.x];
     }
     __syncthreads();
     if (!active) continue;
@@ -101,7 +108,7 @@ __global__ void ss2d_chunk_kernel(const Ss2dParams p) {
     // only h = a h + b is a serial chain
 #pragma unroll 4
     for (int j = 0; j < count; ++j) {
-      const int64_t pix = pixel(k, l0 + j, H, W);
+      const int64_t pix = pix_s[j];
       const acc_t* zj = zs + j * zw;
       const acc_t u = widen(xs[j * channels + threadIdx.x]);
       acc_t dt = bias;
@@ -171,7 +178,7 @@ cudaError_t fwd(const Ss2dParams& p, cudaStream_t stream) {
   using acc_t = typename Acc<T>::type;
   if (p.batch * p.height * p.width * p.dim == 0) return cudaSuccess;
   if (p.dstate < 1 || p.dstate > kSs2dMaxState || p.chunks < 1 || p.chunk_len < 1 ||
-      p.batch * 4 > 65535 || p.chunks > 65535 ||
+      p.batch * 4 > 65535 || p.chunks > 65535 || p.height * p.width >= (int64_t(1) << 31) ||
       ss2d_smem_bytes(p.dim, p.rank, p.dstate, sizeof(T), sizeof(acc_t)) > kSs2dMaxSmem)
     return cudaErrorInvalidValue;
   if (p.dstate == 1) return launch<T, 1>(p, stream);
