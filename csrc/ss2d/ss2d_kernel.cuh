@@ -32,10 +32,10 @@ using scan::widen;
 
 constexpr int kTilePositions = kSs2dTilePositions;  // positions staged in shared memory at once
 
-// The pixel (row-major index) that direction k visits at scan position l. 32-bit: the
-// launchers refuse H * W >= 2^31, and a 64-bit division is a ~70-instruction call (v2 made one
-// per step in the forward's inner loop; the kernels now look each tile's pixels up in a small
-// shared table filled once per tile).
+// The pixel (row-major index) that direction k visits at scan position l, in 32 bits (the
+// launchers refuse H * W >= 2^31). Divisions cost ~15 instructions even so, so the kernels
+// compute each tile's pixels once into a small shared table (v2 divided, in 64 bits, at every
+// step of the forward's inner loop).
 __device__ __forceinline__ int pixel(int k, int l, int H, int W) {
   if (k >= 2) l = H * W - 1 - l;
   if (k % 2 == 0) return l;
