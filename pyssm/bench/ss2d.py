@@ -1,4 +1,6 @@
-"""ss2d cost versus resolution: pyssm's kernel against the pure-PyTorch reference.
+"""ss2d cost versus resolution: pyssm's fused kernel against the same computation from pyssm's
+unfused pieces (cross_scan, selective_scan, cross_merge and two einsums) and the pure-PyTorch
+reference; forward, backward and both.
 
 GPU (bf16 x, fp32 weights as a module holds them): the VMamba-T stage-1 SS2D core, D = 96,
 d_state N = 1, dt_rank R = 6, image R px -> an R/4 x R/4 grid, batch 64 / 12 / 3 at
@@ -43,9 +45,30 @@ def ss2d_inputs(batch, grid, dim, dstate, rank, dtype, device):
             torch.ones(4 * dim, device=device))                        # Ds
 
 
+def ss2d_from_pieces(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *, backend):
+    """The same computation from pyssm's unfused ops, as official VMamba's forward_corev2 runs
+    it: cross_scan (four copies of x), the x_proj and dt projections as einsums (a (B, 4D, L)
+    delta), selective_scan (fp32 out), cross_merge. What the fused op saves is the difference."""
+    B, H, W, D = x.shape
+    R, N, L = dt_projs_weight.shape[2], A_logs.shape[1], H * W
+    xs = ops.cross_scan(x.permute(0, 3, 1, 2).contiguous(), backend=backend)   # (B, 4, D, L)
+    z = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.to(xs.dtype))
+    dts, Bs, Cs = torch.split(z, [R, N, N], dim=2)
+    delta = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight.to(xs.dtype))
+    ys = ops.selective_scan(xs.reshape(B, 4 * D, L), delta.reshape(B, 4 * D, L),
+                            -torch.exp(A_logs), Bs.contiguous(), Cs.contiguous(), Ds,
+                            dt_projs_bias.reshape(-1), delta_softplus=True, out_float32=True,
+                            backend=backend)
+    y = ops.cross_merge(ys.reshape(B, 4, D, H, W), backend=backend)            # (B, D, L)
+    return y.reshape(B, D, H, W).permute(0, 2, 3, 1).to(x.dtype)
+
+
 def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     kernel = device.type
     ours = harness.pyssm_provider("ss2d", kernel, lambda *a: ops.ss2d(*a, backend=kernel))
+    pieces = harness.pyssm_provider(
+        "selective_scan", kernel, lambda *a: ss2d_from_pieces(*a, backend=kernel))
+    pieces = harness.Provider(f"pyssm-{kernel}-unfused", pieces.fn, pieces.status)
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
     # only, where it finishes in seconds
@@ -66,7 +89,9 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                              "d_state": dstate, "dt_rank": rank},
             make_inputs=lambda b=batch, g=grid: ss2d_inputs(b, g, dim, dstate, rank, dtype,
                                                             device),
-            providers=[ours, too_slow if device.type == "cuda" and res > 224 else reference],
+            providers=[ours, pieces,
+                       too_slow if device.type == "cuda" and res > 224 else reference],
+            modes=("forward", "backward", "full"),
             dtype=str(dtype).removeprefix("torch."),
             bytes={"forward": xy_bytes},
             extra=lambda provider, mode, a=anchors: {"anchor_ms": a.get(mode)}))
