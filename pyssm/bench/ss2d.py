@@ -2,9 +2,10 @@
 unfused pieces (cross_scan, selective_scan, cross_merge and two einsums) and the pure-PyTorch
 reference; forward, backward and both.
 
-GPU (bf16 x, fp32 weights as a module holds them): the VMamba-T stage-1 SS2D core, D = 96,
-d_state N = 1, dt_rank R = 6, image R px -> an R/4 x R/4 grid, batch 64 / 12 / 3 at
-224 / 512 / 1024 (ANCHORS.md "Official SS2D pieces"), with the official module's times beside.
+GPU (bf16 x, fp32 weights as a module holds them): the stage-1 SS2D core of VMamba-T s1l8
+(D = 96, dt_rank 6), S s2l15 (D 192, 6) and B s2l15 (D 256, 8), d_state 1, image R px -> an
+R/4 x R/4 grid, batch 64 / 12 / 3 at 224 / 512 / 1024 (ANCHORS.md "Official SS2D pieces"),
+with the official VMamba-T module's times beside.
 CPU (float32): a small sweep, D = 32, N = 1, R = 2, grids 8 / 16 / 32, batch 2.
 """
 
@@ -71,26 +72,31 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     pieces = harness.Provider(f"pyssm-{kernel}-unfused", pieces.fn, pieces.status)
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
-    # only, where it finishes in seconds
-    too_slow = harness.Provider("reference", None, "skipped on a GPU above 224 px (slow)")
+    # and VMamba-T only, where it finishes in seconds
+    too_slow = harness.Provider("reference", None,
+                                "skipped on a GPU above 224 px and for S / B (slow)")
     if device.type == "cuda":
-        dim, dstate, rank, dtype = 96, 1, math.ceil(96 / 16), torch.bfloat16
+        dstate, dtype = 1, torch.bfloat16
+        # stage 1 of VMamba-T s1l8 (d_inner 96), S s2l15 (192) and B s2l15 (256), dt_rank
+        # ceil(d_model / 16); the reference only for T
+        models = [("T", 96, 6), ("S", 192, 6), ("B", 256, 8)]
         sizes = [(224, 64), (512, 12), (1024, 3)][: 1 if quick else 3]
     else:
-        dim, dstate, rank, dtype = 32, 1, 2, torch.float32
+        dstate, dtype = 1, torch.float32
+        models = [("T", 32, 2)]
         sizes = [(32, 2), (64, 2), (128, 2)][: 2 if quick else 3]
     out = []
-    for res, batch in sizes:
+    for (model, dim, rank), (res, batch) in ((m, sz) for m in models for sz in sizes):
         grid = res // 4
-        anchors = ANCHOR_MS.get(res, {}) if device.type == "cuda" else {}
+        anchors = ANCHOR_MS.get(res, {}) if device.type == "cuda" and model == "T" else {}
+        slow = device.type == "cuda" and (res > 224 or model != "T")
         xy_bytes = 2 * batch * grid * grid * dim * dtype.itemsize
         out.append(harness.Case(
-            op="ss2d", size={"res": res, "grid": f"{grid}x{grid}", "batch": batch, "D": dim,
-                             "d_state": dstate, "dt_rank": rank},
-            make_inputs=lambda b=batch, g=grid: ss2d_inputs(b, g, dim, dstate, rank, dtype,
-                                                            device),
-            providers=[ours, pieces,
-                       too_slow if device.type == "cuda" and res > 224 else reference],
+            op="ss2d", size={"model": model, "res": res, "grid": f"{grid}x{grid}",
+                             "batch": batch, "D": dim, "d_state": dstate, "dt_rank": rank},
+            make_inputs=lambda b=batch, g=grid, d=dim, r=rank: ss2d_inputs(b, g, d, dstate, r,
+                                                                           dtype, device),
+            providers=[ours, pieces, too_slow if slow else reference],
             modes=("forward", "backward", "full"),
             dtype=str(dtype).removeprefix("torch."),
             bytes={"forward": xy_bytes},
