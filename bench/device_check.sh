@@ -2,9 +2,10 @@
 # The one device check for a GPU machine (torch preinstalled, no internet needed):
 #   (a) build pyssm's CUDA kernels for the local GPU arch (pip, editable), logging to a file;
 #   (b) run the CUDA tests (pytest -m cuda, a process per op test file: bench/cuda_tests.sh);
-#   (c) `pyssm bench all` on the GPU (kernels, encoders, VLM, report, plots) ->
+#   (c) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist
+#       (before the benchmarks, so that a long benchmark cannot crowd them out);
+#   (d) `pyssm bench all` on the GPU (kernels, encoders, VLM, report, plots) ->
 #       profiles/<gpu-slug>/ and a copy in --out DIR;
-#   (d) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist;
 #   (e) Nsight Compute (ncu) on the hot kernels at their benchmark shapes, if time is left;
 #   (f) print a summary table last (also in <out>/summary.md and profiles/<gpu-slug>/).
 # A failing step never stops the others; each step is timed and capped, and the whole run
@@ -89,14 +90,7 @@ case $RC in  # 0 all passed, 1 some failed
   *) note "tests (-m cuda)" "$(outcome "$LOGS/tests.log")" "$TOOK" ;;
 esac
 
-# (c) benchmarks: the main job on the GPU, its tables printed last by pyssm bench all
-BENCH_ARGS=${PYSSM_BENCH_ARGS:---quick}   # the full sweep: PYSSM_BENCH_ARGS=" " (about 6 min)
-run_step "bench all" 330 "$LOGS/bench_all.log" \
-  env PYSSM_UNVERIFIED_CUDA=1 "$PY" -m pyssm bench all --device cuda --no-progress \
-  --out "$PROFILE_DIR" $BENCH_ARGS
-note "bench all $BENCH_ARGS" "$(outcome "$LOGS/bench_all.log")" "$TOOK"
-
-# (d) compute-sanitizer on the ops that have CUDA kernels
+# (c) compute-sanitizer on the ops that have CUDA kernels
 SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME/bin/compute-sanitizer" 2>/dev/null)
 for tool in memcheck racecheck; do
   if [ -z "$SANITIZER" ]; then
@@ -118,6 +112,13 @@ for tool in memcheck racecheck; do
   fi
   note "sanitizer $tool" "$RESULT" "$TOOK"
 done
+
+# (d) benchmarks: the main job on the GPU, its tables printed last by pyssm bench all
+BENCH_ARGS=${PYSSM_BENCH_ARGS:---quick}   # the full sweep: PYSSM_BENCH_ARGS=" " (about 6 min)
+run_step "bench all" 330 "$LOGS/bench_all.log" \
+  env PYSSM_UNVERIFIED_CUDA=1 "$PY" -m pyssm bench all --device cuda --no-progress \
+  --out "$PROFILE_DIR" $BENCH_ARGS
+note "bench all $BENCH_ARGS" "$(outcome "$LOGS/bench_all.log")" "$TOOK"
 
 # (e) Nsight Compute on the hot kernels (bench/ncu_cases.py), when ncu is there and time is left:
 # duration, throughput against the roofline, occupancy and warp stalls per kernel
