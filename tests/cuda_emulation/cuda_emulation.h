@@ -2,15 +2,16 @@
 // sources, compiled by a host compiler with PYSSM_CUDA_EMULATION defined, run without a GPU:
 // blocks one after another, each block's threads as std::threads, __syncthreads as a barrier,
 // warps as groups of 32 of those threads with their own barrier for the warp-collective
-// operations (__shfl_*_sync, and mma.sync m16n8k16 through flash_mma.cuh, computed from every
-// lane's fragments by the PTX ISA's layouts), static __shared__ variables shared by the block
-// (function statics), dynamic shared memory poisoned (all bits set: NaN in float and double)
-// before each block, fp32 / fp64 atomicAdd as atomic read-modify-writes, cudaMemsetAsync as
-// memset.
+// operations (__shfl_*_sync; through flash_mma.cuh, mma.sync m16n8k16 computed from every
+// lane's fragments and ldmatrix .x2 / .x4 [.trans] from every lane's row address, by the PTX
+// ISA's layouts), cp.async copies that land only at the wait that covers them, static
+// __shared__ variables shared by the block (function statics), dynamic shared memory poisoned
+// (all bits set: NaN in float and double) before each block, fp32 / fp64 atomicAdd as atomic
+// read-modify-writes, cudaMemsetAsync as memset.
 //
 // What it checks: indexing, tiling, tails, the algorithm, which element every thread reads and
-// writes, dynamic shared memory read before it is written, fragment layouts, barrier counts (a
-// thread skipping a barrier the others reach deadlocks). What it does not: the GPU memory
+// writes, dynamic shared memory read before it is written (or before its cp.async landed),
+// fragment layouts, barrier counts (a thread skipping a barrier the others reach deadlocks). What it does not: the GPU memory
 // model and its races, the hardware's own arithmetic (mma sums in double here), timing. A pass
 // here is not a pass on a GPU.
 //
