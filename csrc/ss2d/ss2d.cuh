@@ -73,23 +73,28 @@ struct Ss2dBwdParams {
 
 // Positions per backward tile: the state of every position of a tile lives in shared memory,
 // so larger states take shorter tiles.
-__host__ __device__ inline int64_t ss2d_bwd_max_state(int64_t dstate) {
+__host__ __device__ constexpr int64_t ss2d_bwd_max_state(int64_t dstate) {
   return dstate <= 1 ? 1 : dstate <= 4 ? 4 : dstate <= 8 ? 8 : 16;
 }
-__host__ __device__ inline int64_t ss2d_bwd_tile(int64_t dstate) {
+__host__ __device__ constexpr int64_t ss2d_bwd_tile(int64_t dstate) {
   const int64_t n = ss2d_bwd_max_state(dstate);
   return n == 1 ? 16 : n == 16 ? 4 : 8;
 }
 
-// Dynamic shared memory of the main backward kernel: z rows (T x (R + 2N)), x and dy of the
-// tile (T x (threads + 1) each), h of every position (threads x (T * maxN + 1)) and dt / dpre
-// (threads x (T + 1)), all in the accumulation type; the rows padded by one so that both the
-// per-thread walks and the per-position sums over channels are free of bank conflicts.
+// Dynamic shared memory of the backward kernels, all in the accumulation type, the rows padded
+// by one so that both the per-thread walks and the per-position sums over channels are free of
+// bank conflicts. Both kernels stage a tile: z rows (T x (R + 2N)), x and dy (T x (threads + 1)
+// each); the main kernel adds h of every position (threads x (T * maxN + 1)) and dt / dpre
+// (threads x (T + 1)).
+inline size_t ss2d_bwd_stage_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t acc_bytes) {
+  const size_t T = size_t(ss2d_bwd_tile(dstate)), thr = size_t(ss2d_threads(dim));
+  return acc_bytes * (T * size_t(rank + 2 * dstate) + 2 * T * (thr + 1));
+}
 inline size_t ss2d_bwd_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t acc_bytes) {
   const size_t T = size_t(ss2d_bwd_tile(dstate)), thr = size_t(ss2d_threads(dim));
   const size_t maxn = size_t(ss2d_bwd_max_state(dstate));
-  return acc_bytes * (T * size_t(rank + 2 * dstate) + 2 * T * (thr + 1) +
-                      thr * (T * maxn + 1) + thr * (T + 1));
+  return ss2d_bwd_stage_bytes(dim, rank, dstate, acc_bytes) +
+         acc_bytes * (thr * (T * maxn + 1) + thr * (T + 1));
 }
 
 __host__ __device__ inline int64_t ss2d_bwd_summary_elems(const Ss2dBwdParams& p) {

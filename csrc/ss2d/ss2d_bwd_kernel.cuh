@@ -86,6 +86,22 @@ __device__ __forceinline__ acc_t* tile_dts(const Ss2dBwdParams& p, int64_t tile)
          p.batch * 4 * p.chunks * (p.chunk_len / tile) * p.dim * p.dstate;
 }
 
+// The tile staged in dynamic shared memory by both kernels (ss2d.cuh: ss2d_bwd_stage_bytes):
+// z rows (kTile x zw), then x and dy (kTile x stride each, stride = threads + 1); `end` is
+// where the main kernel's own arrays begin.
+template <typename acc_t, int kTile>
+struct StagedTile {
+  int64_t stride;
+  acc_t *zs, *xs, *dys, *end;
+  __device__ StagedTile(unsigned char* smem, int64_t zw) {
+    stride = blockDim.x + 1;
+    zs = reinterpret_cast<acc_t*>(smem);
+    xs = zs + kTile * zw;
+    dys = xs + kTile * stride;
+    end = dys + kTile * stride;
+  }
+};
+
 // The pixels of positions [l0, l0 + count) of direction k into pix_s (threads < count; the
 // caller synchronises before reading them).
 template <typename T>
@@ -151,10 +167,9 @@ __global__ void summary_kernel(const Ss2dBwdParams p) {
   PYSSM_DYNAMIC_SMEM(smem_raw);
   const Block<T> blk(p, kTile);
   __shared__ int pix_s[kTile];  // the tile's pixels
-  const int64_t stride = blockDim.x + 1;
-  acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // (kTile, zw)
-  acc_t* xs = zs + kTile * blk.zw;                  // (kTile, stride)
-  acc_t* dys = xs + kTile * stride;                 // (kTile, stride)
+  const StagedTile<acc_t, kTile> tile(smem_raw, blk.zw);
+  const int64_t stride = tile.stride;
+  acc_t *zs = tile.zs, *xs = tile.xs, *dys = tile.dys;
   const Channel<acc_t, kMaxN> ch(p, blk.k, blk.d, blk.D, blk.R, blk.N, blk.active);
   const int64_t N = blk.N, R = blk.R, c = threadIdx.x;
 
@@ -244,14 +259,13 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
   PYSSM_DYNAMIC_SMEM(smem_raw);
   const Block<T> blk(p, kTile);
   __shared__ int pix_s[kTile];  // the tile's pixels
-  const int64_t stride = blockDim.x + 1;          // x / dy rows
+  const StagedTile<acc_t, kTile> tile(smem_raw, blk.zw);
+  const int64_t stride = tile.stride;             // x / dy rows
   const int64_t hstride = kTile * kMaxN + 1;      // a channel's h (then dB terms) row
   const int64_t tstride = kTile + 1;              // a channel's dt (then dpre) row
-  acc_t* zs = reinterpret_cast<acc_t*>(smem_raw);  // (kTile, zw)
-  acc_t* xs = zs + kTile * blk.zw;                  // (kTile, stride)
-  acc_t* dys = xs + kTile * stride;                 // (kTile, stride)
-  acc_t* hs = dys + kTile * stride;                 // (threads, hstride)
-  acc_t* dts = hs + blockDim.x * hstride;           // (threads, tstride)
+  acc_t *zs = tile.zs, *xs = tile.xs, *dys = tile.dys;
+  acc_t* hs = tile.end;                           // (threads, hstride)
+  acc_t* dts = hs + blockDim.x * hstride;         // (threads, tstride)
   const Channel<acc_t, kMaxN> ch(p, blk.k, blk.d, blk.D, blk.R, blk.N, blk.active);
   const int64_t N = blk.N, R = blk.R, D = blk.D, zw = blk.zw, c = threadIdx.x;
   const bool shared_dz = gridDim.x > 1;
@@ -385,13 +399,12 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
 template <typename T, int kMaxN>
 cudaError_t launch(const Ss2dBwdParams& p, cudaStream_t stream) {
   using acc_t = typename Acc<T>::type;
-  constexpr int kTile = kMaxN == 1 ? 16 : kMaxN == 16 ? 4 : 8;
-  if (ss2d_bwd_tile(kMaxN) != kTile || p.chunk_len % kTile != 0) return cudaErrorInvalidValue;
+  constexpr int kTile = int(ss2d_bwd_tile(kMaxN));
+  if (p.chunk_len % kTile != 0) return cudaErrorInvalidValue;
   const int threads = ss2d_threads(p.dim);
   const dim3 grid(unsigned((p.dim + threads - 1) / threads), unsigned(p.chunks),
                   unsigned(p.batch * 4));
-  const size_t stage = sizeof(acc_t) * (size_t(kTile) * size_t(p.rank + 2 * p.dstate) +
-                                        2 * size_t(kTile) * size_t(threads + 1));
+  const size_t stage = ss2d_bwd_stage_bytes(p.dim, p.rank, p.dstate, sizeof(acc_t));
   const size_t smem = ss2d_bwd_smem_bytes(p.dim, p.rank, p.dstate, sizeof(acc_t));
   cudaError_t err = launch_kernel(summary_kernel<T, kMaxN, kTile>, grid, dim3(threads), stage,
                                   stream, p);
