@@ -1,12 +1,16 @@
 // Torch side of attention on CUDA tensors. The flash kernels (forward flash_kernel.cuh, backward
 // flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else
-// (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp.
+// (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp. On an
+// sm_90 GPU the forward at head_dim 64 and 128 takes the Hopper path (flash_sm90_kernel.cuh)
+// unless the environment says PYSSM_FLASH_SM90=0.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "attention/attention_composed.h"
@@ -38,6 +42,20 @@ L launcher(at::ScalarType t, int64_t d) {
   }
 #undef PYSSM_FLASH_CASES
 #undef PYSSM_FLASH_CASE
+  return nullptr;
+}
+
+// The Hopper forward's launcher for this call, or null: an sm_90 GPU, head_dim 64 or 128,
+// and PYSSM_FLASH_SM90 not "0" (read at every call, so a test can compare both paths)
+Launch sm90_launcher(const at::Tensor& q, int64_t d) {
+  const char* env = std::getenv("PYSSM_FLASH_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
+  if (!flash_sm90_head_dim(d)) return nullptr;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
+  if (prop->major != 9 || prop->minor != 0) return nullptr;
+  if (q.scalar_type() == at::kHalf) return d == 64 ? flash_fwd_sm90_fp16_hd64 : flash_fwd_sm90_fp16_hd128;
+  if (q.scalar_type() == at::kBFloat16)
+    return d == 64 ? flash_fwd_sm90_bf16_hd64 : flash_fwd_sm90_bf16_hd128;
   return nullptr;
 }
 
@@ -90,7 +108,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   set_common(p, qc, kc, vc, s, cu, q.size(0), scale, causal);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
-  const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaErrorNotSupported;
+  if (const Launch hopper = sm90_launcher(q, s.head_dim)) err = hopper(p, stream);
+  if (err == cudaErrorNotSupported) err = launch(p, stream);
   TORCH_CHECK(err == cudaSuccess, "attention CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }

@@ -2,15 +2,19 @@
 
 GPU (bf16, non-causal, 12 heads, head_dim 64): ViT-B/16 token counts N = 197, 442, 785, 1025,
 2305, 4097 (224 ... 1024 px, CLS included); forward at batch round(131072 / N) (~128k tokens)
-and forward+backward at round(65536 / N) (~64k), as in ANCHORS.md, whose SDPA numbers sit beside.
+and forward+backward at round(65536 / N) (~64k), as in ANCHORS.md, whose SDPA numbers sit beside;
+head_dim 128 (8 heads) forward at N = 1025 and 4097, where the issue asks for 600 TFLOP/s.
 SDPA runs with each backend forced (flash, cudnn, efficient) and with torch's own choice
-(default), on transposed views (B, H, N, d) of the same (B, N, H, d) tensors.
+(default), on transposed views (B, H, N, d) of the same (B, N, H, d) tensors. On an sm_90 GPU
+pyssm's forward takes its Hopper path at head_dim 64 and 128; "pyssm-cuda-portable" is the same
+op with that path turned off (PYSSM_FLASH_SM90=0), so both paths sit side by side.
 CPU (float32): N = 65, 197, batch 2, 4 heads, head_dim 32: pyssm-cpu, reference, SDPA math and
 default.
 """
 
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +56,25 @@ def sdpa_provider(backend: str) -> harness.Provider:
     return harness.Provider(f"sdpa-{backend}", attend)
 
 
-def anchor(mode: str, seqlen: int, provider: str) -> dict:
-    by_backend = ANCHOR_TFLOPS.get(mode, {}).get(seqlen, {})
+def portable_provider() -> harness.Provider:
+    """pyssm's CUDA attention with the Hopper forward turned off (PYSSM_FLASH_SM90=0)."""
+    def attend(q, k, v):
+        before = os.environ.get("PYSSM_FLASH_SM90")
+        os.environ["PYSSM_FLASH_SM90"] = "0"
+        try:
+            return ops.attention(q, k, v, backend="cuda")
+        finally:
+            if before is None:
+                del os.environ["PYSSM_FLASH_SM90"]
+            else:
+                os.environ["PYSSM_FLASH_SM90"] = before
+    base = harness.pyssm_provider("attention", "cuda", attend)
+    return harness.Provider("pyssm-cuda-portable", base.fn, base.status)
+
+
+def anchor(mode: str, seqlen: int, provider: str, head_dim: int = 64) -> dict:
+    """ANCHORS.md's SDPA TFLOP/s for this row (head_dim 64 only: it has none at 128)."""
+    by_backend = ANCHOR_TFLOPS.get(mode, {}).get(seqlen, {}) if head_dim == 64 else {}
     backend = provider.removeprefix("sdpa-") if provider.startswith("sdpa-") else "cudnn"
     return {"anchor_tflops": by_backend.get(backend)}
 
@@ -63,15 +84,27 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     providers = [harness.pyssm_provider("attention", kernel,
                                         lambda q, k, v: ops.attention(q, k, v, backend=kernel))]
     if gpu:
-        heads, head_dim, dtype = 12, 64, torch.bfloat16
-        seqlens = [197, 1025, 4097] if quick else [197, 442, 785, 1025, 2305, 4097]
+        dtype = torch.bfloat16
+        if torch.cuda.get_device_capability(device) == (9, 0):
+            providers.append(portable_provider())
         providers += [sdpa_provider(b) for b in ("flash", "cudnn", "efficient", "default")]
-        batches = {"forward": lambda n: round(131072 / n), "full": lambda n: round(65536 / n)}
+        both = {"forward": lambda n: round(131072 / n), "full": lambda n: round(65536 / n)}
+        configs = [(12, 64, [197, 1025, 4097] if quick else [197, 442, 785, 1025, 2305, 4097],
+                    both),
+                   (8, 128, [4097] if quick else [1025, 4097],
+                    {"forward": lambda n: round(131072 / n)})]
     else:
-        heads, head_dim, dtype, seqlens = 4, 32, torch.float32, [65] if quick else [65, 197]
+        dtype = torch.float32
         providers += [harness.Provider("reference", lambda q, k, v: ops.attention(
             q, k, v, backend="reference")), sdpa_provider("math"), sdpa_provider("default")]
-        batches = {"forward": lambda n: 2, "full": lambda n: 2}
+        configs = [(4, 32, [65] if quick else [65, 197],
+                    {"forward": lambda n: 2, "full": lambda n: 2})]
+    return [case for heads, head_dim, seqlens, batches in configs
+            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
+
+
+def _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches):
+    gpu = device.type == "cuda"
     out = []
     for n in seqlens:
         modes_at = {}  # batch -> the modes timed at that batch
@@ -86,5 +119,5 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     for _ in range(3)),
                 providers=providers, modes=tuple(modes), dtype=str(dtype).removeprefix("torch."),
                 flops={"forward": flops, "full": 3.5 * flops, "backward": 2.5 * flops},
-                extra=(lambda provider, m, n=n: anchor(m, n, provider)) if gpu else None))
+                extra=(lambda provider, m, n=n: anchor(m, n, provider, head_dim)) if gpu else None))
     return out

@@ -3,6 +3,7 @@
 // through ctypes: the real launchers and kernel code, nothing rewritten.
 #include "attention/flash_bwd_kernel.cuh"
 #include "attention/flash_kernel.cuh"
+#include "attention/flash_sm90_kernel.cuh"
 
 namespace {
 
@@ -29,6 +30,15 @@ cudaError_t fwd(int head_dim, const pyssm::FlashParams& p) {
     case 80: return pyssm::flash::fwd<T, 80>(p, nullptr);
     case 96: return pyssm::flash::fwd<T, 96>(p, nullptr);
     case 128: return pyssm::flash::fwd<T, 128>(p, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t fwd_sm90(int head_dim, const pyssm::FlashParams& p) {
+  switch (head_dim) {
+    case 64: return pyssm::flash_sm90::fwd<T, 64>(p, nullptr);
+    case 128: return pyssm::flash_sm90::fwd<T, 128>(p, nullptr);
   }
   return cudaErrorInvalidValue;
 }
@@ -63,6 +73,22 @@ int emu_flash_fwd(int dtype, int head_dim, const void* q, const void* k, const v
   set_sizes(p, sizes, cu, scale, causal);
   if (dtype == 2) return int(fwd<__half>(head_dim, p));
   if (dtype == 3) return int(fwd<__nv_bfloat16>(head_dim, p));
+  return int(cudaErrorInvalidValue);
+}
+
+// the Hopper forward (flash_sm90_kernel.cuh: TMA, mbarriers and wgmma emulated), same arguments
+int emu_flash_fwd_sm90(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                       void* out, float* lse, const int* cu, const int64_t* sizes, float scale,
+                       int causal) {
+  pyssm::FlashParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.lse = lse;
+  set_sizes(p, sizes, cu, scale, causal);
+  if (dtype == 2) return int(fwd_sm90<__half>(head_dim, p));
+  if (dtype == 3) return int(fwd_sm90<__nv_bfloat16>(head_dim, p));
   return int(cudaErrorInvalidValue);
 }
 

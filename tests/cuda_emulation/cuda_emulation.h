@@ -22,13 +22,21 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cuda.h>  // CUtensorMap
+
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -42,11 +50,22 @@ inline uint3 block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 
-// Dynamic shared memory: one buffer, poisoned before every block.
+// Dynamic shared memory: one buffer, poisoned before every block. Its offsets are the
+// "shared-memory addresses" of the Hopper primitives (mbarriers, TMA, wgmma descriptors).
 constexpr size_t kDynamicSmem = 256 * 1024;
 inline unsigned char* dynamic_shared_memory() {
-  alignas(16) static unsigned char buffer[kDynamicSmem];
+  alignas(1024) static unsigned char buffer[kDynamicSmem];
   return buffer;
+}
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_emulation: %s\n", what);
+  std::abort();
+}
+inline uint32_t smem_address(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  if (c < dynamic_shared_memory() || c >= dynamic_shared_memory() + kDynamicSmem)
+    fail("a shared-memory address outside dynamic shared memory");
+  return uint32_t(c - dynamic_shared_memory());
 }
 
 // Warps: a barrier and an exchange slot per lane (wide enough for an mma's fragments).
@@ -62,6 +81,14 @@ struct Warp {
 inline std::vector<Warp>* warps = nullptr;
 inline Warp& my_warp() { return (*warps)[linear_tid / 32]; }
 inline unsigned lane_id() { return linear_tid % 32; }
+
+// Warpgroups (4 warps, blocks of a multiple of 128 threads): a barrier and each thread's A
+// fragment registers, for wgmma with A in registers.
+struct WarpGroup {
+  std::unique_ptr<std::barrier<>> barrier;
+  uint32_t a[128][4];
+};
+inline std::vector<WarpGroup>* warpgroups = nullptr;
 
 template <typename V>
 V shuffle(V v, int src_lane) {
@@ -162,6 +189,226 @@ inline void cp_async_wait(int pending) {
   }
 }
 
+
+// ---- Hopper: mbarriers, TMA, wgmma (csrc/attention/sm90.cuh) --------------------------------
+
+// 128-byte swizzle of a shared-memory byte address: the 16-byte chunk (bits 4-6) XOR the
+// 128-byte row within the 1024-byte atom (bits 7-9).
+inline uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+// A tensor map as the emulation keeps it inside a CUtensorMap (whose contents are opaque on a
+// GPU): 4-d, 16-bit elements, 128-byte swizzle.
+struct TensorMap {
+  const unsigned char* base;
+  uint64_t dims[4], strides[3];  // strides of dims 1-3 in bytes
+  uint32_t box[4];
+};
+static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "an emulated tensor map fits a real one");
+inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int element_bytes,
+                                     const uint64_t (&dims)[4], const uint64_t (&strides)[3],
+                                     const uint32_t (&box)[4]) {
+  // the checks cuTensorMapEncodeTiled makes that matter here
+  if (element_bytes != 2 || box[0] * 2 != 128 || reinterpret_cast<uintptr_t>(base) % 16)
+    return cudaErrorInvalidValue;
+  for (int i = 0; i < 3; ++i)
+    if (strides[i] % 16) return cudaErrorInvalidValue;
+  for (int i = 0; i < 4; ++i)
+    if (box[i] == 0 || box[i] > 256 || dims[i] == 0) return cudaErrorInvalidValue;
+  TensorMap m{static_cast<const unsigned char*>(base), {}, {}, {}};
+  std::memcpy(m.dims, dims, sizeof(m.dims));
+  std::memcpy(m.strides, strides, sizeof(m.strides));
+  std::memcpy(m.box, box, sizeof(m.box));
+  std::memset(map, 0, sizeof(*map));
+  std::memcpy(map, &m, sizeof(m));
+  return cudaSuccess;
+}
+
+struct TmaCopy {
+  uint32_t dst;
+  TensorMap map;
+  int c[4];
+  uint32_t bytes() const { return map.box[0] * map.box[1] * map.box[2] * map.box[3] * 2; }
+  void land() const {
+    if (dst % 1024) fail("a TMA load with the 128-byte swizzle into a tile not 1024-byte aligned");
+    unsigned char* smem = dynamic_shared_memory();
+    const uint32_t* b = map.box;
+    for (uint32_t i3 = 0; i3 < b[3]; ++i3)
+      for (uint32_t i2 = 0; i2 < b[2]; ++i2)
+        for (uint32_t i1 = 0; i1 < b[1]; ++i1)
+          for (uint32_t i0 = 0; i0 < b[0]; ++i0) {
+            const int64_t g[4] = {c[0] + int64_t(i0), c[1] + int64_t(i1), c[2] + int64_t(i2),
+                                  c[3] + int64_t(i3)};
+            bool inside = true;
+            for (int d = 0; d < 4; ++d) inside &= g[d] >= 0 && uint64_t(g[d]) < map.dims[d];
+            const uint32_t lin = uint32_t((((i3 * b[2] + i2) * b[1] + i1) * b[0] + i0) * 2);
+            unsigned char* to = smem + swizzle128(dst + lin);
+            if (inside)
+              std::memcpy(to, map.base + g[0] * 2 + g[1] * map.strides[0] +
+                                  g[2] * map.strides[1] + g[3] * map.strides[2], 2);
+            else
+              std::memset(to, 0, 2);
+          }
+  }
+};
+
+// An mbarrier: a phase completes when its arrivals are in and its transaction bytes have
+// landed. TMA copies wait in the barrier and land only when some thread waits on it, so a
+// kernel that reads a tile without waiting reads the poison.
+struct MBarrier {
+  int expected = 0, pending = 0;
+  int64_t tx = 0;
+  unsigned phase = 0;
+  std::vector<TmaCopy> copies;
+  void complete_if_done() {
+    if (pending == 0 && tx == 0) {
+      ++phase;
+      pending = expected;
+    }
+  }
+};
+inline std::mutex mbar_mutex;
+inline std::condition_variable mbar_cv;
+inline std::map<uint32_t, MBarrier> mbarriers;  // by shared-memory address, for this block
+inline MBarrier& mbar_at(uint32_t addr) {
+  auto it = mbarriers.find(addr);
+  if (it == mbarriers.end()) fail("an mbarrier used before mbarrier.init");
+  return it->second;
+}
+inline void mbar_init(uint32_t addr, int count) {
+  std::lock_guard<std::mutex> lock(mbar_mutex);
+  MBarrier b;
+  b.expected = b.pending = count;
+  mbarriers[addr] = b;
+}
+inline void mbar_arrive(uint32_t addr, uint32_t expect_bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    MBarrier& b = mbar_at(addr);
+    b.tx += expect_bytes;
+    if (--b.pending < 0) fail("more arrivals on an mbarrier than its count");
+    b.complete_if_done();
+  }
+  mbar_cv.notify_all();
+}
+inline void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                     uint32_t bar) {
+  TmaCopy copy{dst, {}, {c0, c1, c2, c3}};
+  std::memcpy(&copy.map, map, sizeof(TensorMap));
+  {
+    std::lock_guard<std::mutex> lock(mbar_mutex);
+    mbar_at(bar).copies.push_back(copy);
+  }
+  mbar_cv.notify_all();
+}
+inline void mbar_wait(uint32_t addr, uint32_t parity) {
+  std::unique_lock<std::mutex> lock(mbar_mutex);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  for (;;) {
+    MBarrier& b = mbar_at(addr);
+    for (const TmaCopy& c : b.copies) {
+      c.land();
+      b.tx -= c.bytes();
+    }
+    b.copies.clear();
+    b.complete_if_done();
+    if ((b.phase & 1u) != parity) return;
+    if (mbar_cv.wait_until(lock, deadline) == std::cv_status::timeout)
+      fail("an mbarrier wait that never completes (deadlock)");
+  }
+}
+
+// wgmma.mma_async m64nNk16, fp32 accumulators: queued at issue (A registers gathered from the
+// warpgroup then), computed at the wgmma_wait that covers its group, reading shared memory
+// through the descriptors then (so a kernel that frees or rewrites a tile before the wait
+// computes from the wrong data, as it would on a GPU).
+struct WgmmaOp {
+  float* d;
+  int n, scale_d;
+  bool a_in_registers, trans_b;
+  uint64_t desc_a, desc_b;
+  std::vector<float> a;  // 64 x 16, row-major, when A came from registers
+  float (*element)(uint32_t addr);
+};
+template <typename T>
+float smem_element(uint32_t addr) {
+  uint16_t bits;
+  std::memcpy(&bits, dynamic_shared_memory() + swizzle128(addr), 2);
+  T v;
+  std::memcpy(&v, &bits, 2);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+struct Descriptor {
+  uint32_t start, lbo, sbo;
+  explicit Descriptor(uint64_t d)
+      : start(uint32_t(d & 0x3FFF) << 4),
+        lbo(uint32_t((d >> 16) & 0x3FFF) << 4),
+        sbo(uint32_t((d >> 32) & 0x3FFF) << 4) {
+    if ((d >> 62) != 1) fail("a wgmma descriptor without the 128-byte swizzle");
+    if ((d >> 49) & 7) fail("a wgmma descriptor with a base offset");
+  }
+  // K-major: element (row, k) of rows of 128 bytes, 8-row groups sbo apart
+  uint32_t k_major(int row, int k) const {
+    return start + (row % 8) * 128 + (row / 8) * sbo + (k / 8) * 16 + (k % 8) * 2;
+  }
+  // MN-major: element (k, col), 64 columns a 128-byte row, column blocks lbo apart, 8-row
+  // groups of k sbo apart
+  uint32_t mn_major(int k, int col) const {
+    return start + (col % 64) * 2 + (col / 64) * lbo + (k % 8) * 128 + (k / 8) * sbo;
+  }
+};
+inline thread_local std::vector<WgmmaOp> wgmma_open;
+inline thread_local std::vector<std::vector<WgmmaOp>> wgmma_groups;
+template <typename T>
+void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b,
+           int scale_d) {
+  WgmmaOp op{d, n, scale_d, a != nullptr, trans_b, desc_a, desc_b, {}, &smem_element<T>};
+  if (a != nullptr) {
+    WarpGroup& g = (*warpgroups)[linear_tid / 128];
+    std::memcpy(g.a[linear_tid % 128], a, 16);
+    g.barrier->arrive_and_wait();
+    // A fragment layout: warp w holds rows 16w..16w+15; lane 4 gr + t: reg0 = (gr, 2t..2t+1),
+    // reg1 = (gr + 8, ..), reg2 = (gr, 2t + 8..), reg3 = (gr + 8, 2t + 8..)
+    op.a.resize(64 * 16);
+    for (int row = 0; row < 64; ++row)
+      for (int k = 0; k < 16; ++k) {
+        const int w = row / 16, gr = row % 8, t = (k % 8) / 2;
+        const int reg = ((row % 16) >= 8) + 2 * (k >= 8);
+        op.a[row * 16 + k] = element<T>(g.a[32 * w + 4 * gr + t][reg], k % 2);
+      }
+    g.barrier->arrive_and_wait();
+  }
+  wgmma_open.push_back(std::move(op));
+}
+inline void wgmma_commit() {
+  wgmma_groups.push_back(std::move(wgmma_open));
+  wgmma_open.clear();
+}
+inline void wgmma_run(WgmmaOp& op) {
+  const int tid = int(linear_tid % 128), w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+  const Descriptor b(op.desc_b);
+  auto A = [&](int row, int k) {
+    return op.a_in_registers ? op.a[row * 16 + k]
+                             : op.element(Descriptor(op.desc_a).k_major(row, k));
+  };
+  auto B = [&](int k, int col) {
+    return op.element(op.trans_b ? b.mn_major(k, col) : b.k_major(col, k));
+  };
+  for (int i = 0; i < op.n / 8; ++i)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + 8 * (e >= 2), col = 8 * i + 2 * t + (e & 1);
+      double acc = op.scale_d ? op.d[4 * i + e] : 0.0;
+      for (int k = 0; k < 16; ++k) acc += double(A(row, k)) * double(B(k, col));
+      op.d[4 * i + e] = float(acc);
+    }
+}
+inline void wgmma_wait(int pending) {
+  while (int(wgmma_groups.size()) > pending) {
+    for (WgmmaOp& op : wgmma_groups.front()) wgmma_run(op);
+    wgmma_groups.erase(wgmma_groups.begin());
+  }
+}
+
 template <typename... Params, typename... Args>
 cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   if (smem > kDynamicSmem) return cudaErrorInvalidValue;
@@ -182,6 +429,10 @@ cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, A
           team_warps[w].barrier = std::make_unique<std::barrier<>>(
               std::ptrdiff_t(std::min(32u, threads - 32 * w)));
         warps = &team_warps;
+        std::vector<WarpGroup> team_groups(threads % 128 == 0 ? threads / 128 : 0);
+        for (WarpGroup& g : team_groups) g.barrier = std::make_unique<std::barrier<>>(128);
+        warpgroups = &team_groups;
+        mbarriers.clear();
         std::vector<std::thread> team;
         team.reserve(threads);
         for (unsigned t = 0; t < threads; ++t) {
@@ -190,15 +441,19 @@ cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, A
             thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
             open_group.clear();
             committed.clear();
+            wgmma_open.clear();
+            wgmma_groups.clear();
             kernel(args...);
-            // an exited thread no longer holds its block or its warp back
+            // an exited thread no longer holds its block, warp or warpgroup back
             team_warps[t / 32].barrier->arrive_and_drop();
+            if (!team_groups.empty()) team_groups[t / 128].barrier->arrive_and_drop();
             barrier.arrive_and_drop();
           });
         }
         for (std::thread& th : team) th.join();
         block_barrier = nullptr;
         warps = nullptr;
+        warpgroups = nullptr;
       }
   return cudaSuccess;
 }
@@ -208,6 +463,8 @@ cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, A
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
+#undef __grid_constant__
+#define __grid_constant__
 #undef __shared__
 #define __shared__ static  // one instance per kernel instantiation: shared by the block's threads
 

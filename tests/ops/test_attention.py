@@ -209,16 +209,32 @@ def test_gradients_match_independent_math(device, backend, causal):
 CUDA_ONLY = [p for p in backend_params("attention") if p.id == "cuda"]
 
 
+# The forward's two CUDA paths: "sm90" lets an sm_90 GPU take the Hopper kernel at head_dim 64
+# and 128 (elsewhere it is the portable one again); "portable" turns it off (PYSSM_FLASH_SM90=0).
+FLASH_PATHS = ["sm90", "portable"]
+
+
+@pytest.fixture
+def flash_path(request, monkeypatch):
+    monkeypatch.setenv("PYSSM_FLASH_SM90", "1" if request.param == "sm90" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
 @pytest.mark.parametrize("shape,causal", [((2, 197, 197, 4, 4), False), ((1, 97, 300, 4, 2), True),
-                                          ((1, 130, 65, 2, 1), True), ((3, 1, 1, 2, 2), False)])
-def test_cuda_flash_kernel_error_within_twice_torchs(device, backend, dtype, head_dim, shape,
-                                                     causal):
-    """CUDA flash kernel (fp16 / bf16, every head size it takes, tiles cut mid-way, grouped
-    heads, causal with Sq < Sk and Sq > Sk): forward error against float64 at most about twice
-    that of torch's own SDPA in the same dtype; lse against float64 too."""
+                                          ((1, 130, 65, 2, 1), True), ((3, 1, 1, 2, 2), False),
+                                          ((1, 300, 555, 2, 1), False)])
+def test_cuda_flash_kernel_error_within_twice_torchs(device, backend, flash_path, dtype, head_dim,
+                                                     shape, causal):
+    """CUDA flash kernel (fp16 / bf16, every head size it takes, both forward paths, tiles cut
+    mid-way, grouped heads, causal with Sq < Sk and Sq > Sk, several query blocks and key
+    tiles): forward error against float64 at most about twice that of torch's own SDPA in the
+    same dtype; lse against float64 too."""
+    if flash_path == "sm90" and head_dim not in (64, 128):
+        pytest.skip("the Hopper path takes head_dim 64 and 128")
     B, Sq, Sk, H, Hk = shape
     q, k, v = qkv(B, Sq, Sk, H, Hk, head_dim, device, dtype=dtype)
     out, lse = ops.attention(q, k, v, causal=causal, return_lse=True, backend=backend)
@@ -241,15 +257,17 @@ def test_cuda_flash_kernel_error_within_twice_torchs(device, backend, dtype, hea
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
-def test_cuda_flash_kernel_varlen_and_large_scores(device, backend):
-    """Packed sequences of lengths 0, 1, 64, 65, 200 with head_dim 72, and scores of magnitude
-    1e4: no NaN, each sequence equal to attention over it alone."""
-    lengths = [0, 1, 64, 65, 200]
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [72, 64, 128])
+def test_cuda_flash_kernel_varlen_and_large_scores(device, backend, flash_path, head_dim):
+    """Packed sequences of lengths 0, 1, 64, 65, 200, 300, and scores of magnitude 1e4: no NaN,
+    each sequence equal to attention over it alone (both forward paths)."""
+    lengths = [0, 1, 64, 65, 200, 300]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
                       device=device)
-    q, k, v = (torch.randn(sum(lengths), 3, 72, device=device, dtype=torch.bfloat16)
+    q, k, v = (torch.randn(sum(lengths), 3, head_dim, device=device, dtype=torch.bfloat16)
                for _ in range(3))
-    q = q * 100  # with k ~ 1 and head_dim 72: scores up to ~1e4
+    q = q * 100  # with k ~ 1: scores up to ~1e4
     out = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lengths), causal=True,
                         backend=backend)
     assert torch.isfinite(out).all()
@@ -258,6 +276,23 @@ def test_cuda_flash_kernel_varlen_and_large_scores(device, backend):
             alone = ops.attention(q[None, s:e], k[None, s:e], v[None, s:e], causal=True,
                                   backend="reference")[0]
             torch.testing.assert_close(out[s:e].float(), alone.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+def test_cuda_forward_takes_the_hopper_path_on_sm90(device, backend, flash_path):
+    """On an sm_90 GPU the forward at head_dim 64 runs flash_fwd_sm90_kernel, and the portable
+    flash_fwd_kernel with PYSSM_FLASH_SM90=0 (kernel names from the profiler)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper path runs on sm_90 GPUs only")
+    q, k, v = qkv(1, 197, 197, 2, 2, 64, device, dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.attention(q, k, v, backend=backend)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    hopper = "flash_fwd_sm90_kernel" in names
+    assert hopper == (flash_path == "sm90"), names[:2000]
+    assert hopper or "flash_fwd_kernel" in names, names[:2000]
 
 
 MODEL_CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, causal

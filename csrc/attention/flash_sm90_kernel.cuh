@@ -1,0 +1,310 @@
+// CUDA flash-attention forward, Hopper path (sm_90a), v1: TMA loads, wgmma, one producer
+// warpgroup and two consumer warpgroups, the softmax of one key tile overlapped with the P V
+// product of the one before. Head dims 64 and 128 (multiples of the 64-element swizzle atom);
+// the other sizes, and GPUs other than sm_90, run the portable path (flash_kernel.cuh).
+//
+// A block takes 128 query rows of one (sequence, head); 384 threads:
+// - warpgroup 0, the producer: one thread loads the Q tile once, then K and V tiles of 128 keys
+//   into a ring of 2 stages with TMA (tensor maps over (head_dim, heads, tokens, batch), rows
+//   past the sequence zero-filled, 128-byte swizzle). A stage's `full` barrier completes when
+//   its bytes have landed; its `empty` barrier when both consumers are done reading it. It
+//   gives its registers back (setmaxnreg 24).
+// - warpgroups 1 and 2, the consumers, 64 query rows each (setmaxnreg 240): per key tile
+//   S = Q K^T (wgmma, A and B from shared memory, K-major), mask, online softmax in the log2
+//   domain with the scale folded in, P to bf16 / fp16 A fragments in registers, O += P V (wgmma,
+//   A from registers, V from shared memory MN-major). The loop issues S for tile j + 1 before
+//   O += P V for tile j, waits only for S, computes its softmax while P V runs, then waits for
+//   P V, frees the stage and rescales O. The two consumers also interleave with each other.
+// Accumulator layout of m64nNk16 (fp32): warp w of the warpgroup holds rows 16w..16w+15; lane
+// 4g + t holds, for each 8-column chunk i, d[4i], d[4i+1] = row g, columns 8i + 2t, 8i + 2t + 1
+// and d[4i+2], d[4i+3] = row g + 8, the same columns. Two chunks of S (keys 16k..16k+15) are
+// the A fragment of P's k-th step, as in the portable path.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "attention/flash.cuh"
+#include "attention/flash_mma.cuh"
+#include "attention/sm90.cuh"
+
+namespace pyssm {
+namespace flash_sm90 {
+
+template <typename T, int kHeadDim>
+struct Traits {
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper path takes head_dim 64 and 128");
+  static constexpr int kBlockM = 128;            // query rows per block, 64 per consumer
+  static constexpr int kBlockN = 128;            // keys per tile
+  static constexpr int kStages = 2;              // K / V ring
+  static constexpr int kThreads = 384;           // producer + 2 consumer warpgroups
+  static constexpr int kHalves = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
+  static constexpr int kHalfBytes = 128 * 64 * 2;  // 128 rows of one 64-column block: 16 KB
+  static constexpr int kTileBytes = kHalves * kHalfBytes;  // a Q, K or V tile
+  static constexpr int kQ = 0;                             // byte offsets from the aligned base
+  static constexpr int kKV = kTileBytes;                   // stage s: K at kKV + 2 s tiles, V next
+  static constexpr int kBars = kKV + 2 * kStages * kTileBytes;
+  // q_full, full[kStages], empty[kStages]; + 1024 to align the base by hand
+  static constexpr size_t kSmem = size_t(kBars) + 8 * (1 + 2 * kStages) + 1024;
+  static constexpr int kDimChunks = kHeadDim / 8;  // O columns in 8-wide chunks
+  static constexpr int kKeyChunks = kBlockN / 8;
+};
+
+// The tensor maps (kernel parameters: TMA reads them from parameter space)
+struct Maps {
+  CUtensorMap q, k, v;
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(384, 1)
+    flash_fwd_sm90_kernel(const FlashParams p, const __grid_constant__ Maps maps) {
+#ifdef PYSSM_SM90_DEVICE
+  using Tr = Traits<T, kHeadDim>;
+  using namespace sm90;
+  PYSSM_DYNAMIC_SMEM(raw);
+  unsigned char* const smem = raw + ((1024 - smem_u32(raw) % 1024) % 1024);
+  uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + Tr::kBars);
+  uint64_t* const q_full = bars;
+  uint64_t* const full = bars + 1;
+  uint64_t* const empty = bars + 1 + Tr::kStages;
+  auto k_tile = [&](int stage) { return smem + Tr::kKV + 2 * stage * Tr::kTileBytes; };
+  auto v_tile = [&](int stage) { return k_tile(stage) + Tr::kTileBytes; };
+
+  const int b = blockIdx.z, h = blockIdx.y, m_block = blockIdx.x;
+  const bool packed = p.cu_seqlens != nullptr;
+  const int64_t q_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
+  const int64_t Sq = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
+  const int64_t Sk = packed ? Sq : p.seqlen_k;
+  if (int64_t(m_block) * Tr::kBlockM >= Sq) return;  // the whole block: before any barrier
+  const int hk = h / int(p.heads / p.heads_k);
+  // causal: query i sees key j <= i + Sk - Sq; the block's last row bounds the keys to visit
+  int64_t key_end = Sk;
+  if (p.causal) {
+    const int64_t limit = (int64_t(m_block) + 1) * Tr::kBlockM - 1 + Sk - Sq + 1;
+    key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
+  }
+  const int n_tiles = int((key_end + Tr::kBlockN - 1) / Tr::kBlockN);
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 256);  // every consumer thread
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) {
+      // TMA coordinates (column, head, token, batch): packed sequences index the one "batch"
+      // of all tokens from their start; dense batches their own batch from token 0
+      const int q_row = int(packed ? q_start : 0) + m_block * Tr::kBlockM;
+      const int k_row = int(packed ? q_start : 0);
+      const int batch = packed ? 0 : b;
+      mbar_arrive_expect_tx(q_full, Tr::kTileBytes);
+      for (int c = 0; c < Tr::kHalves; ++c)
+        tma_load_4d(smem + Tr::kQ + c * Tr::kHalfBytes, &maps.q, 64 * c, h, q_row, batch, q_full);
+      for (int j = 0; j < n_tiles; ++j) {
+        const int s = j % Tr::kStages;
+        mbar_wait(&empty[s], ((j / Tr::kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
+        for (int c = 0; c < Tr::kHalves; ++c) {
+          const int row = k_row + j * Tr::kBlockN;
+          tma_load_4d(k_tile(s) + c * Tr::kHalfBytes, &maps.k, 64 * c, hk, row, batch, &full[s]);
+          tma_load_4d(v_tile(s) + c * Tr::kHalfBytes, &maps.v, 64 * c, hk, row, batch, &full[s]);
+        }
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<240>();
+
+  // consumer `cw` (0 or 1): rows m_block * 128 + 64 cw + [0, 64)
+  const int cw = wg - 1, tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t first_row = int64_t(m_block) * Tr::kBlockM + 64 * cw;
+  const int64_t row0 = first_row + 16 * warp + g, row1 = row0 + 8;
+  // keys every row of this consumer sees: tiles ending before it need no mask
+  int64_t unmasked_end = Sk;
+  if (p.causal) {
+    const int64_t limit = first_row + Sk - Sq + 1;
+    unmasked_end = limit < unmasked_end ? (limit > 0 ? limit : 0) : unmasked_end;
+  }
+
+  const uint32_t q_addr = smem_u32(smem + Tr::kQ) + 64 * cw * 128;
+  auto qk = [&](float (&s)[Tr::kBlockN / 2], int stage) {  // s = Q K^T, issued and committed
+    const uint32_t k_addr = smem_u32(k_tile(stage));
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const uint32_t off = (ks / 4) * Tr::kHalfBytes + (ks % 4) * 32;
+      wgmma_ss<Tr::kBlockN, T>(s, make_desc_k(q_addr + off), make_desc_k(k_addr + off), ks > 0);
+    }
+    wgmma_commit();
+  };
+  float o[kHeadDim / 2];
+  uint32_t pa[Tr::kBlockN / 16][4];
+  auto pv = [&](int stage) {  // o += P V, issued and committed
+    const uint32_t v_addr = smem_u32(v_tile(stage));
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < Tr::kBlockN / 16; ++ks)
+      wgmma_rs<kHeadDim, T>(o, pa[ks], make_desc_mn(v_addr + ks * 16 * 128, Tr::kHalfBytes), 1);
+    wgmma_commit();
+  };
+
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  // softmax of the tile at key n0: probabilities into s (scaled by the new running max),
+  // row sums into l_run; returns via alpha the factors that rescale O and l
+  auto softmax = [&](float (&s)[Tr::kBlockN / 2], int64_t n0, float (&alpha)[2]) {
+    if (n0 + Tr::kBlockN > unmasked_end) {
+#pragma unroll
+      for (int i = 0; i < Tr::kKeyChunks; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t key = n0 + 8 * i + 2 * t + (e & 1);
+          const int64_t r = e < 2 ? row0 : row1;
+          const bool visible = key < Sk && (!p.causal || key <= r + Sk - Sq);
+          s[4 * i + e] = visible ? s[4 * i + e] * p.scale_log2 : -INFINITY;
+        }
+    } else {
+#pragma unroll
+      for (int i = 0; i < Tr::kBlockN / 2; ++i) s[i] *= p.scale_log2;
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < Tr::kKeyChunks; ++i) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int d = 1; d < 4; d *= 2) mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], d));
+      const float m_new = fmaxf(m_run[half], mx[half]);
+      const float use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+      alpha[half] = exp2f(m_run[half] - use);
+      m_run[half] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < Tr::kKeyChunks; ++i) {
+        s[4 * i + 2 * half] = exp2f(s[4 * i + 2 * half] - use);
+        s[4 * i + 2 * half + 1] = exp2f(s[4 * i + 2 * half + 1] - use);
+        sum += s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
+      }
+      l_run[half] = l_run[half] * alpha[half] + sum;  // the lanes of a row add up at the end
+    }
+  };
+  auto to_a_fragments = [&](const float (&s)[Tr::kBlockN / 2]) {
+#pragma unroll
+    for (int k = 0; k < Tr::kBlockN / 16; ++k) {
+      pa[k][0] = flash::Pack<T>::pack(s[8 * k], s[8 * k + 1]);
+      pa[k][1] = flash::Pack<T>::pack(s[8 * k + 2], s[8 * k + 3]);
+      pa[k][2] = flash::Pack<T>::pack(s[8 * k + 4], s[8 * k + 5]);
+      pa[k][3] = flash::Pack<T>::pack(s[8 * k + 6], s[8 * k + 7]);
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+  mbar_wait(q_full, 0);
+  if (n_tiles > 0) {
+    float s[Tr::kBlockN / 2], alpha[2];
+    mbar_wait(&full[0], 0);
+    qk(s, 0);
+    wgmma_wait<0>();
+    fence_operands(s);
+    softmax(s, 0, alpha);  // (O is still zero: nothing to rescale)
+    to_a_fragments(s);
+    // every tile but the last: S of the next tile is issued before P V of this one, and its
+    // softmax runs while P V does (the loop has no branch on "is there a next tile": with one,
+    // ptxas could not follow the wgmma groups and serialised them)
+    for (int j = 0; j + 1 < n_tiles; ++j) {
+      const int stage = j % Tr::kStages, ns = (j + 1) % Tr::kStages;
+      mbar_wait(&full[ns], ((j + 1) / Tr::kStages) & 1);
+      qk(s, ns);
+      pv(stage);
+      wgmma_wait<1>();  // S of tile j + 1 (P V of tile j may still run)
+      fence_operands(s);
+      softmax(s, int64_t(j + 1) * Tr::kBlockN, alpha);
+      wgmma_wait<0>();  // P V of tile j: its stage is free, O may be rescaled, P rewritten
+      fence_operands(o);
+      mbar_arrive(&empty[stage]);
+#pragma unroll
+      for (int i = 0; i < Tr::kDimChunks; ++i) {
+        o[4 * i] *= alpha[0];
+        o[4 * i + 1] *= alpha[0];
+        o[4 * i + 2] *= alpha[1];
+        o[4 * i + 3] *= alpha[1];
+      }
+      to_a_fragments(s);
+    }
+    const int last = (n_tiles - 1) % Tr::kStages;
+    pv(last);
+    wgmma_wait<0>();
+    fence_operands(o);
+    mbar_arrive(&empty[last]);
+  }
+
+  // O / l and the log-sum-exp (dense (batch, heads, seqlen_q); packed (heads, total))
+  T* out = static_cast<T*>(p.out);
+  constexpr float kLn2 = 0.6931471805599453f;
+  const int64_t base = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float l = l_run[half];
+#pragma unroll
+    for (int d = 1; d < 4; d *= 2) l += __shfl_xor_sync(0xffffffffu, l, d);
+    const int64_t r = half ? row1 : row0;
+    if (r >= Sq) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* dst = out + ((q_start + r) * p.heads + h) * kHeadDim + 2 * t;
+#pragma unroll
+    for (int i = 0; i < Tr::kDimChunks; ++i)
+      *reinterpret_cast<uint32_t*>(dst + 8 * i) =
+          flash::Pack<T>::pack(o[4 * i + 2 * half] * inv, o[4 * i + 2 * half + 1] * inv);
+    if (t == 0) p.lse[base + r] = l > 0.f ? (m_run[half] + log2f(l)) * kLn2 : -INFINITY;
+  }
+#endif  // PYSSM_SM90_DEVICE
+}
+
+// Launcher: the tensor maps, then the kernel. q, k, v as FlashParams says (contiguous,
+// 16-byte aligned); returns cudaErrorNotSupported where the Hopper path cannot run (no sm_90a
+// code in this build, no driver entry point, more tokens than 32-bit TMA coordinates hold), so
+// the caller takes the portable path.
+template <typename T, int kHeadDim>
+cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
+  using Tr = Traits<T, kHeadDim>;
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads > 65535)
+    return cudaErrorInvalidValue;
+  const bool packed = p.cu_seqlens != nullptr;
+  const uint64_t q_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_q);
+  const uint64_t k_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_k);
+  const uint64_t batches = packed ? 1 : uint64_t(p.batch);
+  if (q_tokens + Tr::kBlockM > (uint64_t(1) << 31) || k_tokens == 0) return cudaErrorNotSupported;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const uint32_t box[4] = {64, 1, 128, 1};
+  Maps maps;
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens) {
+    const uint64_t dims[4] = {uint64_t(kHeadDim), heads, tokens, batches};
+    const uint64_t row = heads * kHeadDim * sizeof(T);
+    const uint64_t strides[3] = {kHeadDim * sizeof(T), row, row * tokens};
+    return sm90::make_tensor_map_4d(map, base, kBf16, dims, strides, box);
+  };
+  cudaError_t err = make(&maps.q, p.q, uint64_t(p.heads), q_tokens);
+  if (err == cudaSuccess) err = make(&maps.k, p.k, uint64_t(p.heads_k), k_tokens);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, uint64_t(p.heads_k), k_tokens);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.heads),
+                  unsigned(p.batch));
+  return launch_kernel(flash_fwd_sm90_kernel<T, kHeadDim>, grid, dim3(Tr::kThreads), Tr::kSmem,
+                       stream, p, maps);
+}
+
+}  // namespace flash_sm90
+}  // namespace pyssm

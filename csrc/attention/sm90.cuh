@@ -1,0 +1,233 @@
+// Hopper (sm_90a) primitives of the flash-attention forward's Hopper path
+// (flash_sm90_kernel.cuh): shared-memory mbarriers, TMA tile loads (cp.async.bulk.tensor) and
+// their tensor maps, wgmma matrix descriptors, the wgmma fence / commit / wait, setmaxnreg.
+// Under PYSSM_CUDA_EMULATION each one calls its emulation in tests/cuda_emulation, which
+// follows the PTX ISA's definitions (descriptor fields, 128-byte swizzle, mbarrier phases,
+// transaction counts).
+//
+// Shared-memory layout the descriptors describe (128-byte swizzle, the tensor maps'
+// CU_TENSOR_MAP_SWIZZLE_128B): rows of 64 fp16 / bf16 elements (128 bytes), 8-row atoms of 1024
+// bytes; the 16-byte chunk c of row r is stored at chunk c ^ (r % 8). Every tile starts on a
+// 1024-byte boundary, so the swizzle of the address bits is the swizzle of the tile.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap and its enums (types only: the driver is reached at run time)
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: the emulation)
+
+#if !defined(PYSSM_CUDA_EMULATION)
+#include "attention/wgmma.cuh"
+#endif
+
+#if defined(PYSSM_CUDA_EMULATION) || \
+    (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define PYSSM_SM90_DEVICE 1  // the Hopper kernels' bodies are compiled (sm_90a, or emulated)
+#endif
+
+namespace pyssm {
+namespace sm90 {
+
+#ifdef PYSSM_CUDA_EMULATION
+template <int N, typename T>
+inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
+  cuda_emulation::wgmma<T>(d, N, nullptr, a, b, false, scale_d);
+}
+template <int N, typename T>
+inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int scale_d) {
+  cuda_emulation::wgmma<T>(d, N, a, 0, b, true, scale_d);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// device side (the bodies exist only where PYSSM_SM90_DEVICE is defined)
+// ------------------------------------------------------------------------------------------
+#ifdef PYSSM_SM90_DEVICE
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+#ifdef PYSSM_CUDA_EMULATION
+  return cuda_emulation::smem_address(p);
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// mbarrier: `count` arrivals (and any transaction bytes announced) complete a phase.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::mbar_init(smem_u32(bar), count);
+#else
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+#endif
+}
+// makes the initialised barriers visible to the async proxy (TMA) and the other threads
+// (followed by a __syncthreads)
+__device__ __forceinline__ void fence_barrier_init() {
+#ifndef PYSSM_CUDA_EMULATION
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::mbar_arrive(smem_u32(bar), 0);
+#else
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+// one arrival, and `bytes` more transaction bytes the phase waits for (the TMA loads' sizes)
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::mbar_arrive(smem_u32(bar), bytes);
+#else
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+// waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0, so
+// parity 1 passes at once: the producer's first pass over empty stages)
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::mbar_wait(smem_u32(bar), parity);
+#else
+  const uint32_t addr = smem_u32(bar);
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.b32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  }
+#endif
+}
+
+// TMA: the box at element coordinates (c0 innermost .. c3) of `map` into shared memory at
+// `dst` (1024-byte aligned), swizzled as the map says, zero-filled outside the tensor; the
+// copy's bytes complete a transaction on `bar`.
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1,
+                                            int c2, int c3, uint64_t* bar) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::tma_load(smem_u32(dst), map, c0, c1, c2, c3, smem_u32(bar));
+#else
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+      "[%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
+// wgmma ordering: fence before the first wgmma that reads registers written by other
+// instructions (accumulators rescaled, A fragments packed); commit closes a group; wait<N>
+// returns once at most N groups are pending.
+__device__ __forceinline__ void wgmma_fence() {
+#ifndef PYSSM_CUDA_EMULATION
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::wgmma_commit();
+#else
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::wgmma_wait(N);
+#else
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Keeps the compiler from moving reads of an accumulator across the wait that completes it
+// (the asm statements of wgmma name the registers, the wait does not).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N]) {
+#ifndef PYSSM_CUDA_EMULATION
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+#endif
+}
+
+// Register budget per warpgroup: the producer gives registers back, the consumers take them.
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#ifndef PYSSM_CUDA_EMULATION
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#ifndef PYSSM_CUDA_EMULATION
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
+#endif  // PYSSM_SM90_DEVICE
+
+// Matrix descriptors (PTX ISA, "matrix descriptor" of wgmma): start address >> 4 in bits
+// 0-13, leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in
+// 32-45, base offset 0 (1024-byte aligned tiles), swizzle mode in 62-63 (1: 128 bytes).
+constexpr uint64_t kSwizzle128 = 1;
+__host__ __device__ constexpr uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((addr >> 4) & 0x3FFF) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (kSwizzle128 << 62);
+}
+// K-major operand (Q as A, K as B): 8-row groups 1024 bytes apart; the 16 elements of one
+// k-step are 32 bytes into the 128-byte rows (the caller adds 32 bytes a step to `addr`).
+// The leading offset is unused by swizzled K-major layouts (1, as the ISA assumes).
+__host__ __device__ constexpr uint64_t make_desc_k(uint32_t addr) {
+  return make_desc(addr, 16, 1024);
+}
+// MN-major operand (V as B of P V): rows are the reduction (keys), 64 output columns a 128-byte
+// row; the next 8 keys 1024 bytes on, the next 64 columns `column_block_bytes` on.
+__host__ __device__ constexpr uint64_t make_desc_mn(uint32_t addr, uint32_t column_block_bytes) {
+  return make_desc(addr, column_block_bytes, 1024);
+}
+
+// ------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------
+
+// A 4-d tensor map of fp16 / bf16 elements (`bf16` picks the type) for TMA tile loads with the
+// 128-byte swizzle: dims innermost first, strides in bytes of dims 1-3 (multiples of 16),
+// box in elements (box[0] * 2 == 128 bytes). Out-of-bounds elements load as zeros.
+inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool bf16,
+                                      const uint64_t (&dims)[4], const uint64_t (&strides)[3],
+                                      const uint32_t (&box)[4]) {
+#ifdef PYSSM_CUDA_EMULATION
+  return cuda_emulation::encode_tensor_map(map, base, 2, dims, strides, box);
+#else
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                              const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                              const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(
+      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+#endif
+}
+
+}  // namespace sm90
+}  // namespace pyssm
