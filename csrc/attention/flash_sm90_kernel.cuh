@@ -3,9 +3,10 @@
 // product of the one before. Head dims 64 and 128 (multiples of the 64-element swizzle atom);
 // the other sizes, and GPUs other than sm_90, run the portable path (flash_kernel.cuh).
 //
-// A block takes 128 query rows of one (sequence, head); 384 threads:
-// - warpgroup 0, the producer: one thread loads the Q tile once, then K and V tiles of 128 keys
-//   into a ring of 2 stages with TMA (tensor maps over (head_dim, heads, tokens, batch), rows
+// Work tiles of 128 query rows of one (sequence, head); a persistent grid of one block per SM
+// walks them (below). 384 threads a block:
+// - warpgroup 0, the producer: one thread loads a tile's Q once it is free (q_empty), then its
+//   K and V tiles of 128 keys into a ring of 2 stages with TMA (tensor maps over (head_dim, heads, tokens, batch), rows
 //   past the sequence zero-filled, 128-byte swizzle). A stage's `full` barrier completes when
 //   its bytes have landed; its `empty` barrier when both consumers are done reading it. It
 //   gives its registers back (setmaxnreg 24).
@@ -21,6 +22,7 @@
 // the A fragment of P's k-th step, as in the portable path.
 #pragma once
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -45,8 +47,8 @@ struct Traits {
   static constexpr int kQ = 0;                             // byte offsets from the aligned base
   static constexpr int kKV = kTileBytes;                   // stage s: K at kKV + 2 s tiles, V next
   static constexpr int kBars = kKV + 2 * kStages * kTileBytes;
-  // q_full, full[kStages], empty[kStages]; + 1024 to align the base by hand
-  static constexpr size_t kSmem = size_t(kBars) + 8 * (1 + 2 * kStages) + 1024;
+  // q_full, q_empty, full[kStages], empty[kStages]; + 1024 to align the base by hand
+  static constexpr size_t kSmem = size_t(kBars) + 8 * (2 + 2 * kStages) + 1024;
   static constexpr int kDimChunks = kHeadDim / 8;  // O columns in 8-wide chunks
   static constexpr int kKeyChunks = kBlockN / 8;
 };
@@ -56,6 +58,40 @@ struct Maps {
   CUtensorMap q, k, v;
 };
 
+// One work tile: 128 query rows of one (sequence, head). Tiles are numbered with the row
+// block fastest, last row block first (under a causal mask the last ones have the most keys,
+// and a persistent grid should start on those), then heads, then sequences.
+struct Tile {
+  int b, h, m_block, n_tiles;
+  int64_t q_start, Sq, Sk;
+  bool valid;  // false: rows past a packed sequence's end (nothing to do)
+};
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ Tile tile_at(const FlashParams& p, int index, int m_blocks) {
+  Tile w;
+  w.m_block = m_blocks - 1 - index % m_blocks;
+  w.h = (index / m_blocks) % int(p.heads);
+  w.b = index / (m_blocks * int(p.heads));
+  const bool packed = p.cu_seqlens != nullptr;
+  w.q_start = packed ? p.cu_seqlens[w.b] : int64_t(w.b) * p.seqlen_q;
+  w.Sq = packed ? p.cu_seqlens[w.b + 1] - p.cu_seqlens[w.b] : p.seqlen_q;
+  w.Sk = packed ? w.Sq : p.seqlen_k;
+  w.valid = int64_t(w.m_block) * kBlockM < w.Sq;
+  // causal: query i sees key j <= i + Sk - Sq; the tile's last row bounds the keys to visit
+  int64_t key_end = w.Sk;
+  if (p.causal) {
+    const int64_t limit = (int64_t(w.m_block) + 1) * kBlockM - 1 + w.Sk - w.Sq + 1;
+    key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
+  }
+  w.n_tiles = int((key_end + kBlockN - 1) / kBlockN);
+  return w;
+}
+
+// Persistent: a grid of at most one block per SM walks the tiles (blockIdx.x, + gridDim.x,
+// ...), so the producer loads the next tile's Q and first K / V while the consumers finish
+// this one (at 197 tokens a tile has two key tiles: unhidden loads would cost a third of it).
+// The stage ring and its barrier phases run on across tiles (kv_iter counts every K / V tile
+// the block has loaded); Q has its own full / empty pair.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(384, 1)
     flash_fwd_sm90_kernel(const FlashParams p, const __grid_constant__ Maps maps) {
@@ -66,31 +102,22 @@ __global__ void __launch_bounds__(384, 1)
   unsigned char* const smem = raw + ((1024 - smem_u32(raw) % 1024) % 1024);
   uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + Tr::kBars);
   uint64_t* const q_full = bars;
-  uint64_t* const full = bars + 1;
-  uint64_t* const empty = bars + 1 + Tr::kStages;
+  uint64_t* const q_empty = bars + 1;
+  uint64_t* const full = bars + 2;
+  uint64_t* const empty = bars + 2 + Tr::kStages;
   auto k_tile = [&](int stage) { return smem + Tr::kKV + 2 * stage * Tr::kTileBytes; };
   auto v_tile = [&](int stage) { return k_tile(stage) + Tr::kTileBytes; };
-
-  const int b = blockIdx.z, h = blockIdx.y, m_block = blockIdx.x;
+  const int m_blocks = int((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM);
+  const int n_work = m_blocks * int(p.heads) * int(p.batch);
   const bool packed = p.cu_seqlens != nullptr;
-  const int64_t q_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
-  const int64_t Sq = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
-  const int64_t Sk = packed ? Sq : p.seqlen_k;
-  if (int64_t(m_block) * Tr::kBlockM >= Sq) return;  // the whole block: before any barrier
-  const int hk = h / int(p.heads / p.heads_k);
-  // causal: query i sees key j <= i + Sk - Sq; the block's last row bounds the keys to visit
-  int64_t key_end = Sk;
-  if (p.causal) {
-    const int64_t limit = (int64_t(m_block) + 1) * Tr::kBlockM - 1 + Sk - Sq + 1;
-    key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
-  }
-  const int n_tiles = int((key_end + Tr::kBlockN - 1) / Tr::kBlockN);
+  const int group = int(p.heads / p.heads_k);
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
+    mbar_init(q_empty, 256);  // every consumer thread
     for (int s = 0; s < Tr::kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 256);  // every consumer thread
+      mbar_init(&empty[s], 256);
     }
     fence_barrier_init();
   }
@@ -100,43 +127,45 @@ __global__ void __launch_bounds__(384, 1)
   if (wg == 0) {  // producer
     setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
-      // TMA coordinates (column, head, token, batch): packed sequences index the one "batch"
-      // of all tokens from their start; dense batches their own batch from token 0
-      const int q_row = int(packed ? q_start : 0) + m_block * Tr::kBlockM;
-      const int k_row = int(packed ? q_start : 0);
-      const int batch = packed ? 0 : b;
-      mbar_arrive_expect_tx(q_full, Tr::kTileBytes);
-      for (int c = 0; c < Tr::kHalves; ++c)
-        tma_load_4d(smem + Tr::kQ + c * Tr::kHalfBytes, &maps.q, 64 * c, h, q_row, batch, q_full);
-      for (int j = 0; j < n_tiles; ++j) {
-        const int s = j % Tr::kStages;
-        mbar_wait(&empty[s], ((j / Tr::kStages) & 1) ^ 1);
-        mbar_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
-        for (int c = 0; c < Tr::kHalves; ++c) {
+      int kv_iter = 0, tile_iter = 0;
+      for (int index = blockIdx.x; index < n_work; index += gridDim.x) {
+        const Tile w = tile_at<Tr::kBlockM, Tr::kBlockN>(p, index, m_blocks);
+        if (!w.valid) continue;
+        // TMA coordinates (column, head, token, batch): packed sequences index the one
+        // "batch" of all tokens from their start; dense batches their own from token 0
+        const int q_row = int(packed ? w.q_start : 0) + w.m_block * Tr::kBlockM;
+        const int k_row = int(packed ? w.q_start : 0);
+        const int batch = packed ? 0 : w.b;
+        const int hk = w.h / group;
+        mbar_wait(q_empty, (tile_iter & 1) ^ 1);  // the consumers are done with the last Q
+        mbar_arrive_expect_tx(q_full, Tr::kTileBytes);
+        for (int c = 0; c < Tr::kHalves; ++c)
+          tma_load_4d(smem + Tr::kQ + c * Tr::kHalfBytes, &maps.q, 64 * c, w.h, q_row, batch,
+                      q_full);
+        for (int j = 0; j < w.n_tiles; ++j, ++kv_iter) {
+          const int s = kv_iter % Tr::kStages;
+          mbar_wait(&empty[s], ((kv_iter / Tr::kStages) & 1) ^ 1);
+          mbar_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
           const int row = k_row + j * Tr::kBlockN;
-          tma_load_4d(k_tile(s) + c * Tr::kHalfBytes, &maps.k, 64 * c, hk, row, batch, &full[s]);
-          tma_load_4d(v_tile(s) + c * Tr::kHalfBytes, &maps.v, 64 * c, hk, row, batch, &full[s]);
+          for (int c = 0; c < Tr::kHalves; ++c) {
+            tma_load_4d(k_tile(s) + c * Tr::kHalfBytes, &maps.k, 64 * c, hk, row, batch, &full[s]);
+            tma_load_4d(v_tile(s) + c * Tr::kHalfBytes, &maps.v, 64 * c, hk, row, batch, &full[s]);
+          }
         }
+        ++tile_iter;
       }
     }
     return;
   }
   setmaxnreg_inc<240>();
 
-  // consumer `cw` (0 or 1): rows m_block * 128 + 64 cw + [0, 64)
+  // consumer `cw` (0 or 1) takes rows 64 cw + [0, 64) of every tile
   const int cw = wg - 1, tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t first_row = int64_t(m_block) * Tr::kBlockM + 64 * cw;
-  const int64_t row0 = first_row + 16 * warp + g, row1 = row0 + 8;
-  // keys every row of this consumer sees: tiles ending before it need no mask
-  int64_t unmasked_end = Sk;
-  if (p.causal) {
-    const int64_t limit = first_row + Sk - Sq + 1;
-    unmasked_end = limit < unmasked_end ? (limit > 0 ? limit : 0) : unmasked_end;
-  }
-
   const uint32_t q_addr = smem_u32(smem + Tr::kQ) + 64 * cw * 128;
-  auto qk = [&](float (&s)[Tr::kBlockN / 2], int stage) {  // s = Q K^T, issued and committed
+  float o[kHeadDim / 2], s[Tr::kBlockN / 2];
+  uint32_t pa[Tr::kBlockN / 16][4];
+  auto qk = [&](int stage) {  // s = Q K^T, issued and committed
     const uint32_t k_addr = smem_u32(k_tile(stage));
     wgmma_fence();
 #pragma unroll
@@ -146,8 +175,6 @@ __global__ void __launch_bounds__(384, 1)
     }
     wgmma_commit();
   };
-  float o[kHeadDim / 2];
-  uint32_t pa[Tr::kBlockN / 16][4];
   auto pv = [&](int stage) {  // o += P V, issued and committed
     const uint32_t v_addr = smem_u32(v_tile(stage));
     wgmma_fence();
@@ -156,50 +183,7 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_rs<kHeadDim, T>(o, pa[ks], make_desc_mn(v_addr + ks * 16 * 128, Tr::kHalfBytes), 1);
     wgmma_commit();
   };
-
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  // softmax of the tile at key n0: probabilities into s (scaled by the new running max),
-  // row sums into l_run; returns via alpha the factors that rescale O and l
-  auto softmax = [&](float (&s)[Tr::kBlockN / 2], int64_t n0, float (&alpha)[2]) {
-    if (n0 + Tr::kBlockN > unmasked_end) {
-#pragma unroll
-      for (int i = 0; i < Tr::kKeyChunks; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = n0 + 8 * i + 2 * t + (e & 1);
-          const int64_t r = e < 2 ? row0 : row1;
-          const bool visible = key < Sk && (!p.causal || key <= r + Sk - Sq);
-          s[4 * i + e] = visible ? s[4 * i + e] * p.scale_log2 : -INFINITY;
-        }
-    } else {
-#pragma unroll
-      for (int i = 0; i < Tr::kBlockN / 2; ++i) s[i] *= p.scale_log2;
-    }
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int i = 0; i < Tr::kKeyChunks; ++i) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-#pragma unroll
-      for (int d = 1; d < 4; d *= 2) mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], d));
-      const float m_new = fmaxf(m_run[half], mx[half]);
-      const float use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
-      alpha[half] = exp2f(m_run[half] - use);
-      m_run[half] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int i = 0; i < Tr::kKeyChunks; ++i) {
-        s[4 * i + 2 * half] = exp2f(s[4 * i + 2 * half] - use);
-        s[4 * i + 2 * half + 1] = exp2f(s[4 * i + 2 * half + 1] - use);
-        sum += s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
-      }
-      l_run[half] = l_run[half] * alpha[half] + sum;  // the lanes of a row add up at the end
-    }
-  };
-  auto to_a_fragments = [&](const float (&s)[Tr::kBlockN / 2]) {
+  auto to_a_fragments = [&] {
 #pragma unroll
     for (int k = 0; k < Tr::kBlockN / 16; ++k) {
       pa[k][0] = flash::Pack<T>::pack(s[8 * k], s[8 * k + 1]);
@@ -209,65 +193,126 @@ __global__ void __launch_bounds__(384, 1)
     }
   };
 
-#pragma unroll
-  for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
-  mbar_wait(q_full, 0);
-  if (n_tiles > 0) {
-    float s[Tr::kBlockN / 2], alpha[2];
-    mbar_wait(&full[0], 0);
-    qk(s, 0);
-    wgmma_wait<0>();
-    fence_operands(s);
-    softmax(s, 0, alpha);  // (O is still zero: nothing to rescale)
-    to_a_fragments(s);
-    // every tile but the last: S of the next tile is issued before P V of this one, and its
-    // softmax runs while P V does (the loop has no branch on "is there a next tile": with one,
-    // ptxas could not follow the wgmma groups and serialised them)
-    for (int j = 0; j + 1 < n_tiles; ++j) {
-      const int stage = j % Tr::kStages, ns = (j + 1) % Tr::kStages;
-      mbar_wait(&full[ns], ((j + 1) / Tr::kStages) & 1);
-      qk(s, ns);
-      pv(stage);
-      wgmma_wait<1>();  // S of tile j + 1 (P V of tile j may still run)
-      fence_operands(s);
-      softmax(s, int64_t(j + 1) * Tr::kBlockN, alpha);
-      wgmma_wait<0>();  // P V of tile j: its stage is free, O may be rescaled, P rewritten
-      fence_operands(o);
-      mbar_arrive(&empty[stage]);
-#pragma unroll
-      for (int i = 0; i < Tr::kDimChunks; ++i) {
-        o[4 * i] *= alpha[0];
-        o[4 * i + 1] *= alpha[0];
-        o[4 * i + 2] *= alpha[1];
-        o[4 * i + 3] *= alpha[1];
-      }
-      to_a_fragments(s);
+  int kv_iter = 0, tile_iter = 0;
+  for (int index = blockIdx.x; index < n_work; index += gridDim.x) {
+    const Tile w = tile_at<Tr::kBlockM, Tr::kBlockN>(p, index, m_blocks);
+    if (!w.valid) continue;
+    const int64_t first_row = int64_t(w.m_block) * Tr::kBlockM + 64 * cw;
+    const int64_t row0 = first_row + 16 * warp + g, row1 = row0 + 8;
+    // keys every row of this consumer sees: tiles ending before them need no mask
+    int64_t unmasked_end = w.Sk;
+    if (p.causal) {
+      const int64_t limit = first_row + w.Sk - w.Sq + 1;
+      unmasked_end = limit < unmasked_end ? (limit > 0 ? limit : 0) : unmasked_end;
     }
-    const int last = (n_tiles - 1) % Tr::kStages;
-    pv(last);
-    wgmma_wait<0>();
-    fence_operands(o);
-    mbar_arrive(&empty[last]);
-  }
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
+    // softmax of the key tile at n0: probabilities into s (scaled by the new running max),
+    // row sums into l_run, and in alpha the factors that rescale O
+    auto softmax = [&](int64_t n0) {
+      if (n0 + Tr::kBlockN > unmasked_end) {
+#pragma unroll
+        for (int i = 0; i < Tr::kKeyChunks; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t key = n0 + 8 * i + 2 * t + (e & 1);
+            const int64_t r = e < 2 ? row0 : row1;
+            const bool visible = key < w.Sk && (!p.causal || key <= r + w.Sk - w.Sq);
+            s[4 * i + e] = visible ? s[4 * i + e] * p.scale_log2 : -INFINITY;
+          }
+      } else {
+#pragma unroll
+        for (int i = 0; i < Tr::kBlockN / 2; ++i) s[i] *= p.scale_log2;
+      }
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < Tr::kKeyChunks; ++i) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+      }
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+#pragma unroll
+        for (int d = 1; d < 4; d *= 2)
+          mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], d));
+        const float m_new = fmaxf(m_run[half], mx[half]);
+        const float use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet
+        alpha[half] = exp2f(m_run[half] - use);
+        m_run[half] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < Tr::kKeyChunks; ++i) {
+          s[4 * i + 2 * half] = exp2f(s[4 * i + 2 * half] - use);
+          s[4 * i + 2 * half + 1] = exp2f(s[4 * i + 2 * half + 1] - use);
+          sum += s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
+        }
+        l_run[half] = l_run[half] * alpha[half] + sum;  // a row's 4 lanes add up at the end
+      }
+    };
 
-  // O / l and the log-sum-exp (dense (batch, heads, seqlen_q); packed (heads, total))
-  T* out = static_cast<T*>(p.out);
-  constexpr float kLn2 = 0.6931471805599453f;
-  const int64_t base = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float l = l_run[half];
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+    mbar_wait(q_full, tile_iter & 1);
+    if (w.n_tiles > 0) {
+      mbar_wait(&full[kv_iter % Tr::kStages], (kv_iter / Tr::kStages) & 1);
+      qk(kv_iter % Tr::kStages);
+      wgmma_wait<0>();
+      fence_operands(s);
+      softmax(0);  // (O is still zero: nothing to rescale)
+      to_a_fragments();
+      // every key tile but the last: S of the next tile is issued before P V of this one, and
+      // its softmax runs while P V does (no branch on "is there a next tile" in the loop: with
+      // one, ptxas could not follow the wgmma groups and serialised them)
+      for (int j = 0; j + 1 < w.n_tiles; ++j) {
+        const int it = kv_iter + j;
+        const int stage = it % Tr::kStages, ns = (it + 1) % Tr::kStages;
+        mbar_wait(&full[ns], ((it + 1) / Tr::kStages) & 1);
+        qk(ns);
+        pv(stage);
+        wgmma_wait<1>();  // S of tile j + 1 (P V of tile j may still run)
+        fence_operands(s);
+        softmax(int64_t(j + 1) * Tr::kBlockN);
+        wgmma_wait<0>();  // P V of tile j: its stage is free, O may be rescaled, P rewritten
+        fence_operands(o);
+        mbar_arrive(&empty[stage]);
 #pragma unroll
-    for (int d = 1; d < 4; d *= 2) l += __shfl_xor_sync(0xffffffffu, l, d);
-    const int64_t r = half ? row1 : row0;
-    if (r >= Sq) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    T* dst = out + ((q_start + r) * p.heads + h) * kHeadDim + 2 * t;
+        for (int i = 0; i < Tr::kDimChunks; ++i) {
+          o[4 * i] *= alpha[0];
+          o[4 * i + 1] *= alpha[0];
+          o[4 * i + 2] *= alpha[1];
+          o[4 * i + 3] *= alpha[1];
+        }
+        to_a_fragments();
+      }
+      const int last = (kv_iter + w.n_tiles - 1) % Tr::kStages;
+      pv(last);
+      wgmma_wait<0>();
+      fence_operands(o);
+      mbar_arrive(&empty[last]);
+      kv_iter += w.n_tiles;
+    }
+    mbar_arrive(q_empty);  // Q is no longer read: the producer may load the next tile's
+    ++tile_iter;
+
+    // O / l and the log-sum-exp (dense (batch, heads, seqlen_q); packed (heads, total))
+    T* out = static_cast<T*>(p.out);
+    constexpr float kLn2 = 0.6931471805599453f;
+    const int64_t base =
+        packed ? w.h * p.total_q + w.q_start : (int64_t(w.b) * p.heads + w.h) * w.Sq;
 #pragma unroll
-    for (int i = 0; i < Tr::kDimChunks; ++i)
-      *reinterpret_cast<uint32_t*>(dst + 8 * i) =
-          flash::Pack<T>::pack(o[4 * i + 2 * half] * inv, o[4 * i + 2 * half + 1] * inv);
-    if (t == 0) p.lse[base + r] = l > 0.f ? (m_run[half] + log2f(l)) * kLn2 : -INFINITY;
+    for (int half = 0; half < 2; ++half) {
+      float l = l_run[half];
+#pragma unroll
+      for (int d = 1; d < 4; d *= 2) l += __shfl_xor_sync(0xffffffffu, l, d);
+      const int64_t r = half ? row1 : row0;
+      if (r >= w.Sq) continue;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      T* dst = out + ((w.q_start + r) * p.heads + w.h) * kHeadDim + 2 * t;
+#pragma unroll
+      for (int i = 0; i < Tr::kDimChunks; ++i)
+        *reinterpret_cast<uint32_t*>(dst + 8 * i) =
+            flash::Pack<T>::pack(o[4 * i + 2 * half] * inv, o[4 * i + 2 * half + 1] * inv);
+      if (t == 0) p.lse[base + r] = l > 0.f ? (m_run[half] + log2f(l)) * kLn2 : -INFINITY;
+    }
   }
 #endif  // PYSSM_SM90_DEVICE
 }
@@ -300,8 +345,14 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = make(&maps.k, p.k, uint64_t(p.heads_k), k_tokens);
   if (err == cudaSuccess) err = make(&maps.v, p.v, uint64_t(p.heads_k), k_tokens);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM), unsigned(p.heads),
-                  unsigned(p.batch));
+  // a persistent grid: one block per SM, or one per tile when there are fewer
+  int device = 0, sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t n_work = (p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM * p.heads * p.batch;
+  if (n_work > INT32_MAX) return cudaErrorNotSupported;
+  const dim3 grid(unsigned(n_work < sms ? n_work : sms));
   return launch_kernel(flash_fwd_sm90_kernel<T, kHeadDim>, grid, dim3(Tr::kThreads), Tr::kSmem,
                        stream, p, maps);
 }

@@ -502,6 +502,16 @@ extern "C" inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 extern "C" inline cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) {
   return cudaSuccess;
 }
+// a device of 3 SMs (odd, so a persistent grid's blocks get unequal shares of the work)
+extern "C" inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = 3;
+  return cudaSuccess;
+}
 extern "C" inline cudaError_t cudaMemsetAsync(void* p, int value, size_t count, cudaStream_t) {
   std::memset(p, value, count);
   return cudaSuccess;
