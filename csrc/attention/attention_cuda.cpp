@@ -1,7 +1,7 @@
 // Torch side of attention on CUDA tensors. The flash kernels (forward flash_kernel.cuh, backward
 // flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else
 // (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp. On an
-// sm_90 GPU the forward at head_dim 64 and 128 takes the Hopper path (flash_sm90_kernel.cuh)
+// sm_90 GPU the forward at head_dim 64, 72, 80, 96 and 128 takes the Hopper path (flash_sm90_kernel.cuh)
 // unless the environment says PYSSM_FLASH_SM90=0.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -45,7 +45,7 @@ L launcher(at::ScalarType t, int64_t d) {
   return nullptr;
 }
 
-// The Hopper forward's launcher for this call, or null: an sm_90 GPU, head_dim 64 or 128,
+// The Hopper forward's launcher for this call, or null: an sm_90 GPU, head_dim 64-128,
 // and PYSSM_FLASH_SM90 not "0" (read at every call, so a test can compare both paths)
 Launch sm90_launcher(const at::Tensor& q, int64_t d) {
   const char* env = std::getenv("PYSSM_FLASH_SM90");
@@ -53,9 +53,17 @@ Launch sm90_launcher(const at::Tensor& q, int64_t d) {
   if (!flash_sm90_head_dim(d)) return nullptr;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
   if (prop->major != 9 || prop->minor != 0) return nullptr;
-  if (q.scalar_type() == at::kHalf) return d == 64 ? flash_fwd_sm90_fp16_hd64 : flash_fwd_sm90_fp16_hd128;
-  if (q.scalar_type() == at::kBFloat16)
-    return d == 64 ? flash_fwd_sm90_bf16_hd64 : flash_fwd_sm90_bf16_hd128;
+#define PYSSM_SM90_CASES(tag)                                                                \
+  switch (d) {                                                                               \
+    case 64: return flash_fwd_sm90_##tag##_hd64;                                             \
+    case 72: return flash_fwd_sm90_##tag##_hd72;                                             \
+    case 80: return flash_fwd_sm90_##tag##_hd80;                                             \
+    case 96: return flash_fwd_sm90_##tag##_hd96;                                             \
+    case 128: return flash_fwd_sm90_##tag##_hd128;                                           \
+  }
+  if (q.scalar_type() == at::kHalf) PYSSM_SM90_CASES(fp16)
+  if (q.scalar_type() == at::kBFloat16) PYSSM_SM90_CASES(bf16)
+#undef PYSSM_SM90_CASES
   return nullptr;
 }
 

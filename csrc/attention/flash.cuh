@@ -54,16 +54,21 @@ PYSSM_FLASH_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_DECLARE
 
 // The forward's Hopper path (flash_sm90_kernel.cuh; flash_sm90_<dtype>_hd<head_dim>.cu), for
-// sm_90 GPUs and head_dim 64 and 128. Returns cudaErrorNotSupported where it cannot run (a
-// build without sm_90a code, no driver entry point for tensor maps): the caller then takes the
-// portable forward.
-inline bool flash_sm90_head_dim(int64_t d) { return d == 64 || d == 128; }
+// sm_90 GPUs and head_dim 64, 72, 80, 96 and 128. Returns cudaErrorNotSupported where it
+// cannot run (a build without sm_90a code, no driver entry point for tensor maps): the caller
+// then takes the portable forward.
+inline bool flash_sm90_head_dim(int64_t d) {
+  return d == 64 || d == 72 || d == 80 || d == 96 || d == 128;
+}
 #define PYSSM_FLASH_SM90_DECLARE(tag, hd) \
   cudaError_t flash_fwd_sm90_##tag##_hd##hd(const FlashParams& p, cudaStream_t stream);
-PYSSM_FLASH_SM90_DECLARE(fp16, 64)
-PYSSM_FLASH_SM90_DECLARE(fp16, 128)
-PYSSM_FLASH_SM90_DECLARE(bf16, 64)
-PYSSM_FLASH_SM90_DECLARE(bf16, 128)
+#define PYSSM_FLASH_SM90_DECLARE_ALL(tag)                                                    \
+  PYSSM_FLASH_SM90_DECLARE(tag, 64) PYSSM_FLASH_SM90_DECLARE(tag, 72)                        \
+  PYSSM_FLASH_SM90_DECLARE(tag, 80) PYSSM_FLASH_SM90_DECLARE(tag, 96)                        \
+  PYSSM_FLASH_SM90_DECLARE(tag, 128)
+PYSSM_FLASH_SM90_DECLARE_ALL(fp16)
+PYSSM_FLASH_SM90_DECLARE_ALL(bf16)
+#undef PYSSM_FLASH_SM90_DECLARE_ALL
 #undef PYSSM_FLASH_SM90_DECLARE
 
 }  // namespace pyssm

@@ -34,16 +34,25 @@
 namespace pyssm {
 namespace flash_sm90 {
 
+// A row of Q, K or V in shared memory is two column blocks: the first 64 columns (128 bytes,
+// 128-byte swizzle) and the rest, the tail: 72 -> 16 columns (8 of them zeros, loaded past the
+// tensor's last column) with the 32-byte swizzle, 80 -> 16 (32-byte), 96 -> 32 (64-byte), 128
+// -> 64 (128-byte). Each block has its own tensor map and descriptors.
 template <typename T, int kHeadDim>
 struct Traits {
-  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper path takes head_dim 64 and 128");
+  static_assert(kHeadDim == 64 || kHeadDim == 72 || kHeadDim == 80 || kHeadDim == 96 ||
+                    kHeadDim == 128,
+                "the Hopper path takes head_dim 64, 72, 80, 96 and 128");
   static constexpr int kBlockM = 128;            // query rows per block, 64 per consumer
   static constexpr int kBlockN = 128;            // keys per tile
   static constexpr int kStages = 2;              // K / V ring
   static constexpr int kThreads = 384;           // producer + 2 consumer warpgroups
-  static constexpr int kHalves = kHeadDim / 64;  // 64-column (128-byte) blocks of a row
-  static constexpr int kHalfBytes = 128 * 64 * 2;  // 128 rows of one 64-column block: 16 KB
-  static constexpr int kTileBytes = kHalves * kHalfBytes;  // a Q, K or V tile
+  static constexpr int kTail = kHeadDim - 64;    // O columns past the first 64 (0, 8, 16, 32, 64)
+  static constexpr int kTailCols = kTail == 0 ? 0 : kTail < 16 ? 16 : kTail;  // in shared memory
+  static constexpr int kTailSpan = 2 * kTailCols;  // its swizzle span in bytes (32, 64, 128)
+  static constexpr int kKSteps = (64 + kTailCols) / 16;  // of the Q K^T reduction
+  static constexpr int kMainBytes = 128 * 128;           // 128 rows of the first block: 16 KB
+  static constexpr int kTileBytes = kMainBytes + 128 * kTailSpan;  // a Q, K or V tile
   static constexpr int kQ = 0;                             // byte offsets from the aligned base
   static constexpr int kKV = kTileBytes;                   // stage s: K at kKV + 2 s tiles, V next
   static constexpr int kBars = kKV + 2 * kStages * kTileBytes;
@@ -51,11 +60,13 @@ struct Traits {
   static constexpr size_t kSmem = size_t(kBars) + 8 * (2 + 2 * kStages) + 1024;
   static constexpr int kDimChunks = kHeadDim / 8;  // O columns in 8-wide chunks
   static constexpr int kKeyChunks = kBlockN / 8;
+  static_assert(kTileBytes % 1024 == 0, "tiles stay aligned to the 128-byte swizzle's atom");
 };
 
-// The tensor maps (kernel parameters: TMA reads them from parameter space)
+// The tensor maps (kernel parameters: TMA reads them from parameter space): the first 64
+// columns of q, k, v, and their tail column blocks (unused at head_dim 64)
 struct Maps {
-  CUtensorMap q, k, v;
+  CUtensorMap q, k, v, q_tail, k_tail, v_tail;
 };
 
 // One work tile: 128 query rows of one (sequence, head). Tiles are numbered with the row
@@ -139,17 +150,19 @@ __global__ void __launch_bounds__(384, 1)
         const int hk = w.h / group;
         mbar_wait(q_empty, (tile_iter & 1) ^ 1);  // the consumers are done with the last Q
         mbar_arrive_expect_tx(q_full, Tr::kTileBytes);
-        for (int c = 0; c < Tr::kHalves; ++c)
-          tma_load_4d(smem + Tr::kQ + c * Tr::kHalfBytes, &maps.q, 64 * c, w.h, q_row, batch,
-                      q_full);
+        tma_load_4d(smem + Tr::kQ, &maps.q, 0, w.h, q_row, batch, q_full);
+        if (Tr::kTail)
+          tma_load_4d(smem + Tr::kQ + Tr::kMainBytes, &maps.q_tail, 64, w.h, q_row, batch, q_full);
         for (int j = 0; j < w.n_tiles; ++j, ++kv_iter) {
           const int s = kv_iter % Tr::kStages;
           mbar_wait(&empty[s], ((kv_iter / Tr::kStages) & 1) ^ 1);
           mbar_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
           const int row = k_row + j * Tr::kBlockN;
-          for (int c = 0; c < Tr::kHalves; ++c) {
-            tma_load_4d(k_tile(s) + c * Tr::kHalfBytes, &maps.k, 64 * c, hk, row, batch, &full[s]);
-            tma_load_4d(v_tile(s) + c * Tr::kHalfBytes, &maps.v, 64 * c, hk, row, batch, &full[s]);
+          tma_load_4d(k_tile(s), &maps.k, 0, hk, row, batch, &full[s]);
+          tma_load_4d(v_tile(s), &maps.v, 0, hk, row, batch, &full[s]);
+          if (Tr::kTail) {
+            tma_load_4d(k_tile(s) + Tr::kMainBytes, &maps.k_tail, 64, hk, row, batch, &full[s]);
+            tma_load_4d(v_tile(s) + Tr::kMainBytes, &maps.v_tail, 64, hk, row, batch, &full[s]);
           }
         }
         ++tile_iter;
@@ -162,16 +175,21 @@ __global__ void __launch_bounds__(384, 1)
   // consumer `cw` (0 or 1) takes rows 64 cw + [0, 64) of every tile
   const int cw = wg - 1, tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const uint32_t q_addr = smem_u32(smem + Tr::kQ) + 64 * cw * 128;
+  const uint32_t q_addr = smem_u32(smem + Tr::kQ);  // this consumer's 64 rows: 64 cw rows on
   float o[kHeadDim / 2], s[Tr::kBlockN / 2];
   uint32_t pa[Tr::kBlockN / 16][4];
   auto qk = [&](int stage) {  // s = Q K^T, issued and committed
     const uint32_t k_addr = smem_u32(k_tile(stage));
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const uint32_t off = (ks / 4) * Tr::kHalfBytes + (ks % 4) * 32;
-      wgmma_ss<Tr::kBlockN, T>(s, make_desc_k(q_addr + off), make_desc_k(k_addr + off), ks > 0);
+    for (int ks = 0; ks < Tr::kKSteps; ++ks) {  // 4 steps in the first block, then the tail
+      const bool tail = ks >= 4;
+      const int span = tail ? Tr::kTailSpan : 128;
+      const uint32_t off = tail ? Tr::kMainBytes + (ks - 4) * 32 : ks * 32;
+      const uint32_t q_off = tail ? Tr::kMainBytes + 64 * cw * Tr::kTailSpan + (ks - 4) * 32
+                                  : 64 * cw * 128 + ks * 32;
+      wgmma_ss<Tr::kBlockN, T>(s, make_desc_k(q_addr + q_off, span), make_desc_k(k_addr + off, span),
+                               ks > 0);
     }
     wgmma_commit();
   };
@@ -179,8 +197,19 @@ __global__ void __launch_bounds__(384, 1)
     const uint32_t v_addr = smem_u32(v_tile(stage));
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < Tr::kBlockN / 16; ++ks)
-      wgmma_rs<kHeadDim, T>(o, pa[ks], make_desc_mn(v_addr + ks * 16 * 128, Tr::kHalfBytes), 1);
+    for (int ks = 0; ks < Tr::kBlockN / 16; ++ks) {  // 16 keys a step
+      if constexpr (Tr::kTail == 64) {  // both blocks in one product, the second kMainBytes on
+        wgmma_rs<kHeadDim, T>(o, pa[ks], make_desc_mn(v_addr + ks * 16 * 128, Tr::kMainBytes), 1);
+      } else {
+        wgmma_rs<64, T>(*reinterpret_cast<float(*)[32]>(o), pa[ks],
+                        make_desc_mn(v_addr + ks * 16 * 128, 0), 1);
+        if constexpr (Tr::kTail > 0)
+          wgmma_rs<Tr::kTail, T>(*reinterpret_cast<float(*)[Tr::kTail / 2]>(o + 32), pa[ks],
+                                 make_desc_mn(v_addr + Tr::kMainBytes + ks * 16 * Tr::kTailSpan,
+                                              0, Tr::kTailSpan),
+                                 1);
+      }
+    }
     wgmma_commit();
   };
   auto to_a_fragments = [&] {
@@ -333,17 +362,26 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
   const uint64_t batches = packed ? 1 : uint64_t(p.batch);
   if (q_tokens + Tr::kBlockM > (uint64_t(1) << 31) || k_tokens == 0) return cudaErrorNotSupported;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const uint32_t box[4] = {64, 1, 128, 1};
   Maps maps;
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens) {
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int cols,
+                  int span) {
     const uint64_t dims[4] = {uint64_t(kHeadDim), heads, tokens, batches};
     const uint64_t row = heads * kHeadDim * sizeof(T);
     const uint64_t strides[3] = {kHeadDim * sizeof(T), row, row * tokens};
-    return sm90::make_tensor_map_4d(map, base, kBf16, dims, strides, box);
+    const uint32_t box[4] = {uint32_t(cols), 1, 128, 1};
+    return sm90::make_tensor_map_4d(map, base, kBf16, dims, strides, box, span);
   };
-  cudaError_t err = make(&maps.q, p.q, uint64_t(p.heads), q_tokens);
-  if (err == cudaSuccess) err = make(&maps.k, p.k, uint64_t(p.heads_k), k_tokens);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, uint64_t(p.heads_k), k_tokens);
+  const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
+  cudaError_t err = make(&maps.q, p.q, hq, q_tokens, 64, 128);
+  if (err == cudaSuccess) err = make(&maps.k, p.k, hk, k_tokens, 64, 128);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, 64, 128);
+  if (Tr::kTail) {
+    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_tokens, Tr::kTailCols, Tr::kTailSpan);
+    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, k_tokens, Tr::kTailCols, Tr::kTailSpan);
+    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, k_tokens, Tr::kTailCols, Tr::kTailSpan);
+  } else {
+    maps.q_tail = maps.k_tail = maps.v_tail = maps.q;  // (not read)
+  }
   if (err != cudaSuccess) return err;
   // a persistent grid: one block per SM, or one per tile when there are fewer
   int device = 0, sms = 0;

@@ -5,10 +5,11 @@
 // follows the PTX ISA's definitions (descriptor fields, 128-byte swizzle, mbarrier phases,
 // transaction counts).
 //
-// Shared-memory layout the descriptors describe (128-byte swizzle, the tensor maps'
-// CU_TENSOR_MAP_SWIZZLE_128B): rows of 64 fp16 / bf16 elements (128 bytes), 8-row atoms of 1024
-// bytes; the 16-byte chunk c of row r is stored at chunk c ^ (r % 8). Every tile starts on a
-// 1024-byte boundary, so the swizzle of the address bits is the swizzle of the tile.
+// Shared-memory layouts the descriptors describe (the tensor maps' CU_TENSOR_MAP_SWIZZLE_128B,
+// _64B or _32B): rows of 64, 32 or 16 fp16 / bf16 elements (128, 64 or 32 bytes, the "span"),
+// 8-row atoms; with 128 bytes the 16-byte chunk c of row r is stored at chunk c ^ (r % 8)
+// (64: c ^ (r / 2 % 4), 32: c ^ (r / 4 % 2): address bits 4.. XOR bits 7..). Every tile starts
+// on its atom's boundary, so the swizzle of the address bits is the swizzle of the tile.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums (types only: the driver is reached at run time)
@@ -174,36 +175,44 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 
 // Matrix descriptors (PTX ISA, "matrix descriptor" of wgmma): start address >> 4 in bits
 // 0-13, leading-dimension byte offset >> 4 in 16-29, stride-dimension byte offset >> 4 in
-// 32-45, base offset 0 (1024-byte aligned tiles), swizzle mode in 62-63 (1: 128 bytes).
-constexpr uint64_t kSwizzle128 = 1;
-__host__ __device__ constexpr uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+// 32-45, base offset 0 (tiles aligned to their swizzle atom), swizzle mode in 62-63 (1: 128
+// bytes, 2: 64, 3: 32). `span`: the swizzled row's bytes, 128, 64 or 32 (64, 32 or 16
+// fp16 / bf16 elements); its atom is 8 rows (8 span bytes).
+__host__ __device__ constexpr uint64_t swizzle_mode(int span) {
+  return span == 128 ? 1 : span == 64 ? 2 : 3;
+}
+__host__ __device__ constexpr uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo,
+                                                 int span) {
   return uint64_t((addr >> 4) & 0x3FFF) | (uint64_t((lbo >> 4) & 0x3FFF) << 16) |
-         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (kSwizzle128 << 62);
+         (uint64_t((sbo >> 4) & 0x3FFF) << 32) | (swizzle_mode(span) << 62);
 }
-// K-major operand (Q as A, K as B): 8-row groups 1024 bytes apart; the 16 elements of one
-// k-step are 32 bytes into the 128-byte rows (the caller adds 32 bytes a step to `addr`).
-// The leading offset is unused by swizzled K-major layouts (1, as the ISA assumes).
-__host__ __device__ constexpr uint64_t make_desc_k(uint32_t addr) {
-  return make_desc(addr, 16, 1024);
+// K-major operand (Q as A, K as B): rows of `span` bytes, 8-row groups one atom apart; the 16
+// elements of one k-step are 32 bytes into the row (the caller adds 32 bytes a step to `addr`
+// within a row). The leading offset is unused by swizzled K-major layouts (1, as the ISA
+// assumes).
+__host__ __device__ constexpr uint64_t make_desc_k(uint32_t addr, int span = 128) {
+  return make_desc(addr, 16, 8 * span, span);
 }
-// MN-major operand (V as B of P V): rows are the reduction (keys), 64 output columns a 128-byte
-// row; the next 8 keys 1024 bytes on, the next 64 columns `column_block_bytes` on.
-__host__ __device__ constexpr uint64_t make_desc_mn(uint32_t addr, uint32_t column_block_bytes) {
-  return make_desc(addr, column_block_bytes, 1024);
+// MN-major operand (V as B of P V): rows are the reduction (keys), span / 2 output columns a
+// row; the next 8 keys one atom on, the next span / 2 columns `column_block_bytes` on.
+__host__ __device__ constexpr uint64_t make_desc_mn(uint32_t addr, uint32_t column_block_bytes,
+                                                    int span = 128) {
+  return make_desc(addr, column_block_bytes, 8 * span, span);
 }
 
 // ------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------
 
-// A 4-d tensor map of fp16 / bf16 elements (`bf16` picks the type) for TMA tile loads with the
-// 128-byte swizzle: dims innermost first, strides in bytes of dims 1-3 (multiples of 16),
-// box in elements (box[0] * 2 == 128 bytes). Out-of-bounds elements load as zeros.
+// A 4-d tensor map of fp16 / bf16 elements (`bf16` picks the type) for TMA tile loads
+// swizzled over `span` bytes (128, 64 or 32): dims innermost first, strides in bytes of dims
+// 1-3 (multiples of 16), box in elements (box[0] * 2 == span). Out-of-bounds elements load
+// as zeros.
 inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool bf16,
                                       const uint64_t (&dims)[4], const uint64_t (&strides)[3],
-                                      const uint32_t (&box)[4]) {
+                                      const uint32_t (&box)[4], int span) {
 #ifdef PYSSM_CUDA_EMULATION
-  return cuda_emulation::encode_tensor_map(map, base, 2, dims, strides, box);
+  return cuda_emulation::encode_tensor_map(map, base, 2, dims, strides, box, span);
 #else
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                               const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -223,7 +232,10 @@ inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool b
   const CUresult r = encode(
       map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
       const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+      span == 128 ? CU_TENSOR_MAP_SWIZZLE_128B
+      : span == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                   : CU_TENSOR_MAP_SWIZZLE_32B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 #endif

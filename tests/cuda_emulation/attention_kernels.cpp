@@ -38,6 +38,9 @@ template <typename T>
 cudaError_t fwd_sm90(int head_dim, const pyssm::FlashParams& p) {
   switch (head_dim) {
     case 64: return pyssm::flash_sm90::fwd<T, 64>(p, nullptr);
+    case 72: return pyssm::flash_sm90::fwd<T, 72>(p, nullptr);
+    case 80: return pyssm::flash_sm90::fwd<T, 80>(p, nullptr);
+    case 96: return pyssm::flash_sm90::fwd<T, 96>(p, nullptr);
     case 128: return pyssm::flash_sm90::fwd<T, 128>(p, nullptr);
   }
   return cudaErrorInvalidValue;

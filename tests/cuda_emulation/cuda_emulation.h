@@ -192,29 +192,37 @@ inline void cp_async_wait(int pending) {
 
 // ---- Hopper: mbarriers, TMA, wgmma (csrc/attention/sm90.cuh) --------------------------------
 
-// 128-byte swizzle of a shared-memory byte address: the 16-byte chunk (bits 4-6) XOR the
-// 128-byte row within the 1024-byte atom (bits 7-9).
-inline uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+// The swizzles of shared-memory byte addresses that TMA writes and wgmma descriptors read, by
+// the span of bytes swizzled (128, 64 or 32): the 16-byte chunk index (bits 4-6, 4-5 or 4)
+// XOR the bits above the span's row (bits 7-9, 7-8 or 7), repeating every 8 rows (1024, 512
+// or 256 bytes).
+inline uint32_t swizzle(uint32_t addr, int span) {
+  const uint32_t mask = span == 128 ? 7u : span == 64 ? 3u : span == 32 ? 1u : 0u;
+  if (mask == 0) fail("a swizzle span other than 128, 64 or 32 bytes");
+  return addr ^ (((addr >> 7) & mask) << 4);
+}
 
 // A tensor map as the emulation keeps it inside a CUtensorMap (whose contents are opaque on a
-// GPU): 4-d, 16-bit elements, 128-byte swizzle.
+// GPU): 4-d, 16-bit elements, swizzled over `span` bytes (box[0] * 2 of them).
 struct TensorMap {
   const unsigned char* base;
   uint64_t dims[4], strides[3];  // strides of dims 1-3 in bytes
   uint32_t box[4];
+  int span;
 };
 static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "an emulated tensor map fits a real one");
 inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int element_bytes,
                                      const uint64_t (&dims)[4], const uint64_t (&strides)[3],
-                                     const uint32_t (&box)[4]) {
-  // the checks cuTensorMapEncodeTiled makes that matter here
-  if (element_bytes != 2 || box[0] * 2 != 128 || reinterpret_cast<uintptr_t>(base) % 16)
+                                     const uint32_t (&box)[4], int span) {
+  // the checks cuTensorMapEncodeTiled makes that matter here (the kernels' boxes fill their
+  // swizzle span exactly)
+  if (element_bytes != 2 || int(box[0]) * 2 != span || reinterpret_cast<uintptr_t>(base) % 16)
     return cudaErrorInvalidValue;
   for (int i = 0; i < 3; ++i)
     if (strides[i] % 16) return cudaErrorInvalidValue;
   for (int i = 0; i < 4; ++i)
     if (box[i] == 0 || box[i] > 256 || dims[i] == 0) return cudaErrorInvalidValue;
-  TensorMap m{static_cast<const unsigned char*>(base), {}, {}, {}};
+  TensorMap m{static_cast<const unsigned char*>(base), {}, {}, {}, span};
   std::memcpy(m.dims, dims, sizeof(m.dims));
   std::memcpy(m.strides, strides, sizeof(m.strides));
   std::memcpy(m.box, box, sizeof(m.box));
@@ -229,7 +237,7 @@ struct TmaCopy {
   int c[4];
   uint32_t bytes() const { return map.box[0] * map.box[1] * map.box[2] * map.box[3] * 2; }
   void land() const {
-    if (dst % 1024) fail("a TMA load with the 128-byte swizzle into a tile not 1024-byte aligned");
+    if (dst % (8 * map.span)) fail("a swizzled TMA load into a tile not aligned to its atom");
     unsigned char* smem = dynamic_shared_memory();
     const uint32_t* b = map.box;
     for (uint32_t i3 = 0; i3 < b[3]; ++i3)
@@ -241,7 +249,7 @@ struct TmaCopy {
             bool inside = true;
             for (int d = 0; d < 4; ++d) inside &= g[d] >= 0 && uint64_t(g[d]) < map.dims[d];
             const uint32_t lin = uint32_t((((i3 * b[2] + i2) * b[1] + i1) * b[0] + i0) * 2);
-            unsigned char* to = smem + swizzle128(dst + lin);
+            unsigned char* to = smem + swizzle(dst + lin, map.span);
             if (inside)
               std::memcpy(to, map.base + g[0] * 2 + g[1] * map.strides[0] +
                                   g[2] * map.strides[1] + g[3] * map.strides[2], 2);
@@ -330,31 +338,40 @@ struct WgmmaOp {
   float (*element)(uint32_t addr);
 };
 template <typename T>
-float smem_element(uint32_t addr) {
+float smem_element(uint32_t addr) {  // (addr already swizzled)
   uint16_t bits;
-  std::memcpy(&bits, dynamic_shared_memory() + swizzle128(addr), 2);
+  std::memcpy(&bits, dynamic_shared_memory() + addr, 2);
   T v;
   std::memcpy(&v, &bits, 2);
   if constexpr (std::is_same_v<T, __half>) return __half2float(v);
   else return __bfloat162float(v);
 }
+// A wgmma matrix descriptor (PTX ISA): start address, leading and stride byte offsets (each
+// >> 4 in 14 bits), base offset (bits 49-51, 0 here), swizzle mode (bits 62-63: 1 128-byte,
+// 2 64-byte, 3 32-byte; the no-swizzle mode is not used). Rows of a swizzled layout are `span`
+// bytes; 8-row groups are sbo apart.
 struct Descriptor {
   uint32_t start, lbo, sbo;
+  int span;
   explicit Descriptor(uint64_t d)
       : start(uint32_t(d & 0x3FFF) << 4),
         lbo(uint32_t((d >> 16) & 0x3FFF) << 4),
         sbo(uint32_t((d >> 32) & 0x3FFF) << 4) {
-    if ((d >> 62) != 1) fail("a wgmma descriptor without the 128-byte swizzle");
+    const int mode = int(d >> 62);
+    if (mode == 0) fail("a wgmma descriptor without a swizzle (not emulated)");
+    span = mode == 1 ? 128 : mode == 2 ? 64 : 32;
     if ((d >> 49) & 7) fail("a wgmma descriptor with a base offset");
   }
-  // K-major: element (row, k) of rows of 128 bytes, 8-row groups sbo apart
+  // K-major: element (row, k); the 16 elements of one k-step are two 16-byte chunks
   uint32_t k_major(int row, int k) const {
-    return start + (row % 8) * 128 + (row / 8) * sbo + (k / 8) * 16 + (k % 8) * 2;
+    return swizzle(start + (row % 8) * span + (row / 8) * sbo + (k / 8) * 16 + (k % 8) * 2, span);
   }
-  // MN-major: element (k, col), 64 columns a 128-byte row, column blocks lbo apart, 8-row
-  // groups of k sbo apart
+  // MN-major: element (k, col); span / 2 columns a row, column blocks lbo apart
   uint32_t mn_major(int k, int col) const {
-    return start + (col % 64) * 2 + (col / 64) * lbo + (k % 8) * 128 + (k / 8) * sbo;
+    const int per_row = span / 2;
+    return swizzle(start + (col % per_row) * 2 + (col / per_row) * lbo + (k % 8) * span +
+                       (k / 8) * sbo,
+                   span);
   }
 };
 inline thread_local std::vector<WgmmaOp> wgmma_open;

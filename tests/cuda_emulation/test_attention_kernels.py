@@ -121,7 +121,8 @@ def test_flash_forward_and_backward(emu, case, dtype):
 # The Hopper forward (flash_sm90_kernel.cuh: 128-row blocks, 128-key tiles in a ring of two
 # stages): one and several key tiles (a third tile reuses stage 0, so the empty barriers'
 # phases matter), a tail tile, causal with Sq != Sk and rows that see no key, grouped heads,
-# head_dim 128 (two 64-column blocks per row), packed sequences with an empty one and one over
+# every head size (a row is a 64-column block and a tail of 16 (72: 8 real columns), 16, 32
+# or 64 columns with its own swizzle), packed sequences with an empty one and one over
 # two query blocks.
 SM90_CASES = [
     (1, 97, 97, 2, 1, 64, False, None),
@@ -131,6 +132,9 @@ SM90_CASES = [
     (2, 17, 140, 2, 2, 128, False, None),
     (0, 0, 0, 2, 1, 64, True, [0, 1, 260, 17]),
     (1, 130, 257, 1, 1, 128, True, None),
+    (1, 140, 200, 2, 1, 72, True, None),
+    (2, 33, 130, 1, 1, 80, False, None),
+    (0, 0, 0, 1, 1, 96, False, [5, 300]),
 ]
 SM90_IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
             for c in SM90_CASES]

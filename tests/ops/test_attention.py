@@ -210,7 +210,7 @@ CUDA_ONLY = [p for p in backend_params("attention") if p.id == "cuda"]
 
 
 # The forward's two CUDA paths: "sm90" lets an sm_90 GPU take the Hopper kernel at head_dim 64
-# and 128 (elsewhere it is the portable one again); "portable" turns it off (PYSSM_FLASH_SM90=0).
+# to 128 (elsewhere it is the portable one again); "portable" turns it off (PYSSM_FLASH_SM90=0).
 FLASH_PATHS = ["sm90", "portable"]
 
 
@@ -233,8 +233,8 @@ def test_cuda_flash_kernel_error_within_twice_torchs(device, backend, flash_path
     mid-way, grouped heads, causal with Sq < Sk and Sq > Sk, several query blocks and key
     tiles): forward error against float64 at most about twice that of torch's own SDPA in the
     same dtype; lse against float64 too."""
-    if flash_path == "sm90" and head_dim not in (64, 128):
-        pytest.skip("the Hopper path takes head_dim 64 and 128")
+    if flash_path == "sm90" and head_dim == 32:
+        pytest.skip("the Hopper path takes head_dim 64 to 128")
     B, Sq, Sk, H, Hk = shape
     q, k, v = qkv(B, Sq, Sk, H, Hk, head_dim, device, dtype=dtype)
     out, lse = ops.attention(q, k, v, causal=causal, return_lse=True, backend=backend)
