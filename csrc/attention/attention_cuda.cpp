@@ -1,8 +1,9 @@
 // Torch side of attention on CUDA tensors. The flash kernels (forward flash_kernel.cuh, backward
 // flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else
 // (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp. On an
-// sm_90 GPU the forward at head_dim 64, 72, 80, 96 and 128 takes the Hopper path (flash_sm90_kernel.cuh)
-// unless the environment says PYSSM_FLASH_SM90=0.
+// sm_90 GPU the forward at head_dim 64, 72, 80, 96 and 128 and the backward at 64 take the
+// Hopper kernels (flash_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh) unless the environment
+// says PYSSM_FLASH_SM90=0.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -45,14 +46,26 @@ L launcher(at::ScalarType t, int64_t d) {
   return nullptr;
 }
 
-// The Hopper forward's launcher for this call, or null: an sm_90 GPU, head_dim 64-128,
-// and PYSSM_FLASH_SM90 not "0" (read at every call, so a test can compare both paths)
-Launch sm90_launcher(const at::Tensor& q, int64_t d) {
+// Whether the Hopper kernels may run for this call: an sm_90 GPU and PYSSM_FLASH_SM90 not "0"
+// (read at every call, so a test can compare both paths)
+bool sm90_allowed(const at::Tensor& q) {
   const char* env = std::getenv("PYSSM_FLASH_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return nullptr;
-  if (!flash_sm90_head_dim(d)) return nullptr;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
-  if (prop->major != 9 || prop->minor != 0) return nullptr;
+  return prop->major == 9 && prop->minor == 0;
+}
+
+// The Hopper backward's launcher (head_dim 64), or null
+BwdLaunch sm90_bwd_launcher(const at::Tensor& q, int64_t d) {
+  if (d != 64 || !sm90_allowed(q)) return nullptr;
+  if (q.scalar_type() == at::kHalf) return flash_bwd_sm90_fp16_hd64;
+  if (q.scalar_type() == at::kBFloat16) return flash_bwd_sm90_bf16_hd64;
+  return nullptr;
+}
+
+// The Hopper forward's launcher for this call (head_dim 64-128), or null
+Launch sm90_launcher(const at::Tensor& q, int64_t d) {
+  if (!flash_sm90_head_dim(d) || !sm90_allowed(q)) return nullptr;
 #define PYSSM_SM90_CASES(tag)                                                                \
   switch (d) {                                                                               \
     case 64: return flash_fwd_sm90_##tag##_hd64;                                             \
@@ -164,7 +177,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dlse = dlse ? dlc.const_data_ptr<float>() : nullptr;
   p.delta = delta.mutable_data_ptr<float>();
   p.dq_accum = dq_accum.mutable_data_ptr<float>();
-  const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaError_t err = cudaErrorNotSupported;
+  if (const BwdLaunch hopper = sm90_bwd_launcher(q, s.head_dim)) err = hopper(p, stream);
+  if (err == cudaErrorNotSupported) err = launch(p, stream);
   TORCH_CHECK(err == cudaSuccess, "attention backward CUDA launch failed: ",
               cudaGetErrorString(err));
   return {dq, dk, dv};

@@ -69,6 +69,9 @@ inline bool flash_sm90_head_dim(int64_t d) {
 PYSSM_FLASH_SM90_DECLARE_ALL(fp16)
 PYSSM_FLASH_SM90_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_SM90_DECLARE_ALL
+// The backward's Hopper path (flash_bwd_sm90_kernel.cuh), head_dim 64; the same contract.
+cudaError_t flash_bwd_sm90_fp16_hd64(const FlashBwdParams& p, cudaStream_t stream);
+cudaError_t flash_bwd_sm90_bf16_hd64(const FlashBwdParams& p, cudaStream_t stream);
 #undef PYSSM_FLASH_SM90_DECLARE
 
 }  // namespace pyssm

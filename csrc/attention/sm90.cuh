@@ -37,6 +37,10 @@ inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
   cuda_emulation::wgmma<T>(d, N, nullptr, a, b, false, scale_d);
 }
 template <int N, typename T>
+inline void wgmma_ss_tt(float (&d)[N / 2], uint64_t a, uint64_t b, int scale_d) {
+  cuda_emulation::wgmma<T>(d, N, nullptr, a, b, true, scale_d, true);
+}
+template <int N, typename T>
 inline void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int scale_d) {
   cuda_emulation::wgmma<T>(d, N, a, 0, b, true, scale_d);
 }
@@ -121,6 +125,22 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, i
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
       "r"(smem_u32(bar))
       : "memory");
+#endif
+}
+
+// Barrier `id` (1-15; 0 is __syncthreads) among `count` threads (a multiple of 32)
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::named_barrier_sync(id, count);
+#else
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+#endif
+}
+// Makes this thread's ordinary shared-memory stores visible to the async proxy (wgmma operands
+// read from shared memory); before the barrier that hands them over.
+__device__ __forceinline__ void fence_proxy_async() {
+#ifndef PYSSM_CUDA_EMULATION
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 

@@ -3,6 +3,7 @@
 // through ctypes: the real launchers and kernel code, nothing rewritten.
 #include "attention/flash_bwd_kernel.cuh"
 #include "attention/flash_kernel.cuh"
+#include "attention/flash_bwd_sm90_kernel.cuh"
 #include "attention/flash_sm90_kernel.cuh"
 
 namespace {
@@ -95,10 +96,12 @@ int emu_flash_fwd_sm90(int dtype, int head_dim, const void* q, const void* k, co
   return int(cudaErrorInvalidValue);
 }
 
-int emu_flash_bwd(int dtype, int head_dim, const void* q, const void* k, const void* v,
-                  const void* out, const void* dout, void* dq, void* dk, void* dv,
-                  const float* lse, const float* dlse, float* delta, float* dq_accum,
-                  const int* cu, const int64_t* sizes, float scale, int causal) {
+// sm90: the Hopper backward (head_dim 64) instead of the portable one
+int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
+                      const void* v, const void* out, const void* dout, void* dq, void* dk,
+                      void* dv, const float* lse, const float* dlse, float* delta,
+                      float* dq_accum, const int* cu, const int64_t* sizes, float scale,
+                      int causal) {
   pyssm::FlashBwdParams p{};
   p.q = q;
   p.k = k;
@@ -114,9 +117,23 @@ int emu_flash_bwd(int dtype, int head_dim, const void* q, const void* k, const v
   p.dq_accum = dq_accum;
   p.scale = scale;
   set_sizes(p, sizes, cu, scale, causal);
+  if (sm90) {
+    if (head_dim != 64) return int(cudaErrorInvalidValue);
+    if (dtype == 2) return int(pyssm::flash_bwd_sm90::bwd<__half, 64>(p, nullptr));
+    if (dtype == 3) return int(pyssm::flash_bwd_sm90::bwd<__nv_bfloat16, 64>(p, nullptr));
+    return int(cudaErrorInvalidValue);
+  }
   if (dtype == 2) return int(bwd<__half>(head_dim, p));
   if (dtype == 3) return int(bwd<__nv_bfloat16>(head_dim, p));
   return int(cudaErrorInvalidValue);
+}
+
+int emu_flash_bwd(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                  const void* out, const void* dout, void* dq, void* dk, void* dv,
+                  const float* lse, const float* dlse, float* delta, float* dq_accum,
+                  const int* cu, const int64_t* sizes, float scale, int causal) {
+  return emu_flash_bwd_any(0, dtype, head_dim, q, k, v, out, dout, dq, dk, dv, lse, dlse, delta,
+                           dq_accum, cu, sizes, scale, causal);
 }
 
 }  // extern "C"

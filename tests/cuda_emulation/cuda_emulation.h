@@ -332,7 +332,7 @@ inline void mbar_wait(uint32_t addr, uint32_t parity) {
 struct WgmmaOp {
   float* d;
   int n, scale_d;
-  bool a_in_registers, trans_b;
+  bool a_in_registers, trans_b, trans_a;
   uint64_t desc_a, desc_b;
   std::vector<float> a;  // 64 x 16, row-major, when A came from registers
   float (*element)(uint32_t addr);
@@ -378,8 +378,8 @@ inline thread_local std::vector<WgmmaOp> wgmma_open;
 inline thread_local std::vector<std::vector<WgmmaOp>> wgmma_groups;
 template <typename T>
 void wgmma(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool trans_b,
-           int scale_d) {
-  WgmmaOp op{d, n, scale_d, a != nullptr, trans_b, desc_a, desc_b, {}, &smem_element<T>};
+           int scale_d, bool trans_a = false) {
+  WgmmaOp op{d, n, scale_d, a != nullptr, trans_b, trans_a, desc_a, desc_b, {}, &smem_element<T>};
   if (a != nullptr) {
     WarpGroup& g = (*warpgroups)[linear_tid / 128];
     std::memcpy(g.a[linear_tid % 128], a, 16);
@@ -405,8 +405,9 @@ inline void wgmma_run(WgmmaOp& op) {
   const int tid = int(linear_tid % 128), w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
   const Descriptor b(op.desc_b);
   auto A = [&](int row, int k) {
-    return op.a_in_registers ? op.a[row * 16 + k]
-                             : op.element(Descriptor(op.desc_a).k_major(row, k));
+    if (op.a_in_registers) return op.a[row * 16 + k];
+    const Descriptor a(op.desc_a);
+    return op.element(op.trans_a ? a.mn_major(k, row) : a.k_major(row, k));
   };
   auto B = [&](int k, int col) {
     return op.element(op.trans_b ? b.mn_major(k, col) : b.k_major(col, k));
@@ -424,6 +425,21 @@ inline void wgmma_wait(int pending) {
     for (WgmmaOp& op : wgmma_groups.front()) wgmma_run(op);
     wgmma_groups.erase(wgmma_groups.begin());
   }
+}
+
+// Named barriers (bar.sync id, count): the first thread to reach barrier `id` in a block
+// sets its count; every later use must give the same count.
+inline std::mutex named_mutex;
+inline std::map<int, std::unique_ptr<std::barrier<>>> named_barriers;  // for this block
+inline void named_barrier_sync(int id, int count) {
+  std::barrier<>* bar;
+  {
+    std::lock_guard<std::mutex> lock(named_mutex);
+    auto& slot = named_barriers[id];
+    if (!slot) slot = std::make_unique<std::barrier<>>(count);
+    bar = slot.get();
+  }
+  bar->arrive_and_wait();
 }
 
 template <typename... Params, typename... Args>
@@ -450,6 +466,7 @@ cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, A
         for (WarpGroup& g : team_groups) g.barrier = std::make_unique<std::barrier<>>(128);
         warpgroups = &team_groups;
         mbarriers.clear();
+        named_barriers.clear();
         std::vector<std::thread> team;
         team.reserve(threads);
         for (unsigned t = 0; t < threads; ++t) {

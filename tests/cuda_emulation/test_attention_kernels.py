@@ -29,6 +29,7 @@ def emu(tmp_path_factory):
     lib.emu_flash_fwd_sm90.argtypes = lib.emu_flash_fwd.argtypes
     lib.emu_flash_bwd.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 14 + \
         [ctypes.c_float, ctypes.c_int]
+    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] + lib.emu_flash_bwd.argtypes
     return lib
 
 
@@ -62,14 +63,15 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, launcher="emu_flash_f
     return out, lse
 
 
-def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths):
+def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=False):
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
     dq, dk, dv = (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
     delta = poisoned(*lse.shape, dtype=torch.float32)
     dq_accum = poisoned(*q.shape, dtype=torch.float32)
-    rc = emu.emu_flash_bwd(CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), ptr(out), ptr(dout),
+    rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), ptr(out),
+                               ptr(dout),
                            ptr(dq), ptr(dk), ptr(dv), ptr(lse), None, ptr(delta), ptr(dq_accum),
                            ptr(cu), sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
                            int(causal))
@@ -155,3 +157,36 @@ def test_flash_forward_sm90(emu, case, dtype):
     visible = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse), visible), "lse: the rows that see no key"
     assert torch.all((lse.double() - want_lse)[visible].abs() <= 1e-3), "lse"
+
+
+# The Hopper backward (flash_bwd_sm90_kernel.cuh, head_dim 64: blocks of 128 keys, query tiles
+# of 64 in a ring of two stages, dS^T through double-buffered shared memory): one and several
+# key blocks and query tiles (stage reuse), tails, causal with Sq != Sk, grouped heads (the q
+# heads of a group walked by one block), packed sequences with an empty one.
+SM90_BWD_CASES = [
+    (1, 97, 97, 2, 2, 64, False, None),
+    (1, 150, 200, 2, 1, 64, True, None),
+    (2, 70, 33, 4, 2, 64, False, None),
+    (1, 130, 60, 1, 1, 64, True, None),
+    (0, 0, 0, 2, 1, 64, True, [0, 1, 140, 17]),
+]
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("case", SM90_BWD_CASES,
+                         ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
+                              for c in SM90_BWD_CASES])
+def test_flash_backward_sm90(emu, case, dtype):
+    B, Sq, Sk, H, Hk, d, causal, lengths = case
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    scale = 1.0 / math.sqrt(d)
+    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu)
+    dout = torch.randn_like(q)
+    got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=True)
+    grads = torch.autograd.grad(want, exact_in, dout.double())
+    for name, a, b in zip("qkv", got, grads):
+        err = (a.double() - b).abs().max()
+        assert err <= 8 * EPS[dtype] * b.abs().max() + 1e-6, (f"d{name}", float(err))

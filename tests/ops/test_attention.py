@@ -280,19 +280,21 @@ def test_cuda_flash_kernel_varlen_and_large_scores(device, backend, flash_path, 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
 @pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
-def test_cuda_forward_takes_the_hopper_path_on_sm90(device, backend, flash_path):
-    """On an sm_90 GPU the forward at head_dim 64 runs flash_fwd_sm90_kernel, and the portable
-    flash_fwd_kernel with PYSSM_FLASH_SM90=0 (kernel names from the profiler)."""
+def test_cuda_attention_takes_the_hopper_path_on_sm90(device, backend, flash_path):
+    """On an sm_90 GPU the forward and backward at head_dim 64 run the Hopper kernels, and the
+    portable ones with PYSSM_FLASH_SM90=0 (kernel names from the profiler)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper path runs on sm_90 GPUs only")
-    q, k, v = qkv(1, 197, 197, 2, 2, 64, device, dtype=torch.bfloat16)
+    q, k, v = qkv(1, 197, 197, 2, 2, 64, device, dtype=torch.bfloat16, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.attention(q, k, v, backend=backend)
+        ops.attention(q, k, v, backend=backend).sum().backward()
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
-    hopper = "flash_fwd_sm90_kernel" in names
-    assert hopper == (flash_path == "sm90"), names[:2000]
-    assert hopper or "flash_fwd_kernel" in names, names[:2000]
+    for kernel, portable in (("flash_fwd_sm90_kernel", "flash_fwd_kernel"),
+                             ("flash_bwd_sm90_kernel", "flash_bwd_kernel")):
+        hopper = kernel in names
+        assert hopper == (flash_path == "sm90"), (kernel, names[:2000])
+        assert hopper or portable in names, (portable, names[:2000])
 
 
 MODEL_CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, causal
@@ -360,17 +362,21 @@ def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None):
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
 @pytest.mark.parametrize("shape,causal", [((2, 197, 197, 4, 4), False), ((1, 97, 300, 4, 2), True),
                                           ((1, 130, 65, 2, 1), True), ((3, 1, 1, 2, 2), False),
-                                          ((1, 17, 17, 6, 2), True)])
-def test_cuda_flash_backward_error_within_twice_torchs(device, backend, dtype, head_dim, shape,
-                                                       causal):
-    """CUDA flash backward (fp16 / bf16, every head size, key and query tiles cut mid-way,
-    grouped heads, causal with Sq < Sk and Sq > Sk, seqlen 1): dq, dk, dv against float64
-    autograd, max error at most about twice that of torch's SDPA backward in the same dtype.
-    Outputs start as NaN (conftest), so an unwritten element fails."""
+                                          ((1, 17, 17, 6, 2), True), ((1, 300, 260, 4, 1), True)])
+def test_cuda_flash_backward_error_within_twice_torchs(device, backend, flash_path, dtype,
+                                                       head_dim, shape, causal):
+    """CUDA flash backward (fp16 / bf16, every head size, both paths: the Hopper backward takes
+    head_dim 64 on sm_90, key and query tiles cut mid-way, grouped heads, causal with Sq < Sk
+    and Sq > Sk, seqlen 1): dq, dk, dv against float64 autograd, max error at most about twice
+    that of torch's SDPA backward in the same dtype. Outputs start as NaN (conftest), so an
+    unwritten element fails."""
+    if flash_path == "sm90" and head_dim == 32:
+        pytest.skip("the Hopper kernels take head_dim 64 to 128")
     B, Sq, Sk, H, Hk = shape
     q, k, v = qkv(B, Sq, Sk, H, Hk, head_dim, device, dtype=dtype, requires_grad=True)
     out = ops.attention(q, k, v, causal=causal, backend=backend)
@@ -403,18 +409,21 @@ def test_cuda_flash_backward_error_within_twice_torchs(device, backend, dtype, h
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [72, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_flash_backward_lse_gradient_and_varlen(device, backend, dtype, causal):
+def test_cuda_flash_backward_lse_gradient_and_varlen(device, backend, flash_path, head_dim, dtype,
+                                                     causal):
     """CUDA flash backward with a gradient through lse (the dlse input), on packed sequences of
-    lengths 0, 1, 64, 65, 197 with head_dim 72 and grouped heads: relative error against
-    float64 autograd within the dtype's rounding."""
+    lengths 0, 1, 64, 65, 197 with grouped heads, both paths: relative error against float64
+    autograd within the dtype's rounding."""
     lengths = [0, 1, 64, 65, 197]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
                       device=device)
     total = sum(lengths)
-    q = torch.randn(total, 4, 72, dtype=dtype, device=device, requires_grad=True)
-    k, v = (torch.randn(total, 2, 72, dtype=dtype, device=device, requires_grad=True)
+    q = torch.randn(total, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(total, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
             for _ in range(2))
     out, lse = ops.attention(q, k, v, causal=causal, cu_seqlens=cu, max_seqlen=max(lengths),
                              return_lse=True, backend=backend)

@@ -1,0 +1,323 @@
+// CUDA flash-attention backward, Hopper path (sm_90a), v1, head_dim 64: TMA loads, wgmma, a
+// producer warpgroup and two consumer warpgroups. The Delta and dQ-conversion kernels are the
+// portable backward's (flash_bwd_kernel.cuh); this replaces its main kernel.
+//
+// A block owns 128 keys of one (sequence, kv head): K and V come in once (TMA), and dK, dV
+// stay in registers while the block walks the query tiles of 64 rows of every q head of the
+// group (from the first tile that can see its keys under a causal mask). 384 threads:
+// - warpgroup 0, the producer (setmaxnreg 24): one thread loads K and V, then each query tile's
+//   Q and dO into a ring of 2 stages (q_full / q_empty barriers, as the forward).
+// - warpgroups 1 and 2, the consumers (setmaxnreg 240), 64 keys each. Per query tile:
+//     S^T = K Q^T and dP^T = V dO^T   (wgmma, A and B from shared memory, K-major; 64 x 64)
+//     P^T = exp2(S^T scale log2 e - lse log2 e), masked; dS^T = P^T (dP^T - Delta)
+//     dV += P^T dO, dK += dS^T Q      (wgmma, A from registers, B MN-major)
+//     dS^T to shared memory (bf16 / fp16, the 128-byte-swizzled MN-major layout), then after a
+//     barrier of the 256 consumer threads dQ = dS K (wgmma, A and B MN-major from shared
+//     memory), each consumer 32 of the 64 columns, added into the fp32 dQ accumulator with
+//     atomics.
+//   dS^T has two buffers (by tile parity): a consumer writes tile i's while the other may still
+//   read tile i - 1's, and the barrier of tile i - 1 guarantees nobody reads tile i - 2's.
+// lse and Delta are read from global memory into registers (16 each a thread and tile).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "attention/flash.cuh"
+#include "attention/flash_bwd_kernel.cuh"
+#include "attention/flash_mma.cuh"
+#include "attention/sm90.cuh"
+
+namespace pyssm {
+namespace flash_bwd_sm90 {
+
+template <typename T, int kHeadDim>
+struct Traits {
+  static_assert(kHeadDim == 64, "the Hopper backward takes head_dim 64");
+  static constexpr int kBlockN = 128;  // keys per block, 64 per consumer
+  static constexpr int kBlockM = 64;   // query rows per tile
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 384;
+  static constexpr int kKVBytes = kBlockN * 128;   // K or V: 128 rows of 128 bytes
+  static constexpr int kQBytes = kBlockM * 128;    // a Q or dO tile
+  static constexpr int kDsBytes = kBlockN * 128;   // dS^T: 128 keys x 64 queries
+  static constexpr int kK = 0, kV = kKVBytes;
+  static constexpr int kQ = 2 * kKVBytes;          // stage s: Q at kQ + 2 s kQBytes, dO next
+  static constexpr int kDs = kQ + 2 * kStages * kQBytes;  // buffer i at kDs + i kDsBytes
+  static constexpr int kBars = kDs + 2 * kDsBytes;
+  // kv_full, q_full[kStages], q_empty[kStages]; + 1024 to align the base by hand
+  static constexpr size_t kSmem = size_t(kBars) + 8 * (1 + 2 * kStages) + 1024;
+};
+
+struct Maps {
+  CUtensorMap k, v, q, dout;  // k, v: boxes of 128 rows; q, dout: 64
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(384, 1)
+    flash_bwd_sm90_kernel(const FlashBwdParams p, const __grid_constant__ Maps maps) {
+#ifdef PYSSM_SM90_DEVICE
+  using Tr = Traits<T, kHeadDim>;
+  using namespace sm90;
+  PYSSM_DYNAMIC_SMEM(raw);
+  unsigned char* const smem = raw + ((1024 - smem_u32(raw) % 1024) % 1024);
+  uint64_t* const bars = reinterpret_cast<uint64_t*>(smem + Tr::kBars);
+  uint64_t* const kv_full = bars;
+  uint64_t* const q_full = bars + 1;
+  uint64_t* const q_empty = bars + 1 + Tr::kStages;
+  auto q_tile = [&](int s) { return smem + Tr::kQ + 2 * s * Tr::kQBytes; };
+  auto do_tile = [&](int s) { return q_tile(s) + Tr::kQBytes; };
+
+  const int b = blockIdx.z, hk = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * Tr::kBlockN;
+  const bool packed = p.cu_seqlens != nullptr;
+  const int64_t q_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
+  const int64_t Sq = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
+  const int64_t Sk = packed ? Sq : p.seqlen_k;
+  if (n0 >= Sk) return;  // the whole block: before any barrier
+  const int group = int(p.heads / p.heads_k);
+  // causal: query i sees key j when j <= i + Sk - Sq; start at the tile of the first query
+  // that sees key n0
+  int64_t m_begin = 0;
+  if (p.causal) {
+    const int64_t first = n0 - (Sk - Sq);
+    m_begin = first > 0 ? first / Tr::kBlockM * Tr::kBlockM : 0;
+  }
+  const int m_tiles = m_begin < Sq ? int((Sq - m_begin + Tr::kBlockM - 1) / Tr::kBlockM) : 0;
+  const int n_iters = group * m_tiles;  // (q head, query tile) pairs, q head outer
+
+  if (threadIdx.x == 0) {
+    mbar_init(kv_full, 1);
+    for (int s = 0; s < Tr::kStages; ++s) {
+      mbar_init(&q_full[s], 1);
+      mbar_init(&q_empty[s], 256);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<24>();
+    if (threadIdx.x == 0) {
+      const int row0 = int(packed ? q_start : 0);  // TMA coordinates as in the forward
+      const int batch = packed ? 0 : b;
+      mbar_arrive_expect_tx(kv_full, 2 * Tr::kKVBytes);
+      tma_load_4d(smem + Tr::kK, &maps.k, 0, hk, row0 + int(n0), batch, kv_full);
+      tma_load_4d(smem + Tr::kV, &maps.v, 0, hk, row0 + int(n0), batch, kv_full);
+      for (int it = 0; it < n_iters; ++it) {
+        const int s = it % Tr::kStages;
+        const int h = hk * group + it / m_tiles;
+        const int m0 = int(m_begin) + (it % m_tiles) * Tr::kBlockM;
+        mbar_wait(&q_empty[s], ((it / Tr::kStages) & 1) ^ 1);
+        mbar_arrive_expect_tx(&q_full[s], 2 * Tr::kQBytes);
+        tma_load_4d(q_tile(s), &maps.q, 0, h, row0 + m0, batch, &q_full[s]);
+        tma_load_4d(do_tile(s), &maps.dout, 0, h, row0 + m0, batch, &q_full[s]);
+      }
+    }
+    return;
+  }
+  setmaxnreg_inc<240>();
+
+  // consumer `cw` (0 or 1): keys n0 + 64 cw + [0, 64)
+  const int cw = wg - 1, tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t key0 = n0 + 64 * cw + 16 * warp + g, key1 = key0 + 8;
+  const uint32_t k_addr = smem_u32(smem + Tr::kK), v_addr = smem_u32(smem + Tr::kV);
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  float dk[kHeadDim / 2], dv[kHeadDim / 2];
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
+  mbar_wait(kv_full, 0);
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int s = it % Tr::kStages;
+    const int h = hk * group + it / m_tiles;
+    const int64_t m0 = m_begin + (it % m_tiles) * Tr::kBlockM;
+    // lse (log2 domain) and Delta of this thread's 16 query columns: 8i + 2t + {0, 1}
+    const int64_t stat = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
+    float lse[16], delta[16];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t q = m0 + 8 * i + 2 * t + e;
+        lse[2 * i + e] = q < Sq ? p.lse[stat + q] * kLog2e : 0.f;
+        delta[2 * i + e] = q < Sq ? p.delta[stat + q] : 0.f;
+      }
+    const uint32_t q_addr = smem_u32(q_tile(s)), do_addr = smem_u32(do_tile(s));
+    mbar_wait(&q_full[s], (it / Tr::kStages) & 1);
+
+    // S^T and dP^T for this consumer's 64 keys and the tile's 64 queries
+    float st[32], dpt[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const uint32_t rows = 64 * cw * 128 + ks * 32;
+      wgmma_ss<64, T>(st, make_desc_k(k_addr + rows), make_desc_k(q_addr + ks * 32), ks > 0);
+    }
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      const uint32_t rows = 64 * cw * 128 + ks * 32;
+      wgmma_ss<64, T>(dpt, make_desc_k(v_addr + rows), make_desc_k(do_addr + ks * 32), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(st);
+    fence_operands(dpt);
+
+    // P^T and dS^T (element 4i + e: key (e < 2 ? key0 : key1), query m0 + 8i + 2t + (e & 1))
+    unsigned char* const ds_buf = smem + Tr::kDs + (it & 1) * Tr::kDsBytes;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 2 * i + (e & 1);
+        const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
+        const bool visible = key < Sk && q < Sq && (!p.causal || key <= q + Sk - Sq);
+        const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
+        st[4 * i + e] = pt;
+        dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);
+      }
+    uint32_t pa[4][4], da[4][4];  // A fragments over the 64 queries, 16 a step
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pa[k][r] = flash::Pack<T>::pack(st[8 * k + 2 * r], st[8 * k + 2 * r + 1]);
+        da[k][r] = flash::Pack<T>::pack(dpt[8 * k + 2 * r], dpt[8 * k + 2 * r + 1]);
+      }
+    // dS^T into shared memory: row = key (this consumer's 64), 64 queries a 128-byte row,
+    // swizzled as the MN-major descriptor reads it
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = 64 * cw + 16 * warp + g + 8 * half;
+        const uint32_t at = uint32_t(row * 128 + (8 * i + 2 * t) * 2);
+        const uint32_t swz = at ^ (((at >> 7) & 7u) << 4);
+        *reinterpret_cast<uint32_t*>(ds_buf + swz) = da[i / 2][2 * (i % 2) + half];
+      }
+    fence_proxy_async();
+
+    // dV += P^T dO, dK += dS^T Q (B MN-major: rows are the queries)
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      wgmma_rs<kHeadDim, T>(dv, pa[ks], make_desc_mn(do_addr + ks * 16 * 128, 0), 1);
+      wgmma_rs<kHeadDim, T>(dk, da[ks], make_desc_mn(q_addr + ks * 16 * 128, 0), 1);
+    }
+    wgmma_commit();
+
+    named_barrier_sync(1, 256);  // both consumers' dS^T is in shared memory
+
+    // dQ[:, 32 cw .. 32 cw + 32) = dS K over the block's 128 keys
+    float dq[16];
+    const uint32_t ds_addr = smem_u32(ds_buf);
+#pragma unroll
+    for (int ks = 0; ks < Tr::kBlockN / 16; ++ks)
+      wgmma_ss_tt<32, T>(dq, make_desc_mn(ds_addr + ks * 16 * 128, 0),
+                         make_desc_mn(k_addr + ks * 16 * 128 + 64 * cw, 0), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dq);
+    fence_operands(dk);
+    fence_operands(dv);
+    mbar_arrive(&q_empty[s]);  // Q and dO are no longer read
+
+    float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim + 32 * cw;
+    const int64_t q_row = p.heads * kHeadDim;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t r = 16 * warp + g + 8 * half;
+      if (m0 + r >= Sq) continue;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        atomicAdd(dq_acc + r * q_row + 8 * i + 2 * t, dq[4 * i + 2 * half]);
+        atomicAdd(dq_acc + r * q_row + 8 * i + 2 * t + 1, dq[4 * i + 2 * half + 1]);
+      }
+    }
+  }
+
+  // dK (times the softmax scale) and dV
+  const int64_t k_start = packed ? q_start : int64_t(b) * p.seqlen_k;
+  const int64_t kv_row = p.heads_k * kHeadDim;
+  T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+  T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t key = half ? key1 : key0;
+    if (key >= Sk) continue;
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(dk_out + key * kv_row + 8 * i) = flash::Pack<T>::pack(
+          dk[4 * i + 2 * half] * p.scale, dk[4 * i + 2 * half + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + key * kv_row + 8 * i) =
+          flash::Pack<T>::pack(dv[4 * i + 2 * half], dv[4 * i + 2 * half + 1]);
+    }
+  }
+#endif  // PYSSM_SM90_DEVICE
+}
+
+// Launcher: dQ's accumulator zeroed, Delta (the portable kernel), the tensor maps, the main
+// kernel, dQ converted (the portable kernel). cudaErrorNotSupported where the Hopper path
+// cannot run, before anything is launched.
+template <typename T, int kHeadDim>
+cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
+  using Tr = Traits<T, kHeadDim>;
+  if (p.batch == 0 || p.heads == 0) return cudaSuccess;
+  if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads_k > 65535)
+    return cudaErrorInvalidValue;
+  const bool packed = p.cu_seqlens != nullptr;
+  const uint64_t q_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_q);
+  const uint64_t k_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_k);
+  const uint64_t batches = packed ? 1 : uint64_t(p.batch);
+  if (q_tokens + 256 > (uint64_t(1) << 31) || k_tokens + 256 > (uint64_t(1) << 31) ||
+      q_tokens == 0 || k_tokens == 0)
+    return cudaErrorNotSupported;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  Maps maps;
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens,
+                  uint32_t rows) {
+    const uint64_t dims[4] = {uint64_t(kHeadDim), heads, tokens, batches};
+    const uint64_t row = heads * kHeadDim * sizeof(T);
+    const uint64_t strides[3] = {kHeadDim * sizeof(T), row, row * tokens};
+    const uint32_t box[4] = {64, 1, rows, 1};
+    return sm90::make_tensor_map_4d(map, base, kBf16, dims, strides, box, 128);
+  };
+  cudaError_t err = make(&maps.k, p.k, uint64_t(p.heads_k), k_tokens, Tr::kBlockN);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, uint64_t(p.heads_k), k_tokens, Tr::kBlockN);
+  if (err == cudaSuccess) err = make(&maps.q, p.q, uint64_t(p.heads), q_tokens, Tr::kBlockM);
+  if (err == cudaSuccess) err = make(&maps.dout, p.dout, uint64_t(p.heads), q_tokens, Tr::kBlockM);
+  if (err != cudaSuccess) return err;
+
+  constexpr int kPortableThreads = flash_bwd::kThreads;
+  const int64_t rows = p.total_q * p.heads;  // query rows x heads
+  err = cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * kHeadDim * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  if (rows > 0) {
+    err = launch_kernel(flash_bwd::flash_bwd_delta_kernel<T, kHeadDim>,
+                        dim3(unsigned((rows + kPortableThreads - 1) / kPortableThreads)),
+                        dim3(kPortableThreads), 0, stream, p);
+    if (err != cudaSuccess) return err;
+  }
+  if (p.seqlen_k > 0) {
+    const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_k),
+                    unsigned(p.batch));
+    err = launch_kernel(flash_bwd_sm90_kernel<T, kHeadDim>, grid, dim3(Tr::kThreads), Tr::kSmem,
+                        stream, p, maps);
+    if (err != cudaSuccess) return err;
+  }
+  if (rows > 0) {
+    const int64_t n8 = rows * kHeadDim / 8;
+    err = launch_kernel(flash_bwd::flash_bwd_dq_kernel<T>, dim3(unsigned((n8 + 255) / 256)),
+                        dim3(256), 0, stream, static_cast<const float*>(p.dq_accum),
+                        static_cast<T*>(p.dq), n8, p.scale);
+  }
+  return err;
+}
+
+}  // namespace flash_bwd_sm90
+}  // namespace pyssm
