@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one device check for a GPU machine (torch preinstalled, no internet needed):
 #   (a) build pyssm's CUDA kernels for the local GPU arch (pip, editable), logging to a file;
+#   (a2) the Hopper attention kernels once, alone (bench/hopper_smoke.py), with a short limit;
 #   (b) run the CUDA tests (pytest -m cuda, a process per op test file: bench/cuda_tests.sh);
 #   (c) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist
 #       (before the benchmarks, so that a long benchmark cannot crowd them out);
@@ -81,6 +82,17 @@ run_step build 300 "$LOGS/build.log" env PYSSM_CUDA_ARCHS="$ARCH" MAX_JOBS=${MAX
 BUILD=$(outcome "$LOGS/build.log")
 KERNELS=$($PY bench/sanitize_cases.py --list 2>&1 | tail -1)   # the ops with a CUDA kernel
 note build "$BUILD; CUDA kernels: $KERNELS" "$TOOK"
+
+# (a2) the Hopper attention kernels once, alone, under a short limit (bench/hopper_smoke.py): a
+# hang or fault there must not take the later steps with it, which all take the Hopper path
+# on an sm_90 GPU; if it fails they run with PYSSM_FLASH_SM90=0 (the tests' sm90 variants skip)
+run_step "hopper smoke" 60 "$LOGS/hopper_smoke.log" "$PY" bench/hopper_smoke.py
+if [ $RC = 0 ]; then
+  note "hopper smoke" "$(tail -1 "$LOGS/hopper_smoke.log")" "$TOOK"
+else
+  export PYSSM_FLASH_SM90=0
+  note "hopper smoke" "FAILED: $(outcome "$LOGS/hopper_smoke.log"); later steps run with PYSSM_FLASH_SM90=0" "$TOOK"
+fi
 
 # (b) CUDA tests, one process per op test file, side by side (bench/cuda_tests.sh)
 run_step tests 240 "$LOGS/tests.log" bash bench/cuda_tests.sh "$LOGS"

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(384, 1)
         delta[2 * i + e] = q < Sq ? p.delta[stat + q] : 0.f;
       }
     const uint32_t q_addr = smem_u32(q_tile(s)), do_addr = smem_u32(do_tile(s));
-    mbar_wait(&q_full[s], (it / Tr::kStages) & 1);
+    mbar_wait<false>(&q_full[s], (it / Tr::kStages) & 1);  // (no register for a bound)
 
     // S^T and dP^T for this consumer's 64 keys and the tile's 64 queries
     float st[32], dpt[32];

@@ -92,14 +92,19 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 #endif
 }
 // waits until the phase of parity `parity` has completed (a fresh barrier is in phase 0, so
-// parity 1 passes at once: the producer's first pass over empty stages)
+// parity 1 passes at once: the producer's first pass over empty stages). kBounded: a phase
+// that never completes (a bug in the pipeline's counts) traps after a few seconds of spinning,
+// an error the caller sees, instead of a kernel that never returns; it costs a register, which
+// the backward's consumers do not have to spare.
+template <bool kBounded = true>
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #ifdef PYSSM_CUDA_EMULATION
   cuda_emulation::mbar_wait(smem_u32(bar), parity);
 #else
   const uint32_t addr = smem_u32(bar);
   uint32_t done = 0;
-  while (!done) {
+  for (uint32_t tries = 0; !done; ++tries) {
+    if (kBounded && tries == (1u << 27)) __trap();
     asm volatile(
         "{\n.reg .pred p;\n"
         "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"

@@ -11,6 +11,14 @@ the image goes after the question, right before the answer. Both come from the t
 with the image right after BOS (even on one-object scenes, or for 1500 steps) or with the
 token-mean loss, the from-scratch LM gave exactly the same answers with the images shuffled;
 with both changes it read colours from the image.
+
+At the tiny budget's scale (VMamba-T dense, 1-2 objects, no grounding, one seed; a diagnostic
+run on two CPU cores, 2026-11-28) the VLM learned to read the image only with enough steps:
+after 800 steps x 16 its VQA answers were the same with the images shuffled (colour 0.26 /
+0.26), after 3000 steps it read colours (0.42 against 0.16 shuffled, 200 test questions); on
+colour questions alone 800 steps sufficed (0.72 against 0.12). So the tiny budget's 800 steps
+(what fits its ten minutes) show the pipeline working, not the encoders' difference: the
+budgets that compare encoders need a few thousand VLM steps at least.
 """
 
 from __future__ import annotations

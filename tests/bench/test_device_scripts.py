@@ -1,6 +1,6 @@
 """The scripts the device check runs on a GPU, run here on the CPU kernels (their CPU modes), so
 that a broken script is found before it costs device time: bench/sanitize_cases.py,
-bench/ncu_cases.py, and bench/device_check.sh's syntax."""
+bench/ncu_cases.py, bench/hopper_smoke.py, and bench/device_check.sh's syntax."""
 
 import os
 import subprocess
@@ -28,6 +28,12 @@ def test_ncu_cases_run_on_the_cpu_kernels():
     done = run([sys.executable, "bench/ncu_cases.py"], PYSSM_NCU_DEVICE="cpu")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ncu cases: ss2d fwd + bwd, attention fwd + bwd: done" in done.stdout
+
+
+def test_hopper_smoke_skips_without_an_sm90_gpu():
+    done = run([sys.executable, "bench/hopper_smoke.py"], PYSSM_HOPPER_SMOKE_DEVICE="cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "hopper smoke: skipped" in done.stdout
 
 
 @pytest.mark.parametrize("script", ["bench/device_check.sh", "bench/cuda_tests.sh"])

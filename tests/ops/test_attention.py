@@ -1,6 +1,7 @@
 """attention against row-by-row float64 softmax attention, forward and backward."""
 
 import math
+import os
 
 import naive
 import pytest
@@ -216,6 +217,9 @@ FLASH_PATHS = ["sm90", "portable"]
 
 @pytest.fixture
 def flash_path(request, monkeypatch):
+    if request.param == "sm90" and os.environ.get("PYSSM_FLASH_SM90") == "0":
+        pytest.skip("the Hopper path is turned off here (PYSSM_FLASH_SM90=0, as the device "
+                    "check sets it when bench/hopper_smoke.py fails)")
     monkeypatch.setenv("PYSSM_FLASH_SM90", "1" if request.param == "sm90" else "0")
     return request.param
 

@@ -1,0 +1,60 @@
+"""The Hopper attention kernels (sm_90) once, alone, before the rest of the device check: the
+forward at head_dim 64 and 128 and the backward at 64, small, against the reference. A hang or
+fault of a kernel that has never run must cost one short step, not every later one (the tests,
+sanitizers and benchmarks all take the Hopper path by default on an sm_90 GPU), so
+bench/device_check.sh runs this under a short limit and turns the path off
+(PYSSM_FLASH_SM90=0) for the later steps when it does not print "ok".
+
+    python bench/hopper_smoke.py       # exit 0: ok or skipped (not an sm_90 GPU), 1: failed
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from pyssm import ops
+
+
+def main() -> int:
+    device = os.environ.get("PYSSM_HOPPER_SMOKE_DEVICE", "cuda")
+    if device != "cuda" or not torch.cuda.is_available():
+        print("hopper smoke: skipped (no CUDA device)")
+        return 0
+    if torch.cuda.get_device_capability() != (9, 0):
+        print(f"hopper smoke: skipped (sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+              ", not sm_90)")
+        return 0
+    os.environ["PYSSM_FLASH_SM90"] = "1"
+    torch.manual_seed(0)
+    worst = 0.0
+    for head_dim, causal, backward in ((64, False, True), (64, True, True), (128, False, False)):
+        q, k, v = (torch.randn(2, 197, 4, head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=backward) for _ in range(3))
+        out = ops.attention(q, k, v, causal=causal, backend="cuda")
+        want = ops.attention(*(t.double() for t in (q, k, v)), causal=causal,
+                             backend="reference")
+        pairs = [(out, want)]
+        if backward:
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, (q, k, v), g)
+            exact = torch.autograd.grad(want, (q, k, v), g.double())
+            pairs += list(zip(got, exact))
+        torch.cuda.synchronize()
+        # error relative to each tensor's largest exact value (bf16 keeps ~3 digits)
+        err = max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+                  for a, b in pairs)
+        worst = max(worst, err)
+        print(f"head_dim {head_dim} causal {causal} backward {backward}: max relative error "
+              f"{err:.3g}", flush=True)
+        if not err < 0.05:  # (NaN fails too)
+            print(f"hopper smoke: FAILED (head_dim {head_dim}: relative error {err:.3g})")
+            return 1
+    print(f"hopper smoke: ok (max relative error {worst:.3g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
