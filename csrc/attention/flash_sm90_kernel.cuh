@@ -300,7 +300,11 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_wait<1>();  // S of tile j + 1 (P V of tile j may still run)
         fence_operands(s);
         softmax(int64_t(j + 1) * Tr::kBlockN);
-        wgmma_wait<0>();  // P V of tile j: its stage is free, O may be rescaled, P rewritten
+        fence_operands(s);
+        // The wait for P V behind a branch that is always taken (batch > 0 here): in one basic
+        // block with the softmax, ptxas scheduled the wait first and the softmax's shuffles and
+        // exponentials after it, which undid the overlap (seen in the SASS).
+        if (p.batch > 0) wgmma_wait<0>();  // P V of tile j: its stage is free, O may be rescaled, P rewritten
         fence_operands(o);
         mbar_arrive(&empty[stage]);
 #pragma unroll
