@@ -234,10 +234,9 @@ __global__ void __launch_bounds__(384, 1)
       const int64_t r = 16 * warp + g + 8 * half;
       if (m0 + r >= Sq) continue;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        atomicAdd(dq_acc + r * q_row + 8 * i + 2 * t, dq[4 * i + 2 * half]);
-        atomicAdd(dq_acc + r * q_row + 8 * i + 2 * t + 1, dq[4 * i + 2 * half + 1]);
-      }
+      for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
+        atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 8 * i + 2 * t),
+                  make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
     }
   }
 

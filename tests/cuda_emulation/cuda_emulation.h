@@ -515,6 +515,10 @@ inline float atomicAdd(float* address, float v) {
 inline double atomicAdd(double* address, double v) {
   return std::atomic_ref<double>(*address).fetch_add(v);
 }
+inline float2 atomicAdd(float2* address, float2 v) {  // sm_90: each half atomically
+  return make_float2(std::atomic_ref<float>(address->x).fetch_add(v.x),
+                     std::atomic_ref<float>(address->y).fetch_add(v.y));
+}
 
 template <typename V>
 V __shfl_xor_sync(unsigned, V v, int lane_mask) {
