@@ -346,21 +346,38 @@ __global__ void __launch_bounds__(256) flash_bwd_dq_kernel(const float* acc, T* 
                  Pack<T>::pack(b.x * scale, b.y * scale), Pack<T>::pack(b.z * scale, b.w * scale));
 }
 
+// The launch's checks and the steps around the main kernel, shared with the Hopper backward
+// (flash_bwd_sm90_kernel.cuh): nothing to do for an empty batch; grouped heads must divide;
+// before the main kernel dQ's accumulator is zeroed and Delta computed, after it dQ converted.
+inline bool bwd_empty(const FlashBwdParams& p) { return p.batch == 0 || p.heads == 0; }
+inline bool bwd_args_ok(const FlashBwdParams& p) {
+  return p.heads_k >= 1 && p.heads % p.heads_k == 0 && p.batch <= 65535 && p.heads_k <= 65535;
+}
+template <typename T, int kHeadDim>
+cudaError_t bwd_before(const FlashBwdParams& p, cudaStream_t stream) {
+  const int64_t rows = p.total_q * p.heads;  // query rows x heads
+  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * kHeadDim * sizeof(float), stream);
+  if (err != cudaSuccess || rows == 0) return err;
+  return launch_kernel(flash_bwd_delta_kernel<T, kHeadDim>,
+                       dim3(unsigned((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0, stream,
+                       p);
+}
+template <typename T, int kHeadDim>
+cudaError_t bwd_after(const FlashBwdParams& p, cudaStream_t stream) {
+  const int64_t n8 = p.total_q * p.heads * kHeadDim / 8;
+  if (n8 == 0) return cudaSuccess;
+  return launch_kernel(flash_bwd_dq_kernel<T>, dim3(unsigned((n8 + 255) / 256)), dim3(256), 0,
+                       stream, static_cast<const float*>(p.dq_accum), static_cast<T*>(p.dq), n8,
+                       p.scale);
+}
+
 template <typename T, int kHeadDim>
 cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
-  if (p.batch == 0 || p.heads == 0) return cudaSuccess;
-  if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads_k > 65535)
-    return cudaErrorInvalidValue;
-  const int64_t rows = p.total_q * p.heads;  // query rows x heads
-  cudaError_t err = cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * kHeadDim * sizeof(float), stream);
+  if (bwd_empty(p)) return cudaSuccess;
+  if (!bwd_args_ok(p)) return cudaErrorInvalidValue;
+  cudaError_t err = bwd_before<T, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
-  if (rows > 0) {
-    err = launch_kernel(flash_bwd_delta_kernel<T, kHeadDim>,
-                        dim3(unsigned((rows + kThreads - 1) / kThreads)), dim3(kThreads), 0,
-                        stream, p);
-    if (err != cudaSuccess) return err;
-  }
   if (p.seqlen_k > 0) {
     const dim3 grid(unsigned((p.seqlen_k + kBlockN - 1) / kBlockN), unsigned(p.heads_k),
                     unsigned(p.batch));
@@ -368,14 +385,7 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
                         stream, p);
     if (err != cudaSuccess) return err;
   }
-  if (rows > 0) {
-    const int64_t n8 = rows * kHeadDim / 8;
-    err = launch_kernel(flash_bwd_dq_kernel<T>, dim3(unsigned((n8 + 255) / 256)), dim3(256), 0,
-                        stream, static_cast<const float*>(p.dq_accum), static_cast<T*>(p.dq),
-                        n8, p.scale);
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return bwd_after<T, kHeadDim>(p, stream);
 }
 
 }  // namespace flash_bwd

@@ -260,15 +260,14 @@ __global__ void __launch_bounds__(384, 1)
 #endif  // PYSSM_SM90_DEVICE
 }
 
-// Launcher: dQ's accumulator zeroed, Delta (the portable kernel), the tensor maps, the main
-// kernel, dQ converted (the portable kernel). cudaErrorNotSupported where the Hopper path
-// cannot run, before anything is launched.
+// Launcher: the tensor maps, then the portable backward's steps (dQ's accumulator zeroed, Delta)
+// before this main kernel and after it (dQ converted). cudaErrorNotSupported where the Hopper
+// path cannot run, before anything is launched.
 template <typename T, int kHeadDim>
 cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
-  if (p.batch == 0 || p.heads == 0) return cudaSuccess;
-  if (p.heads_k < 1 || p.heads % p.heads_k != 0 || p.batch > 65535 || p.heads_k > 65535)
-    return cudaErrorInvalidValue;
+  if (flash_bwd::bwd_empty(p)) return cudaSuccess;
+  if (!flash_bwd::bwd_args_ok(p)) return cudaErrorInvalidValue;
   const bool packed = p.cu_seqlens != nullptr;
   const uint64_t q_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_q);
   const uint64_t k_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_k);
@@ -276,32 +275,17 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   if (q_tokens + 256 > (uint64_t(1) << 31) || k_tokens + 256 > (uint64_t(1) << 31) ||
       q_tokens == 0 || k_tokens == 0)
     return cudaErrorNotSupported;
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   Maps maps;
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens,
-                  uint32_t rows) {
-    const uint64_t dims[4] = {uint64_t(kHeadDim), heads, tokens, batches};
-    const uint64_t row = heads * kHeadDim * sizeof(T);
-    const uint64_t strides[3] = {kHeadDim * sizeof(T), row, row * tokens};
-    const uint32_t box[4] = {64, 1, rows, 1};
-    return sm90::make_tensor_map_4d(map, base, kBf16, dims, strides, box, 128);
+  const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int rows) {
+    return sm90::make_token_map<T>(map, base, kHeadDim, heads, tokens, batches, 64, rows);
   };
-  cudaError_t err = make(&maps.k, p.k, uint64_t(p.heads_k), k_tokens, Tr::kBlockN);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, uint64_t(p.heads_k), k_tokens, Tr::kBlockN);
-  if (err == cudaSuccess) err = make(&maps.q, p.q, uint64_t(p.heads), q_tokens, Tr::kBlockM);
-  if (err == cudaSuccess) err = make(&maps.dout, p.dout, uint64_t(p.heads), q_tokens, Tr::kBlockM);
+  cudaError_t err = make(&maps.k, p.k, hk, k_tokens, Tr::kBlockN);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, Tr::kBlockN);
+  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_tokens, Tr::kBlockM);
+  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, q_tokens, Tr::kBlockM);
+  if (err == cudaSuccess) err = flash_bwd::bwd_before<T, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
-
-  constexpr int kPortableThreads = flash_bwd::kThreads;
-  const int64_t rows = p.total_q * p.heads;  // query rows x heads
-  err = cudaMemsetAsync(p.dq_accum, 0, size_t(rows) * kHeadDim * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
-  if (rows > 0) {
-    err = launch_kernel(flash_bwd::flash_bwd_delta_kernel<T, kHeadDim>,
-                        dim3(unsigned((rows + kPortableThreads - 1) / kPortableThreads)),
-                        dim3(kPortableThreads), 0, stream, p);
-    if (err != cudaSuccess) return err;
-  }
   if (p.seqlen_k > 0) {
     const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_k),
                     unsigned(p.batch));
@@ -309,13 +293,7 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
                         stream, p, maps);
     if (err != cudaSuccess) return err;
   }
-  if (rows > 0) {
-    const int64_t n8 = rows * kHeadDim / 8;
-    err = launch_kernel(flash_bwd::flash_bwd_dq_kernel<T>, dim3(unsigned((n8 + 255) / 256)),
-                        dim3(256), 0, stream, static_cast<const float*>(p.dq_accum),
-                        static_cast<T*>(p.dq), n8, p.scale);
-  }
-  return err;
+  return flash_bwd::bwd_after<T, kHeadDim>(p, stream);
 }
 
 }  // namespace flash_bwd_sm90

@@ -1,18 +1,9 @@
 // The Hopper flash-attention forward for __nv_bfloat16, head_dim 64 (one translation unit per dtype
-// and head size). The kernel is in flash_sm90_kernel.cuh; PYSSM_SM90A says the build has
-// sm_90a code (CMakeLists.txt), without which the kernel body is empty.
+// and head size). The kernel is in flash_sm90_kernel.cuh.
 #include "attention/flash_sm90_kernel.cuh"
 
 namespace pyssm {
 
-cudaError_t flash_fwd_sm90_bf16_hd64(const FlashParams& p, cudaStream_t stream) {
-#ifdef PYSSM_SM90A
-  return flash_sm90::fwd<__nv_bfloat16, 64>(p, stream);
-#else
-  (void)p;
-  (void)stream;
-  return cudaErrorNotSupported;
-#endif
-}
+PYSSM_SM90_LAUNCHER(flash_fwd_sm90_bf16_hd64, FlashParams, (flash_sm90::fwd<__nv_bfloat16, 64>))
 
 }  // namespace pyssm

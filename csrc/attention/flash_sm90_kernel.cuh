@@ -365,24 +365,18 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
   const uint64_t k_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_k);
   const uint64_t batches = packed ? 1 : uint64_t(p.batch);
   if (q_tokens + Tr::kBlockM > (uint64_t(1) << 31) || k_tokens == 0) return cudaErrorNotSupported;
-  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   Maps maps;
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int cols,
-                  int span) {
-    const uint64_t dims[4] = {uint64_t(kHeadDim), heads, tokens, batches};
-    const uint64_t row = heads * kHeadDim * sizeof(T);
-    const uint64_t strides[3] = {kHeadDim * sizeof(T), row, row * tokens};
-    const uint32_t box[4] = {uint32_t(cols), 1, 128, 1};
-    return sm90::make_tensor_map_4d(map, base, kBf16, dims, strides, box, span);
-  };
   const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
-  cudaError_t err = make(&maps.q, p.q, hq, q_tokens, 64, 128);
-  if (err == cudaSuccess) err = make(&maps.k, p.k, hk, k_tokens, 64, 128);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, 64, 128);
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int cols) {
+    return sm90::make_token_map<T>(map, base, kHeadDim, heads, tokens, batches, cols, 128);
+  };
+  cudaError_t err = make(&maps.q, p.q, hq, q_tokens, 64);
+  if (err == cudaSuccess) err = make(&maps.k, p.k, hk, k_tokens, 64);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, 64);
   if (Tr::kTail) {
-    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_tokens, Tr::kTailCols, Tr::kTailSpan);
-    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, k_tokens, Tr::kTailCols, Tr::kTailSpan);
-    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, k_tokens, Tr::kTailCols, Tr::kTailSpan);
+    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_tokens, Tr::kTailCols);
+    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, k_tokens, Tr::kTailCols);
+    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, k_tokens, Tr::kTailCols);
   } else {
     maps.q_tail = maps.k_tail = maps.v_tail = maps.q;  // (not read)
   }

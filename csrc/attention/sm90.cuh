@@ -16,6 +16,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
 
 #include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: the emulation)
 
@@ -26,6 +29,18 @@
 #if defined(PYSSM_CUDA_EMULATION) || \
     (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
 #define PYSSM_SM90_DEVICE 1  // the Hopper kernels' bodies are compiled (sm_90a, or emulated)
+#endif
+
+// Defines the launcher `name(const Params& p, cudaStream_t stream)` of a Hopper kernel (one per
+// dtype and head size, each in its own translation unit): `call(p, stream)` when the build has
+// sm_90a code (PYSSM_SM90A, CMakeLists.txt), cudaErrorNotSupported otherwise (the kernel's body
+// is empty then, and the caller takes the portable path).
+#ifdef PYSSM_SM90A
+#define PYSSM_SM90_LAUNCHER(name, Params, call) \
+  cudaError_t name(const Params& p, cudaStream_t stream) { return call(p, stream); }
+#else
+#define PYSSM_SM90_LAUNCHER(name, Params, call) \
+  cudaError_t name(const Params&, cudaStream_t) { return cudaErrorNotSupported; }
 #endif
 
 namespace pyssm {
@@ -264,6 +279,20 @@ inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool b
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 #endif
+}
+
+// The tensor map of a (batch, tokens, heads, head_dim) tensor of T (contiguous; packed sequences
+// as one batch of all tokens) for boxes of `cols` columns from one head and `rows` tokens,
+// swizzled over cols * 2 bytes.
+template <typename T>
+cudaError_t make_token_map(CUtensorMap* map, const void* base, int head_dim, uint64_t heads,
+                           uint64_t tokens, uint64_t batches, int cols, int rows) {
+  const uint64_t dims[4] = {uint64_t(head_dim), heads, tokens, batches};
+  const uint64_t row = heads * head_dim * sizeof(T);
+  const uint64_t strides[3] = {head_dim * sizeof(T), row, row * tokens};
+  const uint32_t box[4] = {uint32_t(cols), 1, uint32_t(rows), 1};
+  return make_tensor_map_4d(map, base, std::is_same_v<T, __nv_bfloat16>, dims, strides, box,
+                            2 * cols);
 }
 
 }  // namespace sm90

@@ -64,10 +64,11 @@ cudaError_t bwd(int head_dim, const pyssm::FlashBwdParams& p) {
 
 extern "C" {
 
-// dtype: 2 float16, 3 bfloat16
-int emu_flash_fwd(int dtype, int head_dim, const void* q, const void* k, const void* v,
-                  void* out, float* lse, const int* cu, const int64_t* sizes, float scale,
-                  int causal) {
+// dtype: 2 float16, 3 bfloat16; sm90: the Hopper forward (flash_sm90_kernel.cuh: TMA,
+// mbarriers and wgmma emulated) instead of the portable one
+int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
+                      const void* v, void* out, float* lse, const int* cu, const int64_t* sizes,
+                      float scale, int causal) {
   pyssm::FlashParams p{};
   p.q = q;
   p.k = k;
@@ -75,24 +76,9 @@ int emu_flash_fwd(int dtype, int head_dim, const void* q, const void* k, const v
   p.out = out;
   p.lse = lse;
   set_sizes(p, sizes, cu, scale, causal);
-  if (dtype == 2) return int(fwd<__half>(head_dim, p));
-  if (dtype == 3) return int(fwd<__nv_bfloat16>(head_dim, p));
-  return int(cudaErrorInvalidValue);
-}
-
-// the Hopper forward (flash_sm90_kernel.cuh: TMA, mbarriers and wgmma emulated), same arguments
-int emu_flash_fwd_sm90(int dtype, int head_dim, const void* q, const void* k, const void* v,
-                       void* out, float* lse, const int* cu, const int64_t* sizes, float scale,
-                       int causal) {
-  pyssm::FlashParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.out = out;
-  p.lse = lse;
-  set_sizes(p, sizes, cu, scale, causal);
-  if (dtype == 2) return int(fwd_sm90<__half>(head_dim, p));
-  if (dtype == 3) return int(fwd_sm90<__nv_bfloat16>(head_dim, p));
+  if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
+  if (dtype == 3)
+    return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
   return int(cudaErrorInvalidValue);
 }
 
@@ -126,14 +112,6 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   if (dtype == 2) return int(bwd<__half>(head_dim, p));
   if (dtype == 3) return int(bwd<__nv_bfloat16>(head_dim, p));
   return int(cudaErrorInvalidValue);
-}
-
-int emu_flash_bwd(int dtype, int head_dim, const void* q, const void* k, const void* v,
-                  const void* out, const void* dout, void* dq, void* dk, void* dv,
-                  const float* lse, const float* dlse, float* delta, float* dq_accum,
-                  const int* cu, const int64_t* sizes, float scale, int causal) {
-  return emu_flash_bwd_any(0, dtype, head_dim, q, k, v, out, dout, dq, dk, dv, lse, dlse, delta,
-                           dq_accum, cu, sizes, scale, causal);
 }
 
 }  // extern "C"
