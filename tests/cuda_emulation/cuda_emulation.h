@@ -6,14 +6,20 @@
 // lane's fragments and ldmatrix .x2 / .x4 [.trans] from every lane's row address, by the PTX
 // ISA's layouts), cp.async copies that land only at the wait that covers them, static
 // __shared__ variables shared by the block (function statics), dynamic shared memory poisoned
-// (all bits set: NaN in float and double) before each block, fp32 / fp64 atomicAdd as atomic
-// read-modify-writes, cudaMemsetAsync as memset.
+// (all bits set: NaN in float and double) before each block, fp32 / fp64 / float2 atomicAdd as
+// atomic read-modify-writes, cudaMemsetAsync as memset. For the Hopper kernels (sm90.cuh):
+// warpgroups of 4 warps, named barriers, mbarriers with phases and transaction bytes, TMA tile
+// loads from tensor maps with the 128 / 64 / 32-byte swizzles and zero fill (queued in their
+// mbarrier, landing only when a thread waits on it), wgmma m64nNk16 with its descriptors
+// decoded per the PTX ISA (A from registers or shared memory, either operand MN-major),
+// computed at the wgmma wait that covers its group; a device of 3 SMs.
 //
 // What it checks: indexing, tiling, tails, the algorithm, which element every thread reads and
-// writes, dynamic shared memory read before it is written (or before its cp.async landed),
-// fragment layouts, barrier counts (a thread skipping a barrier the others reach deadlocks). What it does not: the GPU memory
-// model and its races, the hardware's own arithmetic (mma sums in double here), timing. A pass
-// here is not a pass on a GPU.
+// writes, dynamic shared memory read before it is written (or before its copy landed), fragment
+// and shared-memory layouts, barrier counts and mbarrier phases (a thread skipping a barrier
+// the others reach deadlocks; an mbarrier wait that never completes or an over-arrived one
+// aborts). What it does not: the GPU memory model and its races, the hardware's own arithmetic
+// (mma sums in double here), timing. A pass here is not a pass on a GPU.
 //
 // Force-included (g++ -include cuda_emulation.h) before any kernel source.
 #pragma once

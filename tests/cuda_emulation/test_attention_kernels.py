@@ -1,6 +1,7 @@
-"""The flash-attention CUDA kernels (forward and backward), run on the CPU in cuda_emulation.h's
-emulation (warps, shuffles and mma.sync m16n8k16 emulated from the PTX ISA's fragment
-layouts), against float64 attention from the same rounded inputs.
+"""The flash-attention CUDA kernels (forward and backward, the portable ones and the Hopper
+ones), run on the CPU in cuda_emulation.h's emulation (warps, shuffles, mma.sync, ldmatrix and
+cp.async; for the Hopper kernels TMA, mbarriers, named barriers and wgmma, from the PTX ISA's
+definitions), against float64 attention from the same rounded inputs.
 
 The torch-side glue (csrc/attention/attention_cuda.cpp: layouts, workspaces) is redone here;
 on a GPU the op tests cover the glue itself. Skipped without g++ or the CUDA headers.
