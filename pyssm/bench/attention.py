@@ -7,8 +7,8 @@ head_dim 80 (16 heads, ViT-H) and 128 (8 heads) forward at N = 1025 and 4097: th
 hd80 for 0.9x hd64's TFLOP/s and hd128 for 600.
 SDPA runs with each backend forced (flash, cudnn, efficient) and with torch's own choice
 (default), on transposed views (B, H, N, d) of the same (B, N, H, d) tensors. On an sm_90 GPU
-pyssm's forward takes its Hopper path (head_dim 64 to 128); "pyssm-cuda-portable" is the same
-op with that path turned off (PYSSM_FLASH_SM90=0), so both paths sit side by side.
+pyssm takes its Hopper kernels (forward at head_dim 64 to 128, backward at 64);
+"pyssm-cuda-portable" is the same op with them turned off (PYSSM_FLASH_SM90=0), so both paths sit side by side.
 CPU (float32): N = 65, 197, batch 2, 4 heads, head_dim 32: pyssm-cpu, reference, SDPA math and
 default.
 """
@@ -58,7 +58,9 @@ def sdpa_provider(backend: str) -> harness.Provider:
 
 
 def portable_provider() -> harness.Provider:
-    """pyssm's CUDA attention with the Hopper forward turned off (PYSSM_FLASH_SM90=0)."""
+    """pyssm's CUDA attention with the Hopper kernels (forward and backward) turned off
+    (PYSSM_FLASH_SM90=0). The variable is set and restored inside each call, so the timed
+    calls include that (a few microseconds of Python; the kernels take 0.1 ms and more)."""
     def attend(q, k, v):
         before = os.environ.get("PYSSM_FLASH_SM90")
         os.environ["PYSSM_FLASH_SM90"] = "0"

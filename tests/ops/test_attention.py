@@ -210,8 +210,9 @@ def test_gradients_match_independent_math(device, backend, causal):
 CUDA_ONLY = [p for p in backend_params("attention") if p.id == "cuda"]
 
 
-# The forward's two CUDA paths: "sm90" lets an sm_90 GPU take the Hopper kernel at head_dim 64
-# to 128 (elsewhere it is the portable one again); "portable" turns it off (PYSSM_FLASH_SM90=0).
+# The two CUDA paths: "sm90" lets an sm_90 GPU take the Hopper kernels (forward at head_dim 64
+# to 128, backward at 64; elsewhere the portable ones again); "portable" turns them off
+# (PYSSM_FLASH_SM90=0).
 FLASH_PATHS = ["sm90", "portable"]
 
 
