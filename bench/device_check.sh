@@ -2,6 +2,7 @@
 # The one device check for a GPU machine (torch preinstalled, no internet needed):
 #   (a) build pyssm's CUDA kernels for the local GPU arch (pip, editable), logging to a file;
 #   (a2) the Hopper attention kernels once, alone (bench/hopper_smoke.py), with a short limit;
+#   (a3) the Triton kernels once likewise (bench/triton_smoke.py);
 #   (b) run the CUDA tests (pytest -m cuda, a process per op test file: bench/cuda_tests.sh);
 #   (c) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist
 #       (before the benchmarks, so that a long benchmark cannot crowd them out);
@@ -92,6 +93,16 @@ if [ $RC = 0 ]; then
 else
   export PYSSM_FLASH_SM90=0
   note "hopper smoke" "FAILED: $(outcome "$LOGS/hopper_smoke.log"); later steps run with PYSSM_FLASH_SM90=0" "$TOOK"
+fi
+
+# (a3) the Triton kernels (layer_norm, which the encoders' norms take) once, likewise: if they
+# fail, the later steps run with PYSSM_TRITON=0 (the norms on torch's own LayerNorm)
+run_step "triton smoke" 60 "$LOGS/triton_smoke.log" "$PY" bench/triton_smoke.py
+if [ $RC = 0 ]; then
+  note "triton smoke" "$(tail -1 "$LOGS/triton_smoke.log")" "$TOOK"
+else
+  export PYSSM_TRITON=0
+  note "triton smoke" "FAILED: $(outcome "$LOGS/triton_smoke.log"); later steps run with PYSSM_TRITON=0" "$TOOK"
 fi
 
 # (b) CUDA tests, one process per op test file, side by side (bench/cuda_tests.sh)

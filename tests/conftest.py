@@ -8,10 +8,18 @@ CUDA cases carry the ``cuda`` marker and skip cleanly without a GPU or without a
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import pyssm
+# Without a GPU, pyssm's Triton kernels run on CPU tensors in Triton's interpreter, which Triton
+# picks when it is imported with TRITON_INTERPRET=1 (so before pyssm, timm or transformers
+# import it). On a GPU they are compiled and their CPU-tensor cases skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pyssm  # noqa: E402
 from pyssm import _extension
 
 

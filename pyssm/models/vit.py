@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyssm.models.norms import LayerNorm, norm_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vit_configs import GLOBAL_POOLS, VIT_CONFIGS, ViTConfig
 from pyssm.ops import attention
@@ -103,14 +104,16 @@ class Block(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         dim = config.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm1 = LayerNorm(dim, eps=config.norm_eps)
         self.attn = Attention(dim, config.num_heads, config.qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm2 = LayerNorm(dim, eps=config.norm_eps)
         self.mlp = Mlp(dim, config.mlp_hidden)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), backend=backend)
-        return x + self.mlp(self.norm2(x))
+        nb = norm_backend(backend)
+        branch = self.attn(self.norm1(x, for_matmul=True, backend=nb), backend=backend)
+        h, x = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
+        return x + self.mlp(h)
 
 
 class VisionTransformer(nn.Module):
@@ -141,7 +144,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1],
                                                   dim))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm = LayerNorm(dim, eps=config.norm_eps)
         self.head = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
         self.init_weights()
 
@@ -198,7 +201,7 @@ class VisionTransformer(nn.Module):
         x = self.embed(x)
         for block in self.blocks:
             x = block(x, backend=backend)
-        return self.norm(x)
+        return self.norm(x, backend=norm_backend(backend))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """forward_features' tokens -> pooled features (pre_logits) or logits."""
@@ -257,7 +260,7 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(blocks):
             x = block(x, backend=backend)
             if i in take:
-                intermediates.append(self.norm(x) if norm else x)
+                intermediates.append(self.norm(x, backend=norm_backend(backend)) if norm else x)
         prefixes = [y[:, :self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if output_fmt == "NCHW":
@@ -267,7 +270,7 @@ class VisionTransformer(nn.Module):
             intermediates = list(zip(intermediates, prefixes))
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        return self.norm(x, backend=norm_backend(backend)), intermediates
 
     def tokens(self, images: torch.Tensor, tap: int | str = -1, include_cls: bool = False,
                backend: str | None = None) -> torch.Tensor:

@@ -21,18 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyssm.models.norms import LayerNorm, LayerNorm2d, norm_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) tensor."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                         self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class Linear2d(nn.Linear):
@@ -66,7 +58,7 @@ class DropPath(nn.Module):
 
 
 def _norm(cfg: VMambaConfig, dim: int) -> nn.Module:
-    return (LayerNorm2d if cfg.channel_first else nn.LayerNorm)(dim, eps=cfg.norm_eps)
+    return (LayerNorm2d if cfg.channel_first else LayerNorm)(dim, eps=cfg.norm_eps)
 
 
 def _to_cf(cfg: VMambaConfig) -> nn.Module:  # channel-last -> channel-first, when needed
@@ -98,7 +90,7 @@ class SS2D(nn.Module):
         self.Ds = nn.Parameter(torch.empty(4 * d_inner))
         # vanilla (v0) normalises channel-last whatever the model's layout
         self.out_norm = (_norm(cfg, d_inner) if not self.with_z else
-                         nn.LayerNorm(d_inner, eps=cfg.norm_eps))
+                         LayerNorm(d_inner, eps=cfg.norm_eps))
         self.out_proj = Lin(d_inner, d_model, bias=False)
         self.reset_ssm_parameters()
 
@@ -131,9 +123,7 @@ class SS2D(nn.Module):
                  self.Ds, channels_first=True, out_float32=low, backend=self.backend)
         if not self.channel_first or self.with_z:
             y = y.permute(0, 2, 3, 1)
-        if not torch.is_autocast_enabled(y.device.type):  # autocast runs LayerNorm in fp32
-            y = y.to(self.out_norm.weight.dtype)
-        y = self.out_norm(y).to(x.dtype)
+        y = self.out_norm(y, out_dtype=x.dtype)  # normalised from float32, rounded once
         if self.with_z:  # gated channel-last, as the official v0 forward
             y = y * (z.permute(0, 2, 3, 1) if self.channel_first else z)
             if self.channel_first:
@@ -164,10 +154,11 @@ class VSSBlock(nn.Module):
             self.mlp = Mlp(cfg, dim, int(dim * cfg.mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
-        if self.has_mlp:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
+        if not self.has_mlp:
+            return x + branch
+        h, x = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass
+        return x + self.drop_path(self.mlp(h))
 
 
 class PatchMerging2D(nn.Module):
@@ -176,7 +167,7 @@ class PatchMerging2D(nn.Module):
     def __init__(self, cfg: VMambaConfig, dim: int, out_dim: int):
         super().__init__()
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim, eps=cfg.norm_eps)
+        self.norm = LayerNorm(4 * dim, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[1:3]
@@ -246,10 +237,13 @@ class VMamba(nn.Module):
             nn.init.zeros_(m.bias)
 
     def set_backend(self, backend: str | None) -> VMamba:
-        """The pyssm backend every SS2D core uses ("cuda", "cpu", "reference" or None)."""
+        """The pyssm backend every SS2D core uses ("cuda", "cpu", "reference" or None), and
+        the matching one for the LayerNorms (pyssm.models.norms.norm_backend)."""
         for m in self.modules():
             if isinstance(m, SS2D):
                 m.backend = backend
+            elif isinstance(m, LayerNorm):
+                m.backend = norm_backend(backend)
         return self
 
     # ---- the timm API -----------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""layer_norm: the residual add and LayerNorm of a pre-norm block, as the encoders run it under
+bf16 autocast (a bf16 branch output added to the float32 residual stream, the norm's output in
+bf16 for the next matrix product), against torch eager and torch.compile of the same function.
+
+    torch:  s = x + r; y = layer_norm(s).to(bf16)       (3 kernels: add, norm, cast)
+    pyssm:  layer_norm(x, w, b, residual=r, out_dtype=bf16, return_residual=True)  (1 kernel)
+
+Bytes (the minimum, counted the same for every provider): forward reads x (2 B) and r (4 B),
+writes y (2 B) and s (4 B): 12 B per element; forward + backward adds dy read (2 B), x and r
+read again (6 B), dx and dr written (6 B): 26 B per element. "full" takes gradients from y only
+(the harness gives one output a cotangent), so the backward's dr also carries nothing from s.
+GPU: VMamba-T's stage-1 block at 224 px x 64 (200,704 rows of 96), its stage-3 block (12,544
+rows of 384), ViT-B/16 at 224 px x 128 (25,216 rows of 768), VMamba-T at 1024 px x 3 (196,608
+rows of 96). CPU: torch only (the Triton kernels run on CPU tensors only in Triton's
+interpreter, for the tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pyssm.bench import harness
+from pyssm.ops import layer_norm_triton
+from pyssm.ops.layer_norm import layer_norm
+
+NOTES = [
+    "layer_norm: a bf16 branch x added to a float32 residual r, normalised, y in bf16; GB/s "
+    "over the minimum bytes (12 B per element forward, 26 B forward + backward), the same "
+    "bytes for every provider.",
+    "torch-compile: torch.compile (inductor) of the torch function, compiled in the untimed "
+    "first call.",
+]
+
+
+def torch_add_norm(x, r, w, b):
+    s = x + r
+    return F.layer_norm(s, s.shape[-1:], w, b, 1e-6).to(torch.bfloat16)
+
+
+def pyssm_add_norm(x, r, w, b):
+    y, _ = layer_norm(x, w, b, 1e-6, residual=r, out_dtype=torch.bfloat16, return_residual=True,
+                      backend="triton")
+    return y
+
+
+def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    if gpu:
+        sizes = [("VMamba-T s1, 224 px x 64", 64 * 56 * 56, 96),
+                 ("ViT-B/16, 224 px x 128", 128 * 197, 768),
+                 ("VMamba-T s3, 224 px x 64", 64 * 14 * 14, 384),
+                 ("VMamba-T s1, 1024 px x 3", 3 * 256 * 256, 96)][: 2 if quick else 4]
+    else:
+        sizes = [("small", 2048, 96), ("ViT width", 512, 768)][: 1 if quick else 2]
+    out = []
+    for i, (label, rows, width) in enumerate(sizes):
+        def make(rows=rows, width=width):
+            return (torch.randn(rows, width, device=device, dtype=torch.bfloat16),
+                    torch.randn(rows, width, device=device),
+                    1 + 0.1 * torch.randn(width, device=device),
+                    0.1 * torch.randn(width, device=device))
+
+        if gpu and layer_norm_triton.available():
+            ours = harness.Provider("pyssm-triton", pyssm_add_norm)
+        else:
+            ours = harness.Provider("pyssm-triton", None,
+                                    "GPU only" if layer_norm_triton.available() else "no triton")
+        providers = [ours, harness.Provider("torch", torch_add_norm)]
+        if gpu and (i == 0 or not quick):  # compiling costs ~10-30 s per size and mode
+            providers.append(harness.Provider("torch-compile", torch.compile(torch_add_norm)))
+        elements = rows * width
+        out.append(harness.Case(
+            op="layer_norm", size={"shape": label, "rows": rows, "N": width},
+            make_inputs=make, providers=providers, modes=("forward", "full"), dtype="bf16+fp32",
+            bytes={"forward": 12 * elements, "full": 26 * elements}))
+    return out

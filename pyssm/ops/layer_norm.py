@@ -1,0 +1,184 @@
+"""layer_norm: LayerNorm over the last dimension, with an optional residual added first and the
+output in the dtype the next layer reads: the glue of every VMamba and ViT block in one pass.
+
+    s = x + residual                        (float32, or float64 for float64 inputs)
+    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias,   returned in out_dtype
+    returns y, or (y, s) with return_residual=True (s in the promoted dtype of x and residual)
+
+Backends: ``triton`` (the kernels of layer_norm_triton.py: on CUDA tensors compiled, on CPU
+tensors run by Triton's interpreter, which the tests use), ``reference`` (torch's own ops:
+add, ``F.layer_norm``, a cast), or None / ``"auto"``: Triton for CUDA tensors once its kernels
+have passed pyssm's tests on a GPU (``_extension.UNVERIFIED_CUDA``; ``PYSSM_UNVERIFIED_CUDA=1``
+runs them before that), the reference otherwise, and always for float64.
+``PYSSM_BACKEND=reference`` or ``PYSSM_TRITON=0`` makes the automatic choice the reference. The
+reference is torch's native LayerNorm, so the fallback is unfused, not slow: no warning.
+
+Unlike pyssm's C++ ops, this one is defined in Python (``torch.library.custom_op``, namespace
+``pyssm``) with a fake and an autograd formula, so it works under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pyssm import _extension
+from pyssm.ops import _checks, layer_norm_triton
+
+BACKENDS = ("triton", "reference")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _s_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
+                         return_residual=False):
+    """Pure-PyTorch layer_norm (the module docstring), accumulating in float32 (float64 for
+    float64 inputs)."""
+    s_dtype = _s_dtype(x, residual)
+    acc = _checks.acc_dtype(s_dtype)
+    s = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
+    y = F.layer_norm(s, s.shape[-1:], None if weight is None else weight.to(acc),
+                     None if bias is None else bias.to(acc), eps)
+    y = y.to(out_dtype or s_dtype)
+    return (y, s.to(s_dtype)) if return_residual else y
+
+
+def check_layer_norm(x, weight, bias, residual, out_dtype, return_residual) -> None:
+    _checks.floating(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the one normalised), got a scalar")
+    n = x.shape[-1]
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None:
+            _checks.floating(t, name)
+            _checks.shape(t, (n,), name, "(N,) with N the last dimension of x")
+            _checks.same_device(t, x, name, "x")
+    if residual is not None:
+        _checks.floating(residual, "residual")
+        _checks.shape(residual, x.shape, "residual", "the shape of x")
+        _checks.same_device(residual, x, "residual", "x")
+    elif return_residual:
+        raise ValueError("return_residual=True needs a residual (without one, s is x itself)")
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+
+
+def _use_triton(x, weight, bias, residual, out_dtype, backend) -> bool:
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
+    dtypes = [t.dtype for t in (x, weight, bias, residual) if t is not None]
+    dtypes += [out_dtype] if out_dtype is not None else []
+    fits = all(d in _TRITON_DTYPES for d in dtypes)
+    if backend == "triton":
+        if not layer_norm_triton.available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not fits:
+            raise TypeError(f"backend='triton' takes float32, float16 and bfloat16 tensors and "
+                            f"out_dtype, got {dtypes}; float64 runs on backend='reference'")
+        return True
+    if (backend == "reference" or os.environ.get("PYSSM_BACKEND", "") == "reference"
+            or os.environ.get("PYSSM_TRITON", "") == "0"):
+        return False
+    return (x.device.type == "cuda" and fits and layer_norm_triton.available()
+            and ("layer_norm" not in _extension.UNVERIFIED_CUDA
+                 or os.environ.get("PYSSM_UNVERIFIED_CUDA", "") == "1"))
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as an (M, N) view with unit stride along N (a copy only when no such view exists)."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *,
+               residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+               return_residual: bool = False, backend: str | None = None):
+    """LayerNorm of ``x + residual`` over the last dimension (module docstring). ``out_dtype``
+    defaults to the promoted dtype of x and residual. Differentiable in x, residual, weight and
+    bias."""
+    check_layer_norm(x, weight, bias, residual, out_dtype, return_residual)
+    if not _use_triton(x, weight, bias, residual, out_dtype, backend):
+        return layer_norm_reference(x, weight, bias, eps, residual=residual,
+                                    out_dtype=out_dtype, return_residual=return_residual)
+    out_dtype = out_dtype or _s_dtype(x, residual)
+    y, s, _, _ = torch.ops.pyssm.layer_norm_triton(
+        _rows(x), _rows(residual), weight, bias, float(eps), out_dtype, return_residual)
+    y = y.view(x.shape)
+    return (y, s.view(x.shape)) if return_residual else y
+
+
+# ---- the op, its fake and its gradient ---------------------------------------------------------
+
+@torch.library.custom_op("pyssm::layer_norm_triton", mutates_args=())
+def _layer_norm_triton(x: torch.Tensor, residual: torch.Tensor | None,
+                       weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                       out_dtype: torch.dtype, store_residual: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s_dtype = _s_dtype(x, residual) if store_residual else None
+    return layer_norm_triton.forward(x, residual, weight, bias, eps, out_dtype, s_dtype)
+
+
+@_layer_norm_triton.register_fake
+def _(x, residual, weight, bias, eps, out_dtype, store_residual):
+    M, N = x.shape
+    s_shape = (M, N) if store_residual else (0,)
+    return (x.new_empty((M, N), dtype=out_dtype), x.new_empty(s_shape, dtype=_s_dtype(x, residual)),
+            x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("pyssm::layer_norm_triton_backward", mutates_args=())
+def _layer_norm_triton_backward(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor,
+                                residual: torch.Tensor | None, weight: torch.Tensor | None,
+                                mean: torch.Tensor, rstd: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dresidual or empty when it equals dx, dweight (N,) float32, dbias (N,) float32)."""
+    dx, dr, dw, db = layer_norm_triton.backward(
+        dy, ds, x, residual, weight, mean, rstd, x.dtype,
+        residual.dtype if residual is not None else None)
+    empty = x.new_empty((0,))
+    return dx, (dr if dr is not None and dr is not dx else empty), dw, db
+
+
+@_layer_norm_triton_backward.register_fake
+def _(dy, ds, x, residual, weight, mean, rstd):
+    M, N = x.shape
+    separate = residual is not None and residual.dtype != x.dtype
+    return (x.new_empty((M, N)),
+            residual.new_empty((M, N)) if separate else x.new_empty((0,)),
+            x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32))
+
+
+def _setup(ctx, inputs, output):
+    x, residual, weight, bias = inputs[:4]
+    _, _, mean, rstd = output
+    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.param_dtypes = (None if weight is None else weight.dtype,
+                        None if bias is None else bias.dtype)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    x, residual, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    ds = None if ds is None or ds.numel() == 0 else ds.contiguous()
+    dx, dr, dw, db = torch.ops.pyssm.layer_norm_triton_backward(
+        dy.contiguous(), ds, x, residual, weight, mean, rstd)
+    if residual is not None and dr.numel() == 0:
+        dr = dx
+    w_dtype, b_dtype = ctx.param_dtypes
+    return (dx, dr if residual is not None else None,
+            dw.to(w_dtype) if w_dtype is not None else None,
+            db.to(b_dtype) if ctx.has_bias else None, None, None, None)
+
+
+_layer_norm_triton.register_autograd(_backward, setup_context=_setup)

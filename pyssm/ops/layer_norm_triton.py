@@ -1,0 +1,210 @@
+"""Triton kernels of ``pyssm.ops.layer_norm``: LayerNorm over the last dimension of a row-major
+(M, N) view, with an optional residual added first, forward and backward.
+
+Bytes per element of the VMamba / ViT block glue this replaces (fp32 residual stream, bf16
+branch, bf16 output for the next GEMM), where torch runs add, layer_norm and a cast:
+    torch: add (read 4 + 2, write 4), layer_norm (read 4, write 4), cast (read 4, write 2): 24 B
+    here:  read 4 + 2, write 4 (the new residual) + 2 (the normalised output):              12 B
+The forward keeps a tile of rows in registers and makes one pass over memory. The backward
+recomputes the normalised input from the forward's inputs (never from a rounded copy) and the
+saved per-row mean and 1/std, and reduces the weight and bias gradients per program into a
+(programs, N) float32 buffer that torch sums (no atomics, so the result is deterministic).
+
+On CPU tensors the kernels run in Triton's interpreter, which Triton chooses when it is imported
+with TRITON_INTERPRET=1 (tests/conftest.py sets it on machines without a GPU). The interpreter
+is slow, and it checks the indexing and arithmetic, not the GPU's behaviour or speed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pyssm works without Triton; layer_norm then runs torch's own ops
+    triton = tl = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _rounded(v, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """v (float32) in dtype, rounded to nearest even. Triton's interpreter truncates float32 to
+    bfloat16 (its cast drops the low bits whatever the rounding asked for), so there
+    (BY_BITS) the rounding is done on the bits; on a GPU the conversion instruction rounds."""
+    if dtype == tl.float32:
+        return v
+    elif BY_BITS and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@_jit
+def _fwd(X, R, W, B, Y, S, MEAN, RSTD, M, N, sx, sr, sy, ss, eps,
+         HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+         STORE_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         BY_BITS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    s = tl.load(X + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_R:
+        s += tl.load(R + r64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STORE_S:
+        tl.store(S + r64 * ss + cols[None, :], _rounded(s, S.dtype.element_ty, BY_BITS),
+                 mask=mask)
+    mean = tl.sum(s, axis=1) / N
+    d = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+    y = d * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + r64 * sy + cols[None, :], _rounded(y, Y.dtype.element_ty, BY_BITS), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@_jit
+def _bwd(X, R, W, DY, DS, MEAN, RSTD, DX, DR, DW, DB, M, N, rows_per_program,
+         sx, sr, sdy, sds, sdx, sdr,
+         HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr,
+         STORE_DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+         BY_BITS: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first = pid * rows_per_program
+    end = tl.minimum(first + rows_per_program, M)
+    for start in range(first, end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rmask = rows < end
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        s = tl.load(X + r64 * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_R:
+            s += tl.load(R + r64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + r64 * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        wdy = dy
+        if HAS_W:
+            wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / N
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + r64 * sds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * sdx + cols[None, :], _rounded(dx, DX.dtype.element_ty, BY_BITS),
+                 mask=mask)
+        if STORE_DR:
+            tl.store(DR + r64 * sdr + cols[None, :], _rounded(dx, DR.dtype.element_ty, BY_BITS),
+                     mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(DW + pid * N + cols, dw, mask=cmask)
+    tl.store(DB + pid * N + cols, db, mask=cmask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "pyssm.ops.layer_norm: backend='triton' on CPU tensors runs Triton's interpreter, "
+            "which needs TRITON_INTERPRET=1 in the environment before triton is first imported "
+            "(tests/conftest.py sets it on machines without a GPU)")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"pyssm.ops.layer_norm: backend='triton' runs on CUDA tensors (or CPU "
+                           f"ones in Triton's interpreter), got tensors on {device}")
+
+
+def _tiles(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): the row in one tile of about 4096 elements, so short
+    rows (VMamba's 96 channels) still give each program a few thousand elements."""
+    block_n = triton.next_power_of_2(N)
+    block_m = max(1, min(64, 4096 // block_n))
+    warps = 4 if block_n * block_m <= 4096 else 8
+    return block_m, block_n, warps
+
+
+def _programs(device: torch.device, tiles: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, 4 * sms))
+    return max(1, min(tiles, 4))
+
+
+def forward(x2, r2, weight, bias, eps: float, out_dtype: torch.dtype, s_dtype):
+    """x2, r2: (M, N) with unit stride along N. Returns y, s (or an empty tensor), mean, rstd."""
+    M, N = x2.shape
+    _check_device(x2.device)
+    y = torch.empty((M, N), dtype=out_dtype, device=x2.device)
+    s = torch.empty((M, N) if s_dtype is not None else (0,), dtype=s_dtype or x2.dtype,
+                    device=x2.device)
+    mean = torch.empty(M, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x2.device)
+    if M == 0:
+        return y, s, mean, rstd
+    block_m, block_n, warps = _tiles(N)
+    dummy = x2
+    _fwd[(triton.cdiv(M, block_m),)](
+        x2, r2 if r2 is not None else dummy, weight if weight is not None else dummy,
+        bias if bias is not None else dummy, y, s if s_dtype is not None else dummy, mean, rstd,
+        M, N, x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+        s.stride(0) if s_dtype is not None else 0, eps,
+        HAS_R=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        STORE_S=s_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BY_BITS=x2.device.type == "cpu", num_warps=warps)
+    return y, s, mean, rstd
+
+
+def backward(dy2, ds2, x2, r2, weight, mean, rstd, x_dtype, r_dtype):
+    """Gradients (dx, dr or None, dw (N,) float32 or None, db (N,) float32)."""
+    M, N = x2.shape
+    _check_device(x2.device)
+    dx = torch.empty((M, N), dtype=x_dtype, device=x2.device)
+    store_dr = r2 is not None and r_dtype != x_dtype
+    dr = torch.empty((M, N), dtype=r_dtype, device=x2.device) if store_dr else None
+    block_m, block_n, warps = _tiles(N)
+    programs = _programs(x2.device, triton.cdiv(M, block_m)) if M else 1
+    rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), programs), block_m) * block_m
+    programs = triton.cdiv(max(M, 1), rows_per_program)
+    dw = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
+    db = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
+    dummy = x2
+    _bwd[(programs,)](
+        x2, r2 if r2 is not None else dummy, weight if weight is not None else dummy, dy2,
+        ds2 if ds2 is not None else dummy, mean, rstd, dx, dr if store_dr else dummy, dw, db,
+        M, N, rows_per_program, x2.stride(0), r2.stride(0) if r2 is not None else 0,
+        dy2.stride(0), ds2.stride(0) if ds2 is not None else 0, dx.stride(0),
+        dr.stride(0) if store_dr else 0,
+        HAS_R=r2 is not None, HAS_W=weight is not None, HAS_DS=ds2 is not None,
+        STORE_DR=store_dr, BLOCK_M=block_m, BLOCK_N=block_n,
+        BY_BITS=x2.device.type == "cpu", num_warps=warps)
+    if r2 is not None and not store_dr:
+        dr = dx
+    return dx, dr, dw.sum(0), db.sum(0)
