@@ -177,3 +177,20 @@ def test_triton_refuses_float64_and_auto_takes_the_reference():
             layer_norm(x, backend="triton")
     # automatic: the reference on CPU tensors, float64 included
     torch.testing.assert_close(layer_norm(x), layer_norm_reference(x))
+
+
+@pytest.mark.skipif(not layer_norm_triton.available(), reason="no triton")
+def test_kernels_compile_for_gpus_without_spills():
+    """bench/triton_compile.py: every kernel variant layer_norm launches, compiled by Triton for
+    sm_80 and sm_90 (no GPU needed), without register spills: the interpreter cannot catch a
+    construct the GPU compiler rejects."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parents[2] / "bench" / "triton_compile.py"
+    run = subprocess.run([sys.executable, str(script), "--arch", "80,90"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("| sm_") == 40  # 2 archs x 5 widths x 2 dtypes x 2 kernels

@@ -1,0 +1,102 @@
+"""pyssm's Triton kernels compiled ahead of time for GPUs this machine need not have (Triton's
+own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the CUDA kernels.
+
+    python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
+
+Each variant is the one ``pyssm.ops.layer_norm`` launches for that row width (its tiles) and
+dtypes. Run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the
+register counts come from the cubin through Triton's bundled cuobjdump when it is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET: interpreted kernels cannot be compiled")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from pyssm.ops import layer_norm_triton as K  # noqa: E402
+
+WIDTHS = (96, 384, 768, 1000, 4096)
+# (x, residual / s, y) element types: the encoders' bf16 branch into a float32 stream, and
+# float32 throughout
+DTYPES = (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"))
+
+
+def _cuobjdump() -> str | None:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+
+
+def _usage(cubin: bytes) -> tuple[int, int] | None:
+    """(registers, stack bytes) of the one kernel in ``cubin``, or None without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def variants():
+    for n in WIDTHS:
+        block_m, block_n, warps = K._tiles(n)
+        for x, s, y in DTYPES:
+            tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BY_BITS": False}
+            fwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}",
+                   "S": f"*{s}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
+                   "sx": "i32", "sr": "i32", "sy": "i32", "ss": "i32", "eps": "fp32"}
+            flags = {"HAS_R": True, "HAS_W": True, "HAS_B": True, "STORE_S": True, **tiles}
+            yield "forward", n, f"{x}+{s}->{y}", K._fwd, fwd, flags, warps
+            bwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "DY": f"*{y}", "DS": f"*{s}",
+                   "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}", "DR": f"*{s}", "DW": "*fp32",
+                   "DB": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
+                   **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
+            flags = {"HAS_R": True, "HAS_W": True, "HAS_DS": True, "STORE_DR": x != s, **tiles}
+            yield "backward", n, f"{x}+{s}->{y}", K._bwd, bwd, flags, warps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities")
+    args = ap.parse_args()
+    failed = 0
+    print("| arch | kernel | N | dtypes | warps | registers | spill (stack) bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for arch in (int(a) for a in args.arch.split(",")):
+        target = GPUTarget("cuda", arch, 32)
+        for kernel, n, dtypes, fn, sig, flags, warps in variants():
+            signature = {**sig, **{k: "constexpr" for k in flags}}
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, flags), target=target,
+                                          options={"num_warps": warps})
+            except Exception as exc:  # noqa: BLE001 (any compile error is the report)
+                failed += 1
+                print(f"| sm_{arch} | {kernel} | {n} | {dtypes} | {warps} | FAILED: "
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]} | |")
+                continue
+            usage = _usage(compiled.asm["cubin"])
+            regs, stack = usage if usage else ("?", "?")
+            if usage and stack:
+                failed += 1
+            print(f"| sm_{arch} | {kernel} | {n} | {dtypes} | {warps} | {regs} | {stack} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
