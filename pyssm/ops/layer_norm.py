@@ -137,29 +137,38 @@ def _(x, residual, weight, bias, eps, out_dtype, store_residual):
 @torch.library.custom_op("pyssm::layer_norm_triton_backward", mutates_args=())
 def _layer_norm_triton_backward(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor,
                                 residual: torch.Tensor | None, weight: torch.Tensor | None,
-                                mean: torch.Tensor, rstd: torch.Tensor
+                                mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
+                                dr_dtype: torch.dtype, has_residual: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dresidual or empty when it equals dx, dweight (N,) float32, dbias (N,) float32)."""
+    """(dx, dresidual or empty when it equals dx, dweight (N,) float32, dbias (N,) float32) of a
+    forward that normalised x + residual (residual None: x, possibly that sum itself)."""
     dx, dr, dw, db = layer_norm_triton.backward(
-        dy, ds, x, residual, weight, mean, rstd, x.dtype,
-        residual.dtype if residual is not None else None)
+        dy, ds, x, residual, weight, mean, rstd, dx_dtype, dr_dtype if has_residual else None)
     empty = x.new_empty((0,))
     return dx, (dr if dr is not None and dr is not dx else empty), dw, db
 
 
 @_layer_norm_triton_backward.register_fake
-def _(dy, ds, x, residual, weight, mean, rstd):
+def _(dy, ds, x, residual, weight, mean, rstd, dx_dtype, dr_dtype, has_residual):
     M, N = x.shape
-    separate = residual is not None and residual.dtype != x.dtype
-    return (x.new_empty((M, N)),
-            residual.new_empty((M, N)) if separate else x.new_empty((0,)),
+    separate = has_residual and dr_dtype != dx_dtype
+    return (x.new_empty((M, N), dtype=dx_dtype),
+            x.new_empty((M, N) if separate else (0,), dtype=dr_dtype),
             x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32))
 
 
 def _setup(ctx, inputs, output):
     x, residual, weight, bias = inputs[:4]
-    _, _, mean, rstd = output
-    ctx.save_for_backward(x, residual, weight, mean, rstd)
+    _, s, mean, rstd = output
+    if residual is not None and s.numel() and s.dtype == torch.float32:
+        # the returned float32 sum is exactly what was normalised: keep it (4 B per element)
+        # rather than both inputs (6 B for a bf16 branch and a float32 stream, as torch's add
+        # and LayerNorm keep 4)
+        ctx.save_for_backward(s, None, weight, mean, rstd)
+    else:
+        ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.grad_dtypes = (x.dtype, residual.dtype if residual is not None else x.dtype)
+    ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
     ctx.param_dtypes = (None if weight is None else weight.dtype,
                         None if bias is None else bias.dtype)
@@ -169,14 +178,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, ds, _dmean, _drstd):
     x, residual, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros_like(x)
+        dy = torch.zeros_like(x, dtype=ctx.grad_dtypes[0])
     ds = None if ds is None or ds.numel() == 0 else ds.contiguous()
     dx, dr, dw, db = torch.ops.pyssm.layer_norm_triton_backward(
-        dy.contiguous(), ds, x, residual, weight, mean, rstd)
-    if residual is not None and dr.numel() == 0:
+        dy.contiguous(), ds, x, residual, weight, mean, rstd, *ctx.grad_dtypes, ctx.has_residual)
+    if ctx.has_residual and dr.numel() == 0:
         dr = dx
     w_dtype, b_dtype = ctx.param_dtypes
-    return (dx, dr if residual is not None else None,
+    return (dx, dr if ctx.has_residual else None,
             dw.to(w_dtype) if w_dtype is not None else None,
             db.to(b_dtype) if ctx.has_bias else None, None, None, None)
 

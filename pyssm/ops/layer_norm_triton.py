@@ -195,13 +195,15 @@ def forward(x2, r2, weight, bias, eps: float, out_dtype: torch.dtype, s_dtype):
     return y, s, mean, rstd
 
 
-def backward(dy2, ds2, x2, r2, weight, mean, rstd, x_dtype, r_dtype):
-    """Gradients (dx, dr or None, dw (N,) float32 or None, db (N,) float32)."""
+def backward(dy2, ds2, x2, r2, weight, mean, rstd, dx_dtype, dr_dtype):
+    """Gradients (dx, dr or None, dw (N,) float32, db (N,) float32) of a forward that normalised
+    x2 + r2 (r2 None: x2 alone, which may be the forward's float32 sum itself). dx in dx_dtype;
+    dr, the same values, in dr_dtype (None: no residual, so no dr)."""
     M, N = x2.shape
     _check_device(x2.device)
-    dx = torch.empty((M, N), dtype=x_dtype, device=x2.device)
-    store_dr = r2 is not None and r_dtype != x_dtype
-    dr = torch.empty((M, N), dtype=r_dtype, device=x2.device) if store_dr else None
+    dx = torch.empty((M, N), dtype=dx_dtype, device=x2.device)
+    store_dr = dr_dtype is not None and dr_dtype != dx_dtype
+    dr = torch.empty((M, N), dtype=dr_dtype, device=x2.device) if store_dr else None
     block_m, block_n, warps = _tiles(N)
     programs = _programs(x2.device, triton.cdiv(M, block_m)) if M else 1
     rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), programs), block_m) * block_m
@@ -218,6 +220,6 @@ def backward(dy2, ds2, x2, r2, weight, mean, rstd, x_dtype, r_dtype):
         HAS_R=r2 is not None, HAS_W=weight is not None, HAS_DS=ds2 is not None,
         STORE_DR=store_dr, BLOCK_M=block_m, BLOCK_N=block_n,
         BY_BITS=x2.device.type == "cpu", num_warps=warps)
-    if r2 is not None and not store_dr:
+    if dr_dtype is not None and not store_dr:
         dr = dx
     return dx, dr, dw.sum(0), db.sum(0)

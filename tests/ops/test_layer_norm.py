@@ -194,3 +194,27 @@ def test_kernels_compile_for_gpus_without_spills():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("| sm_") == 40  # 2 archs x 5 widths x 2 dtypes x 2 kernels
+
+
+@pytest.mark.parametrize("device,backend", PARAMS[::2])
+def test_saves_no_more_than_torch_for_backward(device, backend):
+    """A bf16 branch into a float32 stream: the op keeps the float32 sum (what torch's
+    LayerNorm keeps after torch's add), not both of its inputs."""
+    x, r, w, b = _inputs((64,), 96, device, BF16, FP32, True)
+    x, r, w, b = (t.requires_grad_() for t in (x, r, w, b))
+
+    def saved_bytes(fn):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(total)
+
+    ours = saved_bytes(lambda: layer_norm(x, w, b, residual=r, out_dtype=BF16,
+                                          return_residual=True, backend=backend))
+    theirs = saved_bytes(lambda: layer_norm(x, w, b, residual=r, out_dtype=BF16,
+                                            return_residual=True, backend="reference"))
+    assert 64 * 96 * 4 <= ours <= theirs
