@@ -1,4 +1,5 @@
-"""Tiny cases for compute-sanitizer: every op that has a CUDA kernel, once, forward + backward.
+"""Tiny cases for compute-sanitizer: every op that has a CUDA (or Triton) kernel, once, forward +
+backward.
 
 Sizes are small and odd (and a few long enough to span several blocks or chunks) so that
 out-of-bounds reads, tail handling and shared-memory races show up. Run under the sanitizer:
@@ -89,13 +90,37 @@ def attention_cases():
     yield "varlen (0, 50, 147) fp16", varlen
 
 
+def layer_norm_cases():
+    def fused():
+        x, r = rand(37, 130, dtype=torch.bfloat16), rand(37, 130)
+        y, s = ops.layer_norm(x, rand(130), rand(130), residual=r, out_dtype=torch.bfloat16,
+                              return_residual=True, backend="triton")
+        return y.float() + s
+    yield "(37, 130) bf16 + fp32 residual", fused
+
+
+def depthwise_conv2d_cases():
+    yield "(2, 9, 7, 130) bf16, 3 x 3, SiLU", lambda: ops.depthwise_conv2d(
+        rand(2, 9, 7, 130, dtype=torch.bfloat16), rand(130, 1, 3, 3), rand(130),
+        activation="silu", backend="triton")
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
-         "attention": attention_cases}
+         "attention": attention_cases, "layer_norm": layer_norm_cases,
+         "depthwise_conv2d": depthwise_conv2d_cases}
+TRITON_OPS = ("layer_norm", "depthwise_conv2d")
+
+
+def _runs(op: str) -> bool:
+    if op in TRITON_OPS:  # Triton kernels (on CPU tensors only in Triton's interpreter)
+        from pyssm.ops import _triton
+        return _triton.available() and (DEV == "cuda" or _triton.interpreting())
+    return _extension.has_kernel(op, DEV)
 
 
 def with_kernel() -> list[str]:
-    return [op for op in CASES if _extension.has_kernel(op, DEV)]
+    return [op for op in CASES if _runs(op)]
 
 
 def main() -> int:
@@ -105,7 +130,7 @@ def main() -> int:
     torch.manual_seed(0)
     failed = 0
     for op, cases in CASES.items():
-        if not _extension.has_kernel(op, DEV):
+        if not _runs(op):
             print(f"skip {op}: no {DEV} kernel")
             continue
         for name, run in cases():

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from pyssm import _extension
-from pyssm.bench import attention, cross_scan, layer_norm, selective_scan, ss2d
+from pyssm.bench import attention, cross_scan, depthwise_conv2d, layer_norm, selective_scan, ss2d
 
 MODULES = {"ss2d": ss2d, "selective_scan": selective_scan, "cross_scan": cross_scan,
-           "attention": attention, "layer_norm": layer_norm}
+           "attention": attention, "layer_norm": layer_norm, "depthwise_conv2d": depthwise_conv2d}
 
 
 def _device(request) -> torch.device:

@@ -3,9 +3,10 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
-Each variant is the one ``pyssm.ops.layer_norm`` launches for that row width (its tiles) and
-dtypes. Run without TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the
-register counts come from the cubin through Triton's bundled cuobjdump when it is there.
+Each variant is one that ``pyssm.ops.layer_norm`` or ``depthwise_conv2d`` launches for that
+row width or channel count (their tiles) and dtypes. Run without TRITON_INTERPRET (the
+interpreter's kernels cannot be compiled); the register counts come from the cubin through
+Triton's bundled cuobjdump when it is there.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from pyssm.ops import depthwise_conv2d_triton as DW  # noqa: E402
 from pyssm.ops import layer_norm_triton as K  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
+CHANNELS = (96, 192, 384, 768)  # depthwise_conv2d: VMamba's d_inner across stages and sizes
 # (x, residual / s, y) element types: the encoders' bf16 branch into a float32 stream, and
 # float32 throughout
 DTYPES = (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"))
@@ -62,13 +65,29 @@ def variants():
                    "S": f"*{s}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
                    "sx": "i32", "sr": "i32", "sy": "i32", "ss": "i32", "eps": "fp32"}
             flags = {"HAS_R": True, "HAS_W": True, "HAS_B": True, "STORE_S": True, **tiles}
-            yield "forward", n, f"{x}+{s}->{y}", K._fwd, fwd, flags, warps
+            yield "layer_norm forward", n, f"{x}+{s}->{y}", K._fwd, fwd, flags, warps
             bwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "DY": f"*{y}", "DS": f"*{s}",
                    "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}", "DR": f"*{s}", "DW": "*fp32",
                    "DB": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
                    **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
             flags = {"HAS_R": True, "HAS_W": True, "HAS_DS": True, "STORE_DR": x != s, **tiles}
-            yield "backward", n, f"{x}+{s}->{y}", K._bwd, bwd, flags, warps
+            yield "layer_norm backward", n, f"{x}+{s}->{y}", K._bwd, bwd, flags, warps
+    for c in CHANNELS:
+        for x in ("bf16", "fp32"):
+            block_p, block_c, warps = DW._tiles(c, 4)
+            tiles = {"K": 3, "BLOCK_P": block_p, "BLOCK_C": block_c}
+            dims = {"P": "i32", "H": "i32", "W": "i32", "C": "i32"}
+            fwd = {"X": f"*{x}", "Wt": "*fp32", "BIAS": "*fp32", "Y": f"*{x}", **dims}
+            flags = {"HAS_BIAS": True, "SILU": True, **tiles, "BY_BITS": False}
+            yield "dwconv forward", c, x, DW._fwd, fwd, flags, warps
+            g = {"X": f"*{x}", "Wt": "*fp32", "BIAS": "*fp32", "DY": f"*{x}", "G": "*fp32",
+                 "DW": "*fp32", "DB": "*fp32", **dims, "pixels_per_program": "i32"}
+            block_p, block_c, warps = DW._tiles(c, 2)
+            flags = {"HAS_BIAS": True, "SILU": True, "TAPS": 16, "K": 3, "BLOCK_P": block_p,
+                     "BLOCK_C": block_c}
+            yield "dwconv backward (g, dw)", c, x, DW._bwd_g, g, flags, warps
+            dx = {"G": "*fp32", "Wt": "*fp32", "DX": f"*{x}", **dims}
+            yield "dwconv backward (dx)", c, x, DW._bwd_dx, dx, {**tiles, "BY_BITS": False}, warps
 
 
 def main() -> int:
@@ -76,7 +95,7 @@ def main() -> int:
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities")
     args = ap.parse_args()
     failed = 0
-    print("| arch | kernel | N | dtypes | warps | registers | spill (stack) bytes |")
+    print("| arch | kernel | N or C | dtypes | warps | registers | spill (stack) bytes |")
     print("|---|---|---|---|---|---|---|")
     for arch in (int(a) for a in args.arch.split(",")):
         target = GPUTarget("cuda", arch, 32)

@@ -1,9 +1,9 @@
 """``pyssm bench`` (also ``python -m pyssm.bench``) and ``pyssm profile``.
 
-    pyssm bench kernels    ss2d, selective_scan, cross_scan, attention, layer_norm against the
-                           reference, torch SDPA, torch.compile, mamba_ssm / official VMamba
-                           when installed, and the copy and matmul ceilings measured in the
-                           same run
+    pyssm bench kernels    ss2d, selective_scan, cross_scan, attention, layer_norm,
+                           depthwise_conv2d against the reference, torch SDPA, torch.compile,
+                           mamba_ssm / official VMamba when installed, and the copy and
+                           matmul ceilings measured in the same run
     pyssm bench encoders   img/s and memory against resolution; fitted cost exponents;
                            crossover resolutions; plots
     pyssm bench vlm        time to first token and decode tokens/s with each encoder
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-KERNEL_OPS = ("ss2d", "selective_scan", "cross_scan", "attention", "layer_norm")
+KERNEL_OPS = ("ss2d", "selective_scan", "cross_scan", "attention", "layer_norm",
+              "depthwise_conv2d")
 
 
 # ---- shared options ---------------------------------------------------------------------------
@@ -113,10 +114,12 @@ def _plot(fn, *args) -> list:
 # ---- subcommands ------------------------------------------------------------------------------
 
 def run_kernels(run: Run, ops: list[str]) -> list[dict]:
-    from pyssm.bench import attention, ceilings, cross_scan, layer_norm, selective_scan, ss2d
+    from pyssm.bench import (attention, ceilings, cross_scan, depthwise_conv2d, layer_norm,
+                             selective_scan, ss2d)
 
     modules = {"ss2d": ss2d, "selective_scan": selective_scan, "cross_scan": cross_scan,
-               "attention": attention, "layer_norm": layer_norm}
+               "attention": attention, "layer_norm": layer_norm,
+               "depthwise_conv2d": depthwise_conv2d}
     unknown = [op for op in ops if op not in modules]
     if unknown:
         raise SystemExit(f"error: --ops: unknown {unknown}; expected some of {KERNEL_OPS}")
@@ -283,7 +286,8 @@ def add_bench_parser(sub) -> None:
                            description=__doc__.split("\n\n")[1],
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = bench.add_subparsers(dest="bench_command", required=True)
-    k = bsub.add_parser("kernels", help="ss2d, selective_scan, cross_scan, attention, layer_norm")
+    k = bsub.add_parser("kernels", help="ss2d, selective_scan, cross_scan, attention, "
+                                         "layer_norm, depthwise_conv2d")
     _common(k)
     k.add_argument("--ops", default=",".join(KERNEL_OPS), help="comma-separated subset")
     k.set_defaults(fn=cmd_kernels)

@@ -10,7 +10,7 @@ dict keys and results, in fewer passes over memory.
   of a pre-norm block fused with the next block half's norm.
 
 ``backend`` (the attribute, set by VMamba's ``set_backend``, or the argument, which ViT's
-blocks pass from the model's per-call backend through ``norm_backend``): None for the
+blocks pass from the model's per-call backend through ``triton_backend``): None for the
 automatic choice, "reference" for torch's own ops, "triton" for the Triton kernels.
 """
 
@@ -36,9 +36,10 @@ def _out_dtype(x: torch.Tensor, for_matmul: bool) -> torch.dtype | None:
     return torch.float32 if device == "cuda" else None
 
 
-def norm_backend(model_backend: str | None) -> str | None:
-    """The norms' backend for a model-wide pyssm backend: the reference for "reference" and
-    "cpu" (torch's own LayerNorm is the CPU kernel), Triton for "cuda", automatic otherwise."""
+def triton_backend(model_backend: str | None) -> str | None:
+    """The backend of the models' Triton ops (these norms, VMamba's depthwise convolution) for
+    a model-wide pyssm backend: the reference for "reference" and "cpu" (torch's own ops are
+    the CPU kernels), Triton for "cuda", automatic otherwise."""
     return {"reference": "reference", "cpu": "reference", "cuda": "triton"}.get(model_backend)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.norms import LayerNorm, norm_backend
+from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vit_configs import GLOBAL_POOLS, VIT_CONFIGS, ViTConfig
 from pyssm.ops import attention
@@ -110,7 +110,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, config.mlp_hidden)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        nb = norm_backend(backend)
+        nb = triton_backend(backend)
         branch = self.attn(self.norm1(x, for_matmul=True, backend=nb), backend=backend)
         h, x = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
         return x + self.mlp(h)
@@ -201,7 +201,7 @@ class VisionTransformer(nn.Module):
         x = self.embed(x)
         for block in self.blocks:
             x = block(x, backend=backend)
-        return self.norm(x, backend=norm_backend(backend))
+        return self.norm(x, backend=triton_backend(backend))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """forward_features' tokens -> pooled features (pre_logits) or logits."""
@@ -260,7 +260,7 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(blocks):
             x = block(x, backend=backend)
             if i in take:
-                intermediates.append(self.norm(x, backend=norm_backend(backend)) if norm else x)
+                intermediates.append(self.norm(x, backend=triton_backend(backend)) if norm else x)
         prefixes = [y[:, :self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if output_fmt == "NCHW":
@@ -270,7 +270,7 @@ class VisionTransformer(nn.Module):
             intermediates = list(zip(intermediates, prefixes))
         if intermediates_only:
             return intermediates
-        return self.norm(x, backend=norm_backend(backend)), intermediates
+        return self.norm(x, backend=triton_backend(backend)), intermediates
 
     def tokens(self, images: torch.Tensor, tap: int | str = -1, include_cls: bool = False,
                backend: str | None = None) -> torch.Tensor:

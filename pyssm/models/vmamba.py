@@ -5,6 +5,8 @@ official checkpoints load unchanged (configs in vmamba_configs.py).
     VSSBlock:  x = x + SS2D(norm(x));  x = x + MLP(norm2(x))      (no MLP in vanilla models)
     SS2D:      in_proj -> [z gate] -> depthwise conv -> SiLU -> ss2d core -> out_norm
                -> [* SiLU(z)] -> out_proj
+    (the norms are pyssm.models.norms' fused LayerNorms, the convolution and SiLU one
+    pyssm.ops.depthwise_conv2d; both Triton on a GPU, torch's ops on the CPU)
 
 Layouts: channel-first (B, C, H, W) with LayerNorm2d for "ln2d" configs, channel-last
 (B, H, W, C) for "ln"; the weights are the same either way. Any input size works (the stem and
@@ -21,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.norms import LayerNorm, LayerNorm2d, norm_backend
+from pyssm.models.norms import LayerNorm, LayerNorm2d, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
+from pyssm.ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d
 
 
 class Linear2d(nn.Linear):
@@ -75,7 +78,8 @@ class SS2D(nn.Module):
     def __init__(self, cfg: VMambaConfig, d_model: int, d_inner: int, rank: int):
         super().__init__()
         self.channel_first, self.with_z = cfg.channel_first, cfg.with_z
-        self.backend: str | None = None
+        self.backend: str | None = None       # the ss2d core's
+        self.conv_backend: str | None = None  # depthwise_conv2d's (None: automatic)
         Lin = Linear2d if cfg.channel_first else nn.Linear
         N = cfg.d_state
         self.in_proj = Lin(d_model, d_inner * (2 if self.with_z else 1), bias=False)
@@ -109,14 +113,29 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).expand_as(self.A_logs))
         self.Ds.fill_(1.0)
 
+    def _conv_act(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(conv2d(x)) on a channels-last (B, H, W, C) map (pyssm's fused depthwise_conv2d
+        when conv2d is the usual odd-sized depthwise one), back as (B, C, H, W) stored
+        channels-last, as the ss2d core reads it."""
+        conv = self.conv2d
+        if not isinstance(conv, nn.Conv2d):
+            return self.act(x).permute(0, 3, 1, 2)
+        K = conv.kernel_size[0]
+        if K % 2 == 0 or K > MAX_KERNEL:  # not "same" padding or too wide: torch's conv
+            return self.act(conv(x.permute(0, 3, 1, 2)))
+        device = x.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        y = depthwise_conv2d(x, conv.weight, conv.bias, activation="silu",
+                             out_dtype=torch.get_autocast_dtype(device) if autocast else None,
+                             backend=self.conv_backend)
+        return y.permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_proj(x)
         if self.with_z:
             x, z = x.chunk(2, dim=1 if self.channel_first else -1)
             z = self.act(z)
-        if not self.channel_first:
-            x = x.permute(0, 3, 1, 2)
-        x = self.act(self.conv2d(x))
+        x = self._conv_act(x.permute(0, 2, 3, 1) if self.channel_first else x)
         # 16-bit activations: the core returns float32 (as the official oflex path) for out_norm
         low = x.dtype in (torch.float16, torch.bfloat16)
         y = ss2d(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
@@ -238,12 +257,13 @@ class VMamba(nn.Module):
 
     def set_backend(self, backend: str | None) -> VMamba:
         """The pyssm backend every SS2D core uses ("cuda", "cpu", "reference" or None), and
-        the matching one for the LayerNorms (pyssm.models.norms.norm_backend)."""
+        the matching one for the LayerNorms and the depthwise convolutions
+        (pyssm.models.norms.triton_backend)."""
         for m in self.modules():
             if isinstance(m, SS2D):
-                m.backend = backend
+                m.backend, m.conv_backend = backend, triton_backend(backend)
             elif isinstance(m, LayerNorm):
-                m.backend = norm_backend(backend)
+                m.backend = triton_backend(backend)
         return self
 
     # ---- the timm API -----------------------------------------------------------------------

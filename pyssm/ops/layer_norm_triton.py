@@ -21,48 +21,17 @@ Tiles: whole rows, ~8 elements per thread; registers per variant from bench/trit
 (Triton's own ptxas for sm_80 / sm_90, no GPU needed): forward 40-56, backward 64-128, no
 spills at N 96 to 4096.
 
-On CPU tensors the kernels run in Triton's interpreter, which Triton chooses when it is imported
-with TRITON_INTERPRET=1 (tests/conftest.py sets it on machines without a GPU). The interpreter
-is slow, and it checks the indexing and arithmetic, not the GPU's behaviour or speed.
+On CPU tensors the kernels run in Triton's interpreter (pyssm/ops/_triton.py).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pyssm works without Triton; layer_norm then runs torch's own ops
-    triton = tl = None
+from pyssm.ops._triton import available, check_device, jit, rounded, tl, triton  # noqa: F401
 
 
-def available() -> bool:
-    return triton is not None
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
-def _rounded(v, dtype: tl.constexpr, BY_BITS: tl.constexpr):
-    """v (float32) in dtype, rounded to nearest even. Triton's interpreter truncates float32 to
-    bfloat16 (its cast drops the low bits whatever the rounding asked for), so there
-    (BY_BITS) the rounding is done on the bits; on a GPU the conversion instruction rounds."""
-    if dtype == tl.float32:
-        return v
-    elif BY_BITS and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
-
-
-@_jit
+@jit
 def _fwd(X, R, W, B, Y, S, MEAN, RSTD, M, N, sx, sr, sy, ss, eps,
          HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
          STORE_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -77,7 +46,7 @@ def _fwd(X, R, W, B, Y, S, MEAN, RSTD, M, N, sx, sr, sy, ss, eps,
     if HAS_R:
         s += tl.load(R + r64 * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if STORE_S:
-        tl.store(S + r64 * ss + cols[None, :], _rounded(s, S.dtype.element_ty, BY_BITS),
+        tl.store(S + r64 * ss + cols[None, :], rounded(s, S.dtype.element_ty, BY_BITS),
                  mask=mask)
     mean = tl.sum(s, axis=1) / N
     d = tl.where(mask, s - mean[:, None], 0.0)
@@ -87,12 +56,12 @@ def _fwd(X, R, W, B, Y, S, MEAN, RSTD, M, N, sx, sr, sy, ss, eps,
         y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
         y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + r64 * sy + cols[None, :], _rounded(y, Y.dtype.element_ty, BY_BITS), mask=mask)
+    tl.store(Y + r64 * sy + cols[None, :], rounded(y, Y.dtype.element_ty, BY_BITS), mask=mask)
     tl.store(MEAN + rows, mean, mask=rmask)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
 
-@_jit
+@jit
 def _bwd(X, R, W, DY, DS, MEAN, RSTD, DX, DR, DW, DB, M, N, rows_per_program,
          sx, sr, sdy, sds, sdx, sdr,
          HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_DS: tl.constexpr,
@@ -127,30 +96,15 @@ def _bwd(X, R, W, DY, DS, MEAN, RSTD, DX, DR, DW, DB, M, N, rows_per_program,
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + r64 * sds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + r64 * sdx + cols[None, :], _rounded(dx, DX.dtype.element_ty, BY_BITS),
+        tl.store(DX + r64 * sdx + cols[None, :], rounded(dx, DX.dtype.element_ty, BY_BITS),
                  mask=mask)
         if STORE_DR:
-            tl.store(DR + r64 * sdr + cols[None, :], _rounded(dx, DR.dtype.element_ty, BY_BITS),
+            tl.store(DR + r64 * sdr + cols[None, :], rounded(dx, DR.dtype.element_ty, BY_BITS),
                      mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         db += tl.sum(dy, axis=0)
     tl.store(DW + pid * N + cols, dw, mask=cmask)
     tl.store(DB + pid * N + cols, db, mask=cmask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type == "cpu" and not _interpreting():
-        raise RuntimeError(
-            "pyssm.ops.layer_norm: backend='triton' on CPU tensors runs Triton's interpreter, "
-            "which needs TRITON_INTERPRET=1 in the environment before triton is first imported "
-            "(tests/conftest.py sets it on machines without a GPU)")
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"pyssm.ops.layer_norm: backend='triton' runs on CUDA tensors (or CPU "
-                           f"ones in Triton's interpreter), got tensors on {device}")
 
 
 def _tiles(N: int) -> tuple[int, int, int]:
@@ -174,7 +128,7 @@ def _programs(device: torch.device, tiles: int) -> int:
 def forward(x2, r2, weight, bias, eps: float, out_dtype: torch.dtype, s_dtype):
     """x2, r2: (M, N) with unit stride along N. Returns y, s (or an empty tensor), mean, rstd."""
     M, N = x2.shape
-    _check_device(x2.device)
+    check_device(x2.device, "layer_norm")
     y = torch.empty((M, N), dtype=out_dtype, device=x2.device)
     s = torch.empty((M, N) if s_dtype is not None else (0,), dtype=s_dtype or x2.dtype,
                     device=x2.device)
@@ -200,7 +154,7 @@ def backward(dy2, ds2, x2, r2, weight, mean, rstd, dx_dtype, dr_dtype):
     x2 + r2 (r2 None: x2 alone, which may be the forward's float32 sum itself). dx in dx_dtype;
     dr, the same values, in dr_dtype (None: no residual, so no dr)."""
     M, N = x2.shape
-    _check_device(x2.device)
+    check_device(x2.device, "layer_norm")
     dx = torch.empty((M, N), dtype=dx_dtype, device=x2.device)
     store_dr = dr_dtype is not None and dr_dtype != dx_dtype
     dr = torch.empty((M, N), dtype=dr_dtype, device=x2.device) if store_dr else None

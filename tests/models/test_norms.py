@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pyssm.models import create_encoder
-from pyssm.models.norms import LayerNorm, LayerNorm2d, norm_backend
+from pyssm.models.norms import LayerNorm, LayerNorm2d, triton_backend
 from pyssm.ops import layer_norm_triton
 
 BACKENDS = [None, "reference", pytest.param("triton", marks=pytest.mark.skipif(
@@ -77,16 +77,16 @@ def test_layer_norm_2d_on_channels_last(backend):
     torch.testing.assert_close(s, x + r)
 
 
-def test_norm_backend_follows_the_model_backend():
-    assert [norm_backend(b) for b in (None, "auto", "cpu", "reference", "cuda")] == [
+def test_triton_backend_follows_the_model_backend():
+    assert [triton_backend(b) for b in (None, "auto", "cpu", "reference", "cuda")] == [
         None, None, "reference", "reference", "triton"]
 
 
 @pytest.mark.parametrize("name,size", [("vmamba_tiny_s1l8", 64), ("vmamba_tiny_vanilla", 64),
                                        ("vit_tiny_patch16", 48)])
-def test_encoders_with_triton_norms_match_torch_norms(name, size):
-    """A whole encoder, forward and parameter gradients, with every LayerNorm on the Triton
-    kernels against the same model on torch's LayerNorm."""
+def test_encoders_with_triton_ops_match_torch_ops(name, size):
+    """A whole encoder, forward and parameter gradients, with every LayerNorm (and VMamba's
+    depthwise convolutions) on the Triton kernels against the same model on torch's ops."""
     if not layer_norm_triton.available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 when triton is imported")
     torch.manual_seed(0)
@@ -99,6 +99,8 @@ def test_encoders_with_triton_norms_match_torch_norms(name, size):
         for m in model.modules():
             if isinstance(m, LayerNorm):
                 m.backend = backend
+            if hasattr(m, "conv_backend"):
+                m.conv_backend = backend
         model.zero_grad()
         out = model(x)
         out.square().sum().backward()

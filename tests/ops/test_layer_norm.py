@@ -181,9 +181,9 @@ def test_triton_refuses_float64_and_auto_takes_the_reference():
 
 @pytest.mark.skipif(not layer_norm_triton.available(), reason="no triton")
 def test_kernels_compile_for_gpus_without_spills():
-    """bench/triton_compile.py: every kernel variant layer_norm launches, compiled by Triton for
-    sm_80 and sm_90 (no GPU needed), without register spills: the interpreter cannot catch a
-    construct the GPU compiler rejects."""
+    """bench/triton_compile.py: the kernel variants layer_norm and depthwise_conv2d launch,
+    compiled by Triton for sm_80 and sm_90 (no GPU needed), without register spills: the
+    interpreter cannot catch a construct the GPU compiler rejects."""
     import subprocess
     import sys
     from pathlib import Path
@@ -193,7 +193,8 @@ def test_kernels_compile_for_gpus_without_spills():
     run = subprocess.run([sys.executable, str(script), "--arch", "80,90"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert run.stdout.count("| sm_") == 40  # 2 archs x 5 widths x 2 dtypes x 2 kernels
+    # 2 archs x (5 widths x 2 dtypes x 2 layer_norm kernels + 4 channel counts x 2 dtypes x 3)
+    assert run.stdout.count("| sm_") == 88
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])

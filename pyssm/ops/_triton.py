@@ -1,0 +1,58 @@
+"""What pyssm's Triton kernels share: the optional import, the decorator, the device check and
+float32 -> output-dtype rounding.
+
+On CPU tensors the kernels run in Triton's interpreter, which Triton chooses when it is imported
+with TRITON_INTERPRET=1 (tests/conftest.py sets it on machines without a GPU). The interpreter
+is slow, and it checks the indexing and arithmetic, not the GPU's behaviour or speed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pyssm works without Triton; its Triton ops then run torch's own ops
+    triton = tl = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(device: torch.device, op: str) -> None:
+    if device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            f"pyssm.ops.{op}: backend='triton' on CPU tensors runs Triton's interpreter, which "
+            f"needs TRITON_INTERPRET=1 in the environment before triton is first imported "
+            f"(tests/conftest.py sets it on machines without a GPU)")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"pyssm.ops.{op}: backend='triton' runs on CUDA tensors (or CPU ones "
+                           f"in Triton's interpreter), got tensors on {device}")
+
+
+@jit
+def rounded(v, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """v (float32) in dtype, rounded to nearest even. Triton's interpreter truncates float32 to
+    bfloat16 (its cast drops the low bits whatever the rounding asked for), so there
+    (BY_BITS: the launchers pass True for CPU tensors) the rounding is done on the bits; on a
+    GPU the conversion instruction rounds."""
+    if dtype == tl.float32:
+        return v
+    elif BY_BITS and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
