@@ -21,6 +21,7 @@
 
 #include "attention/flash.cuh"
 #include "attention/flash_mma.cuh"
+#include "attention/flash_seq.cuh"
 
 namespace pyssm {
 namespace flash_bwd {
@@ -210,10 +211,8 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
 
   const int b = blockIdx.z, hk = blockIdx.y;
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
-  const int64_t q_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
-  const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
-  const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
-  const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
+  const flash::SeqSpan seq = flash::seq_span(p, b);
+  const int64_t q_start = seq.q_start, k_start = seq.k_start, Sq = seq.Sq, Sk = seq.Sk;
   if (n0 >= Sk) return;  // the whole block: before any barrier
   const int group = int(p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -230,13 +229,8 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
-  // causal: query i sees key j when j <= i + Sk - Sq; start at the tile of the first query
-  // that sees key n0
-  int64_t m_begin = 0;
-  if (p.causal) {
-    const int64_t first = n0 - (Sk - Sq);
-    m_begin = first > 0 ? first / kM * kM : 0;
-  }
+  // causal: start at the tile of the first query that sees key n0
+  const int64_t m_begin = flash::first_query(seq, p.causal, n0, kM);
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t q_off = (q_start * p.heads + h) * kHeadDim;

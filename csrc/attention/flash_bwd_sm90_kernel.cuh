@@ -27,6 +27,7 @@
 #include "attention/flash.cuh"
 #include "attention/flash_bwd_kernel.cuh"
 #include "attention/flash_mma.cuh"
+#include "attention/flash_seq.cuh"
 #include "attention/sm90.cuh"
 
 namespace pyssm {
@@ -72,18 +73,12 @@ __global__ void __launch_bounds__(384, 1)
   const int b = blockIdx.z, hk = blockIdx.y;
   const int64_t n0 = int64_t(blockIdx.x) * Tr::kBlockN;
   const bool packed = p.cu_seqlens != nullptr;
-  const int64_t q_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
-  const int64_t Sq = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
-  const int64_t Sk = packed ? Sq : p.seqlen_k;
+  const flash::SeqSpan seq = flash::seq_span(p, b);
+  const int64_t q_start = seq.q_start, Sq = seq.Sq, Sk = seq.Sk;
   if (n0 >= Sk) return;  // the whole block: before any barrier
   const int group = int(p.heads / p.heads_k);
-  // causal: query i sees key j when j <= i + Sk - Sq; start at the tile of the first query
-  // that sees key n0
-  int64_t m_begin = 0;
-  if (p.causal) {
-    const int64_t first = n0 - (Sk - Sq);
-    m_begin = first > 0 ? first / Tr::kBlockM * Tr::kBlockM : 0;
-  }
+  // causal: start at the tile of the first query that sees key n0
+  const int64_t m_begin = flash::first_query(seq, p.causal, n0, Tr::kBlockM);
   const int m_tiles = m_begin < Sq ? int((Sq - m_begin + Tr::kBlockM - 1) / Tr::kBlockM) : 0;
   const int n_iters = group * m_tiles;  // (q head, query tile) pairs, q head outer
 
@@ -241,7 +236,7 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   // dK (times the softmax scale) and dV
-  const int64_t k_start = packed ? q_start : int64_t(b) * p.seqlen_k;
+  const int64_t k_start = seq.k_start;
   const int64_t kv_row = p.heads_k * kHeadDim;
   T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
   T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;

@@ -23,6 +23,7 @@
 
 #include "attention/flash.cuh"
 #include "attention/flash_mma.cuh"
+#include "attention/flash_seq.cuh"
 
 namespace pyssm {
 namespace flash {
@@ -54,10 +55,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   T* const tiles = reinterpret_cast<T*>(smem);  // stage s: K at 2 s, V at 2 s + 1 (x kTileElems)
 
   const int b = blockIdx.z, h = blockIdx.y, m_block = blockIdx.x;
-  const int64_t q_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
-  const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
-  const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
-  const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
+  const SeqSpan seq = seq_span(p, b);
+  const int64_t q_start = seq.q_start, k_start = seq.k_start, Sq = seq.Sq, Sk = seq.Sk;
   if (int64_t(m_block) * Tr::kBlockM >= Sq) return;  // the whole block: before any barrier
   const int64_t hk = h / (p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -101,13 +100,8 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
     l_run[mt][0] = l_run[mt][1] = 0.f;
   }
 
-  // causal: query i sees key j <= i + Sk - Sq; the block's last row bounds the keys to visit
-  int64_t key_end = Sk;
-  if (p.causal) {
-    const int64_t last_row = (int64_t(m_block) + 1) * Tr::kBlockM - 1;
-    const int64_t limit = last_row + Sk - Sq + 1;
-    key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
-  }
+  // causal: the block's last row bounds the keys to visit
+  const int64_t key_end = keys_to_visit(seq, p.causal, (int64_t(m_block) + 1) * Tr::kBlockM - 1);
 
   // K and V rows [n0, n0 + kBlockN) into stage `stage`, 16 bytes per cp.async; rows past the
   // sequence and the columns that pad head_dim (72 -> 80) are zero-filled (P V must see zeros,

@@ -29,6 +29,7 @@
 
 #include "attention/flash.cuh"
 #include "attention/flash_mma.cuh"
+#include "attention/flash_seq.cuh"
 #include "attention/sm90.cuh"
 
 namespace pyssm {
@@ -74,7 +75,7 @@ struct Maps {
 // and a persistent grid should start on those), then heads, then sequences.
 struct Tile {
   int b, h, m_block, n_tiles;
-  int64_t q_start, Sq, Sk;
+  flash::SeqSpan seq;
   bool valid;  // false: rows past a packed sequence's end (nothing to do)
 };
 template <int kBlockM, int kBlockN>
@@ -83,17 +84,11 @@ __device__ __forceinline__ Tile tile_at(const FlashParams& p, int index, int m_b
   w.m_block = m_blocks - 1 - index % m_blocks;
   w.h = (index / m_blocks) % int(p.heads);
   w.b = index / (m_blocks * int(p.heads));
-  const bool packed = p.cu_seqlens != nullptr;
-  w.q_start = packed ? p.cu_seqlens[w.b] : int64_t(w.b) * p.seqlen_q;
-  w.Sq = packed ? p.cu_seqlens[w.b + 1] - p.cu_seqlens[w.b] : p.seqlen_q;
-  w.Sk = packed ? w.Sq : p.seqlen_k;
-  w.valid = int64_t(w.m_block) * kBlockM < w.Sq;
-  // causal: query i sees key j <= i + Sk - Sq; the tile's last row bounds the keys to visit
-  int64_t key_end = w.Sk;
-  if (p.causal) {
-    const int64_t limit = (int64_t(w.m_block) + 1) * kBlockM - 1 + w.Sk - w.Sq + 1;
-    key_end = limit < key_end ? (limit > 0 ? limit : 0) : key_end;
-  }
+  w.seq = flash::seq_span(p, w.b);
+  w.valid = int64_t(w.m_block) * kBlockM < w.seq.Sq;
+  // causal: the tile's last row bounds the keys to visit
+  const int64_t key_end =
+      flash::keys_to_visit(w.seq, p.causal, (int64_t(w.m_block) + 1) * kBlockM - 1);
   w.n_tiles = int((key_end + kBlockN - 1) / kBlockN);
   return w;
 }
@@ -144,8 +139,8 @@ __global__ void __launch_bounds__(384, 1)
         if (!w.valid) continue;
         // TMA coordinates (column, head, token, batch): packed sequences index the one
         // "batch" of all tokens from their start; dense batches their own from token 0
-        const int q_row = int(packed ? w.q_start : 0) + w.m_block * Tr::kBlockM;
-        const int k_row = int(packed ? w.q_start : 0);
+        const int q_row = int(packed ? w.seq.q_start : 0) + w.m_block * Tr::kBlockM;
+        const int k_row = int(packed ? w.seq.q_start : 0);
         const int batch = packed ? 0 : w.b;
         const int hk = w.h / group;
         mbar_wait(q_empty, (tile_iter & 1) ^ 1);  // the consumers are done with the last Q
@@ -228,12 +223,9 @@ __global__ void __launch_bounds__(384, 1)
     if (!w.valid) continue;
     const int64_t first_row = int64_t(w.m_block) * Tr::kBlockM + 64 * cw;
     const int64_t row0 = first_row + 16 * warp + g, row1 = row0 + 8;
-    // keys every row of this consumer sees: tiles ending before them need no mask
-    int64_t unmasked_end = w.Sk;
-    if (p.causal) {
-      const int64_t limit = first_row + w.Sk - w.Sq + 1;
-      unmasked_end = limit < unmasked_end ? (limit > 0 ? limit : 0) : unmasked_end;
-    }
+    // keys every row of this consumer sees (its first row's): tiles ending before them need
+    // no mask
+    const int64_t unmasked_end = flash::keys_to_visit(w.seq, p.causal, first_row);
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
     // softmax of the key tile at n0: probabilities into s (scaled by the new running max),
     // row sums into l_run, and in alpha the factors that rescale O
@@ -245,7 +237,8 @@ __global__ void __launch_bounds__(384, 1)
           for (int e = 0; e < 4; ++e) {
             const int64_t key = n0 + 8 * i + 2 * t + (e & 1);
             const int64_t r = e < 2 ? row0 : row1;
-            const bool visible = key < w.Sk && (!p.causal || key <= r + w.Sk - w.Sq);
+            const bool visible =
+                key < w.seq.Sk && (!p.causal || key <= r + w.seq.Sk - w.seq.Sq);
             s[4 * i + e] = visible ? s[4 * i + e] * p.scale_log2 : -INFINITY;
           }
       } else {
@@ -330,16 +323,16 @@ __global__ void __launch_bounds__(384, 1)
     T* out = static_cast<T*>(p.out);
     constexpr float kLn2 = 0.6931471805599453f;
     const int64_t base =
-        packed ? w.h * p.total_q + w.q_start : (int64_t(w.b) * p.heads + w.h) * w.Sq;
+        packed ? w.h * p.total_q + w.seq.q_start : (int64_t(w.b) * p.heads + w.h) * w.seq.Sq;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float l = l_run[half];
 #pragma unroll
       for (int d = 1; d < 4; d *= 2) l += __shfl_xor_sync(0xffffffffu, l, d);
       const int64_t r = half ? row1 : row0;
-      if (r >= w.Sq) continue;
+      if (r >= w.seq.Sq) continue;
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      T* dst = out + ((w.q_start + r) * p.heads + w.h) * kHeadDim + 2 * t;
+      T* dst = out + ((w.seq.q_start + r) * p.heads + w.h) * kHeadDim + 2 * t;
 #pragma unroll
       for (int i = 0; i < Tr::kDimChunks; ++i)
         *reinterpret_cast<uint32_t*>(dst + 8 * i) =

@@ -111,6 +111,7 @@ CASES = [
     (0, 0, 0, 2, 1, 80, True, [0, 1, 65, 17]),
     (1, 200, 150, 2, 1, 64, True, None),   # two 128-row blocks (2 row tiles per warp), causal
     (1, 130, 130, 1, 1, 32, False, None),
+    (1, 128, 129, 1, 1, 64, True, None),   # a full block's last row sees one key past a tile
 ]
 IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "") for c in CASES]
 
@@ -149,6 +150,7 @@ SM90_CASES = [
     (1, 140, 200, 2, 1, 72, True, None),
     (2, 33, 130, 1, 1, 80, False, None),
     (0, 0, 0, 1, 1, 96, False, [5, 300]),
+    (1, 128, 129, 1, 1, 64, True, None),  # a full block's last row sees one key past a tile
 ]
 SM90_IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
             for c in SM90_CASES]

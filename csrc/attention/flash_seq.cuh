@@ -1,0 +1,57 @@
+// Where one sequence of a batch lives and which keys its queries see: written once for every
+// flash kernel (the portable and Hopper forwards and backwards).
+//
+// Dense batches: sequence b holds rows [b Sq, (b + 1) Sq) of q and [b Sk, (b + 1) Sk) of k / v.
+// Packed batches (cu_seqlens): sequence b holds tokens [cu[b], cu[b + 1]) of one token axis
+// and attends to itself, so Sk = Sq there. Under a causal mask query i sees key j when
+// j <= i + Sk - Sq: the mask is aligned to the bottom-right corner, as flash-attn's is, so a
+// query block that ends early in a longer key sequence still sees the keys before it.
+//
+// The per-score test itself, key < Sk && (!causal || key <= row + Sk - Sq), stays written out
+// in each kernel's masking loop: as a bool-returning helper (with the backwards' row < Sq) it
+// cost the backwards 40-90 SASS instructions, predicates turned into values (P2R, SEL).
+#pragma once
+
+#include <cstdint>
+
+#include "attention/flash.cuh"
+#include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: __device__ and friends)
+
+namespace pyssm {
+namespace flash {
+
+struct SeqSpan {
+  int64_t q_start, k_start;  // first token of the sequence in q and in k / v
+  int64_t Sq, Sk;            // its query and key lengths
+};
+
+template <typename Params>
+__device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
+  const bool packed = p.cu_seqlens != nullptr;
+  SeqSpan s;
+  s.q_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
+  s.k_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
+  s.Sq = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
+  s.Sk = packed ? s.Sq : p.seqlen_k;
+  return s;
+}
+
+// The keys [0, end) a block of queries up to `last_row` (inclusive) has to visit.
+__device__ __forceinline__ int64_t keys_to_visit(const SeqSpan& s, bool causal,
+                                               int64_t last_row) {
+  if (!causal) return s.Sk;
+  const int64_t limit = last_row + s.Sk - s.Sq + 1;
+  return limit < s.Sk ? (limit > 0 ? limit : 0) : s.Sk;
+}
+
+// The first query, rounded down to a multiple of `block`, that sees key `n0` (a backward
+// block of keys starts its walk over the queries there).
+__device__ __forceinline__ int64_t first_query(const SeqSpan& s, bool causal, int64_t n0,
+                                               int64_t block) {
+  if (!causal) return 0;
+  const int64_t first = n0 - (s.Sk - s.Sq);
+  return first > 0 ? first / block * block : 0;
+}
+
+}  // namespace flash
+}  // namespace pyssm
