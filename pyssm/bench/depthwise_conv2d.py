@@ -45,7 +45,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     else:
         sizes = [("small", 2, 32, 96), ("wide", 2, 16, 192)][: 1 if quick else 2]
     out = []
-    for i, (label, batch, side, chans) in enumerate(sizes):
+    for label, batch, side, chans in sizes:
         def make(batch=batch, side=side, chans=chans):
             return (torch.randn(batch, side, side, chans, device=device, dtype=torch.bfloat16),
                     torch.randn(chans, 1, 3, 3, device=device) / 3,
@@ -57,7 +57,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
             ours = harness.Provider("pyssm-triton", None, "GPU only" if
                                     depthwise_conv2d_triton.available() else "no triton")
         providers = [ours, harness.Provider("torch", torch_conv_silu)]
-        if gpu and (i == 0 or not quick):
+        if gpu and not quick:  # compiling costs ~10-30 s per size and mode: full sweeps only
             providers.append(harness.Provider("torch-compile", torch.compile(torch_conv_silu)))
         elements = batch * side * side * chans
         out.append(harness.Case(

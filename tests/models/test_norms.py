@@ -14,7 +14,7 @@ from pyssm.ops import layer_norm_triton
 
 BACKENDS = [None, "reference", pytest.param("triton", marks=pytest.mark.skipif(
     not layer_norm_triton.available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 when triton is imported"))]
+    reason="no triton, or triton imported without TRITON_INTERPRET=1 (CPU tensors)"))]
 
 
 def _pair(n, seed=0):
@@ -88,7 +88,7 @@ def test_encoders_with_triton_ops_match_torch_ops(name, size):
     """A whole encoder, forward and parameter gradients, with every LayerNorm (and VMamba's
     depthwise convolutions) on the Triton kernels against the same model on torch's ops."""
     if not layer_norm_triton.available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 when triton is imported")
+        pytest.skip("no triton, or triton imported without TRITON_INTERPRET=1 (CPU tensors)")
     torch.manual_seed(0)
     small = dict(depths=(1, 2, 1, 1), dims=16) if name.startswith("vmamba") else dict(depth=2)
     model = create_encoder(name, img_size=size, num_classes=10, **small)
