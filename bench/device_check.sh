@@ -84,26 +84,24 @@ BUILD=$(outcome "$LOGS/build.log")
 KERNELS=$($PY bench/sanitize_cases.py --list 2>&1 | tail -1)   # the ops with a CUDA kernel
 note build "$BUILD; CUDA kernels: $KERNELS" "$TOOK"
 
-# (a2) the Hopper attention kernels once, alone, under a short limit (bench/hopper_smoke.py): a
-# hang or fault there must not take the later steps with it, which all take the Hopper path
-# on an sm_90 GPU; if it fails they run with PYSSM_FLASH_SM90=0 (the tests' sm90 variants skip)
-run_step "hopper smoke" 60 "$LOGS/hopper_smoke.log" "$PY" bench/hopper_smoke.py
-if [ $RC = 0 ]; then
-  note "hopper smoke" "$(tail -1 "$LOGS/hopper_smoke.log")" "$TOOK"
-else
-  export PYSSM_FLASH_SM90=0
-  note "hopper smoke" "FAILED: $(outcome "$LOGS/hopper_smoke.log"); later steps run with PYSSM_FLASH_SM90=0" "$TOOK"
-fi
-
-# (a3) the Triton kernels (layer_norm, which the encoders' norms take) once, likewise: if they
-# fail, the later steps run with PYSSM_TRITON=0 (the norms on torch's own LayerNorm)
-run_step "triton smoke" 60 "$LOGS/triton_smoke.log" "$PY" bench/triton_smoke.py
-if [ $RC = 0 ]; then
-  note "triton smoke" "$(tail -1 "$LOGS/triton_smoke.log")" "$TOOK"
-else
-  export PYSSM_TRITON=0
-  note "triton smoke" "FAILED: $(outcome "$LOGS/triton_smoke.log"); later steps run with PYSSM_TRITON=0" "$TOOK"
-fi
+# smoke NAME SWITCH SCRIPT: kernels that have never run on a GPU, once, alone, under a short
+# limit, so that a hang or fault costs one short step; if SCRIPT fails, SWITCH=0 is exported
+# and every later step runs without those kernels
+smoke() {
+  local name=$1 switch=$2 script=$3 log="$LOGS/${1// /_}.log"
+  run_step "$name" 60 "$log" "$PY" "$script"
+  if [ $RC = 0 ]; then
+    note "$name" "$(tail -1 "$log")" "$TOOK"
+  else
+    export "$switch=0"
+    note "$name" "FAILED: $(outcome "$log"); later steps run with $switch=0" "$TOOK"
+  fi
+}
+# (a2) the Hopper attention kernels (every later step takes them on an sm_90 GPU; without
+# them the tests' sm90 variants skip) and (a3) the Triton kernels (layer_norm and
+# depthwise_conv2d, which the encoders take; without them torch's own ops run)
+smoke "hopper smoke" PYSSM_FLASH_SM90 bench/hopper_smoke.py
+smoke "triton smoke" PYSSM_TRITON bench/triton_smoke.py
 
 # (b) CUDA tests, one process per op test file, side by side (bench/cuda_tests.sh)
 run_step tests 240 "$LOGS/tests.log" bash bench/cuda_tests.sh "$LOGS"

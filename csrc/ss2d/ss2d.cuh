@@ -25,12 +25,15 @@ struct Ss2dParams {
 
 constexpr int64_t kSs2dMaxState = 16;
 
-// Chunks that give a grid of ~16 blocks per SM at any batch (1 when the batch alone does): a
-// thread's scan is a serial chain, so the SM hides its latency only with many warps (4 blocks
-// per SM, the first choice, left VMamba-T's stage 1 at ~17 of 64 warps per SM).
-inline int64_t ss2d_chunks(int64_t batch, int64_t length, int64_t dim, int sms) {
+// Chunks that give a grid of ~blocks_per_sm (16) blocks per SM at any batch (1 when the batch
+// alone does): a thread's scan is a serial chain, so the SM hides its latency only with many
+// warps (4 blocks per SM, the first choice, left VMamba-T's stage 1 at ~17 of 64 warps per SM).
+// Each chunk past the first costs a second pass over its positions, so blocks_per_sm 0 (one
+// chunk, one pass) is the other side of that trade.
+inline int64_t ss2d_chunks(int64_t batch, int64_t length, int64_t dim, int sms,
+                           int64_t blocks_per_sm = 16) {
   const int64_t groups = (dim + 127) / 128;
-  const int64_t want = 16 * int64_t(sms);
+  const int64_t want = blocks_per_sm * int64_t(sms);
   int64_t chunks = (want + batch * 4 * groups - 1) / (batch * 4 * groups);
   const int64_t most = (length + 63) / 64;  // chunks of 64 positions at least
   if (chunks > most) chunks = most;

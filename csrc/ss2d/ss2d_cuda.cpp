@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 #include <utility>
 
@@ -54,9 +55,13 @@ at::Tensor x_proj(const at::Tensor& xl, const at::Tensor& x_proj_weight, at::Sca
 }
 
 // Scan chunks for a grid of a few blocks per SM; chunk_len a multiple of `tile`.
+// PYSSM_SS2D_BLOCKS_PER_SM (read at every call; default 16) sets the grid aimed at: 0 runs each
+// direction's scan as one chunk, in one pass. The benchmark times both (pyssm/bench/ss2d.py).
 std::pair<int64_t, int64_t> chunking(int64_t B, int64_t L, int64_t D, int64_t tile) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t chunks = ss2d_chunks(B, L, D, sms);
+  const char* env = std::getenv("PYSSM_SS2D_BLOCKS_PER_SM");
+  const int64_t per_sm = env != nullptr && *env != '\0' ? std::strtoll(env, nullptr, 10) : 16;
+  const int64_t chunks = ss2d_chunks(B, L, D, sms, per_sm < 0 ? 16 : per_sm);
   int64_t chunk_len = (L + chunks - 1) / chunks;
   chunk_len = (chunk_len + tile - 1) / tile * tile;
   return {chunk_len, (L + chunk_len - 1) / chunk_len};

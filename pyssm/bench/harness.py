@@ -42,6 +42,7 @@ class Provider:
     fn: Callable[..., torch.Tensor] | None  # fn(*inputs) -> output
     status: str = "ok"                      # otherwise why it does not run
     bytes: dict[str, float] | None = None   # its own traffic per mode, if not the case's
+    modes: tuple[str, ...] | None = None    # the modes it runs, if not all of the case's
 
 
 @dataclass
@@ -220,7 +221,9 @@ def run_cases(cases: list[Case], device: torch.device, *, modes: tuple[str, ...]
                 row = {"op": case.op, "provider": provider.name, "mode": mode, **case.size,
                        "dtype": case.dtype, "device": device.type, "copies": len(copies)}
                 row["status"] = provider.status
-                if provider.fn is not None:
+                if provider.modes is not None and mode not in provider.modes:
+                    row["status"] = f"{' / '.join(provider.modes)} only"
+                elif provider.fn is not None:
                     try:
                         row.update(measure(provider.fn, copies, mode, device, warmup=warmup,
                                            repeats=repeats, budget_s=budget_s,

@@ -27,6 +27,37 @@ def jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("triton", "reference")
+
+
+def use_triton(op: str, device: torch.device, dtypes: list, backend: str | None) -> bool:
+    """Whether a Triton op runs its kernels (True) or its reference (torch's own ops), for
+    tensors on ``device`` with ``dtypes`` (the tensors' and the requested output's):
+    backend "triton" must run them (an error when it cannot), "reference" never does, and
+    None / "auto" runs them on CUDA tensors once verified on a GPU (``_extension.UNVERIFIED_CUDA``;
+    ``PYSSM_UNVERIFIED_CUDA=1`` runs them before), unless ``PYSSM_BACKEND=reference`` or
+    ``PYSSM_TRITON=0``; float64 always takes the reference."""
+    from pyssm import _extension
+
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
+    fits = all(d in TRITON_DTYPES for d in dtypes)
+    if backend == "triton":
+        if not available():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+        if not fits:
+            raise TypeError(f"backend='triton' takes float32, float16 and bfloat16 tensors and "
+                            f"out_dtype, got {dtypes}; float64 runs on backend='reference'")
+        return True
+    if (backend == "reference" or os.environ.get("PYSSM_BACKEND", "") == "reference"
+            or os.environ.get("PYSSM_TRITON", "") == "0"):
+        return False
+    return (device.type == "cuda" and fits and available()
+            and (op not in _extension.UNVERIFIED_CUDA
+                 or os.environ.get("PYSSM_UNVERIFIED_CUDA", "") == "1"))
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -17,17 +17,13 @@ it before), the reference otherwise and for float64, with ``PYSSM_BACKEND=refere
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from pyssm import _extension
-from pyssm.ops import _checks, depthwise_conv2d_triton
+from pyssm.ops import _checks, _triton, depthwise_conv2d_triton
 
-BACKENDS = ("triton", "reference")
+BACKENDS = _triton.BACKENDS
 ACTIVATIONS = (None, "silu")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 7
 
 
@@ -65,24 +61,9 @@ def check_depthwise_conv2d(x, weight, bias, activation, out_dtype) -> None:
 
 
 def _use_triton(x, weight, bias, out_dtype, backend) -> bool:
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
     dtypes = [t.dtype for t in (x, weight, bias) if t is not None]
     dtypes += [out_dtype] if out_dtype is not None else []
-    fits = all(d in _TRITON_DTYPES for d in dtypes)
-    if backend == "triton":
-        if not depthwise_conv2d_triton.available():
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not fits:
-            raise TypeError(f"backend='triton' takes float32, float16 and bfloat16 tensors and "
-                            f"out_dtype, got {dtypes}; float64 runs on backend='reference'")
-        return True
-    if (backend == "reference" or os.environ.get("PYSSM_BACKEND", "") == "reference"
-            or os.environ.get("PYSSM_TRITON", "") == "0"):
-        return False
-    return (x.device.type == "cuda" and fits and depthwise_conv2d_triton.available()
-            and ("depthwise_conv2d" not in _extension.UNVERIFIED_CUDA
-                 or os.environ.get("PYSSM_UNVERIFIED_CUDA", "") == "1"))
+    return _triton.use_triton("depthwise_conv2d", x.device, dtypes, backend)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

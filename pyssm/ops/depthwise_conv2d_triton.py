@@ -28,18 +28,25 @@ from pyssm.ops._triton import available, check_device, jit, rounded, tl, triton 
 
 
 @jit
+def _tap(X, p64, h, w, c, pmask, cmask, H, W, C, di: tl.constexpr, dj: tl.constexpr):
+    """X at pixel (h + di, w + dj) of each pixel's map, for a tile of pixels and channels, in
+    float32; zero outside the map."""
+    hh = h + di
+    ww = w + dj
+    ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    q = p64 + (di * W + dj)
+    return tl.load(X + q[:, None] * C + c[None, :], mask=ok[:, None] & cmask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@jit
 def _conv_tile(X, Wt, p64, h, w, c, pmask, cmask, H, W, C, K: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum over the K x K taps of x[pixel + tap] * weight[c, tap], zero outside the image."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
-            hh = h + (i - K // 2)
-            ww = w + (j - K // 2)
-            ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            q = p64 + ((i - K // 2) * W + (j - K // 2))
-            xv = tl.load(X + q[:, None] * C + c[None, :], mask=ok[:, None] & cmask[None, :],
-                         other=0.0).to(tl.float32)
+            xv = _tap(X, p64, h, w, c, pmask, cmask, H, W, C, i - K // 2, j - K // 2)
             wv = tl.load(Wt + c * (K * K) + (i * K + j), mask=cmask, other=0.0).to(tl.float32)
             acc += xv * wv[None, :]
     return acc
@@ -97,12 +104,7 @@ def _bwd_g(X, Wt, BIAS, DY, G, DW, DB, P, H, W, C, pixels_per_program,
         db += tl.sum(g, axis=0)
         for i in tl.static_range(K):
             for j in tl.static_range(K):
-                hh = h + (i - K // 2)
-                ww = w + (j - K // 2)
-                ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                q = p64 + ((i - K // 2) * W + (j - K // 2))
-                xv = tl.load(X + q[:, None] * C + c[None, :],
-                             mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                xv = _tap(X, p64, h, w, c, pmask, cmask, H, W, C, i - K // 2, j - K // 2)
                 part = tl.sum(xv * g, axis=0)
                 dw += tl.where(tap[:, None] == i * K + j, part[None, :], 0.0)
     tl.store(DW + (pid * (K * K) + tap[:, None]) * C + c[None, :], dw,
@@ -125,12 +127,7 @@ def _bwd_dx(G, Wt, DX, P, H, W, C, K: tl.constexpr, BLOCK_P: tl.constexpr,
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for i in tl.static_range(K):
         for j in tl.static_range(K):
-            hh = h - (i - K // 2)
-            ww = w - (j - K // 2)
-            ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            q = p64 - ((i - K // 2) * W + (j - K // 2))
-            gv = tl.load(G + q[:, None] * C + c[None, :], mask=ok[:, None] & cmask[None, :],
-                         other=0.0)
+            gv = _tap(G, p64, h, w, c, pmask, cmask, H, W, C, K // 2 - i, K // 2 - j)
             wv = tl.load(Wt + c * (K * K) + (i * K + j), mask=cmask, other=0.0).to(tl.float32)
             acc += gv * wv[None, :]
     tl.store(DX + p64[:, None] * C + c[None, :], rounded(acc, DX.dtype.element_ty, BY_BITS),

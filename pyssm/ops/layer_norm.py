@@ -19,16 +19,12 @@ Unlike pyssm's C++ ops, this one is defined in Python (``torch.library.custom_op
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from pyssm import _extension
-from pyssm.ops import _checks, layer_norm_triton
+from pyssm.ops import _checks, _triton, layer_norm_triton
 
-BACKENDS = ("triton", "reference")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = _triton.BACKENDS
 
 
 def _s_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
@@ -69,24 +65,9 @@ def check_layer_norm(x, weight, bias, residual, out_dtype, return_residual) -> N
 
 
 def _use_triton(x, weight, bias, residual, out_dtype, backend) -> bool:
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
     dtypes = [t.dtype for t in (x, weight, bias, residual) if t is not None]
     dtypes += [out_dtype] if out_dtype is not None else []
-    fits = all(d in _TRITON_DTYPES for d in dtypes)
-    if backend == "triton":
-        if not layer_norm_triton.available():
-            raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-        if not fits:
-            raise TypeError(f"backend='triton' takes float32, float16 and bfloat16 tensors and "
-                            f"out_dtype, got {dtypes}; float64 runs on backend='reference'")
-        return True
-    if (backend == "reference" or os.environ.get("PYSSM_BACKEND", "") == "reference"
-            or os.environ.get("PYSSM_TRITON", "") == "0"):
-        return False
-    return (x.device.type == "cuda" and fits and layer_norm_triton.available()
-            and ("layer_norm" not in _extension.UNVERIFIED_CUDA
-                 or os.environ.get("PYSSM_UNVERIFIED_CUDA", "") == "1"))
+    return _triton.use_triton("layer_norm", x.device, dtypes, backend)
 
 
 def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
