@@ -27,7 +27,7 @@ from pyssm.models.norms import LayerNorm, LayerNorm2d, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
-from pyssm.ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d
+from pyssm.ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d, uses_triton
 
 
 class Linear2d(nn.Linear):
@@ -125,9 +125,11 @@ class SS2D(nn.Module):
             return self.act(conv(x.permute(0, 3, 1, 2)))
         device = x.device.type
         autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-        y = depthwise_conv2d(x, conv.weight, conv.bias, activation="silu",
-                             out_dtype=torch.get_autocast_dtype(device) if autocast else None,
-                             backend=self.conv_backend)
+        out_dtype = torch.get_autocast_dtype(device) if autocast else None
+        if not uses_triton(x, conv.weight, conv.bias, out_dtype, self.conv_backend):
+            return self.act(conv(x.permute(0, 3, 1, 2)))  # torch's, in the model's dtypes
+        y = depthwise_conv2d(x, conv.weight, conv.bias, activation="silu", out_dtype=out_dtype,
+                             backend="triton")
         return y.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

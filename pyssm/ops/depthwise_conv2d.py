@@ -60,7 +60,10 @@ def check_depthwise_conv2d(x, weight, bias, activation, out_dtype) -> None:
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
 
 
-def _use_triton(x, weight, bias, out_dtype, backend) -> bool:
+def uses_triton(x, weight, bias=None, out_dtype=None, backend=None) -> bool:
+    """Whether depthwise_conv2d with these arguments runs its Triton kernels (the encoders
+    call torch's own convolution, in the model's dtype, when it would not: the reference
+    accumulates in float32, which a bf16 model under autocast does not need)."""
     dtypes = [t.dtype for t in (x, weight, bias) if t is not None]
     dtypes += [out_dtype] if out_dtype is not None else []
     return _triton.use_triton("depthwise_conv2d", x.device, dtypes, backend)
@@ -73,7 +76,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bias. x is read channels-last: a (B, C, H, W) tensor stored torch.channels_last passes as
     ``x.permute(0, 2, 3, 1)`` without a copy."""
     check_depthwise_conv2d(x, weight, bias, activation, out_dtype)
-    if not _use_triton(x, weight, bias, out_dtype, backend):
+    if not uses_triton(x, weight, bias, out_dtype, backend):
         return depthwise_conv2d_reference(x, weight, bias, activation=activation,
                                           out_dtype=out_dtype)
     return torch.ops.pyssm.depthwise_conv2d_triton(

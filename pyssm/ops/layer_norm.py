@@ -34,10 +34,22 @@ def _s_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
 def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
                          return_residual=False):
     """Pure-PyTorch layer_norm (the module docstring), accumulating in float32 (float64 for
-    float64 inputs)."""
+    float64 inputs). It is also the encoders' path wherever the Triton kernels do not run, so it
+    launches no more kernels than torch's own add and LayerNorm: a 16-bit x and a float32
+    residual are added by one promoting add, and without a residual and a cast torch's
+    LayerNorm (which accumulates in float32 for 16-bit inputs) runs on x directly."""
     s_dtype = _s_dtype(x, residual)
     acc = _checks.acc_dtype(s_dtype)
-    s = x.to(acc) if residual is None else x.to(acc) + residual.to(acc)
+    params = [t.dtype for t in (weight, bias) if t is not None]
+    if residual is None and (out_dtype or x.dtype) == x.dtype and all(d == x.dtype
+                                                                      for d in params):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(x.dtype)
+    if residual is None:
+        s = x.to(acc)
+    elif s_dtype == acc:  # exact: the narrower input is widened inside the add
+        s = x + residual
+    else:
+        s = x.to(acc) + residual.to(acc)
     y = F.layer_norm(s, s.shape[-1:], None if weight is None else weight.to(acc),
                      None if bias is None else bias.to(acc), eps)
     y = y.to(out_dtype or s_dtype)
