@@ -64,7 +64,7 @@ class LayerNorm(nn.LayerNorm):
 
 class LayerNorm2d(LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) tensor; stored channels-last
-    (torch.channels_last), it is normalised in place, without a copy."""
+    (torch.channels_last), it is read and written as a (B, H, W, C) view, without a copy."""
 
     def forward(self, x: torch.Tensor, *, for_matmul: bool = False,
                 out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
