@@ -27,13 +27,11 @@ struct SeqSpan {
 
 template <typename Params>
 __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
-  const bool packed = p.cu_seqlens != nullptr;
-  SeqSpan s;
-  s.q_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
-  s.k_start = packed ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
-  s.Sq = packed ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
-  s.Sk = packed ? s.Sq : p.seqlen_k;
-  return s;
+  const int64_t q_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
+  const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
+  const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
+  const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
+  return {q_start, k_start, Sq, Sk};
 }
 
 // The keys [0, end) a block of queries up to `last_row` (inclusive) has to visit.
