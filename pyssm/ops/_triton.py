@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from pyssm import _extension
+
 try:
     import triton
     import triton.language as tl
@@ -38,8 +40,6 @@ def use_triton(op: str, device: torch.device, dtypes: list, backend: str | None)
     None / "auto" runs them on CUDA tensors once verified on a GPU (``_extension.UNVERIFIED_CUDA``;
     ``PYSSM_UNVERIFIED_CUDA=1`` runs them before), unless ``PYSSM_BACKEND=reference`` or
     ``PYSSM_TRITON=0``; float64 always takes the reference."""
-    from pyssm import _extension
-
     if backend is not None and backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, 'auto' or None, got {backend!r}")
     fits = all(d in TRITON_DTYPES for d in dtypes)
@@ -56,6 +56,16 @@ def use_triton(op: str, device: torch.device, dtypes: list, backend: str | None)
     return (device.type == "cuda" and fits and available()
             and (op not in _extension.UNVERIFIED_CUDA
                  or os.environ.get("PYSSM_UNVERIFIED_CUDA", "") == "1"))
+
+
+def reduction_programs(device: torch.device, tiles: int, groups: int = 1) -> int:
+    """Programs for a backward that reduces weight gradients per program (then torch sums the
+    partials): about 4 per SM across ``groups`` program columns (4 on the CPU), at most one per
+    tile of rows."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, 4 * sms // groups))
+    return max(1, min(tiles, 4))
 
 
 def interpreting() -> bool:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import available, check_device, jit, rounded, tl, triton  # noqa: F401
+from pyssm.ops._triton import (available, check_device, jit, reduction_programs,  # noqa: F401
+                               rounded, tl, triton)
 
 
 @jit
@@ -174,11 +175,7 @@ def backward(dy, x, weight, bias, silu: bool):
         return dx, torch.zeros(weight.shape, device=x.device), torch.zeros(C, device=x.device)
     block_p, block_c, warps = _tiles(C, 2)
     tiles = triton.cdiv(P, block_p)
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        programs = max(1, min(tiles, 4 * sms // triton.cdiv(C, block_c)))
-    else:
-        programs = max(1, min(tiles, 4))
+    programs = reduction_programs(x.device, tiles, triton.cdiv(C, block_c))
     per_program = triton.cdiv(tiles, programs) * block_p
     programs = triton.cdiv(P, per_program)
     g = torch.empty((B, H, W, C), dtype=torch.float32, device=x.device)

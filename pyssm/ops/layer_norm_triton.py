@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import available, check_device, jit, rounded, tl, triton  # noqa: F401
+from pyssm.ops._triton import (available, check_device, jit, reduction_programs,  # noqa: F401
+                               rounded, tl, triton)
 
 
 @jit
@@ -118,13 +119,6 @@ def _tiles(N: int) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
-def _programs(device: torch.device, tiles: int) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(tiles, 4 * sms))
-    return max(1, min(tiles, 4))
-
-
 def forward(x2, r2, weight, bias, eps: float, out_dtype: torch.dtype, s_dtype):
     """x2, r2: (M, N) with unit stride along N. Returns y, s (or an empty tensor), mean, rstd."""
     M, N = x2.shape
@@ -159,7 +153,7 @@ def backward(dy2, ds2, x2, r2, weight, mean, rstd, dx_dtype, dr_dtype):
     store_dr = dr_dtype is not None and dr_dtype != dx_dtype
     dr = torch.empty((M, N), dtype=dr_dtype, device=x2.device) if store_dr else None
     block_m, block_n, warps = _tiles(N)
-    programs = _programs(x2.device, triton.cdiv(M, block_m)) if M else 1
+    programs = reduction_programs(x2.device, triton.cdiv(M, block_m)) if M else 1
     rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), programs), block_m) * block_m
     programs = triton.cdiv(max(M, 1), rows_per_program)
     dw = torch.empty((programs, N), dtype=torch.float32, device=x2.device)
