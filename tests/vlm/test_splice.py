@@ -64,3 +64,58 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="exceeds the LM's context of 5"):
         splice_image_embeds(embeds, ids, mask, torch.zeros(2, 4, D), style="prismatic",
                             bos_token_id=BOS, max_length=5)
+
+
+def splice_rows(embeds, ids, mask, images, labels, style, side):
+    """Per-row reference: lists of (embedding, label) per position, spliced and re-padded to
+    the input's width + T - (1 for llava)."""
+    B, S = ids.shape
+    T = images.shape[1]
+    drop = style == "llava"
+    width = S + T - drop
+    out = torch.zeros(B, width, embeds.shape[-1], dtype=embeds.dtype)
+    out_mask = torch.zeros(B, width, dtype=mask.dtype)
+    out_lab = torch.full((B, width), -100)
+    for b in range(B):
+        row = [(embeds[b, s], int(labels[b, s]), int(ids[b, s])) for s in range(S) if mask[b, s]]
+        at = 1 if style == "prismatic" else [t for _, _, t in row].index(IMG)
+        image = [(images[b, t], -100, None) for t in range(T)]
+        row = row[:at] + image + row[at + drop:]
+        start = width - len(row) if side == "left" else 0
+        for p, (e, lab, _) in enumerate(row):
+            out[b, start + p], out_lab[b, start + p], out_mask[b, start + p] = e, lab, 1
+    return out, out_mask, out_lab
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("style", ["prismatic", "llava"])
+def test_random_batches_match_rows_with_gradients(style, side):
+    """Random lengths and placeholder positions (odd sizes, one row without padding), poisoned
+    pads: values, masks, labels and both inputs' gradients equal the per-row reference."""
+    g = torch.Generator().manual_seed(11)
+    B, T, D = 7, 5, 3
+    rows = []
+    for b in range(B):
+        n = 2 + int(torch.randint(0, 9, (), generator=g))
+        body = torch.randint(5, 50, (n,), generator=g).tolist()
+        if style == "llava":
+            body.insert(int(torch.randint(0, n + 1, (), generator=g)), IMG)
+        rows.append([BOS] + body)
+    rows[3] = rows[3] + [9] * (max(len(r) for r in rows) - len(rows[3]) + 2)  # the longest
+    ids, mask, labels, _ = batch(rows, side)
+    embeds = torch.randn(*ids.shape, D, generator=g, dtype=torch.float64)
+    embeds[~mask.bool()] = float("nan")                 # pads must never reach the output
+    images = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    embeds.requires_grad_(True)
+    images.requires_grad_(True)
+    got = splice_image_embeds(embeds, ids, mask, images, style=style, bos_token_id=BOS,
+                              image_token_id=IMG, labels=labels, padding_side=side)
+    weights = torch.randn(got[0].shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got[0] * weights).sum(), (embeds, images))
+    want = splice_rows(embeds, ids, mask, images, labels, style, side)
+    want_grads = torch.autograd.grad((want[0] * weights).sum(), (embeds, images))
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and got[1].dtype == mask.dtype
+    assert torch.equal(got[2], want[2])
+    for a, b in zip(grads, want_grads):
+        assert torch.equal(a, b)
