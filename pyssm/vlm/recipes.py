@@ -94,7 +94,7 @@ def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed
     SceneDataset (e.g. n_objects). With ``shuffle_images`` every question is asked about the
     next scene's image: a control for how much of the score the image explains (a model that
     does not read the image scores the same)."""
-    from pyssm.data import SceneDataset, score
+    from pyssm.data import SceneDataset, render, score
 
     vlm.eval()
     device = next(vlm.connector.parameters()).device
@@ -108,10 +108,18 @@ def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed
     # the image of example i (+ one scene, wrapping around, when shuffled)
     shift = QUESTIONS_PER_SCENE if shuffle_images else 0
     image_of = [(i + shift) % (scenes * QUESTIONS_PER_SCENE) for i in range(size)]
+    rendered = {}           # scene -> image: its questions share it, rendered once
+
+    def image(i):
+        j = image_of[i] // QUESTIONS_PER_SCENE
+        if j not in rendered:
+            rendered[j] = render(data.scene(j), cfg.image_size)
+        return rendered[j]
+
     predictions = []
     for start in range(0, size, batch_size):
         chunk = range(start, min(size, start + batch_size))
-        images = prepare_images([data[image_of[i]][0] for i in chunk], cfg.image_size,
+        images = prepare_images([image(i) for i in chunk], cfg.image_size,
                                 letterbox=cfg.letterbox).to(device)
         answers = vlm.generate(images, [examples[i].prompt for i in chunk],
                                max_new_tokens=max_new_tokens)
