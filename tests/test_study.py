@@ -112,6 +112,46 @@ def test_pretrain_scenes_are_the_rendered_batches():
         assert torch.equal(images, want_images) and batch == want_scenes
 
 
+@pytest.mark.parametrize("max_bytes", [None, 0])
+def test_seed_scenes_are_the_datasets_made_once_in_workers(max_bytes):
+    """Made by two worker processes (in chunks, the last one short) or by this one: the
+    scene graphs, images and questions SceneDataset gives, in order; without room for the
+    images, the same images rendered when read."""
+    from pyssm.data import render
+    from pyssm.study import scenes as scenes_module
+
+    data = SceneDataset("train", num_scenes=2 * scenes_module.CHUNK + 7, size=16,
+                        base_seed=5, questions_per_scene=3, n_objects=(1, 3))
+    made = [scenes_module.SeedScenes(data, texts=True, workers=w, max_bytes=max_bytes)
+            for w in (2, 0)]
+    for store in made:
+        assert (store.images is None) == (max_bytes == 0) and len(store) == data.num_scenes
+        for j in (0, scenes_module.CHUNK, data.num_scenes - 1):
+            assert store.scenes[j] == data.scene(j)
+            image, scenes = store.batch(j, 1)
+            assert torch.equal(image[0], render(data.scene(j), 16)) and scenes[0] == data.scene(j)
+        for i in (0, 4, len(data) - 1):
+            assert store.texts[i] == (data.example(i).prompt, data.example(i).answer)
+    assert made[0].texts == made[1].texts and made[0].scenes == made[1].scenes
+    with pytest.raises(IndexError, match="out of range"):
+        made[0].batch(data.num_scenes - 1, 2)
+
+
+@pytest.mark.parametrize("budget_name, shared", [("tiny", False), ("small", True)])
+def test_a_seeds_runs_share_one_making_of_its_scenes(budget_name, shared):
+    """Pretraining reads the VLM's scenes when they are the same scenes (the small and medium
+    budgets), its own otherwise (tiny: the VLM's scenes have 1-2 objects)."""
+    from pyssm.study.run import seed_scenes
+
+    budget = replace(BUDGETS[budget_name], train_scenes=9, img_size=16)
+    pre, train = seed_scenes(budget, 4, letterbox=True, pretraining=True)
+    assert (pre.store is train.store) == shared
+    want_images, want_scenes = scene_batch("train", 2, 3, 16, base_seed=4)
+    images, scenes = pre.batch(2, 3)
+    assert torch.equal(images, want_images) and scenes == want_scenes
+    assert seed_scenes(budget, 4, letterbox=True, pretraining=False)[0] is None
+
+
 def test_train_scenes_give_what_preprocessed_gives():
     budget = replace(BUDGETS["tiny"], train_scenes=6)
     cached = TrainScenes(budget, seed=1, letterbox=True)
@@ -214,8 +254,8 @@ def test_the_pipeline_reads_the_image():
     budget = replace(BUDGETS["tiny"], grounding_fraction=0.0, train_scenes=1000)
     encoder, _ = pretrain_encoder("vmamba_tiny_s1l8", "dense", budget, seed=0,
                                   device=torch.device("cpu"))
-    scenes = TrainScenes(budget, seed=0, letterbox=True)
-    scenes.data = SceneDataset("train", num_scenes=1000, size=32, questions_per_scene=4, **only)
+    scenes = TrainScenes(budget, seed=0, letterbox=True, data=SceneDataset(
+        "train", num_scenes=1000, size=32, questions_per_scene=4, **only))
     torch.manual_seed(0)
     tokenizer = build_word_tokenizer(vocabulary())
     cfg = VLMConfig(encoder="vmamba_tiny_s1l8", image_size=32, connector=budget.connector,

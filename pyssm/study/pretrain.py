@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.data import COLOURS, DIGITS, SHAPES, scene_batch
+from pyssm.data import COLOURS, DIGITS, SHAPES, SceneDataset, scene_batch
 from pyssm.models import create_encoder
 from pyssm.study.budgets import Budget
+from pyssm.study.scenes import SeedScenes
 from pyssm.vlm.preprocess import normalize
 from pyssm.vlm.train import lr_lambda
 
@@ -72,24 +73,33 @@ class PretrainScenes:
     """Scenes 0 .. train_scenes - 1 of the train split for one seed (the generator's usual
     scenes), as pretraining reads them.
 
-    Pretraining cycles over these scenes (a few thousand at the tiny budget) many times, and
-    every encoder and objective of a seed reads the same ones, so they are rendered once and
-    kept when they fit in ``max_bytes``; otherwise each batch is rendered when it is read.
-    Either way a batch is the same tensor."""
+    Pretraining cycles over these scenes many times, and every encoder and objective of a
+    seed reads the same ones: they are made once (pyssm.study.scenes.SeedScenes, which also
+    keeps the images when they fit in ``max_bytes``), or given as ``scenes`` (a SeedScenes of
+    these scenes, shared with the VLM's data when its scenes are the same). Either way a
+    batch is the same tensor."""
 
-    def __init__(self, budget: Budget, seed: int, max_bytes: int = 512 * 2**20):
+    def __init__(self, budget: Budget, seed: int, max_bytes: int | None = None,
+                 scenes: SeedScenes | None = None):
         self.budget, self.seed = budget, seed
-        self.images = self.scenes = None
-        if budget.train_scenes * 3 * budget.img_size ** 2 * 4 <= max_bytes:
-            self.images, self.scenes = scene_batch("train", 0, budget.train_scenes,
-                                                   budget.img_size, base_seed=seed)
+        self.store = scenes if scenes is not None else SeedScenes(
+            pretrain_data(budget, seed), max_bytes=max_bytes)
+        self.images = self.store.images
 
     def batch(self, start: int, count: int):
-        """(images (count, 3, S, S) in [0, 1], scenes) of scenes start .. start + count - 1."""
-        if self.images is None or start + count > len(self.scenes):
+        """(images (count, 3, S, S) in [0, 1], scenes) of scenes start .. start + count - 1
+        (made now when they go past the kept ones: a batch larger than the scenes)."""
+        if start + count > len(self.store):
             return scene_batch("train", start, count, self.budget.img_size,
                                base_seed=self.seed)
-        return self.images[start:start + count], self.scenes[start:start + count]
+        return self.store.batch(start, count)
+
+
+def pretrain_data(budget: Budget, seed: int) -> SceneDataset:
+    """The scenes pretraining reads: the train split's usual scenes (SceneDataset's
+    defaults), ``budget.train_scenes`` of them at ``budget.img_size``."""
+    return SceneDataset("train", num_scenes=budget.train_scenes, size=budget.img_size,
+                        base_seed=seed)
 
 
 def build_encoder(name: str, budget: Budget, checkpoint=None) -> nn.Module:

@@ -22,9 +22,10 @@ import torch
 from pyssm.bench.results import atomic_write
 from pyssm.data import SceneDataset
 from pyssm.data.metrics import mean_interval
-from pyssm.data.render import render
 from pyssm.study.budgets import BUDGETS, Budget
-from pyssm.study.pretrain import OBJECTIVES, PretrainScenes, build_encoder, pretrain_encoder
+from pyssm.study.pretrain import (OBJECTIVES, PretrainScenes, build_encoder, pretrain_data,
+                                  pretrain_encoder)
+from pyssm.study.scenes import SeedScenes, default_max_bytes
 from pyssm.vlm import VisionLanguageModel, VLMConfig
 from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, evaluate
@@ -41,44 +42,61 @@ CHANCE = {"exist": 1 / 2, "compare": 1 / 2, "relation": 1 / 2, "colour": 1 / 7, 
 
 class TrainScenes:
     """The VLM's training examples for one seed, (image, prompt, answer) as
-    pyssm.vlm.recipes.Preprocessed gives them, with each scene's image rendered and
-    preprocessed once and kept (when they fit in ``max_bytes``): the VLM revisits every
-    example many times, and all encoders and objectives of a seed read the same examples."""
+    pyssm.vlm.recipes.Preprocessed gives them. The VLM revisits every example many times and
+    all encoders and objectives of a seed read the same examples, so the scenes, their
+    questions and (when they fit in ``max_bytes``) their images are made once
+    (pyssm.study.scenes.SeedScenes), or given as ``scenes`` (a SeedScenes with texts, shared
+    with pretraining when its scenes are the same). ``data``: the SceneDataset to read
+    (default: the budget's training scenes for ``seed``)."""
 
     def __init__(self, budget: Budget, seed: int, letterbox: bool,
-                 max_bytes: int = 512 * 2**20):
-        self.data = SceneDataset("train", num_scenes=budget.train_scenes, size=budget.img_size,
-                                 base_seed=seed, questions_per_scene=QUESTIONS_PER_SCENE,
-                                 n_objects=budget.n_objects,
-                                 grounding_fraction=budget.grounding_fraction)
+                 max_bytes: int | None = None, scenes: SeedScenes | None = None,
+                 data: SceneDataset | None = None):
+        if scenes is None:
+            scenes = SeedScenes(data or train_data(budget, seed), texts=True,
+                                max_bytes=max_bytes)
+        if scenes.texts is None:
+            raise ValueError("scenes must be a SeedScenes made with texts=True")
+        self.store, self.data = scenes, scenes.data
         self.size, self.letterbox = budget.img_size, letterbox
-        self.keep = budget.train_scenes * 3 * budget.img_size ** 2 * 4 <= max_bytes
-        self.images: dict[int, torch.Tensor] = {}
-        self.examples: dict[int, tuple[str, str, int]] = {}
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.store.texts)
 
     def text(self, i: int) -> tuple[str, str, int]:
         """(prompt, answer, scene index) of item i."""
-        if i not in self.examples:
-            ex = self.data.example(i)
-            self.examples[i] = (ex.prompt, ex.answer, ex.scene_index)
-        return self.examples[i]
+        prompt, answer = self.store.texts[i]
+        return prompt, answer, i // self.data.questions_per_scene
 
     def image(self, j: int) -> torch.Tensor:
         """Scene j's image, preprocessed for the encoder."""
-        image = self.images.get(j)
-        if image is None:
-            image = prepare_images([render(self.data.scene(j), self.size)], self.size,
-                                   letterbox=self.letterbox)[0]
-            if self.keep:
-                self.images[j] = image
-        return image
+        return prepare_images(self.store.batch(j, 1)[0], self.size, letterbox=self.letterbox)[0]
 
     def __getitem__(self, i: int):
         prompt, answer, j = self.text(i)
         return self.image(j), prompt, answer
+
+
+def train_data(budget: Budget, seed: int) -> SceneDataset:
+    """The VLM's training scenes and questions for ``seed`` under ``budget``."""
+    return SceneDataset("train", num_scenes=budget.train_scenes, size=budget.img_size,
+                        base_seed=seed, questions_per_scene=QUESTIONS_PER_SCENE,
+                        n_objects=budget.n_objects,
+                        grounding_fraction=budget.grounding_fraction)
+
+
+def seed_scenes(budget: Budget, seed: int, letterbox: bool, pretraining: bool) -> tuple:
+    """(PretrainScenes or None, TrainScenes) of ``seed``: one SeedScenes for both when the
+    VLM's scenes are pretraining's (the same objects per scene), else one each."""
+    vlm_data = train_data(budget, seed)
+    vlm_scenes = SeedScenes(vlm_data, texts=True)
+    pre = None
+    if pretraining:
+        pre_data = pretrain_data(budget, seed)
+        same = (pre_data.n_objects, pre_data.digit_fraction) == (vlm_data.n_objects,
+                                                                  vlm_data.digit_fraction)
+        pre = PretrainScenes(budget, seed, scenes=vlm_scenes if same else None)
+    return pre, TrainScenes(budget, seed, letterbox, scenes=vlm_scenes)
 
 
 class SceneTokens:
@@ -109,7 +127,16 @@ class SceneTokens:
         return self.tokens[j], prompt, answer
 
 
-def token_cache_fits(budget: Budget, width: int, tokens: int, max_bytes: int = 2**30) -> bool:
+def token_cache_fits(budget: Budget, width: int, tokens: int, device: torch.device,
+                     max_bytes: int | None = None) -> bool:
+    """Whether every training scene's float32 tokens fit where they are computed: in a
+    quarter of the GPU's free memory, or of the machine's memory on the CPU (the medium
+    budget's 50,000 scenes x 64 tokens x 384 channels are 4.9 GB)."""
+    if max_bytes is None:
+        if device.type == "cuda":
+            max_bytes = torch.cuda.mem_get_info(device)[0] // 4
+        else:
+            max_bytes = default_max_bytes()
     return budget.train_scenes * tokens * width * 4 <= max_bytes
 
 
@@ -156,7 +183,7 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
     with torch.no_grad():   # the token grid and width, for the cache and the results
         _, n_tokens, width = encoder.tokens(
             torch.zeros(1, 3, budget.img_size, budget.img_size, device=device)).shape
-    if token_cache_fits(budget, width, n_tokens):
+    if token_cache_fits(budget, width, n_tokens, torch.device(device)):
         data = SceneTokens(data, vlm)
     trainer = Trainer(vlm, data, TrainConfig(stage="one-stage", steps=budget.vlm_steps,
                                              batch_size=budget.vlm_batch, lr=budget.vlm_lr,
@@ -327,8 +354,7 @@ def run_study(encoders: list[str], seeds: int = 3, budget: str = "tiny",
     runs = []
     start = time.perf_counter()
     for seed in range(seeds):          # seeds outermost: a seed's runs share its data
-        pretrain_scenes = PretrainScenes(b, seed) if checkpoint is None else None
-        train_scenes = TrainScenes(b, seed, letterbox)
+        pretrain_scenes, train_scenes = seed_scenes(b, seed, letterbox, checkpoint is None)
         for name in encoders:
             for objective in (objectives if checkpoint is None else ("checkpoint",)):
                 log(f"[study] {name} / {objective} / seed {seed} ...")
