@@ -13,6 +13,7 @@ from pyssm.study import BUDGETS
 from pyssm.study.pretrain import (DENSE_LABELS, LABELS, PretrainScenes, class_targets,
                                   dense_targets, pretrain_encoder)
 from pyssm.study.run import SceneTokens, TrainScenes, summarize_runs
+from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, Preprocessed
 
 
@@ -205,7 +206,6 @@ def test_summary_skips_seeds_without_a_type():
 
 def test_shuffled_image_control_asks_about_the_next_scene():
     from pyssm.vlm import VLMConfig
-    from pyssm.vlm.preprocess import prepare_images
     from pyssm.vlm.recipes import evaluate
 
     class Recorder(torch.nn.Module):
@@ -226,7 +226,7 @@ def test_shuffled_image_control_asks_about_the_next_scene():
     shown = {}
     for shuffle in (False, True):
         vlm = Recorder()
-        result = evaluate(vlm, "test", 12, seed=4, batch_size=5,
+        result = evaluate(vlm, "test", 12, seed=4, batch_size=5, answer_nll=False,
                           scene_kwargs={"n_objects": (1, 2)}, shuffle_images=shuffle)
         assert result["examples"] == 12
         shown[shuffle] = torch.cat(vlm.images)
@@ -235,6 +235,43 @@ def test_shuffled_image_control_asks_about_the_next_scene():
         assert torch.equal(shown[False][i], image[i // 4])
         assert torch.equal(shown[True][i], image[(i // 4 + 1) % 3])      # the next scene's
 
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_answer_nll_is_each_answers_mean_token_nll(shuffle):
+    """evaluate's answer_nll against one example at a time: the reference answer's tokens and
+    EOS after the prompt, the log-softmax of the logits one position earlier, averaged per
+    example and then over examples (batches of 4 over 7 examples: padding in play)."""
+    from pyssm.data import vocabulary
+    from pyssm.vlm import VisionLanguageModel, VLMConfig
+    from pyssm.vlm.recipes import evaluate
+    from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
+
+    torch.manual_seed(3)
+    tokenizer = build_word_tokenizer(vocabulary())
+    vlm = VisionLanguageModel.from_config(
+        VLMConfig(encoder="vit_tiny_patch16", image_size=32, encoder_kwargs={"depth": 1},
+                  image_style="llava", prompt_template="{prompt} {image}"),
+        build_tiny_lm(tokenizer, hidden_size=16, num_layers=1), tokenizer)
+    got = evaluate(vlm, "test", 7, seed=2, batch_size=4, max_new_tokens=2,
+                   shuffle_images=shuffle)["answer_nll"]
+    data = SceneDataset("test", num_scenes=2, size=32, base_seed=2,
+                        questions_per_scene=QUESTIONS_PER_SCENE)
+    total = 0.0
+    for i in range(7):
+        ex = data.example(i)
+        image = prepare_images([data[(i + 4 * shuffle) % 8][0]], 32)
+        prompt = tokenizer(vlm.format_prompt(ex.prompt))["input_ids"]
+        answer = tokenizer(f" {ex.answer}", add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            embeds, mask, _ = vlm.build_inputs(image, ids, torch.ones_like(ids))
+            logits = vlm.lm(inputs_embeds=embeds, attention_mask=mask).logits[0].double()
+        start = embeds.shape[1] - len(answer)        # the answer's first position
+        logp = logits[start - 1:-1].log_softmax(-1)
+        total += -logp[torch.arange(len(answer)), torch.tensor(answer)].mean().item()
+    assert got == pytest.approx(total / 7, rel=1e-4)
 
 
 @pytest.mark.slow

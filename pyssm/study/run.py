@@ -220,7 +220,7 @@ def summarize_runs(runs: list[dict]) -> list[dict]:
             scored = [r["scores"][split] for r in rs if split in r["scores"]]
             if not scored:
                 continue
-            for key in ("overall", "vqa", "grounding"):
+            for key in ("overall", "vqa", "grounding", "answer_nll"):
                 vals = [sc.get(key) for sc in scored]
                 if all(v is not None for v in vals):
                     row[f"{split}/{key}"] = mean_interval(vals)
@@ -245,10 +245,11 @@ def _fmt(cell) -> str:
 def markdown(rows: list[dict], budget_name: str, seeds: int, budget: Budget | None = None) -> str:
     cols = ["encoder", "objective", "params_m", "visual_tokens", "encoder_img_s",
             "val/overall", "test/vqa", f"{CONTROL}/vqa", "test/grounding", "test/overall",
-            "test_comp/overall"]
+            "test_comp/overall", "test/answer_nll", f"{CONTROL}/answer_nll"]
     head = ["encoder", "objective", "params (M)", "visual tokens", "encoder img/s",
             "val overall", "test vqa", "test vqa, shuffled images", "test grounding",
-            "test overall", "test_comp overall"]
+            "test overall", "test_comp overall", "test answer NLL",
+            "test answer NLL, shuffled images"]
     lines = [f"# pyssm encoder study: budget {budget_name}, {seeds} seed(s)", ""]
     if budget is not None:
         lines += [f"{budget.img_size} px, scenes of {budget.n_objects[0]}-{budget.n_objects[1]} "
@@ -259,7 +260,10 @@ def markdown(rows: list[dict], budget_name: str, seeds: int, budget: Budget | No
     lines += ["Accuracies: mean ± 95% half-width over seeds (t interval); grounding is "
               "Acc@0.5 IoU; overall weights every example equally. \"shuffled images\": the "
               "same model on the same test questions, each asked about another scene's image: "
-              "what it scores without reading the image.", "",
+              "what it scores without reading the image. Answer NLL: the reference answer's "
+              "negative log-likelihood per token (teacher-forced), lower is better; how far it "
+              "rises with shuffled images measures how much the model reads the image, "
+              "before exact match shows it.", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
@@ -362,8 +366,9 @@ def run_study(encoders: list[str], seeds: int = 3, budget: str = "tiny",
                               pretrain_scenes, train_scenes)
                 test, control = run["scores"]["test"], run["scores"][CONTROL]
                 log(f"[study]   test vqa {test.get('vqa', math.nan):.3f} (shuffled images "
-                    f"{control.get('vqa', math.nan):.3f}), overall {test['overall']:.3f} "
-                    f"in {run['seconds']:.0f} s")
+                    f"{control.get('vqa', math.nan):.3f}), answer NLL "
+                    f"{test['answer_nll']:.3f} (shuffled {control['answer_nll']:.3f}), "
+                    f"overall {test['overall']:.3f} in {run['seconds']:.0f} s")
                 runs.append(run)
     rows = summarize_runs(runs)
     result = {"budget": budget, "budget_config": {k: v for k, v in vars(b).items()},

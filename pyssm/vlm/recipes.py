@@ -12,7 +12,7 @@ import torch
 from pyssm.vlm.model import VisionLanguageModel, VLMConfig
 from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
-from pyssm.vlm.train import Trainer, TrainConfig, init_distributed
+from pyssm.vlm.train import Trainer, TrainConfig, answer_batch, init_distributed
 
 QUESTIONS_PER_SCENE = 4
 
@@ -88,12 +88,17 @@ def detokenize(text: str) -> str:
 @torch.no_grad()
 def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed: int = 0,
              batch_size: int = 32, max_new_tokens: int = 24, scene_kwargs: dict | None = None,
-             shuffle_images: bool = False) -> dict:
+             shuffle_images: bool = False, answer_nll: bool = True) -> dict:
     """VQA exact match per type, grounding Acc@0.5 and the overall score of ``vlm`` on ``size``
     examples of ``split`` (pyssm.data.score), greedy decoding. ``scene_kwargs`` go to
     SceneDataset (e.g. n_objects). With ``shuffle_images`` every question is asked about the
     next scene's image: a control for how much of the score the image explains (a model that
-    does not read the image scores the same)."""
+    does not read the image scores the same).
+
+    Besides the scores (unless ``answer_nll`` is False), ``answer_nll``: the mean over examples of the reference answer's
+    negative log-likelihood per token (its tokens and EOS, teacher-forced), a finer measure
+    than exact match of how much the image tells the model: with shuffled images it rises as
+    far as the model reads the image, long before greedy answers change."""
     from pyssm.data import SceneDataset, render, score
 
     vlm.eval()
@@ -116,16 +121,21 @@ def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed
             rendered[j] = render(data.scene(j), cfg.image_size)
         return rendered[j]
 
-    predictions = []
+    predictions, nll_sum = [], 0.0
     for start in range(0, size, batch_size):
         chunk = range(start, min(size, start + batch_size))
         images = prepare_images([image(i) for i in chunk], cfg.image_size,
                                 letterbox=cfg.letterbox).to(device)
-        answers = vlm.generate(images, [examples[i].prompt for i in chunk],
-                               max_new_tokens=max_new_tokens)
+        prompts = [examples[i].prompt for i in chunk]
+        answers = vlm.generate(images, prompts, max_new_tokens=max_new_tokens)
         predictions += [detokenize(a) for a in answers]
+        if answer_nll:
+            texts = answer_batch(vlm, prompts, [examples[i].answer for i in chunk], device)
+            nll_sum += float(vlm(images, *texts, loss_reduction="sequence_sum").loss)
     result = score(predictions, examples)
     result["split"], result["examples"] = split, size
+    if answer_nll:
+        result["answer_nll"] = nll_sum / size
     return result
 
 

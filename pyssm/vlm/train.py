@@ -120,6 +120,26 @@ def shard_vlm(vlm: VisionLanguageModel) -> None:
     fully_shard(vlm, mesh=mesh, ignored_params=set(vlm.encoder.parameters()))
 
 
+def answer_batch(vlm: VisionLanguageModel, prompts: Sequence[str], answers: Sequence[str],
+                 device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and labels (the answer's tokens and EOS; IGNORE on the prompt
+    and the padding) of prompt + answer for each pair, right-padded: what the VLM is trained
+    on, and what ``evaluate`` scores an answer's likelihood with."""
+    tok = vlm.tokenizer
+    ids, labels = [], []
+    for prompt, answer in zip(prompts, answers):
+        p = tok(vlm.format_prompt(prompt))["input_ids"]
+        a = tok(f" {answer}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids.append(p + a)
+        labels.append([IGNORE] * len(p) + a)
+    n = max(len(x) for x in ids)
+    pad = tok.pad_token_id
+    mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
+    input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
+    label_t = torch.tensor([x + [IGNORE] * (n - len(x)) for x in labels], device=device)
+    return input_ids, mask, label_t
+
+
 class Trainer:
     def __init__(self, vlm: VisionLanguageModel, dataset: Sequence, config: TrainConfig):
         if config.stage not in STAGES:
@@ -182,22 +202,11 @@ class Trainer:
 
     def collate(self, indices: list[int]):
         """images, input_ids, attention_mask, labels (answer tokens + EOS only), right-padded."""
-        tok, vlm = self.vlm.tokenizer, self.vlm
-        images, ids, labels = [], [], []
-        for i in indices:
-            image, prompt, answer = self.dataset[i]
-            p = tok(vlm.format_prompt(prompt))["input_ids"]
-            a = tok(f" {answer}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            images.append(image)
-            ids.append(p + a)
-            labels.append([IGNORE] * len(p) + a)
-        n = max(len(x) for x in ids)
-        pad = tok.pad_token_id
+        items = [self.dataset[i] for i in indices]
         device = next(self.vlm.connector.parameters()).device
-        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=device)
-        input_ids = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=device)
-        label_t = torch.tensor([x + [IGNORE] * (n - len(x)) for x in labels], device=device)
-        return torch.stack(images).to(device), input_ids, mask, label_t
+        texts = answer_batch(self.vlm, [p for _, p, _ in items], [a for *_, a in items],
+                             device)
+        return (torch.stack([image for image, *_ in items]).to(device), *texts)
 
     # ---- the loop -----------------------------------------------------------------------------
 
