@@ -12,7 +12,7 @@ from pyssm.data import COLOURS, SceneDataset, SceneObject, scene_batch
 from pyssm.study import BUDGETS
 from pyssm.study.pretrain import (DENSE_LABELS, LABELS, PretrainScenes, class_targets,
                                   dense_targets, pretrain_encoder)
-from pyssm.study.run import SceneTokens, TrainScenes, summarize_runs
+from pyssm.study.run import SceneTokens, TrainScenes, markdown, summarize_runs
 from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.recipes import QUESTIONS_PER_SCENE, Preprocessed
 
@@ -186,6 +186,25 @@ def test_scene_tokens_are_the_encoders_tokens_of_each_scene():
             want = _tokens(vlm.encoder, image[None], None)[0]
         torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
         assert (prompt, answer) == (want_prompt, want_answer)
+
+
+def test_answer_nll_rise_is_paired_per_run():
+    """The rise of the answer NLL with shuffled images is each run's own difference, then
+    averaged over seeds: seeds with different levels but the same rise give that rise with
+    no spread (unpaired means would give a wide interval)."""
+    def run(seed, own, shuffled):
+        def scores(nll):
+            return {"overall": 0.5, "vqa": 0.5, "answer_nll": nll, "by_type": {}, "counts": {}}
+        return {"encoder": "e", "objective": "dense", "seed": seed, "params_m": 1.0,
+                "visual_tokens": 4, "encoder_img_s": 10.0,
+                "scores": {"val": scores(own), "test": scores(own), "test_comp": scores(own),
+                           "test_shuffled": scores(shuffled)}}
+
+    rows = summarize_runs([run(0, 0.5, 0.75), run(1, 1.0, 1.25), run(2, 2.0, 2.25)])
+    mean, half = rows[0]["answer_nll_rise"]
+    assert mean == pytest.approx(0.25) and half == pytest.approx(0.0, abs=1e-12)
+    assert rows[0]["test/answer_nll"][0] == pytest.approx(3.5 / 3)
+    assert "0.250 ± 0.000" in markdown(rows, "tiny", 3)
 
 
 def test_summary_skips_seeds_without_a_type():

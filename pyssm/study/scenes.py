@@ -75,13 +75,18 @@ class SeedScenes:
         workers = min(workers, len(chunks))
         if workers > 1:
             # collate_fn: the chunks as they are (the default turns tuples into lists)
-            parts = list(torch.utils.data.DataLoader(chunks, batch_size=None,
+            parts = iter(torch.utils.data.DataLoader(chunks, batch_size=None,
                                                      num_workers=workers, collate_fn=_as_is))
         else:
-            parts = [chunks[c] for c in range(len(chunks))]
-        self.scenes = [s for _, scenes, _ in parts for s in scenes]
-        self.texts = [t for *_, texts in parts for t in texts] if texts else None
-        self.images = torch.cat([images for images, *_ in parts]) if keep and parts else None
+            parts = (chunks[c] for c in range(len(chunks)))
+        self.scenes, self.texts = [], [] if texts else None
+        self.images = torch.empty(n, 3, size, size) if keep else None
+        for images, scenes, part_texts in parts:        # in order, whatever worker made them
+            if keep:
+                self.images[len(self.scenes):len(self.scenes) + len(scenes)] = images
+            self.scenes += scenes
+            if texts:
+                self.texts += part_texts
 
     def __len__(self) -> int:
         return len(self.scenes)
