@@ -84,6 +84,25 @@ def test_dense_targets_mark_every_cell_an_object_overlaps():
     assert dense_targets([FakeScene([edge])], grid=2)[0][:, 0].tolist() == [1, 0, 0, 0]
 
 
+def test_dense_targets_equal_a_loop_over_objects():
+    """Generated scenes (1-6 objects; one scene empty) at several grids against marking one
+    object, one cell at a time."""
+    _, scenes = scene_batch("train", 0, 23, 16, base_seed=9, n_objects=(1, 6))
+    scenes = list(scenes[:5]) + [FakeScene([])] + list(scenes[5:])
+    for grid in (1, 2, 5, 8):
+        want = torch.zeros(len(scenes), grid, grid, len(DENSE_LABELS))
+        for b, scene in enumerate(scenes):
+            for obj in scene.objects:
+                x1, y1, x2, y2 = obj.box
+                for r in range(grid):
+                    for c in range(grid):
+                        if (min(x2, (c + 1) / grid) > max(x1, c / grid)
+                                and min(y2, (r + 1) / grid) > max(y1, r / grid)):
+                            for label in ("object", obj.colour, obj.name):
+                                want[b, r, c, DENSE_LABELS.index(label)] = 1.0
+        assert torch.equal(dense_targets(scenes, grid), want.flatten(1, 2)), grid
+
+
 def test_pretraining_warms_up_the_learning_rate(monkeypatch):
     import pyssm.study.pretrain as pretrain
 

@@ -53,20 +53,26 @@ def dense_targets(scenes, grid: int) -> torch.Tensor:
     cell); with either, 200 steps of pretraining left the tokens no better than random ones
     at telling an object's colour, while with overlap they tell it from 86-97% of the
     scenes. On a fine grid overlap is the object's cells and those its box edges touch."""
+    # All objects of the batch at once (a loop over objects took 61 ms a batch of 64 scenes
+    # at an 8 x 8 grid: 90 s of the medium budget's 1500 steps, with the GPU waiting)
     index = {label: i for i, label in enumerate(DENSE_LABELS)}
+    objects = [(b, obj) for b, scene in enumerate(scenes) for obj in scene.objects]
+    out = torch.zeros(len(scenes), grid * grid * len(DENSE_LABELS))
+    if not objects:
+        return out.view(len(scenes), grid * grid, len(DENSE_LABELS))
+    boxes = torch.tensor([obj.box for _, obj in objects], dtype=torch.float64)   # (M, 4)
     edges = torch.arange(grid + 1, dtype=torch.float64) / grid
     lo, hi = edges[:-1], edges[1:]
-    out = torch.zeros(len(scenes), grid, grid, len(DENSE_LABELS))
-    for b, scene in enumerate(scenes):
-        for obj in scene.objects:
-            x1, y1, x2, y2 = obj.box
-            cols = (torch.minimum(hi, torch.tensor(x2)) - torch.maximum(lo, torch.tensor(x1))) > 0
-            rows = (torch.minimum(hi, torch.tensor(y2)) - torch.maximum(lo, torch.tensor(y1))) > 0
-            cells = rows[:, None] & cols[None, :]       # a positive area in common
-            out[b, cells, 0] = 1.0
-            out[b, cells, index[obj.colour]] = 1.0
-            out[b, cells, index[obj.name]] = 1.0
-    return out.flatten(1, 2)
+    cols = (torch.minimum(hi, boxes[:, 2:3]) - torch.maximum(lo, boxes[:, 0:1])) > 0  # (M, g)
+    rows = (torch.minimum(hi, boxes[:, 3:4]) - torch.maximum(lo, boxes[:, 1:2])) > 0
+    cells = rows[:, :, None] & cols[:, None, :]         # a positive area in common
+    labels = torch.zeros(len(objects), len(DENSE_LABELS))
+    for m, (_, obj) in enumerate(objects):
+        labels[m, [0, index[obj.colour], index[obj.name]]] = 1.0
+    marks = (cells.flatten(1).float()[:, :, None] * labels[:, None, :]).flatten(1)
+    owner = torch.tensor([b for b, _ in objects])
+    out.index_add_(0, owner, marks).clamp_(max=1.0)     # any object of the scene: 1
+    return out.view(len(scenes), grid * grid, len(DENSE_LABELS))
 
 
 class PretrainScenes:
