@@ -126,10 +126,13 @@ def answer_batch(vlm: VisionLanguageModel, prompts: Sequence[str], answers: Sequ
     and the padding) of prompt + answer for each pair, right-padded: what the VLM is trained
     on, and what ``evaluate`` scores an answer's likelihood with."""
     tok = vlm.tokenizer
+    # two batched calls: one call per text cost ~15 ms a batch of 64 (the fast tokenizer's
+    # per-call overhead), as long as a small LM's training step
+    prompt_ids = tok([vlm.format_prompt(p) for p in prompts])["input_ids"]
+    answer_ids = tok([f" {a}" for a in answers], add_special_tokens=False)["input_ids"]
     ids, labels = [], []
-    for prompt, answer in zip(prompts, answers):
-        p = tok(vlm.format_prompt(prompt))["input_ids"]
-        a = tok(f" {answer}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for p, a in zip(prompt_ids, answer_ids):
+        a = a + [tok.eos_token_id]
         ids.append(p + a)
         labels.append([IGNORE] * len(p) + a)
     n = max(len(x) for x in ids)
