@@ -84,8 +84,8 @@ def test_dense_targets_mark_every_cell_an_object_overlaps():
     assert dense_targets([FakeScene([edge])], grid=2)[0][:, 0].tolist() == [1, 0, 0, 0]
 
 
-def test_dense_targets_equal_a_loop_over_objects():
-    """Generated scenes (1-6 objects; one scene empty) at several grids against marking one
+def test_targets_equal_a_loop_over_objects():
+    """Dense and classification targets of generated scenes (1-6 objects; one scene empty) at several grids against marking one
     object, one cell at a time."""
     _, scenes = scene_batch("train", 0, 23, 16, base_seed=9, n_objects=(1, 6))
     scenes = list(scenes[:5]) + [FakeScene([])] + list(scenes[5:])
@@ -101,6 +101,11 @@ def test_dense_targets_equal_a_loop_over_objects():
                             for label in ("object", obj.colour, obj.name):
                                 want[b, r, c, DENSE_LABELS.index(label)] = 1.0
         assert torch.equal(dense_targets(scenes, grid), want.flatten(1, 2)), grid
+    want = torch.zeros(len(scenes), len(LABELS))
+    for b, scene in enumerate(scenes):
+        for obj in scene.objects:
+            want[b, LABELS.index(obj.name)] = want[b, LABELS.index(obj.colour)] = 1.0
+    assert torch.equal(class_targets(scenes), want)
 
 
 def test_pretraining_warms_up_the_learning_rate(monkeypatch):

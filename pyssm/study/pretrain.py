@@ -29,12 +29,13 @@ LABELS = (*SHAPES, *DIGITS, *COLOURS)
 
 
 def class_targets(scenes) -> torch.Tensor:
+    """(B, len(LABELS)): which shapes, digits and colours each scene contains."""
     index = {name: i for i, name in enumerate(LABELS)}
+    marks = [(b, index[label]) for b, scene in enumerate(scenes) for obj in scene.objects
+             for label in (obj.name, obj.colour)]
     out = torch.zeros(len(scenes), len(LABELS))
-    for b, scene in enumerate(scenes):
-        for obj in scene.objects:
-            out[b, index[obj.name]] = 1.0
-            out[b, index[obj.colour]] = 1.0
+    if marks:               # one indexing op, not two per object
+        out[tuple(torch.tensor(marks).T)] = 1.0
     return out
 
 
