@@ -31,3 +31,22 @@ def test_letterbox_keeps_aspect_and_pads_with_mean():
     assert (squashed > 1).all()
     with pytest.raises(ValueError, match=r"image 0 must be \(3, H, W\)"):
         prepare_images([torch.ones(20, 40)], size=16)
+
+
+@pytest.mark.parametrize("letterbox", [True, False])
+def test_an_image_already_at_size_is_only_normalised(letterbox):
+    """The shortcut for images already size x size gives what resizing them would: the
+    antialiased bilinear resize to the same size (and a letterbox with no border)."""
+    import torch.nn.functional as F
+
+    from pyssm.vlm.preprocess import normalize
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 37, 37, generator=g),
+              torch.randint(0, 256, (3, 37, 37), generator=g, dtype=torch.uint8)]
+    out = prepare_images(images, size=37, letterbox=letterbox)
+    for x, got in zip(images, out):
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        resized = F.interpolate(x[None], size=(37, 37), mode="bilinear", antialias=True,
+                                align_corners=False)[0]
+        assert torch.equal(got, normalize(resized))
