@@ -33,6 +33,7 @@ from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
 from pyssm.vlm.train import Trainer, TrainConfig
 
 EVAL_SPLITS = ("val", "test", "test_comp")
+STATISTICS_SCENES = 4096   # scenes the token statistics are fit on when tokens are not cached
 CONTROL = "test_shuffled"       # test, every question asked about another scene's image
 # uniform guessing over the answers a question type can have (types whose answer set depends
 # on the scene, count / nearest / farthest, have none)
@@ -177,7 +178,8 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
     lm = build_tiny_lm(tokenizer, hidden_size=budget.lm_hidden, num_layers=budget.lm_layers)
     cfg = VLMConfig(encoder=encoder_name, image_size=budget.img_size, letterbox=letterbox,
                     connector=budget.connector, image_style=budget.image_style,
-                    prompt_template=budget.prompt_template)
+                    prompt_template=budget.prompt_template,
+                    standardize_tokens=budget.standardize_tokens)
     vlm = VisionLanguageModel.from_config(cfg, lm, tokenizer, encoder=encoder).to(device)
     data = train_scenes or TrainScenes(budget, seed, letterbox)
     with torch.no_grad():   # the token grid and width, for the cache and the results
@@ -185,6 +187,14 @@ def run_one(encoder_name: str, objective: str, seed: int, budget: Budget, device
             torch.zeros(1, 3, budget.img_size, budget.img_size, device=device)).shape
     if token_cache_fits(budget, width, n_tokens, torch.device(device)):
         data = SceneTokens(data, vlm)
+    if budget.standardize_tokens:     # statistics of the training scenes' tokens
+        if isinstance(data, SceneTokens):
+            vlm.fit_token_statistics(data.tokens)
+        else:                         # at most STATISTICS_SCENES of them, 64 at a time
+            n = min(STATISTICS_SCENES, data.data.num_scenes)
+            vlm.fit_token_statistics(
+                torch.stack([data.image(j) for j in range(s, min(n, s + 64))])
+                for s in range(0, n, 64))
     trainer = Trainer(vlm, data, TrainConfig(stage="one-stage", steps=budget.vlm_steps,
                                              batch_size=budget.vlm_batch, lr=budget.vlm_lr,
                                              seed=seed, loss_weighting=budget.loss_weighting))

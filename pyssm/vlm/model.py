@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyssm.models import create_encoder
-from pyssm.vlm.connector import build_connector, connector_dims
+from pyssm.vlm.connector import Standardize, build_connector, connector_dims
 from pyssm.vlm.splice import IGNORE, STYLES, splice_image_embeds
 
 CONFIG_NAME = "vlm_config.json"
@@ -46,6 +46,9 @@ class VLMConfig:
     # goes ("{prompt} {image}": after the question). None: "{image} {prompt}" (llava), or
     # the question as it is (prismatic, whose image always follows BOS)
     prompt_template: str | None = None
+    # the connector standardises the tokens per channel (pyssm.vlm.connector.Standardize),
+    # with statistics fit by fit_token_statistics before training
+    standardize_tokens: bool = False
 
 
 class VisionLanguageModel(nn.Module):
@@ -85,8 +88,26 @@ class VisionLanguageModel(nn.Module):
                                      checkpoint=checkpoint, **config.encoder_kwargs)
         vision_dim = _token_dim(encoder, config)
         lm_dim = lm.get_input_embeddings().embedding_dim
-        return cls(config, encoder, build_connector(config.connector, vision_dim, lm_dim), lm,
-                   tokenizer)
+        connector = build_connector(config.connector, vision_dim, lm_dim,
+                                    standardize=config.standardize_tokens)
+        return cls(config, encoder, connector, lm, tokenizer)
+
+    @torch.no_grad()
+    def fit_token_statistics(self, tokens_or_images) -> None:
+        """Fits the connector's per-channel standardisation (``standardize_tokens``) to the
+        training data: precomputed tokens (N, T, C), or batches of images (an iterable of
+        (B, 3, H, W) tensors) whose tokens the encoder computes."""
+        first = self.connector[0] if len(self.connector) else None
+        if not isinstance(first, Standardize):
+            raise ValueError("this VLM's connector does not standardise its tokens "
+                             "(VLMConfig.standardize_tokens is False)")
+        if isinstance(tokens_or_images, torch.Tensor) and tokens_or_images.dim() == 3:
+            tokens = tokens_or_images
+        else:
+            device = next(self.encoder.parameters()).device
+            tokens = torch.cat([_tokens(self.encoder, images.to(device), self.config.tap)
+                                for images in tokens_or_images])
+        first.fit(tokens)
 
     def train(self, mode: bool = True) -> VisionLanguageModel:
         super().train(mode)

@@ -11,13 +11,14 @@ ENCODERS = {"vmamba": ("vmamba_tiny_s1l8", {"depths": [1, 1, 1, 1], "dims": 16},
             "vit": ("vit_tiny_patch16", {"depth": 1}, 64, 16)}
 
 
-def tiny_vlm(encoder="vmamba", style="prismatic", connector="mlp2x_gelu", hidden=32):
+def tiny_vlm(encoder="vmamba", style="prismatic", connector="mlp2x_gelu", hidden=32,
+             standardize=False):
     name, kwargs, size, _ = ENCODERS[encoder]
     tok = build_word_tokenizer(WORDS)
     torch.manual_seed(0)
     lm = build_tiny_lm(tok, hidden_size=hidden, num_layers=1, max_positions=64)
     cfg = VLMConfig(encoder=name, encoder_kwargs=kwargs, image_size=size, connector=connector,
-                    image_style=style)
+                    image_style=style, standardize_tokens=standardize)
     return VisionLanguageModel.from_config(cfg, lm, tok)
 
 
@@ -70,6 +71,43 @@ def test_generate_and_save_load_round_trip(tmp_path):
     assert loaded.generate(images, ["what color is the square ?", "what color ?"],
                            max_new_tokens=4) == answers
     assert sorted(p.name for p in (tmp_path).iterdir()) == ["vlm"]  # no temporaries left
+
+
+def test_standardized_tokens_fit_on_training_images_and_survive_save_load(tmp_path):
+    """The connector's first step maps the training tokens to zero mean and unit variance per
+    channel (float64 statistics of the tokens, fit from images or from tokens alike); unfit,
+    it raises; saved and loaded, it gives the same logits."""
+    from pyssm.vlm.connector import Standardize
+
+    vlm = tiny_vlm("vit", "llava", standardize=True).eval()
+    g = torch.Generator().manual_seed(1)
+    images = 3.0 + 2.0 * torch.randn(7, 3, 64, 64, generator=g)   # an offset and a scale
+    batch = vlm.tokenizer([vlm.format_prompt("what color ?")] * 7, return_tensors="pt")
+    with pytest.raises(RuntimeError, match="never fit"):
+        vlm(images, batch["input_ids"], batch["attention_mask"])
+    vlm.fit_token_statistics([images[:4], images[4:]])             # batches of images
+    with torch.no_grad():
+        tokens = vlm.encoder.tokens(images)
+        standardized = vlm.connector[0](tokens).double().flatten(0, 1)
+    torch.testing.assert_close(standardized.mean(0), torch.zeros(tokens.shape[-1],
+                               dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardized.std(0, correction=0), torch.ones(
+        tokens.shape[-1], dtype=torch.float64), atol=1e-4, rtol=0)
+    mean = vlm.connector[0].mean.clone()
+    vlm.fit_token_statistics(tokens)                               # or the tokens themselves
+    torch.testing.assert_close(vlm.connector[0].mean, mean)
+    with torch.no_grad():
+        before = vlm(images, batch["input_ids"], batch["attention_mask"]).logits
+    vlm.save_pretrained(tmp_path / "vlm")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "vlm").eval()
+    assert isinstance(loaded.connector[0], Standardize) and loaded.connector[0].fitted
+    with torch.no_grad():
+        after = loaded(images, batch["input_ids"], batch["attention_mask"]).logits
+    torch.testing.assert_close(after, before)
+    with pytest.raises(ValueError, match="does not standardise"):
+        tiny_vlm("vit", "llava").fit_token_statistics(tokens)
+    with pytest.raises(ValueError, match=r"tokens must be \(\.\.\., "):
+        Standardize(5).fit(torch.zeros(3, 4))
 
 
 def test_a_few_steps_learn_the_colour():
