@@ -9,7 +9,7 @@ import re
 
 import torch
 
-from pyssm.vlm.model import VisionLanguageModel, VLMConfig
+from pyssm.vlm.model import VisionLanguageModel, VLMConfig, _tokens
 from pyssm.vlm.preprocess import prepare_images
 from pyssm.vlm.tiny_lm import build_tiny_lm, build_word_tokenizer
 from pyssm.vlm.train import Trainer, TrainConfig, answer_batch, init_distributed
@@ -95,10 +95,11 @@ def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed
     next scene's image: a control for how much of the score the image explains (a model that
     does not read the image scores the same).
 
-    Besides the scores (unless ``answer_nll`` is False), ``answer_nll``: the mean over examples of the reference answer's
-    negative log-likelihood per token (its tokens and EOS, teacher-forced), a finer measure
-    than exact match of how much the image tells the model: with shuffled images it rises as
-    far as the model reads the image, long before greedy answers change."""
+    Besides the scores (unless ``answer_nll`` is False), ``answer_nll``: the mean over
+    examples of the reference answer's negative log-likelihood per token (its tokens and EOS,
+    teacher-forced), a finer measure than exact match of how much the image tells the model:
+    with shuffled images it rises as far as the model reads the image, long before greedy
+    answers change."""
     from pyssm.data import SceneDataset, render, score
 
     vlm.eval()
@@ -126,6 +127,8 @@ def evaluate(vlm: VisionLanguageModel, split: str = "val", size: int = 200, seed
         chunk = range(start, min(size, start + batch_size))
         images = prepare_images([image(i) for i in chunk], cfg.image_size,
                                 letterbox=cfg.letterbox).to(device)
+        if answer_nll:      # the encoder once for both uses (the VLM takes its tokens)
+            images = _tokens(vlm.encoder, images, cfg.tap)
         prompts = [examples[i].prompt for i in chunk]
         answers = vlm.generate(images, prompts, max_new_tokens=max_new_tokens)
         predictions += [detokenize(a) for a in answers]
