@@ -67,9 +67,9 @@ def dense_targets(scenes, grid: int) -> torch.Tensor:
     cols = (torch.minimum(hi, boxes[:, 2:3]) - torch.maximum(lo, boxes[:, 0:1])) > 0  # (M, g)
     rows = (torch.minimum(hi, boxes[:, 3:4]) - torch.maximum(lo, boxes[:, 1:2])) > 0
     cells = rows[:, :, None] & cols[:, None, :]         # a positive area in common
-    labels = torch.zeros(len(objects), len(DENSE_LABELS))
-    for m, (_, obj) in enumerate(objects):
-        labels[m, [0, index[obj.colour], index[obj.name]]] = 1.0
+    labels = torch.zeros(len(objects), len(DENSE_LABELS))   # each object's: one indexing op
+    labels[tuple(torch.tensor([(m, index[label]) for m, (_, obj) in enumerate(objects)
+                               for label in ("object", obj.colour, obj.name)]).T)] = 1.0
     marks = (cells.flatten(1).float()[:, :, None] * labels[:, None, :]).flatten(1)
     owner = torch.tensor([b for b, _ in objects])
     out.index_add_(0, owner, marks).clamp_(max=1.0)     # any object of the scene: 1
