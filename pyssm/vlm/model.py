@@ -95,15 +95,21 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def fit_token_statistics(self, tokens_or_images) -> None:
         """Fits the connector's per-channel standardisation (``standardize_tokens``) to the
-        training data: precomputed tokens (N, T, C), or batches of images (an iterable of
-        (B, 3, H, W) tensors) whose tokens the encoder computes."""
+        training data: precomputed tokens (N, T, C), or images whose tokens the encoder
+        computes: one (B, 3, H, W) batch or an iterable of them."""
         first = self.connector[0] if len(self.connector) else None
         if not isinstance(first, Standardize):
             raise ValueError("this VLM's connector does not standardise its tokens "
                              "(VLMConfig.standardize_tokens is False)")
         if isinstance(tokens_or_images, torch.Tensor) and tokens_or_images.dim() == 3:
             tokens = tokens_or_images
+        elif isinstance(tokens_or_images, torch.Tensor) and tokens_or_images.dim() != 4:
+            raise ValueError(f"tokens_or_images must be tokens (N, T, C), images (B, 3, H, W) "
+                             f"or an iterable of image batches, got a tensor of shape "
+                             f"{tuple(tokens_or_images.shape)}")
         else:
+            if isinstance(tokens_or_images, torch.Tensor):
+                tokens_or_images = [tokens_or_images]
             device = next(self.encoder.parameters()).device
             tokens = torch.cat([_tokens(self.encoder, images.to(device), self.config.tap)
                                 for images in tokens_or_images])

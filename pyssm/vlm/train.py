@@ -290,6 +290,11 @@ class Trainer:
         names = {id(p): n for n, p in self.vlm.named_parameters()}
         return {names[id(p)]: p.detach().clone() for p in self.params}
 
+    def connector_buffers(self) -> dict:
+        """name -> value of the connector's buffers (Standardize's mean and std): not trained,
+        but a resumed run needs them as they were (fit once, before training)."""
+        return {n: b.detach().cpu().clone() for n, b in self.vlm.connector.named_buffers()}
+
     def save_checkpoint(self, path: str) -> None:
         """Everything a resume needs, written by rank 0 to a temporary file and renamed into
         place. Every rank must call it (under FSDP it gathers the shards); all return once the
@@ -303,6 +308,7 @@ class Trainer:
             state = {"step": self.step, "losses": self.losses, "config": asdict(self.config),
                      "encoder_fingerprint": encoder_fingerprint(self.vlm),
                      "fsdp": self.fsdp, "params": params, "optimizer": optimizer,
+                     "connector_buffers": self.connector_buffers(),
                      "scheduler": self.scheduler.state_dict(),
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
             tmp = f"{path}.tmp-{os.getpid()}"
@@ -312,7 +318,7 @@ class Trainer:
             dist.barrier()
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)   # no pickled code
         saved, now = state["encoder_fingerprint"], encoder_fingerprint(self.vlm)
         if abs(saved - now) > 1e-6 * max(1.0, abs(saved)):
             raise ValueError(f"{path} was written with different (frozen) encoder weights; "
@@ -332,6 +338,9 @@ class Trainer:
                 for name, value in state["params"].items():
                     params[name].copy_(value)
             self.optimizer.load_state_dict(state["optimizer"])
+        buffers = state.get("connector_buffers", {})
+        if buffers:   # through load_state_dict, so Standardize knows its statistics are fit
+            self.vlm.connector.load_state_dict(buffers, strict=False)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.losses = state["step"], list(state["losses"])
         torch.set_rng_state(state["rng"]["torch"])

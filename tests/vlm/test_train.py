@@ -33,29 +33,41 @@ class ColourData:
         return img + 0.1 * torch.randn(3, 32, 32, generator=g), "what color is it ?", answer
 
 
-def make_vlm(seed=0):
+def make_vlm(seed=0, standardize=False):
     torch.manual_seed(seed)
     tok = build_word_tokenizer(WORDS)
     lm = build_tiny_lm(tok, hidden_size=32, num_layers=1, max_positions=64)
     cfg = VLMConfig(encoder="vmamba_tiny_s1l8", encoder_kwargs={"depths": [1, 1, 1, 1], "dims": 8},
-                    image_size=32, connector="linear")
+                    image_size=32, connector="linear", standardize_tokens=standardize)
     return VisionLanguageModel.from_config(cfg, lm, tok)
+
+
+def fit_statistics(vlm):
+    """Standardisation statistics from the training images, as the study fits them."""
+    data = ColourData()
+    vlm.fit_token_statistics(torch.stack([data[i][0] for i in range(len(data))]))
+    return vlm
 
 
 def trainable(vlm):
     return {n: p.detach().clone() for n, p in vlm.named_parameters() if p.requires_grad}
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("standardize", [False, True])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, standardize):
+    """With standardize, the resumed process never fits the connector's statistics: they must
+    come from the checkpoint (an unfit Standardize raises, wrong ones change the losses)."""
     cfg = dict(steps=8, batch_size=4, lr=1e-2, seed=3)
-    straight = Trainer(make_vlm(), ColourData(), TrainConfig(out_dir=str(tmp_path / "a"), **cfg))
+    prepare = fit_statistics if standardize else (lambda vlm: vlm)
+    straight = Trainer(prepare(make_vlm(standardize=standardize)), ColourData(),
+                       TrainConfig(out_dir=str(tmp_path / "a"), **cfg))
     want = straight.fit()
-    first = Trainer(make_vlm(), ColourData(),
+    first = Trainer(prepare(make_vlm(standardize=standardize)), ColourData(),
                     TrainConfig(out_dir=str(tmp_path / "b"), stop_after=3, **cfg))
     assert len(first.fit()) == 3
-    resumed_vlm = make_vlm()                  # a fresh process: the same frozen encoder, and
-    with torch.no_grad():                     # trainable weights that must come from the file
-        for p in resumed_vlm.parameters():
+    resumed_vlm = make_vlm(standardize=standardize)   # a fresh process: the same frozen
+    with torch.no_grad():                     # encoder, and trainable weights that must come
+        for p in resumed_vlm.parameters():    # from the file
             if p.requires_grad:
                 p.add_(1.0)
     resumed = Trainer(resumed_vlm, ColourData(), TrainConfig(out_dir=str(tmp_path / "b"), **cfg))
@@ -63,6 +75,8 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
     for name, value in trainable(straight.vlm).items():
         torch.testing.assert_close(dict(resumed_vlm.named_parameters())[name], value)
+    for name, value in straight.vlm.connector.named_buffers():
+        torch.testing.assert_close(dict(resumed_vlm.connector.named_buffers())[name], value)
     assert sorted(os.listdir(tmp_path / "b")) == ["checkpoint.pt"]   # no temporaries left
     with pytest.raises(ValueError, match="different \\(frozen\\) encoder weights"):
         Trainer(make_vlm(seed=7), ColourData(),
