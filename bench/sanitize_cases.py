@@ -89,6 +89,16 @@ def attention_cases():
         return ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=97, backend=DEV)
     yield "varlen (0, 50, 147) fp16", varlen
 
+    if DEV != "cuda":  # (the CPU op reads the offsets and rejects them)
+        return
+
+    def offsets_past_the_tokens():  # the op called directly: offsets unread, clamped in kernels
+        q, k, v = (rand(150, 2, 64, dtype=torch.bfloat16) for _ in range(3))
+        cu = torch.tensor([0, 60, 400, 900], device=DEV, dtype=torch.int32)
+        return torch.ops.pyssm.attention(q, k, v, False, None, cu, 340)[0]  # (its backward too)
+    yield "varlen offsets (0, 60, 400, 900) past 150 tokens, forward and backward", \
+        offsets_past_the_tokens
+
 
 def layer_norm_cases():
     def fused():

@@ -16,10 +16,15 @@ struct AttnSizes {
   std::vector<int64_t> starts;  // varlen: cu_seqlens as int64
 };
 
-// Every shape, dtype, device and cu_seqlens check of attention (reads cu_seqlens on the host).
+// Every shape, dtype, device and cu_seqlens check of attention. With read_offsets (the
+// default) the offsets are copied to the host (a device sync for CUDA tensors), checked and
+// kept in `starts`, and the longest sequence sets seqlen_q / seqlen_k. Without it (the CUDA
+// kernels, when max_seqlen is given) nothing is read: max_seqlen sizes the grid and `starts`
+// stays empty; pyssm.ops.attention has checked the values (once per tensor) and the kernels
+// clamp every offset into [0, total tokens].
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
-                               std::optional<int64_t> max_seqlen);
+                               std::optional<int64_t> max_seqlen, bool read_offsets = true);
 
 // ... and those of attention_backward (dout, out, lse, dlse against q's sizes).
 AttnSizes check_attention_backward_args(const at::Tensor& dout,
@@ -28,7 +33,8 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const at::Tensor& v, const at::Tensor& out,
                                         const at::Tensor& lse,
                                         const std::optional<at::Tensor>& cu_seqlens,
-                                        std::optional<int64_t> max_seqlen);
+                                        std::optional<int64_t> max_seqlen,
+                                        bool read_offsets = true);
 
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, bool causal,

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "attention/attention_composed.h"
 #include "checks.h"
@@ -20,7 +21,7 @@ namespace pyssm {
 
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
-                               std::optional<int64_t> max_seqlen) {
+                               std::optional<int64_t> max_seqlen, bool read_offsets) {
   check_floating(q, "q");
   check_floating(k, "k");
   check_floating(v, "v");
@@ -41,27 +42,36 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
     check_rank(*cu_seqlens, 1, "cu_seqlens", "(num_sequences + 1,)");
     TORCH_CHECK_VALUE(cu_seqlens->size(0) >= 1, "cu_seqlens must hold at least one offset (0)");
     check_same_device(*cu_seqlens, q, "cu_seqlens", "q");
-    at::Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
-    const int64_t* p = cu.const_data_ptr<int64_t>();
-    s.starts.assign(p, p + cu.numel());
-    TORCH_CHECK_VALUE(s.starts.front() == 0, "cu_seqlens must start at 0, got ", s.starts.front());
-    int64_t longest = 0;
-    for (size_t i = 1; i < s.starts.size(); ++i) {
-      TORCH_CHECK_VALUE(s.starts[i] >= s.starts[i - 1], "cu_seqlens must be non-decreasing, got ",
-                        s.starts[i - 1], " then ", s.starts[i]);
-      longest = std::max(longest, s.starts[i] - s.starts[i - 1]);
-    }
-    TORCH_CHECK_VALUE(s.starts.back() == q.size(0), "cu_seqlens must end at the ", q.size(0),
-                      " tokens of q, got ", s.starts.back());
     TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
                       "with cu_seqlens, k and v must have the same number of tokens as q (",
                       q.size(0), "), got ", k.size(0), " and ", v.size(0));
-    if (max_seqlen) {
-      TORCH_CHECK_VALUE(*max_seqlen >= longest, "max_seqlen (", *max_seqlen,
-                        ") is smaller than the longest sequence in cu_seqlens (", longest, ")");
+    s.batch = cu_seqlens->size(0) - 1;
+    if (!read_offsets) {
+      TORCH_CHECK_VALUE(max_seqlen && *max_seqlen >= 0,
+                        "max_seqlen must be given (>= 0) when cu_seqlens is not read, got ",
+                        max_seqlen ? std::to_string(*max_seqlen) : std::string("None"));
+      s.seqlen_q = s.seqlen_k = *max_seqlen;
+    } else {
+      at::Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
+      const int64_t* p = cu.const_data_ptr<int64_t>();
+      s.starts.assign(p, p + cu.numel());
+      TORCH_CHECK_VALUE(s.starts.front() == 0, "cu_seqlens must start at 0, got ",
+                        s.starts.front());
+      int64_t longest = 0;
+      for (size_t i = 1; i < s.starts.size(); ++i) {
+        TORCH_CHECK_VALUE(s.starts[i] >= s.starts[i - 1],
+                          "cu_seqlens must be non-decreasing, got ", s.starts[i - 1], " then ",
+                          s.starts[i]);
+        longest = std::max(longest, s.starts[i] - s.starts[i - 1]);
+      }
+      TORCH_CHECK_VALUE(s.starts.back() == q.size(0), "cu_seqlens must end at the ", q.size(0),
+                        " tokens of q, got ", s.starts.back());
+      if (max_seqlen) {
+        TORCH_CHECK_VALUE(*max_seqlen >= longest, "max_seqlen (", *max_seqlen,
+                          ") is smaller than the longest sequence in cu_seqlens (", longest, ")");
+      }
+      s.seqlen_q = s.seqlen_k = longest;
     }
-    s.batch = static_cast<int64_t>(s.starts.size()) - 1;
-    s.seqlen_q = s.seqlen_k = longest;
     s.heads = q.size(1);
     s.heads_k = k.size(1);
     s.head_dim = q.size(2);
@@ -96,8 +106,8 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const at::Tensor& v, const at::Tensor& out,
                                         const at::Tensor& lse,
                                         const std::optional<at::Tensor>& cu_seqlens,
-                                        std::optional<int64_t> max_seqlen) {
-  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
+                                        std::optional<int64_t> max_seqlen, bool read_offsets) {
+  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, read_offsets);
   check_shape(dout, q.sizes(), "dout", "the shape of q");
   check_shape(out, q.sizes(), "out", "the shape of q");
   const std::vector<int64_t> lse_shape =

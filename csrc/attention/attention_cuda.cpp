@@ -55,6 +55,13 @@ bool sm90_allowed(const at::Tensor& q) {
   return prop->major == 9 && prop->minor == 0;
 }
 
+// The Hopper backward adds dQ by TMA reduce-adds (v2), or with PYSSM_FLASH_SM90_DQ=atomic by
+// fp32 atomics (v1: the benchmark's comparison, and the fallback if v2 fails on a device)
+bool dq_by_atomics() {
+  const char* env = std::getenv("PYSSM_FLASH_SM90_DQ");
+  return env != nullptr && std::strcmp(env, "atomic") == 0;
+}
+
 // The Hopper backward's launcher (head_dim 64), or null
 BwdLaunch sm90_bwd_launcher(const at::Tensor& q, int64_t d) {
   if (d != 64 || !sm90_allowed(q)) return nullptr;
@@ -86,6 +93,13 @@ at::Tensor for_kernel(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
+// Packed offsets on the device with max_seqlen given: the kernels need neither to be read on
+// the host (no device sync a call; see check_attention_args). The composed fallback reads them.
+bool offsets_unread(const std::optional<at::Tensor>& cu_seqlens,
+                    std::optional<int64_t> max_seqlen) {
+  return cu_seqlens && max_seqlen && cu_seqlens->is_cuda();
+}
+
 // The fields FlashParams and FlashBwdParams share: q, k, v, the sizes, scale and masking.
 template <typename Params>
 void set_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -110,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   std::optional<double> softmax_scale,
                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                   std::optional<int64_t> max_seqlen) {
-  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
+  const bool read_offsets = !offsets_unread(cu_seqlens, max_seqlen);
+  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, read_offsets);
   const Launch launch = launcher<Launch>(q.scalar_type(), s.head_dim);
   if (launch == nullptr || s.batch > 65535 || s.heads > 65535) {
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
@@ -142,8 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen) {
-  const AttnSizes s =
-      check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen);
+  const AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
+                                                    max_seqlen,
+                                                    !offsets_unread(cu_seqlens, max_seqlen));
   const BwdLaunch launch = launcher<BwdLaunch>(q.scalar_type(), s.head_dim);
   const at::ScalarType t = q.scalar_type();
   if (launch == nullptr || s.batch > 65535 || s.heads_k > 65535 || dout.scalar_type() != t ||
@@ -177,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   p.dlse = dlse ? dlc.const_data_ptr<float>() : nullptr;
   p.delta = delta.mutable_data_ptr<float>();
   p.dq_accum = dq_accum.mutable_data_ptr<float>();
+  p.dq_atomics = dq_by_atomics();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cudaError_t err = cudaErrorNotSupported;
   if (const BwdLaunch hopper = sm90_bwd_launcher(q, s.head_dim)) err = hopper(p, stream);

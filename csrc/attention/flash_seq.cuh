@@ -25,13 +25,18 @@ struct SeqSpan {
   int64_t Sq, Sk;            // its query and key lengths
 };
 
+// Packed offsets are clamped into [0, total_q] (and each end to at least its start): the host
+// need not read them (pyssm.ops.attention checks them once per tensor), and offsets that are
+// wrong anyway give wrong values, never an access out of bounds.
 template <typename Params>
 __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
-  const int64_t q_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_q;
-  const int64_t k_start = p.cu_seqlens ? p.cu_seqlens[b] : int64_t(b) * p.seqlen_k;
-  const int64_t Sq = p.cu_seqlens ? p.cu_seqlens[b + 1] - p.cu_seqlens[b] : p.seqlen_q;
-  const int64_t Sk = p.cu_seqlens ? Sq : p.seqlen_k;
-  return {q_start, k_start, Sq, Sk};
+  if (p.cu_seqlens) {
+    const int64_t lo = p.cu_seqlens[b], hi = p.cu_seqlens[b + 1];
+    const int64_t start = lo < 0 ? 0 : (lo > p.total_q ? p.total_q : lo);
+    const int64_t end = hi < start ? start : (hi > p.total_q ? p.total_q : hi);
+    return {start, start, end - start, end - start};
+  }
+  return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k, p.seqlen_q, p.seqlen_k};
 }
 
 // The keys [0, end) a block of queries up to `last_row` (inclusive) has to visit.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.weak
 
 from pyssm import _extension
 from pyssm.ops import _backend, _checks
@@ -109,8 +110,9 @@ def check_attention(q, k, v, cu_seqlens, max_seqlen) -> None:
         raise ValueError(f"the {heads_k} heads of k and v must divide the {heads} heads of q")
 
 
-def check_cu_seqlens_values(cu_seqlens, total, max_seqlen) -> None:
-    """Checks the offsets themselves (reads them: a device sync for CUDA tensors)."""
+def _offsets_summary(cu_seqlens, total) -> int:
+    """Checks the offsets themselves and returns the longest sequence. Reads them: a device
+    sync for a CUDA tensor."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -118,10 +120,32 @@ def check_cu_seqlens_values(cu_seqlens, total, max_seqlen) -> None:
         raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
     if bounds[-1] != total:
         raise ValueError(f"cu_seqlens must end at the {total} tokens of q, got {bounds[-1]}")
-    longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    return max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+
+
+# Offsets checked already: tensor -> (its version counter, tokens, longest sequence).
+# A vision tower calls attention in every layer with the same cu_seqlens: read once, a forward
+# pays one device sync instead of one a layer (and none in its backward). Keyed weakly by the
+# tensor itself, so a freed tensor leaves; any in-place write bumps the version and is read
+# again. (A write that bypasses the version counter, through .data or DLPack, is not seen:
+# the kernels clamp every offset into [0, tokens], so it can give wrong values, never reads
+# or writes out of bounds.)
+_CHECKED = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def check_cu_seqlens_values(cu_seqlens, total, max_seqlen) -> int:
+    """Checks the offsets against the packed length and max_seqlen, reading them once per
+    tensor and version (_CHECKED); returns the longest sequence."""
+    cached = _CHECKED.get(cu_seqlens)
+    if cached is not None and cached[:2] == (cu_seqlens._version, total):
+        longest = cached[2]
+    else:
+        longest = _offsets_summary(cu_seqlens, total)
+        _CHECKED[cu_seqlens] = (cu_seqlens._version, total, longest)
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
                          f"cu_seqlens ({longest})")
+    return longest
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
@@ -130,7 +154,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     Differentiable in q, k and v (through out and lse)."""
     check_attention(q, k, v, cu_seqlens, max_seqlen)
     if cu_seqlens is not None and not torch.compiler.is_compiling():
-        check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+        longest = check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+        if max_seqlen is None:   # the CUDA kernels then size their grid without a device read
+            max_seqlen = longest
     if _backend.resolve("attention", q.device, backend) == "reference":
         with _backend.without_autocast(q.device):
             return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,

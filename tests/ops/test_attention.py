@@ -1,5 +1,6 @@
 """attention against row-by-row float64 softmax attention, forward and backward."""
 
+import importlib
 import math
 import os
 
@@ -153,6 +154,40 @@ def test_bad_inputs(backend):
                       max_seqlen=3, backend=backend)
 
 
+def test_packed_offsets_are_read_once_per_tensor_and_version(monkeypatch):
+    """A vision tower passes the same cu_seqlens to every layer: its values are read (a device
+    sync on a GPU) once, read again after an in-place write, and still checked against
+    max_seqlen and the packed length every call."""
+    attention_module = importlib.import_module("pyssm.ops.attention")   # (ops.attention: the op)
+    reads = []
+    summary = attention_module._offsets_summary
+    monkeypatch.setattr(attention_module, "_offsets_summary",
+                        lambda cu, total: reads.append(total) or summary(cu, total))
+    packed = torch.randn(10, 2, 32, dtype=F64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    want = ops.attention(packed, packed, packed, cu_seqlens=cu.clone(), backend="reference")
+    assert len(reads) == 1
+    for _ in range(3):
+        torch.testing.assert_close(
+            ops.attention(packed, packed, packed, cu_seqlens=cu, backend="reference"), want)
+    assert len(reads) == 2                                     # the clone, then cu once
+    with pytest.raises(ValueError, match=r"max_seqlen \(5\) is smaller than the longest"):
+        ops.attention(packed, packed, packed, cu_seqlens=cu, max_seqlen=5, backend="reference")
+    assert len(reads) == 2                                     # from what was read before
+    with pytest.raises(ValueError, match="cu_seqlens must end at the 9 tokens of q"):
+        ops.attention(packed[:9], packed[:9], packed[:9], cu_seqlens=cu, backend="reference")
+    cu[1] = 12                                                 # in place: read again
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        ops.attention(packed, packed, packed, cu_seqlens=cu, backend="reference")
+    cu[1] = 6
+    ops.attention(packed, packed, packed, cu_seqlens=cu, max_seqlen=6, backend="reference")
+    assert len(reads) == 5                   # the clone, cu, cu against 9 tokens, twice after
+    cu[1:2].add_(5)                                            # through a view: read again
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        ops.attention(packed, packed, packed, cu_seqlens=cu, max_seqlen=6, backend="reference")
+    assert len(reads) == 6
+
+
 def test_direct_op_call_checks_too():
     if not _extension.available():
         pytest.skip("extension not built")
@@ -259,6 +294,47 @@ def test_cuda_flash_kernel_error_within_twice_torchs(device, backend, flash_path
     torch.testing.assert_close(lse.cpu().double()[finite], exact_lse[finite], atol=2e-3,
                                rtol=2e-3)
     assert torch.isneginf(lse.cpu()[~finite]).all()
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("max_seqlen", [None, 300])
+def test_cuda_varlen_forward_and_backward_do_not_sync(device, backend, flash_path, max_seqlen):
+    """Once pyssm.ops.attention has read a cu_seqlens tensor, a packed forward and backward on
+    it never synchronise with the device (torch's sync debug mode raises if one does): the
+    kernels size their grid from max_seqlen, or the longest sequence read before."""
+    cu = torch.tensor([0, 5, 205, 505], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(505, 2, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    want = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen)   # reads cu
+    dout = torch.randn_like(want)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    wq, wk, wv = torch.autograd.grad(want, (q, k, v), dout)
+    for got, exp in ((dq, wq), (dk, wk), (dv, wv)):   # dq: fp32 atomics in another order
+        torch.testing.assert_close(got.float(), exp.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("max_seqlen", [300, 200])
+def test_cuda_unread_offsets_never_leave_the_packed_tokens(device, backend, flash_path,
+                                                          max_seqlen):
+    """The op called directly with offsets past the packed tokens (and a max_seqlen that
+    understates them): the kernels clamp every offset, so nothing outside q, k, v, out or lse
+    is touched (compute-sanitizer sees this case too). In bounds, sequence 0 is right."""
+    cu = torch.tensor([0, 100, 400, 900], dtype=torch.int32, device=device)   # 300 tokens
+    q, k, v = (torch.randn(300, 2, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.ops.pyssm.attention(q, k, v, False, None, cu, max_seqlen)
+    torch.cuda.synchronize()
+    want = ops.attention(q[:100], k[:100], v[:100], cu_seqlens=cu[:2] * 1, max_seqlen=100)
+    torch.testing.assert_close(out[:100], want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
