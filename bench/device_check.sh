@@ -101,6 +101,14 @@ smoke() {
 # them the tests' sm90 variants skip) and (a3) the Triton kernels (layer_norm and
 # depthwise_conv2d, which the encoders take; without them torch's own ops run)
 smoke "hopper smoke" PYSSM_FLASH_SM90 bench/hopper_smoke.py
+# the Hopper backward's dQ by TMA reduce-adds (v2, the default) is the newest part: when the
+# smoke failed, once more with v1's atomics, which keep the Hopper path if they pass
+if [ "${PYSSM_FLASH_SM90:-}" = 0 ] && [ -z "${PYSSM_FLASH_SM90_DQ:-}" ]; then
+  unset PYSSM_FLASH_SM90
+  export PYSSM_FLASH_SM90_DQ=atomic
+  smoke "hopper smoke, dQ atomics" PYSSM_FLASH_SM90 bench/hopper_smoke.py
+  [ "${PYSSM_FLASH_SM90:-}" = 0 ] && unset PYSSM_FLASH_SM90_DQ
+fi
 smoke "triton smoke" PYSSM_TRITON bench/triton_smoke.py
 
 # (b) CUDA tests, one process per op test file, side by side (bench/cuda_tests.sh)

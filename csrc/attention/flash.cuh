@@ -35,6 +35,7 @@ struct FlashBwdParams {
   float scale;                 // softmax_scale
   float scale_log2;            // softmax_scale * log2(e)
   bool causal;
+  bool dq_atomics;             // Hopper backward: dQ by fp32 atomics, not TMA reduce-adds
 };
 
 // head sizes with a kernel (others run the composed path)

@@ -1,4 +1,4 @@
-// CUDA flash-attention backward, Hopper path (sm_90a), v1, head_dim 64: TMA loads, wgmma, a
+// CUDA flash-attention backward, Hopper path (sm_90a), v2, head_dim 64: TMA loads, wgmma, a
 // producer warpgroup and two consumer warpgroups. The Delta and dQ-conversion kernels are the
 // portable backward's (flash_bwd_kernel.cuh); this replaces its main kernel.
 //
@@ -13,10 +13,16 @@
 //     dV += P^T dO, dK += dS^T Q      (wgmma, A from registers, B MN-major)
 //     dS^T to shared memory (bf16 / fp16, the 128-byte-swizzled MN-major layout), then after a
 //     barrier of the 256 consumer threads dQ = dS K (wgmma, A and B MN-major from shared
-//     memory), each consumer 32 of the 64 columns, added into the fp32 dQ accumulator with
-//     atomics.
+//     memory), each consumer 32 of the 64 columns, added into the fp32 dQ accumulator:
+//     - v2 (kDqTma, the default): the 64 x 32 fp32 tile written to shared memory (128-byte
+//       swizzled rows) and added by one TMA reduce-add (cp.reduce.async.bulk.tensor) that one
+//       thread of the consumer issues: the L2 sees 64 requests of 128 bytes instead of 1024
+//       of 8, and the consumer does not wait for them;
+//     - v1 (p.dq_atomics, PYSSM_FLASH_SM90_DQ=atomic): 8 red.global.add.v2.f32 a thread.
 //   dS^T has two buffers (by tile parity): a consumer writes tile i's while the other may still
-//   read tile i - 1's, and the barrier of tile i - 1 guarantees nobody reads tile i - 2's.
+//   read tile i - 1's, and the barrier of tile i - 1 guarantees nobody reads tile i - 2's. The
+//   dQ tiles of v2 have two buffers too: before the barrier of tile i the issuing thread waits
+//   until the reduce-add of tile i - 2 has read its buffer.
 // lse and Delta are read from global memory into registers (16 each a thread and tile).
 #pragma once
 
@@ -46,16 +52,21 @@ struct Traits {
   static constexpr int kK = 0, kV = kKVBytes;
   static constexpr int kQ = 2 * kKVBytes;          // stage s: Q at kQ + 2 s kQBytes, dO next
   static constexpr int kDs = kQ + 2 * kStages * kQBytes;  // buffer i at kDs + i kDsBytes
-  static constexpr int kBars = kDs + 2 * kDsBytes;
+  // v2: dQ tiles, fp32, 64 queries x 64 columns a buffer, each consumer's 32 columns a
+  // 128-byte-swizzled 64 x 128-byte half (consumer c at + c kDqBytes / 2)
+  static constexpr int kDqBytes = kBlockM * kHeadDim * 4;
+  static constexpr int kDq = kDs + 2 * kDsBytes;   // buffer i at kDq + i kDqBytes
+  static constexpr int kBars = kDq + 2 * kDqBytes;
   // kv_full, q_full[kStages], q_empty[kStages]; + 1024 to align the base by hand
   static constexpr size_t kSmem = size_t(kBars) + 8 * (1 + 2 * kStages) + 1024;
 };
 
 struct Maps {
   CUtensorMap k, v, q, dout;  // k, v: boxes of 128 rows; q, dout: 64
+  CUtensorMap dq;             // v2: the fp32 dQ accumulator, boxes of 64 rows x 32 columns
 };
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kDqTma>
 __global__ void __launch_bounds__(384, 1)
     flash_bwd_sm90_kernel(const FlashBwdParams p, const __grid_constant__ Maps maps) {
 #ifdef PYSSM_SM90_DEVICE
@@ -93,11 +104,11 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
 
   const int wg = threadIdx.x / 128;
+  const int row0 = int(packed ? q_start : 0);  // TMA coordinates as in the forward
+  const int batch = packed ? 0 : b;
   if (wg == 0) {  // producer
     setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
-      const int row0 = int(packed ? q_start : 0);  // TMA coordinates as in the forward
-      const int batch = packed ? 0 : b;
       mbar_arrive_expect_tx(kv_full, 2 * Tr::kKVBytes);
       tma_load_4d(smem + Tr::kK, &maps.k, 0, hk, row0 + int(n0), batch, kv_full);
       tma_load_4d(smem + Tr::kV, &maps.v, 0, hk, row0 + int(n0), batch, kv_full);
@@ -206,11 +217,16 @@ __global__ void __launch_bounds__(384, 1)
     }
     wgmma_commit();
 
+    // v2: this consumer's dQ buffer of tile it - 2 has been read by its reduce-add
+    if constexpr (kDqTma) {
+      if (tid == 0) bulk_wait_read<1>();
+    }
     named_barrier_sync(1, 256);  // both consumers' dS^T is in shared memory
 
     // dQ[:, 32 cw .. 32 cw + 32) = dS K over the block's 128 keys
     float dq[16];
     const uint32_t ds_addr = smem_u32(ds_buf);
+    wgmma_fence();  // (dq's registers were last the previous tile's stores' operands)
 #pragma unroll
     for (int ks = 0; ks < Tr::kBlockN / 16; ++ks)
       wgmma_ss_tt<32, T>(dq, make_desc_mn(ds_addr + ks * 16 * 128, 0),
@@ -222,17 +238,45 @@ __global__ void __launch_bounds__(384, 1)
     fence_operands(dv);
     mbar_arrive(&q_empty[s]);  // Q and dO are no longer read
 
-    float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim + 32 * cw;
-    const int64_t q_row = p.heads * kHeadDim;
+    if constexpr (kDqTma) {
+      // the tile into shared memory as the dq map's box (row r: 32 floats, 128-byte swizzle),
+      // then one thread adds it into the accumulator (rows past the tensor dropped; in a packed
+      // batch rows past the sequence are the next one's, and theirs are exact zeros: P = 0)
+      unsigned char* const dq_buf = smem + Tr::kDq + (it & 1) * Tr::kDqBytes +
+                                    cw * (Tr::kDqBytes / 2);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t r = 16 * warp + g + 8 * half;
-      if (m0 + r >= Sq) continue;
+      for (int half = 0; half < 2; ++half)
 #pragma unroll
-      for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
-        atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 8 * i + 2 * t),
-                  make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t at = uint32_t((16 * warp + g + 8 * half) * 128 + (8 * i + 2 * t) * 4);
+          *reinterpret_cast<float2*>(dq_buf + (at ^ (((at >> 7) & 7u) << 4))) =
+              make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]);
+        }
+      fence_proxy_async();
+      // the consumer's tile is in shared memory (a constant barrier id: with a computed one
+      // ptxas reserves all 16)
+      if (cw == 0) named_barrier_sync(2, 128);
+      else named_barrier_sync(3, 128);
+      if (tid == 0) {
+        tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, dq_buf);
+        bulk_commit();
+      }
+    } else {
+      float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim + 32 * cw;
+      const int64_t q_row = p.heads * kHeadDim;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t r = 16 * warp + g + 8 * half;
+        if (m0 + r >= Sq) continue;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
+          atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 8 * i + 2 * t),
+                    make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
+      }
     }
+  }
+  if constexpr (kDqTma) {
+    if (tid == 0) bulk_wait<0>();  // every reduce-add done before the block ends
   }
 
   // dK (times the softmax scale) and dV
@@ -279,13 +323,19 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, Tr::kBlockN);
   if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_tokens, Tr::kBlockM);
   if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, q_tokens, Tr::kBlockM);
+  if (err == cudaSuccess && !p.dq_atomics)
+    err = sm90::make_token_map<float>(&maps.dq, p.dq_accum, kHeadDim, hq, q_tokens, batches, 32,
+                                      Tr::kBlockM);
   if (err == cudaSuccess) err = flash_bwd::bwd_before<T, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
   if (p.seqlen_k > 0) {
     const dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_k),
                     unsigned(p.batch));
-    err = launch_kernel(flash_bwd_sm90_kernel<T, kHeadDim>, grid, dim3(Tr::kThreads), Tr::kSmem,
-                        stream, p, maps);
+    err = p.dq_atomics
+              ? launch_kernel(flash_bwd_sm90_kernel<T, kHeadDim, false>, grid, dim3(Tr::kThreads),
+                              Tr::kSmem, stream, p, maps)
+              : launch_kernel(flash_bwd_sm90_kernel<T, kHeadDim, true>, grid, dim3(Tr::kThreads),
+                              Tr::kSmem, stream, p, maps);
     if (err != cudaSuccess) return err;
   }
   return flash_bwd::bwd_after<T, kHeadDim>(p, stream);

@@ -1,6 +1,7 @@
-// Hopper (sm_90a) primitives of the flash-attention forward's Hopper path
-// (flash_sm90_kernel.cuh): shared-memory mbarriers, TMA tile loads (cp.async.bulk.tensor) and
-// their tensor maps, wgmma matrix descriptors, the wgmma fence / commit / wait, setmaxnreg.
+// Hopper (sm_90a) primitives of the flash-attention Hopper paths (flash_sm90_kernel.cuh,
+// flash_bwd_sm90_kernel.cuh): shared-memory mbarriers, TMA tile loads (cp.async.bulk.tensor)
+// and fp32 reduce-adds (cp.reduce.async.bulk.tensor) with their bulk groups, tensor maps,
+// wgmma matrix descriptors, the wgmma fence / commit / wait, setmaxnreg.
 // Under PYSSM_CUDA_EMULATION each one calls its emulation in tests/cuda_emulation, which
 // follows the PTX ISA's definitions (descriptor fields, 128-byte swizzle, mbarrier phases,
 // transaction counts).
@@ -19,6 +20,7 @@
 #include <type_traits>
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: the emulation)
 
@@ -148,6 +150,52 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, i
 #endif
 }
 
+// TMA reduce-add: the fp32 box at coordinates (c0 .. c3) of `map` += the tile at `src` in
+// shared memory (1024-byte aligned, swizzled as the map says); elements outside the tensor are
+// dropped. Asynchronous, in this thread's bulk async-group: the tile may be rewritten only
+// after bulk_wait_read covers the group, and the thread must wait for it before it exits. The
+// threads that wrote the tile make their stores visible to it first (fence_proxy_async, then
+// a barrier with the issuing thread).
+__device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, int c0, int c1, int c2,
+                                                  int c3, const void* src) {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::tma_reduce_add(map, c0, c1, c2, c3, smem_u32(src));
+#else
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.4d.global.shared::cta.add.tile.bulk_group "
+      "[%0, {%2, %3, %4, %5}], [%1];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(smem_u32(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+#endif
+}
+// Closes this thread's bulk async-group (the TMA reductions issued since the last one).
+__device__ __forceinline__ void bulk_commit() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::bulk_commit();
+#else
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// Returns once at most N of this thread's bulk groups are still reading shared memory
+// (their sources may be rewritten) ...
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::bulk_wait(N);
+#else
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// ... or are pending at all (their writes to global memory done).
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+#ifdef PYSSM_CUDA_EMULATION
+  cuda_emulation::bulk_wait(N);
+#else
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Barrier `id` (1-15; 0 is __syncthreads) among `count` threads (a multiple of 32)
 __device__ __forceinline__ void named_barrier_sync(int id, int count) {
 #ifdef PYSSM_CUDA_EMULATION
@@ -244,15 +292,19 @@ __host__ __device__ constexpr uint64_t make_desc_mn(uint32_t addr, uint32_t colu
 // host side
 // ------------------------------------------------------------------------------------------
 
-// A 4-d tensor map of fp16 / bf16 elements (`bf16` picks the type) for TMA tile loads
-// swizzled over `span` bytes (128, 64 or 32): dims innermost first, strides in bytes of dims
-// 1-3 (multiples of 16), box in elements (box[0] * 2 == span). Out-of-bounds elements load
-// as zeros.
-inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool bf16,
-                                      const uint64_t (&dims)[4], const uint64_t (&strides)[3],
-                                      const uint32_t (&box)[4], int span) {
+// A 4-d tensor map of fp16, bf16 or fp32 elements (T) for TMA tile copies swizzled over
+// `span` bytes (128, 64 or 32): dims innermost first, strides in bytes of dims 1-3 (multiples
+// of 16), box in elements (box[0] * sizeof(T) == span). Out-of-bounds elements load as zeros
+// and are dropped by stores and reductions.
+template <typename T>
+cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, const uint64_t (&dims)[4],
+                               const uint64_t (&strides)[3], const uint32_t (&box)[4],
+                               int span) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16> ||
+                    std::is_same_v<T, float>,
+                "tensor maps of fp16, bf16 or fp32");
 #ifdef PYSSM_CUDA_EMULATION
-  return cuda_emulation::encode_tensor_map(map, base, 2, dims, strides, box, span);
+  return cuda_emulation::encode_tensor_map(map, base, int(sizeof(T)), dims, strides, box, span);
 #else
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                               const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
@@ -269,9 +321,12 @@ inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool b
   }();
   if (encode == nullptr) return cudaErrorNotSupported;
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = std::is_same_v<T, float>           ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                   : std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const CUresult r = encode(
-      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-      const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      map, type, 4, const_cast<void*>(base), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE,
       span == 128 ? CU_TENSOR_MAP_SWIZZLE_128B
       : span == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
                    : CU_TENSOR_MAP_SWIZZLE_32B,
@@ -283,7 +338,7 @@ inline cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, bool b
 
 // The tensor map of a (batch, tokens, heads, head_dim) tensor of T (contiguous; packed sequences
 // as one batch of all tokens) for boxes of `cols` columns from one head and `rows` tokens,
-// swizzled over cols * 2 bytes.
+// swizzled over cols * sizeof(T) bytes.
 template <typename T>
 cudaError_t make_token_map(CUtensorMap* map, const void* base, int head_dim, uint64_t heads,
                            uint64_t tokens, uint64_t batches, int cols, int rows) {
@@ -291,8 +346,7 @@ cudaError_t make_token_map(CUtensorMap* map, const void* base, int head_dim, uin
   const uint64_t row = heads * head_dim * sizeof(T);
   const uint64_t strides[3] = {head_dim * sizeof(T), row, row * tokens};
   const uint32_t box[4] = {uint32_t(cols), 1, uint32_t(rows), 1};
-  return make_tensor_map_4d(map, base, std::is_same_v<T, __nv_bfloat16>, dims, strides, box,
-                            2 * cols);
+  return make_tensor_map_4d<T>(map, base, dims, strides, box, int(cols * sizeof(T)));
 }
 
 }  // namespace sm90

@@ -8,14 +8,14 @@ hd80 for 0.9x hd64's TFLOP/s and hd128 for 600.
 SDPA runs with each backend forced (flash, cudnn, efficient) and with torch's own choice
 (default), on transposed views (B, H, N, d) of the same (B, N, H, d) tensors. On an sm_90 GPU
 pyssm takes its Hopper kernels (forward at head_dim 64 to 128, backward at 64);
-"pyssm-cuda-portable" is the same op with them turned off (PYSSM_FLASH_SM90=0), so both paths sit side by side.
+"pyssm-cuda-portable" is the same op with them turned off (PYSSM_FLASH_SM90=0), so both paths
+sit side by side, and "pyssm-cuda-dq-atomic" (forward+backward rows) the Hopper backward with dQ
+added by fp32 atomics (v1, PYSSM_FLASH_SM90_DQ=atomic) beside the default TMA reduce-adds (v2).
 CPU (float32): N = 65, 197, batch 2, 4 heads, head_dim 32: pyssm-cpu, reference, SDPA math and
 default.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -57,22 +57,18 @@ def sdpa_provider(backend: str) -> harness.Provider:
     return harness.Provider(f"sdpa-{backend}", attend)
 
 
-def portable_provider() -> harness.Provider:
-    """pyssm's CUDA attention with the Hopper kernels (forward and backward) turned off
-    (PYSSM_FLASH_SM90=0). The variable is set and restored inside each call, so the timed
-    calls include that (a few microseconds of Python; the kernels take 0.1 ms and more)."""
-    def attend(q, k, v):
-        before = os.environ.get("PYSSM_FLASH_SM90")
-        os.environ["PYSSM_FLASH_SM90"] = "0"
-        try:
-            return ops.attention(q, k, v, backend="cuda")
-        finally:
-            if before is None:
-                del os.environ["PYSSM_FLASH_SM90"]
-            else:
-                os.environ["PYSSM_FLASH_SM90"] = before
-    base = harness.pyssm_provider("attention", "cuda", attend)
-    return harness.Provider("pyssm-cuda-portable", base.fn, base.status)
+def switched_provider(name: str, env: dict[str, str]) -> harness.Provider:
+    """pyssm's CUDA attention with ``env`` set while it is measured, forward and backward
+    alike (the kernels read the switches at each call)."""
+    base = harness.pyssm_provider("attention", "cuda",
+                                  lambda q, k, v: ops.attention(q, k, v, backend="cuda"))
+    return harness.Provider(name, base.fn, base.status, env=env)
+
+
+# On sm_90: the Hopper kernels turned off, and the Hopper backward's dQ added by fp32 atomics
+# (v1) rather than TMA reduce-adds (v2, the default); the latter only where a backward runs.
+PORTABLE = "pyssm-cuda-portable"
+DQ_ATOMIC = "pyssm-cuda-dq-atomic"
 
 
 def anchor(mode: str, seqlen: int, provider: str, head_dim: int = 64) -> dict:
@@ -89,7 +85,8 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     if gpu:
         dtype = torch.bfloat16
         if torch.cuda.get_device_capability(device) == (9, 0):
-            providers.append(portable_provider())
+            providers += [switched_provider(PORTABLE, {"PYSSM_FLASH_SM90": "0"}),
+                          switched_provider(DQ_ATOMIC, {"PYSSM_FLASH_SM90_DQ": "atomic"})]
         providers += [sdpa_provider(b) for b in ("flash", "cudnn", "efficient", "default")]
         both = {"forward": lambda n: round(131072 / n), "full": lambda n: round(65536 / n)}
         configs = [(12, 64, [197, 1025, 4097] if quick else [197, 442, 785, 1025, 2305, 4097],
@@ -117,12 +114,14 @@ def _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches):
             modes_at.setdefault(batch_of(n), []).append(mode)
         for batch, modes in modes_at.items():
             flops = 4 * batch * heads * n * n * head_dim
+            backward = any(m in ("full", "backward") for m in modes)
             out.append(harness.Case(
                 op="attention", size={"N": n, "batch": batch, "heads": heads, "head_dim": head_dim},
                 make_inputs=lambda b=batch, n=n: tuple(
                     torch.randn(b, n, heads, head_dim, device=device, dtype=dtype)
                     for _ in range(3)),
-                providers=providers, modes=tuple(modes), dtype=str(dtype).removeprefix("torch."),
+                providers=[p for p in providers if backward or p.name != DQ_ATOMIC],
+                modes=tuple(modes), dtype=str(dtype).removeprefix("torch."),
                 flops={"forward": flops, "full": 3.5 * flops, "backward": 2.5 * flops},
                 extra=(lambda provider, m, n=n: anchor(m, n, provider, head_dim)) if gpu else None))
     return out

@@ -24,7 +24,9 @@ the peak of the bytes allocated above the start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +45,9 @@ class Provider:
     status: str = "ok"                      # otherwise why it does not run
     bytes: dict[str, float] | None = None   # its own traffic per mode, if not the case's
     modes: tuple[str, ...] | None = None    # the modes it runs, if not all of the case's
+    # environment variables set while it is measured (every step, forward and backward: a
+    # switch the kernels read at each call, such as PYSSM_FLASH_SM90=0), restored after
+    env: dict[str, str] | None = None
 
 
 @dataclass
@@ -192,6 +197,21 @@ def measure(fn: Callable, copies: list[tuple], mode: str, device: torch.device, 
             "ms_p80": _percentile(times, 0.8), "peak_mb": peak_mb, "repeats": n, **extra}
 
 
+@contextlib.contextmanager
+def env_overrides(overrides: dict[str, str] | None):
+    """os.environ with ``overrides`` set inside the block, as it was after."""
+    before = {name: os.environ.get(name) for name in overrides or {}}
+    os.environ.update(overrides or {})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def run_cases(cases: list[Case], device: torch.device, *, modes: tuple[str, ...] | None = None,
               warmup: int, repeats: int, budget_s: float, cpu_memory: bool = True,
               verbose: bool = True, progress: bool | None = None,
@@ -225,9 +245,10 @@ def run_cases(cases: list[Case], device: torch.device, *, modes: tuple[str, ...]
                     row["status"] = f"{' / '.join(provider.modes)} only"
                 elif provider.fn is not None:
                     try:
-                        row.update(measure(provider.fn, copies, mode, device, warmup=warmup,
-                                           repeats=repeats, budget_s=budget_s,
-                                           cpu_memory=cpu_memory))
+                        with env_overrides(provider.env):
+                            row.update(measure(provider.fn, copies, mode, device,
+                                               warmup=warmup, repeats=repeats,
+                                               budget_s=budget_s, cpu_memory=cpu_memory))
                     except Exception as exc:  # an OOM or a missing kernel is a row, not a crash
                         row["status"] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
                         if device.type == "cuda":

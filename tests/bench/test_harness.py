@@ -1,5 +1,6 @@
 """The timing harness on the CPU: rows, statuses, derived columns, memory."""
 
+import os
 import sys
 
 import pytest
@@ -35,6 +36,33 @@ def test_rows_for_every_provider_and_mode_with_derived_columns():
     assert by[("absent", "forward")]["status"] == "not installed"
     assert "ms" not in by[("absent", "forward")]
     assert by[("broken", "full")]["status"].startswith("error: RuntimeError: no kernel")
+
+
+def test_a_providers_environment_holds_through_forward_and_backward(monkeypatch):
+    """Provider.env is set while the provider is measured, its backward included (a kernel
+    switch read when the backward op runs, after the provider's function has returned), and
+    restored after."""
+    monkeypatch.setenv("PYSSM_TEST_SWITCH", "outer")
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", os.environ.get("PYSSM_TEST_SWITCH")))
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", os.environ.get("PYSSM_TEST_SWITCH")))
+            return 2 * g
+
+    harness.run_cases([_case([harness.Provider("spy", Spy.apply,
+                                               env={"PYSSM_TEST_SWITCH": "inner"})])],
+                      torch.device("cpu"), warmup=1, repeats=2, budget_s=0.02, verbose=False,
+                      progress=False, cpu_memory=False)
+    assert {"forward", "backward"} == {step for step, _ in seen}
+    assert all(value == "inner" for _, value in seen), seen
+    assert os.environ["PYSSM_TEST_SWITCH"] == "outer"
 
 
 def test_after_case_sees_partial_rows():

@@ -82,7 +82,8 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   return int(cudaErrorInvalidValue);
 }
 
-// sm90: the Hopper backward (head_dim 64) instead of the portable one
+// sm90: the Hopper backward (head_dim 64) instead of the portable one, adding dQ by TMA
+// reduce-adds (1) or by atomics (2)
 int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const void* out, const void* dout, void* dq, void* dk,
                       void* dv, const float* lse, const float* dlse, float* delta,
@@ -102,6 +103,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.delta = delta;
   p.dq_accum = dq_accum;
   p.scale = scale;
+  p.dq_atomics = sm90 == 2;
   set_sizes(p, sizes, cu, scale, causal);
   if (sm90) {
     if (head_dim != 64) return int(cudaErrorInvalidValue);

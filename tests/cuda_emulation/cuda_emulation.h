@@ -209,12 +209,13 @@ inline uint32_t swizzle(uint32_t addr, int span) {
 }
 
 // A tensor map as the emulation keeps it inside a CUtensorMap (whose contents are opaque on a
-// GPU): 4-d, 16-bit elements, swizzled over `span` bytes (box[0] * 2 of them).
+// GPU): 4-d, 16-bit (fp16 / bf16) or 32-bit (fp32) elements, swizzled over `span` bytes
+// (box[0] elements of them).
 struct TensorMap {
   const unsigned char* base;
   uint64_t dims[4], strides[3];  // strides of dims 1-3 in bytes
   uint32_t box[4];
-  int span;
+  int span, element_bytes;
 };
 static_assert(sizeof(TensorMap) <= sizeof(CUtensorMap), "an emulated tensor map fits a real one");
 inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int element_bytes,
@@ -222,13 +223,14 @@ inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int ele
                                      const uint32_t (&box)[4], int span) {
   // the checks cuTensorMapEncodeTiled makes that matter here (the kernels' boxes fill their
   // swizzle span exactly)
-  if (element_bytes != 2 || int(box[0]) * 2 != span || reinterpret_cast<uintptr_t>(base) % 16)
+  if ((element_bytes != 2 && element_bytes != 4) || int(box[0]) * element_bytes != span ||
+      reinterpret_cast<uintptr_t>(base) % 16)
     return cudaErrorInvalidValue;
   for (int i = 0; i < 3; ++i)
     if (strides[i] % 16) return cudaErrorInvalidValue;
   for (int i = 0; i < 4; ++i)
     if (box[i] == 0 || box[i] > 256 || dims[i] == 0) return cudaErrorInvalidValue;
-  TensorMap m{static_cast<const unsigned char*>(base), {}, {}, {}, span};
+  TensorMap m{static_cast<const unsigned char*>(base), {}, {}, {}, span, element_bytes};
   std::memcpy(m.dims, dims, sizeof(m.dims));
   std::memcpy(m.strides, strides, sizeof(m.strides));
   std::memcpy(m.box, box, sizeof(m.box));
@@ -237,33 +239,84 @@ inline cudaError_t encode_tensor_map(CUtensorMap* map, const void* base, int ele
   return cudaSuccess;
 }
 
+// The box of a TMA copy at coordinates c, element by element: f(global element address or
+// null outside the tensor, shared-memory byte address (swizzled)).
+template <typename F>
+void for_each_box_element(const TensorMap& map, const int (&c)[4], uint32_t smem, F f) {
+  if (smem % (8 * map.span)) fail("a swizzled TMA copy of a tile not aligned to its atom");
+  const uint32_t* b = map.box;
+  const int eb = map.element_bytes;
+  for (uint32_t i3 = 0; i3 < b[3]; ++i3)
+    for (uint32_t i2 = 0; i2 < b[2]; ++i2)
+      for (uint32_t i1 = 0; i1 < b[1]; ++i1)
+        for (uint32_t i0 = 0; i0 < b[0]; ++i0) {
+          const int64_t g[4] = {c[0] + int64_t(i0), c[1] + int64_t(i1), c[2] + int64_t(i2),
+                                c[3] + int64_t(i3)};
+          bool inside = true;
+          for (int d = 0; d < 4; ++d) inside &= g[d] >= 0 && uint64_t(g[d]) < map.dims[d];
+          const uint32_t lin = uint32_t((((i3 * b[2] + i2) * b[1] + i1) * b[0] + i0) * eb);
+          f(inside ? map.base + g[0] * eb + g[1] * map.strides[0] + g[2] * map.strides[1] +
+                         g[3] * map.strides[2]
+                   : nullptr,
+            swizzle(smem + lin, map.span));
+        }
+}
+
 struct TmaCopy {
   uint32_t dst;
   TensorMap map;
   int c[4];
-  uint32_t bytes() const { return map.box[0] * map.box[1] * map.box[2] * map.box[3] * 2; }
+  uint32_t bytes() const {
+    return map.box[0] * map.box[1] * map.box[2] * map.box[3] * map.element_bytes;
+  }
   void land() const {
-    if (dst % (8 * map.span)) fail("a swizzled TMA load into a tile not aligned to its atom");
     unsigned char* smem = dynamic_shared_memory();
-    const uint32_t* b = map.box;
-    for (uint32_t i3 = 0; i3 < b[3]; ++i3)
-      for (uint32_t i2 = 0; i2 < b[2]; ++i2)
-        for (uint32_t i1 = 0; i1 < b[1]; ++i1)
-          for (uint32_t i0 = 0; i0 < b[0]; ++i0) {
-            const int64_t g[4] = {c[0] + int64_t(i0), c[1] + int64_t(i1), c[2] + int64_t(i2),
-                                  c[3] + int64_t(i3)};
-            bool inside = true;
-            for (int d = 0; d < 4; ++d) inside &= g[d] >= 0 && uint64_t(g[d]) < map.dims[d];
-            const uint32_t lin = uint32_t((((i3 * b[2] + i2) * b[1] + i1) * b[0] + i0) * 2);
-            unsigned char* to = smem + swizzle(dst + lin, map.span);
-            if (inside)
-              std::memcpy(to, map.base + g[0] * 2 + g[1] * map.strides[0] +
-                                  g[2] * map.strides[1] + g[3] * map.strides[2], 2);
-            else
-              std::memset(to, 0, 2);
-          }
+    const int eb = map.element_bytes;
+    for_each_box_element(map, c, dst, [&](const unsigned char* from, uint32_t to) {
+      if (from) std::memcpy(smem + to, from, eb);
+      else std::memset(smem + to, 0, eb);
+    });
   }
 };
+
+// TMA reduce-add of a shared-memory tile into global memory (fp32): queued in the issuing
+// thread's bulk async-group, read from shared memory (and added, atomically per element, the
+// parts outside the tensor dropped) only at the bulk wait that covers its group, so a kernel
+// that rewrites the tile before waiting adds the wrong values, as it could on a GPU; a thread
+// that exits with one still pending aborts.
+struct TmaReduce {
+  uint32_t src;
+  TensorMap map;
+  int c[4];
+  void land() const {
+    if (map.element_bytes != 4) fail("a TMA reduce-add of other than fp32 (not emulated)");
+    const unsigned char* smem = dynamic_shared_memory();
+    for_each_box_element(map, c, src, [&](const unsigned char* to, uint32_t from) {
+      if (to == nullptr) return;
+      float v;
+      std::memcpy(&v, smem + from, 4);
+      std::atomic_ref<float>(*const_cast<float*>(reinterpret_cast<const float*>(to)))
+          .fetch_add(v);
+    });
+  }
+};
+inline thread_local std::vector<TmaReduce> bulk_open;
+inline thread_local std::vector<std::vector<TmaReduce>> bulk_groups;
+inline void tma_reduce_add(const CUtensorMap* map, int c0, int c1, int c2, int c3, uint32_t src) {
+  TmaReduce r{src, {}, {c0, c1, c2, c3}};
+  std::memcpy(&r.map, map, sizeof(TensorMap));
+  bulk_open.push_back(r);
+}
+inline void bulk_commit() {
+  bulk_groups.push_back(std::move(bulk_open));
+  bulk_open.clear();
+}
+inline void bulk_wait(int pending) {
+  while (int(bulk_groups.size()) > pending) {
+    for (const TmaReduce& r : bulk_groups.front()) r.land();
+    bulk_groups.erase(bulk_groups.begin());
+  }
+}
 
 // An mbarrier: a phase completes when its arrivals are in and its transaction bytes have
 // landed. TMA copies wait in the barrier and land only when some thread waits on it, so a
@@ -483,7 +536,11 @@ cudaError_t run(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, A
             committed.clear();
             wgmma_open.clear();
             wgmma_groups.clear();
+            bulk_open.clear();
+            bulk_groups.clear();
             kernel(args...);
+            if (!bulk_open.empty() || !bulk_groups.empty())
+              fail("a thread exited with TMA bulk operations it never waited for");
             // an exited thread no longer holds its block, warp or warpgroup back
             team_warps[t / 32].barrier->arrive_and_drop();
             if (!team_groups.empty()) team_groups[t / 128].barrier->arrive_and_drop();

@@ -62,7 +62,9 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
     return out, lse
 
 
-def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=False):
+def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=0):
+    """sm90: 0 the portable backward, 1 the Hopper one (dQ by TMA reduce-adds), 2 the Hopper
+    one with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic)."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
@@ -168,9 +170,11 @@ def test_flash_forward_sm90(emu, case, dtype):
 
 
 # The Hopper backward (flash_bwd_sm90_kernel.cuh, head_dim 64: blocks of 128 keys, query tiles
-# of 64 in a ring of two stages, dS^T through double-buffered shared memory): one and several
-# key blocks and query tiles (stage reuse), tails, causal with Sq != Sk, grouped heads (the q
-# heads of a group walked by one block), packed sequences with an empty one.
+# of 64 in a ring of two stages, dS^T through double-buffered shared memory, dQ by TMA
+# reduce-adds from double-buffered tiles or by atomics): one and several key blocks and query
+# tiles (stage and dQ buffer reuse), tails, causal with Sq != Sk, grouped heads (the q heads of
+# a group walked by one block), packed sequences with an empty one (whose dQ tiles overlap the
+# next sequence's rows).
 SM90_BWD_CASES = [
     (1, 97, 97, 2, 2, 64, False, None),
     (1, 150, 200, 2, 1, 64, True, None),
@@ -184,7 +188,8 @@ SM90_BWD_CASES = [
 @pytest.mark.parametrize("case", SM90_BWD_CASES,
                          ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
                               for c in SM90_BWD_CASES])
-def test_flash_backward_sm90(emu, case, dtype):
+@pytest.mark.parametrize("dq", [1, 2], ids=["dq_tma", "dq_atomic"])
+def test_flash_backward_sm90(emu, case, dtype, dq):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
@@ -193,6 +198,51 @@ def test_flash_backward_sm90(emu, case, dtype):
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
     want = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu)
     dout = torch.randn_like(q)
-    got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=True)
+    got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=dq)
     grads = torch.autograd.grad(want, exact_in, dout.double())
     check_grads(got, grads, dout, v, dtype)
+
+
+@pytest.mark.parametrize("sm90", [False, True], ids=["portable", "sm90"])
+def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
+    """attention_cuda.cpp no longer reads cu_seqlens on the host when max_seqlen is given, so
+    the kernels clamp the offsets into [0, total_q]. Offsets 0, 60, 400, 900 over 150 tokens
+    are the sequences [0, 60), [60, 150) and an empty one: each buffer has NaN (inputs) or
+    sentinel (outputs) rows past its end, which no kernel may read or write."""
+    dtype, H, d, total, guard = torch.bfloat16, 2, 64, 150, 40
+    cu = torch.tensor([0, 60, 400, 900], dtype=torch.int32)
+    qkv = [torch.cat([torch.randn(total, H, d, dtype=dtype),
+                      poisoned(guard, H, d, dtype=dtype)]) for _ in range(3)]
+    dims = sizes(3, H, H, 340, 340, total)       # max_seqlen 340: the clamped lengths fit
+    scale = 1.0 / math.sqrt(d)
+
+    def sentinel(*shape):
+        return torch.full(shape, 7.0, dtype=torch.float32)
+
+    out, lse = sentinel(total + guard, H, d).to(dtype), sentinel(H * total + guard)
+    out[:total] = float("nan")
+    lse[:H * total] = float("nan")
+    rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), ptr(out), ptr(lse),
+                               ptr(cu), dims, scale, 0)
+    assert rc == 0
+    assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
+    clamped = torch.tensor([0, 60, total], dtype=torch.int32)
+    exact_in = [t[:total].double().requires_grad_() for t in qkv]
+    check_forward(out[:total], lse[:H * total].view(H, total), exact_in, False, clamped, dtype)
+
+    dout = torch.randn(total, H, d, dtype=dtype)
+    grads = [sentinel(total + guard, H, d).to(dtype) for _ in range(3)]
+    delta, dq_accum = sentinel(H * total + guard), sentinel(total + guard, H, d)
+    for t in (*grads, dq_accum):
+        t[:total] = float("nan")
+    delta[:H * total] = float("nan")
+    rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), ptr(out), ptr(dout),
+                               *map(ptr, grads), ptr(lse), None, ptr(delta), ptr(dq_accum),
+                               ptr(cu), dims, scale, 0)
+    assert rc == 0
+    for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
+        assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
+    assert (delta[H * total:] == 7).all(), "delta: wrote past the tokens"
+    want = ops.attention_reference(*exact_in, cu_seqlens=clamped)
+    exact = torch.autograd.grad(want, exact_in, dout.double())
+    check_grads([g[:total] for g in grads], exact, dout, qkv[2][:total], dtype)
