@@ -12,7 +12,6 @@ CPU (float32): a small sweep, D = 32, N = 1, R = 2, grids 8 / 16 / 32, batch 2.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -65,20 +64,6 @@ def ss2d_from_pieces(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, D
     return y.reshape(B, D, H, W).permute(0, 2, 3, 1).to(x.dtype)
 
 
-def _one_chunk(*args):
-    """ops.ss2d on CUDA with PYSSM_SS2D_BLOCKS_PER_SM=0 (csrc/ss2d/ss2d_cuda.cpp reads it at
-    every call; set inside the timed call, which costs microseconds against a millisecond)."""
-    old = os.environ.get("PYSSM_SS2D_BLOCKS_PER_SM")
-    os.environ["PYSSM_SS2D_BLOCKS_PER_SM"] = "0"
-    try:
-        return ops.ss2d(*args, backend="cuda")
-    finally:
-        if old is None:
-            del os.environ["PYSSM_SS2D_BLOCKS_PER_SM"]
-        else:
-            os.environ["PYSSM_SS2D_BLOCKS_PER_SM"] = old
-
-
 def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     kernel = device.type
     ours = harness.pyssm_provider("ss2d", kernel, lambda *a: ops.ss2d(*a, backend=kernel))
@@ -87,10 +72,9 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     pieces = harness.Provider(f"pyssm-{kernel}-unfused", pieces.fn, pieces.status)
     # the fused kernels with each scan in one chunk (one pass, fewer blocks) instead of ~16
     # blocks per SM (two passes): which side of that trade wins is for the GPU to say
-    one_chunk = harness.pyssm_provider("ss2d", kernel, lambda *a: _one_chunk(*a))
-    # (forward only: the switch is set inside the call, and autograd runs the backward after it)
-    one_chunk = harness.Provider(f"pyssm-{kernel}-1chunk", one_chunk.fn, one_chunk.status,
-                                 modes=("forward",))
+    # (csrc/ss2d/ss2d_cuda.cpp reads PYSSM_SS2D_BLOCKS_PER_SM at every call; forward rows only)
+    one_chunk = harness.Provider(f"pyssm-{kernel}-1chunk", ours.fn, ours.status,
+                                 modes=("forward",), env={"PYSSM_SS2D_BLOCKS_PER_SM": "0"})
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
     # and VMamba-T only, where it finishes in seconds
