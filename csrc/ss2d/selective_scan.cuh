@@ -23,11 +23,16 @@ struct SelectiveScanParams {
 // summed over batch by the caller; dB, dC (batch, groups, N, L), zeroed by the caller (the
 // channels of a group add into them atomically); carries: scratch of
 // selective_scan_carry_elems() elements (the state at the start of every tile).
+// channels_per_block: channels of one group a backward block takes (dB and dC summed over them
+// on chip, so the atomics into dB, dC drop that many times); 0 picks the most, up to
+// kMaxChannelsPerBlock, that still give every SM four blocks. d_state above 4 takes 1.
 struct SelectiveScanBwdParams {
   SelectiveScanParams fwd;
   const void* dout;
   void *du, *ddelta, *dA_part, *dB, *dC, *dD_part, *dbias_part, *carries;
+  int64_t channels_per_block;
 };
+constexpr int kMaxChannelsPerBlock = 8;
 
 // Largest d_state the CUDA kernels take; positions one block scans per step (a tile).
 constexpr int64_t kSelectiveScanMaxState = 16;

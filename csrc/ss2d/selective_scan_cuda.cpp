@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -27,6 +28,20 @@ std::pair<FwdLaunch, BwdLaunch> launchers(at::ScalarType t) {
     default: TORCH_CHECK_TYPE(false, "selective_scan: u must be float64, float32, float16 or "
                               "bfloat16 on CUDA, got ", t);
   }
+}
+
+// Channels a backward block takes (dB and dC summed over them on chip): 0, the kernels' own
+// choice, unless PYSSM_SCAN_CHANNELS_PER_BLOCK says 1 to 8 (1: v1's one channel a block, the
+// benchmark's comparison). Read at every call.
+int64_t channels_per_block() {
+  const char* env = std::getenv("PYSSM_SCAN_CHANNELS_PER_BLOCK");
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 0 && v <= kMaxChannelsPerBlock,
+                    "PYSSM_SCAN_CHANNELS_PER_BLOCK must be 0 (automatic) to ",
+                    kMaxChannelsPerBlock, ", got '", env, "'");
+  return v;
 }
 
 // The operands as the kernels read them: u, delta, B, C contiguous in u's dtype; A, D, bias
@@ -130,6 +145,7 @@ selective_scan_backward_cuda(const at::Tensor& dout, const at::Tensor& u,
     p.dD_part = dD_part.mutable_data_ptr();
     p.dbias_part = dbias_part.mutable_data_ptr();
     p.carries = carries.mutable_data_ptr();
+    p.channels_per_block = channels_per_block();
     check_launch(bwd(p, at::cuda::getCurrentCUDAStream()), "selective_scan_backward");
   }
   at::Tensor dD = D ? dD_part.sum(0).to(D->scalar_type()) : at::empty({0}, u.options());

@@ -10,13 +10,18 @@
 // gives each thread the state entering its items, and the state leaving the tile carries into
 // the next. State and arithmetic are in acc_t (float; double for double input).
 //
-// Backward, per row: a first pass stores the state entering every tile (`carries`); then tiles
-// run from the last to the first, recomputing h inside the tile from its carry and running the
-// adjoint recurrence backwards with the same block scan in reverse thread order:
+// Backward, v2: a block takes up to kMaxChannelsPerBlock channels of one (batch, group). A first
+// pass stores, channel by channel, the state entering every tile (`carries`); then tiles run
+// from the last to the first, and in each tile the block's channels one after another,
+// recomputing h inside the tile from its carry and running the adjoint recurrence backwards
+// with the same block scan in reverse thread order:
 //   q_l = a_l (dy_l C_l + q_{l+1}),   g_l = dy_l C_l + q_{l+1} = dLoss/dh_l.
-// Per-channel gradients (dA, dD, dbias) are block sums written once per row; dB and dC, shared
-// by the channels of a group, are added with atomics (a first version: the design aim is to
-// reduce them on chip; see csrc/ss2d/NOTES.md).
+// dB and dC, which the channels of a group share, are summed over the block's channels in each
+// thread's registers (its positions are the same in every channel) and added with one atomic a
+// (state, position) a block: v1 took one channel a block and added every channel's share, 96
+// contended atomics a position at VMamba's group size (csrc/ss2d/NOTES.md). d_state above 4
+// keeps v1's way (2 N kItems registers of sums would not fit). Per-channel gradients (dA, dD,
+// dbias) are summed per tile into shared memory and written once per row.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -119,8 +124,8 @@ struct Row {
   acc_t D, bias;
   int64_t bc, length, dstate;
 
-  __device__ Row(const SelectiveScanParams& p) {
-    bc = blockIdx.x;
+  __device__ Row(const SelectiveScanParams& p, int64_t row) {
+    bc = row;
     const int64_t b = bc / p.channels, c = bc % p.channels;
     const int64_t g = c / (p.channels / p.groups);
     length = p.length;
@@ -152,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
     selective_scan_fwd_kernel(const SelectiveScanParams p) {
   using acc_t = typename Acc<T>::type;
   __shared__ ScanSmem<acc_t> smem;
-  const Row<T> row(p);
+  const Row<T> row(p, blockIdx.x);
   const acc_t* A = static_cast<const acc_t*>(p.A) + (row.bc % p.channels) * p.dstate;
   acc_t* out = static_cast<acc_t*>(p.out) + row.bc * p.length;
   acc_t Ac[kMaxN], carry[kMaxN];
@@ -194,127 +199,204 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// d_state up to this sums dB and dC over a block's channels in registers; larger ones take
+// one channel a block and add them with atomics (as v1 did for every d_state).
+constexpr int kMaxNSummed = 4;
+
+// Blocks per SM the backward asks ptxas to fit (nvcc 13.0, float accumulation): d_state 1 fits 5
+// in 96 registers without spilling (left free it took 128); the others are left free (4: ~187,
+// 8: ~167, 16: ~155, against 228 for v1's 16; capped lower, 16 spilled on some archs).
+template <typename acc_t>
+constexpr int bwd_min_blocks(int max_n) {
+  return sizeof(acc_t) == 4 && max_n == 1 ? 5 : 1;
+}
+
+// Adds v over the block into *total (shared memory), one shared atomic a warp.
+template <typename acc_t>
+__device__ __forceinline__ void block_add(acc_t v, acc_t* total) {
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xffffffffu, v, d);
+  if (threadIdx.x % 32 == 0) atomicAdd(total, v);
+}
+
+// Block: channels c_first .. c_first + nch - 1 of one (batch, group) (bp.channels_per_block of
+// them; see the file comment).
 template <typename T, int kMaxN>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, bwd_min_blocks<typename Acc<T>::type>(kMaxN))
     selective_scan_bwd_kernel(const SelectiveScanBwdParams bp) {
   using acc_t = typename Acc<T>::type;
+  constexpr bool kSummed = kMaxN <= kMaxNSummed;
   const SelectiveScanParams& p = bp.fwd;
   __shared__ ScanSmem<acc_t> smem;
-  const Row<T> row(p);
-  const int64_t L = p.length, N = p.dstate, c = row.bc % p.channels;
-  const int64_t b = row.bc / p.channels, g = c / (p.channels / p.groups);
+  __shared__ acc_t q_carry_s[kMaxChannelsPerBlock][kMaxN];  // each channel's adjoint carry
+  __shared__ acc_t sums_s[kMaxChannelsPerBlock][kMaxN + 2];  // its dA (N), dD, dbias
+  const int64_t L = p.length, N = p.dstate, per_group = p.channels / p.groups;
+  const int64_t cpb = bp.channels_per_block;
+  const int64_t blocks_per_group = (per_group + cpb - 1) / cpb;
+  const int64_t bg = blockIdx.x / blocks_per_group;  // b * groups + g
+  const int64_t b = bg / p.groups, g = bg % p.groups;
+  const int64_t c_first = g * per_group + (blockIdx.x % blocks_per_group) * cpb;
+  const int nch = int(per_group - (c_first - g * per_group) < cpb
+                          ? per_group - (c_first - g * per_group) : cpb);
   const int64_t tiles = (L + kTile - 1) / kTile;
-  const acc_t* A = static_cast<const acc_t*>(p.A) + c * N;
-  const acc_t* dout = static_cast<const acc_t*>(bp.dout) + row.bc * L;
-  acc_t* du = static_cast<acc_t*>(bp.du) + row.bc * L;
-  acc_t* ddelta = static_cast<acc_t*>(bp.ddelta) + row.bc * L;
-  acc_t* dB = static_cast<acc_t*>(bp.dB) + (b * p.groups + g) * N * L;
-  acc_t* dC = static_cast<acc_t*>(bp.dC) + (b * p.groups + g) * N * L;
-  acc_t* carries = static_cast<acc_t*>(bp.carries) + row.bc * tiles * N;
+  acc_t* dB = static_cast<acc_t*>(bp.dB) + bg * N * L;
+  acc_t* dC = static_cast<acc_t*>(bp.dC) + bg * N * L;
 
-  acc_t Ac[kMaxN], h_carry[kMaxN], q_carry[kMaxN], dA[kMaxN];
-#pragma unroll
-  for (int n = 0; n < kMaxN; ++n) {
-    Ac[n] = n < N ? A[n] : acc_t(0);
-    h_carry[n] = q_carry[n] = dA[n] = 0;
-  }
-  // Pass 1: the state entering every tile.
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    const int64_t t0 = tile * kTile;
-    acc_t uu[kItems], dt[kItems], raw[kItems];
-    row.load(t0, uu, dt, raw, p.delta_softplus);
+  // Pass 1, channel by channel: the state entering every tile.
+  for (int j = 0; j < nch; ++j) {
+    const Row<T> row(p, b * p.channels + c_first + j);
+    const acc_t* A = static_cast<const acc_t*>(p.A) + (c_first + j) * N;
+    acc_t* carries = static_cast<acc_t*>(bp.carries) + row.bc * tiles * N;
+    acc_t Ac[kMaxN], h_carry[kMaxN];
 #pragma unroll
     for (int n = 0; n < kMaxN; ++n) {
-      if (n >= N) break;
-      if (threadIdx.x == 0) carries[tile * N + n] = h_carry[n];
-      Step<acc_t> mine{acc_t(1), acc_t(0)};
+      Ac[n] = n < N ? A[n] : acc_t(0);
+      h_carry[n] = 0;
+    }
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t t0 = tile * kTile;
+      acc_t uu[kItems], dt[kItems], raw[kItems];
+      row.load(t0, uu, dt, raw, p.delta_softplus);
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int64_t l = t0 + threadIdx.x * kItems + i;
-        const acc_t bx = l < L ? dt[i] * widen(row.B[n * L + l]) * uu[i] : acc_t(0);
-        mine = then(mine, Step<acc_t>{exp_(dt[i] * Ac[n]), bx});
+      for (int n = 0; n < kMaxN; ++n) {
+        if (n >= N) break;
+        if (threadIdx.x == 0) carries[tile * N + n] = h_carry[n];
+        Step<acc_t> mine{acc_t(1), acc_t(0)};
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const int64_t l = t0 + threadIdx.x * kItems + i;
+          const acc_t bx = l < L ? dt[i] * widen(row.B[n * L + l]) * uu[i] : acc_t(0);
+          mine = then(mine, Step<acc_t>{exp_(dt[i] * Ac[n]), bx});
+        }
+        block_scan<false>(mine, h_carry[n], smem);
       }
-      block_scan<false>(mine, h_carry[n], smem);
     }
   }
-  __syncthreads();  // the carries thread 0 wrote are read by every thread below
+  for (int i = threadIdx.x; i < kMaxChannelsPerBlock * kMaxN; i += kThreads)
+    (&q_carry_s[0][0])[i] = 0;
+  for (int i = threadIdx.x; i < kMaxChannelsPerBlock * (kMaxN + 2); i += kThreads)
+    (&sums_s[0][0])[i] = 0;
+  __syncthreads();  // the carries thread 0 wrote, and the zeroed sums
 
-  // Pass 2: tiles from the last, the adjoint running backwards.
-  acc_t dD = 0, dbias = 0;
+  // Pass 2: tiles from the last, the adjoint running backwards; in each tile the block's
+  // channels one after the other, dB and dC summed over them.
   for (int64_t tile = tiles - 1; tile >= 0; --tile) {
     const int64_t t0 = tile * kTile;
-    acc_t uu[kItems], dt[kItems], raw[kItems], dy[kItems], du_i[kItems], ddt[kItems];
-    row.load(t0, uu, dt, raw, p.delta_softplus);
+    acc_t dB_sum[kSummed ? kMaxN : 1][kItems], dC_sum[kSummed ? kMaxN : 1][kItems];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t l = t0 + threadIdx.x * kItems + i;
-      dy[i] = l < L ? dout[l] : acc_t(0);
-      du_i[i] = row.D * dy[i];
-      ddt[i] = 0;
-      dD += dy[i] * uu[i];
-    }
+    for (int n = 0; n < (kSummed ? kMaxN : 1); ++n)
 #pragma unroll
-    for (int n = 0; n < kMaxN; ++n) {
-      if (n >= N) break;
-      acc_t a[kItems], Bv[kItems], Cv[kItems], h_prev[kItems], h_cur[kItems];
-      Step<acc_t> fwd{acc_t(1), acc_t(0)};
+      for (int i = 0; i < kItems; ++i) dB_sum[n][i] = dC_sum[n][i] = 0;
+    for (int j = 0; j < nch; ++j) {
+      const Row<T> row(p, b * p.channels + c_first + j);
+      const acc_t* A = static_cast<const acc_t*>(p.A) + (c_first + j) * N;
+      const acc_t* dout = static_cast<const acc_t*>(bp.dout) + row.bc * L;
+      const acc_t* carries = static_cast<const acc_t*>(bp.carries) + row.bc * tiles * N;
+      acc_t uu[kItems], dt[kItems], raw[kItems], dy[kItems], du_i[kItems], ddt[kItems];
+      row.load(t0, uu, dt, raw, p.delta_softplus);
+      acc_t dD = 0;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const int64_t l = t0 + threadIdx.x * kItems + i;
-        a[i] = exp_(dt[i] * Ac[n]);
-        Bv[i] = l < L ? widen(row.B[n * L + l]) : acc_t(0);
-        Cv[i] = l < L ? widen(row.C[n * L + l]) : acc_t(0);
-        fwd = then(fwd, Step<acc_t>{a[i], dt[i] * Bv[i] * uu[i]});
+        dy[i] = l < L ? dout[l] : acc_t(0);
+        du_i[i] = row.D * dy[i];
+        ddt[i] = 0;
+        dD += dy[i] * uu[i];
       }
-      acc_t h_tile = carries[tile * N + n];
-      acc_t h = block_scan<false>(fwd, h_tile, smem);
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        h_prev[i] = h;
-        h = a[i] * h + dt[i] * Bv[i] * uu[i];
-        h_cur[i] = h;
-      }
-      // q_l = a_l (dy_l C_l + q_{l+1}): this thread's items composed from its last to its first
-      Step<acc_t> bwd{acc_t(1), acc_t(0)};
+      for (int n = 0; n < kMaxN; ++n) {
+        if (n >= N) break;
+        const acc_t An = A[n];
+        acc_t a[kItems], Bv[kItems], Cv[kItems], h_prev[kItems], h_cur[kItems];
+        Step<acc_t> fwd{acc_t(1), acc_t(0)};
 #pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) bwd = then(bwd, Step<acc_t>{a[i], a[i] * dy[i] * Cv[i]});
-      acc_t q = block_scan<true>(bwd, q_carry[n], smem);  // q_{l+1} after this thread's last item
-#pragma unroll
-      for (int i = kItems - 1; i >= 0; --i) {
-        const int64_t l = t0 + threadIdx.x * kItems + i;
-        const acc_t grad_h = dy[i] * Cv[i] + q;  // dLoss/dh_l
-        if (l < L) {
-          atomicAdd(dC + n * L + l, dy[i] * h_cur[i]);
-          atomicAdd(dB + n * L + l, grad_h * dt[i] * uu[i]);
-          ddt[i] += grad_h * (Ac[n] * a[i] * h_prev[i] + Bv[i] * uu[i]);
-          dA[n] += grad_h * dt[i] * a[i] * h_prev[i];
-          du_i[i] += grad_h * dt[i] * Bv[i];
+        for (int i = 0; i < kItems; ++i) {
+          const int64_t l = t0 + threadIdx.x * kItems + i;
+          a[i] = exp_(dt[i] * An);
+          Bv[i] = l < L ? widen(row.B[n * L + l]) : acc_t(0);
+          Cv[i] = l < L ? widen(row.C[n * L + l]) : acc_t(0);
+          fwd = then(fwd, Step<acc_t>{a[i], dt[i] * Bv[i] * uu[i]});
         }
-        q = a[i] * grad_h;
-      }
-    }
+        acc_t h_tile = carries[tile * N + n];
+        acc_t h = block_scan<false>(fwd, h_tile, smem);
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t l = t0 + threadIdx.x * kItems + i;
-      if (l < L) {
-        if (p.delta_softplus) ddt[i] *= sigmoid(raw[i]);
-        ddelta[l] = ddt[i];
-        du[l] = du_i[i];
-        dbias += ddt[i];
+        for (int i = 0; i < kItems; ++i) {
+          h_prev[i] = h;
+          h = a[i] * h + dt[i] * Bv[i] * uu[i];
+          h_cur[i] = h;
+        }
+        // q_l = a_l (dy_l C_l + q_{l+1}): this thread's items composed from its last to its
+        // first
+        Step<acc_t> bwd{acc_t(1), acc_t(0)};
+#pragma unroll
+        for (int i = kItems - 1; i >= 0; --i)
+          bwd = then(bwd, Step<acc_t>{a[i], a[i] * dy[i] * Cv[i]});
+        acc_t q_carry = q_carry_s[j][n];
+        acc_t q = block_scan<true>(bwd, q_carry, smem);  // q_{l+1} after this thread's last item
+        if (threadIdx.x == 0) q_carry_s[j][n] = q_carry;  // (read again one tile later)
+        acc_t dA = 0;
+#pragma unroll
+        for (int i = kItems - 1; i >= 0; --i) {
+          const int64_t l = t0 + threadIdx.x * kItems + i;
+          const acc_t grad_h = dy[i] * Cv[i] + q;  // dLoss/dh_l
+          if (l < L) {
+            if constexpr (kSummed) {
+              dC_sum[n][i] += dy[i] * h_cur[i];
+              dB_sum[n][i] += grad_h * dt[i] * uu[i];
+            } else {
+              atomicAdd(dC + n * L + l, dy[i] * h_cur[i]);
+              atomicAdd(dB + n * L + l, grad_h * dt[i] * uu[i]);
+            }
+            ddt[i] += grad_h * (An * a[i] * h_prev[i] + Bv[i] * uu[i]);
+            dA += grad_h * dt[i] * a[i] * h_prev[i];
+            du_i[i] += grad_h * dt[i] * Bv[i];
+          }
+          q = a[i] * grad_h;
+        }
+        block_add(dA, &sums_s[j][n]);
+      }
+      acc_t* du = static_cast<acc_t*>(bp.du) + row.bc * L;
+      acc_t* ddelta = static_cast<acc_t*>(bp.ddelta) + row.bc * L;
+      acc_t dbias = 0;
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int64_t l = t0 + threadIdx.x * kItems + i;
+        if (l < L) {
+          if (p.delta_softplus) ddt[i] *= sigmoid(raw[i]);
+          ddelta[l] = ddt[i];
+          du[l] = du_i[i];
+          dbias += ddt[i];
+        }
+      }
+      block_add(dD, &sums_s[j][kMaxN]);
+      block_add(dbias, &sums_s[j][kMaxN + 1]);
+    }
+    if constexpr (kSummed) {  // one atomic a (state, position) for the block's channels
+#pragma unroll
+      for (int n = 0; n < kMaxN; ++n) {
+        if (n >= N) break;
+#pragma unroll
+        for (int i = 0; i < kItems; ++i) {
+          const int64_t l = t0 + threadIdx.x * kItems + i;
+          if (l < L) {
+            atomicAdd(dC + n * L + l, dC_sum[n][i]);
+            atomicAdd(dB + n * L + l, dB_sum[n][i]);
+          }
+        }
       }
     }
   }
+  __syncthreads();  // every warp's shared atomics are in
   // Per-channel sums, written once per row (summed over batch by the caller).
-#pragma unroll
-  for (int n = 0; n < kMaxN; ++n) {
-    if (n >= N) break;
-    const acc_t total = block_sum(dA[n], smem);
-    if (threadIdx.x == 0) static_cast<acc_t*>(bp.dA_part)[row.bc * N + n] = total;
-  }
-  const acc_t dD_total = block_sum(dD, smem), dbias_total = block_sum(dbias, smem);
-  if (threadIdx.x == 0) {
-    static_cast<acc_t*>(bp.dD_part)[row.bc] = dD_total;
-    static_cast<acc_t*>(bp.dbias_part)[row.bc] = dbias_total;
+  for (int i = threadIdx.x; i < nch * (N + 2); i += kThreads) {
+    const int j = i / int(N + 2), k = i % int(N + 2);
+    const int64_t bc = b * p.channels + c_first + j;
+    if (k < N)
+      static_cast<acc_t*>(bp.dA_part)[bc * N + k] = sums_s[j][k];
+    else if (k == N)
+      static_cast<acc_t*>(bp.dD_part)[bc] = sums_s[j][kMaxN];
+    else
+      static_cast<acc_t*>(bp.dbias_part)[bc] = sums_s[j][kMaxN + 1];
   }
 }
 
@@ -326,10 +408,42 @@ cudaError_t launch_fwd(const SelectiveScanParams& p, cudaStream_t stream) {
                        dim3(kThreads), 0, stream, p);
 }
 
+// Channels a backward block takes: the most (up to kMaxChannelsPerBlock, or
+// p.channels_per_block when set) that still give every SM a few blocks; one past kMaxNSummed.
+template <int kMaxN>
+cudaError_t bwd_channels_per_block(const SelectiveScanBwdParams& p, int64_t* out) {
+  const SelectiveScanParams& f = p.fwd;
+  const int64_t per_group = f.channels / f.groups;
+  int64_t cpb = p.channels_per_block;
+  if (cpb < 0 || cpb > kMaxChannelsPerBlock) return cudaErrorInvalidValue;
+  if (kMaxN > kMaxNSummed) {
+    cpb = 1;
+  } else if (cpb == 0) {
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                                         device);
+    if (err != cudaSuccess) return err;
+    cpb = kMaxChannelsPerBlock;
+    const int64_t groups = f.batch * f.groups;
+    while (cpb > 1 && groups * ((per_group + cpb - 1) / cpb) < 4 * int64_t(sms)) cpb /= 2;
+  }
+  *out = cpb < per_group ? cpb : per_group;
+  return cudaSuccess;
+}
+
 template <typename T, int kMaxN>
 cudaError_t launch_bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  return launch_kernel(selective_scan_bwd_kernel<T, kMaxN>, dim3(unsigned(rows(p.fwd))),
-                       dim3(kThreads), 0, stream, p);
+  SelectiveScanBwdParams q = p;
+  cudaError_t err = bwd_channels_per_block<kMaxN>(p, &q.channels_per_block);
+  if (err != cudaSuccess) return err;
+  const SelectiveScanParams& f = p.fwd;
+  const int64_t per_group = f.channels / f.groups;
+  const int64_t blocks =
+      f.batch * f.groups * ((per_group + q.channels_per_block - 1) / q.channels_per_block);
+  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  return launch_kernel(selective_scan_bwd_kernel<T, kMaxN>, dim3(unsigned(blocks)),
+                       dim3(kThreads), 0, stream, q);
 }
 
 // d_state 1 has its own instantiation (no state arrays, no loop); 2..16 round up to 4, 8, 16.

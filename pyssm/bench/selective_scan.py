@@ -2,7 +2,9 @@
 
 GPU: the sizes of ANCHORS.md "The oflex selective-scan kernel alone": K = 4 groups, 384 = 4 x 96
 channels, d_state 1, (batch, L) = (64, 3136), (12, 16384), (3, 65536); bf16 u, delta, B, C; fp32
-A, D, delta_bias; fp32 out; softplus on delta (as VMamba calls it), with the oflex times beside.
+A, D, delta_bias; fp32 out; softplus on delta (as VMamba calls it), with the oflex times beside;
+"pyssm-cuda-bwd-v1" (forward+backward rows) is pyssm's backward with one channel a block
+(PYSSM_SCAN_CHANNELS_PER_BLOCK=1, every channel adding its own dB, dC atomics) beside the default.
 CPU (float32): K = 4, 64 channels, d_state 1, (2, 256), (2, 1024), (2, 4096).
 """
 
@@ -73,6 +75,11 @@ def cases(device: torch.device, quick: bool = False, reference: bool = False):
     else:
         providers.append(harness.Provider("reference", _scan("reference", gpu)))
     if gpu:
+        # the backward with one channel a block (v1: every channel adds its own dB, dC atomics)
+        v1 = harness.pyssm_provider("selective_scan", kernel, _scan(kernel, gpu))
+        providers.append(harness.Provider("pyssm-cuda-bwd-v1", v1.fn, v1.status,
+                                          modes=("full", "backward"),
+                                          env={"PYSSM_SCAN_CHANNELS_PER_BLOCK": "1"}))
         providers += [_mamba_ssm_provider(), _oflex_provider()]
         groups, dim, dtype, sizes = 4, 96, torch.bfloat16, list(ANCHOR_MS)[: 1 if quick else 3]
     else:

@@ -70,12 +70,12 @@ int emu_cross_scan(int dtype, const void* in, void* out, int64_t B, int64_t C, i
 
 // selective_scan: u, delta, B, C in the input dtype; A, D, bias (D, bias may be null), out and
 // every gradient in the accumulation type. sizes: batch, channels, length, groups, dstate.
-// With dout null only the forward runs.
+// With dout null only the forward runs. channels_per_block: the backward's (0: its own choice).
 int emu_selective_scan(int dtype, const void* u, const void* delta, const void* A, const void* B,
                        const void* C, const void* D, const void* bias, void* out,
                        const int64_t* sizes, int softplus, const void* dout, void* du,
                        void* ddelta, void* dA_part, void* dB, void* dC, void* dD_part,
-                       void* dbias_part, void* carries) {
+                       void* dbias_part, void* carries, int64_t channels_per_block) {
   pyssm::SelectiveScanParams p{};
   p.u = u;
   p.delta = delta;
@@ -103,6 +103,7 @@ int emu_selective_scan(int dtype, const void* u, const void* delta, const void* 
   b.dD_part = dD_part;
   b.dbias_part = dbias_part;
   b.carries = carries;
+  b.channels_per_block = channels_per_block;
   return by_dtype<ScanBwd>(dtype, b);
 }
 

@@ -58,13 +58,18 @@ def test_cross_scan_and_merge(emu, dtype, shape):
 
 # selective_scan (block scans through warp shuffles) -----------------------------------------
 
-# (batch, groups, dim per group, dstate, length): one tile and several (tiles of 512), N 1 to 16
-SCAN_CASES = [(2, 2, 3, 1, 37), (1, 4, 2, 3, 1100), (1, 1, 2, 16, 513)]
+# (batch, groups, dim per group, dstate, length): one tile and several (tiles of 512), N 1 to
+# 16, groups of more channels than a backward block takes (11: blocks of 8 and 3, or 3, 3, 3, 2)
+SCAN_CASES = [(2, 2, 3, 1, 37), (1, 4, 2, 3, 1100), (1, 1, 2, 16, 513), (1, 2, 11, 1, 600),
+              (2, 1, 9, 4, 70)]
 
 
 @pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "b{}k{}d{}n{}l{}".format(*c))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_selective_scan(emu, case, dtype):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("per_block", [0, 1, 3, 8], ids=lambda c: f"cpb{c}")
+def test_selective_scan(emu, case, dtype, per_block):
+    """per_block: the channels a backward block takes (0: the launcher's choice; 1: v1's)."""
     Bt, K, Dg, N, L = case
     C_ = K * Dg
     acc = acc_of(dtype)
@@ -76,7 +81,7 @@ def test_selective_scan(emu, case, dtype):
     out = poisoned(Bt, C_, L, dtype=acc)
     code = CODES[dtype]
     args = [ptr(t) for t in (u, delta, A, Bm, Cm, D, bias, out)]
-    assert emu.emu_selective_scan(code, *args, sz, 1, *([None] * 9)) == 0
+    assert emu.emu_selective_scan(code, *args, sz, 1, *([None] * 9), ctypes.c_int64(0)) == 0
     exact_in = [t.double().requires_grad_() for t in (u, delta, A, Bm, Cm, D, bias)]
     want = ops.selective_scan_reference(*exact_in, delta_softplus=True)
     tol = 1e-12 if dtype == F64 else 2e-5
@@ -89,7 +94,7 @@ def test_selective_scan(emu, case, dtype):
              torch.zeros(Bt, C_, dtype=acc)]
     carries = poisoned(emu.emu_selective_scan_carries(sz), dtype=acc)
     assert emu.emu_selective_scan(code, *args, sz, 1, ptr(dout), *(ptr(g) for g in grads),
-                                  ptr(carries)) == 0
+                                  ptr(carries), ctypes.c_int64(per_block)) == 0
     du, ddelta, dA, dB, dC, dD, dbias = grads
     got = [du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)]
     exact = torch.autograd.grad(want, exact_in, dout.double())
