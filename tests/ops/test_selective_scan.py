@@ -61,6 +61,27 @@ def test_gradients_against_reference_autograd(device, backend, with_optional):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
 
 
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("selective_scan")
+                                            if p.id == "cuda"])
+@pytest.mark.parametrize("per_block", ["1", "3", "8", ""])
+@pytest.mark.parametrize("case", [(2, 2, 11, 700, 1), (1, 3, 9, 40, 4), (2, 1, 5, 33, 16)],
+                         ids=lambda c: "b{}k{}d{}l{}n{}".format(*c))
+def test_cuda_backward_channels_per_block(device, backend, per_block, case, monkeypatch):
+    """The CUDA backward sums dB and dC over a block's channels (PYSSM_SCAN_CHANNELS_PER_BLOCK,
+    empty: its own choice; 1: one channel a block, v1): every choice, groups of channels that
+    do not divide evenly, against the reference's gradients."""
+    monkeypatch.setenv("PYSSM_SCAN_CHANNELS_PER_BLOCK", per_block)
+    inputs = make_inputs(*case, device, requires_grad=True)
+    leaves = [t for t in inputs if t is not None]
+    out = ops.selective_scan(*inputs, delta_softplus=True, backend=backend)
+    ref = ops.selective_scan_reference(*inputs, delta_softplus=True)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g)
+    for name, a, b in zip("u delta A B C D delta_bias".split(), got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
 @pytest.mark.parametrize("device,backend", backend_params("selective_scan"))
 def test_gradcheck(device, backend):
     inputs = make_inputs(1, 2, 2, 5, 3, device, requires_grad=True)
