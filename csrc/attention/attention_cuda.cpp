@@ -62,11 +62,18 @@ bool dq_by_atomics() {
   return env != nullptr && std::strcmp(env, "atomic") == 0;
 }
 
-// The Hopper backward's launcher (head_dim 64), or null
+// The Hopper backward's launcher (head_dim 64, 72, 80), or null
 BwdLaunch sm90_bwd_launcher(const at::Tensor& q, int64_t d) {
-  if (d != 64 || !sm90_allowed(q)) return nullptr;
-  if (q.scalar_type() == at::kHalf) return flash_bwd_sm90_fp16_hd64;
-  if (q.scalar_type() == at::kBFloat16) return flash_bwd_sm90_bf16_hd64;
+  if (!flash_sm90_bwd_head_dim(d) || !sm90_allowed(q)) return nullptr;
+#define PYSSM_SM90_BWD_CASES(tag)                                                            \
+  switch (d) {                                                                               \
+    case 64: return flash_bwd_sm90_##tag##_hd64;                                             \
+    case 72: return flash_bwd_sm90_##tag##_hd72;                                             \
+    case 80: return flash_bwd_sm90_##tag##_hd80;                                             \
+  }
+  if (q.scalar_type() == at::kHalf) PYSSM_SM90_BWD_CASES(fp16)
+  if (q.scalar_type() == at::kBFloat16) PYSSM_SM90_BWD_CASES(bf16)
+#undef PYSSM_SM90_BWD_CASES
   return nullptr;
 }
 

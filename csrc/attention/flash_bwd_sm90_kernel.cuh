@@ -1,6 +1,7 @@
-// CUDA flash-attention backward, Hopper path (sm_90a), v2, head_dim 64: TMA loads, wgmma, a
-// producer warpgroup and two consumer warpgroups. The Delta and dQ-conversion kernels are the
-// portable backward's (flash_bwd_kernel.cuh); this replaces its main kernel.
+// CUDA flash-attention backward, Hopper path (sm_90a), v3: head_dim 64, 72 and 80.
+// TMA loads, wgmma, a producer warpgroup and two consumer warpgroups. The Delta and
+// dQ-conversion kernels are the portable backward's (flash_bwd_kernel.cuh); this replaces its
+// main kernel.
 //
 // A block owns 128 keys of one (sequence, kv head): K and V come in once (TMA), and dK, dV
 // stay in registers while the block walks the query tiles of 64 rows of every q head of the
@@ -13,16 +14,25 @@
 //     dV += P^T dO, dK += dS^T Q      (wgmma, A from registers, B MN-major)
 //     dS^T to shared memory (bf16 / fp16, the 128-byte-swizzled MN-major layout), then after a
 //     barrier of the 256 consumer threads dQ = dS K (wgmma, A and B MN-major from shared
-//     memory), each consumer 32 of the 64 columns, added into the fp32 dQ accumulator:
-//     - v2 (kDqTma, the default): the 64 x 32 fp32 tile written to shared memory (128-byte
-//       swizzled rows) and added by one TMA reduce-add (cp.reduce.async.bulk.tensor) that one
-//       thread of the consumer issues: the L2 sees 64 requests of 128 bytes instead of 1024
-//       of 8, and the consumer does not wait for them;
-//     - v1 (p.dq_atomics, PYSSM_FLASH_SM90_DQ=atomic): 8 red.global.add.v2.f32 a thread.
+//     memory) over the block's 128 keys, consumer c taking columns 32c .. 32c + 31 and, at
+//     head_dim 72 / 80, 64 + 8c .. 64 + 8c + 7 (at 72 consumer 1's are past the tensor: they
+//     are computed from K's zero columns and dropped), added into the fp32 dQ accumulator:
+//     - by default each part, 64 rows of fp32, is written to shared memory (swizzled rows) and
+//       added by a TMA reduce-add (cp.reduce.async.bulk.tensor) that one thread of the
+//       consumer issues: the L2 sees rows of 128 (tail: 32) bytes instead of 8-byte atomics,
+//       and the consumer does not wait for them (v2);
+//     - with p.dq_atomics (PYSSM_FLASH_SM90_DQ=atomic), red.global.add.v2.f32 from registers
+//       (v1).
 //   dS^T has two buffers (by tile parity): a consumer writes tile i's while the other may still
 //   read tile i - 1's, and the barrier of tile i - 1 guarantees nobody reads tile i - 2's. The
-//   dQ tiles of v2 have two buffers too: before the barrier of tile i the issuing thread waits
-//   until the reduce-add of tile i - 2 has read its buffer.
+//   dQ tiles have two buffers too: before the barrier of tile i the issuing thread waits until
+//   the reduce-adds of tile i - 2 have read their buffer.
+// Head sizes past 64 (v3): a row of K, V, Q or dO in shared memory is two column blocks, as in
+// the forward (flash_sm90_kernel.cuh): the first 64 columns (128-byte swizzle) and a tail of
+// 16 (72: 8 real, the rest zeros loaded past the tensor; 80: 16; 32-byte swizzle) with its own
+// tensor maps and descriptors. 96 and 128 keep the portable backward: written the same way
+// they spilled (24 and 336 bytes: dK and dV alone take head_dim registers a thread, and ptxas
+// allocates within the 168 that 384 threads allow at compile time).
 // lse and Delta are read from global memory into registers (16 each a thread and tile).
 #pragma once
 
@@ -41,30 +51,49 @@ namespace flash_bwd_sm90 {
 
 template <typename T, int kHeadDim>
 struct Traits {
-  static_assert(kHeadDim == 64, "the Hopper backward takes head_dim 64");
+  static_assert(kHeadDim == 64 || kHeadDim == 72 || kHeadDim == 80,
+                "the Hopper backward takes head_dim 64, 72 and 80");
   static constexpr int kBlockN = 128;  // keys per block, 64 per consumer
   static constexpr int kBlockM = 64;   // query rows per tile
   static constexpr int kStages = 2;
   static constexpr int kThreads = 384;
-  static constexpr int kKVBytes = kBlockN * 128;   // K or V: 128 rows of 128 bytes
-  static constexpr int kQBytes = kBlockM * 128;    // a Q or dO tile
-  static constexpr int kDsBytes = kBlockN * 128;   // dS^T: 128 keys x 64 queries
+  static constexpr int kTail = kHeadDim - 64;         // columns past the first 64 (0, 8, 16)
+  static constexpr int kTailCols = kTail ? 16 : 0;    // in shared memory
+  static constexpr int kTailSpan = 2 * kTailCols;     // its swizzle span in bytes (32)
+  static constexpr int kKSteps = (64 + kTailCols) / 16;  // of the head_dim reductions
+  static constexpr int kKVMain = kBlockN * 128;       // K or V: 128 rows of the first block
+  static constexpr int kKVBytes = kKVMain + kBlockN * kTailSpan;
+  static constexpr int kQMain = kBlockM * 128;        // a Q or dO tile's first block
+  static constexpr int kQBytes = kQMain + kBlockM * kTailSpan;
+  static constexpr int kDsBytes = kBlockN * 128;      // dS^T: 128 keys x 64 queries
+  // v2: a dQ buffer: each consumer's 32 columns (64 rows of 128 bytes, 8 KB, consumer c at
+  // c 8 KB), then each consumer's 8 tail columns (64 rows of 32 bytes, at 16 KB + c 2 KB)
+  static constexpr int kDqMain = kBlockM * 128;
+  static constexpr int kDqTailPart = kBlockM * 32;
+  static constexpr int kDqBytes = 2 * kDqMain + (kTail ? 2 * kDqTailPart : 0);
   static constexpr int kK = 0, kV = kKVBytes;
   static constexpr int kQ = 2 * kKVBytes;          // stage s: Q at kQ + 2 s kQBytes, dO next
   static constexpr int kDs = kQ + 2 * kStages * kQBytes;  // buffer i at kDs + i kDsBytes
-  // v2: dQ tiles, fp32, 64 queries x 64 columns a buffer, each consumer's 32 columns a
-  // 128-byte-swizzled 64 x 128-byte half (consumer c at + c kDqBytes / 2)
-  static constexpr int kDqBytes = kBlockM * kHeadDim * 4;
-  static constexpr int kDq = kDs + 2 * kDsBytes;   // buffer i at kDq + i kDqBytes
+  static constexpr int kDq = kDs + 2 * kDsBytes;          // buffer i at kDq + i kDqBytes
   static constexpr int kBars = kDq + 2 * kDqBytes;
   // kv_full, q_full[kStages], q_empty[kStages]; + 1024 to align the base by hand
   static constexpr size_t kSmem = size_t(kBars) + 8 * (1 + 2 * kStages) + 1024;
+  static_assert(kKVBytes % 1024 == 0 && kQBytes % 1024 == 0 && kDqBytes % 1024 == 0,
+                "tiles stay aligned to the swizzle atoms");
 };
 
 struct Maps {
-  CUtensorMap k, v, q, dout;  // k, v: boxes of 128 rows; q, dout: 64
-  CUtensorMap dq;             // v2: the fp32 dQ accumulator, boxes of 64 rows x 32 columns
+  CUtensorMap k, v, q, dout;  // the first 64 columns; k, v: boxes of 128 rows, q, dout: 64
+  CUtensorMap k_tail, v_tail, q_tail, dout_tail;  // the tail columns (unused at head_dim 64)
+  CUtensorMap dq, dq_tail;  // v2: the fp32 dQ accumulator, boxes of 64 rows x 32 (tail: 8)
 };
+
+// The swizzled byte offset of `at` in a tile of rows of `span` bytes (128, 64 or 32), as TMA
+// and the wgmma descriptors lay it out (sm90.cuh).
+__device__ __forceinline__ uint32_t swizzled(uint32_t at, int span) {
+  const uint32_t mask = span == 128 ? 7u : span == 64 ? 3u : 1u;
+  return at ^ (((at >> 7) & mask) << 4);
+}
 
 template <typename T, int kHeadDim, bool kDqTma>
 __global__ void __launch_bounds__(384, 1)
@@ -112,6 +141,12 @@ __global__ void __launch_bounds__(384, 1)
       mbar_arrive_expect_tx(kv_full, 2 * Tr::kKVBytes);
       tma_load_4d(smem + Tr::kK, &maps.k, 0, hk, row0 + int(n0), batch, kv_full);
       tma_load_4d(smem + Tr::kV, &maps.v, 0, hk, row0 + int(n0), batch, kv_full);
+      if constexpr (Tr::kTail > 0) {
+        tma_load_4d(smem + Tr::kK + Tr::kKVMain, &maps.k_tail, 64, hk, row0 + int(n0), batch,
+                    kv_full);
+        tma_load_4d(smem + Tr::kV + Tr::kKVMain, &maps.v_tail, 64, hk, row0 + int(n0), batch,
+                    kv_full);
+      }
       for (int it = 0; it < n_iters; ++it) {
         const int s = it % Tr::kStages;
         const int h = hk * group + it / m_tiles;
@@ -120,180 +155,225 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive_expect_tx(&q_full[s], 2 * Tr::kQBytes);
         tma_load_4d(q_tile(s), &maps.q, 0, h, row0 + m0, batch, &q_full[s]);
         tma_load_4d(do_tile(s), &maps.dout, 0, h, row0 + m0, batch, &q_full[s]);
+        if constexpr (Tr::kTail > 0) {
+          tma_load_4d(q_tile(s) + Tr::kQMain, &maps.q_tail, 64, h, row0 + m0, batch,
+                      &q_full[s]);
+          tma_load_4d(do_tile(s) + Tr::kQMain, &maps.dout_tail, 64, h, row0 + m0, batch,
+                      &q_full[s]);
+        }
       }
     }
     return;
   }
   setmaxnreg_inc<240>();
 
-  // consumer `cw` (0 or 1): keys n0 + 64 cw + [0, 64)
-  const int cw = wg - 1, tid = threadIdx.x % 128;
-  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t key0 = n0 + 64 * cw + 16 * warp + g, key1 = key0 + 8;
-  const uint32_t k_addr = smem_u32(smem + Tr::kK), v_addr = smem_u32(smem + Tr::kV);
-  constexpr float kLog2e = 1.4426950408889634f;
+  // consumer cw (0 or 1): keys n0 + 64 cw + [0, 64), dQ columns 32 cw + [0, 32) and (72, 80)
+  // 64 + 8 cw + [0, 8)
+  {
+    const int cw = wg - 1;
+    const int tid = threadIdx.x % 128;
+    const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int64_t key0 = n0 + 64 * cw + 16 * warp + g, key1 = key0 + 8;
+    const uint32_t k_addr = smem_u32(smem + Tr::kK), v_addr = smem_u32(smem + Tr::kV);
+    constexpr float kLog2e = 1.4426950408889634f;
 
-  float dk[kHeadDim / 2], dv[kHeadDim / 2];
+    float dk[kHeadDim / 2], dv[kHeadDim / 2];
 #pragma unroll
-  for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
-  mbar_wait(kv_full, 0);
+    for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
+    mbar_wait(kv_full, 0);
 
-  for (int it = 0; it < n_iters; ++it) {
-    const int s = it % Tr::kStages;
-    const int h = hk * group + it / m_tiles;
-    const int64_t m0 = m_begin + (it % m_tiles) * Tr::kBlockM;
-    // lse (log2 domain) and Delta of this thread's 16 query columns: 8i + 2t + {0, 1}
-    const int64_t stat = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
-    float lse[16], delta[16];
+    // x = A B^T over head_dim for this consumer's 64 rows of `a` (K or V, 128 rows) and the
+    // 64 rows of `b` (Q or dO): both K-major, the first block then the tail
+    auto products_over_head_dim = [&](float (&x)[32], uint32_t a, uint32_t b) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t q = m0 + 8 * i + 2 * t + e;
-        lse[2 * i + e] = q < Sq ? p.lse[stat + q] * kLog2e : 0.f;
-        delta[2 * i + e] = q < Sq ? p.delta[stat + q] : 0.f;
+      for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+        const bool tail = ks >= 4;
+        const int span = tail ? Tr::kTailSpan : 128;
+        const uint32_t a_off = tail ? Tr::kKVMain + 64 * cw * Tr::kTailSpan + (ks - 4) * 32
+                                    : 64 * cw * 128 + ks * 32;
+        const uint32_t b_off = tail ? Tr::kQMain + (ks - 4) * 32 : ks * 32;
+        wgmma_ss<64, T>(x, make_desc_k(a + a_off, span), make_desc_k(b + b_off, span), ks > 0);
       }
-    const uint32_t q_addr = smem_u32(q_tile(s)), do_addr = smem_u32(do_tile(s));
-    mbar_wait<false>(&q_full[s], (it / Tr::kStages) & 1);  // (no register for a bound)
-
-    // S^T and dP^T for this consumer's 64 keys and the tile's 64 queries
-    float st[32], dpt[32];
-    wgmma_fence();
+    };
+    // acc += A B for A (64 x 64 queries, registers) and B = Q or dO MN-major (head_dim columns)
+    auto accumulate_over_queries = [&](float (&acc)[kHeadDim / 2], const uint32_t (&a)[4][4],
+                                       uint32_t b) {
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const uint32_t rows = 64 * cw * 128 + ks * 32;
-      wgmma_ss<64, T>(st, make_desc_k(k_addr + rows), make_desc_k(q_addr + ks * 32), ks > 0);
-    }
-#pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-      const uint32_t rows = 64 * cw * 128 + ks * 32;
-      wgmma_ss<64, T>(dpt, make_desc_k(v_addr + rows), make_desc_k(do_addr + ks * 32), ks > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(st);
-    fence_operands(dpt);
-
-    // P^T and dS^T (element 4i + e: key (e < 2 ? key0 : key1), query m0 + 8i + 2t + (e & 1))
-    unsigned char* const ds_buf = smem + Tr::kDs + (it & 1) * Tr::kDsBytes;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = 2 * i + (e & 1);
-        const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
-        const bool visible = key < Sk && q < Sq && (!p.causal || key <= q + Sk - Sq);
-        const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
-        st[4 * i + e] = pt;
-        dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);
+      for (int ks = 0; ks < 4; ++ks) {
+        wgmma_rs<64, T>(*reinterpret_cast<float(*)[32]>(acc), a[ks],
+                        make_desc_mn(b + ks * 16 * 128, 0), 1);
+        if constexpr (Tr::kTail > 0)
+          wgmma_rs<Tr::kTail, T>(*reinterpret_cast<float(*)[Tr::kTail / 2]>(acc + 32), a[ks],
+                                 make_desc_mn(b + Tr::kQMain + ks * 16 * Tr::kTailSpan, 0,
+                                              Tr::kTailSpan),
+                                 1);
       }
-    uint32_t pa[4][4], da[4][4];  // A fragments over the 64 queries, 16 a step
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        pa[k][r] = flash::Pack<T>::pack(st[8 * k + 2 * r], st[8 * k + 2 * r + 1]);
-        da[k][r] = flash::Pack<T>::pack(dpt[8 * k + 2 * r], dpt[8 * k + 2 * r + 1]);
-      }
-    // dS^T into shared memory: row = key (this consumer's 64), 64 queries a 128-byte row,
-    // swizzled as the MN-major descriptor reads it
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = 64 * cw + 16 * warp + g + 8 * half;
-        const uint32_t at = uint32_t(row * 128 + (8 * i + 2 * t) * 2);
-        const uint32_t swz = at ^ (((at >> 7) & 7u) << 4);
-        *reinterpret_cast<uint32_t*>(ds_buf + swz) = da[i / 2][2 * (i % 2) + half];
-      }
-    fence_proxy_async();
+    };
 
-    // dV += P^T dO, dK += dS^T Q (B MN-major: rows are the queries)
-    wgmma_fence();
+    for (int it = 0; it < n_iters; ++it) {
+      const int s = it % Tr::kStages;
+      const int h = hk * group + it / m_tiles;
+      const int64_t m0 = m_begin + (it % m_tiles) * Tr::kBlockM;
+      // lse (log2 domain) and Delta of this thread's 16 query columns: 8i + 2t + {0, 1}
+      const int64_t stat = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
+      float lse[16], delta[16];
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      wgmma_rs<kHeadDim, T>(dv, pa[ks], make_desc_mn(do_addr + ks * 16 * 128, 0), 1);
-      wgmma_rs<kHeadDim, T>(dk, da[ks], make_desc_mn(q_addr + ks * 16 * 128, 0), 1);
-    }
-    wgmma_commit();
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t q = m0 + 8 * i + 2 * t + e;
+          lse[2 * i + e] = q < Sq ? p.lse[stat + q] * kLog2e : 0.f;
+          delta[2 * i + e] = q < Sq ? p.delta[stat + q] : 0.f;
+        }
+      const uint32_t q_addr = smem_u32(q_tile(s)), do_addr = smem_u32(do_tile(s));
+      mbar_wait<false>(&q_full[s], (it / Tr::kStages) & 1);  // (no register for a bound)
 
-    // v2: this consumer's dQ buffer of tile it - 2 has been read by its reduce-add
-    if constexpr (kDqTma) {
-      if (tid == 0) bulk_wait_read<1>();
-    }
-    named_barrier_sync(1, 256);  // both consumers' dS^T is in shared memory
+      // S^T and dP^T for this consumer's 64 keys and the tile's 64 queries
+      float st[32], dpt[32];
+      wgmma_fence();
+      products_over_head_dim(st, k_addr, q_addr);
+      products_over_head_dim(dpt, v_addr, do_addr);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(st);
+      fence_operands(dpt);
 
-    // dQ[:, 32 cw .. 32 cw + 32) = dS K over the block's 128 keys
-    float dq[16];
-    const uint32_t ds_addr = smem_u32(ds_buf);
-    wgmma_fence();  // (dq's registers were last the previous tile's stores' operands)
+      // P^T and dS^T (element 4i + e: key (e < 2 ? key0 : key1), query m0 + 8i + 2t + (e & 1))
+      unsigned char* const ds_buf = smem + Tr::kDs + (it & 1) * Tr::kDsBytes;
 #pragma unroll
-    for (int ks = 0; ks < Tr::kBlockN / 16; ++ks)
-      wgmma_ss_tt<32, T>(dq, make_desc_mn(ds_addr + ks * 16 * 128, 0),
-                         make_desc_mn(k_addr + ks * 16 * 128 + 64 * cw, 0), ks > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(dq);
-    fence_operands(dk);
-    fence_operands(dv);
-    mbar_arrive(&q_empty[s]);  // Q and dO are no longer read
-
-    if constexpr (kDqTma) {
-      // the tile into shared memory as the dq map's box (row r: 32 floats, 128-byte swizzle),
-      // then one thread adds it into the accumulator (rows past the tensor dropped; in a packed
-      // batch rows past the sequence are the next one's, and theirs are exact zeros: P = 0)
-      unsigned char* const dq_buf = smem + Tr::kDq + (it & 1) * Tr::kDqBytes +
-                                    cw * (Tr::kDqBytes / 2);
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
+        for (int e = 0; e < 4; ++e) {
+          const int c = 2 * i + (e & 1);
+          const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
+          const bool visible = key < Sk && q < Sq && (!p.causal || key <= q + Sk - Sq);
+          const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
+          st[4 * i + e] = pt;
+          dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);
+        }
+      uint32_t pa[4][4], da[4][4];  // A fragments over the 64 queries, 16 a step
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t at = uint32_t((16 * warp + g + 8 * half) * 128 + (8 * i + 2 * t) * 4);
-          *reinterpret_cast<float2*>(dq_buf + (at ^ (((at >> 7) & 7u) << 4))) =
-              make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]);
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          pa[k][r] = flash::Pack<T>::pack(st[8 * k + 2 * r], st[8 * k + 2 * r + 1]);
+          da[k][r] = flash::Pack<T>::pack(dpt[8 * k + 2 * r], dpt[8 * k + 2 * r + 1]);
+        }
+      // dS^T into shared memory: row = key (this consumer's 64), 64 queries a 128-byte row,
+      // swizzled as the MN-major descriptor reads it
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = 64 * cw + 16 * warp + g + 8 * half;
+          const uint32_t at = uint32_t(row * 128 + (8 * i + 2 * t) * 2);
+          *reinterpret_cast<uint32_t*>(ds_buf + swizzled(at, 128)) = da[i / 2][2 * (i % 2) + half];
         }
       fence_proxy_async();
-      // the consumer's tile is in shared memory (a constant barrier id: with a computed one
-      // ptxas reserves all 16)
-      if (cw == 0) named_barrier_sync(2, 128);
-      else named_barrier_sync(3, 128);
-      if (tid == 0) {
-        tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, dq_buf);
-        bulk_commit();
+
+      // dV += P^T dO, dK += dS^T Q (B MN-major: rows are the queries)
+      wgmma_fence();
+      accumulate_over_queries(dv, pa, do_addr);
+      accumulate_over_queries(dk, da, q_addr);
+      wgmma_commit();
+
+      // v2: this consumer's dQ buffer of tile it - 2 has been read by its reduce-adds
+      if constexpr (kDqTma) {
+        if (tid == 0) bulk_wait_read<1>();
       }
-    } else {
-      float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim + 32 * cw;
-      const int64_t q_row = p.heads * kHeadDim;
+      named_barrier_sync(1, 256);  // both consumers' dS^T is in shared memory
+
+      // dQ = dS K over the block's 128 keys for this consumer's columns: A = dS (dS^T stored,
+      // MN-major), B = K's columns (MN-major)
+      float dq[16], dq_tail[Tr::kTail ? 4 : 1];
+      const uint32_t ds_addr = smem_u32(ds_buf);
+      wgmma_fence();  // (dq's registers were last the previous tile's stores' operands)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t r = 16 * warp + g + 8 * half;
-        if (m0 + r >= Sq) continue;
+      for (int ks = 0; ks < Tr::kBlockN / 16; ++ks) {
+        const uint64_t a = make_desc_mn(ds_addr + ks * 16 * 128, 0);
+        wgmma_ss_tt<32, T>(dq, a, make_desc_mn(k_addr + ks * 16 * 128 + 64 * cw, 0), ks > 0);
+        if constexpr (Tr::kTail > 0)
+          wgmma_ss_tt<8, T>(dq_tail, a,
+                            make_desc_mn(k_addr + Tr::kKVMain + ks * 16 * Tr::kTailSpan + 16 * cw,
+                                         0, Tr::kTailSpan),
+                            ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dq);
+      if constexpr (Tr::kTail > 0) fence_operands(dq_tail);
+      fence_operands(dk);
+      fence_operands(dv);
+      mbar_arrive(&q_empty[s]);  // Q and dO are no longer read
+
+      if constexpr (kDqTma) {
+        // the parts into shared memory as their maps' boxes (64 rows of 32 columns, 128-byte
+        // swizzle; of 8, 32-byte), then one thread adds them into the accumulator (rows and
+        // columns past the tensor dropped; in a packed batch rows past the sequence are the
+        // next one's, and theirs are exact zeros: P = 0)
+        unsigned char* const dq_buf = smem + Tr::kDq + (it & 1) * Tr::kDqBytes;
+        unsigned char* const main_part = dq_buf + cw * Tr::kDqMain;
+        unsigned char* const tail_part = dq_buf + 2 * Tr::kDqMain + cw * Tr::kDqTailPart;
 #pragma unroll
-        for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
-          atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 8 * i + 2 * t),
-                    make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
+        for (int half = 0; half < 2; ++half) {
+          const int row = 16 * warp + g + 8 * half;
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            *reinterpret_cast<float2*>(main_part + swizzled(row * 128 + (8 * i + 2 * t) * 4, 128)) =
+                make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]);
+          if constexpr (Tr::kTail > 0)
+            *reinterpret_cast<float2*>(tail_part + swizzled(row * 32 + 2 * t * 4, 32)) =
+                make_float2(dq_tail[2 * half], dq_tail[2 * half + 1]);
+        }
+        fence_proxy_async();
+        // the consumer's parts are in shared memory (a constant barrier id: with a computed
+        // one ptxas reserves all 16)
+        if (cw == 0) named_barrier_sync(2, 128);
+        else named_barrier_sync(3, 128);
+        if (tid == 0) {
+          tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, main_part);
+          if constexpr (Tr::kTail > 0)
+            tma_reduce_add_4d(&maps.dq_tail, 64 + 8 * cw, h, row0 + int(m0), batch, tail_part);
+          bulk_commit();
+        }
+      } else {
+        const int64_t q_row = p.heads * kHeadDim;
+        float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t r = 16 * warp + g + 8 * half;
+          if (m0 + r >= Sq) continue;
+#pragma unroll
+          for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
+            atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 32 * cw + 8 * i + 2 * t),
+                      make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
+          if constexpr (Tr::kTail > 0)
+            if (64 + 8 * cw < kHeadDim)  // (at 72 consumer 1's tail columns do not exist)
+              atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 64 + 8 * cw + 2 * t),
+                        make_float2(dq_tail[2 * half], dq_tail[2 * half + 1]));
+        }
       }
     }
-  }
-  if constexpr (kDqTma) {
-    if (tid == 0) bulk_wait<0>();  // every reduce-add done before the block ends
-  }
+    if constexpr (kDqTma) {
+      if (tid == 0) bulk_wait<0>();  // every reduce-add done before the block ends
+    }
 
-  // dK (times the softmax scale) and dV
-  const int64_t k_start = seq.k_start;
-  const int64_t kv_row = p.heads_k * kHeadDim;
-  T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
-  T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+    // dK (times the softmax scale) and dV
+    const int64_t k_start = seq.k_start;
+    const int64_t kv_row = p.heads_k * kHeadDim;
+    T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+    T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64_t key = half ? key1 : key0;
-    if (key >= Sk) continue;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t key = half ? key1 : key0;
+      if (key >= Sk) continue;
 #pragma unroll
-    for (int i = 0; i < kHeadDim / 8; ++i) {
-      *reinterpret_cast<uint32_t*>(dk_out + key * kv_row + 8 * i) = flash::Pack<T>::pack(
-          dk[4 * i + 2 * half] * p.scale, dk[4 * i + 2 * half + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + key * kv_row + 8 * i) =
-          flash::Pack<T>::pack(dv[4 * i + 2 * half], dv[4 * i + 2 * half + 1]);
+      for (int i = 0; i < kHeadDim / 8; ++i) {
+        *reinterpret_cast<uint32_t*>(dk_out + key * kv_row + 8 * i) = flash::Pack<T>::pack(
+            dk[4 * i + 2 * half] * p.scale, dk[4 * i + 2 * half + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dv_out + key * kv_row + 8 * i) =
+            flash::Pack<T>::pack(dv[4 * i + 2 * half], dv[4 * i + 2 * half + 1]);
+      }
     }
   }
 #endif  // PYSSM_SM90_DEVICE
@@ -316,16 +396,31 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   Maps maps;
   const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int rows) {
-    return sm90::make_token_map<T>(map, base, kHeadDim, heads, tokens, batches, 64, rows);
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int cols,
+                  int rows) {
+    return sm90::make_token_map<T>(map, base, kHeadDim, heads, tokens, batches, cols, rows);
   };
-  cudaError_t err = make(&maps.k, p.k, hk, k_tokens, Tr::kBlockN);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, Tr::kBlockN);
-  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_tokens, Tr::kBlockM);
-  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, q_tokens, Tr::kBlockM);
-  if (err == cudaSuccess && !p.dq_atomics)
+  cudaError_t err = make(&maps.k, p.k, hk, k_tokens, 64, Tr::kBlockN);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, 64, Tr::kBlockN);
+  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_tokens, 64, Tr::kBlockM);
+  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, q_tokens, 64, Tr::kBlockM);
+  if (Tr::kTail > 0) {
+    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, k_tokens, Tr::kTailCols, Tr::kBlockN);
+    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, k_tokens, Tr::kTailCols, Tr::kBlockN);
+    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_tokens, Tr::kTailCols, Tr::kBlockM);
+    if (err == cudaSuccess)
+      err = make(&maps.dout_tail, p.dout, hq, q_tokens, Tr::kTailCols, Tr::kBlockM);
+  } else {
+    maps.k_tail = maps.v_tail = maps.q_tail = maps.dout_tail = maps.q;  // (not read)
+  }
+  if (err == cudaSuccess && !p.dq_atomics) {
     err = sm90::make_token_map<float>(&maps.dq, p.dq_accum, kHeadDim, hq, q_tokens, batches, 32,
                                       Tr::kBlockM);
+    if (err == cudaSuccess && Tr::kTail > 0)
+      err = sm90::make_token_map<float>(&maps.dq_tail, p.dq_accum, kHeadDim, hq, q_tokens,
+                                        batches, 8, Tr::kBlockM);
+    if (Tr::kTail == 0) maps.dq_tail = maps.dq;  // (not read)
+  }
   if (err == cudaSuccess) err = flash_bwd::bwd_before<T, kHeadDim>(p, stream);
   if (err != cudaSuccess) return err;
   if (p.seqlen_k > 0) {

@@ -60,6 +60,16 @@ cudaError_t bwd(int head_dim, const pyssm::FlashBwdParams& p) {
   return cudaErrorInvalidValue;
 }
 
+template <typename T>
+cudaError_t bwd_sm90(int head_dim, const pyssm::FlashBwdParams& p) {
+  switch (head_dim) {
+    case 64: return pyssm::flash_bwd_sm90::bwd<T, 64>(p, nullptr);
+    case 72: return pyssm::flash_bwd_sm90::bwd<T, 72>(p, nullptr);
+    case 80: return pyssm::flash_bwd_sm90::bwd<T, 80>(p, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 extern "C" {
@@ -82,8 +92,8 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   return int(cudaErrorInvalidValue);
 }
 
-// sm90: the Hopper backward (head_dim 64) instead of the portable one, adding dQ by TMA
-// reduce-adds (1) or by atomics (2)
+// sm90: the Hopper backward instead of the portable one, adding dQ by TMA reduce-adds (1) or
+// by atomics (2)
 int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const void* out, const void* dout, void* dq, void* dk,
                       void* dv, const float* lse, const float* dlse, float* delta,
@@ -106,9 +116,8 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.dq_atomics = sm90 == 2;
   set_sizes(p, sizes, cu, scale, causal);
   if (sm90) {
-    if (head_dim != 64) return int(cudaErrorInvalidValue);
-    if (dtype == 2) return int(pyssm::flash_bwd_sm90::bwd<__half, 64>(p, nullptr));
-    if (dtype == 3) return int(pyssm::flash_bwd_sm90::bwd<__nv_bfloat16, 64>(p, nullptr));
+    if (dtype == 2) return int(bwd_sm90<__half>(head_dim, p));
+    if (dtype == 3) return int(bwd_sm90<__nv_bfloat16>(head_dim, p));
     return int(cudaErrorInvalidValue);
   }
   if (dtype == 2) return int(bwd<__half>(head_dim, p));

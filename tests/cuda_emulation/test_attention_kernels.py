@@ -169,18 +169,23 @@ def test_flash_forward_sm90(emu, case, dtype):
     check_forward(out, lse, [t.double() for t in (q, k, v)], causal, cu, dtype)
 
 
-# The Hopper backward (flash_bwd_sm90_kernel.cuh, head_dim 64: blocks of 128 keys, query tiles
-# of 64 in a ring of two stages, dS^T through double-buffered shared memory, dQ by TMA
-# reduce-adds from double-buffered tiles or by atomics): one and several key blocks and query
-# tiles (stage and dQ buffer reuse), tails, causal with Sq != Sk, grouped heads (the q heads of
-# a group walked by one block), packed sequences with an empty one (whose dQ tiles overlap the
-# next sequence's rows).
+# The Hopper backward (flash_bwd_sm90_kernel.cuh: blocks of 128 keys, query tiles of 64 in a
+# ring of two stages, dS^T through double-buffered shared memory, dQ by TMA reduce-adds from
+# double-buffered chunks or by atomics): one and several key blocks and query tiles (stage and
+# dQ buffer reuse), tails, causal with Sq != Sk, grouped heads (the q heads of a group walked
+# by one block), packed sequences with an empty one (whose dQ tiles overlap the next
+# sequence's rows); head_dim 64, 72 and 80 (a tail column block, 8 of its 16 columns zeros at
+# 72, and 8 dQ tail columns a consumer: at 72 consumer 1's are past the tensor).
 SM90_BWD_CASES = [
     (1, 97, 97, 2, 2, 64, False, None),
     (1, 150, 200, 2, 1, 64, True, None),
     (2, 70, 33, 4, 2, 64, False, None),
     (1, 130, 60, 1, 1, 64, True, None),
     (0, 0, 0, 2, 1, 64, True, [0, 1, 140, 17]),
+    (1, 150, 140, 2, 1, 72, True, None),
+    (2, 70, 33, 2, 2, 80, False, None),
+    (0, 0, 0, 2, 1, 80, False, [0, 1, 140, 17]),
+    (0, 0, 0, 1, 1, 72, False, [70, 0, 65]),
 ]
 
 
