@@ -10,7 +10,8 @@
 // atomic read-modify-writes, cudaMemsetAsync as memset. For the Hopper kernels (sm90.cuh):
 // warpgroups of 4 warps, named barriers, mbarriers with phases and transaction bytes, TMA tile
 // loads from tensor maps with the 128 / 64 / 32-byte swizzles and zero fill (queued in their
-// mbarrier, landing only when a thread waits on it), wgmma m64nNk16 with its descriptors
+// mbarrier, landing only when a thread waits on it), fp32 TMA reduce-adds in bulk async-groups
+// (reading shared memory only at the bulk wait that covers them), wgmma m64nNk16 with its descriptors
 // decoded per the PTX ISA (A from registers or shared memory, either operand MN-major),
 // computed at the wgmma wait that covers its group; a device of 3 SMs.
 //
