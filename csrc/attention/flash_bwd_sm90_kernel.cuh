@@ -16,7 +16,7 @@
 //     barrier of the 256 consumer threads dQ = dS K (wgmma, A and B MN-major from shared
 //     memory) over the block's 128 keys, consumer c taking columns 32c .. 32c + 31 and, at
 //     head_dim 72 / 80, 64 + 8c .. 64 + 8c + 7 (at 72 consumer 1's are past the tensor: they
-//     are computed from K's zero columns and dropped), added into the fp32 dQ accumulator:
+//     are computed from K's zero columns and not added), added into the fp32 dQ accumulator:
 //     - by default each part, 64 rows of fp32, is written to shared memory (swizzled rows) and
 //       added by a TMA reduce-add (cp.reduce.async.bulk.tensor) that one thread of the
 //       consumer issues: the L2 sees rows of 128 (tail: 32) bytes instead of 8-byte atomics,
@@ -333,7 +333,9 @@ __global__ void __launch_bounds__(384, 1)
         if (tid == 0) {
           tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, main_part);
           if constexpr (Tr::kTail > 0)
-            tma_reduce_add_4d(&maps.dq_tail, 64 + 8 * cw, h, row0 + int(m0), batch, tail_part);
+            if (64 + 8 * cw < kHeadDim)  // (at 72 consumer 1's tail columns do not exist)
+              tma_reduce_add_4d(&maps.dq_tail, 64 + 8 * cw, h, row0 + int(m0), batch,
+                                tail_part);
           bulk_commit();
         }
       } else {
