@@ -19,8 +19,10 @@
 //     the positions are walked backwards (du added into dx: the four directions meet there, so
 //     fp32 atomics; dA, dDs, dbias in registers; the dB terms and dpre written over h and dt);
 //     then dB and the dt part of dz (dpre times dt_projs_weight) are summed over the channels
-//     per position, and each thread adds its dt_projs_weight gradient for the tile into its own
-//     slot of `partial`. Several channel blocks (D > 128) add into dz with atomics; one writes.
+//     per position, and each thread adds its dt_projs_weight gradient for the tile into
+//     registers (d_state 1, dt_rank <= 16; written into its slots of `partial` once, at the
+//     chunk's end) or into those slots. Several channel blocks (D > 128) add into dz with
+//     atomics; one writes.
 #pragma once
 
 #include "kernel_launch.cuh"
@@ -36,6 +38,13 @@ using scan::exp_;
 using scan::expm1_;
 using scan::softplus;
 using scan::widen;
+
+// dt_rank up to which the main kernel keeps a channel's dt_projs_weight gradient in registers
+// for the whole chunk (written once), at d_state 1 (VMamba v2's); larger ranks and states add it
+// into `partial` every tile (ptxas, sm_90a: at d_state 1 the registers cost 2 of 96; at 4, 8,
+// 16 they took 86, 126, 168 to 138, 162, 210)
+template <int kMaxN>
+constexpr int reg_rank() { return kMaxN == 1 ? 16 : 0; }
 
 // What every kernel of the backward knows about its block: (channel group, chunk, batch x dir).
 template <typename T>
@@ -285,6 +294,14 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
     dA[n] = 0;
   }
   acc_t dD = 0, dbias = 0;
+  // the dt_projs_weight gradient of the thread's channel over the chunk: in registers for
+  // dt_rank up to kRegRank (VMamba's are 6 to 12; see reg_rank), else added into its slots
+  // every tile
+  constexpr int kRegRank = reg_rank<kMaxN>();
+  acc_t dtw[kRegRank > 0 ? kRegRank : 1];
+#pragma unroll
+  for (int r = 0; r < kRegRank; ++r) dtw[r] = 0;
+  const bool dtw_in_registers = R <= kRegRank;
   const int64_t tpc = p.chunk_len / kTile;
 
   for (int64_t t = blk.tiles - 1; t >= 0; --t) {
@@ -378,12 +395,20 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
       add_dz(dz + (int64_t(pix_s[j]) * 4 + blk.k) * zw + (q < N ? R + q : q - N),
              s, shared_dz);
     }
-    // the tile's dt_projs_weight gradient, into the thread's own slots
+    // the tile's dt_projs_weight gradient
     if (blk.active) {
-      for (int64_t r = 0; r < R; ++r) {
-        acc_t s = 0;
-        for (int j = 0; j < count; ++j) s += dts[c * tstride + j] * zs[j * zw + r];
-        part[(N + 2 + r) * D] += s;
+      if (dtw_in_registers) {
+#pragma unroll
+        for (int r = 0; r < kRegRank; ++r) {
+          if (r >= R) break;
+          for (int j = 0; j < count; ++j) dtw[r] += dts[c * tstride + j] * zs[j * zw + r];
+        }
+      } else {
+        for (int64_t r = 0; r < R; ++r) {
+          acc_t s = 0;
+          for (int j = 0; j < count; ++j) s += dts[c * tstride + j] * zs[j * zw + r];
+          part[(N + 2 + r) * D] += s;
+        }
       }
     }
   }
@@ -393,6 +418,11 @@ __global__ void main_kernel(const Ss2dBwdParams p) {
       if (n < N) part[n * D] = dA[n];
     part[N * D] = dD;
     part[(N + 1) * D] = dbias;
+    if (dtw_in_registers) {
+#pragma unroll
+      for (int r = 0; r < kRegRank; ++r)
+        if (r < R) part[(N + 2 + r) * D] = dtw[r];
+    }
   }
 }
 

@@ -179,9 +179,10 @@ def backward_emulated(emu, dy, x, ws, chunks):
 
 
 # (B, H, W, D, R, N, chunks): one chunk and several (partial last ones), two channel blocks
-# (D 130: the backward's dz by atomics), a single row, d_state 1 / 3 / 8 / 16.
+# (D 130: the backward's dz by atomics), a single row, d_state 1 / 3 / 8 / 16, and dt_rank 17
+# at d_state 1 (past the 16 whose dt_projs_weight gradient the backward keeps in registers).
 SS2D_CASES = [(2, 3, 5, 4, 2, 1, 1), (1, 7, 9, 5, 3, 3, 4), (1, 5, 6, 130, 2, 16, 2),
-              (2, 1, 9, 3, 1, 8, 3), (1, 13, 11, 33, 6, 1, 5)]
+              (2, 1, 9, 3, 1, 8, 3), (1, 13, 11, 33, 6, 1, 5), (1, 4, 5, 6, 17, 1, 2)]
 CASE_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in SS2D_CASES]
 NAMES = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
 
