@@ -237,7 +237,10 @@ def cmd_all(args) -> int:
         ceilings.NOTES + encoders.NOTES + vlm.NOTES)
     atomic_write(run.out / "report.md", text)
     # last: a short table of the key numbers
-    key = [r for r in kernel_rows if r["provider"].startswith("pyssm") or r["op"] == "ceiling"]
+    # (not the rows of a mode a provider does not run, such as a backward-only comparison's
+    # forward: "full / backward only")
+    key = [r for r in kernel_rows if (r["provider"].startswith("pyssm") or r["op"] == "ceiling")
+           and not str(r.get("status", "")).endswith(" only")]
     key += [r for r in enc["rows"] if r["provider"] == "pyssm" and r["mode"] == "forward"]
     print(short_table(key))
     print(short_table(vl["rows"]))
