@@ -1,7 +1,7 @@
 // Torch side of attention on CUDA tensors. The flash kernels (forward flash_kernel.cuh, backward
 // flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else
 // (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp. On an
-// sm_90 GPU the forward at head_dim 64, 72, 80, 96 and 128 and the backward at 64 take the
+// sm_90 GPU the forward and the backward at head_dim 64, 72, 80, 96 and 128 take the
 // Hopper kernels (flash_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh) unless the environment
 // says PYSSM_FLASH_SM90=0.
 #include <ATen/ATen.h>
@@ -62,14 +62,16 @@ bool dq_by_atomics() {
   return env != nullptr && std::strcmp(env, "atomic") == 0;
 }
 
-// The Hopper backward's launcher (head_dim 64, 72, 80), or null
+// The Hopper backward's launcher (head_dim 64-128), or null
 BwdLaunch sm90_bwd_launcher(const at::Tensor& q, int64_t d) {
-  if (!flash_sm90_bwd_head_dim(d) || !sm90_allowed(q)) return nullptr;
+  if (!flash_sm90_head_dim(d) || !sm90_allowed(q)) return nullptr;
 #define PYSSM_SM90_BWD_CASES(tag)                                                            \
   switch (d) {                                                                               \
     case 64: return flash_bwd_sm90_##tag##_hd64;                                             \
     case 72: return flash_bwd_sm90_##tag##_hd72;                                             \
     case 80: return flash_bwd_sm90_##tag##_hd80;                                             \
+    case 96: return flash_bwd_sm90_##tag##_hd96;                                             \
+    case 128: return flash_bwd_sm90_##tag##_hd128;                                           \
   }
   if (q.scalar_type() == at::kHalf) PYSSM_SM90_BWD_CASES(fp16)
   if (q.scalar_type() == at::kBFloat16) PYSSM_SM90_BWD_CASES(bf16)

@@ -71,16 +71,12 @@ PYSSM_FLASH_SM90_DECLARE_ALL(fp16)
 PYSSM_FLASH_SM90_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_SM90_DECLARE
 // The backward's Hopper path (flash_bwd_sm90_kernel.cuh; flash_bwd_sm90_<dtype>_hd<head_dim>.cu),
-// head_dim 64, 72 and 80 (96 and 128 would spill: the portable backward takes them); the same
-// contract.
-inline bool flash_sm90_bwd_head_dim(int64_t d) { return d == 64 || d == 72 || d == 80; }
-#define PYSSM_FLASH_SM90_BWD_DECLARE(tag)                                                        \
-  cudaError_t flash_bwd_sm90_##tag##_hd64(const FlashBwdParams& p, cudaStream_t stream);         \
-  cudaError_t flash_bwd_sm90_##tag##_hd72(const FlashBwdParams& p, cudaStream_t stream);         \
-  cudaError_t flash_bwd_sm90_##tag##_hd80(const FlashBwdParams& p, cudaStream_t stream);
-PYSSM_FLASH_SM90_BWD_DECLARE(fp16)
-PYSSM_FLASH_SM90_BWD_DECLARE(bf16)
-#undef PYSSM_FLASH_SM90_BWD_DECLARE
+// the same head sizes and contract.
+#define PYSSM_FLASH_SM90_DECLARE(tag, hd) \
+  cudaError_t flash_bwd_sm90_##tag##_hd##hd(const FlashBwdParams& p, cudaStream_t stream);
+PYSSM_FLASH_SM90_DECLARE_ALL(fp16)
+PYSSM_FLASH_SM90_DECLARE_ALL(bf16)
+#undef PYSSM_FLASH_SM90_DECLARE
 #undef PYSSM_FLASH_SM90_DECLARE_ALL
 
 }  // namespace pyssm

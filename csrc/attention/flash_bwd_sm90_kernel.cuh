@@ -1,4 +1,4 @@
-// CUDA flash-attention backward, Hopper path (sm_90a), v3: head_dim 64, 72 and 80.
+// CUDA flash-attention backward, Hopper path (sm_90a), v3: head_dim 64, 72, 80, 96 and 128.
 // TMA loads, wgmma, a producer warpgroup and two consumer warpgroups. The Delta and
 // dQ-conversion kernels are the portable backward's (flash_bwd_kernel.cuh); this replaces its
 // main kernel.
@@ -14,12 +14,13 @@
 //     dV += P^T dO, dK += dS^T Q      (wgmma, A from registers, B MN-major)
 //     dS^T to shared memory (bf16 / fp16, the 128-byte-swizzled MN-major layout), then after a
 //     barrier of the 256 consumer threads dQ = dS K (wgmma, A and B MN-major from shared
-//     memory) over the block's 128 keys, consumer c taking columns 32c .. 32c + 31 and, at
-//     head_dim 72 / 80, 64 + 8c .. 64 + 8c + 7 (at 72 consumer 1's are past the tensor: they
-//     are computed from K's zero columns and not added), added into the fp32 dQ accumulator:
+//     memory) over the block's 128 keys, consumer c taking columns 32c .. 32c + 31 and, past
+//     64, its part of the tail: 64 + 8c + [0, 8) at 72 and 80, 64 + 16c + [0, 16) at 96,
+//     64 + 32c + [0, 32) at 128 (at 72 consumer 1's are past the tensor: computed from K's
+//     zero columns and not added), added into the fp32 dQ accumulator:
 //     - by default each part, 64 rows of fp32, is written to shared memory (swizzled rows) and
 //       added by a TMA reduce-add (cp.reduce.async.bulk.tensor) that one thread of the
-//       consumer issues: the L2 sees rows of 128 (tail: 32) bytes instead of 8-byte atomics,
+//       consumer issues: the L2 sees rows of 128 (tail: 32 to 128) bytes instead of 8-byte atomics,
 //       and the consumer does not wait for them (v2);
 //     - with p.dq_atomics (PYSSM_FLASH_SM90_DQ=atomic), red.global.add.v2.f32 from registers
 //       (v1).
@@ -29,10 +30,12 @@
 //   the reduce-adds of tile i - 2 have read their buffer.
 // Head sizes past 64 (v3): a row of K, V, Q or dO in shared memory is two column blocks, as in
 // the forward (flash_sm90_kernel.cuh): the first 64 columns (128-byte swizzle) and a tail of
-// 16 (72: 8 real, the rest zeros loaded past the tensor; 80: 16; 32-byte swizzle) with its own
-// tensor maps and descriptors. 96 and 128 keep the portable backward: written the same way
-// they spilled (24 and 336 bytes: dK and dV alone take head_dim registers a thread, and ptxas
-// allocates within the 168 that 384 threads allow at compile time).
+// 16 (72: 8 real, the rest zeros loaded past the tensor; 80), 32 (96) or 64 (128) columns with
+// its own swizzle, tensor maps and descriptors. One consumer body serves both consumers (the
+// parts' widths are the same for both): at 128 a consumer holds dK and dV (128 floats), S^T
+// and dP^T (64), lse and Delta (32) and dQ (32), and ptxas fits it in setmaxnreg's 240
+// registers (SASS up to R237, no spills); a draft that instantiated the body once per
+// consumer spilled there (336 bytes).
 // lse and Delta are read from global memory into registers (16 each a thread and tile).
 #pragma once
 
@@ -51,15 +54,19 @@ namespace flash_bwd_sm90 {
 
 template <typename T, int kHeadDim>
 struct Traits {
-  static_assert(kHeadDim == 64 || kHeadDim == 72 || kHeadDim == 80,
-                "the Hopper backward takes head_dim 64, 72 and 80");
+  static_assert(kHeadDim == 64 || kHeadDim == 72 || kHeadDim == 80 || kHeadDim == 96 ||
+                    kHeadDim == 128,
+                "the Hopper backward takes head_dim 64, 72, 80, 96 and 128");
   static constexpr int kBlockN = 128;  // keys per block, 64 per consumer
   static constexpr int kBlockM = 64;   // query rows per tile
   static constexpr int kStages = 2;
   static constexpr int kThreads = 384;
-  static constexpr int kTail = kHeadDim - 64;         // columns past the first 64 (0, 8, 16)
-  static constexpr int kTailCols = kTail ? 16 : 0;    // in shared memory
-  static constexpr int kTailSpan = 2 * kTailCols;     // its swizzle span in bytes (32)
+  static constexpr int kTail = kHeadDim - 64;  // columns past the first 64 (0, 8, 16, 32, 64)
+  static constexpr int kTailCols = kTail == 0 ? 0 : kTail < 16 ? 16 : kTail;  // in shared memory
+  static constexpr int kTailSpan = 2 * kTailCols;  // its swizzle span in bytes (32, 64, 128)
+  // the dQ tail columns a consumer takes (at 72 consumer 1's 8 lie past the tensor)
+  static constexpr int kTailPart = kTail == 0 ? 0 : kTail <= 16 ? 8 : kTail / 2;
+  static constexpr int kTailPartSpan = 4 * kTailPart;  // an fp32 row of them: 32, 64, 128 bytes
   static constexpr int kKSteps = (64 + kTailCols) / 16;  // of the head_dim reductions
   static constexpr int kKVMain = kBlockN * 128;       // K or V: 128 rows of the first block
   static constexpr int kKVBytes = kKVMain + kBlockN * kTailSpan;
@@ -67,9 +74,9 @@ struct Traits {
   static constexpr int kQBytes = kQMain + kBlockM * kTailSpan;
   static constexpr int kDsBytes = kBlockN * 128;      // dS^T: 128 keys x 64 queries
   // v2: a dQ buffer: each consumer's 32 columns (64 rows of 128 bytes, 8 KB, consumer c at
-  // c 8 KB), then each consumer's 8 tail columns (64 rows of 32 bytes, at 16 KB + c 2 KB)
+  // c 8 KB), then each consumer's tail columns (64 rows of kTailPartSpan bytes)
   static constexpr int kDqMain = kBlockM * 128;
-  static constexpr int kDqTailPart = kBlockM * 32;
+  static constexpr int kDqTailPart = kBlockM * kTailPartSpan;
   static constexpr int kDqBytes = 2 * kDqMain + (kTail ? 2 * kDqTailPart : 0);
   static constexpr int kK = 0, kV = kKVBytes;
   static constexpr int kQ = 2 * kKVBytes;          // stage s: Q at kQ + 2 s kQBytes, dO next
@@ -80,12 +87,13 @@ struct Traits {
   static constexpr size_t kSmem = size_t(kBars) + 8 * (1 + 2 * kStages) + 1024;
   static_assert(kKVBytes % 1024 == 0 && kQBytes % 1024 == 0 && kDqBytes % 1024 == 0,
                 "tiles stay aligned to the swizzle atoms");
+  static_assert(kSmem <= 227 * 1024, "over sm_90's 227 KB of shared memory a block");
 };
 
 struct Maps {
   CUtensorMap k, v, q, dout;  // the first 64 columns; k, v: boxes of 128 rows, q, dout: 64
   CUtensorMap k_tail, v_tail, q_tail, dout_tail;  // the tail columns (unused at head_dim 64)
-  CUtensorMap dq, dq_tail;  // v2: the fp32 dQ accumulator, boxes of 64 rows x 32 (tail: 8)
+  CUtensorMap dq, dq_tail;  // v2: the fp32 dQ accumulator, 64 rows x 32 (tail: kTailPart)
 };
 
 // The swizzled byte offset of `at` in a tile of rows of `span` bytes (128, 64 or 32), as TMA
@@ -167,8 +175,8 @@ __global__ void __launch_bounds__(384, 1)
   }
   setmaxnreg_inc<240>();
 
-  // consumer cw (0 or 1): keys n0 + 64 cw + [0, 64), dQ columns 32 cw + [0, 32) and (72, 80)
-  // 64 + 8 cw + [0, 8)
+  // consumer cw (0 or 1): keys n0 + 64 cw + [0, 64), dQ columns 32 cw + [0, 32) and
+  // 64 + kTailPart cw + [0, kTailPart)
   {
     const int cw = wg - 1;
     const int tid = threadIdx.x % 128;
@@ -285,7 +293,7 @@ __global__ void __launch_bounds__(384, 1)
 
       // dQ = dS K over the block's 128 keys for this consumer's columns: A = dS (dS^T stored,
       // MN-major), B = K's columns (MN-major)
-      float dq[16], dq_tail[Tr::kTail ? 4 : 1];
+      float dq[16], dq_tail[Tr::kTail ? Tr::kTailPart / 2 : 1];
       const uint32_t ds_addr = smem_u32(ds_buf);
       wgmma_fence();  // (dq's registers were last the previous tile's stores' operands)
 #pragma unroll
@@ -293,10 +301,11 @@ __global__ void __launch_bounds__(384, 1)
         const uint64_t a = make_desc_mn(ds_addr + ks * 16 * 128, 0);
         wgmma_ss_tt<32, T>(dq, a, make_desc_mn(k_addr + ks * 16 * 128 + 64 * cw, 0), ks > 0);
         if constexpr (Tr::kTail > 0)
-          wgmma_ss_tt<8, T>(dq_tail, a,
-                            make_desc_mn(k_addr + Tr::kKVMain + ks * 16 * Tr::kTailSpan + 16 * cw,
-                                         0, Tr::kTailSpan),
-                            ks > 0);
+          wgmma_ss_tt<Tr::kTailPart, T>(
+              dq_tail, a,
+              make_desc_mn(k_addr + Tr::kKVMain + ks * 16 * Tr::kTailSpan + 2 * Tr::kTailPart * cw,
+                           0, Tr::kTailSpan),
+              ks > 0);
       }
       wgmma_commit();
       wgmma_wait<0>();
@@ -321,9 +330,14 @@ __global__ void __launch_bounds__(384, 1)
           for (int i = 0; i < 4; ++i)
             *reinterpret_cast<float2*>(main_part + swizzled(row * 128 + (8 * i + 2 * t) * 4, 128)) =
                 make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]);
-          if constexpr (Tr::kTail > 0)
-            *reinterpret_cast<float2*>(tail_part + swizzled(row * 32 + 2 * t * 4, 32)) =
-                make_float2(dq_tail[2 * half], dq_tail[2 * half + 1]);
+          if constexpr (Tr::kTail > 0) {
+            constexpr int kSpan = Tr::kTailPartSpan;
+#pragma unroll
+            for (int i = 0; i < Tr::kTailPart / 8; ++i)
+              *reinterpret_cast<float2*>(
+                  tail_part + swizzled(row * kSpan + (8 * i + 2 * t) * 4, kSpan)) =
+                  make_float2(dq_tail[4 * i + 2 * half], dq_tail[4 * i + 2 * half + 1]);
+          }
         }
         fence_proxy_async();
         // the consumer's parts are in shared memory (a constant barrier id: with a computed
@@ -333,8 +347,8 @@ __global__ void __launch_bounds__(384, 1)
         if (tid == 0) {
           tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, main_part);
           if constexpr (Tr::kTail > 0)
-            if (64 + 8 * cw < kHeadDim)  // (at 72 consumer 1's tail columns do not exist)
-              tma_reduce_add_4d(&maps.dq_tail, 64 + 8 * cw, h, row0 + int(m0), batch,
+            if (64 + Tr::kTailPart * cw < kHeadDim)  // (at 72 consumer 1's do not exist)
+              tma_reduce_add_4d(&maps.dq_tail, 64 + Tr::kTailPart * cw, h, row0 + int(m0), batch,
                                 tail_part);
           bulk_commit();
         }
@@ -350,9 +364,12 @@ __global__ void __launch_bounds__(384, 1)
             atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 32 * cw + 8 * i + 2 * t),
                       make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
           if constexpr (Tr::kTail > 0)
-            if (64 + 8 * cw < kHeadDim)  // (at 72 consumer 1's tail columns do not exist)
-              atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 64 + 8 * cw + 2 * t),
-                        make_float2(dq_tail[2 * half], dq_tail[2 * half + 1]));
+            if (64 + Tr::kTailPart * cw < kHeadDim)  // (at 72 consumer 1's do not exist)
+#pragma unroll
+              for (int i = 0; i < Tr::kTailPart / 8; ++i)
+                atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 64 +
+                                                    Tr::kTailPart * cw + 8 * i + 2 * t),
+                          make_float2(dq_tail[4 * i + 2 * half], dq_tail[4 * i + 2 * half + 1]));
         }
       }
     }
@@ -420,7 +437,7 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
                                       Tr::kBlockM);
     if (err == cudaSuccess && Tr::kTail > 0)
       err = sm90::make_token_map<float>(&maps.dq_tail, p.dq_accum, kHeadDim, hq, q_tokens,
-                                        batches, 8, Tr::kBlockM);
+                                        batches, Tr::kTailPart, Tr::kBlockM);
     if (Tr::kTail == 0) maps.dq_tail = maps.dq;  // (not read)
   }
   if (err == cudaSuccess) err = flash_bwd::bwd_before<T, kHeadDim>(p, stream);

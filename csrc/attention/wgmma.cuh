@@ -3,7 +3,7 @@
 //   wgmma_ss<N, T>(d, a, b, scale_d): A and B from shared memory through matrix descriptors
 //     (sm90.cuh), both K-major (transpose flags 0).
 //   wgmma_ss_tt<N, T>(d, a, b, scale_d): both from shared memory, both MN-major (transpose
-//     flags 1: A stored with its M dimension contiguous; the backward's dQ = dS K: N 8, 32).
+//     flags 1: A stored with its M dimension contiguous; the backward's dQ = dS K: N 8 to 32).
 //   wgmma_rs<N, T>(d, a, b, scale_d): A from registers (four 32-bit registers a thread, the
 //     mma.sync m16n8k16 A layout per warp, warp w holding rows 16w..16w+15), B from shared
 //     memory MN-major (transpose flag 1).
@@ -86,6 +86,17 @@ __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 2], uint64_t a, uint6
       "{%8, %9, %10, %11}, %12, p, 1, 1, 1;\n}\n"                                                  \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(scale_d));                         \
+  }                                                                                                \
+  template <>                                                                                      \
+  __device__ __forceinline__ void wgmma_ss_tt<16, T>(float (&d)[8], uint64_t a, uint64_t b,        \
+                                                    int scale_d) {                                 \
+    asm volatile(                                                                                  \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                                                 \
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TY "." TY " "                                  \
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, "                                                         \
+      "%8, %9, p, 1, 1, 1, 1;\n}\n"                                                                \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+      : "l"(a), "l"(b), "r"(scale_d));                                                             \
   }
 #define PYSSM_WGMMA_N32(T, TY)                                                                     \
   template <>                                                                                      \

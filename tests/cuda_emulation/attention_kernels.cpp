@@ -66,6 +66,8 @@ cudaError_t bwd_sm90(int head_dim, const pyssm::FlashBwdParams& p) {
     case 64: return pyssm::flash_bwd_sm90::bwd<T, 64>(p, nullptr);
     case 72: return pyssm::flash_bwd_sm90::bwd<T, 72>(p, nullptr);
     case 80: return pyssm::flash_bwd_sm90::bwd<T, 80>(p, nullptr);
+    case 96: return pyssm::flash_bwd_sm90::bwd<T, 96>(p, nullptr);
+    case 128: return pyssm::flash_bwd_sm90::bwd<T, 128>(p, nullptr);
   }
   return cudaErrorInvalidValue;
 }

@@ -174,8 +174,9 @@ def test_flash_forward_sm90(emu, case, dtype):
 # double-buffered chunks or by atomics): one and several key blocks and query tiles (stage and
 # dQ buffer reuse), tails, causal with Sq != Sk, grouped heads (the q heads of a group walked
 # by one block), packed sequences with an empty one (whose dQ tiles overlap the next
-# sequence's rows); head_dim 64, 72 and 80 (a tail column block, 8 of its 16 columns zeros at
-# 72, and 8 dQ tail columns a consumer: at 72 consumer 1's are past the tensor).
+# sequence's rows); head_dim 72, 80, 96 and 128 (a tail column block of 16 (8 of them zeros at
+# 72), 16, 32 or 64 columns, and 8, 8, 16 or 32 dQ tail columns a consumer: at 72 consumer 1's
+# are past the tensor).
 SM90_BWD_CASES = [
     (1, 97, 97, 2, 2, 64, False, None),
     (1, 150, 200, 2, 1, 64, True, None),
@@ -186,6 +187,9 @@ SM90_BWD_CASES = [
     (2, 70, 33, 2, 2, 80, False, None),
     (0, 0, 0, 2, 1, 80, False, [0, 1, 140, 17]),
     (0, 0, 0, 1, 1, 72, False, [70, 0, 65]),
+    (1, 97, 130, 2, 1, 96, True, None),
+    (2, 70, 33, 2, 2, 128, False, None),
+    (0, 0, 0, 2, 1, 128, True, [0, 1, 140, 17]),
 ]
 
 
