@@ -317,9 +317,9 @@ __global__ void __launch_bounds__(384, 1)
 
       if constexpr (kDqTma) {
         // the parts into shared memory as their maps' boxes (64 rows of 32 columns, 128-byte
-        // swizzle; of 8, 32-byte), then one thread adds them into the accumulator (rows and
-        // columns past the tensor dropped; in a packed batch rows past the sequence are the
-        // next one's, and theirs are exact zeros: P = 0)
+        // swizzle; of kTailPart columns, kTailPartSpan-byte), then one thread adds them into
+        // the accumulator (rows and columns past the tensor dropped; in a packed batch rows past
+        // the sequence are the next one's, and theirs are exact zeros: P = 0)
         unsigned char* const dq_buf = smem + Tr::kDq + (it & 1) * Tr::kDqBytes;
         unsigned char* const main_part = dq_buf + cw * Tr::kDqMain;
         unsigned char* const tail_part = dq_buf + 2 * Tr::kDqMain + cw * Tr::kDqTailPart;
