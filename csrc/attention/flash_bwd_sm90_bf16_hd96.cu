@@ -4,6 +4,7 @@
 
 namespace pyssm {
 
-PYSSM_SM90_LAUNCHER(flash_bwd_sm90_bf16_hd96, FlashBwdParams, (flash_bwd_sm90::bwd<__nv_bfloat16, 96>))
+PYSSM_SM90_LAUNCHER(flash_bwd_sm90_bf16_hd96, FlashBwdParams,
+                    (flash_bwd_sm90::bwd<__nv_bfloat16, 96>))
 
 }  // namespace pyssm

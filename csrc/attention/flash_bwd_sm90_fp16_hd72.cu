@@ -4,6 +4,7 @@
 
 namespace pyssm {
 
-PYSSM_SM90_LAUNCHER(flash_bwd_sm90_fp16_hd72, FlashBwdParams, (flash_bwd_sm90::bwd<__half, 72>))
+PYSSM_SM90_LAUNCHER(flash_bwd_sm90_fp16_hd72, FlashBwdParams,
+                    (flash_bwd_sm90::bwd<__half, 72>))
 
 }  // namespace pyssm

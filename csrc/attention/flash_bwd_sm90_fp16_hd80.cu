@@ -4,6 +4,7 @@
 
 namespace pyssm {
 
-PYSSM_SM90_LAUNCHER(flash_bwd_sm90_fp16_hd80, FlashBwdParams, (flash_bwd_sm90::bwd<__half, 80>))
+PYSSM_SM90_LAUNCHER(flash_bwd_sm90_fp16_hd80, FlashBwdParams,
+                    (flash_bwd_sm90::bwd<__half, 80>))
 
 }  // namespace pyssm

@@ -484,9 +484,9 @@ def test_cuda_flash_backward_error_within_twice_torchs(device, backend, flash_pa
                                                        head_dim, shape, causal):
     """CUDA flash backward (fp16 / bf16, every head size, both paths: the Hopper backward takes
     head_dim 64 to 128 on sm_90, key and query tiles cut mid-way, grouped heads, causal with
-    Sq < Sk and Sq > Sk, seqlen 1): dq, dk, dv against float64 autograd, max error at most about twice
-    that of torch's SDPA backward in the same dtype. Outputs start as NaN (conftest), so an
-    unwritten element fails."""
+    Sq < Sk and Sq > Sk, seqlen 1): dq, dk, dv against float64 autograd, max error at most
+    about twice that of torch's SDPA backward in the same dtype. Outputs start as NaN
+    (conftest), so an unwritten element fails."""
     if flash_path == "sm90" and head_dim == 32:
         pytest.skip("the Hopper kernels take head_dim 64 to 128")
     B, Sq, Sk, H, Hk = shape
