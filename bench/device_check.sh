@@ -157,7 +157,7 @@ if [ -z "$NCU" ]; then
 else
   run_step ncu 90 "$LOGS/ncu.log" "$NCU" --clock-control none --section SpeedOfLight \
     --section Occupancy --section WarpStateStats \
-    -k 'regex:ss2d|summary_kernel|main_kernel|flash' --launch-count 12 \
+    -k 'regex:ss2d|summary_kernel|main_kernel|flash|selective_scan' --launch-count 20 \
     "$PY" bench/ncu_cases.py
   note ncu "$(outcome "$LOGS/ncu.log") (logs/ncu.log)" "$TOOK"
 fi

@@ -1,12 +1,15 @@
 """The hot CUDA kernels, each launched once at its benchmark shape, for Nsight Compute:
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy \\
-        --section WarpStateStats -k regex:'ss2d|summary_kernel|main_kernel|flash' \\
+        --section WarpStateStats -k regex:'ss2d|summary_kernel|main_kernel|flash|selective_scan' \\
         python bench/ncu_cases.py
 
-ss2d forward and backward at VMamba-T stage 1 (64 x 56 x 56, D 96, N 1, R 6, bf16) and flash
+ss2d forward and backward at VMamba-T stage 1 (64 x 56 x 56, D 96, N 1, R 6, bf16); flash
 attention forward and backward at ViT-B/16 224 px (197 tokens, 12 heads, head_dim 64, bf16,
-batch 128). The device check runs it after the benchmarks (bench/device_check.sh).
+batch 128), then its backward again with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic: the Hopper
+backward's v1 beside v2's TMA reduce-adds); selective_scan forward and backward at the oflex
+anchor's (64, 384, 3136), d_state 1, bf16. The device check runs it after the benchmarks
+(bench/device_check.sh).
 PYSSM_NCU_DEVICE=cpu runs the same calls at batch 2 on the CPU kernels (a check of this script)."""
 
 from __future__ import annotations
@@ -35,11 +38,25 @@ def main() -> None:
 
     q, k, v = (torch.randn(B_attn, 197, 12, 64, device=dev, dtype=bf16, requires_grad=True)
                for _ in range(3))
-    o = ops.attention(q, k, v, backend=dev)
-    o.backward(torch.randn_like(o))
+    for dq in ("tma", "atomic"):
+        os.environ["PYSSM_FLASH_SM90_DQ"] = dq
+        o = ops.attention(q, k, v, backend=dev)
+        o.backward(torch.randn_like(o))
+    os.environ.pop("PYSSM_FLASH_SM90_DQ")
+
+    B_scan, L = (64, 3136) if dev == "cuda" else (2, 256)
+    u, delta = (torch.randn(B_scan, 384, L, device=dev, dtype=bf16, requires_grad=True)
+                for _ in range(2))
+    Bm, Cm = (torch.randn(B_scan, 4, 1, L, device=dev, dtype=bf16, requires_grad=True)
+              for _ in range(2))
+    A = (-torch.rand(384, 1, device=dev) - 0.5).requires_grad_()
+    y = ops.selective_scan(u, delta, A, Bm, Cm, delta_softplus=True, out_float32=True,
+                           backend=dev)
+    y.backward(torch.randn_like(y))
     if dev == "cuda":
         torch.cuda.synchronize()
-    print("ncu cases: ss2d fwd + bwd, attention fwd + bwd: done")
+    print("ncu cases: ss2d fwd + bwd, attention fwd + bwd (dQ by TMA, by atomics), "
+          "selective_scan fwd + bwd: done")
 
 
 if __name__ == "__main__":
