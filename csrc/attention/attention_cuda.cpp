@@ -62,39 +62,30 @@ bool dq_by_atomics() {
   return env != nullptr && std::strcmp(env, "atomic") == 0;
 }
 
-// The Hopper backward's launcher (head_dim 64-128), or null
+// The Hopper `dir` (fwd or bwd) launcher for q's dtype and head_dim d (64-128), or null
+#define PYSSM_SM90_LAUNCHER_FOR(dir, q, d)                                                   \
+  do {                                                                                       \
+    if (!flash_sm90_head_dim(d) || !sm90_allowed(q)) return nullptr;                         \
+    const bool half = (q).scalar_type() == at::kHalf;                                        \
+    if (!half && (q).scalar_type() != at::kBFloat16) return nullptr;                         \
+    switch (d) {                                                                             \
+      case 64: return half ? flash_##dir##_sm90_fp16_hd64 : flash_##dir##_sm90_bf16_hd64;    \
+      case 72: return half ? flash_##dir##_sm90_fp16_hd72 : flash_##dir##_sm90_bf16_hd72;    \
+      case 80: return half ? flash_##dir##_sm90_fp16_hd80 : flash_##dir##_sm90_bf16_hd80;    \
+      case 96: return half ? flash_##dir##_sm90_fp16_hd96 : flash_##dir##_sm90_bf16_hd96;    \
+      case 128: return half ? flash_##dir##_sm90_fp16_hd128 : flash_##dir##_sm90_bf16_hd128; \
+    }                                                                                        \
+    return nullptr;                                                                          \
+  } while (0)
+
 BwdLaunch sm90_bwd_launcher(const at::Tensor& q, int64_t d) {
-  if (!flash_sm90_head_dim(d) || !sm90_allowed(q)) return nullptr;
-#define PYSSM_SM90_BWD_CASES(tag)                                                            \
-  switch (d) {                                                                               \
-    case 64: return flash_bwd_sm90_##tag##_hd64;                                             \
-    case 72: return flash_bwd_sm90_##tag##_hd72;                                             \
-    case 80: return flash_bwd_sm90_##tag##_hd80;                                             \
-    case 96: return flash_bwd_sm90_##tag##_hd96;                                             \
-    case 128: return flash_bwd_sm90_##tag##_hd128;                                           \
-  }
-  if (q.scalar_type() == at::kHalf) PYSSM_SM90_BWD_CASES(fp16)
-  if (q.scalar_type() == at::kBFloat16) PYSSM_SM90_BWD_CASES(bf16)
-#undef PYSSM_SM90_BWD_CASES
-  return nullptr;
+  PYSSM_SM90_LAUNCHER_FOR(bwd, q, d);
 }
 
-// The Hopper forward's launcher for this call (head_dim 64-128), or null
 Launch sm90_launcher(const at::Tensor& q, int64_t d) {
-  if (!flash_sm90_head_dim(d) || !sm90_allowed(q)) return nullptr;
-#define PYSSM_SM90_CASES(tag)                                                                \
-  switch (d) {                                                                               \
-    case 64: return flash_fwd_sm90_##tag##_hd64;                                             \
-    case 72: return flash_fwd_sm90_##tag##_hd72;                                             \
-    case 80: return flash_fwd_sm90_##tag##_hd80;                                             \
-    case 96: return flash_fwd_sm90_##tag##_hd96;                                             \
-    case 128: return flash_fwd_sm90_##tag##_hd128;                                           \
-  }
-  if (q.scalar_type() == at::kHalf) PYSSM_SM90_CASES(fp16)
-  if (q.scalar_type() == at::kBFloat16) PYSSM_SM90_CASES(bf16)
-#undef PYSSM_SM90_CASES
-  return nullptr;
+  PYSSM_SM90_LAUNCHER_FOR(fwd, q, d);
 }
+#undef PYSSM_SM90_LAUNCHER_FOR
 
 // contiguous, and 16-byte aligned for the kernel's vector loads
 at::Tensor for_kernel(const at::Tensor& t) {
