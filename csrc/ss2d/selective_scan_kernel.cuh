@@ -57,7 +57,6 @@ __device__ __forceinline__ Step<acc_t> then(Step<acc_t> x, Step<acc_t> y) {
 template <typename acc_t>
 struct ScanSmem {
   Step<acc_t> warp[kWarps];
-  acc_t sum[kWarps];
 };
 
 // The state entering this thread's items, given `mine` (its items composed in scan order) and
@@ -103,17 +102,12 @@ __device__ __forceinline__ acc_t block_scan(Step<acc_t> mine, acc_t& carry,
   return h_in;
 }
 
+// Adds v over the block into *total (shared memory), one shared atomic a warp.
 template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, ScanSmem<acc_t>& smem) {
+__device__ __forceinline__ void block_add(acc_t v, acc_t* total) {
 #pragma unroll
   for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xffffffffu, v, d);
-  if (threadIdx.x % 32 == 0) smem.sum[threadIdx.x / 32] = v;
-  __syncthreads();
-  acc_t total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += smem.sum[w];
-  __syncthreads();
-  return total;
+  if (threadIdx.x % 32 == 0) atomicAdd(total, v);
 }
 
 // What a block needs of its (batch, channel) row.
@@ -209,14 +203,6 @@ constexpr int kMaxNSummed = 4;
 template <typename acc_t>
 constexpr int bwd_min_blocks(int max_n) {
   return sizeof(acc_t) == 4 && max_n == 1 ? 5 : 1;
-}
-
-// Adds v over the block into *total (shared memory), one shared atomic a warp.
-template <typename acc_t>
-__device__ __forceinline__ void block_add(acc_t v, acc_t* total) {
-#pragma unroll
-  for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xffffffffu, v, d);
-  if (threadIdx.x % 32 == 0) atomicAdd(total, v);
 }
 
 // Block: channels c_first .. c_first + nch - 1 of one (batch, group) (bp.channels_per_block of
