@@ -177,222 +177,220 @@ __global__ void __launch_bounds__(384, 1)
 
   // consumer cw (0 or 1): keys n0 + 64 cw + [0, 64), dQ columns 32 cw + [0, 32) and
   // 64 + kTailPart cw + [0, kTailPart)
-  {
-    const int cw = wg - 1;
-    const int tid = threadIdx.x % 128;
-    const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    const int64_t key0 = n0 + 64 * cw + 16 * warp + g, key1 = key0 + 8;
-    const uint32_t k_addr = smem_u32(smem + Tr::kK), v_addr = smem_u32(smem + Tr::kV);
-    constexpr float kLog2e = 1.4426950408889634f;
+  const int cw = wg - 1;
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int64_t key0 = n0 + 64 * cw + 16 * warp + g, key1 = key0 + 8;
+  const uint32_t k_addr = smem_u32(smem + Tr::kK), v_addr = smem_u32(smem + Tr::kV);
+  constexpr float kLog2e = 1.4426950408889634f;
 
-    float dk[kHeadDim / 2], dv[kHeadDim / 2];
+  float dk[kHeadDim / 2], dv[kHeadDim / 2];
 #pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
-    mbar_wait(kv_full, 0);
+  for (int i = 0; i < kHeadDim / 2; ++i) dk[i] = dv[i] = 0.f;
+  mbar_wait(kv_full, 0);
 
-    // x = A B^T over head_dim for this consumer's 64 rows of `a` (K or V, 128 rows) and the
-    // 64 rows of `b` (Q or dO): both K-major, the first block then the tail
-    auto products_over_head_dim = [&](float (&x)[32], uint32_t a, uint32_t b) {
+  // x = A B^T over head_dim for this consumer's 64 rows of `a` (K or V, 128 rows) and the
+  // 64 rows of `b` (Q or dO): both K-major, the first block then the tail
+  auto products_over_head_dim = [&](float (&x)[32], uint32_t a, uint32_t b) {
 #pragma unroll
-      for (int ks = 0; ks < Tr::kKSteps; ++ks) {
-        const bool tail = ks >= 4;
-        const int span = tail ? Tr::kTailSpan : 128;
-        const uint32_t a_off = tail ? Tr::kKVMain + 64 * cw * Tr::kTailSpan + (ks - 4) * 32
-                                    : 64 * cw * 128 + ks * 32;
-        const uint32_t b_off = tail ? Tr::kQMain + (ks - 4) * 32 : ks * 32;
-        wgmma_ss<64, T>(x, make_desc_k(a + a_off, span), make_desc_k(b + b_off, span), ks > 0);
+    for (int ks = 0; ks < Tr::kKSteps; ++ks) {
+      const bool tail = ks >= 4;
+      const int span = tail ? Tr::kTailSpan : 128;
+      const uint32_t a_off = tail ? Tr::kKVMain + 64 * cw * Tr::kTailSpan + (ks - 4) * 32
+                                  : 64 * cw * 128 + ks * 32;
+      const uint32_t b_off = tail ? Tr::kQMain + (ks - 4) * 32 : ks * 32;
+      wgmma_ss<64, T>(x, make_desc_k(a + a_off, span), make_desc_k(b + b_off, span), ks > 0);
+    }
+  };
+  // acc += A B for A (64 x 64 queries, registers) and B = Q or dO MN-major (head_dim columns)
+  auto accumulate_over_queries = [&](float (&acc)[kHeadDim / 2], const uint32_t (&a)[4][4],
+                                     uint32_t b) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      wgmma_rs<64, T>(*reinterpret_cast<float(*)[32]>(acc), a[ks],
+                      make_desc_mn(b + ks * 16 * 128, 0), 1);
+      if constexpr (Tr::kTail > 0)
+        wgmma_rs<Tr::kTail, T>(*reinterpret_cast<float(*)[Tr::kTail / 2]>(acc + 32), a[ks],
+                               make_desc_mn(b + Tr::kQMain + ks * 16 * Tr::kTailSpan, 0,
+                                            Tr::kTailSpan),
+                               1);
+    }
+  };
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int s = it % Tr::kStages;
+    const int h = hk * group + it / m_tiles;
+    const int64_t m0 = m_begin + (it % m_tiles) * Tr::kBlockM;
+    // lse (log2 domain) and Delta of this thread's 16 query columns: 8i + 2t + {0, 1}
+    const int64_t stat = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
+    float lse[16], delta[16];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t q = m0 + 8 * i + 2 * t + e;
+        lse[2 * i + e] = q < Sq ? p.lse[stat + q] * kLog2e : 0.f;
+        delta[2 * i + e] = q < Sq ? p.delta[stat + q] : 0.f;
       }
-    };
-    // acc += A B for A (64 x 64 queries, registers) and B = Q or dO MN-major (head_dim columns)
-    auto accumulate_over_queries = [&](float (&acc)[kHeadDim / 2], const uint32_t (&a)[4][4],
-                                       uint32_t b) {
+    const uint32_t q_addr = smem_u32(q_tile(s)), do_addr = smem_u32(do_tile(s));
+    mbar_wait<false>(&q_full[s], (it / Tr::kStages) & 1);  // (no register for a bound)
+
+    // S^T and dP^T for this consumer's 64 keys and the tile's 64 queries
+    float st[32], dpt[32];
+    wgmma_fence();
+    products_over_head_dim(st, k_addr, q_addr);
+    products_over_head_dim(dpt, v_addr, do_addr);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(st);
+    fence_operands(dpt);
+
+    // P^T and dS^T (element 4i + e: key (e < 2 ? key0 : key1), query m0 + 8i + 2t + (e & 1))
+    unsigned char* const ds_buf = smem + Tr::kDs + (it & 1) * Tr::kDsBytes;
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        wgmma_rs<64, T>(*reinterpret_cast<float(*)[32]>(acc), a[ks],
-                        make_desc_mn(b + ks * 16 * 128, 0), 1);
-        if constexpr (Tr::kTail > 0)
-          wgmma_rs<Tr::kTail, T>(*reinterpret_cast<float(*)[Tr::kTail / 2]>(acc + 32), a[ks],
-                                 make_desc_mn(b + Tr::kQMain + ks * 16 * Tr::kTailSpan, 0,
-                                              Tr::kTailSpan),
-                                 1);
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = 2 * i + (e & 1);
+        const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
+        const bool visible = key < Sk && q < Sq && (!p.causal || key <= q + Sk - Sq);
+        const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
+        st[4 * i + e] = pt;
+        dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);
       }
-    };
+    uint32_t pa[4][4], da[4][4];  // A fragments over the 64 queries, 16 a step
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pa[k][r] = flash::Pack<T>::pack(st[8 * k + 2 * r], st[8 * k + 2 * r + 1]);
+        da[k][r] = flash::Pack<T>::pack(dpt[8 * k + 2 * r], dpt[8 * k + 2 * r + 1]);
+      }
+    // dS^T into shared memory: row = key (this consumer's 64), 64 queries a 128-byte row,
+    // swizzled as the MN-major descriptor reads it
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = 64 * cw + 16 * warp + g + 8 * half;
+        const uint32_t at = uint32_t(row * 128 + (8 * i + 2 * t) * 2);
+        *reinterpret_cast<uint32_t*>(ds_buf + swizzled(at, 128)) = da[i / 2][2 * (i % 2) + half];
+      }
+    fence_proxy_async();
 
-    for (int it = 0; it < n_iters; ++it) {
-      const int s = it % Tr::kStages;
-      const int h = hk * group + it / m_tiles;
-      const int64_t m0 = m_begin + (it % m_tiles) * Tr::kBlockM;
-      // lse (log2 domain) and Delta of this thread's 16 query columns: 8i + 2t + {0, 1}
-      const int64_t stat = packed ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
-      float lse[16], delta[16];
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t q = m0 + 8 * i + 2 * t + e;
-          lse[2 * i + e] = q < Sq ? p.lse[stat + q] * kLog2e : 0.f;
-          delta[2 * i + e] = q < Sq ? p.delta[stat + q] : 0.f;
-        }
-      const uint32_t q_addr = smem_u32(q_tile(s)), do_addr = smem_u32(do_tile(s));
-      mbar_wait<false>(&q_full[s], (it / Tr::kStages) & 1);  // (no register for a bound)
+    // dV += P^T dO, dK += dS^T Q (B MN-major: rows are the queries)
+    wgmma_fence();
+    accumulate_over_queries(dv, pa, do_addr);
+    accumulate_over_queries(dk, da, q_addr);
+    wgmma_commit();
 
-      // S^T and dP^T for this consumer's 64 keys and the tile's 64 queries
-      float st[32], dpt[32];
-      wgmma_fence();
-      products_over_head_dim(st, k_addr, q_addr);
-      products_over_head_dim(dpt, v_addr, do_addr);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(st);
-      fence_operands(dpt);
+    // v2: this consumer's dQ buffer of tile it - 2 has been read by its reduce-adds
+    if constexpr (kDqTma) {
+      if (tid == 0) bulk_wait_read<1>();
+    }
+    named_barrier_sync(1, 256);  // both consumers' dS^T is in shared memory
 
-      // P^T and dS^T (element 4i + e: key (e < 2 ? key0 : key1), query m0 + 8i + 2t + (e & 1))
-      unsigned char* const ds_buf = smem + Tr::kDs + (it & 1) * Tr::kDsBytes;
+    // dQ = dS K over the block's 128 keys for this consumer's columns: A = dS (dS^T stored,
+    // MN-major), B = K's columns (MN-major)
+    float dq[16], dq_tail[Tr::kTail ? Tr::kTailPart / 2 : 1];
+    const uint32_t ds_addr = smem_u32(ds_buf);
+    wgmma_fence();  // (dq's registers were last the previous tile's stores' operands)
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+    for (int ks = 0; ks < Tr::kBlockN / 16; ++ks) {
+      const uint64_t a = make_desc_mn(ds_addr + ks * 16 * 128, 0);
+      wgmma_ss_tt<32, T>(dq, a, make_desc_mn(k_addr + ks * 16 * 128 + 64 * cw, 0), ks > 0);
+      if constexpr (Tr::kTail > 0)
+        wgmma_ss_tt<Tr::kTailPart, T>(
+            dq_tail, a,
+            make_desc_mn(k_addr + Tr::kKVMain + ks * 16 * Tr::kTailSpan + 2 * Tr::kTailPart * cw,
+                         0, Tr::kTailSpan),
+            ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dq);
+    if constexpr (Tr::kTail > 0) fence_operands(dq_tail);
+    fence_operands(dk);
+    fence_operands(dv);
+    mbar_arrive(&q_empty[s]);  // Q and dO are no longer read
+
+    if constexpr (kDqTma) {
+      // the parts into shared memory as their maps' boxes (64 rows of 32 columns, 128-byte
+      // swizzle; of kTailPart columns, kTailPartSpan-byte), then one thread adds them into
+      // the accumulator (rows and columns past the tensor dropped; in a packed batch rows past
+      // the sequence are the next one's, and theirs are exact zeros: P = 0)
+      unsigned char* const dq_buf = smem + Tr::kDq + (it & 1) * Tr::kDqBytes;
+      unsigned char* const main_part = dq_buf + cw * Tr::kDqMain;
+      unsigned char* const tail_part = dq_buf + 2 * Tr::kDqMain + cw * Tr::kDqTailPart;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = 2 * i + (e & 1);
-          const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
-          const bool visible = key < Sk && q < Sq && (!p.causal || key <= q + Sk - Sq);
-          const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
-          st[4 * i + e] = pt;
-          dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);
+      for (int half = 0; half < 2; ++half) {
+        const int row = 16 * warp + g + 8 * half;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          *reinterpret_cast<float2*>(main_part + swizzled(row * 128 + (8 * i + 2 * t) * 4, 128)) =
+              make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]);
+        if constexpr (Tr::kTail > 0) {
+          constexpr int kSpan = Tr::kTailPartSpan;
+#pragma unroll
+          for (int i = 0; i < Tr::kTailPart / 8; ++i)
+            *reinterpret_cast<float2*>(
+                tail_part + swizzled(row * kSpan + (8 * i + 2 * t) * 4, kSpan)) =
+                make_float2(dq_tail[4 * i + 2 * half], dq_tail[4 * i + 2 * half + 1]);
         }
-      uint32_t pa[4][4], da[4][4];  // A fragments over the 64 queries, 16 a step
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          pa[k][r] = flash::Pack<T>::pack(st[8 * k + 2 * r], st[8 * k + 2 * r + 1]);
-          da[k][r] = flash::Pack<T>::pack(dpt[8 * k + 2 * r], dpt[8 * k + 2 * r + 1]);
-        }
-      // dS^T into shared memory: row = key (this consumer's 64), 64 queries a 128-byte row,
-      // swizzled as the MN-major descriptor reads it
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = 64 * cw + 16 * warp + g + 8 * half;
-          const uint32_t at = uint32_t(row * 128 + (8 * i + 2 * t) * 2);
-          *reinterpret_cast<uint32_t*>(ds_buf + swizzled(at, 128)) = da[i / 2][2 * (i % 2) + half];
-        }
+      }
       fence_proxy_async();
-
-      // dV += P^T dO, dK += dS^T Q (B MN-major: rows are the queries)
-      wgmma_fence();
-      accumulate_over_queries(dv, pa, do_addr);
-      accumulate_over_queries(dk, da, q_addr);
-      wgmma_commit();
-
-      // v2: this consumer's dQ buffer of tile it - 2 has been read by its reduce-adds
-      if constexpr (kDqTma) {
-        if (tid == 0) bulk_wait_read<1>();
-      }
-      named_barrier_sync(1, 256);  // both consumers' dS^T is in shared memory
-
-      // dQ = dS K over the block's 128 keys for this consumer's columns: A = dS (dS^T stored,
-      // MN-major), B = K's columns (MN-major)
-      float dq[16], dq_tail[Tr::kTail ? Tr::kTailPart / 2 : 1];
-      const uint32_t ds_addr = smem_u32(ds_buf);
-      wgmma_fence();  // (dq's registers were last the previous tile's stores' operands)
-#pragma unroll
-      for (int ks = 0; ks < Tr::kBlockN / 16; ++ks) {
-        const uint64_t a = make_desc_mn(ds_addr + ks * 16 * 128, 0);
-        wgmma_ss_tt<32, T>(dq, a, make_desc_mn(k_addr + ks * 16 * 128 + 64 * cw, 0), ks > 0);
+      // the consumer's parts are in shared memory (a constant barrier id: with a computed
+      // one ptxas reserves all 16)
+      if (cw == 0) named_barrier_sync(2, 128);
+      else named_barrier_sync(3, 128);
+      if (tid == 0) {
+        tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, main_part);
         if constexpr (Tr::kTail > 0)
-          wgmma_ss_tt<Tr::kTailPart, T>(
-              dq_tail, a,
-              make_desc_mn(k_addr + Tr::kKVMain + ks * 16 * Tr::kTailSpan + 2 * Tr::kTailPart * cw,
-                           0, Tr::kTailSpan),
-              ks > 0);
+          if (64 + Tr::kTailPart * cw < kHeadDim)  // (at 72 consumer 1's do not exist)
+            tma_reduce_add_4d(&maps.dq_tail, 64 + Tr::kTailPart * cw, h, row0 + int(m0), batch,
+                              tail_part);
+        bulk_commit();
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(dq);
-      if constexpr (Tr::kTail > 0) fence_operands(dq_tail);
-      fence_operands(dk);
-      fence_operands(dv);
-      mbar_arrive(&q_empty[s]);  // Q and dO are no longer read
-
-      if constexpr (kDqTma) {
-        // the parts into shared memory as their maps' boxes (64 rows of 32 columns, 128-byte
-        // swizzle; of kTailPart columns, kTailPartSpan-byte), then one thread adds them into
-        // the accumulator (rows and columns past the tensor dropped; in a packed batch rows past
-        // the sequence are the next one's, and theirs are exact zeros: P = 0)
-        unsigned char* const dq_buf = smem + Tr::kDq + (it & 1) * Tr::kDqBytes;
-        unsigned char* const main_part = dq_buf + cw * Tr::kDqMain;
-        unsigned char* const tail_part = dq_buf + 2 * Tr::kDqMain + cw * Tr::kDqTailPart;
+    } else {
+      const int64_t q_row = p.heads * kHeadDim;
+      float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = 16 * warp + g + 8 * half;
+      for (int half = 0; half < 2; ++half) {
+        const int64_t r = 16 * warp + g + 8 * half;
+        if (m0 + r >= Sq) continue;
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            *reinterpret_cast<float2*>(main_part + swizzled(row * 128 + (8 * i + 2 * t) * 4, 128)) =
-                make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]);
-          if constexpr (Tr::kTail > 0) {
-            constexpr int kSpan = Tr::kTailPartSpan;
+        for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
+          atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 32 * cw + 8 * i + 2 * t),
+                    make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
+        if constexpr (Tr::kTail > 0)
+          if (64 + Tr::kTailPart * cw < kHeadDim)  // (at 72 consumer 1's do not exist)
 #pragma unroll
             for (int i = 0; i < Tr::kTailPart / 8; ++i)
-              *reinterpret_cast<float2*>(
-                  tail_part + swizzled(row * kSpan + (8 * i + 2 * t) * 4, kSpan)) =
-                  make_float2(dq_tail[4 * i + 2 * half], dq_tail[4 * i + 2 * half + 1]);
-          }
-        }
-        fence_proxy_async();
-        // the consumer's parts are in shared memory (a constant barrier id: with a computed
-        // one ptxas reserves all 16)
-        if (cw == 0) named_barrier_sync(2, 128);
-        else named_barrier_sync(3, 128);
-        if (tid == 0) {
-          tma_reduce_add_4d(&maps.dq, 32 * cw, h, row0 + int(m0), batch, main_part);
-          if constexpr (Tr::kTail > 0)
-            if (64 + Tr::kTailPart * cw < kHeadDim)  // (at 72 consumer 1's do not exist)
-              tma_reduce_add_4d(&maps.dq_tail, 64 + Tr::kTailPart * cw, h, row0 + int(m0), batch,
-                                tail_part);
-          bulk_commit();
-        }
-      } else {
-        const int64_t q_row = p.heads * kHeadDim;
-        float* dq_acc = p.dq_accum + ((q_start + m0) * p.heads + h) * kHeadDim;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t r = 16 * warp + g + 8 * half;
-          if (m0 + r >= Sq) continue;
-#pragma unroll
-          for (int i = 0; i < 4; ++i)  // two columns per atomic (red.global.add.v2.f32, sm_90)
-            atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 32 * cw + 8 * i + 2 * t),
-                      make_float2(dq[4 * i + 2 * half], dq[4 * i + 2 * half + 1]));
-          if constexpr (Tr::kTail > 0)
-            if (64 + Tr::kTailPart * cw < kHeadDim)  // (at 72 consumer 1's do not exist)
-#pragma unroll
-              for (int i = 0; i < Tr::kTailPart / 8; ++i)
-                atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 64 +
-                                                    Tr::kTailPart * cw + 8 * i + 2 * t),
-                          make_float2(dq_tail[4 * i + 2 * half], dq_tail[4 * i + 2 * half + 1]));
-        }
+              atomicAdd(reinterpret_cast<float2*>(dq_acc + r * q_row + 64 +
+                                                  Tr::kTailPart * cw + 8 * i + 2 * t),
+                        make_float2(dq_tail[4 * i + 2 * half], dq_tail[4 * i + 2 * half + 1]));
       }
     }
-    if constexpr (kDqTma) {
-      if (tid == 0) bulk_wait<0>();  // every reduce-add done before the block ends
-    }
+  }
+  if constexpr (kDqTma) {
+    if (tid == 0) bulk_wait<0>();  // every reduce-add done before the block ends
+  }
 
-    // dK (times the softmax scale) and dV
-    const int64_t k_start = seq.k_start;
-    const int64_t kv_row = p.heads_k * kHeadDim;
-    T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
-    T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+  // dK (times the softmax scale) and dV
+  const int64_t k_start = seq.k_start;
+  const int64_t kv_row = p.heads_k * kHeadDim;
+  T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+  T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t key = half ? key1 : key0;
-      if (key >= Sk) continue;
+  for (int half = 0; half < 2; ++half) {
+    const int64_t key = half ? key1 : key0;
+    if (key >= Sk) continue;
 #pragma unroll
-      for (int i = 0; i < kHeadDim / 8; ++i) {
-        *reinterpret_cast<uint32_t*>(dk_out + key * kv_row + 8 * i) = flash::Pack<T>::pack(
-            dk[4 * i + 2 * half] * p.scale, dk[4 * i + 2 * half + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dv_out + key * kv_row + 8 * i) =
-            flash::Pack<T>::pack(dv[4 * i + 2 * half], dv[4 * i + 2 * half + 1]);
-      }
+    for (int i = 0; i < kHeadDim / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(dk_out + key * kv_row + 8 * i) = flash::Pack<T>::pack(
+          dk[4 * i + 2 * half] * p.scale, dk[4 * i + 2 * half + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(dv_out + key * kv_row + 8 * i) =
+          flash::Pack<T>::pack(dv[4 * i + 2 * half], dv[4 * i + 2 * half + 1]);
     }
   }
 #endif  // PYSSM_SM90_DEVICE
