@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "cp_async.cuh"
 #include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: the emulated mma)
 
 namespace pyssm {
@@ -116,35 +117,6 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
                  : "=r"(r[0]), "=r"(r[1])
                  : "r"(addr));
   }
-#endif
-}
-
-// cp.async: 16 bytes from global to shared memory without passing through registers; with
-// `valid` false the 16 bytes are zero-filled and nothing is read. Copies land once a later
-// cp_async_wait<N>() leaves at most N newer committed groups pending.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-#ifdef PYSSM_CUDA_EMULATION
-  cuda_emulation::cp_async_16(smem, gmem, valid);
-#else
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem),
-               "r"(bytes));
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#ifdef PYSSM_CUDA_EMULATION
-  cuda_emulation::cp_async_commit();
-#else
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-#ifdef PYSSM_CUDA_EMULATION
-  cuda_emulation::cp_async_wait(kPending);
-#else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 #endif
 }
 

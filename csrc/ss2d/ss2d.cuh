@@ -21,6 +21,7 @@ struct Ss2dParams {
   void* scratch;
   int64_t batch, height, width, dim, rank, dstate;
   int64_t chunk_len, chunks;  // the scan of each direction is cut into `chunks` pieces
+  bool n1;  // the d_state-1 kernel (ss2d_n1_kernel.cuh, v3); false: the general one (v2)
 };
 
 constexpr int64_t kSs2dMaxState = 16;
@@ -30,9 +31,10 @@ constexpr int64_t kSs2dMaxState = 16;
 // warps (4 blocks per SM, the first choice, left VMamba-T's stage 1 at ~17 of 64 warps per SM).
 // Each chunk past the first costs a second pass over its positions, so blocks_per_sm 0 (one
 // chunk, one pass) is the other side of that trade.
+// v3 (channels_per_block 32, blocks of 8 warps) aims at 2 blocks per SM.
 inline int64_t ss2d_chunks(int64_t batch, int64_t length, int64_t dim, int sms,
-                           int64_t blocks_per_sm = 16) {
-  const int64_t groups = (dim + 127) / 128;
+                           int64_t blocks_per_sm = 16, int64_t channels_per_block = 128) {
+  const int64_t groups = (dim + channels_per_block - 1) / channels_per_block;
   const int64_t want = blocks_per_sm * int64_t(sms);
   int64_t chunks = (want + batch * 4 * groups - 1) / (batch * 4 * groups);
   const int64_t most = (length + 63) / 64;  // chunks of 64 positions at least
@@ -49,6 +51,41 @@ inline size_t ss2d_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t 
                               size_t acc_bytes) {
   return size_t(kSs2dTilePositions) *
          (size_t(rank + 2 * dstate) * acc_bytes + size_t(ss2d_threads(dim)) * x_bytes);
+}
+
+// v3, the d_state-1 forward: blocks of 32 channels (a lane each) x 8 warps; a tile of 64
+// positions, 8 a warp, loaded while the one before is computed. Its dynamic shared memory, in
+// the accumulation type unless named:
+//   z rows, two stages (2 x tile x zstride): dt (R, zero-padded to whole 16-byte vectors), B,
+//   C, padding; y (tile x 32); the warps' segment summaries (warps x 32 x 2);
+//   dt_projs_weight (rpad x 32) when dt_rank > 16 (registers otherwise);
+//   x, two stages (2 x tile x 32, x's type)
+constexpr int kSs2dN1Lanes = 32, kSs2dN1Warps = 8, kSs2dN1Steps = 8;
+constexpr int kSs2dN1Tile = kSs2dN1Warps * kSs2dN1Steps;
+constexpr size_t kSs2dN1MaxSmem = 96 * 1024;  // under the opt-in limit of sm_80 to sm_90
+struct Ss2dN1Layout {
+  int rpad, zstride;
+  size_t z, y, seg, dtw, x, bytes;
+};
+__host__ __device__ inline Ss2dN1Layout ss2d_n1_layout(int rank, size_t x_bytes,
+                                                       size_t acc_bytes) {
+  Ss2dN1Layout l{};
+  const int vec = int(16 / acc_bytes);
+  l.rpad = (rank + vec - 1) / vec * vec;
+  l.zstride = l.rpad + vec;
+  size_t at = 0;
+  l.z = at;
+  at += 2 * size_t(kSs2dN1Tile) * size_t(l.zstride) * acc_bytes;
+  l.y = at;
+  at += size_t(kSs2dN1Tile) * kSs2dN1Lanes * acc_bytes;
+  l.seg = at;
+  at += size_t(kSs2dN1Warps) * kSs2dN1Lanes * 2 * acc_bytes;
+  l.dtw = at;
+  if (rank > 16) at += size_t(l.rpad) * kSs2dN1Lanes * acc_bytes;
+  l.x = at;
+  at += 2 * size_t(kSs2dN1Tile) * kSs2dN1Lanes * x_bytes;
+  l.bytes = at;
+  return l;
 }
 
 inline int64_t ss2d_scratch_elems(const Ss2dParams& p) {

@@ -6,7 +6,7 @@
 // lane's fragments and ldmatrix .x2 / .x4 [.trans] from every lane's row address, by the PTX
 // ISA's layouts), cp.async copies that land only at the wait that covers them, static
 // __shared__ variables shared by the block (function statics), dynamic shared memory poisoned
-// (all bits set: NaN in float and double) before each block, fp32 / fp64 / float2 atomicAdd as
+// (all bits set: NaN in float and double) before each block, fp32 / fp64 / float2 / float4 atomicAdd as
 // atomic read-modify-writes, cudaMemsetAsync as memset. For the Hopper kernels (sm90.cuh):
 // warpgroups of 4 warps, named barriers, mbarriers with phases and transaction bytes, TMA tile
 // loads from tensor maps with the 128 / 64 / 32-byte swizzles and zero fill (queued in their
@@ -176,11 +176,15 @@ inline void ldmatrix_x2(uint32_t (&r)[2], const void* row, bool trans) { ldmatri
 struct AsyncCopy {
   void* dst;
   const void* src;  // null: zero-fill
+  int bytes;
 };
 inline thread_local std::vector<AsyncCopy> open_group;
 inline thread_local std::vector<std::vector<AsyncCopy>> committed;
-inline void cp_async_16(void* dst, const void* src, bool valid) {
-  open_group.push_back({dst, valid ? src : nullptr});
+inline void cp_async(void* dst, const void* src, int bytes, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 ||
+      (valid && reinterpret_cast<uintptr_t>(src) % bytes != 0))
+    fail("a cp.async not aligned to its size");
+  open_group.push_back({dst, valid ? src : nullptr, bytes});
 }
 inline void cp_async_commit() {
   committed.push_back(std::move(open_group));
@@ -189,8 +193,8 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int pending) {
   while (int(committed.size()) > pending) {
     for (const AsyncCopy& c : committed.front()) {
-      if (c.src) std::memcpy(c.dst, c.src, 16);
-      else std::memset(c.dst, 0, 16);
+      if (c.src) std::memcpy(c.dst, c.src, size_t(c.bytes));
+      else std::memset(c.dst, 0, size_t(c.bytes));
     }
     committed.erase(committed.begin());
   }
@@ -582,6 +586,14 @@ inline double atomicAdd(double* address, double v) {
 inline float2 atomicAdd(float2* address, float2 v) {  // sm_90: each half atomically
   return make_float2(std::atomic_ref<float>(address->x).fetch_add(v.x),
                      std::atomic_ref<float>(address->y).fetch_add(v.y));
+}
+inline float4 atomicAdd(float4* address, float4 v) {  // sm_90: each element atomically
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0)
+    cuda_emulation::fail("a float4 atomicAdd not 16-byte aligned");
+  return make_float4(std::atomic_ref<float>(address->x).fetch_add(v.x),
+                     std::atomic_ref<float>(address->y).fetch_add(v.y),
+                     std::atomic_ref<float>(address->z).fetch_add(v.z),
+                     std::atomic_ref<float>(address->w).fetch_add(v.w));
 }
 
 template <typename V>

@@ -4,7 +4,7 @@
 #include "ss2d/cross_scan.cu"
 #include "ss2d/selective_scan_kernel.cuh"
 #include "ss2d/ss2d_bwd_kernel.cuh"
-#include "ss2d/ss2d_kernel.cuh"
+#include "ss2d/ss2d_n1_kernel.cuh"
 
 namespace {
 
@@ -116,9 +116,12 @@ int64_t emu_selective_scan_carries(const int64_t* sizes) {
   return pyssm::selective_scan_carry_elems(p);
 }
 
+// n1: the d_state-1 kernel (v3) instead of the general one (v2)
 int emu_ss2d_fwd(int dtype, const void* x, const void* z, const void* dt_w, const void* dt_b,
-                 const void* A, const void* Ds, void* y, void* scratch, const int64_t* sizes) {
+                 const void* A, const void* Ds, void* y, void* scratch, const int64_t* sizes,
+                 int n1) {
   auto p = ss2d_params<pyssm::Ss2dParams>(sizes);
+  p.n1 = n1 != 0;
   p.x = x;
   p.z = z;
   p.dt_w = dt_w;

@@ -135,7 +135,7 @@ def sizes_of(x, ws, chunk_len, chunks):
     return (ctypes.c_int64 * 8)(B, H, W, D, R, N, chunk_len, chunks)
 
 
-def forward_emulated(emu, x, ws, chunks):
+def forward_emulated(emu, x, ws, chunks, n1=False):
     B, H, W, D = x.shape
     L = H * W
     acc, z, dtw, dtb, A, Ds = prepare(x, ws)
@@ -144,7 +144,7 @@ def forward_emulated(emu, x, ws, chunks):
     y = torch.zeros(B, L, D, dtype=acc)
     scratch = poisoned(emu.emu_ss2d_fwd_scratch(sizes), dtype=acc)
     rc = emu.emu_ss2d_fwd(CODES[x.dtype], ptr(x), ptr(z), ptr(dtw), ptr(dtb), ptr(A), ptr(Ds),
-                          ptr(y), ptr(scratch), sizes)
+                          ptr(y), ptr(scratch), sizes, int(n1))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return y.view(B, H, W, D)
 
@@ -196,6 +196,46 @@ def test_ss2d_forward(emu, case, dtype):
     want = ops.ss2d_reference(x.double(), *(w.double() for w in ws))
     tol = 1e-12 if dtype == F64 else 2e-5
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+# The d_state-1 forward (v3, ss2d_n1_kernel.cuh): blocks of 32 channels, tiles of 64 positions.
+# D 4 / 33 / 6: no 16-byte vectors of x (bf16) and a partial channel block; D 40 / 16 / 64:
+# vectors of x and y; dt_rank 2-8 and 12 in registers (8- and 16-wide), 17 in shared memory;
+# one chunk of 1-3 tiles, and 2-5 chunks of partial tiles or of a full tile and a partial one.
+N1_CASES = [(2, 3, 5, 4, 2, 1, 1), (1, 13, 11, 33, 6, 1, 5), (1, 4, 5, 6, 17, 1, 2),
+            (1, 12, 14, 40, 6, 1, 2), (2, 11, 13, 16, 12, 1, 1), (1, 9, 16, 64, 8, 1, 3)]
+N1_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in N1_CASES]
+
+
+@pytest.mark.parametrize("case", N1_CASES, ids=N1_IDS)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_ss2d_forward_n1(emu, case, dtype):
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    got = forward_emulated(emu, x, ws, chunks, n1=True)
+    want = ops.ss2d_reference(x.double(), *(w.double() for w in ws))
+    tol = 1e-12 if dtype == F64 else 2e-5
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ss2d_forward_n1_unaligned_x(emu, dtype):
+    """x 16-byte vectors only from an aligned base: one element past it, the scalar loads."""
+    B, H, W, D, R, N = 1, 12, 14, 40, 6, 1
+    x, ws = make_case(B, H, W, D, R, N, dtype, torch.float32)
+    shifted = torch.empty(x.numel() + 1, dtype=dtype)[1:].view(x.shape)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    got = forward_emulated(emu, shifted, ws, 2, n1=True)
+    want = ops.ss2d_reference(x.double(), *(w.double() for w in ws))
+    assert (got.double() - want).abs().max() <= 2e-5 * want.abs().max()
+
+
+def test_ss2d_forward_n1_refuses_other_states(emu):
+    """The d_state-1 kernel refuses d_state 2 (the host picks it only at 1)."""
+    x, ws = make_case(1, 3, 4, 8, 2, 2, torch.float32, torch.float32)
+    with pytest.raises(AssertionError, match="cudaError"):
+        forward_emulated(emu, x, ws, 1, n1=True)
 
 
 @pytest.mark.parametrize("case", SS2D_CASES, ids=CASE_IDS)
