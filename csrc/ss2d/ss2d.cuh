@@ -56,8 +56,8 @@ inline size_t ss2d_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t 
 // v3, the d_state-1 forward: blocks of 32 channels (a lane each) x 8 warps; a tile of 64
 // positions, 8 a warp, loaded while the one before is computed. Its dynamic shared memory, in
 // the accumulation type unless named:
-//   z rows, two stages (2 x tile x zstride): dt (R, zero-padded to whole 16-byte vectors), B,
-//   C, padding; y (tile x 32); the warps' segment summaries (warps x 32 x 2);
+//   z rows, two stages (2 x tile x zstride): dt (R, zero-padded to rpad: 8, 16, or whole
+//   16-byte vectors), B, C, padding to a vector; y (tile x 32); the warps' segment summaries (warps x 32 x 2);
 //   dt_projs_weight (rpad x 32) when dt_rank > 16 (registers otherwise);
 //   x, two stages (2 x tile x 32, x's type)
 constexpr int kSs2dN1Lanes = 32, kSs2dN1Warps = 8, kSs2dN1Steps = 8;
@@ -71,7 +71,9 @@ __host__ __device__ inline Ss2dN1Layout ss2d_n1_layout(int rank, size_t x_bytes,
                                                        size_t acc_bytes) {
   Ss2dN1Layout l{};
   const int vec = int(16 / acc_bytes);
-  l.rpad = (rank + vec - 1) / vec * vec;
+  // 8 or 16 where the kernel holds dt_projs_weight in registers (dt_rank up to 8, up to 16):
+  // then the rows' offsets are compile-time constants
+  l.rpad = rank <= 8 ? 8 : rank <= 16 ? 16 : (rank + vec - 1) / vec * vec;
   l.zstride = l.rpad + vec;
   size_t at = 0;
   l.z = at;

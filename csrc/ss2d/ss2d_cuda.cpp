@@ -1,4 +1,5 @@
-// ss2d on CUDA tensors. Forward: the fused kernel (ss2d_kernel.cuh) after one x_proj GEMM.
+// ss2d on CUDA tensors. Forward: the fused kernel (ss2d_n1_kernel.cuh at d_state 1,
+// ss2d_kernel.cuh otherwise) after one x_proj GEMM.
 // Backward: the fused kernels (ss2d_bwd_kernel.cuh) between the x_proj GEMM (recomputed) and
 // the GEMMs of x_proj's adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
 // tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
@@ -9,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -47,24 +49,40 @@ at::Tensor channels_last(const at::Tensor& x, bool channels_first) {
   return (channels_first ? x.permute({0, 2, 3, 1}) : x).contiguous();
 }
 
-// x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)).
-at::Tensor x_proj(const at::Tensor& xl, const at::Tensor& x_proj_weight, at::ScalarType acc) {
-  const int64_t D = xl.size(3);
-  return at::matmul(xl.reshape({-1, D}).to(acc), x_proj_weight.to(acc).reshape({-1, D}).t())
-      .contiguous();
+// x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)), from
+// x as (B * L, D) in the accumulation type.
+at::Tensor x_proj(const at::Tensor& x_acc, const at::Tensor& x_proj_weight, at::ScalarType acc) {
+  const int64_t D = x_acc.size(1);
+  return at::matmul(x_acc, x_proj_weight.to(acc).reshape({-1, D}).t()).contiguous();
 }
 
 // Scan chunks for a grid of a few blocks per SM; chunk_len a multiple of `tile`.
-// PYSSM_SS2D_BLOCKS_PER_SM (read at every call; default 16) sets the grid aimed at: 0 runs each
-// direction's scan as one chunk, in one pass. The benchmark times both (pyssm/bench/ss2d.py).
-std::pair<int64_t, int64_t> chunking(int64_t B, int64_t L, int64_t D, int64_t tile) {
+// PYSSM_SS2D_BLOCKS_PER_SM (read at every call) sets the grid aimed at: 0 runs each
+// direction's scan as one chunk, in one pass. The default is the kernel's: 16 blocks of up to
+// 4 warps for v2 and the backward, 2 of 8 warps for the d_state-1 forward (v3). The benchmark
+// times both (pyssm/bench/ss2d.py).
+std::pair<int64_t, int64_t> chunking(int64_t B, int64_t L, int64_t D, int64_t tile,
+                                     int64_t default_per_sm = 16,
+                                     int64_t channels_per_block = 128) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const char* env = std::getenv("PYSSM_SS2D_BLOCKS_PER_SM");
-  const int64_t per_sm = env != nullptr && *env != '\0' ? std::strtoll(env, nullptr, 10) : 16;
-  const int64_t chunks = ss2d_chunks(B, L, D, sms, per_sm < 0 ? 16 : per_sm);
+  int64_t per_sm = env != nullptr && *env != '\0' ? std::strtoll(env, nullptr, 10) : default_per_sm;
+  if (per_sm < 0) per_sm = default_per_sm;
+  const int64_t chunks = ss2d_chunks(B, L, D, sms, per_sm, channels_per_block);
   int64_t chunk_len = (L + chunks - 1) / chunks;
   chunk_len = (chunk_len + tile - 1) / tile * tile;
   return {chunk_len, (L + chunk_len - 1) / chunk_len};
+}
+
+// The forward's kernel at d_state 1: v3 (ss2d_n1_kernel.cuh) unless PYSSM_SS2D_FWD=v2 (read
+// at every call; the benchmark times both), and only where its shared memory fits.
+bool use_n1(const Ss2dSizes& s, size_t x_bytes, size_t acc_bytes) {
+  if (s.dstate != 1) return false;
+  const char* env = std::getenv("PYSSM_SS2D_FWD");
+  if (env != nullptr && std::string(env) == "v2") return false;
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const size_t bytes = ss2d_n1_layout(int(s.rank), x_bytes, acc_bytes).bytes;
+  return bytes <= kSs2dN1MaxSmem && bytes + 1024 <= optin;  // (+ the static pixel tables)
 }
 
 at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
@@ -76,21 +94,22 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t acc_bytes = acc == at::kDouble ? 8 : 4;
   const Launch launch = launcher(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool n1 = launch != nullptr && use_n1(s, x.element_size(), size_t(acc_bytes));
   const bool fits = launch != nullptr && s.dstate <= kSs2dMaxState && s.batch * 4 <= 65535 &&
-                    ss2d_smem_bytes(s.dim, s.rank, s.dstate, x.element_size(),
-                                    size_t(acc_bytes)) <= kSs2dMaxSmem;
+                    (n1 || ss2d_smem_bytes(s.dim, s.rank, s.dstate, x.element_size(),
+                                           size_t(acc_bytes)) <= kSs2dMaxSmem);
   if (!fits) {
     return ss2d_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                          channels_first, out_float32);
   }
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : x.scalar_type();
   if (x.numel() == 0) return at::zeros(x.sizes(), x.options().dtype(out_dtype));
-  const c10::cuda::CUDAGuard guard(x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = s.batch, D = s.dim, L = s.height * s.width, zw = s.rank + 2 * s.dstate;
+  const int64_t B = s.batch, D = s.dim, L = s.height * s.width;
 
   const at::Tensor xl = channels_last(x, channels_first);
-  const at::Tensor z = x_proj(xl, x_proj_weight, acc);
+  const at::Tensor z = x_proj(xl.reshape({B * L, D}).to(acc), x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
@@ -111,7 +130,9 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   p.dim = D;
   p.rank = s.rank;
   p.dstate = s.dstate;
-  std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, 1);
+  p.n1 = n1;
+  std::tie(p.chunk_len, p.chunks) = n1 ? chunking(B, L, D, kSs2dN1Tile, 2, kSs2dN1Lanes)
+                                       : chunking(B, L, D, 1);
   const at::Tensor scratch = at::empty({ss2d_scratch_elems(p)}, x.options().dtype(acc));
   p.scratch = scratch.numel() ? scratch.mutable_data_ptr() : nullptr;
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
@@ -150,7 +171,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   // dy in x's dtype, or in the accumulation type when it comes in another (out_float32)
   const bool dy_acc = dout.scalar_type() != x.scalar_type();
   const at::Tensor dyl = channels_last(dy_acc ? dout.to(acc) : dout, channels_first);
-  const at::Tensor z = x_proj(xl, x_proj_weight, acc);
+  const at::Tensor x_acc = xl.reshape({B * L, D}).to(acc);  // once, for z and for dW_x
+  const at::Tensor z = x_proj(x_acc, x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
@@ -188,7 +210,7 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const at::Tensor dzf = dz.view({B * L, 4 * zw});
   const at::Tensor wx = x_proj_weight.to(acc).reshape({4 * zw, D});
   dx.view({B * L, D}).addmm_(dzf, wx);
-  const at::Tensor d_x_proj_weight = at::matmul(dzf.t(), xl.reshape({B * L, D}).to(acc))
+  const at::Tensor d_x_proj_weight = at::matmul(dzf.t(), x_acc)
                                          .view({4, zw, D});
   const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // (4, N + 2 + R, D)
   const at::Tensor dA = sums.narrow(1, 0, N).transpose(1, 2).reshape({4 * D, N});

@@ -80,7 +80,9 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
   const int64_t H = p.height, W = p.width, L = H * W, D = p.dim;
   const int R = int(p.rank), zw = R + 2;
   const Ss2dN1Layout lay = ss2d_n1_layout(R, sizeof(T), sizeof(acc_t));
-  const int zstride = lay.zstride, rpad = lay.rpad;
+  // compile-time where dt_projs_weight is in registers (the layout pads dt to kMaxR there)
+  const int rpad = kMaxR > 0 ? kMaxR : lay.rpad;
+  const int zstride = kMaxR > 0 ? kMaxR + kVec : lay.zstride;
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw + lay.z);       // (2, tile, zstride)
   acc_t* ys = reinterpret_cast<acc_t*>(smem_raw + lay.y);       // (tile, 32)
   acc_t* seg = reinterpret_cast<acc_t*>(smem_raw + lay.seg);    // (warps, 32, 2)
@@ -180,38 +182,35 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
     cp_async_wait<1>();      // this thread's copies of tile t have landed
     __syncthreads();         // and everyone's
 
-    // sweep 1: this warp's positions from a zero state; decay and delta u B kept
+    // sweep 1: this warp's positions from a zero state; decay and delta u B kept. Every lane
+    // computes every step (no branches); positions past the tile and lanes past the channels
+    // read stale shared memory and are then made the identity step (decay 1, input 0).
     acc_t a[kN1Steps], bu[kN1Steps];
     acc_t P = 1, Hs = 0;
 #pragma unroll
     for (int i = 0; i < kN1Steps; ++i) {
       const int j = warp * kN1Steps + i;
-      a[i] = 1;
-      bu[i] = 0;
-      if (active && j < count) {
-        const acc_t* row = zst + j * zstride;
-        const acc_t u = widen(xst[j * kN1Lanes + lane]);
-        acc_t dt = bias;
-        if constexpr (kMaxR > 0) {
+      const acc_t* row = zst + j * zstride;
+      const acc_t u = widen(xst[j * kN1Lanes + lane]);
+      acc_t dt = bias;
+      if constexpr (kMaxR > 0) {
 #pragma unroll
-          for (int q = 0; q < kMaxR / kVec; ++q) {
-            if (q * kVec >= R) break;
-            const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
+        for (int q = 0; q < kMaxR / kVec; ++q) {
+          const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
 #pragma unroll
-            for (int e = 0; e < kVec; ++e) dt += w[q * kVec + e] * zv.v[e];
-          }
-        } else {
-          for (int q = 0; q < rpad / kVec; ++q) {
-            const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
-#pragma unroll
-            for (int e = 0; e < kVec; ++e)
-              dt += dtw_s[(q * kVec + e) * kN1Lanes + lane] * zv.v[e];
-          }
+          for (int e = 0; e < kVec; ++e) dt += w[q * kVec + e] * zv.v[e];
         }
-        dt = softplus(dt);
-        a[i] = exp_(dt * A);
-        bu[i] = dt * u * row[rpad];
+      } else {
+        for (int q = 0; q < rpad / kVec; ++q) {
+          const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) dt += dtw_s[(q * kVec + e) * kN1Lanes + lane] * zv.v[e];
+        }
       }
+      dt = softplus(dt);
+      const bool step = active && j < count;
+      a[i] = step ? exp_(dt * A) : acc_t(1);
+      bu[i] = step ? dt * u * row[rpad] : acc_t(0);
       P *= a[i];
       Hs = a[i] * Hs + bu[i];
     }
@@ -236,7 +235,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
       for (int i = 0; i < kN1Steps; ++i) {
         const int j = warp * kN1Steps + i;
         h = a[i] * h + bu[i];
-        if (active && j < count)
+        if (j < count)  // (lanes past the channels write values nobody reads)
           ys[j * kN1Lanes + lane] =
               zst[j * zstride + rpad + 1] * h + Dk * widen(xst[j * kN1Lanes + lane]);
       }

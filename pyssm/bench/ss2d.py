@@ -70,11 +70,16 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     pieces = harness.pyssm_provider(
         "selective_scan", kernel, lambda *a: ss2d_from_pieces(*a, backend=kernel))
     pieces = harness.Provider(f"pyssm-{kernel}-unfused", pieces.fn, pieces.status)
-    # the fused kernels with each scan in one chunk (one pass, fewer blocks) instead of ~16
-    # blocks per SM (two passes): which side of that trade wins is for the GPU to say
+    # the fused kernels with each scan in one chunk (one pass, fewer blocks) instead of the
+    # chunks that give ~2 blocks of 8 warps per SM (two passes where the batch alone does not):
+    # which side of that trade wins is for the GPU to say
     # (csrc/ss2d/ss2d_cuda.cpp reads PYSSM_SS2D_BLOCKS_PER_SM at every call; forward rows only)
     one_chunk = harness.Provider(f"pyssm-{kernel}-1chunk", ours.fn, ours.status,
                                  modes=("forward",), env={"PYSSM_SS2D_BLOCKS_PER_SM": "0"})
+    # the general forward (v2: a thread per channel walks each chunk, ~16 blocks per SM, two
+    # passes) beside the d_state-1 one (v3) that `ours` runs at these shapes
+    v2 = harness.Provider(f"pyssm-{kernel}-fwd-v2", ours.fn, ours.status, modes=("forward",),
+                          env={"PYSSM_SS2D_FWD": "v2"})
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
     # and VMamba-T only, where it finishes in seconds
@@ -101,7 +106,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                              "batch": batch, "D": dim, "d_state": dstate, "dt_rank": rank},
             make_inputs=lambda b=batch, g=grid, d=dim, r=rank: ss2d_inputs(b, g, d, dstate, r,
                                                                            dtype, device),
-            providers=[ours] + ([one_chunk] if device.type == "cuda" else [])
+            providers=[ours] + ([one_chunk, v2] if device.type == "cuda" else [])
             + [pieces, too_slow if slow else reference],
             modes=("forward", "backward", "full"),
             dtype=str(dtype).removeprefix("torch."),

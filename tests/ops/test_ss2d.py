@@ -250,6 +250,31 @@ def test_cuda_fused_forward_at_sizes_that_chunk(device, backend, B, H, W, D, N, 
     torch.testing.assert_close(lowp.double().cpu(), want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d") if p.id == "cuda"])
+@pytest.mark.parametrize("env", [{}, {"PYSSM_SS2D_BLOCKS_PER_SM": "0"}, {"PYSSM_SS2D_FWD": "v2"}],
+                         ids=["v3", "v3-one-chunk", "v2"])
+@pytest.mark.parametrize("B,H,W,D,R,channels_first", [
+    (1, 23, 23, 5, 2, False),     # one image: chunks; 5 channels, no 16-byte vectors
+    (3, 17, 31, 40, 6, True),     # two channel blocks (32 + 8), 16-byte vectors, channels-first
+    (2, 9, 40, 96, 12, False),    # VMamba-T's width; dt_rank 12 (16-wide registers)
+    (1, 11, 13, 33, 17, False),   # dt_rank 17: dt_projs_weight in shared memory
+])
+def test_cuda_d_state_1_forward(device, backend, env, B, H, W, D, R, channels_first,
+                                monkeypatch):
+    """CUDA, d_state 1: the dedicated forward (v3; one chunk a scan, or the default chunks) and
+    the general one (v2, PYSSM_SS2D_FWD=v2), against the float64 CPU kernel."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    x = make_x(B, H, W, D, device, channels_first=channels_first)
+    weights = make_weights(D, 1, R, device)
+    got = ops.ss2d(x, *weights, channels_first=channels_first, backend=backend)
+    want = ops.ss2d(x.cpu(), *(w.cpu() for w in weights), channels_first=channels_first,
+                    backend="cpu")
+    torch.testing.assert_close(got.cpu(), want, atol=1e-9, rtol=1e-9)
+    lowp = ops.ss2d(x.float(), *weights, channels_first=channels_first, backend=backend)
+    torch.testing.assert_close(lowp.double().cpu(), want, atol=2e-4, rtol=2e-4)
+
+
 # The fused CUDA backward's algorithm (chunks, tiles, carries; ss2d_bwd_model.py), on the CPU.
 # (B, H, W, D, R, N, chunks, tile): one chunk and several, partial last chunks and tiles, a grid
 # of one row, d_state 1 to 16 (tile None: the kernel's own tile for that d_state).
