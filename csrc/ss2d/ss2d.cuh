@@ -56,13 +56,15 @@ inline size_t ss2d_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t 
 // v3, the d_state-1 forward: blocks of 32 channels (a lane each) x 8 warps; a tile of 64
 // positions, 8 a warp, loaded while the one before is computed. Its dynamic shared memory, in
 // the accumulation type unless named:
-//   z rows, two stages (2 x tile x zstride): dt (R, zero-padded to rpad: 8, 16, or whole
+//   z rows, two stages (2 x tile x zstride): dt (R, zero-padded to rpad: 8, 16, 32, or whole
 //   16-byte vectors), B, C, padding to a vector; y (tile x 32); the warps' segment summaries (warps x 32 x 2);
-//   dt_projs_weight (rpad x 32) when dt_rank > 16 (registers otherwise);
+//   dt_projs_weight (rpad x 32) when dt_rank > 32 (registers otherwise);
 //   x, two stages (2 x tile x 32, x's type)
 constexpr int kSs2dN1Lanes = 32, kSs2dN1Warps = 8, kSs2dN1Steps = 8;
 constexpr int kSs2dN1Tile = kSs2dN1Warps * kSs2dN1Steps;
-constexpr size_t kSs2dN1MaxSmem = 96 * 1024;  // under the opt-in limit of sm_80 to sm_90
+// the launcher's bound; the op also checks the device's opt-in limit (99 KB on sm_86 / sm_89,
+// 163 KB on sm_80, 227 KB on sm_90), taking v2 or the composed core past it
+constexpr size_t kSs2dN1MaxSmem = 200 * 1024;
 struct Ss2dN1Layout {
   int rpad, zstride;
   size_t z, y, seg, dtw, x, bytes;
@@ -71,9 +73,9 @@ __host__ __device__ inline Ss2dN1Layout ss2d_n1_layout(int rank, size_t x_bytes,
                                                        size_t acc_bytes) {
   Ss2dN1Layout l{};
   const int vec = int(16 / acc_bytes);
-  // 8 or 16 where the kernel holds dt_projs_weight in registers (dt_rank up to 8, up to 16):
-  // then the rows' offsets are compile-time constants
-  l.rpad = rank <= 8 ? 8 : rank <= 16 ? 16 : (rank + vec - 1) / vec * vec;
+  // 8, 16 or 32 where the kernel holds dt_projs_weight in registers (dt_rank up to 32): then
+  // the rows' offsets are compile-time constants
+  l.rpad = rank <= 8 ? 8 : rank <= 16 ? 16 : rank <= 32 ? 32 : (rank + vec - 1) / vec * vec;
   l.zstride = l.rpad + vec;
   size_t at = 0;
   l.z = at;
@@ -83,7 +85,7 @@ __host__ __device__ inline Ss2dN1Layout ss2d_n1_layout(int rank, size_t x_bytes,
   l.seg = at;
   at += size_t(kSs2dN1Warps) * kSs2dN1Lanes * 2 * acc_bytes;
   l.dtw = at;
-  if (rank > 16) at += size_t(l.rpad) * kSs2dN1Lanes * acc_bytes;
+  if (rank > 32) at += size_t(l.rpad) * kSs2dN1Lanes * acc_bytes;
   l.x = at;
   at += 2 * size_t(kSs2dN1Tile) * kSs2dN1Lanes * x_bytes;
   l.bytes = at;

@@ -60,13 +60,14 @@ __device__ __forceinline__ void add4(float* y, const float4& v) {
 }
 
 // Blocks an SM should hold: 3 (80 registers a thread) in fp32 accumulation, where ptxas fits
-// every variant but the 16-wide register weights in that; fp64 takes what it needs.
+// every variant but the 16- and 32-wide register weights in that (those take 2: up to 128);
+// fp64 takes what it needs.
 template <typename acc_t, int kMaxR>
 constexpr int n1_min_blocks() {
-  return sizeof(acc_t) != 4 ? 1 : kMaxR == 16 ? 2 : 3;
+  return sizeof(acc_t) != 4 ? 1 : kMaxR == 16 || kMaxR == 32 ? 2 : 3;
 }
 
-// kMaxR: dt_projs_weight rows in registers for dt_rank up to kMaxR (8 or 16); 0 keeps them in
+// kMaxR: dt_projs_weight rows in registers for dt_rank up to kMaxR (8, 16, 32); 0 keeps them in
 // shared memory (any dt_rank). kPass 0: chunk summaries; 1: y.
 template <typename T, int kMaxR, int kPass>
 __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
@@ -298,6 +299,7 @@ cudaError_t fwd(const Ss2dParams& p, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     if (p.rank <= 8) return launch_n1<T, 8>(p, stream);
     if (p.rank <= 16) return launch_n1<T, 16>(p, stream);
+    if (p.rank <= 32) return launch_n1<T, 32>(p, stream);
     return launch_n1<T, 0>(p, stream);
   }
   if (ss2d_smem_bytes(p.dim, p.rank, p.dstate, sizeof(T), sizeof(acc_t)) > kSs2dMaxSmem)

@@ -200,10 +200,12 @@ def test_ss2d_forward(emu, case, dtype):
 
 # The d_state-1 forward (v3, ss2d_n1_kernel.cuh): blocks of 32 channels, tiles of 64 positions.
 # D 4 / 33 / 6: no 16-byte vectors of x (bf16) and a partial channel block; D 40 / 16 / 64:
-# vectors of x and y; dt_rank 2-8 and 12 in registers (8- and 16-wide), 17 in shared memory;
-# one chunk of 1-3 tiles, and 2-5 chunks of partial tiles or of a full tile and a partial one.
+# vectors of x and y; dt_rank 2-8, 12 and 17 in registers (8-, 16- and 32-wide), 33 in shared
+# memory; one chunk of 1-3 tiles, and 2-5 chunks of partial tiles or of a full tile and a
+# partial one.
 N1_CASES = [(2, 3, 5, 4, 2, 1, 1), (1, 13, 11, 33, 6, 1, 5), (1, 4, 5, 6, 17, 1, 2),
-            (1, 12, 14, 40, 6, 1, 2), (2, 11, 13, 16, 12, 1, 1), (1, 9, 16, 64, 8, 1, 3)]
+            (1, 12, 14, 40, 6, 1, 2), (2, 11, 13, 16, 12, 1, 1), (1, 9, 16, 64, 8, 1, 3),
+            (1, 5, 7, 9, 33, 1, 2)]
 N1_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in N1_CASES]
 
 

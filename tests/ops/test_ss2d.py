@@ -257,7 +257,8 @@ def test_cuda_fused_forward_at_sizes_that_chunk(device, backend, B, H, W, D, N, 
     (1, 23, 23, 5, 2, False),     # one image: chunks; 5 channels, no 16-byte vectors
     (3, 17, 31, 40, 6, True),     # two channel blocks (32 + 8), 16-byte vectors, channels-first
     (2, 9, 40, 96, 12, False),    # VMamba-T's width; dt_rank 12 (16-wide registers)
-    (1, 11, 13, 33, 17, False),   # dt_rank 17: dt_projs_weight in shared memory
+    (1, 11, 13, 33, 24, False),   # dt_rank 24 (32-wide registers)
+    (1, 7, 9, 20, 40, False),     # dt_rank 40: dt_projs_weight in shared memory
 ])
 def test_cuda_d_state_1_forward(device, backend, env, B, H, W, D, R, channels_first,
                                 monkeypatch):
