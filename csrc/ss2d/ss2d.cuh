@@ -113,6 +113,8 @@ struct Ss2dBwdParams {
   void *dx, *dz, *partial, *scratch;
   int64_t batch, height, width, dim, rank, dstate;
   int64_t chunk_len, chunks;
+  bool n1;  // the d_state-1 main kernel (ss2d_bwd_n1_kernel.cuh, v3; chunk_len a multiple of
+            // kSs2dN1Tile, dt_rank <= 16); false: v1's
 };
 
 // Positions per backward tile: the state of every position of a tile lives in shared memory,
@@ -140,6 +142,44 @@ inline size_t ss2d_bwd_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, siz
   return ss2d_bwd_stage_bytes(dim, rank, dstate, acc_bytes) +
          acc_bytes * (thr * (T * maxn + 1) + thr * (T + 1));
 }
+
+// The d_state-1 backward's main kernel (v3): blocks and tiles as the forward v3's (32 channels
+// x 8 warps, 64 positions). Its dynamic shared memory, accumulation type unless named:
+//   z rows, two stages (2 x tile x zstride; rpad 8 or 16 as the forward's), x (2 x tile x 32,
+//   x's type), dy (2 x tile x 32, room for the accumulation type), the warps' segments
+//   (warps x 32 x 4), the per-position terms summed over channels (3 x tile x 36: dpre, the dB
+//   and dC terms), du (tile x 32), dt_projs_weight (rpad x 32)
+constexpr int kSs2dBwdN1RedStride = 36;  // 32 lanes + 4: 16-byte rows, fewer bank conflicts
+struct Ss2dBwdN1Layout {
+  int rpad, zstride;
+  size_t z, x, dy, seg, red, du, w, bytes;
+};
+__host__ __device__ inline Ss2dBwdN1Layout ss2d_bwd_n1_layout(int rank, size_t x_bytes,
+                                                              size_t acc_bytes) {
+  Ss2dBwdN1Layout l{};
+  const int vec = int(16 / acc_bytes);
+  l.rpad = rank <= 8 ? 8 : 16;
+  l.zstride = l.rpad + vec;
+  const size_t tile = size_t(kSs2dN1Tile), lanes = size_t(kSs2dN1Lanes);
+  size_t at = 0;
+  l.z = at;
+  at += 2 * tile * size_t(l.zstride) * acc_bytes;
+  l.dy = at;
+  at += 2 * tile * lanes * acc_bytes;
+  l.seg = at;
+  at += size_t(kSs2dN1Warps) * lanes * 4 * acc_bytes;
+  l.red = at;
+  at += 3 * tile * size_t(kSs2dBwdN1RedStride) * acc_bytes;
+  l.du = at;
+  at += tile * lanes * acc_bytes;
+  l.w = at;
+  at += size_t(l.rpad) * lanes * acc_bytes;
+  l.x = at;
+  at += 2 * tile * lanes * x_bytes;
+  l.bytes = (at + 15) / 16 * 16;
+  return l;
+}
+constexpr int64_t kSs2dBwdN1MaxRank = 16;
 
 __host__ __device__ inline int64_t ss2d_bwd_summary_elems(const Ss2dBwdParams& p) {
   return p.batch * 4 * p.chunks * p.dim * p.dstate;

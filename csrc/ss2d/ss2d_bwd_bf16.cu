@@ -1,6 +1,6 @@
 // The fused CUDA SS2D backward for __nv_bfloat16 input (one translation unit per dtype, so nvcc builds
 // them in parallel). The kernels are in ss2d_bwd_kernel.cuh.
-#include "ss2d/ss2d_bwd_kernel.cuh"
+#include "ss2d/ss2d_bwd_n1_kernel.cuh"
 
 namespace pyssm {
 

@@ -446,17 +446,5 @@ cudaError_t launch(const Ss2dBwdParams& p, cudaStream_t stream) {
   return launch_kernel(main_kernel<T, kMaxN, kTile>, grid, dim3(threads), smem, stream, p);
 }
 
-template <typename T>
-cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
-  if (p.batch * p.height * p.width * p.dim == 0) return cudaSuccess;
-  if (p.dstate < 1 || p.dstate > kSs2dMaxState || p.chunks < 1 || p.chunk_len < 1 ||
-      p.batch * 4 > 65535 || p.chunks > 65535 || p.height * p.width >= (int64_t(1) << 31))
-    return cudaErrorInvalidValue;
-  if (p.dstate == 1) return launch<T, 1>(p, stream);
-  if (p.dstate <= 4) return launch<T, 4>(p, stream);
-  if (p.dstate <= 8) return launch<T, 8>(p, stream);
-  return launch<T, 16>(p, stream);
-}
-
 }  // namespace ss2d_bwd
 }  // namespace pyssm

@@ -1,7 +1,8 @@
 // ss2d on CUDA tensors. Forward: the fused kernel (ss2d_n1_kernel.cuh at d_state 1,
 // ss2d_kernel.cuh otherwise) after one x_proj GEMM.
-// Backward: the fused kernels (ss2d_bwd_kernel.cuh) between the x_proj GEMM (recomputed) and
-// the GEMMs of x_proj's adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
+// Backward: the fused kernels (ss2d_bwd_kernel.cuh; at d_state 1 the main one from
+// ss2d_bwd_n1_kernel.cuh) between the x_proj GEMM (recomputed) and the GEMMs of x_proj's
+// adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
 // tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
 // ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
 #include <ATen/ATen.h>
@@ -156,9 +157,17 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const LaunchBwd launch = bwd_launcher(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  // d_state 1, dt_rank <= 16: v3's main kernel (ss2d_bwd_n1_kernel.cuh) after v1's summary,
+  // unless PYSSM_SS2D_BWD=v1 (read at every call; the benchmark times both)
+  const char* bwd_env = std::getenv("PYSSM_SS2D_BWD");
+  const bool n1 = launch != nullptr && s.dstate == 1 && s.rank <= kSs2dBwdN1MaxRank &&
+                  !(bwd_env != nullptr && std::string(bwd_env) == "v1") &&
+                  ss2d_bwd_n1_layout(int(s.rank), x.element_size(), acc_bytes).bytes + 1024 <=
+                      smem_limit &&
+                  ss2d_bwd_stage_bytes(s.dim, s.rank, 1, acc_bytes) <= smem_limit;
   const bool fits = launch != nullptr && x.numel() > 0 && s.dstate <= kSs2dMaxState &&
                     s.batch * 4 <= 65535 &&
-                    ss2d_bwd_smem_bytes(s.dim, s.rank, s.dstate, acc_bytes) <= smem_limit;
+                    (n1 || ss2d_bwd_smem_bytes(s.dim, s.rank, s.dstate, acc_bytes) <= smem_limit);
   if (!fits) {
     return ss2d_backward_composed(dout, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
                                   Ds, channels_first);
@@ -185,7 +194,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   p.dim = D;
   p.rank = R;
   p.dstate = N;
-  std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, ss2d_bwd_tile(N));
+  p.n1 = n1;
+  std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, n1 ? kSs2dN1Tile : ss2d_bwd_tile(N));
   const at::TensorOptions opts = x.options().dtype(acc);
   at::Tensor dx = at::zeros({B, L, D}, opts);
   at::Tensor dz = at::zeros({B, L, 4, zw}, opts);

@@ -3,7 +3,7 @@
 // launchers (template dispatch, argument checks) and the real kernel code, nothing rewritten.
 #include "ss2d/cross_scan.cu"
 #include "ss2d/selective_scan_kernel.cuh"
-#include "ss2d/ss2d_bwd_kernel.cuh"
+#include "ss2d/ss2d_bwd_n1_kernel.cuh"
 #include "ss2d/ss2d_n1_kernel.cuh"
 
 namespace {
@@ -139,8 +139,9 @@ int64_t emu_ss2d_fwd_scratch(const int64_t* sizes) {
 
 int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const void* z,
                  const void* dt_w, const void* dt_b, const void* A, const void* Ds, void* dx,
-                 void* dz, void* partial, void* scratch, const int64_t* sizes) {
+                 void* dz, void* partial, void* scratch, const int64_t* sizes, int n1) {
   auto p = ss2d_params<pyssm::Ss2dBwdParams>(sizes);
+  p.n1 = n1 != 0;
   p.x = x;
   p.dy = dy;
   p.dy_acc = dy_acc != 0;

@@ -149,13 +149,13 @@ def forward_emulated(emu, x, ws, chunks, n1=False):
     return y.view(B, H, W, D)
 
 
-def backward_emulated(emu, dy, x, ws, chunks):
+def backward_emulated(emu, dy, x, ws, chunks, n1=False):
     B, H, W, D = x.shape
     L = H * W
     R, N = ws[1].shape[2], ws[3].shape[1]
     zw = R + 2 * N
     acc, z, dtw, dtb, A, Ds = prepare(x, ws)
-    tile = emu.emu_ss2d_bwd_tile(N)
+    tile = 64 if n1 else emu.emu_ss2d_bwd_tile(N)  # (v3: chunks of whole 64-position tiles)
     chunk_len = -(-(-(-L // chunks)) // tile) * tile
     chunks = -(-L // chunk_len)
     sizes = sizes_of(x, ws, chunk_len, chunks)
@@ -167,7 +167,7 @@ def backward_emulated(emu, dy, x, ws, chunks):
     dy = dy.to(acc) if dy_acc else dy
     rc = emu.emu_ss2d_bwd(CODES[x.dtype], ptr(x), ptr(dy.contiguous()), int(dy_acc), ptr(z),
                           ptr(dtw), ptr(dtb), ptr(A), ptr(Ds), ptr(dx), ptr(dz), ptr(partial),
-                          ptr(scratch), sizes)
+                          ptr(scratch), sizes, int(n1))
     assert rc == 0, f"launcher returned cudaError {rc}"
     dzf = dz.view(B * L, 4 * zw)
     dx = dx.view(B * L, D) + dzf @ ws[0].to(acc).reshape(4 * zw, D)
@@ -251,6 +251,30 @@ def test_ss2d_backward(emu, case, dtype, dy_dtype):
     x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
     dy = torch.randn(B, H, W, D, dtype=dy_dtype)
     got = backward_emulated(emu, dy, x, ws, chunks)
+    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
+    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
+    tol = 1e-11 if dtype == F64 else 1e-4
+    for name, a, b in zip(NAMES, got, want):
+        err = (a.double() - b).abs().max()
+        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+
+
+# The d_state-1 backward (v3's main kernel after v1's summary and carry): dt_rank 2-16 (8- and
+# 16-wide registers), one channel block (plain adds into dz) and two (atomics: D 33, 40, 64),
+# one chunk of 1-3 tiles and 2-3 chunks of whole tiles and a partial last one.
+N1_BWD_CASES = [c for c in N1_CASES if c[4] <= 16]
+N1_BWD_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in N1_BWD_CASES]
+
+
+@pytest.mark.parametrize("case", N1_BWD_CASES, ids=N1_BWD_IDS)
+@pytest.mark.parametrize("dtype,dy_dtype", [(F64, F64), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32)])
+def test_ss2d_backward_n1(emu, case, dtype, dy_dtype):
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    dy = torch.randn(B, H, W, D, dtype=dy_dtype)
+    got = backward_emulated(emu, dy, x, ws, chunks, n1=True)
     exact_in = [t.double().requires_grad_() for t in (x, *ws)]
     want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
     tol = 1e-11 if dtype == F64 else 1e-4

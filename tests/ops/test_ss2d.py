@@ -312,11 +312,17 @@ def test_fused_backward_model_matches_autograd(case):
     (3, 17, 31, 130, 3, 4, True),   # two channel blocks (dz by atomics), channels-first
     (2, 1, 97, 7, 16, 1, False),    # a single row; d_state 16 (tiles of 4)
     (2, 9, 11, 33, 8, 6, False),    # d_state 8, a block of 64 threads with 31 idle
+    (3, 17, 31, 40, 1, 6, True),    # d_state 1 (v3's main kernel): two channel blocks
+    (2, 9, 40, 96, 1, 12, False),   # d_state 1, VMamba-T's width, dt_rank 12
 ])
+@pytest.mark.parametrize("env", [{}, {"PYSSM_SS2D_BWD": "v1"}], ids=["default", "v1"])
 def test_cuda_fused_backward_at_sizes_that_chunk(device, backend, B, H, W, D, N, R,
-                                                 channels_first):
+                                                 channels_first, env, monkeypatch):
     """CUDA: every gradient of the fused backward against the float64 CPU kernel, in float64
-    and in float32 (whose bound covers fp32 rounding and the order of the atomic sums)."""
+    and in float32 (whose bound covers fp32 rounding and the order of the atomic sums); at
+    d_state 1 v3's main kernel by default, v1's with PYSSM_SS2D_BWD=v1."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     x = make_x(B, H, W, D, device, channels_first=channels_first)
     ws = make_weights(D, N, R, device)
     g = torch.randn_like(x)
