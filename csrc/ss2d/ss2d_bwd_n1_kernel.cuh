@@ -318,27 +318,36 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     {
       const int j = tid / 4, qtr = tid % 4;
       const int jj = j < count ? j : 0;
-      const acc_t* pre_row = red_pre + jj * kRed + qtr * 8;
-      const acc_t* b_row = red_b + jj * kRed + qtr * 8;
-      const acc_t* c_row = red_c + jj * kRed + qtr * 8;
+      // 16-byte loads: rows of kRed (36) values and these 8 start on 16-byte boundaries
+      using V = Vec16<acc_t>;
+      const V* pre_row = reinterpret_cast<const V*>(red_pre + jj * kRed + qtr * 8);
+      const V* b_row = reinterpret_cast<const V*>(red_b + jj * kRed + qtr * 8);
+      const V* c_row = reinterpret_cast<const V*>(red_c + jj * kRed + qtr * 8);
       acc_t sums[kMaxR + 2];
-      acc_t sb = 0, sc = 0;
+      acc_t sb = 0, sc = 0, pv[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        sb += b_row[e];
-        sc += c_row[e];
+      for (int q = 0; q < 8 / kVec; ++q) {
+        const V bv = b_row[q], cv = c_row[q], prev = pre_row[q];
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          sb += bv.v[e];
+          sc += cv.v[e];
+          pv[q * kVec + e] = prev.v[e];
+        }
       }
       sums[kMaxR] = sb;
       sums[kMaxR + 1] = sc;
-      acc_t pv[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) pv[e] = pre_row[e];
 #pragma unroll
       for (int r = 0; r < kMaxR; ++r) {
         acc_t s = 0;
         if (r < R) {
+          const V* wrow = reinterpret_cast<const V*>(ws + r * kN1Lanes + qtr * 8);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) s += pv[e] * ws[r * kN1Lanes + qtr * 8 + e];
+          for (int q = 0; q < 8 / kVec; ++q) {
+            const V wv = wrow[q];
+#pragma unroll
+            for (int e = 0; e < kVec; ++e) s += pv[q * kVec + e] * wv.v[e];
+          }
         }
         sums[r] = s;
       }
