@@ -115,6 +115,7 @@ struct Ss2dBwdParams {
   int64_t chunk_len, chunks;
   bool n1;  // the d_state-1 main kernel (ss2d_bwd_n1_kernel.cuh, v3; chunk_len a multiple of
             // kSs2dN1Tile, dt_rank <= 16); false: v1's
+  bool n1_summary;  // with n1: the summary pass in v3's layout too; false: v1's
 };
 
 // Positions per backward tile: the state of every position of a tile lives in shared memory,

@@ -1,7 +1,10 @@
-// Fused CUDA SS2D backward v3: the main kernel of the d_state-1 path (VMamba v2's
-// configurations, dt_rank up to 16), after v1's summary and carry kernels
-// (ss2d_bwd_kernel.cuh, which give the state entering every 16-position tile from zero, the
-// dt summed before it, and each chunk's entering state and adjoint from the right).
+// Fused CUDA SS2D backward v3: the d_state-1 path (VMamba v2's configurations, dt_rank up to
+// 16). Three launches, as v1 (ss2d_bwd_kernel.cuh): a summary pass (the state entering every
+// tile from zero and the dt summed before it, each chunk's decay, end state and adjoint
+// summary; n1_kernel<..., true>, or v1's summary_kernel when p.n1_summary is false), v1's
+// carry kernel (each chunk's entering state and adjoint from the right), the main pass
+// (n1_kernel<..., false>). The summary pass is the main kernel's loads, sweep 1 and chains,
+// tiles first to last; it writes the tile states where v1's 16-position tiles would have them.
 //
 // v1's main kernel gives each channel one thread that walks its chunk's positions backwards,
 // with h and dt of a 16-position tile in shared memory: a serial chain per thread, as v2's
@@ -50,9 +53,12 @@ struct alignas(4 * sizeof(acc_t)) Segment {
   acc_t P, H, S, unused;  // product of decays, state from zero, adjoint passed left from zero
 };
 
-template <typename T, int kMaxR>
+// kSummary: the summary pass instead (tiles first to last: the state entering every tile from
+// zero and the dt summed before it, at the tiles where v1's summary would write them, and the
+// chunk's decay, end state and adjoint summary), which needs only sweep 1 and the chains.
+template <typename T, int kMaxR, bool kSummary>
 __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::type) == 4 ? 2 : 1))
-    main_n1_kernel(const Ss2dBwdParams p) {
+    n1_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
   constexpr int kThreads = kN1Lanes * kN1Warps;
   constexpr int kVec = Vec16<acc_t>::n;
@@ -106,7 +112,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
                       reinterpret_cast<uintptr_t>(p.dx) % 16 == 0;
 
   // iteration it works on tile tiles - 1 - it (the chunk from its last tile to its first)
-  auto tile_of = [&](int it) { return tiles - 1 - it; };
+  auto tile_of = [&](int it) { return kSummary ? it : tiles - 1 - it; };
   auto tile_count = [&](int t) {
     const int64_t left = l_end - l_begin - int64_t(t) * kN1Tile;
     return int(left < kN1Tile ? left : kN1Tile);
@@ -188,11 +194,14 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   __syncthreads();
   if (tiles > 0) load_tile(0);
 
-  const acc_t h_chunk = active ? summary<acc_t>(p, kStateIn)[sat] : acc_t(0);
-  const acc_t* ts_base = tile_states<acc_t>(p) + bkc * tpc * D + dd;  // tile 0 of the chunk
-  const acc_t* tdt_base = tile_dts<acc_t>(p, kV1Tile) + bkc * tpc * D + dd;
-  acc_t carry = active ? summary<acc_t>(p, kAdjIn)[sat] : acc_t(0);  // a_{l+1} g_{l+1}
+  acc_t* ts_base = tile_states<acc_t>(p) + bkc * tpc * D + dd;  // tile 0 of the chunk
+  acc_t* tdt_base = tile_dts<acc_t>(p, kV1Tile) + bkc * tpc * D + dd;
+  const acc_t h_chunk = !kSummary && active ? summary<acc_t>(p, kStateIn)[sat] : acc_t(0);
+  acc_t carry = !kSummary && active ? summary<acc_t>(p, kAdjIn)[sat] : acc_t(0);  // a g, right
   acc_t dA = 0, dDs = 0, dbias = 0;
+  // the summary pass: the state from zero, the dt summed, the adjoint summary
+  // sum_l (prod_{m <= l} a_m) dy_l C_l and the product of decays, from the chunk's start
+  acc_t h_run = 0, dt_run = 0, adj_run = 0, P_run = 1;
 
   for (int it = 0; it < tiles; ++it) {
     const int t = tile_of(it), count = tile_count(t);
@@ -205,9 +214,13 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     cp_async_wait<1>();
     __syncthreads();
 
+    if (kSummary && active && warp == 0) {
+      ts_base[int64_t(t) * (kN1Tile / kV1Tile) * D] = h_run;
+      tdt_base[int64_t(t) * (kN1Tile / kV1Tile) * D] = dt_run;
+    }
     // the state entering the tile (summary kernel's tile 4t starts where this one does)
     acc_t h_tile = 0;
-    if (active) {
+    if (!kSummary && active) {
       const int64_t at = int64_t(t) * (kN1Tile / kV1Tile) * D;
       h_tile = ts_base[at] + exp_(A * tdt_base[at]) * h_chunk;
     }
@@ -216,6 +229,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     // made the identity (decay 1, no input, no adjoint source)
     acc_t dt[kN1Steps], a[kN1Steps], bu[kN1Steps], sig[kN1Steps];
     acc_t P = 1, Hs = 0, S = 0;  // S: the adjoint this warp passes left, from zero on its right
+    acc_t Q = 0, dts = 0;        // (summary) sum of (prod of decays so far) dy C; dt summed
 #pragma unroll
     for (int i = 0; i < kN1Steps; ++i) {
       const int j = warp * kN1Steps + i;
@@ -231,12 +245,30 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       // softplus(pre) and sigmoid(pre) from one exp(-|pre|)
       const acc_t ex = exp_(-(pre > acc_t(0) ? pre : -pre));
       dt[i] = (pre > acc_t(0) ? pre : acc_t(0)) + scan::log1p_unit(ex);
-      sig[i] = (pre > acc_t(0) ? acc_t(1) : ex) / (acc_t(1) + ex);
+      if (!kSummary) sig[i] = (pre > acc_t(0) ? acc_t(1) : ex) / (acc_t(1) + ex);
       const bool step = active && j < count;
       a[i] = step ? exp_(dt[i] * A) : acc_t(1);
       bu[i] = step ? dt[i] * u * row[kRpad] : acc_t(0);
       P *= a[i];
       Hs = a[i] * Hs + bu[i];
+      if (kSummary && step) {
+        dts += dt[i];
+        Q += P * dy_at(dyst, j * kN1Lanes + lane) * row[kRpad + 1];
+      }
+    }
+    if constexpr (kSummary) {
+      seg[warp * kN1Lanes + lane] = Segment<acc_t>{P, Hs, Q, dts};
+      __syncthreads();
+#pragma unroll
+      for (int s = 0; s < kN1Warps; ++s) {
+        const Segment<acc_t> sg = seg[s * kN1Lanes + lane];
+        adj_run += P_run * sg.S;
+        P_run *= sg.P;
+        h_run = sg.P * h_run + sg.H;
+        dt_run += sg.unused;
+      }
+      if (it + 2 < tiles) tile_pixels(it + 2);
+      continue;
     }
 #pragma unroll
     for (int i = kN1Steps - 1; i >= 0; --i) {
@@ -391,6 +423,14 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     if (it + 2 < tiles) tile_pixels(it + 2);
   }
 
+  if constexpr (kSummary) {
+    if (active && warp == 0) {
+      summary<acc_t>(p, kDecay)[sat] = exp_(A * dt_run);
+      summary<acc_t>(p, kLocal)[sat] = h_run;
+      summary<acc_t>(p, kAdjLocal)[sat] = adj_run;
+    }
+    return;
+  }
   // the chunk's per-channel sums: over the 8 warps through shared memory, then one write
   constexpr int kPlanes = 3 + kMaxR;  // dA, dDs, dbias, dt_projs_weight
   __syncthreads();  // the last tile's sums are read
@@ -415,22 +455,26 @@ template <typename T, int kMaxR>
 cudaError_t launch_n1(const Ss2dBwdParams& p, cudaStream_t stream) {
   using acc_t = typename Acc<T>::type;
   if (p.chunk_len % kN1Tile != 0) return cudaErrorInvalidValue;
-  // v1's summary and carry (its blocks of up to 128 channels, its 16-position tiles)
-  const int threads = ss2d_threads(p.dim);
-  const dim3 grid1(unsigned((p.dim + threads - 1) / threads), unsigned(p.chunks),
-                   unsigned(p.batch * 4));
-  const size_t stage = ss2d_bwd_stage_bytes(p.dim, p.rank, 1, sizeof(acc_t));
-  cudaError_t err = launch_kernel(summary_kernel<T, 1, kV1Tile>, grid1, dim3(threads), stage,
-                                  stream, p);
+  const dim3 grid(unsigned((p.dim + kN1Lanes - 1) / kN1Lanes), unsigned(p.chunks),
+                  unsigned(p.batch * 4));
+  const size_t smem = ss2d_bwd_n1_layout(int(p.rank), sizeof(T), sizeof(acc_t)).bytes;
+  cudaError_t err;
+  if (p.n1_summary) {
+    err = launch_kernel(n1_kernel<T, kMaxR, true>, grid, dim3(kN1Lanes * kN1Warps), smem,
+                        stream, p);
+  } else {  // v1's summary (its blocks of up to 128 channels, its 16-position tiles)
+    const int threads = ss2d_threads(p.dim);
+    const dim3 grid1(unsigned((p.dim + threads - 1) / threads), unsigned(p.chunks),
+                     unsigned(p.batch * 4));
+    const size_t stage = ss2d_bwd_stage_bytes(p.dim, p.rank, 1, sizeof(acc_t));
+    err = launch_kernel(summary_kernel<T, 1, kV1Tile>, grid1, dim3(threads), stage, stream, p);
+  }
   if (err != cudaSuccess) return err;
   const int64_t n = p.batch * 4 * p.dim;
   err = launch_kernel(carry_kernel<acc_t>, dim3(unsigned((n + 255) / 256)), dim3(256), 0, stream,
                       p);
   if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned((p.dim + kN1Lanes - 1) / kN1Lanes), unsigned(p.chunks),
-                  unsigned(p.batch * 4));
-  const size_t smem = ss2d_bwd_n1_layout(int(p.rank), sizeof(T), sizeof(acc_t)).bytes;
-  return launch_kernel(main_n1_kernel<T, kMaxR>, grid, dim3(kN1Lanes * kN1Warps), smem, stream,
+  return launch_kernel(n1_kernel<T, kMaxR, false>, grid, dim3(kN1Lanes * kN1Warps), smem, stream,
                        p);
 }
 

@@ -157,11 +157,13 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const LaunchBwd launch = bwd_launcher(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  // d_state 1, dt_rank <= 16: v3's main kernel (ss2d_bwd_n1_kernel.cuh) after v1's summary,
-  // unless PYSSM_SS2D_BWD=v1 (read at every call; the benchmark times both)
+  // d_state 1, dt_rank <= 16: v3's summary and main kernels (ss2d_bwd_n1_kernel.cuh), unless
+  // PYSSM_SS2D_BWD=v1 (v1's kernels) or v1-summary (v1's summary, v3's main kernel); read at
+  // every call, the benchmark times all three
   const char* bwd_env = std::getenv("PYSSM_SS2D_BWD");
+  const std::string bwd_version = bwd_env != nullptr ? bwd_env : "";
   const bool n1 = launch != nullptr && s.dstate == 1 && s.rank <= kSs2dBwdN1MaxRank &&
-                  !(bwd_env != nullptr && std::string(bwd_env) == "v1") &&
+                  bwd_version != "v1" &&
                   ss2d_bwd_n1_layout(int(s.rank), x.element_size(), acc_bytes).bytes + 1024 <=
                       smem_limit &&
                   ss2d_bwd_stage_bytes(s.dim, s.rank, 1, acc_bytes) <= smem_limit;
@@ -195,6 +197,7 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   p.rank = R;
   p.dstate = N;
   p.n1 = n1;
+  p.n1_summary = n1 && bwd_version != "v1-summary";
   std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, n1 ? kSs2dN1Tile : ss2d_bwd_tile(N));
   const at::TensorOptions opts = x.options().dtype(acc);
   at::Tensor dx = at::zeros({B, L, D}, opts);

@@ -80,10 +80,13 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     # passes) beside the d_state-1 one (v3) that `ours` runs at these shapes
     v2 = harness.Provider(f"pyssm-{kernel}-fwd-v2", ours.fn, ours.status, modes=("forward",),
                           env={"PYSSM_SS2D_FWD": "v2"})
-    # the backward's v1 main kernel (a thread per channel walks each chunk backwards) beside
-    # v3's (the default at d_state 1)
+    # the backward's v1 kernels (a thread per channel walks each chunk) beside v3's (the
+    # default at d_state 1)
     bwd_v1 = harness.Provider(f"pyssm-{kernel}-bwd-v1", ours.fn, ours.status,
                               modes=("backward", "full"), env={"PYSSM_SS2D_BWD": "v1"})
+    # v3's main kernel after v1's summary pass: which half of the change did what
+    bwd_v1_summary = harness.Provider(f"pyssm-{kernel}-bwd-v1-summary", ours.fn, ours.status,
+                                      modes=("backward",), env={"PYSSM_SS2D_BWD": "v1-summary"})
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
     # and VMamba-T only, where it finishes in seconds
@@ -110,7 +113,8 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                              "batch": batch, "D": dim, "d_state": dstate, "dt_rank": rank},
             make_inputs=lambda b=batch, g=grid, d=dim, r=rank: ss2d_inputs(b, g, d, dstate, r,
                                                                            dtype, device),
-            providers=[ours] + ([one_chunk, v2, bwd_v1] if device.type == "cuda" else [])
+            providers=[ours] + ([one_chunk, v2, bwd_v1, bwd_v1_summary]
+                                if device.type == "cuda" else [])
             + [pieces, too_slow if slow else reference],
             modes=("forward", "backward", "full"),
             dtype=str(dtype).removeprefix("torch."),

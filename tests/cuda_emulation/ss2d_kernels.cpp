@@ -141,7 +141,9 @@ int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const voi
                  const void* dt_w, const void* dt_b, const void* A, const void* Ds, void* dx,
                  void* dz, void* partial, void* scratch, const int64_t* sizes, int n1) {
   auto p = ss2d_params<pyssm::Ss2dBwdParams>(sizes);
-  p.n1 = n1 != 0;
+  p.n1 = n1 != 0;  // 1: v3's main kernel after v1's summary; 2: v3's summary too
+  p.n1_summary = n1 == 2;          // 1: v3's main kernel after v1's summary; 2: v3's summary too
+  p.n1_summary = n1 == 2;
   p.x = x;
   p.dy = dy;
   p.dy_acc = dy_acc != 0;

@@ -149,7 +149,8 @@ def forward_emulated(emu, x, ws, chunks, n1=False):
     return y.view(B, H, W, D)
 
 
-def backward_emulated(emu, dy, x, ws, chunks, n1=False):
+def backward_emulated(emu, dy, x, ws, chunks, n1=0):
+    """n1: 0 v1's kernels; 1 v3's main kernel after v1's summary; 2 v3's summary and main."""
     B, H, W, D = x.shape
     L = H * W
     R, N = ws[1].shape[2], ws[3].shape[1]
@@ -259,9 +260,10 @@ def test_ss2d_backward(emu, case, dtype, dy_dtype):
         assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
 
 
-# The d_state-1 backward (v3's main kernel after v1's summary and carry): dt_rank 2-16 (8- and
-# 16-wide registers), one channel block (plain adds into dz) and two (atomics: D 33, 40, 64),
-# one chunk of 1-3 tiles and 2-3 chunks of whole tiles and a partial last one.
+# The d_state-1 backward (v3's main kernel after the summary, v1's or v3's, and v1's carry):
+# dt_rank 2-16 (8- and 16-wide registers), one channel block (plain adds into dz) and two
+# (atomics: D 33, 40, 64), one chunk of 1-3 tiles and 2-3 chunks of whole tiles and a partial
+# last one.
 N1_BWD_CASES = [c for c in N1_CASES if c[4] <= 16]
 N1_BWD_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in N1_BWD_CASES]
 
@@ -270,11 +272,12 @@ N1_BWD_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in N1_BWD_CASES]
 @pytest.mark.parametrize("dtype,dy_dtype", [(F64, F64), (torch.float32, torch.float32),
                                             (torch.bfloat16, torch.bfloat16),
                                             (torch.bfloat16, torch.float32)])
-def test_ss2d_backward_n1(emu, case, dtype, dy_dtype):
+@pytest.mark.parametrize("summary", ["v3", "v1"])
+def test_ss2d_backward_n1(emu, case, dtype, dy_dtype, summary):
     B, H, W, D, R, N, chunks = case
     x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
     dy = torch.randn(B, H, W, D, dtype=dy_dtype)
-    got = backward_emulated(emu, dy, x, ws, chunks, n1=True)
+    got = backward_emulated(emu, dy, x, ws, chunks, n1=2 if summary == "v3" else 1)
     exact_in = [t.double().requires_grad_() for t in (x, *ws)]
     want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
     tol = 1e-11 if dtype == F64 else 1e-4

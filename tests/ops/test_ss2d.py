@@ -315,12 +315,14 @@ def test_fused_backward_model_matches_autograd(case):
     (3, 17, 31, 40, 1, 6, True),    # d_state 1 (v3's main kernel): two channel blocks
     (2, 9, 40, 96, 1, 12, False),   # d_state 1, VMamba-T's width, dt_rank 12
 ])
-@pytest.mark.parametrize("env", [{}, {"PYSSM_SS2D_BWD": "v1"}], ids=["default", "v1"])
+@pytest.mark.parametrize("env", [{}, {"PYSSM_SS2D_BWD": "v1-summary"},
+                                 {"PYSSM_SS2D_BWD": "v1"}], ids=["default", "v1-summary", "v1"])
 def test_cuda_fused_backward_at_sizes_that_chunk(device, backend, B, H, W, D, N, R,
                                                  channels_first, env, monkeypatch):
     """CUDA: every gradient of the fused backward against the float64 CPU kernel, in float64
     and in float32 (whose bound covers fp32 rounding and the order of the atomic sums); at
-    d_state 1 v3's main kernel by default, v1's with PYSSM_SS2D_BWD=v1."""
+    d_state 1 v3's kernels by default, v3's main one after v1's summary with
+    PYSSM_SS2D_BWD=v1-summary, v1's with PYSSM_SS2D_BWD=v1."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     x = make_x(B, H, W, D, device, channels_first=channels_first)
