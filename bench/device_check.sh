@@ -3,6 +3,7 @@
 #   (a) build pyssm's CUDA kernels for the local GPU arch (pip, editable), logging to a file;
 #   (a2) the Hopper attention kernels once, alone (bench/hopper_smoke.py), with a short limit;
 #   (a3) the Triton kernels once likewise (bench/triton_smoke.py);
+#   (a4) the ss2d d_state-1 kernels once likewise (bench/ss2d_smoke.py);
 #   (b) run the CUDA tests (pytest -m cuda, a process per op test file: bench/cuda_tests.sh);
 #   (c) compute-sanitizer memcheck + racecheck on bench/sanitize_cases.py, if both exist
 #       (before the benchmarks, so that a long benchmark cannot crowd them out);
@@ -110,6 +111,18 @@ if [ "${PYSSM_FLASH_SM90:-}" = 0 ] && [ -z "${PYSSM_FLASH_SM90_DQ:-}" ]; then
   [ "${PYSSM_FLASH_SM90:-}" = 0 ] && unset PYSSM_FLASH_SM90_DQ
 fi
 smoke "triton smoke" PYSSM_TRITON bench/triton_smoke.py
+# (a4) the ss2d d_state-1 kernels (v3), which every later step takes at VMamba's shapes: what
+# fails (exit 1 the forward, 2 the backward, 3 both, else a crash: both) falls back for the
+# later steps to v2's forward (PYSSM_SS2D_FWD=v2) or v1's backward (PYSSM_SS2D_BWD=v1)
+run_step "ss2d smoke" 90 "$LOGS/ss2d_smoke.log" "$PY" bench/ss2d_smoke.py
+case $RC in
+  0) note "ss2d smoke" "$(tail -1 "$LOGS/ss2d_smoke.log")" "$TOOK" ;;
+  1) export PYSSM_SS2D_FWD=v2 ;;
+  2) export PYSSM_SS2D_BWD=v1 ;;
+  *) export PYSSM_SS2D_FWD=v2 PYSSM_SS2D_BWD=v1 ;;
+esac
+[ $RC != 0 ] && note "ss2d smoke" "FAILED: $(outcome "$LOGS/ss2d_smoke.log"); later steps run \
+with PYSSM_SS2D_FWD=${PYSSM_SS2D_FWD:-v3} PYSSM_SS2D_BWD=${PYSSM_SS2D_BWD:-v3}" "$TOOK"
 
 # (b) CUDA tests, one process per op test file, side by side (bench/cuda_tests.sh)
 run_step tests 240 "$LOGS/tests.log" bash bench/cuda_tests.sh "$LOGS"

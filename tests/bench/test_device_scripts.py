@@ -1,6 +1,7 @@
 """The scripts the device check runs on a GPU, run here on the CPU kernels (their CPU modes), so
 that a broken script is found before it costs device time: bench/sanitize_cases.py,
-bench/ncu_cases.py, bench/hopper_smoke.py, and bench/device_check.sh's syntax."""
+bench/ncu_cases.py, bench/hopper_smoke.py, bench/ss2d_smoke.py, and bench/device_check.sh's
+syntax."""
 
 import os
 import subprocess
@@ -35,6 +36,30 @@ def test_hopper_smoke_skips_without_an_sm90_gpu():
     done = run([sys.executable, "bench/hopper_smoke.py"], PYSSM_HOPPER_SMOKE_DEVICE="cpu")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "hopper smoke: skipped" in done.stdout
+
+
+def test_ss2d_smoke_runs_on_the_cpu_kernels():
+    done = run([sys.executable, "bench/ss2d_smoke.py"], PYSSM_SS2D_SMOKE_DEVICE="cpu")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "ss2d smoke: ok" in done.stdout
+
+
+def test_ss2d_smoke_reports_a_wrong_forward(monkeypatch):
+    """The exit status says which half failed: a forward off by 1% gives 1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import ss2d_smoke
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("PYSSM_SS2D_SMOKE_DEVICE", "cpu")
+    real = ss2d_smoke.ops.ss2d
+
+    def off(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out * 1.01 if kwargs.get("out_float32") else out  # the forward check's calls
+
+    monkeypatch.setattr(ss2d_smoke.ops, "ss2d", off)
+    assert ss2d_smoke.main() == 1
 
 
 @pytest.mark.parametrize("script", ["bench/device_check.sh", "bench/cuda_tests.sh"])
