@@ -227,7 +227,13 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
 
     // 1. sweep 1: every lane computes every step; steps past the tile or the channels are
     // made the identity (decay 1, no input, no adjoint source)
-    acc_t dt[kN1Steps], a[kN1Steps], bu[kN1Steps], sig[kN1Steps];
+    // delta and sigmoid(pre) of each step wait for sweep 2 in the slots of the sums over
+    // channels that sweep 2 then writes at the same (position, lane), h before each step
+    // likewise: shared memory instead of 24 registers (ptxas spilled at 2 blocks an SM)
+    acc_t* red_pre = red;
+    acc_t* red_b = red + kN1Tile * kRed;
+    acc_t* red_c = red + 2 * kN1Tile * kRed;
+    acc_t a[kN1Steps], bu[kN1Steps];
     acc_t P = 1, Hs = 0, S = 0;  // S: the adjoint this warp passes left, from zero on its right
     acc_t Q = 0, dts = 0;        // (summary) sum of (prod of decays so far) dy C; dt summed
 #pragma unroll
@@ -244,15 +250,18 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       }
       // softplus(pre) and sigmoid(pre) from one exp(-|pre|)
       const acc_t ex = exp_(-(pre > acc_t(0) ? pre : -pre));
-      dt[i] = (pre > acc_t(0) ? pre : acc_t(0)) + scan::log1p_unit(ex);
-      if (!kSummary) sig[i] = (pre > acc_t(0) ? acc_t(1) : ex) / (acc_t(1) + ex);
+      const acc_t dt = (pre > acc_t(0) ? pre : acc_t(0)) + scan::log1p_unit(ex);
+      if (!kSummary) {
+        red_b[j * kRed + lane] = dt;
+        red_pre[j * kRed + lane] = (pre > acc_t(0) ? acc_t(1) : ex) / (acc_t(1) + ex);
+      }
       const bool step = active && j < count;
-      a[i] = step ? exp_(dt[i] * A) : acc_t(1);
-      bu[i] = step ? dt[i] * u * row[kRpad] : acc_t(0);
+      a[i] = step ? exp_(dt * A) : acc_t(1);
+      bu[i] = step ? dt * u * row[kRpad] : acc_t(0);
       P *= a[i];
       Hs = a[i] * Hs + bu[i];
       if (kSummary && step) {
-        dts += dt[i];
+        dts += dt;
         Q += P * dy_at(dyst, j * kN1Lanes + lane) * row[kRpad + 1];
       }
     }
@@ -300,18 +309,14 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     carry = G;
 
     // 3. sweep 2, right to left, with h before each step recomputed from h_in
-    acc_t hprev[kN1Steps];
     {
       acc_t h = h_in;
 #pragma unroll
       for (int i = 0; i < kN1Steps; ++i) {
-        hprev[i] = h;
+        red_c[(warp * kN1Steps + i) * kRed + lane] = h;  // h before step i
         h = a[i] * h + bu[i];
       }
     }
-    acc_t* red_pre = red;
-    acc_t* red_b = red + kN1Tile * kRed;
-    acc_t* red_c = red + 2 * kN1Tile * kRed;
     acc_t gn = g_in;
 #pragma unroll
     for (int i = kN1Steps - 1; i >= 0; --i) {
@@ -322,10 +327,12 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       const acc_t Bj = row[kRpad];
       const bool step = active && j < count;
       const acc_t g = (step ? dyv * row[kRpad + 1] : acc_t(0)) + gn;
-      const acc_t ddt = g * (A * a[i] * hprev[i] + Bj * u);
-      const acc_t dpre = step ? ddt * sig[i] : acc_t(0);
+      const acc_t dt = red_b[j * kRed + lane], sig = red_pre[j * kRed + lane];
+      const acc_t hprev = red_c[j * kRed + lane];
+      const acc_t ddt = g * (A * a[i] * hprev + Bj * u);
+      const acc_t dpre = step ? ddt * sig : acc_t(0);
       if (step) {
-        dA += g * dt[i] * a[i] * hprev[i];
+        dA += g * dt * a[i] * hprev;
         dDs += dyv * u;
         dbias += dpre;
 #pragma unroll
@@ -337,9 +344,9 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       }
       if (j < count) {  // lanes past the channels add zeros to the sums over channels
         red_pre[j * kRed + lane] = dpre;
-        red_b[j * kRed + lane] = step ? g * dt[i] * u : acc_t(0);
-        red_c[j * kRed + lane] = step ? dyv * (a[i] * hprev[i] + bu[i]) : acc_t(0);
-        dus[j * kN1Lanes + lane] = Ds * dyv + dt[i] * g * Bj;
+        red_b[j * kRed + lane] = step ? g * dt * u : acc_t(0);
+        red_c[j * kRed + lane] = step ? dyv * (a[i] * hprev + bu[i]) : acc_t(0);
+        dus[j * kN1Lanes + lane] = Ds * dyv + dt * g * Bj;
       }
       gn = a[i] * g;
     }
