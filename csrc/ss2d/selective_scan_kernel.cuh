@@ -4,7 +4,8 @@
 //   y_l = sum_n C_gnl h_l + D_c u_l
 //
 // One block of kThreads threads per (batch, channel) row walks L in tiles of kTile positions;
-// thread t owns kItems consecutive positions of a tile. A linear recurrence is a scan over
+// thread t owns kItems consecutive positions of a tile (at d_state 1 it loads the next tile's
+// inputs before computing this one, so the loads' latency overlaps the compute). A linear recurrence is a scan over
 // (a, b) pairs composed as (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2): each thread composes
 // its items, a block scan (warp shuffles, then the kWarps warp totals through shared memory)
 // gives each thread the state entering its items, and the state leaving the tile carries into
@@ -132,6 +133,42 @@ struct Row {
     bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[c] : acc_t(0);
   }
 
+  // The forward's inputs at this thread's items of the tile at t0, as stored (past L: the
+  // row's first value, which widen() below never uses): loaded a tile ahead of their use, so
+  // that the next tile's loads are in flight while this one is computed.
+  template <int kMaxN>
+  struct Raw {
+    T u[kItems], delta[kItems];
+    T B[kMaxN == 1 ? kItems : 1], C[kMaxN == 1 ? kItems : 1];  // d_state 1's B and C too
+  };
+  template <int kMaxN>
+  __device__ void fetch(int64_t t0, Raw<kMaxN>& r) const {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t l = t0 + threadIdx.x * kItems + i;
+      const int64_t at = l < length ? l : 0;
+      r.u[i] = u[at];
+      r.delta[i] = delta[at];
+      if constexpr (kMaxN == 1) {
+        r.B[i] = B[at];
+        r.C[i] = C[at];
+      }
+    }
+  }
+  // u and dt from fetched values; dt = 0 (the identity step) past L
+  template <int kMaxN>
+  __device__ void widen_raw(int64_t t0, const Raw<kMaxN>& r, acc_t (&uu)[kItems],
+                            acc_t (&dt)[kItems], acc_t (&raw)[kItems], bool softplus_on) const {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t l = t0 + threadIdx.x * kItems + i;
+      const bool ok = l < length;
+      uu[i] = ok ? widen(r.u[i]) : acc_t(0);
+      raw[i] = ok ? widen(r.delta[i]) + bias : acc_t(0);
+      dt[i] = ok ? (softplus_on ? softplus(raw[i]) : raw[i]) : acc_t(0);
+    }
+  }
+
   // u and dt at this thread's items of the tile at t0; dt = 0 (the identity step) past L
   __device__ void load(int64_t t0, acc_t (&uu)[kItems], acc_t (&dt)[kItems],
                        acc_t (&raw)[kItems], bool softplus_on) const {
@@ -160,9 +197,21 @@ __global__ void __launch_bounds__(kThreads)
     Ac[n] = n < p.dstate ? A[n] : acc_t(0);
     carry[n] = 0;
   }
+  // d_state 1 (VMamba v2's) loads the next tile while it computes this one (64 registers, 8
+  // blocks an SM); larger states load each tile at its start (at 16, prefetching took 147
+  // registers against 80)
+  constexpr bool kPrefetch = kMaxN == 1;
+  typename Row<T>::template Raw<kMaxN> next, cur;  // next: the tile after this one, in flight
+  if (kPrefetch && p.length > 0) row.fetch(0, next);
   for (int64_t t0 = 0; t0 < p.length; t0 += kTile) {
     acc_t uu[kItems], dt[kItems], raw[kItems], y[kItems];
-    row.load(t0, uu, dt, raw, p.delta_softplus);
+    if constexpr (kPrefetch) {
+      cur = next;
+      if (t0 + kTile < p.length) row.fetch(t0 + kTile, next);
+      row.widen_raw(t0, cur, uu, dt, raw, p.delta_softplus);
+    } else {
+      row.load(t0, uu, dt, raw, p.delta_softplus);
+    }
 #pragma unroll
     for (int i = 0; i < kItems; ++i) y[i] = row.D * uu[i];
 #pragma unroll
@@ -174,7 +223,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kItems; ++i) {
         const int64_t l = t0 + threadIdx.x * kItems + i;
         a[i] = exp_(dt[i] * Ac[n]);
-        bx[i] = l < p.length ? dt[i] * widen(row.B[n * p.length + l]) * uu[i] : acc_t(0);
+        if constexpr (kPrefetch)
+          bx[i] = l < p.length ? dt[i] * widen(cur.B[i]) * uu[i] : acc_t(0);
+        else
+          bx[i] = l < p.length ? dt[i] * widen(row.B[n * p.length + l]) * uu[i] : acc_t(0);
         mine = then(mine, Step<acc_t>{a[i], bx[i]});
       }
       acc_t h = block_scan<false>(mine, carry[n], smem);
@@ -182,7 +234,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < kItems; ++i) {
         const int64_t l = t0 + threadIdx.x * kItems + i;
         h = a[i] * h + bx[i];
-        if (l < p.length) y[i] += widen(row.C[n * p.length + l]) * h;
+        if constexpr (kPrefetch) {
+          if (l < p.length) y[i] += widen(cur.C[i]) * h;
+        } else {
+          if (l < p.length) y[i] += widen(row.C[n * p.length + l]) * h;
+        }
       }
     }
 #pragma unroll
