@@ -130,11 +130,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     acc_t* zst = zs + (it % 2) * kN1Tile * kZStride;
     T* xst = xs + (it % 2) * kN1Tile * kN1Lanes;
     unsigned char* dyst = dys + size_t(it % 2) * kN1Tile * kN1Lanes * sizeof(acc_t);
-    for (int e = tid; e < count * zw; e += kThreads) {
-      const int j = e / zw, c = e - j * zw;
-      cp_async_small<int(sizeof(acc_t))>(zst + j * kZStride + (c < R ? c : kRpad + c - R),
-                                         z + (int64_t(pix[j]) * 4 + k) * zw + c);
-    }
+    ss2d::n1_load_z(zst, z, pix, count, k, R, kRpad, kZStride, tid);
     if (x_vec) {
       constexpr int kPerRow = kN1Lanes / kXVec;
       for (int e = tid; e < count * kPerRow; e += kThreads) {
@@ -185,10 +181,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   }
   for (int r = warp; r < kRpad; r += kN1Warps)
     ws[r * kN1Lanes + lane] = r < R && active ? dt_w[r] : acc_t(0);
-  for (int e = tid; e < 2 * kN1Tile * kZStride; e += kThreads) {
-    const int c = e % kZStride;
-    if ((c >= R && c < kRpad) || c >= kRpad + 2) zs[e] = acc_t(0);
-  }
+  ss2d::n1_zero_padding(zs, 2 * kN1Tile, R, kRpad, kZStride, tid);
   if (tiles > 0) tile_pixels(0);
   if (tiles > 1) tile_pixels(1);
   __syncthreads();
@@ -241,13 +234,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       const int j = warp * kN1Steps + i;
       const acc_t* row = zst + j * kZStride;
       const acc_t u = widen(xst[j * kN1Lanes + lane]);
-      acc_t pre = bias;
-#pragma unroll
-      for (int q = 0; q < kMaxR / kVec; ++q) {
-        const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) pre += w[q * kVec + e] * zv.v[e];
-      }
+      const acc_t pre = ss2d::n1_pre(row, w, bias);
       // softplus(pre) and sigmoid(pre) from one exp(-|pre|)
       const acc_t ex = exp_(-(pre > acc_t(0) ? pre : -pre));
       const acc_t dt = (pre > acc_t(0) ? pre : acc_t(0)) + scan::log1p_unit(ex);
@@ -276,156 +263,138 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
         h_run = sg.P * h_run + sg.H;
         dt_run += sg.unused;
       }
-      if (it + 2 < tiles) tile_pixels(it + 2);
-      continue;
     }
-#pragma unroll
-    for (int i = kN1Steps - 1; i >= 0; --i) {
-      const int j = warp * kN1Steps + i;
-      const acc_t dyc = active && j < count
-                            ? dy_at(dyst, j * kN1Lanes + lane) * zst[j * kZStride + kRpad + 1]
-                            : acc_t(0);
-      S = a[i] * (dyc + S);
-    }
-    seg[warp * kN1Lanes + lane] = Segment<acc_t>{P, Hs, S, acc_t(0)};
-    __syncthreads();
-
-    // 2. the state entering this warp (left to right) and the adjoint entering it from the
-    // right (right to left); the adjoint leaving the tile to the left carries to the next one
-    acc_t hF = h_tile, h_in = h_tile;
-#pragma unroll
-    for (int s = 0; s < kN1Warps; ++s) {
-      if (s == warp) h_in = hF;
-      const Segment<acc_t> sg = seg[s * kN1Lanes + lane];
-      hF = sg.P * hF + sg.H;
-    }
-    acc_t G = carry, g_in = carry;
-#pragma unroll
-    for (int s = kN1Warps - 1; s >= 0; --s) {
-      if (s == warp) g_in = G;
-      const Segment<acc_t> sg = seg[s * kN1Lanes + lane];
-      G = sg.S + sg.P * G;
-    }
-    carry = G;
-
-    // 3. sweep 2, right to left, with h before each step recomputed from h_in
-    {
-      acc_t h = h_in;
-#pragma unroll
-      for (int i = 0; i < kN1Steps; ++i) {
-        red_c[(warp * kN1Steps + i) * kRed + lane] = h;  // h before step i
-        h = a[i] * h + bu[i];
+    if constexpr (!kSummary) {
+  #pragma unroll
+      for (int i = kN1Steps - 1; i >= 0; --i) {
+        const int j = warp * kN1Steps + i;
+        const acc_t dyc = active && j < count
+                              ? dy_at(dyst, j * kN1Lanes + lane) * zst[j * kZStride + kRpad + 1]
+                              : acc_t(0);
+        S = a[i] * (dyc + S);
       }
-    }
-    acc_t gn = g_in;
-#pragma unroll
-    for (int i = kN1Steps - 1; i >= 0; --i) {
-      const int j = warp * kN1Steps + i;
-      const acc_t* row = zst + j * kZStride;
-      const acc_t u = widen(xst[j * kN1Lanes + lane]);
-      const acc_t dyv = dy_at(dyst, j * kN1Lanes + lane);
-      const acc_t Bj = row[kRpad];
-      const bool step = active && j < count;
-      const acc_t g = (step ? dyv * row[kRpad + 1] : acc_t(0)) + gn;
-      const acc_t dt = red_b[j * kRed + lane], sig = red_pre[j * kRed + lane];
-      const acc_t hprev = red_c[j * kRed + lane];
-      const acc_t ddt = g * (A * a[i] * hprev + Bj * u);
-      const acc_t dpre = step ? ddt * sig : acc_t(0);
-      if (step) {
-        dA += g * dt * a[i] * hprev;
-        dDs += dyv * u;
-        dbias += dpre;
-#pragma unroll
-        for (int q = 0; q < kMaxR / kVec; ++q) {
-          const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) dw[q * kVec + e] += dpre * zv.v[e];
+      seg[warp * kN1Lanes + lane] = Segment<acc_t>{P, Hs, S, acc_t(0)};
+      __syncthreads();
+
+      // 2. the state entering this warp (left to right) and the adjoint entering it from the
+      // right (right to left); the adjoint leaving the tile to the left carries to the next one
+      acc_t hF = h_tile, h_in = h_tile;
+  #pragma unroll
+      for (int s = 0; s < kN1Warps; ++s) {
+        if (s == warp) h_in = hF;
+        const Segment<acc_t> sg = seg[s * kN1Lanes + lane];
+        hF = sg.P * hF + sg.H;
+      }
+      acc_t G = carry, g_in = carry;
+  #pragma unroll
+      for (int s = kN1Warps - 1; s >= 0; --s) {
+        if (s == warp) g_in = G;
+        const Segment<acc_t> sg = seg[s * kN1Lanes + lane];
+        G = sg.S + sg.P * G;
+      }
+      carry = G;
+
+      // 3. sweep 2, right to left, with h before each step recomputed from h_in
+      {
+        acc_t h = h_in;
+  #pragma unroll
+        for (int i = 0; i < kN1Steps; ++i) {
+          red_c[(warp * kN1Steps + i) * kRed + lane] = h;  // h before step i
+          h = a[i] * h + bu[i];
         }
       }
-      if (j < count) {  // lanes past the channels add zeros to the sums over channels
-        red_pre[j * kRed + lane] = dpre;
-        red_b[j * kRed + lane] = step ? g * dt * u : acc_t(0);
-        red_c[j * kRed + lane] = step ? dyv * (a[i] * hprev + bu[i]) : acc_t(0);
-        dus[j * kN1Lanes + lane] = Ds * dyv + dt * g * Bj;
-      }
-      gn = a[i] * g;
-    }
-    __syncthreads();
-
-    // 4. the per-position terms summed over the block's channels: 4 threads a position, 8
-    // channels each, then two shuffles; the 2 + R sums spread over the 4 threads' writes
-    {
-      const int j = tid / 4, qtr = tid % 4;
-      const int jj = j < count ? j : 0;
-      // 16-byte loads: rows of kRed (36) values and these 8 start on 16-byte boundaries
-      using V = Vec16<acc_t>;
-      const V* pre_row = reinterpret_cast<const V*>(red_pre + jj * kRed + qtr * 8);
-      const V* b_row = reinterpret_cast<const V*>(red_b + jj * kRed + qtr * 8);
-      const V* c_row = reinterpret_cast<const V*>(red_c + jj * kRed + qtr * 8);
-      acc_t sums[kMaxR + 2];
-      acc_t sb = 0, sc = 0, pv[8];
-#pragma unroll
-      for (int q = 0; q < 8 / kVec; ++q) {
-        const V bv = b_row[q], cv = c_row[q], prev = pre_row[q];
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          sb += bv.v[e];
-          sc += cv.v[e];
-          pv[q * kVec + e] = prev.v[e];
-        }
-      }
-      sums[kMaxR] = sb;
-      sums[kMaxR + 1] = sc;
-#pragma unroll
-      for (int r = 0; r < kMaxR; ++r) {
-        acc_t s = 0;
-        if (r < R) {
-          const V* wrow = reinterpret_cast<const V*>(ws + r * kN1Lanes + qtr * 8);
-#pragma unroll
-          for (int q = 0; q < 8 / kVec; ++q) {
-            const V wv = wrow[q];
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) s += pv[q * kVec + e] * wv.v[e];
+      acc_t gn = g_in;
+  #pragma unroll
+      for (int i = kN1Steps - 1; i >= 0; --i) {
+        const int j = warp * kN1Steps + i;
+        const acc_t* row = zst + j * kZStride;
+        const acc_t u = widen(xst[j * kN1Lanes + lane]);
+        const acc_t dyv = dy_at(dyst, j * kN1Lanes + lane);
+        const acc_t Bj = row[kRpad];
+        const bool step = active && j < count;
+        const acc_t g = (step ? dyv * row[kRpad + 1] : acc_t(0)) + gn;
+        const acc_t dt = red_b[j * kRed + lane], sig = red_pre[j * kRed + lane];
+        const acc_t hprev = red_c[j * kRed + lane];
+        const acc_t ddt = g * (A * a[i] * hprev + Bj * u);
+        const acc_t dpre = step ? ddt * sig : acc_t(0);
+        if (step) {
+          dA += g * dt * a[i] * hprev;
+          dDs += dyv * u;
+          dbias += dpre;
+  #pragma unroll
+          for (int q = 0; q < kMaxR / kVec; ++q) {
+            const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
+  #pragma unroll
+            for (int e = 0; e < kVec; ++e) dw[q * kVec + e] += dpre * zv.v[e];
           }
         }
-        sums[r] = s;
+        if (j < count) {  // lanes past the channels add zeros to the sums over channels
+          red_pre[j * kRed + lane] = dpre;
+          red_b[j * kRed + lane] = step ? g * dt * u : acc_t(0);
+          red_c[j * kRed + lane] = step ? dyv * (a[i] * hprev + bu[i]) : acc_t(0);
+          dus[j * kN1Lanes + lane] = Ds * dyv + dt * g * Bj;
+        }
+        gn = a[i] * g;
       }
-#pragma unroll
-      for (int v = 0; v < kMaxR + 2; ++v) {
-        sums[v] += __shfl_xor_sync(0xffffffffu, sums[v], 1);
-        sums[v] += __shfl_xor_sync(0xffffffffu, sums[v], 2);
-      }
-      if (j < count) {
-        acc_t* dzrow = dz + (int64_t(pix_s[it % 3][j]) * 4 + k) * zw;
-#pragma unroll
+      __syncthreads();
+
+      // 4. the per-position terms summed over the block's channels: 4 threads a position, 8
+      // channels each, then two shuffles; the 2 + R sums spread over the 4 threads' writes
+      {
+        const int j = tid / 4, qtr = tid % 4;
+        const int jj = j < count ? j : 0;
+        // 16-byte loads: rows of kRed (36) values and these 8 start on 16-byte boundaries
+        using V = Vec16<acc_t>;
+        const V* pre_row = reinterpret_cast<const V*>(red_pre + jj * kRed + qtr * 8);
+        const V* b_row = reinterpret_cast<const V*>(red_b + jj * kRed + qtr * 8);
+        const V* c_row = reinterpret_cast<const V*>(red_c + jj * kRed + qtr * 8);
+        acc_t sums[kMaxR + 2];
+        acc_t sb = 0, sc = 0, pv[8];
+  #pragma unroll
+        for (int q = 0; q < 8 / kVec; ++q) {
+          const V bv = b_row[q], cv = c_row[q], prev = pre_row[q];
+  #pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            sb += bv.v[e];
+            sc += cv.v[e];
+            pv[q * kVec + e] = prev.v[e];
+          }
+        }
+        sums[kMaxR] = sb;
+        sums[kMaxR + 1] = sc;
+  #pragma unroll
+        for (int r = 0; r < kMaxR; ++r) {
+          acc_t s = 0;
+          if (r < R) {
+            const V* wrow = reinterpret_cast<const V*>(ws + r * kN1Lanes + qtr * 8);
+  #pragma unroll
+            for (int q = 0; q < 8 / kVec; ++q) {
+              const V wv = wrow[q];
+  #pragma unroll
+              for (int e = 0; e < kVec; ++e) s += pv[q * kVec + e] * wv.v[e];
+            }
+          }
+          sums[r] = s;
+        }
+  #pragma unroll
         for (int v = 0; v < kMaxR + 2; ++v) {
-          const int col = v < kMaxR ? v : R + (v - kMaxR);
-          if (v % 4 == qtr && (v >= kMaxR || v < R)) {
-            if (shared_dz) atomicAdd(dzrow + col, sums[v]);
-            else dzrow[col] += sums[v];
+          sums[v] += __shfl_xor_sync(0xffffffffu, sums[v], 1);
+          sums[v] += __shfl_xor_sync(0xffffffffu, sums[v], 2);
+        }
+        if (j < count) {
+          acc_t* dzrow = dz + (int64_t(pix_s[it % 3][j]) * 4 + k) * zw;
+  #pragma unroll
+          for (int v = 0; v < kMaxR + 2; ++v) {
+            const int col = v < kMaxR ? v : R + (v - kMaxR);
+            if (v % 4 == qtr && (v >= kMaxR || v < R)) {
+              if (shared_dz) atomicAdd(dzrow + col, sums[v]);
+              else dzrow[col] += sums[v];
+            }
           }
         }
       }
-    }
-    // du into dx, a row of the block's channels at each pixel
-    {
-      const int* pix = pix_s[it % 3];
-      if (dx_vec) {
-        constexpr int kPerRow = kN1Lanes / 4;
-        for (int e = tid; e < count * kPerRow; e += kThreads) {
-          const int j = e / kPerRow, c = (e % kPerRow) * 4;
-          if (c < channels) {
-            const acc_t* v = dus + j * kN1Lanes + c;
-            add4(reinterpret_cast<float*>(dx + int64_t(pix[j]) * D + d0 + c),
-                 make_float4(float(v[0]), float(v[1]), float(v[2]), float(v[3])));
-          }
-        }
-      } else {
-        for (int e = tid; e < count * kN1Lanes; e += kThreads) {
-          const int j = e / kN1Lanes, c = e % kN1Lanes;
-          if (c < channels) atomicAdd(dx + int64_t(pix[j]) * D + d0 + c, dus[e]);
-        }
-      }
+      // du into dx, a row of the block's channels at each pixel
+      ss2d::n1_add_rows(dx, dus, pix_s[it % 3], count, D, d0, channels, dx_vec, tid);
     }
     if (it + 2 < tiles) tile_pixels(it + 2);
   }

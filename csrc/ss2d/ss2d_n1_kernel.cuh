@@ -59,6 +59,70 @@ __device__ __forceinline__ void add4(float* y, const float4& v) {
 #endif
 }
 
+// What the d_state-1 kernels (this forward, ss2d_bwd_n1_kernel.cuh's backward) share: a
+// block's tiles of 64 positions of one direction, 32 channels wide, staged in shared memory.
+constexpr int kN1Threads = kN1Lanes * kN1Warps;
+
+// The z rows of `count` pixels (direction k) into a stage of rows `zstride` wide: dt's R
+// values, padding to rpad (zeroed once by n1_zero_padding), then B and C; cp.async copies of
+// the accumulation type's size, in the caller's commit group.
+template <typename acc_t>
+__device__ __forceinline__ void n1_load_z(acc_t* zst, const acc_t* z, const int* pix, int count,
+                                          int k, int R, int rpad, int zstride, int tid) {
+  const int zw = R + 2;
+  for (int e = tid; e < count * zw; e += kN1Threads) {
+    const int j = e / zw, c = e - j * zw;
+    cp_async_small<int(sizeof(acc_t))>(zst + j * zstride + (c < R ? c : rpad + c - R),
+                                       z + (int64_t(pix[j]) * 4 + k) * zw + c);
+  }
+}
+// Zeroes the padding of `rows` z rows (never copied over, so once before the first tile).
+template <typename acc_t>
+__device__ __forceinline__ void n1_zero_padding(acc_t* zs, int rows, int R, int rpad,
+                                                int zstride, int tid) {
+  for (int e = tid; e < rows * zstride; e += kN1Threads) {
+    const int c = e % zstride;
+    if ((c >= R && c < rpad) || c >= rpad + 2) zs[e] = acc_t(0);
+  }
+}
+// Adds a staged tile (count rows of 32) into the block's channels of `count` pixels' rows of
+// a (L, D) array: 16-byte atomics where `vec` (float, rows 16-byte aligned), 4-byte otherwise.
+template <typename acc_t>
+__device__ __forceinline__ void n1_add_rows(acc_t* out, const acc_t* tile, const int* pix,
+                                            int count, int64_t D, int64_t d0, int channels,
+                                            bool vec, int tid) {
+  if (vec) {
+    constexpr int kPerRow = kN1Lanes / 4;
+    for (int e = tid; e < count * kPerRow; e += kN1Threads) {
+      const int j = e / kPerRow, c = (e % kPerRow) * 4;
+      if (c < channels) {
+        const acc_t* v = tile + j * kN1Lanes + c;
+        add4(reinterpret_cast<float*>(out + int64_t(pix[j]) * D + d0 + c),
+             make_float4(float(v[0]), float(v[1]), float(v[2]), float(v[3])));
+      }
+    }
+  } else {
+    for (int e = tid; e < count * kN1Lanes; e += kN1Threads) {
+      const int j = e / kN1Lanes, c = e % kN1Lanes;
+      if (c < channels) atomicAdd(out + int64_t(pix[j]) * D + d0 + c, tile[e]);
+    }
+  }
+}
+// bias + w . (a z row's dt part), w in registers (kMaxR of them, zero past R; the row zero
+// there too), the row read as 16-byte vectors.
+template <int kMaxR, typename acc_t>
+__device__ __forceinline__ acc_t n1_pre(const acc_t* row, const acc_t (&w)[kMaxR], acc_t bias) {
+  constexpr int kVec = Vec16<acc_t>::n;
+  acc_t pre = bias;
+#pragma unroll
+  for (int q = 0; q < kMaxR / kVec; ++q) {
+    const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) pre += w[q * kVec + e] * zv.v[e];
+  }
+  return pre;
+}
+
 // Blocks an SM should hold: 3 (80 registers a thread) in fp32 accumulation, where ptxas fits
 // every variant but the 16- and 32-wide register weights in that (those take 2: up to 128);
 // fp64 takes what it needs.
@@ -74,7 +138,6 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
                                   (n1_min_blocks<typename Acc<T>::type, kMaxR>()))
     ss2d_n1_kernel(const Ss2dParams p) {
   using acc_t = typename Acc<T>::type;
-  constexpr int kThreads = kN1Lanes * kN1Warps;
   constexpr int kVec = Vec16<acc_t>::n;  // accumulation-type elements in 16 bytes
   constexpr int kXVec = 16 / int(sizeof(T));
   PYSSM_DYNAMIC_SMEM(smem_raw);
@@ -118,7 +181,8 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
 
   auto tile_pixels = [&](int t) {
     const int64_t l0 = l_begin + int64_t(t) * kN1Tile;
-    if (tid < kN1Tile && l0 + tid < l_end) pix_s[t % 3][tid] = pixel(k, int(l0) + tid, int(H), int(W));
+    if (tid < kN1Tile && l0 + tid < l_end)
+      pix_s[t % 3][tid] = pixel(k, int(l0) + tid, int(H), int(W));
   };
   auto tile_count = [&](int t) {
     const int64_t left = l_end - l_begin - int64_t(t) * kN1Tile;
@@ -129,22 +193,19 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
   auto load_tile = [&](int t) {
     const int count = tile_count(t);
     const int* pix = pix_s[t % 3];
-    acc_t* zst = zs + (t % 2) * kN1Tile * zstride;
+    n1_load_z(zs + (t % 2) * kN1Tile * zstride, z, pix, count, k, R, rpad, zstride, tid);
+    // (the same loops as the backward's x and dy loads; through a shared helper, ptxas spilled
+    // 4-8 bytes here and 4-24 more there)
     T* xst = xs + (t % 2) * kN1Tile * kN1Lanes;
-    for (int e = tid; e < count * zw; e += kThreads) {
-      const int j = e / zw, c = e - j * zw;
-      cp_async_small<int(sizeof(acc_t))>(zst + j * zstride + (c < R ? c : rpad + c - R),
-                                         z + (int64_t(pix[j]) * 4 + k) * zw + c);
-    }
     if (x_vec) {
       constexpr int kPerRow = kN1Lanes / kXVec;
-      for (int e = tid; e < count * kPerRow; e += kThreads) {
+      for (int e = tid; e < count * kPerRow; e += kN1Threads) {
         const int j = e / kPerRow, c = (e % kPerRow) * kXVec;
         if (c < channels)
           cp_async_16(xst + j * kN1Lanes + c, x + int64_t(pix[j]) * D + d0 + c, true);
       }
     } else {
-      for (int e = tid; e < count * kN1Lanes; e += kThreads) {
+      for (int e = tid; e < count * kN1Lanes; e += kN1Threads) {
         const int j = e / kN1Lanes, c = e % kN1Lanes;
         if (c < channels) xst[e] = x[int64_t(pix[j]) * D + d0 + c];
       }
@@ -161,10 +222,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
     for (int r = warp; r < rpad; r += kN1Warps)
       dtw_s[r * kN1Lanes + lane] = r < R && active ? dt_w[r] : acc_t(0);
   }
-  for (int e = tid; e < 2 * kN1Tile * zstride; e += kThreads) {
-    const int c = e % zstride;
-    if ((c >= R && c < rpad) || c >= rpad + 2) zs[e] = acc_t(0);
-  }
+  n1_zero_padding(zs, 2 * kN1Tile, R, rpad, zstride, tid);
   if (tiles > 0) tile_pixels(0);
   if (tiles > 1) tile_pixels(1);
   __syncthreads();
@@ -195,12 +253,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
       const acc_t u = widen(xst[j * kN1Lanes + lane]);
       acc_t dt = bias;
       if constexpr (kMaxR > 0) {
-#pragma unroll
-        for (int q = 0; q < kMaxR / kVec; ++q) {
-          const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
-#pragma unroll
-          for (int e = 0; e < kVec; ++e) dt += w[q * kVec + e] * zv.v[e];
-        }
+        dt = n1_pre(row, w, bias);
       } else {
         for (int q = 0; q < rpad / kVec; ++q) {
           const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
@@ -242,23 +295,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
       }
       __syncthreads();
       // the tile of y into global y, a row of the block's channels at each pixel
-      const int* pix = pix_s[t % 3];
-      if (y_vec) {
-        constexpr int kPerRow = kN1Lanes / 4;
-        for (int e = tid; e < count * kPerRow; e += kThreads) {
-          const int j = e / kPerRow, c = (e % kPerRow) * 4;
-          if (c < channels) {
-            const acc_t* v = ys + j * kN1Lanes + c;
-            add4(reinterpret_cast<float*>(y + int64_t(pix[j]) * D + d0 + c),
-                 make_float4(float(v[0]), float(v[1]), float(v[2]), float(v[3])));
-          }
-        }
-      } else {
-        for (int e = tid; e < count * kN1Lanes; e += kThreads) {
-          const int j = e / kN1Lanes, c = e % kN1Lanes;
-          if (c < channels) atomicAdd(y + int64_t(pix[j]) * D + d0 + c, ys[e]);
-        }
-      }
+      n1_add_rows(y, ys, pix_s[t % 3], count, D, d0, channels, y_vec, tid);
     }
   }
   if (kPass == 0 && active && warp == 0) {
