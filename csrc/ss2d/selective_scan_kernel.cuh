@@ -5,8 +5,9 @@
 //
 // One block of kThreads threads per (batch, channel) row walks L in tiles of kTile positions;
 // thread t owns kItems consecutive positions of a tile (at d_state 1 it loads the next tile's
-// inputs before computing this one, so the loads' latency overlaps the compute). A linear recurrence is a scan over
-// (a, b) pairs composed as (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2): each thread composes
+// inputs before computing this one, so the loads' latency overlaps the compute). A linear
+// recurrence is a scan over (a, b) pairs composed as (a1, b1) then (a2, b2) =
+// (a1 a2, a2 b1 + b2): each thread composes
 // its items, a block scan (warp shuffles, then the kWarps warp totals through shared memory)
 // gives each thread the state entering its items, and the state leaving the tile carries into
 // the next. State and arithmetic are in acc_t (float; double for double input).

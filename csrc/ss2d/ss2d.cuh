@@ -57,7 +57,8 @@ inline size_t ss2d_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t 
 // positions, 8 a warp, loaded while the one before is computed. Its dynamic shared memory, in
 // the accumulation type unless named:
 //   z rows, two stages (2 x tile x zstride): dt (R, zero-padded to rpad: 8, 16, 32, or whole
-//   16-byte vectors), B, C, padding to a vector; y (tile x 32); the warps' segment summaries (warps x 32 x 2);
+//     16-byte vectors), B, C, padding to a vector;
+//   y (tile x 32); the warps' segment summaries (warps x 32 x 2);
 //   dt_projs_weight (rpad x 32) when dt_rank > 32 (registers otherwise);
 //   x, two stages (2 x tile x 32, x's type)
 constexpr int kSs2dN1Lanes = 32, kSs2dN1Warps = 8, kSs2dN1Steps = 8;
