@@ -41,6 +41,7 @@ namespace ss2d_bwd {
 using ss2d::add4;
 using ss2d::kN1Lanes;
 using ss2d::kN1Steps;
+using ss2d::kN1Threads;
 using ss2d::kN1Tile;
 using ss2d::kN1Warps;
 using ss2d::Vec16;
@@ -60,7 +61,6 @@ template <typename T, int kMaxR, bool kSummary>
 __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::type) == 4 ? 2 : 1))
     n1_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
-  constexpr int kThreads = kN1Lanes * kN1Warps;
   constexpr int kVec = Vec16<acc_t>::n;
   constexpr int kXVec = 16 / int(sizeof(T));
   constexpr int kRpad = kMaxR, kZStride = kMaxR + kVec, kRed = kSs2dBwdN1RedStride;
@@ -133,27 +133,27 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     ss2d::n1_load_z(zst, z, pix, count, k, R, kRpad, kZStride, tid);
     if (x_vec) {
       constexpr int kPerRow = kN1Lanes / kXVec;
-      for (int e = tid; e < count * kPerRow; e += kThreads) {
+      for (int e = tid; e < count * kPerRow; e += kN1Threads) {
         const int j = e / kPerRow, c = (e % kPerRow) * kXVec;
         if (c < channels)
           cp_async_16(xst + j * kN1Lanes + c, x + int64_t(pix[j]) * D + d0 + c, true);
       }
     } else {
-      for (int e = tid; e < count * kN1Lanes; e += kThreads) {
+      for (int e = tid; e < count * kN1Lanes; e += kN1Threads) {
         const int j = e / kN1Lanes, c = e % kN1Lanes;
         if (c < channels) xst[e] = x[int64_t(pix[j]) * D + d0 + c];
       }
     }
     if (dy_vec) {
       const int per_row = kN1Lanes / dy_vec_elems;
-      for (int e = tid; e < count * per_row; e += kThreads) {
+      for (int e = tid; e < count * per_row; e += kN1Threads) {
         const int j = e / per_row, c = (e % per_row) * dy_vec_elems;
         if (c < channels)
           cp_async_16(dyst + size_t(j * kN1Lanes + c) * dy_bytes,
                       dy + (int64_t(pix[j]) * D + d0 + c) * dy_bytes, true);
       }
     } else {
-      for (int e = tid; e < count * kN1Lanes; e += kThreads) {
+      for (int e = tid; e < count * kN1Lanes; e += kN1Threads) {
         const int j = e / kN1Lanes, c = e % kN1Lanes;
         if (c < channels) {
           const unsigned char* src = dy + (int64_t(pix[j]) * D + d0 + c) * dy_bytes;
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   for (int r = 0; r < kMaxR; ++r) red[((3 + r) * kN1Warps + warp) * kN1Lanes + lane] = dw[r];
   __syncthreads();
   acc_t* part = static_cast<acc_t*>(p.partial) + bkc * (3 + R) * D + d0;
-  for (int e = tid; e < kPlanes * kN1Lanes; e += kThreads) {
+  for (int e = tid; e < kPlanes * kN1Lanes; e += kN1Threads) {
     const int v = e / kN1Lanes, c = e % kN1Lanes;
     if (c >= channels || (v >= 3 && v - 3 >= R)) continue;
     acc_t s = 0;
