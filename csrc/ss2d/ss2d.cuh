@@ -193,6 +193,19 @@ inline int64_t ss2d_bwd_scratch_elems(const Ss2dBwdParams& p) {
   return 5 * ss2d_bwd_summary_elems(p) + tiles * (p.dstate + 1);
 }
 
+// x_proj on tensor cores for 16-bit x (ss2d_xproj_kernel.cuh; compiled in ss2d_fp16.cu and
+// ss2d_bf16.cu): z (rows, cols) = x (rows, dim) W^T in fp32, W (cols, dim) fp32. x rows and W
+// rows contiguous and 16-byte aligned (dim a multiple of 8), cols even; anything else returns
+// cudaErrorInvalidValue (the op takes the fp32 GEMM then).
+struct Ss2dXprojParams {
+  const void* x;
+  const float* w;
+  float* z;
+  int64_t rows, dim, cols;
+};
+cudaError_t ss2d_xproj_fp16(const Ss2dXprojParams& p, cudaStream_t stream);
+cudaError_t ss2d_xproj_bf16(const Ss2dXprojParams& p, cudaStream_t stream);
+
 cudaError_t ss2d_bwd_fp64(const Ss2dBwdParams& p, cudaStream_t stream);
 cudaError_t ss2d_bwd_fp32(const Ss2dBwdParams& p, cudaStream_t stream);
 cudaError_t ss2d_bwd_fp16(const Ss2dBwdParams& p, cudaStream_t stream);

@@ -1,8 +1,8 @@
 // ss2d on CUDA tensors. Forward: the fused kernel (ss2d_n1_kernel.cuh at d_state 1,
-// ss2d_kernel.cuh otherwise) after one x_proj GEMM.
+// ss2d_kernel.cuh otherwise) after x_proj (on tensor cores for 16-bit x, ss2d_xproj_kernel.cuh;
+// a GEMM otherwise).
 // Backward: the fused kernels (ss2d_bwd_kernel.cuh; at d_state 1 the main one from
-// ss2d_bwd_n1_kernel.cuh) between the x_proj GEMM (recomputed) and the GEMMs of x_proj's
-// adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
+// ss2d_bwd_n1_kernel.cuh) between x_proj (recomputed) and the GEMMs of x_proj's adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
 // tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
 // ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -50,11 +51,41 @@ at::Tensor channels_last(const at::Tensor& x, bool channels_first) {
   return (channels_first ? x.permute({0, 2, 3, 1}) : x).contiguous();
 }
 
-// x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)), from
-// x as (B * L, D) in the accumulation type.
-at::Tensor x_proj(const at::Tensor& x_acc, const at::Tensor& x_proj_weight, at::ScalarType acc) {
-  const int64_t D = x_acc.size(1);
-  return at::matmul(x_acc, x_proj_weight.to(acc).reshape({-1, D}).t()).contiguous();
+using LaunchXproj = cudaError_t (*)(const Ss2dXprojParams&, cudaStream_t);
+LaunchXproj xproj_launcher(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return ss2d_xproj_fp16;
+    case at::kBFloat16: return ss2d_xproj_bf16;
+    default: return nullptr;
+  }
+}
+
+// x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)) in the
+// accumulation type, from x as (B * L, D) contiguous in its own dtype. 16-bit x with D a multiple
+// of 8 takes the tensor-core kernel (ss2d_xproj_kernel.cuh), which reads x as it is; anything
+// else, or PYSSM_SS2D_XPROJ=gemm (read at every call; the benchmark times both), x in the
+// accumulation type (x_acc, or cast here when undefined) and a GEMM.
+at::Tensor x_proj(const at::Tensor& x, const at::Tensor& x_acc, const at::Tensor& x_proj_weight,
+                  at::ScalarType acc) {
+  const int64_t D = x.size(1);
+  const at::Tensor w = x_proj_weight.to(acc).reshape({-1, D});
+  const LaunchXproj launch = xproj_launcher(x.scalar_type());
+  const char* env = std::getenv("PYSSM_SS2D_XPROJ");
+  const bool gemm = env != nullptr && std::string(env) == "gemm";
+  const auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  };
+  if (launch != nullptr && !gemm && D % 8 == 0 && aligned(x) && acc == at::kFloat) {
+    at::Tensor wc = w.contiguous();
+    if (!aligned(wc)) wc = wc.clone();
+    at::Tensor z = at::empty({x.size(0), wc.size(0)}, x.options().dtype(at::kFloat));
+    const Ss2dXprojParams p{x.const_data_ptr(), wc.const_data_ptr<float>(),
+                            z.mutable_data_ptr<float>(), x.size(0), D, wc.size(0)};
+    const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "ss2d x_proj CUDA launch failed: ", cudaGetErrorString(err));
+    return z;
+  }
+  return at::matmul(x_acc.defined() ? x_acc : x.to(acc), w.t()).contiguous();
 }
 
 // Scan chunks for a grid of a few blocks per SM; chunk_len a multiple of `tile`.
@@ -110,7 +141,7 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   const int64_t B = s.batch, D = s.dim, L = s.height * s.width;
 
   const at::Tensor xl = channels_last(x, channels_first);
-  const at::Tensor z = x_proj(xl.reshape({B * L, D}).to(acc), x_proj_weight, acc);
+  const at::Tensor z = x_proj(xl.reshape({B * L, D}), at::Tensor(), x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
@@ -183,7 +214,7 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const bool dy_acc = dout.scalar_type() != x.scalar_type();
   const at::Tensor dyl = channels_last(dy_acc ? dout.to(acc) : dout, channels_first);
   const at::Tensor x_acc = xl.reshape({B * L, D}).to(acc);  // once, for z and for dW_x
-  const at::Tensor z = x_proj(x_acc, x_proj_weight, acc);
+  const at::Tensor z = x_proj(xl.reshape({B * L, D}), x_acc, x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();

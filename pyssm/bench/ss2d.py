@@ -87,6 +87,10 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     # v3's main kernel after v1's summary pass: which half of the change did what
     bwd_v1_summary = harness.Provider(f"pyssm-{kernel}-bwd-v1-summary", ours.fn, ours.status,
                                       modes=("backward",), env={"PYSSM_SS2D_BWD": "v1-summary"})
+    # x_proj as before the tensor-core kernel: x cast to float32, then an fp32 GEMM (forward
+    # and the backward's recomputation)
+    xproj_gemm = harness.Provider(f"pyssm-{kernel}-xproj-gemm", ours.fn, ours.status,
+                                  modes=("forward", "full"), env={"PYSSM_SS2D_XPROJ": "gemm"})
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
     # and VMamba-T only, where it finishes in seconds
@@ -113,7 +117,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                              "batch": batch, "D": dim, "d_state": dstate, "dt_rank": rank},
             make_inputs=lambda b=batch, g=grid, d=dim, r=rank: ss2d_inputs(b, g, d, dstate, r,
                                                                            dtype, device),
-            providers=[ours] + ([one_chunk, v2, bwd_v1, bwd_v1_summary]
+            providers=[ours] + ([one_chunk, v2, xproj_gemm, bwd_v1, bwd_v1_summary]
                                 if device.type == "cuda" else [])
             + [pieces, too_slow if slow else reference],
             modes=("forward", "backward", "full"),

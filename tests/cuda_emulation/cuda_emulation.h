@@ -2,7 +2,7 @@
 // sources, compiled by a host compiler with PYSSM_CUDA_EMULATION defined, run without a GPU:
 // blocks one after another, each block's threads as std::threads, __syncthreads as a barrier,
 // warps as groups of 32 of those threads with their own barrier for the warp-collective
-// operations (__shfl_*_sync; through flash_mma.cuh, mma.sync m16n8k16 computed from every
+// operations (__shfl_*_sync; through mma_sync.cuh, mma.sync m16n8k16 computed from every
 // lane's fragments and ldmatrix .x2 / .x4 [.trans] from every lane's row address, by the PTX
 // ISA's layouts), cp.async copies that land only at the wait that covers them, static
 // __shared__ variables shared by the block (function statics), dynamic shared memory poisoned
@@ -118,7 +118,7 @@ float element(uint32_t pair, int half) {
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d += A B for the warp's 16 x 8 tile, each
-// lane holding the fragments of flash_mma.cuh's layout (lane = 4 g + t).
+// lane holding the fragments of mma_sync.cuh's layout (lane = 4 g + t).
 template <typename T>
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   Warp& w = my_warp();

@@ -5,6 +5,7 @@
 #include "ss2d/selective_scan_kernel.cuh"
 #include "ss2d/ss2d_bwd_n1_kernel.cuh"
 #include "ss2d/ss2d_n1_kernel.cuh"
+#include "ss2d/ss2d_xproj_kernel.cuh"
 
 namespace {
 
@@ -142,7 +143,6 @@ int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const voi
                  void* dz, void* partial, void* scratch, const int64_t* sizes, int n1) {
   auto p = ss2d_params<pyssm::Ss2dBwdParams>(sizes);
   p.n1 = n1 != 0;  // 1: v3's main kernel after v1's summary; 2: v3's summary too
-  p.n1_summary = n1 == 2;          // 1: v3's main kernel after v1's summary; 2: v3's summary too
   p.n1_summary = n1 == 2;
   p.x = x;
   p.dy = dy;
@@ -161,6 +161,16 @@ int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const voi
 
 int64_t emu_ss2d_bwd_scratch(const int64_t* sizes) {
   return pyssm::ss2d_bwd_scratch_elems(ss2d_params<pyssm::Ss2dBwdParams>(sizes));
+}
+
+// x_proj on tensor cores: z (rows, cols) fp32 = x (rows, dim) W^T, x in dtype 2 (float16) or 3
+// (bfloat16), W (cols, dim) fp32
+int emu_ss2d_xproj(int dtype, const void* x, const float* w, float* z, int64_t rows, int64_t dim,
+                   int64_t cols) {
+  const pyssm::Ss2dXprojParams p{x, w, z, rows, dim, cols};
+  if (dtype == 2) return int(pyssm::ss2d_xproj::launch<__half>(p, nullptr));
+  if (dtype == 3) return int(pyssm::ss2d_xproj::launch<__nv_bfloat16>(p, nullptr));
+  return int(cudaErrorInvalidValue);
 }
 
 int64_t emu_ss2d_bwd_tile(int64_t dstate) { return pyssm::ss2d_bwd_tile(dstate); }

@@ -284,3 +284,39 @@ def test_ss2d_backward_n1(emu, case, dtype, dy_dtype, summary):
     for name, a, b in zip(NAMES, got, want):
         err = (a.double() - b).abs().max()
         assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+
+
+# x_proj on tensor cores (ss2d_xproj_kernel.cuh): bf16 mma with W (and fp16 x) split into bf16
+# hi + lo. (rows, dim, cols): one row and a partial block; several row blocks (128 rows) and
+# column tiles (32) with partial last ones; dim a multiple of 8 but not of the 32 of a step.
+XPROJ_CASES = [(1, 8, 2), (130, 40, 20), (257, 96, 32), (37, 72, 44), (140, 24, 104)]
+
+
+@pytest.mark.parametrize("case", XPROJ_CASES, ids=lambda c: "m{}d{}n{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ss2d_xproj(emu, case, dtype):
+    rows, dim, cols = case
+    # magnitudes over six decades (fp16 subnormals included), so a dropped lo part shows
+    scale = 10.0 ** torch.empty(rows, 1).uniform_(-5 if dtype == torch.float16 else -6, 1)
+    x = (torch.randn(rows, dim) * scale).to(dtype)
+    w = torch.randn(cols, dim) * 10.0 ** torch.empty(cols, dim).uniform_(-3, 0)
+    z = poisoned(rows, cols, dtype=torch.float32)
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), ptr(z), rows, dim, cols) == 0
+    exact = x.double() @ w.double().t()
+    # each product within 2^-17 of |x w| (W's lo part rounded to bf16; fp16 x's x_lo W_lo term
+    # dropped), fp32 sums: 2^-16 of sum |x w| bounds it; W rounded once to bf16 misses by 2^-9
+    bound = 2.0 ** -16 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    assert torch.all((z.double() - exact).abs() <= bound), float(((z.double() - exact).abs() / bound).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ss2d_xproj_refuses_what_it_cannot_read(emu, dtype):
+    x = torch.randn(40, 20).to(dtype)
+    w = torch.randn(6, 20)
+    z = poisoned(40, 6, dtype=torch.float32)
+    # dim not a multiple of 8, an x not 16-byte aligned, an odd column count
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), ptr(z), 40, 20, 6) != 0
+    xs = torch.randn(40 * 16 + 1).to(dtype)
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs[1:]), ptr(w), ptr(z), 40, 16, 6) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs), ptr(w), ptr(z), 40, 16, 5) != 0
+    assert torch.isnan(z).all()  # nothing written

@@ -276,6 +276,42 @@ def test_cuda_d_state_1_forward(device, backend, env, B, H, W, D, R, channels_fi
     torch.testing.assert_close(lowp.double().cpu(), want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d") if p.id == "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W,D,N,R,offset", [
+    (2, 9, 40, 96, 1, 12, 0),   # VMamba-T's width: the tensor-core x_proj
+    (1, 11, 13, 40, 16, 6, 0),  # d_state 16 (the general forward), 4 x 38 columns of z
+    (1, 7, 9, 36, 1, 3, 0),     # D not a multiple of 8: the GEMM
+    (1, 7, 9, 40, 1, 3, 1),     # x not 16-byte aligned: the GEMM
+])
+def test_cuda_xproj_kernel_matches_the_gemm(device, backend, dtype, B, H, W, D, N, R, offset,
+                                            monkeypatch):
+    """CUDA, 16-bit x: the op with the tensor-core x_proj (ss2d_xproj_kernel.cuh) against the
+    same op with x cast to fp32 and an fp32 GEMM (PYSSM_SS2D_XPROJ=gemm), output and gradients
+    in fp32: z differs by at most ~2^-16 of its terms, so they agree to 1e-4; and both against
+    the float64 CPU kernel."""
+    n = B * H * W * D
+    x = torch.randn(n + offset, device=device).to(dtype)[offset:].view(B, H, W, D)
+    ws = make_weights(D, N, R, device, dtype=torch.float32)
+    g = torch.randn(B, H, W, D, device=device)
+
+    def run():
+        ts = [t.detach().clone().requires_grad_() for t in (x, *ws)]
+        if offset:
+            ts[0] = x.detach().requires_grad_()  # (the misaligned view itself)
+        out = ops.ss2d(*ts, out_float32=True, backend=backend)
+        return [out.detach()] + list(torch.autograd.grad(out, ts, g))
+
+    got = run()
+    monkeypatch.setenv("PYSSM_SS2D_XPROJ", "gemm")
+    gemm = run()
+    names = "y dx dx_proj_weight ddt_projs_weight ddt_projs_bias dA_logs dDs".split()
+    for name, a, b in zip(names, got, gemm):
+        assert (a.double() - b.double()).abs().max() <= 1e-4 * b.double().abs().max(), name
+    exact = ops.ss2d(x.cpu().double(), *(w.cpu().double() for w in ws), backend="cpu")
+    assert (got[0].cpu().double() - exact).abs().max() <= 1e-4 * exact.abs().max()
+
+
 # The fused CUDA backward's algorithm (chunks, tiles, carries; ss2d_bwd_model.py), on the CPU.
 # (B, H, W, D, R, N, chunks, tile): one chunk and several, partial last chunks and tiles, a grid
 # of one row, d_state 1 to 16 (tile None: the kernel's own tile for that d_state).
