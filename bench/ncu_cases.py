@@ -1,7 +1,8 @@
 """The hot CUDA kernels, each launched once at its benchmark shape, for Nsight Compute:
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy \\
-        --section WarpStateStats -k regex:'ss2d|summary_kernel|main_kernel|flash|selective_scan' \\
+        --section WarpStateStats \\
+        -k regex:'ss2d|xproj|summary_kernel|main_kernel|flash|selective_scan' \\
         python bench/ncu_cases.py
 
 ss2d forward and backward at VMamba-T stage 1 (64 x 56 x 56, D 96, N 1, R 6, bf16); flash

@@ -194,13 +194,18 @@ inline int64_t ss2d_bwd_scratch_elems(const Ss2dBwdParams& p) {
 }
 
 // x_proj on tensor cores for 16-bit x (ss2d_xproj_kernel.cuh; compiled in ss2d_fp16.cu and
-// ss2d_bf16.cu): z (rows, cols) = x (rows, dim) W^T in fp32, W (cols, dim) fp32. x rows and W
-// rows contiguous and 16-byte aligned (dim a multiple of 8), cols even; anything else returns
-// cudaErrorInvalidValue (the op takes the fp32 GEMM then).
+// ss2d_bf16.cu), both ways; fp32 unless named:
+//   forward (add null): out (rows, cols) = a W^T, with a = x (rows, dim) in x's dtype, out = z;
+//   backward:           out (rows, cols) = add + a W^T in x's dtype, with a = dz (rows, dim),
+//                       W = x_proj's weight transposed (cols = d_inner, dim = 4 (R + 2N)) and
+//                       add = the scans' dx.
+// a's rows and W's contiguous and 16-byte aligned (dim a multiple of 8), cols even; anything
+// else returns cudaErrorInvalidValue (the op takes the GEMMs then).
 struct Ss2dXprojParams {
-  const void* x;
+  const void* a;
   const float* w;
-  float* z;
+  const float* add;
+  void* out;
   int64_t rows, dim, cols;
 };
 cudaError_t ss2d_xproj_fp16(const Ss2dXprojParams& p, cudaStream_t stream);

@@ -2,7 +2,8 @@
 // ss2d_kernel.cuh otherwise) after x_proj (on tensor cores for 16-bit x, ss2d_xproj_kernel.cuh;
 // a GEMM otherwise).
 // Backward: the fused kernels (ss2d_bwd_kernel.cuh; at d_state 1 the main one from
-// ss2d_bwd_n1_kernel.cuh) between x_proj (recomputed) and the GEMMs of x_proj's adjoint. Shapes the kernels do not take (d_state > 16, a huge batch, a
+// ss2d_bwd_n1_kernel.cuh) between x_proj (recomputed) and its adjoint (dx on tensor cores for
+// 16-bit x, dW_x a GEMM). Shapes the kernels do not take (d_state > 16, a huge batch, a
 // tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
 // ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
 #include <ATen/ATen.h>
@@ -60,32 +61,59 @@ LaunchXproj xproj_launcher(at::ScalarType t) {
   }
 }
 
+// PYSSM_SS2D_XPROJ=gemm (read at every call; the benchmark times both): x_proj and its adjoint
+// as fp32 GEMMs even for 16-bit x.
+bool xproj_gemm() {
+  const char* env = std::getenv("PYSSM_SS2D_XPROJ");
+  return env != nullptr && std::string(env) == "gemm";
+}
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
 // x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)) in the
 // accumulation type, from x as (B * L, D) contiguous in its own dtype. 16-bit x with D a multiple
-// of 8 takes the tensor-core kernel (ss2d_xproj_kernel.cuh), which reads x as it is; anything
-// else, or PYSSM_SS2D_XPROJ=gemm (read at every call; the benchmark times both), x in the
-// accumulation type (x_acc, or cast here when undefined) and a GEMM.
+// of 8 takes the tensor-core kernel (ss2d_xproj_kernel.cuh), which reads x as it is; otherwise
+// x in the accumulation type (x_acc, or cast here when undefined) and a GEMM.
 at::Tensor x_proj(const at::Tensor& x, const at::Tensor& x_acc, const at::Tensor& x_proj_weight,
                   at::ScalarType acc) {
   const int64_t D = x.size(1);
   const at::Tensor w = x_proj_weight.to(acc).reshape({-1, D});
   const LaunchXproj launch = xproj_launcher(x.scalar_type());
-  const char* env = std::getenv("PYSSM_SS2D_XPROJ");
-  const bool gemm = env != nullptr && std::string(env) == "gemm";
-  const auto aligned = [](const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  };
-  if (launch != nullptr && !gemm && D % 8 == 0 && aligned(x) && acc == at::kFloat) {
+  if (launch != nullptr && !xproj_gemm() && D % 8 == 0 && aligned16(x) && acc == at::kFloat) {
     at::Tensor wc = w.contiguous();
-    if (!aligned(wc)) wc = wc.clone();
+    if (!aligned16(wc)) wc = wc.clone();
     at::Tensor z = at::empty({x.size(0), wc.size(0)}, x.options().dtype(at::kFloat));
-    const Ss2dXprojParams p{x.const_data_ptr(), wc.const_data_ptr<float>(),
-                            z.mutable_data_ptr<float>(), x.size(0), D, wc.size(0)};
+    const Ss2dXprojParams p{x.const_data_ptr(), wc.const_data_ptr<float>(), nullptr,
+                            z.mutable_data_ptr(), x.size(0), D, wc.size(0)};
     const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "ss2d x_proj CUDA launch failed: ", cudaGetErrorString(err));
     return z;
   }
   return at::matmul(x_acc.defined() ? x_acc : x.to(acc), w.t()).contiguous();
+}
+
+// x_proj's adjoint into the scans' input gradient: dx_scan + dz W_x, in x's dtype (out), from dz
+// (B * L, 4 * (R + 2N)) and dx_scan (B * L, D) in the accumulation type and W_x (4 * (R + 2N),
+// D). 16-bit x with 4 * (R + 2N) a multiple of 8: the tensor-core kernel, which reads dx_scan
+// once and writes the sum once, rounded; otherwise an addmm into dx_scan and a cast.
+at::Tensor x_proj_adjoint(const at::Tensor& dz, const at::Tensor& w, at::Tensor& dx_scan,
+                          at::ScalarType out) {
+  const LaunchXproj launch = xproj_launcher(out);
+  if (launch != nullptr && !xproj_gemm() && dz.size(1) % 8 == 0 && dx_scan.size(1) % 2 == 0 &&
+      dz.scalar_type() == at::kFloat && aligned16(dz) && aligned16(dx_scan)) {
+    const at::Tensor wt = w.t().contiguous();  // (D, 4 * (R + 2N)), fresh: aligned
+    at::Tensor dx = at::empty(dx_scan.sizes(), dx_scan.options().dtype(out));
+    const Ss2dXprojParams p{dz.const_data_ptr(), wt.const_data_ptr<float>(),
+                            dx_scan.const_data_ptr<float>(), dx.mutable_data_ptr(),
+                            dz.size(0), dz.size(1), dx_scan.size(1)};
+    const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "ss2d x_proj adjoint CUDA launch failed: ",
+                cudaGetErrorString(err));
+    return dx;
+  }
+  dx_scan.addmm_(dz, w);
+  return dx_scan.to(out);
 }
 
 // Scan chunks for a grid of a few blocks per SM; chunk_len a multiple of `tile`.
@@ -253,7 +281,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   // z = W_x x per pixel: dx += dz W_x, dW_x = dz^T x
   const at::Tensor dzf = dz.view({B * L, 4 * zw});
   const at::Tensor wx = x_proj_weight.to(acc).reshape({4 * zw, D});
-  dx.view({B * L, D}).addmm_(dzf, wx);
+  at::Tensor dx_flat = dx.view({B * L, D});
+  const at::Tensor dx_x = x_proj_adjoint(dzf, wx, dx_flat, x.scalar_type());
   const at::Tensor d_x_proj_weight = at::matmul(dzf.t(), x_acc)
                                          .view({4, zw, D});
   const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // (4, N + 2 + R, D)
@@ -262,9 +291,9 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const at::Tensor dbias = sums.select(1, N + 1);
   const at::Tensor d_dt_w = sums.narrow(1, N + 2, R).transpose(1, 2);  // (4, D, R)
 
-  at::Tensor dx_out = dx.view({B, s.height, s.width, D});
+  at::Tensor dx_out = dx_x.view({B, s.height, s.width, D});
   if (channels_first) dx_out = dx_out.permute({0, 3, 1, 2});
-  return {ss2d_out_layout(dx_out.to(x.scalar_type()), ss2d_channels_last_out(x, channels_first)),
+  return {ss2d_out_layout(dx_out, ss2d_channels_last_out(x, channels_first)),
           d_x_proj_weight.to(x_proj_weight.scalar_type()),
           d_dt_w.to(dt_projs_weight.scalar_type()).contiguous(),
           dbias.to(dt_projs_bias.scalar_type()).contiguous(),

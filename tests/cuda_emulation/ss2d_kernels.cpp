@@ -163,11 +163,19 @@ int64_t emu_ss2d_bwd_scratch(const int64_t* sizes) {
   return pyssm::ss2d_bwd_scratch_elems(ss2d_params<pyssm::Ss2dBwdParams>(sizes));
 }
 
-// x_proj on tensor cores: z (rows, cols) fp32 = x (rows, dim) W^T, x in dtype 2 (float16) or 3
-// (bfloat16), W (cols, dim) fp32
-int emu_ss2d_xproj(int dtype, const void* x, const float* w, float* z, int64_t rows, int64_t dim,
-                   int64_t cols) {
-  const pyssm::Ss2dXprojParams p{x, w, z, rows, dim, cols};
+// x_proj on tensor cores (Ss2dXprojParams): dtype 2 (float16) or 3 (bfloat16) is x's. add null:
+// the forward (a = x in dtype, out fp32); otherwise the backward (a fp32, out in dtype). With
+// out_fp32 the backward's kernel writes fp32 instead (its products unrounded, for the test).
+int emu_ss2d_xproj(int dtype, const void* a, const float* w, const float* add, void* out,
+                   int64_t rows, int64_t dim, int64_t cols, int out_fp32) {
+  const pyssm::Ss2dXprojParams p{a, w, add, out, rows, dim, cols};
+  if (out_fp32) {
+    const int64_t blocks = (rows + pyssm::ss2d_xproj::kRows - 1) / pyssm::ss2d_xproj::kRows *
+                           ((cols + pyssm::ss2d_xproj::kCols - 1) / pyssm::ss2d_xproj::kCols);
+    return int(pyssm::launch_kernel(pyssm::ss2d_xproj::xproj_kernel<float, float>,
+                                    dim3(unsigned(blocks)), dim3(pyssm::ss2d_xproj::kWarps * 32),
+                                    0, nullptr, p));
+  }
   if (dtype == 2) return int(pyssm::ss2d_xproj::launch<__half>(p, nullptr));
   if (dtype == 3) return int(pyssm::ss2d_xproj::launch<__nv_bfloat16>(p, nullptr));
   return int(cudaErrorInvalidValue);

@@ -29,6 +29,8 @@ def emu(tmp_path_factory):
                  "emu_selective_scan_carries"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.emu_ss2d_bwd_tile.argtypes = [ctypes.c_int64]
+    lib.emu_ss2d_xproj.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + \
+        [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.emu_cross_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + \
         [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
@@ -286,8 +288,8 @@ def test_ss2d_backward_n1(emu, case, dtype, dy_dtype, summary):
         assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
 
 
-# x_proj on tensor cores (ss2d_xproj_kernel.cuh): bf16 mma with W (and fp16 x) split into bf16
-# hi + lo. (rows, dim, cols): one row and a partial block; several row blocks (128 rows) and
+# x_proj on tensor cores (ss2d_xproj_kernel.cuh): bf16 mma with W (and fp16 x, and the backward's
+# fp32 dz) split into bf16 hi + lo. (rows, dim, cols): one row and a partial block; several row blocks (128 rows) and
 # column tiles (32) with partial last ones; dim a multiple of 8 but not of the 32 of a step.
 XPROJ_CASES = [(1, 8, 2), (130, 40, 20), (257, 96, 32), (37, 72, 44), (140, 24, 104)]
 
@@ -301,11 +303,13 @@ def test_ss2d_xproj(emu, case, dtype):
     x = (torch.randn(rows, dim) * scale).to(dtype)
     w = torch.randn(cols, dim) * 10.0 ** torch.empty(cols, dim).uniform_(-3, 0)
     z = poisoned(rows, cols, dtype=torch.float32)
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), ptr(z), rows, dim, cols) == 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), None, ptr(z), rows, dim, cols, 0) == 0
     exact = x.double() @ w.double().t()
-    # each product within 2^-17 of |x w| (W's lo part rounded to bf16; fp16 x's x_lo W_lo term
-    # dropped), fp32 sums: 2^-16 of sum |x w| bounds it; W rounded once to bf16 misses by 2^-9
-    bound = 2.0 ** -16 * (x.double().abs() @ w.double().abs().t()) + 1e-30
+    # each product within 2^-16 of |x w| for bf16 x (W's lo part rounded to bf16), 2^-15 for
+    # fp16 x (its x_lo W_lo term dropped too): twice that bounds the fp32 sums; W rounded once to
+    # bf16 misses by up to 2^-8
+    per_product = 2.0 ** -15 if dtype == torch.float16 else 2.0 ** -16
+    bound = 2 * per_product * (x.double().abs() @ w.double().abs().t()) + 1e-30
     assert torch.all((z.double() - exact).abs() <= bound), float(((z.double() - exact).abs() / bound).max())
 
 
@@ -315,8 +319,36 @@ def test_ss2d_xproj_refuses_what_it_cannot_read(emu, dtype):
     w = torch.randn(6, 20)
     z = poisoned(40, 6, dtype=torch.float32)
     # dim not a multiple of 8, an x not 16-byte aligned, an odd column count
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), ptr(z), 40, 20, 6) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), None, ptr(z), 40, 20, 6, 0) != 0
     xs = torch.randn(40 * 16 + 1).to(dtype)
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs[1:]), ptr(w), ptr(z), 40, 16, 6) != 0
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs), ptr(w), ptr(z), 40, 16, 5) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs[1:]), ptr(w), None, ptr(z), 40, 16, 6, 0) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs), ptr(w), None, ptr(z), 40, 16, 5, 0) != 0
     assert torch.isnan(z).all()  # nothing written
+
+
+# The backward's use of it: dx = dx_scan + dz W in x's dtype. (rows, dim = 4 (R + 2N), cols = D)
+XPROJ_BWD_CASES = [(1, 8, 2), (130, 32, 40), (257, 56, 96), (37, 24, 72), (140, 104, 36)]
+
+
+@pytest.mark.parametrize("case", XPROJ_BWD_CASES, ids=lambda c: "m{}k{}d{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ss2d_xproj_backward(emu, case, dtype):
+    rows, dim, cols = case
+    dz = torch.randn(rows, dim) * 10.0 ** torch.empty(rows, 1).uniform_(-4, 1)
+    wt = torch.randn(cols, dim) * 10.0 ** torch.empty(cols, dim).uniform_(-3, 0)
+    add = torch.randn(rows, cols)
+    want = add.double() + dz.double() @ wt.double().t()
+    # each product within 3 x 2^-16 of |dz w| (dz's and W's lo parts rounded, lo lo dropped)
+    bound = 2.0 ** -13 * (dz.double().abs() @ wt.double().abs().t())
+    # the kernel's fp32 sums, before the rounding to x's dtype
+    out32 = poisoned(rows, cols, dtype=torch.float32)
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(dz), ptr(wt), ptr(add), ptr(out32), rows, dim,
+                              cols, 1) == 0
+    err = (out32.double() - want).abs()
+    assert torch.all(err <= bound + 2.0 ** -23 * want.abs() + 1e-30), float((err / bound).max())
+    # as the op runs it: rounded once to x's dtype
+    out = poisoned(rows, cols, dtype=dtype)
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(dz), ptr(wt), ptr(add), ptr(out), rows, dim,
+                              cols, 0) == 0
+    unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # the dtype's unit roundoff
+    assert torch.all((out.double() - want).abs() <= unit * want.abs() + 1.01 * bound + 1e-30)
