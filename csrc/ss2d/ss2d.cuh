@@ -198,7 +198,8 @@ inline int64_t ss2d_bwd_scratch_elems(const Ss2dBwdParams& p) {
 //   forward (add null): out (rows, cols) = a W^T, with a = x (rows, dim) in x's dtype, out = z;
 //   backward:           out (rows, cols) = add + a W^T in x's dtype, with a = dz (rows, dim),
 //                       W = x_proj's weight transposed (cols = d_inner, dim = 4 (R + 2N)) and
-//                       add = the scans' dx.
+//                       add = the scans' dx; with a_split (rows, 2 dim) bf16, also a as
+//                       bf16 hi (columns 0..dim-1) + lo (dim..2 dim-1), for dW_x's GEMM.
 // a's rows and W's contiguous and 16-byte aligned (dim a multiple of 8), cols even; anything
 // else returns cudaErrorInvalidValue (the op takes the GEMMs then).
 struct Ss2dXprojParams {
@@ -206,6 +207,7 @@ struct Ss2dXprojParams {
   const float* w;
   const float* add;
   void* out;
+  void* a_split;
   int64_t rows, dim, cols;
 };
 cudaError_t ss2d_xproj_fp16(const Ss2dXprojParams& p, cudaStream_t stream);

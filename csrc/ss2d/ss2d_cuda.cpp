@@ -3,16 +3,18 @@
 // a GEMM otherwise).
 // Backward: the fused kernels (ss2d_bwd_kernel.cuh; at d_state 1 the main one from
 // ss2d_bwd_n1_kernel.cuh) between x_proj (recomputed) and its adjoint (dx on tensor cores for
-// 16-bit x, dW_x a GEMM). Shapes the kernels do not take (d_state > 16, a huge batch, a
+// 16-bit x; dW_x a bf16 GEMM over dz's bf16 split for bf16 x, an fp32 GEMM otherwise). Shapes the kernels do not take (d_state > 16, a huge batch, a
 // tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
 // ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -74,9 +76,8 @@ bool aligned16(const at::Tensor& t) {
 // x_proj of every pixel for the four directions, in pixel order: (B * L, 4 * (R + 2N)) in the
 // accumulation type, from x as (B * L, D) contiguous in its own dtype. 16-bit x with D a multiple
 // of 8 takes the tensor-core kernel (ss2d_xproj_kernel.cuh), which reads x as it is; otherwise
-// x in the accumulation type (x_acc, or cast here when undefined) and a GEMM.
-at::Tensor x_proj(const at::Tensor& x, const at::Tensor& x_acc, const at::Tensor& x_proj_weight,
-                  at::ScalarType acc) {
+// x cast to the accumulation type and a GEMM.
+at::Tensor x_proj(const at::Tensor& x, const at::Tensor& x_proj_weight, at::ScalarType acc) {
   const int64_t D = x.size(1);
   const at::Tensor w = x_proj_weight.to(acc).reshape({-1, D});
   const LaunchXproj launch = xproj_launcher(x.scalar_type());
@@ -85,35 +86,59 @@ at::Tensor x_proj(const at::Tensor& x, const at::Tensor& x_acc, const at::Tensor
     if (!aligned16(wc)) wc = wc.clone();
     at::Tensor z = at::empty({x.size(0), wc.size(0)}, x.options().dtype(at::kFloat));
     const Ss2dXprojParams p{x.const_data_ptr(), wc.const_data_ptr<float>(), nullptr,
-                            z.mutable_data_ptr(), x.size(0), D, wc.size(0)};
+                            z.mutable_data_ptr(), nullptr, x.size(0), D, wc.size(0)};
     const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "ss2d x_proj CUDA launch failed: ", cudaGetErrorString(err));
     return z;
   }
-  return at::matmul(x_acc.defined() ? x_acc : x.to(acc), w.t()).contiguous();
+  return at::matmul(x.to(acc), w.t()).contiguous();
 }
 
-// x_proj's adjoint into the scans' input gradient: dx_scan + dz W_x, in x's dtype (out), from dz
-// (B * L, 4 * (R + 2N)) and dx_scan (B * L, D) in the accumulation type and W_x (4 * (R + 2N),
-// D). 16-bit x with 4 * (R + 2N) a multiple of 8: the tensor-core kernel, which reads dx_scan
-// once and writes the sum once, rounded; otherwise an addmm into dx_scan and a cast.
-at::Tensor x_proj_adjoint(const at::Tensor& dz, const at::Tensor& w, at::Tensor& dx_scan,
-                          at::ScalarType out) {
+// aten::mm.dtype (16-bit inputs, fp32 output; torch 2.8 and later), looked up at run time, so
+// that the extension builds and runs on a torch without it (dW_x's fp32 GEMM then).
+std::optional<c10::OperatorHandle> mm_out_dtype() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype"});
+  return op;
+}
+
+// x_proj's adjoint: dx = dx_scan + dz W_x in x's dtype, and dW_x = dz^T x (4 (R + 2N), D) in
+// the accumulation type (undefined where the caller is to compute it), from dz (B * L,
+// 4 (R + 2N)) and dx_scan (B * L, D) in the accumulation type, W_x (4 (R + 2N), D) and x as
+// (B * L, D) in its dtype. 16-bit x with 4 (R + 2N) a multiple of 8: dx by the tensor-core
+// kernel, which reads dx_scan once and writes the sum once, rounded; for bf16 x the kernel also
+// writes dz as bf16 hi | lo, and dW_x is one bf16 GEMM of that against x (fp32 out: 2^-16 of
+// each product, instead of casting x to fp32 for an fp32 GEMM). Otherwise an addmm into dx_scan
+// and a cast.
+std::pair<at::Tensor, at::Tensor> x_proj_adjoint(const at::Tensor& dz, const at::Tensor& w,
+                                                 at::Tensor& dx_scan, const at::Tensor& x) {
+  const at::ScalarType out = x.scalar_type();
   const LaunchXproj launch = xproj_launcher(out);
   if (launch != nullptr && !xproj_gemm() && dz.size(1) % 8 == 0 && dx_scan.size(1) % 2 == 0 &&
       dz.scalar_type() == at::kFloat && aligned16(dz) && aligned16(dx_scan)) {
+    const int64_t K = dz.size(1);
     const at::Tensor wt = w.t().contiguous();  // (D, 4 * (R + 2N)), fresh: aligned
     at::Tensor dx = at::empty(dx_scan.sizes(), dx_scan.options().dtype(out));
+    const std::optional<c10::OperatorHandle> mm = mm_out_dtype();
+    at::Tensor split;
+    if (out == at::kBFloat16 && mm.has_value()) {
+      split = at::empty({dz.size(0), 2 * K}, dz.options().dtype(at::kBFloat16));
+    }
     const Ss2dXprojParams p{dz.const_data_ptr(), wt.const_data_ptr<float>(),
                             dx_scan.const_data_ptr<float>(), dx.mutable_data_ptr(),
-                            dz.size(0), dz.size(1), dx_scan.size(1)};
+                            split.defined() ? split.mutable_data_ptr() : nullptr,
+                            dz.size(0), K, dx_scan.size(1)};
     const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "ss2d x_proj adjoint CUDA launch failed: ",
                 cudaGetErrorString(err));
-    return dx;
+    if (!split.defined()) return {dx, at::Tensor()};
+    const at::Tensor both =
+        mm->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(
+            split.t(), x, at::kFloat);  // (2 K, D): dz_hi^T x over dz_lo^T x
+    return {dx, both.narrow(0, 0, K) + both.narrow(0, K, K)};
   }
   dx_scan.addmm_(dz, w);
-  return dx_scan.to(out);
+  return {dx_scan.to(out), at::Tensor()};
 }
 
 // Scan chunks for a grid of a few blocks per SM; chunk_len a multiple of `tile`.
@@ -169,7 +194,7 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   const int64_t B = s.batch, D = s.dim, L = s.height * s.width;
 
   const at::Tensor xl = channels_last(x, channels_first);
-  const at::Tensor z = x_proj(xl.reshape({B * L, D}), at::Tensor(), x_proj_weight, acc);
+  const at::Tensor z = x_proj(xl.reshape({B * L, D}), x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
@@ -241,8 +266,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   // dy in x's dtype, or in the accumulation type when it comes in another (out_float32)
   const bool dy_acc = dout.scalar_type() != x.scalar_type();
   const at::Tensor dyl = channels_last(dy_acc ? dout.to(acc) : dout, channels_first);
-  const at::Tensor x_acc = xl.reshape({B * L, D}).to(acc);  // once, for z and for dW_x
-  const at::Tensor z = x_proj(xl.reshape({B * L, D}), x_acc, x_proj_weight, acc);
+  const at::Tensor x2d = xl.reshape({B * L, D});
+  const at::Tensor z = x_proj(x2d, x_proj_weight, acc);
   const at::Tensor dt_w = dt_projs_weight.to(acc).contiguous();
   const at::Tensor dt_b = dt_projs_bias.to(acc).contiguous();
   const at::Tensor A = (-at::exp(A_logs.to(acc))).contiguous();
@@ -282,9 +307,9 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const at::Tensor dzf = dz.view({B * L, 4 * zw});
   const at::Tensor wx = x_proj_weight.to(acc).reshape({4 * zw, D});
   at::Tensor dx_flat = dx.view({B * L, D});
-  const at::Tensor dx_x = x_proj_adjoint(dzf, wx, dx_flat, x.scalar_type());
-  const at::Tensor d_x_proj_weight = at::matmul(dzf.t(), x_acc)
-                                         .view({4, zw, D});
+  auto [dx_x, dwx] = x_proj_adjoint(dzf, wx, dx_flat, x2d);
+  if (!dwx.defined()) dwx = at::matmul(dzf.t(), x2d.to(acc));
+  const at::Tensor d_x_proj_weight = dwx.view({4, zw, D});
   const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // (4, N + 2 + R, D)
   const at::Tensor dA = sums.narrow(1, 0, N).transpose(1, 2).reshape({4 * D, N});
   const at::Tensor dDs = sums.select(1, N).reshape({4 * D});

@@ -16,7 +16,8 @@
 // 2^-16 |x w| for bf16 x, 2^-15 for fp16 x and 3 x 2^-16 for the backward's dz, summed in fp32.
 // (z was exact to fp32 through the GEMM; the official VMamba under bf16 autocast rounds x_proj's
 // weights and output to bf16, 2^-8.) Nothing is rounded to the input dtype but the backward's
-// dx, as the GEMM path did.
+// dx, as the GEMM path did. The backward may also write dz's split (a_split: hi and lo side by
+// side, bf16), for the dW_x GEMM on tensor cores.
 //
 // Layout: a block is 4 warps x 32 rows by 32 columns of the output; a warp holds 2 x 4 m16n8
 // fp32 tiles. The reduction runs over dim in steps of 32, each lane loading 8 consecutive
@@ -128,6 +129,12 @@ __global__ void __launch_bounds__(kWarps * 32) xproj_kernel(const Ss2dXprojParam
       for (int h = 0; h < 2; ++h) {
         uint32_t hi[4], lo[4];
         v[m][h].pairs(hi, lo);
+        const int64_t r = row0 + 16 * m + g + 8 * h;
+        if (p.a_split != nullptr && col0 == 0 && k_ok && r < p.rows) {  // (one column tile)
+          uint4* row = reinterpret_cast<uint4*>(static_cast<bf16*>(p.a_split) + r * 2 * p.dim);
+          row[k / 8] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+          row[(p.dim + k) / 8] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           ah[m][q][h] = hi[2 * q];
@@ -194,7 +201,8 @@ cudaError_t launch(const Ss2dXprojParams& p, cudaStream_t stream) {
   const bool bwd = p.add != nullptr;
   if (p.rows < 0 || p.dim <= 0 || p.dim % 8 != 0 || p.cols <= 0 || p.cols % 2 != 0 ||
       p.a == nullptr || p.w == nullptr || p.out == nullptr || misaligned(p.a, 16) ||
-      misaligned(p.w, 16) || misaligned(p.out, bwd ? 4 : 8) || (bwd && misaligned(p.add, 8))) {
+      misaligned(p.w, 16) || misaligned(p.out, bwd ? 4 : 8) || (bwd && misaligned(p.add, 8)) ||
+      misaligned(p.a_split, 16) || (p.a_split != nullptr && !bwd)) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;

@@ -166,9 +166,10 @@ int64_t emu_ss2d_bwd_scratch(const int64_t* sizes) {
 // x_proj on tensor cores (Ss2dXprojParams): dtype 2 (float16) or 3 (bfloat16) is x's. add null:
 // the forward (a = x in dtype, out fp32); otherwise the backward (a fp32, out in dtype). With
 // out_fp32 the backward's kernel writes fp32 instead (its products unrounded, for the test).
+// a_split: the backward's bf16 hi / lo copy of a, or null.
 int emu_ss2d_xproj(int dtype, const void* a, const float* w, const float* add, void* out,
-                   int64_t rows, int64_t dim, int64_t cols, int out_fp32) {
-  const pyssm::Ss2dXprojParams p{a, w, add, out, rows, dim, cols};
+                   void* a_split, int64_t rows, int64_t dim, int64_t cols, int out_fp32) {
+  const pyssm::Ss2dXprojParams p{a, w, add, out, a_split, rows, dim, cols};
   if (out_fp32) {
     const int64_t blocks = (rows + pyssm::ss2d_xproj::kRows - 1) / pyssm::ss2d_xproj::kRows *
                            ((cols + pyssm::ss2d_xproj::kCols - 1) / pyssm::ss2d_xproj::kCols);

@@ -29,7 +29,7 @@ def emu(tmp_path_factory):
                  "emu_selective_scan_carries"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.emu_ss2d_bwd_tile.argtypes = [ctypes.c_int64]
-    lib.emu_ss2d_xproj.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + \
+    lib.emu_ss2d_xproj.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + \
         [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.emu_cross_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + \
         [ctypes.c_int64] * 4 + [ctypes.c_int]
@@ -303,7 +303,7 @@ def test_ss2d_xproj(emu, case, dtype):
     x = (torch.randn(rows, dim) * scale).to(dtype)
     w = torch.randn(cols, dim) * 10.0 ** torch.empty(cols, dim).uniform_(-3, 0)
     z = poisoned(rows, cols, dtype=torch.float32)
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), None, ptr(z), rows, dim, cols, 0) == 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), None, ptr(z), None, rows, dim, cols, 0) == 0
     exact = x.double() @ w.double().t()
     # each product within 2^-16 of |x w| for bf16 x (W's lo part rounded to bf16), 2^-15 for
     # fp16 x (its x_lo W_lo term dropped too): twice that bounds the fp32 sums; W rounded once to
@@ -319,10 +319,10 @@ def test_ss2d_xproj_refuses_what_it_cannot_read(emu, dtype):
     w = torch.randn(6, 20)
     z = poisoned(40, 6, dtype=torch.float32)
     # dim not a multiple of 8, an x not 16-byte aligned, an odd column count
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), None, ptr(z), 40, 20, 6, 0) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(x), ptr(w), None, ptr(z), None, 40, 20, 6, 0) != 0
     xs = torch.randn(40 * 16 + 1).to(dtype)
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs[1:]), ptr(w), None, ptr(z), 40, 16, 6, 0) != 0
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs), ptr(w), None, ptr(z), 40, 16, 5, 0) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs[1:]), ptr(w), None, ptr(z), None, 40, 16, 6, 0) != 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(xs), ptr(w), None, ptr(z), None, 40, 16, 5, 0) != 0
     assert torch.isnan(z).all()  # nothing written
 
 
@@ -342,13 +342,17 @@ def test_ss2d_xproj_backward(emu, case, dtype):
     bound = 2.0 ** -13 * (dz.double().abs() @ wt.double().abs().t())
     # the kernel's fp32 sums, before the rounding to x's dtype
     out32 = poisoned(rows, cols, dtype=torch.float32)
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(dz), ptr(wt), ptr(add), ptr(out32), rows, dim,
-                              cols, 1) == 0
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(dz), ptr(wt), ptr(add), ptr(out32), None, rows,
+                              dim, cols, 1) == 0
     err = (out32.double() - want).abs()
     assert torch.all(err <= bound + 2.0 ** -23 * want.abs() + 1e-30), float((err / bound).max())
     # as the op runs it: rounded once to x's dtype
     out = poisoned(rows, cols, dtype=dtype)
-    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(dz), ptr(wt), ptr(add), ptr(out), rows, dim,
-                              cols, 0) == 0
+    split = poisoned(rows, 2 * dim, dtype=torch.bfloat16)  # dz as bf16 hi | lo, for dW_x
+    assert emu.emu_ss2d_xproj(CODES[dtype], ptr(dz), ptr(wt), ptr(add), ptr(out), ptr(split),
+                              rows, dim, cols, 0) == 0
     unit = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # the dtype's unit roundoff
     assert torch.all((out.double() - want).abs() <= unit * want.abs() + 1.01 * bound + 1e-30)
+    hi, lo = split[:, :dim], split[:, dim:]
+    assert torch.equal(hi, dz.to(torch.bfloat16))
+    assert torch.equal(lo, (dz - hi.float()).to(torch.bfloat16))
