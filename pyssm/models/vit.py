@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyssm.models.mlp import Mlp
 from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vit_configs import GLOBAL_POOLS, VIT_CONFIGS, ViTConfig
@@ -87,17 +88,6 @@ class Attention(nn.Module):
         return self.proj(out.reshape(B, N, C))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
@@ -113,6 +103,7 @@ class Block(nn.Module):
         nb = triton_backend(backend)
         branch = self.attn(self.norm1(x, for_matmul=True, backend=nb), backend=backend)
         h, x = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
+        del branch  # (not held while the MLP's hidden layer is alive)
         return x + self.mlp(h)
 
 

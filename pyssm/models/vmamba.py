@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyssm.models.mlp import GELU, Mlp
 from pyssm.models.norms import LayerNorm, LayerNorm2d, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
@@ -152,16 +153,6 @@ class SS2D(nn.Module):
         return self.out_proj(y)
 
 
-class Mlp(nn.Module):
-    def __init__(self, cfg: VMambaConfig, dim: int, hidden: int):
-        super().__init__()
-        Lin = Linear2d if cfg.channel_first else nn.Linear
-        self.fc1, self.act, self.fc2 = Lin(dim, hidden), nn.GELU(), Lin(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VSSBlock(nn.Module):
     def __init__(self, cfg: VMambaConfig, stage: int, drop_path: float = 0.0):
         super().__init__()
@@ -172,13 +163,15 @@ class VSSBlock(nn.Module):
         self.has_mlp = cfg.mlp_ratio > 0
         if self.has_mlp:
             self.norm2 = _norm(cfg, dim)
-            self.mlp = Mlp(cfg, dim, int(dim * cfg.mlp_ratio))
+            self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio),
+                           Linear2d if cfg.channel_first else nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
         if not self.has_mlp:
             return x + branch
         h, x = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass
+        del branch  # (not held while the MLP's hidden layer is alive)
         return x + self.drop_path(self.mlp(h))
 
 
@@ -206,7 +199,7 @@ def _patch_embed(cfg: VMambaConfig) -> nn.Sequential:
         stride = cfg.patch_size // 2
         return nn.Sequential(
             nn.Conv2d(cfg.in_chans, dim // 2, stride + 1, stride, 1), _to_cl(cfg),
-            _norm(cfg, dim // 2), _to_cf(cfg), nn.GELU(),
+            _norm(cfg, dim // 2), _to_cf(cfg), GELU(),  # (in place in inference)
             nn.Conv2d(dim // 2, dim, stride + 1, stride, 1), _to_cl(cfg), _norm(cfg, dim))
     raise ValueError(f"patchembed_version must be 'v1' or 'v2', got {cfg.patchembed_version!r}")
 
