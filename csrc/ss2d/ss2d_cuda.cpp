@@ -3,9 +3,10 @@
 // a GEMM otherwise).
 // Backward: the fused kernels (ss2d_bwd_kernel.cuh; at d_state 1 the main one from
 // ss2d_bwd_n1_kernel.cuh) between x_proj (recomputed) and its adjoint (dx on tensor cores for
-// 16-bit x; dW_x a bf16 GEMM over dz's bf16 split for bf16 x, an fp32 GEMM otherwise). Shapes the kernels do not take (d_state > 16, a huge batch, a
-// tile too large for shared memory) run the composed core of ss2d_cpu.cpp instead, whose inner
-// ops dispatch to the CUDA cross_scan / selective_scan / cross_merge kernels.
+// 16-bit x; dW_x a bf16 GEMM over dz's bf16 split for bf16 x, an fp32 GEMM otherwise). Shapes
+// the kernels do not take (d_state > 16, a huge batch, a tile too large for shared memory) run
+// the composed core of ss2d_cpu.cpp instead, whose inner ops dispatch to the CUDA cross_scan /
+// selective_scan / cross_merge kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -132,10 +133,16 @@ std::pair<at::Tensor, at::Tensor> x_proj_adjoint(const at::Tensor& dz, const at:
     TORCH_CHECK(err == cudaSuccess, "ss2d x_proj adjoint CUDA launch failed: ",
                 cudaGetErrorString(err));
     if (!split.defined()) return {dx, at::Tensor()};
-    const at::Tensor both =
-        mm->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(
-            split.t(), x, at::kFloat);  // (2 K, D): dz_hi^T x over dz_lo^T x
-    return {dx, both.narrow(0, 0, K) + both.narrow(0, K, K)};
+    try {
+      const at::Tensor both =
+          mm->typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>().call(
+              split.t(), x, at::kFloat);  // (2 K, D): dz_hi^T x over dz_lo^T x
+      return {dx, both.narrow(0, 0, K) + both.narrow(0, K, K)};
+    } catch (const c10::Error& e) {  // (its checks run before any launch) the caller's GEMM
+      TORCH_WARN_ONCE("ss2d backward: aten::mm.dtype refused dW_x's bf16 GEMM (",
+                      e.what_without_backtrace(), "); x is cast to float32 for it instead");
+      return {dx, at::Tensor()};
+    }
   }
   dx_scan.addmm_(dz, w);
   return {dx_scan.to(out), at::Tensor()};

@@ -92,6 +92,8 @@ struct Eight<float> {
 template <typename TA, typename TOut>
 __global__ void __launch_bounds__(kWarps * 32) xproj_kernel(const Ss2dXprojParams p) {
   constexpr bool kSplitA = !std::is_same_v<TA, bf16>;
+  // the backward for bf16 x may write dz's split (p.a_split) for dW_x's bf16 GEMM
+  constexpr bool kSplitOut = std::is_same_v<TA, float> && std::is_same_v<TOut, bf16>;
   const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t col_tiles = (p.cols + kCols - 1) / kCols;
@@ -129,11 +131,14 @@ __global__ void __launch_bounds__(kWarps * 32) xproj_kernel(const Ss2dXprojParam
       for (int h = 0; h < 2; ++h) {
         uint32_t hi[4], lo[4];
         v[m][h].pairs(hi, lo);
-        const int64_t r = row0 + 16 * m + g + 8 * h;
-        if (p.a_split != nullptr && col0 == 0 && k_ok && r < p.rows) {  // (one column tile)
-          uint4* row = reinterpret_cast<uint4*>(static_cast<bf16*>(p.a_split) + r * 2 * p.dim);
-          row[k / 8] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-          row[(p.dim + k) / 8] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        if constexpr (kSplitOut) {  // (one column tile writes it)
+          const int64_t r = row0 + 16 * m + g + 8 * h;
+          if (p.a_split != nullptr && col0 == 0 && k_ok && r < p.rows) {
+            uint4* row =
+                reinterpret_cast<uint4*>(static_cast<bf16*>(p.a_split) + r * 2 * p.dim);
+            row[k / 8] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+            row[(p.dim + k) / 8] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+          }
         }
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
@@ -202,7 +207,8 @@ cudaError_t launch(const Ss2dXprojParams& p, cudaStream_t stream) {
   if (p.rows < 0 || p.dim <= 0 || p.dim % 8 != 0 || p.cols <= 0 || p.cols % 2 != 0 ||
       p.a == nullptr || p.w == nullptr || p.out == nullptr || misaligned(p.a, 16) ||
       misaligned(p.w, 16) || misaligned(p.out, bwd ? 4 : 8) || (bwd && misaligned(p.add, 8)) ||
-      misaligned(p.a_split, 16) || (p.a_split != nullptr && !bwd)) {
+      misaligned(p.a_split, 16) ||
+      (p.a_split != nullptr && !(bwd && std::is_same_v<T, bf16>))) {
     return cudaErrorInvalidValue;
   }
   if (p.rows == 0) return cudaSuccess;
