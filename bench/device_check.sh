@@ -111,18 +111,23 @@ if [ "${PYSSM_FLASH_SM90:-}" = 0 ] && [ -z "${PYSSM_FLASH_SM90_DQ:-}" ]; then
   [ "${PYSSM_FLASH_SM90:-}" = 0 ] && unset PYSSM_FLASH_SM90_DQ
 fi
 smoke "triton smoke" PYSSM_TRITON bench/triton_smoke.py
-# (a4) the ss2d d_state-1 kernels (v3), which every later step takes at VMamba's shapes: what
-# fails (exit 1 the forward, 2 the backward, 3 both, else a crash: both) falls back for the
-# later steps to v2's forward (PYSSM_SS2D_FWD=v2) or v1's backward (PYSSM_SS2D_BWD=v1)
+# (a4) the ss2d d_state-1 kernels (v3) and the x_proj kernel, which every later step takes at
+# VMamba's shapes: what fails (exit status bits: 1 the forward, 2 the backward, 4 x_proj; over
+# 7 a crash: all three) falls back for the later steps to v2's forward (PYSSM_SS2D_FWD=v2), v1's
+# backward (PYSSM_SS2D_BWD=v1) or the GEMMs (PYSSM_SS2D_XPROJ=gemm)
 run_step "ss2d smoke" 90 "$LOGS/ss2d_smoke.log" "$PY" bench/ss2d_smoke.py
-case $RC in
-  0) note "ss2d smoke" "$(tail -1 "$LOGS/ss2d_smoke.log")" "$TOOK" ;;
-  1) export PYSSM_SS2D_FWD=v2 ;;
-  2) export PYSSM_SS2D_BWD=v1 ;;
-  *) export PYSSM_SS2D_FWD=v2 PYSSM_SS2D_BWD=v1 ;;
-esac
+if [ $RC = 0 ]; then
+  note "ss2d smoke" "$(tail -1 "$LOGS/ss2d_smoke.log")" "$TOOK"
+elif [ $RC -le 7 ]; then
+  [ $((RC & 1)) != 0 ] && export PYSSM_SS2D_FWD=v2
+  [ $((RC & 2)) != 0 ] && export PYSSM_SS2D_BWD=v1
+  [ $((RC & 4)) != 0 ] && export PYSSM_SS2D_XPROJ=gemm
+else
+  export PYSSM_SS2D_FWD=v2 PYSSM_SS2D_BWD=v1 PYSSM_SS2D_XPROJ=gemm
+fi
 [ $RC != 0 ] && note "ss2d smoke" "FAILED: $(outcome "$LOGS/ss2d_smoke.log"); later steps run \
-with PYSSM_SS2D_FWD=${PYSSM_SS2D_FWD:-v3} PYSSM_SS2D_BWD=${PYSSM_SS2D_BWD:-v3}" "$TOOK"
+with PYSSM_SS2D_FWD=${PYSSM_SS2D_FWD:-v3} PYSSM_SS2D_BWD=${PYSSM_SS2D_BWD:-v3} \
+PYSSM_SS2D_XPROJ=${PYSSM_SS2D_XPROJ:-kernel}" "$TOOK"
 
 # (b) CUDA tests, one process per op test file, side by side (bench/cuda_tests.sh)
 run_step tests 240 "$LOGS/tests.log" bash bench/cuda_tests.sh "$LOGS"

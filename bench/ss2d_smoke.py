@@ -1,16 +1,19 @@
 """pyssm's d_state-1 ss2d kernels (v3: the forward, and the backward's summary and main
-passes) once, on the GPU, before the rest of the device check: they have run only in the CPU
-emulation, and every later step (tests, benchmarks, encoders) takes them at VMamba's shapes.
-bench/device_check.sh runs this under a short limit and, from its exit status, turns off what
-failed for the later steps (PYSSM_SS2D_FWD=v2, PYSSM_SS2D_BWD=v1), so a fault or a wrong
-result costs one short step, not the benchmark tables that follow in the same process.
+passes) and its x_proj kernel for 16-bit x (both ways) once, on the GPU, before the rest of the
+device check: they have run only in the CPU emulation, and every later step (tests, benchmarks,
+encoders) takes them at VMamba's shapes. bench/device_check.sh runs this under a short limit
+and, from its exit status, turns off what failed for the later steps (PYSSM_SS2D_FWD=v2,
+PYSSM_SS2D_BWD=v1, PYSSM_SS2D_XPROJ=gemm), so a fault or a wrong result costs one short step,
+not the benchmark tables that follow in the same process.
 
-    python bench/ss2d_smoke.py     # exit 0: ok or skipped (no GPU); 1: the forward failed;
-                                   # 2: the backward failed; 3: both; anything else: a crash
+    python bench/ss2d_smoke.py     # exit 0: ok or skipped (no GPU); else the sum of 1: the
+                                   # forward failed, 2: the backward failed, 4: x_proj (bf16 x,
+                                   # either way) failed; anything over 7: a crash
     PYSSM_SS2D_SMOKE_DEVICE=cpu python bench/ss2d_smoke.py   # a dry run on the CPU kernels
 
-Each is checked against the float64 CPU kernel on the same inputs: fp32 x (and bf16 x with an
-fp32 output for the forward), relative to the largest reference value.
+Each is checked against the float64 CPU kernel on the same inputs, relative to the largest
+reference value: the scans with fp32 x, x_proj with bf16 x and an fp32 output (its gradient
+dx comes back in bf16, hence the looser backward bound).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pyssm import ops
 # (B, H, W, D, dt_rank): one chunk a scan at VMamba-T's width; a batch of one in chunks with
 # two channel blocks and dt_rank 12 (the 16-wide register weights)
 SHAPES = [(4, 23, 19, 96, 6), (1, 40, 33, 40, 12)]
-FWD_TOL, BWD_TOL = 5e-4, 2e-4
+FWD_TOL, BWD_TOL, XPROJ_BWD_TOL = 5e-4, 2e-4, 1e-2
 
 
 def make(B, H, W, D, R, device, dtype):
@@ -44,30 +47,32 @@ def relative(got, want) -> float:
     return float((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
 
-def forward_error(device) -> float:
+def forward_error(device, dtype) -> float:
     worst = 0.0
     for shape in SHAPES:
-        for dtype in (torch.float32, torch.bfloat16):
-            x, ws = make(*shape, device, dtype)
-            got = ops.ss2d(x, *ws, out_float32=True, backend=device)
-            want = ops.ss2d(x.double().cpu(), *(w.double().cpu() for w in ws), backend="cpu")
-            worst = max(worst, relative(got, want))
+        x, ws = make(*shape, device, dtype)
+        got = ops.ss2d(x, *ws, out_float32=True, backend=device)
+        want = ops.ss2d(x.double().cpu(), *(w.double().cpu() for w in ws), backend="cpu")
+        worst = max(worst, relative(got, want))
     return worst
 
 
-def backward_error(device) -> float:
+def backward_error(device, dtype) -> float:
+    """fp32: the scans' backward; bf16 x (fp32 weights, an fp32 output and gradient): x_proj's
+    recomputation, its adjoint and dW_x's GEMM besides."""
     worst = 0.0
     for shape in SHAPES:
-        x, ws = make(*shape, device, torch.float32)
+        x, ws = make(*shape, device, dtype)
         dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(device)
+        low = dtype != torch.float32
 
-        def grads(dev, dtype, backend):
-            ts = [t.detach().to(dev, dtype).requires_grad_() for t in (x, *ws)]
-            out = ops.ss2d(*ts, backend=backend)
-            return torch.autograd.grad(out, ts, dy.to(dev, dtype))
+        def grads(dev, exact):
+            ts = [t.detach().to(dev, torch.float64 if exact else t.dtype).requires_grad_()
+                  for t in (x, *ws)]
+            out = ops.ss2d(*ts, out_float32=low and not exact, backend="cpu" if exact else dev)
+            return torch.autograd.grad(out, ts, dy.to(dev, out.dtype))
 
-        for got, want in zip(grads(device, torch.float32, device),
-                             grads("cpu", torch.float64, "cpu")):
+        for got, want in zip(grads(device, False), grads("cpu", True)):
             worst = max(worst, relative(got, want))
     return worst
 
@@ -77,19 +82,27 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("ss2d smoke: skipped (no CUDA device)")
         return 0
-    fwd = forward_error(device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    bwd = backward_error(device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    status = (1 if not fwd <= FWD_TOL else 0) | (2 if not bwd <= BWD_TOL else 0)
-    words = {0: "ok", 1: "FORWARD WRONG", 2: "BACKWARD WRONG", 3: "FORWARD AND BACKWARD WRONG"}
+
+    def sync(value):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return value
+
+    fwd = sync(forward_error(device, torch.float32))
+    bwd = sync(backward_error(device, torch.float32))
+    xfwd = sync(forward_error(device, torch.bfloat16))
+    xbwd = sync(backward_error(device, torch.bfloat16))
+    status = ((1 if not fwd <= FWD_TOL else 0) | (2 if not bwd <= BWD_TOL else 0)
+              | (4 if not (xfwd <= FWD_TOL and xbwd <= XPROJ_BWD_TOL) else 0))
+    words = ", ".join(w for bit, w in ((1, "FORWARD WRONG"), (2, "BACKWARD WRONG"),
+                                       (4, "X_PROJ WRONG")) if status & bit) or "ok"
     kernels = (f"; forward {os.environ.get('PYSSM_SS2D_FWD', 'v3')}, backward "
-               f"{os.environ.get('PYSSM_SS2D_BWD', 'v3')}" if device == "cuda" else
+               f"{os.environ.get('PYSSM_SS2D_BWD', 'v3')}, x_proj "
+               f"{os.environ.get('PYSSM_SS2D_XPROJ', 'kernel')}" if device == "cuda" else
                f"; {device} kernels")
-    print(f"ss2d smoke: {words[status]} (forward {fwd:.1e} of {FWD_TOL:.0e}, "
-          f"backward {bwd:.1e} of {BWD_TOL:.0e}{kernels})")
+    print(f"ss2d smoke: {words} (forward {fwd:.1e} of {FWD_TOL:.0e}, backward {bwd:.1e} of "
+          f"{BWD_TOL:.0e}; bf16 x: forward {xfwd:.1e} of {FWD_TOL:.0e}, backward {xbwd:.1e} of "
+          f"{XPROJ_BWD_TOL:.0e}{kernels})")
     return status
 
 

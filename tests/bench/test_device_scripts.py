@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,8 +45,11 @@ def test_ss2d_smoke_runs_on_the_cpu_kernels():
     assert "ss2d smoke: ok" in done.stdout
 
 
-def test_ss2d_smoke_reports_a_wrong_forward(monkeypatch):
-    """The exit status says which half failed: a forward off by 1% gives 1."""
+@pytest.mark.parametrize("wrong,status", [(torch.float32, 1), (torch.bfloat16, 4)],
+                         ids=["forward", "x_proj"])
+def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
+    """The exit status says which part failed: a forward off by 1% for fp32 x gives 1 (the
+    scan), for bf16 x 4 (x_proj, forward and backward)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import ss2d_smoke
@@ -54,12 +58,12 @@ def test_ss2d_smoke_reports_a_wrong_forward(monkeypatch):
     monkeypatch.setenv("PYSSM_SS2D_SMOKE_DEVICE", "cpu")
     real = ss2d_smoke.ops.ss2d
 
-    def off(*args, **kwargs):
-        out = real(*args, **kwargs)
-        return out * 1.01 if kwargs.get("out_float32") else out  # the forward check's calls
+    def off(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        return out * 1.01 if kwargs.get("out_float32") and x.dtype == wrong else out
 
     monkeypatch.setattr(ss2d_smoke.ops, "ss2d", off)
-    assert ss2d_smoke.main() == 1
+    assert ss2d_smoke.main() == status
 
 
 @pytest.mark.parametrize("script", ["bench/device_check.sh", "bench/cuda_tests.sh"])
