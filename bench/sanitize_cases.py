@@ -57,11 +57,13 @@ def selective_scan_cases():
 def ss2d_cases():
     # the third: two channel blocks (the backward's dz by atomics) and d_state 16; the second
     # and fourth: the d_state-1 forward (v3), the fourth with dt_projs_weight in shared memory
-    # (dt_rank 33) and a partial block of channels
+    # (dt_rank 33) and a partial block of channels; the second and fifth: the x_proj kernel's
+    # forward, the fifth its adjoint too (fp16; bf16's, with dz's split, in the autocast case)
     for batch, H, W, dim, dstate, rank, dtype in ((2, 7, 9, 6, 2, 3, torch.float32),
                                                   (1, 45, 47, 8, 1, 1, torch.bfloat16),
                                                   (1, 5, 6, 130, 16, 2, torch.float16),
-                                                  (1, 9, 11, 40, 1, 33, torch.float32)):
+                                                  (1, 9, 11, 40, 1, 33, torch.float32),
+                                                  (2, 9, 11, 40, 1, 6, torch.float16)):
         def run(b=batch, h=H, w=W, d=dim, n=dstate, r=rank, dt=dtype):
             return ops.ss2d(rand(b, h, w, d, dtype=dt), rand(4, r + 2 * n, d) * 0.3,
                             rand(4, d, r) * 0.3, rand(4, d) * 0.1 - 3, rand(4 * d, n) * 0.1,
