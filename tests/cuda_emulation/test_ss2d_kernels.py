@@ -1,9 +1,10 @@
 """The SS2D-family CUDA kernels, run on the CPU in cuda_emulation.h's emulation (the real kernel
 sources and launchers, compiled by g++), against the float64 references.
 
-The torch-side glue of csrc/ss2d/ss2d_cuda.cpp (the x_proj GEMM before the kernels, x_proj's
-adjoint and the per-chunk sums after the backward) is redone here in torch; on a GPU the op
-tests cover the glue itself. What the emulation does and does not check is in its header.
+The torch-side glue of csrc/ss2d/ss2d_cuda.cpp (x_proj before the kernels, x_proj's adjoint and
+the per-chunk sums after the backward) is redone here in torch; the x_proj kernel that does
+x_proj and the adjoint's dx for 16-bit x on a GPU (ss2d_xproj_kernel.cuh) is tested on its own
+(the last tests); on a GPU the op tests cover the glue itself. What the emulation does and does not check is in its header.
 Skipped without g++ or the CUDA headers (emulation.py builds the harness).
 """
 
