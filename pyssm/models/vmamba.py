@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.mlp import GELU, Mlp
+from pyssm.models.mlp import GELU, Mlp, add_mlp
 from pyssm.models.norms import LayerNorm, LayerNorm2d, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
@@ -170,9 +170,9 @@ class VSSBlock(nn.Module):
         branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
         if not self.has_mlp:
             return x + branch
-        h, x = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass
+        h, s = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass
         del branch  # (not held while the MLP's hidden layer is alive)
-        return x + self.drop_path(self.mlp(h))
+        return add_mlp(self.mlp, h, s, x, self.drop_path)  # s + mlp(h); in place in inference
 
 
 class PatchMerging2D(nn.Module):

@@ -1,5 +1,6 @@
-"""The encoders' MLP and GELU (pyssm/models/mlp.py): the in-place GELU where autograd records
-nothing gives the values of the out-of-place one, and leaves training untouched."""
+"""The encoders' MLP, GELU and second residual add (pyssm/models/mlp.py): the in-place GELU and
+the in-place, batch-sliced residual MLP where autograd records nothing give the values of the
+out-of-place ones, and leave training untouched."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyssm.models.mlp import GELU, Mlp
+from pyssm.models.mlp import GELU, Mlp, add_mlp
 from pyssm.models.vmamba import Linear2d
 
 
@@ -47,3 +48,37 @@ def test_gelu_in_place_only_where_nothing_is_recorded():
     leaf = torch.randn(5, 7, requires_grad=True)
     y = GELU()(leaf)
     assert y.data_ptr() != leaf.data_ptr() and y.grad_fn is not None
+
+
+def test_add_mlp_in_place_in_inference():
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24)
+    x, h, s = torch.randn(5, 3, 6), torch.randn(5, 3, 6), torch.randn(5, 3, 6)
+    want = s + mlp(h).detach()
+    with torch.no_grad():
+        out = add_mlp(mlp, h, s.clone(), x)
+        s_own = s.clone()
+        assert add_mlp(mlp, h, s_own, x) is s_own  # into the block's own sum
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        # a sum that is the block's input itself (no storage of its own): out of place
+        kept = x.clone()
+        out = add_mlp(mlp, h, x, x)
+        assert torch.equal(x, kept) and out is not x
+        torch.testing.assert_close(out, x + mlp(h), rtol=0, atol=0)
+
+
+def test_add_mlp_out_of_place_when_recording_or_dropping():
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda h, s: add_mlp(mlp, h, s, x), (h, s))
+    from pyssm.models.vmamba import DropPath
+    drop = DropPath(0.5).train()
+    s2 = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        kept = s2.clone()
+        torch.manual_seed(1)
+        out = add_mlp(mlp, h.detach(), s2, x, drop)
+        assert torch.equal(s2, kept) and out is not s2
