@@ -7,8 +7,8 @@ values (the same kernel, writing into its input's buffer), one activation alive 
 The MLP's hidden layer is 4x the block's width, so that is where an encoder's inference peaks
 (VMamba-T stage 1 at 224 px: 2.4 MB an image for each hidden tensor in bf16); VMamba's stem
 applies it to a float32 LayerNorm output at half the input resolution. ``add_mlp`` goes
-further there: the MLP's output is added into the block's own residual sum in place, a quarter
-of the batch at a time, so only a quarter of the hidden layer is ever alive.
+further there: the MLP's output is added into the block's own residual sum in place, in slices
+of the batch when the hidden layer is large, so only a quarter of it is ever alive.
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-# the slices of the batch add_mlp runs the MLP in, where it runs it in place
-INFERENCE_CHUNKS = 4
+# add_mlp in place: the batch in slices whose hidden layer is at most CHUNK_BYTES, at most
+# INFERENCE_CHUNKS of them (VMamba-T stage 1, 128 images at 224 px: 308 MB of bf16 hidden
+# layer, 4 slices; small hidden layers stay whole, where more launches would cost more than
+# the memory is worth)
+INFERENCE_CHUNKS, CHUNK_BYTES = 4, 64 * 2**20
 
 
 def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
@@ -45,15 +48,20 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     """``s + drop_path(mlp(h))``: a pre-norm block's second residual add, with ``s`` the block's
     sum after its first branch and ``h`` its norm, ``x`` the block's input. Where autograd
     records nothing, drop path is the identity and ``s`` has storage of its own (not ``x``'s),
-    the MLP's output is added into ``s`` in place, INFERENCE_CHUNKS slices of the batch at a
-    time: the same values, a quarter of the 4x-wide hidden layer alive instead of all of it.
-    (Under torch.compile the plain sum: the compiler plans the buffers itself.)"""
+    the MLP's output is added into ``s`` in place, a slice of the batch at a time (up to
+    INFERENCE_CHUNKS, see CHUNK_BYTES): the same values, no second sum allocated, and a quarter
+    of a large 4x-wide hidden layer alive instead of all of it. (Under torch.compile the plain
+    sum: the compiler plans the buffers itself.)"""
     recording = torch.is_grad_enabled() and (h.requires_grad or s.requires_grad)
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
     if (torch.compiler.is_compiling() or recording or not identity
             or s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
         out = mlp(h)
         return s + (out if drop_path is None else drop_path(out))
-    for hc, sc in zip(h.chunk(INFERENCE_CHUNKS), s.chunk(INFERENCE_CHUNKS)):
+    fc1 = getattr(mlp, "fc1", None)
+    ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
+    hidden = h.numel() * ratio * h.element_size()
+    chunks = int(min(INFERENCE_CHUNKS, max(1, -(-hidden // CHUNK_BYTES))))
+    for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
         sc.add_(mlp(hc))
     return s

@@ -50,13 +50,20 @@ def test_gelu_in_place_only_where_nothing_is_recorded():
     assert y.data_ptr() != leaf.data_ptr() and y.grad_fn is not None
 
 
-def test_add_mlp_in_place_in_inference():
+@pytest.mark.parametrize("chunk_bytes", [2**30, 1000, 1], ids=["whole", "2-slices", "at-most-4"])
+def test_add_mlp_in_place_in_inference(chunk_bytes, monkeypatch):
+    import pyssm.models.mlp as mlp_module
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES", chunk_bytes)  # (hidden: 5 x 3 x 24 x 4 B = 1440)
+    calls = []
     torch.manual_seed(0)
     mlp = Mlp(6, 24)
+    mlp.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     x, h, s = torch.randn(5, 3, 6), torch.randn(5, 3, 6), torch.randn(5, 3, 6)
     want = s + mlp(h).detach()
+    calls.clear()
     with torch.no_grad():
         out = add_mlp(mlp, h, s.clone(), x)
+        assert calls == {2**30: [5], 1000: [3, 2], 1: [2, 2, 1]}[chunk_bytes]
         s_own = s.clone()
         assert add_mlp(mlp, h, s_own, x) is s_own  # into the block's own sum
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
