@@ -43,6 +43,12 @@ class Mlp(nn.Module):
 INFERENCE_CHUNKS, CHUNK_BYTES = 4, 64 * 2**20
 
 
+def batch_slices(nbytes: float) -> int:
+    """How many slices of the batch to run an inference step in whose largest activation is
+    ``nbytes``: up to INFERENCE_CHUNKS, so that a slice's is at most CHUNK_BYTES."""
+    return int(min(INFERENCE_CHUNKS, max(1, -(-nbytes // CHUNK_BYTES))))
+
+
 def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
             drop_path: nn.Module | None = None) -> torch.Tensor:
     """``s + drop_path(mlp(h))``: a pre-norm block's second residual add, with ``s`` the block's
@@ -60,8 +66,7 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
         return s + (out if drop_path is None else drop_path(out))
     fc1 = getattr(mlp, "fc1", None)
     ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
-    hidden = h.numel() * ratio * h.element_size()
-    chunks = int(min(INFERENCE_CHUNKS, max(1, -(-hidden // CHUNK_BYTES))))
+    chunks = batch_slices(h.numel() * ratio * h.element_size())
     for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
         sc.add_(mlp(hc))
     return s

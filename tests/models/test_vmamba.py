@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.models import create_encoder, list_encoders
+from pyssm.models import mlp as mlp_module
 from pyssm.models import vmamba as vmamba_module
 from pyssm.ops import cross_merge_reference, cross_scan_reference, selective_scan_reference, ss2d
 
@@ -204,11 +205,15 @@ def test_registry_lists_every_family():
 
 @pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln"),
                                        ("vmamba_tiny_vanilla", "ln")])
-def test_activations_stay_channels_last(name, norm, monkeypatch):
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
+def test_activations_stay_channels_last(name, norm, sliced, monkeypatch):
     """The fast path's layout: every block's input and every ss2d core's input and output are
     stored channels-last (torch.channels_last for channel-first configs, contiguous (B, H, W, C)
-    for the others), so LayerNorm, the convolutions and the CUDA ss2d read them without a copy.
+    for the others), so LayerNorm, the convolutions and the CUDA ss2d read them without a copy;
+    also with the inference's stem and MLPs run in slices of the batch (pyssm.models.mlp).
     (On the CPU the composed ss2d copies inside; the layout contract is what is checked.)"""
+    if sliced:
+        monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
     model = create_encoder(name, norm=norm, **SMALL).eval()
     seen = []
 
@@ -240,3 +245,16 @@ def test_activations_stay_channels_last(name, norm, monkeypatch):
         model(torch.randn(2, 3, 64, 48))
     assert len(seen) == 3 * sum(model.cfg.depths)
     assert all(ok for *_, ok in seen), [s for s in seen if not s[2]]
+
+
+@pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln")])
+def test_inference_in_slices_of_the_batch_gives_the_same_logits(name, norm, monkeypatch):
+    """The stem and the MLPs run in up to 4 slices of the batch where their activations are
+    large (pyssm.models.mlp.CHUNK_BYTES, here made tiny): the official composition's values."""
+    model = randomized(create_encoder(name, norm=norm, **SMALL).double())
+    x = torch.randn(5, 3, 50, 38, dtype=F64)
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
+    with torch.no_grad():
+        sliced = model(x)
+    want = official_forward({k: v.detach() for k, v in model.state_dict().items()}, name, x)
+    torch.testing.assert_close(sliced, want, atol=1e-10, rtol=1e-10)
