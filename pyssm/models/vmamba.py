@@ -140,12 +140,14 @@ class SS2D(nn.Module):
             z = self.act(z)
         x = self._conv_act(x.permute(0, 2, 3, 1) if self.channel_first else x)
         # 16-bit activations: the core returns float32 (as the official oflex path) for out_norm
-        low = x.dtype in (torch.float16, torch.bfloat16)
+        dtype = x.dtype
+        low = dtype in (torch.float16, torch.bfloat16)
         y = ss2d(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
                  self.Ds, channels_first=True, out_float32=low, backend=self.backend)
+        del x  # (not held while out_norm runs)
         if not self.channel_first or self.with_z:
             y = y.permute(0, 2, 3, 1)
-        y = self.out_norm(y, out_dtype=x.dtype)  # normalised from float32, rounded once
+        y = self.out_norm(y, out_dtype=dtype)  # normalised from float32, rounded once
         if self.with_z:  # gated channel-last, as the official v0 forward
             y = y * (z.permute(0, 2, 3, 1) if self.channel_first else z)
             if self.channel_first:
