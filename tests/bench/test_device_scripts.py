@@ -70,3 +70,20 @@ def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
 def test_device_shell_scripts_parse(script):
     done = run(["bash", "-n", script])
     assert done.returncode == 0, done.stderr
+
+
+def test_memory_model_runs_and_puts_the_ops_back():
+    """bench/memory_model.py on a tiny VMamba and ViT: a positive peak, and the ops it stands in
+    for are the real ones again afterwards."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import memory_model
+    finally:
+        sys.path.pop(0)
+    real = (memory_model.vmamba_module.ss2d, memory_model.vit_module.attention,
+            memory_model.mlp_module.CHUNK_BYTES)
+    assert memory_model.peak_mb_per_image("vmamba_tiny_s1l8", 64, 2, 16,
+                                          depths=(1, 1, 1, 1), dims=16) > 0
+    assert memory_model.peak_mb_per_image("vit_small_patch16", 64, 2, depth=1) > 0
+    assert (memory_model.vmamba_module.ss2d, memory_model.vit_module.attention,
+            memory_model.mlp_module.CHUNK_BYTES) == real
