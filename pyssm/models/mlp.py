@@ -58,7 +58,8 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     INFERENCE_CHUNKS, see CHUNK_BYTES): the same values, no second sum allocated, and a quarter
     of a large 4x-wide hidden layer alive instead of all of it. (Under torch.compile the plain
     sum: the compiler plans the buffers itself.)"""
-    recording = torch.is_grad_enabled() and (h.requires_grad or s.requires_grad)
+    recording = torch.is_grad_enabled() and (
+        h.requires_grad or s.requires_grad or any(p.requires_grad for p in mlp.parameters()))
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
     if (torch.compiler.is_compiling() or recording or not identity
             or s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):

@@ -89,3 +89,17 @@ def test_add_mlp_out_of_place_when_recording_or_dropping():
         torch.manual_seed(1)
         out = add_mlp(mlp, h.detach(), s2, x, drop)
         assert torch.equal(s2, kept) and out is not s2
+
+
+def test_add_mlp_trains_an_mlp_behind_frozen_inputs():
+    """Inputs that need no gradient but an MLP that does (a frozen trunk, a trained MLP): the
+    out-of-place sum, and the MLP's gradients as plain autograd gives them."""
+    torch.manual_seed(0)
+    mlp = Mlp(6, 24).double()
+    x, h, s = (torch.randn(4, 6, dtype=torch.float64) for _ in range(3))
+    out = add_mlp(mlp, h, s, x)
+    assert out is not s
+    got = torch.autograd.grad(out.square().sum(), list(mlp.parameters()))
+    want = torch.autograd.grad((s + mlp(h)).square().sum(), list(mlp.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
