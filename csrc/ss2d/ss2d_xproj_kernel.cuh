@@ -16,8 +16,8 @@
 // 2^-16 |x w| for bf16 x, 2^-15 for fp16 x and 3 x 2^-16 for the backward's dz, summed in fp32.
 // (z was exact to fp32 through the GEMM; the official VMamba under bf16 autocast rounds x_proj's
 // weights and output to bf16, 2^-8.) Nothing is rounded to the input dtype but the backward's
-// dx, as the GEMM path did. The backward may also write dz's split (a_split: hi and lo side by
-// side, bf16), for the dW_x GEMM on tensor cores.
+// dx, as the GEMM path did. For bf16 x the backward may also write dz's split (a_split: hi and lo
+// side by side, bf16), for the dW_x GEMM on tensor cores.
 //
 // Layout: a block is 4 warps x 32 rows by 32 columns of the output; a warp holds 2 x 4 m16n8
 // fp32 tiles. The reduction runs over dim in steps of 32, each lane loading 8 consecutive
