@@ -49,6 +49,15 @@ def batch_slices(nbytes: float) -> int:
     return int(min(INFERENCE_CHUNKS, max(1, -(-nbytes // CHUNK_BYTES))))
 
 
+def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of one buffer; meta tensors (which have no data, so every
+    data_ptr is 0) compare by their storage object."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if a.device.type == "meta" or b.device.type == "meta":
+        return sa._cdata == sb._cdata
+    return sa.data_ptr() == sb.data_ptr()
+
+
 def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
             drop_path: nn.Module | None = None) -> torch.Tensor:
     """``s + drop_path(mlp(h))``: a pre-norm block's second residual add, with ``s`` the block's
@@ -61,8 +70,7 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     recording = torch.is_grad_enabled() and (
         h.requires_grad or s.requires_grad or any(p.requires_grad for p in mlp.parameters()))
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
-    if (torch.compiler.is_compiling() or recording or not identity
-            or s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+    if torch.compiler.is_compiling() or recording or not identity or _same_buffer(s, x):
         out = mlp(h)
         return s + (out if drop_path is None else drop_path(out))
     fc1 = getattr(mlp, "fc1", None)

@@ -103,3 +103,15 @@ def test_add_mlp_trains_an_mlp_behind_frozen_inputs():
     want = torch.autograd.grad((s + mlp(h)).square().sum(), list(mlp.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_add_mlp_tells_meta_buffers_apart():
+    """Meta tensors (bench/roofline_model.py traces the encoders on them) have no data, so every
+    data_ptr is 0: a sum with its own storage still takes the in-place path, the block's input
+    itself still the out-of-place one."""
+    mlp = Mlp(6, 24).to("meta")
+    x, h, s = (torch.empty(4, 6, device="meta") for _ in range(3))
+    with torch.no_grad():
+        assert add_mlp(mlp, h, s, x) is s
+        assert add_mlp(mlp, h, x, x) is not x
+        assert add_mlp(mlp, h[1:], x[1:], x) is not x  # a view of x, at an offset
