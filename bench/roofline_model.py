@@ -1,0 +1,285 @@
+"""An encoder's bf16 inference on a GPU, counted kernel by kernel on a machine without one: the
+bytes each kernel must move and the matrix FLOPs it must do, and the time that would take at
+the H200's measured ceilings (a floor, not a prediction of the measured time).
+
+The model runs on meta tensors, so nothing is computed. Each aten op it dispatches counts as
+one kernel that reads its tensor inputs and writes its outputs once (views and empty
+allocations count as nothing), with CUDA autocast's casts emulated: a matrix product or
+convolution takes float32 inputs as bf16 (a cast kernel each; a parameter's cast once a step,
+as autocast caches it) and returns bf16, and LayerNorm returns bf16 before a matrix product
+and float32 elsewhere, as pyssm's norms do under CUDA autocast. The ops the GPU runs as pyssm
+kernels are stood in by the kernels' own traffic:
+  - LayerNorm (the Triton kernel, with the residual add where fused): x (and the residual),
+    weight and bias read once, the output (and the sum) written once;
+  - VMamba's depthwise convolution + SiLU (Triton): x read and the output written once;
+  - ss2d (csrc/ss2d, 16-bit x, the fused path): the x_proj kernel (x and W read, z written in
+    float32), the float32 y zeroed, the scan kernel (x and z read; y read and written once, its
+    four directions' atomic adds combined in the L2, the best case); the scan kernel is bound
+    by issue, not by bytes: its time is the forward v3's prediction at VMamba-T stage 1 (0.14
+    ms for 77 M position-channel-direction steps, csrc/ss2d/NOTES.md), scaled by steps;
+  - attention (flash): q, k, v read and the output written once; 4 N^2 d FLOPs a head.
+
+Floor of a kernel = max(bytes / bandwidth, FLOPs / matrix rate), with the ceilings measured on
+an H200 here (/work/.library/device/KINDS.md: a 4.3 TB/s device-to-device copy, 790 TFLOP/s
+for an 8192^3 bf16 product); launch overheads are not counted, their number is reported.
+
+    python bench/roofline_model.py [--encoder vmamba_tiny_s1l8] [--img-size 224] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+import pyssm.models.norms as norms_module
+import pyssm.models.vit as vit_module
+import pyssm.models.vmamba as vmamba_module
+from pyssm.models import create_encoder
+
+BANDWIDTH = 4.3e12      # B/s, device-to-device copy counting bytes read and written
+MATRIX_RATE = 790e12    # FLOP/s, dense bf16 on tensor cores
+SCAN_STEP_S = 0.14e-3 / 77e6  # the ss2d forward v3's predicted time per step (see above)
+LOW = torch.bfloat16
+aten = torch.ops.aten
+
+# what CUDA autocast runs in bf16 (the ops a linear / conv2d decomposes into on meta tensors)
+AUTOCAST_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
+AUTOCAST_FUNCTIONS = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul,
+                      torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
+# kernels that write without reading their first argument
+WRITE_ONLY = {aten.zero_, aten.fill_, aten.zeros, aten.full, aten.ones}
+
+
+@dataclass
+class Kernel:
+    op: str         # what it is, e.g. "aten.addmm" or "ss2d.scan"
+    kind: str       # the table's grouping: gemm, norm, ss2d, conv, attention, cast, other
+    read: int       # bytes
+    written: int
+    flops: int = 0  # on tensor cores
+    fixed_s: float = 0.0  # a time from elsewhere (the scan's prediction), 0 for none
+
+    @property
+    def floor_s(self) -> float:
+        return max((self.read + self.written) / BANDWIDTH, self.flops / MATRIX_RATE,
+                   self.fixed_s)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _is_view(func) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write
+                                 for r in returns)
+
+
+def _kind(func) -> str:
+    if func.overloadpacket in AUTOCAST_OPS:
+        return "gemm"
+    if func.overloadpacket in (aten._to_copy, aten.copy_, aten.clone, aten.cat):
+        return "cast/copy"
+    return "other"
+
+
+class KernelTrace(TorchDispatchMode):
+    """Records a Kernel for every aten op dispatched on meta tensors (module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[Kernel] = []
+        self.paused = 0
+
+    def add(self, op: str, kind: str, read: int, written: int, flops: int = 0,
+            fixed_s: float = 0.0) -> None:
+        if not self.paused:
+            self.kernels.append(Kernel(op, kind, int(read), int(written), int(flops), fixed_s))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        if _is_view(func) or packet in (aten.empty, aten.empty_strided, aten.empty_like,
+                                        aten.lift_fresh, aten.detach):
+            return out
+        inputs = {id(t): t for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not outputs:  # a host-side op (torch.promote_types): no kernel
+            return out
+        if packet in WRITE_ONLY:
+            read = 0
+        elif packet is aten.copy_:
+            read = nbytes(args[1])
+        else:
+            read = sum(nbytes(t) for t in inputs.values())
+        written = sum(nbytes(t) for t in outputs)
+        flops = (flop_registry[packet](*args, **kwargs, out_val=out)
+                 if packet in flop_registry else 0)
+        self.add(str(packet), _kind(func), read, written, flops)
+        return out
+
+
+class Autocast(TorchFunctionMode):
+    """CUDA autocast for meta tensors (which autocast leaves alone): a matrix product's or a
+    convolution's float32 tensor arguments are cast to bf16 first, a parameter's once."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = {p.untyped_storage()._cdata for p in params}
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def cast(self, t):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            return t
+        key = (t.untyped_storage()._cdata, t.shape, t.stride(), t.storage_offset())
+        if key[0] not in self.params:
+            return t.to(LOW)
+        if key not in self.cache:
+            self.cache[key] = t.to(LOW)
+        return self.cache[key]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in AUTOCAST_FUNCTIONS:
+            args = tuple(self.cast(a) for a in args)
+            kwargs = {k: self.cast(v) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+TRACE: KernelTrace | None = None
+
+
+def _cuda_out_dtype(x, for_matmul):
+    """pyssm.models.norms._out_dtype as it decides under CUDA autocast."""
+    return None if x.dtype == torch.float64 else (LOW if for_matmul else torch.float32)
+
+
+def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
+                        return_residual=False, backend=None):
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    TRACE.paused += 1
+    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=s_dtype, device=x.device) if return_residual else None
+    TRACE.paused -= 1
+    read = nbytes(x) + (nbytes(residual) if residual is not None else 0) + sum(
+        nbytes(p) for p in (weight, bias) if p is not None)
+    TRACE.add("layer_norm", "norm", read, nbytes(y) + (nbytes(s) if s is not None else 0))
+    return (y, s) if return_residual else y
+
+
+def conv_silu_stand_in(x, weight, bias, activation="silu", out_dtype=None, backend=None):
+    TRACE.paused += 1
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+    TRACE.paused -= 1
+    TRACE.add("depthwise_conv2d+silu", "conv", nbytes(x) + nbytes(weight), nbytes(y))
+    return y
+
+
+def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *,
+                  channels_first=True, out_float32=False, backend=None):
+    B, D, H, W = x.shape if channels_first else x.permute(0, 3, 1, 2).shape
+    L, K = H * W, x_proj_weight.shape[0] * x_proj_weight.shape[1]
+    TRACE.paused += 1
+    y = torch.empty(B, H, W, D, dtype=torch.float32, device=x.device)
+    out = y.permute(0, 3, 1, 2) if channels_first else y
+    if not out_float32:
+        out = out.to(x.dtype)
+    TRACE.paused -= 1
+    x_bytes, z_bytes, y_bytes = nbytes(x), B * L * K * 4, nbytes(y)
+    TRACE.add("ss2d.x_proj", "ss2d", x_bytes + nbytes(x_proj_weight), z_bytes,
+              2 * B * L * D * K)
+    TRACE.add("ss2d.zero_y", "ss2d", 0, y_bytes)
+    params = sum(nbytes(p) for p in (dt_projs_weight, dt_projs_bias, A_logs, Ds))
+    TRACE.add("ss2d.scan", "ss2d", x_bytes + z_bytes + y_bytes + params, y_bytes,
+              fixed_s=4 * B * L * D * SCAN_STEP_S)
+    if not out_float32:
+        TRACE.add("ss2d.cast", "cast/copy", y_bytes, nbytes(out))
+    return out
+
+
+def attention_stand_in(q, k, v, **kwargs):
+    B, N, heads, d = q.shape
+    TRACE.paused += 1
+    out = torch.empty_like(q)
+    TRACE.paused -= 1
+    TRACE.add("attention", "attention", nbytes(q) + nbytes(k) + nbytes(v), nbytes(out),
+              4 * B * heads * N * N * d)
+    return out
+
+
+def trace_inference(encoder: str, img_size: int, batch: int, **overrides) -> list[Kernel]:
+    """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring)."""
+    global TRACE
+    saved = (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
+             vit_module.attention, norms_module.layer_norm, norms_module._out_dtype)
+    try:
+        vmamba_module.ss2d = ss2d_stand_in
+        vmamba_module.depthwise_conv2d = conv_silu_stand_in
+        vmamba_module.uses_triton = lambda *a, **k: True
+        vit_module.attention = attention_stand_in
+        norms_module.layer_norm = layer_norm_stand_in
+        norms_module._out_dtype = _cuda_out_dtype
+        model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
+        images = torch.empty(batch, 3, img_size, img_size, device="meta")
+        TRACE = KernelTrace()
+        with Autocast(model.parameters()), TRACE, torch.no_grad():
+            model(images)
+        return TRACE.kernels
+    finally:
+        TRACE = None
+        (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
+         vit_module.attention, norms_module.layer_norm, norms_module._out_dtype) = saved
+
+
+def summarize(kernels: list[Kernel], by: str = "kind") -> dict[str, dict[str, float]]:
+    """Per kind (by="kind") or per op (by="op"), and "total": kernels, MB moved, matrix GFLOP,
+    floor in ms."""
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: dict(kernels=0, mb=0.0, gflop=0.0,
+                                                                  ms=0.0))
+    for k in kernels:
+        for key in (getattr(k, by), "total"):
+            row = rows[key]
+            row["kernels"] += 1
+            row["mb"] += (k.read + k.written) / 1e6
+            row["gflop"] += k.flops / 1e9
+            row["ms"] += k.floor_s * 1e3
+    return dict(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", default="vmamba_tiny_s1l8")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="default: the benchmark's, 128 x (224 / img-size)^2")
+    args = parser.parse_args(argv)
+    batch = args.batch or max(1, round(128 * (224 / args.img_size) ** 2))
+    kernels = trace_inference(args.encoder, args.img_size, batch)
+    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference, floors at "
+          f"{BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
+    for by in ("kind", "op"):
+        rows = summarize(kernels, by)
+        total = rows["total"]
+        print(f"\n| {by} | kernels | MB | GFLOP | floor ms | share |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for key, row in sorted(rows.items(), key=lambda kv: (kv[0] == "total", -kv[1]["ms"])):
+            print(f"| {key} | {row['kernels']:.0f} | {row['mb']:.0f} | {row['gflop']:.1f} | "
+                  f"{row['ms']:.3f} | {row['ms'] / total['ms']:.2f} |")
+    print(f"\nfloor: {batch / total['ms'] * 1e3:.0f} img/s ({total['ms'] / batch * 1e3:.1f} us "
+          f"an image), {total['kernels']:.0f} kernels a step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

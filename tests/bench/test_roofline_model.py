@@ -1,0 +1,74 @@
+"""bench/roofline_model.py: its byte and FLOP counts on a case counted by hand, its emulated
+autocast, and a trace of small encoders that takes the GPU's inference path and puts the ops
+it stands in back."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+try:
+    import roofline_model as rm
+finally:
+    sys.path.pop(0)
+
+
+def test_a_linear_layer_counted_by_hand():
+    """fp32 x (B, K) through a fp32 Linear(K, N) twice under the emulated autocast: x cast each
+    time, the weight and bias once (autocast's cache), one addmm each time reading bf16
+    operands; then a GELU in place and a view, which is no kernel."""
+    B, K, N = 6, 10, 14
+    layer = torch.nn.Linear(K, N).to("meta")
+    x = torch.empty(B, K, device="meta")
+    trace = rm.KernelTrace()
+    with rm.Autocast(layer.parameters()), trace, torch.no_grad():
+        for _ in range(2):
+            y = layer(x)
+        torch.ops.aten.gelu_(y)
+        y.view(N, B)
+    got = [(k.op, k.kind, k.read, k.written, k.flops) for k in trace.kernels]
+    cast_x = ("aten._to_copy", "cast/copy", 4 * B * K, 2 * B * K, 0)
+    addmm = ("aten.addmm", "gemm", 2 * (N + B * K + K * N), 2 * B * N, 2 * B * K * N)
+    want = [("aten._to_copy", "cast/copy", 4 * K * N, 2 * K * N, 0),  # the weight, once
+            ("aten._to_copy", "cast/copy", 4 * N, 2 * N, 0), cast_x, addmm, cast_x, addmm,
+            ("aten.gelu_", "other", 2 * B * N, 2 * B * N, 0)]
+    assert sorted(got[:4]) == sorted(want[:4]) and got[4:] == want[4:]
+    assert y.dtype == torch.bfloat16
+    floor = trace.kernels[3].floor_s
+    assert floor == pytest.approx((addmm[2] + addmm[3]) / rm.BANDWIDTH)
+
+
+def test_a_matrix_product_bound_by_flops():
+    k = rm.Kernel("aten.mm", "gemm", read=10, written=10, flops=10**15)
+    assert k.floor_s == pytest.approx(1e15 / rm.MATRIX_RATE)
+    rows = rm.summarize([k, rm.Kernel("x", "other", 4.3e6, 0)])
+    assert rows["total"]["kernels"] == 2 and rows["other"]["ms"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("encoder,overrides", [
+    ("vmamba_tiny_s1l8", dict(depths=(1, 1, 1, 1), dims=16)),
+    ("vit_small_patch16", dict(depth=2)),
+])
+def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
+    real = (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
+            rm.norms_module._out_dtype)
+    kernels = rm.trace_inference(encoder, 64, 3, **overrides)
+    assert (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
+            rm.norms_module._out_dtype) == real
+    ops = {k.op for k in kernels}
+    # the MLP's GELU and its residual add in place, as an inference on the GPU runs them
+    assert {"aten.gelu_", "aten.add_", "layer_norm"} <= ops and "aten.gelu" not in ops
+    if encoder.startswith("vmamba"):
+        assert {"ss2d.x_proj", "ss2d.zero_y", "ss2d.scan", "depthwise_conv2d+silu"} <= ops
+        x_proj = next(k for k in kernels if k.op == "ss2d.x_proj")
+        B, L, D, K = 3, 16 * 16, 16, 4 * (1 + 2)  # stage 1: 64 / 4 px, d_inner 16, dt_rank 1
+        assert x_proj.flops == 2 * B * L * D * K and x_proj.written == 4 * B * L * K
+    else:
+        attn = [k for k in kernels if k.op == "attention"]
+        assert len(attn) == 2 and attn[0].flops == 4 * 3 * 6 * 17**2 * 64
+    assert all(k.read >= 0 and k.written > 0 for k in kernels)
+    assert rm.summarize(kernels)["total"]["ms"] > 0
