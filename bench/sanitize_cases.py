@@ -120,11 +120,17 @@ def depthwise_conv2d_cases():
         activation="silu", backend="triton")
 
 
+def linear_gelu_cases():
+    yield "(3, 67, 96) bf16 -> 130 (a partial row tile, a partial N tile)", \
+        lambda: ops.linear_gelu(rand(3, 67, 96, dtype=torch.bfloat16), rand(130, 96), rand(130),
+                                backend="triton")
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
-         "depthwise_conv2d": depthwise_conv2d_cases}
-TRITON_OPS = ("layer_norm", "depthwise_conv2d")
+         "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases}
+TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu")
 
 
 def _runs(op: str) -> bool:

@@ -1,0 +1,126 @@
+"""linear_gelu: an MLP's first layer and its exact GELU as one op.
+
+    x (..., K), weight (N, K) (nn.Linear(K, N)'s), bias (N,) or None:
+    y = GELU(x weight^T + bias), GELU(a) = a (1 + erf(a / sqrt 2)) / 2 (nn.GELU's default),
+    with weight and bias rounded to x's dtype first when x is 16-bit (as CUDA autocast rounds
+    F.linear's), the products summed in float32 (float64 for float64), the GELU applied to that
+    sum and y rounded once to out_dtype (default x's dtype).
+
+Against fc1 and then GELU in torch (under autocast): the same products, with y rounded once
+instead of twice (fc1's output, then the GELU's).
+
+Backends: ``triton`` (linear_gelu_triton.py; on CPU tensors Triton's interpreter, for the
+tests), ``reference`` (torch's F.linear and F.gelu in float32), or None / ``"auto"``: Triton on
+CUDA tensors once verified on a GPU (``_extension.UNVERIFIED_CUDA``; ``PYSSM_UNVERIFIED_CUDA=1``
+runs it before), the reference otherwise and for float64, with ``PYSSM_BACKEND=reference`` or
+with ``PYSSM_TRITON=0``. Differentiable in x, weight and bias on both backends (the Triton op's
+backward is torch's ops in float32, recomputing the pre-activation; the encoders take this op in
+inference only, see pyssm.models.mlp).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pyssm.ops import _checks, _triton, linear_gelu_triton
+
+BACKENDS = _triton.BACKENDS
+LOW = (torch.float16, torch.bfloat16)
+
+
+def _operands(x_dtype, weight, bias, acc):
+    """weight and bias as the op multiplies them: rounded to x's dtype for 16-bit x, in acc."""
+    rnd = x_dtype if x_dtype in LOW else acc
+    return weight.to(rnd).to(acc), None if bias is None else bias.to(rnd).to(acc)
+
+
+def linear_gelu_reference(x, weight, bias=None, *, out_dtype=None):
+    """Pure-PyTorch linear_gelu (module docstring) in float32 (float64 for float64)."""
+    acc = _checks.acc_dtype(x.dtype)
+    w, b = _operands(x.dtype, weight, bias, acc)
+    return F.gelu(F.linear(x.to(acc), w, b)).to(out_dtype or x.dtype)
+
+
+def check_linear_gelu(x, weight, bias, out_dtype) -> None:
+    _checks.floating(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
+    K = x.shape[-1]
+    _checks.floating(weight, "weight")
+    _checks.rank(weight, 2, "weight", "(N, K), nn.Linear's")
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, {K}) with K = x.shape[-1], got "
+                         f"{tuple(weight.shape)}")
+    _checks.same_device(weight, x, "weight", "x")
+    if bias is not None:
+        _checks.floating(bias, "bias")
+        _checks.shape(bias, (weight.shape[0],), "bias", "(N,) with N = weight.shape[0]")
+        _checks.same_device(bias, x, "bias", "x")
+    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+
+
+def uses_triton(x, weight, bias=None, out_dtype=None, backend=None) -> bool:
+    """Whether linear_gelu with these arguments runs its Triton kernel."""
+    dtypes = [t.dtype for t in (x, weight, bias) if t is not None]
+    dtypes += [out_dtype] if out_dtype is not None else []
+    return _triton.use_triton("linear_gelu", x.device, dtypes, backend)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                out_dtype: torch.dtype | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    """GELU(x weight^T + bias) of the module docstring, (..., N)."""
+    check_linear_gelu(x, weight, bias, out_dtype)
+    if not uses_triton(x, weight, bias, out_dtype, backend):
+        return linear_gelu_reference(x, weight, bias, out_dtype=out_dtype)
+    K, N = x.shape[-1], weight.shape[0]
+    x2d = x.reshape(-1, K)  # a view where x's rows allow one
+    if x2d.stride(-1) != 1 and x2d.numel() > 0:
+        x2d = x2d.contiguous()
+    y = torch.ops.pyssm.linear_gelu_triton(
+        x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
+        out_dtype or x.dtype)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ---- the op, its fake and its gradient ---------------------------------------------------------
+
+@torch.library.custom_op("pyssm::linear_gelu_triton", mutates_args=())
+def _linear_gelu_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    dt = x2d.dtype  # W and the bias rounded to it (autocast's rounding), as the kernel takes them
+    return linear_gelu_triton.forward(x2d, weight.to(dt).contiguous(),
+                                      None if bias is None else bias.to(dt), out_dtype)
+
+
+@_linear_gelu_triton.register_fake
+def _(x2d, weight, bias, out_dtype):
+    return x2d.new_empty((x2d.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+def _setup(ctx, inputs, output):
+    x2d, weight, bias, _ = inputs
+    ctx.save_for_backward(x2d, weight, bias)
+
+
+def _backward(ctx, dy):
+    """Torch's ops in float32: the pre-activation a recomputed, g = dy GELU'(a)."""
+    x2d, weight, bias = ctx.saved_tensors
+    acc = torch.float32
+    w, b = _operands(x2d.dtype, weight, bias, acc)
+    xa = x2d.to(acc)
+    a = F.linear(xa, w, b)
+    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
+    g = dy.to(acc) * (cdf + a * pdf)
+    dx = (g @ w).to(x2d.dtype)
+    dw = (g.t() @ xa).to(weight.dtype)
+    db = None if bias is None else g.sum(0).to(bias.dtype)
+    return dx, dw, db, None
+
+
+_linear_gelu_triton.register_autograd(_backward, setup_context=_setup)
