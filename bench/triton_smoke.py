@@ -1,10 +1,13 @@
-"""pyssm's Triton kernels (layer_norm, depthwise_conv2d) once, on the GPU, before the rest of
-the device check: they have run only in Triton's interpreter, and the encoder benchmarks take
-them through the models' norms and VMamba's convolutions. bench/device_check.sh runs this under a short limit and turns them off
-(PYSSM_TRITON=0: the models' norms use torch's) for the later steps when it does not print
-"ok", so a Triton compile error or fault costs one short step, not the encoder benchmarks.
+"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu) once, on the GPU, before
+the rest of the device check: they have run only in Triton's interpreter, and the encoder
+benchmarks take them through the models' norms, VMamba's convolutions and the MLPs' fc1.
+bench/device_check.sh runs this under a short limit and, where it fails, turns off for the later
+steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops) or linear_gelu alone
+(PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), so a Triton compile error or fault
+costs one short step, not the encoder benchmarks.
 
-    python bench/triton_smoke.py       # exit 0: ok or skipped (no GPU, no triton), 1: failed
+    python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
+                                  # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu)
     PYSSM_TRITON_SMOKE_DEVICE=cpu TRITON_INTERPRET=1 python bench/triton_smoke.py  # a dry run
 """
 
@@ -18,19 +21,29 @@ import torch
 from pyssm.ops import layer_norm_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
 from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
+from pyssm.ops.linear_gelu import linear_gelu
 
 
 def _relative(pairs) -> float:
-    return max(((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-6)).item()
-               for a, e in pairs)
+    """The largest error relative to each reference's largest value; inf for a NaN."""
+    errs = [((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-6)).item()
+            for a, e in pairs]
+    return max(err if err == err else float("inf") for err in errs)
 
 
-def main() -> int:
-    device = os.environ.get("PYSSM_TRITON_SMOKE_DEVICE", "cuda")
-    if (device == "cuda" and not torch.cuda.is_available()) or not layer_norm_triton.available():
-        print("triton smoke: skipped (no CUDA device or no triton)")
-        return 0
-    torch.manual_seed(0)
+BOUND = 2e-2  # bf16 outputs and x gradients: ~3 significant digits
+
+
+def _run(part, device) -> float:
+    """part's worst relative error; inf if it raised (a compile error or a fault)."""
+    try:
+        return part(device)
+    except Exception as exc:  # noqa: BLE001 (reported, and the part counts as failed)
+        print(f"{part.__name__.strip('_')}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        return float("inf")
+
+
+def _norm_and_conv(device) -> float:
     worst = 0.0
     for rows, width in ((4099, 96), (257, 768), (33, 1000)):
         x = torch.randn(rows, width, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -63,9 +76,38 @@ def main() -> int:
         err = _relative([(y, y64), *zip(got, want)])
         worst = max(worst, err)
         print(f"depthwise_conv2d {shape}: max relative error {err:.2e}", flush=True)
-    ok = worst < 2e-2  # bf16 output and x gradient: ~3 significant digits
-    print(f"triton smoke: {'ok' if ok else 'FAILED'} (worst {worst:.2e}, bound 2e-2)")
-    return 0 if ok else 1
+    return worst
+
+
+def _linear_gelu(device) -> float:
+    worst = 0.0
+    for rows, k, n in ((4099, 96, 384), (300, 768, 3072)):  # VMamba-T s1's fc1, ViT-B's
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device) / k ** 0.5
+        b = 0.1 * torch.randn(n, device=device)
+        y = linear_gelu(x, w, b, backend="triton")  # (inference: the encoders take no backward)
+        y64 = torch.nn.functional.gelu(torch.nn.functional.linear(
+            x.double(), w.to(torch.bfloat16).double(), b.to(torch.bfloat16).double()))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        err = _relative([(y, y64)])
+        worst = max(worst, err)
+        print(f"linear_gelu ({rows}, {k}) -> {n}: max relative error {err:.2e}", flush=True)
+    return worst
+
+
+def main() -> int:
+    device = os.environ.get("PYSSM_TRITON_SMOKE_DEVICE", "cuda")
+    if (device == "cuda" and not torch.cuda.is_available()) or not layer_norm_triton.available():
+        print("triton smoke: skipped (no CUDA device or no triton)")
+        return 0
+    torch.manual_seed(0)
+    worst = _run(_norm_and_conv, device)
+    worst_fc1 = _run(_linear_gelu, device)
+    status = int(not worst < BOUND) + 2 * int(not worst_fc1 < BOUND)  # (NaN fails too)
+    print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
+          f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, bound {BOUND:.0e})")
+    return status
 
 
 if __name__ == "__main__":

@@ -8,13 +8,19 @@ The MLP's hidden layer is 4x the block's width, so that is where an encoder's in
 (VMamba-T stage 1 at 224 px: 2.4 MB an image for each hidden tensor in bf16); VMamba's stem
 applies it to a float32 LayerNorm output at half the input resolution. ``add_mlp`` goes
 further there: the MLP's output is added into the block's own residual sum in place, in slices
-of the batch when the hidden layer is large, so only a quarter of it is ever alive.
+of the batch when the hidden layer is large, so only a quarter of it is ever alive. In 16-bit
+inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
+
+from pyssm.ops.linear_gelu import linear_gelu
+from pyssm.ops.linear_gelu import uses_triton as linear_gelu_uses_triton
 
 
 class GELU(nn.GELU):
@@ -28,12 +34,49 @@ class GELU(nn.GELU):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2. Where autograd records nothing, the GELU is exact and the product
+    runs in 16 bits (bf16 / fp16 x, or under autocast), fc1 and the GELU are one pass of
+    ``pyssm.ops.linear_gelu``'s Triton kernel when it runs (on a GPU once verified there, see
+    the op; ``backend``: the op's, None for its automatic choice): the 4x-wide hidden layer is
+    written once, rounded once, instead of written by fc1 and read and written again by the
+    GELU. Elsewhere, and always with PYSSM_LINEAR_GELU=0 (the device check's switch after a
+    failed Triton smoke), fc1 and then the GELU (in place where nothing records)."""
+
+    backend: str | None = None  # linear_gelu's; the encoders' set_backend sets it
+
     def __init__(self, dim: int, hidden: int, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.fc1, self.act, self.fc2 = linear(dim, hidden), GELU(), linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        hidden = self._fc1_gelu(x, backend or self.backend)
+        return self.fc2(self.act(self.fc1(x)) if hidden is None else hidden)
+
+    def _fc1_gelu(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
+        """GELU(fc1(x)) by linear_gelu's Triton kernel, or None where it does not apply."""
+        if os.environ.get("PYSSM_LINEAR_GELU", "") == "0":
+            return None
+        fc1 = self.fc1
+        channels_dim = getattr(fc1, "channels_dim", -1)  # 1: VMamba's Linear2d, (B, C, H, W)
+        if (self.act.approximate != "none" or not isinstance(fc1, nn.Linear)
+                or (type(fc1) is not nn.Linear and channels_dim != 1)
+                or (channels_dim == 1 and x.dim() != 4)):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in fc1.parameters())):
+            return None
+        device = x.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        if dtype not in (torch.float16, torch.bfloat16):
+            return None
+        if not linear_gelu_uses_triton(x, fc1.weight, fc1.bias, dtype, backend):
+            return None
+        x = x.to(dtype)
+        if channels_dim == 1:  # channels-last storage makes this view contiguous
+            return linear_gelu(x.permute(0, 2, 3, 1), fc1.weight, fc1.bias, out_dtype=dtype,
+                               backend=backend).permute(0, 3, 1, 2)
+        return linear_gelu(x, fc1.weight, fc1.bias, out_dtype=dtype, backend=backend)
 
 
 # add_mlp in place: the batch in slices whose hidden layer is at most CHUNK_BYTES, at most
@@ -59,23 +102,24 @@ def _same_buffer(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
-            drop_path: nn.Module | None = None) -> torch.Tensor:
+            drop_path: nn.Module | None = None, backend: str | None = None) -> torch.Tensor:
     """``s + drop_path(mlp(h))``: a pre-norm block's second residual add, with ``s`` the block's
     sum after its first branch and ``h`` its norm, ``x`` the block's input. Where autograd
     records nothing, drop path is the identity and ``s`` has storage of its own (not ``x``'s),
     the MLP's output is added into ``s`` in place, a slice of the batch at a time (up to
     INFERENCE_CHUNKS, see CHUNK_BYTES): the same values, no second sum allocated, and a quarter
     of a large 4x-wide hidden layer alive instead of all of it. (Under torch.compile the plain
-    sum: the compiler plans the buffers itself.)"""
+    sum: the compiler plans the buffers itself.) ``backend``, where given, goes to
+    ``mlp(h, backend=backend)``."""
     recording = torch.is_grad_enabled() and (
         h.requires_grad or s.requires_grad or any(p.requires_grad for p in mlp.parameters()))
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
     if torch.compiler.is_compiling() or recording or not identity or _same_buffer(s, x):
-        out = mlp(h)
+        out = mlp(h) if backend is None else mlp(h, backend=backend)
         return s + (out if drop_path is None else drop_path(out))
     fc1 = getattr(mlp, "fc1", None)
     ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
     chunks = batch_slices(h.numel() * ratio * h.element_size())
     for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
-        sc.add_(mlp(hc))
+        sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
     return s

@@ -16,6 +16,8 @@ automatic choice, "reference" for torch's own ops, "triton" for the Triton kerne
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -39,7 +41,10 @@ def _out_dtype(x: torch.Tensor, for_matmul: bool) -> torch.dtype | None:
 def triton_backend(model_backend: str | None) -> str | None:
     """The backend of the models' Triton ops (these norms, VMamba's depthwise convolution) for
     a model-wide pyssm backend: the reference for "reference" and "cpu" (torch's own ops are
-    the CPU kernels), Triton for "cuda", automatic otherwise."""
+    the CPU kernels), Triton for "cuda" (the reference with PYSSM_TRITON=0, the device check's
+    switch after a failed Triton smoke), automatic otherwise."""
+    if model_backend == "cuda" and os.environ.get("PYSSM_TRITON", "") == "0":
+        return "reference"
     return {"reference": "reference", "cpu": "reference", "cuda": "triton"}.get(model_backend)
 
 

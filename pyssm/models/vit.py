@@ -104,7 +104,7 @@ class Block(nn.Module):
         branch = self.attn(self.norm1(x, for_matmul=True, backend=nb), backend=backend)
         h, s = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
         del branch  # (not held while the MLP's hidden layer is alive)
-        return add_mlp(self.mlp, h, s, x)  # s + mlp(h); in place in inference
+        return add_mlp(self.mlp, h, s, x, backend=nb)  # s + mlp(h); in place in inference
 
 
 class VisionTransformer(nn.Module):

@@ -34,6 +34,8 @@ from pyssm.ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d, uses_triton
 class Linear2d(nn.Linear):
     """A Linear applied to the channels of a (B, C, H, W) tensor (weight (out, in))."""
 
+    channels_dim = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
@@ -254,12 +256,12 @@ class VMamba(nn.Module):
 
     def set_backend(self, backend: str | None) -> VMamba:
         """The pyssm backend every SS2D core uses ("cuda", "cpu", "reference" or None), and
-        the matching one for the LayerNorms and the depthwise convolutions
-        (pyssm.models.norms.triton_backend)."""
+        the matching one for the LayerNorms, the depthwise convolutions and the MLPs' fused fc1
+        + GELU (pyssm.models.norms.triton_backend)."""
         for m in self.modules():
             if isinstance(m, SS2D):
                 m.backend, m.conv_backend = backend, triton_backend(backend)
-            elif isinstance(m, LayerNorm):
+            elif isinstance(m, (LayerNorm, Mlp)):
                 m.backend = triton_backend(backend)
         return self
 

@@ -1,7 +1,7 @@
 """The scripts the device check runs on a GPU, run here on the CPU kernels (their CPU modes), so
 that a broken script is found before it costs device time: bench/sanitize_cases.py,
-bench/ncu_cases.py, bench/hopper_smoke.py, bench/ss2d_smoke.py, and bench/device_check.sh's
-syntax."""
+bench/ncu_cases.py, bench/hopper_smoke.py, bench/ss2d_smoke.py, bench/triton_smoke.py's exit
+status, and bench/device_check.sh's syntax."""
 
 import os
 import subprocess
@@ -64,6 +64,34 @@ def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
 
     monkeypatch.setattr(ss2d_smoke.ops, "ss2d", off)
     assert ss2d_smoke.main() == status
+
+
+@pytest.mark.parametrize("norm_conv,fc1,status", [
+    (1e-3, 1e-3, 0), (0.5, 1e-3, 1), (1e-3, float("nan"), 2), (1e-3, None, 2), (None, None, 3)])
+def test_triton_smoke_reports_what_is_wrong(monkeypatch, capsys, norm_conv, fc1, status):
+    """The exit status says which part failed (a part's worst error over the bound, NaN, or
+    an exception: None here): 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 3 both; each
+    part stubbed (the real ones take ~50 s in Triton's interpreter)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import triton_smoke
+    finally:
+        sys.path.pop(0)
+    if not triton_smoke.layer_norm_triton.available():
+        pytest.skip("no triton")
+
+    def part(value):
+        def stub(device):
+            if value is None:
+                raise RuntimeError("a stubbed compile error")
+            return value
+        return stub
+
+    monkeypatch.setenv("PYSSM_TRITON_SMOKE_DEVICE", "cpu")
+    monkeypatch.setattr(triton_smoke, "_norm_and_conv", part(norm_conv))
+    monkeypatch.setattr(triton_smoke, "_linear_gelu", part(fc1))
+    assert triton_smoke.main() == status
+    assert ("triton smoke: ok" in capsys.readouterr().out) == (status == 0)
 
 
 @pytest.mark.parametrize("script", ["bench/device_check.sh", "bench/cuda_tests.sh"])

@@ -1,6 +1,7 @@
 """The encoders' MLP, GELU and second residual add (pyssm/models/mlp.py): the in-place GELU and
 the in-place, batch-sliced residual MLP where autograd records nothing give the values of the
-out-of-place ones, and leave training untouched."""
+out-of-place ones, and leave training untouched; fc1 + GELU as pyssm.ops.linear_gelu in 16-bit
+inference where its kernel runs, and only there."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.models.mlp import GELU, Mlp, add_mlp
+from pyssm.models.norms import LayerNorm
 from pyssm.models.vmamba import Linear2d
+from pyssm.ops import _triton
+from pyssm.ops.linear_gelu import linear_gelu
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -115,3 +119,95 @@ def test_add_mlp_tells_meta_buffers_apart():
         assert add_mlp(mlp, h, s, x) is s
         assert add_mlp(mlp, h, x, x) is not x
         assert add_mlp(mlp, h[1:], x[1:], x) is not x  # a view of x, at an offset
+
+
+INTERPRETER = pytest.mark.skipif(
+    not _triton.available() or not _triton.interpreting(),
+    reason="Triton on CPU tensors needs triton imported with TRITON_INTERPRET=1 (no GPU)")
+
+
+def _count_fused(monkeypatch):
+    import pyssm.models.mlp as mlp_module
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        return linear_gelu(*args, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "linear_gelu", counting)
+    return calls
+
+
+@INTERPRETER
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_fc1_and_gelu_fused_in_16_bit_inference(channel_first, monkeypatch):
+    """bf16 inference with linear_gelu's kernel asked for (backend "triton"; Triton's
+    interpreter here): fc1 + GELU run as that op, the rest as before; within bf16's rounding of
+    the float64 MLP; channels-last in, channels-last out for VMamba's channel-first MLP."""
+    calls = _count_fused(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17, Linear2d if channel_first else torch.nn.Linear).to(torch.bfloat16)
+    x = (torch.randn(3, 6, 5, 7).contiguous(memory_format=torch.channels_last) if channel_first
+         else torch.randn(3, 5, 6)).to(torch.bfloat16)
+    with torch.no_grad():
+        got = mlp(x, backend="triton")
+        assert calls == [torch.bfloat16]
+        want = mlp.double()(x.double())
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, rtol=0.03, atol=0.02)
+    if channel_first:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+@INTERPRETER
+def test_fc1_and_gelu_fused_under_cpu_autocast_and_through_add_mlp(monkeypatch):
+    """float32 parameters and input under bf16 autocast: the fused op in bf16 (as autocast would
+    run fc1), and add_mlp passes its backend to the MLP."""
+    calls = _count_fused(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    h, s, x = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = add_mlp(mlp, h, s.clone(), x, backend="triton")
+    assert calls == [torch.bfloat16]
+    torch.testing.assert_close(out.double(), (s + mlp(h)).double(), rtol=0.03, atol=0.03)
+
+
+def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
+    """Recording autograd, the tanh GELU, a float32 product, or the reference backend: fc1 and
+    then the GELU, as before (the op is never called)."""
+    calls = _count_fused(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        mlp(x)  # float32, no autocast
+        mlp.bfloat16()
+        mlp(x.bfloat16(), backend="reference")
+        mlp.act.approximate = "tanh"
+        if _triton.available() and _triton.interpreting():
+            mlp(x.bfloat16(), backend="triton")
+        mlp.act.approximate = "none"
+    mlp(x.bfloat16(), backend="triton" if _triton.interpreting() else None)  # recording
+    monkeypatch.setenv("PYSSM_LINEAR_GELU", "0")  # the device check's switch
+    with torch.no_grad():
+        mlp(x.bfloat16(), backend="triton" if _triton.interpreting() else None)
+    assert calls == []
+
+
+def test_encoders_set_the_mlps_backend(monkeypatch):
+    """set_backend gives the MLPs the backend of the models' Triton ops: Triton for "cuda",
+    torch's ops when PYSSM_TRITON=0 (the device check's switch after a failed Triton smoke)."""
+    from pyssm.models import create_encoder
+    model = create_encoder("vmamba_tiny_s1l8", img_size=64, depths=(1, 1, 1, 1), dims=8)
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    model.set_backend("cpu")
+    assert {m.backend for m in mlps} == {"reference"}
+    model.set_backend(None)
+    assert {m.backend for m in mlps} == {None}
+    model.set_backend("cuda")
+    assert {m.backend for m in mlps} == {"triton"}
+    monkeypatch.setenv("PYSSM_TRITON", "0")
+    model.set_backend("cuda")
+    assert {m.backend for m in mlps} == {"reference"}
+    assert {m.backend for m in model.modules() if isinstance(m, LayerNorm)} == {"reference"}
