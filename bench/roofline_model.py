@@ -17,7 +17,10 @@ kernels are stood in by the kernels' own traffic:
     four directions' atomic adds combined in the L2, the best case); the scan kernel is bound
     by issue, not by bytes: its time is the forward v3's prediction at VMamba-T stage 1 (0.14
     ms for 77 M position-channel-direction steps, csrc/ss2d/NOTES.md), scaled by steps;
-  - attention (flash): q, k, v read and the output written once; 4 N^2 d FLOPs a head.
+  - attention (flash): q, k, v read and the output written once; 4 N^2 d FLOPs a head;
+  - the MLPs' fc1 + GELU (linear_gelu, Triton), where the models take it (16-bit inference,
+    the kernel running): x read, the hidden layer written once, W cast to bf16 first (a cast
+    kernel); --unfused-mlp traces fc1 and then the GELU instead, as before that op.
 
 Floor of a kernel = max(bytes / bandwidth, FLOPs / matrix rate), with the ceilings measured on
 an H200 here (/work/.library/device/KINDS.md: a 4.3 TB/s device-to-device copy, 790 TFLOP/s
@@ -40,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+import pyssm.models.mlp as mlp_module
 import pyssm.models.norms as norms_module
 import pyssm.models.vit as vit_module
 import pyssm.models.vmamba as vmamba_module
@@ -208,6 +212,18 @@ def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, 
     return out
 
 
+def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
+    N, K = weight.shape
+    TRACE.paused += 1
+    y = torch.empty(*x.shape[:-1], N, dtype=out_dtype or x.dtype, device=x.device)
+    TRACE.paused -= 1
+    params = weight.numel() + (bias.numel() if bias is not None else 0)
+    TRACE.add("aten._to_copy", "cast/copy", 4 * params, 2 * params)  # W, b to bf16
+    TRACE.add("linear_gelu", "gemm", nbytes(x) + 2 * params, nbytes(y),
+              2 * (x.numel() // K) * K * N)
+    return y
+
+
 def attention_stand_in(q, k, v, **kwargs):
     B, N, heads, d = q.shape
     TRACE.paused += 1
@@ -218,12 +234,17 @@ def attention_stand_in(q, k, v, **kwargs):
     return out
 
 
-def trace_inference(encoder: str, img_size: int, batch: int, **overrides) -> list[Kernel]:
-    """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring)."""
+def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
+                    **overrides) -> list[Kernel]:
+    """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
+    ``fused_mlp``: fc1 + GELU as linear_gelu (else fc1, then the GELU)."""
     global TRACE
     saved = (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
-             vit_module.attention, norms_module.layer_norm, norms_module._out_dtype)
+             vit_module.attention, norms_module.layer_norm, norms_module._out_dtype,
+             mlp_module.linear_gelu, mlp_module.linear_gelu_uses_triton)
     try:
+        mlp_module.linear_gelu = linear_gelu_stand_in
+        mlp_module.linear_gelu_uses_triton = lambda *a, **k: fused_mlp
         vmamba_module.ss2d = ss2d_stand_in
         vmamba_module.depthwise_conv2d = conv_silu_stand_in
         vmamba_module.uses_triton = lambda *a, **k: True
@@ -239,7 +260,8 @@ def trace_inference(encoder: str, img_size: int, batch: int, **overrides) -> lis
     finally:
         TRACE = None
         (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
-         vit_module.attention, norms_module.layer_norm, norms_module._out_dtype) = saved
+         vit_module.attention, norms_module.layer_norm, norms_module._out_dtype,
+         mlp_module.linear_gelu, mlp_module.linear_gelu_uses_triton) = saved
 
 
 def summarize(kernels: list[Kernel], by: str = "kind") -> dict[str, dict[str, float]]:
@@ -263,11 +285,14 @@ def main(argv=None) -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None,
                         help="default: the benchmark's, 128 x (224 / img-size)^2")
+    parser.add_argument("--unfused-mlp", action="store_true",
+                        help="fc1 and then the GELU (without pyssm's linear_gelu)")
     args = parser.parse_args(argv)
     batch = args.batch or max(1, round(128 * (224 / args.img_size) ** 2))
-    kernels = trace_inference(args.encoder, args.img_size, batch)
-    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference, floors at "
-          f"{BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
+    kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp)
+    mlp = "fc1 then GELU" if args.unfused_mlp else "fc1 + GELU fused"
+    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference ({mlp}), "
+          f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
     for by in ("kind", "op"):
         rows = summarize(kernels, by)
         total = rows["total"]

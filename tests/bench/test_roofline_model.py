@@ -55,13 +55,23 @@ def test_a_matrix_product_bound_by_flops():
 ])
 def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
     real = (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
-            rm.norms_module._out_dtype)
+            rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
+            rm.mlp_module.linear_gelu_uses_triton)
     kernels = rm.trace_inference(encoder, 64, 3, **overrides)
+    unfused = rm.trace_inference(encoder, 64, 3, fused_mlp=False, **overrides)
     assert (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
-            rm.norms_module._out_dtype) == real
-    ops = {k.op for k in kernels}
-    # the MLP's GELU and its residual add in place, as an inference on the GPU runs them
-    assert {"aten.gelu_", "aten.add_", "layer_norm"} <= ops and "aten.gelu" not in ops
+            rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
+            rm.mlp_module.linear_gelu_uses_triton) == real
+    ops, ops_unfused = {k.op for k in kernels}, {k.op for k in unfused}
+    # the MLP's residual add in place, as an inference on the GPU runs it; fc1 + GELU as
+    # linear_gelu, or fc1 and then the GELU in place
+    assert {"linear_gelu", "aten.add_", "layer_norm"} <= ops and "aten.gelu" not in ops
+    assert {"aten.gelu_", "aten.add_"} <= ops_unfused and "linear_gelu" not in ops_unfused
+    assert (rm.summarize(kernels)["total"]["mb"] < rm.summarize(unfused)["total"]["mb"])
+    fc1 = [k for k in kernels if k.op == "linear_gelu"]
+    assert sum(k.flops for k in fc1) == sum(
+        k.flops for k in unfused if k.kind == "gemm") - sum(
+        k.flops for k in kernels if k.kind == "gemm" and k.op != "linear_gelu")
     if encoder.startswith("vmamba"):
         assert {"ss2d.x_proj", "ss2d.zero_y", "ss2d.scan", "depthwise_conv2d+silu"} <= ops
         x_proj = next(k for k in kernels if k.op == "ss2d.x_proj")
