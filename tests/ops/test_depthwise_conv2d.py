@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from float64_bound import assert_within_twice_torchs
 
 from pyssm.ops import depthwise_conv2d_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
@@ -34,10 +35,6 @@ def _inputs(B, H, W, C, K, device, dtype, seed=0):
     return x, w, b
 
 
-def _err(a, b):
-    return (a.detach().cpu().double() - b).abs().max().item() if a.numel() else 0.0
-
-
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("B,H,W,C,K", SHAPES)
 @pytest.mark.parametrize("dtype,out_dtype", [(FP32, None), (BF16, None), (FP16, FP32),
@@ -56,17 +53,7 @@ def test_forward_and_gradients_against_float64(device, backend, B, H, W, C, K, d
     b64 = leaves64[2] if with_bias else None
     exact = depthwise_conv2d_reference(x64, w64, b64, activation=activation)
     assert got.shape == x.shape and got.dtype == (out_dtype or dtype)
-    assert torch.isfinite(got).all()
-    floor = 1e-5 * (1 + exact.abs().max().item())
-    assert _err(got, exact) <= 2 * _err(own, exact) + floor
-    cot = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1)).double()
-    want = torch.autograd.grad((exact * cot).sum(), leaves64)
-    got_g = torch.autograd.grad((got.double().cpu() * cot).sum(), leaves)
-    own_g = torch.autograd.grad((own.double().cpu() * cot).sum(), leaves)
-    for g, o, e, leaf in zip(got_g, own_g, want, leaves):
-        assert g.dtype == leaf.dtype and g.shape == leaf.shape
-        assert torch.isfinite(g).all()
-        assert _err(g, e) <= 2 * _err(o, e) + 1e-5 * (1 + e.abs().max().item())
+    assert_within_twice_torchs(got, own, exact, leaves, leaves64)
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from float64_bound import assert_within_twice_torchs
 
 from pyssm.ops import linear_gelu_triton
 from pyssm.ops.linear_gelu import linear_gelu, linear_gelu_reference
@@ -41,10 +42,6 @@ def _as_multiplied(t64, dtype):
     return t64 + (t64.to(dtype).double() - t64).detach()
 
 
-def _err(a, b):
-    return (a.detach().cpu().double() - b).abs().max().item() if a.numel() else 0.0
-
-
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
 @pytest.mark.parametrize("dtype,out_dtype", [(FP32, None), (BF16, None), (FP16, FP32),
@@ -62,19 +59,9 @@ def test_forward_and_gradients_against_float64(device, backend, lead, K, N, dtyp
     b64 = leaves64[2] if with_bias else None
     exact = F.gelu(F.linear(x64, _as_multiplied(w64, dtype), _as_multiplied(b64, dtype)))
     assert got.shape == (*lead, N) and got.dtype == (out_dtype or dtype)
-    assert torch.isfinite(got).all()
-    floor = 1e-5 * (1 + exact.abs().max().item())
-    assert _err(got, exact) <= 2 * _err(own, exact) + floor
-    cot = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1)).double()
-    want = torch.autograd.grad((exact * cot).sum(), leaves64)
-    got_g = torch.autograd.grad((got.double().cpu() * cot).sum(), leaves)
-    own_g = torch.autograd.grad((own.double().cpu() * cot).sum(), leaves)
     # the cotangent reaches both in got's dtype (rounded there): its rounding is in the floor
-    rel = max(1e-5, torch.finfo(got.dtype).eps)
-    for g, o, e, leaf in zip(got_g, own_g, want, leaves):
-        assert g.dtype == leaf.dtype and g.shape == leaf.shape
-        assert torch.isfinite(g).all()
-        assert _err(g, e) <= 2 * _err(o, e) + rel * (1 + e.abs().max().item())
+    assert_within_twice_torchs(got, own, exact, leaves, leaves64,
+                               grad_rel=max(1e-5, torch.finfo(got.dtype).eps))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
