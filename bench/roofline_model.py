@@ -19,8 +19,8 @@ kernels are stood in by the kernels' own traffic:
     ms for 77 M position-channel-direction steps, csrc/ss2d/NOTES.md), scaled by steps;
   - attention (flash): q, k, v read and the output written once; 4 N^2 d FLOPs a head;
   - the MLPs' fc1 + GELU (linear_gelu, Triton), where the models take it (16-bit inference,
-    the kernel running): x read, the hidden layer written once, W cast to bf16 first (a cast
-    kernel); --unfused-mlp traces fc1 and then the GELU instead, as before that op.
+    the kernel running): x and W read, the hidden layer written once (W's cast to bf16 is the
+    Mlp's own, traced); --unfused-mlp traces fc1 and then the GELU instead, as before that op.
 
 Floor of a kernel = max(bytes / bandwidth, FLOPs / matrix rate), with the ceilings measured on
 an H200 here (/work/.library/device/KINDS.md: a 4.3 TB/s device-to-device copy, 790 TFLOP/s
@@ -217,10 +217,8 @@ def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
     TRACE.paused += 1
     y = torch.empty(*x.shape[:-1], N, dtype=out_dtype or x.dtype, device=x.device)
     TRACE.paused -= 1
-    params = weight.numel() + (bias.numel() if bias is not None else 0)
-    TRACE.add("aten._to_copy", "cast/copy", 4 * params, 2 * params)  # W, b to bf16
-    TRACE.add("linear_gelu", "gemm", nbytes(x) + 2 * params, nbytes(y),
-              2 * (x.numel() // K) * K * N)
+    params = nbytes(weight) + (nbytes(bias) if bias is not None else 0)  # (cast by the Mlp)
+    TRACE.add("linear_gelu", "gemm", nbytes(x) + params, nbytes(y), 2 * (x.numel() // K) * K * N)
     return y
 
 

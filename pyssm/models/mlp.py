@@ -73,10 +73,30 @@ class Mlp(nn.Module):
         if not linear_gelu_uses_triton(x, fc1.weight, fc1.bias, dtype, backend):
             return None
         x = x.to(dtype)
+        weight, bias = self._fc1_params(dtype)
         if channels_dim == 1:  # channels-last storage makes this view contiguous
-            return linear_gelu(x.permute(0, 2, 3, 1), fc1.weight, fc1.bias, out_dtype=dtype,
+            return linear_gelu(x.permute(0, 2, 3, 1), weight, bias, out_dtype=dtype,
                                backend=backend).permute(0, 3, 1, 2)
-        return linear_gelu(x, fc1.weight, fc1.bias, out_dtype=dtype, backend=backend)
+        return linear_gelu(x, weight, bias, out_dtype=dtype, backend=backend)
+
+    def _fc1_params(self, dtype: torch.dtype):
+        """fc1's weight and bias in ``dtype``: cast once and kept while the parameters are
+        unchanged (their storage and version), as autocast keeps a parameter's cast for its
+        region, instead of once a call (add_mlp calls the MLP once a slice of the batch; ViT-B's
+        fc1 weight is 14 MB of traffic to cast). In-place updates (optimizers, load_state_dict)
+        bump the version and are seen; a write through ``.data``, which bypasses it, is not."""
+        w, b = self.fc1.weight, self.fc1.bias
+        if w.dtype == dtype and (b is None or b.dtype == dtype):
+            return w, b
+        if torch.compiler.is_compiling():
+            return w.to(dtype), None if b is None else b.to(dtype)
+        key = (dtype, w.device, w.data_ptr(), w._version,
+               None if b is None else (b.data_ptr(), b._version))
+        cached = self.__dict__.get("_fc1_cast")
+        if cached is None or cached[0] != key:
+            cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+            self.__dict__["_fc1_cast"] = cached
+        return cached[1], cached[2]
 
 
 # add_mlp in place: the batch in slices whose hidden layer is at most CHUNK_BYTES, at most

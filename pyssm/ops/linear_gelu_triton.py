@@ -18,12 +18,14 @@ Prediction, not measured yet: 90-130 us at VMamba-T stage 1 against 230-280 us u
 
 Tiles (``_tiles``): BLOCK_M rows x BLOCK_N outputs a program, the K loop BLOCK_K at a time on
 tensor cores (tl.dot, float32 accumulation); a program's N tiles are its neighbours in launch
-order, so x's rows are read from DRAM once and from the L2 by the others. W and the bias come in x's dtype
-(the op rounds them first, as CUDA autocast rounds them for F.linear: 0.6 MB for ViT-B's fc1);
-float32 x multiplies in IEEE float32 (not TF32, on the CUDA cores: not the encoders' path). On CPU tensors the kernel runs in Triton's interpreter (pyssm/ops/_triton.py),
-whose dot does not take bf16 operands: there the same 16-bit values are multiplied as float32
-(exact products, float32 sums), so the tests check the indexing, the rounding and the epilogue,
-and the tensor-core dot is checked on a GPU (tests/ops/test_linear_gelu.py's CUDA tests).
+order, so x's rows are read from DRAM once and from the L2 by the others. W and the bias come
+in x's dtype: the op rounds them first, as CUDA autocast rounds them for F.linear (the encoders'
+Mlp keeps that cast while the weights are unchanged). Float32 x multiplies in IEEE float32 (not
+TF32, on the CUDA cores: not the encoders' path). On CPU tensors the kernel runs in Triton's
+interpreter (pyssm/ops/_triton.py), whose dot does not take bf16 operands: there the same
+16-bit values are multiplied as float32 (exact products, float32 sums), so the tests check the
+indexing, the rounding and the epilogue, and the tensor-core dot is checked on a GPU
+(tests/ops/test_linear_gelu.py's CUDA tests).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     block_m, block_n, block_k, warps = _tiles(N, K, fp32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _fwd[grid](x2d, weight, bias if bias is not None else weight, y, M, N, K, x2d.stride(0),
-               HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, IEEE=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-               CPU=x2d.device.type == "cpu", num_warps=warps, num_stages=3)
+               HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, IEEE=fp32, BLOCK_M=block_m,
+               BLOCK_N=block_n, BLOCK_K=block_k, CPU=x2d.device.type == "cpu",
+               num_warps=warps, num_stages=3)
     return y

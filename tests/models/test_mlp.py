@@ -211,3 +211,29 @@ def test_encoders_set_the_mlps_backend(monkeypatch):
     model.set_backend("cuda")
     assert {m.backend for m in mlps} == {"reference"}
     assert {m.backend for m in model.modules() if isinstance(m, LayerNorm)} == {"reference"}
+
+
+@INTERPRETER
+def test_fc1_weight_cast_once_while_unchanged(monkeypatch):
+    """Under autocast the fused path casts fc1's float32 weight to bf16 once, not once a call
+    (add_mlp calls the MLP once a slice), and again after an in-place update."""
+    import pyssm.models.mlp as mlp_module
+    seen = []
+
+    def spy(x, weight, bias=None, **kwargs):
+        seen.append(weight)
+        return linear_gelu(x, weight, bias, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "linear_gelu", spy)
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = mlp(x, backend="triton")
+        mlp(x, backend="triton")
+        assert len(seen) == 2 and seen[0] is seen[1] and seen[0].dtype == torch.bfloat16
+        mlp.fc1.weight.mul_(2)  # (as an optimizer step writes it)
+        again = mlp(x, backend="triton")
+    assert seen[2] is not seen[0]
+    assert torch.equal(seen[2], mlp.fc1.weight.to(torch.bfloat16))
+    assert not torch.equal(first, again)
