@@ -20,8 +20,6 @@ inference only, see pyssm.models.mlp).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -81,9 +79,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2d = x.reshape(-1, K)  # a view where x's rows allow one
     if x2d.stride(-1) != 1 and x2d.numel() > 0:
         x2d = x2d.contiguous()
-    y = torch.ops.pyssm.linear_gelu_triton(
-        x2d, weight.contiguous(), None if bias is None else bias.contiguous(),
-        out_dtype or x.dtype)
+    y = torch.ops.pyssm.linear_gelu_triton(x2d, weight, bias, out_dtype or x.dtype)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -94,7 +90,8 @@ def _linear_gelu_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                         out_dtype: torch.dtype) -> torch.Tensor:
     dt = x2d.dtype  # W and the bias rounded to it (autocast's rounding), as the kernel takes them
     return linear_gelu_triton.forward(x2d, weight.to(dt).contiguous(),
-                                      None if bias is None else bias.to(dt), out_dtype)
+                                      None if bias is None else bias.to(dt).contiguous(),
+                                      out_dtype)
 
 
 @_linear_gelu_triton.register_fake
@@ -113,10 +110,7 @@ def _backward(ctx, dy):
     acc = torch.float32
     w, b = _operands(x2d.dtype, weight, bias, acc)
     xa = x2d.to(acc)
-    a = F.linear(xa, w, b)
-    cdf = 0.5 * (1.0 + torch.erf(a * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi))
-    g = dy.to(acc) * (cdf + a * pdf)
+    g = torch.ops.aten.gelu_backward(dy.to(acc), F.linear(xa, w, b))  # dy GELU'(a), exact
     dx = (g @ w).to(x2d.dtype)
     dw = (g.t() @ xa).to(weight.dtype)
     db = None if bias is None else g.sum(0).to(bias.dtype)
