@@ -32,9 +32,11 @@ for an 8192^3 bf16 product); launch overheads are not counted, their number is r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +57,9 @@ SCAN_STEP_S = 0.14e-3 / 77e6  # the ss2d forward v3's predicted time per step (s
 LOW = torch.bfloat16
 aten = torch.ops.aten
 
-# what CUDA autocast runs in bf16 (the ops a linear / conv2d decomposes into on meta tensors)
-AUTOCAST_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
+# the matrix products (the ops a linear / conv2d decomposes into on meta tensors), and the
+# functions CUDA autocast runs in bf16
+GEMM_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
 AUTOCAST_FUNCTIONS = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul,
                       torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
 # kernels that write without reading their first argument
@@ -89,7 +92,7 @@ def _is_view(func) -> bool:
 
 
 def _kind(func) -> str:
-    if func.overloadpacket in AUTOCAST_OPS:
+    if func.overloadpacket in GEMM_OPS:
         return "gemm"
     if func.overloadpacket in (aten._to_copy, aten.copy_, aten.clone, aten.cat):
         return "cast/copy"
@@ -103,6 +106,15 @@ class KernelTrace(TorchDispatchMode):
         super().__init__()
         self.kernels: list[Kernel] = []
         self.paused = 0
+
+    @contextlib.contextmanager
+    def untraced(self):
+        """A stand-in's own allocations: no kernels of their own."""
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
 
     def add(self, op: str, kind: str, read: int, written: int, flops: int = 0,
             fixed_s: float = 0.0) -> None:
@@ -172,10 +184,9 @@ def _cuda_out_dtype(x, for_matmul):
 def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
                         return_residual=False, backend=None):
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    TRACE.paused += 1
-    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
-    s = torch.empty(x.shape, dtype=s_dtype, device=x.device) if return_residual else None
-    TRACE.paused -= 1
+    with TRACE.untraced():
+        y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
+        s = torch.empty(x.shape, dtype=s_dtype, device=x.device) if return_residual else None
     read = nbytes(x) + (nbytes(residual) if residual is not None else 0) + sum(
         nbytes(p) for p in (weight, bias) if p is not None)
     TRACE.add("layer_norm", "norm", read, nbytes(y) + (nbytes(s) if s is not None else 0))
@@ -183,9 +194,8 @@ def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, o
 
 
 def conv_silu_stand_in(x, weight, bias, activation="silu", out_dtype=None, backend=None):
-    TRACE.paused += 1
-    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
-    TRACE.paused -= 1
+    with TRACE.untraced():
+        y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     TRACE.add("depthwise_conv2d+silu", "conv", nbytes(x) + nbytes(weight), nbytes(y))
     return y
 
@@ -194,12 +204,11 @@ def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, 
                   channels_first=True, out_float32=False, backend=None):
     B, D, H, W = x.shape if channels_first else x.permute(0, 3, 1, 2).shape
     L, K = H * W, x_proj_weight.shape[0] * x_proj_weight.shape[1]
-    TRACE.paused += 1
-    y = torch.empty(B, H, W, D, dtype=torch.float32, device=x.device)
-    out = y.permute(0, 3, 1, 2) if channels_first else y
-    if not out_float32:
-        out = out.to(x.dtype)
-    TRACE.paused -= 1
+    with TRACE.untraced():
+        y = torch.empty(B, H, W, D, dtype=torch.float32, device=x.device)
+        out = y.permute(0, 3, 1, 2) if channels_first else y
+        if not out_float32:
+            out = out.to(x.dtype)
     x_bytes, z_bytes, y_bytes = nbytes(x), B * L * K * 4, nbytes(y)
     TRACE.add("ss2d.x_proj", "ss2d", x_bytes + nbytes(x_proj_weight), z_bytes,
               2 * B * L * D * K)
@@ -214,9 +223,8 @@ def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, 
 
 def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
     N, K = weight.shape
-    TRACE.paused += 1
-    y = torch.empty(*x.shape[:-1], N, dtype=out_dtype or x.dtype, device=x.device)
-    TRACE.paused -= 1
+    with TRACE.untraced():
+        y = torch.empty(*x.shape[:-1], N, dtype=out_dtype or x.dtype, device=x.device)
     params = nbytes(weight) + (nbytes(bias) if bias is not None else 0)  # (cast by the Mlp)
     TRACE.add("linear_gelu", "gemm", nbytes(x) + params, nbytes(y), 2 * (x.numel() // K) * K * N)
     return y
@@ -224,9 +232,8 @@ def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
 
 def attention_stand_in(q, k, v, **kwargs):
     B, N, heads, d = q.shape
-    TRACE.paused += 1
-    out = torch.empty_like(q)
-    TRACE.paused -= 1
+    with TRACE.untraced():
+        out = torch.empty_like(q)
     TRACE.add("attention", "attention", nbytes(q) + nbytes(k) + nbytes(v), nbytes(out),
               4 * B * heads * N * N * d)
     return out
@@ -237,29 +244,26 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
     ``fused_mlp``: fc1 + GELU as linear_gelu (else fc1, then the GELU)."""
     global TRACE
-    saved = (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
-             vit_module.attention, norms_module.layer_norm, norms_module._out_dtype,
-             mlp_module.linear_gelu, mlp_module.linear_gelu_uses_triton)
+    stand_ins = [(mlp_module, "linear_gelu", linear_gelu_stand_in),
+                 (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: fused_mlp),
+                 (vmamba_module, "ss2d", ss2d_stand_in),
+                 (vmamba_module, "depthwise_conv2d", conv_silu_stand_in),
+                 (vmamba_module, "uses_triton", lambda *a, **k: True),
+                 (vit_module, "attention", attention_stand_in),
+                 (norms_module, "layer_norm", layer_norm_stand_in),
+                 (norms_module, "_out_dtype", _cuda_out_dtype)]
     try:
-        mlp_module.linear_gelu = linear_gelu_stand_in
-        mlp_module.linear_gelu_uses_triton = lambda *a, **k: fused_mlp
-        vmamba_module.ss2d = ss2d_stand_in
-        vmamba_module.depthwise_conv2d = conv_silu_stand_in
-        vmamba_module.uses_triton = lambda *a, **k: True
-        vit_module.attention = attention_stand_in
-        norms_module.layer_norm = layer_norm_stand_in
-        norms_module._out_dtype = _cuda_out_dtype
-        model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
-        images = torch.empty(batch, 3, img_size, img_size, device="meta")
-        TRACE = KernelTrace()
-        with Autocast(model.parameters()), TRACE, torch.no_grad():
-            model(images)
-        return TRACE.kernels
+        with contextlib.ExitStack() as stack:
+            for module, name, stand_in in stand_ins:  # (put back on the way out)
+                stack.enter_context(mock.patch.object(module, name, stand_in))
+            model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
+            images = torch.empty(batch, 3, img_size, img_size, device="meta")
+            TRACE = KernelTrace()
+            with Autocast(model.parameters()), TRACE, torch.no_grad():
+                model(images)
+            return TRACE.kernels
     finally:
         TRACE = None
-        (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
-         vit_module.attention, norms_module.layer_norm, norms_module._out_dtype,
-         mlp_module.linear_gelu, mlp_module.linear_gelu_uses_triton) = saved
 
 
 def summarize(kernels: list[Kernel], by: str = "kind") -> dict[str, dict[str, float]]:
