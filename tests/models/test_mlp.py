@@ -126,15 +126,16 @@ INTERPRETER = pytest.mark.skipif(
     reason="Triton on CPU tensors needs triton imported with TRITON_INTERPRET=1 (no GPU)")
 
 
-def _count_fused(monkeypatch):
+def _spy_fused(monkeypatch):
+    """The calls the MLPs make to linear_gelu, as (out_dtype, the weight passed)."""
     import pyssm.models.mlp as mlp_module
     calls = []
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("out_dtype"))
-        return linear_gelu(*args, **kwargs)
+    def spy(x, weight, bias=None, **kwargs):
+        calls.append((kwargs.get("out_dtype"), weight))
+        return linear_gelu(x, weight, bias, **kwargs)
 
-    monkeypatch.setattr(mlp_module, "linear_gelu", counting)
+    monkeypatch.setattr(mlp_module, "linear_gelu", spy)
     return calls
 
 
@@ -144,14 +145,14 @@ def test_fc1_and_gelu_fused_in_16_bit_inference(channel_first, monkeypatch):
     """bf16 inference with linear_gelu's kernel asked for (backend "triton"; Triton's
     interpreter here): fc1 + GELU run as that op, the rest as before; within bf16's rounding of
     the float64 MLP; channels-last in, channels-last out for VMamba's channel-first MLP."""
-    calls = _count_fused(monkeypatch)
+    calls = _spy_fused(monkeypatch)
     torch.manual_seed(0)
     mlp = Mlp(6, 17, Linear2d if channel_first else torch.nn.Linear).to(torch.bfloat16)
     x = (torch.randn(3, 6, 5, 7).contiguous(memory_format=torch.channels_last) if channel_first
          else torch.randn(3, 5, 6)).to(torch.bfloat16)
     with torch.no_grad():
         got = mlp(x, backend="triton")
-        assert calls == [torch.bfloat16]
+        assert [dtype for dtype, _ in calls] == [torch.bfloat16]
         want = mlp.double()(x.double())
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, rtol=0.03, atol=0.02)
@@ -163,20 +164,20 @@ def test_fc1_and_gelu_fused_in_16_bit_inference(channel_first, monkeypatch):
 def test_fc1_and_gelu_fused_under_cpu_autocast_and_through_add_mlp(monkeypatch):
     """float32 parameters and input under bf16 autocast: the fused op in bf16 (as autocast would
     run fc1), and add_mlp passes its backend to the MLP."""
-    calls = _count_fused(monkeypatch)
+    calls = _spy_fused(monkeypatch)
     torch.manual_seed(0)
     mlp = Mlp(8, 32)
     h, s, x = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = add_mlp(mlp, h, s.clone(), x, backend="triton")
-    assert calls == [torch.bfloat16]
+    assert [dtype for dtype, _ in calls] == [torch.bfloat16]
     torch.testing.assert_close(out.double(), (s + mlp(h)).double(), rtol=0.03, atol=0.03)
 
 
 def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
     """Recording autograd, the tanh GELU, a float32 product, or the reference backend: fc1 and
     then the GELU, as before (the op is never called)."""
-    calls = _count_fused(monkeypatch)
+    calls = _spy_fused(monkeypatch)
     torch.manual_seed(0)
     mlp = Mlp(6, 17)
     x = torch.randn(4, 6)
@@ -217,23 +218,18 @@ def test_encoders_set_the_mlps_backend(monkeypatch):
 def test_fc1_weight_cast_once_while_unchanged(monkeypatch):
     """Under autocast the fused path casts fc1's float32 weight to bf16 once, not once a call
     (add_mlp calls the MLP once a slice), and again after an in-place update."""
-    import pyssm.models.mlp as mlp_module
-    seen = []
-
-    def spy(x, weight, bias=None, **kwargs):
-        seen.append(weight)
-        return linear_gelu(x, weight, bias, **kwargs)
-
-    monkeypatch.setattr(mlp_module, "linear_gelu", spy)
+    calls = _spy_fused(monkeypatch)
     torch.manual_seed(0)
     mlp = Mlp(8, 32)
     x = torch.randn(3, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         first = mlp(x, backend="triton")
         mlp(x, backend="triton")
+        seen = [weight for _, weight in calls]
         assert len(seen) == 2 and seen[0] is seen[1] and seen[0].dtype == torch.bfloat16
         mlp.fc1.weight.mul_(2)  # (as an optimizer step writes it)
         again = mlp(x, backend="triton")
+    seen = [weight for _, weight in calls]
     assert seen[2] is not seen[0]
     assert torch.equal(seen[2], mlp.fc1.weight.to(torch.bfloat16))
     assert not torch.equal(first, again)
