@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.bench import harness
-from pyssm.ops import depthwise_conv2d_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d
 
 NOTES = [
@@ -51,14 +50,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     torch.randn(chans, 1, 3, 3, device=device) / 3,
                     0.1 * torch.randn(chans, device=device))
 
-        if gpu and depthwise_conv2d_triton.available():
-            ours = harness.Provider("pyssm-triton", pyssm_conv_silu)
-        else:
-            ours = harness.Provider("pyssm-triton", None, "GPU only" if
-                                    depthwise_conv2d_triton.available() else "no triton")
-        providers = [ours, harness.Provider("torch", torch_conv_silu)]
-        if gpu and not quick:  # compiling costs ~10-30 s per size and mode: full sweeps only
-            providers.append(harness.Provider("torch-compile", torch.compile(torch_conv_silu)))
+        providers = harness.triton_providers(pyssm_conv_silu, torch_conv_silu, device, quick)
         elements = batch * side * side * chans
         out.append(harness.Case(
             op="depthwise_conv2d", size={"shape": label, "B": batch, "HxW": f"{side}x{side}",

@@ -63,6 +63,24 @@ class Case:
     extra: Callable[[str, str], dict] | None = None         # (provider, mode) -> anchor columns
 
 
+def triton_providers(ours: Callable, torchs: Callable, device: torch.device,
+                     quick: bool) -> list[Provider]:
+    """A Triton op's providers: "pyssm-triton" (``ours``; GPU only, as Triton runs CPU tensors
+    only in its interpreter), "torch" (``torchs``, the unfused ops) and, on full GPU sweeps,
+    "torch-compile" of ``torchs`` (compiling costs ~10-30 s per size and mode)."""
+    from pyssm.ops import _triton
+
+    gpu = device.type == "cuda"
+    if gpu and _triton.available():
+        mine = Provider("pyssm-triton", ours)
+    else:
+        mine = Provider("pyssm-triton", None, "GPU only" if _triton.available() else "no triton")
+    providers = [mine, Provider("torch", torchs)]
+    if gpu and not quick:
+        providers.append(Provider("torch-compile", torch.compile(torchs)))
+    return providers
+
+
 def pyssm_provider(op: str, backend: str, fn: Callable) -> Provider:
     """``fn`` as provider "pyssm-<backend>", or a "not built" row when pyssm._C lacks the kernel."""
     from pyssm import _extension

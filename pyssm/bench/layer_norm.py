@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.bench import harness
-from pyssm.ops import layer_norm_triton
 from pyssm.ops.layer_norm import layer_norm
 
 NOTES = [
@@ -61,14 +60,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     1 + 0.1 * torch.randn(width, device=device),
                     0.1 * torch.randn(width, device=device))
 
-        if gpu and layer_norm_triton.available():
-            ours = harness.Provider("pyssm-triton", pyssm_add_norm)
-        else:
-            ours = harness.Provider("pyssm-triton", None,
-                                    "GPU only" if layer_norm_triton.available() else "no triton")
-        providers = [ours, harness.Provider("torch", torch_add_norm)]
-        if gpu and not quick:  # compiling costs ~10-30 s per size and mode: full sweeps only
-            providers.append(harness.Provider("torch-compile", torch.compile(torch_add_norm)))
+        providers = harness.triton_providers(pyssm_add_norm, torch_add_norm, device, quick)
         elements = rows * width
         out.append(harness.Case(
             op="layer_norm", size={"shape": label, "rows": rows, "N": width},

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.bench import harness
-from pyssm.ops import linear_gelu_triton
 from pyssm.ops.linear_gelu import linear_gelu
 
 NOTES = [
@@ -48,14 +47,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     (torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16),
                     (0.1 * torch.randn(n, device=device)).to(torch.bfloat16))
 
-        if gpu and linear_gelu_triton.available():
-            ours = harness.Provider("pyssm-triton", pyssm_linear_gelu)
-        else:
-            ours = harness.Provider("pyssm-triton", None, "GPU only" if
-                                    linear_gelu_triton.available() else "no triton")
-        providers = [ours, harness.Provider("torch", torch_linear_gelu)]
-        if gpu and not quick:  # compiling costs ~10-30 s per size: full sweeps only
-            providers.append(harness.Provider("torch-compile", torch.compile(torch_linear_gelu)))
+        providers = harness.triton_providers(pyssm_linear_gelu, torch_linear_gelu, device, quick)
         out.append(harness.Case(
             op="linear_gelu", size={"shape": label, "M": rows, "K": k, "N": n},
             make_inputs=make, providers=providers, modes=("forward",), dtype="bf16",
