@@ -3,7 +3,7 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
-Each variant is one that ``pyssm.ops.layer_norm``, ``depthwise_conv2d`` or ``linear_gelu``
+Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU), ``depthwise_conv2d`` or ``linear_gelu``
 launches for that row width, channel count or (K, N) (their tiles) and dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
@@ -32,6 +32,7 @@ from pyssm.ops import layer_norm_triton as K  # noqa: E402
 from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
+STEM_WIDTHS = (48, 64)  # layer_norm + GELU: VMamba-T/S's and VMamba-B's half-width stem
 CHANNELS = (96, 192, 384, 768)  # depthwise_conv2d: VMamba's d_inner across stages and sizes
 # linear_gelu: the encoders' fc1 (K, N): VMamba-T's stages 1 and 3, ViT-S's, ViT-B's, ViT-L's
 FC1 = ((96, 384), (384, 1536), (768, 3072), (1024, 4096))
@@ -67,14 +68,37 @@ def variants():
             fwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}",
                    "S": f"*{s}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
                    "sx": "i32", "sr": "i32", "sy": "i32", "ss": "i32", "eps": "fp32"}
-            flags = {"HAS_R": True, "HAS_W": True, "HAS_B": True, "STORE_S": True, **tiles}
+            flags = {"HAS_R": True, "HAS_W": True, "HAS_B": True, "STORE_S": True,
+                     "GELU": False, **tiles}
             yield "layer_norm forward", n, f"{x}+{s}->{y}", K._fwd, fwd, flags, warps
-            bwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "DY": f"*{y}", "DS": f"*{s}",
+            bwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "DY": f"*{y}",
+                   "DS": f"*{s}",
                    "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}", "DR": f"*{s}", "DW": "*fp32",
                    "DB": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
                    **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
-            flags = {"HAS_R": True, "HAS_W": True, "HAS_DS": True, "STORE_DR": x != s, **tiles}
+            flags = {"HAS_R": True, "HAS_W": True, "HAS_B": False, "HAS_DS": True,
+                     "STORE_DR": x != s, "GELU": False, **tiles}
             yield "layer_norm backward", n, f"{x}+{s}->{y}", K._bwd, bwd, flags, warps
+    for n in STEM_WIDTHS:  # no residual, the GELU on the affine output
+        block_m, block_n, warps = K._tiles(n)
+        for x, y in (("bf16", "bf16"), ("fp32", "fp32")):
+            tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BY_BITS": False}
+            fwd = {"X": f"*{x}", "R": f"*{x}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}",
+                   "S": f"*{x}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
+                   "sx": "i32", "sr": "i32", "sy": "i32", "ss": "i32", "eps": "fp32"}
+            flags = {"HAS_R": False, "HAS_W": True, "HAS_B": True, "STORE_S": False,
+                     "GELU": True, **tiles}
+            yield "layer_norm+gelu forward", n, f"{x}->{y}", K._fwd, fwd, flags, warps
+            bm, bn, bwarps = K._tiles(n, gelu_backward=True)
+            bwd = {"X": f"*{x}", "R": f"*{x}", "W": "*fp32", "B": "*fp32", "DY": f"*{y}",
+                   "DS": f"*{x}", "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}",
+                   "DR": f"*{x}", "DW": "*fp32", "DB": "*fp32", "M": "i32", "N": "i32",
+                   "rows_per_program": "i32",
+                   **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
+            flags = {"HAS_R": False, "HAS_W": True, "HAS_B": True, "HAS_DS": False,
+                     "STORE_DR": False, "GELU": True, "BLOCK_M": bm, "BLOCK_N": bn,
+                     "BY_BITS": False}
+            yield "layer_norm+gelu backward", n, f"{x}->{y}", K._bwd, bwd, flags, bwarps
     for c in CHANNELS:
         for x in ("bf16", "fp32"):
             block_p, block_c, warps = DW._tiles(c, 4)

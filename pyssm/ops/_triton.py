@@ -97,3 +97,21 @@ def rounded(v, dtype: tl.constexpr, BY_BITS: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(dtype)
+
+
+# float constants a kernel reads must be constexpr: a plain module-level float compiles in the
+# interpreter but not for a GPU (bench/triton_compile.py caught one)
+SQRT_HALF = tl.constexpr(0.7071067811865476) if tl is not None else 0.7071067811865476
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327) if tl is not None else 0.3989422804014327
+
+
+@jit
+def gelu(v):
+    """The exact (erf) GELU of float32 v, as torch's ``F.gelu`` (approximate="none")."""
+    return 0.5 * v * (1.0 + tl.math.erf(v * SQRT_HALF))
+
+
+@jit
+def gelu_grad(v):
+    """d gelu / dv at float32 v: Phi(v) + v phi(v)."""
+    return 0.5 * (1.0 + tl.math.erf(v * SQRT_HALF)) + v * INV_SQRT_2PI * tl.exp(-0.5 * v * v)

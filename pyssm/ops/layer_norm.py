@@ -2,8 +2,10 @@
 output in the dtype the next layer reads: the glue of every VMamba and ViT block in one pass.
 
     s = x + residual                        (float32, or float64 for float64 inputs)
-    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias,   returned in out_dtype
-    returns y, or (y, s) with return_residual=True (s in the promoted dtype of x and residual)
+    y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias
+    y = gelu(y)                             (activation="gelu": the exact, erf GELU)
+    returns y in out_dtype, or (y, s) with return_residual=True (s in the promoted dtype of x
+    and residual)
 
 Backends: ``triton`` (the kernels of layer_norm_triton.py: on CUDA tensors compiled, on CPU
 tensors run by Triton's interpreter, which the tests use), ``reference`` (torch's own ops:
@@ -31,19 +33,29 @@ def _s_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
+def _gelu(y: torch.Tensor) -> torch.Tensor:
+    """F.gelu(y), in place on y (a fresh tensor nothing else reads) where autograd records
+    nothing."""
+    if torch.is_grad_enabled() and y.requires_grad:
+        return F.gelu(y)
+    return torch.ops.aten.gelu_(y)
+
+
 def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
-                         return_residual=False):
+                         return_residual=False, activation=None):
     """Pure-PyTorch layer_norm (the module docstring), accumulating in float32 (float64 for
     float64 inputs). It is also the encoders' path wherever the Triton kernels do not run, so it
     launches no more kernels than torch's own add and LayerNorm: a 16-bit x and a float32
     residual are added by one promoting add, and without a residual and a cast torch's
-    LayerNorm (which accumulates in float32 for 16-bit inputs) runs on x directly."""
+    LayerNorm (which accumulates in float32 for 16-bit inputs) runs on x directly, and the GELU
+    follows it in that dtype."""
+    act = _gelu if activation == "gelu" else (lambda y: y)
     s_dtype = _s_dtype(x, residual)
     acc = _checks.acc_dtype(s_dtype)
     params = [t.dtype for t in (weight, bias) if t is not None]
     if residual is None and (out_dtype or x.dtype) == x.dtype and all(d == x.dtype
                                                                       for d in params):
-        return F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(x.dtype)
+        return act(F.layer_norm(x, x.shape[-1:], weight, bias, eps).to(x.dtype))
     if residual is None:
         s = x.to(acc)
     elif s_dtype == acc:  # exact: the narrower input is widened inside the add
@@ -52,11 +64,15 @@ def layer_norm_reference(x, weight=None, bias=None, eps=1e-5, *, residual=None, 
         s = x.to(acc) + residual.to(acc)
     y = F.layer_norm(s, s.shape[-1:], None if weight is None else weight.to(acc),
                      None if bias is None else bias.to(acc), eps)
-    y = y.to(out_dtype or s_dtype)
+    y = act(y).to(out_dtype or s_dtype)
     return (y, s.to(s_dtype)) if return_residual else y
 
 
-def check_layer_norm(x, weight, bias, residual, out_dtype, return_residual) -> None:
+ACTIVATIONS = (None, "gelu")
+
+
+def check_layer_norm(x, weight, bias, residual, out_dtype, return_residual,
+                     activation=None) -> None:
     _checks.floating(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the one normalised), got a scalar")
@@ -74,6 +90,9 @@ def check_layer_norm(x, weight, bias, residual, out_dtype, return_residual) -> N
         raise ValueError("return_residual=True needs a residual (without one, s is x itself)")
     if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'gelu' (the exact GELU), "
+                         f"got {activation!r}")
 
 
 def _use_triton(x, weight, bias, residual, out_dtype, backend) -> bool:
@@ -93,17 +112,19 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-               return_residual: bool = False, backend: str | None = None):
-    """LayerNorm of ``x + residual`` over the last dimension (module docstring). ``out_dtype``
-    defaults to the promoted dtype of x and residual. Differentiable in x, residual, weight and
-    bias."""
-    check_layer_norm(x, weight, bias, residual, out_dtype, return_residual)
+               return_residual: bool = False, activation: str | None = None,
+               backend: str | None = None):
+    """LayerNorm of ``x + residual`` over the last dimension, then ``activation`` (None or
+    "gelu") (module docstring). ``out_dtype`` defaults to the promoted dtype of x and residual.
+    Differentiable in x, residual, weight and bias."""
+    check_layer_norm(x, weight, bias, residual, out_dtype, return_residual, activation)
     if not _use_triton(x, weight, bias, residual, out_dtype, backend):
-        return layer_norm_reference(x, weight, bias, eps, residual=residual,
-                                    out_dtype=out_dtype, return_residual=return_residual)
+        return layer_norm_reference(x, weight, bias, eps, residual=residual, out_dtype=out_dtype,
+                                    return_residual=return_residual, activation=activation)
     out_dtype = out_dtype or _s_dtype(x, residual)
     y, s, _, _ = torch.ops.pyssm.layer_norm_triton(
-        _rows(x), _rows(residual), weight, bias, float(eps), out_dtype, return_residual)
+        _rows(x), _rows(residual), weight, bias, float(eps), out_dtype, return_residual,
+        activation == "gelu")
     y = y.view(x.shape)
     return (y, s.view(x.shape)) if return_residual else y
 
@@ -113,14 +134,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
 @torch.library.custom_op("pyssm::layer_norm_triton", mutates_args=())
 def _layer_norm_triton(x: torch.Tensor, residual: torch.Tensor | None,
                        weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                       out_dtype: torch.dtype, store_residual: bool
+                       out_dtype: torch.dtype, store_residual: bool, gelu: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     s_dtype = _s_dtype(x, residual) if store_residual else None
-    return layer_norm_triton.forward(x, residual, weight, bias, eps, out_dtype, s_dtype)
+    return layer_norm_triton.forward(x, residual, weight, bias, eps, out_dtype, s_dtype, gelu)
 
 
 @_layer_norm_triton.register_fake
-def _(x, residual, weight, bias, eps, out_dtype, store_residual):
+def _(x, residual, weight, bias, eps, out_dtype, store_residual, gelu):
     M, N = x.shape
     s_shape = (M, N) if store_residual else (0,)
     return (x.new_empty((M, N), dtype=out_dtype), x.new_empty(s_shape, dtype=_s_dtype(x, residual)),
@@ -130,19 +151,22 @@ def _(x, residual, weight, bias, eps, out_dtype, store_residual):
 @torch.library.custom_op("pyssm::layer_norm_triton_backward", mutates_args=())
 def _layer_norm_triton_backward(dy: torch.Tensor, ds: torch.Tensor | None, x: torch.Tensor,
                                 residual: torch.Tensor | None, weight: torch.Tensor | None,
-                                mean: torch.Tensor, rstd: torch.Tensor, dx_dtype: torch.dtype,
-                                dr_dtype: torch.dtype, has_residual: bool
+                                bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                                dx_dtype: torch.dtype, dr_dtype: torch.dtype, has_residual: bool,
+                                gelu: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dresidual or empty when it equals dx, dweight (N,) float32, dbias (N,) float32) of a
-    forward that normalised x + residual (residual None: x, possibly that sum itself)."""
+    forward that normalised x + residual (residual None: x, possibly that sum itself), then
+    applied the GELU when ``gelu`` (bias: read only then)."""
     dx, dr, dw, db = layer_norm_triton.backward(
-        dy, ds, x, residual, weight, mean, rstd, dx_dtype, dr_dtype if has_residual else None)
+        dy, ds, x, residual, weight, bias, mean, rstd, dx_dtype,
+        dr_dtype if has_residual else None, gelu)
     empty = x.new_empty((0,))
     return dx, (dr if dr is not None and dr is not dx else empty), dw, db
 
 
 @_layer_norm_triton_backward.register_fake
-def _(dy, ds, x, residual, weight, mean, rstd, dx_dtype, dr_dtype, has_residual):
+def _(dy, ds, x, residual, weight, bias, mean, rstd, dx_dtype, dr_dtype, has_residual, gelu):
     M, N = x.shape
     separate = has_residual and dr_dtype != dx_dtype
     return (x.new_empty((M, N), dtype=dx_dtype),
@@ -152,14 +176,15 @@ def _(dy, ds, x, residual, weight, mean, rstd, dx_dtype, dr_dtype, has_residual)
 
 def _setup(ctx, inputs, output):
     x, residual, weight, bias = inputs[:4]
+    ctx.gelu = inputs[7]
     _, s, mean, rstd = output
     if residual is not None and s.numel() and s.dtype == torch.float32:
         # the returned float32 sum is exactly what was normalised: keep it (4 B per element)
         # rather than both inputs (6 B for a bf16 branch and a float32 stream, as torch's add
         # and LayerNorm keep 4)
-        ctx.save_for_backward(s, None, weight, mean, rstd)
+        ctx.save_for_backward(s, None, weight, bias if ctx.gelu else None, mean, rstd)
     else:
-        ctx.save_for_backward(x, residual, weight, mean, rstd)
+        ctx.save_for_backward(x, residual, weight, bias if ctx.gelu else None, mean, rstd)
     ctx.grad_dtypes = (x.dtype, residual.dtype if residual is not None else x.dtype)
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
@@ -169,18 +194,19 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dy, ds, _dmean, _drstd):
-    x, residual, weight, mean, rstd = ctx.saved_tensors
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x, dtype=ctx.grad_dtypes[0])
     ds = None if ds is None or ds.numel() == 0 else ds.contiguous()
     dx, dr, dw, db = torch.ops.pyssm.layer_norm_triton_backward(
-        dy.contiguous(), ds, x, residual, weight, mean, rstd, *ctx.grad_dtypes, ctx.has_residual)
+        dy.contiguous(), ds, x, residual, weight, bias, mean, rstd, *ctx.grad_dtypes,
+        ctx.has_residual, ctx.gelu)
     if ctx.has_residual and dr.numel() == 0:
         dr = dx
     w_dtype, b_dtype = ctx.param_dtypes
     return (dx, dr if ctx.has_residual else None,
             dw.to(w_dtype) if w_dtype is not None else None,
-            db.to(b_dtype) if ctx.has_bias else None, None, None, None)
+            db.to(b_dtype) if ctx.has_bias else None, None, None, None, None)
 
 
 _layer_norm_triton.register_autograd(_backward, setup_context=_setup)

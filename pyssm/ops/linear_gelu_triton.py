@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import available, check_device, jit, rounded, tl, triton  # noqa: F401
-
-SQRT_HALF = tl.constexpr(0.7071067811865476) if tl is not None else 0.7071067811865476
+from pyssm.ops._triton import (available, check_device, gelu, jit, rounded, tl,  # noqa: F401
+                               triton)
 
 
 @jit
@@ -70,7 +69,7 @@ def _fwd(X, Wt, BIAS, Y, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, IEEE: tl.co
         b_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    acc = 0.5 * acc * (1.0 + tl.math.erf(acc * SQRT_HALF))
+    acc = gelu(acc)
     rows64 = rows.to(tl.int64)
     tl.store(Y + rows64[:, None] * N + cols[None, :], rounded(acc, Y.dtype.element_ty, CPU),
              mask=(rows < M)[:, None] & (cols < N)[None, :])

@@ -1,4 +1,4 @@
-"""layer_norm (residual add + LayerNorm + output cast) against float64, on the Triton kernels
+"""layer_norm (residual add + LayerNorm + GELU + output cast) against float64, on the Triton kernels
 (compiled on a GPU; Triton's interpreter on CPU tensors elsewhere) and the reference."""
 
 import os
@@ -50,19 +50,24 @@ def _err(a, b):
 
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("lead,n", SHAPES)
-@pytest.mark.parametrize("dtype,res_dtype,out_dtype",
-                         [(FP32, None, None), (BF16, FP32, BF16), (FP16, FP16, None),
-                          (BF16, BF16, FP32), (FP32, FP32, FP16)])
+@pytest.mark.parametrize("dtype,res_dtype,out_dtype,activation",
+                         [(FP32, None, None, None), (BF16, FP32, BF16, None),
+                          (FP16, FP16, None, None), (BF16, BF16, FP32, None),
+                          (FP32, FP32, FP16, None),
+                          # VMamba's stem (bf16 conv output in, bf16 for the next conv out)
+                          (BF16, None, BF16, "gelu"), (FP32, None, None, "gelu"),
+                          (FP16, FP32, FP32, "gelu")])
 @pytest.mark.parametrize("affine", [True, False])
 def test_forward_and_gradients_against_float64(device, backend, lead, n, dtype, res_dtype,
-                                               out_dtype, affine):
+                                               out_dtype, activation, affine):
     x, r, w, b = _inputs(lead, n, device, dtype, res_dtype, affine)
     leaves = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
-    kw = dict(residual=r, out_dtype=out_dtype, return_residual=r is not None)
+    kw = dict(residual=r, out_dtype=out_dtype, return_residual=r is not None,
+              activation=activation)
     got = layer_norm(x, w, b, 1e-5, backend=backend, **kw)
     torch_own = layer_norm_reference(x, w, b, 1e-5, **kw)  # torch's ops in the same dtypes
-    exact = layer_norm_reference(_f64(x), _f64(w), _f64(b), 1e-5,
-                                 residual=_f64(r), return_residual=r is not None)
+    exact = layer_norm_reference(_f64(x), _f64(w), _f64(b), 1e-5, residual=_f64(r),
+                                 return_residual=r is not None, activation=activation)
     got, torch_own, exact = [v if isinstance(v, tuple) else (v,) for v in (got, torch_own, exact)]
     want_dtype = out_dtype or (x.dtype if r is None else torch.promote_types(x.dtype, r.dtype))
     assert got[0].dtype == want_dtype and got[0].shape == x.shape
@@ -75,7 +80,8 @@ def test_forward_and_gradients_against_float64(device, backend, lead, n, dtype, 
     inputs64 = [_f64(t).requires_grad_() for t in (x, r, w, b) if t is not None]
     it = iter(inputs64)
     x64, r64, w64, b64 = [next(it) if t is not None else None for t in (x, r, w, b)]
-    exact = layer_norm_reference(x64, w64, b64, 1e-5, residual=r64, return_residual=r is not None)
+    exact = layer_norm_reference(x64, w64, b64, 1e-5, residual=r64, return_residual=r is not None,
+                                 activation=activation)
     exact = exact if isinstance(exact, tuple) else (exact,)
     want = torch.autograd.grad(sum((o * c).sum() for o, c in zip(exact, cot)), inputs64)
 
@@ -141,7 +147,8 @@ def test_deterministic(device, backend):
 def test_opcheck_and_compile(device, backend):
     x, r, w, b = _inputs((7,), 10, device, BF16, FP32, True)
     x, r, w, b = (t.requires_grad_() for t in (x, r, w, b))
-    for args in ((x, r, w, b, 1e-5, BF16, True), (x, None, w, None, 1e-6, FP32, False)):
+    for args in ((x, r, w, b, 1e-5, BF16, True, False), (x, None, w, None, 1e-6, FP32, False, False),
+                 (x, None, w, b, 1e-5, BF16, False, True), (x, r, None, None, 1e-5, FP32, True, True)):
         torch.library.opcheck(torch.ops.pyssm.layer_norm_triton.default, args)
 
     def fn(x, r):
@@ -166,6 +173,8 @@ def test_bad_arguments(backend):
         layer_norm(x.long(), backend=backend)
     with pytest.raises(TypeError, match="out_dtype must be a floating-point dtype"):
         layer_norm(x, out_dtype=torch.int32, backend=backend)
+    with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
+        layer_norm(x, activation="relu", backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         layer_norm(x, backend="cuda")
 
@@ -194,9 +203,9 @@ def test_kernels_compile_for_gpus_without_spills():
     run = subprocess.run([sys.executable, str(script), "--arch", "80,90"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    # 2 archs x (5 widths x 2 dtypes x 2 layer_norm kernels + 4 channel counts x 2 dtypes x 3
-    # + 4 fc1 shapes x 2 dtypes)
-    assert run.stdout.count("| sm_") == 104
+    # 2 archs x (5 widths x 2 dtypes x 2 layer_norm kernels + 2 stem widths x 2 dtypes x 2
+    # layer_norm + GELU kernels + 4 channel counts x 2 dtypes x 3 + 4 fc1 shapes x 2 dtypes)
+    assert run.stdout.count("| sm_") == 120
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
