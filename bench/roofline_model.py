@@ -9,8 +9,8 @@ convolution takes float32 inputs as bf16 (a cast kernel each; a parameter's cast
 as autocast caches it) and returns bf16, and LayerNorm returns bf16 before a matrix product
 and float32 elsewhere, as pyssm's norms do under CUDA autocast. The ops the GPU runs as pyssm
 kernels are stood in by the kernels' own traffic:
-  - LayerNorm (the Triton kernel, with the residual add where fused): x (and the residual),
-    weight and bias read once, the output (and the sum) written once;
+  - LayerNorm (the Triton kernel, with the residual add or the GELU where fused): x (and the
+    residual), weight and bias read once, the output (and the sum) written once;
   - VMamba's depthwise convolution + SiLU (Triton): x read and the output written once;
   - ss2d (csrc/ss2d, 16-bit x, the fused path): the x_proj kernel (x and W read, z written in
     float32), the float32 y zeroed, the scan kernel (x and z read; y read and written once, its
@@ -20,7 +20,9 @@ kernels are stood in by the kernels' own traffic:
   - attention (flash): q, k, v read and the output written once; 4 N^2 d FLOPs a head;
   - the MLPs' fc1 + GELU (linear_gelu, Triton), where the models take it (16-bit inference,
     the kernel running): x and W read, the hidden layer written once (W's cast to bf16 is the
-    Mlp's own, traced); --unfused-mlp traces fc1 and then the GELU instead, as before that op.
+    Mlp's own, traced); --unfused-mlp traces fc1 and then the GELU instead, as before that op,
+    and --unfused-stem VMamba's stem module by module (its first norm written in float32, the
+    GELU, the next convolution's cast), as before layer_norm's GELU.
 
 Floor of a kernel = max(bytes / bandwidth, FLOPs / matrix rate), with the ceilings measured on
 an H200 here (/work/.library/device/KINDS.md: a 4.3 TB/s device-to-device copy, 790 TFLOP/s
@@ -182,14 +184,15 @@ def _cuda_out_dtype(x, for_matmul):
 
 
 def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
-                        return_residual=False, backend=None):
+                        return_residual=False, activation=None, backend=None):
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     with TRACE.untraced():
         y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
         s = torch.empty(x.shape, dtype=s_dtype, device=x.device) if return_residual else None
     read = nbytes(x) + (nbytes(residual) if residual is not None else 0) + sum(
         nbytes(p) for p in (weight, bias) if p is not None)
-    TRACE.add("layer_norm", "norm", read, nbytes(y) + (nbytes(s) if s is not None else 0))
+    op = "layer_norm" if activation is None else f"layer_norm+{activation}"
+    TRACE.add(op, "norm", read, nbytes(y) + (nbytes(s) if s is not None else 0))
     return (y, s) if return_residual else y
 
 
@@ -240,11 +243,14 @@ def attention_stand_in(q, k, v, **kwargs):
 
 
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
-                    **overrides) -> list[Kernel]:
+                    fused_stem: bool = True, **overrides) -> list[Kernel]:
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
-    ``fused_mlp``: fc1 + GELU as linear_gelu (else fc1, then the GELU)."""
+    ``fused_mlp``: fc1 + GELU as linear_gelu (else fc1, then the GELU); ``fused_stem``:
+    VMamba's stem norm + GELU as one layer_norm pass (else its modules one by one)."""
     global TRACE
-    stand_ins = [(mlp_module, "linear_gelu", linear_gelu_stand_in),
+    stand_ins = [] if fused_stem else [
+        (vmamba_module.PatchEmbed2, "forward", torch.nn.Sequential.forward)]
+    stand_ins += [(mlp_module, "linear_gelu", linear_gelu_stand_in),
                  (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: fused_mlp),
                  (vmamba_module, "ss2d", ss2d_stand_in),
                  (vmamba_module, "depthwise_conv2d", conv_silu_stand_in),
@@ -289,11 +295,15 @@ def main(argv=None) -> int:
                         help="default: the benchmark's, 128 x (224 / img-size)^2")
     parser.add_argument("--unfused-mlp", action="store_true",
                         help="fc1 and then the GELU (without pyssm's linear_gelu)")
+    parser.add_argument("--unfused-stem", action="store_true",
+                        help="VMamba's stem module by module (its norm, then the GELU)")
     args = parser.parse_args(argv)
     batch = args.batch or max(1, round(128 * (224 / args.img_size) ** 2))
-    kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp)
+    kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
+                              not args.unfused_stem)
     mlp = "fc1 then GELU" if args.unfused_mlp else "fc1 + GELU fused"
-    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference ({mlp}), "
+    stem = "; stem norm then GELU" if args.unfused_stem else ""
+    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference ({mlp}{stem}), "
           f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
     for by in ("kind", "op"):
         rows = summarize(kernels, by)

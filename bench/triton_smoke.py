@@ -62,6 +62,20 @@ def _norm_and_conv(device) -> float:
         err = _relative([(y, y64), (s, s64), *zip(got, want)])
         worst = max(worst, err)
         print(f"layer_norm ({rows}, {width}): max relative error {err:.2e}", flush=True)
+    # VMamba's stem: the norm and GELU in one pass, bf16 in and out, no residual
+    x = torch.randn(2053, 48, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(48, device=device)).requires_grad_()
+    b = (0.1 * torch.randn(48, device=device)).requires_grad_()
+    y = layer_norm(x, w, b, 1e-6, out_dtype=torch.bfloat16, activation="gelu", backend="triton")
+    y64 = layer_norm_reference(*(t.double() for t in (x, w, b)), 1e-6, activation="gelu")
+    gy = torch.randn_like(y64)
+    got = torch.autograd.grad((y.double() * gy).sum(), (x, w, b))
+    want = torch.autograd.grad((y64 * gy).sum(), (x, w, b))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    err = _relative([(y, y64), *zip(got, want)])
+    worst = max(worst, err)
+    print(f"layer_norm + gelu (2053, 48): max relative error {err:.2e}", flush=True)
     for shape in ((2, 17, 13, 96), (1, 9, 30, 192)):
         x = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = (torch.randn(shape[-1], 1, 3, 3, device=device) / 3).requires_grad_()

@@ -8,6 +8,7 @@ dict keys and results, in fewer passes over memory.
   written.
 - ``norm.add(x, residual)`` is ``s = x + residual; (norm(s), s)`` in one pass: the residual add
   of a pre-norm block fused with the next block half's norm.
+- ``norm(x, activation="gelu")`` is ``F.gelu(norm(x))`` in the same pass (VMamba's stem).
 
 ``backend`` (the attribute, set by VMamba's ``set_backend``, or the argument, which ViT's
 blocks pass from the model's per-call backend through ``triton_backend``): None for the
@@ -54,10 +55,11 @@ class LayerNorm(nn.LayerNorm):
     backend: str | None = None
 
     def forward(self, x: torch.Tensor, *, for_matmul: bool = False,
-                out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, activation: str | None = None,
+                backend: str | None = None) -> torch.Tensor:
         return layer_norm(x, self.weight, self.bias, self.eps,
                           out_dtype=out_dtype or _out_dtype(x, for_matmul),
-                          backend=backend or self.backend)
+                          activation=activation, backend=backend or self.backend)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor, *, for_matmul: bool = False,
             backend: str | None = None):
@@ -72,9 +74,11 @@ class LayerNorm2d(LayerNorm):
     (torch.channels_last), it is read and written as a (B, H, W, C) view, without a copy."""
 
     def forward(self, x: torch.Tensor, *, for_matmul: bool = False,
-                out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, activation: str | None = None,
+                backend: str | None = None) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1), for_matmul=for_matmul,
-                               out_dtype=out_dtype, backend=backend).permute(0, 3, 1, 2)
+                               out_dtype=out_dtype, activation=activation,
+                               backend=backend).permute(0, 3, 1, 2)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor, *, for_matmul: bool = False,
             backend: str | None = None):

@@ -194,6 +194,20 @@ class PatchMerging2D(nn.Module):
         return self.reduction(self.norm(x))
 
 
+class PatchEmbed2(nn.Sequential):
+    """The v2 stem, the official Sequential (conv, [permute], norm, [permute], GELU, conv,
+    [permute], norm: the state dict keys are its indices), with the first norm and the GELU as
+    one pass of pyssm's layer_norm (``activation="gelu"``): its output, which only feeds the
+    second convolution, is written once in the dtype that convolution reads (bf16 under
+    autocast, where torch writes the norm in float32, runs the GELU on it and casts it again;
+    the same values, rounded once)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv1, to_cl1, norm1, to_cf, _gelu, conv2, to_cl2, norm2 = self
+        x = norm1(to_cl1(conv1(x)), for_matmul=True, activation="gelu")
+        return norm2(to_cl2(conv2(to_cf(x))))
+
+
 def _patch_embed(cfg: VMambaConfig) -> nn.Sequential:
     dim = cfg.dims[0]
     if cfg.patchembed_version == "v1":
@@ -201,9 +215,9 @@ def _patch_embed(cfg: VMambaConfig) -> nn.Sequential:
                              _to_cl(cfg), _norm(cfg, dim))
     if cfg.patchembed_version == "v2":
         stride = cfg.patch_size // 2
-        return nn.Sequential(
+        return PatchEmbed2(
             nn.Conv2d(cfg.in_chans, dim // 2, stride + 1, stride, 1), _to_cl(cfg),
-            _norm(cfg, dim // 2), _to_cf(cfg), GELU(),  # (in place in inference)
+            _norm(cfg, dim // 2), _to_cf(cfg), GELU(),  # (the GELU: in norm's pass)
             nn.Conv2d(dim // 2, dim, stride + 1, stride, 1), _to_cl(cfg), _norm(cfg, dim))
     raise ValueError(f"patchembed_version must be 'v1' or 'v2', got {cfg.patchembed_version!r}")
 
@@ -280,9 +294,10 @@ class VMamba(nn.Module):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """patch_embed(x); where autograd records nothing, in slices of the batch when its
-        float32 half-resolution activations are large (pyssm.models.mlp.batch_slices): the same
-        values, without a whole batch of them alive (at 224 px they would be an inference's
-        largest, 2.4 MB an image, twice at the GELU)."""
+        half-resolution activations are large (pyssm.models.mlp.batch_slices, sized for them in
+        float32): the same values, without a whole batch of them alive (at 224 px they would be
+        an inference's largest: the first convolution's output and the norm's, 1.2 MB an image
+        each in bf16, 2.4 in float32)."""
         recording = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.patch_embed.parameters()))
         if torch.compiler.is_compiling() or recording:

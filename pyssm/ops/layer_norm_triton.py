@@ -24,8 +24,10 @@ runs the GELU on it in place and casts it to bf16 for the next convolution: read
 read 4 + write 4, read 4 + write 2, 20 B per element; here read 2, write 2, the same values
 (computed in float32, rounded once). VMamba-T at 224 px x 128: 77 M elements of 48 channels at
 112 x 112, 1.23 GB less traffic a batch (~290 us at 4.3 TB/s, 4.6% of the encoder's floor in
-profiles/roofline_model); the fused pass itself is 308 MB, ~72 us at that rate. The backward
-recomputes the affine output and multiplies dy by the GELU's derivative there.
+profiles/roofline_model); the fused pass itself is 308 MB, ~72 us at that rate. Prediction,
+not measured yet (pyssm/bench/layer_norm.py's stem row): 85-105 us, against 550-700 us for
+torch eager's cast, norm, GELU and cast (28 B per element, 2.2 GB). The backward recomputes the
+affine output and multiplies dy by the GELU's derivative there, and takes 4 elements a thread.
 Tiles: whole rows, ~8 elements per thread; registers per variant from bench/triton_compile.py
 (Triton's own ptxas for sm_80 / sm_90, no GPU needed): forward 40-56, backward 64-128, no
 spills at N 96 to 4096.

@@ -74,6 +74,17 @@ def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
         k.flops for k in kernels if k.kind == "gemm" and k.op != "linear_gelu")
     if encoder.startswith("vmamba"):
         assert {"ss2d.x_proj", "ss2d.zero_y", "ss2d.scan", "depthwise_conv2d+silu"} <= ops
+        # the stem's norm + GELU: one pass reading the conv's bf16 output and writing bf16 (3
+        # images of 8 channels at 32 x 32), instead of the norm written in float32, the GELU
+        # in place on it and the next convolution's cast
+        stem = rm.trace_inference(encoder, 64, 3, fused_stem=False, **overrides)
+        fused = [k for k in kernels if k.op == "layer_norm+gelu"]
+        assert [(k.read - 2 * 8 * 4, k.written) for k in fused] == [(2 * 3 * 8 * 32**2,) * 2]
+        assert "layer_norm+gelu" not in {k.op for k in stem}
+        gelus = [k for k in stem if k.op == "aten.gelu_"]
+        assert [(k.read, k.written) for k in gelus] == [(4 * 3 * 8 * 32**2,) * 2]
+        saved = rm.summarize(stem)["total"]["mb"] - rm.summarize(kernels)["total"]["mb"]
+        assert saved == pytest.approx(16 * 3 * 8 * 32**2 / 1e6)
         x_proj = next(k for k in kernels if k.op == "ss2d.x_proj")
         B, L, D, K = 3, 16 * 16, 16, 4 * (1 + 2)  # stage 1: 64 / 4 px, d_inner 16, dt_rank 1
         assert x_proj.flops == 2 * B * L * D * K and x_proj.written == 4 * B * L * K

@@ -64,6 +64,28 @@ def test_add_fuses_the_residual(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_activation_gelu_is_gelu_of_the_norm(backend):
+    """norm(x, activation="gelu") is F.gelu(nn.LayerNorm(x)), forward and gradients; for a
+    matrix product under autocast, rounded once to the autocast dtype."""
+    ours, theirs = _pair(12, seed=2)
+    ours.backend = backend
+    x = torch.randn(4, 5, 12, requires_grad=True)
+    got = ours(x, activation="gelu")
+    want = nn.functional.gelu(theirs(x))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad((y * y).sum(), (x, ours.weight if y is got else theirs.weight,
+                                                 ours.bias if y is got else theirs.bias))
+             for y in (got, want)]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        narrow = ours(x.bfloat16(), for_matmul=True, activation="gelu")
+    exact = nn.functional.gelu(theirs(x.bfloat16().float())).detach()
+    assert narrow.dtype == torch.bfloat16
+    assert (narrow.float() - exact).abs().max() <= exact.abs().max() * 2 ** -8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_layer_norm_2d_on_channels_last(backend):
     ours = LayerNorm2d(6)
     ours.backend = backend

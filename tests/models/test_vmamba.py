@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pyssm.models import create_encoder, list_encoders
 from pyssm.models import mlp as mlp_module
+from pyssm.models import norms as norms_module
 from pyssm.models import vmamba as vmamba_module
 from pyssm.ops import cross_merge_reference, cross_scan_reference, selective_scan_reference, ss2d
 
@@ -245,6 +246,42 @@ def test_activations_stay_channels_last(name, norm, sliced, monkeypatch):
         model(torch.randn(2, 3, 64, 48))
     assert len(seen) == 3 * sum(model.cfg.depths)
     assert all(ok for *_, ok in seen), [s for s in seen if not s[2]]
+
+
+@pytest.mark.parametrize("norm", ["ln2d", "ln"])
+def test_stem_takes_its_first_norm_and_gelu_in_one_pass(norm, monkeypatch):
+    """The v2 stem (vmamba.PatchEmbed2) gives its Sequential's module-by-module values and
+    gradients (float64), and its second convolution reads the fused norm + GELU's output in the
+    autocast dtype (the same values that convolution would cast to)."""
+    model = randomized(create_encoder("vmamba_tiny_s1l8", norm=norm, **SMALL).double())
+    stem = model.patch_embed
+    assert isinstance(stem, vmamba_module.PatchEmbed2)
+    x = torch.randn(2, 3, 50, 38, dtype=F64, requires_grad=True)
+    got, want = stem(x), torch.nn.Sequential.forward(stem, x)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for g, w in zip(*(torch.autograd.grad(y.square().sum(), [x, *stem.parameters()])
+                      for y in (got, want))):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    calls = []
+    layer_norm = vmamba_module.LayerNorm.forward
+
+    def spy(self, t, **kw):
+        out = layer_norm(self, t, **kw)
+        calls.append((kw.get("activation"), out.dtype))
+        return out
+
+    monkeypatch.setattr(vmamba_module.LayerNorm, "forward", spy)
+    # the norms' output dtype as CUDA autocast decides it (float32 unless for a matrix product;
+    # CPU autocast leaves the input's), so that the choice of for_matmul is what is seen
+    monkeypatch.setattr(norms_module, "_out_dtype",
+                        lambda t, for_matmul: torch.bfloat16 if for_matmul else torch.float32)
+    seen = []
+    stem[5].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    model.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        stem(x.detach().float())
+    assert calls[0] == ("gelu", torch.bfloat16) and calls[1][0] is None
+    assert seen == [torch.bfloat16]
 
 
 @pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln")])
