@@ -1,12 +1,11 @@
 """The encoders' MLP, fc1 -> GELU -> fc2 (timm's ``Mlp``: state dict keys ``fc1.*``, ``fc2.*``),
-the GELU it and VMamba's stem use, and the blocks' second residual add around it.
+its GELU, and the blocks' second residual add around it.
 
 Where autograd records nothing (inference, or a frozen encoder under ``torch.no_grad``), that
 GELU runs in place on its input, a layer's fresh output that nothing else reads: the same
 values (the same kernel, writing into its input's buffer), one activation alive instead of two.
 The MLP's hidden layer is 4x the block's width, so that is where an encoder's inference peaks
-(VMamba-T stage 1 at 224 px: 2.4 MB an image for each hidden tensor in bf16); VMamba's stem
-applies it to a float32 LayerNorm output at half the input resolution. ``add_mlp`` goes
+(VMamba-T stage 1 at 224 px: 2.4 MB an image for each hidden tensor in bf16). ``add_mlp`` goes
 further there: the MLP's output is added into the block's own residual sum in place, in slices
 of the batch when the hidden layer is large, so only a quarter of it is ever alive. In 16-bit
 inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``).

@@ -39,6 +39,12 @@ def _out_dtype(x: torch.Tensor, for_matmul: bool) -> torch.dtype | None:
     return torch.float32 if device == "cuda" else None
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a matrix product or convolution would cast x to under autocast (None outside
+    autocast, and for float64)."""
+    return _out_dtype(x, True)
+
+
 def triton_backend(model_backend: str | None) -> str | None:
     """The backend of the models' Triton ops (these norms, VMamba's depthwise convolution) for
     a model-wide pyssm backend: the reference for "reference" and "cpu" (torch's own ops are

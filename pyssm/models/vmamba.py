@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.mlp import GELU, Mlp, add_mlp, batch_slices
-from pyssm.models.norms import LayerNorm, LayerNorm2d, triton_backend
+from pyssm.models.mlp import GELU, Mlp, add_mlp
+from pyssm.models.norms import LayerNorm, LayerNorm2d, matmul_dtype, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
@@ -286,27 +286,21 @@ class VMamba(nn.Module):
         Activations are stored channels-last throughout (torch.channels_last for the (B, C, H, W)
         tensors of channel-first configs, plain (B, H, W, C) for the others), so LayerNorm, the
         1x1 and depthwise convolutions and the CUDA ss2d core read them without a layout copy."""
-        x = self._stem(x.contiguous(memory_format=torch.channels_last))
+        x = self.patch_embed(self._input(x))
         for i, layer in enumerate(self.layers[: last + 1]):
             x = layer.blocks(x)
             yield x if self.cfg.channel_first else x.permute(0, 3, 1, 2)
             x = layer.downsample(x)
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """patch_embed(x); where autograd records nothing, in slices of the batch when its
-        half-resolution activations are large (pyssm.models.mlp.batch_slices, sized for them in
-        float32): the same values, without a whole batch of them alive (at 224 px they would be
-        an inference's largest: the first convolution's output and the norm's, 1.2 MB an image
-        each in bf16, 2.4 in float32)."""
-        recording = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.patch_embed.parameters()))
-        if torch.compiler.is_compiling() or recording:
-            return self.patch_embed(x)
-        half = x.shape[0] * (x.shape[-2] // 2) * (x.shape[-1] // 2) * (self.cfg.dims[0] // 2)
-        slices = batch_slices(4 * half)
-        if slices == 1:
-            return self.patch_embed(x)
-        return torch.cat([self.patch_embed(part) for part in x.chunk(slices)])
+    @staticmethod
+    def _input(x: torch.Tensor) -> torch.Tensor:
+        """The images channels-last, in the stem convolution's dtype under autocast: one pass
+        (a float32 NCHW batch would otherwise be copied to channels-last, then cast by autocast
+        for the convolution; the same values)."""
+        dtype = matmul_dtype(x)
+        if dtype is not None and x.dtype == torch.float32:
+            return x.to(dtype, memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's features after the final norm, (B, C, H/32, W/32)."""

@@ -211,7 +211,7 @@ def test_activations_stay_channels_last(name, norm, sliced, monkeypatch):
     """The fast path's layout: every block's input and every ss2d core's input and output are
     stored channels-last (torch.channels_last for channel-first configs, contiguous (B, H, W, C)
     for the others), so LayerNorm, the convolutions and the CUDA ss2d read them without a copy;
-    also with the inference's stem and MLPs run in slices of the batch (pyssm.models.mlp).
+    also with the inference's MLPs run in slices of the batch (pyssm.models.mlp).
     (On the CPU the composed ss2d copies inside; the layout contract is what is checked.)"""
     if sliced:
         monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
@@ -284,10 +284,31 @@ def test_stem_takes_its_first_norm_and_gelu_in_one_pass(norm, monkeypatch):
     assert seen == [torch.bfloat16]
 
 
+@pytest.mark.parametrize("norm", ["ln2d", "ln"])
+def test_images_are_made_channels_last_and_cast_in_one_copy(norm, monkeypatch):
+    """Under autocast a float32 NCHW batch reaches the stem's convolution channels-last in the
+    autocast dtype (one copy, not a layout copy and then autocast's cast), with the logits
+    of the two copies; outside autocast it stays float32."""
+    model = create_encoder("vmamba_tiny_s1l8", norm=norm, **SMALL).eval()
+    seen = []
+    model.patch_embed[0].register_forward_pre_hook(lambda m, args: seen.append(
+        (args[0].dtype, args[0].is_contiguous(memory_format=torch.channels_last))))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            one_copy = model(x)
+            monkeypatch.setattr(vmamba_module.VMamba, "_input",
+                                staticmethod(lambda t: t.contiguous(memory_format=torch.channels_last)))
+            two_copies = model(x)
+    assert seen == [(torch.float32, True), (torch.bfloat16, True), (torch.float32, True)]
+    assert torch.equal(one_copy, two_copies)
+
+
 @pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln")])
 def test_inference_in_slices_of_the_batch_gives_the_same_logits(name, norm, monkeypatch):
-    """The stem and the MLPs run in up to 4 slices of the batch where their activations are
-    large (pyssm.models.mlp.CHUNK_BYTES, here made tiny): the official composition's values."""
+    """The MLPs run in up to 4 slices of the batch where their hidden layers are large
+    (pyssm.models.mlp.CHUNK_BYTES, here made tiny): the official composition's values."""
     model = randomized(create_encoder(name, norm=norm, **SMALL).double())
     x = torch.randn(5, 3, 50, 38, dtype=F64)
     monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
