@@ -117,7 +117,7 @@ def variants():
             yield "dwconv backward (dx)", c, x, DW._bwd_dx, dx, {**tiles, "BY_BITS": False}, warps
     for k, n in FC1:
         for x in ("bf16", "fp32"):  # the encoders' bf16; fp32 (IEEE, on the CUDA cores)
-            block_m, block_n, block_k, warps = LG._tiles(n, k, x == "fp32")
+            block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")
             sig = {"X": f"*{x}", "Wt": f"*{x}", "BIAS": f"*{x}", "Y": f"*{x}", "M": "i32",
                    "N": "i32", "K": "i32", "stride_xm": "i32"}
             flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,

@@ -1,5 +1,6 @@
-"""What pyssm's Triton kernels share: the optional import, the decorator, the device check and
-float32 -> output-dtype rounding.
+"""What pyssm's Triton kernels share: the optional import, the decorator, the device check,
+float32 -> output-dtype rounding, the exact GELU, and the tiled product of linear_gelu and
+linear_residual.
 
 On CPU tensors the kernels run in Triton's interpreter, which Triton chooses when it is imported
 with TRITON_INTERPRET=1 (tests/conftest.py sets it on machines without a GPU). The interpreter
@@ -115,3 +116,55 @@ def gelu(v):
 def gelu_grad(v):
     """d gelu / dv at float32 v: Phi(v) + v phi(v)."""
     return 0.5 * (1.0 + tl.math.erf(v * SQRT_HALF)) + v * INV_SQRT_2PI * tl.exp(-0.5 * v * v)
+
+
+# ---- the product of linear_gelu and linear_residual ---------------------------------------------
+
+@jit
+def linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS: tl.constexpr,
+                IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
+    """The float32 tile x[rows] Wt[cols]^T (+ bias[cols]) of x (M, K) with row stride
+    stride_xm and Wt (N, K) contiguous: the K loop BLOCK_K at a time on tensor cores (16-bit
+    operands), in IEEE float32 (IEEE: float32 x, on the CUDA cores), or, in Triton's
+    interpreter (CPU), as float32 products of the same values (its dot takes no bf16). Rows
+    and columns past the ends read row / column 0's values (in bounds; the callers mask their
+    stores), so only a partial last K step needs a mask."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = X + (rows % M).to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    b_ptrs = Wt + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0)
+            b = tl.load(b_ptrs, mask=ks[:, None] < K - k0, other=0.0)
+        if CPU:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+def linear_tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). 16-bit x, K < 256 (VMamba's stage-1 and 2 fc1,
+    bound by memory): 64 rows x up to 128 outputs, 4 warps (ptxas sm_90: 226 registers, two
+    programs an SM, one's loads under the other's GELU and stores). K from 256 on (bound by
+    FLOPs at ViT-B's width): 128 x 128 x 64, 8 warps (255 registers, one program an SM, the
+    K loop's loads pipelined 3 deep in shared memory). Float32 x (IEEE products on the CUDA
+    cores, not the encoders' path): 64 x 64 x 16, 4 warps. bench/triton_compile.py reports
+    each; the benchmark's linear_gelu and linear_residual tables say whether they are the right ones."""
+    if fp32:
+        return 64, min(64, max(16, triton.next_power_of_2(N))), 16, 4
+    block_n = min(128, max(16, triton.next_power_of_2(N)))
+    if K < 256:
+        return 64, block_n, 32, 4
+    return 128, block_n, 64, 8 if block_n == 128 else 4

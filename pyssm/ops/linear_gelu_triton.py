@@ -16,7 +16,7 @@ K 768, N 3072) the product is bound by FLOPs (119 GFLOP, 150 us at that rate), a
 kernel's GEMM keeps up with cuBLAS's there is for the benchmark to say (`linear_gelu` table).
 Prediction, not measured yet: 90-130 us at VMamba-T stage 1 against 230-280 us unfused.
 
-Tiles (``_tiles``): BLOCK_M rows x BLOCK_N outputs a program, the K loop BLOCK_K at a time on
+Tiles (``_triton.linear_tiles``, shared with ``linear_residual``): BLOCK_M rows x BLOCK_N outputs a program, the K loop BLOCK_K at a time on
 tensor cores (tl.dot, float32 accumulation); a program's N tiles are its neighbours in launch
 order, so x's rows are read from DRAM once and from the L2 by the others. W and the bias come
 in x's dtype: the op rounds them first, as CUDA autocast rounds them for F.linear (the encoders'
@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import (available, check_device, gelu, jit, rounded, tl,  # noqa: F401
-                               triton)
+from pyssm.ops._triton import (available, check_device, gelu, jit, linear_tile,  # noqa: F401
+                               linear_tiles, rounded, tl, triton)
 
 
 @jit
@@ -42,53 +42,13 @@ def _fwd(X, Wt, BIAS, Y, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, IEEE: tl.co
          BLOCK_K: tl.constexpr, CPU: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // tiles_n  # a row block's N tiles run next to each other: x from the L2
-    pid_n = pid % tiles_n
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    # rows and columns past the ends read row / column 0's values (in bounds, never stored),
-    # so only a partial last K step needs a mask
-    a_ptrs = X + (rows % M).to(tl.int64)[:, None] * stride_xm + ks[None, :]
-    b_ptrs = Wt + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0)
-            b = tl.load(b_ptrs, mask=ks[:, None] < K - k0, other=0.0)
-        if CPU:  # the interpreter's dot takes no bf16: the same values' exact float32 products
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    acc = gelu(acc)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = gelu(linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS, IEEE, EVEN_K,
+                           BLOCK_M, BLOCK_N, BLOCK_K, CPU))
     rows64 = rows.to(tl.int64)
     tl.store(Y + rows64[:, None] * N + cols[None, :], rounded(acc, Y.dtype.element_ty, CPU),
              mask=(rows < M)[:, None] & (cols < N)[None, :])
-
-
-def _tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). 16-bit x, K < 256 (VMamba's stage-1 and 2 fc1,
-    bound by memory): 64 rows x up to 128 outputs, 4 warps (ptxas sm_90: 226 registers, two
-    programs an SM, one's loads under the other's GELU and stores). K from 256 on (bound by
-    FLOPs at ViT-B's width): 128 x 128 x 64, 8 warps (255 registers, one program an SM, the
-    K loop's loads pipelined 3 deep in shared memory). Float32 x (IEEE products on the CUDA
-    cores, not the encoders' path): 64 x 64 x 16, 4 warps. bench/triton_compile.py reports
-    each; the benchmark's linear_gelu table says whether they are the right ones."""
-    if fp32:
-        return 64, min(64, max(16, triton.next_power_of_2(N))), 16, 4
-    block_n = min(128, max(16, triton.next_power_of_2(N)))
-    if K < 256:
-        return 64, block_n, 32, 4
-    return 128, block_n, 64, 8 if block_n == 128 else 4
 
 
 def forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -102,7 +62,7 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if M == 0 or N == 0:
         return y
     fp32 = x2d.dtype == torch.float32
-    block_m, block_n, block_k, warps = _tiles(N, K, fp32)
+    block_m, block_n, block_k, warps = linear_tiles(N, K, fp32)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _fwd[grid](x2d, weight, bias if bias is not None else weight, y, M, N, K, x2d.stride(0),
                HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0, IEEE=fp32, BLOCK_M=block_m,
