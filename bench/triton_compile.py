@@ -3,8 +3,9 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
-Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU), ``depthwise_conv2d`` or ``linear_gelu``
-launches for that row width, channel count or (K, N) (their tiles) and dtypes. Run without
+Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
+``depthwise_conv2d``, ``linear_gelu`` or ``linear_residual_`` launches for that row width,
+channel count or (K, N) (their tiles) and dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
 """
@@ -30,12 +31,14 @@ from triton.compiler import ASTSource  # noqa: E402
 from pyssm.ops import depthwise_conv2d_triton as DW  # noqa: E402
 from pyssm.ops import layer_norm_triton as K  # noqa: E402
 from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
+from pyssm.ops import linear_residual_triton as LR  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
 STEM_WIDTHS = (48, 64)  # layer_norm + GELU: VMamba-T/S's and VMamba-B's half-width stem
 CHANNELS = (96, 192, 384, 768)  # depthwise_conv2d: VMamba's d_inner across stages and sizes
 # linear_gelu: the encoders' fc1 (K, N): VMamba-T's stages 1 and 3, ViT-S's, ViT-B's, ViT-L's
 FC1 = ((96, 384), (384, 1536), (768, 3072), (1024, 4096))
+FC2 = tuple((n, k) for k, n in FC1)  # linear_residual: the same MLPs' fc2
 # (x, residual / s, y) element types: the encoders' bf16 branch into a float32 stream, and
 # float32 throughout
 DTYPES = (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"))
@@ -123,6 +126,14 @@ def variants():
             flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,
                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
             yield "linear_gelu forward", f"{k}->{n}", x, LG._fwd, sig, flags, warps
+    for k, n in FC2:
+        for x in ("bf16", "fp32"):  # into a float32 sum
+            block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")
+            sig = {"X": f"*{x}", "Wt": f"*{x}", "BIAS": f"*{x}", "S": "*fp32", "M": "i32",
+                   "N": "i32", "K": "i32", "stride_xm": "i32", "stride_sm": "i32"}
+            flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,
+                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
+            yield "linear_residual forward", f"{k}->{n}", f"{x}+fp32", LR._fwd, sig, flags, warps
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ BACKENDS = _triton.BACKENDS
 LOW = (torch.float16, torch.bfloat16)
 
 
-def _operands(x_dtype, weight, bias, acc):
+def linear_operands(x_dtype, weight, bias, acc):
     """weight and bias as the op multiplies them: rounded to x's dtype for 16-bit x, in acc."""
     rnd = x_dtype if x_dtype in LOW else acc
     return weight.to(rnd).to(acc), None if bias is None else bias.to(rnd).to(acc)
@@ -38,7 +38,7 @@ def _operands(x_dtype, weight, bias, acc):
 def linear_gelu_reference(x, weight, bias=None, *, out_dtype=None):
     """Pure-PyTorch linear_gelu (module docstring) in float32 (float64 for float64)."""
     acc = _checks.acc_dtype(x.dtype)
-    w, b = _operands(x.dtype, weight, bias, acc)
+    w, b = linear_operands(x.dtype, weight, bias, acc)
     return F.gelu(F.linear(x.to(acc), w, b)).to(out_dtype or x.dtype)
 
 
@@ -108,7 +108,7 @@ def _backward(ctx, dy):
     """Torch's ops in float32: the pre-activation a recomputed, g = dy GELU'(a)."""
     x2d, weight, bias = ctx.saved_tensors
     acc = torch.float32
-    w, b = _operands(x2d.dtype, weight, bias, acc)
+    w, b = linear_operands(x2d.dtype, weight, bias, acc)
     xa = x2d.to(acc)
     g = torch.ops.aten.gelu_backward(dy.to(acc), F.linear(xa, w, b))  # dy GELU'(a), exact
     dx = (g @ w).to(x2d.dtype)
