@@ -8,7 +8,8 @@ The MLP's hidden layer is 4x the block's width, so that is where an encoder's in
 (VMamba-T stage 1 at 224 px: 2.4 MB an image for each hidden tensor in bf16). ``add_mlp`` goes
 further there: the MLP's output is added into the block's own residual sum in place, in slices
 of the batch when the hidden layer is large, so only a quarter of it is ever alive. In 16-bit
-inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``).
+inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``), and so can
+fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ from torch import nn
 
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_gelu import uses_triton as linear_gelu_uses_triton
+from pyssm.ops.linear_residual import linear_residual_
+from pyssm.ops.linear_residual import uses_triton as linear_residual_uses_triton
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook would see a call of any of ``modules`` (their own or a global
+    one): the fused paths, which do not call them, then step aside."""
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class GELU(nn.GELU):
@@ -39,7 +51,10 @@ class Mlp(nn.Module):
     the op; ``backend``: the op's, None for its automatic choice): the 4x-wide hidden layer is
     written once, rounded once, instead of written by fc1 and read and written again by the
     GELU. Elsewhere, and always with PYSSM_LINEAR_GELU=0 (the device check's switch after a
-    failed Triton smoke), fc1 and then the GELU (in place where nothing records)."""
+    failed Triton smoke), fc1 and then the GELU (in place where nothing records). add_mlp's
+    in-place path calls ``add_into``, which fuses fc2 and the residual add likewise. A fused
+    pass does not call the layers it stands in for, so where a forward hook is registered on
+    them (or on the Mlp, for ``add_into``) they run as plain modules."""
 
     backend: str | None = None  # linear_gelu's; the encoders' set_backend sets it
 
@@ -51,50 +66,97 @@ class Mlp(nn.Module):
         hidden = self._fc1_gelu(x, backend or self.backend)
         return self.fc2(self.act(self.fc1(x)) if hidden is None else hidden)
 
+    def add_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> None:
+        """``s += self(x)`` in place, where autograd records nothing (add_mlp's in-place path).
+        In 16-bit inference, where ``pyssm.ops.linear_residual_``'s kernel runs, fc2 and the
+        add are one pass: fc2's output is rounded to 16 bits in registers and added to s there,
+        not written and read again (the same values); PYSSM_LINEAR_RESIDUAL=0 (the device
+        check's switch after a failed Triton smoke) keeps fc2 and then the add."""
+        backend = backend or self.backend
+        if _hooked(self):  # (its hooks see the call and its output)
+            s.add_(self(x, backend=backend))
+            return
+        hidden = self._fc1_gelu(x, backend)
+        if hidden is None:
+            hidden = self.act(self.fc1(x))
+        if not self._fc2_into(s, hidden, backend):
+            s.add_(self.fc2(hidden))
+
+    @staticmethod
+    def _channels_dim(layer: nn.Module, x: torch.Tensor) -> int | None:
+        """-1 for an nn.Linear, 1 for VMamba's Linear2d on a (B, C, H, W) x, None otherwise (a
+        layer the fused ops do not stand in for)."""
+        channels_dim = getattr(layer, "channels_dim", -1)  # 1: VMamba's Linear2d
+        if (not isinstance(layer, nn.Linear) or (type(layer) is not nn.Linear and channels_dim != 1)
+                or (channels_dim == 1 and x.dim() != 4)):
+            return None
+        return channels_dim
+
+    @staticmethod
+    def _low_dtype(x: torch.Tensor) -> torch.dtype | None:
+        """The 16-bit dtype a product of x runs in (autocast's, else x's), or None."""
+        device = x.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+    def _fc2_into(self, s: torch.Tensor, hidden: torch.Tensor, backend: str | None) -> bool:
+        """s += fc2(hidden) by linear_residual_'s Triton kernel; False where it does not apply
+        (nothing done)."""
+        if os.environ.get("PYSSM_LINEAR_RESIDUAL", "") == "0" or _hooked(self.fc2):
+            return False
+        fc2 = self.fc2
+        channels_dim, dtype = self._channels_dim(fc2, hidden), self._low_dtype(hidden)
+        if channels_dim is None or dtype is None or not linear_residual_uses_triton(
+                s, hidden, fc2.weight, fc2.bias, backend):
+            return False
+        weight, bias = self._cast_params("fc2", dtype)
+        hidden = hidden.to(dtype)
+        if channels_dim == 1:  # channels-last storage makes these views contiguous
+            s, hidden = s.permute(0, 2, 3, 1), hidden.permute(0, 2, 3, 1)
+        linear_residual_(s, hidden, weight, bias, backend=backend)
+        return True
+
     def _fc1_gelu(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
         """GELU(fc1(x)) by linear_gelu's Triton kernel, or None where it does not apply."""
         if os.environ.get("PYSSM_LINEAR_GELU", "") == "0":
             return None
         fc1 = self.fc1
-        channels_dim = getattr(fc1, "channels_dim", -1)  # 1: VMamba's Linear2d, (B, C, H, W)
-        if (self.act.approximate != "none" or not isinstance(fc1, nn.Linear)
-                or (type(fc1) is not nn.Linear and channels_dim != 1)
-                or (channels_dim == 1 and x.dim() != 4)):
+        channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
+        if (self.act.approximate != "none" or channels_dim is None or dtype is None
+                or _hooked(fc1, self.act)):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in fc1.parameters())):
             return None
-        device = x.device.type
-        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        if dtype not in (torch.float16, torch.bfloat16):
-            return None
         if not linear_gelu_uses_triton(x, fc1.weight, fc1.bias, dtype, backend):
             return None
         x = x.to(dtype)
-        weight, bias = self._fc1_params(dtype)
+        weight, bias = self._cast_params("fc1", dtype)
         if channels_dim == 1:  # channels-last storage makes this view contiguous
             return linear_gelu(x.permute(0, 2, 3, 1), weight, bias, out_dtype=dtype,
                                backend=backend).permute(0, 3, 1, 2)
         return linear_gelu(x, weight, bias, out_dtype=dtype, backend=backend)
 
-    def _fc1_params(self, dtype: torch.dtype):
-        """fc1's weight and bias in ``dtype``: cast once and kept while the parameters are
-        unchanged (their storage and version), as autocast keeps a parameter's cast for its
-        region, instead of once a call (add_mlp calls the MLP once a slice of the batch; ViT-B's
-        fc1 weight is 14 MB of traffic to cast). In-place updates (optimizers, load_state_dict)
-        bump the version and are seen; a write through ``.data``, which bypasses it, is not."""
-        w, b = self.fc1.weight, self.fc1.bias
+    def _cast_params(self, name: str, dtype: torch.dtype):
+        """Layer ``name``'s (fc1's, fc2's) weight and bias in ``dtype``: cast once and kept while
+        the parameters are unchanged (their storage and version), as autocast keeps a
+        parameter's cast for its region, instead of once a call (add_mlp calls the MLP once a
+        slice of the batch; ViT-B's fc1 weight is 14 MB of traffic to cast). In-place updates
+        (optimizers, load_state_dict) bump the version and are seen; a write through ``.data``,
+        which bypasses it, is not."""
+        layer = getattr(self, name)
+        w, b = layer.weight, layer.bias
         if w.dtype == dtype and (b is None or b.dtype == dtype):
             return w, b
         if torch.compiler.is_compiling():
             return w.to(dtype), None if b is None else b.to(dtype)
         key = (dtype, w.device, w.data_ptr(), w._version,
                None if b is None else (b.data_ptr(), b._version))
-        cached = self.__dict__.get("_fc1_cast")
+        cached = self.__dict__.get(f"_{name}_cast")
         if cached is None or cached[0] != key:
             cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
-            self.__dict__["_fc1_cast"] = cached
+            self.__dict__[f"_{name}_cast"] = cached
         return cached[1], cached[2]
 
 
@@ -140,5 +202,8 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
     chunks = batch_slices(h.numel() * ratio * h.element_size())
     for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
-        sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
+        if isinstance(mlp, Mlp):
+            mlp.add_into(sc, hc, backend)  # (fc2 and the add in one pass where it can)
+        else:
+            sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
     return s

@@ -1,7 +1,8 @@
 """The encoders' MLP, GELU and second residual add (pyssm/models/mlp.py): the in-place GELU and
 the in-place, batch-sliced residual MLP where autograd records nothing give the values of the
-out-of-place ones, and leave training untouched; fc1 + GELU as pyssm.ops.linear_gelu in 16-bit
-inference where its kernel runs, and only there."""
+out-of-place ones, and leave training untouched; fc1 + GELU as pyssm.ops.linear_gelu and fc2 +
+the residual add as pyssm.ops.linear_residual_ in 16-bit inference where their kernels run, and
+only there."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pyssm.models.norms import LayerNorm
 from pyssm.models.vmamba import Linear2d
 from pyssm.ops import _triton
 from pyssm.ops.linear_gelu import linear_gelu
+from pyssm.ops.linear_residual import linear_residual_
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -172,6 +174,114 @@ def test_fc1_and_gelu_fused_under_cpu_autocast_and_through_add_mlp(monkeypatch):
         out = add_mlp(mlp, h, s.clone(), x, backend="triton")
     assert [dtype for dtype, _ in calls] == [torch.bfloat16]
     torch.testing.assert_close(out.double(), (s + mlp(h)).double(), rtol=0.03, atol=0.03)
+
+
+def _spy_residual(monkeypatch):
+    """The calls add_mlp's MLPs make to linear_residual_, as (x's dtype, the weight passed)."""
+    import pyssm.models.mlp as mlp_module
+    calls = []
+
+    def spy(s, x, weight, bias=None, **kwargs):
+        calls.append((x.dtype, weight))
+        return linear_residual_(s, x, weight, bias, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "linear_residual_", spy)
+    return calls
+
+
+@INTERPRETER
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_fc2_and_the_residual_add_fused_in_16_bit_inference(channel_first, monkeypatch):
+    """bf16 inference through add_mlp with the Triton ops asked for: each slice of the batch
+    (here 3, CHUNK_BYTES made small) adds fc2's output into the float32 sum in place as one
+    linear_residual_ pass; the values of s + mlp(h) within bf16's rounding of fc2's output;
+    channels-last (B, C, H, W) sums for VMamba's channel-first MLP."""
+    import pyssm.models.mlp as mlp_module
+    calls = _spy_residual(monkeypatch)
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17, Linear2d if channel_first else torch.nn.Linear).to(torch.bfloat16)
+    shape = (3, 6, 5, 7) if channel_first else (3, 5, 6)
+    fmt = torch.channels_last if channel_first else torch.contiguous_format
+    h, x = (torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=fmt)
+            for _ in range(2))
+    s = torch.randn(shape).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        want = s + mlp(h)  # fc2's bf16 output, then the promoted add
+        got = add_mlp(mlp, h, s.clone(), x, backend="triton")
+    assert [dtype for dtype, _ in calls] == [torch.bfloat16] * 3
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, want, rtol=0, atol=2 ** -7 * want.abs().max().item())
+
+
+@INTERPRETER
+def test_fc2_weight_cast_once_under_autocast(monkeypatch):
+    """float32 parameters under bf16 autocast: fc2's weight cast to bf16 once and kept (the same
+    tensor on every call) until the parameter changes."""
+    calls = _spy_residual(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    h, s, x = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = add_mlp(mlp, h, s.clone(), x, backend="triton")
+        add_mlp(mlp, h, s.clone(), x, backend="triton")
+        want = s + mlp(h, backend="triton")  # fc2's bf16 output, then the promoted add
+        mlp.fc2.weight.mul_(2)  # (as an optimizer step writes it)
+        doubled = add_mlp(mlp, h, s.clone(), x, backend="triton")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast's own cast
+        want_doubled = s + mlp(h, backend="triton")  # of fc2 is kept for its region)
+    weights = [w for _, w in calls]
+    assert [d for d, _ in calls] == [torch.bfloat16] * 3 and weights[0].dtype == torch.bfloat16
+    assert weights[0] is weights[1] and weights[2] is not weights[0]
+    assert torch.equal(weights[2], mlp.fc2.weight.to(torch.bfloat16))
+    for got, ref in ((out, want), (doubled, want_doubled)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=0, atol=2 ** -7 * ref.abs().max().item())
+    assert not torch.allclose(out, doubled)
+
+
+@INTERPRETER
+def test_fused_paths_step_aside_for_forward_hooks(monkeypatch):
+    """A forward hook on fc1 or fc2 sees its layer called (the fused op that would skip it is
+    not used), the other layer stays fused; the values are the same."""
+    fc1_calls, fc2_calls = _spy_fused(monkeypatch), _spy_residual(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32).to(torch.bfloat16)
+    h, x = torch.randn(2, 3, 8).bfloat16(), torch.randn(2, 3, 8).bfloat16()
+    s = torch.randn(2, 3, 8)
+    seen = []
+    with torch.no_grad():
+        fused = add_mlp(mlp, h, s.clone(), x, backend="triton")
+        assert len(fc1_calls) == len(fc2_calls) == 1
+        handle = mlp.fc2.register_forward_hook(lambda m, a, out: seen.append("fc2"))
+        torch.testing.assert_close(add_mlp(mlp, h, s.clone(), x, backend="triton"), fused,
+                                   rtol=0, atol=2 ** -7 * fused.abs().max().item())
+        assert (len(fc1_calls), len(fc2_calls), seen) == (2, 1, ["fc2"])
+        handle.remove()
+        mlp.fc1.register_forward_hook(lambda m, a, out: seen.append("fc1"))
+        add_mlp(mlp, h, s.clone(), x, backend="triton")
+        assert (len(fc1_calls), len(fc2_calls), seen) == (2, 2, ["fc2", "fc1"])
+
+
+def test_fc2_and_add_unfused_where_the_op_does_not_apply(monkeypatch):
+    """float32 products, the reference backend, the plain sum (recording autograd), or
+    PYSSM_LINEAR_RESIDUAL=0: fc2 and then the add (the op is never called)."""
+    calls = _spy_residual(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17)
+    h, s, x = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 6)
+    triton = "triton" if _triton.available() and _triton.interpreting() else None
+    with torch.no_grad():
+        add_mlp(mlp, h, s.clone(), x, backend=triton)  # float32, no autocast
+        mlp.bfloat16()
+        add_mlp(mlp, h.bfloat16(), s.clone(), x, backend="reference")
+    add_mlp(mlp, h.bfloat16(), s.clone(), x, backend=triton)  # recording: the plain sum
+    monkeypatch.setenv("PYSSM_LINEAR_RESIDUAL", "0")  # the device check's switch
+    with torch.no_grad():
+        out = add_mlp(mlp, h.bfloat16(), s.clone(), x, backend=triton)
+        want = s + mlp(h.bfloat16(), backend=triton)
+    assert calls == []
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
