@@ -20,7 +20,9 @@ kernels are stood in by the kernels' own traffic:
   - attention (flash): q, k, v read and the output written once; 4 N^2 d FLOPs a head;
   - the MLPs' fc1 + GELU (linear_gelu, Triton), where the models take it (16-bit inference,
     the kernel running): x and W read, the hidden layer written once (W's cast to bf16 is the
-    Mlp's own, traced); --unfused-mlp traces fc1 and then the GELU instead, as before that op,
+    Mlp's own, traced); and their fc2 + residual add (linear_residual_, Triton): the hidden
+    layer, W and the sum read, the sum written once; --unfused-mlp traces fc1, the GELU, fc2
+    and the add instead, as before those ops (--unfused-residual: fc2 and the add alone),
     and --unfused-stem VMamba's stem module by module (its first norm written in float32, the
     GELU, the next convolution's cast), as before layer_norm's GELU.
 
@@ -233,6 +235,14 @@ def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
     return y
 
 
+def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
+    N, K = weight.shape
+    params = nbytes(weight) + (nbytes(bias) if bias is not None else 0)  # (cast by the Mlp)
+    TRACE.add("linear_residual", "gemm", nbytes(x) + params + nbytes(s), nbytes(s),
+              2 * (x.numel() // K) * K * N)
+    return s
+
+
 def attention_stand_in(q, k, v, **kwargs):
     B, N, heads, d = q.shape
     with TRACE.untraced():
@@ -243,15 +253,21 @@ def attention_stand_in(q, k, v, **kwargs):
 
 
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
-                    fused_stem: bool = True, **overrides) -> list[Kernel]:
+                    fused_stem: bool = True, fused_residual: bool = True,
+                    **overrides) -> list[Kernel]:
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
-    ``fused_mlp``: fc1 + GELU as linear_gelu (else fc1, then the GELU); ``fused_stem``:
+    ``fused_mlp``: fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual_
+    (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone);
+    ``fused_stem``:
     VMamba's stem norm + GELU as one layer_norm pass (else its modules one by one)."""
     global TRACE
     stand_ins = [] if fused_stem else [
         (vmamba_module.PatchEmbed2, "forward", torch.nn.Sequential.forward)]
     stand_ins += [(mlp_module, "linear_gelu", linear_gelu_stand_in),
                  (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: fused_mlp),
+                 (mlp_module, "linear_residual_", linear_residual_stand_in),
+                 (mlp_module, "linear_residual_uses_triton",
+                  lambda *a, **k: fused_mlp and fused_residual),
                  (vmamba_module, "ss2d", ss2d_stand_in),
                  (vmamba_module, "depthwise_conv2d", conv_silu_stand_in),
                  (vmamba_module, "uses_triton", lambda *a, **k: True),
@@ -294,14 +310,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="default: the benchmark's, 128 x (224 / img-size)^2")
     parser.add_argument("--unfused-mlp", action="store_true",
-                        help="fc1 and then the GELU (without pyssm's linear_gelu)")
+                        help="fc1, the GELU, fc2 and the residual add (without pyssm's "
+                             "linear_gelu and linear_residual_)")
+    parser.add_argument("--unfused-residual", action="store_true",
+                        help="fc2 and then the residual add (without linear_residual_)")
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
     args = parser.parse_args(argv)
     batch = args.batch or max(1, round(128 * (224 / args.img_size) ** 2))
     kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
-                              not args.unfused_stem)
-    mlp = "fc1 then GELU" if args.unfused_mlp else "fc1 + GELU fused"
+                              not args.unfused_stem, not args.unfused_residual)
+    mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
+           if args.unfused_residual else "fc1 + GELU and fc2 + add fused")
     stem = "; stem norm then GELU" if args.unfused_stem else ""
     print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference ({mlp}{stem}), "
           f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")

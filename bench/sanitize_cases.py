@@ -112,6 +112,9 @@ def layer_norm_cases():
                               return_residual=True, backend="triton")
         return y.float() + s
     yield "(37, 130) bf16 + fp32 residual", fused
+    yield "(37, 48) bf16, GELU (VMamba's stem)", lambda: ops.layer_norm(
+        rand(37, 48, dtype=torch.bfloat16), rand(48), rand(48), out_dtype=torch.bfloat16,
+        activation="gelu", backend="triton")
 
 
 def depthwise_conv2d_cases():
@@ -126,11 +129,21 @@ def linear_gelu_cases():
                                 backend="triton")
 
 
+def linear_residual_cases():
+    def fused():
+        s = rand(3, 67, 130)
+        with torch.no_grad():
+            return ops.linear_residual_(s, rand(3, 67, 96, dtype=torch.bfloat16), rand(130, 96),
+                                        rand(130), backend="triton")
+    yield "(3, 67, 96) bf16 -> 130 into a float32 sum (partial row and N tiles)", fused
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
-         "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases}
-TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu")
+         "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases,
+         "linear_residual": linear_residual_cases}
+TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual")
 
 
 def _runs(op: str) -> bool:

@@ -1,13 +1,15 @@
-"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu) once, on the GPU, before
-the rest of the device check: they have run only in Triton's interpreter, and the encoder
-benchmarks take them through the models' norms, VMamba's convolutions and the MLPs' fc1.
-bench/device_check.sh runs this under a short limit and, where it fails, turns off for the later
-steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops) or linear_gelu alone
-(PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), so a Triton compile error or fault
+"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_) once, on
+the GPU, before the rest of the device check: they have run only in Triton's interpreter, and
+the encoder benchmarks take them through the models' norms, VMamba's convolutions and the MLPs'
+fc1 and fc2. bench/device_check.sh runs this under a short limit and, where it fails, turns off
+for the later steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops),
+linear_gelu (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU) or linear_residual_
+(PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add), so a Triton compile error or fault
 costs one short step, not the encoder benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
-                                  # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu)
+                                  # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),
+                                  # 4 (linear_residual_)
     PYSSM_TRITON_SMOKE_DEVICE=cpu TRITON_INTERPRET=1 python bench/triton_smoke.py  # a dry run
 """
 
@@ -22,6 +24,7 @@ from pyssm.ops import layer_norm_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
 from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
 from pyssm.ops.linear_gelu import linear_gelu
+from pyssm.ops.linear_residual import linear_residual_
 
 
 def _relative(pairs) -> float:
@@ -110,6 +113,25 @@ def _linear_gelu(device) -> float:
     return worst
 
 
+def _linear_residual(device) -> float:
+    worst = 0.0
+    for rows, k, n in ((4099, 384, 96), (300, 3072, 768)):  # VMamba-T s1's fc2, ViT-B's
+        h = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device) / k ** 0.5
+        b = 0.1 * torch.randn(n, device=device)
+        s = torch.randn(rows, n, device=device)
+        s64 = s.double() + torch.nn.functional.linear(
+            h.double(), w.to(torch.bfloat16).double(), b.to(torch.bfloat16).double())
+        with torch.no_grad():
+            linear_residual_(s, h, w, b, backend="triton")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        err = _relative([(s, s64)])
+        worst = max(worst, err)
+        print(f"linear_residual_ ({rows}, {k}) -> {n}: max relative error {err:.2e}", flush=True)
+    return worst
+
+
 def main() -> int:
     device = os.environ.get("PYSSM_TRITON_SMOKE_DEVICE", "cuda")
     if (device == "cuda" and not torch.cuda.is_available()) or not layer_norm_triton.available():
@@ -118,9 +140,12 @@ def main() -> int:
     torch.manual_seed(0)
     worst = _run(_norm_and_conv, device)
     worst_fc1 = _run(_linear_gelu, device)
-    status = int(not worst < BOUND) + 2 * int(not worst_fc1 < BOUND)  # (NaN fails too)
+    worst_fc2 = _run(_linear_residual, device)
+    status = (int(not worst < BOUND) + 2 * int(not worst_fc1 < BOUND)  # (NaN fails too)
+              + 4 * int(not worst_fc2 < BOUND))
     print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
-          f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, bound {BOUND:.0e})")
+          f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, linear_residual_ worst "
+          f"{worst_fc2:.2e}, bound {BOUND:.0e})")
     return status
 
 

@@ -66,12 +66,14 @@ def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
     assert ss2d_smoke.main() == status
 
 
-@pytest.mark.parametrize("norm_conv,fc1,status", [
-    (1e-3, 1e-3, 0), (0.5, 1e-3, 1), (1e-3, float("nan"), 2), (1e-3, None, 2), (None, None, 3)])
-def test_triton_smoke_reports_what_is_wrong(monkeypatch, capsys, norm_conv, fc1, status):
+@pytest.mark.parametrize("norm_conv,fc1,fc2,status", [
+    (1e-3, 1e-3, 1e-3, 0), (0.5, 1e-3, 1e-3, 1), (1e-3, float("nan"), 1e-3, 2),
+    (1e-3, None, 1e-3, 2), (1e-3, 1e-3, 0.5, 4), (None, None, None, 7)])
+def test_triton_smoke_reports_what_is_wrong(monkeypatch, capsys, norm_conv, fc1, fc2, status):
     """The exit status says which part failed (a part's worst error over the bound, NaN, or
-    an exception: None here): 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 3 both; each
-    part stubbed (the real ones take ~50 s in Triton's interpreter)."""
+    an exception: None here): 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 4
+    linear_residual_, summed; each part stubbed (the real ones take ~50 s in Triton's
+    interpreter)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import triton_smoke
@@ -90,6 +92,7 @@ def test_triton_smoke_reports_what_is_wrong(monkeypatch, capsys, norm_conv, fc1,
     monkeypatch.setenv("PYSSM_TRITON_SMOKE_DEVICE", "cpu")
     monkeypatch.setattr(triton_smoke, "_norm_and_conv", part(norm_conv))
     monkeypatch.setattr(triton_smoke, "_linear_gelu", part(fc1))
+    monkeypatch.setattr(triton_smoke, "_linear_residual", part(fc2))
     assert triton_smoke.main() == status
     assert ("triton smoke: ok" in capsys.readouterr().out) == (status == 0)
 

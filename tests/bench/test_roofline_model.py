@@ -56,22 +56,32 @@ def test_a_matrix_product_bound_by_flops():
 def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
     real = (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
             rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
-            rm.mlp_module.linear_gelu_uses_triton)
+            rm.mlp_module.linear_gelu_uses_triton, rm.mlp_module.linear_residual_,
+            rm.mlp_module.linear_residual_uses_triton)
     kernels = rm.trace_inference(encoder, 64, 3, **overrides)
     unfused = rm.trace_inference(encoder, 64, 3, fused_mlp=False, **overrides)
     assert (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
             rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
-            rm.mlp_module.linear_gelu_uses_triton) == real
+            rm.mlp_module.linear_gelu_uses_triton, rm.mlp_module.linear_residual_,
+            rm.mlp_module.linear_residual_uses_triton) == real
+    residual = rm.trace_inference(encoder, 64, 3, fused_residual=False, **overrides)
     ops, ops_unfused = {k.op for k in kernels}, {k.op for k in unfused}
-    # the MLP's residual add in place, as an inference on the GPU runs it; fc1 + GELU as
-    # linear_gelu, or fc1 and then the GELU in place
-    assert {"linear_gelu", "aten.add_", "layer_norm"} <= ops and "aten.gelu" not in ops
-    assert {"aten.gelu_", "aten.add_"} <= ops_unfused and "linear_gelu" not in ops_unfused
-    assert (rm.summarize(kernels)["total"]["mb"] < rm.summarize(unfused)["total"]["mb"])
-    fc1 = [k for k in kernels if k.op == "linear_gelu"]
-    assert sum(k.flops for k in fc1) == sum(
-        k.flops for k in unfused if k.kind == "gemm") - sum(
-        k.flops for k in kernels if k.kind == "gemm" and k.op != "linear_gelu")
+    # fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual; or fc1, the GELU
+    # in place, fc2 and the residual add in place, as an inference on the GPU runs them
+    assert {"linear_gelu", "linear_residual", "layer_norm"} <= ops
+    assert not {"aten.gelu", "aten.gelu_", "aten.add_"} & ops
+    assert {"aten.gelu_", "aten.add_"} <= ops_unfused
+    assert not {"linear_gelu", "linear_residual"} & ops_unfused
+    assert {"linear_gelu", "aten.add_"} <= {k.op for k in residual}
+    mb = [rm.summarize(t)["total"]["mb"] for t in (kernels, residual, unfused)]
+    assert mb[0] < mb[1] < mb[2]
+    # the same matrix products either way; fc2 + add: the sum read and written, 8 B an element
+    # of the width, instead of fc2's 2-byte output written, then read with the sum and the sum
+    # written (12 B)
+    assert len({sum(k.flops for k in t if k.kind == "gemm") for t in (kernels, residual,
+                                                                     unfused)}) == 1
+    adds = [k for k in residual if k.op == "aten.add_"]
+    assert adds and mb[1] - mb[0] == pytest.approx(sum(k.written for k in adds) / 1e6)
     if encoder.startswith("vmamba"):
         assert {"ss2d.x_proj", "ss2d.zero_y", "ss2d.scan", "depthwise_conv2d+silu"} <= ops
         # the stem's norm + GELU: one pass reading the conv's bf16 output and writing bf16 (3

@@ -343,3 +343,29 @@ def test_fc1_weight_cast_once_while_unchanged(monkeypatch):
     assert seen[2] is not seen[0]
     assert torch.equal(seen[2], mlp.fc1.weight.to(torch.bfloat16))
     assert not torch.equal(first, again)
+
+
+@INTERPRETER
+@pytest.mark.parametrize("name,size", [("vmamba_tiny_s1l8", 64), ("vit_tiny_patch16", 48)])
+def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, monkeypatch):
+    """A whole encoder in bf16-autocast inference with every MLP's backend set to Triton (its
+    interpreter here; on a GPU set_backend("cuda") sets it): every MLP runs fc1 + GELU as
+    linear_gelu and fc2 + the add as linear_residual_, and the logits are those of torch's ops
+    within bf16 rounding."""
+    from pyssm.models import create_encoder
+    fc1_calls, fc2_calls = _spy_fused(monkeypatch), _spy_residual(monkeypatch)
+    torch.manual_seed(0)
+    small = dict(depths=(1, 2, 1, 1), dims=16) if name.startswith("vmamba") else dict(depth=2)
+    model = create_encoder(name, img_size=size, num_classes=10, **small).eval()
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for m in mlps:
+            m.backend = "reference"
+        want = model(x).float()
+        assert fc1_calls == [] and fc2_calls == []
+        for m in mlps:
+            m.backend = "triton"
+        got = model(x).float()
+    assert len(fc1_calls) == len(fc2_calls) == len(mlps) > 0
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
