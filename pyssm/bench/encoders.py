@@ -47,6 +47,9 @@ NOTES = [
     f"anchor {ANCHOR_LABEL}: official VMamba (VMamba rows) and timm (ViT rows); "
     "vs anchor = measured img/s / anchor img/s.",
     "step = one training step: forward, mean of the logits, backward into every parameter.",
+    "pyssm-mlp-unfused (GPU, inference): the pyssm model with its MLPs' fc1 and GELU, and fc2 "
+    "and the residual add, as separate kernels (PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0): "
+    "what the fused Triton passes gain or lose, in the same run.",
 ]
 
 
@@ -109,6 +112,10 @@ def providers_for(name: str, res: int, device: torch.device) -> dict[str, list[h
     status = "ok" if built else f"not built ({KERNEL[family]} has no {kernel} kernel yet)"
     out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
            "step": [harness.Provider("pyssm", step if built else None, status)]}
+    if device.type == "cuda":  # the same model, its MLPs' fused fc1 + GELU and fc2 + add off
+        out["forward"].append(harness.Provider(
+            "pyssm-mlp-unfused", infer if built else None, status,
+            env={"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0"}))
     if family == "vit":
         try:
             import timm
