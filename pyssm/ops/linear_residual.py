@@ -45,6 +45,12 @@ def check_linear_residual(s, x, weight, bias) -> None:
     want = (*x.shape[:-1], weight.shape[0])
     _checks.shape(s, want, "s", "(..., N): x's leading dimensions and N = weight.shape[0]")
     _checks.same_device(s, x, "s", "x")
+    eager = not torch.compiler.is_compiling() and s.device.type != "meta"
+    for t, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+        if eager and t is not None and s.numel() and t.numel() and (
+                s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()):
+            raise ValueError(f"s must not share memory with {name} (s is written while {name} "
+                             f"is read)")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (s, x, weight, bias)):
         raise RuntimeError(

@@ -136,6 +136,9 @@ def test_bad_arguments(backend):
             linear_residual_(s.long(), x, w, backend=backend)
         with pytest.raises(ValueError, match="backend must be one of"):
             linear_residual_(s, x, w, backend="cuda")
+        both = torch.randn(2, 5, 10)  # s and x in one buffer: written while read
+        with pytest.raises(ValueError, match="s must not share memory with x"):
+            linear_residual_(both[..., :6], both[..., 6:], w, backend=backend)
     with pytest.raises(RuntimeError, match="linear_residual_ is an inference op"):
         linear_residual_(s, x, w.requires_grad_(), backend=backend)
 
