@@ -12,10 +12,19 @@ stand-ins that allocate what the CUDA path allocates and compute nothing useful:
 Everything else (norms on their reference path, GEMMs, the modules' own code) runs as it is, so
 the trace counts what the model code keeps alive. Peak = torch.profiler's allocation records
 summed in order (pyssm.bench.harness.cpu_peak_mb), above what is live before the step, over the
-batch, in float32 (CPU autocast differs from CUDA's in what its norms return).
+batch, in float32.
+
+--bf16: the GPU's bf16-autocast inference instead, under CPU autocast (whose matrix products
+and convolutions return bf16 as CUDA's do) with CUDA autocast's choices where the two differ
+stood in: pyssm's norms return what they return under CUDA autocast (bf16 before a matrix
+product, float32 elsewhere), and the Triton ops the GPU runs in 16-bit inference allocate only
+their outputs: layer_norm (y, and the sum where returned), linear_gelu (the hidden layer) and
+linear_residual_ (nothing: it adds into the sum). Comparable with ANCHORS.md's official peaks
+(17 / 88 / 354 MB an image at 224 / 512 / 1024 px for VMamba-T), which the issue's target
+divides by four.
 
     python bench/memory_model.py [--encoder vmamba_tiny_s1l8] [--img-size 224] [--batch 8]
-                                 [--as-batch 128]
+                                 [--as-batch 128] [--bf16]
 
 --as-batch: make the inference's batch slicing (pyssm.models.mlp.CHUNK_BYTES) decide as it
 would for that batch size, so a small traced batch stands for the benchmark's.
@@ -24,12 +33,15 @@ would for that batch size, so a small traced batch stands for the benchmark's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import pyssm.models.mlp as mlp_module
+import pyssm.models.norms as norms_module
 import pyssm.models.vit as vit_module
 import pyssm.models.vmamba as vmamba_module
 from pyssm.bench.harness import cpu_peak_mb
@@ -56,30 +68,56 @@ def attention_stand_in(q, k, v, **kwargs):
     return torch.empty_like(q)
 
 
+def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
+                        return_residual=False, activation=None, backend=None):
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype or s_dtype)
+    return (y, torch.empty(x.shape, dtype=s_dtype)) if return_residual else y
+
+
+def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype or x.dtype)
+
+
+def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
+    return s
+
+
+def _cuda_out_dtype(x, for_matmul):
+    """pyssm.models.norms._out_dtype as it decides under CUDA bf16 autocast."""
+    return None if x.dtype == torch.float64 else (torch.bfloat16 if for_matmul else torch.float32)
+
+
 def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | None = None,
-                      **overrides) -> float:
-    saved = (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
-             vit_module.attention, mlp_module.CHUNK_BYTES)
-    try:
-        vmamba_module.ss2d = ss2d_stand_in
-        vmamba_module.depthwise_conv2d = conv_silu_stand_in
-        vmamba_module.uses_triton = lambda *a, **k: True
-        vit_module.attention = attention_stand_in
-        if as_batch:
-            mlp_module.CHUNK_BYTES = mlp_module.CHUNK_BYTES * batch // as_batch
+                      bf16: bool = False, **overrides) -> float:
+    """Inference's peak MB an image (module docstring); ``bf16``: under emulated CUDA bf16
+    autocast, else in float32."""
+    stand_ins = [(vmamba_module, "ss2d", ss2d_stand_in),
+                 (vmamba_module, "depthwise_conv2d", conv_silu_stand_in),
+                 (vmamba_module, "uses_triton", lambda *a, **k: True),
+                 (vit_module, "attention", attention_stand_in)]
+    if as_batch:
+        stand_ins.append((mlp_module, "CHUNK_BYTES", mlp_module.CHUNK_BYTES * batch // as_batch))
+    if bf16:
+        stand_ins += [(norms_module, "layer_norm", layer_norm_stand_in),
+                      (norms_module, "_out_dtype", _cuda_out_dtype),
+                      (mlp_module, "linear_gelu", linear_gelu_stand_in),
+                      (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: True),
+                      (mlp_module, "linear_residual_", linear_residual_stand_in),
+                      (mlp_module, "linear_residual_uses_triton", lambda *a, **k: True)]
+    with contextlib.ExitStack() as stack:
+        for module, name, value in stand_ins:  # (put back on the way out)
+            stack.enter_context(mock.patch.object(module, name, value))
         torch.manual_seed(0)
         model = create_encoder(encoder, img_size=img_size, **overrides).eval()
         images = torch.randn(batch, 3, img_size, img_size)
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 return model(images)
 
         step()
         return cpu_peak_mb(step) / batch
-    finally:
-        (vmamba_module.ss2d, vmamba_module.depthwise_conv2d, vmamba_module.uses_triton,
-         vit_module.attention, mlp_module.CHUNK_BYTES) = saved
 
 
 def main(argv=None) -> int:
@@ -88,11 +126,13 @@ def main(argv=None) -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--as-batch", type=int, default=128)
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast as on the GPU (CUDA autocast's choices stood in)")
     args = parser.parse_args(argv)
-    mb = peak_mb_per_image(args.encoder, args.img_size, args.batch, args.as_batch)
+    mb = peak_mb_per_image(args.encoder, args.img_size, args.batch, args.as_batch, args.bf16)
     print(f"{args.encoder} {args.img_size} px, batch {args.batch} (slicing as for "
-          f"{args.as_batch}), float32, the CUDA ops' allocations stood in: "
-          f"peak {mb:.2f} MB an image")
+          f"{args.as_batch}), {'bf16 autocast' if args.bf16 else 'float32'}, the CUDA ops' "
+          f"allocations stood in: peak {mb:.2f} MB an image")
     return 0
 
 

@@ -25,7 +25,7 @@ from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.linear_residual import uses_triton as linear_residual_uses_triton
 
 
-def _hooked(*modules: nn.Module) -> bool:
+def hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook would see a call of any of ``modules`` (their own or a global
     one): the fused paths, which do not call them, then step aside."""
     from torch.nn.modules import module as torch_module
@@ -73,7 +73,7 @@ class Mlp(nn.Module):
         not written and read again (the same values); PYSSM_LINEAR_RESIDUAL=0 (the device
         check's switch after a failed Triton smoke) keeps fc2 and then the add."""
         backend = backend or self.backend
-        if _hooked(self):  # (its hooks see the call and its output)
+        if hooked(self):  # (its hooks see the call and its output)
             s.add_(self(x, backend=backend))
             return
         hidden = self._fc1_gelu(x, backend)
@@ -103,7 +103,7 @@ class Mlp(nn.Module):
     def _fc2_into(self, s: torch.Tensor, hidden: torch.Tensor, backend: str | None) -> bool:
         """s += fc2(hidden) by linear_residual_'s Triton kernel; False where it does not apply
         (nothing done)."""
-        if os.environ.get("PYSSM_LINEAR_RESIDUAL", "") == "0" or _hooked(self.fc2):
+        if os.environ.get("PYSSM_LINEAR_RESIDUAL", "") == "0" or hooked(self.fc2):
             return False
         fc2 = self.fc2
         channels_dim, dtype = self._channels_dim(fc2, hidden), self._low_dtype(hidden)
@@ -124,7 +124,7 @@ class Mlp(nn.Module):
         fc1 = self.fc1
         channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
         if (self.act.approximate != "none" or channels_dim is None or dtype is None
-                or _hooked(fc1, self.act)):
+                or hooked(fc1, self.act)):
             return None
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in fc1.parameters())):

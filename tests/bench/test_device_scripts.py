@@ -104,17 +104,26 @@ def test_device_shell_scripts_parse(script):
 
 
 def test_memory_model_runs_and_puts_the_ops_back():
-    """bench/memory_model.py on a tiny VMamba and ViT: a positive peak, and the ops it stands in
-    for are the real ones again afterwards."""
+    """bench/memory_model.py on a tiny VMamba and ViT, in float32 and under emulated bf16
+    autocast: a positive peak, smaller in bf16, and the ops it stands in for are the real ones
+    again afterwards."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import memory_model
     finally:
         sys.path.pop(0)
-    real = (memory_model.vmamba_module.ss2d, memory_model.vit_module.attention,
-            memory_model.mlp_module.CHUNK_BYTES)
-    assert memory_model.peak_mb_per_image("vmamba_tiny_s1l8", 64, 2, 16,
-                                          depths=(1, 1, 1, 1), dims=16) > 0
-    assert memory_model.peak_mb_per_image("vit_small_patch16", 64, 2, depth=1) > 0
-    assert (memory_model.vmamba_module.ss2d, memory_model.vit_module.attention,
-            memory_model.mlp_module.CHUNK_BYTES) == real
+    mm = memory_model
+
+    def current():
+        return (mm.vmamba_module.ss2d, mm.vit_module.attention, mm.mlp_module.CHUNK_BYTES,
+                mm.norms_module.layer_norm, mm.norms_module._out_dtype,
+                mm.mlp_module.linear_gelu, mm.mlp_module.linear_residual_)
+
+    real = current()
+    small = dict(depths=(1, 1, 1, 1), dims=16)
+    fp32 = mm.peak_mb_per_image("vmamba_tiny_s1l8", 64, 2, 16, **small)
+    bf16 = mm.peak_mb_per_image("vmamba_tiny_s1l8", 64, 2, 16, bf16=True, **small)
+    assert 0 < bf16 < fp32
+    assert mm.peak_mb_per_image("vit_small_patch16", 64, 2, depth=1) > 0
+    assert mm.peak_mb_per_image("vit_small_patch16", 64, 2, bf16=True, depth=1) > 0
+    assert current() == real

@@ -305,6 +305,27 @@ def test_images_are_made_channels_last_and_cast_in_one_copy(norm, monkeypatch):
     assert torch.equal(one_copy, two_copies)
 
 
+def test_a_stage_frees_each_block_input_as_the_next_block_runs():
+    """Stage 2's input (stage 1's downsampled output) is gone by the time stage 2's second
+    block runs (nn.Sequential's forward would keep it alive through the whole stage); a
+    forward hook on a stage's blocks still sees them called as one module."""
+    import weakref
+    model = create_encoder("vmamba_tiny_s1l8", **SMALL).eval()
+    seen = {}
+    model.layers[0].downsample.register_forward_hook(
+        lambda m, args, out: seen.__setitem__("input", weakref.ref(out)))
+    model.layers[1].blocks[1].register_forward_pre_hook(
+        lambda m, args: seen.__setitem__("alive", seen["input"]() is not None))
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        want = model(x)
+        assert seen["alive"] is False
+        calls = []
+        model.layers[1].blocks.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert calls == [(2, 32, 8, 6)]
+
+
 @pytest.mark.parametrize("name,norm", [("vmamba_tiny_s1l8", "ln2d"), ("vmamba_tiny_s1l8", "ln")])
 def test_inference_in_slices_of_the_batch_gives_the_same_logits(name, norm, monkeypatch):
     """The MLPs run in up to 4 slices of the batch where their hidden layers are large
