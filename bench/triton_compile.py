@@ -63,45 +63,36 @@ def _usage(cubin: bytes) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _layer_norm(n: int, x: str, s: str, y: str, gelu: bool):
+    """layer_norm's forward and backward variants at width n: x, the residual and sum s, y;
+    with a residual (summed and stored) or, with ``gelu``, without one and with the GELU."""
+    label = f"{x}->{y}" if gelu else f"{x}+{s}->{y}"
+    name = "layer_norm+gelu" if gelu else "layer_norm"
+    block_m, block_n, warps = K._tiles(n)
+    fwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}", "S": f"*{s}",
+           "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32", "sx": "i32", "sr": "i32",
+           "sy": "i32", "ss": "i32", "eps": "fp32"}
+    flags = {"HAS_R": not gelu, "HAS_W": True, "HAS_B": True, "STORE_S": not gelu, "GELU": gelu,
+             "BLOCK_M": block_m, "BLOCK_N": block_n, "BY_BITS": False}
+    yield f"{name} forward", n, label, K._fwd, fwd, flags, warps
+    block_m, block_n, warps = K._tiles(n, gelu_backward=gelu)
+    bwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "DY": f"*{y}", "DS": f"*{s}",
+           "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}", "DR": f"*{s}", "DW": "*fp32",
+           "DB": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
+           **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
+    flags = {"HAS_R": not gelu, "HAS_W": True, "HAS_B": gelu, "HAS_DS": not gelu,
+             "STORE_DR": not gelu and x != s, "GELU": gelu, "BLOCK_M": block_m,
+             "BLOCK_N": block_n, "BY_BITS": False}
+    yield f"{name} backward", n, label, K._bwd, bwd, flags, warps
+
+
 def variants():
     for n in WIDTHS:
-        block_m, block_n, warps = K._tiles(n)
         for x, s, y in DTYPES:
-            tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BY_BITS": False}
-            fwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}",
-                   "S": f"*{s}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
-                   "sx": "i32", "sr": "i32", "sy": "i32", "ss": "i32", "eps": "fp32"}
-            flags = {"HAS_R": True, "HAS_W": True, "HAS_B": True, "STORE_S": True,
-                     "GELU": False, **tiles}
-            yield "layer_norm forward", n, f"{x}+{s}->{y}", K._fwd, fwd, flags, warps
-            bwd = {"X": f"*{x}", "R": f"*{s}", "W": "*fp32", "B": "*fp32", "DY": f"*{y}",
-                   "DS": f"*{s}",
-                   "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}", "DR": f"*{s}", "DW": "*fp32",
-                   "DB": "*fp32", "M": "i32", "N": "i32", "rows_per_program": "i32",
-                   **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
-            flags = {"HAS_R": True, "HAS_W": True, "HAS_B": False, "HAS_DS": True,
-                     "STORE_DR": x != s, "GELU": False, **tiles}
-            yield "layer_norm backward", n, f"{x}+{s}->{y}", K._bwd, bwd, flags, warps
+            yield from _layer_norm(n, x, s, y, gelu=False)
     for n in STEM_WIDTHS:  # no residual, the GELU on the affine output
-        block_m, block_n, warps = K._tiles(n)
-        for x, y in (("bf16", "bf16"), ("fp32", "fp32")):
-            tiles = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BY_BITS": False}
-            fwd = {"X": f"*{x}", "R": f"*{x}", "W": "*fp32", "B": "*fp32", "Y": f"*{y}",
-                   "S": f"*{x}", "MEAN": "*fp32", "RSTD": "*fp32", "M": "i32", "N": "i32",
-                   "sx": "i32", "sr": "i32", "sy": "i32", "ss": "i32", "eps": "fp32"}
-            flags = {"HAS_R": False, "HAS_W": True, "HAS_B": True, "STORE_S": False,
-                     "GELU": True, **tiles}
-            yield "layer_norm+gelu forward", n, f"{x}->{y}", K._fwd, fwd, flags, warps
-            bm, bn, bwarps = K._tiles(n, gelu_backward=True)
-            bwd = {"X": f"*{x}", "R": f"*{x}", "W": "*fp32", "B": "*fp32", "DY": f"*{y}",
-                   "DS": f"*{x}", "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{x}",
-                   "DR": f"*{x}", "DW": "*fp32", "DB": "*fp32", "M": "i32", "N": "i32",
-                   "rows_per_program": "i32",
-                   **{k: "i32" for k in ("sx", "sr", "sdy", "sds", "sdx", "sdr")}}
-            flags = {"HAS_R": False, "HAS_W": True, "HAS_B": True, "HAS_DS": False,
-                     "STORE_DR": False, "GELU": True, "BLOCK_M": bm, "BLOCK_N": bn,
-                     "BY_BITS": False}
-            yield "layer_norm+gelu backward", n, f"{x}->{y}", K._bwd, bwd, flags, bwarps
+        for x in ("bf16", "fp32"):
+            yield from _layer_norm(n, x, x, x, gelu=True)
     for c in CHANNELS:
         for x in ("bf16", "fp32"):
             block_p, block_c, warps = DW._tiles(c, 4)

@@ -46,6 +46,23 @@ def _run(part, device) -> float:
         return float("inf")
 
 
+def _check(label: str, device, got, want, leaves=()) -> float:
+    """The worst relative error of the outputs ``got`` against their float64 ``want`` and, where
+    ``leaves`` are given, of the gradients to them of both under one random cotangent each
+    (``want`` computed from float64 copies of ``leaves``); printed under ``label``."""
+    pairs = list(zip(got, want))
+    if leaves:
+        cots = [torch.randn_like(w) for w in want]
+        pairs += zip(
+            torch.autograd.grad(sum((g.double() * c).sum() for g, c in zip(got, cots)), leaves),
+            torch.autograd.grad(sum((w * c).sum() for w, c in zip(want, cots)), leaves))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    err = _relative(pairs)
+    print(f"{label}: max relative error {err:.2e}", flush=True)
+    return err
+
+
 def _norm_and_conv(device) -> float:
     worst = 0.0
     for rows, width in ((4099, 96), (257, 768), (33, 1000)):
@@ -53,82 +70,57 @@ def _norm_and_conv(device) -> float:
         r = torch.randn(rows, width, device=device, requires_grad=True)
         w = (1 + 0.1 * torch.randn(width, device=device)).requires_grad_()
         b = (0.1 * torch.randn(width, device=device)).requires_grad_()
-        kw = dict(residual=r, out_dtype=torch.bfloat16, return_residual=True)
-        y, s = layer_norm(x, w, b, 1e-6, backend="triton", **kw)
-        y64, s64 = layer_norm_reference(*(t.double() for t in (x, w, b)), 1e-6, residual=r.double(),
-                                        return_residual=True)
-        gy, gs = torch.randn_like(y64), torch.randn_like(s64)
-        got = torch.autograd.grad((y.double() * gy).sum() + (s.double() * gs).sum(), (x, r, w, b))
-        want = torch.autograd.grad((y64 * gy).sum() + (s64 * gs).sum(), (x, r, w, b))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        err = _relative([(y, y64), (s, s64), *zip(got, want)])
-        worst = max(worst, err)
-        print(f"layer_norm ({rows}, {width}): max relative error {err:.2e}", flush=True)
+        got = layer_norm(x, w, b, 1e-6, residual=r, out_dtype=torch.bfloat16,
+                         return_residual=True, backend="triton")
+        want = layer_norm_reference(*(t.double() for t in (x, w, b)), 1e-6, residual=r.double(),
+                                    return_residual=True)
+        worst = max(worst, _check(f"layer_norm ({rows}, {width})", device, got, want,
+                                  (x, r, w, b)))
     # VMamba's stem: the norm and GELU in one pass, bf16 in and out, no residual
     x = torch.randn(2053, 48, device=device, dtype=torch.bfloat16, requires_grad=True)
     w = (1 + 0.1 * torch.randn(48, device=device)).requires_grad_()
     b = (0.1 * torch.randn(48, device=device)).requires_grad_()
     y = layer_norm(x, w, b, 1e-6, out_dtype=torch.bfloat16, activation="gelu", backend="triton")
     y64 = layer_norm_reference(*(t.double() for t in (x, w, b)), 1e-6, activation="gelu")
-    gy = torch.randn_like(y64)
-    got = torch.autograd.grad((y.double() * gy).sum(), (x, w, b))
-    want = torch.autograd.grad((y64 * gy).sum(), (x, w, b))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    err = _relative([(y, y64), *zip(got, want)])
-    worst = max(worst, err)
-    print(f"layer_norm + gelu (2053, 48): max relative error {err:.2e}", flush=True)
+    worst = max(worst, _check("layer_norm + gelu (2053, 48)", device, [y], [y64], (x, w, b)))
     for shape in ((2, 17, 13, 96), (1, 9, 30, 192)):
         x = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
         w = (torch.randn(shape[-1], 1, 3, 3, device=device) / 3).requires_grad_()
         b = (0.1 * torch.randn(shape[-1], device=device)).requires_grad_()
         y = depthwise_conv2d(x, w, b, activation="silu", backend="triton")
         y64 = depthwise_conv2d_reference(x.double(), w.double(), b.double(), activation="silu")
-        gy = torch.randn_like(y64)
-        got = torch.autograd.grad((y.double() * gy).sum(), (x, w, b))
-        want = torch.autograd.grad((y64 * gy).sum(), (x, w, b))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        err = _relative([(y, y64), *zip(got, want)])
-        worst = max(worst, err)
-        print(f"depthwise_conv2d {shape}: max relative error {err:.2e}", flush=True)
+        worst = max(worst, _check(f"depthwise_conv2d {shape}", device, [y], [y64], (x, w, b)))
     return worst
 
 
-def _linear_gelu(device) -> float:
-    worst = 0.0
-    for rows, k, n in ((4099, 96, 384), (300, 768, 3072)):  # VMamba-T s1's fc1, ViT-B's
+def _linear_products(device, shapes):
+    """(label, x, w, b, the float64 product of x and the bf16-rounded w, b) for (rows, k, n)."""
+    for rows, k, n in shapes:
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device) / k ** 0.5
         b = 0.1 * torch.randn(n, device=device)
-        y = linear_gelu(x, w, b, backend="triton")  # (inference: the encoders take no backward)
-        y64 = torch.nn.functional.gelu(torch.nn.functional.linear(
-            x.double(), w.to(torch.bfloat16).double(), b.to(torch.bfloat16).double()))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        err = _relative([(y, y64)])
-        worst = max(worst, err)
-        print(f"linear_gelu ({rows}, {k}) -> {n}: max relative error {err:.2e}", flush=True)
+        a64 = torch.nn.functional.linear(x.double(), w.to(torch.bfloat16).double(),
+                                         b.to(torch.bfloat16).double())
+        yield f"({rows}, {k}) -> {n}", x, w, b, a64
+
+
+def _linear_gelu(device) -> float:
+    worst = 0.0  # VMamba-T s1's fc1, ViT-B's (inference: the encoders take no backward)
+    for label, x, w, b, a64 in _linear_products(device, ((4099, 96, 384), (300, 768, 3072))):
+        y = linear_gelu(x, w, b, backend="triton")
+        worst = max(worst, _check(f"linear_gelu {label}", device, [y],
+                                  [torch.nn.functional.gelu(a64)]))
     return worst
 
 
 def _linear_residual(device) -> float:
-    worst = 0.0
-    for rows, k, n in ((4099, 384, 96), (300, 3072, 768)):  # VMamba-T s1's fc2, ViT-B's
-        h = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-        w = torch.randn(n, k, device=device) / k ** 0.5
-        b = 0.1 * torch.randn(n, device=device)
-        s = torch.randn(rows, n, device=device)
-        s64 = s.double() + torch.nn.functional.linear(
-            h.double(), w.to(torch.bfloat16).double(), b.to(torch.bfloat16).double())
+    worst = 0.0  # VMamba-T s1's fc2, ViT-B's, into a float32 sum
+    for label, h, w, b, a64 in _linear_products(device, ((4099, 384, 96), (300, 3072, 768))):
+        s = torch.randn(a64.shape, device=device)
+        s64 = s.double() + a64
         with torch.no_grad():
             linear_residual_(s, h, w, b, backend="triton")
-        if device == "cuda":
-            torch.cuda.synchronize()
-        err = _relative([(s, s64)])
-        worst = max(worst, err)
-        print(f"linear_residual_ ({rows}, {k}) -> {n}: max relative error {err:.2e}", flush=True)
+        worst = max(worst, _check(f"linear_residual_ {label}", device, [s], [s64]))
     return worst
 
 

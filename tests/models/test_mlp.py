@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_params import INTERPRETER
 
 from pyssm.models.mlp import GELU, Mlp, add_mlp
 from pyssm.models.norms import LayerNorm
@@ -123,9 +124,6 @@ def test_add_mlp_tells_meta_buffers_apart():
         assert add_mlp(mlp, h[1:], x[1:], x) is not x  # a view of x, at an offset
 
 
-INTERPRETER = pytest.mark.skipif(
-    not _triton.available() or not _triton.interpreting(),
-    reason="Triton on CPU tensors needs triton imported with TRITON_INTERPRET=1 (no GPU)")
 
 
 def _spy_fused(monkeypatch):
@@ -162,14 +160,18 @@ def test_fc1_and_gelu_fused_in_16_bit_inference(channel_first, monkeypatch):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
+def _mlp_and_inputs():
+    """A float32 Mlp(8, 32) and a block's (h, s, x), (2, 3, 8) each, the same every call."""
+    torch.manual_seed(0)
+    return Mlp(8, 32), torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+
+
 @INTERPRETER
 def test_fc1_and_gelu_fused_under_cpu_autocast_and_through_add_mlp(monkeypatch):
     """float32 parameters and input under bf16 autocast: the fused op in bf16 (as autocast would
     run fc1), and add_mlp passes its backend to the MLP."""
     calls = _spy_fused(monkeypatch)
-    torch.manual_seed(0)
-    mlp = Mlp(8, 32)
-    h, s, x = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mlp, h, s, x = _mlp_and_inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = add_mlp(mlp, h, s.clone(), x, backend="triton")
     assert [dtype for dtype, _ in calls] == [torch.bfloat16]
@@ -219,9 +221,7 @@ def test_fc2_weight_cast_once_under_autocast(monkeypatch):
     """float32 parameters under bf16 autocast: fc2's weight cast to bf16 once and kept (the same
     tensor on every call) until the parameter changes."""
     calls = _spy_residual(monkeypatch)
-    torch.manual_seed(0)
-    mlp = Mlp(8, 32)
-    h, s, x = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    mlp, h, s, x = _mlp_and_inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = add_mlp(mlp, h, s.clone(), x, backend="triton")
         add_mlp(mlp, h, s.clone(), x, backend="triton")

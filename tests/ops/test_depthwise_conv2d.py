@@ -2,26 +2,15 @@
 float64, on the Triton kernels (compiled on a GPU; Triton's interpreter on CPU tensors
 elsewhere) and the reference."""
 
-import os
-
 import pytest
 import torch
 from float64_bound import assert_within_twice_torchs
+from triton_params import PARAMS
 
 from pyssm.ops import depthwise_conv2d_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-INTERPRETER = pytest.mark.skipif(
-    not depthwise_conv2d_triton.available()
-    or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-    reason="Triton on CPU tensors needs triton imported with TRITON_INTERPRET=1 (no GPU)")
-CUDA = [pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available() or not depthwise_conv2d_triton.available(),
-    reason="no CUDA device or no triton")]
-PARAMS = [pytest.param("cpu", "triton", id="triton-interpreter", marks=INTERPRETER),
-          pytest.param("cpu", "reference", id="reference"),
-          pytest.param("cuda", "triton", id="cuda", marks=CUDA)]
 # (B, H, W, C, K): a 1 x 1 map, odd and non-square maps, C below / at / above a block of 128
 SHAPES = [(1, 1, 1, 3, 3), (2, 7, 5, 5, 3), (1, 3, 11, 96, 3), (2, 6, 4, 130, 3),
           (1, 5, 5, 7, 5), (3, 4, 3, 2, 1)]

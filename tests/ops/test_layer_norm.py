@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from triton_params import PARAMS
 
 from pyssm.ops import layer_norm_triton
 from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
@@ -12,19 +13,6 @@ from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
-def _params():
-    interp = [pytest.mark.skipif(
-        not layer_norm_triton.available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-        reason="Triton on CPU tensors needs triton imported with TRITON_INTERPRET=1 (no GPU)")]
-    cuda = [pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available() or not layer_norm_triton.available(),
-        reason="no CUDA device or no triton")]
-    return [pytest.param("cpu", "triton", id="triton-interpreter", marks=interp),
-            pytest.param("cpu", "reference", id="reference"),
-            pytest.param("cuda", "triton", id="cuda", marks=cuda)]
-
-
-PARAMS = _params()
 # (rows, N): odd row counts, N below, at and above a power of two, VMamba's and ViT's widths
 SHAPES = [((1,), 1), ((37,), 7), ((3, 5, 7), 96), ((2, 13), 130), ((9,), 768), ((3,), 1000)]
 

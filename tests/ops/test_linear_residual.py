@@ -2,27 +2,16 @@
 Triton kernel (compiled on a GPU; Triton's interpreter on CPU tensors elsewhere) and the
 reference."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from float64_bound import err
+from triton_params import PARAMS
 
 from pyssm.ops import linear_residual_triton
 from pyssm.ops.linear_residual import linear_residual_, linear_residual_reference_
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-INTERPRETER = pytest.mark.skipif(
-    not linear_residual_triton.available()
-    or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-    reason="Triton on CPU tensors needs triton imported with TRITON_INTERPRET=1 (no GPU)")
-CUDA = [pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available() or not linear_residual_triton.available(),
-    reason="no CUDA device or no triton")]
-PARAMS = [pytest.param("cpu", "triton", id="triton-interpreter", marks=INTERPRETER),
-          pytest.param("cpu", "reference", id="reference"),
-          pytest.param("cuda", "triton", id="cuda", marks=CUDA)]
 # (leading dims, K, N): one row and one output; odd sizes below a tile; N above one 128 tile;
 # K from 256 on (the 64-wide K step) with a partial last step; rows over one 128 tile
 SHAPES = [((1,), 1, 1), ((3, 5), 7, 9), ((2,), 96, 130), ((3,), 300, 20), ((1, 131), 33, 40)]
