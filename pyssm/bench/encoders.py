@@ -101,8 +101,10 @@ def official_vmamba(name: str, res: int):
         return None, f"error: {type(exc).__name__}: {str(exc)[:120]}"
 
 
-def providers_for(name: str, res: int, device: torch.device) -> dict[str, list[harness.Provider]]:
-    """mode -> providers for one encoder at one resolution (models built once, shared)."""
+def providers_for(name: str, res: int, device: torch.device,
+                  unfused_mlp: bool = True) -> dict[str, list[harness.Provider]]:
+    """mode -> providers for one encoder at one resolution (models built once, shared);
+    ``unfused_mlp``: on a GPU, the pyssm-mlp-unfused inference row too."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -112,7 +114,7 @@ def providers_for(name: str, res: int, device: torch.device) -> dict[str, list[h
     status = "ok" if built else f"not built ({KERNEL[family]} has no {kernel} kernel yet)"
     out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
            "step": [harness.Provider("pyssm", step if built else None, status)]}
-    if device.type == "cuda":  # the same model, its MLPs' fused fc1 + GELU and fc2 + add off
+    if device.type == "cuda" and unfused_mlp:  # the same model, its MLPs' fused passes off
         out["forward"].append(harness.Provider(
             "pyssm-mlp-unfused", infer if built else None, status,
             env={"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0"}))
@@ -159,7 +161,8 @@ def cases(device: torch.device, quick: bool = False,
     out = []
     for name in names or default:
         for res in resolutions:
-            providers = providers_for(name, res, device)
+            # (--quick: the unfused-MLP row at the first resolution only)
+            providers = providers_for(name, res, device, not quick or res == resolutions[0])
             for mode in ("forward", "step"):
                 if mode == "step" and res not in train_at:
                     continue
