@@ -200,10 +200,13 @@ class PatchEmbed2(nn.Sequential):
     one pass of pyssm's layer_norm (``activation="gelu"``): its output, which only feeds the
     second convolution, is written once in the dtype that convolution reads (bf16 under
     autocast, where torch writes the norm in float32, runs the GELU on it and casts it again;
-    the same values, rounded once)."""
+    the same values, rounded once). Where a forward hook is registered on the GELU or on the
+    permute beside it, which that pass does not call, the modules run one by one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv1, to_cl1, norm1, to_cf, _gelu, conv2, to_cl2, norm2 = self
+        conv1, to_cl1, norm1, to_cf, gelu, conv2, to_cl2, norm2 = self
+        if hooked(to_cf, gelu):
+            return super().forward(x)
         x = norm1(to_cl1(conv1(x)), for_matmul=True, activation="gelu")
         return norm2(to_cl2(conv2(to_cf(x))))
 

@@ -251,8 +251,9 @@ def test_activations_stay_channels_last(name, norm, sliced, monkeypatch):
 @pytest.mark.parametrize("norm", ["ln2d", "ln"])
 def test_stem_takes_its_first_norm_and_gelu_in_one_pass(norm, monkeypatch):
     """The v2 stem (vmamba.PatchEmbed2) gives its Sequential's module-by-module values and
-    gradients (float64), and its second convolution reads the fused norm + GELU's output in the
-    autocast dtype (the same values that convolution would cast to)."""
+    gradients (float64), and runs module by module where a hook is on its GELU; its second
+    convolution reads the fused norm + GELU's output in the autocast dtype (the same values
+    that convolution would cast to)."""
     model = randomized(create_encoder("vmamba_tiny_s1l8", norm=norm, **SMALL).double())
     stem = model.patch_embed
     assert isinstance(stem, vmamba_module.PatchEmbed2)
@@ -262,6 +263,12 @@ def test_stem_takes_its_first_norm_and_gelu_in_one_pass(norm, monkeypatch):
     for g, w in zip(*(torch.autograd.grad(y.square().sum(), [x, *stem.parameters()])
                       for y in (got, want))):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+    # a hook on the GELU sees it called: the modules one by one, the same values
+    gelus = []
+    handle = stem[4].register_forward_hook(lambda m, args, out: gelus.append(out.dtype))
+    torch.testing.assert_close(stem(x), want, atol=1e-12, rtol=1e-12)
+    assert gelus == [F64]
+    handle.remove()
     calls = []
     layer_norm = vmamba_module.LayerNorm.forward
 
