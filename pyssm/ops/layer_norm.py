@@ -9,7 +9,7 @@ output in the dtype the next layer reads: the glue of every VMamba and ViT block
 
 Backends: ``triton`` (the kernels of layer_norm_triton.py: on CUDA tensors compiled, on CPU
 tensors run by Triton's interpreter, which the tests use), ``reference`` (torch's own ops:
-add, ``F.layer_norm``, a cast), or None / ``"auto"``: Triton for CUDA tensors once its kernels
+add, ``F.layer_norm``, ``F.gelu``, a cast), or None / ``"auto"``: Triton for CUDA tensors once its kernels
 have passed pyssm's tests on a GPU (``_extension.UNVERIFIED_CUDA``; ``PYSSM_UNVERIFIED_CUDA=1``
 runs them before that), the reference otherwise, and always for float64.
 ``PYSSM_BACKEND=reference`` or ``PYSSM_TRITON=0`` makes the automatic choice the reference. The
