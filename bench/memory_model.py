@@ -33,12 +33,11 @@ would for that batch size, so a small traced batch stands for the benchmark's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from roofline_model import cuda_out_dtype, stood_in  # (bench/, beside this script)
 
 import pyssm.models.mlp as mlp_module
 import pyssm.models.norms as norms_module
@@ -83,11 +82,6 @@ def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
     return s
 
 
-def _cuda_out_dtype(x, for_matmul):
-    """pyssm.models.norms._out_dtype as it decides under CUDA bf16 autocast."""
-    return None if x.dtype == torch.float64 else (torch.bfloat16 if for_matmul else torch.float32)
-
-
 def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | None = None,
                       bf16: bool = False, **overrides) -> float:
     """Inference's peak MB an image (module docstring); ``bf16``: under emulated CUDA bf16
@@ -100,14 +94,12 @@ def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | N
         stand_ins.append((mlp_module, "CHUNK_BYTES", mlp_module.CHUNK_BYTES * batch // as_batch))
     if bf16:
         stand_ins += [(norms_module, "layer_norm", layer_norm_stand_in),
-                      (norms_module, "_out_dtype", _cuda_out_dtype),
+                      (norms_module, "_out_dtype", cuda_out_dtype),
                       (mlp_module, "linear_gelu", linear_gelu_stand_in),
                       (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: True),
                       (mlp_module, "linear_residual_", linear_residual_stand_in),
                       (mlp_module, "linear_residual_uses_triton", lambda *a, **k: True)]
-    with contextlib.ExitStack() as stack:
-        for module, name, value in stand_ins:  # (put back on the way out)
-            stack.enter_context(mock.patch.object(module, name, value))
+    with stood_in(stand_ins):  # (put back on the way out)
         torch.manual_seed(0)
         model = create_encoder(encoder, img_size=img_size, **overrides).eval()
         images = torch.randn(batch, 3, img_size, img_size)

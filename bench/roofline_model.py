@@ -180,9 +180,20 @@ class Autocast(TorchFunctionMode):
 TRACE: KernelTrace | None = None
 
 
-def _cuda_out_dtype(x, for_matmul):
-    """pyssm.models.norms._out_dtype as it decides under CUDA autocast."""
+def cuda_out_dtype(x, for_matmul):
+    """pyssm.models.norms._out_dtype as it decides under CUDA bf16 autocast (also
+    bench/memory_model.py's)."""
     return None if x.dtype == torch.float64 else (LOW if for_matmul else torch.float32)
+
+
+@contextlib.contextmanager
+def stood_in(stand_ins):
+    """Each (module, name, value) of ``stand_ins`` set for the block and put back after it
+    (also bench/memory_model.py's)."""
+    with contextlib.ExitStack() as stack:
+        for module, name, value in stand_ins:
+            stack.enter_context(mock.patch.object(module, name, value))
+        yield
 
 
 def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
@@ -258,8 +269,8 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
     ``fused_mlp``: fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual_
     (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone);
-    ``fused_stem``:
-    VMamba's stem norm + GELU as one layer_norm pass (else its modules one by one)."""
+    ``fused_stem``: VMamba's stem norm + GELU as one layer_norm pass (else its modules one by
+    one)."""
     global TRACE
     stand_ins = [] if fused_stem else [
         (vmamba_module.PatchEmbed2, "forward", torch.nn.Sequential.forward)]
@@ -273,11 +284,9 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
                  (vmamba_module, "uses_triton", lambda *a, **k: True),
                  (vit_module, "attention", attention_stand_in),
                  (norms_module, "layer_norm", layer_norm_stand_in),
-                 (norms_module, "_out_dtype", _cuda_out_dtype)]
+                 (norms_module, "_out_dtype", cuda_out_dtype)]
     try:
-        with contextlib.ExitStack() as stack:
-            for module, name, stand_in in stand_ins:  # (put back on the way out)
-                stack.enter_context(mock.patch.object(module, name, stand_in))
+        with stood_in(stand_ins):
             model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
             images = torch.empty(batch, 3, img_size, img_size, device="meta")
             TRACE = KernelTrace()

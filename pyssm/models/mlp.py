@@ -18,6 +18,7 @@ import os
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_gelu import uses_triton as linear_gelu_uses_triton
@@ -28,7 +29,6 @@ from pyssm.ops.linear_residual import uses_triton as linear_residual_uses_triton
 def hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook would see a call of any of ``modules`` (their own or a global
     one): the fused paths, which do not call them, then step aside."""
-    from torch.nn.modules import module as torch_module
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
