@@ -57,7 +57,8 @@ def selective_scan_cases():
 def ss2d_cases():
     # the third: two channel blocks (the backward's dz by atomics) and d_state 16; the second
     # and fourth: the d_state-1 forward (v3), the fourth with dt_projs_weight in shared memory
-    # (dt_rank 33) and a partial block of channels; the second and fifth: the x_proj kernel's
+    # (dt_rank 33) and a partial block of channels, whose backward is v3's over dt_rank 16
+    # (dpre written out for the GEMMs); the second and fifth: the x_proj kernel's
     # forward, the fifth its adjoint too (fp16; bf16's, with dz's split, in the autocast case)
     for batch, H, W, dim, dstate, rank, dtype in ((2, 7, 9, 6, 2, 3, torch.float32),
                                                   (1, 45, 47, 8, 1, 1, torch.bfloat16),

@@ -104,18 +104,22 @@ inline int64_t ss2d_scratch_elems(const Ss2dParams& p) {
 //   dx (B, L, D): the scans' own input gradient (the four directions add into it)
 //   dz (B, L, 4, R + 2N): the gradient of z (the caller applies x_proj's adjoint)
 //   partial (B, 4, chunks, N + 2 + R, D): per chunk sums of dA (N planes), dDs, dbias, and the
-//     dt_projs_weight gradient (R planes); the caller sums over batch and chunks
+//     dt_projs_weight gradient (R planes); the caller sums over batch and chunks. v3 at dt_rank
+//     over kSs2dBwdN1MaxRank: (B, 4, chunks, 3, D), no dt_projs_weight planes, and
+//   dpre (4, B, L, D), v3 at dt_rank over kSs2dBwdN1MaxRank only (null otherwise): the gradient
+//     of delta's pre-activation, written in full (not zeroed); the caller adds dpre
+//     dt_projs_weight into dz's dt part and forms dt_projs_weight's gradient, dpre^T dt
 // scratch: ss2d_bwd_scratch_elems(p) elements (chunk summaries and carries, tile states).
 // chunk_len is a whole number of tiles of ss2d_bwd_tile(dstate) positions.
 struct Ss2dBwdParams {
   const void *x, *dy;
   bool dy_acc;
   const void *z, *dt_w, *dt_b, *A, *Ds;
-  void *dx, *dz, *partial, *scratch;
+  void *dx, *dz, *partial, *dpre, *scratch;
   int64_t batch, height, width, dim, rank, dstate;
   int64_t chunk_len, chunks;
   bool n1;  // the d_state-1 main kernel (ss2d_bwd_n1_kernel.cuh, v3; chunk_len a multiple of
-            // kSs2dN1Tile, dt_rank <= 16); false: v1's
+            // kSs2dN1Tile); false: v1's
   bool n1_summary;  // with n1: the summary pass in v3's layout too; false: v1's
 };
 
@@ -147,10 +151,11 @@ inline size_t ss2d_bwd_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, siz
 
 // The d_state-1 backward's main kernel (v3): blocks and tiles as the forward v3's (32 channels
 // x 8 warps, 64 positions). Its dynamic shared memory, accumulation type unless named:
-//   z rows, two stages (2 x tile x zstride; rpad 8 or 16 as the forward's), x (2 x tile x 32,
-//   x's type), dy (2 x tile x 32, room for the accumulation type), the warps' segments
-//   (warps x 32 x 4), the per-position terms summed over channels (3 x tile x 36: dpre, the dB
-//   and dC terms), du (tile x 32), dt_projs_weight (rpad x 32)
+//   z rows, two stages (2 x tile x zstride; rpad 8 or 16 as the forward's, whole 16-byte
+//   vectors over 16), x (2 x tile x 32, x's type), dy (2 x tile x 32, room for the
+//   accumulation type), the warps' segments (warps x 32 x 4), the per-position terms summed
+//   over channels (3 x tile x 36: dpre, the dB and dC terms), du (tile x 32), dt_projs_weight
+//   (rpad x 32)
 constexpr int kSs2dBwdN1RedStride = 36;  // 32 lanes + 4: 16-byte rows, fewer bank conflicts
 struct Ss2dBwdN1Layout {
   int rpad, zstride;
@@ -160,7 +165,7 @@ __host__ __device__ inline Ss2dBwdN1Layout ss2d_bwd_n1_layout(int rank, size_t x
                                                               size_t acc_bytes) {
   Ss2dBwdN1Layout l{};
   const int vec = int(16 / acc_bytes);
-  l.rpad = rank <= 8 ? 8 : 16;
+  l.rpad = rank <= 8 ? 8 : rank <= 16 ? 16 : (rank + vec - 1) / vec * vec;
   l.zstride = l.rpad + vec;
   const size_t tile = size_t(kSs2dN1Tile), lanes = size_t(kSs2dN1Lanes);
   size_t at = 0;
@@ -181,6 +186,8 @@ __host__ __device__ inline Ss2dBwdN1Layout ss2d_bwd_n1_layout(int rank, size_t x
   l.bytes = (at + 15) / 16 * 16;
   return l;
 }
+// dt_rank up to this: dt_projs_weight and its gradient in registers; over it: in shared memory,
+// and the dpre output for the caller's GEMMs
 constexpr int64_t kSs2dBwdN1MaxRank = 16;
 
 __host__ __device__ inline int64_t ss2d_bwd_summary_elems(const Ss2dBwdParams& p) {

@@ -1,5 +1,4 @@
-// Fused CUDA SS2D backward v3: the d_state-1 path (VMamba v2's configurations, dt_rank up to
-// 16). Three launches, as v1 (ss2d_bwd_kernel.cuh): a summary pass (the state entering every
+// Fused CUDA SS2D backward v3: the d_state-1 path (VMamba v2's configurations). Three launches, as v1 (ss2d_bwd_kernel.cuh): a summary pass (the state entering every
 // tile from zero and the dt summed before it, each chunk's decay, end state and adjoint
 // summary; n1_kernel<..., true>, or v1's summary_kernel when p.n1_summary is false), v1's
 // carry kernel (each chunk's entering state and adjoint from the right), the main pass
@@ -26,6 +25,14 @@
 //      each, then two shuffles), into dz (plain adds with one channel block, atomics between
 //      several).
 // The per-channel sums go through shared memory across the 8 warps once, at the chunk's end.
+//
+// dt_rank over 16 (kMaxR 0; VMamba-T/S stages 3-4 at 24 and 48, B's at 32 and 64): the
+// register variants' dt_projs_weight and its gradient (2 R registers) and the R sums over
+// channels a position do not fit. There dt_projs_weight stays in shared memory (sweep 1 reads
+// it as the forward's dt_rank > 32 variant does), and sweep 2 writes the gradient of delta's
+// pre-activation (dpre) of every (direction, pixel, channel) to p.dpre; the caller forms
+// dt_projs_weight's gradient (dpre^T dt) and dz's dt part (dpre dt_projs_weight) from it with
+// two batched GEMMs. Step 4 then sums only the dB and dC terms.
 #pragma once
 
 #include <cstdint>
@@ -54,6 +61,8 @@ struct alignas(4 * sizeof(acc_t)) Segment {
   acc_t P, H, S, unused;  // product of decays, state from zero, adjoint passed left from zero
 };
 
+// kMaxR: dt_projs_weight and its gradient in registers for dt_rank up to kMaxR (8, 16); 0: in
+// shared memory, and dpre written out for the caller's GEMMs (any dt_rank).
 // kSummary: the summary pass instead (tiles first to last: the state entering every tile from
 // zero and the dt summed before it, at the tiles where v1's summary would write them, and the
 // chunk's decay, end state and adjoint summary), which needs only sweep 1 and the chains.
@@ -63,11 +72,15 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   using acc_t = typename Acc<T>::type;
   constexpr int kVec = Vec16<acc_t>::n;
   constexpr int kXVec = 16 / int(sizeof(T));
-  constexpr int kRpad = kMaxR, kZStride = kMaxR + kVec, kRed = kSs2dBwdN1RedStride;
+  constexpr int kRed = kSs2dBwdN1RedStride;
+  constexpr bool kWide = kMaxR == 0;  // dt_projs_weight in shared memory, dpre written out
   PYSSM_DYNAMIC_SMEM(smem_raw);
   const int64_t H = p.height, W = p.width, L = H * W, D = p.dim;
   const int R = int(p.rank), zw = R + 2;
   const Ss2dBwdN1Layout lay = ss2d_bwd_n1_layout(R, sizeof(T), sizeof(acc_t));
+  // compile-time where dt_projs_weight is in registers (the layout pads dt to kMaxR there)
+  const int kRpad = kWide ? lay.rpad : kMaxR;
+  const int kZStride = kWide ? lay.zstride : kMaxR + kVec;
   acc_t* zs = reinterpret_cast<acc_t*>(smem_raw + lay.z);          // (2, tile, kZStride)
   T* xs = reinterpret_cast<T*>(smem_raw + lay.x);                  // (2, tile, 32)
   unsigned char* dys = smem_raw + lay.dy;                          // (2, tile, 32) dy's type
@@ -173,12 +186,16 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   // before the first tile: dt_projs_weight (registers, and shared memory for dz's delta part,
   // zero past R and for lanes past the channels), the z rows' zero padding, the first pixels
   const acc_t* dt_w = static_cast<const acc_t*>(p.dt_w) + kd * R;
-  acc_t w[kMaxR], dw[kMaxR];
+  constexpr int kRegs = kWide ? 1 : kMaxR;
+  acc_t w[kRegs], dw[kRegs];
 #pragma unroll
   for (int r = 0; r < kMaxR; ++r) {
     w[r] = r < R && active ? dt_w[r] : acc_t(0);
     dw[r] = 0;
   }
+  // (wide) dpre of this direction's pixels, the block's channels: (4, B, L, D)
+  acc_t* dpre_out =
+      kWide ? static_cast<acc_t*>(p.dpre) + ((k * p.batch + b) * L) * D + d : nullptr;
   for (int r = warp; r < kRpad; r += kN1Warps)
     ws[r * kN1Lanes + lane] = r < R && active ? dt_w[r] : acc_t(0);
   ss2d::n1_zero_padding(zs, 2 * kN1Tile, R, kRpad, kZStride, tid);
@@ -234,7 +251,17 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       const int j = warp * kN1Steps + i;
       const acc_t* row = zst + j * kZStride;
       const acc_t u = widen(xst[j * kN1Lanes + lane]);
-      const acc_t pre = ss2d::n1_pre(row, w, bias);
+      acc_t pre;
+      if constexpr (kWide) {
+        pre = bias;
+        for (int q = 0; q < kRpad / kVec; ++q) {
+          const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) pre += ws[(q * kVec + e) * kN1Lanes + lane] * zv.v[e];
+        }
+      } else {
+        pre = ss2d::n1_pre(row, w, bias);
+      }
       // softplus(pre) and sigmoid(pre) from one exp(-|pre|)
       const acc_t ex = exp_(-(pre > acc_t(0) ? pre : -pre));
       const acc_t dt = (pre > acc_t(0) ? pre : acc_t(0)) + scan::log1p_unit(ex);
@@ -327,6 +354,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   #pragma unroll
             for (int e = 0; e < kVec; ++e) dw[q * kVec + e] += dpre * zv.v[e];
           }
+          if constexpr (kWide) dpre_out[int64_t(pix_s[it % 3][j]) * D] = dpre;
         }
         if (j < count) {  // lanes past the channels add zeros to the sums over channels
           red_pre[j * kRed + lane] = dpre;
@@ -408,7 +436,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     return;
   }
   // the chunk's per-channel sums: over the 8 warps through shared memory, then one write
-  constexpr int kPlanes = 3 + kMaxR;  // dA, dDs, dbias, dt_projs_weight
+  constexpr int kPlanes = 3 + kMaxR;  // dA, dDs, dbias, dt_projs_weight (not when wide)
   __syncthreads();  // the last tile's sums are read
   red[(0 * kN1Warps + warp) * kN1Lanes + lane] = dA;
   red[(1 * kN1Warps + warp) * kN1Lanes + lane] = dDs;
@@ -416,7 +444,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
 #pragma unroll
   for (int r = 0; r < kMaxR; ++r) red[((3 + r) * kN1Warps + warp) * kN1Lanes + lane] = dw[r];
   __syncthreads();
-  acc_t* part = static_cast<acc_t*>(p.partial) + bkc * (3 + R) * D + d0;
+  acc_t* part = static_cast<acc_t*>(p.partial) + bkc * (3 + (kWide ? 0 : R)) * D + d0;
   for (int e = tid; e < kPlanes * kN1Lanes; e += kN1Threads) {
     const int v = e / kN1Lanes, c = e % kN1Lanes;
     if (c >= channels || (v >= 3 && v - 3 >= R)) continue;
@@ -454,7 +482,8 @@ cudaError_t launch_n1(const Ss2dBwdParams& p, cudaStream_t stream) {
                        p);
 }
 
-// Every fused backward: v3 where p.n1 asks for it (d_state 1, dt_rank <= 16), v1 otherwise.
+// Every fused backward: v3 where p.n1 asks for it (d_state 1; dt_rank over 16 needs p.dpre),
+// v1 otherwise.
 template <typename T>
 cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
   if (p.batch * p.height * p.width * p.dim == 0) return cudaSuccess;
@@ -462,9 +491,11 @@ cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
       p.batch * 4 > 65535 || p.chunks > 65535 || p.height * p.width >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
   if (p.n1) {
-    if (p.dstate != 1 || p.rank < 1 || p.rank > kSs2dBwdN1MaxRank) return cudaErrorInvalidValue;
+    if (p.dstate != 1 || p.rank < 1) return cudaErrorInvalidValue;
     if (p.rank <= 8) return launch_n1<T, 8>(p, stream);
-    return launch_n1<T, 16>(p, stream);
+    if (p.rank <= kSs2dBwdN1MaxRank) return launch_n1<T, 16>(p, stream);
+    if (p.dpre == nullptr) return cudaErrorInvalidValue;
+    return launch_n1<T, 0>(p, stream);
   }
   if (p.dstate == 1) return launch<T, 1>(p, stream);
   if (p.dstate <= 4) return launch<T, 4>(p, stream);

@@ -248,13 +248,12 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const LaunchBwd launch = bwd_launcher(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  // d_state 1, dt_rank <= 16: v3's summary and main kernels (ss2d_bwd_n1_kernel.cuh), unless
+  // d_state 1: v3's summary and main kernels (ss2d_bwd_n1_kernel.cuh), unless
   // PYSSM_SS2D_BWD=v1 (v1's kernels) or v1-summary (v1's summary, v3's main kernel); read at
   // every call, the benchmark times all three
   const char* bwd_env = std::getenv("PYSSM_SS2D_BWD");
   const std::string bwd_version = bwd_env != nullptr ? bwd_env : "";
-  const bool n1 = launch != nullptr && s.dstate == 1 && s.rank <= kSs2dBwdN1MaxRank &&
-                  bwd_version != "v1" &&
+  const bool n1 = launch != nullptr && s.dstate == 1 && bwd_version != "v1" &&
                   ss2d_bwd_n1_layout(int(s.rank), x.element_size(), acc_bytes).bytes + 1024 <=
                       smem_limit &&
                   ss2d_bwd_stage_bytes(s.dim, s.rank, 1, acc_bytes) <= smem_limit;
@@ -293,7 +292,11 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const at::TensorOptions opts = x.options().dtype(acc);
   at::Tensor dx = at::zeros({B, L, D}, opts);
   at::Tensor dz = at::zeros({B, L, 4, zw}, opts);
-  at::Tensor partial = at::zeros({B, 4, p.chunks, N + 2 + R, D}, opts);
+  // v3 over dt_rank 16: dt_projs_weight's gradient by the GEMMs below, from dpre
+  const bool wide = n1 && R > kSs2dBwdN1MaxRank;
+  const int64_t planes = N + 2 + (wide ? 0 : R);
+  at::Tensor partial = at::zeros({B, 4, p.chunks, planes, D}, opts);
+  const at::Tensor dpre = wide ? at::empty({4, B * L, D}, opts) : at::Tensor();
   const at::Tensor scratch = at::empty({ss2d_bwd_scratch_elems(p)}, opts);
   p.x = xl.const_data_ptr();
   p.dy = dyl.const_data_ptr();
@@ -306,9 +309,22 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   p.dx = dx.mutable_data_ptr();
   p.dz = dz.mutable_data_ptr();
   p.partial = partial.mutable_data_ptr();
+  p.dpre = wide ? dpre.mutable_data_ptr() : nullptr;
   p.scratch = scratch.mutable_data_ptr();
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "ss2d backward CUDA launch failed: ", cudaGetErrorString(err));
+
+  const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // (4, planes, D)
+  at::Tensor d_dt_w;  // (4, D, R)
+  if (wide) {
+    // delta's pre-activation is dt_w . (z's dt part) + bias, per direction and pixel: dz's dt
+    // part += dpre dt_w, d dt_w = dpre^T (z's dt part), both batched over the directions
+    const at::Tensor dt_in = z.view({B * L, 4, zw}).narrow(2, 0, R).transpose(0, 1);
+    dz.view({B * L, 4, zw}).narrow(2, 0, R).add_(at::bmm(dpre, dt_w).transpose(0, 1));
+    d_dt_w = at::bmm(dpre.transpose(1, 2), dt_in);
+  } else {
+    d_dt_w = sums.narrow(1, N + 2, R).transpose(1, 2);
+  }
 
   // z = W_x x per pixel: dx += dz W_x, dW_x = dz^T x
   const at::Tensor dzf = dz.view({B * L, 4 * zw});
@@ -317,11 +333,9 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   auto [dx_x, dwx] = x_proj_adjoint(dzf, wx, dx_flat, x2d);
   if (!dwx.defined()) dwx = at::matmul(dzf.t(), x2d.to(acc));
   const at::Tensor d_x_proj_weight = dwx.view({4, zw, D});
-  const at::Tensor sums = partial.sum(at::IntArrayRef{0, 2});  // (4, N + 2 + R, D)
   const at::Tensor dA = sums.narrow(1, 0, N).transpose(1, 2).reshape({4 * D, N});
   const at::Tensor dDs = sums.select(1, N).reshape({4 * D});
   const at::Tensor dbias = sums.select(1, N + 1);
-  const at::Tensor d_dt_w = sums.narrow(1, N + 2, R).transpose(1, 2);  // (4, D, R)
 
   at::Tensor dx_out = dx_x.view({B, s.height, s.width, D});
   if (channels_first) dx_out = dx_out.permute({0, 3, 1, 2});

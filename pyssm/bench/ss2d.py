@@ -5,7 +5,9 @@ reference; forward, backward and both.
 GPU (bf16 x, fp32 weights as a module holds them): the stage-1 SS2D core of VMamba-T s1l8
 (D = 96, dt_rank 6), S s2l15 (D 192, 6) and B s2l15 (D 256, 8), d_state 1, image R px -> an
 R/4 x R/4 grid, batch 64 / 12 / 3 at 224 / 512 / 1024 (ANCHORS.md "Official SS2D pieces"),
-with the official VMamba-T module's times beside.
+with the official VMamba-T module's times beside; and VMamba-T's stages 3 (D 384, dt_rank 24,
+an R/16 grid) and 4 (D 768, dt_rank 48, R/32), where the backward's v3 forms dt_projs_weight's
+gradient by GEMMs (dt_rank over 16), beside v1 (224 px only under --quick).
 CPU (float32): a small sweep, D = 32, N = 1, R = 2, grids 8 / 16 / 32, batch 2.
 """
 
@@ -93,33 +95,43 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                                   modes=("forward", "full"), env={"PYSSM_SS2D_XPROJ": "gemm"})
     reference = harness.Provider("reference", lambda *a: ops.ss2d(*a, backend="reference"))
     # on a GPU the reference's Python loop launches ~10 kernels per pixel: time it at 224 px
-    # and VMamba-T only, where it finishes in seconds
+    # and VMamba-T's stage 1 only, where it finishes in seconds
     too_slow = harness.Provider("reference", None,
-                                "skipped on a GPU above 224 px and for S / B (slow)")
+                                "skipped on a GPU above 224 px, for S / B and for the later "
+                                "stages (slow)")
     if device.type == "cuda":
         dstate, dtype = 1, torch.bfloat16
         # stage 1 of VMamba-T s1l8 (d_inner 96), S s2l15 (192) and B s2l15 (256), dt_rank
         # ceil(d_model / 16); the reference only for T
-        models = [("T", 96, 6), ("S", 192, 6), ("B", 256, 8)]
+        # (model, stage, d_inner, dt_rank): the stage-1 shapes, then T's stages 3 and 4
+        models = [("T", 1, 96, 6), ("S", 1, 192, 6), ("B", 1, 256, 8),
+                  ("T", 3, 384, 24), ("T", 4, 768, 48)]
         sizes = [(224, 64), (512, 12), (1024, 3)][: 1 if quick else 3]
     else:
         dstate, dtype = 1, torch.float32
-        models = [("T", 32, 2)]
+        models = [("T", 1, 32, 2)]
         sizes = [(32, 2), (64, 2), (128, 2)][: 2 if quick else 3]
     out = []
-    for (model, dim, rank), (res, batch) in ((m, sz) for m in models for sz in sizes):
-        grid = res // 4
-        anchors = ANCHOR_MS.get(res, {}) if device.type == "cuda" and model == "T" else {}
-        slow = device.type == "cuda" and (res > 224 or model != "T")
+    for (model, stage, dim, rank), (res, batch) in ((m, sz) for m in models for sz in sizes):
+        grid = res // (4 * 2 ** (stage - 1))
+        first = stage == 1
+        anchors = (ANCHOR_MS.get(res, {}) if device.type == "cuda" and model == "T" and first
+                   else {})
+        slow = device.type == "cuda" and (res > 224 or model != "T" or not first)
         xy_bytes = 2 * batch * grid * grid * dim * dtype.itemsize
+        if device.type != "cuda":
+            variants = []
+        elif first:
+            variants = [one_chunk, v2, xproj_gemm, bwd_v1, bwd_v1_summary]
+        else:  # the later stages: the backward's v3 (dpre and two GEMMs) against v1
+            variants = [bwd_v1]
         out.append(harness.Case(
-            op="ss2d", size={"model": model, "res": res, "grid": f"{grid}x{grid}",
-                             "batch": batch, "D": dim, "d_state": dstate, "dt_rank": rank},
+            op="ss2d", size={"model": model, "stage": stage, "res": res,
+                             "grid": f"{grid}x{grid}", "batch": batch, "D": dim,
+                             "d_state": dstate, "dt_rank": rank},
             make_inputs=lambda b=batch, g=grid, d=dim, r=rank: ss2d_inputs(b, g, d, dstate, r,
                                                                            dtype, device),
-            providers=[ours] + ([one_chunk, v2, xproj_gemm, bwd_v1, bwd_v1_summary]
-                                if device.type == "cuda" else [])
-            + [pieces, too_slow if slow else reference],
+            providers=[ours] + variants + [pieces, too_slow if slow else reference],
             modes=("forward", "backward", "full"),
             dtype=str(dtype).removeprefix("torch."),
             bytes={"forward": xy_bytes},

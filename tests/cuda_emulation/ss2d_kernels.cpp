@@ -140,7 +140,8 @@ int64_t emu_ss2d_fwd_scratch(const int64_t* sizes) {
 
 int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const void* z,
                  const void* dt_w, const void* dt_b, const void* A, const void* Ds, void* dx,
-                 void* dz, void* partial, void* scratch, const int64_t* sizes, int n1) {
+                 void* dz, void* partial, void* dpre, void* scratch, const int64_t* sizes,
+                 int n1) {
   auto p = ss2d_params<pyssm::Ss2dBwdParams>(sizes);
   p.n1 = n1 != 0;  // 1: v3's main kernel after v1's summary; 2: v3's summary too
   p.n1_summary = n1 == 2;
@@ -155,6 +156,7 @@ int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const voi
   p.dx = dx;
   p.dz = dz;
   p.partial = partial;
+  p.dpre = dpre;  // v3 over dt_rank 16 only
   p.scratch = scratch;
   return by_dtype<Bwd>(dtype, p);
 }

@@ -165,21 +165,30 @@ def backward_emulated(emu, dy, x, ws, chunks, n1=0):
     sizes = sizes_of(x, ws, chunk_len, chunks)
     dx = torch.zeros(B, L, D, dtype=acc)
     dz = torch.zeros(B, L, 4, zw, dtype=acc)
-    partial = torch.zeros(B, 4, chunks, N + 2 + R, D, dtype=acc)
+    # v3 over dt_rank 16: no dt_projs_weight planes; dpre, every element written, instead
+    wide = bool(n1) and R > 16
+    partial = torch.zeros(B, 4, chunks, N + 2 + (0 if wide else R), D, dtype=acc)
+    dpre = poisoned(4, B * L, D, dtype=acc) if wide else None
     scratch = poisoned(emu.emu_ss2d_bwd_scratch(sizes), dtype=acc)
     dy_acc = dy.dtype != x.dtype
     dy = dy.to(acc) if dy_acc else dy
     rc = emu.emu_ss2d_bwd(CODES[x.dtype], ptr(x), ptr(dy.contiguous()), int(dy_acc), ptr(z),
                           ptr(dtw), ptr(dtb), ptr(A), ptr(Ds), ptr(dx), ptr(dz), ptr(partial),
-                          ptr(scratch), sizes, int(n1))
+                          ptr(dpre), ptr(scratch), sizes, int(n1))
     assert rc == 0, f"launcher returned cudaError {rc}"
+    sums = partial.sum((0, 2))
+    if wide:  # ss2d_cuda.cpp's two GEMMs
+        assert not dpre.isnan().any(), "dpre not written in full"
+        dt_in = z.view(B * L, 4, zw)[:, :, :R].transpose(0, 1)
+        dz.view(B * L, 4, zw)[:, :, :R] += torch.bmm(dpre, dtw).transpose(0, 1)
+        d_dtw = torch.bmm(dpre.transpose(1, 2), dt_in)
+    else:
+        d_dtw = sums[:, N + 2:].transpose(1, 2)
     dzf = dz.view(B * L, 4 * zw)
     dx = dx.view(B * L, D) + dzf @ ws[0].to(acc).reshape(4 * zw, D)
     d_xw = (dzf.t() @ x.reshape(B * L, D).to(acc)).view(4, zw, D)
-    sums = partial.sum((0, 2))
     d_A_logs = sums[:, :N].transpose(1, 2).reshape(4 * D, N) * A
-    return [dx.view(B, H, W, D), d_xw, sums[:, N + 2:].transpose(1, 2), sums[:, N + 1],
-            d_A_logs, sums[:, N].reshape(4 * D)]
+    return [dx.view(B, H, W, D), d_xw, d_dtw, sums[:, N + 1], d_A_logs, sums[:, N].reshape(4 * D)]
 
 
 # (B, H, W, D, R, N, chunks): one chunk and several (partial last ones), two channel blocks
@@ -264,10 +273,11 @@ def test_ss2d_backward(emu, case, dtype, dy_dtype):
 
 
 # The d_state-1 backward (v3's main kernel after the summary, v1's or v3's, and v1's carry):
-# dt_rank 2-16 (8- and 16-wide registers), one channel block (plain adds into dz) and two
-# (atomics: D 33, 40, 64), one chunk of 1-3 tiles and 2-3 chunks of whole tiles and a partial
-# last one.
-N1_BWD_CASES = [c for c in N1_CASES if c[4] <= 16]
+# dt_rank 2-16 (8- and 16-wide registers), 17 and 33 (dt_projs_weight in shared memory, dpre
+# out), and 24 over two chunks with two channel blocks (VMamba-T stage 3's rank); one channel
+# block (plain adds into dz) and two (atomics: D 33, 40, 64), one chunk of 1-3 tiles and 2-3
+# chunks of whole tiles and a partial last one.
+N1_BWD_CASES = N1_CASES + [(2, 6, 11, 37, 24, 1, 2)]
 N1_BWD_IDS = ["b{}h{}w{}d{}r{}n{}c{}".format(*c) for c in N1_BWD_CASES]
 
 
