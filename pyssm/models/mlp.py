@@ -14,6 +14,7 @@ fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -138,26 +139,35 @@ class Mlp(nn.Module):
                                backend=backend).permute(0, 3, 1, 2)
         return linear_gelu(x, weight, bias, out_dtype=dtype, backend=backend)
 
+    @contextlib.contextmanager
+    def casts_kept(self):
+        """Within: each layer's weight and bias cast to a low precision once and reused, as
+        autocast keeps a parameter's cast for its region (add_mlp calls the MLP once a slice of
+        the batch; ViT-B's fc1 weight is 14 MB of traffic to cast). Nothing is kept after it,
+        so a write to the parameters between calls, through ``.data`` too, is always seen."""
+        if "_casts" in self.__dict__:  # (nested: the outer one keeps them)
+            yield
+            return
+        self.__dict__["_casts"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_casts", None)
+
     def _cast_params(self, name: str, dtype: torch.dtype):
-        """Layer ``name``'s (fc1's, fc2's) weight and bias in ``dtype``: cast once and kept while
-        the parameters are unchanged (their storage and version), as autocast keeps a
-        parameter's cast for its region, instead of once a call (add_mlp calls the MLP once a
-        slice of the batch; ViT-B's fc1 weight is 14 MB of traffic to cast). In-place updates
-        (optimizers, load_state_dict) bump the version and are seen; a write through ``.data``,
-        which bypasses it, is not."""
+        """Layer ``name``'s (fc1's, fc2's) weight and bias in ``dtype``: cast once within
+        casts_kept, once a call elsewhere."""
         layer = getattr(self, name)
         w, b = layer.weight, layer.bias
         if w.dtype == dtype and (b is None or b.dtype == dtype):
             return w, b
-        if torch.compiler.is_compiling():
-            return w.to(dtype), None if b is None else b.to(dtype)
-        key = (dtype, w.device, w.data_ptr(), w._version,
-               None if b is None else (b.data_ptr(), b._version))
-        cached = self.__dict__.get(f"_{name}_cast")
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
-            self.__dict__[f"_{name}_cast"] = cached
-        return cached[1], cached[2]
+        casts = self.__dict__.get("_casts")
+        if casts is None or torch.compiler.is_compiling():
+            return w.detach().to(dtype), None if b is None else b.detach().to(dtype)
+        if (name, dtype) not in casts:
+            casts[name, dtype] = (w.detach().to(dtype),
+                                  None if b is None else b.detach().to(dtype))
+        return casts[name, dtype]
 
 
 # add_mlp in place: the batch in slices whose hidden layer is at most CHUNK_BYTES, at most
@@ -201,9 +211,10 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     fc1 = getattr(mlp, "fc1", None)
     ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
     chunks = batch_slices(h.numel() * ratio * h.element_size())
-    for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
-        if isinstance(mlp, Mlp):
-            mlp.add_into(sc, hc, backend)  # (fc2 and the add in one pass where it can)
-        else:
-            sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
+    with mlp.casts_kept() if isinstance(mlp, Mlp) else contextlib.nullcontext():
+        for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
+            if isinstance(mlp, Mlp):
+                mlp.add_into(sc, hc, backend)  # (fc2 and the add in one pass where it can)
+            else:
+                sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
     return s

@@ -217,22 +217,30 @@ def test_fc2_and_the_residual_add_fused_in_16_bit_inference(channel_first, monke
 
 
 @INTERPRETER
-def test_fc2_weight_cast_once_under_autocast(monkeypatch):
-    """float32 parameters under bf16 autocast: fc2's weight cast to bf16 once and kept (the same
-    tensor on every call) until the parameter changes."""
+@pytest.mark.parametrize("write", ["in_place", "data"])
+def test_fc2_weight_cast_once_an_add_mlp_call(write, monkeypatch):
+    """float32 parameters under bf16 autocast: fc2's weight cast to bf16 once for an add_mlp
+    call (its two slices of the batch, CHUNK_BYTES made small, get the same tensor) and again
+    at the next, so that a write between calls is seen, an in-place one (as an optimizer's)
+    and one through ``.data`` (which bypasses the version counter) alike."""
+    import pyssm.models.mlp as mlp_module
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
     calls = _spy_residual(monkeypatch)
     mlp, h, s, x = _mlp_and_inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = add_mlp(mlp, h, s.clone(), x, backend="triton")
-        add_mlp(mlp, h, s.clone(), x, backend="triton")
         want = s + mlp(h, backend="triton")  # fc2's bf16 output, then the promoted add
-        mlp.fc2.weight.mul_(2)  # (as an optimizer step writes it)
+        if write == "data":
+            mlp.fc2.weight.data.mul_(2)
+        else:
+            mlp.fc2.weight.mul_(2)
         doubled = add_mlp(mlp, h, s.clone(), x, backend="triton")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # (autocast's own cast
         want_doubled = s + mlp(h, backend="triton")  # of fc2 is kept for its region)
     weights = [w for _, w in calls]
-    assert [d for d, _ in calls] == [torch.bfloat16] * 3 and weights[0].dtype == torch.bfloat16
-    assert weights[0] is weights[1] and weights[2] is not weights[0]
+    assert [d for d, _ in calls] == [torch.bfloat16] * 4 and weights[0].dtype == torch.bfloat16
+    assert weights[0] is weights[1] and weights[2] is weights[3]
+    assert weights[2] is not weights[0]
     assert torch.equal(weights[2], mlp.fc2.weight.to(torch.bfloat16))
     for got, ref in ((out, want), (doubled, want_doubled)):
         assert got.dtype == torch.float32
@@ -325,24 +333,27 @@ def test_encoders_set_the_mlps_backend(monkeypatch):
 
 
 @INTERPRETER
-def test_fc1_weight_cast_once_while_unchanged(monkeypatch):
-    """Under autocast the fused path casts fc1's float32 weight to bf16 once, not once a call
-    (add_mlp calls the MLP once a slice), and again after an in-place update."""
+def test_fc1_weight_cast_once_within_casts_kept(monkeypatch):
+    """Under autocast the fused path casts fc1's float32 weight to bf16 once within
+    Mlp.casts_kept (add_mlp's slices), once a call outside it: a write through ``.data``
+    between calls is seen."""
     calls = _spy_fused(monkeypatch)
     torch.manual_seed(0)
     mlp = Mlp(8, 32)
     x = torch.randn(3, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        first = mlp(x, backend="triton")
-        mlp(x, backend="triton")
+        with mlp.casts_kept():
+            first = mlp(x, backend="triton")
+            mlp(x, backend="triton")
         seen = [weight for _, weight in calls]
         assert len(seen) == 2 and seen[0] is seen[1] and seen[0].dtype == torch.bfloat16
-        mlp.fc1.weight.mul_(2)  # (as an optimizer step writes it)
+        mlp.fc1.weight.data.mul_(2)  # (unseen by the version counter)
         again = mlp(x, backend="triton")
     seen = [weight for _, weight in calls]
     assert seen[2] is not seen[0]
     assert torch.equal(seen[2], mlp.fc1.weight.to(torch.bfloat16))
     assert not torch.equal(first, again)
+    assert "_casts" not in mlp.__dict__
 
 
 @INTERPRETER
