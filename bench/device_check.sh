@@ -192,7 +192,7 @@ if [ -z "$NCU" ]; then
 else
   run_step ncu 90 "$LOGS/ncu.log" "$NCU" --clock-control none --section SpeedOfLight \
     --section Occupancy --section WarpStateStats \
-    -k 'regex:ss2d|xproj|summary_kernel|main_kernel|flash|selective_scan' --launch-count 24 \
+    -k 'regex:ss2d|xproj|n1_kernel|summary_kernel|main_kernel|flash|selective_scan' --launch-count 24 \
     "$PY" bench/ncu_cases.py
   note ncu "$(outcome "$LOGS/ncu.log") (logs/ncu.log)" "$TOOK"
 fi

@@ -2,10 +2,12 @@
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy \\
         --section WarpStateStats \\
-        -k regex:'ss2d|xproj|summary_kernel|main_kernel|flash|selective_scan' \\
+        -k regex:'ss2d|xproj|n1_kernel|summary_kernel|main_kernel|flash|selective_scan' \\
         python bench/ncu_cases.py
 
-ss2d forward and backward at VMamba-T stage 1 (64 x 56 x 56, D 96, N 1, R 6, bf16); flash
+ss2d forward and backward at VMamba-T stage 1 (64 x 56 x 56, D 96, N 1, R 6, bf16) and stage 3
+(64 x 14 x 14, D 384, R 24: the backward's v3 over dt_rank 16; its summary and main passes are
+both `n1_kernel`, in that order); flash
 attention forward and backward at ViT-B/16 224 px (197 tokens, 12 heads, head_dim 64, bf16,
 batch 128), then its backward again with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic: the Hopper
 backward's v1 beside v2's TMA reduce-adds); selective_scan forward and backward at the oflex
@@ -26,16 +28,17 @@ def main() -> None:
     torch.manual_seed(0)
     dev, bf16 = os.environ.get("PYSSM_NCU_DEVICE", "cuda"), torch.bfloat16
     B_ss2d, B_attn = (64, 128) if dev == "cuda" else (2, 2)
-    D, R, N = 96, 6, 1
-    x = torch.randn(B_ss2d, 56, 56, D, device=dev, dtype=bf16, requires_grad=True)
-    ws = [torch.randn(4, R + 2 * N, D, device=dev) * D ** -0.5,
-          torch.randn(4, D, R, device=dev) * R ** -0.5,
-          torch.randn(4, D, device=dev) * 0.5 - 3,
-          torch.log(torch.rand(4 * D, N, device=dev) + 0.5),
-          torch.randn(4 * D, device=dev)]
-    ws = [w.requires_grad_() for w in ws]
-    y = ops.ss2d(x, *ws, backend=dev)
-    y.backward(torch.randn_like(y))
+    N = 1
+    for grid, D, R in ((56, 96, 6), (14, 384, 24)):
+        x = torch.randn(B_ss2d, grid, grid, D, device=dev, dtype=bf16, requires_grad=True)
+        ws = [torch.randn(4, R + 2 * N, D, device=dev) * D ** -0.5,
+              torch.randn(4, D, R, device=dev) * R ** -0.5,
+              torch.randn(4, D, device=dev) * 0.5 - 3,
+              torch.log(torch.rand(4 * D, N, device=dev) + 0.5),
+              torch.randn(4 * D, device=dev)]
+        ws = [w.requires_grad_() for w in ws]
+        y = ops.ss2d(x, *ws, backend=dev)
+        y.backward(torch.randn_like(y))
 
     q, k, v = (torch.randn(B_attn, 197, 12, 64, device=dev, dtype=bf16, requires_grad=True)
                for _ in range(3))
@@ -56,7 +59,7 @@ def main() -> None:
     y.backward(torch.randn_like(y))
     if dev == "cuda":
         torch.cuda.synchronize()
-    print("ncu cases: ss2d fwd + bwd, attention fwd + bwd (dQ by TMA, by atomics), "
+    print("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by atomics), "
           "selective_scan fwd + bwd: done")
 
 
