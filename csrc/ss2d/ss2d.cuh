@@ -104,11 +104,12 @@ inline int64_t ss2d_scratch_elems(const Ss2dParams& p) {
 //   dx (B, L, D): the scans' own input gradient (the four directions add into it)
 //   dz (B, L, 4, R + 2N): the gradient of z (the caller applies x_proj's adjoint)
 //   partial (B, 4, chunks, N + 2 + R, D): per chunk sums of dA (N planes), dDs, dbias, and the
-//     dt_projs_weight gradient (R planes); the caller sums over batch and chunks. v3 at dt_rank
-//     over kSs2dBwdN1MaxRank: (B, 4, chunks, 3, D), no dt_projs_weight planes, and
-//   dpre (4, B, L, D), v3 at dt_rank over kSs2dBwdN1MaxRank only (null otherwise): the gradient
-//     of delta's pre-activation, written in full (not zeroed); the caller adds dpre
-//     dt_projs_weight into dz's dt part and forms dt_projs_weight's gradient, dpre^T dt
+//     dt_projs_weight gradient (R planes); the caller sums over batch and chunks. v3 with
+//     dpre: (B, 4, chunks, 3, D), no dt_projs_weight planes, and
+//   dpre (4, B, L, D), v3 only, needed over dt_rank kSs2dBwdN1MaxRank (given at or under it, it
+//     selects the same variant; null: the register one): the gradient of delta's
+//     pre-activation, written in full (not zeroed); the caller adds dpre dt_projs_weight into
+//     dz's dt part and forms dt_projs_weight's gradient, dpre^T dt
 // scratch: ss2d_bwd_scratch_elems(p) elements (chunk summaries and carries, tile states).
 // chunk_len is a whole number of tiles of ss2d_bwd_tile(dstate) positions.
 struct Ss2dBwdParams {

@@ -482,8 +482,9 @@ cudaError_t launch_n1(const Ss2dBwdParams& p, cudaStream_t stream) {
                        p);
 }
 
-// Every fused backward: v3 where p.n1 asks for it (d_state 1; dt_rank over 16 needs p.dpre),
-// v1 otherwise.
+// Every fused backward: v3 where p.n1 asks for it (d_state 1), v1 otherwise. v3 takes its
+// variant with dt_projs_weight in shared memory and dpre out wherever p.dpre is given (the
+// benchmark's PYSSM_SS2D_BWD=v3-wide at any dt_rank), and needs it over dt_rank 16.
 template <typename T>
 cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
   if (p.batch * p.height * p.width * p.dim == 0) return cudaSuccess;
@@ -492,10 +493,10 @@ cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   if (p.n1) {
     if (p.dstate != 1 || p.rank < 1) return cudaErrorInvalidValue;
+    if (p.dpre != nullptr) return launch_n1<T, 0>(p, stream);
     if (p.rank <= 8) return launch_n1<T, 8>(p, stream);
     if (p.rank <= kSs2dBwdN1MaxRank) return launch_n1<T, 16>(p, stream);
-    if (p.dpre == nullptr) return cudaErrorInvalidValue;
-    return launch_n1<T, 0>(p, stream);
+    return cudaErrorInvalidValue;  // (over dt_rank 16: dpre needed)
   }
   if (p.dstate == 1) return launch<T, 1>(p, stream);
   if (p.dstate <= 4) return launch<T, 4>(p, stream);

@@ -249,8 +249,9 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const c10::cuda::CUDAGuard guard(x.device());
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   // d_state 1: v3's summary and main kernels (ss2d_bwd_n1_kernel.cuh), unless
-  // PYSSM_SS2D_BWD=v1 (v1's kernels) or v1-summary (v1's summary, v3's main kernel); read at
-  // every call, the benchmark times all three
+  // PYSSM_SS2D_BWD=v1 (v1's kernels) or v1-summary (v1's summary, v3's main kernel); v3-wide
+  // takes v3's variant for dt_rank over 16 (dpre out, the GEMMs) at every dt_rank. Read at
+  // every call; the benchmark times all four
   const char* bwd_env = std::getenv("PYSSM_SS2D_BWD");
   const std::string bwd_version = bwd_env != nullptr ? bwd_env : "";
   const bool n1 = launch != nullptr && s.dstate == 1 && bwd_version != "v1" &&
@@ -292,8 +293,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const at::TensorOptions opts = x.options().dtype(acc);
   at::Tensor dx = at::zeros({B, L, D}, opts);
   at::Tensor dz = at::zeros({B, L, 4, zw}, opts);
-  // v3 over dt_rank 16: dt_projs_weight's gradient by the GEMMs below, from dpre
-  const bool wide = n1 && R > kSs2dBwdN1MaxRank;
+  // v3 over dt_rank 16 (or asked for): dt_projs_weight's gradient by the GEMMs below, from dpre
+  const bool wide = n1 && (R > kSs2dBwdN1MaxRank || bwd_version == "v3-wide");
   const int64_t planes = N + 2 + (wide ? 0 : R);
   at::Tensor partial = at::zeros({B, 4, p.chunks, planes, D}, opts);
   const at::Tensor dpre = wide ? at::empty({4, B * L, D}, opts) : at::Tensor();

@@ -14,6 +14,7 @@ CPU (float32): a small sweep, D = 32, N = 1, R = 2, grids 8 / 16 / 32, batch 2.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -89,6 +90,16 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     # v3's main kernel after v1's summary pass: which half of the change did what
     bwd_v1_summary = harness.Provider(f"pyssm-{kernel}-bwd-v1-summary", ours.fn, ours.status,
                                       modes=("backward",), env={"PYSSM_SS2D_BWD": "v1-summary"})
+    # v3's variant for dt_rank over 16 (dt_projs_weight in shared memory, dpre out and two
+    # GEMMs) at the stage-1 ranks too, where the register variant runs by default (and spills)
+    bwd_wide = harness.Provider(f"pyssm-{kernel}-bwd-v3-wide", ours.fn, ours.status,
+                                modes=("backward",), env={"PYSSM_SS2D_BWD": "v3-wide"})
+    if os.environ.get("PYSSM_SS2D_BWD") == "v1":
+        # v3's backward is off (the device check sets this when its smoke failed): the rows
+        # that would run its kernels anyway stay off, so that a fault cannot end the run
+        off = "skipped: PYSSM_SS2D_BWD=v1 is set (v3's backward off)"
+        bwd_v1_summary, bwd_wide = (harness.Provider(p.name, None, off, modes=p.modes)
+                                    for p in (bwd_v1_summary, bwd_wide))
     # x_proj as before the tensor-core kernel: x cast to float32, then an fp32 GEMM (forward
     # and the backward's recomputation)
     xproj_gemm = harness.Provider(f"pyssm-{kernel}-xproj-gemm", ours.fn, ours.status,
@@ -122,7 +133,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
         if device.type != "cuda":
             variants = []
         elif first:
-            variants = [one_chunk, v2, xproj_gemm, bwd_v1, bwd_v1_summary]
+            variants = [one_chunk, v2, xproj_gemm, bwd_v1, bwd_v1_summary, bwd_wide]
         else:  # the later stages: the backward's v3 (dpre and two GEMMs) against v1
             variants = [bwd_v1]
         out.append(harness.Case(

@@ -127,3 +127,17 @@ def test_memory_model_runs_and_puts_the_ops_back():
     assert mm.peak_mb_per_image("vit_small_patch16", 64, 2, depth=1) > 0
     assert mm.peak_mb_per_image("vit_small_patch16", 64, 2, bf16=True, depth=1) > 0
     assert current() == real
+
+@pytest.mark.parametrize("setting", ["", "v1"])
+def test_ss2d_table_keeps_v3_backward_rows_off_when_the_smoke_turned_it_off(setting, monkeypatch):
+    """With PYSSM_SS2D_BWD=v1 (device_check.sh's answer to a failed ss2d smoke) the ss2d
+    table's rows that would set their own PYSSM_SS2D_BWD and run v3's kernels anyway
+    (v1-summary, v3-wide) do not run; without it they do, and v1's row runs either way."""
+    from pyssm.bench import ss2d
+    monkeypatch.setenv("PYSSM_SS2D_BWD", setting)
+    for case in ss2d.cases(torch.device("cuda"), quick=True):
+        runs = {p.name: p.fn is not None for p in case.providers}
+        assert runs["pyssm-cuda-bwd-v1"]
+        for name in ("pyssm-cuda-bwd-v1-summary", "pyssm-cuda-bwd-v3-wide"):
+            if name in runs:
+                assert runs[name] == (setting != "v1"), name

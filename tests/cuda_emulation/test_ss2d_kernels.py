@@ -152,8 +152,9 @@ def forward_emulated(emu, x, ws, chunks, n1=False):
     return y.view(B, H, W, D)
 
 
-def backward_emulated(emu, dy, x, ws, chunks, n1=0):
-    """n1: 0 v1's kernels; 1 v3's main kernel after v1's summary; 2 v3's summary and main."""
+def backward_emulated(emu, dy, x, ws, chunks, n1=0, wide=False):
+    """n1: 0 v1's kernels; 1 v3's main kernel after v1's summary; 2 v3's summary and main.
+    wide: v3's variant with dpre out at any dt_rank (it always runs over 16)."""
     B, H, W, D = x.shape
     L = H * W
     R, N = ws[1].shape[2], ws[3].shape[1]
@@ -165,8 +166,9 @@ def backward_emulated(emu, dy, x, ws, chunks, n1=0):
     sizes = sizes_of(x, ws, chunk_len, chunks)
     dx = torch.zeros(B, L, D, dtype=acc)
     dz = torch.zeros(B, L, 4, zw, dtype=acc)
-    # v3 over dt_rank 16: no dt_projs_weight planes; dpre, every element written, instead
-    wide = bool(n1) and R > 16
+    # v3 over dt_rank 16 (or asked for): no dt_projs_weight planes; dpre, every element
+    # written, instead
+    wide = bool(n1) and (R > 16 or wide)
     partial = torch.zeros(B, 4, chunks, N + 2 + (0 if wide else R), D, dtype=acc)
     dpre = poisoned(4, B * L, D, dtype=acc) if wide else None
     scratch = poisoned(emu.emu_ss2d_bwd_scratch(sizes), dtype=acc)
@@ -291,6 +293,24 @@ def test_ss2d_backward_n1(emu, case, dtype, dy_dtype, summary):
     x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
     dy = torch.randn(B, H, W, D, dtype=dy_dtype)
     got = backward_emulated(emu, dy, x, ws, chunks, n1=2 if summary == "v3" else 1)
+    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
+    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
+    tol = 1e-11 if dtype == F64 else 1e-4
+    for name, a, b in zip(NAMES, got, want):
+        err = (a.double() - b).abs().max()
+        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+
+
+@pytest.mark.parametrize("case", [c for c in N1_CASES if c[4] <= 16],
+                         ids=[i for c, i in zip(N1_CASES, N1_IDS) if c[4] <= 16])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+def test_ss2d_backward_n1_wide_at_small_ranks(emu, case, dtype):
+    """v3's dpre variant (PYSSM_SS2D_BWD=v3-wide) where the register one would run: the same
+    gradients."""
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    dy = torch.randn(B, H, W, D, dtype=dtype)
+    got = backward_emulated(emu, dy, x, ws, chunks, n1=2, wide=True)
     exact_in = [t.double().requires_grad_() for t in (x, *ws)]
     want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
     tol = 1e-11 if dtype == F64 else 1e-4

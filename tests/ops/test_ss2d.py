@@ -353,15 +353,17 @@ def test_fused_backward_model_matches_autograd(case):
     (2, 14, 14, 40, 1, 24, False),  # dt_rank 24 (VMamba-T stage 3's): v3's dpre and GEMMs
     (1, 7, 11, 37, 1, 48, True),    # dt_rank 48, partial channel block, channels-first
 ])
-@pytest.mark.parametrize("env", [{}, {"PYSSM_SS2D_BWD": "v1-summary"},
-                                 {"PYSSM_SS2D_BWD": "v1"}], ids=["default", "v1-summary", "v1"])
+@pytest.mark.parametrize("env", [{}, {"PYSSM_SS2D_BWD": "v1-summary"}, {"PYSSM_SS2D_BWD": "v1"},
+                                 {"PYSSM_SS2D_BWD": "v3-wide"}],
+                         ids=["default", "v1-summary", "v1", "v3-wide"])
 def test_cuda_fused_backward_at_sizes_that_chunk(device, backend, B, H, W, D, N, R,
                                                  channels_first, env, monkeypatch):
     """CUDA: every gradient of the fused backward against the float64 CPU kernel, in float64
     and in float32 (whose bound covers fp32 rounding and the order of the atomic sums); at
     d_state 1 v3's kernels by default (over dt_rank 16 with dt_projs_weight's gradient and
     dz's dt part by GEMMs from dpre), v3's main one after v1's summary with
-    PYSSM_SS2D_BWD=v1-summary, v1's with PYSSM_SS2D_BWD=v1."""
+    PYSSM_SS2D_BWD=v1-summary, v1's with PYSSM_SS2D_BWD=v1, v3's dpre variant at every dt_rank
+    with PYSSM_SS2D_BWD=v3-wide."""
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     x = make_x(B, H, W, D, device, channels_first=channels_first)
