@@ -26,11 +26,30 @@ kernels are stood in by the kernels' own traffic:
     and --unfused-stem VMamba's stem module by module (its first norm written in float32, the
     GELU, the next convolution's cast), as before layer_norm's GELU.
 
+With --train, one training step as the encoders benchmark times it (bf16 autocast forward, the
+mean of the logits, backward into every parameter, the model in eval mode: no drop path; batch
+64 x (224 / img-size)^2): the fused
+inference-only MLP ops step aside as on the GPU (torch's fc1, GELU, fc2 and add, forward and
+backward), and the stood-in ops record their backward kernels too:
+  - layer_norm: dy (and the sum's gradient) and x (and the residual) read, dx (and the
+    residual's gradient) written;
+  - depthwise_conv2d + SiLU: its two backward kernels (dx; the weight's partial sums) each
+    read dy and x, dx written;
+  - ss2d (csrc/ss2d/ss2d_cuda.cpp's backward): x_proj recomputed, dx and dz zeroed, v3's
+    summary and main passes (issue-bound: NOTES.md's instruction counts a warp-step at the
+    full issue rate, the 64-position tiles padded; dx by atomics combined in the L2), over
+    dt_rank 16 dpre written and its two GEMMs, x_proj's adjoint (dz and the fp32 dx read, dx
+    and dz's bf16 split written) and dW_x's GEMM on the split;
+  - attention (flash): q, k, v, the output, its gradient and the LSE read, dq, dk, dv
+    written; 2.5 times the forward's FLOPs.
+No optimizer step (the benchmark's step has none).
+
 Floor of a kernel = max(bytes / bandwidth, FLOPs / matrix rate), with the ceilings measured on
 an H200 here (/work/.library/device/KINDS.md: a 4.3 TB/s device-to-device copy, 790 TFLOP/s
 for an 8192^3 bf16 product); launch overheads are not counted, their number is reported.
 
     python bench/roofline_model.py [--encoder vmamba_tiny_s1l8] [--img-size 224] [--batch 128]
+                                   [--train]
 """
 
 from __future__ import annotations
@@ -58,12 +77,14 @@ from pyssm.models import create_encoder
 BANDWIDTH = 4.3e12      # B/s, device-to-device copy counting bytes read and written
 MATRIX_RATE = 790e12    # FLOP/s, dense bf16 on tensor cores
 SCAN_STEP_S = 0.14e-3 / 77e6  # the ss2d forward v3's predicted time per step (see above)
+ISSUE_RATE = 4 * 132 * 1.98e9  # warp instructions a second: 4 an SM a clock, 132 SMs (H200)
 LOW = torch.bfloat16
 aten = torch.ops.aten
 
 # the matrix products (the ops a linear / conv2d decomposes into on meta tensors), and the
 # functions CUDA autocast runs in bf16
-GEMM_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution}
+GEMM_OPS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution,
+            aten.convolution_backward}
 AUTOCAST_FUNCTIONS = {F.linear, F.conv2d, torch.matmul, torch.Tensor.matmul,
                       torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm, torch.baddbmm}
 # kernels that write without reading their first argument
@@ -263,6 +284,138 @@ def attention_stand_in(q, k, v, **kwargs):
     return out
 
 
+# ---- the stand-ins' backward (--train) ----------------------------------------------------------
+
+def ss2d_backward_instructions(rank: int) -> tuple[int, int]:
+    """Warp instructions a warp-step of the ss2d backward's (summary, main) pass, d_state 1
+    (csrc/ss2d/NOTES.md: ~55 and ~160 counted in the SASS at dt_rank <= 8; ~100 and ~185 for
+    the dpre variant over 16, from those; dt_rank 9-16 estimated for the 16-wide registers)."""
+    return (55, 160) if rank <= 8 else (65, 190) if rank <= 16 else (100, 185)
+
+
+def _empty_like(meta):
+    with TRACE.untraced():
+        return None if meta is None else torch.empty(meta[0], dtype=meta[1], device="meta")
+
+
+def _metas(*tensors):
+    return [None if t is None else (t.shape, t.dtype) for t in tensors]
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, kwargs):
+        ctx.metas = _metas(x, weight, bias, residual)
+        out = layer_norm_stand_in(x, weight, bias, residual=residual, **kwargs)
+        return out if isinstance(out, tuple) else (out,)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight, bias, residual = ctx.metas
+        # (the Triton backward reads x and the residual again, not their sum)
+        read = sum(nbytes(g) for g in grads if g is not None) + _meta_bytes(x) + _meta_bytes(
+            residual)
+        written = _meta_bytes(x) + _meta_bytes(residual)
+        TRACE.add("layer_norm.backward", "norm", read, written)
+        return (*(_empty_like(m) for m in ctx.metas), None)
+
+
+def _meta_bytes(meta) -> int:
+    return 0 if meta is None else meta[0].numel() * meta[1].itemsize
+
+
+def layer_norm_trainable(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
+                         return_residual=False, activation=None, backend=None):
+    out = _LayerNorm.apply(x, weight, bias, residual,
+                           dict(eps=eps, out_dtype=out_dtype, return_residual=return_residual,
+                                activation=activation))
+    return out if return_residual else out[0]
+
+
+class _ConvSilu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype):
+        ctx.metas = _metas(x, weight, bias)
+        return conv_silu_stand_in(x, weight, bias, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x = ctx.metas[0]
+        TRACE.add("depthwise_conv2d+silu.backward_dx", "conv", nbytes(dy) + _meta_bytes(x),
+                  _meta_bytes(x))
+        TRACE.add("depthwise_conv2d+silu.backward_dw", "conv", nbytes(dy) + _meta_bytes(x), 0)
+        return (*(_empty_like(m) for m in ctx.metas), None)
+
+
+def conv_silu_trainable(x, weight, bias, activation="silu", out_dtype=None, backend=None):
+    return _ConvSilu.apply(x, weight, bias, out_dtype)
+
+
+class _Ss2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, kwargs):
+        ctx.metas = _metas(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
+        ctx.channels_first = kwargs["channels_first"]
+        return ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                             **kwargs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (shape, dtype), xw = ctx.metas[0], ctx.metas[1]
+        B, D, H, W = shape if ctx.channels_first else (shape[0], shape[3], shape[1], shape[2])
+        L, zw, R = H * W, xw[0][1], ctx.metas[2][0][2]
+        K = 4 * zw
+        x_bytes, z_bytes, acc_bytes = B * L * D * dtype.itemsize, B * L * K * 4, B * L * D * 4
+        w_bytes = _meta_bytes(xw)
+        TRACE.add("ss2d.backward.x_proj", "ss2d", x_bytes + w_bytes, z_bytes, 2 * B * L * D * K)
+        TRACE.add("ss2d.backward.zero", "ss2d", 0, acc_bytes + z_bytes)
+        warp_steps = B * 4 * -(-D // 32) * -(-L // 64) * 64
+        summary, main = ss2d_backward_instructions(R)
+        reads = x_bytes + z_bytes + nbytes(dy)
+        TRACE.add("ss2d.backward.summary", "ss2d", reads, 0,
+                  fixed_s=warp_steps * summary / ISSUE_RATE)
+        TRACE.add("ss2d.backward.main", "ss2d", reads + acc_bytes + z_bytes, acc_bytes + z_bytes,
+                  fixed_s=warp_steps * main / ISSUE_RATE)
+        if R > 16:  # dpre out, then dz's dt part and dt_projs_weight's gradient by two GEMMs
+            dpre = 4 * B * L * D * 4
+            TRACE.add("ss2d.backward.dpre", "ss2d", 0, dpre)
+            TRACE.add("ss2d.backward.dpre_gemms", "gemm", 2 * dpre + 2 * B * L * 4 * R * 4,
+                      B * L * 4 * R * 4, 2 * 2 * 4 * B * L * D * R)
+        # x_proj's adjoint (dx += dz W_x, dz's bf16 hi / lo split written) and dW_x's GEMM on
+        # the split (two products each, hi and lo)
+        split = B * L * K * 2 * 2
+        TRACE.add("ss2d.backward.x_proj_adjoint", "ss2d", z_bytes + acc_bytes + w_bytes,
+                  x_bytes + split, 2 * 2 * B * L * D * K)
+        TRACE.add("ss2d.backward.dW_x", "gemm", split + x_bytes, w_bytes, 2 * 2 * B * L * D * K)
+        return (*(_empty_like(m) for m in ctx.metas), None)
+
+
+def ss2d_trainable(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *,
+                   channels_first=True, out_float32=False, backend=None):
+    return _Ss2d.apply(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                       dict(channels_first=channels_first, out_float32=out_float32))
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.metas = _metas(q, k, v)
+        return attention_stand_in(q, k, v)
+
+    @staticmethod
+    def backward(ctx, do):
+        B, N, heads, d = ctx.metas[0][0]
+        qkv = sum(_meta_bytes(m) for m in ctx.metas)
+        lse = B * heads * N * 4
+        TRACE.add("attention.backward", "attention", qkv + 2 * nbytes(do) + lse, qkv,
+                  10 * B * heads * N * N * d)
+        return tuple(_empty_like(m) for m in ctx.metas)
+
+
+def attention_trainable(q, k, v, **kwargs):
+    return _Attention.apply(q, k, v)
+
+
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
                     fused_stem: bool = True, fused_residual: bool = True,
                     **overrides) -> list[Kernel]:
@@ -297,6 +450,29 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
         TRACE = None
 
 
+def trace_training(encoder: str, img_size: int, batch: int, **overrides) -> list[Kernel]:
+    """The kernels of one training step of ``batch`` images (module docstring, --train)."""
+    global TRACE
+    stand_ins = [(vmamba_module, "ss2d", ss2d_trainable),
+                 (vmamba_module, "depthwise_conv2d", conv_silu_trainable),
+                 (vmamba_module, "uses_triton", lambda *a, **k: True),
+                 (vit_module, "attention", attention_trainable),
+                 (norms_module, "layer_norm", layer_norm_trainable),
+                 (norms_module, "_out_dtype", cuda_out_dtype)]
+    try:
+        with stood_in(stand_ins):
+            model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
+            images = torch.empty(batch, 3, img_size, img_size, device="meta")
+            TRACE = KernelTrace()
+            with TRACE:
+                with Autocast(model.parameters()):
+                    loss = model(images).float().mean()
+                loss.backward()
+            return TRACE.kernels
+    finally:
+        TRACE = None
+
+
 def summarize(kernels: list[Kernel], by: str = "kind") -> dict[str, dict[str, float]]:
     """Per kind (by="kind") or per op (by="op"), and "total": kernels, MB moved, matrix GFLOP,
     floor in ms."""
@@ -317,7 +493,10 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", default="vmamba_tiny_s1l8")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=None,
-                        help="default: the benchmark's, 128 x (224 / img-size)^2")
+                        help="default: the benchmark's, 128 x (224 / img-size)^2 (64 x with "
+                             "--train)")
+    parser.add_argument("--train", action="store_true",
+                        help="a training step (forward, backward) instead of an inference")
     parser.add_argument("--unfused-mlp", action="store_true",
                         help="fc1, the GELU, fc2 and the residual add (without pyssm's "
                              "linear_gelu and linear_residual_)")
@@ -326,13 +505,19 @@ def main(argv=None) -> int:
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
     args = parser.parse_args(argv)
-    batch = args.batch or max(1, round(128 * (224 / args.img_size) ** 2))
-    kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
-                              not args.unfused_stem, not args.unfused_residual)
-    mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
-           if args.unfused_residual else "fc1 + GELU and fc2 + add fused")
-    stem = "; stem norm then GELU" if args.unfused_stem else ""
-    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast inference ({mlp}{stem}), "
+    if args.train and (args.unfused_mlp or args.unfused_residual or args.unfused_stem):
+        parser.error("--train traces the training path: no --unfused-* (its MLP is unfused)")
+    batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
+    if args.train:
+        kernels = trace_training(args.encoder, args.img_size, batch)
+        what = "training step (forward, backward)"
+    else:
+        kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
+                                  not args.unfused_stem, not args.unfused_residual)
+        mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
+               if args.unfused_residual else "fc1 + GELU and fc2 + add fused")
+        what = f"inference ({mlp}{'; stem norm then GELU' if args.unfused_stem else ''})"
+    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast {what}, "
           f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
     for by in ("kind", "op"):
         rows = summarize(kernels, by)

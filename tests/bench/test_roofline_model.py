@@ -1,6 +1,6 @@
 """bench/roofline_model.py: its byte and FLOP counts on a case counted by hand, its emulated
-autocast, and a trace of small encoders that takes the GPU's inference path and puts the ops
-it stands in back."""
+autocast, and traces of small encoders (inference and a training step) that take the GPU's path
+and put the ops it stands in back."""
 
 import sys
 from pathlib import Path
@@ -103,3 +103,43 @@ def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
         assert len(attn) == 2 and attn[0].flops == 4 * 3 * 6 * 17**2 * 64
     assert all(k.read >= 0 and k.written > 0 for k in kernels)
     assert rm.summarize(kernels)["total"]["ms"] > 0
+
+
+@pytest.mark.parametrize("encoder,overrides", [
+    ("vmamba_tiny_s1l8", dict(depths=(1, 1, 1, 1), dims=16)),
+    ("vmamba_tiny_s1l8", dict(depths=(1, 1, 1, 1), dims=16, dt_rank=20)),
+    ("vit_small_patch16", dict(depth=2)),
+])
+def test_a_training_step_traces_forward_and_backward(encoder, overrides):
+    """--train: the MLP unfused (its fused ops are inference-only), every stood-in op's
+    backward recorded beside torch's own backward ops, the stand-ins put back after."""
+    real = (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d, rm.vit_module.attention,
+            rm.norms_module.layer_norm, rm.norms_module._out_dtype)
+    kernels = rm.trace_training(encoder, 64, 3, **overrides)
+    assert (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d, rm.vit_module.attention,
+            rm.norms_module.layer_norm, rm.norms_module._out_dtype) == real
+    ops = {k.op for k in kernels}
+    assert {"layer_norm", "layer_norm.backward", "aten.gelu", "aten.gelu_backward"} <= ops
+    assert not {"linear_gelu", "linear_residual"} & ops
+    inference = rm.trace_inference(encoder, 64, 3, **overrides)
+    gemm = [sum(k.flops for k in t if k.kind == "gemm") for t in (inference, kernels)]
+    assert gemm[1] > 2.5 * gemm[0]  # (the backward's two products a layer, and the MLP's)
+    if encoder.startswith("vmamba"):
+        assert {"ss2d.backward.summary", "ss2d.backward.main", "ss2d.backward.x_proj_adjoint",
+                "depthwise_conv2d+silu.backward_dx"} <= ops
+        assert ("ss2d.backward.dpre_gemms" in ops) == ("dt_rank" in overrides)
+        # stage 1: 3 images of 16 x 16 pixels, d_inner 16: one block of channels a direction,
+        # 256 positions in 4 tiles of 64 -> 3 x 4 x 256 warp-steps
+        main = next(k for k in kernels if k.op == "ss2d.backward.main")
+        instructions = rm.ss2d_backward_instructions(overrides.get("dt_rank", 1))[1]
+        assert main.fixed_s == pytest.approx(3 * 4 * 256 * instructions / rm.ISSUE_RATE)
+    else:
+        back = [k for k in kernels if k.op == "attention.backward"]
+        assert len(back) == 2 and back[0].flops == 10 * 3 * 6 * 17**2 * 64
+
+
+def test_the_cli_takes_train():
+    assert rm.main(["--encoder", "vit_small_patch16", "--img-size", "32", "--train",
+                    "--batch", "2"]) == 0
+    with pytest.raises(SystemExit):
+        rm.main(["--train", "--unfused-mlp"])
