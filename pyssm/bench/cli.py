@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-KERNEL_OPS = ("ss2d", "selective_scan", "cross_scan", "attention", "layer_norm",
+KERNEL_OPS = ("ss2d", "ss2d_module", "selective_scan", "cross_scan", "attention", "layer_norm",
               "depthwise_conv2d", "linear_gelu", "linear_residual")
 
 
@@ -116,10 +116,10 @@ def _plot(fn, *args) -> list:
 
 def run_kernels(run: Run, ops: list[str]) -> list[dict]:
     from pyssm.bench import (attention, ceilings, cross_scan, depthwise_conv2d, layer_norm,
-                             linear_gelu, linear_residual, selective_scan, ss2d)
+                             linear_gelu, linear_residual, selective_scan, ss2d, ss2d_module)
 
-    modules = {"ss2d": ss2d, "selective_scan": selective_scan, "cross_scan": cross_scan,
-               "attention": attention, "layer_norm": layer_norm,
+    modules = {"ss2d": ss2d, "ss2d_module": ss2d_module, "selective_scan": selective_scan,
+               "cross_scan": cross_scan, "attention": attention, "layer_norm": layer_norm,
                "depthwise_conv2d": depthwise_conv2d, "linear_gelu": linear_gelu,
                "linear_residual": linear_residual}
     unknown = [op for op in ops if op not in modules]
