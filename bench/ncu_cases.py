@@ -59,8 +59,8 @@ def main() -> None:
     y.backward(torch.randn_like(y))
     if dev == "cuda":
         torch.cuda.synchronize()
-    print("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by atomics), "
-          "selective_scan fwd + bwd: done")
+    print("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by "
+          "atomics), selective_scan fwd + bwd: done")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-// Fused CUDA SS2D backward v3: the d_state-1 path (VMamba v2's configurations). Three launches, as v1 (ss2d_bwd_kernel.cuh): a summary pass (the state entering every
-// tile from zero and the dt summed before it, each chunk's decay, end state and adjoint
-// summary; n1_kernel<..., true>, or v1's summary_kernel when p.n1_summary is false), v1's
+// Fused CUDA SS2D backward v3: the d_state-1 path (VMamba v2's configurations). Three
+// launches, as v1 (ss2d_bwd_kernel.cuh): a summary pass (the state entering every tile from
+// zero and the dt summed before it, each chunk's decay, end state and adjoint summary;
+// n1_kernel<..., true>, or v1's summary_kernel when p.n1_summary is false), v1's
 // carry kernel (each chunk's entering state and adjoint from the right), the main pass
 // (n1_kernel<..., false>). The summary pass is the main kernel's loads, sweep 1 and chains,
 // tiles first to last; it writes the tile states where v1's 16-position tiles would have them.
@@ -79,15 +80,15 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   const int R = int(p.rank), zw = R + 2;
   const Ss2dBwdN1Layout lay = ss2d_bwd_n1_layout(R, sizeof(T), sizeof(acc_t));
   // compile-time where dt_projs_weight is in registers (the layout pads dt to kMaxR there)
-  const int kRpad = kWide ? lay.rpad : kMaxR;
-  const int kZStride = kWide ? lay.zstride : kMaxR + kVec;
-  acc_t* zs = reinterpret_cast<acc_t*>(smem_raw + lay.z);          // (2, tile, kZStride)
+  const int rpad = kWide ? lay.rpad : kMaxR;
+  const int zstride = kWide ? lay.zstride : kMaxR + kVec;
+  acc_t* zs = reinterpret_cast<acc_t*>(smem_raw + lay.z);          // (2, tile, zstride)
   T* xs = reinterpret_cast<T*>(smem_raw + lay.x);                  // (2, tile, 32)
   unsigned char* dys = smem_raw + lay.dy;                          // (2, tile, 32) dy's type
   Segment<acc_t>* seg = reinterpret_cast<Segment<acc_t>*>(smem_raw + lay.seg);  // (warps, 32)
   acc_t* red = reinterpret_cast<acc_t*>(smem_raw + lay.red);       // (3, tile, kRed)
   acc_t* dus = reinterpret_cast<acc_t*>(smem_raw + lay.du);        // (tile, 32)
-  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw + lay.w);          // (kRpad, 32)
+  acc_t* ws = reinterpret_cast<acc_t*>(smem_raw + lay.w);          // (rpad, 32)
   __shared__ int pix_s[3][kN1Tile];  // pixels of the tiles, by iteration % 3
 
   const int tid = threadIdx.x, lane = tid % kN1Lanes, warp = tid / kN1Lanes;
@@ -140,10 +141,10 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   auto load_tile = [&](int it) {
     const int count = tile_count(tile_of(it));
     const int* pix = pix_s[it % 3];
-    acc_t* zst = zs + (it % 2) * kN1Tile * kZStride;
+    acc_t* zst = zs + (it % 2) * kN1Tile * zstride;
     T* xst = xs + (it % 2) * kN1Tile * kN1Lanes;
     unsigned char* dyst = dys + size_t(it % 2) * kN1Tile * kN1Lanes * sizeof(acc_t);
-    ss2d::n1_load_z(zst, z, pix, count, k, R, kRpad, kZStride, tid);
+    ss2d::n1_load_z(zst, z, pix, count, k, R, rpad, zstride, tid);
     if (x_vec) {
       constexpr int kPerRow = kN1Lanes / kXVec;
       for (int e = tid; e < count * kPerRow; e += kN1Threads) {
@@ -196,9 +197,9 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   // (wide) dpre of this direction's pixels, the block's channels: (4, B, L, D)
   acc_t* dpre_out =
       kWide ? static_cast<acc_t*>(p.dpre) + ((k * p.batch + b) * L) * D + d : nullptr;
-  for (int r = warp; r < kRpad; r += kN1Warps)
+  for (int r = warp; r < rpad; r += kN1Warps)
     ws[r * kN1Lanes + lane] = r < R && active ? dt_w[r] : acc_t(0);
-  ss2d::n1_zero_padding(zs, 2 * kN1Tile, R, kRpad, kZStride, tid);
+  ss2d::n1_zero_padding(zs, 2 * kN1Tile, R, rpad, zstride, tid);
   if (tiles > 0) tile_pixels(0);
   if (tiles > 1) tile_pixels(1);
   __syncthreads();
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
 
   for (int it = 0; it < tiles; ++it) {
     const int t = tile_of(it), count = tile_count(t);
-    const acc_t* zst = zs + (it % 2) * kN1Tile * kZStride;
+    const acc_t* zst = zs + (it % 2) * kN1Tile * zstride;
     const T* xst = xs + (it % 2) * kN1Tile * kN1Lanes;
     const unsigned char* dyst = dys + size_t(it % 2) * kN1Tile * kN1Lanes * sizeof(acc_t);
     __syncthreads();  // the next tile's pixels are written; its stage and the sums are free
@@ -249,12 +250,12 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
 #pragma unroll
     for (int i = 0; i < kN1Steps; ++i) {
       const int j = warp * kN1Steps + i;
-      const acc_t* row = zst + j * kZStride;
+      const acc_t* row = zst + j * zstride;
       const acc_t u = widen(xst[j * kN1Lanes + lane]);
       acc_t pre;
       if constexpr (kWide) {
         pre = bias;
-        for (int q = 0; q < kRpad / kVec; ++q) {
+        for (int q = 0; q < rpad / kVec; ++q) {
           const Vec16<acc_t> zv = reinterpret_cast<const Vec16<acc_t>*>(row)[q];
 #pragma unroll
           for (int e = 0; e < kVec; ++e) pre += ws[(q * kVec + e) * kN1Lanes + lane] * zv.v[e];
@@ -271,12 +272,12 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       }
       const bool step = active && j < count;
       a[i] = step ? exp_(dt * A) : acc_t(1);
-      bu[i] = step ? dt * u * row[kRpad] : acc_t(0);
+      bu[i] = step ? dt * u * row[rpad] : acc_t(0);
       P *= a[i];
       Hs = a[i] * Hs + bu[i];
       if (kSummary && step) {
         dts += dt;
-        Q += P * dy_at(dyst, j * kN1Lanes + lane) * row[kRpad + 1];
+        Q += P * dy_at(dyst, j * kN1Lanes + lane) * row[rpad + 1];
       }
     }
     if constexpr (kSummary) {
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
       for (int i = kN1Steps - 1; i >= 0; --i) {
         const int j = warp * kN1Steps + i;
         const acc_t dyc = active && j < count
-                              ? dy_at(dyst, j * kN1Lanes + lane) * zst[j * kZStride + kRpad + 1]
+                              ? dy_at(dyst, j * kN1Lanes + lane) * zst[j * zstride + rpad + 1]
                               : acc_t(0);
         S = a[i] * (dyc + S);
       }
@@ -334,12 +335,12 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   #pragma unroll
       for (int i = kN1Steps - 1; i >= 0; --i) {
         const int j = warp * kN1Steps + i;
-        const acc_t* row = zst + j * kZStride;
+        const acc_t* row = zst + j * zstride;
         const acc_t u = widen(xst[j * kN1Lanes + lane]);
         const acc_t dyv = dy_at(dyst, j * kN1Lanes + lane);
-        const acc_t Bj = row[kRpad];
+        const acc_t Bj = row[rpad];
         const bool step = active && j < count;
-        const acc_t g = (step ? dyv * row[kRpad + 1] : acc_t(0)) + gn;
+        const acc_t g = (step ? dyv * row[rpad + 1] : acc_t(0)) + gn;
         const acc_t dt = red_b[j * kRed + lane], sig = red_pre[j * kRed + lane];
         const acc_t hprev = red_c[j * kRed + lane];
         const acc_t ddt = g * (A * a[i] * hprev + Bj * u);

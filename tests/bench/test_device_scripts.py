@@ -29,8 +29,8 @@ def test_sanitize_cases_run_on_the_cpu_kernels():
 def test_ncu_cases_run_on_the_cpu_kernels():
     done = run([sys.executable, "bench/ncu_cases.py"], PYSSM_NCU_DEVICE="cpu")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert ("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by atomics), "
-            "selective_scan fwd + bwd: done") in done.stdout
+    assert ("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by "
+            "atomics), selective_scan fwd + bwd: done") in done.stdout
 
 
 def test_hopper_smoke_skips_without_an_sm90_gpu():
