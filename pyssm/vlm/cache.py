@@ -4,8 +4,10 @@
     Trainer(vlm, cached, config).fit()       # items are (tokens (T, C), prompt, answer)
 
 The file holds the tokens of every item in order (float16 unless ``dtype`` says otherwise) and
-a fingerprint of the encoder and the dataset size; a file written for another encoder or
-another dataset length is recomputed, never silently reused.
+a fingerprint of what they depend on: the encoder's weights, its tap, the stored dtype, the
+dataset's length and the images of its first, middle and last items (so another seed, split or
+resolution of the same length is seen). A file whose fingerprint differs is recomputed, never
+reused; a change to the other images alone is not seen, as the fingerprint samples three.
 """
 
 from __future__ import annotations
@@ -17,8 +19,21 @@ import torch
 from pyssm.vlm.model import VisionLanguageModel, _tokens, encoder_fingerprint
 
 
-def _fingerprint(vlm: VisionLanguageModel, n: int) -> torch.Tensor:
-    return torch.tensor([encoder_fingerprint(vlm), float(n)], dtype=torch.float64)
+def _fingerprint(vlm: VisionLanguageModel, dataset, dtype: torch.dtype) -> torch.Tensor:
+    """float64 checksums: the encoder's weights, the tap, the dtype, the length, and for the
+    first, middle and last images their shape, sum and absolute sum."""
+    n = len(dataset)
+    values = [encoder_fingerprint(vlm), float(n), float(_text_sum(repr(vlm.config.tap))),
+              float(_text_sum(str(dtype)))]
+    for i in sorted({0, n // 2, n - 1} if n else set()):
+        image = torch.as_tensor(dataset[i][0]).double()
+        values += [float(image.numel()), *map(float, image.shape[-2:]), float(image.sum()),
+                   float(image.abs().sum())]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _text_sum(text: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(text))
 
 
 class TokenDataset:
@@ -46,10 +61,12 @@ def cache_tokens(vlm: VisionLanguageModel, dataset, path: str | os.PathLike,
     from safetensors.torch import load_file, save_file
 
     path = os.fspath(path)
-    fingerprint = _fingerprint(vlm, len(dataset))
+    fingerprint = _fingerprint(vlm, dataset, dtype)
     if os.path.exists(path):
         stored = load_file(path)
-        if torch.allclose(stored["fingerprint"], fingerprint, rtol=1e-9, atol=0):
+        seen = stored["fingerprint"]
+        if seen.shape == fingerprint.shape and torch.allclose(seen, fingerprint, rtol=1e-9,
+                                                               atol=0):
             return TokenDataset(dataset, stored["tokens"])
     device = next(vlm.encoder.parameters()).device
     chunks = []

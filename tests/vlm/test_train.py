@@ -270,3 +270,31 @@ def test_training_on_cached_tokens_matches_training_on_images(tmp_path):
     other = make_vlm(seed=5)                      # another encoder: the file is not reused
     assert not torch.equal(cache_tokens(other, ColourData(), path, dtype=torch.float32).tokens,
                            cached.tokens)
+
+
+def test_cached_tokens_are_recomputed_for_other_images_tap_or_dtype(tmp_path):
+    """The token cache's fingerprint: a dataset of the same length with other images, another
+    tap, another stored dtype, or a file from before the fingerprint held them (two values),
+    are recomputed, not read back."""
+    from safetensors.torch import load_file, save_file
+
+    from pyssm.vlm.cache import cache_tokens
+
+    class Brighter(ColourData):
+        def __getitem__(self, i):
+            img, prompt, answer = super().__getitem__(i)
+            return img + 0.5, prompt, answer
+
+    vlm = make_vlm()
+    path = tmp_path / "tokens.safetensors"
+    first = cache_tokens(vlm, ColourData(), path, dtype=torch.float32).tokens
+    brighter = cache_tokens(vlm, Brighter(), path, dtype=torch.float32).tokens
+    assert brighter.shape == first.shape and not torch.equal(brighter, first)
+    assert torch.equal(cache_tokens(vlm, ColourData(), path, dtype=torch.float32).tokens, first)
+    assert cache_tokens(vlm, ColourData(), path, dtype=torch.float16).tokens.dtype == torch.float16
+    vlm.config.tap = 1  # (stage 2's tokens: another shape, read from the encoder again)
+    assert cache_tokens(vlm, ColourData(), path, dtype=torch.float32).tokens.shape != first.shape
+    vlm.config.tap = None
+    save_file({"tokens": torch.zeros_like(first),
+               "fingerprint": load_file(path)["fingerprint"][:2].contiguous()}, path)
+    assert torch.equal(cache_tokens(vlm, ColourData(), path, dtype=torch.float32).tokens, first)
