@@ -75,10 +75,14 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     pieces = harness.Provider(f"pyssm-{kernel}-unfused", pieces.fn, pieces.status)
     # the fused kernels with each scan in one chunk (one pass, fewer blocks) instead of the
     # chunks that give ~2 blocks of 8 warps per SM (two passes where the batch alone does not):
-    # which side of that trade wins is for the GPU to say
-    # (csrc/ss2d/ss2d_cuda.cpp reads PYSSM_SS2D_BLOCKS_PER_SM at every call; forward rows only)
+    # which side of that trade wins is for the GPU to say. In the backward, one chunk instead
+    # of v1's chunking (~16 blocks of 128 channels an SM: 9 chunks at VMamba-T stage 1, 224 px
+    # x 64): no chunk carries, the case a forward that kept its tile states would serve
+    # (csrc/ss2d/NOTES.md). (csrc/ss2d/ss2d_cuda.cpp reads PYSSM_SS2D_BLOCKS_PER_SM at every
+    # call.)
     one_chunk = harness.Provider(f"pyssm-{kernel}-1chunk", ours.fn, ours.status,
-                                 modes=("forward",), env={"PYSSM_SS2D_BLOCKS_PER_SM": "0"})
+                                 modes=("forward", "backward"),
+                                 env={"PYSSM_SS2D_BLOCKS_PER_SM": "0"})
     # the general forward (v2: a thread per channel walks each chunk, ~16 blocks per SM, two
     # passes) beside the d_state-1 one (v3) that `ours` runs at these shapes
     v2 = harness.Provider(f"pyssm-{kernel}-fwd-v2", ours.fn, ours.status, modes=("forward",),
