@@ -424,7 +424,6 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
     (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone);
     ``fused_stem``: VMamba's stem norm + GELU as one layer_norm pass (else its modules one by
     one)."""
-    global TRACE
     stand_ins = [] if fused_stem else [
         (vmamba_module.PatchEmbed2, "forward", torch.nn.Sequential.forward)]
     stand_ins += [(mlp_module, "linear_gelu", linear_gelu_stand_in),
@@ -432,42 +431,48 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
                  (mlp_module, "linear_residual_", linear_residual_stand_in),
                  (mlp_module, "linear_residual_uses_triton",
                   lambda *a, **k: fused_mlp and fused_residual),
-                 (vmamba_module, "ss2d", ss2d_stand_in),
-                 (vmamba_module, "depthwise_conv2d", conv_silu_stand_in),
-                 (vmamba_module, "uses_triton", lambda *a, **k: True),
-                 (vit_module, "attention", attention_stand_in),
-                 (norms_module, "layer_norm", layer_norm_stand_in),
-                 (norms_module, "_out_dtype", cuda_out_dtype)]
-    try:
-        with stood_in(stand_ins):
-            model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
-            images = torch.empty(batch, 3, img_size, img_size, device="meta")
-            TRACE = KernelTrace()
-            with Autocast(model.parameters()), TRACE, torch.no_grad():
-                model(images)
-            return TRACE.kernels
-    finally:
-        TRACE = None
+                 *_kernel_stand_ins(ss2d_stand_in, conv_silu_stand_in, attention_stand_in,
+                                    layer_norm_stand_in)]
+
+    def infer(model, images):
+        with Autocast(model.parameters()), torch.no_grad():
+            model(images)
+
+    return _trace(encoder, img_size, batch, stand_ins, infer, overrides)
 
 
 def trace_training(encoder: str, img_size: int, batch: int, **overrides) -> list[Kernel]:
     """The kernels of one training step of ``batch`` images (module docstring, --train)."""
+    def step(model, images):
+        with Autocast(model.parameters()):
+            loss = model(images).float().mean()
+        loss.backward()
+
+    stand_ins = _kernel_stand_ins(ss2d_trainable, conv_silu_trainable, attention_trainable,
+                                  layer_norm_trainable)
+    return _trace(encoder, img_size, batch, stand_ins, step, overrides)
+
+
+def _kernel_stand_ins(ss2d, conv_silu, attention, layer_norm) -> list:
+    """The pyssm kernels' stand-ins, the models' choices as on a GPU under CUDA autocast."""
+    return [(vmamba_module, "ss2d", ss2d),
+            (vmamba_module, "depthwise_conv2d", conv_silu),
+            (vmamba_module, "uses_triton", lambda *a, **k: True),
+            (vit_module, "attention", attention),
+            (norms_module, "layer_norm", layer_norm),
+            (norms_module, "_out_dtype", cuda_out_dtype)]
+
+
+def _trace(encoder, img_size, batch, stand_ins, run, overrides) -> list[Kernel]:
+    """The kernels ``run(model, images)`` dispatches on meta tensors with ``stand_ins`` set."""
     global TRACE
-    stand_ins = [(vmamba_module, "ss2d", ss2d_trainable),
-                 (vmamba_module, "depthwise_conv2d", conv_silu_trainable),
-                 (vmamba_module, "uses_triton", lambda *a, **k: True),
-                 (vit_module, "attention", attention_trainable),
-                 (norms_module, "layer_norm", layer_norm_trainable),
-                 (norms_module, "_out_dtype", cuda_out_dtype)]
     try:
         with stood_in(stand_ins):
             model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
             images = torch.empty(batch, 3, img_size, img_size, device="meta")
             TRACE = KernelTrace()
             with TRACE:
-                with Autocast(model.parameters()):
-                    loss = model(images).float().mean()
-                loss.backward()
+                run(model, images)
             return TRACE.kernels
     finally:
         TRACE = None

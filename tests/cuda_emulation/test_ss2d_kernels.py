@@ -255,6 +255,17 @@ def test_ss2d_forward_n1_refuses_other_states(emu):
         forward_emulated(emu, x, ws, 1, n1=True)
 
 
+def assert_gradients(got, x, ws, dy):
+    """Every gradient against autograd through the float64 reference from the same rounded
+    inputs, relative to its largest value: 1e-11 for float64 x, 1e-4 otherwise."""
+    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
+    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
+    tol = 1e-11 if x.dtype == F64 else 1e-4
+    for name, a, b in zip(NAMES, got, want):
+        err = (a.double() - b).abs().max()
+        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+
+
 @pytest.mark.parametrize("case", SS2D_CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype,dy_dtype", [(F64, F64), (torch.float32, torch.float32),
                                             (torch.bfloat16, torch.bfloat16),
@@ -266,12 +277,7 @@ def test_ss2d_backward(emu, case, dtype, dy_dtype):
     x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
     dy = torch.randn(B, H, W, D, dtype=dy_dtype)
     got = backward_emulated(emu, dy, x, ws, chunks)
-    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
-    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
-    tol = 1e-11 if dtype == F64 else 1e-4
-    for name, a, b in zip(NAMES, got, want):
-        err = (a.double() - b).abs().max()
-        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+    assert_gradients(got, x, ws, dy)
 
 
 # The d_state-1 backward (v3's main kernel after the summary, v1's or v3's, and v1's carry):
@@ -293,12 +299,7 @@ def test_ss2d_backward_n1(emu, case, dtype, dy_dtype, summary):
     x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
     dy = torch.randn(B, H, W, D, dtype=dy_dtype)
     got = backward_emulated(emu, dy, x, ws, chunks, n1=2 if summary == "v3" else 1)
-    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
-    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
-    tol = 1e-11 if dtype == F64 else 1e-4
-    for name, a, b in zip(NAMES, got, want):
-        err = (a.double() - b).abs().max()
-        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+    assert_gradients(got, x, ws, dy)
 
 
 @pytest.mark.parametrize("case", [c for c in N1_CASES if c[4] <= 16],
@@ -311,12 +312,7 @@ def test_ss2d_backward_n1_wide_at_small_ranks(emu, case, dtype):
     x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
     dy = torch.randn(B, H, W, D, dtype=dtype)
     got = backward_emulated(emu, dy, x, ws, chunks, n1=2, wide=True)
-    exact_in = [t.double().requires_grad_() for t in (x, *ws)]
-    want = torch.autograd.grad(ops.ss2d_reference(*exact_in), exact_in, dy.double())
-    tol = 1e-11 if dtype == F64 else 1e-4
-    for name, a, b in zip(NAMES, got, want):
-        err = (a.double() - b).abs().max()
-        assert err <= tol * b.abs().max(), (name, float(err), float(b.abs().max()))
+    assert_gradients(got, x, ws, dy)
 
 
 # x_proj on tensor cores (ss2d_xproj_kernel.cuh): bf16 mma with W (and fp16 x, and the
