@@ -116,9 +116,9 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                                 "stages (slow)")
     if device.type == "cuda":
         dstate, dtype = 1, torch.bfloat16
-        # stage 1 of VMamba-T s1l8 (d_inner 96), S s2l15 (192) and B s2l15 (256), dt_rank
-        # ceil(d_model / 16); the reference only for T
-        # (model, stage, d_inner, dt_rank): the stage-1 shapes, then T's stages 3 and 4
+        # (model, stage, d_inner, dt_rank): stage 1 of VMamba-T s1l8 (d_inner 96), S s2l15
+        # (192) and B s2l15 (256), then T's stages 3 and 4; dt_rank ceil(d_model / 16); the
+        # reference only for T's stage 1
         models = [("T", 1, 96, 6), ("S", 1, 192, 6), ("B", 1, 256, 8),
                   ("T", 3, 384, 24), ("T", 4, 768, 48)]
         sizes = [(224, 64), (512, 12), (1024, 3)][: 1 if quick else 3]
