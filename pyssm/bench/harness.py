@@ -81,6 +81,25 @@ def triton_providers(ours: Callable, torchs: Callable, device: torch.device,
     return providers
 
 
+def mlp_sizes(device: torch.device, quick: bool) -> list[tuple[str, int, int, int]]:
+    """(layer label, rows, width, hidden) of the MLPs the linear_gelu (fc1: width -> hidden)
+    and linear_residual (fc2: hidden -> width) tables time: on a GPU, the encoders' at 224 px x
+    128 (the first two under --quick), with "{fc}" in the label for the layer's name; on the
+    CPU, two small shapes (one under --quick)."""
+    if device.type == "cuda":
+        return [("VMamba-T s1 {fc}, 224 px x 128", 128 * 56 * 56, 96, 384),
+                ("ViT-B/16 {fc}, 224 px x 128", 128 * 197, 768, 3072),
+                ("VMamba-T s3 {fc}, 224 px x 128", 128 * 14 * 14, 384, 1536),
+                ("ViT-S/16 {fc}, 224 px x 128", 128 * 197, 384, 1536)][: 2 if quick else 4]
+    return [("small", 4096, 96, 384), ("wide", 512, 384, 1536)][: 1 if quick else 2]
+
+
+def bf16_linear(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear(k, n)'s weight (scaled by k^-1/2) and bias, random, in bf16."""
+    return ((torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16),
+            (0.1 * torch.randn(n, device=device)).to(torch.bfloat16))
+
+
 def pyssm_provider(op: str, backend: str, fn: Callable) -> Provider:
     """``fn`` as provider "pyssm-<backend>", or a "not built" row when pyssm._C lacks the kernel."""
     from pyssm import _extension

@@ -32,24 +32,15 @@ def pyssm_linear_gelu(x, w, b):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
-    gpu = device.type == "cuda"
-    if gpu:
-        sizes = [("VMamba-T s1 fc1, 224 px x 128", 128 * 56 * 56, 96, 384),
-                 ("ViT-B/16 fc1, 224 px x 128", 128 * 197, 768, 3072),
-                 ("VMamba-T s3 fc1, 224 px x 128", 128 * 14 * 14, 384, 1536),
-                 ("ViT-S/16 fc1, 224 px x 128", 128 * 197, 384, 1536)][: 2 if quick else 4]
-    else:
-        sizes = [("small", 4096, 96, 384), ("wide", 512, 384, 1536)][: 1 if quick else 2]
     out = []
-    for label, rows, k, n in sizes:
+    for label, rows, k, n in harness.mlp_sizes(device, quick):  # fc1: width k -> hidden n
         def make(rows=rows, k=k, n=n):
             return (torch.randn(rows, k, device=device, dtype=torch.bfloat16),
-                    (torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16),
-                    (0.1 * torch.randn(n, device=device)).to(torch.bfloat16))
+                    *harness.bf16_linear(n, k, device))
 
         providers = harness.triton_providers(pyssm_linear_gelu, torch_linear_gelu, device, quick)
         out.append(harness.Case(
-            op="linear_gelu", size={"shape": label, "M": rows, "K": k, "N": n},
+            op="linear_gelu", size={"shape": label.format(fc="fc1"), "M": rows, "K": k, "N": n},
             make_inputs=make, providers=providers, modes=("forward",), dtype="bf16",
             bytes={"forward": 2 * rows * (k + n)}, flops={"forward": 2 * rows * k * n}))
     return out

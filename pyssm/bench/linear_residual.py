@@ -35,26 +35,18 @@ def pyssm_linear_residual(s, h, w, b):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
-    gpu = device.type == "cuda"
-    if gpu:
-        sizes = [("VMamba-T s1 fc2, 224 px x 128", 128 * 56 * 56, 384, 96),
-                 ("ViT-B/16 fc2, 224 px x 128", 128 * 197, 3072, 768),
-                 ("VMamba-T s3 fc2, 224 px x 128", 128 * 14 * 14, 1536, 384),
-                 ("ViT-S/16 fc2, 224 px x 128", 128 * 197, 1536, 384)][: 2 if quick else 4]
-    else:
-        sizes = [("small", 4096, 384, 96), ("wide", 512, 1536, 384)][: 1 if quick else 2]
     out = []
-    for label, rows, k, n in sizes:
+    for label, rows, n, k in harness.mlp_sizes(device, quick):  # fc2: hidden k -> width n
         def make(rows=rows, k=k, n=n):
             return (torch.randn(rows, n, device=device),
                     torch.randn(rows, k, device=device, dtype=torch.bfloat16),
-                    (torch.randn(n, k, device=device) / k ** 0.5).to(torch.bfloat16),
-                    (0.1 * torch.randn(n, device=device)).to(torch.bfloat16))
+                    *harness.bf16_linear(n, k, device))
 
         providers = harness.triton_providers(pyssm_linear_residual, torch_linear_residual,
                                              device, quick)
         out.append(harness.Case(
-            op="linear_residual", size={"shape": label, "M": rows, "K": k, "N": n},
+            op="linear_residual",
+            size={"shape": label.format(fc="fc2"), "M": rows, "K": k, "N": n},
             make_inputs=make, providers=providers, modes=("forward",), dtype="bf16+fp32",
             bytes={"forward": rows * (2 * k + 8 * n)}, flops={"forward": 2 * rows * k * n}))
     return out
