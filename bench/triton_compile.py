@@ -4,7 +4,7 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
-``depthwise_conv2d``, ``linear_gelu`` or ``linear_residual_`` launches for that row width,
+``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_`` or ``mlp_gelu`` launches for that row width,
 channel count or (K, N) (their tiles) and dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
@@ -32,6 +32,7 @@ from pyssm.ops import depthwise_conv2d_triton as DW  # noqa: E402
 from pyssm.ops import layer_norm_triton as K  # noqa: E402
 from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
 from pyssm.ops import linear_residual_triton as LR  # noqa: E402
+from pyssm.ops import mlp_gelu_triton as MG  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
 STEM_WIDTHS = (48, 64)  # layer_norm + GELU: VMamba-T/S's and VMamba-B's half-width stem
@@ -112,11 +113,22 @@ def variants():
     for k, n in FC1:
         for x in ("bf16", "fp32"):  # the encoders' bf16; fp32 (IEEE, on the CUDA cores)
             block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")
-            sig = {"X": f"*{x}", "Wt": f"*{x}", "BIAS": f"*{x}", "Y": f"*{x}", "M": "i32",
-                   "N": "i32", "K": "i32", "stride_xm": "i32"}
-            flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,
-                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
+            tiles = {"IEEE": x == "fp32", "EVEN_K": k % block_k == 0, "BLOCK_M": block_m,
+                     "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
+            sig = {"X": f"*{x}", "Wt": f"*{x}", "BIAS": f"*{x}", "Y": f"*{x}", "PRE": f"*{x}",
+                   "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+            flags = {"HAS_BIAS": True, "STORE_PRE": False, **tiles}
             yield "linear_gelu forward", f"{k}->{n}", x, LG._fwd, sig, flags, warps
+            # mlp_gelu's forward (a written too) and backward (dy, width k, times fc2's weight
+            # back to the hidden n), in their own tiles
+            block_m, block_n, block_k, warps = LG.training_tiles(n, k, x == "fp32")
+            tiles = {**tiles, "EVEN_K": k % block_k == 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_K": block_k}
+            flags = {"HAS_BIAS": True, "STORE_PRE": True, **tiles}
+            yield "mlp_gelu forward (a, h)", f"{k}->{n}", x, LG._fwd, sig, flags, warps
+            sig = {"DY": f"*{x}", "W2t": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "M": "i32",
+                   "N": "i32", "K": "i32", "stride_dym": "i32"}
+            yield "mlp_gelu backward (da)", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
     for k, n in FC2:
         for x in ("bf16", "fp32"):  # into a float32 sum
             block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")

@@ -168,3 +168,17 @@ def linear_tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, int
     if K < 256:
         return 64, block_n, 32, 4
     return 128, block_n, 64, 8 if block_n == 128 else 4
+
+
+def training_tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of mlp_gelu's two kernels, whose epilogues hold a
+    second tile beside the product (the pre-activation stored too; a and GELU'(a)): at
+    linear_tiles' 16-bit sizes they spilled 176-448 B a thread on sm_90 (Triton 3.8's ptxas).
+    16-bit x, K < 256: 64 x 64 x 32, 4 warps (forward / backward 147 / 252 registers on sm_90,
+    195 / 186 on sm_80); from 256 on: 64 x 128 x 32, 8 warps (156 / 218, 155 / 175); float32 x
+    as linear_tiles. None spills (bench/triton_compile.py)."""
+    if fp32:
+        return linear_tiles(N, K, fp32)
+    if K < 256:
+        return 64, min(64, max(16, triton.next_power_of_2(N))), 32, 4
+    return 64, min(128, max(16, triton.next_power_of_2(N))), 32, 8

@@ -1,0 +1,64 @@
+"""Triton kernel of ``pyssm.ops.mlp_gelu``'s backward: fc2's input gradient and the GELU's in one
+pass, da = (dy W2) * GELU'(a), with dy W2 summed in float32 and da rounded once. (The forward
+is linear_gelu's kernel, which writes the pre-activation a beside the hidden layer h.)
+
+Why: a training step's MLP in torch writes fc2's input gradient dh (M x 4C) in bf16 and the
+GELU's backward reads it back with a and writes da: dh's write and read (2 x 2 B an element of
+the hidden layer) are what this pass saves, and the forward saves the GELU's read of a.
+bench/roofline_model.py --train puts the GELU and its backward at 0.08 of VMamba-T's
+training-step floor and 0.12 of ViT-S's (profiles/roofline_model/2026-12-06-train.md).
+
+Two numbers at VMamba-T's stage-1 MLP, 224 px x 64 (M = 200,704 rows, C 96, hidden 384, bf16):
+dy read 39 MB, a read and da written 154 MB each, W2 74 KB (held in the L2): 347 MB, **81 us**
+at the H200's measured 4.3 TB/s; 14.8 GFLOP (19 us of tensor cores), so memory-bound. Torch's
+two passes: cuBLAS's dgrad (39 MB read, 154 MB written) and the GELU's backward (462 MB): 655
+MB, ~150 us. Prediction, not measured yet: 80-120 us against 150-190 us. At ViT-B/16's (C 768,
+hidden 3072) the product is bound by FLOPs, as linear_gelu's forward is there.
+
+The tile product is ``_triton.linear_tile`` with dy as x and W2 transposed (hidden, C) as the
+weight, in ``_triton.training_tiles`` (smaller than linear_gelu's: this epilogue holds a and
+GELU'(a) beside the product), with linear_gelu's interpreter caveat (on CPU tensors the 16-bit
+values are multiplied as float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyssm.ops._triton import (check_device, gelu_grad, jit, linear_tile, rounded,  # noqa: F401
+                               tl, training_tiles, triton)
+
+
+@jit
+def _dgrad(DY, W2t, PRE, DA, M, N, K, stride_dym, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           CPU: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dh = linear_tile(DY, W2t, W2t, rows, cols, M, N, K, stride_dym, False, IEEE, EVEN_K,
+                     BLOCK_M, BLOCK_N, BLOCK_K, CPU)
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    a = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DA + offs, rounded(dh * gelu_grad(a), DA.dtype.element_ty, CPU), mask=mask)
+
+
+def backward(dy: torch.Tensor, w2t: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """dy (M, C) with unit stride along C; w2t (hidden, C) contiguous, fc2's weight transposed,
+    in dy's dtype; pre (M, hidden) contiguous, the saved pre-activation. da (M, hidden) in
+    pre's dtype."""
+    M, K = dy.shape
+    N = w2t.shape[0]
+    check_device(dy.device, "mlp_gelu")
+    da = torch.empty((M, N), dtype=pre.dtype, device=dy.device)
+    if M == 0 or N == 0:
+        return da
+    fp32 = dy.dtype == torch.float32
+    block_m, block_n, block_k, warps = training_tiles(N, K, fp32)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _dgrad[grid](dy, w2t, pre, da, M, N, K, dy.stride(0), EVEN_K=K % block_k == 0, IEEE=fp32,
+                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                 CPU=dy.device.type == "cpu", num_warps=warps, num_stages=3)
+    return da
