@@ -9,7 +9,8 @@ The MLP's hidden layer is 4x the block's width, so that is where an encoder's in
 further there: the MLP's output is added into the block's own residual sum in place, in slices
 of the batch when the hidden layer is large, so only a quarter of it is ever alive. In 16-bit
 inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``), and so can
-fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``).
+fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``); in 16-bit training the
+whole MLP can be one op with its own backward (``pyssm.ops.mlp_gelu``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_gelu import uses_triton as linear_gelu_uses_triton
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.linear_residual import uses_triton as linear_residual_uses_triton
+from pyssm.ops.mlp_gelu import mlp_gelu
+from pyssm.ops.mlp_gelu import uses_triton as mlp_gelu_uses_triton
 
 
 def hooked(*modules: nn.Module) -> bool:
@@ -53,18 +56,26 @@ class Mlp(nn.Module):
     written once, rounded once, instead of written by fc1 and read and written again by the
     GELU. Elsewhere, and always with PYSSM_LINEAR_GELU=0 (the device check's switch after a
     failed Triton smoke), fc1 and then the GELU (in place where nothing records). add_mlp's
-    in-place path calls ``add_into``, which fuses fc2 and the residual add likewise. A fused
-    pass does not call the layers it stands in for, so where a forward hook is registered on
-    them (or on the Mlp, for ``add_into``) they run as plain modules."""
+    in-place path calls ``add_into``, which fuses fc2 and the residual add likewise. Where
+    autograd records (training) in 16 bits, the whole MLP is one ``pyssm.ops.mlp_gelu`` when
+    its kernels run: fc1 + GELU in one pass that keeps the pre-activation, and a backward whose
+    first pass forms the GELU's gradient without fc2's input gradient stored (the float32
+    parameters passed as they are, their gradients in float32); PYSSM_MLP_GELU=0 keeps the
+    layers. A fused pass does not call the layers it stands in for, so where a forward hook is
+    registered on them (or on the Mlp, for ``add_into``) they run as plain modules."""
 
-    backend: str | None = None  # linear_gelu's; the encoders' set_backend sets it
+    backend: str | None = None  # the fused ops'; the encoders' set_backend sets it
 
     def __init__(self, dim: int, hidden: int, linear: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.fc1, self.act, self.fc2 = linear(dim, hidden), GELU(), linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        hidden = self._fc1_gelu(x, backend or self.backend)
+        backend = backend or self.backend
+        out = self._mlp_gelu(x, backend)
+        if out is not None:
+            return out
+        hidden = self._fc1_gelu(x, backend)
         return self.fc2(self.act(self.fc1(x)) if hidden is None else hidden)
 
     def add_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> None:
@@ -127,8 +138,7 @@ class Mlp(nn.Module):
         if (self.act.approximate != "none" or channels_dim is None or dtype is None
                 or hooked(fc1, self.act)):
             return None
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in fc1.parameters())):
+        if self._records(x, fc1):
             return None
         if not linear_gelu_uses_triton(x, fc1.weight, fc1.bias, dtype, backend):
             return None
@@ -138,6 +148,31 @@ class Mlp(nn.Module):
             return linear_gelu(x.permute(0, 2, 3, 1), weight, bias, out_dtype=dtype,
                                backend=backend).permute(0, 3, 1, 2)
         return linear_gelu(x, weight, bias, out_dtype=dtype, backend=backend)
+
+    @staticmethod
+    def _records(x: torch.Tensor, *layers: nn.Module) -> bool:
+        """Whether autograd records a call of ``layers`` on x."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(
+            p.requires_grad for layer in layers for p in layer.parameters()))
+
+    def _mlp_gelu(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
+        """fc2(GELU(fc1(x))) by mlp_gelu's Triton kernels where autograd records (training) in
+        16 bits, or None where that does not apply (PYSSM_MLP_GELU=0 among them)."""
+        if os.environ.get("PYSSM_MLP_GELU", "") == "0":
+            return None
+        fc1, fc2 = self.fc1, self.fc2
+        channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
+        if (self.act.approximate != "none" or channels_dim is None or dtype is None
+                or self._channels_dim(fc2, x) != channels_dim or not self._records(x, fc1, fc2)
+                or hooked(fc1, self.act, fc2)):
+            return None
+        x = x.to(dtype)
+        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # (the op rounds them to dtype)
+        if not mlp_gelu_uses_triton(x, *params, backend):
+            return None
+        if channels_dim == 1:  # channels-last storage makes this view contiguous
+            return mlp_gelu(x.permute(0, 2, 3, 1), *params, backend=backend).permute(0, 3, 1, 2)
+        return mlp_gelu(x, *params, backend=backend)
 
     @contextlib.contextmanager
     def casts_kept(self):

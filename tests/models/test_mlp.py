@@ -17,6 +17,7 @@ from pyssm.models.vmamba import Linear2d
 from pyssm.ops import _triton
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
+from pyssm.ops.mlp_gelu import mlp_gelu
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -380,3 +381,113 @@ def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, monkeyp
         got = model(x).float()
     assert len(fc1_calls) == len(fc2_calls) == len(mlps) > 0
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+def _spy_training(monkeypatch):
+    """The calls the MLPs make to mlp_gelu, as x's dtype."""
+    import pyssm.models.mlp as mlp_module
+    calls = []
+
+    def spy(x, *params, **kwargs):
+        calls.append(x.dtype)
+        return mlp_gelu(x, *params, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "mlp_gelu", spy)
+    return calls
+
+
+@INTERPRETER
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_whole_mlp_fused_in_16_bit_training(channel_first, monkeypatch):
+    """float32 parameters under bf16 autocast with gradients recorded and the Triton ops asked
+    for: the MLP runs as one mlp_gelu (bf16), its output and the gradients into x and every
+    parameter (float32, as autocast's are) within bf16's rounding of the float64 MLP;
+    channels-last in, channels-last out for VMamba's channel-first MLP."""
+    calls, fc1_calls = _spy_training(monkeypatch), _spy_fused(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 40, Linear2d if channel_first else torch.nn.Linear)
+    x = (torch.randn(3, 6, 5, 7).contiguous(memory_format=torch.channels_last) if channel_first
+         else torch.randn(3, 5, 6)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mlp(x, backend="triton")
+    assert calls == [torch.bfloat16] and fc1_calls == []
+    assert got.dtype == torch.bfloat16
+    if channel_first:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    cot = torch.randn(got.shape)
+    grads = torch.autograd.grad(got.float(), [x, *mlp.parameters()], cot)
+    mlp64 = Mlp(6, 40, Linear2d if channel_first else torch.nn.Linear)
+    mlp64.load_state_dict(mlp.state_dict())
+    mlp64.double()
+    x64 = x.detach().double().requires_grad_()
+    want = mlp64(x64)
+    wants = torch.autograd.grad(want, [x64, *mlp64.parameters()], cot.double())
+    torch.testing.assert_close(got.double(), want, rtol=0.03, atol=0.03)
+    for g, w, p in zip(grads, wants, [x, *mlp.parameters()]):
+        assert g.dtype == p.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=0.03, atol=0.03 * w.abs().max().item())
+
+
+def test_whole_mlp_unfused_where_the_op_does_not_apply(monkeypatch):
+    """Nothing recorded, float32 products, the reference backend, the tanh GELU, a hook on a
+    layer, or PYSSM_MLP_GELU=0: the layers as before (the op is never called); the switch gives
+    the same gradients within bf16's rounding."""
+    calls = _spy_training(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17)
+    x = torch.randn(4, 6, requires_grad=True)
+    triton = "triton" if _triton.available() and _triton.interpreting() else None
+    mlp(x, backend=triton).sum().backward()  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            mlp(x, backend=triton)
+        mlp(x, backend="reference")
+        mlp.act.approximate = "tanh"
+        if triton:
+            mlp(x, backend=triton)
+        mlp.act.approximate = "none"
+        handle = mlp.fc2.register_forward_hook(lambda m, a, out: None)
+        if triton:
+            mlp(x, backend=triton)
+        handle.remove()
+        monkeypatch.setenv("PYSSM_MLP_GELU", "0")  # the device check's switch
+        unfused = mlp(x, backend=triton)
+    assert calls == []
+    if triton:
+        monkeypatch.delenv("PYSSM_MLP_GELU")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = mlp(x, backend=triton)
+        assert calls == [torch.bfloat16]
+        (g_fused,), (g_unfused,) = (torch.autograd.grad(y.float().sum(), [mlp.fc1.weight])
+                                    for y in (fused, unfused))
+        torch.testing.assert_close(g_fused, g_unfused, rtol=0.03,
+                                   atol=0.03 * g_unfused.abs().max().item())
+
+
+@INTERPRETER
+@pytest.mark.parametrize("name,size", [("vmamba_tiny_s1l8", 64), ("vit_tiny_patch16", 48)])
+def test_encoders_take_the_whole_mlp_op_in_16_bit_training(name, size, monkeypatch):
+    """A training step of a whole encoder under bf16 autocast with every MLP's backend set to
+    Triton: every MLP runs as mlp_gelu, and the loss and the parameters' gradients are those of
+    torch's ops within bf16 rounding."""
+    from pyssm.models import create_encoder
+    calls = _spy_training(monkeypatch)
+    torch.manual_seed(0)
+    small = dict(depths=(1, 2, 1, 1), dims=16) if name.startswith("vmamba") else dict(depth=2)
+    # (eval: drop path off, as the encoders benchmark's training step has it)
+    model = create_encoder(name, img_size=size, num_classes=10, **small).eval()
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    x = torch.randn(2, 3, size, size)
+    results = []
+    for backend in ("reference", "triton"):
+        for m in mlps:
+            m.backend = backend
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        named = [(n, p) for n, p in model.named_parameters() if "mlp" in n]
+        results.append((loss, torch.autograd.grad(loss, [p for _, p in named])))
+    assert len(calls) == len(mlps) > 0
+    (loss_ref, g_ref), (loss, g) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=0.03, atol=1e-3)
+    for (n, _), a, b in zip(named, g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item(), msg=n)
