@@ -139,12 +139,18 @@ def linear_residual_cases():
     yield "(3, 67, 96) bf16 -> 130 into a float32 sum (partial row and N tiles)", fused
 
 
+def mlp_gelu_cases():
+    yield "(3, 67, 96) bf16 -> 130 -> 96, forward and backward (partial row and N tiles)", \
+        lambda: ops.mlp_gelu(rand(3, 67, 96, dtype=torch.bfloat16), rand(130, 96), rand(130),
+                             rand(96, 130), rand(96), backend="triton")
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
          "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases,
-         "linear_residual": linear_residual_cases}
-TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual")
+         "linear_residual": linear_residual_cases, "mlp_gelu": mlp_gelu_cases}
+TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu")
 
 
 def _runs(op: str) -> bool:

@@ -1,15 +1,16 @@
-"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_) once, on
-the GPU, before the rest of the device check: they have run only in Triton's interpreter, and
+"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu)
+once, on the GPU, before the rest of the device check: they have run only in Triton's interpreter, and
 the encoder benchmarks take them through the models' norms, VMamba's convolutions and the MLPs'
-fc1 and fc2. bench/device_check.sh runs this under a short limit and, where it fails, turns off
-for the later steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops),
-linear_gelu (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU) or linear_residual_
-(PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add), so a Triton compile error or fault
+fc1 and fc2 (and in training the whole MLP). bench/device_check.sh runs this under a short limit
+and, where it fails, turns off for the later steps what failed: all of them (PYSSM_TRITON=0: the
+models use torch's ops), linear_gelu (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU),
+linear_residual_ (PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add) or mlp_gelu
+(PYSSM_MLP_GELU=0: training MLPs run as their layers), so a Triton compile error or fault
 costs one short step, not the encoder benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
                                   # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),
-                                  # 4 (linear_residual_)
+                                  # 4 (linear_residual_), 8 (mlp_gelu)
     PYSSM_TRITON_SMOKE_DEVICE=cpu TRITON_INTERPRET=1 python bench/triton_smoke.py  # a dry run
 """
 
@@ -25,6 +26,7 @@ from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_refere
 from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
+from pyssm.ops.mlp_gelu import mlp_gelu
 
 
 def _relative(pairs) -> float:
@@ -124,6 +126,23 @@ def _linear_residual(device) -> float:
     return worst
 
 
+def _mlp_gelu(device) -> float:
+    worst = 0.0  # the whole MLP with its backward (training): VMamba-T s1's, ViT-B's
+    for rows, width, hidden in ((4099, 96, 384), (300, 768, 3072)):
+        x = torch.randn(rows, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+        w1 = (torch.randn(hidden, width, device=device) / width ** 0.5).requires_grad_()
+        b1 = (0.1 * torch.randn(hidden, device=device)).requires_grad_()
+        w2 = (torch.randn(width, hidden, device=device) / hidden ** 0.5).requires_grad_()
+        b2 = (0.1 * torch.randn(width, device=device)).requires_grad_()
+        y = mlp_gelu(x, w1, b1, w2, b2, backend="triton")
+        f64 = torch.nn.functional
+        y64 = f64.linear(f64.gelu(f64.linear(x.double(), w1.double(), b1.double())),
+                         w2.double(), b2.double())
+        worst = max(worst, _check(f"mlp_gelu ({rows}, {width}) -> {hidden}", device, [y], [y64],
+                                  (x, w1, b1, w2, b2)))
+    return worst
+
+
 def main() -> int:
     device = os.environ.get("PYSSM_TRITON_SMOKE_DEVICE", "cuda")
     if (device == "cuda" and not torch.cuda.is_available()) or not layer_norm_triton.available():
@@ -133,11 +152,12 @@ def main() -> int:
     worst = _run(_norm_and_conv, device)
     worst_fc1 = _run(_linear_gelu, device)
     worst_fc2 = _run(_linear_residual, device)
+    worst_mlp = _run(_mlp_gelu, device)
     status = (int(not worst < BOUND) + 2 * int(not worst_fc1 < BOUND)  # (NaN fails too)
-              + 4 * int(not worst_fc2 < BOUND))
+              + 4 * int(not worst_fc2 < BOUND) + 8 * int(not worst_mlp < BOUND))
     print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
           f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, linear_residual_ worst "
-          f"{worst_fc2:.2e}, bound {BOUND:.0e})")
+          f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, bound {BOUND:.0e})")
     return status
 
 

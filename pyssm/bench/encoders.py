@@ -47,9 +47,10 @@ NOTES = [
     f"anchor {ANCHOR_LABEL}: official VMamba (VMamba rows) and timm (ViT rows); "
     "vs anchor = measured img/s / anchor img/s.",
     "step = one training step: forward, mean of the logits, backward into every parameter.",
-    "pyssm-mlp-unfused (GPU, inference): the pyssm model with its MLPs' fc1 and GELU, and fc2 "
-    "and the residual add, as separate kernels (PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0): "
-    "what the fused Triton passes gain or lose, in the same run.",
+    "pyssm-mlp-unfused (GPU): the pyssm model with its MLPs' fc1 and GELU, and fc2 and the "
+    "residual add, as separate kernels in inference, and the MLP as its three layers in training "
+    "(PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0 PYSSM_MLP_GELU=0): what the fused Triton "
+    "passes gain or lose, in the same run.",
 ]
 
 
@@ -104,7 +105,7 @@ def official_vmamba(name: str, res: int):
 def providers_for(name: str, res: int, device: torch.device,
                   unfused_mlp: bool = True) -> dict[str, list[harness.Provider]]:
     """mode -> providers for one encoder at one resolution (models built once, shared);
-    ``unfused_mlp``: on a GPU, the pyssm-mlp-unfused inference row too."""
+    ``unfused_mlp``: on a GPU, the pyssm-mlp-unfused rows too (inference and training)."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -115,9 +116,11 @@ def providers_for(name: str, res: int, device: torch.device,
     out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
            "step": [harness.Provider("pyssm", step if built else None, status)]}
     if device.type == "cuda" and unfused_mlp:  # the same model, its MLPs' fused passes off
+        unfused = {"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0", "PYSSM_MLP_GELU": "0"}
         out["forward"].append(harness.Provider(
-            "pyssm-mlp-unfused", infer if built else None, status,
-            env={"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0"}))
+            "pyssm-mlp-unfused", infer if built else None, status, env=unfused))
+        out["step"].append(harness.Provider(
+            "pyssm-mlp-unfused", step if built else None, status, env=unfused))
     if family == "vit":
         try:
             import timm

@@ -59,9 +59,9 @@ class Mlp(nn.Module):
     in-place path calls ``add_into``, which fuses fc2 and the residual add likewise. Where
     autograd records (training) in 16 bits, the whole MLP is one ``pyssm.ops.mlp_gelu`` when
     its kernels run: fc1 + GELU in one pass that keeps the pre-activation, and a backward whose
-    first pass forms the GELU's gradient without fc2's input gradient stored (the float32
-    parameters passed as they are, their gradients in float32); PYSSM_MLP_GELU=0 keeps the
-    layers. A fused pass does not call the layers it stands in for, so where a forward hook is
+    first pass forms the GELU's gradient without fc2's input gradient stored (the parameters
+    cast to 16 bits as autocast casts them, their gradients back through the casts);
+    PYSSM_MLP_GELU=0 keeps the layers. A fused pass does not call the layers it stands in for, so where a forward hook is
     registered on them (or on the Mlp, for ``add_into``) they run as plain modules."""
 
     backend: str | None = None  # the fused ops'; the encoders' set_backend sets it
@@ -167,9 +167,12 @@ class Mlp(nn.Module):
                 or hooked(fc1, self.act, fc2)):
             return None
         x = x.to(dtype)
-        params = (fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # (the op rounds them to dtype)
-        if not mlp_gelu_uses_triton(x, *params, backend):
+        if not mlp_gelu_uses_triton(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, backend):
             return None
+        # cast as autocast casts them, once a step and recorded (their gradients come back
+        # through the casts), so the op's backward does not cast them again
+        params = [None if p is None else p.to(dtype)
+                  for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
         if channels_dim == 1:  # channels-last storage makes this view contiguous
             return mlp_gelu(x.permute(0, 2, 3, 1), *params, backend=backend).permute(0, 3, 1, 2)
         return mlp_gelu(x, *params, backend=backend)
