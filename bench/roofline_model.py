@@ -29,8 +29,12 @@ kernels are stood in by the kernels' own traffic:
 With --train, one training step as the encoders benchmark times it (bf16 autocast forward, the
 mean of the logits, backward into every parameter, the model in eval mode: no drop path; batch
 64 x (224 / img-size)^2): the fused
-inference-only MLP ops step aside as on the GPU (torch's fc1, GELU, fc2 and add, forward and
-backward), and the stood-in ops record their backward kernels too:
+inference-only MLP ops step aside as on the GPU, each MLP is one mlp_gelu (--unfused-mlp:
+torch's fc1, GELU and fc2, forward and backward), and the stood-in ops record their backward
+kernels too:
+  - mlp_gelu: fc1 + GELU writing a and h, fc2; in the backward W2 transposed, the da pass (dy,
+    W2 and a read, da and fc1's bias gradient's row-tile sums written), dx, dW1 and dW2
+    (cuBLAS's products) and the bias sums (the tiles', and dy's for fc2);
   - layer_norm: dy (and the sum's gradient) and x (and the residual) read, dx (and the
     residual's gradient) written;
   - depthwise_conv2d + SiLU: its two backward kernels (dx; the weight's partial sums) each
@@ -416,6 +420,48 @@ def attention_trainable(q, k, v, **kwargs):
     return _Attention.apply(q, k, v)
 
 
+class _MlpGelu(torch.autograd.Function):
+    """pyssm.ops.mlp_gelu (its parameters cast by the Mlp, traced there): forward linear_gelu's
+    pass writing a and h, then fc2; backward W2 transposed, the da pass (dy, W2 and a read, da
+    and fc1's bias gradient's row-tile sums written), dx, dW1 and dW2 as three products, and
+    the bias sums (the tiles' sums; dy's for fc2)."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        ctx.metas = _metas(x, w1, b1, w2, b2)
+        H, C = w1.shape
+        M = x.numel() // C
+        with TRACE.untraced():
+            y = torch.empty(*x.shape[:-1], w2.shape[0], dtype=x.dtype, device=x.device)
+        hidden = M * H * x.dtype.itemsize
+        ctx.hidden = hidden
+        params1 = nbytes(w1) + (nbytes(b1) if b1 is not None else 0)
+        params2 = nbytes(w2) + (nbytes(b2) if b2 is not None else 0)
+        TRACE.add("mlp_gelu.fc1_gelu", "gemm", nbytes(x) + params1, 2 * hidden, 2 * M * C * H)
+        TRACE.add("mlp_gelu.fc2", "gemm", hidden + params2, nbytes(y), 2 * M * H * w2.shape[0])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, _, w2, _ = ctx.metas
+        hidden, (H, C), C2 = ctx.hidden, w1[0], w2[0][0]
+        M = x[0].numel() // C
+        xb, w1b, w2b = _meta_bytes(x), _meta_bytes(w1), _meta_bytes(w2)
+        TRACE.add("mlp_gelu.backward.w2t", "cast/copy", w2b, w2b)
+        tiles = -(-M // 64) * H * 4  # fc1's bias gradient, a row tile's column sums
+        TRACE.add("mlp_gelu.backward.da", "gemm", nbytes(dy) + w2b + hidden, hidden + tiles,
+                  2 * M * C2 * H)
+        TRACE.add("mlp_gelu.backward.dx", "gemm", hidden + w1b, xb, 2 * M * H * C)
+        TRACE.add("mlp_gelu.backward.dw1", "gemm", hidden + xb, w1b, 2 * M * H * C)
+        TRACE.add("mlp_gelu.backward.dw2", "gemm", nbytes(dy) + hidden, w2b, 2 * M * C2 * H)
+        TRACE.add("mlp_gelu.backward.bias_sums", "other", tiles + nbytes(dy), 4 * (H + C2))
+        return tuple(_empty_like(m) for m in ctx.metas)
+
+
+def mlp_gelu_trainable(x, w1, b1, w2, b2, *, backend=None):
+    return _MlpGelu.apply(x, w1, b1, w2, b2)
+
+
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
                     fused_stem: bool = True, fused_residual: bool = True,
                     **overrides) -> list[Kernel]:
@@ -441,8 +487,10 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
     return _trace(encoder, img_size, batch, stand_ins, infer, overrides)
 
 
-def trace_training(encoder: str, img_size: int, batch: int, **overrides) -> list[Kernel]:
-    """The kernels of one training step of ``batch`` images (module docstring, --train)."""
+def trace_training(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
+                   **overrides) -> list[Kernel]:
+    """The kernels of one training step of ``batch`` images (module docstring, --train);
+    ``fused_mlp``: each MLP as mlp_gelu (else fc1, the GELU and fc2, with their backwards)."""
     def step(model, images):
         with Autocast(model.parameters()):
             loss = model(images).float().mean()
@@ -450,6 +498,8 @@ def trace_training(encoder: str, img_size: int, batch: int, **overrides) -> list
 
     stand_ins = _kernel_stand_ins(ss2d_trainable, conv_silu_trainable, attention_trainable,
                                   layer_norm_trainable)
+    stand_ins += [(mlp_module, "mlp_gelu", mlp_gelu_trainable),
+                  (mlp_module, "mlp_gelu_uses_triton", lambda *a, **k: fused_mlp)]
     return _trace(encoder, img_size, batch, stand_ins, step, overrides)
 
 
@@ -510,12 +560,14 @@ def main(argv=None) -> int:
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
     args = parser.parse_args(argv)
-    if args.train and (args.unfused_mlp or args.unfused_residual or args.unfused_stem):
-        parser.error("--train traces the training path: no --unfused-* (its MLP is unfused)")
+    if args.train and (args.unfused_residual or args.unfused_stem):
+        parser.error("--train traces the training path: no --unfused-residual or --unfused-stem "
+                     "(inference-only ops); --unfused-mlp traces the MLP as its layers")
     batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
     if args.train:
-        kernels = trace_training(args.encoder, args.img_size, batch)
-        what = "training step (forward, backward)"
+        kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp)
+        what = (f"training step (forward, backward; MLP "
+                f"{'as its layers' if args.unfused_mlp else 'as mlp_gelu'})")
     else:
         kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
                                   not args.unfused_stem, not args.unfused_residual)

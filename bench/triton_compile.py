@@ -126,8 +126,8 @@ def variants():
                      "BLOCK_K": block_k}
             flags = {"HAS_BIAS": True, "STORE_PRE": True, **tiles}
             yield "mlp_gelu forward (a, h)", f"{k}->{n}", x, LG._fwd, sig, flags, warps
-            sig = {"DY": f"*{x}", "W2t": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "M": "i32",
-                   "N": "i32", "K": "i32", "stride_dym": "i32"}
+            sig = {"DY": f"*{x}", "W2t": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "DB": "*fp32",
+                   "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32"}
             yield "mlp_gelu backward (da)", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
     for k, n in FC2:
         for x in ("bf16", "fp32"):  # into a float32 sum

@@ -174,11 +174,9 @@ def training_tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, i
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of mlp_gelu's two kernels, whose epilogues hold a
     second tile beside the product (the pre-activation stored too; a and GELU'(a)): at
     linear_tiles' 16-bit sizes they spilled 176-448 B a thread on sm_90 (Triton 3.8's ptxas).
-    16-bit x, K < 256: 64 x 64 x 32, 4 warps (forward / backward 147 / 252 registers on sm_90,
-    195 / 186 on sm_80); from 256 on: 64 x 128 x 32, 8 warps (156 / 218, 155 / 175); float32 x
-    as linear_tiles. None spills (bench/triton_compile.py)."""
+    16-bit x, K < 256: 64 x 64 x 32, 8 warps (at 4 the backward, which also sums the bias
+    gradient, spilled 8 B on sm_80); from 256 on: 64 x 128 x 32, 8 warps; float32 x as
+    linear_tiles. None spills; the registers are bench/triton_compile.py's report."""
     if fp32:
         return linear_tiles(N, K, fp32)
-    if K < 256:
-        return 64, min(64, max(16, triton.next_power_of_2(N))), 32, 4
-    return 64, min(128, max(16, triton.next_power_of_2(N))), 32, 8
+    return 64, min(64 if K < 256 else 128, max(16, triton.next_power_of_2(N))), 32, 8

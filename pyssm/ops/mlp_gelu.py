@@ -17,8 +17,9 @@ Why one op: torch's training step writes fc1's output a, reads it in the GELU an
 the backward it writes dh, reads it back with a and writes the GELU's gradient da. Here the
 forward is linear_gelu's kernel writing a and h in one pass, and the backward's first pass
 (mlp_gelu_triton.py) forms da from dy, fc2's weight and a without dh ever stored: three
-passes over the 4x-wide hidden layer fewer a step. The other products are cuBLAS's: fc2's
-forward, dx = da W1, and the weight gradients; the bias gradients are sums over the rows.
+passes over the 4x-wide hidden layer fewer a step; that pass also sums fc1's bias gradient
+from da before rounding it, sparing a fourth. The other products are cuBLAS's: fc2's forward,
+dx = da W1 and the weight gradients; fc2's bias gradient is a sum of dy over the rows.
 
 Backends: ``triton`` (the two kernels; on CPU tensors Triton's interpreter, for the tests),
 ``reference`` (torch's F.linear and F.gelu in float32, autograd's backward), or None /
@@ -123,15 +124,19 @@ def _(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
 
 
 @torch.library.custom_op("pyssm::mlp_gelu_dgrad_triton", mutates_args=())
-def _mlp_gelu_dgrad_triton(dy: torch.Tensor, w2t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """da = (dy W2) GELU'(a): the backward's kernel, an op of its own so that autograd's
-    tracers (torch.compile) see a fake of it."""
+def _mlp_gelu_dgrad_triton(dy: torch.Tensor, w2t: torch.Tensor,
+                           a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, its column sums a row tile): da = (dy W2) GELU'(a), the backward's kernel, an op
+    of its own so that autograd's tracers (torch.compile) see a fake of it."""
     return mlp_gelu_triton.backward(dy, w2t, a)
 
 
 @_mlp_gelu_dgrad_triton.register_fake
 def _(dy, w2t, a):
-    return a.new_empty(a.shape)
+    M, N = a.shape
+    block_m = _triton.training_tiles(N, dy.shape[1], dy.dtype == torch.float32)[0]
+    return a.new_empty(a.shape), a.new_empty(((M + block_m - 1) // block_m, N),
+                                             dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -142,19 +147,20 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _da, _dh):
-    """da = (dy W2) GELU'(a) by the kernel; the rest cuBLAS's products in x's dtype (float32
-    sums, as autocast's), the bias gradients float32 sums over the rows."""
+    """da = (dy W2) GELU'(a) and fc1's bias gradient (float32 sums of the float32 da) by the
+    kernel; the rest cuBLAS's products in x's dtype (float32 sums, as autocast's) and fc2's
+    bias gradient a float32 sum of dy over the rows."""
     x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, a, h = ctx.saved_tensors
     dt = x2d.dtype
     w1, w2 = _rounded(dt, fc1_weight, fc2_weight)
     dy = dy.to(dt)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    da = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2.t().contiguous(), a)
+    da, db1_tiles = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2.t().contiguous(), a)
     dx = da @ w1
     dw1 = (da.t() @ x2d).to(fc1_weight.dtype)
     dw2 = (dy.t() @ h).to(fc2_weight.dtype)
-    db1 = None if fc1_bias is None else da.sum(0, dtype=torch.float32).to(fc1_bias.dtype)
+    db1 = None if fc1_bias is None else db1_tiles.sum(0).to(fc1_bias.dtype)
     db2 = None if fc2_bias is None else dy.sum(0, dtype=torch.float32).to(fc2_bias.dtype)
     return dx, dw1, db1, dw2, db2
 

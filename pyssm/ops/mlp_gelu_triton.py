@@ -1,6 +1,8 @@
 """Triton kernel of ``pyssm.ops.mlp_gelu``'s backward: fc2's input gradient and the GELU's in one
-pass, da = (dy W2) * GELU'(a), with dy W2 summed in float32 and da rounded once. (The forward
-is linear_gelu's kernel, which writes the pre-activation a beside the hidden layer h.)
+pass, da = (dy W2) * GELU'(a), with dy W2 summed in float32 and da rounded once, and fc1's bias
+gradient summed from the float32 da in the same pass (a row tile's column sums; the op adds
+the tiles' rows). (The forward is linear_gelu's kernel, which writes the pre-activation a
+beside the hidden layer h.)
 
 Why: a training step's MLP in torch writes fc2's input gradient dh (M x 4C) in bf16 and the
 GELU's backward reads it back with a and writes da: dh's write and read (2 x 2 B an element of
@@ -30,9 +32,9 @@ from pyssm.ops._triton import (check_device, gelu_grad, jit, linear_tile, rounde
 
 
 @jit
-def _dgrad(DY, W2t, PRE, DA, M, N, K, stride_dym, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-           CPU: tl.constexpr):
+def _dgrad(DY, W2t, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
+           EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, CPU: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -42,23 +44,30 @@ def _dgrad(DY, W2t, PRE, DA, M, N, K, stride_dym, IEEE: tl.constexpr, EVEN_K: tl
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     a = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DA + offs, rounded(dh * gelu_grad(a), DA.dtype.element_ty, CPU), mask=mask)
+    # (rows past M hold row 0's product: zeroed before the column sums)
+    da = tl.where(mask, dh * gelu_grad(a), 0.0)
+    tl.store(DA + offs, rounded(da, DA.dtype.element_ty, CPU), mask=mask)
+    # fc1's bias gradient: this row tile's float32 column sums, one row of DB a row tile
+    tl.store(DB + (pid // tiles_n) * N + cols, tl.sum(da, axis=0), mask=cols < N)
 
 
-def backward(dy: torch.Tensor, w2t: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+def backward(dy: torch.Tensor, w2t: torch.Tensor,
+             pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dy (M, C) with unit stride along C; w2t (hidden, C) contiguous, fc2's weight transposed,
-    in dy's dtype; pre (M, hidden) contiguous, the saved pre-activation. da (M, hidden) in
-    pre's dtype."""
+    in dy's dtype; pre (M, hidden) contiguous, the saved pre-activation. Returns da (M, hidden)
+    in pre's dtype and the float32 column sums of da (before its rounding) a row tile,
+    (row tiles, hidden): their sum over the tiles is fc1's bias gradient."""
     M, K = dy.shape
     N = w2t.shape[0]
     check_device(dy.device, "mlp_gelu")
-    da = torch.empty((M, N), dtype=pre.dtype, device=dy.device)
-    if M == 0 or N == 0:
-        return da
     fp32 = dy.dtype == torch.float32
     block_m, block_n, block_k, warps = training_tiles(N, K, fp32)
+    da = torch.empty((M, N), dtype=pre.dtype, device=dy.device)
+    db = torch.empty((triton.cdiv(M, block_m), N), dtype=torch.float32, device=dy.device)
+    if M == 0 or N == 0:
+        return da, db
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _dgrad[grid](dy, w2t, pre, da, M, N, K, dy.stride(0), EVEN_K=K % block_k == 0, IEEE=fp32,
-                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    _dgrad[grid](dy, w2t, pre, da, db, M, N, K, dy.stride(0), EVEN_K=K % block_k == 0,
+                 IEEE=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  CPU=dy.device.type == "cpu", num_warps=warps, num_stages=3)
-    return da
+    return da, db

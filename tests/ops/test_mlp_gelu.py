@@ -60,7 +60,7 @@ def test_forward_and_gradients_against_float64(device, backend, lead, C, H, C2, 
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
-def test_backward_kernel_is_dy_w2_times_gelu_grad_rounded_once(device, backend):
+def test_backward_kernel_is_dy_w2_times_gelu_grad_rounded_once_and_sums_the_bias_grad(device, backend):
     """The backward pass alone: each da is the float64 (dy W2)_ij GELU'(a_ij) of the same bf16
     dy, W2 and a, rounded once to bf16 (within one bf16 ulp, as the float32 sum can move a value
     across a rounding boundary, and float32's own error), and torch's two roundings (dh, then da) are never closer on the
@@ -70,8 +70,10 @@ def test_backward_kernel_is_dy_w2_times_gelu_grad_rounded_once(device, backend):
     dy = torch.randn(M, C, generator=g).to(BF16)
     w2 = (torch.randn(C, H, generator=g) / H ** 0.5).to(BF16)
     a = (2 * torch.randn(M, H, generator=g)).to(BF16)
-    da = mlp_gelu_triton.backward(dy.to(device), w2.t().contiguous().to(device), a.to(device))
+    da, db = mlp_gelu_triton.backward(dy.to(device), w2.t().contiguous().to(device),
+                                      a.to(device))
     assert da.dtype == BF16 and da.shape == (M, H)
+    assert db.dtype == FP32 and db.shape == (2, H)  # (70 rows: two 64-row tiles)
     a64 = a.double().requires_grad_()
     (gelu_grad,) = torch.autograd.grad(F.gelu(a64).sum(), a64)
     dh = dy.double() @ w2.double()
@@ -84,6 +86,10 @@ def test_backward_kernel_is_dy_w2_times_gelu_grad_rounded_once(device, backend):
     assert ((got - exact).abs() <= ulp + fp32).all()
     twice = torch.ops.aten.gelu_backward(dh.to(BF16), a).double()
     assert (got - exact).abs().sum() < (twice - exact).abs().sum()
+    # the bias gradient's tiles: rows 0-63 and 64-69 summed before rounding, float32's error
+    tiles = torch.stack([exact[:64].sum(0), exact[64:].sum(0)])
+    bound = 64 * torch.finfo(FP32).eps * (fp32.sum(0) + exact.abs().sum(0))
+    assert ((db.cpu().double() - tiles).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
