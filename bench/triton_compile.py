@@ -4,8 +4,8 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
-``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_`` or ``mlp_gelu`` launches for that row width,
-channel count or (K, N) (their tiles) and dtypes. Run without
+``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_`` or ``mlp_gelu`` launches for that
+row width, channel count or (K, N) (their tiles) and dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
 """

@@ -1,12 +1,13 @@
 """pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu)
-once, on the GPU, before the rest of the device check: they have run only in Triton's interpreter, and
-the encoder benchmarks take them through the models' norms, VMamba's convolutions and the MLPs'
-fc1 and fc2 (and in training the whole MLP). bench/device_check.sh runs this under a short limit
-and, where it fails, turns off for the later steps what failed: all of them (PYSSM_TRITON=0: the
-models use torch's ops), linear_gelu (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU),
-linear_residual_ (PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add) or mlp_gelu
-(PYSSM_MLP_GELU=0: training MLPs run as their layers), so a Triton compile error or fault
-costs one short step, not the encoder benchmarks.
+once, on the GPU, before the rest of the device check: they have run only in Triton's
+interpreter, and the encoder benchmarks take them through the models' norms, VMamba's
+convolutions and the MLPs' fc1 and fc2 (and in training the whole MLP).
+bench/device_check.sh runs this under a short limit and, where it fails, turns off for the later
+steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops), linear_gelu
+(PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), linear_residual_
+(PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add) or mlp_gelu (PYSSM_MLP_GELU=0:
+training MLPs run as their layers), so a Triton compile error or fault costs one short step,
+not the encoder benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
                                   # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),

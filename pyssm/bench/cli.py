@@ -2,9 +2,9 @@
 
     pyssm bench kernels    ss2d, selective_scan, cross_scan, attention, layer_norm,
                            depthwise_conv2d, linear_gelu, linear_residual, mlp_gelu
-                           against the reference, torch SDPA, torch.compile, mamba_ssm / official VMamba
-                           when installed, and the copy and matmul ceilings measured in the
-                           same run
+                           against the reference, torch SDPA, torch.compile, mamba_ssm /
+                           official VMamba when installed, and the copy and matmul
+                           ceilings measured in the same run
     pyssm bench encoders   img/s and memory against resolution; fitted cost exponents;
                            crossover resolutions; plots
     pyssm bench vlm        time to first token and decode tokens/s with each encoder

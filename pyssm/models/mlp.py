@@ -61,8 +61,9 @@ class Mlp(nn.Module):
     its kernels run: fc1 + GELU in one pass that keeps the pre-activation, and a backward whose
     first pass forms the GELU's gradient without fc2's input gradient stored (the parameters
     cast to 16 bits as autocast casts them, their gradients back through the casts);
-    PYSSM_MLP_GELU=0 keeps the layers. A fused pass does not call the layers it stands in for, so where a forward hook is
-    registered on them (or on the Mlp, for ``add_into``) they run as plain modules."""
+    PYSSM_MLP_GELU=0 keeps the layers. A fused pass does not call the layers it stands in for,
+    so where a forward hook is registered on them (or on the Mlp, for ``add_into``) they run as
+    plain modules."""
 
     backend: str | None = None  # the fused ops'; the encoders' set_backend sets it
 

@@ -21,6 +21,6 @@ __all__ = [
     "attention", "attention_reference", "cross_merge", "cross_merge_reference", "cross_scan",
     "cross_scan_reference", "depthwise_conv2d", "depthwise_conv2d_reference", "layer_norm",
     "layer_norm_reference", "linear_gelu", "linear_gelu_reference", "linear_residual_",
-    "linear_residual_reference_", "mlp_gelu", "mlp_gelu_reference", "selective_scan", "selective_scan_reference", "ss2d",
-    "ss2d_reference",
+    "linear_residual_reference_", "mlp_gelu", "mlp_gelu_reference", "selective_scan",
+    "selective_scan_reference", "ss2d", "ss2d_reference",
 ]

@@ -60,11 +60,12 @@ def test_forward_and_gradients_against_float64(device, backend, lead, C, H, C2, 
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
-def test_backward_kernel_is_dy_w2_times_gelu_grad_rounded_once_and_sums_the_bias_grad(device, backend):
+def test_backward_pass_rounds_da_once_and_sums_the_bias_grad(device, backend):
     """The backward pass alone: each da is the float64 (dy W2)_ij GELU'(a_ij) of the same bf16
     dy, W2 and a, rounded once to bf16 (within one bf16 ulp, as the float32 sum can move a value
-    across a rounding boundary, and float32's own error), and torch's two roundings (dh, then da) are never closer on the
-    whole."""
+    across a rounding boundary, and float32's own error), torch's two roundings (dh, then da)
+    are never closer on the whole, and the bias gradient's row-tile sums are those of the
+    float32 da."""
     g = torch.Generator().manual_seed(5)
     M, C, H = 70, 40, 96
     dy = torch.randn(M, C, generator=g).to(BF16)
