@@ -111,16 +111,29 @@ def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
     ("vit_small_patch16", dict(depth=2)),
 ])
 def test_a_training_step_traces_forward_and_backward(encoder, overrides):
-    """--train: the MLP unfused (its fused ops are inference-only), every stood-in op's
+    """--train: each MLP as mlp_gelu (the inference-only ops step aside), or as its layers
+    with fused_mlp=False (fewer bytes with the op, the same FLOPs), every stood-in op's
     backward recorded beside torch's own backward ops, the stand-ins put back after."""
     real = (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d, rm.vit_module.attention,
-            rm.norms_module.layer_norm, rm.norms_module._out_dtype)
+            rm.norms_module.layer_norm, rm.norms_module._out_dtype, rm.mlp_module.mlp_gelu)
     kernels = rm.trace_training(encoder, 64, 3, **overrides)
+    unfused = rm.trace_training(encoder, 64, 3, fused_mlp=False, **overrides)
     assert (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d, rm.vit_module.attention,
-            rm.norms_module.layer_norm, rm.norms_module._out_dtype) == real
-    ops = {k.op for k in kernels}
-    assert {"layer_norm", "layer_norm.backward", "aten.gelu", "aten.gelu_backward"} <= ops
-    assert not {"linear_gelu", "linear_residual"} & ops
+            rm.norms_module.layer_norm, rm.norms_module._out_dtype,
+            rm.mlp_module.mlp_gelu) == real
+    ops, ops_unfused = {k.op for k in kernels}, {k.op for k in unfused}
+    assert {"layer_norm", "layer_norm.backward", "mlp_gelu.fc1_gelu",
+            "mlp_gelu.backward.da"} <= ops
+    assert {"aten.gelu", "aten.gelu_backward"} <= ops_unfused
+    assert not {"linear_gelu", "linear_residual", "aten.gelu", "aten.gelu_backward"} & ops
+    assert not {"linear_gelu", "linear_residual", "mlp_gelu.fc1_gelu"} & ops_unfused
+    totals = [rm.summarize(t)["total"] for t in (kernels, unfused)]
+    assert totals[0]["gflop"] == pytest.approx(totals[1]["gflop"])
+    # fewer bytes with the op at a real batch (at 3 images its transposed fc2 weight, a copy
+    # the size of the weight a step, outweighs the hidden layer's passes it saves)
+    totals = [rm.summarize(rm.trace_training(encoder, 64, 64, fused_mlp=fused, **overrides))[
+        "total"]["mb"] for fused in (True, False)]
+    assert totals[0] < totals[1]
     inference = rm.trace_inference(encoder, 64, 3, **overrides)
     gemm = [sum(k.flops for k in t if k.kind == "gemm") for t in (inference, kernels)]
     assert gemm[1] > 2.5 * gemm[0]  # (the backward's two products a layer, and the MLP's)
@@ -141,5 +154,7 @@ def test_a_training_step_traces_forward_and_backward(encoder, overrides):
 def test_the_cli_takes_train():
     assert rm.main(["--encoder", "vit_small_patch16", "--img-size", "32", "--train",
                     "--batch", "2"]) == 0
+    assert rm.main(["--encoder", "vit_small_patch16", "--img-size", "32", "--train",
+                    "--unfused-mlp", "--batch", "2"]) == 0
     with pytest.raises(SystemExit):
-        rm.main(["--train", "--unfused-mlp"])
+        rm.main(["--train", "--unfused-residual"])
