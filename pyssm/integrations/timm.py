@@ -1,15 +1,22 @@
-"""pyssm's attention inside timm ViTs, by swapping modules (timm's code is left untouched):
+"""pyssm's attention and fused MLPs inside timm ViTs, by swapping modules (timm's code is left
+untouched):
 
     import timm
-    from pyssm.integrations.timm import swap_attention
+    from pyssm.integrations.timm import swap_attention, swap_mlp
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
     swap_attention(model)            # every timm Attention -> pyssm.integrations.timm.Attention
+    swap_mlp(model)                  # every timm Mlp -> pyssm.integrations.timm.Mlp
 
-The new module takes over the old one's submodules (qkv, q_norm, k_norm, norm, gate, proj,
-proj_drop) under the same names, so the state dict, checkpoints and the outputs stay the same;
-it reads q, k, v straight out of the fused qkv projection in the flash layout (batch, tokens,
-heads, head_dim), without the transposes timm makes for SDPA. Attention masks and attention
-dropout while training are not supported and raise.
+The new modules take over the old ones' submodules under the same names (Attention: qkv,
+q_norm, k_norm, norm, gate, proj, proj_drop; Mlp: fc1, act, drop1, norm, fc2, drop2), so the
+state dict, checkpoints and the outputs stay the same. Attention reads q, k, v straight out of
+the fused qkv projection in the flash layout (batch, tokens, heads, head_dim), without the
+transposes timm makes for SDPA; attention masks and attention dropout while training are not
+supported and raise. Mlp runs as the encoders' MLP (``pyssm.models.mlp.Mlp``): in 16-bit
+inference fc1 and the exact GELU as one ``linear_gelu`` pass, in 16-bit training the whole MLP
+as one ``mlp_gelu`` with its fused backward, where their Triton kernels run; with dropout
+active in training, a norm between the layers, another activation (timm's tanh GELU among
+them) or 1 x 1 convolutions it runs timm's layers as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.ops import attention
 
 
@@ -58,10 +66,44 @@ def swap_attention(model: nn.Module, backend: str | None = None) -> int:
     many it replaced. Other attention classes (RoPE, pooling) are left as they are."""
     from timm.layers import Attention as TimmAttention
 
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is TimmAttention]
+    return _swap(model, TimmAttention, lambda m: Attention(m, backend=backend))
+
+
+def _swap(model: nn.Module, cls: type, make) -> int:
+    """Replaces every module of exactly type ``cls`` in ``model`` by ``make(module)``."""
+    targets = [(name, module) for name, module in model.named_modules() if type(module) is cls]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Attention(module, backend=backend))
+        setattr(parent, child, make(module))
     return len(targets)
+
+
+class Mlp(_PyssmMlp):
+    """timm's ``timm.layers.Mlp`` on pyssm's fused MLP ops (module docstring)."""
+
+    def __init__(self, timm_mlp: nn.Module, backend: str | None = None):
+        nn.Module.__init__(self)
+        m = timm_mlp
+        self.fc1, self.act, self.drop1, self.norm = m.fc1, m.act, m.drop1, m.norm
+        self.fc2, self.drop2 = m.fc2, m.drop2
+        self.backend = backend
+
+    def _layers(self) -> bool:
+        """Whether timm's layers must run as they are (nothing fused stands in for them)."""
+        dropping = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
+        return (dropping or type(self.norm) is not nn.Identity or type(self.act) is not nn.GELU
+                or type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear)
+
+    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        if self._layers():
+            return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+        return super().forward(x, backend)
+
+
+def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
+    """Replaces every ``timm.layers.Mlp`` in ``model`` (in place) by pyssm's; returns how many
+    it replaced. Other MLP classes (GluMlp, SwiGLU) are left as they are."""
+    from timm.layers import Mlp as TimmMlp
+
+    return _swap(model, TimmMlp, lambda m: Mlp(m, backend=backend))
