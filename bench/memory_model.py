@@ -74,7 +74,8 @@ def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, o
     return (y, torch.empty(x.shape, dtype=s_dtype)) if return_residual else y
 
 
-def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
+def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, activation="gelu",
+                         backend=None):
     return torch.empty(*x.shape[:-1], weight.shape[0], dtype=out_dtype or x.dtype)
 
 

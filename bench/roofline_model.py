@@ -262,7 +262,8 @@ def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, 
     return out
 
 
-def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, backend=None):
+def linear_gelu_stand_in(x, weight, bias=None, *, out_dtype=None, activation="gelu",
+                         backend=None):
     N, K = weight.shape
     with TRACE.untraced():
         y = torch.empty(*x.shape[:-1], N, dtype=out_dtype or x.dtype, device=x.device)
@@ -458,7 +459,7 @@ class _MlpGelu(torch.autograd.Function):
         return tuple(_empty_like(m) for m in ctx.metas)
 
 
-def mlp_gelu_trainable(x, w1, b1, w2, b2, *, backend=None):
+def mlp_gelu_trainable(x, w1, b1, w2, b2, *, activation="gelu", backend=None):
     return _MlpGelu.apply(x, w1, b1, w2, b2)
 
 

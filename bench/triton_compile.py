@@ -33,6 +33,7 @@ from pyssm.ops import layer_norm_triton as K  # noqa: E402
 from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
 from pyssm.ops import linear_residual_triton as LR  # noqa: E402
 from pyssm.ops import mlp_gelu_triton as MG  # noqa: E402
+from pyssm.ops.linear_gelu import ACTIVATIONS  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
 STEM_WIDTHS = (48, 64)  # layer_norm + GELU: VMamba-T/S's and VMamba-B's half-width stem
@@ -112,23 +113,10 @@ def variants():
             yield "dwconv backward (dx)", c, x, DW._bwd_dx, dx, {**tiles, "BY_BITS": False}, warps
     for k, n in FC1:
         for x in ("bf16", "fp32"):  # the encoders' bf16; fp32 (IEEE, on the CUDA cores)
-            block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")
-            tiles = {"IEEE": x == "fp32", "EVEN_K": k % block_k == 0, "BLOCK_M": block_m,
-                     "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
-            sig = {"X": f"*{x}", "Wt": f"*{x}", "BIAS": f"*{x}", "Y": f"*{x}", "PRE": f"*{x}",
-                   "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
-            flags = {"HAS_BIAS": True, "STORE_PRE": False, **tiles}
-            yield "linear_gelu forward", f"{k}->{n}", x, LG._fwd, sig, flags, warps
-            # mlp_gelu's forward (a written too) and backward (dy, width k, times fc2's weight
-            # back to the hidden n), in their own tiles
-            block_m, block_n, block_k, warps = LG.training_tiles(n, k, x == "fp32")
-            tiles = {**tiles, "EVEN_K": k % block_k == 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                     "BLOCK_K": block_k}
-            flags = {"HAS_BIAS": True, "STORE_PRE": True, **tiles}
-            yield "mlp_gelu forward (a, h)", f"{k}->{n}", x, LG._fwd, sig, flags, warps
-            sig = {"DY": f"*{x}", "W2t": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "DB": "*fp32",
-                   "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32"}
-            yield "mlp_gelu backward (da)", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
+            # the exact GELU; in bf16 from width 768 on the tanh and quick GELUs too (SigLIP's,
+            # OpenAI CLIP's: the towers the integrations reach)
+            for act in (0, 1, 2) if x == "bf16" and k >= 768 else (0,):
+                yield from _mlp_variants(k, n, x, act)
     for k, n in FC2:
         for x in ("bf16", "fp32"):  # into a float32 sum
             block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")
@@ -137,6 +125,27 @@ def variants():
             flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,
                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
             yield "linear_residual forward", f"{k}->{n}", f"{x}+fp32", LR._fwd, sig, flags, warps
+
+
+def _mlp_variants(k: int, n: int, x: str, act: int):
+    """linear_gelu's forward, and mlp_gelu's forward (a written too) and backward (dy, width k,
+    times fc2's weight back to the hidden n) in their own tiles, for activation ``act``."""
+    name = "" if act == 0 else f" ({ACTIVATIONS[act]})"
+    block_m, block_n, block_k, warps = LG.linear_tiles(n, k, x == "fp32")
+    tiles = {"IEEE": x == "fp32", "EVEN_K": k % block_k == 0, "ACT": act, "BLOCK_M": block_m,
+             "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
+    sig = {"X": f"*{x}", "Wt": f"*{x}", "BIAS": f"*{x}", "Y": f"*{x}", "PRE": f"*{x}",
+           "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32"}
+    flags = {"HAS_BIAS": True, "STORE_PRE": False, **tiles}
+    yield f"linear_gelu forward{name}", f"{k}->{n}", x, LG._fwd, sig, flags, warps
+    block_m, block_n, block_k, warps = LG.training_tiles(n, k, x == "fp32")
+    tiles = {**tiles, "EVEN_K": k % block_k == 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
+             "BLOCK_K": block_k}
+    flags = {"HAS_BIAS": True, "STORE_PRE": True, **tiles}
+    yield f"mlp_gelu forward (a, h){name}", f"{k}->{n}", x, LG._fwd, sig, flags, warps
+    sig = {"DY": f"*{x}", "W2t": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "DB": "*fp32",
+           "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32"}
+    yield f"mlp_gelu backward (da){name}", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
 
 
 def main() -> int:

@@ -14,9 +14,10 @@ the fused qkv projection in the flash layout (batch, tokens, heads, head_dim), w
 transposes timm makes for SDPA; attention masks and attention dropout while training are not
 supported and raise. Mlp runs as the encoders' MLP (``pyssm.models.mlp.Mlp``): in 16-bit
 inference fc1 and the exact GELU as one ``linear_gelu`` pass, in 16-bit training the whole MLP
-as one ``mlp_gelu`` with its fused backward, where their Triton kernels run; with dropout
-active in training, a norm between the layers, another activation (timm's tanh GELU among
-them) or 1 x 1 convolutions it runs timm's layers as they are.
+as one ``mlp_gelu`` with its fused backward, where their Triton kernels run, for the exact
+GELU, its tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's); with dropout active in
+training, a norm between the layers, another activation or 1 x 1 convolutions it runs timm's
+layers as they are.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Mlp(_PyssmMlp):
     def _layers(self) -> bool:
         """Whether timm's layers must run as they are (nothing fused stands in for them)."""
         dropping = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
-        return (dropping or type(self.norm) is not nn.Identity or type(self.act) is not nn.GELU
+        return (dropping or type(self.norm) is not nn.Identity
                 or type(self.fc1) is not nn.Linear or type(self.fc2) is not nn.Linear)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -38,6 +38,17 @@ def hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+# other libraries' activation modules the fused ops compute, by (module, class name)
+NAMED_ACTIVATIONS = {
+    ("timm.layers.activations", "GELU"): "gelu",
+    ("timm.layers.activations", "GELUTanh"): "gelu_tanh",
+    ("timm.layers.activations", "QuickGELU"): "quick_gelu",
+    ("transformers.activations", "GELUActivation"): "gelu",
+    ("transformers.activations", "GELUTanh"): "gelu_tanh",
+    ("transformers.activations", "QuickGELUActivation"): "quick_gelu",
+}
+
+
 class GELU(nn.GELU):
     """``nn.GELU`` that overwrites its input where autograd records nothing: only for inputs
     nothing else reads."""
@@ -136,8 +147,8 @@ class Mlp(nn.Module):
             return None
         fc1 = self.fc1
         channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
-        if (self.act.approximate != "none" or channels_dim is None or dtype is None
-                or hooked(fc1, self.act)):
+        activation = self._activation()
+        if activation is None or channels_dim is None or dtype is None or hooked(fc1, self.act):
             return None
         if self._records(x, fc1):
             return None
@@ -147,8 +158,18 @@ class Mlp(nn.Module):
         weight, bias = self._cast_params("fc1", dtype)
         if channels_dim == 1:  # channels-last storage makes this view contiguous
             return linear_gelu(x.permute(0, 2, 3, 1), weight, bias, out_dtype=dtype,
-                               backend=backend).permute(0, 3, 1, 2)
-        return linear_gelu(x, weight, bias, out_dtype=dtype, backend=backend)
+                               activation=activation, backend=backend).permute(0, 3, 1, 2)
+        return linear_gelu(x, weight, bias, out_dtype=dtype, activation=activation,
+                           backend=backend)
+
+    def _activation(self) -> str | None:
+        """The fused ops' name (pyssm.ops.linear_gelu.ACTIVATIONS) for ``self.act``: nn.GELU's
+        two, and timm's and transformers' GELU, tanh GELU and quick GELU modules (for
+        pyssm.integrations); None for any other (the layers then run as they are)."""
+        act = self.act
+        if isinstance(act, nn.GELU):
+            return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+        return NAMED_ACTIVATIONS.get((type(act).__module__, type(act).__qualname__))
 
     @staticmethod
     def _records(x: torch.Tensor, *layers: nn.Module) -> bool:
@@ -163,7 +184,8 @@ class Mlp(nn.Module):
             return None
         fc1, fc2 = self.fc1, self.fc2
         channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
-        if (self.act.approximate != "none" or channels_dim is None or dtype is None
+        activation = self._activation()
+        if (activation is None or channels_dim is None or dtype is None
                 or self._channels_dim(fc2, x) != channels_dim or not self._records(x, fc1, fc2)
                 or hooked(fc1, self.act, fc2)):
             return None
@@ -175,8 +197,9 @@ class Mlp(nn.Module):
         params = [None if p is None else p.to(dtype)
                   for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
         if channels_dim == 1:  # channels-last storage makes this view contiguous
-            return mlp_gelu(x.permute(0, 2, 3, 1), *params, backend=backend).permute(0, 3, 1, 2)
-        return mlp_gelu(x, *params, backend=backend)
+            return mlp_gelu(x.permute(0, 2, 3, 1), *params, activation=activation,
+                            backend=backend).permute(0, 3, 1, 2)
+        return mlp_gelu(x, *params, activation=activation, backend=backend)
 
     @contextlib.contextmanager
     def casts_kept(self):

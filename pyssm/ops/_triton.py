@@ -118,6 +118,53 @@ def gelu_grad(v):
     return 0.5 * (1.0 + tl.math.erf(v * SQRT_HALF)) + v * INV_SQRT_2PI * tl.exp(-0.5 * v * v)
 
 
+# the MLP ops' activations (pyssm.ops.linear_gelu.ACTIVATIONS), by index: the exact GELU, its
+# tanh approximation (F.gelu(approximate="tanh"): SigLIP's) and x sigmoid(1.702 x) (OpenAI
+# CLIP's quick GELU). A constexpr goes on the right of a product: on the left, its __mul__
+# wraps the tensor in a constexpr, which tl.exp then refuses.
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654) if tl is not None else 0.7978845608028654
+TANH_CUBIC = tl.constexpr(0.044715) if tl is not None else 0.044715
+QUICK_SCALE = tl.constexpr(1.702) if tl is not None else 1.702
+
+
+@jit
+def _sigmoid(v):
+    """1 / (1 + exp(-v)), 0 where exp(-v) overflows."""
+    return 1.0 / (1.0 + tl.exp(-v))
+
+
+@jit
+def _tanh(v):
+    """tanh(v) = 2 sigmoid(2 v) - 1 (the interpreter and the GPU alike; float32's absolute
+    error, which the GELU's 0.5 (1 + tanh) absorbs)."""
+    return 2.0 * _sigmoid(2.0 * v) - 1.0
+
+
+@jit
+def activation(v, ACT: tl.constexpr):
+    """The MLP activation ACT (0 gelu, 1 gelu_tanh, 2 quick_gelu) of float32 v."""
+    if ACT == 0:
+        return gelu(v)
+    elif ACT == 1:
+        return 0.5 * v * (1.0 + _tanh((v + v * v * v * TANH_CUBIC) * SQRT_2_OVER_PI))
+    else:
+        return v * _sigmoid(v * QUICK_SCALE)
+
+
+@jit
+def activation_grad(v, ACT: tl.constexpr):
+    """d activation / dv at float32 v, for ACT as in ``activation``."""
+    if ACT == 0:
+        return gelu_grad(v)
+    elif ACT == 1:
+        t = _tanh((v + v * v * v * TANH_CUBIC) * SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (
+            1.0 + v * v * TANH_CUBIC * 3.0)
+    else:
+        s = _sigmoid(v * QUICK_SCALE)
+        return s + v * s * (1.0 - s) * QUICK_SCALE
+
+
 # ---- the product of linear_gelu and linear_residual ---------------------------------------------
 
 @jit

@@ -1,7 +1,9 @@
 """linear_gelu: an MLP's first layer and its exact GELU as one op.
 
     x (..., K), weight (N, K) (nn.Linear(K, N)'s), bias (N,) or None:
-    y = GELU(x weight^T + bias), GELU(a) = a (1 + erf(a / sqrt 2)) / 2 (nn.GELU's default),
+    y = GELU(x weight^T + bias), GELU(a) = a (1 + erf(a / sqrt 2)) / 2 (nn.GELU's default;
+    activation="gelu_tanh": F.gelu(a, approximate="tanh"), SigLIP's; "quick_gelu":
+    a sigmoid(1.702 a), OpenAI CLIP's),
     with weight and bias rounded to x's dtype first when x is 16-bit (as CUDA autocast rounds
     F.linear's), the products summed in float32 (float64 for float64), the GELU applied to that
     sum and y rounded once to out_dtype (default x's dtype).
@@ -27,6 +29,29 @@ from pyssm.ops import _checks, _triton, linear_gelu_triton
 
 BACKENDS = _triton.BACKENDS
 LOW = (torch.float16, torch.bfloat16)
+# the activations the MLP ops take; a kernel's ACT is the index
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activate(a: torch.Tensor, activation: str = "gelu") -> torch.Tensor:
+    """The MLP activation of a, in torch's ops (as torch's modules compute it)."""
+    if activation == "quick_gelu":
+        return a * torch.sigmoid(1.702 * a)
+    return F.gelu(a, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def activation_backward(dy: torch.Tensor, a: torch.Tensor, activation: str = "gelu"):
+    """dy times the activation's derivative at a, in torch's ops."""
+    if activation == "quick_gelu":
+        s = torch.sigmoid(1.702 * a)
+        return dy * (s + 1.702 * a * s * (1 - s))
+    return torch.ops.aten.gelu_backward(dy, a,
+                                        approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def linear_operands(x_dtype, weight, bias, acc):
@@ -35,11 +60,11 @@ def linear_operands(x_dtype, weight, bias, acc):
     return weight.to(rnd).to(acc), None if bias is None else bias.to(rnd).to(acc)
 
 
-def linear_gelu_reference(x, weight, bias=None, *, out_dtype=None):
+def linear_gelu_reference(x, weight, bias=None, *, out_dtype=None, activation="gelu"):
     """Pure-PyTorch linear_gelu (module docstring) in float32 (float64 for float64)."""
     acc = _checks.acc_dtype(x.dtype)
     w, b = linear_operands(x.dtype, weight, bias, acc)
-    return F.gelu(F.linear(x.to(acc), w, b)).to(out_dtype or x.dtype)
+    return activate(F.linear(x.to(acc), w, b), activation).to(out_dtype or x.dtype)
 
 
 def check_linear_gelu(x, weight, bias, out_dtype) -> None:
@@ -69,17 +94,18 @@ def uses_triton(x, weight, bias=None, out_dtype=None, backend=None) -> bool:
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                out_dtype: torch.dtype | None = None,
+                out_dtype: torch.dtype | None = None, activation: str = "gelu",
                 backend: str | None = None) -> torch.Tensor:
     """GELU(x weight^T + bias) of the module docstring, (..., N)."""
     check_linear_gelu(x, weight, bias, out_dtype)
+    check_activation(activation)
     if not uses_triton(x, weight, bias, out_dtype, backend):
-        return linear_gelu_reference(x, weight, bias, out_dtype=out_dtype)
+        return linear_gelu_reference(x, weight, bias, out_dtype=out_dtype, activation=activation)
     K, N = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, K)  # a view where x's rows allow one
     if x2d.stride(-1) != 1 and x2d.numel() > 0:
         x2d = x2d.contiguous()
-    y = torch.ops.pyssm.linear_gelu_triton(x2d, weight, bias, out_dtype or x.dtype)
+    y = torch.ops.pyssm.linear_gelu_triton(x2d, weight, bias, out_dtype or x.dtype, activation)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -87,20 +113,20 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @torch.library.custom_op("pyssm::linear_gelu_triton", mutates_args=())
 def _linear_gelu_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        out_dtype: torch.dtype) -> torch.Tensor:
+                        out_dtype: torch.dtype, activation: str) -> torch.Tensor:
     dt = x2d.dtype  # W and the bias rounded to it (autocast's rounding), as the kernel takes them
     return linear_gelu_triton.forward(x2d, weight.to(dt).contiguous(),
                                       None if bias is None else bias.to(dt).contiguous(),
-                                      out_dtype)
+                                      out_dtype, act=ACTIVATIONS.index(activation))
 
 
 @_linear_gelu_triton.register_fake
-def _(x2d, weight, bias, out_dtype):
+def _(x2d, weight, bias, out_dtype, activation):
     return x2d.new_empty((x2d.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
 def _setup(ctx, inputs, output):
-    x2d, weight, bias, _ = inputs
+    x2d, weight, bias, _, ctx.activation = inputs
     ctx.save_for_backward(x2d, weight, bias)
 
 
@@ -110,11 +136,11 @@ def _backward(ctx, dy):
     acc = torch.float32
     w, b = linear_operands(x2d.dtype, weight, bias, acc)
     xa = x2d.to(acc)
-    g = torch.ops.aten.gelu_backward(dy.to(acc), F.linear(xa, w, b))  # dy GELU'(a), exact
+    g = activation_backward(dy.to(acc), F.linear(xa, w, b), ctx.activation)  # dy GELU'(a)
     dx = (g @ w).to(x2d.dtype)
     dw = (g.t() @ xa).to(weight.dtype)
     db = None if bias is None else g.sum(0).to(bias.dtype)
-    return dx, dw, db, None
+    return dx, dw, db, None, None
 
 
 _linear_gelu_triton.register_autograd(_backward, setup_context=_setup)

@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import (available, check_device, gelu, jit, linear_tile,  # noqa: F401
-                               linear_tiles, rounded, tl, training_tiles, triton)
+from pyssm.ops._triton import (activation, available, check_device, jit,  # noqa: F401
+                               linear_tile, linear_tiles, rounded, tl, training_tiles, triton)
 
 
 @jit
 def _fwd(X, Wt, BIAS, Y, PRE, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-         EVEN_K: tl.constexpr, STORE_PRE: tl.constexpr, BLOCK_M: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
+         EVEN_K: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+         CPU: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -52,18 +53,19 @@ def _fwd(X, Wt, BIAS, Y, PRE, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, IEEE: 
                  mask=(rows < M)[:, None] & (cols < N)[None, :])
     # (this order, the GELU before the store's offsets and mask, as before PRE: computing them
     # first took sm_80's bf16 variants from 243-255 registers and no spills to 296-376 B)
-    acc = gelu(acc)
+    acc = activation(acc, ACT)
     rows64 = rows.to(tl.int64)
     tl.store(Y + rows64[:, None] * N + cols[None, :], rounded(acc, Y.dtype.element_ty, CPU),
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 def forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            out_dtype: torch.dtype, pre: torch.Tensor | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype, pre: torch.Tensor | None = None, act: int = 0) -> torch.Tensor:
     """x2d (M, K) with unit stride along K; weight (N, K) contiguous and bias (N,), both in
     x2d's dtype (the op rounds them, as autocast does); y (M, N) in out_dtype. ``pre``: an
     (M, N) contiguous tensor the pre-activation x W^T + b is written to as well, rounded to its
-    dtype (pyssm.ops.mlp_gelu keeps it for the GELU's gradient)."""
+    dtype (pyssm.ops.mlp_gelu keeps it for the GELU's gradient). ``act``: the activation's index
+    in pyssm.ops.linear_gelu.ACTIVATIONS (0, the exact GELU)."""
     M, K = x2d.shape
     N = weight.shape[0]
     check_device(x2d.device, "linear_gelu")
@@ -76,7 +78,7 @@ def forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _fwd[grid](x2d, weight, bias if bias is not None else weight, y, y if pre is None else pre,
                M, N, K, x2d.stride(0), HAS_BIAS=bias is not None, EVEN_K=K % block_k == 0,
-               STORE_PRE=pre is not None, IEEE=fp32, BLOCK_M=block_m,
+               STORE_PRE=pre is not None, ACT=act, IEEE=fp32, BLOCK_M=block_m,
                BLOCK_N=block_n, BLOCK_K=block_k, CPU=x2d.device.type == "cpu",
                num_warps=warps, num_stages=3)
     return y

@@ -2,7 +2,8 @@
 
     x (..., C), fc1_weight (H, C), fc1_bias (H,) or None, fc2_weight (C2, H), fc2_bias (C2,)
     or None (nn.Linear(C, H)'s and nn.Linear(H, C2)'s):
-    a = x fc1_weight^T + fc1_bias,   h = GELU(a) rounded to x's dtype,
+    a = x fc1_weight^T + fc1_bias,   h = GELU(a) rounded to x's dtype (the activation as
+    linear_gelu's: "gelu", "gelu_tanh" or "quick_gelu"),
     y = h fc2_weight^T + fc2_bias rounded to x's dtype,
     with the weights and biases rounded to x's dtype first when x is 16-bit and the products
     summed in float32 (float64 for float64), as CUDA autocast runs the two F.linear's.
@@ -36,12 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.ops import _checks, _triton, linear_gelu_triton, mlp_gelu_triton
-from pyssm.ops.linear_gelu import linear_operands
+from pyssm.ops.linear_gelu import (ACTIVATIONS, activate, check_activation,  # noqa: F401
+                                   linear_operands)
 
 BACKENDS = _triton.BACKENDS
 
 
-def mlp_gelu_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+def mlp_gelu_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *, activation="gelu"):
     """Pure-PyTorch mlp_gelu (module docstring) in float32 (float64 for float64)."""
     acc = _checks.acc_dtype(x.dtype)
     w1, b1 = linear_operands(x.dtype, fc1_weight, fc1_bias, acc)
@@ -49,7 +51,9 @@ def mlp_gelu_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     a = F.linear(x.to(acc), w1, b1)
     a_kept = a + (a.to(x.dtype).to(acc) - a).detach()  # a as kept for the backward
     # the value GELU(a), the derivative GELU'(a_kept)
-    h = (F.gelu(a_kept) + (F.gelu(a) - F.gelu(a_kept)).detach()).to(x.dtype).to(acc)
+    h = activate(a, activation)
+    h = (activate(a_kept, activation) + (h - activate(a_kept, activation)).detach())
+    h = h.to(x.dtype).to(acc)
     return F.linear(h, w2, b2).to(x.dtype)
 
 
@@ -84,16 +88,19 @@ def uses_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend=None) -> 
 
 def mlp_gelu(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
              fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None, *,
-             backend: str | None = None) -> torch.Tensor:
+             activation: str = "gelu", backend: str | None = None) -> torch.Tensor:
     """fc2(GELU(fc1(x))) of the module docstring, (..., C2) in x's dtype."""
     check_mlp_gelu(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    check_activation(activation)
     if not uses_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend):
-        return mlp_gelu_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+        return mlp_gelu_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                  activation=activation)
     C = x.shape[-1]
     x2d = x.reshape(-1, C)  # a view where x's rows allow one
     if x2d.stride(-1) != 1 and x2d.numel() > 0:
         x2d = x2d.contiguous()
-    y, _, _ = torch.ops.pyssm.mlp_gelu_triton(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    y, _, _ = torch.ops.pyssm.mlp_gelu_triton(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                              activation)
     return y.reshape(*x.shape[:-1], fc2_weight.shape[0])
 
 
@@ -106,33 +113,33 @@ def _rounded(dt, *ts):
 
 @torch.library.custom_op("pyssm::mlp_gelu_triton", mutates_args=())
 def _mlp_gelu_triton(x2d: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
-                     fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None
+                     fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None, activation: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, a, h): the output, and the pre-activation and hidden layer the backward reads."""
     dt = x2d.dtype
     w1, b1, w2, b2 = _rounded(dt, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     a = x2d.new_empty((x2d.shape[0], w1.shape[0]))
-    h = linear_gelu_triton.forward(x2d, w1, b1, dt, pre=a)
+    h = linear_gelu_triton.forward(x2d, w1, b1, dt, pre=a, act=ACTIVATIONS.index(activation))
     return F.linear(h, w2, b2), a, h
 
 
 @_mlp_gelu_triton.register_fake
-def _(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+def _(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
     M, H = x2d.shape[0], fc1_weight.shape[0]
     return (x2d.new_empty((M, fc2_weight.shape[0])), x2d.new_empty((M, H)),
             x2d.new_empty((M, H)))
 
 
 @torch.library.custom_op("pyssm::mlp_gelu_dgrad_triton", mutates_args=())
-def _mlp_gelu_dgrad_triton(dy: torch.Tensor, w2t: torch.Tensor,
-                           a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mlp_gelu_dgrad_triton(dy: torch.Tensor, w2t: torch.Tensor, a: torch.Tensor,
+                           activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, its column sums a row tile): da = (dy W2) GELU'(a), the backward's kernel, an op
     of its own so that autograd's tracers (torch.compile) see a fake of it."""
-    return mlp_gelu_triton.backward(dy, w2t, a)
+    return mlp_gelu_triton.backward(dy, w2t, a, act=ACTIVATIONS.index(activation))
 
 
 @_mlp_gelu_dgrad_triton.register_fake
-def _(dy, w2t, a):
+def _(dy, w2t, a, activation):
     M, N = a.shape
     block_m = _triton.training_tiles(N, dy.shape[1], dy.dtype == torch.float32)[0]
     return a.new_empty(a.shape), a.new_empty(((M + block_m - 1) // block_m, N),
@@ -140,7 +147,7 @@ def _(dy, w2t, a):
 
 
 def _setup(ctx, inputs, output):
-    x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias = inputs
+    x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ctx.activation = inputs
     _, a, h = output
     ctx.mark_non_differentiable(a, h)
     ctx.save_for_backward(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, a, h)
@@ -156,13 +163,14 @@ def _backward(ctx, dy, _da, _dh):
     dy = dy.to(dt)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    da, db1_tiles = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2.t().contiguous(), a)
+    da, db1_tiles = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2.t().contiguous(), a,
+                                                          ctx.activation)
     dx = da @ w1
     dw1 = (da.t() @ x2d).to(fc1_weight.dtype)
     dw2 = (dy.t() @ h).to(fc2_weight.dtype)
     db1 = None if fc1_bias is None else db1_tiles.sum(0).to(fc1_bias.dtype)
     db2 = None if fc2_bias is None else dy.sum(0, dtype=torch.float32).to(fc2_bias.dtype)
-    return dx, dw1, db1, dw2, db2
+    return dx, dw1, db1, dw2, db2, None
 
 
 _mlp_gelu_triton.register_autograd(_backward, setup_context=_setup)

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import (check_device, gelu_grad, jit, linear_tile, rounded,  # noqa: F401
-                               tl, training_tiles, triton)
+from pyssm.ops._triton import (activation_grad, check_device, jit, linear_tile,  # noqa: F401
+                               rounded, tl, training_tiles, triton)
 
 
 @jit
 def _dgrad(DY, W2t, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
-           EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, CPU: tl.constexpr):
+           EVEN_K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -45,18 +45,19 @@ def _dgrad(DY, W2t, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     a = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
     # (rows past M hold row 0's product: zeroed before the column sums)
-    da = tl.where(mask, dh * gelu_grad(a), 0.0)
+    da = tl.where(mask, dh * activation_grad(a, ACT), 0.0)
     tl.store(DA + offs, rounded(da, DA.dtype.element_ty, CPU), mask=mask)
     # fc1's bias gradient: this row tile's float32 column sums, one row of DB a row tile
     tl.store(DB + (pid // tiles_n) * N + cols, tl.sum(da, axis=0), mask=cols < N)
 
 
-def backward(dy: torch.Tensor, w2t: torch.Tensor,
-             pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def backward(dy: torch.Tensor, w2t: torch.Tensor, pre: torch.Tensor,
+             act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """dy (M, C) with unit stride along C; w2t (hidden, C) contiguous, fc2's weight transposed,
     in dy's dtype; pre (M, hidden) contiguous, the saved pre-activation. Returns da (M, hidden)
     in pre's dtype and the float32 column sums of da (before its rounding) a row tile,
-    (row tiles, hidden): their sum over the tiles is fc1's bias gradient."""
+    (row tiles, hidden): their sum over the tiles is fc1's bias gradient. ``act``: the
+    activation's index in pyssm.ops.linear_gelu.ACTIVATIONS."""
     M, K = dy.shape
     N = w2t.shape[0]
     check_device(dy.device, "mlp_gelu")
@@ -68,6 +69,6 @@ def backward(dy: torch.Tensor, w2t: torch.Tensor,
         return da, db
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _dgrad[grid](dy, w2t, pre, da, db, M, N, K, dy.stride(0), EVEN_K=K % block_k == 0,
-                 IEEE=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                 ACT=act, IEEE=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  CPU=dy.device.type == "cpu", num_warps=warps, num_stages=3)
     return da, db

@@ -294,7 +294,7 @@ def test_fc2_and_add_unfused_where_the_op_does_not_apply(monkeypatch):
 
 
 def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
-    """Recording autograd, the tanh GELU, a float32 product, or the reference backend: fc1 and
+    """Recording autograd, a SiLU, a float32 product, or the reference backend: fc1 and
     then the GELU, as before (the op is never called)."""
     calls = _spy_fused(monkeypatch)
     torch.manual_seed(0)
@@ -304,10 +304,10 @@ def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
         mlp(x)  # float32, no autocast
         mlp.bfloat16()
         mlp(x.bfloat16(), backend="reference")
-        mlp.act.approximate = "tanh"
+        gelu, mlp.act = mlp.act, torch.nn.SiLU()  # an activation the op does not compute
         if _triton.available() and _triton.interpreting():
             mlp(x.bfloat16(), backend="triton")
-        mlp.act.approximate = "none"
+        mlp.act = gelu
     mlp(x.bfloat16(), backend="triton" if _triton.interpreting() else None)  # recording
     monkeypatch.setenv("PYSSM_LINEAR_GELU", "0")  # the device check's switch
     with torch.no_grad():
@@ -429,7 +429,7 @@ def test_whole_mlp_fused_in_16_bit_training(channel_first, monkeypatch):
 
 
 def test_whole_mlp_unfused_where_the_op_does_not_apply(monkeypatch):
-    """Nothing recorded, float32 products, the reference backend, the tanh GELU, a hook on a
+    """Nothing recorded, float32 products, the reference backend, a SiLU, a hook on a
     layer, or PYSSM_MLP_GELU=0: the layers as before (the op is never called); the switch gives
     the same gradients within bf16's rounding."""
     calls = _spy_training(monkeypatch)
@@ -442,10 +442,10 @@ def test_whole_mlp_unfused_where_the_op_does_not_apply(monkeypatch):
         with torch.no_grad():
             mlp(x, backend=triton)
         mlp(x, backend="reference")
-        mlp.act.approximate = "tanh"
+        gelu, mlp.act = mlp.act, torch.nn.SiLU()  # an activation the op does not compute
         if triton:
             mlp(x, backend=triton)
-        mlp.act.approximate = "none"
+        mlp.act = gelu
         handle = mlp.fc2.register_forward_hook(lambda m, a, out: None)
         if triton:
             mlp(x, backend=triton)
@@ -491,3 +491,38 @@ def test_encoders_take_the_whole_mlp_op_in_16_bit_training(name, size, monkeypat
     torch.testing.assert_close(loss, loss_ref, rtol=0.03, atol=1e-3)
     for (n, _), a, b in zip(named, g, g_ref):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item(), msg=n)
+
+
+@INTERPRETER
+@pytest.mark.parametrize("make,name", [
+    (lambda: torch.nn.GELU(approximate="tanh"), "gelu_tanh"),
+    (lambda: __import__("timm.layers.activations").layers.activations.QuickGELU(), "quick_gelu"),
+    (lambda: __import__("transformers.activations").activations.GELUTanh(), "gelu_tanh"),
+    (lambda: __import__("transformers.activations").activations.QuickGELUActivation(),
+     "quick_gelu")])
+@pytest.mark.parametrize("grad", [False, True])
+def test_other_libraries_gelus_run_fused_with_their_activation(make, name, grad, monkeypatch):
+    """nn.GELU's tanh form, timm's and transformers' tanh and quick GELU modules as the MLP's
+    act: the fused op (linear_gelu in inference, mlp_gelu in training) with that activation,
+    the module's own values within bf16's rounding."""
+    import pyssm.models.mlp as mlp_module
+    seen = []
+
+    def spy(op):
+        real = getattr(mlp_module, op)
+
+        def call(*args, **kwargs):
+            seen.append((op, kwargs.get("activation")))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(mlp_module, op, call)
+
+    spy("linear_gelu"), spy("mlp_gelu")
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    mlp.act = make()
+    x = torch.randn(3, 5, 8, requires_grad=grad)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mlp(x, backend="triton")
+        want = mlp(x, backend="reference")
+    assert seen == [("mlp_gelu" if grad else "linear_gelu", name)]
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.03, atol=0.03)

@@ -8,7 +8,7 @@ from float64_bound import assert_within_twice_torchs
 from triton_params import PARAMS
 
 from pyssm.ops import linear_gelu_triton
-from pyssm.ops.linear_gelu import linear_gelu, linear_gelu_reference
+from pyssm.ops.linear_gelu import activate, linear_gelu, linear_gelu_reference
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # (leading dims of x, K, N): one row and one output; odd sizes below a tile; N above one 128
@@ -54,6 +54,24 @@ def test_forward_and_gradients_against_float64(device, backend, lead, K, N, dtyp
                                grad_rel=max(1e-5, torch.finfo(got.dtype).eps))
 
 
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("lead,K,N", [SHAPES[1], SHAPES[3]])
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu"])
+def test_other_activations_against_float64(device, backend, lead, K, N, dtype, activation):
+    """SigLIP's tanh GELU and CLIP's quick GELU: the values and gradients as the exact GELU's
+    are held, against the float64 activation."""
+    x, w, b = _inputs(lead, K, N, device, dtype, seed=4)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    got = linear_gelu(x, w, b, activation=activation, backend=backend)
+    own = linear_gelu_reference(x, w, b, activation=activation)
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    a = F.linear(leaves64[0], *(_as_multiplied(t, dtype) for t in leaves64[1:]))
+    exact = activate(a, activation)  # (torch's float64 ops)
+    assert_within_twice_torchs(got, own, exact, leaves, leaves64,
+                               grad_rel=max(1e-5, torch.finfo(got.dtype).eps))
+
+
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
 def test_rounded_once_as_autocast_rounds_the_operands(device, backend):
     """bf16 x, float32 weight and bias: each output is the float64 GELU of the products of the
@@ -94,8 +112,8 @@ def test_opcheck_and_compile(device, backend):
     x, w, b = _inputs((3, 5), 16, 12, device, BF16)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     op = torch.ops.pyssm.linear_gelu_triton.default
-    torch.library.opcheck(op, (x.reshape(15, 16), w, b, BF16))
-    torch.library.opcheck(op, (x.reshape(15, 16), w, None, FP32))
+    torch.library.opcheck(op, (x.reshape(15, 16), w, b, BF16, "gelu"))
+    torch.library.opcheck(op, (x.reshape(15, 16), w, None, FP32, "quick_gelu"))
 
     def fn(x):
         return linear_gelu(x, w, b, backend=backend).float().sum()
@@ -121,6 +139,8 @@ def test_bad_arguments(backend):
         linear_gelu(x, w, out_dtype=torch.int32, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         linear_gelu(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        linear_gelu(x, w, activation="relu", backend=backend)
 
 
 def test_triton_refuses_float64_and_auto_takes_the_reference():

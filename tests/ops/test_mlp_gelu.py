@@ -10,6 +10,7 @@ from float64_bound import assert_within_twice_torchs
 from triton_params import PARAMS
 
 from pyssm.ops import mlp_gelu_triton
+from pyssm.ops.linear_gelu import activate
 from pyssm.ops.mlp_gelu import mlp_gelu, mlp_gelu_reference
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -55,6 +56,24 @@ def test_forward_and_gradients_against_float64(device, backend, lead, C, H, C2, 
     h = F.gelu(F.linear(x64, _as_multiplied(w164, dtype), _as_multiplied(b164, dtype)))
     exact = F.linear(h, _as_multiplied(w264, dtype), _as_multiplied(b264, dtype))
     assert got.shape == (*lead, C2) and got.dtype == dtype
+    assert_within_twice_torchs(got, own, exact, leaves, leaves64,
+                               grad_rel=max(1e-5, torch.finfo(dtype).eps))
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("lead,C,H,C2", [SHAPES[1], SHAPES[2]])
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "quick_gelu"])
+def test_other_activations_against_float64(device, backend, lead, C, H, C2, dtype, activation):
+    """SigLIP's tanh GELU and CLIP's quick GELU, forward and every gradient, as the exact
+    GELU's are held."""
+    x, w1, b1, w2, b2 = _inputs(lead, C, H, C2, device, dtype, seed=6)
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    got = mlp_gelu(x, w1, b1, w2, b2, activation=activation, backend=backend)
+    own = mlp_gelu_reference(x, w1, b1, w2, b2, activation=activation)
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    m = [_as_multiplied(t, dtype) for t in leaves64[1:]]
+    exact = F.linear(activate(F.linear(leaves64[0], m[0], m[1]), activation), m[2], m[3])
     assert_within_twice_torchs(got, own, exact, leaves, leaves64,
                                grad_rel=max(1e-5, torch.finfo(dtype).eps))
 
@@ -131,8 +150,8 @@ def test_opcheck_and_compile(device, backend):
     x, w1, b1, w2, b2 = _inputs((3, 5), 16, 24, 8, device, BF16)
     x, w1, b1, w2, b2 = (t.requires_grad_() for t in (x, w1, b1, w2, b2))
     op = torch.ops.pyssm.mlp_gelu_triton.default
-    torch.library.opcheck(op, (x.reshape(15, 16), w1, b1, w2, b2))
-    torch.library.opcheck(op, (x.reshape(15, 16), w1, None, w2, None))
+    torch.library.opcheck(op, (x.reshape(15, 16), w1, b1, w2, b2, "gelu"))
+    torch.library.opcheck(op, (x.reshape(15, 16), w1, None, w2, None, "gelu_tanh"))
 
     def fn(x):
         return mlp_gelu(x, w1, b1, w2, b2, backend=backend).float().sum()
@@ -160,6 +179,8 @@ def test_bad_arguments(backend):
         mlp_gelu(x.long(), w1, None, w2, None, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         mlp_gelu(x, w1, None, w2, None, backend="cuda")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mlp_gelu(x, w1, None, w2, None, activation="silu", backend=backend)
 
 
 def test_triton_refuses_float64_and_auto_takes_the_reference():
