@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pyssm.integrations.swap import swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.ops import attention
 
@@ -67,17 +68,7 @@ def swap_attention(model: nn.Module, backend: str | None = None) -> int:
     many it replaced. Other attention classes (RoPE, pooling) are left as they are."""
     from timm.layers import Attention as TimmAttention
 
-    return _swap(model, TimmAttention, lambda m: Attention(m, backend=backend))
-
-
-def _swap(model: nn.Module, cls: type, make) -> int:
-    """Replaces every module of exactly type ``cls`` in ``model`` by ``make(module)``."""
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is cls]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(module))
-    return len(targets)
+    return swap_modules(model, (TimmAttention,), lambda m: Attention(m, backend=backend))
 
 
 class Mlp(_PyssmMlp):
@@ -107,4 +98,4 @@ def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
     it replaced. Other MLP classes (GluMlp, SwiGLU) are left as they are."""
     from timm.layers import Mlp as TimmMlp
 
-    return _swap(model, TimmMlp, lambda m: Mlp(m, backend=backend))
+    return swap_modules(model, (TimmMlp,), lambda m: Mlp(m, backend=backend))

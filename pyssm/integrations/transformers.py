@@ -1,9 +1,11 @@
-"""pyssm's attention as a Hugging Face transformers attention backend.
+"""pyssm's attention as a Hugging Face transformers attention backend, and its fused MLP in
+CLIP and SigLIP towers.
 
     import pyssm.integrations.transformers as pyssm_hf
     pyssm_hf.register()                                   # once per process
     model = AutoModel.from_pretrained(path, attn_implementation="pyssm")
     # or per sub-model: attn_implementation={"text_config": "pyssm", "vision_config": "sdpa"}
+    pyssm_hf.swap_mlp(model)                              # CLIP / SigLIP MLPs -> pyssm's
 
 ``register()`` adds "pyssm" to transformers' ``AttentionInterface`` (the attention function)
 and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like flash-attn, pyssm
@@ -15,13 +17,22 @@ is right. What pyssm does not compute raises instead of being dropped: attention
 training, soft-capping, sliding windows, position biases (T5-style), attention sinks, and
 attention probabilities (``output_attentions``).
 
+``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP and Siglip2MLP (fc1, activation, fc2) by
+``MLP``, the encoders' MLP (``pyssm.models.mlp.Mlp``) over the same layers: the same state dict,
+and in 16-bit inference fc1 and the activation as one ``linear_gelu`` pass, in 16-bit training
+the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton kernels run, for
+CLIP's quick GELU, SigLIP's tanh GELU and the exact GELU (another activation: the layers).
+
 Tested with transformers 5.24 (CLIP and SigLIP vision towers, Llama, LLaVA; tests/integrations).
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from pyssm.integrations.swap import swap_modules
+from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.ops import attention
 
 NAME = "pyssm"
@@ -137,3 +148,38 @@ def register(name: str = NAME, backend: str | None = None) -> str:
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, padding_mask)
     return name
+
+
+# (transformers' module, class): the MLPs whose forward is fc2(activation_fn(fc1(x)))
+MLP_CLASSES = (("clip", "CLIPMLP"), ("siglip", "SiglipMLP"), ("siglip2", "Siglip2MLP"))
+
+
+class MLP(_PyssmMlp):
+    """transformers' CLIPMLP / SiglipMLP / Siglip2MLP on pyssm's fused MLP ops (module
+    docstring): their fc1, activation_fn and fc2 under the same names."""
+
+    def __init__(self, hf_mlp: nn.Module, backend: str | None = None):
+        nn.Module.__init__(self)
+        self.config = getattr(hf_mlp, "config", None)
+        self.activation_fn, self.fc1, self.fc2 = hf_mlp.activation_fn, hf_mlp.fc1, hf_mlp.fc2
+        self.backend = backend
+
+    @property
+    def act(self) -> nn.Module:  # (the name pyssm's Mlp reads)
+        return self.activation_fn
+
+
+def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
+    """Replaces every CLIPMLP, SiglipMLP and Siglip2MLP in ``model`` (in place) by ``MLP``;
+    returns how many it replaced. ``backend``: the fused ops' ("triton", "reference"; None:
+    their automatic choice, Triton on CUDA tensors once verified on a GPU)."""
+    import importlib
+
+    classes = []
+    for module, name in MLP_CLASSES:
+        try:
+            classes.append(getattr(importlib.import_module(
+                f"transformers.models.{module}.modeling_{module}"), name))
+        except (ImportError, AttributeError):  # (an older transformers without the model)
+            continue
+    return swap_modules(model, tuple(classes), lambda m: MLP(m, backend=backend))
