@@ -4,18 +4,22 @@ gradient summed from the float32 da in the same pass (a row tile's column sums; 
 the tiles' rows). (The forward is linear_gelu's kernel, which writes the pre-activation a
 beside the hidden layer h.)
 
-Why: a training step's MLP in torch writes fc2's input gradient dh (M x 4C) in bf16 and the
-GELU's backward reads it back with a and writes da: dh's write and read (2 x 2 B an element of
-the hidden layer) are what this pass saves, and the forward saves the GELU's read of a.
-bench/roofline_model.py --train puts the GELU and its backward at 0.08 of VMamba-T's
-training-step floor and 0.12 of ViT-S's (profiles/roofline_model/2026-12-06-train.md).
+Why: a training step's MLP in torch writes fc2's input gradient dh (M x 4C) in bf16, the
+GELU's backward reads it back with a and writes da, and fc1's bias gradient reads da again:
+dh's write and read and that read (3 x 2 B an element of the hidden layer) are what this pass
+saves, and the forward (linear_gelu's kernel writing a beside h) saves the GELU's read of a.
+bench/roofline_model.py --train put the GELU and its backward at 0.08 of VMamba-T's
+training-step floor and 0.12 of ViT-S's; with this op the floor rises 4.5% and 15%
+(profiles/roofline_model/2026-12-06-train.md).
 
 Two numbers at VMamba-T's stage-1 MLP, 224 px x 64 (M = 200,704 rows, C 96, hidden 384, bf16):
-dy read 39 MB, a read and da written 154 MB each, W2 74 KB (held in the L2): 347 MB, **81 us**
-at the H200's measured 4.3 TB/s; 14.8 GFLOP (19 us of tensor cores), so memory-bound. Torch's
-two passes: cuBLAS's dgrad (39 MB read, 154 MB written) and the GELU's backward (462 MB): 655
-MB, ~150 us. Prediction, not measured yet: 80-120 us against 150-190 us. At ViT-B/16's (C 768,
-hidden 3072) the product is bound by FLOPs, as linear_gelu's forward is there.
+dy read 39 MB, a read and da written 154 MB each, W2 74 KB (held in the L2), the bias tiles
+0.6 MB: 348 MB, **81 us** at the H200's measured 4.3 TB/s; 14.8 GFLOP (19 us of tensor cores),
+so memory-bound. Torch's three passes: cuBLAS's dgrad (39 MB read, 154 MB written), the GELU's
+backward (462 MB) and the bias sum (154 MB): 809 MB, ~190 us. Prediction, not measured yet:
+80-120 us against 190-230 us. At ViT-B/16's (C 768, hidden 3072) the product is bound by
+FLOPs, as linear_gelu's forward is there. The tanh and quick GELUs (activation_grad's other
+two) add a few instructions an element to the epilogue, not bytes.
 
 The tile product is ``_triton.linear_tile`` with dy as x and W2 transposed (hidden, C) as the
 weight, in ``_triton.training_tiles`` (smaller than linear_gelu's: this epilogue holds a and
