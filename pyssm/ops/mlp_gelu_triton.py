@@ -14,7 +14,7 @@ training-step floor and 0.12 of ViT-S's; with this op the floor rises 4.5% and 1
 
 Two numbers at VMamba-T's stage-1 MLP, 224 px x 64 (M = 200,704 rows, C 96, hidden 384, bf16):
 dy read 39 MB, a read and da written 154 MB each, W2 74 KB (held in the L2), the bias tiles
-0.6 MB: 348 MB, **81 us** at the H200's measured 4.3 TB/s; 14.8 GFLOP (19 us of tensor cores),
+4.8 MB (3,136 row tiles x 384 floats): 352 MB, **82 us** at the H200's measured 4.3 TB/s; 14.8 GFLOP (19 us of tensor cores),
 so memory-bound. Torch's three passes: cuBLAS's dgrad (39 MB read, 154 MB written), the GELU's
 backward (462 MB) and the bias sum (154 MB): 809 MB, ~190 us. Prediction, not measured yet:
 80-120 us against 190-230 us. At ViT-B/16's (C 768, hidden 3072) the product is bound by
