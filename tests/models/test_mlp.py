@@ -308,10 +308,10 @@ def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
         if _triton.available() and _triton.interpreting():
             mlp(x.bfloat16(), backend="triton")
         mlp.act = gelu
-    mlp(x.bfloat16(), backend="triton" if _triton.interpreting() else None)  # recording
+    mlp(x.bfloat16(), backend="triton" if _triton.available() and _triton.interpreting() else None)  # recording
     monkeypatch.setenv("PYSSM_LINEAR_GELU", "0")  # the device check's switch
     with torch.no_grad():
-        mlp(x.bfloat16(), backend="triton" if _triton.interpreting() else None)
+        mlp(x.bfloat16(), backend="triton" if _triton.available() and _triton.interpreting() else None)
     assert calls == []
 
 
