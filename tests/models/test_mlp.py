@@ -300,18 +300,19 @@ def test_fc1_and_gelu_unfused_where_the_op_does_not_apply(monkeypatch):
     torch.manual_seed(0)
     mlp = Mlp(6, 17)
     x = torch.randn(4, 6)
+    triton = "triton" if _triton.available() and _triton.interpreting() else None
     with torch.no_grad():
         mlp(x)  # float32, no autocast
         mlp.bfloat16()
         mlp(x.bfloat16(), backend="reference")
         gelu, mlp.act = mlp.act, torch.nn.SiLU()  # an activation the op does not compute
-        if _triton.available() and _triton.interpreting():
-            mlp(x.bfloat16(), backend="triton")
+        if triton:
+            mlp(x.bfloat16(), backend=triton)
         mlp.act = gelu
-    mlp(x.bfloat16(), backend="triton" if _triton.available() and _triton.interpreting() else None)  # recording
+    mlp(x.bfloat16(), backend=triton)  # recording
     monkeypatch.setenv("PYSSM_LINEAR_GELU", "0")  # the device check's switch
     with torch.no_grad():
-        mlp(x.bfloat16(), backend="triton" if _triton.available() and _triton.interpreting() else None)
+        mlp(x.bfloat16(), backend=triton)
     assert calls == []
 
 
