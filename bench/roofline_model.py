@@ -32,7 +32,7 @@ mean of the logits, backward into every parameter, the model in eval mode: no dr
 inference-only MLP ops step aside as on the GPU, each MLP is one mlp_gelu (--unfused-mlp:
 torch's fc1, GELU and fc2, forward and backward), and the stood-in ops record their backward
 kernels too:
-  - mlp_gelu: fc1 + GELU writing a and h, fc2; in the backward W2 transposed, the da pass (dy,
+  - mlp_gelu: fc1 + GELU writing a and h, fc2; in the backward the da pass (dy,
     W2 and a read, da and fc1's bias gradient's row-tile sums written), dx, dW1 and dW2
     (cuBLAS's products) and the bias sums (the tiles', and dy's for fc2);
   - layer_norm: dy (and the sum's gradient) and x (and the residual) read, dx (and the
@@ -423,7 +423,7 @@ def attention_trainable(q, k, v, **kwargs):
 
 class _MlpGelu(torch.autograd.Function):
     """pyssm.ops.mlp_gelu (its parameters cast by the Mlp, traced there): forward linear_gelu's
-    pass writing a and h, then fc2; backward W2 transposed, the da pass (dy, W2 and a read, da
+    pass writing a and h, then fc2; backward the da pass (dy, W2 and a read, da
     and fc1's bias gradient's row-tile sums written), dx, dW1 and dW2 as three products, and
     the bias sums (the tiles' sums; dy's for fc2)."""
 
@@ -448,7 +448,6 @@ class _MlpGelu(torch.autograd.Function):
         hidden, (H, C), C2 = ctx.hidden, w1[0], w2[0][0]
         M = x[0].numel() // C
         xb, w1b, w2b = _meta_bytes(x), _meta_bytes(w1), _meta_bytes(w2)
-        TRACE.add("mlp_gelu.backward.w2t", "cast/copy", w2b, w2b)
         tiles = -(-M // 64) * H * 4  # fc1's bias gradient, a row tile's column sums
         TRACE.add("mlp_gelu.backward.da", "gemm", nbytes(dy) + w2b + hidden, hidden + tiles,
                   2 * M * C2 * H)

@@ -143,7 +143,7 @@ def _mlp_variants(k: int, n: int, x: str, act: int):
              "BLOCK_K": block_k}
     flags = {"HAS_BIAS": True, "STORE_PRE": True, **tiles}
     yield f"mlp_gelu forward (a, h){name}", f"{k}->{n}", x, LG._fwd, sig, flags, warps
-    sig = {"DY": f"*{x}", "W2t": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "DB": "*fp32",
+    sig = {"DY": f"*{x}", "W2": f"*{x}", "PRE": f"*{x}", "DA": f"*{x}", "DB": "*fp32",
            "M": "i32", "N": "i32", "K": "i32", "stride_dym": "i32"}
     yield f"mlp_gelu backward (da){name}", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
 

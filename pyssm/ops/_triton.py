@@ -170,16 +170,21 @@ def activation_grad(v, ACT: tl.constexpr):
 @jit
 def linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS: tl.constexpr,
                 IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr,
+                W_KN: tl.constexpr):
     """The float32 tile x[rows] Wt[cols]^T (+ bias[cols]) of x (M, K) with row stride
-    stride_xm and Wt (N, K) contiguous: the K loop BLOCK_K at a time on tensor cores (16-bit
-    operands), in IEEE float32 (IEEE: float32 x, on the CUDA cores), or, in Triton's
-    interpreter (CPU), as float32 products of the same values (its dot takes no bf16). Rows
-    and columns past the ends read row / column 0's values (in bounds; the callers mask their
-    stores), so only a partial last K step needs a mask."""
+    stride_xm and Wt (N, K) contiguous (W_KN: Wt is the (K, N) contiguous matrix whose
+    transpose is meant, as fc2's weight is for its input gradient): the K loop BLOCK_K at a
+    time on tensor cores (16-bit operands), in IEEE float32 (IEEE: float32 x, on the CUDA
+    cores), or, in Triton's interpreter (CPU), as float32 products of the same values (its dot
+    takes no bf16). Rows and columns past the ends read row / column 0's values (in bounds;
+    the callers mask their stores), so only a partial last K step needs a mask."""
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = X + (rows % M).to(tl.int64)[:, None] * stride_xm + ks[None, :]
-    b_ptrs = Wt + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]
+    if W_KN:
+        b_ptrs = Wt + ks.to(tl.int64)[:, None] * N + (cols % N)[None, :]
+    else:
+        b_ptrs = Wt + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -195,7 +200,10 @@ def linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS: tl.conste
         else:
             acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if W_KN:
+            b_ptrs += BLOCK_K * N
+        else:
+            b_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     return acc

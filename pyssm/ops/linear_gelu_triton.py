@@ -46,7 +46,7 @@ def _fwd(X, Wt, BIAS, Y, PRE, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, IEEE: 
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS, IEEE, EVEN_K,
-                      BLOCK_M, BLOCK_N, BLOCK_K, CPU)
+                      BLOCK_M, BLOCK_N, BLOCK_K, CPU, False)
     if STORE_PRE:  # the pre-activation too, for a backward (pyssm.ops.mlp_gelu)
         tl.store(PRE + rows.to(tl.int64)[:, None] * N + cols[None, :],
                  rounded(acc, PRE.dtype.element_ty, CPU),

@@ -42,7 +42,7 @@ def _fwd(X, Wt, BIAS, S, M, N, K, stride_xm, stride_sm, HAS_BIAS: tl.constexpr,
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS, IEEE, EVEN_K,
-                      BLOCK_M, BLOCK_N, BLOCK_K, CPU)
+                      BLOCK_M, BLOCK_N, BLOCK_K, CPU, False)
     # the product as F.linear returns it (rounded to h's dtype), then the promoted add
     y = rounded(acc, X.dtype.element_ty, CPU).to(tl.float32)
     ptrs = S + rows.to(tl.int64)[:, None] * stride_sm + cols[None, :]

@@ -131,15 +131,15 @@ def _(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation):
 
 
 @torch.library.custom_op("pyssm::mlp_gelu_dgrad_triton", mutates_args=())
-def _mlp_gelu_dgrad_triton(dy: torch.Tensor, w2t: torch.Tensor, a: torch.Tensor,
+def _mlp_gelu_dgrad_triton(dy: torch.Tensor, w2: torch.Tensor, a: torch.Tensor,
                            activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(da, its column sums a row tile): da = (dy W2) GELU'(a), the backward's kernel, an op
     of its own so that autograd's tracers (torch.compile) see a fake of it."""
-    return mlp_gelu_triton.backward(dy, w2t, a, act=ACTIVATIONS.index(activation))
+    return mlp_gelu_triton.backward(dy, w2, a, act=ACTIVATIONS.index(activation))
 
 
 @_mlp_gelu_dgrad_triton.register_fake
-def _(dy, w2t, a, activation):
+def _(dy, w2, a, activation):
     M, N = a.shape
     block_m = _triton.training_tiles(N, dy.shape[1], dy.dtype == torch.float32)[0]
     return a.new_empty(a.shape), a.new_empty(((M + block_m - 1) // block_m, N),
@@ -163,8 +163,7 @@ def _backward(ctx, dy, _da, _dh):
     dy = dy.to(dt)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
-    da, db1_tiles = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2.t().contiguous(), a,
-                                                          ctx.activation)
+    da, db1_tiles = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2, a, ctx.activation)
     dx = da @ w1
     dw1 = (da.t() @ x2d).to(fc1_weight.dtype)
     dw2 = (dy.t() @ h).to(fc2_weight.dtype)

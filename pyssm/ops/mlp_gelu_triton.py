@@ -9,7 +9,7 @@ GELU's backward reads it back with a and writes da, and fc1's bias gradient read
 dh's write and read and that read (3 x 2 B an element of the hidden layer) are what this pass
 saves, and the forward (linear_gelu's kernel writing a beside h) saves the GELU's read of a.
 bench/roofline_model.py --train put the GELU and its backward at 0.08 of VMamba-T's
-training-step floor and 0.12 of ViT-S's; with this op the floor rises 4.5% and 15%
+training-step floor and 0.12 of ViT-S's; with this op the floors rise 4.6% and 16%
 (profiles/roofline_model/2026-12-06-train.md).
 
 Two numbers at VMamba-T's stage-1 MLP, 224 px x 64 (M = 200,704 rows, C 96, hidden 384, bf16):
@@ -21,8 +21,8 @@ backward (462 MB) and the bias sum (154 MB): 809 MB, ~190 us. Prediction, not me
 FLOPs, as linear_gelu's forward is there. The tanh and quick GELUs (activation_grad's other
 two) add a few instructions an element to the epilogue, not bytes.
 
-The tile product is ``_triton.linear_tile`` with dy as x and W2 transposed (hidden, C) as the
-weight, in ``_triton.training_tiles`` (smaller than linear_gelu's: this epilogue holds a and
+The tile product is ``_triton.linear_tile`` with dy as x and W2 as the weight, read as stored
+(C, hidden) for its transpose (no copy), in ``_triton.training_tiles`` (smaller than linear_gelu's: this epilogue holds a and
 GELU'(a) beside the product), with linear_gelu's interpreter caveat (on CPU tensors the 16-bit
 values are multiplied as float32).
 """
@@ -36,15 +36,15 @@ from pyssm.ops._triton import (activation_grad, check_device, jit, linear_tile, 
 
 
 @jit
-def _dgrad(DY, W2t, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
+def _dgrad(DY, W2, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
            EVEN_K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
     rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dh = linear_tile(DY, W2t, W2t, rows, cols, M, N, K, stride_dym, False, IEEE, EVEN_K,
-                     BLOCK_M, BLOCK_N, BLOCK_K, CPU)
+    dh = linear_tile(DY, W2, W2, rows, cols, M, N, K, stride_dym, False, IEEE, EVEN_K,
+                     BLOCK_M, BLOCK_N, BLOCK_K, CPU, True)  # (W2 as stored: (K, N))
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     a = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
@@ -55,15 +55,15 @@ def _dgrad(DY, W2t, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
     tl.store(DB + (pid // tiles_n) * N + cols, tl.sum(da, axis=0), mask=cols < N)
 
 
-def backward(dy: torch.Tensor, w2t: torch.Tensor, pre: torch.Tensor,
+def backward(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,
              act: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy (M, C) with unit stride along C; w2t (hidden, C) contiguous, fc2's weight transposed,
+    """dy (M, C) with unit stride along C; w2 (C, hidden) contiguous, fc2's weight as stored,
     in dy's dtype; pre (M, hidden) contiguous, the saved pre-activation. Returns da (M, hidden)
     in pre's dtype and the float32 column sums of da (before its rounding) a row tile,
     (row tiles, hidden): their sum over the tiles is fc1's bias gradient. ``act``: the
     activation's index in pyssm.ops.linear_gelu.ACTIVATIONS."""
     M, K = dy.shape
-    N = w2t.shape[0]
+    N = w2.shape[1]
     check_device(dy.device, "mlp_gelu")
     fp32 = dy.dtype == torch.float32
     block_m, block_n, block_k, warps = training_tiles(N, K, fp32)
@@ -72,7 +72,7 @@ def backward(dy: torch.Tensor, w2t: torch.Tensor, pre: torch.Tensor,
     if M == 0 or N == 0:
         return da, db
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _dgrad[grid](dy, w2t, pre, da, db, M, N, K, dy.stride(0), EVEN_K=K % block_k == 0,
+    _dgrad[grid](dy, w2, pre, da, db, M, N, K, dy.stride(0), EVEN_K=K % block_k == 0,
                  ACT=act, IEEE=fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  CPU=dy.device.type == "cpu", num_warps=warps, num_stages=3)
     return da, db

@@ -129,11 +129,7 @@ def test_a_training_step_traces_forward_and_backward(encoder, overrides):
     assert not {"linear_gelu", "linear_residual", "mlp_gelu.fc1_gelu"} & ops_unfused
     totals = [rm.summarize(t)["total"] for t in (kernels, unfused)]
     assert totals[0]["gflop"] == pytest.approx(totals[1]["gflop"])
-    # fewer bytes with the op at a real batch (at 3 images its transposed fc2 weight, a copy
-    # the size of the weight a step, outweighs the hidden layer's passes it saves)
-    totals = [rm.summarize(rm.trace_training(encoder, 64, 64, fused_mlp=fused, **overrides))[
-        "total"]["mb"] for fused in (True, False)]
-    assert totals[0] < totals[1]
+    assert totals[0]["mb"] < totals[1]["mb"]
     inference = rm.trace_inference(encoder, 64, 3, **overrides)
     gemm = [sum(k.flops for k in t if k.kind == "gemm") for t in (inference, kernels)]
     assert gemm[1] > 2.5 * gemm[0]  # (the backward's two products a layer, and the MLP's)
