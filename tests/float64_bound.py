@@ -26,3 +26,11 @@ def assert_within_twice_torchs(got, own, exact, leaves, leaves64, grad_rel: floa
         assert g.dtype == leaf.dtype and g.shape == leaf.shape
         assert torch.isfinite(g).all()
         assert err(g, e) <= 2 * err(o, e) + grad_rel * (1 + e.abs().max().item())
+
+
+def as_multiplied(t64, dtype):
+    """A float64 weight or bias as a linear op multiplies it for x of ``dtype``: rounded to a
+    16-bit x's dtype (as autocast rounds F.linear's), its gradient passed through unchanged."""
+    if t64 is None or dtype not in (torch.float16, torch.bfloat16):
+        return t64
+    return t64 + (t64.to(dtype).double() - t64).detach()

@@ -168,6 +168,17 @@ def activation_grad(v, ACT: tl.constexpr):
 # ---- the product of linear_gelu and linear_residual ---------------------------------------------
 
 @jit
+def program_tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, cols) of this program's BLOCK_M x BLOCK_N output tile, a row of tiles N wide
+    taken by neighbours in launch order (so x's rows are read from DRAM once, then the L2)."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols
+
+
+@jit
 def linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS: tl.constexpr,
                 IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr,

@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops._triton import (activation, available, check_device, jit,  # noqa: F401
-                               linear_tile, linear_tiles, rounded, tl, training_tiles, triton)
+                               linear_tile, linear_tiles, program_tile, rounded, tl,
+                               training_tiles, triton)
 
 
 @jit
@@ -41,10 +42,7 @@ def _fwd(X, Wt, BIAS, Y, PRE, M, N, K, stride_xm, HAS_BIAS: tl.constexpr, IEEE: 
          EVEN_K: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
          CPU: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = program_tile(N, BLOCK_M, BLOCK_N)
     acc = linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS, IEEE, EVEN_K,
                       BLOCK_M, BLOCK_N, BLOCK_K, CPU, False)
     if STORE_PRE:  # the pre-activation too, for a backward (pyssm.ops.mlp_gelu)

@@ -30,17 +30,14 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops._triton import (available, check_device, jit, linear_tile,  # noqa: F401
-                               linear_tiles, rounded, tl, triton)
+                               linear_tiles, program_tile, rounded, tl, triton)
 
 
 @jit
 def _fwd(X, Wt, BIAS, S, M, N, K, stride_xm, stride_sm, HAS_BIAS: tl.constexpr,
          IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = program_tile(N, BLOCK_M, BLOCK_N)
     acc = linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS, IEEE, EVEN_K,
                       BLOCK_M, BLOCK_N, BLOCK_K, CPU, False)
     # the product as F.linear returns it (rounded to h's dtype), then the promoted add

@@ -32,17 +32,14 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops._triton import (activation_grad, check_device, jit, linear_tile,  # noqa: F401
-                               rounded, tl, training_tiles, triton)
+                               program_tile, rounded, tl, training_tiles, triton)
 
 
 @jit
 def _dgrad(DY, W2, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
            EVEN_K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    rows = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = program_tile(N, BLOCK_M, BLOCK_N)
     dh = linear_tile(DY, W2, W2, rows, cols, M, N, K, stride_dym, False, IEEE, EVEN_K,
                      BLOCK_M, BLOCK_N, BLOCK_K, CPU, True)  # (W2 as stored: (K, N))
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -52,7 +49,8 @@ def _dgrad(DY, W2, PRE, DA, DB, M, N, K, stride_dym, IEEE: tl.constexpr,
     da = tl.where(mask, dh * activation_grad(a, ACT), 0.0)
     tl.store(DA + offs, rounded(da, DA.dtype.element_ty, CPU), mask=mask)
     # fc1's bias gradient: this row tile's float32 column sums, one row of DB a row tile
-    tl.store(DB + (pid // tiles_n) * N + cols, tl.sum(da, axis=0), mask=cols < N)
+    tile_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    tl.store(DB + tile_m * N + cols, tl.sum(da, axis=0), mask=cols < N)
 
 
 def backward(dy: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,

@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_bound import assert_within_twice_torchs
+from float64_bound import as_multiplied, assert_within_twice_torchs
 from triton_params import PARAMS
 
 from pyssm.ops import linear_gelu_triton
@@ -24,14 +24,6 @@ def _inputs(lead, K, N, device, dtype, wdtype=FP32, seed=0):
     return x, w, b
 
 
-def _as_multiplied(t64, dtype):
-    """A float64 weight or bias as the op multiplies it for x of ``dtype``: rounded to a 16-bit
-    x's dtype (as autocast rounds F.linear's), its gradient passed through unchanged."""
-    if t64 is None or dtype not in (BF16, FP16):
-        return t64
-    return t64 + (t64.to(dtype).double() - t64).detach()
-
-
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
 @pytest.mark.parametrize("dtype,out_dtype", [(FP32, None), (BF16, None), (FP16, FP32),
@@ -47,7 +39,7 @@ def test_forward_and_gradients_against_float64(device, backend, lead, K, N, dtyp
     leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
     x64, w64 = leaves64[:2]
     b64 = leaves64[2] if with_bias else None
-    exact = F.gelu(F.linear(x64, _as_multiplied(w64, dtype), _as_multiplied(b64, dtype)))
+    exact = F.gelu(F.linear(x64, as_multiplied(w64, dtype), as_multiplied(b64, dtype)))
     assert got.shape == (*lead, N) and got.dtype == (out_dtype or dtype)
     # the cotangent reaches both in got's dtype (rounded there): its rounding is in the floor
     assert_within_twice_torchs(got, own, exact, leaves, leaves64,
@@ -66,7 +58,7 @@ def test_other_activations_against_float64(device, backend, lead, K, N, dtype, a
     got = linear_gelu(x, w, b, activation=activation, backend=backend)
     own = linear_gelu_reference(x, w, b, activation=activation)
     leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
-    a = F.linear(leaves64[0], *(_as_multiplied(t, dtype) for t in leaves64[1:]))
+    a = F.linear(leaves64[0], *(as_multiplied(t, dtype) for t in leaves64[1:]))
     exact = activate(a, activation)  # (torch's float64 ops)
     assert_within_twice_torchs(got, own, exact, leaves, leaves64,
                                grad_rel=max(1e-5, torch.finfo(got.dtype).eps))

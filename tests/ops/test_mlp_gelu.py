@@ -6,7 +6,7 @@ the kernels leave unwritten fails."""
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_bound import assert_within_twice_torchs
+from float64_bound import as_multiplied, assert_within_twice_torchs
 from triton_params import PARAMS
 
 from pyssm.ops import mlp_gelu_triton
@@ -31,14 +31,6 @@ def _inputs(lead, C, H, C2, device, dtype, seed=0):
     return x, w1, b1, w2, b2
 
 
-def _as_multiplied(t64, dtype):
-    """A float64 weight or bias as the op multiplies it for x of ``dtype``: rounded to a 16-bit
-    x's dtype (as autocast rounds F.linear's), its gradient passed through unchanged."""
-    if t64 is None or dtype not in (BF16, FP16):
-        return t64
-    return t64 + (t64.to(dtype).double() - t64).detach()
-
-
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("lead,C,H,C2", SHAPES)
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP16])
@@ -53,8 +45,8 @@ def test_forward_and_gradients_against_float64(device, backend, lead, C, H, C2, 
     leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
     x64, w164 = leaves64[:2]
     b164, w264, b264 = leaves64[2:] if with_bias else (None, leaves64[2], None)
-    h = F.gelu(F.linear(x64, _as_multiplied(w164, dtype), _as_multiplied(b164, dtype)))
-    exact = F.linear(h, _as_multiplied(w264, dtype), _as_multiplied(b264, dtype))
+    h = F.gelu(F.linear(x64, as_multiplied(w164, dtype), as_multiplied(b164, dtype)))
+    exact = F.linear(h, as_multiplied(w264, dtype), as_multiplied(b264, dtype))
     assert got.shape == (*lead, C2) and got.dtype == dtype
     assert_within_twice_torchs(got, own, exact, leaves, leaves64,
                                grad_rel=max(1e-5, torch.finfo(dtype).eps))
@@ -72,7 +64,7 @@ def test_other_activations_against_float64(device, backend, lead, C, H, C2, dtyp
     got = mlp_gelu(x, w1, b1, w2, b2, activation=activation, backend=backend)
     own = mlp_gelu_reference(x, w1, b1, w2, b2, activation=activation)
     leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
-    m = [_as_multiplied(t, dtype) for t in leaves64[1:]]
+    m = [as_multiplied(t, dtype) for t in leaves64[1:]]
     exact = F.linear(activate(F.linear(leaves64[0], m[0], m[1]), activation), m[2], m[3])
     assert_within_twice_torchs(got, own, exact, leaves, leaves64,
                                grad_rel=max(1e-5, torch.finfo(dtype).eps))
@@ -121,7 +113,7 @@ def test_against_torchs_autocast_mlp(device, backend):
     r = [t.to(BF16) for t in (w1, b1, w2, b2)]  # autocast's casts, differentiable
     torchs = F.linear(F.gelu(F.linear(x, r[0], r[1])), r[2], r[3])
     leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
-    m = [_as_multiplied(t, BF16) for t in leaves64[1:]]
+    m = [as_multiplied(t, BF16) for t in leaves64[1:]]
     exact = F.linear(F.gelu(F.linear(leaves64[0], m[0], m[1])), m[2], m[3])
     assert_within_twice_torchs(got, torchs, exact, leaves, leaves64,
                                grad_rel=torch.finfo(BF16).eps)

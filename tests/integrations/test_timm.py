@@ -1,6 +1,6 @@
-"""Swapping pyssm's fused MLP into timm ViTs by module replacement keeps outputs and weights, and
-takes linear_gelu in 16-bit inference and mlp_gelu in 16-bit training where their kernels run
-(Triton's interpreter here), timm's layers elsewhere."""
+"""Swapping pyssm's modules into timm ViTs (pyssm.integrations.timm) keeps outputs and weights:
+the attention, and the fused MLP, which takes linear_gelu in 16-bit inference and mlp_gelu in
+16-bit training where their kernels run (Triton's interpreter here), timm's layers elsewhere."""
 
 import pytest
 import torch
@@ -9,7 +9,42 @@ from triton_params import INTERPRETER
 timm = pytest.importorskip("timm")
 
 import pyssm.models.mlp as mlp_module  # noqa: E402
-from pyssm.integrations.timm import Mlp, swap_attention, swap_mlp  # noqa: E402
+from pyssm.integrations.timm import Attention, Mlp, swap_attention, swap_mlp  # noqa: E402
+
+
+@pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {}),
+                                     ("vit_small_patch16_224", {"qk_norm": True})])
+@pytest.mark.parametrize("swap,attr,cls,tol", [(swap_attention, "attn", Attention, 2e-5),
+                                               (swap_mlp, "mlp", Mlp, 0.0)])
+def test_swapped_vit_gives_timm_outputs(name, kw, swap, attr, cls, tol):
+    """float32: the MLP runs timm's own layers there (0 tolerance), the attention pyssm's."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=48, depth=3, **kw).eval()
+    keys = set(model.state_dict())
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want = model.forward_features(x)
+        assert swap(model) == 3
+        got = model.forward_features(x)
+    assert all(isinstance(getattr(b, attr), cls) for b in model.blocks)
+    assert set(model.state_dict()) == keys  # checkpoints load unchanged
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_swapped_attention_trains_and_rejects_what_it_lacks():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    swap_attention(model)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        model.blocks[0].attn(torch.randn(1, 5, 192), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    dropped = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
+                                attn_drop_rate=0.1)
+    swap_attention(dropped)
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        dropped.train()(torch.randn(1, 3, 32, 32))
 
 
 def _vit(**kw):
@@ -28,19 +63,6 @@ def _spy(monkeypatch, name):
 
     monkeypatch.setattr(mlp_module, name, spy)
     return calls
-
-
-def test_swapped_mlp_gives_timm_outputs_and_keeps_the_keys():
-    model = _vit().eval()
-    keys = set(model.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        want = model.forward_features(x)
-        assert swap_mlp(model) == 2
-        got = model.forward_features(x)
-    assert all(isinstance(b.mlp, Mlp) for b in model.blocks)
-    assert set(model.state_dict()) == keys  # checkpoints load unchanged
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # float32: timm's own layers
 
 
 @INTERPRETER
