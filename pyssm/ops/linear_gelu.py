@@ -1,4 +1,4 @@
-"""linear_gelu: an MLP's first layer and its exact GELU as one op.
+"""linear_gelu: an MLP's first layer and its GELU (exact, or tanh or quick) as one op.
 
     x (..., K), weight (N, K) (nn.Linear(K, N)'s), bias (N,) or None:
     y = GELU(x weight^T + bias), GELU(a) = a (1 + erf(a / sqrt 2)) / 2 (nn.GELU's default;

@@ -1,4 +1,5 @@
-"""mlp_gelu: a whole MLP, fc1 -> exact GELU -> fc2, as one differentiable op for training.
+"""mlp_gelu: a whole MLP, fc1 -> GELU (exact, tanh or quick) -> fc2, as one differentiable op
+for training.
 
     x (..., C), fc1_weight (H, C), fc1_bias (H,) or None, fc2_weight (C2, H), fc2_bias (C2,)
     or None (nn.Linear(C, H)'s and nn.Linear(H, C2)'s):
