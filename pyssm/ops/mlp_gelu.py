@@ -165,11 +165,12 @@ def _backward(ctx, dy, _da, _dh):
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     da, db1_tiles = torch.ops.pyssm.mlp_gelu_dgrad_triton(dy, w2, a, ctx.activation)
-    dx = da @ w1
-    dw1 = (da.t() @ x2d).to(fc1_weight.dtype)
-    dw2 = (dy.t() @ h).to(fc2_weight.dtype)
-    db1 = None if fc1_bias is None else db1_tiles.sum(0).to(fc1_bias.dtype)
-    db2 = None if fc2_bias is None else dy.sum(0, dtype=torch.float32).to(fc2_bias.dtype)
+    need = ctx.needs_input_grad  # (a frozen MLP: x's gradient alone; LoRA-style: no dx)
+    dx = da @ w1 if need[0] else None
+    dw1 = (da.t() @ x2d).to(fc1_weight.dtype) if need[1] else None
+    db1 = db1_tiles.sum(0).to(fc1_bias.dtype) if need[2] else None
+    dw2 = (dy.t() @ h).to(fc2_weight.dtype) if need[3] else None
+    db2 = dy.sum(0, dtype=torch.float32).to(fc2_bias.dtype) if need[4] else None
     return dx, dw1, db1, dw2, db2, None
 
 

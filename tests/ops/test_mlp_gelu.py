@@ -120,6 +120,24 @@ def test_against_torchs_autocast_mlp(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
+@pytest.mark.parametrize("wants", ["x", "weights", "fc2"])
+def test_gradients_only_where_asked(device, backend, wants):
+    """A frozen MLP (x's gradient alone), frozen input (the parameters'), or fc2 alone (the
+    backward skips the products nobody asked for): those gradients, bit for bit the ones it
+    gives when every gradient is asked for."""
+    x, w1, b1, w2, b2 = _inputs((3, 7), 24, 40, 20, device, BF16, seed=8)
+    every = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    cot = torch.randn(3, 7, 20, device=device).to(BF16)
+    want = torch.autograd.grad(mlp_gelu(*every, backend=backend), every, cot)
+    asked = {"x": [0], "weights": [1, 2, 3, 4], "fc2": [3, 4]}[wants]
+    leaves = [t.clone().requires_grad_(i in asked) for i, t in enumerate((x, w1, b1, w2, b2))]
+    y = mlp_gelu(*leaves, backend=backend)
+    got = torch.autograd.grad(y, [leaves[i] for i in asked], cot)
+    for i, g in zip(asked, got):
+        torch.testing.assert_close(g, want[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS[::2])
 def test_strided_input_and_a_strided_cotangent(device, backend):
     """x read through its row stride; a cotangent that is not contiguous (a transpose's)."""
     x, w1, b1, w2, b2 = _inputs((6, 20), 24, 40, 24, device, BF16, seed=2)
