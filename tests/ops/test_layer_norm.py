@@ -178,10 +178,10 @@ def test_triton_refuses_float64_and_auto_takes_the_reference():
 
 @pytest.mark.skipif(not layer_norm_triton.available(), reason="no triton")
 def test_kernels_compile_for_gpus_without_spills():
-    """bench/triton_compile.py: the kernel variants layer_norm, depthwise_conv2d, linear_gelu and
-    linear_residual_ launch, compiled by Triton for sm_80 and sm_90 (no GPU needed), without register spills: the
-    interpreter cannot catch a construct the GPU compiler rejects (it caught linear_gelu's
-    module-level float constant)."""
+    """bench/triton_compile.py: the kernel variants layer_norm, depthwise_conv2d, linear_gelu,
+    linear_residual_ and mlp_gelu launch, compiled by Triton for sm_80 and sm_90 (no GPU
+    needed), without register spills: the interpreter cannot catch a construct the GPU
+    compiler rejects (it caught linear_gelu's module-level float constant)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -192,9 +192,10 @@ def test_kernels_compile_for_gpus_without_spills():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # 2 archs x (5 widths x 2 dtypes x 2 layer_norm kernels + 2 stem widths x 2 dtypes x 2
-    # layer_norm + GELU kernels + 4 channel counts x 2 dtypes x 3 + 4 fc1 shapes x 2 dtypes
-    # + 4 fc2 shapes x 2 dtypes)
-    assert run.stdout.count("| sm_") == 136
+    # layer_norm + GELU kernels + 4 channel counts x 2 dtypes x 3 + 4 fc1 shapes x 2 dtypes x
+    # 3 (linear_gelu; mlp_gelu forward and backward) + 2 of those shapes in bf16 x 2 more
+    # activations x 3 + 4 fc2 shapes x 2 dtypes)
+    assert run.stdout.count("| sm_") == 192
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
