@@ -13,9 +13,9 @@ state dict, checkpoints and the outputs stay the same. Attention reads q, k, v s
 the fused qkv projection in the flash layout (batch, tokens, heads, head_dim), without the
 transposes timm makes for SDPA; attention masks and attention dropout while training are not
 supported and raise. Mlp runs as the encoders' MLP (``pyssm.models.mlp.Mlp``): in 16-bit
-inference fc1 and the exact GELU as one ``linear_gelu`` pass, in 16-bit training the whole MLP
-as one ``mlp_gelu`` with its fused backward, where their Triton kernels run, for the exact
-GELU, its tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's); with dropout active in
+inference fc1 and the GELU as one ``linear_gelu`` pass, in 16-bit training the whole MLP as one
+``mlp_gelu`` with its fused backward, where their Triton kernels run, for the exact GELU, its
+tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's); with dropout active in
 training, a norm between the layers, another activation or 1 x 1 convolutions it runs timm's
 layers as they are.
 """
