@@ -128,16 +128,10 @@ QUICK_SCALE = tl.constexpr(1.702) if tl is not None else 1.702
 
 
 @jit
-def _sigmoid(v):
-    """1 / (1 + exp(-v)), 0 where exp(-v) overflows."""
-    return 1.0 / (1.0 + tl.exp(-v))
-
-
-@jit
 def _tanh(v):
     """tanh(v) = 2 sigmoid(2 v) - 1 (the interpreter and the GPU alike; float32's absolute
     error, which the GELU's 0.5 (1 + tanh) absorbs)."""
-    return 2.0 * _sigmoid(2.0 * v) - 1.0
+    return 2.0 * tl.sigmoid(2.0 * v) - 1.0
 
 
 @jit
@@ -148,7 +142,7 @@ def activation(v, ACT: tl.constexpr):
     elif ACT == 1:
         return 0.5 * v * (1.0 + _tanh((v + v * v * v * TANH_CUBIC) * SQRT_2_OVER_PI))
     else:
-        return v * _sigmoid(v * QUICK_SCALE)
+        return v * tl.sigmoid(v * QUICK_SCALE)
 
 
 @jit
@@ -161,7 +155,7 @@ def activation_grad(v, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * SQRT_2_OVER_PI * (
             1.0 + v * v * TANH_CUBIC * 3.0)
     else:
-        s = _sigmoid(v * QUICK_SCALE)
+        s = tl.sigmoid(v * QUICK_SCALE)
         return s + v * s * (1.0 - s) * QUICK_SCALE
 
 
