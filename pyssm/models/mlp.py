@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from pyssm.ops.linear_gelu import linear_gelu
+from pyssm.ops.linear_gelu import GELU_APPROXIMATE, linear_gelu
 from pyssm.ops.linear_gelu import uses_triton as linear_gelu_uses_triton
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.linear_residual import uses_triton as linear_residual_uses_triton
@@ -168,7 +168,8 @@ class Mlp(nn.Module):
         pyssm.integrations); None for any other (the layers then run as they are)."""
         act = self.act
         if isinstance(act, nn.GELU):
-            return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+            return next((name for name, approximate in GELU_APPROXIMATE.items()
+                         if approximate == act.approximate), None)
         return NAMED_ACTIVATIONS.get((type(act).__module__, type(act).__qualname__))
 
     @staticmethod

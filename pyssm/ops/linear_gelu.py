@@ -31,22 +31,24 @@ BACKENDS = _triton.BACKENDS
 LOW = (torch.float16, torch.bfloat16)
 # the activations the MLP ops take; a kernel's ACT is the index
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+# the two that are F.gelu's, by its ``approximate`` argument
+GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+QUICK_GELU_SCALE = 1.702  # quick_gelu(a) = a sigmoid(1.702 a)
 
 
 def activate(a: torch.Tensor, activation: str = "gelu") -> torch.Tensor:
     """The MLP activation of a, in torch's ops (as torch's modules compute it)."""
     if activation == "quick_gelu":
-        return a * torch.sigmoid(1.702 * a)
-    return F.gelu(a, approximate="tanh" if activation == "gelu_tanh" else "none")
+        return a * torch.sigmoid(QUICK_GELU_SCALE * a)
+    return F.gelu(a, approximate=GELU_APPROXIMATE[activation])
 
 
 def activation_backward(dy: torch.Tensor, a: torch.Tensor, activation: str = "gelu"):
     """dy times the activation's derivative at a, in torch's ops."""
     if activation == "quick_gelu":
-        s = torch.sigmoid(1.702 * a)
-        return dy * (s + 1.702 * a * s * (1 - s))
-    return torch.ops.aten.gelu_backward(dy, a,
-                                        approximate="tanh" if activation == "gelu_tanh" else "none")
+        s = torch.sigmoid(QUICK_GELU_SCALE * a)
+        return dy * (s + QUICK_GELU_SCALE * a * s * (1 - s))
+    return torch.ops.aten.gelu_backward(dy, a, approximate=GELU_APPROXIMATE[activation])
 
 
 def check_activation(activation) -> None:
