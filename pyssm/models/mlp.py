@@ -156,11 +156,8 @@ class Mlp(nn.Module):
             return None
         x = x.to(dtype)
         weight, bias = self._cast_params("fc1", dtype)
-        if channels_dim == 1:  # channels-last storage makes this view contiguous
-            return linear_gelu(x.permute(0, 2, 3, 1), weight, bias, out_dtype=dtype,
-                               activation=activation, backend=backend).permute(0, 3, 1, 2)
-        return linear_gelu(x, weight, bias, out_dtype=dtype, activation=activation,
-                           backend=backend)
+        return _over_last_dim(x, channels_dim, lambda x: linear_gelu(
+            x, weight, bias, out_dtype=dtype, activation=activation, backend=backend))
 
     def _activation(self) -> str | None:
         """The fused ops' name (pyssm.ops.linear_gelu.ACTIVATIONS) for ``self.act``: nn.GELU's
@@ -197,10 +194,8 @@ class Mlp(nn.Module):
         # through the casts), so the op's backward does not cast them again
         params = [None if p is None else p.to(dtype)
                   for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
-        if channels_dim == 1:  # channels-last storage makes this view contiguous
-            return mlp_gelu(x.permute(0, 2, 3, 1), *params, activation=activation,
-                            backend=backend).permute(0, 3, 1, 2)
-        return mlp_gelu(x, *params, activation=activation, backend=backend)
+        return _over_last_dim(x, channels_dim, lambda x: mlp_gelu(
+            x, *params, activation=activation, backend=backend))
 
     @contextlib.contextmanager
     def casts_kept(self):
@@ -231,6 +226,15 @@ class Mlp(nn.Module):
             casts[name, dtype] = (w.detach().to(dtype),
                                   None if b is None else b.detach().to(dtype))
         return casts[name, dtype]
+
+
+def _over_last_dim(x: torch.Tensor, channels_dim: int, op) -> torch.Tensor:
+    """``op`` (which works over the last dimension) on x's channels: for VMamba's Linear2d
+    (channels_dim 1, (B, C, H, W)) through the (B, H, W, C) view, which channels-last storage
+    makes contiguous, and its result viewed back."""
+    if channels_dim == 1:
+        return op(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return op(x)
 
 
 # add_mlp in place: the batch in slices whose hidden layer is at most CHUNK_BYTES, at most
