@@ -21,6 +21,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from pyssm.ops import layer_norm_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
@@ -102,8 +103,7 @@ def _linear_products(device, shapes):
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=device) / k ** 0.5
         b = 0.1 * torch.randn(n, device=device)
-        a64 = torch.nn.functional.linear(x.double(), w.to(torch.bfloat16).double(),
-                                         b.to(torch.bfloat16).double())
+        a64 = F.linear(x.double(), w.to(torch.bfloat16).double(), b.to(torch.bfloat16).double())
         yield f"({rows}, {k}) -> {n}", x, w, b, a64
 
 
@@ -111,8 +111,7 @@ def _linear_gelu(device) -> float:
     worst = 0.0  # VMamba-T s1's fc1, ViT-B's (inference: the encoders take no backward)
     for label, x, w, b, a64 in _linear_products(device, ((4099, 96, 384), (300, 768, 3072))):
         y = linear_gelu(x, w, b, backend="triton")
-        worst = max(worst, _check(f"linear_gelu {label}", device, [y],
-                                  [torch.nn.functional.gelu(a64)]))
+        worst = max(worst, _check(f"linear_gelu {label}", device, [y], [F.gelu(a64)]))
     return worst
 
 
@@ -136,9 +135,8 @@ def _mlp_gelu(device) -> float:
         w2 = (torch.randn(width, hidden, device=device) / hidden ** 0.5).requires_grad_()
         b2 = (0.1 * torch.randn(width, device=device)).requires_grad_()
         y = mlp_gelu(x, w1, b1, w2, b2, backend="triton")
-        f64 = torch.nn.functional
-        y64 = f64.linear(f64.gelu(f64.linear(x.double(), w1.double(), b1.double())),
-                         w2.double(), b2.double())
+        y64 = F.linear(F.gelu(F.linear(x.double(), w1.double(), b1.double())), w2.double(),
+                       b2.double())
         worst = max(worst, _check(f"mlp_gelu ({rows}, {width}) -> {hidden}", device, [y], [y64],
                                   (x, w1, b1, w2, b2)))
     return worst
