@@ -62,6 +62,12 @@ def linear_operands(x_dtype, weight, bias, acc):
     return weight.to(rnd).to(acc), None if bias is None else bias.to(rnd).to(acc)
 
 
+def kernel_operands(dt: torch.dtype, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Weights and biases as the Triton linear kernels take them: in x's dtype dt (autocast's
+    rounding for 16-bit x), contiguous; None stays None."""
+    return [None if t is None else t.to(dt).contiguous() for t in ts]
+
+
 def linear_gelu_reference(x, weight, bias=None, *, out_dtype=None, activation="gelu"):
     """Pure-PyTorch linear_gelu (module docstring) in float32 (float64 for float64)."""
     acc = _checks.acc_dtype(x.dtype)
@@ -116,10 +122,8 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 @torch.library.custom_op("pyssm::linear_gelu_triton", mutates_args=())
 def _linear_gelu_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         out_dtype: torch.dtype, activation: str) -> torch.Tensor:
-    dt = x2d.dtype  # W and the bias rounded to it (autocast's rounding), as the kernel takes them
-    return linear_gelu_triton.forward(x2d, weight.to(dt).contiguous(),
-                                      None if bias is None else bias.to(dt).contiguous(),
-                                      out_dtype, act=ACTIVATIONS.index(activation))
+    return linear_gelu_triton.forward(x2d, *kernel_operands(x2d.dtype, weight, bias), out_dtype,
+                                      act=ACTIVATIONS.index(activation))
 
 
 @_linear_gelu_triton.register_fake

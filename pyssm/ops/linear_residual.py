@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.ops import _checks, _triton, linear_residual_triton
-from pyssm.ops.linear_gelu import check_linear_gelu, linear_operands
+from pyssm.ops.linear_gelu import check_linear_gelu, kernel_operands, linear_operands
 
 BACKENDS = _triton.BACKENDS
 
@@ -99,9 +99,7 @@ def linear_residual_(s: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 @torch.library.custom_op("pyssm::linear_residual_triton", mutates_args=("s2d",))
 def _linear_residual_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             s2d: torch.Tensor) -> None:
-    dt = x2d.dtype  # W and the bias rounded to it (autocast's rounding), as the kernel takes them
-    linear_residual_triton.forward_(x2d, weight.to(dt).contiguous(),
-                                    None if bias is None else bias.to(dt).contiguous(), s2d)
+    linear_residual_triton.forward_(x2d, *kernel_operands(x2d.dtype, weight, bias), s2d)
 
 
 @_linear_residual_triton.register_fake

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from pyssm.ops import _checks, _triton, linear_gelu_triton, mlp_gelu_triton
 from pyssm.ops.linear_gelu import (ACTIVATIONS, activate, check_activation,  # noqa: F401
-                                   linear_operands)
+                                   kernel_operands, linear_operands)
 
 BACKENDS = _triton.BACKENDS
 
@@ -107,18 +107,13 @@ def mlp_gelu(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor |
 
 # ---- the op, its fake and its gradient ---------------------------------------------------------
 
-def _rounded(dt, *ts):
-    """The weights and biases as the kernels take them: in x's dtype dt, contiguous."""
-    return [None if t is None else t.to(dt).contiguous() for t in ts]
-
-
 @torch.library.custom_op("pyssm::mlp_gelu_triton", mutates_args=())
 def _mlp_gelu_triton(x2d: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
                      fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None, activation: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, a, h): the output, and the pre-activation and hidden layer the backward reads."""
     dt = x2d.dtype
-    w1, b1, w2, b2 = _rounded(dt, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    w1, b1, w2, b2 = kernel_operands(dt, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     a = x2d.new_empty((x2d.shape[0], w1.shape[0]))
     h = linear_gelu_triton.forward(x2d, w1, b1, dt, pre=a, act=ACTIVATIONS.index(activation))
     return F.linear(h, w2, b2), a, h
@@ -160,7 +155,7 @@ def _backward(ctx, dy, _da, _dh):
     bias gradient a float32 sum of dy over the rows."""
     x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias, a, h = ctx.saved_tensors
     dt = x2d.dtype
-    w1, w2 = _rounded(dt, fc1_weight, fc2_weight)
+    w1, w2 = kernel_operands(dt, fc1_weight, fc2_weight)
     dy = dy.to(dt)
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
