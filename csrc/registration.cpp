@@ -51,6 +51,15 @@ TORCH_LIBRARY(pyssm, m) {
       "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, bool causal, float? softmax_scale, Tensor? cu_seqlens, int? max_seqlen) "
       "-> (Tensor, Tensor, Tensor)");
+  // The same with q, k, v packed in one qkv: (B, S, 3, H, d), or (T, 3, H, d) with cu_seqlens
+  // (a fused qkv projection, unreshaped); the backward returns dqkv, qkv's shape.
+  m.def(
+      "attention_qkvpacked(Tensor qkv, bool causal, float? softmax_scale, Tensor? cu_seqlens, "
+      "int? max_seqlen) -> (Tensor, Tensor)");
+  m.def(
+      "attention_qkvpacked_backward(Tensor dout, Tensor? dlse, Tensor qkv, Tensor out, "
+      "Tensor lse, bool causal, float? softmax_scale, Tensor? cu_seqlens, int? max_seqlen) "
+      "-> Tensor");
 }
 
 namespace {
@@ -72,7 +81,8 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   TORCH_LIBRARY_IMPL(pyssm, key, m) {                                                       \
     for (const char* op : {"cross_scan", "cross_merge", "selective_scan",                   \
                            "selective_scan_backward", "ss2d", "ss2d_backward", "attention", \
-                           "attention_backward"}) {                                          \
+                           "attention_backward", "attention_qkvpacked",                     \
+                           "attention_qkvpacked_backward"}) {                               \
       m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());           \
     }                                                                                       \
   }

@@ -48,4 +48,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen);
 
+// The same, written into dq, dk and dv (q's, k's and v's shapes, any strides)
+void attention_backward_composed_into(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
+    const at::Tensor& dv);
+
+// q, k and v of a fused qkv: (batch, seqlen, 3, heads, head_dim), or (total_tokens, 3, heads,
+// head_dim) with cu_seqlens; views, no copy. The packed ops (attention_qkvpacked and its
+// backward) take one tensor so that autograd hands back one gradient for it, which their
+// backward writes in place of the three that unbind's backward would stack.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unbind_qkv(
+    const at::Tensor& qkv, const std::optional<at::Tensor>& cu_seqlens);
+
 }  // namespace pyssm

@@ -208,14 +208,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
+                                   cu_seqlens, max_seqlen, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+void attention_backward_composed_into(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
+    const at::Tensor& dv) {
   const AttnSizes s =
       check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
   for (int64_t i = 0; i < num_chunks(s); ++i) {
     at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
     at::Tensor kh = heads_first(chunk(k, s, i), group, acc);
@@ -240,12 +251,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     chunk(dk, s, i).copy_(dkh.transpose(1, 2));
     chunk(dv, s, i).copy_(dvh.transpose(1, 2));
   }
-  return {dq, dk, dv};
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unbind_qkv(
+    const at::Tensor& qkv, const std::optional<at::Tensor>& cu_seqlens) {
+  const int64_t dims = cu_seqlens ? 4 : 5;
+  TORCH_CHECK_VALUE(qkv.dim() == dims && qkv.size(-3) == 3, "qkv must be ",
+                    cu_seqlens ? "(total_tokens, 3, heads, head_dim) with cu_seqlens"
+                               : "(batch, seqlen, 3, heads, head_dim)",
+                    ", got ", shape_str(qkv));
+  return {qkv.select(-3, 0), qkv.select(-3, 1), qkv.select(-3, 2)};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
+    const at::Tensor& qkv, bool causal, std::optional<double> softmax_scale,
+    const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
+  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
+  return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
+}
+
+at::Tensor attention_qkvpacked_backward_composed(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& qkv,
+    const at::Tensor& out, const at::Tensor& lse, bool causal,
+    std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen) {
+  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
+  attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
+                                   cu_seqlens, max_seqlen, dq, dk, dv);
+  return dqkv;
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(pyssm, CPU, m) {
   m.impl("attention", &attention_composed);
   m.impl("attention_backward", &attention_backward_composed);
+  m.impl("attention_qkvpacked", &attention_qkvpacked_composed);
+  m.impl("attention_qkvpacked_backward", &attention_qkvpacked_backward_composed);
 }
 
 }  // namespace pyssm

@@ -87,10 +87,59 @@ Launch sm90_launcher(const at::Tensor& q, int64_t d) {
 }
 #undef PYSSM_SM90_LAUNCHER_FOR
 
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
 // contiguous, and 16-byte aligned for the kernel's vector loads
 at::Tensor for_kernel(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
-  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+  return aligned16(c) ? c : c.clone();
+}
+
+// A (batch, seqlen, heads, d) or packed (tokens, heads, d) tensor as the kernels read it, and
+// the elements between its consecutive tokens (FlashParams' q_row, kv_row)
+struct TokenRows {
+  at::Tensor t;
+  int64_t row;
+};
+
+// The elements between consecutive tokens of t where the kernels can address it in place, or
+// -1: heads and head_dim packed (strides d and 1), the tokens one stride apart across the whole
+// batch (the batch stride seqlen times the token stride), that stride a multiple of 8 elements
+// and at least a token's heads * d, the data 16-byte aligned. q, k and v sliced out of a fused
+// qkv projection ((B, N, 3, H, d) unbound) qualify, with a token stride of 3 H d, as do their
+// gradients' slices of one (B, N, 3, H, d) buffer.
+int64_t token_stride(const at::Tensor& t) {
+  const int64_t d = t.size(-1), heads = t.size(-2), packed_row = heads * d;
+  const bool dense = t.dim() == 4;
+  const int64_t batch = dense ? t.size(0) : 1, tokens = t.size(-3);
+  int64_t row = packed_row;
+  if (tokens > 1) row = t.stride(-3);
+  else if (batch > 1) row = t.stride(0);
+  const bool ok = t.stride(-1) == 1 && (heads == 1 || t.stride(-2) == d) &&
+                  (!dense || batch == 1 || tokens == 1 || t.stride(0) == tokens * row) &&
+                  row % 8 == 0 && row >= packed_row && aligned16(t);
+  return ok ? row : -1;
+}
+
+// t in place where it can be (token_stride), else a contiguous copy (token stride heads * d)
+TokenRows token_rows(const at::Tensor& t) {
+  const int64_t row = token_stride(t);
+  if (row > 0) return {t, row};
+  return {for_kernel(t), t.size(-2) * t.size(-1)};
+}
+
+// q's, and k's and v's, which share one token stride (a copy of both where theirs differ)
+std::tuple<TokenRows, TokenRows, TokenRows> qkv_rows(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v) {
+  TokenRows kr = token_rows(k), vr = token_rows(v);
+  if (kr.row != vr.row) {
+    const int64_t packed_row = k.size(-2) * k.size(-1);
+    kr = {for_kernel(k), packed_row};
+    vr = {for_kernel(v), packed_row};
+  }
+  return {token_rows(q), kr, vr};
 }
 
 // Packed offsets on the device with max_seqlen given: the kernels need neither to be read on
@@ -102,12 +151,14 @@ bool offsets_unread(const std::optional<at::Tensor>& cu_seqlens,
 
 // The fields FlashParams and FlashBwdParams share: q, k, v, the sizes, scale and masking.
 template <typename Params>
-void set_common(Params& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+void set_common(Params& p, const TokenRows& q, const TokenRows& k, const TokenRows& v,
                 const AttnSizes& s, const at::Tensor& cu, int64_t total_q, double scale,
                 bool causal) {
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
+  p.q = q.t.const_data_ptr();
+  p.k = k.t.const_data_ptr();
+  p.v = v.t.const_data_ptr();
+  p.q_row = q.row;
+  p.kv_row = k.row;
   p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
   p.batch = s.batch;
   p.heads = s.heads;
@@ -131,8 +182,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = for_kernel(q), kc = for_kernel(k), vc = for_kernel(v);
-  at::Tensor out = at::empty(qc.sizes(), qc.options());
+  const auto [qr, kr, vr] = qkv_rows(q, k, v);
+  at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(at::kFloat))
                             : at::empty({s.batch, s.heads, s.seqlen_q},
                                         q.options().dtype(at::kFloat));
@@ -141,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashParams p{};
-  set_common(p, qc, kc, vc, s, cu, q.size(0), scale, causal);
+  set_common(p, qr, kr, vr, s, cu, q.size(0), scale, causal);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -152,11 +203,16 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
-    std::optional<int64_t> max_seqlen) {
+// The backward into dq, dk and dv (fresh contiguous tensors, or slices of one fused qkv
+// gradient: token_stride's layouts), by the flash kernels where they take the call, else
+// composed from ATen ops
+void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& out, const at::Tensor& lse, bool causal,
+                                  std::optional<double> softmax_scale,
+                                  const std::optional<at::Tensor>& cu_seqlens,
+                                  std::optional<int64_t> max_seqlen, const at::Tensor& dq,
+                                  const at::Tensor& dk, const at::Tensor& dv) {
   const AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
                                                     max_seqlen,
                                                     !offsets_unread(cu_seqlens, max_seqlen));
@@ -164,31 +220,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   const at::ScalarType t = q.scalar_type();
   if (launch == nullptr || s.batch > 65535 || s.heads_k > 65535 || dout.scalar_type() != t ||
       out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
-    return attention_backward_composed(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                       cu_seqlens, max_seqlen);
+    attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
+                                     cu_seqlens, max_seqlen, dq, dk, dv);
+    return;
   }
+  const int64_t dq_row = token_stride(dq), dk_row = token_stride(dk);
+  TORCH_CHECK(dq_row > 0 && dk_row > 0 && token_stride(dv) == dk_row,
+              "attention backward: gradient buffers the kernels cannot address");
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor qc = for_kernel(q), kc = for_kernel(k), vc = for_kernel(v);
+  const auto [qr, kr, vr] = qkv_rows(q, k, v);
   const at::Tensor oc = for_kernel(out), doc = for_kernel(dout), lc = lse.contiguous();
   at::Tensor dlc;
   if (dlse) dlc = dlse->to(at::kFloat).contiguous();
   at::Tensor cu;
   if (s.varlen) cu = cu_seqlens->contiguous();
-  at::Tensor dq = at::empty(qc.sizes(), qc.options());
-  at::Tensor dk = at::empty(kc.sizes(), kc.options());
-  at::Tensor dv = at::empty(vc.sizes(), vc.options());
   at::Tensor delta = at::empty(lc.sizes(), lc.options());
-  at::Tensor dq_accum = at::empty(qc.sizes(), qc.options().dtype(at::kFloat));  // zeroed there
+  at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed there
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashBwdParams p{};
-  set_common(p, qc, kc, vc, s, cu, q.size(0), scale, causal);
+  set_common(p, qr, kr, vr, s, cu, q.size(0), scale, causal);
   p.scale = static_cast<float>(scale);
   p.out = oc.const_data_ptr();
   p.dout = doc.const_data_ptr();
   p.dq = dq.mutable_data_ptr();
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
+  p.dq_row = dq_row;
+  p.dkv_row = dk_row;
   p.lse = lc.const_data_ptr<float>();
   p.dlse = dlse ? dlc.const_data_ptr<float>() : nullptr;
   p.delta = delta.mutable_data_ptr<float>();
@@ -200,7 +259,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   if (err == cudaErrorNotSupported) err = launch(p, stream);
   TORCH_CHECK(err == cudaSuccess, "attention backward CUDA launch failed: ",
               cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen) {
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
+                               max_seqlen, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_cuda(
+    const at::Tensor& qkv, bool causal, std::optional<double> softmax_scale,
+    const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
+  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
+  return attention_cuda(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
+}
+
+// dqkv in qkv's shape, contiguous: the kernels write dq, dk and dv into its slices
+at::Tensor attention_qkvpacked_backward_cuda(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& qkv,
+    const at::Tensor& out, const at::Tensor& lse, bool causal,
+    std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen) {
+  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
+  attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
+                               max_seqlen, dq, dk, dv);
+  return dqkv;
 }
 
 }  // namespace
@@ -208,6 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 TORCH_LIBRARY_IMPL(pyssm, CUDA, m) {
   m.impl("attention", &attention_cuda);
   m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("attention_qkvpacked", &attention_qkvpacked_cuda);
+  m.impl("attention_qkvpacked_backward", &attention_qkvpacked_backward_cuda);
 }
 
 }  // namespace pyssm

@@ -218,10 +218,10 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int kw = warp * 16;  // this warp's keys in the tile: kw + g and kw + g + 8
 
-  const int64_t kv_row = p.heads_k * kHeadDim, q_row = p.heads * kHeadDim;
-  const int64_t kv_off = (k_start * p.heads_k + hk) * kHeadDim;
-  load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, kv_row, n0, Sk, kBlockN);
-  load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, kv_row, n0, Sk, kBlockN);
+  const int64_t o_row = p.heads * kHeadDim;  // out, dout and dq_accum: contiguous
+  const int64_t kv_off = k_start * p.kv_row + hk * kHeadDim;
+  load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, p.kv_row, n0, Sk, kBlockN);
+  load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, p.kv_row, n0, Sk, kBlockN);
 
   float dk[Tr::kDimTiles][4], dv[Tr::kDimTiles][4];
 #pragma unroll
@@ -233,17 +233,17 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
   const int64_t m_begin = flash::first_query(seq, p.causal, n0, kM);
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const int64_t q_off = (q_start * p.heads + h) * kHeadDim;
-    const T* q = static_cast<const T*>(p.q) + q_off;
-    const T* dout = static_cast<const T*>(p.dout) + q_off;
-    float* dq = p.dq_accum + q_off;
+    const int64_t o_off = (q_start * p.heads + h) * kHeadDim;
+    const T* q = static_cast<const T*>(p.q) + q_start * p.q_row + h * kHeadDim;
+    const T* dout = static_cast<const T*>(p.dout) + o_off;
+    float* dq = p.dq_accum + o_off;
     const int64_t stat = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
     for (int64_t m0 = m_begin; m0 < Sq; m0 += kM) {
       // No barrier needed before these stores: every warp read the previous tile's Q, dO, lse
       // and Delta before the barrier after the dS stores, and the dS of this tile is stored
       // only after the next barrier, which every warp reaches after its previous dQ.
-      load_tile<T, kHeadDim>(q_s, q, q_row, m0, Sq, kM);
-      load_tile<T, kHeadDim>(do_s, dout, q_row, m0, Sq, kM);
+      load_tile<T, kHeadDim>(q_s, q, p.q_row, m0, Sq, kM);
+      load_tile<T, kHeadDim>(do_s, dout, o_row, m0, Sq, kM);
       for (int i = threadIdx.x; i < kM; i += kThreads) {
         const bool ok = m0 + i < Sq;
         lse_s[i] = ok ? p.lse[stat + m0 + i] * kLog2e : 0.f;
@@ -297,45 +297,49 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
         }
         const int col = n * 8 + 2 * t;
         if (r0 < Sq) {
-          atomicAdd(dq + r0 * q_row + col, acc[0]);
-          atomicAdd(dq + r0 * q_row + col + 1, acc[1]);
+          atomicAdd(dq + r0 * o_row + col, acc[0]);
+          atomicAdd(dq + r0 * o_row + col + 1, acc[1]);
         }
         if (r1 < Sq) {
-          atomicAdd(dq + r1 * q_row + col, acc[2]);
-          atomicAdd(dq + r1 * q_row + col + 1, acc[3]);
+          atomicAdd(dq + r1 * o_row + col, acc[2]);
+          atomicAdd(dq + r1 * o_row + col + 1, acc[3]);
         }
       }
     }
   }
 
-  T* dk_out = static_cast<T*>(p.dk) + kv_off;
-  T* dv_out = static_cast<T*>(p.dv) + kv_off;
+  const int64_t dkv_row = p.dkv_row;
+  T* dk_out = static_cast<T*>(p.dk) + k_start * dkv_row + hk * kHeadDim;
+  T* dv_out = static_cast<T*>(p.dv) + k_start * dkv_row + hk * kHeadDim;
   const int64_t key0 = n0 + kw + g, key1 = key0 + 8;
 #pragma unroll
   for (int n = 0; n < Tr::kDimTiles; ++n) {
     const int col = n * 8 + 2 * t;
     if (key0 < Sk) {
-      *reinterpret_cast<uint32_t*>(dk_out + key0 * kv_row + col) =
+      *reinterpret_cast<uint32_t*>(dk_out + key0 * dkv_row + col) =
           Pack<T>::pack(dk[n][0] * p.scale, dk[n][1] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + key0 * kv_row + col) = Pack<T>::pack(dv[n][0], dv[n][1]);
+      *reinterpret_cast<uint32_t*>(dv_out + key0 * dkv_row + col) = Pack<T>::pack(dv[n][0], dv[n][1]);
     }
     if (key1 < Sk) {
-      *reinterpret_cast<uint32_t*>(dk_out + key1 * kv_row + col) =
+      *reinterpret_cast<uint32_t*>(dk_out + key1 * dkv_row + col) =
           Pack<T>::pack(dk[n][2] * p.scale, dk[n][3] * p.scale);
-      *reinterpret_cast<uint32_t*>(dv_out + key1 * kv_row + col) = Pack<T>::pack(dv[n][2], dv[n][3]);
+      *reinterpret_cast<uint32_t*>(dv_out + key1 * dkv_row + col) = Pack<T>::pack(dv[n][2], dv[n][3]);
     }
   }
 }
 
-// 3. dQ = scale dQ_accum, 8 elements per thread
+// 3. dQ = scale dQ_accum, 8 elements per thread; a token's row8 groups of 8 lie contiguous
+// in dQ, the tokens dq_row elements apart
 template <typename T>
 __global__ void __launch_bounds__(256) flash_bwd_dq_kernel(const float* acc, T* dq, int64_t n8,
+                                                           int64_t row8, int64_t dq_row,
                                                            float scale) {
   const int64_t i = int64_t(blockIdx.x) * 256 + threadIdx.x;
   if (i >= n8) return;
   const float4 a = reinterpret_cast<const float4*>(acc)[2 * i];
   const float4 b = reinterpret_cast<const float4*>(acc)[2 * i + 1];
-  reinterpret_cast<uint4*>(dq)[i] =
+  const int64_t token = i / row8;
+  *reinterpret_cast<uint4*>(dq + token * dq_row + (i - token * row8) * 8) =
       make_uint4(Pack<T>::pack(a.x * scale, a.y * scale), Pack<T>::pack(a.z * scale, a.w * scale),
                  Pack<T>::pack(b.x * scale, b.y * scale), Pack<T>::pack(b.z * scale, b.w * scale));
 }
@@ -362,7 +366,7 @@ cudaError_t bwd_after(const FlashBwdParams& p, cudaStream_t stream) {
   if (n8 == 0) return cudaSuccess;
   return launch_kernel(flash_bwd_dq_kernel<T>, dim3(unsigned((n8 + 255) / 256)), dim3(256), 0,
                        stream, static_cast<const float*>(p.dq_accum), static_cast<T*>(p.dq), n8,
-                       p.scale);
+                       p.heads * kHeadDim / 8, p.dq_row, p.scale);
 }
 
 template <typename T, int kHeadDim>

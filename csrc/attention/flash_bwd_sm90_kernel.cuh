@@ -378,9 +378,9 @@ __global__ void __launch_bounds__(384, 1)
 
   // dK (times the softmax scale) and dV
   const int64_t k_start = seq.k_start;
-  const int64_t kv_row = p.heads_k * kHeadDim;
-  T* dk_out = static_cast<T*>(p.dk) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
-  T* dv_out = static_cast<T*>(p.dv) + (k_start * p.heads_k + hk) * kHeadDim + 2 * t;
+  const int64_t kv_row = p.dkv_row;
+  T* dk_out = static_cast<T*>(p.dk) + k_start * kv_row + hk * kHeadDim + 2 * t;
+  T* dv_out = static_cast<T*>(p.dv) + k_start * kv_row + hk * kHeadDim + 2 * t;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t key = half ? key1 : key0;
@@ -413,29 +413,31 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   Maps maps;
   const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t tokens, int cols,
-                  int rows) {
-    return sm90::make_token_map<T>(map, base, kHeadDim, heads, tokens, batches, cols, rows);
+  // q, k and v at their token strides; dout (like dq_accum below) contiguous
+  const uint64_t q_row = uint64_t(p.q_row), kv_row = uint64_t(p.kv_row), o_row = hq * kHeadDim;
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t row,
+                  uint64_t tokens, int cols, int rows) {
+    return sm90::make_token_map<T>(map, base, kHeadDim, heads, row, tokens, batches, cols, rows);
   };
-  cudaError_t err = make(&maps.k, p.k, hk, k_tokens, 64, Tr::kBlockN);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, k_tokens, 64, Tr::kBlockN);
-  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_tokens, 64, Tr::kBlockM);
-  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, q_tokens, 64, Tr::kBlockM);
+  constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kTc = Tr::kTailCols;
+  cudaError_t err = make(&maps.k, p.k, hk, kv_row, k_tokens, 64, kN);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, kv_row, k_tokens, 64, kN);
+  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_row, q_tokens, 64, kM);
+  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, o_row, q_tokens, 64, kM);
   if (Tr::kTail > 0) {
-    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, k_tokens, Tr::kTailCols, Tr::kBlockN);
-    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, k_tokens, Tr::kTailCols, Tr::kBlockN);
-    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_tokens, Tr::kTailCols, Tr::kBlockM);
-    if (err == cudaSuccess)
-      err = make(&maps.dout_tail, p.dout, hq, q_tokens, Tr::kTailCols, Tr::kBlockM);
+    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, kv_row, k_tokens, kTc, kN);
+    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, kv_row, k_tokens, kTc, kN);
+    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_row, q_tokens, kTc, kM);
+    if (err == cudaSuccess) err = make(&maps.dout_tail, p.dout, hq, o_row, q_tokens, kTc, kM);
   } else {
     maps.k_tail = maps.v_tail = maps.q_tail = maps.dout_tail = maps.q;  // (not read)
   }
   if (err == cudaSuccess && !p.dq_atomics) {
-    err = sm90::make_token_map<float>(&maps.dq, p.dq_accum, kHeadDim, hq, q_tokens, batches, 32,
-                                      Tr::kBlockM);
+    err = sm90::make_token_map<float>(&maps.dq, p.dq_accum, kHeadDim, hq, o_row, q_tokens,
+                                      batches, 32, kM);
     if (err == cudaSuccess && Tr::kTail > 0)
-      err = sm90::make_token_map<float>(&maps.dq_tail, p.dq_accum, kHeadDim, hq, q_tokens,
-                                        batches, Tr::kTailPart, Tr::kBlockM);
+      err = sm90::make_token_map<float>(&maps.dq_tail, p.dq_accum, kHeadDim, hq, o_row,
+                                        q_tokens, batches, Tr::kTailPart, kM);
     if (Tr::kTail == 0) maps.dq_tail = maps.dq;  // (not read)
   }
   if (err == cudaSuccess) err = flash_bwd::bwd_before<T, kHeadDim>(p, stream);

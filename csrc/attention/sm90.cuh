@@ -337,14 +337,17 @@ cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, const uint64_
 #endif
 }
 
-// The tensor map of a (batch, tokens, heads, head_dim) tensor of T (contiguous; packed sequences
-// as one batch of all tokens) for boxes of `cols` columns from one head and `rows` tokens,
-// swizzled over cols * sizeof(T) bytes.
+// The tensor map of a (batch, tokens, heads, head_dim) tensor of T (packed sequences as one
+// batch of all tokens) whose heads and head_dim are packed and whose tokens are `token_stride`
+// elements apart, the batches tokens * token_stride apart (heads * head_dim when contiguous),
+// for boxes of `cols` columns from one head and `rows` tokens, swizzled over cols * sizeof(T)
+// bytes.
 template <typename T>
 cudaError_t make_token_map(CUtensorMap* map, const void* base, int head_dim, uint64_t heads,
-                           uint64_t tokens, uint64_t batches, int cols, int rows) {
+                           uint64_t token_stride, uint64_t tokens, uint64_t batches, int cols,
+                           int rows) {
   const uint64_t dims[4] = {uint64_t(head_dim), heads, tokens, batches};
-  const uint64_t row = heads * head_dim * sizeof(T);
+  const uint64_t row = token_stride * sizeof(T);
   const uint64_t strides[3] = {head_dim * sizeof(T), row, row * tokens};
   const uint32_t box[4] = {uint32_t(cols), 1, uint32_t(rows), 1};
   return make_tensor_map_4d<T>(map, base, dims, strides, box, int(cols * sizeof(T)));

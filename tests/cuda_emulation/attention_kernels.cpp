@@ -77,14 +77,17 @@ cudaError_t bwd_sm90(int head_dim, const pyssm::FlashBwdParams& p) {
 extern "C" {
 
 // dtype: 2 float16, 3 bfloat16; sm90: the Hopper forward (flash_sm90_kernel.cuh: TMA,
-// mbarriers and wgmma emulated) instead of the portable one
+// mbarriers and wgmma emulated) instead of the portable one; rows: the token strides of q and
+// of k and v (FlashParams' q_row, kv_row)
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
-                      const void* v, void* out, float* lse, const int* cu, const int64_t* sizes,
-                      float scale, int causal) {
+                      const void* v, const int64_t* rows, void* out, float* lse, const int* cu,
+                      const int64_t* sizes, float scale, int causal) {
   pyssm::FlashParams p{};
   p.q = q;
   p.k = k;
   p.v = v;
+  p.q_row = rows[0];
+  p.kv_row = rows[1];
   p.out = out;
   p.lse = lse;
   set_sizes(p, sizes, cu, scale, causal);
@@ -95,21 +98,26 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
 }
 
 // sm90: the Hopper backward instead of the portable one, adding dQ by TMA reduce-adds (1) or
-// by atomics (2)
+// by atomics (2); rows: the token strides of q, of k and v, of dq, and of dk and dv
+// (FlashBwdParams' q_row, kv_row, dq_row, dkv_row)
 int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
-                      const void* v, const void* out, const void* dout, void* dq, void* dk,
-                      void* dv, const float* lse, const float* dlse, float* delta,
-                      float* dq_accum, const int* cu, const int64_t* sizes, float scale,
-                      int causal) {
+                      const void* v, const int64_t* rows, const void* out, const void* dout,
+                      void* dq, void* dk, void* dv, const float* lse, const float* dlse,
+                      float* delta, float* dq_accum, const int* cu, const int64_t* sizes,
+                      float scale, int causal) {
   pyssm::FlashBwdParams p{};
   p.q = q;
   p.k = k;
   p.v = v;
+  p.q_row = rows[0];
+  p.kv_row = rows[1];
   p.out = out;
   p.dout = dout;
   p.dq = dq;
   p.dk = dk;
   p.dv = dv;
+  p.dq_row = rows[2];
+  p.dkv_row = rows[3];
   p.lse = lse;
   p.dlse = dlse;
   p.delta = delta;

@@ -25,9 +25,9 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "attention_kernels.cpp")
-    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + \
+    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 8 + \
         [ctypes.c_float, ctypes.c_int]
-    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 14 + \
+    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 15 + \
         [ctypes.c_float, ctypes.c_int]
     return lib
 
@@ -49,33 +49,59 @@ def inputs(dtype, B, Sq, Sk, H, Hk, d, lengths):
             torch.randn(total, Hk, d, dtype=dtype))
 
 
+def token_stride(t):
+    """The elements between consecutive tokens of a (B, S, H, d) or (T, H, d) tensor whose
+    heads and head_dim are packed (the kernels' q_row, kv_row, ...)."""
+    assert t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+    return t.stride(-3)
+
+
+def spread(t, pad, fill=float("nan")):
+    """t as a view whose tokens are heads * d + pad elements apart, the pad elements `fill`
+    (NaN: an input the kernels must not read there; a sentinel: an output they must not write
+    there), and the buffer behind it."""
+    *lead, H, d = t.shape
+    tokens, row = math.prod(lead), H * d + pad
+    buf = torch.full((tokens, row), fill, dtype=t.dtype)
+    buf[:, :H * d] = t.reshape(tokens, H * d)
+    strides = (lead[1] * row, row, d, 1) if len(lead) == 2 else (row, d, 1)
+    return buf.as_strided(t.shape, strides), buf
+
+
 def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
+    """q, k and v may be strided as FlashParams allows (token_stride; k's and v's equal)."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
+    assert token_stride(k) == token_stride(v)
     out = poisoned(*q.shape, dtype=q.dtype)
     lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
-    rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
-                           ptr(cu), sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
-                           int(causal))
+    rows = sizes(token_stride(q), token_stride(k))
+    rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
+                               ptr(out), ptr(lse), ptr(cu),
+                               sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
+                               int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return out, lse
 
 
-def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=0):
+def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=0, grads=None):
     """sm90: 0 the portable backward, 1 the Hopper one (dQ by TMA reduce-adds), 2 the Hopper
-    one with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic)."""
+    one with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic). grads: dq, dk, dv to write (strided
+    as FlashBwdParams allows), else fresh poisoned ones."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
-    dq, dk, dv = (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
+    dq, dk, dv = grads or (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
+    assert token_stride(k) == token_stride(v) and token_stride(dk) == token_stride(dv)
     delta = poisoned(*lse.shape, dtype=torch.float32)
     dq_accum = poisoned(*q.shape, dtype=torch.float32)
-    rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), ptr(out),
-                               ptr(dout),
-                           ptr(dq), ptr(dk), ptr(dv), ptr(lse), None, ptr(delta), ptr(dq_accum),
-                           ptr(cu), sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
-                           int(causal))
+    rows = sizes(token_stride(q), token_stride(k), token_stride(dq), token_stride(dk))
+    rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
+                               ptr(out), ptr(dout), ptr(dq), ptr(dk), ptr(dv), ptr(lse), None,
+                               ptr(delta), ptr(dq_accum), ptr(cu),
+                               sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
+                               int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return dq, dk, dv
 
@@ -231,8 +257,9 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     out, lse = sentinel(total + guard, H, d).to(dtype), sentinel(H * total + guard)
     out[:total] = float("nan")
     lse[:H * total] = float("nan")
-    rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), ptr(out), ptr(lse),
-                               ptr(cu), dims, scale, 0)
+    row = H * d
+    rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(row, row),
+                               ptr(out), ptr(lse), ptr(cu), dims, scale, 0)
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
     clamped = torch.tensor([0, 60, total], dtype=torch.int32)
@@ -245,9 +272,9 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     for t in (*grads, dq_accum):
         t[:total] = float("nan")
     delta[:H * total] = float("nan")
-    rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), ptr(out), ptr(dout),
-                               *map(ptr, grads), ptr(lse), None, ptr(delta), ptr(dq_accum),
-                               ptr(cu), dims, scale, 0)
+    rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*[row] * 4),
+                               ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
+                               ptr(dq_accum), ptr(cu), dims, scale, 0)
     assert rc == 0
     for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
         assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
@@ -255,3 +282,40 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     want = ops.attention_reference(*exact_in, cu_seqlens=clamped)
     exact = torch.autograd.grad(want, exact_in, dout.double())
     check_grads([g[:total] for g in grads], exact, dout, qkv[2][:total], dtype)
+
+
+# Strided q, k, v and gradients (FlashParams' and FlashBwdParams' token strides): every kernel
+# reads q, k and v whose tokens are spread apart with NaN between them, and the backwards write
+# dq, dk and dv spread apart likewise, the elements between them a sentinel that must survive.
+# Dense and packed batches, grouped heads, head_dim 64, 72 (a tail column block) and 128.
+STRIDED_CASES = [
+    (2, 70, 33, 2, 2, 64, False, None),
+    (1, 97, 130, 2, 1, 72, True, None),
+    (0, 0, 0, 2, 1, 128, True, [0, 1, 140, 17]),
+]
+
+
+@pytest.mark.parametrize("kernel", ["portable", "sm90", "sm90_dq_atomic"])
+@pytest.mark.parametrize("case", STRIDED_CASES,
+                         ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
+                              for c in STRIDED_CASES])
+def test_flash_strided_tokens(emu, case, kernel):
+    B, Sq, Sk, H, Hk, d, causal, lengths = case
+    dtype, sm90 = torch.bfloat16, {"portable": 0, "sm90": 1, "sm90_dq_atomic": 2}[kernel]
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    scale = 1.0 / math.sqrt(d)
+    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    qs, ks, vs = spread(q, 24)[0], spread(k, 40)[0], spread(v, 40)[0]
+    out, lse = forward_emulated(emu, qs, ks, vs, causal, scale, lengths, sm90=sm90 > 0)
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want = check_forward(out, lse, exact_in, causal, cu, dtype)
+
+    dout = torch.randn_like(q)
+    spread_grads = [spread(torch.full_like(t, float("nan")), 8, fill=7.0) for t in (q, k, v)]
+    grads = [g for g, _ in spread_grads]
+    backward_emulated(emu, qs, ks, vs, out, dout, lse, causal, scale, lengths, sm90=sm90,
+                      grads=grads)
+    for name, (g, buf) in zip(("dq", "dk", "dv"), spread_grads):
+        assert (buf[:, -8:] == 7).all(), f"{name}: wrote between the tokens"
+    exact = torch.autograd.grad(want, exact_in, dout.double())
+    check_grads(grads, exact, dout, v, dtype)
