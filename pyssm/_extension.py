@@ -33,6 +33,11 @@ REBUILD_HINT = (
 UNVERIFIED_CUDA = frozenset({"ss2d", "cross_scan", "attention", "layer_norm", "depthwise_conv2d",
                              "linear_gelu", "linear_residual", "mlp_gelu"})
 
+# Every op csrc/registration.cpp defines: a pyssm._C without one of them is stale
+SCHEMA = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_backward", "ss2d",
+          "ss2d_backward", "attention", "attention_backward", "attention_qkvpacked",
+          "attention_qkvpacked_backward")
+
 _loaded = False
 _error: str | None = None
 _kernels: dict[tuple[str, str], bool] = {}
@@ -48,6 +53,16 @@ def _load() -> None:
             f"pyssm's compiled extension pyssm._C could not be loaded ({_error}); pyssm falls "
             f"back to its pure-PyTorch reference ops. To get the CPU and CUDA kernels, "
             f"{REBUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    missing = [op for op in SCHEMA if not hasattr(torch.ops.pyssm, op)]
+    if missing:  # built from an older csrc/ (the editable install rebuilds nothing on import)
+        _error = f"pyssm._C predates this source tree: it has no {', '.join(missing)}"
+        warnings.warn(
+            f"{_error}; pyssm falls back to its pure-PyTorch reference ops. To get the CPU and "
+            f"CUDA kernels, {REBUILD_HINT}.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -1,9 +1,11 @@
 """The compiled extension loads, and pyssm still imports and works when it does not."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +47,34 @@ def test_import_without_extension_falls_back_and_explains():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "PYSSM_BACKEND": ""})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_schema_list_matches_the_registrations():
+    """_extension.SCHEMA (what a current pyssm._C must define) names every op of
+    csrc/registration.cpp, so that a library built from an older csrc/ is caught."""
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "registration.cpp").read_text()
+    defined = re.findall(r'm\.def\(\s*"(\w+)\(', source)
+    assert defined and sorted(defined) == sorted(_extension.SCHEMA)
+
+
+def test_stale_extension_falls_back_and_explains():
+    """A pyssm._C without one of SCHEMA's ops (built before the op was added) is not used: the
+    warning names the missing op and the rebuild, and the references run."""
+    script = textwrap.dedent("""
+        import warnings
+        from pyssm import _extension
+        _extension._loaded, _extension._error = False, None
+        _extension.SCHEMA = _extension.SCHEMA + ("an_op_from_the_future",)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _extension._load()
+        assert not _extension.available()
+        assert "an_op_from_the_future" in _extension.load_error()
+        assert any("pip install --no-build-isolation" in str(w.message) for w in caught)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

@@ -1,10 +1,12 @@
-"""Drop-ins for flash-attn's ``flash_attn_func`` and ``flash_attn_varlen_func`` on pyssm's
-attention, so code written against flash-attn switches by changing one import:
+"""Drop-ins for flash-attn's ``flash_attn_func`` and ``flash_attn_varlen_func``, and their
+qkvpacked forms, on pyssm's attention, so code written against flash-attn switches by changing
+one import:
 
     from pyssm.integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
 
 Same arguments, same layout ((batch, seqlen, heads, head_dim); packed (total, heads, head_dim)
-with int32 ``cu_seqlens``), same return values: the output, or with ``return_attn_probs=True``
+with int32 ``cu_seqlens``; qkvpacked (batch, seqlen, 3, heads, head_dim) or (total, 3, heads,
+head_dim), whose gradient comes back as one tensor), same return values: the output, or with ``return_attn_probs=True``
 (out, softmax_lse, None), lse as (batch, heads, seqlen_q) or, packed, (heads, total_q); the
 third value, flash-attn's dropout mask, is never formed. Grouped-query heads and bottom-right
 causal masking as in flash-attn. What pyssm does not compute raises NotImplementedError:
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops import attention
+from pyssm.ops import attention, attention_qkvpacked
 
 
 def _unsupported(what: str) -> NotImplementedError:
@@ -63,4 +65,28 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     result = attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                        cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen,
                        return_lse=return_attn_probs, backend=backend)
+    return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False, *,
+                              backend: str | None = None):
+    """qkv (batch, seqlen, 3, heads, d) -> out (batch, seqlen, heads, d)."""
+    _check_extras(dropout_p, window_size, softcap, alibi_slopes)
+    result = attention_qkvpacked(qkv, causal=causal, softmax_scale=softmax_scale,
+                                 return_lse=return_attn_probs, backend=backend)
+    return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
+                                     softmax_scale=None, causal=False, window_size=(-1, -1),
+                                     softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, backend: str | None = None):
+    """Packed qkv (total, 3, heads, d), sequence i being tokens cu_seqlens[i] ...
+    cu_seqlens[i + 1] - 1 -> out (total, heads, d)."""
+    _check_extras(dropout_p, window_size, softcap, alibi_slopes)
+    result = attention_qkvpacked(qkv, causal=causal, softmax_scale=softmax_scale,
+                                 cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen),
+                                 return_lse=return_attn_probs, backend=backend)
     return (*result, None) if return_attn_probs else result

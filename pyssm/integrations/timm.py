@@ -11,7 +11,8 @@ The new modules take over the old ones' submodules under the same names (Attenti
 q_norm, k_norm, norm, gate, proj, proj_drop; Mlp: fc1, act, drop1, norm, fc2, drop2), so the
 state dict, checkpoints and the outputs stay the same. Attention reads q, k, v straight out of
 the fused qkv projection in the flash layout (batch, tokens, heads, head_dim), without the
-transposes timm makes for SDPA; attention masks and attention dropout while training are not
+transposes timm makes for SDPA (with no q / k norm, as ``attention_qkvpacked``: the kernels
+read them in place and the backward writes one gradient for the projection); attention masks and attention dropout while training are not
 supported and raise. Mlp runs as the encoders' MLP (``pyssm.models.mlp.Mlp``): in 16-bit
 inference fc1 and the GELU as one ``linear_gelu`` pass, in 16-bit training the whole MLP as one
 ``mlp_gelu`` with its fused backward, where their Triton kernels run, for the exact GELU, its
@@ -27,7 +28,7 @@ from torch import nn
 
 from pyssm.integrations.swap import swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
-from pyssm.ops import attention
+from pyssm.ops import attention, attention_qkvpacked
 
 
 class Attention(nn.Module):
@@ -54,9 +55,16 @@ class Attention(nn.Module):
                                       f"(attn_drop={self.attn_drop_p}) in training")
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)  # over head_dim: the same in either layout
-        x = attention(q, k, v, causal=is_causal, softmax_scale=self.scale, backend=self.backend)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
+            # q, k and v read in place, one gradient of qkv's shape
+            x = attention_qkvpacked(qkv, causal=is_causal, softmax_scale=self.scale,
+                                    backend=self.backend)
+        else:
+            q, k, v = qkv.unbind(2)
+            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim: the same in either layout
+            x = attention(q, k, v, causal=is_causal, softmax_scale=self.scale,
+                          backend=self.backend)
         x = self.norm(x.reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate

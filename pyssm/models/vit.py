@@ -29,7 +29,7 @@ from pyssm.models.mlp import Mlp, add_mlp
 from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.vit_configs import GLOBAL_POOLS, VIT_CONFIGS, ViTConfig
-from pyssm.ops import attention
+from pyssm.ops import attention_qkvpacked
 from pyssm.ops._backend import BACKENDS
 
 
@@ -71,8 +71,9 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; q, k and v are (B, N, heads, head_dim) views of the fused
-    projection, in the layout pyssm.ops.attention takes, so nothing is transposed."""
+    """Multi-head self-attention on the fused projection as it comes, (B, N, 3, heads,
+    head_dim): pyssm.ops.attention_qkvpacked reads q, k and v in place (nothing transposed or
+    copied) and its backward writes one gradient of that shape."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -83,8 +84,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        out = attention(q, k, v, backend=backend)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        out = attention_qkvpacked(qkv, backend=backend)
         return self.proj(out.reshape(B, N, C))
 
 

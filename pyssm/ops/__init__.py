@@ -6,7 +6,7 @@ Backends: ``cuda``, ``cpu`` or ``reference``, chosen per call with ``backend=``,
 ``triton`` and ``reference`` (see their modules).
 """
 
-from pyssm.ops.attention import attention, attention_reference
+from pyssm.ops.attention import attention, attention_qkvpacked, attention_reference
 from pyssm.ops.cross_merge import cross_merge, cross_merge_reference
 from pyssm.ops.cross_scan import cross_scan, cross_scan_reference
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
@@ -18,9 +18,10 @@ from pyssm.ops.selective_scan import selective_scan, selective_scan_reference
 from pyssm.ops.ss2d import ss2d, ss2d_reference
 
 __all__ = [
-    "attention", "attention_reference", "cross_merge", "cross_merge_reference", "cross_scan",
-    "cross_scan_reference", "depthwise_conv2d", "depthwise_conv2d_reference", "layer_norm",
-    "layer_norm_reference", "linear_gelu", "linear_gelu_reference", "linear_residual_",
-    "linear_residual_reference_", "mlp_gelu", "mlp_gelu_reference", "selective_scan",
-    "selective_scan_reference", "ss2d", "ss2d_reference",
+    "attention", "attention_qkvpacked", "attention_reference", "cross_merge",
+    "cross_merge_reference", "cross_scan", "cross_scan_reference", "depthwise_conv2d",
+    "depthwise_conv2d_reference", "layer_norm", "layer_norm_reference", "linear_gelu",
+    "linear_gelu_reference", "linear_residual_", "linear_residual_reference_", "mlp_gelu",
+    "mlp_gelu_reference", "selective_scan", "selective_scan_reference", "ss2d",
+    "ss2d_reference",
 ]

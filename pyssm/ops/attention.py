@@ -148,15 +148,24 @@ def check_cu_seqlens_values(cu_seqlens, total, max_seqlen) -> int:
     return longest
 
 
-def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-              return_lse=False, backend=None):
-    """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
-    Differentiable in q, k and v (through out and lse)."""
-    check_attention(q, k, v, cu_seqlens, max_seqlen)
+def _checked_max_seqlen(q, cu_seqlens, max_seqlen):
+    """max_seqlen, given or (packed batches, outside torch.compile) the longest sequence, with
+    the offsets checked once per tensor (check_cu_seqlens_values)."""
     if cu_seqlens is not None and not torch.compiler.is_compiling():
         longest = check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
         if max_seqlen is None:   # the CUDA kernels then size their grid without a device read
             max_seqlen = longest
+    return max_seqlen
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
+              return_lse=False, backend=None):
+    """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
+    Differentiable in q, k and v (through out and lse). The CUDA kernels read q, k and v in
+    place when each token's heads and head_dim are packed and the tokens one stride apart
+    (views into a fused qkv projection, for example); other layouts are copied first."""
+    check_attention(q, k, v, cu_seqlens, max_seqlen)
+    max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
     if _backend.resolve("attention", q.device, backend) == "reference":
         with _backend.without_autocast(q.device):
             return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
@@ -164,6 +173,40 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
                                        return_lse=return_lse)
     scale = None if softmax_scale is None else float(softmax_scale)
     out, lse = torch.ops.pyssm.attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+    return (out, lse) if return_lse else out
+
+
+def check_qkvpacked(qkv, cu_seqlens) -> None:
+    _checks.floating(qkv, "qkv")
+    if cu_seqlens is not None:
+        layout, rank = "(total_tokens, 3, heads, head_dim) when cu_seqlens is given", 4
+    else:
+        layout, rank = "(batch, seqlen, 3, heads, head_dim)", 5
+    _checks.rank(qkv, rank, "qkv", layout)
+    if qkv.shape[-3] != 3:
+        raise ValueError(f"qkv must be {layout} (q, k and v along its dim -3), got "
+                         f"{tuple(qkv.shape)}")
+
+
+def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=None,
+                        max_seqlen=None, return_lse=False, backend=None):
+    """attention of q, k and v packed in one tensor as a fused qkv projection gives them (the
+    layout of flash-attn's qkvpacked functions): qkv (batch, seqlen, 3, heads, head_dim), or
+    (total_tokens, 3, heads, head_dim) with cu_seqlens. The values of
+    ``attention(*qkv.unbind(-3), ...)``; differentiable in qkv, whose gradient comes back as one
+    tensor of its shape, which the CUDA backward writes dq, dk and dv into (rather than three
+    gradients that unbind's backward stacks: one more read and write of all three)."""
+    check_qkvpacked(qkv, cu_seqlens)
+    q, k, v = qkv.unbind(-3)
+    check_attention(q, k, v, cu_seqlens, max_seqlen)
+    max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
+    if _backend.resolve("attention", qkv.device, backend) == "reference":
+        with _backend.without_autocast(qkv.device):
+            return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       return_lse=return_lse)
+    scale = None if softmax_scale is None else float(softmax_scale)
+    out, lse = torch.ops.pyssm.attention_qkvpacked(qkv, causal, scale, cu_seqlens, max_seqlen)
     return (out, lse) if return_lse else out
 
 
@@ -204,3 +247,38 @@ if _extension.available():
 
     torch.library.register_autograd(
         "pyssm::attention", _attention_backward, setup_context=_attention_setup)
+
+    @torch.library.register_fake("pyssm::attention_qkvpacked")
+    def _attention_qkvpacked_fake(qkv, causal, softmax_scale, cu_seqlens, max_seqlen):
+        check_qkvpacked(qkv, cu_seqlens)
+        q, k, v = qkv.unbind(-3)
+        check_attention(q, k, v, cu_seqlens, max_seqlen)
+        lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
+        return q.new_empty(q.shape), lse
+
+    @torch.library.register_fake("pyssm::attention_qkvpacked_backward")
+    def _attention_qkvpacked_backward_fake(dout, dlse, qkv, out, lse, causal, softmax_scale,
+                                           cu_seqlens, max_seqlen):
+        check_qkvpacked(qkv, cu_seqlens)
+        q, k, v = qkv.unbind(-3)
+        check_attention(q, k, v, cu_seqlens, max_seqlen)
+        _checks.shape(dout, q.shape, "dout", "the shape of q")
+        return qkv.new_empty(qkv.shape)
+
+    def _attention_qkvpacked_setup(ctx, inputs, output):
+        qkv, causal, softmax_scale, cu_seqlens, max_seqlen = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.args = (causal, softmax_scale, max_seqlen)
+
+    def _attention_qkvpacked_backward(ctx, dout, dlse):
+        qkv, out, lse, cu_seqlens = ctx.saved_tensors
+        causal, softmax_scale, max_seqlen = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dqkv = torch.ops.pyssm.attention_qkvpacked_backward(
+            dout, dlse, qkv, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen)
+        return dqkv, None, None, None, None
+
+    torch.library.register_autograd("pyssm::attention_qkvpacked", _attention_qkvpacked_backward,
+                                    setup_context=_attention_qkvpacked_setup)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import naive
-from pyssm.integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
+from pyssm.integrations.flash_attn import (flash_attn_func, flash_attn_qkvpacked_func,
+                                          flash_attn_varlen_func,
+                                          flash_attn_varlen_qkvpacked_func)
 
 F64 = torch.float64
 
@@ -36,6 +38,32 @@ def test_flash_attn_varlen_func_packs_like_flash_attn():
         torch.testing.assert_close(lse[:, s:e], want_lse[0], atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_qkvpacked_func_matches_math(causal):
+    qkv = torch.randn(2, 7, 3, 4, 16, dtype=F64, requires_grad=True)
+    out, lse, probs = flash_attn_qkvpacked_func(qkv, causal=causal, softmax_scale=0.3,
+                                                return_attn_probs=True)
+    exact_in = qkv.detach().clone().requires_grad_()
+    want, want_lse = naive.attention(*exact_in.unbind(2), causal=causal, softmax_scale=0.3)
+    assert probs is None and out.shape == (2, 7, 4, 16) and lse.shape == (2, 4, 7)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, g)
+    (exact,) = torch.autograd.grad(want, exact_in, g)
+    torch.testing.assert_close(got, exact, atol=1e-10, rtol=1e-10)
+
+
+def test_flash_attn_varlen_qkvpacked_func_packs_like_flash_attn():
+    cu = torch.tensor([0, 5, 6, 18], dtype=torch.int32)
+    qkv = torch.randn(18, 3, 4, 8, dtype=F64)
+    out = flash_attn_varlen_qkvpacked_func(qkv, cu, 12, causal=True)
+    assert out.shape == (18, 4, 8)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        want, _ = naive.attention(*qkv[None, s:e].unbind(2), causal=True)
+        torch.testing.assert_close(out[s:e], want[0], atol=1e-10, rtol=1e-10)
+
+
 def test_what_is_not_supported_says_so():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(NotImplementedError, match="dropout"):
@@ -51,3 +79,7 @@ def test_what_is_not_supported_says_so():
     cu_k = torch.tensor([0, 3, 6], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="different boundaries"):
         flash_attn_varlen_func(packed, packed, packed, cu_q, cu_k, 4, 3)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 8), dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="sliding windows"):
+        flash_attn_varlen_qkvpacked_func(torch.randn(6, 3, 2, 8), cu_q, 4, window_size=(1, 1))

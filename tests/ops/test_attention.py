@@ -242,6 +242,84 @@ def test_gradients_match_independent_math(device, backend, causal):
         torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
 
 
+# attention_qkvpacked: one (B, S, 3, H, d) or packed (T, 3, H, d) input, one gradient of its
+# shape; dense and packed, causal or not, through out and lse, against row-by-row float64.
+QKVPACKED_CASES = [((2, 13, 3, 4, 32), None), ((23, 3, 2, 64), [0, 6, 6, 23])]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("case", QKVPACKED_CASES, ids=["dense", "varlen"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_qkvpacked_against_float64(device, backend, case, causal):
+    shape, lengths = case
+    packed = torch.randn(*shape, dtype=F64, device=device, requires_grad=True)
+    cu = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=device)
+    out, lse = ops.attention_qkvpacked(packed, causal=causal, cu_seqlens=cu, return_lse=True,
+                                       backend=backend)
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    (dqkv,) = torch.autograd.grad((out * g).sum() + (lse * g_lse).sum(), packed)
+    assert dqkv.shape == packed.shape
+
+    exact_in = packed.detach().cpu().requires_grad_()
+    gc, gc_lse = g.cpu(), g_lse.cpu()
+    if cu is None:   # sequence b: batch row b; packed: tokens lo..hi as a batch of one
+        pieces = [(lambda t, b=b: t[b:b + 1], lambda t, b=b: t[b:b + 1])
+                  for b in range(shape[0])]
+    else:
+        pieces = [(lambda t, lo=lo, hi=hi: t[None, lo:hi], lambda t, lo=lo, hi=hi: t[None, :, lo:hi])
+                  for lo, hi in zip(lengths[:-1], lengths[1:])]
+    loss = 0
+    for rows, stats in pieces:
+        o, l_ = naive.attention(*rows(exact_in).unbind(-3), causal)
+        torch.testing.assert_close(rows(out.detach().cpu()), o, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(stats(lse.detach().cpu()), l_, atol=1e-10, rtol=1e-10)
+        loss = loss + (o * rows(gc)).sum() + (l_ * stats(gc_lse)).sum()
+    (want,) = torch.autograd.grad(loss, exact_in)
+    torch.testing.assert_close(dqkv.cpu(), want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_qkvpacked_equals_unbound(device, backend):
+    """The same values and gradients as attention(*qkv.unbind(-3)), the latter stacked."""
+    packed = torch.randn(3, 9, 3, 2, 32, dtype=F64, device=device, requires_grad=True)
+    out = ops.attention_qkvpacked(packed, causal=True, softmax_scale=0.2, backend=backend)
+    want = ops.attention(*packed.unbind(2), causal=True, softmax_scale=0.2, backend=backend)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, packed, g)[0],
+                               torch.autograd.grad(want, packed, g)[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_qkvpacked_bad_inputs(backend):
+    with pytest.raises(ValueError, match=r"qkv must have 5 dimensions \(batch, seqlen, 3, heads"):
+        ops.attention_qkvpacked(torch.randn(5, 3, 2, 32), backend=backend)
+    with pytest.raises(ValueError, match=r"qkv must be \(batch, seqlen, 3, heads, head_dim\) "
+                                         r"\(q, k and v along its dim -3\), got \(1, 5, 2, 2, 32\)"):
+        ops.attention_qkvpacked(torch.randn(1, 5, 2, 2, 32), backend=backend)
+    with pytest.raises(ValueError, match=r"qkv must have 4 dimensions \(total_tokens, 3, heads"):
+        ops.attention_qkvpacked(torch.randn(1, 5, 3, 2, 32), backend=backend,
+                                cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(TypeError, match="qkv must be a floating"):
+        ops.attention_qkvpacked(torch.ones(1, 5, 3, 2, 32, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the 5 tokens"):
+        ops.attention_qkvpacked(torch.randn(5, 3, 2, 32),
+                                cu_seqlens=torch.tensor([0, 4, 6], dtype=torch.int32),
+                                backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
+                                            if p.values[1] != "reference"])
+def test_qkvpacked_opcheck(device, backend):
+    packed = torch.randn(2, 5, 3, 4, 32, dtype=F64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.attention_qkvpacked.default,
+                          (packed, True, None, None, None))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    varlen = torch.randn(8, 3, 2, 32, dtype=F64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.attention_qkvpacked.default,
+                          (varlen, False, 0.25, cu, 5))
+
+
 CUDA_ONLY = [p for p in backend_params("attention") if p.id == "cuda"]
 
 
@@ -547,3 +625,37 @@ def test_cuda_flash_backward_lse_gradient_and_varlen(device, backend, flash_path
         assert torch.isfinite(a).all(), f"d{name} not finite"
         rel = (a.cpu().double() - e).norm() / e.norm()
         assert rel < bound, (name, rel)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("lengths", [None, [0, 70, 70, 267]], ids=["dense", "varlen"])
+def test_cuda_flash_reads_qkv_views_in_place_and_writes_dqkv(device, backend, flash_path,
+                                                             head_dim, lengths):
+    """q, k and v as views into one fused qkv (a token stride of 3 H d, read in place) give the
+    values of contiguous copies: the output and dk, dv bit for bit, dq (summed by atomics, in
+    no fixed order) within bf16 rounding; attention_qkvpacked's one gradient holds them in
+    place. A view whose token stride is no multiple of 8 (copied first) agrees too."""
+    H, dtype = 3, torch.bfloat16
+    shape = (2, 197, 3, H, head_dim) if lengths is None else (267, 3, H, head_dim)
+    cu = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=device)
+    packed = torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+    copies = [t.detach().contiguous().requires_grad_() for t in packed.unbind(-3)]
+    want = ops.attention(*copies, cu_seqlens=cu, backend=backend)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, copies, g)
+
+    views = ops.attention(*packed.unbind(-3), cu_seqlens=cu, backend=backend)
+    out = ops.attention_qkvpacked(packed, cu_seqlens=cu, backend=backend)
+    assert torch.equal(views, want) and torch.equal(out, want)
+    (dqkv,) = torch.autograd.grad(out, packed, g)
+    dq, dk, dv = dqkv.unbind(-3)
+    assert torch.equal(dk, want_grads[1]) and torch.equal(dv, want_grads[2])
+    torch.testing.assert_close(dq, want_grads[0], rtol=0,
+                               atol=2.0 ** -6 * float(want_grads[0].abs().max()))
+
+    wide = torch.zeros(*shape[:-3], H * head_dim + 4, dtype=dtype, device=device)
+    odd = wide[..., :H * head_dim].unflatten(-1, (H, head_dim))   # token stride H d + 4
+    odd.copy_(copies[0])
+    assert torch.equal(ops.attention(odd, *copies[1:], cu_seqlens=cu, backend=backend), want)
