@@ -63,8 +63,9 @@ def conv_silu_stand_in(x, weight, bias, activation="silu", out_dtype=None, backe
     return y.permute(0, 2, 3, 1)
 
 
-def attention_stand_in(q, k, v, **kwargs):
-    return torch.empty_like(q)
+def attention_stand_in(qkv, **kwargs):
+    B, N, _, heads, d = qkv.shape
+    return qkv.new_empty(B, N, heads, d)
 
 
 def layer_norm_stand_in(x, weight=None, bias=None, eps=1e-5, *, residual=None, out_dtype=None,
@@ -90,7 +91,7 @@ def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | N
     stand_ins = [(vmamba_module, "ss2d", ss2d_stand_in),
                  (vmamba_module, "depthwise_conv2d", conv_silu_stand_in),
                  (vmamba_module, "uses_triton", lambda *a, **k: True),
-                 (vit_module, "attention", attention_stand_in)]
+                 (vit_module, "attention_qkvpacked", attention_stand_in)]
     if as_batch:
         stand_ins.append((mlp_module, "CHUNK_BYTES", mlp_module.CHUNK_BYTES * batch // as_batch))
     if bf16:

@@ -280,12 +280,13 @@ def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
     return s
 
 
-def attention_stand_in(q, k, v, **kwargs):
-    B, N, heads, d = q.shape
+def attention_stand_in(qkv, **kwargs):
+    """pyssm.ops.attention_qkvpacked on the fused projection (B, N, 3, heads, d), as the ViT
+    calls it: q, k and v read in place."""
+    B, N, _, heads, d = qkv.shape
     with TRACE.untraced():
-        out = torch.empty_like(q)
-    TRACE.add("attention", "attention", nbytes(q) + nbytes(k) + nbytes(v), nbytes(out),
-              4 * B * heads * N * N * d)
+        out = qkv.new_empty(B, N, heads, d)
+    TRACE.add("attention", "attention", nbytes(qkv), nbytes(out), 4 * B * heads * N * N * d)
     return out
 
 
@@ -402,23 +403,26 @@ def ss2d_trainable(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
 
 
 class _Attention(torch.autograd.Function):
+    """attention_qkvpacked's backward: one gradient of the fused qkv's shape, written by the
+    kernel (no stack of three)."""
+
     @staticmethod
-    def forward(ctx, q, k, v):
-        ctx.metas = _metas(q, k, v)
-        return attention_stand_in(q, k, v)
+    def forward(ctx, qkv):
+        (ctx.meta,) = _metas(qkv)
+        return attention_stand_in(qkv)
 
     @staticmethod
     def backward(ctx, do):
-        B, N, heads, d = ctx.metas[0][0]
-        qkv = sum(_meta_bytes(m) for m in ctx.metas)
+        B, N, _, heads, d = ctx.meta[0]
+        qkv = _meta_bytes(ctx.meta)
         lse = B * heads * N * 4
         TRACE.add("attention.backward", "attention", qkv + 2 * nbytes(do) + lse, qkv,
                   10 * B * heads * N * N * d)
-        return tuple(_empty_like(m) for m in ctx.metas)
+        return _empty_like(ctx.meta)
 
 
-def attention_trainable(q, k, v, **kwargs):
-    return _Attention.apply(q, k, v)
+def attention_trainable(qkv, **kwargs):
+    return _Attention.apply(qkv)
 
 
 class _MlpGelu(torch.autograd.Function):
@@ -508,7 +512,7 @@ def _kernel_stand_ins(ss2d, conv_silu, attention, layer_norm) -> list:
     return [(vmamba_module, "ss2d", ss2d),
             (vmamba_module, "depthwise_conv2d", conv_silu),
             (vmamba_module, "uses_triton", lambda *a, **k: True),
-            (vit_module, "attention", attention),
+            (vit_module, "attention_qkvpacked", attention),
             (norms_module, "layer_norm", layer_norm),
             (norms_module, "_out_dtype", cuda_out_dtype)]
 

@@ -118,7 +118,7 @@ def test_memory_model_runs_and_puts_the_ops_back():
     mm = memory_model
 
     def current():
-        return (mm.vmamba_module.ss2d, mm.vit_module.attention, mm.mlp_module.CHUNK_BYTES,
+        return (mm.vmamba_module.ss2d, mm.vit_module.attention_qkvpacked, mm.mlp_module.CHUNK_BYTES,
                 mm.norms_module.layer_norm, mm.norms_module._out_dtype,
                 mm.mlp_module.linear_gelu, mm.mlp_module.linear_residual_)
 

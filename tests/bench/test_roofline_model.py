@@ -54,13 +54,13 @@ def test_a_matrix_product_bound_by_flops():
     ("vit_small_patch16", dict(depth=2)),
 ])
 def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
-    real = (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
+    real = (rm.vmamba_module.ss2d, rm.vit_module.attention_qkvpacked, rm.norms_module.layer_norm,
             rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
             rm.mlp_module.linear_gelu_uses_triton, rm.mlp_module.linear_residual_,
             rm.mlp_module.linear_residual_uses_triton)
     kernels = rm.trace_inference(encoder, 64, 3, **overrides)
     unfused = rm.trace_inference(encoder, 64, 3, fused_mlp=False, **overrides)
-    assert (rm.vmamba_module.ss2d, rm.vit_module.attention, rm.norms_module.layer_norm,
+    assert (rm.vmamba_module.ss2d, rm.vit_module.attention_qkvpacked, rm.norms_module.layer_norm,
             rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
             rm.mlp_module.linear_gelu_uses_triton, rm.mlp_module.linear_residual_,
             rm.mlp_module.linear_residual_uses_triton) == real
@@ -114,13 +114,14 @@ def test_a_training_step_traces_forward_and_backward(encoder, overrides):
     """--train: each MLP as mlp_gelu (the inference-only ops step aside), or as its layers
     with fused_mlp=False (fewer bytes with the op, the same FLOPs), every stood-in op's
     backward recorded beside torch's own backward ops, the stand-ins put back after."""
-    real = (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d, rm.vit_module.attention,
-            rm.norms_module.layer_norm, rm.norms_module._out_dtype, rm.mlp_module.mlp_gelu)
+    real = (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d,
+            rm.vit_module.attention_qkvpacked, rm.norms_module.layer_norm,
+            rm.norms_module._out_dtype, rm.mlp_module.mlp_gelu)
     kernels = rm.trace_training(encoder, 64, 3, **overrides)
     unfused = rm.trace_training(encoder, 64, 3, fused_mlp=False, **overrides)
-    assert (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d, rm.vit_module.attention,
-            rm.norms_module.layer_norm, rm.norms_module._out_dtype,
-            rm.mlp_module.mlp_gelu) == real
+    assert (rm.vmamba_module.ss2d, rm.vmamba_module.depthwise_conv2d,
+            rm.vit_module.attention_qkvpacked, rm.norms_module.layer_norm,
+            rm.norms_module._out_dtype, rm.mlp_module.mlp_gelu) == real
     ops, ops_unfused = {k.op for k in kernels}, {k.op for k in unfused}
     assert {"layer_norm", "layer_norm.backward", "mlp_gelu.fc1_gelu",
             "mlp_gelu.backward.da"} <= ops
@@ -145,6 +146,8 @@ def test_a_training_step_traces_forward_and_backward(encoder, overrides):
     else:
         back = [k for k in kernels if k.op == "attention.backward"]
         assert len(back) == 2 and back[0].flops == 10 * 3 * 6 * 17**2 * 64
+        # attention_qkvpacked: one gradient of the fused qkv (3 x 17 x 3 x 384 bf16), no stack
+        assert back[0].written == 2 * 3 * 17 * 3 * 384 and "aten.stack" not in ops
 
 
 def test_the_cli_takes_train():
