@@ -1,5 +1,6 @@
 """The Hopper attention kernels (sm_90) once, alone, before the rest of the device check: the
-forward and backward at head_dim 64, 80 and 128, small, against the reference. A hang or
+forward and backward at head_dim 64, 80 and 128, small, against the reference (at 64 also on
+one fused qkv: q, k, v read at a token stride, dq, dk, dv written into one gradient). A hang or
 fault of a kernel that has never run must cost one short step, not every later one (the tests,
 sanitizers and benchmarks all take the Hopper path by default on an sm_90 GPU), so
 bench/device_check.sh runs this under a short limit and turns the path off
@@ -32,26 +33,28 @@ def main() -> int:
     os.environ["PYSSM_FLASH_SM90"] = "1"
     torch.manual_seed(0)
     worst = 0.0
-    for head_dim, causal, backward in ((64, False, True), (64, True, True), (80, True, True),
-                                       (128, False, True)):
-        q, k, v = (torch.randn(2, 197, 4, head_dim, device="cuda", dtype=torch.bfloat16,
-                               requires_grad=backward) for _ in range(3))
-        out = ops.attention(q, k, v, causal=causal, backend="cuda")
-        want = ops.attention(*(t.double() for t in (q, k, v)), causal=causal,
-                             backend="reference")
-        pairs = [(out, want)]
-        if backward:
-            g = torch.randn_like(out)
-            got = torch.autograd.grad(out, (q, k, v), g)
-            exact = torch.autograd.grad(want, (q, k, v), g.double())
-            pairs += list(zip(got, exact))
+    for head_dim, causal, packed in ((64, False, False), (64, True, False), (80, True, False),
+                                     (128, False, False), (64, False, True)):
+        qkv = torch.randn(2, 197, 3, 4, head_dim, device="cuda", dtype=torch.bfloat16,
+                          requires_grad=True)
+        if packed:
+            out = ops.attention_qkvpacked(qkv, causal=causal, backend="cuda")
+        else:
+            out = ops.attention(*(t.contiguous() for t in qkv.unbind(2)), causal=causal,
+                                backend="cuda")
+        exact_in = qkv.detach().double().requires_grad_()
+        want = ops.attention(*exact_in.unbind(2), causal=causal, backend="reference")
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, qkv, g)[0].unbind(2)
+        exact = torch.autograd.grad(want, exact_in, g.double())[0].unbind(2)
+        pairs = [(out, want), *zip(got, exact)]
         torch.cuda.synchronize()
         # error relative to each tensor's largest exact value (bf16 keeps ~3 digits)
         err = max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
                   for a, b in pairs)
         worst = max(worst, err)
-        print(f"head_dim {head_dim} causal {causal} backward {backward}: max relative error "
-              f"{err:.3g}", flush=True)
+        print(f"head_dim {head_dim} causal {causal}{' qkvpacked' if packed else ''}: max "
+              f"relative error {err:.3g}", flush=True)
         if not err < 0.05:  # (NaN fails too)
             print(f"hopper smoke: FAILED (head_dim {head_dim}: relative error {err:.3g})")
             return 1

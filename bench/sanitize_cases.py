@@ -95,6 +95,17 @@ def attention_cases():
         return ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=97, backend=DEV)
     yield "varlen (0, 50, 147) fp16", varlen
 
+    # q, k and v read in place from one fused qkv (a token stride of 3 H d), and the backward's
+    # dq, dk, dv written into one gradient of its shape: dense (Hopper and portable paths at
+    # head_dim 64 on sm_90, portable at 32) and packed
+    for shape, cu in (((2, 97, 3, 3, 64), None), ((1, 70, 3, 2, 32), None),
+                      ((147, 3, 2, 72), (0, 50, 147))):
+        def qkvpacked(shape=shape, cu=cu):
+            offsets = None if cu is None else torch.tensor(cu, device=DEV, dtype=torch.int32)
+            return ops.attention_qkvpacked(rand(*shape, dtype=torch.bfloat16), cu_seqlens=offsets,
+                                           causal=cu is None, backend=DEV)
+        yield f"qkvpacked {shape}" + (f" varlen {cu}" if cu else " causal"), qkvpacked
+
     if DEV != "cuda":  # (the CPU op reads the offsets and rejects them)
         return
 

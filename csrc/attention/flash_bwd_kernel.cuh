@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int kw = warp * 16;  // this warp's keys in the tile: kw + g and kw + g + 8
 
-  const int64_t o_row = p.heads * kHeadDim;  // out, dout and dq_accum: contiguous
+  const int o_row = int(p.heads) * kHeadDim;  // out, dout and dq_accum: contiguous
   const int64_t kv_off = k_start * p.kv_row + hk * kHeadDim;
   load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, p.kv_row, n0, Sk, kBlockN);
   load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, p.kv_row, n0, Sk, kBlockN);

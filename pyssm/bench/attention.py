@@ -13,6 +13,15 @@ sit side by side, and "pyssm-cuda-dq-atomic" (forward+backward rows) the Hopper 
 added by fp32 atomics (v1, PYSSM_FLASH_SM90_DQ=atomic) beside the default TMA reduce-adds (v2).
 CPU (float32): N = 65, 197, batch 2, 4 heads, head_dim 32: pyssm-cpu, reference, SDPA math and
 default.
+
+"attention_qkv" rows: the same attention from one fused qkv projection (B, N, 3, H, d), as a ViT
+block has it (ViT-B/16 at 224 and 512 px on a GPU; N = 65 on the CPU), each provider taking its
+q, k, v (and giving back the projection's gradient) its own way: pyssm-<backend> is
+attention_qkvpacked (q, k, v read in place, one gradient of qkv's shape); "pyssm-unbound" the
+op on the three unbound views (the same kernels; the backward's three gradients stacked by
+unbind's backward); "pyssm-copied" on contiguous copies of them (what the kernels were given
+before they took a token stride); SDPA (the default choice, cuDNN on an H200) as timm calls
+it, on qkv permuted to (3, B, H, N, d) and unbound.
 """
 
 from __future__ import annotations
@@ -99,8 +108,49 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
             q, k, v, backend="reference")), sdpa_provider("math"), sdpa_provider("default")]
         configs = [(4, 32, [65] if quick else [65, 197],
                     {"forward": lambda n: 2, "full": lambda n: 2})]
-    return [case for heads, head_dim, seqlens, batches in configs
-            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
+    out = [case for heads, head_dim, seqlens, batches in configs
+           for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
+    return out + qkv_cases(device, quick)
+
+
+def qkv_providers(kernel: str) -> list[harness.Provider]:
+    """The attention_qkv rows' providers (module docstring), each fn(qkv) -> (B, N, H, d)."""
+    def sdpa_timm(qkv):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return [
+        harness.pyssm_provider("attention", kernel,
+                               lambda qkv: ops.attention_qkvpacked(qkv, backend=kernel)),
+        harness.Provider("pyssm-unbound", lambda qkv: ops.attention(*qkv.unbind(2),
+                                                                    backend=kernel)),
+        harness.Provider("pyssm-copied", lambda qkv: ops.attention(
+            *(t.contiguous() for t in qkv.unbind(2)), backend=kernel)),
+        harness.Provider("sdpa-default (timm)", sdpa_timm),
+    ]
+
+
+def qkv_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    heads, head_dim = (12, 64) if gpu else (4, 32)
+    shapes = [(128, 197), (12, 1025)] if gpu else [(2, 65)]   # (batch, N)
+    if quick and gpu:
+        shapes = shapes[:1]
+    providers = qkv_providers(device.type)
+    out = []
+    for batch, n in shapes:
+        flops = 4 * batch * heads * n * n * head_dim
+        qkv_bytes = batch * n * 3 * heads * head_dim * dtype.itemsize
+        out.append(harness.Case(
+            op="attention_qkv", size={"N": n, "batch": batch, "heads": heads,
+                                      "head_dim": head_dim},
+            make_inputs=lambda b=batch, n=n: (torch.randn(b, n, 3, heads, head_dim,
+                                                          device=device, dtype=dtype),),
+            providers=providers, modes=("forward", "full"), dtype=str(dtype).removeprefix("torch."),
+            flops={"forward": flops, "full": 3.5 * flops},
+            # forward: qkv read, out written; backward: qkv, out and dout read, dqkv written
+            bytes={"forward": qkv_bytes * 4 / 3, "full": qkv_bytes * 4}))
+    return out
 
 
 def _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches):
