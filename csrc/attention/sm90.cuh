@@ -333,7 +333,9 @@ cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, const uint64_
                    : CU_TENSOR_MAP_SWIZZLE_32B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  // a layout the driver refuses (a stride it does not take, say): not supported here, so the
+  // launchers take the portable kernels (nothing has been launched yet)
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
 #endif
 }
 

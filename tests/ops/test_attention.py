@@ -440,14 +440,23 @@ def test_cuda_flash_kernel_varlen_and_large_scores(device, backend, flash_path, 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
 @pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_cuda_attention_takes_the_hopper_path_on_sm90(device, backend, flash_path, head_dim):
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
+def test_cuda_attention_takes_the_hopper_path_on_sm90(device, backend, flash_path, head_dim,
+                                                      packed):
     """On an sm_90 GPU the forward and the backward run the Hopper kernels at head_dim 64 to
-    128, and the portable ones with PYSSM_FLASH_SM90=0 (kernel names from the profiler)."""
+    128, and the portable ones with PYSSM_FLASH_SM90=0 (kernel names from the profiler); from a
+    fused qkv too (tensor maps at a token stride of 3 H d: a map the driver refused would fall
+    back to the portable kernels, and this would say so)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper path runs on sm_90 GPUs only")
+    fused = torch.randn(1, 197, 3, 2, head_dim, device=device, dtype=torch.bfloat16,
+                        requires_grad=True)
     q, k, v = qkv(1, 197, 197, 2, 2, head_dim, device, dtype=torch.bfloat16, requires_grad=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.attention(q, k, v, backend=backend).sum().backward()
+        if packed:
+            ops.attention_qkvpacked(fused, backend=backend).sum().backward()
+        else:
+            ops.attention(q, k, v, backend=backend).sum().backward()
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
     for kernel, portable in (("flash_fwd_sm90_kernel", "flash_fwd_kernel"),
