@@ -98,48 +98,67 @@ at::Tensor for_kernel(const at::Tensor& t) {
 }
 
 // A (batch, seqlen, heads, d) or packed (tokens, heads, d) tensor as the kernels read it, and
-// the elements between its consecutive tokens (FlashParams' q_row, kv_row)
-struct TokenRows {
+// where its elements lie (flash.cuh's TokenLayout)
+struct KernelInput {
   at::Tensor t;
-  int64_t row;
+  TokenLayout layout;
 };
 
-// The elements between consecutive tokens of t where the kernels can address it in place, or
-// -1: heads and head_dim packed (strides d and 1), the tokens one stride apart across the whole
-// batch (the batch stride seqlen times the token stride), that stride a multiple of 8 elements
-// and at least a token's heads * d, the data 16-byte aligned. q, k and v sliced out of a fused
-// qkv projection ((B, N, 3, H, d) unbound) qualify, with a token stride of 3 H d, as do their
-// gradients' slices of one (B, N, 3, H, d) buffer.
-int64_t token_stride(const at::Tensor& t) {
-  const int64_t d = t.size(-1), heads = t.size(-2), packed_row = heads * d;
+// t's layout where the kernels can read it in place: head_dim contiguous, and the token, head
+// and batch strides multiples of 8 elements (16 bytes: the kernels' vector loads and tensor
+// maps), the data 16-byte aligned. A size-1 dimension's stride, which torch leaves free, is
+// replaced by its contiguous value (it is never stepped over). q, k and v sliced out of a fused
+// qkv projection ((B, N, 3, H, d) unbound) qualify, as do torch's SDPA layout (B, H, N, d)
+// transposed and any other layout that keeps head_dim contiguous and 16-byte aligned.
+std::optional<TokenLayout> in_place_layout(const at::Tensor& t) {
+  const int64_t d = t.size(-1), heads = t.size(-2), tokens = t.size(-3);
   const bool dense = t.dim() == 4;
-  const int64_t batch = dense ? t.size(0) : 1, tokens = t.size(-3);
-  int64_t row = packed_row;
-  if (tokens > 1) row = t.stride(-3);
-  else if (batch > 1) row = t.stride(0);
-  const bool ok = t.stride(-1) == 1 && (heads == 1 || t.stride(-2) == d) &&
-                  (!dense || batch == 1 || tokens == 1 || t.stride(0) == tokens * row) &&
-                  row % 8 == 0 && row >= packed_row && aligned16(t);
-  return ok ? row : -1;
+  TokenLayout l{heads * d, d, tokens * heads * d};  // contiguous
+  if (tokens > 1) l.row = t.stride(-3);
+  if (heads > 1) l.head = t.stride(-2);
+  if (dense && t.size(0) > 1) l.batch = t.stride(0);
+  const bool ok = (d == 1 || t.stride(-1) == 1) && l.row % 8 == 0 && l.head % 8 == 0 &&
+                  l.batch % 8 == 0 && l.row > 0 && l.head > 0 && l.batch > 0 && aligned16(t);
+  if (!ok) return std::nullopt;
+  return l;
 }
 
-// t in place where it can be (token_stride), else a contiguous copy (token stride heads * d)
-TokenRows token_rows(const at::Tensor& t) {
-  const int64_t row = token_stride(t);
-  if (row > 0) return {t, row};
-  return {for_kernel(t), t.size(-2) * t.size(-1)};
+// t in place where it can be (in_place_layout), else a contiguous copy
+KernelInput kernel_input(const at::Tensor& t) {
+  if (const auto l = in_place_layout(t)) return {t, *l};
+  const at::Tensor c = for_kernel(t);
+  return {c, *in_place_layout(c)};
 }
 
-// q's, and k's and v's, which share one token stride (a copy of both where theirs differ)
-std::tuple<TokenRows, TokenRows, TokenRows> qkv_rows(const at::Tensor& q, const at::Tensor& k,
-                                                     const at::Tensor& v) {
-  TokenRows kr = token_rows(k), vr = token_rows(v);
-  if (kr.row != vr.row) {
-    const int64_t packed_row = k.size(-2) * k.size(-1);
-    kr = {for_kernel(k), packed_row};
-    vr = {for_kernel(v), packed_row};
+bool operator==(const TokenLayout& a, const TokenLayout& b) {
+  return a.row == b.row && a.head == b.head && a.batch == b.batch;
+}
+
+// q's, k's and v's, k and v at one layout (the kernels share it: both copied where theirs
+// differ)
+std::tuple<KernelInput, KernelInput, KernelInput> kernel_inputs(const at::Tensor& q,
+                                                                const at::Tensor& k,
+                                                                const at::Tensor& v) {
+  KernelInput kin = kernel_input(k), vin = kernel_input(v);
+  if (!(kin.layout == vin.layout)) {
+    const at::Tensor kc = for_kernel(k), vc = for_kernel(v);
+    kin = {kc, *in_place_layout(kc)};
+    vin = {vc, kin.layout};
   }
-  return {token_rows(q), kr, vr};
+  return {kernel_input(q), kin, vin};
+}
+
+// The token stride of a gradient buffer the backward writes (dq, dk, dv: heads and head_dim
+// packed, the tokens of all sequences one stride apart, a dense batch's sequences seqlen
+// strides apart), or -1 where it is not so
+int64_t packed_token_stride(const at::Tensor& t) {
+  const auto l = in_place_layout(t);
+  if (!l) return -1;
+  const int64_t d = t.size(-1), heads = t.size(-2), tokens = t.size(-3);
+  const bool batches = t.dim() == 4 && t.size(0) > 1;
+  const int64_t row = tokens == 1 && batches ? l->batch : l->row;
+  if (l->head != d || row < heads * d || (batches && l->batch != tokens * row)) return -1;
+  return row;
 }
 
 // Packed offsets on the device with max_seqlen given: the kernels need neither to be read on
@@ -151,14 +170,14 @@ bool offsets_unread(const std::optional<at::Tensor>& cu_seqlens,
 
 // The fields FlashParams and FlashBwdParams share: q, k, v, the sizes, scale and masking.
 template <typename Params>
-void set_common(Params& p, const TokenRows& q, const TokenRows& k, const TokenRows& v,
+void set_common(Params& p, const KernelInput& q, const KernelInput& k, const KernelInput& v,
                 const AttnSizes& s, const at::Tensor& cu, int64_t total_q, double scale,
                 bool causal) {
   p.q = q.t.const_data_ptr();
   p.k = k.t.const_data_ptr();
   p.v = v.t.const_data_ptr();
-  p.q_row = q.row;
-  p.kv_row = k.row;
+  p.q_layout = q.layout;
+  p.kv_layout = k.layout;
   p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
   p.batch = s.batch;
   p.heads = s.heads;
@@ -182,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto [qr, kr, vr] = qkv_rows(q, k, v);
+  const auto [qr, kr, vr] = kernel_inputs(q, k, v);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(at::kFloat))
                             : at::empty({s.batch, s.heads, s.seqlen_q},
@@ -204,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
 }
 
 // The backward into dq, dk and dv (fresh contiguous tensors, or slices of one fused qkv
-// gradient: token_stride's layouts), by the flash kernels where they take the call, else
+// gradient: packed_token_stride's layouts), by the flash kernels where they take the call, else
 // composed from ATen ops
 void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
                                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -224,11 +243,11 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
                                      cu_seqlens, max_seqlen, dq, dk, dv);
     return;
   }
-  const int64_t dq_row = token_stride(dq), dk_row = token_stride(dk);
-  TORCH_CHECK(dq_row > 0 && dk_row > 0 && token_stride(dv) == dk_row,
+  const int64_t dq_row = packed_token_stride(dq), dk_row = packed_token_stride(dk);
+  TORCH_CHECK(dq_row > 0 && dk_row > 0 && packed_token_stride(dv) == dk_row,
               "attention backward: gradient buffers the kernels cannot address");
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto [qr, kr, vr] = qkv_rows(q, k, v);
+  const auto [qr, kr, vr] = kernel_inputs(q, k, v);
   const at::Tensor oc = for_kernel(out), doc = for_kernel(dout), lc = lse.contiguous();
   at::Tensor dlc;
   if (dlse) dlc = dlse->to(at::kFloat).contiguous();

@@ -9,16 +9,22 @@
 
 namespace pyssm {
 
-// q (tokens, heads, d), k, v (tokens, heads_k, d), out like q: fp16 / bf16, the tokens of
-// sequence b at [start_b, start_b + len_b): start_b = b * seqlen (dense batches) or
-// cu_seqlens[b] (packed). Each token's heads and head_dim are packed (strides d and 1); the
-// tokens of q are q_row elements apart and those of k and v kv_row apart (heads * d when
-// contiguous; 3 heads d for views into a fused qkv projection), multiples of 8, the data
-// 16-byte aligned; out is contiguous. lse: float, (batch, heads, seqlen_q) dense or (heads,
-// total) packed.
+// Where one input's elements lie: head_dim contiguous, then `row` elements between consecutive
+// tokens, `head` between heads and, in a dense batch, `batch` between sequences (a packed batch
+// uses only row and head). Contiguous (tokens, heads, d): {heads d, d, seqlen heads d}; a slice of
+// a fused (B, N, 3, H, d) qkv: {3 H d, d, 3 N H d}; torch's SDPA layout (B, H, N, d) transposed:
+// {d, N d, H N d}. Every stride a multiple of 8 elements (16 bytes), the data 16-byte aligned.
+struct TokenLayout {
+  int64_t row, head, batch;
+};
+
+// q (tokens, heads, d), k, v (tokens, heads_k, d): fp16 / bf16 at their layouts (k's and v's
+// the same), the tokens of sequence b at [start_b, start_b + len_b): start_b = b * seqlen
+// (dense batches) or cu_seqlens[b] (packed). out like q, contiguous. lse: float, (batch, heads,
+// seqlen_q) dense or (heads, total) packed.
 struct FlashParams {
   const void *q, *k, *v;
-  int64_t q_row, kv_row;       // elements between consecutive tokens of q, of k and v
+  TokenLayout q_layout, kv_layout;
   void* out;
   float* lse;
   const int* cu_seqlens;       // device pointer, or null for a dense batch
@@ -27,14 +33,14 @@ struct FlashParams {
   bool causal;
 };
 
-// Backward. q, k, v as FlashParams says (q_row, kv_row); out, dout contiguous, q's shape;
-// dq like q, dk, dv like k, their tokens dq_row and dkv_row elements apart (views into one
-// fused qkv gradient, or contiguous); lse, dlse (may be null): float, lse's layout. Workspace
-// from the caller: delta (float, lse's layout) and dq_accum (float, q's shape, contiguous,
-// zero-filled by the launcher). All 16-byte aligned.
+// Backward. q, k, v as FlashParams says (q_layout, kv_layout); out, dout contiguous, q's
+// shape; dq like q, dk, dv like k, heads and head_dim packed, their tokens dq_row and dkv_row
+// elements apart (views into one fused qkv gradient, or contiguous); lse, dlse (may be null):
+// float, lse's layout. Workspace from the caller: delta (float, lse's layout) and dq_accum
+// (float, q's shape, contiguous, zero-filled by the launcher). All 16-byte aligned.
 struct FlashBwdParams {
   const void *q, *k, *v, *out, *dout;
-  int64_t q_row, kv_row;       // elements between consecutive tokens of q, of k and v
+  TokenLayout q_layout, kv_layout;
   void *dq, *dk, *dv;
   int64_t dq_row, dkv_row;     // of dq, of dk and dv
   const float *lse, *dlse;

@@ -219,9 +219,10 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
   const int kw = warp * 16;  // this warp's keys in the tile: kw + g and kw + g + 8
 
   const int o_row = int(p.heads) * kHeadDim;  // out, dout and dq_accum: contiguous
-  const int64_t kv_off = k_start * p.kv_row + hk * kHeadDim;
-  load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, p.kv_row, n0, Sk, kBlockN);
-  load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, p.kv_row, n0, Sk, kBlockN);
+  const int64_t kv_off = flash::head_start(p, p.kv_layout, b, k_start, hk);
+  const int64_t kv_row = p.kv_layout.row;
+  load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, kv_row, n0, Sk, kBlockN);
+  load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, kv_row, n0, Sk, kBlockN);
 
   float dk[Tr::kDimTiles][4], dv[Tr::kDimTiles][4];
 #pragma unroll
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t o_off = (q_start * p.heads + h) * kHeadDim;
-    const T* q = static_cast<const T*>(p.q) + q_start * p.q_row + h * kHeadDim;
+    const T* q = static_cast<const T*>(p.q) + flash::head_start(p, p.q_layout, b, q_start, h);
     const T* dout = static_cast<const T*>(p.dout) + o_off;
     float* dq = p.dq_accum + o_off;
     const int64_t stat = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
@@ -242,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
       // No barrier needed before these stores: every warp read the previous tile's Q, dO, lse
       // and Delta before the barrier after the dS stores, and the dS of this tile is stored
       // only after the next barrier, which every warp reaches after its previous dQ.
-      load_tile<T, kHeadDim>(q_s, q, p.q_row, m0, Sq, kM);
+      load_tile<T, kHeadDim>(q_s, q, p.q_layout.row, m0, Sq, kM);
       load_tile<T, kHeadDim>(do_s, dout, o_row, m0, Sq, kM);
       for (int i = threadIdx.x; i < kM; i += kThreads) {
         const bool ok = m0 + i < Sq;

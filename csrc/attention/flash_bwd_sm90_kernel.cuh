@@ -413,30 +413,31 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   Maps maps;
   const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
-  // q, k and v at their token strides; dout (like dq_accum below) contiguous
-  const uint64_t q_row = uint64_t(p.q_row), kv_row = uint64_t(p.kv_row), o_row = hq * kHeadDim;
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t row,
+  // q, k and v at their layouts; dout (like dq_accum below) contiguous
+  const TokenLayout &ql = p.q_layout, &kvl = p.kv_layout;
+  const TokenLayout ol = sm90::contiguous_layout(p.heads, kHeadDim, int64_t(q_tokens));
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, const TokenLayout& l,
                   uint64_t tokens, int cols, int rows) {
-    return sm90::make_token_map<T>(map, base, kHeadDim, heads, row, tokens, batches, cols, rows);
+    return sm90::make_token_map<T>(map, base, kHeadDim, heads, l, tokens, batches, cols, rows);
   };
   constexpr int kM = Tr::kBlockM, kN = Tr::kBlockN, kTc = Tr::kTailCols;
-  cudaError_t err = make(&maps.k, p.k, hk, kv_row, k_tokens, 64, kN);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, kv_row, k_tokens, 64, kN);
-  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, q_row, q_tokens, 64, kM);
-  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, o_row, q_tokens, 64, kM);
+  cudaError_t err = make(&maps.k, p.k, hk, kvl, k_tokens, 64, kN);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, kvl, k_tokens, 64, kN);
+  if (err == cudaSuccess) err = make(&maps.q, p.q, hq, ql, q_tokens, 64, kM);
+  if (err == cudaSuccess) err = make(&maps.dout, p.dout, hq, ol, q_tokens, 64, kM);
   if (Tr::kTail > 0) {
-    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, kv_row, k_tokens, kTc, kN);
-    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, kv_row, k_tokens, kTc, kN);
-    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_row, q_tokens, kTc, kM);
-    if (err == cudaSuccess) err = make(&maps.dout_tail, p.dout, hq, o_row, q_tokens, kTc, kM);
+    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, kvl, k_tokens, kTc, kN);
+    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, kvl, k_tokens, kTc, kN);
+    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, ql, q_tokens, kTc, kM);
+    if (err == cudaSuccess) err = make(&maps.dout_tail, p.dout, hq, ol, q_tokens, kTc, kM);
   } else {
     maps.k_tail = maps.v_tail = maps.q_tail = maps.dout_tail = maps.q;  // (not read)
   }
   if (err == cudaSuccess && !p.dq_atomics) {
-    err = sm90::make_token_map<float>(&maps.dq, p.dq_accum, kHeadDim, hq, o_row, q_tokens,
+    err = sm90::make_token_map<float>(&maps.dq, p.dq_accum, kHeadDim, hq, ol, q_tokens,
                                       batches, 32, kM);
     if (err == cudaSuccess && Tr::kTail > 0)
-      err = sm90::make_token_map<float>(&maps.dq_tail, p.dq_accum, kHeadDim, hq, o_row,
+      err = sm90::make_token_map<float>(&maps.dq_tail, p.dq_accum, kHeadDim, hq, ol,
                                         q_tokens, batches, Tr::kTailPart, kM);
     if (Tr::kTail == 0) maps.dq_tail = maps.dq;  // (not read)
   }

@@ -68,17 +68,18 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
     row[mt][1] = row[mt][0] + 8;
   }
 
-  const T* q = static_cast<const T*>(p.q) + h * kHeadDim;
-  const T* k = static_cast<const T*>(p.k) + k_start * p.kv_row + hk * kHeadDim;
-  const T* v = static_cast<const T*>(p.v) + k_start * p.kv_row + hk * kHeadDim;
-  const int64_t kv_row = p.kv_row;
+  const T* q = static_cast<const T*>(p.q) + head_start(p, p.q_layout, b, q_start, h);
+  const int64_t kv_off = head_start(p, p.kv_layout, b, k_start, hk);
+  const T* k = static_cast<const T*>(p.k) + kv_off;
+  const T* v = static_cast<const T*>(p.v) + kv_off;
+  const int64_t kv_row = p.kv_layout.row;
 
   // Q as A fragments, one set per row tile and 16-wide step of the reduction
   uint32_t qf[kM][Tr::kKSteps][4];
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
-    const T* q0 = q + (q_start + row[mt][0]) * p.q_row;
-    const T* q1 = q + (q_start + row[mt][1]) * p.q_row;
+    const T* q0 = q + row[mt][0] * p.q_layout.row;
+    const T* q1 = q + row[mt][1] * p.q_layout.row;
     const bool ok0 = row[mt][0] < Sq, ok1 = row[mt][1] < Sq;
 #pragma unroll
     for (int st = 0; st < Tr::kKSteps; ++st) {

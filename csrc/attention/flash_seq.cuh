@@ -39,6 +39,15 @@ __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
   return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k, p.seqlen_q, p.seqlen_k};
 }
 
+// Where head h of sequence b's first token (`start`, seq_span's q_start or k_start) lies in an
+// input at layout l: a dense batch's sequences at the batch stride, a packed batch's tokens at
+// the row stride; the sequence's token i is then i * l.row further.
+template <typename Params>
+__device__ __forceinline__ int64_t head_start(const Params& p, const TokenLayout& l, int b,
+                                              int64_t start, int64_t h) {
+  return (p.cu_seqlens ? start * l.row : int64_t(b) * l.batch) + h * l.head;
+}
+
 // The keys [0, end) a block of queries up to `last_row` (inclusive) has to visit.
 __device__ __forceinline__ int64_t keys_to_visit(const SeqSpan& s, bool causal,
                                                int64_t last_row) {

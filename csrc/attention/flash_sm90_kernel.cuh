@@ -343,8 +343,8 @@ __global__ void __launch_bounds__(384, 1)
 #endif  // PYSSM_SM90_DEVICE
 }
 
-// Launcher: the tensor maps, then the kernel. q, k, v as FlashParams says (packed heads,
-// token strides, 16-byte aligned); returns cudaErrorNotSupported where the Hopper path cannot
+// Launcher: the tensor maps, then the kernel. q, k, v as FlashParams says (their layouts,
+// 16-byte aligned); returns cudaErrorNotSupported where the Hopper path cannot
 // run (no sm_90a code in this build, no driver entry point, more tokens than 32-bit TMA
 // coordinates hold), so the caller takes the portable path.
 template <typename T, int kHeadDim>
@@ -360,18 +360,18 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
   if (q_tokens + Tr::kBlockM > (uint64_t(1) << 31) || k_tokens == 0) return cudaErrorNotSupported;
   Maps maps;
   const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
-  const uint64_t q_row = uint64_t(p.q_row), kv_row = uint64_t(p.kv_row);
-  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, uint64_t row,
+  const TokenLayout &ql = p.q_layout, &kvl = p.kv_layout;
+  auto make = [&](CUtensorMap* map, const void* base, uint64_t heads, const TokenLayout& l,
                   uint64_t tokens, int cols) {
-    return sm90::make_token_map<T>(map, base, kHeadDim, heads, row, tokens, batches, cols, 128);
+    return sm90::make_token_map<T>(map, base, kHeadDim, heads, l, tokens, batches, cols, 128);
   };
-  cudaError_t err = make(&maps.q, p.q, hq, q_row, q_tokens, 64);
-  if (err == cudaSuccess) err = make(&maps.k, p.k, hk, kv_row, k_tokens, 64);
-  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, kv_row, k_tokens, 64);
+  cudaError_t err = make(&maps.q, p.q, hq, ql, q_tokens, 64);
+  if (err == cudaSuccess) err = make(&maps.k, p.k, hk, kvl, k_tokens, 64);
+  if (err == cudaSuccess) err = make(&maps.v, p.v, hk, kvl, k_tokens, 64);
   if (Tr::kTail) {
-    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, q_row, q_tokens, Tr::kTailCols);
-    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, kv_row, k_tokens, Tr::kTailCols);
-    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, kv_row, k_tokens, Tr::kTailCols);
+    if (err == cudaSuccess) err = make(&maps.q_tail, p.q, hq, ql, q_tokens, Tr::kTailCols);
+    if (err == cudaSuccess) err = make(&maps.k_tail, p.k, hk, kvl, k_tokens, Tr::kTailCols);
+    if (err == cudaSuccess) err = make(&maps.v_tail, p.v, hk, kvl, k_tokens, Tr::kTailCols);
   } else {
     maps.q_tail = maps.k_tail = maps.v_tail = maps.q;  // (not read)
   }

@@ -22,6 +22,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "attention/flash.cuh"  // TokenLayout
 #include "kernel_launch.cuh"  // (under PYSSM_CUDA_EMULATION: the emulation)
 
 #if !defined(PYSSM_CUDA_EMULATION)
@@ -339,20 +340,23 @@ cudaError_t make_tensor_map_4d(CUtensorMap* map, const void* base, const uint64_
 #endif
 }
 
-// The tensor map of a (batch, tokens, heads, head_dim) tensor of T (packed sequences as one
-// batch of all tokens) whose heads and head_dim are packed and whose tokens are `token_stride`
-// elements apart, the batches tokens * token_stride apart (heads * head_dim when contiguous),
-// for boxes of `cols` columns from one head and `rows` tokens, swizzled over cols * sizeof(T)
-// bytes.
+// The tensor map of a (batch, tokens, heads, head_dim) tensor of T at layout l (flash.cuh's
+// TokenLayout; packed sequences as one batch of all tokens) for boxes of `cols` columns from one
+// head and `rows` tokens, swizzled over cols * sizeof(T) bytes.
 template <typename T>
 cudaError_t make_token_map(CUtensorMap* map, const void* base, int head_dim, uint64_t heads,
-                           uint64_t token_stride, uint64_t tokens, uint64_t batches, int cols,
+                           const TokenLayout& l, uint64_t tokens, uint64_t batches, int cols,
                            int rows) {
   const uint64_t dims[4] = {uint64_t(head_dim), heads, tokens, batches};
-  const uint64_t row = token_stride * sizeof(T);
-  const uint64_t strides[3] = {head_dim * sizeof(T), row, row * tokens};
+  const uint64_t strides[3] = {uint64_t(l.head) * sizeof(T), uint64_t(l.row) * sizeof(T),
+                               uint64_t(l.batch) * sizeof(T)};
   const uint32_t box[4] = {uint32_t(cols), 1, uint32_t(rows), 1};
   return make_tensor_map_4d<T>(map, base, dims, strides, box, int(cols * sizeof(T)));
+}
+
+// A contiguous (batch, tokens, heads, head_dim) tensor's layout
+inline TokenLayout contiguous_layout(int64_t heads, int64_t head_dim, int64_t tokens) {
+  return {heads * head_dim, head_dim, tokens * heads * head_dim};
 }
 
 }  // namespace sm90

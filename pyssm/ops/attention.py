@@ -162,8 +162,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
               return_lse=False, backend=None):
     """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
     Differentiable in q, k and v (through out and lse). The CUDA kernels read q, k and v in
-    place when each token's heads and head_dim are packed and the tokens one stride apart
-    (views into a fused qkv projection, for example); other layouts are copied first."""
+    place at any strides that keep head_dim contiguous and 16-byte aligned (views into a fused
+    qkv projection, torch SDPA's (B, H, N, d) layout transposed); other layouts are copied
+    first."""
     check_attention(q, k, v, cu_seqlens, max_seqlen)
     max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
     if _backend.resolve("attention", q.device, backend) == "reference":

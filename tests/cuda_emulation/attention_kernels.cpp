@@ -77,17 +77,17 @@ cudaError_t bwd_sm90(int head_dim, const pyssm::FlashBwdParams& p) {
 extern "C" {
 
 // dtype: 2 float16, 3 bfloat16; sm90: the Hopper forward (flash_sm90_kernel.cuh: TMA,
-// mbarriers and wgmma emulated) instead of the portable one; rows: the token strides of q and
-// of k and v (FlashParams' q_row, kv_row)
+// mbarriers and wgmma emulated) instead of the portable one; strides: q's token, head and
+// batch strides, then k's and v's (FlashParams' q_layout, kv_layout)
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
-                      const void* v, const int64_t* rows, void* out, float* lse, const int* cu,
+                      const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
                       const int64_t* sizes, float scale, int causal) {
   pyssm::FlashParams p{};
   p.q = q;
   p.k = k;
   p.v = v;
-  p.q_row = rows[0];
-  p.kv_row = rows[1];
+  p.q_layout = {strides[0], strides[1], strides[2]};
+  p.kv_layout = {strides[3], strides[4], strides[5]};
   p.out = out;
   p.lse = lse;
   set_sizes(p, sizes, cu, scale, causal);
@@ -98,10 +98,10 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
 }
 
 // sm90: the Hopper backward instead of the portable one, adding dQ by TMA reduce-adds (1) or
-// by atomics (2); rows: the token strides of q, of k and v, of dq, and of dk and dv
-// (FlashBwdParams' q_row, kv_row, dq_row, dkv_row)
+// by atomics (2); strides: q's and k's and v's layouts as the forward's, then the token strides
+// of dq and of dk and dv (FlashBwdParams' dq_row, dkv_row)
 int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
-                      const void* v, const int64_t* rows, const void* out, const void* dout,
+                      const void* v, const int64_t* strides, const void* out, const void* dout,
                       void* dq, void* dk, void* dv, const float* lse, const float* dlse,
                       float* delta, float* dq_accum, const int* cu, const int64_t* sizes,
                       float scale, int causal) {
@@ -109,15 +109,15 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.q = q;
   p.k = k;
   p.v = v;
-  p.q_row = rows[0];
-  p.kv_row = rows[1];
+  p.q_layout = {strides[0], strides[1], strides[2]};
+  p.kv_layout = {strides[3], strides[4], strides[5]};
   p.out = out;
   p.dout = dout;
   p.dq = dq;
   p.dk = dk;
   p.dv = dv;
-  p.dq_row = rows[2];
-  p.dkv_row = rows[3];
+  p.dq_row = strides[6];
+  p.dkv_row = strides[7];
   p.lse = lse;
   p.dlse = dlse;
   p.delta = delta;

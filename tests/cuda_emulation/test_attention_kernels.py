@@ -49,11 +49,22 @@ def inputs(dtype, B, Sq, Sk, H, Hk, d, lengths):
             torch.randn(total, Hk, d, dtype=dtype))
 
 
+def strides_of(t):
+    """(token, head, batch) strides of a (B, S, H, d) or (T, H, d) tensor with head_dim
+    contiguous (FlashParams' TokenLayout), as attention_cuda.cpp's in_place_layout sets them:
+    a size-1 dimension's stride replaced by its contiguous value."""
+    *lead, H, d = t.shape
+    assert t.stride(-1) == 1
+    S = lead[-1]
+    return (t.stride(-3) if S > 1 else H * d, t.stride(-2) if H > 1 else d,
+            t.stride(0) if len(lead) == 2 and lead[0] > 1 else S * H * d)
+
+
 def token_stride(t):
-    """The elements between consecutive tokens of a (B, S, H, d) or (T, H, d) tensor whose
-    heads and head_dim are packed (the kernels' q_row, kv_row, ...)."""
-    assert t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
-    return t.stride(-3)
+    """The token stride of a gradient buffer with packed heads (dq_row, dkv_row)."""
+    row, head, _ = strides_of(t)
+    assert head == t.shape[-1]
+    return row
 
 
 def spread(t, pad, fill=float("nan")):
@@ -69,14 +80,14 @@ def spread(t, pad, fill=float("nan")):
 
 
 def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
-    """q, k and v may be strided as FlashParams allows (token_stride; k's and v's equal)."""
+    """q, k and v may be strided as FlashParams allows (strides_of; k's and v's equal)."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
-    assert token_stride(k) == token_stride(v)
+    assert strides_of(k) == strides_of(v)
     out = poisoned(*q.shape, dtype=q.dtype)
     lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
-    rows = sizes(token_stride(q), token_stride(k))
+    rows = sizes(*strides_of(q), *strides_of(k))
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(lse), ptr(cu),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
@@ -93,10 +104,10 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
     dq, dk, dv = grads or (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
-    assert token_stride(k) == token_stride(v) and token_stride(dk) == token_stride(dv)
+    assert strides_of(k) == strides_of(v) and token_stride(dk) == token_stride(dv)
     delta = poisoned(*lse.shape, dtype=torch.float32)
     dq_accum = poisoned(*q.shape, dtype=torch.float32)
-    rows = sizes(token_stride(q), token_stride(k), token_stride(dq), token_stride(dk))
+    rows = sizes(*strides_of(q), *strides_of(k), token_stride(dq), token_stride(dk))
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(dout), ptr(dq), ptr(dk), ptr(dv), ptr(lse), None,
                                ptr(delta), ptr(dq_accum), ptr(cu),
@@ -257,8 +268,8 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     out, lse = sentinel(total + guard, H, d).to(dtype), sentinel(H * total + guard)
     out[:total] = float("nan")
     lse[:H * total] = float("nan")
-    row = H * d
-    rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(row, row),
+    strides = (H * d, d, (total + guard) * H * d) * 2
+    rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*strides),
                                ptr(out), ptr(lse), ptr(cu), dims, scale, 0)
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
@@ -272,7 +283,8 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     for t in (*grads, dq_accum):
         t[:total] = float("nan")
     delta[:H * total] = float("nan")
-    rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*[row] * 4),
+    rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv),
+                               sizes(*strides, H * d, H * d),
                                ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
                                ptr(dq_accum), ptr(cu), dims, scale, 0)
     assert rc == 0
@@ -319,3 +331,40 @@ def test_flash_strided_tokens(emu, case, kernel):
         assert (buf[:, -8:] == 7).all(), f"{name}: wrote between the tokens"
     exact = torch.autograd.grad(want, exact_in, dout.double())
     check_grads(grads, exact, dout, v, dtype)
+
+
+def heads_first(t, pad):
+    """t (B, S, H, d) or (T, H, d) as a view of a heads-first buffer (torch SDPA's (B, H, S, d),
+    or (H, T, d)) with `pad` NaN tokens after each head's: token stride d, head stride
+    (S + pad) d, batch stride H (S + pad) d."""
+    if t.dim() == 3:
+        buf = torch.full((t.shape[1], t.shape[0] + pad, t.shape[2]), float("nan"), dtype=t.dtype)
+        buf[:, :t.shape[0]] = t.transpose(0, 1)
+        return buf[:, :t.shape[0]].transpose(0, 1)
+    B, S, H, d = t.shape
+    buf = torch.full((B, H, S + pad, d), float("nan"), dtype=t.dtype)
+    buf[:, :, :S] = t.transpose(1, 2)
+    return buf[:, :, :S].transpose(1, 2)
+
+
+@pytest.mark.parametrize("kernel", ["portable", "sm90", "sm90_dq_atomic"])
+@pytest.mark.parametrize("case", STRIDED_CASES,
+                         ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
+                              for c in STRIDED_CASES])
+def test_flash_heads_first_layout(emu, case, kernel):
+    """q, k and v in torch SDPA's heads-first layout, transposed to (B, S, H, d) (the head
+    stride larger than the token stride; TokenLayout's batch stride), read in place by every
+    kernel: the forward and the gradients against float64."""
+    B, Sq, Sk, H, Hk, d, causal, lengths = case
+    dtype, sm90 = torch.bfloat16, {"portable": 0, "sm90": 1, "sm90_dq_atomic": 2}[kernel]
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    scale = 1.0 / math.sqrt(d)
+    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    qs, ks, vs = heads_first(q, 8), heads_first(k, 3), heads_first(v, 3)
+    assert strides_of(qs)[1] > strides_of(qs)[0]
+    out, lse = forward_emulated(emu, qs, ks, vs, causal, scale, lengths, sm90=sm90 > 0)
+    exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+    want = check_forward(out, lse, exact_in, causal, cu, dtype)
+    dout = torch.randn_like(q)
+    got = backward_emulated(emu, qs, ks, vs, out, dout, lse, causal, scale, lengths, sm90=sm90)
+    check_grads(got, torch.autograd.grad(want, exact_in, dout.double()), dout, v, dtype)

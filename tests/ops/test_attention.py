@@ -645,7 +645,8 @@ def test_cuda_flash_reads_qkv_views_in_place_and_writes_dqkv(device, backend, fl
     """q, k and v as views into one fused qkv (a token stride of 3 H d, read in place) give the
     values of contiguous copies: the output and dk, dv bit for bit, dq (summed by atomics, in
     no fixed order) within bf16 rounding; attention_qkvpacked's one gradient holds them in
-    place. A view whose token stride is no multiple of 8 (copied first) agrees too."""
+    place. A view whose token stride is no multiple of 8 (copied first) agrees too, and so do
+    q, k, v in torch SDPA's heads-first layout (read in place)."""
     H, dtype = 3, torch.bfloat16
     shape = (2, 197, 3, H, head_dim) if lengths is None else (267, 3, H, head_dim)
     cu = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=device)
@@ -668,3 +669,15 @@ def test_cuda_flash_reads_qkv_views_in_place_and_writes_dqkv(device, backend, fl
     odd = wide[..., :H * head_dim].unflatten(-1, (H, head_dim))   # token stride H d + 4
     odd.copy_(copies[0])
     assert torch.equal(ops.attention(odd, *copies[1:], cu_seqlens=cu, backend=backend), want)
+
+    # torch SDPA's heads-first layout, (B, H, N, d) or (H, T, d) transposed: read in place too
+    def heads_first(t):
+        return (t.transpose(0, 1).contiguous().transpose(0, 1) if cu is not None else
+                t.transpose(1, 2).contiguous().transpose(1, 2)).detach().requires_grad_()
+    firsts = [heads_first(t) for t in copies]
+    got = ops.attention(*firsts, cu_seqlens=cu, backend=backend)
+    assert torch.equal(got, want)
+    got_grads = torch.autograd.grad(got, firsts, g)
+    assert torch.equal(got_grads[1], want_grads[1]) and torch.equal(got_grads[2], want_grads[2])
+    torch.testing.assert_close(got_grads[0], want_grads[0], rtol=0,
+                               atol=2.0 ** -6 * float(want_grads[0].abs().max()))
