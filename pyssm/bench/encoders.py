@@ -51,6 +51,9 @@ NOTES = [
     "residual add, as separate kernels in inference, and the MLP as its three layers in training "
     "(PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0 PYSSM_MLP_GELU=0): what the fused Triton "
     "passes gain or lose, in the same run.",
+    "pyssm-qkv-copied (GPU, ViT rows): the pyssm ViT with its attention on contiguous copies "
+    "of q, k and v and their gradients stacked (PYSSM_QKVPACKED=0), as before the kernels read "
+    "the fused qkv in place: what attention_qkvpacked gains, in the same run.",
 ]
 
 
@@ -121,6 +124,12 @@ def providers_for(name: str, res: int, device: torch.device,
             "pyssm-mlp-unfused", infer if built else None, status, env=unfused))
         out["step"].append(harness.Provider(
             "pyssm-mlp-unfused", step if built else None, status, env=unfused))
+    if device.type == "cuda" and family == "vit":  # q, k, v copied, their gradients stacked
+        copied = {"PYSSM_QKVPACKED": "0"}
+        out["forward"].append(harness.Provider(
+            "pyssm-qkv-copied", infer if built else None, status, env=copied))
+        out["step"].append(harness.Provider(
+            "pyssm-qkv-copied", step if built else None, status, env=copied))
     if family == "vit":
         try:
             import timm

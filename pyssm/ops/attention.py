@@ -17,6 +17,7 @@ that sees no key gets out = 0 and lse = -inf.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.utils.weak
@@ -196,10 +197,16 @@ def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=Non
     (total_tokens, 3, heads, head_dim) with cu_seqlens. The values of
     ``attention(*qkv.unbind(-3), ...)``; differentiable in qkv, whose gradient comes back as one
     tensor of its shape, which the CUDA backward writes dq, dk and dv into (rather than three
-    gradients that unbind's backward stacks: one more read and write of all three)."""
+    gradients that unbind's backward stacks: one more read and write of all three).
+    ``PYSSM_QKVPACKED=0`` (read at each call) runs it as ``attention`` on contiguous copies of q,
+    k and v instead, the path a fused projection took before: the benchmarks' comparison."""
     check_qkvpacked(qkv, cu_seqlens)
     q, k, v = qkv.unbind(-3)
     check_attention(q, k, v, cu_seqlens, max_seqlen)
+    if os.environ.get("PYSSM_QKVPACKED") == "0":  # the comparison: copies and a stack
+        return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal,
+                         softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+                         max_seqlen=max_seqlen, return_lse=return_lse, backend=backend)
     max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
     if _backend.resolve("attention", qkv.device, backend) == "reference":
         with _backend.without_autocast(qkv.device):

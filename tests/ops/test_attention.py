@@ -290,6 +290,25 @@ def test_qkvpacked_equals_unbound(device, backend):
                                torch.autograd.grad(want, packed, g)[0], atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_qkvpacked_switched_off_takes_copies(device, backend, monkeypatch):
+    """PYSSM_QKVPACKED=0 (the benchmarks' comparison) runs attention on contiguous copies of
+    q, k and v: the same values and gradient, through attention's op, not the packed one."""
+    packed = torch.randn(2, 9, 3, 2, 32, dtype=F64, device=device, requires_grad=True)
+    want = ops.attention_qkvpacked(packed, causal=True, backend=backend)
+    g = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad(want, packed, g)
+    monkeypatch.setenv("PYSSM_QKVPACKED", "0")
+    calls = []
+    monkeypatch.setattr(torch.ops.pyssm, "attention_qkvpacked", lambda *a: calls.append(a),
+                        raising=False)
+    got = ops.attention_qkvpacked(packed, causal=True, backend=backend)
+    assert not calls
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, packed, g)[0], want_grad, atol=1e-12,
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_qkvpacked_bad_inputs(backend):
     with pytest.raises(ValueError, match=r"qkv must have 5 dimensions \(batch, seqlen, 3, heads"):
