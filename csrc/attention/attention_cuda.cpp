@@ -127,7 +127,9 @@ std::optional<TokenLayout> in_place_layout(const at::Tensor& t) {
 KernelInput kernel_input(const at::Tensor& t) {
   if (const auto l = in_place_layout(t)) return {t, *l};
   const at::Tensor c = for_kernel(t);
-  return {c, *in_place_layout(c)};
+  const auto l = in_place_layout(c);
+  TORCH_CHECK(l, "attention: a contiguous ", c.sizes(), " input the kernels cannot address");
+  return {c, *l};
 }
 
 bool operator==(const TokenLayout& a, const TokenLayout& b) {
@@ -140,10 +142,9 @@ std::tuple<KernelInput, KernelInput, KernelInput> kernel_inputs(const at::Tensor
                                                                 const at::Tensor& k,
                                                                 const at::Tensor& v) {
   KernelInput kin = kernel_input(k), vin = kernel_input(v);
-  if (!(kin.layout == vin.layout)) {
-    const at::Tensor kc = for_kernel(k), vc = for_kernel(v);
-    kin = {kc, *in_place_layout(kc)};
-    vin = {vc, kin.layout};
+  if (!(kin.layout == vin.layout)) {  // (contiguous copies of one shape share a layout)
+    kin = kernel_input(for_kernel(k));
+    vin = kernel_input(for_kernel(v));
   }
   return {kernel_input(q), kin, vin};
 }
