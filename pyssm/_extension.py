@@ -68,9 +68,7 @@ def _load() -> None:
         )
         return
     _loaded = True
-    ops = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_backward", "ss2d",
-           "ss2d_backward", "attention", "attention_backward")
-    for op in ops:
+    for op in SCHEMA:
         for key in ("CPU", "CUDA"):
             _kernels[(op, key.lower())] = torch._C._dispatch_has_kernel_for_dispatch_key(
                 f"pyssm::{op}", key)

@@ -56,6 +56,21 @@ void attention_backward_composed_into(
     std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 
+// attention_qkvpacked's backward by `into` (attention_backward_composed_into, or the CUDA
+// kernels' counterpart): dqkv in qkv's shape, contiguous, with dq, dk and dv written into its
+// slices
+using AttentionBackwardInto = void (*)(
+    const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
+    const at::Tensor& dv);
+at::Tensor attention_qkvpacked_backward_by(
+    AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, bool causal,
+    std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen);
+
 // q, k and v of a fused qkv: (batch, seqlen, 3, heads, head_dim), or (total_tokens, 3, heads,
 // head_dim) with cu_seqlens; views, no copy. The packed ops (attention_qkvpacked and its
 // backward) take one tensor so that autograd hands back one gradient for it, which their

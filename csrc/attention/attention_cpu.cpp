@@ -263,6 +263,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unbind_qkv(
   return {qkv.select(-3, 0), qkv.select(-3, 1), qkv.select(-3, 2)};
 }
 
+at::Tensor attention_qkvpacked_backward_by(
+    AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,
+    const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse, bool causal,
+    std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
+    std::optional<int64_t> max_seqlen) {
+  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
+  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
+  into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen, dq, dk, dv);
+  return dqkv;
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
@@ -277,12 +289,8 @@ at::Tensor attention_qkvpacked_backward_composed(
     const at::Tensor& out, const at::Tensor& lse, bool causal,
     std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen) {
-  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
-  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
-  const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
-  attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                   cu_seqlens, max_seqlen, dq, dk, dv);
-  return dqkv;
+  return attention_qkvpacked_backward_by(&attention_backward_composed_into, dout, dlse, qkv, out,
+                                         lse, causal, softmax_scale, cu_seqlens, max_seqlen);
 }
 
 }  // namespace

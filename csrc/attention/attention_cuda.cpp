@@ -301,18 +301,14 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_cuda(
   return attention_cuda(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
 }
 
-// dqkv in qkv's shape, contiguous: the kernels write dq, dk and dv into its slices
+// dqkv in qkv's shape: the kernels write dq, dk and dv into its slices
 at::Tensor attention_qkvpacked_backward_cuda(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& qkv,
     const at::Tensor& out, const at::Tensor& lse, bool causal,
     std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen) {
-  const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
-  at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
-  const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
-  attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
-                               max_seqlen, dq, dk, dv);
-  return dqkv;
+  return attention_qkvpacked_backward_by(&attention_backward_cuda_into, dout, dlse, qkv, out, lse,
+                                         causal, softmax_scale, cu_seqlens, max_seqlen);
 }
 
 }  // namespace

@@ -20,11 +20,13 @@ q, k, v (and giving back the projection's gradient) its own way: pyssm-<backend>
 attention_qkvpacked (q, k, v read in place, one gradient of qkv's shape); "pyssm-unbound" the
 op on the three unbound views (the same kernels; the backward's three gradients stacked by
 unbind's backward); "pyssm-copied" on contiguous copies of them (what the kernels were given
-before they took a token stride); SDPA (the default choice, cuDNN on an H200) as timm calls
+before they read strided inputs); SDPA (the default choice, cuDNN on an H200) as timm calls
 it, on qkv permuted to (3, B, H, N, d) and unbound.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -118,12 +120,13 @@ def qkv_providers(kernel: str) -> list[harness.Provider]:
     def sdpa_timm(qkv):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    def pyssm(name, fn):  # ("not built" where pyssm._C has no attention kernel here)
+        return dataclasses.replace(harness.pyssm_provider("attention", kernel, fn), name=name)
     return [
         harness.pyssm_provider("attention", kernel,
                                lambda qkv: ops.attention_qkvpacked(qkv, backend=kernel)),
-        harness.Provider("pyssm-unbound", lambda qkv: ops.attention(*qkv.unbind(2),
-                                                                    backend=kernel)),
-        harness.Provider("pyssm-copied", lambda qkv: ops.attention(
+        pyssm("pyssm-unbound", lambda qkv: ops.attention(*qkv.unbind(2), backend=kernel)),
+        pyssm("pyssm-copied", lambda qkv: ops.attention(
             *(t.contiguous() for t in qkv.unbind(2)), backend=kernel)),
         harness.Provider("sdpa-default (timm)", sdpa_timm),
     ]

@@ -7,18 +7,18 @@ untouched):
     swap_attention(model)            # every timm Attention -> pyssm.integrations.timm.Attention
     swap_mlp(model)                  # every timm Mlp -> pyssm.integrations.timm.Mlp
 
-The new modules take over the old ones' submodules under the same names (Attention: qkv,
-q_norm, k_norm, norm, gate, proj, proj_drop; Mlp: fc1, act, drop1, norm, fc2, drop2), so the
-state dict, checkpoints and the outputs stay the same. Attention reads q, k, v straight out of
-the fused qkv projection in the flash layout (batch, tokens, heads, head_dim), without the
-transposes timm makes for SDPA (with no q / k norm, as ``attention_qkvpacked``: the kernels
-read them in place and the backward writes one gradient for the projection); attention masks and attention dropout while training are not
-supported and raise. Mlp runs as the encoders' MLP (``pyssm.models.mlp.Mlp``): in 16-bit
-inference fc1 and the GELU as one ``linear_gelu`` pass, in 16-bit training the whole MLP as one
-``mlp_gelu`` with its fused backward, where their Triton kernels run, for the exact GELU, its
-tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's); with dropout active in
-training, a norm between the layers, another activation or 1 x 1 convolutions it runs timm's
-layers as they are.
+The new modules take over the old ones' submodules under the same names (Attention: qkv, q_norm,
+k_norm, norm, gate, proj, proj_drop; Mlp: fc1, act, drop1, norm, fc2, drop2), so the state dict,
+checkpoints and the outputs stay the same. Attention reads q, k, v straight out of the fused qkv
+projection in the flash layout (batch, tokens, heads, head_dim), without the transposes timm
+makes for SDPA (with no q / k norm, as ``attention_qkvpacked``: the kernels read them in place
+and the backward writes one gradient for the projection); attention masks and attention dropout
+while training are not supported and raise. Mlp runs as the encoders' MLP
+(``pyssm.models.mlp.Mlp``): in 16-bit inference fc1 and the GELU as one ``linear_gelu`` pass, in
+16-bit training the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton
+kernels run, for the exact GELU, its tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's);
+with dropout active in training, a norm between the layers, another activation or 1 x 1
+convolutions it runs timm's layers as they are.
 """
 
 from __future__ import annotations

@@ -167,14 +167,21 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     qkv projection, torch SDPA's (B, H, N, d) layout transposed); other layouts are copied
     first."""
     check_attention(q, k, v, cu_seqlens, max_seqlen)
+    return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
+                lambda scale, longest: torch.ops.pyssm.attention(q, k, v, causal, scale,
+                                                                 cu_seqlens, longest))
+
+
+def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op):
+    """attention of checked q, k, v by the backend chosen: the reference, or ``op(scale,
+    max_seqlen)`` -> (out, lse), the compiled op."""
     max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
     if _backend.resolve("attention", q.device, backend) == "reference":
         with _backend.without_autocast(q.device):
             return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                        return_lse=return_lse)
-    scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.pyssm.attention(q, k, v, causal, scale, cu_seqlens, max_seqlen)
+    out, lse = op(None if softmax_scale is None else float(softmax_scale), max_seqlen)
     return (out, lse) if return_lse else out
 
 
@@ -207,15 +214,9 @@ def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=Non
         return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal,
                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                          max_seqlen=max_seqlen, return_lse=return_lse, backend=backend)
-    max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
-    if _backend.resolve("attention", qkv.device, backend) == "reference":
-        with _backend.without_autocast(qkv.device):
-            return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                       return_lse=return_lse)
-    scale = None if softmax_scale is None else float(softmax_scale)
-    out, lse = torch.ops.pyssm.attention_qkvpacked(qkv, causal, scale, cu_seqlens, max_seqlen)
-    return (out, lse) if return_lse else out
+    return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
+                lambda scale, longest: torch.ops.pyssm.attention_qkvpacked(
+                    qkv, causal, scale, cu_seqlens, longest))
 
 
 def _lse_shape(q, cu_seqlens):
