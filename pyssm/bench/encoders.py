@@ -106,9 +106,10 @@ def official_vmamba(name: str, res: int):
 
 
 def providers_for(name: str, res: int, device: torch.device,
-                  unfused_mlp: bool = True) -> dict[str, list[harness.Provider]]:
+                  comparisons: bool = True) -> dict[str, list[harness.Provider]]:
     """mode -> providers for one encoder at one resolution (models built once, shared);
-    ``unfused_mlp``: on a GPU, the pyssm-mlp-unfused rows too (inference and training)."""
+    ``comparisons``: on a GPU, the pyssm model with a fused path switched off too
+    (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -118,13 +119,13 @@ def providers_for(name: str, res: int, device: torch.device,
     status = "ok" if built else f"not built ({KERNEL[family]} has no {kernel} kernel yet)"
     out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
            "step": [harness.Provider("pyssm", step if built else None, status)]}
-    if device.type == "cuda" and unfused_mlp:  # the same model, its MLPs' fused passes off
+    if device.type == "cuda" and comparisons:  # the same model, its MLPs' fused passes off
         unfused = {"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0", "PYSSM_MLP_GELU": "0"}
         out["forward"].append(harness.Provider(
             "pyssm-mlp-unfused", infer if built else None, status, env=unfused))
         out["step"].append(harness.Provider(
             "pyssm-mlp-unfused", step if built else None, status, env=unfused))
-    if device.type == "cuda" and family == "vit":  # q, k, v copied, their gradients stacked
+    if device.type == "cuda" and comparisons and family == "vit":  # copies and a stack
         copied = {"PYSSM_QKVPACKED": "0"}
         out["forward"].append(harness.Provider(
             "pyssm-qkv-copied", infer if built else None, status, env=copied))
@@ -173,7 +174,7 @@ def cases(device: torch.device, quick: bool = False,
     out = []
     for name in names or default:
         for res in resolutions:
-            # (--quick: the unfused-MLP row at the first resolution only)
+            # (--quick: the comparison rows at the first resolution only)
             providers = providers_for(name, res, device, not quick or res == resolutions[0])
             for mode in ("forward", "step"):
                 if mode == "step" and res not in train_at:
