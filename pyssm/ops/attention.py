@@ -226,18 +226,20 @@ def _lse_shape(q, cu_seqlens):
 
 if _extension.available():
 
+    # (every output contiguous, as the kernels allocate them, whatever q's, k's and v's strides:
+    # torch.empty_like would keep a dense input's permutation, heads-first q say)
     @torch.library.register_fake("pyssm::attention")
     def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
         check_attention(q, k, v, cu_seqlens, max_seqlen)
         lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
-        return torch.empty_like(q), lse
+        return q.new_empty(q.shape), lse
 
     @torch.library.register_fake("pyssm::attention_backward")
     def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                  cu_seqlens, max_seqlen):
         check_attention(q, k, v, cu_seqlens, max_seqlen)
         _checks.shape(dout, q.shape, "dout", "the shape of q")
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup(ctx, inputs, output):
         q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen = inputs

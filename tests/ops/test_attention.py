@@ -207,6 +207,12 @@ def test_opcheck(device, backend, causal):
     packed = [torch.randn(8, 2, 32, dtype=F64, device=device, requires_grad=True) for _ in range(3)]
     torch.library.opcheck(torch.ops.pyssm.attention.default,
                           (*packed, causal, 1 / math.sqrt(8), cu, 5))
+    # torch SDPA's heads-first layout transposed (dense, not contiguous): the outputs are
+    # contiguous all the same, in the fake functions as in the kernels
+    heads_first = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                   for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (*heads_first, causal, None, None, None))
 
 
 @pytest.mark.slow
