@@ -185,7 +185,8 @@ def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, bac
     return (out, lse) if return_lse else out
 
 
-def check_qkvpacked(qkv, cu_seqlens) -> None:
+def unbind_qkvpacked(qkv, cu_seqlens, max_seqlen):
+    """q, k, v: qkv's views, checked as a packed qkv and as attention's inputs."""
     _checks.floating(qkv, "qkv")
     if cu_seqlens is not None:
         layout, rank = "(total_tokens, 3, heads, head_dim) when cu_seqlens is given", 4
@@ -195,6 +196,9 @@ def check_qkvpacked(qkv, cu_seqlens) -> None:
     if qkv.shape[-3] != 3:
         raise ValueError(f"qkv must be {layout} (q, k and v along its dim -3), got "
                          f"{tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(-3)
+    check_attention(q, k, v, cu_seqlens, max_seqlen)
+    return q, k, v
 
 
 def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=None,
@@ -207,9 +211,7 @@ def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=Non
     gradients that unbind's backward stacks: one more read and write of all three).
     ``PYSSM_QKVPACKED=0`` (read at each call) runs it as ``attention`` on contiguous copies of q,
     k and v instead, the path a fused projection took before: the benchmarks' comparison."""
-    check_qkvpacked(qkv, cu_seqlens)
-    q, k, v = qkv.unbind(-3)
-    check_attention(q, k, v, cu_seqlens, max_seqlen)
+    q, k, v = unbind_qkvpacked(qkv, cu_seqlens, max_seqlen)
     if os.environ.get("PYSSM_QKVPACKED") == "0":  # the comparison: copies and a stack
         return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal,
                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
@@ -261,18 +263,13 @@ if _extension.available():
 
     @torch.library.register_fake("pyssm::attention_qkvpacked")
     def _attention_qkvpacked_fake(qkv, causal, softmax_scale, cu_seqlens, max_seqlen):
-        check_qkvpacked(qkv, cu_seqlens)
-        q, k, v = qkv.unbind(-3)
-        check_attention(q, k, v, cu_seqlens, max_seqlen)
-        lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
-        return q.new_empty(q.shape), lse
+        q, k, v = unbind_qkvpacked(qkv, cu_seqlens, max_seqlen)
+        return _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen)
 
     @torch.library.register_fake("pyssm::attention_qkvpacked_backward")
     def _attention_qkvpacked_backward_fake(dout, dlse, qkv, out, lse, causal, softmax_scale,
                                            cu_seqlens, max_seqlen):
-        check_qkvpacked(qkv, cu_seqlens)
-        q, k, v = qkv.unbind(-3)
-        check_attention(q, k, v, cu_seqlens, max_seqlen)
+        q, _, _ = unbind_qkvpacked(qkv, cu_seqlens, max_seqlen)
         _checks.shape(dout, q.shape, "dout", "the shape of q")
         return qkv.new_empty(qkv.shape)
 
