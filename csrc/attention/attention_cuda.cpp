@@ -117,7 +117,7 @@ std::optional<TokenLayout> in_place_layout(const at::Tensor& t) {
   if (tokens > 1) l.row = t.stride(-3);
   if (heads > 1) l.head = t.stride(-2);
   if (dense && t.size(0) > 1) l.batch = t.stride(0);
-  const bool ok = (d == 1 || t.stride(-1) == 1) && l.row % 8 == 0 && l.head % 8 == 0 &&
+  const bool ok = t.stride(-1) == 1 && l.row % 8 == 0 && l.head % 8 == 0 &&
                   l.batch % 8 == 0 && l.row > 0 && l.head > 0 && l.batch > 0 && aligned16(t);
   if (!ok) return std::nullopt;
   return l;
@@ -132,17 +132,13 @@ KernelInput kernel_input(const at::Tensor& t) {
   return {c, *l};
 }
 
-bool operator==(const TokenLayout& a, const TokenLayout& b) {
-  return a.row == b.row && a.head == b.head && a.batch == b.batch;
-}
-
 // q's, k's and v's, k and v at one layout (the kernels share it: both copied where theirs
 // differ)
 std::tuple<KernelInput, KernelInput, KernelInput> kernel_inputs(const at::Tensor& q,
                                                                 const at::Tensor& k,
                                                                 const at::Tensor& v) {
   KernelInput kin = kernel_input(k), vin = kernel_input(v);
-  if (!(kin.layout == vin.layout)) {  // (contiguous copies of one shape share a layout)
+  if (kin.layout != vin.layout) {  // (contiguous copies of one shape share a layout)
     kin = kernel_input(for_kernel(k));
     vin = kernel_input(for_kernel(v));
   }

@@ -16,6 +16,7 @@ namespace pyssm {
 // {d, N d, H N d}. Every stride a multiple of 8 elements (16 bytes), the data 16-byte aligned.
 struct TokenLayout {
   int64_t row, head, batch;
+  bool operator==(const TokenLayout&) const = default;
 };
 
 // q (tokens, heads, d), k, v (tokens, heads_k, d): fp16 / bf16 at their layouts (k's and v's
