@@ -35,8 +35,9 @@ kernels too:
   - mlp_gelu: fc1 + GELU writing a and h, fc2; in the backward the da pass (dy,
     W2 and a read, da and fc1's bias gradient's row-tile sums written), dx, dW1 and dW2
     (cuBLAS's products) and the bias sums (the tiles', and dy's for fc2);
-  - layer_norm: dy (and the sum's gradient) and x (and the residual) read, dx (and the
-    residual's gradient) written;
+  - layer_norm: dy (and the sum's gradient) and what the forward kept read (the float32
+    sum it returned, else x and the residual), dx (and the residual's gradient, where its
+    dtype is not x's) written;
   - depthwise_conv2d + SiLU: its two backward kernels (dx; the weight's partial sums) each
     read dy and x, dx written;
   - ss2d (csrc/ss2d/ss2d_cuda.cpp's backward): x_proj recomputed, dx and dz zeroed, v3's
@@ -313,15 +314,20 @@ class _LayerNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, kwargs):
         ctx.metas = _metas(x, weight, bias, residual)
         out = layer_norm_stand_in(x, weight, bias, residual=residual, **kwargs)
+        # what the op keeps (pyssm/ops/layer_norm.py's _setup): a float32 sum it returned,
+        # else x and the residual
+        ctx.keeps_sum = kwargs["return_residual"] and out[1].dtype == torch.float32
         return out if isinstance(out, tuple) else (out,)
 
     @staticmethod
     def backward(ctx, *grads):
         x, weight, bias, residual = ctx.metas
-        # (the Triton backward reads x and the residual again, not their sum)
-        read = sum(nbytes(g) for g in grads if g is not None) + _meta_bytes(x) + _meta_bytes(
-            residual)
-        written = _meta_bytes(x) + _meta_bytes(residual)
+        read = sum(nbytes(g) for g in grads if g is not None) + (
+            _meta_bytes((x[0], torch.float32)) if ctx.keeps_sum
+            else _meta_bytes(x) + _meta_bytes(residual))
+        # dx, and the residual's gradient apart only in a dtype of its own
+        separate = residual is not None and residual[1] != x[1]
+        written = _meta_bytes(x) + (_meta_bytes(residual) if separate else 0)
         TRACE.add("layer_norm.backward", "norm", read, written)
         return (*(_empty_like(m) for m in ctx.metas), None)
 
