@@ -54,6 +54,9 @@ NOTES = [
     "pyssm-qkv-copied (GPU, ViT rows): the pyssm ViT with its attention on contiguous copies "
     "of q, k and v and their gradients stacked (PYSSM_QKVPACKED=0), as before the kernels read "
     "the fused qkv in place: what attention_qkvpacked gains, in the same run.",
+    "pyssm-residual-summed (GPU, step rows): the pyssm model with each block's output summed "
+    "before the next block (PYSSM_RESIDUAL_PAIRS=0), as before the blocks handed the residual "
+    "stream on unsummed in training: what the pairs gain, in the same run.",
 ]
 
 
@@ -109,7 +112,8 @@ def providers_for(name: str, res: int, device: torch.device,
                   comparisons: bool = True) -> dict[str, list[harness.Provider]]:
     """mode -> providers for one encoder at one resolution (models built once, shared);
     ``comparisons``: on a GPU, the pyssm model with a fused path switched off too
-    (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training."""
+    (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training, and its training
+    step with the residual stream summed after each block (pyssm-residual-summed)."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -125,6 +129,10 @@ def providers_for(name: str, res: int, device: torch.device,
             "pyssm-mlp-unfused", infer if built else None, status, env=unfused))
         out["step"].append(harness.Provider(
             "pyssm-mlp-unfused", step if built else None, status, env=unfused))
+    if device.type == "cuda" and comparisons:  # a stream add and a gradient sum a block
+        out["step"].append(harness.Provider(
+            "pyssm-residual-summed", step if built else None, status,
+            env={"PYSSM_RESIDUAL_PAIRS": "0"}))
     if device.type == "cuda" and comparisons and family == "vit":  # copies and a stack
         copied = {"PYSSM_QKVPACKED": "0"}
         out["forward"].append(harness.Provider(

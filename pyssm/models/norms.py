@@ -62,8 +62,10 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, *, for_matmul: bool = False,
                 out_dtype: torch.dtype | None = None, activation: str | None = None,
+                residual: torch.Tensor | None = None,
                 backend: str | None = None) -> torch.Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps,
+        """norm(x), or norm(x + residual) with ``residual`` (the sum not returned)."""
+        return layer_norm(x, self.weight, self.bias, self.eps, residual=residual,
                           out_dtype=out_dtype or _out_dtype(x, for_matmul),
                           activation=activation, backend=backend or self.backend)
 

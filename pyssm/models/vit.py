@@ -28,6 +28,7 @@ from torch import nn
 from pyssm.models.mlp import Mlp, add_mlp
 from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
+from pyssm.models.residual import carry_unsummed, run_unsummed, summed
 from pyssm.models.vit_configs import GLOBAL_POOLS, VIT_CONFIGS, ViTConfig
 from pyssm.ops import attention_qkvpacked
 from pyssm.ops._backend import BACKENDS
@@ -106,6 +107,21 @@ class Block(nn.Module):
         h, s = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
         del branch  # (not held while the MLP's hidden layer is alive)
         return add_mlp(self.mlp, h, s, x, backend=nb)  # s + mlp(h); in place in inference
+
+    def forward_unsummed(self, branch: torch.Tensor | None, s: torch.Tensor,
+                         backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` on the stream ``s + branch`` given unsummed (``branch`` None: s alone),
+        its output likewise: ``(mlp(norm2(x)), x)`` with x the sum after attention, whose sum
+        is forward's output (``pyssm.models.residual``: norm1 makes the input's sum)."""
+        nb = triton_backend(backend)
+        if branch is None:
+            x, h = s, self.norm1(s, for_matmul=True, backend=nb)
+        else:
+            h, x = self.norm1.add(branch, s, for_matmul=True, backend=nb)
+        branch = self.attn(h, backend=backend)
+        h, s = self.norm2.add(branch, x, for_matmul=True, backend=nb)
+        del branch
+        return self.mlp(h, backend=nb), s
 
 
 class VisionTransformer(nn.Module):
@@ -191,6 +207,9 @@ class VisionTransformer(nn.Module):
         """Images -> (B, 1 + h * w, C) tokens after the final norm."""
         backend = self._backend_for(backend)
         x = self.embed(x)
+        if carry_unsummed(self.blocks, x):  # (training: the last sum made by the final norm)
+            branch, s = run_unsummed(self.blocks, x, backend=backend)
+            return self.norm(s, residual=branch, backend=triton_backend(backend))
         for block in self.blocks:
             x = block(x, backend=backend)
         return self.norm(x, backend=triton_backend(backend))
@@ -281,9 +300,12 @@ class VisionTransformer(nn.Module):
             stop = self._block_index(tap) if not isinstance(tap, str) else None
             if stop is None:
                 raise ValueError(f"tap must be a block index or 'final', got {tap!r}")
-            x = self.embed(images)
-            for block in self.blocks[:stop + 1]:
-                x = block(x, backend=backend)
+            x, blocks = self.embed(images), self.blocks[:stop + 1]
+            if carry_unsummed(blocks, x):
+                x = summed(*run_unsummed(blocks, x, backend=backend))
+            else:
+                for block in blocks:
+                    x = block(x, backend=backend)
         return x if include_cls else x[:, self.num_prefix_tokens:]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:

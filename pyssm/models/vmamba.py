@@ -26,6 +26,7 @@ from torch import nn
 from pyssm.models.mlp import GELU, Mlp, add_mlp, hooked
 from pyssm.models.norms import LayerNorm, LayerNorm2d, matmul_dtype, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
+from pyssm.models.residual import carry_unsummed, run_unsummed, summed
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
 from pyssm.ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d, uses_triton
@@ -178,6 +179,22 @@ class VSSBlock(nn.Module):
         del branch  # (not held while the MLP's hidden layer is alive)
         return add_mlp(self.mlp, h, s, x, self.drop_path)  # s + mlp(h); in place in inference
 
+    def forward_unsummed(self, branch: torch.Tensor | None,
+                         s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` on the stream ``s + branch`` given unsummed (``branch`` None: s alone),
+        its output likewise, as (last branch, the sum before it), whose sum is forward's output
+        (``pyssm.models.residual``: the first norm makes the input's sum)."""
+        if branch is None:
+            x, h = s, self.norm(s, for_matmul=True)
+        else:
+            h, x = self.norm.add(branch, s, for_matmul=True)
+        branch = self.drop_path(self.op(h))
+        if not self.has_mlp:
+            return branch, x
+        h, s = self.norm2.add(branch, x, for_matmul=True)
+        del branch
+        return self.drop_path(self.mlp(h)), s
+
 
 class PatchMerging2D(nn.Module):
     """Vanilla downsampling (channel-last): 2x2 neighbours concatenated, LayerNorm, Linear."""
@@ -293,6 +310,8 @@ class VMamba(nn.Module):
         for i, layer in enumerate(self.layers[: last + 1]):
             if hooked(layer.blocks):  # (its hooks see the call and its output)
                 x = layer.blocks(x)
+            elif carry_unsummed(layer.blocks, x):  # (training: one stream add a stage)
+                x = summed(*run_unsummed(layer.blocks, x))
             else:  # one block at a time: each block's input is freed as the next one runs
                 for block in layer.blocks:  # (nn.Sequential's forward keeps the stage's input
                     x = block(x)            # alive to its end: a fifth of inference's peak)
