@@ -84,6 +84,11 @@ def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
     return s
 
 
+def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
+                          activation="gelu", backend=None):
+    return s
+
+
 def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | None = None,
                       bf16: bool = False, **overrides) -> float:
     """Inference's peak MB an image (module docstring); ``bf16``: under emulated CUDA bf16
@@ -100,7 +105,9 @@ def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | N
                       (mlp_module, "linear_gelu", linear_gelu_stand_in),
                       (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: True),
                       (mlp_module, "linear_residual_", linear_residual_stand_in),
-                      (mlp_module, "linear_residual_uses_triton", lambda *a, **k: True)]
+                      (mlp_module, "linear_residual_uses_triton", lambda *a, **k: True),
+                      (mlp_module, "mlp_residual_", mlp_residual_stand_in),
+                      (mlp_module, "mlp_residual_uses_triton", lambda *a, **k: True)]
     with stood_in(stand_ins):  # (put back on the way out)
         torch.manual_seed(0)
         model = create_encoder(encoder, img_size=img_size, **overrides).eval()

@@ -21,7 +21,9 @@ kernels are stood in by the kernels' own traffic:
   - the MLPs' fc1 + GELU (linear_gelu, Triton), where the models take it (16-bit inference,
     the kernel running): x and W read, the hidden layer written once (W's cast to bf16 is the
     Mlp's own, traced); and their fc2 + residual add (linear_residual_, Triton): the hidden
-    layer, W and the sum read, the sum written once; --unfused-mlp traces fc1, the GELU, fc2
+    layer, W and the sum read, the sum written once; MLPs up to 256 wide as one mlp_residual_
+    pass instead (Triton: x, both weights and the sum read, the sum written; fc2's FLOPs on
+    its padded tile), --two-pass-mlp as the two; --unfused-mlp traces fc1, the GELU, fc2
     and the add instead, as before those ops (--unfused-residual: fc2 and the add alone),
     and --unfused-stem VMamba's stem module by module (its first norm written in float32, the
     GELU, the next convolution's cast), as before layer_norm's GELU.
@@ -281,6 +283,24 @@ def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
     return s
 
 
+def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
+                          activation="gelu", backend=None):
+    """The whole MLP and the add in one pass: x, the weights and the sum read, the sum
+    written; both products' FLOPs (fc2's output padded to its tile: up to 128 wide a power of
+    two from 16, else 256 wide tiles)."""
+    H, C = fc1_weight.shape
+    N = fc2_weight.shape[0]
+    params = sum(nbytes(p) for p in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+                 if p is not None)  # (cast by the Mlp)
+    tile = max(16, 1 << (N - 1).bit_length()) if N <= 256 else 256
+    padded = -(-N // tile) * tile
+    rows = x.numel() // C
+    columns = -(-N // tile)  # (each column tile recomputes fc1)
+    TRACE.add("mlp_residual", "gemm", nbytes(x) + params + nbytes(s), nbytes(s),
+              2 * rows * H * (C * columns + padded))
+    return s
+
+
 def attention_stand_in(qkv, **kwargs):
     """pyssm.ops.attention_qkvpacked on the fused projection (B, N, 3, heads, d), as the ViT
     calls it: q, k and v read in place."""
@@ -474,10 +494,11 @@ def mlp_gelu_trainable(x, w1, b1, w2, b2, *, activation="gelu", backend=None):
 
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
                     fused_stem: bool = True, fused_residual: bool = True,
-                    **overrides) -> list[Kernel]:
+                    whole_mlp: bool = True, **overrides) -> list[Kernel]:
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
     ``fused_mlp``: fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual_
-    (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone);
+    (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone), and
+    ``whole_mlp``: MLPs up to 256 wide as one mlp_residual_ pass (else those two);
     ``fused_stem``: VMamba's stem norm + GELU as one layer_norm pass (else its modules one by
     one)."""
     stand_ins = [] if fused_stem else [
@@ -487,6 +508,9 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
                  (mlp_module, "linear_residual_", linear_residual_stand_in),
                  (mlp_module, "linear_residual_uses_triton",
                   lambda *a, **k: fused_mlp and fused_residual),
+                 (mlp_module, "mlp_residual_", mlp_residual_stand_in),
+                 (mlp_module, "mlp_residual_uses_triton",
+                  lambda *a, **k: fused_mlp and fused_residual and whole_mlp),
                  *_kernel_stand_ins(ss2d_stand_in, conv_silu_stand_in, attention_stand_in,
                                     layer_norm_stand_in)]
 
@@ -567,12 +591,16 @@ def main(argv=None) -> int:
                              "linear_gelu and linear_residual_)")
     parser.add_argument("--unfused-residual", action="store_true",
                         help="fc2 and then the residual add (without linear_residual_)")
+    parser.add_argument("--two-pass-mlp", action="store_true",
+                        help="MLPs up to 256 wide as linear_gelu and linear_residual_ (without "
+                             "mlp_residual_)")
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
     args = parser.parse_args(argv)
-    if args.train and (args.unfused_residual or args.unfused_stem):
-        parser.error("--train traces the training path: no --unfused-residual or --unfused-stem "
-                     "(inference-only ops); --unfused-mlp traces the MLP as its layers")
+    if args.train and (args.unfused_residual or args.unfused_stem or args.two_pass_mlp):
+        parser.error("--train traces the training path: no --unfused-residual, --unfused-stem "
+                     "or --two-pass-mlp (inference-only ops); --unfused-mlp traces the MLP as "
+                     "its layers")
     batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
     if args.train:
         kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp)
@@ -580,9 +608,12 @@ def main(argv=None) -> int:
                 f"{'as its layers' if args.unfused_mlp else 'as mlp_gelu'})")
     else:
         kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
-                                  not args.unfused_stem, not args.unfused_residual)
+                                  not args.unfused_stem, not args.unfused_residual,
+                                  not args.two_pass_mlp)
         mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
-               if args.unfused_residual else "fc1 + GELU and fc2 + add fused")
+               if args.unfused_residual else "fc1 + GELU and fc2 + add fused"
+               if args.two_pass_mlp else "MLP + add as one pass up to 256 wide, else "
+               "fc1 + GELU and fc2 + add fused")
         what = f"inference ({mlp}{'; stem norm then GELU' if args.unfused_stem else ''})"
     print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast {what}, "
           f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")

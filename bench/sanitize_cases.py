@@ -156,12 +156,31 @@ def mlp_gelu_cases():
                              rand(96, 130), rand(96), backend="triton")
 
 
+def mlp_residual_cases():
+    def fused():
+        s = rand(3, 67, 100)
+        with torch.no_grad():
+            return ops.mlp_residual_(s, rand(3, 67, 96, dtype=torch.bfloat16), rand(130, 96),
+                                     rand(130), rand(100, 130), rand(100), backend="triton")
+    yield ("(3, 67, 96) bf16 -> 130 -> 100 into a float32 sum (partial row, hidden and output "
+           "tiles)"), fused
+
+    def wide():
+        s = rand(2, 9, 300)
+        with torch.no_grad():
+            return ops.mlp_residual_(s, rand(2, 9, 40, dtype=torch.bfloat16), rand(70, 40),
+                                     rand(70), rand(300, 70), rand(300), backend="triton")
+    yield "(2, 9, 40) bf16 -> 70 -> 300 (two 256-wide column tiles)", wide
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
          "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases,
-         "linear_residual": linear_residual_cases, "mlp_gelu": mlp_gelu_cases}
-TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu")
+         "linear_residual": linear_residual_cases, "mlp_gelu": mlp_gelu_cases,
+         "mlp_residual": mlp_residual_cases}
+TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu",
+              "mlp_residual")
 
 
 def _runs(op: str) -> bool:

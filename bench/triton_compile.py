@@ -4,8 +4,8 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
-``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_`` or ``mlp_gelu`` launches for that
-row width, channel count or (K, N) (their tiles) and dtypes. Run without
+``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu`` or ``mlp_residual_``
+launches for that row width, channel count or (K, N) (their tiles) and dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
 """
@@ -33,6 +33,7 @@ from pyssm.ops import layer_norm_triton as K  # noqa: E402
 from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
 from pyssm.ops import linear_residual_triton as LR  # noqa: E402
 from pyssm.ops import mlp_gelu_triton as MG  # noqa: E402
+from pyssm.ops import mlp_residual_triton as MR  # noqa: E402
 from pyssm.ops.linear_gelu import ACTIVATIONS  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
@@ -41,6 +42,9 @@ CHANNELS = (96, 192, 384, 768)  # depthwise_conv2d: VMamba's d_inner across stag
 # linear_gelu: the encoders' fc1 (K, N): VMamba-T's stages 1 and 3, ViT-S's, ViT-B's, ViT-L's
 FC1 = ((96, 384), (384, 1536), (768, 3072), (1024, 4096))
 FC2 = tuple((n, k) for k, n in FC1)  # linear_residual: the same MLPs' fc2
+# mlp_residual: (C, H) of the MLPs the encoders fuse whole (up to 256 wide: VMamba-T/S's stages
+# 1 and 2, VMamba-B's, ViT-Ti's 192), and 384 (two column tiles, not the encoders' path)
+MLPS = ((96, 384), (128, 512), (192, 768), (256, 1024), (384, 1536))
 # (x, residual / s, y) element types: the encoders' bf16 branch into a float32 stream, and
 # float32 throughout
 DTYPES = (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"))
@@ -125,6 +129,20 @@ def variants():
             flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,
                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
             yield "linear_residual forward", f"{k}->{n}", f"{x}+fp32", LR._fwd, sig, flags, warps
+    for c, h in MLPS:
+        # bf16 into a float32 sum (the encoders'), every activation at 96 wide; fp32 at 96
+        for x, act in [("bf16", 0)] + ([("bf16", 1), ("bf16", 2), ("fp32", 0)] if c == 96 else []):
+            block_m, block_n, block_h, block_c, warps = MR.tiles(c, x == "fp32")
+            sig = {"X": f"*{x}", "W1": f"*{x}", "B1": f"*{x}", "W2": f"*{x}", "B2": f"*{x}",
+                   "S": "*fp32", "M": "i32", "C": "i32", "H": "i32", "N": "i32",
+                   "stride_xm": "i32", "stride_sm": "i32"}
+            flags = {"HAS_B1": True, "HAS_B2": True, "IEEE": x == "fp32",
+                     "EVEN_C": c % block_c == 0, "EVEN_H": h % block_h == 0, "ACT": act,
+                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_H": block_h,
+                     "BLOCK_C": block_c, "CPU": False}
+            name = "" if act == 0 else f" ({ACTIVATIONS[act]})"
+            yield (f"mlp_residual forward{name}", f"{c}->{h}->{c}", f"{x}+fp32", MR._fwd, sig,
+                   flags, warps)
 
 
 def _mlp_variants(k: int, n: int, x: str, act: int):

@@ -1,17 +1,18 @@
-"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu)
-once, on the GPU, before the rest of the device check: they have run only in Triton's
-interpreter, and the encoder benchmarks take them through the models' norms, VMamba's
-convolutions and the MLPs' fc1 and fc2 (and in training the whole MLP).
+"""pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu,
+mlp_residual_) once, on the GPU, before the rest of the device check: they have run only in
+Triton's interpreter, and the encoder benchmarks take them through the models' norms, VMamba's
+convolutions and the MLPs' fc1 and fc2 (the whole MLP up to 256 wide, and in training).
 bench/device_check.sh runs this under a short limit and, where it fails, turns off for the later
 steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops), linear_gelu
 (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), linear_residual_
-(PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add) or mlp_gelu (PYSSM_MLP_GELU=0:
-training MLPs run as their layers), so a Triton compile error or fault costs one short step,
-not the encoder benchmarks.
+(PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add), mlp_gelu (PYSSM_MLP_GELU=0:
+training MLPs run as their layers) or mlp_residual_ (PYSSM_MLP_RESIDUAL=0: MLPs up to 256 wide
+in the two passes), so a Triton compile error or fault costs one short step, not the encoder
+benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
                                   # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),
-                                  # 4 (linear_residual_), 8 (mlp_gelu)
+                                  # 4 (linear_residual_), 8 (mlp_gelu), 16 (mlp_residual_)
     PYSSM_TRITON_SMOKE_DEVICE=cpu TRITON_INTERPRET=1 python bench/triton_smoke.py  # a dry run
 """
 
@@ -29,6 +30,7 @@ from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.mlp_gelu import mlp_gelu
+from pyssm.ops.mlp_residual import mlp_residual_
 
 
 def _relative(pairs) -> float:
@@ -142,6 +144,24 @@ def _mlp_gelu(device) -> float:
     return worst
 
 
+def _mlp_residual(device) -> float:
+    worst = 0.0  # the whole MLP added into a float32 sum (inference): VMamba-T s1's and s2's
+    for rows, width, hidden in ((4099, 96, 384), (1001, 192, 768)):
+        x = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+        w1 = torch.randn(hidden, width, device=device) / width ** 0.5
+        b1 = 0.1 * torch.randn(hidden, device=device)
+        w2 = torch.randn(width, hidden, device=device) / hidden ** 0.5
+        b2 = 0.1 * torch.randn(width, device=device)
+        s = torch.randn(rows, width, device=device)
+        bf = [t.to(torch.bfloat16).double() for t in (w1, b1, w2, b2)]
+        s64 = s.double() + F.linear(F.gelu(F.linear(x.double(), bf[0], bf[1])), bf[2], bf[3])
+        with torch.no_grad():
+            mlp_residual_(s, x, w1, b1, w2, b2, backend="triton")
+        worst = max(worst, _check(f"mlp_residual_ ({rows}, {width}) -> {hidden}", device, [s],
+                                  [s64]))
+    return worst
+
+
 def main() -> int:
     device = os.environ.get("PYSSM_TRITON_SMOKE_DEVICE", "cuda")
     if (device == "cuda" and not torch.cuda.is_available()) or not layer_norm_triton.available():
@@ -152,11 +172,14 @@ def main() -> int:
     worst_fc1 = _run(_linear_gelu, device)
     worst_fc2 = _run(_linear_residual, device)
     worst_mlp = _run(_mlp_gelu, device)
+    worst_whole = _run(_mlp_residual, device)
     status = (int(not worst < BOUND) + 2 * int(not worst_fc1 < BOUND)  # (NaN fails too)
-              + 4 * int(not worst_fc2 < BOUND) + 8 * int(not worst_mlp < BOUND))
+              + 4 * int(not worst_fc2 < BOUND) + 8 * int(not worst_mlp < BOUND)
+              + 16 * int(not worst_whole < BOUND))
     print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
           f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, linear_residual_ worst "
-          f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, bound {BOUND:.0e})")
+          f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, mlp_residual_ worst "
+          f"{worst_whole:.2e}, bound {BOUND:.0e})")
     return status
 
 

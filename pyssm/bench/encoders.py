@@ -49,8 +49,11 @@ NOTES = [
     "step = one training step: forward, mean of the logits, backward into every parameter.",
     "pyssm-mlp-unfused (GPU): the pyssm model with its MLPs' fc1 and GELU, and fc2 and the "
     "residual add, as separate kernels in inference, and the MLP as its three layers in training "
-    "(PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0 PYSSM_MLP_GELU=0): what the fused Triton "
-    "passes gain or lose, in the same run.",
+    "(PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0 PYSSM_MLP_GELU=0 PYSSM_MLP_RESIDUAL=0): what "
+    "the fused Triton passes gain or lose, in the same run.",
+    "pyssm-mlp-two-pass (GPU, VMamba forward rows): the pyssm model with its MLPs up to 256 "
+    "wide as linear_gelu and then linear_residual_ (PYSSM_MLP_RESIDUAL=0), not one "
+    "mlp_residual_ pass: what keeping the hidden layer on chip gains, in the same run.",
     "pyssm-qkv-copied (GPU, ViT rows): the pyssm ViT with its attention on contiguous copies "
     "of q, k and v and their gradients stacked (PYSSM_QKVPACKED=0), as before the kernels read "
     "the fused qkv in place: what attention_qkvpacked gains, in the same run.",
@@ -112,8 +115,9 @@ def providers_for(name: str, res: int, device: torch.device,
                   comparisons: bool = True) -> dict[str, list[harness.Provider]]:
     """mode -> providers for one encoder at one resolution (models built once, shared);
     ``comparisons``: on a GPU, the pyssm model with a fused path switched off too
-    (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training, and its training
-    step with the residual stream summed after each block (pyssm-residual-summed)."""
+    (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training, its inference with
+    the MLPs in two passes (VMamba: pyssm-mlp-two-pass) and its training step with the
+    residual stream summed after each block (pyssm-residual-summed)."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -124,11 +128,16 @@ def providers_for(name: str, res: int, device: torch.device,
     out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
            "step": [harness.Provider("pyssm", step if built else None, status)]}
     if device.type == "cuda" and comparisons:  # the same model, its MLPs' fused passes off
-        unfused = {"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0", "PYSSM_MLP_GELU": "0"}
+        unfused = {"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0", "PYSSM_MLP_GELU": "0",
+                   "PYSSM_MLP_RESIDUAL": "0"}
         out["forward"].append(harness.Provider(
             "pyssm-mlp-unfused", infer if built else None, status, env=unfused))
         out["step"].append(harness.Provider(
             "pyssm-mlp-unfused", step if built else None, status, env=unfused))
+    if device.type == "cuda" and comparisons and family == "vmamba":  # its MLPs up to 256 wide
+        out["forward"].append(harness.Provider(
+            "pyssm-mlp-two-pass", infer if built else None, status,
+            env={"PYSSM_MLP_RESIDUAL": "0"}))
     if device.type == "cuda" and comparisons:  # a stream add and a gradient sum a block
         out["step"].append(harness.Provider(
             "pyssm-residual-summed", step if built else None, status,

@@ -9,8 +9,9 @@ The MLP's hidden layer is 4x the block's width, so that is where an encoder's in
 further there: the MLP's output is added into the block's own residual sum in place, in slices
 of the batch when the hidden layer is large, so only a quarter of it is ever alive. In 16-bit
 inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``), and so can
-fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``); in 16-bit training the
-whole MLP can be one op with its own backward (``pyssm.ops.mlp_gelu``).
+fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``), or, in MLPs up to 256
+wide, the whole MLP and the add (``pyssm.ops.mlp_residual_``: the hidden layer never written);
+in 16-bit training the whole MLP can be one op with its own backward (``pyssm.ops.mlp_gelu``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.linear_residual import uses_triton as linear_residual_uses_triton
 from pyssm.ops.mlp_gelu import mlp_gelu
 from pyssm.ops.mlp_gelu import uses_triton as mlp_gelu_uses_triton
+from pyssm.ops.mlp_residual import mlp_residual_
+from pyssm.ops.mlp_residual import uses_triton as mlp_residual_uses_triton
+
+# the widest MLP (its input and output width) add_into runs as one mlp_residual_ pass; wider
+# ones take linear_gelu and linear_residual_ (mlp_residual_triton.py says why)
+FUSED_MLP_WIDTH = 256
 
 
 def hooked(*modules: nn.Module) -> bool:
@@ -67,7 +74,8 @@ class Mlp(nn.Module):
     written once, rounded once, instead of written by fc1 and read and written again by the
     GELU. Elsewhere, and always with PYSSM_LINEAR_GELU=0 (the device check's switch after a
     failed Triton smoke), fc1 and then the GELU (in place where nothing records). add_mlp's
-    in-place path calls ``add_into``, which fuses fc2 and the residual add likewise. Where
+    in-place path calls ``add_into``, which fuses fc2 and the residual add likewise, or, up to
+    FUSED_MLP_WIDTH wide, the whole MLP and the add (``pyssm.ops.mlp_residual_``). Where
     autograd records (training) in 16 bits, the whole MLP is one ``pyssm.ops.mlp_gelu`` when
     its kernels run: fc1 + GELU in one pass that keeps the pre-activation, and a backward whose
     first pass forms the GELU's gradient without fc2's input gradient stored (the parameters
@@ -95,10 +103,15 @@ class Mlp(nn.Module):
         In 16-bit inference, where ``pyssm.ops.linear_residual_``'s kernel runs, fc2 and the
         add are one pass: fc2's output is rounded to 16 bits in registers and added to s there,
         not written and read again (the same values); PYSSM_LINEAR_RESIDUAL=0 (the device
-        check's switch after a failed Triton smoke) keeps fc2 and then the add."""
+        check's switch after a failed Triton smoke) keeps fc2 and then the add. Up to
+        FUSED_MLP_WIDTH wide, where ``pyssm.ops.mlp_residual_``'s kernel runs, the whole MLP
+        and the add are one pass that never writes the hidden layer (the same values as
+        linear_gelu and then linear_residual_; PYSSM_MLP_RESIDUAL=0 keeps those two)."""
         backend = backend or self.backend
         if hooked(self):  # (its hooks see the call and its output)
             s.add_(self(x, backend=backend))
+            return
+        if self._mlp_into(s, x, backend):
             return
         hidden = self._fc1_gelu(x, backend)
         if hidden is None:
@@ -139,6 +152,30 @@ class Mlp(nn.Module):
         if channels_dim == 1:  # channels-last storage makes these views contiguous
             s, hidden = s.permute(0, 2, 3, 1), hidden.permute(0, 2, 3, 1)
         linear_residual_(s, hidden, weight, bias, backend=backend)
+        return True
+
+    def _mlp_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None) -> bool:
+        """s += self(x) by mlp_residual_'s Triton kernel, the hidden layer never written, for
+        MLPs up to FUSED_MLP_WIDTH wide in 16 bits; False where it does not apply (nothing
+        done; PYSSM_MLP_RESIDUAL=0 among them)."""
+        if os.environ.get("PYSSM_MLP_RESIDUAL", "") == "0":
+            return False
+        fc1, fc2 = self.fc1, self.fc2
+        channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
+        activation = self._activation()
+        if (activation is None or channels_dim is None or dtype is None
+                or self._channels_dim(fc2, x) != channels_dim
+                or max(fc1.in_features, fc2.out_features) > FUSED_MLP_WIDTH
+                or hooked(fc1, self.act, fc2) or self._records(x, fc1, fc2)):
+            return False
+        x = x.to(dtype)
+        if not mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                                        backend):
+            return False
+        params = (*self._cast_params("fc1", dtype), *self._cast_params("fc2", dtype))
+        if channels_dim == 1:  # channels-last storage makes these views contiguous
+            s, x = s.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
+        mlp_residual_(s, x, *params, activation=activation, backend=backend)
         return True
 
     def _fc1_gelu(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:

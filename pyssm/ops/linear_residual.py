@@ -39,24 +39,32 @@ def linear_residual_reference_(s, x, weight, bias=None):
     return s.add_(F.linear(x.to(acc), w, b).to(x.dtype))
 
 
-def check_linear_residual(s, x, weight, bias) -> None:
-    check_linear_gelu(x, weight, bias, None)
+def check_sum(op: str, s, x, n: int, read: dict, instead: str) -> None:
+    """The in-place ops' checks of the sum s they update: floating, (..., n) with x's leading
+    dimensions, on x's device, sharing no memory with a tensor of ``read`` (name -> tensor or
+    None), and no autograd recording (``instead``: what to call where gradients are needed)."""
     _checks.floating(s, "s")
-    want = (*x.shape[:-1], weight.shape[0])
-    _checks.shape(s, want, "s", "(..., N): x's leading dimensions and N = weight.shape[0]")
+    want = (*x.shape[:-1], n)
+    _checks.shape(s, want, "s", f"(..., {n}): x's leading dimensions and the output width")
     _checks.same_device(s, x, "s", "x")
     eager = not torch.compiler.is_compiling() and s.device.type != "meta"
-    for t, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+    for name, t in read.items():
         if eager and t is not None and s.numel() and t.numel() and (
                 s.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()):
             raise ValueError(f"s must not share memory with {name} (s is written while {name} "
                              f"is read)")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (s, x, weight, bias)):
+                                       for t in (s, *read.values())):
         raise RuntimeError(
-            "linear_residual_ is an inference op (it updates s in place and records nothing "
-            "for autograd): call it under torch.no_grad() or torch.inference_mode(), or use "
-            "s + F.linear(x, weight, bias) where gradients are needed")
+            f"{op} is an inference op (it updates s in place and records nothing for "
+            f"autograd): call it under torch.no_grad() or torch.inference_mode(), or use "
+            f"{instead} where gradients are needed")
+
+
+def check_linear_residual(s, x, weight, bias) -> None:
+    check_linear_gelu(x, weight, bias, None)
+    check_sum("linear_residual_", s, x, weight.shape[0], dict(x=x, weight=weight, bias=bias),
+              "s + F.linear(x, weight, bias)")
 
 
 def uses_triton(s, x, weight, bias=None, backend=None) -> bool:
@@ -65,7 +73,7 @@ def uses_triton(s, x, weight, bias=None, backend=None) -> bool:
     return _triton.use_triton("linear_residual", x.device, dtypes, backend)
 
 
-def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     """t as an (M, N) view with unit stride along N, or None where no such view exists."""
     try:
         t2 = t.view(-1, t.shape[-1])
@@ -85,7 +93,7 @@ def linear_residual_(s: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     x2d = x.reshape(-1, K)  # a view where x's rows allow one
     if x2d.stride(-1) != 1 and x2d.numel() > 0:
         x2d = x2d.contiguous()
-    s2d = _rows_view(s)
+    s2d = rows_view(s)
     if s2d is not None:
         torch.ops.pyssm.linear_residual_triton(x2d, weight, bias, s2d)
         return s

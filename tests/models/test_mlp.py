@@ -18,6 +18,7 @@ from pyssm.ops import _triton
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.mlp_gelu import mlp_gelu
+from pyssm.ops.mlp_residual import mlp_residual_
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -171,6 +172,7 @@ def _mlp_and_inputs():
 def test_fc1_and_gelu_fused_under_cpu_autocast_and_through_add_mlp(monkeypatch):
     """float32 parameters and input under bf16 autocast: the fused op in bf16 (as autocast would
     run fc1), and add_mlp passes its backend to the MLP."""
+    _two_passes(monkeypatch)  # (MLPs up to 256 wide are one mlp_residual_ pass)
     calls = _spy_fused(monkeypatch)
     mlp, h, s, x = _mlp_and_inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -192,6 +194,26 @@ def _spy_residual(monkeypatch):
     return calls
 
 
+def _two_passes(monkeypatch):
+    """add_into as for an MLP wider than FUSED_MLP_WIDTH: linear_gelu, then linear_residual_
+    (not the whole MLP as one mlp_residual_)."""
+    import pyssm.models.mlp as mlp_module
+    monkeypatch.setattr(mlp_module, "FUSED_MLP_WIDTH", 0)
+
+
+def _spy_whole(monkeypatch):
+    """The calls add_mlp's MLPs make to mlp_residual_, as (x's dtype, fc1's weight, fc2's)."""
+    import pyssm.models.mlp as mlp_module
+    calls = []
+
+    def spy(s, x, w1, b1, w2, b2, **kwargs):
+        calls.append((x.dtype, w1, w2))
+        return mlp_residual_(s, x, w1, b1, w2, b2, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "mlp_residual_", spy)
+    return calls
+
+
 @INTERPRETER
 @pytest.mark.parametrize("channel_first", [False, True])
 def test_fc2_and_the_residual_add_fused_in_16_bit_inference(channel_first, monkeypatch):
@@ -199,6 +221,7 @@ def test_fc2_and_the_residual_add_fused_in_16_bit_inference(channel_first, monke
     (here 3, CHUNK_BYTES made small) adds fc2's output into the float32 sum in place as one
     linear_residual_ pass; the values of s + mlp(h) within bf16's rounding of fc2's output;
     channels-last (B, C, H, W) sums for VMamba's channel-first MLP."""
+    _two_passes(monkeypatch)  # (MLPs up to 256 wide are one mlp_residual_ pass)
     import pyssm.models.mlp as mlp_module
     calls = _spy_residual(monkeypatch)
     monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
@@ -224,6 +247,7 @@ def test_fc2_weight_cast_once_an_add_mlp_call(write, monkeypatch):
     call (its two slices of the batch, CHUNK_BYTES made small, get the same tensor) and again
     at the next, so that a write between calls is seen, an in-place one (as an optimizer's)
     and one through ``.data`` (which bypasses the version counter) alike."""
+    _two_passes(monkeypatch)  # (MLPs up to 256 wide are one mlp_residual_ pass)
     import pyssm.models.mlp as mlp_module
     monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
     calls = _spy_residual(monkeypatch)
@@ -253,6 +277,7 @@ def test_fc2_weight_cast_once_an_add_mlp_call(write, monkeypatch):
 def test_fused_paths_step_aside_for_forward_hooks(monkeypatch):
     """A forward hook on fc1 or fc2 sees its layer called (the fused op that would skip it is
     not used), the other layer stays fused; the values are the same."""
+    _two_passes(monkeypatch)  # (MLPs up to 256 wide are one mlp_residual_ pass)
     fc1_calls, fc2_calls = _spy_fused(monkeypatch), _spy_residual(monkeypatch)
     torch.manual_seed(0)
     mlp = Mlp(8, 32).to(torch.bfloat16)
@@ -359,14 +384,18 @@ def test_fc1_weight_cast_once_within_casts_kept(monkeypatch):
 
 
 @INTERPRETER
+@pytest.mark.parametrize("whole", [True, False], ids=["mlp_residual", "two-passes"])
 @pytest.mark.parametrize("name,size", [("vmamba_tiny_s1l8", 64), ("vit_tiny_patch16", 48)])
-def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, monkeypatch):
+def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, whole, monkeypatch):
     """A whole encoder in bf16-autocast inference with every MLP's backend set to Triton (its
-    interpreter here; on a GPU set_backend("cuda") sets it): every MLP runs fc1 + GELU as
-    linear_gelu and fc2 + the add as linear_residual_, and the logits are those of torch's ops
-    within bf16 rounding."""
+    interpreter here; on a GPU set_backend("cuda") sets it): every MLP (these are at most 192
+    wide) runs as one mlp_residual_, or, as wider MLPs do, fc1 + GELU as linear_gelu and fc2 +
+    the add as linear_residual_; the logits are those of torch's ops within bf16 rounding."""
     from pyssm.models import create_encoder
     fc1_calls, fc2_calls = _spy_fused(monkeypatch), _spy_residual(monkeypatch)
+    whole_calls = _spy_whole(monkeypatch)
+    if not whole:
+        _two_passes(monkeypatch)
     torch.manual_seed(0)
     small = dict(depths=(1, 2, 1, 1), dims=16) if name.startswith("vmamba") else dict(depth=2)
     model = create_encoder(name, img_size=size, num_classes=10, **small).eval()
@@ -376,12 +405,80 @@ def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, monkeyp
         for m in mlps:
             m.backend = "reference"
         want = model(x).float()
-        assert fc1_calls == [] and fc2_calls == []
+        assert fc1_calls == [] and fc2_calls == [] and whole_calls == []
         for m in mlps:
             m.backend = "triton"
         got = model(x).float()
-    assert len(fc1_calls) == len(fc2_calls) == len(mlps) > 0
+    if whole:
+        assert len(whole_calls) == len(mlps) > 0 and fc1_calls == [] and fc2_calls == []
+    else:
+        assert len(fc1_calls) == len(fc2_calls) == len(mlps) > 0 and whole_calls == []
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+@INTERPRETER
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_whole_mlp_and_the_residual_add_fused_in_16_bit_inference(channel_first, monkeypatch):
+    """bf16 inference through add_mlp with the Triton ops asked for, an MLP up to
+    FUSED_MLP_WIDTH wide: each slice of the batch (here 3, CHUNK_BYTES made small) adds the
+    MLP's output into the float32 sum in place as one mlp_residual_ pass (the parameters cast
+    once for the call); the values of s + mlp(h) within bf16's rounding of fc2's output;
+    channels-last (B, C, H, W) sums for VMamba's channel-first MLP."""
+    import pyssm.models.mlp as mlp_module
+    calls = _spy_whole(monkeypatch)
+    fc1_calls, fc2_calls = _spy_fused(monkeypatch), _spy_residual(monkeypatch)
+    monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17, Linear2d if channel_first else torch.nn.Linear)
+    shape = (3, 6, 5, 7) if channel_first else (3, 5, 6)
+    fmt = torch.channels_last if channel_first else torch.contiguous_format
+    h, x = (torch.randn(shape).contiguous(memory_format=fmt) for _ in range(2))
+    s = torch.randn(shape).contiguous(memory_format=fmt)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = s + mlp(h)  # autocast's bf16 fc1, GELU, fc2, then the promoted add
+        got = add_mlp(mlp, h, s.clone(), x, backend="triton")
+    assert [d for d, _, _ in calls] == [torch.bfloat16] * 3 and not fc1_calls and not fc2_calls
+    assert calls[0][1] is calls[2][1] and calls[0][2] is calls[2][2]  # (cast once a call)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(got, want, rtol=0, atol=2 ** -6 * want.abs().max().item())
+
+
+@INTERPRETER
+def test_whole_mlp_unfused_where_mlp_residual_does_not_apply(monkeypatch):
+    """Wider than FUSED_MLP_WIDTH, a hook on fc1, the GELU or fc2, a SiLU, float32 products,
+    the reference backend, recording autograd, or PYSSM_MLP_RESIDUAL=0: not one mlp_residual_
+    (the two passes where they apply, the layers elsewhere), the same values within bf16's
+    rounding."""
+    import pyssm.models.mlp as mlp_module
+    calls = _spy_whole(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    h, s, x = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = add_mlp(mlp, h, s.clone(), x, backend="triton")
+        assert len(calls) == 1
+        results = []
+        with monkeypatch.context() as m:
+            m.setattr(mlp_module, "FUSED_MLP_WIDTH", 7)
+            results.append(add_mlp(mlp, h, s.clone(), x, backend="triton"))
+        for layer in (mlp.fc1, mlp.act, mlp.fc2):
+            handle = layer.register_forward_hook(lambda *a: None)
+            results.append(add_mlp(mlp, h, s.clone(), x, backend="triton"))
+            handle.remove()
+        add_mlp(mlp, h, s.clone(), x, backend="reference")
+        with monkeypatch.context() as m:
+            m.setenv("PYSSM_MLP_RESIDUAL", "0")
+            results.append(add_mlp(mlp, h, s.clone(), x, backend="triton"))
+        gelu, mlp.act = mlp.act, torch.nn.SiLU()
+        add_mlp(mlp, h, s.clone(), x, backend="triton")
+        mlp.act = gelu
+    with torch.no_grad():
+        add_mlp(mlp, h, s.clone(), x, backend="triton")  # float32 products
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        add_mlp(mlp, h, s.clone(), x, backend="triton")  # recording: the plain sum
+    assert len(calls) == 1
+    for got in results:
+        torch.testing.assert_close(got, fused, rtol=0, atol=2 ** -6 * fused.abs().max().item())
 
 
 def _spy_training(monkeypatch):
