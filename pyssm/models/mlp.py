@@ -154,28 +154,34 @@ class Mlp(nn.Module):
         linear_residual_(s, hidden, weight, bias, backend=backend)
         return True
 
-    def _mlp_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None) -> bool:
-        """s += self(x) by mlp_residual_'s Triton kernel, the hidden layer never written, for
-        MLPs up to FUSED_MLP_WIDTH wide in 16 bits; False where it does not apply (nothing
-        done; PYSSM_MLP_RESIDUAL=0 among them)."""
+    def fuses_whole(self, s: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> bool:
+        """Whether ``add_into(s, x, backend)`` runs as one mlp_residual_ pass (its Triton kernel,
+        the hidden layer never written): a GELU MLP of nn.Linear or Linear2d layers up to
+        FUSED_MLP_WIDTH wide, 16-bit products, nothing recorded, no hooks on its layers, and
+        PYSSM_MLP_RESIDUAL not 0."""
         if os.environ.get("PYSSM_MLP_RESIDUAL", "") == "0":
             return False
         fc1, fc2 = self.fc1, self.fc2
-        channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
-        activation = self._activation()
-        if (activation is None or channels_dim is None or dtype is None
+        channels_dim = self._channels_dim(fc1, x)
+        if (self._activation() is None or channels_dim is None or self._low_dtype(x) is None
                 or self._channels_dim(fc2, x) != channels_dim
                 or max(fc1.in_features, fc2.out_features) > FUSED_MLP_WIDTH
                 or hooked(fc1, self.act, fc2) or self._records(x, fc1, fc2)):
             return False
-        x = x.to(dtype)
-        if not mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                        backend):
+        return mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                                        backend or self.backend)
+
+    def _mlp_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None) -> bool:
+        """s += self(x) by mlp_residual_ where ``fuses_whole``; False elsewhere (nothing
+        done)."""
+        if not self.fuses_whole(s, x, backend):
             return False
+        dtype = self._low_dtype(x)
+        x = x.to(dtype)
         params = (*self._cast_params("fc1", dtype), *self._cast_params("fc2", dtype))
-        if channels_dim == 1:  # channels-last storage makes these views contiguous
+        if self._channels_dim(self.fc1, x) == 1:  # channels-last storage: contiguous views
             s, x = s.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
-        mlp_residual_(s, x, *params, activation=activation, backend=backend)
+        mlp_residual_(s, x, *params, activation=self._activation(), backend=backend)
         return True
 
     def _fc1_gelu(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
@@ -303,9 +309,10 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     records nothing, drop path is the identity and ``s`` has storage of its own (not ``x``'s),
     the MLP's output is added into ``s`` in place, a slice of the batch at a time (up to
     INFERENCE_CHUNKS, see CHUNK_BYTES): the same values, no second sum allocated, and a quarter
-    of a large 4x-wide hidden layer alive instead of all of it. (Under torch.compile the plain
-    sum: the compiler plans the buffers itself.) ``backend``, where given, goes to
-    ``mlp(h, backend=backend)``."""
+    of a large 4x-wide hidden layer alive instead of all of it (in one piece where the whole
+    MLP is one mlp_residual_ pass, ``Mlp.fuses_whole``, which writes no hidden layer). (Under
+    torch.compile the plain sum: the compiler plans the buffers itself.) ``backend``, where
+    given, goes to ``mlp(h, backend=backend)``."""
     recording = torch.is_grad_enabled() and (
         h.requires_grad or s.requires_grad or any(p.requires_grad for p in mlp.parameters()))
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
@@ -315,6 +322,8 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     fc1 = getattr(mlp, "fc1", None)
     ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
     chunks = batch_slices(h.numel() * ratio * h.element_size())
+    if isinstance(mlp, Mlp) and mlp.fuses_whole(s, h, backend):
+        chunks = 1  # (one mlp_residual_ pass: no hidden layer alive to bound, one launch)
     with mlp.casts_kept() if isinstance(mlp, Mlp) else contextlib.nullcontext():
         for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
             if isinstance(mlp, Mlp):
