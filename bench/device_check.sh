@@ -100,8 +100,8 @@ smoke() {
 }
 # (a2) the Hopper attention kernels (every later step takes them on an sm_90 GPU; without
 # them the tests' sm90 variants skip) and (a3) the Triton kernels (layer_norm,
-# depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu and mlp_residual_, which the
-# encoders take; without them torch's own ops run)
+# depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu, mlp_residual_ and
+# layer_norm_linear, which the encoders take; without them torch's own ops run)
 smoke "hopper smoke" PYSSM_FLASH_SM90 bench/hopper_smoke.py
 # the Hopper backward's dQ by TMA reduce-adds (v2, the default) is the newest part: when the
 # smoke failed, once more with v1's atomics, which keep the Hopper path if they pass
@@ -112,27 +112,29 @@ if [ "${PYSSM_FLASH_SM90:-}" = 0 ] && [ -z "${PYSSM_FLASH_SM90_DQ:-}" ]; then
   [ "${PYSSM_FLASH_SM90:-}" = 0 ] && unset PYSSM_FLASH_SM90_DQ
 fi
 # (exit status bits: 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 4 linear_residual_,
-# 8 mlp_gelu, 16 mlp_residual_; over 31, a timeout or crash: all five) turns off for the later
-# steps all the Triton kernels (PYSSM_TRITON=0), the MLPs' fused fc1 + GELU
-# (PYSSM_LINEAR_GELU=0), fused fc2 + residual add (PYSSM_LINEAR_RESIDUAL=0), fused training MLP
-# (PYSSM_MLP_GELU=0) or whole inference MLP (PYSSM_MLP_RESIDUAL=0)
+# 8 mlp_gelu, 16 mlp_residual_, 32 layer_norm_linear; over 63, a timeout or crash: all six)
+# turns off for the later steps all the Triton kernels (PYSSM_TRITON=0), the MLPs' fused
+# fc1 + GELU (PYSSM_LINEAR_GELU=0), fused fc2 + residual add (PYSSM_LINEAR_RESIDUAL=0), fused
+# training MLP (PYSSM_MLP_GELU=0), whole inference MLP (PYSSM_MLP_RESIDUAL=0) or VMamba's norms
+# fused into its projections (PYSSM_NORM_LINEAR=0)
 run_step "triton smoke" 60 "$LOGS/triton_smoke.log" "$PY" bench/triton_smoke.py
 if [ $RC = 0 ]; then
   note "triton smoke" "$(tail -1 "$LOGS/triton_smoke.log")" "$TOOK"
-elif [ $RC -le 31 ]; then
+elif [ $RC -le 63 ]; then
   [ $((RC & 1)) != 0 ] && export PYSSM_TRITON=0
   [ $((RC & 2)) != 0 ] && export PYSSM_LINEAR_GELU=0
   [ $((RC & 4)) != 0 ] && export PYSSM_LINEAR_RESIDUAL=0
   [ $((RC & 8)) != 0 ] && export PYSSM_MLP_GELU=0
   [ $((RC & 16)) != 0 ] && export PYSSM_MLP_RESIDUAL=0
+  [ $((RC & 32)) != 0 ] && export PYSSM_NORM_LINEAR=0
 else
   export PYSSM_TRITON=0 PYSSM_LINEAR_GELU=0 PYSSM_LINEAR_RESIDUAL=0 PYSSM_MLP_GELU=0 \
-    PYSSM_MLP_RESIDUAL=0
+    PYSSM_MLP_RESIDUAL=0 PYSSM_NORM_LINEAR=0
 fi
 [ $RC != 0 ] && note "triton smoke" "FAILED: $(outcome "$LOGS/triton_smoke.log"); later steps \
 run with PYSSM_TRITON=${PYSSM_TRITON:-on} PYSSM_LINEAR_GELU=${PYSSM_LINEAR_GELU:-on} \
 PYSSM_LINEAR_RESIDUAL=${PYSSM_LINEAR_RESIDUAL:-on} PYSSM_MLP_GELU=${PYSSM_MLP_GELU:-on} \
-PYSSM_MLP_RESIDUAL=${PYSSM_MLP_RESIDUAL:-on}" "$TOOK"
+PYSSM_MLP_RESIDUAL=${PYSSM_MLP_RESIDUAL:-on} PYSSM_NORM_LINEAR=${PYSSM_NORM_LINEAR:-on}" "$TOOK"
 # (a4) the ss2d d_state-1 kernels (v3) and the x_proj kernel, which every later step takes at
 # VMamba's shapes: what fails (exit status bits: 1 the forward, 2 the backward, 4 x_proj; over
 # 7 a crash: all three) falls back for the later steps to v2's forward (PYSSM_SS2D_FWD=v2), v1's

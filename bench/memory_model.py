@@ -84,6 +84,11 @@ def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
     return s
 
 
+def layer_norm_linear_stand_in(x, norm_weight, norm_bias, weight, bias=None, *, eps=1e-5,
+                               dtype=None, backend=None):
+    return torch.empty(*x.shape[:-1], weight.shape[0], dtype=dtype or x.dtype)
+
+
 def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
                           activation="gelu", backend=None):
     return s
@@ -106,6 +111,8 @@ def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | N
                       (mlp_module, "linear_gelu_uses_triton", lambda *a, **k: True),
                       (mlp_module, "linear_residual_", linear_residual_stand_in),
                       (mlp_module, "linear_residual_uses_triton", lambda *a, **k: True),
+                      (vmamba_module, "layer_norm_linear", layer_norm_linear_stand_in),
+                      (vmamba_module, "layer_norm_linear_uses_triton", lambda *a, **k: True),
                       (mlp_module, "mlp_residual_", mlp_residual_stand_in),
                       (mlp_module, "mlp_residual_uses_triton", lambda *a, **k: True)]
     with stood_in(stand_ins):  # (put back on the way out)

@@ -24,8 +24,11 @@ kernels are stood in by the kernels' own traffic:
     layer, W and the sum read, the sum written once; MLPs up to 256 wide as one mlp_residual_
     pass instead (Triton: x, both weights and the sum read, the sum written; fc2's FLOPs on
     its padded tile), --two-pass-mlp as the two; --unfused-mlp traces fc1, the GELU, fc2
-    and the add instead, as before those ops (--unfused-residual: fc2 and the add alone),
-    and --unfused-stem VMamba's stem module by module (its first norm written in float32, the
+    and the add instead, as before those ops (--unfused-residual: fc2 and the add alone);
+  - VMamba's norm -> in_proj and out_norm -> out_proj as layer_norm_linear passes (Triton: x
+    and the parameters read, the projection written); --unfused-norm-linear traces each norm
+    and then its projection;
+  - and --unfused-stem VMamba's stem module by module (its first norm written in float32, the
     GELU, the next convolution's cast), as before layer_norm's GELU.
 
 With --train, one training step as the encoders benchmark times it (bf16 autocast forward, the
@@ -283,6 +286,19 @@ def linear_residual_stand_in(s, x, weight, bias=None, *, backend=None):
     return s
 
 
+def layer_norm_linear_stand_in(x, norm_weight, norm_bias, weight, bias=None, *, eps=1e-5,
+                               dtype=None, backend=None):
+    """A norm and its projection in one pass: x, the norm's and the projection's parameters
+    read, y written."""
+    N, K = weight.shape
+    with TRACE.untraced():
+        y = torch.empty(*x.shape[:-1], N, dtype=dtype or x.dtype, device=x.device)
+    params = sum(nbytes(p) for p in (norm_weight, norm_bias, weight, bias) if p is not None)
+    TRACE.add("layer_norm_linear", "gemm", nbytes(x) + params, nbytes(y),
+              2 * (x.numel() // K) * K * N)
+    return y
+
+
 def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
                           activation="gelu", backend=None):
     """The whole MLP and the add in one pass: x, the weights and the sum read, the sum
@@ -494,11 +510,14 @@ def mlp_gelu_trainable(x, w1, b1, w2, b2, *, activation="gelu", backend=None):
 
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
                     fused_stem: bool = True, fused_residual: bool = True,
-                    whole_mlp: bool = True, **overrides) -> list[Kernel]:
+                    whole_mlp: bool = True, norm_linear: bool = True,
+                    **overrides) -> list[Kernel]:
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
     ``fused_mlp``: fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual_
     (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone), and
     ``whole_mlp``: MLPs up to 256 wide as one mlp_residual_ pass (else those two);
+    ``norm_linear``: VMamba's norm -> in_proj and out_norm -> out_proj as layer_norm_linear
+    passes (else each norm, then its projection);
     ``fused_stem``: VMamba's stem norm + GELU as one layer_norm pass (else its modules one by
     one)."""
     stand_ins = [] if fused_stem else [
@@ -508,6 +527,8 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
                  (mlp_module, "linear_residual_", linear_residual_stand_in),
                  (mlp_module, "linear_residual_uses_triton",
                   lambda *a, **k: fused_mlp and fused_residual),
+                 (vmamba_module, "layer_norm_linear", layer_norm_linear_stand_in),
+                 (vmamba_module, "layer_norm_linear_uses_triton", lambda *a, **k: norm_linear),
                  (mlp_module, "mlp_residual_", mlp_residual_stand_in),
                  (mlp_module, "mlp_residual_uses_triton",
                   lambda *a, **k: fused_mlp and fused_residual and whole_mlp),
@@ -594,13 +615,17 @@ def main(argv=None) -> int:
     parser.add_argument("--two-pass-mlp", action="store_true",
                         help="MLPs up to 256 wide as linear_gelu and linear_residual_ (without "
                              "mlp_residual_)")
+    parser.add_argument("--unfused-norm-linear", action="store_true",
+                        help="VMamba's norms, then their projections (without "
+                             "layer_norm_linear)")
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
     args = parser.parse_args(argv)
-    if args.train and (args.unfused_residual or args.unfused_stem or args.two_pass_mlp):
-        parser.error("--train traces the training path: no --unfused-residual, --unfused-stem "
-                     "or --two-pass-mlp (inference-only ops); --unfused-mlp traces the MLP as "
-                     "its layers")
+    if args.train and (args.unfused_residual or args.unfused_stem or args.two_pass_mlp
+                       or args.unfused_norm_linear):
+        parser.error("--train traces the training path: no --unfused-residual, --unfused-stem, "
+                     "--two-pass-mlp or --unfused-norm-linear (inference-only ops); "
+                     "--unfused-mlp traces the MLP as its layers")
     batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
     if args.train:
         kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp)
@@ -609,12 +634,13 @@ def main(argv=None) -> int:
     else:
         kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
                                   not args.unfused_stem, not args.unfused_residual,
-                                  not args.two_pass_mlp)
+                                  not args.two_pass_mlp, not args.unfused_norm_linear)
         mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
                if args.unfused_residual else "fc1 + GELU and fc2 + add fused"
                if args.two_pass_mlp else "MLP + add as one pass up to 256 wide, else "
                "fc1 + GELU and fc2 + add fused")
-        what = f"inference ({mlp}{'; stem norm then GELU' if args.unfused_stem else ''})"
+        what = (f"inference ({mlp}{'; stem norm then GELU' if args.unfused_stem else ''}"
+                f"{'; norms then projections' if args.unfused_norm_linear else ''})")
     print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast {what}, "
           f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
     for by in ("kind", "op"):

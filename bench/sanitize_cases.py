@@ -173,14 +173,20 @@ def mlp_residual_cases():
     yield "(2, 9, 40) bf16 -> 70 -> 300 (two 256-wide column tiles)", wide
 
 
+def layer_norm_linear_cases():
+    yield "(3, 67, 100) float32 -> 130 in bf16 (partial row, input and output tiles)", \
+        lambda: ops.layer_norm_linear(rand(3, 67, 100), rand(100), rand(100), rand(130, 100),
+                                      rand(130), dtype=torch.bfloat16, backend="triton")
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
          "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases,
          "linear_residual": linear_residual_cases, "mlp_gelu": mlp_gelu_cases,
-         "mlp_residual": mlp_residual_cases}
+         "mlp_residual": mlp_residual_cases, "layer_norm_linear": layer_norm_linear_cases}
 TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu",
-              "mlp_residual")
+              "mlp_residual", "layer_norm_linear")
 
 
 def _runs(op: str) -> bool:

@@ -4,8 +4,9 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
-``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu`` or ``mlp_residual_``
-launches for that row width, channel count or (K, N) (their tiles) and dtypes. Run without
+``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu``, ``mlp_residual_`` or
+``layer_norm_linear`` launches for that row width, channel count or (K, N) (their tiles) and
+dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
 """
@@ -29,6 +30,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from pyssm.ops import depthwise_conv2d_triton as DW  # noqa: E402
+from pyssm.ops import layer_norm_linear_triton as LNL  # noqa: E402
 from pyssm.ops import layer_norm_triton as K  # noqa: E402
 from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
 from pyssm.ops import linear_residual_triton as LR  # noqa: E402
@@ -45,6 +47,9 @@ FC2 = tuple((n, k) for k, n in FC1)  # linear_residual: the same MLPs' fc2
 # mlp_residual: (C, H) of the MLPs the encoders fuse whole (up to 256 wide: VMamba-T/S's stages
 # 1 and 2, VMamba-B's, ViT-Ti's 192), and 384 (two column tiles, not the encoders' path)
 MLPS = ((96, 384), (128, 512), (192, 768), (256, 1024), (384, 1536))
+# layer_norm_linear: (K, N) of VMamba's norm -> in_proj and out_norm -> out_proj: VMamba-T
+# s1l8's four stages (d_inner = width), and ssm_ratio 2's stage 1 (96 -> 192 -> 96)
+NORM_LINEAR = ((96, 96), (192, 192), (384, 384), (768, 768), (96, 192), (192, 96))
 # (x, residual / s, y) element types: the encoders' bf16 branch into a float32 stream, and
 # float32 throughout
 DTYPES = (("bf16", "fp32", "bf16"), ("fp32", "fp32", "fp32"))
@@ -129,6 +134,18 @@ def variants():
             flags = {"HAS_BIAS": True, "IEEE": x == "fp32", "EVEN_K": k % block_k == 0,
                      "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "CPU": False}
             yield "linear_residual forward", f"{k}->{n}", f"{x}+fp32", LR._fwd, sig, flags, warps
+    for k, n in NORM_LINEAR:
+        # float32 x (the stream, the ss2d core's output) into a bf16 product; fp32 at 96
+        for w in ("bf16", "fp32") if (k, n) == (96, 96) else ("bf16",):
+            block_m, block_n, block_k, warps = LNL.tiles(n, w == "fp32")
+            sig = {"X": "*fp32", "NW": "*fp32", "NB": "*fp32", "W": f"*{w}", "B": f"*{w}",
+                   "Y": f"*{w}", "M": "i32", "K": "i32", "N": "i32", "stride_xm": "i32",
+                   "eps": "fp32"}
+            flags = {"HAS_NW": True, "HAS_NB": True, "HAS_B": False, "IEEE": w == "fp32",
+                     "EVEN_K": k % block_k == 0, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_K": block_k, "CPU": False}
+            yield ("layer_norm_linear forward", f"{k}->{n}", f"fp32->{w}", LNL._fwd, sig, flags,
+                   warps)
     for c, h in MLPS:
         # bf16 into a float32 sum (the encoders'), every activation at 96 wide; fp32 at 96
         for x, act in [("bf16", 0)] + ([("bf16", 1), ("bf16", 2), ("fp32", 0)] if c == 96 else []):

@@ -1,18 +1,21 @@
 """pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu,
-mlp_residual_) once, on the GPU, before the rest of the device check: they have run only in
-Triton's interpreter, and the encoder benchmarks take them through the models' norms, VMamba's
-convolutions and the MLPs' fc1 and fc2 (the whole MLP up to 256 wide, and in training).
+mlp_residual_, layer_norm_linear) once, on the GPU, before the rest of the device check: they
+have run only in Triton's interpreter, and the encoder benchmarks take them through the models'
+norms (VMamba's into its projections), VMamba's convolutions and the MLPs' fc1 and fc2 (the
+whole MLP up to 256 wide, and in training).
 bench/device_check.sh runs this under a short limit and, where it fails, turns off for the later
 steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops), linear_gelu
 (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), linear_residual_
 (PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add), mlp_gelu (PYSSM_MLP_GELU=0:
-training MLPs run as their layers) or mlp_residual_ (PYSSM_MLP_RESIDUAL=0: MLPs up to 256 wide
-in the two passes), so a Triton compile error or fault costs one short step, not the encoder
+training MLPs run as their layers), mlp_residual_ (PYSSM_MLP_RESIDUAL=0: MLPs up to 256 wide
+in the two passes) or layer_norm_linear (PYSSM_NORM_LINEAR=0: VMamba's norms, then their
+projections), so a Triton compile error or fault costs one short step, not the encoder
 benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
                                   # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),
-                                  # 4 (linear_residual_), 8 (mlp_gelu), 16 (mlp_residual_)
+                                  # 4 (linear_residual_), 8 (mlp_gelu), 16 (mlp_residual_),
+                                  # 32 (layer_norm_linear)
     PYSSM_TRITON_SMOKE_DEVICE=cpu TRITON_INTERPRET=1 python bench/triton_smoke.py  # a dry run
 """
 
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from pyssm.ops import layer_norm_triton
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
 from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
+from pyssm.ops.layer_norm_linear import layer_norm_linear
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.mlp_gelu import mlp_gelu
@@ -162,6 +166,20 @@ def _mlp_residual(device) -> float:
     return worst
 
 
+def _layer_norm_linear(device) -> float:
+    worst = 0.0  # VMamba-T s1's out_norm -> out_proj (float32 in, bf16 product), s3's
+    for rows, k, n in ((4099, 96, 96), (1001, 384, 384)):
+        x = torch.randn(rows, k, device=device) * 2 + 3
+        nw, nb = 1 + 0.2 * torch.randn(k, device=device), 0.1 * torch.randn(k, device=device)
+        w = torch.randn(n, k, device=device) / k ** 0.5
+        y = layer_norm_linear(x, nw, nb, w, eps=1e-6, dtype=torch.bfloat16, backend="triton")
+        h64 = F.layer_norm(x.double(), (k,), nw.double(), nb.double(), 1e-6)
+        y64 = F.linear(h64, w.to(torch.bfloat16).double())
+        worst = max(worst, _check(f"layer_norm_linear ({rows}, {k}) -> {n}", device, [y],
+                                  [y64]))
+    return worst
+
+
 def main() -> int:
     device = os.environ.get("PYSSM_TRITON_SMOKE_DEVICE", "cuda")
     if (device == "cuda" and not torch.cuda.is_available()) or not layer_norm_triton.available():
@@ -173,13 +191,14 @@ def main() -> int:
     worst_fc2 = _run(_linear_residual, device)
     worst_mlp = _run(_mlp_gelu, device)
     worst_whole = _run(_mlp_residual, device)
+    worst_norm = _run(_layer_norm_linear, device)
     status = (int(not worst < BOUND) + 2 * int(not worst_fc1 < BOUND)  # (NaN fails too)
               + 4 * int(not worst_fc2 < BOUND) + 8 * int(not worst_mlp < BOUND)
-              + 16 * int(not worst_whole < BOUND))
+              + 16 * int(not worst_whole < BOUND) + 32 * int(not worst_norm < BOUND))
     print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
           f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, linear_residual_ worst "
           f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, mlp_residual_ worst "
-          f"{worst_whole:.2e}, bound {BOUND:.0e})")
+          f"{worst_whole:.2e}, layer_norm_linear worst {worst_norm:.2e}, bound {BOUND:.0e})")
     return status
 
 

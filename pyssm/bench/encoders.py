@@ -54,6 +54,9 @@ NOTES = [
     "pyssm-mlp-two-pass (GPU, VMamba forward rows): the pyssm model with its MLPs up to 256 "
     "wide as linear_gelu and then linear_residual_ (PYSSM_MLP_RESIDUAL=0), not one "
     "mlp_residual_ pass: what keeping the hidden layer on chip gains, in the same run.",
+    "pyssm-norm-unfused (GPU, VMamba forward rows): the pyssm model with each norm written "
+    "and then read by its projection (PYSSM_NORM_LINEAR=0), not one layer_norm_linear pass: "
+    "what that fusion gains, in the same run.",
     "pyssm-qkv-copied (GPU, ViT rows): the pyssm ViT with its attention on contiguous copies "
     "of q, k and v and their gradients stacked (PYSSM_QKVPACKED=0), as before the kernels read "
     "the fused qkv in place: what attention_qkvpacked gains, in the same run.",
@@ -116,8 +119,9 @@ def providers_for(name: str, res: int, device: torch.device,
     """mode -> providers for one encoder at one resolution (models built once, shared);
     ``comparisons``: on a GPU, the pyssm model with a fused path switched off too
     (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training, its inference with
-    the MLPs in two passes (VMamba: pyssm-mlp-two-pass) and its training step with the
-    residual stream summed after each block (pyssm-residual-summed)."""
+    the MLPs in two passes and the norms apart from the projections (VMamba:
+    pyssm-mlp-two-pass, pyssm-norm-unfused) and its training step with the residual stream
+    summed after each block (pyssm-residual-summed)."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -138,6 +142,9 @@ def providers_for(name: str, res: int, device: torch.device,
         out["forward"].append(harness.Provider(
             "pyssm-mlp-two-pass", infer if built else None, status,
             env={"PYSSM_MLP_RESIDUAL": "0"}))
+        out["forward"].append(harness.Provider(
+            "pyssm-norm-unfused", infer if built else None, status,
+            env={"PYSSM_NORM_LINEAR": "0"}))
     if device.type == "cuda" and comparisons:  # a stream add and a gradient sum a block
         out["step"].append(harness.Provider(
             "pyssm-residual-summed", step if built else None, status,

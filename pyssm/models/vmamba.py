@@ -16,6 +16,7 @@ downsampling convs round odd sizes up, as the official code does).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import OrderedDict
 
@@ -30,6 +31,8 @@ from pyssm.models.residual import carry_unsummed, run_unsummed, summed
 from pyssm.models.vmamba_configs import CONFIGS, VMambaConfig
 from pyssm.ops import ss2d
 from pyssm.ops.depthwise_conv2d import MAX_KERNEL, depthwise_conv2d, uses_triton
+from pyssm.ops.layer_norm_linear import layer_norm_linear
+from pyssm.ops.layer_norm_linear import uses_triton as layer_norm_linear_uses_triton
 
 
 class Linear2d(nn.Linear):
@@ -136,8 +139,40 @@ class SS2D(nn.Module):
                              backend="triton")
         return y.permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.in_proj(x)
+    def normed_projection(self, x: torch.Tensor, norm: nn.Module, proj: nn.Module,
+                          dtype: torch.dtype | None) -> torch.Tensor | None:
+        """``proj(norm(x))`` as one ``pyssm.ops.layer_norm_linear`` pass (the normalised x,
+        rounded to ``dtype``, never written), or None where that does not apply: autograd
+        recording (training keeps the norm's own backward), hooks on either module, other
+        module types, the Triton kernel not running (``norm.backend``'s choice), or
+        PYSSM_NORM_LINEAR=0. x and the result are (B, C, H, W) stored channels-last for
+        channel-first configs, (B, H, W, C) otherwise, as the modules read and write them."""
+        if os.environ.get("PYSSM_NORM_LINEAR", "") == "0":
+            return None
+        channel_first = isinstance(norm, LayerNorm2d)
+        fits = (type(norm) in (LayerNorm, LayerNorm2d) and type(proj) is (
+            Linear2d if channel_first else nn.Linear) and x.dim() == 4)
+        if not fits or hooked(norm, proj) or (torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for m in (norm, proj) for p in m.parameters()))):
+            return None
+        dtype = dtype or x.dtype
+        if not layer_norm_linear_uses_triton(x, norm.weight, norm.bias, proj.weight, proj.bias,
+                                             dtype, norm.backend):
+            return None
+        rows = x.permute(0, 2, 3, 1) if channel_first else x
+        y = layer_norm_linear(rows, norm.weight, norm.bias, proj.weight, proj.bias,
+                              eps=norm.eps, dtype=dtype, backend=norm.backend)
+        return y.permute(0, 3, 1, 2) if channel_first else y
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """The mixer on x, or with ``norm`` on norm(x) (the block's norm, fused into in_proj
+        where ``normed_projection`` applies)."""
+        if norm is None:
+            x = self.in_proj(x)
+        else:
+            projected = self.normed_projection(x, norm, self.in_proj, matmul_dtype(x))
+            x = (projected if projected is not None
+                 else self.in_proj(norm(x, for_matmul=True)))
         if self.with_z:
             x, z = x.chunk(2, dim=1 if self.channel_first else -1)
             z = self.act(z)
@@ -150,6 +185,10 @@ class SS2D(nn.Module):
         del x  # (not held while out_norm runs)
         if not self.channel_first or self.with_z:
             y = y.permute(0, 2, 3, 1)
+        if not self.with_z:  # out_norm into out_proj, one pass where it applies
+            out = self.normed_projection(y, self.out_norm, self.out_proj, dtype)
+            if out is not None:
+                return out
         y = self.out_norm(y, out_dtype=dtype)  # normalised from float32, rounded once
         if self.with_z:  # gated channel-last, as the official v0 forward
             y = y * (z.permute(0, 2, 3, 1) if self.channel_first else z)
@@ -172,7 +211,10 @@ class VSSBlock(nn.Module):
                            Linear2d if cfg.channel_first else nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
+        if hooked(self.op):  # (its hooks see the normalised input they always saw)
+            branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
+        else:  # (the norm fused into in_proj in inference)
+            branch = self.drop_path(self.op(x, norm=self.norm))
         if not self.has_mlp:
             return x + branch
         h, s = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass

@@ -1,6 +1,6 @@
-"""pyssm's ops: each a compiled CPU / CUDA kernel (layer_norm, depthwise_conv2d, linear_gelu,
-linear_residual_, mlp_gelu, mlp_residual_: Triton kernels) with a pure-PyTorch reference
-beside it.
+"""pyssm's ops: each a compiled CPU / CUDA kernel (layer_norm, layer_norm_linear,
+depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu, mlp_residual_: Triton kernels) with
+a pure-PyTorch reference beside it.
 
 Backends: ``cuda``, ``cpu`` or ``reference``, chosen per call with ``backend=``, globally with
 ``PYSSM_BACKEND``, or automatically (see ``pyssm.ops._backend``); the Triton ops' are
@@ -12,6 +12,7 @@ from pyssm.ops.cross_merge import cross_merge, cross_merge_reference
 from pyssm.ops.cross_scan import cross_scan, cross_scan_reference
 from pyssm.ops.depthwise_conv2d import depthwise_conv2d, depthwise_conv2d_reference
 from pyssm.ops.layer_norm import layer_norm, layer_norm_reference
+from pyssm.ops.layer_norm_linear import layer_norm_linear, layer_norm_linear_reference
 from pyssm.ops.linear_gelu import linear_gelu, linear_gelu_reference
 from pyssm.ops.linear_residual import linear_residual_, linear_residual_reference_
 from pyssm.ops.mlp_gelu import mlp_gelu, mlp_gelu_reference
@@ -22,7 +23,8 @@ from pyssm.ops.ss2d import ss2d, ss2d_reference
 __all__ = [
     "attention", "attention_qkvpacked", "attention_reference", "cross_merge",
     "cross_merge_reference", "cross_scan", "cross_scan_reference", "depthwise_conv2d",
-    "depthwise_conv2d_reference", "layer_norm", "layer_norm_reference", "linear_gelu",
+    "depthwise_conv2d_reference", "layer_norm", "layer_norm_linear",
+    "layer_norm_linear_reference", "layer_norm_reference", "linear_gelu",
     "linear_gelu_reference", "linear_residual_", "linear_residual_reference_", "mlp_gelu",
     "mlp_gelu_reference", "mlp_residual_", "mlp_residual_reference_", "selective_scan",
     "selective_scan_reference", "ss2d", "ss2d_reference",

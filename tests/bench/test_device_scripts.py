@@ -66,17 +66,18 @@ def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
     assert ss2d_smoke.main() == status
 
 
-@pytest.mark.parametrize("norm_conv,fc1,fc2,mlp,whole,status", [
-    (1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 0), (0.5, 1e-3, 1e-3, 1e-3, 1e-3, 1),
-    (1e-3, float("nan"), 1e-3, 1e-3, 1e-3, 2), (1e-3, None, 1e-3, 1e-3, 1e-3, 2),
-    (1e-3, 1e-3, 0.5, 1e-3, 1e-3, 4), (1e-3, 1e-3, 1e-3, None, 1e-3, 8),
-    (1e-3, 1e-3, 1e-3, 1e-3, 0.5, 16), (None, None, None, None, None, 31)])
+@pytest.mark.parametrize("norm_conv,fc1,fc2,mlp,whole,norm_linear,status", [
+    (1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 0), (0.5, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1),
+    (1e-3, float("nan"), 1e-3, 1e-3, 1e-3, 1e-3, 2), (1e-3, None, 1e-3, 1e-3, 1e-3, 1e-3, 2),
+    (1e-3, 1e-3, 0.5, 1e-3, 1e-3, 1e-3, 4), (1e-3, 1e-3, 1e-3, None, 1e-3, 1e-3, 8),
+    (1e-3, 1e-3, 1e-3, 1e-3, 0.5, 1e-3, 16), (1e-3, 1e-3, 1e-3, 1e-3, 1e-3, None, 32),
+    (None, None, None, None, None, None, 63)])
 def test_triton_smoke_reports_what_is_wrong(monkeypatch, capsys, norm_conv, fc1, fc2, mlp,
-                                            whole, status):
+                                            whole, norm_linear, status):
     """The exit status says which part failed (a part's worst error over the bound, NaN, or
     an exception: None here): 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 4
-    linear_residual_, 8 mlp_gelu, 16 mlp_residual_, summed; each part stubbed (the real ones
-    take ~50 s in Triton's interpreter)."""
+    linear_residual_, 8 mlp_gelu, 16 mlp_residual_, 32 layer_norm_linear, summed; each part
+    stubbed (the real ones take ~50 s in Triton's interpreter)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import triton_smoke
@@ -98,6 +99,7 @@ def test_triton_smoke_reports_what_is_wrong(monkeypatch, capsys, norm_conv, fc1,
     monkeypatch.setattr(triton_smoke, "_linear_residual", part(fc2))
     monkeypatch.setattr(triton_smoke, "_mlp_gelu", part(mlp))
     monkeypatch.setattr(triton_smoke, "_mlp_residual", part(whole))
+    monkeypatch.setattr(triton_smoke, "_layer_norm_linear", part(norm_linear))
     assert triton_smoke.main() == status
     assert ("triton smoke: ok" in capsys.readouterr().out) == (status == 0)
 

@@ -1,6 +1,7 @@
 """VMamba encoders: official layout and configurations, checkpoints, and equality with a
 straightforward composition of pyssm's reference ops for the same weights."""
 
+import os
 import re
 
 import pytest
@@ -344,3 +345,84 @@ def test_inference_in_slices_of_the_batch_gives_the_same_logits(name, norm, monk
         sliced = model(x)
     want = official_forward({k: v.detach() for k, v in model.state_dict().items()}, name, x)
     torch.testing.assert_close(sliced, want, atol=1e-10, rtol=1e-10)
+
+
+def _spy_norm_linear(monkeypatch):
+    """The calls the SS2D modules make to layer_norm_linear, as (K, N, dtype)."""
+    calls = []
+    real = vmamba_module.layer_norm_linear
+
+    def spy(x, nw, nb, w, b=None, **kwargs):
+        calls.append((x.shape[-1], w.shape[0], kwargs.get("dtype")))
+        return real(x, nw, nb, w, b, **kwargs)
+
+    monkeypatch.setattr(vmamba_module, "layer_norm_linear", spy)
+    return calls
+
+
+def _triton_norms(model, backend="triton"):
+    for m in model.modules():
+        if isinstance(m, norms_module.LayerNorm):
+            m.backend = backend
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU)")
+@pytest.mark.parametrize("name,overrides,fused", [
+    ("vmamba_tiny_s1l8", {}, 2), ("vmamba_tiny_s1l8", dict(norm="ln"), 2),
+    ("vmamba_tiny_vanilla", {}, 1)], ids=["channel-first", "channel-last", "vanilla"])
+def test_norms_fused_into_the_projections_in_16_bit_inference(name, overrides, fused,
+                                                              monkeypatch):
+    """bf16-autocast inference with the norms on Triton (its interpreter here): each block's
+    norm runs inside in_proj and out_norm inside out_proj as layer_norm_linear passes (vanilla
+    models gate out_norm's output by z first: only in_proj), in the product's bf16; the logits
+    those of the separate norms and projections (PYSSM_NORM_LINEAR=0) within bf16 rounding."""
+    calls = _spy_norm_linear(monkeypatch)
+    torch.manual_seed(0)
+    model = create_encoder(name, img_size=64, num_classes=10, depths=(1, 2, 1, 1), dims=16,
+                           **overrides).eval()
+    _triton_norms(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x).float()
+        assert len(calls) == fused * 5 and {c[2] for c in calls} == {torch.bfloat16}
+        monkeypatch.setenv("PYSSM_NORM_LINEAR", "0")
+        want = model(x).float()
+    assert len(calls) == fused * 5
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU)")
+def test_norms_unfused_where_layer_norm_linear_does_not_apply(monkeypatch):
+    """Recording autograd, the reference backend, or a hook on the mixer, a norm or a
+    projection (which then sees the call it always saw): the norms and projections as modules
+    (layer_norm_linear never called there), the same logits in float32."""
+    calls = _spy_norm_linear(monkeypatch)
+    torch.manual_seed(0)
+    model = create_encoder("vmamba_tiny_s1l8", img_size=64, num_classes=10,
+                           depths=(1, 1, 1, 1), dims=16).eval()
+    x = torch.randn(1, 3, 64, 64)
+    _triton_norms(model)
+    with torch.no_grad():
+        fused = model(x)
+    assert len(calls) == 8
+    calls.clear()
+    block = model.layers[0].blocks[0]
+    model(x)  # recording
+    _triton_norms(model, "reference")
+    with torch.no_grad():
+        model(x)
+    _triton_norms(model)
+    assert calls == []
+    seen = []
+    for module in (block.op, block.norm, block.op.in_proj, block.op.out_norm, block.op.out_proj):
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(m))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), fused, rtol=1e-4, atol=1e-4)
+        handle.remove()
+    assert len(seen) == 5
+    # with a hook on the block's norm or its in_proj, out_norm -> out_proj stays fused (and
+    # the other blocks' pairs): 7 of 8 passes; on out_norm or out_proj likewise; on the mixer,
+    # the norm runs as a module and out_norm -> out_proj stays fused
+    assert len(calls) == 5 * 7
