@@ -211,7 +211,7 @@ class VSSBlock(nn.Module):
                            Linear2d if cfg.channel_first else nn.Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hooked(self.op):  # (its hooks see the normalised input they always saw)
+        if hooked(self.op) or not isinstance(self.op, SS2D):  # (hooks see what they always saw)
             branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
         else:  # (the norm fused into in_proj in inference)
             branch = self.drop_path(self.op(x, norm=self.norm))
