@@ -173,6 +173,19 @@ def program_tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @jit
+def mma(a, b, acc, IEEE: tl.constexpr, CPU: tl.constexpr):
+    """acc + a b: on tensor cores for 16-bit a and b (float32 accumulation), in IEEE float32
+    (IEEE: float32 operands, on the CUDA cores), or, in Triton's interpreter (CPU), as float32
+    products of the same values (its dot takes no bf16)."""
+    if CPU:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@jit
 def linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS: tl.constexpr,
                 IEEE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CPU: tl.constexpr,
@@ -198,12 +211,7 @@ def linear_tile(X, Wt, BIAS, rows, cols, M, N, K, stride_xm, HAS_BIAS: tl.conste
         else:
             a = tl.load(a_ptrs, mask=ks[None, :] < K - k0, other=0.0)
             b = tl.load(b_ptrs, mask=ks[:, None] < K - k0, other=0.0)
-        if CPU:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = mma(a, b, acc, IEEE, CPU)
         a_ptrs += BLOCK_K
         if W_KN:
             b_ptrs += BLOCK_K * N

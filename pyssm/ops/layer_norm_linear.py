@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pyssm.ops import _checks, _triton, layer_norm_linear_triton
 from pyssm.ops.layer_norm import layer_norm_reference
-from pyssm.ops.linear_gelu import kernel_operands, linear_operands
+from pyssm.ops.linear_gelu import check_linear_gelu, kernel_operands, linear_operands
 
 BACKENDS = _triton.BACKENDS
 
@@ -44,25 +44,12 @@ def layer_norm_linear_reference(x, norm_weight, norm_bias, weight, bias=None, *,
 
 
 def check_layer_norm_linear(x, norm_weight, norm_bias, weight, bias, dtype) -> None:
-    _checks.floating(x, "x")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K), got a 0-d tensor")
-    K = x.shape[-1]
+    check_linear_gelu(x, weight, bias, None)  # x, and the linear layer's weight and bias
     for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
         if t is not None:
             _checks.floating(t, name)
-            _checks.shape(t, (K,), name, "(K,) with K the last dimension of x")
+            _checks.shape(t, x.shape[-1:], name, "(K,) with K the last dimension of x")
             _checks.same_device(t, x, name, "x")
-    _checks.floating(weight, "weight")
-    _checks.rank(weight, 2, "weight", "(N, K), nn.Linear's")
-    if weight.shape[1] != K:
-        raise ValueError(f"weight must have shape (N, {K}) with K = x.shape[-1], got "
-                         f"{tuple(weight.shape)}")
-    _checks.same_device(weight, x, "weight", "x")
-    if bias is not None:
-        _checks.floating(bias, "bias")
-        _checks.shape(bias, (weight.shape[0],), "bias", "(N,) with N = weight.shape[0]")
-        _checks.same_device(bias, x, "bias", "x")
     if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from pyssm.ops._triton import (available, check_device, jit, program_tile,  # noqa: F401
-                               rounded, tl, triton)
+from pyssm.ops._triton import (available, check_device, jit, mma,  # noqa: F401
+                               program_tile, rounded, tl, triton)
 
 
 @jit
@@ -76,12 +76,7 @@ def _fwd(X, NW, NB, W, B, Y, M, K, N, stride_xm, eps, HAS_NW: tl.constexpr,
             b = tl.load(w_ptrs)
         else:
             b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-        if CPU:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = mma(a, b, acc, IEEE, CPU)
         w_ptrs += BLOCK_K
     if HAS_B:
         acc += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops._triton import (activation, available, check_device, jit,  # noqa: F401
-                               linear_tile, program_tile, rounded, tl, triton)
+                               linear_tile, mma, program_tile, rounded, tl, triton)
 
 # the widest output one program holds (more: column tiles, each recomputing the hidden layer)
 MAX_BLOCK_N = 256
@@ -65,12 +65,7 @@ def _fwd(X, W1, B1, W2, B2, S, M, C, H, N, stride_xm, stride_sm, HAS_B1: tl.cons
             w2 = tl.load(w2_ptrs)
         else:  # units past H: their W2 rows read as 0 (their a is unit (h % H)'s)
             w2 = tl.load(w2_ptrs, mask=(units < H)[:, None], other=0.0)
-        if CPU:
-            acc = tl.dot(g.to(tl.float32), w2.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(g, w2, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(g, w2, acc)
+        acc = mma(g, w2, acc, IEEE, CPU)
         w2_ptrs += BLOCK_H
     if HAS_B2:
         acc += tl.load(B2 + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
