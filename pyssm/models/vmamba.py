@@ -144,8 +144,8 @@ class SS2D(nn.Module):
         """``proj(norm(x))`` as one ``pyssm.ops.layer_norm_linear`` pass (the normalised x,
         rounded to ``dtype``, never written), or None where that does not apply: autograd
         recording (training keeps the norm's own backward), hooks on either module, other
-        module types, the Triton kernel not running (``norm.backend``'s choice), or
-        PYSSM_NORM_LINEAR=0. x and the result are (B, C, H, W) stored channels-last for
+        module types, a product not in 16 bits, the Triton kernel not running
+        (``norm.backend``'s choice), or PYSSM_NORM_LINEAR=0. x and the result are (B, C, H, W) stored channels-last for
         channel-first configs, (B, H, W, C) otherwise, as the modules read and write them."""
         if os.environ.get("PYSSM_NORM_LINEAR", "") == "0":
             return None
@@ -156,6 +156,8 @@ class SS2D(nn.Module):
                 p.requires_grad for m in (norm, proj) for p in m.parameters()))):
             return None
         dtype = dtype or x.dtype
+        if dtype not in (torch.float16, torch.bfloat16):  # (float32: cuDNN's TF32 products)
+            return None
         if not layer_norm_linear_uses_triton(x, norm.weight, norm.bias, proj.weight, proj.bias,
                                              dtype, norm.backend):
             return None
