@@ -179,9 +179,10 @@ def test_triton_refuses_float64_and_auto_takes_the_reference():
 @pytest.mark.skipif(not layer_norm_triton.available(), reason="no triton")
 def test_kernels_compile_for_gpus_without_spills():
     """bench/triton_compile.py: the kernel variants layer_norm, depthwise_conv2d, linear_gelu,
-    linear_residual_ and mlp_gelu launch, compiled by Triton for sm_80 and sm_90 (no GPU
-    needed), without register spills: the interpreter cannot catch a construct the GPU
-    compiler rejects (it caught linear_gelu's module-level float constant)."""
+    linear_residual_, mlp_gelu, mlp_residual_ and layer_norm_linear launch, compiled by Triton
+    for sm_80 and sm_90 (no GPU needed), without register spills: the interpreter cannot catch
+    a construct the GPU compiler rejects (it caught linear_gelu's module-level float
+    constant)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -194,8 +195,9 @@ def test_kernels_compile_for_gpus_without_spills():
     # 2 archs x (5 widths x 2 dtypes x 2 layer_norm kernels + 2 stem widths x 2 dtypes x 2
     # layer_norm + GELU kernels + 4 channel counts x 2 dtypes x 3 + 4 fc1 shapes x 2 dtypes x
     # 3 (linear_gelu; mlp_gelu forward and backward) + 2 of those shapes in bf16 x 2 more
-    # activations x 3 + 4 fc2 shapes x 2 dtypes)
-    assert run.stdout.count("| sm_") == 192
+    # activations x 3 + 4 fc2 shapes x 2 dtypes + 5 mlp_residual shapes in bf16, 2 more
+    # activations and one fp32 + 6 layer_norm_linear shapes in bf16 and one fp32)
+    assert run.stdout.count("| sm_") == 222
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
