@@ -1,12 +1,12 @@
 """VMamba encoders: official layout and configurations, checkpoints, and equality with a
 straightforward composition of pyssm's reference ops for the same weights."""
 
-import os
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_params import INTERPRETER
 
 from pyssm.models import create_encoder, list_encoders
 from pyssm.models import mlp as mlp_module
@@ -366,8 +366,7 @@ def _triton_norms(model, backend="triton"):
             m.backend = backend
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU)")
+@INTERPRETER
 @pytest.mark.parametrize("name,overrides,fused", [
     ("vmamba_tiny_s1l8", {}, 2), ("vmamba_tiny_s1l8", dict(norm="ln"), 2),
     ("vmamba_tiny_vanilla", {}, 1)], ids=["channel-first", "channel-last", "vanilla"])
@@ -392,8 +391,7 @@ def test_norms_fused_into_the_projections_in_16_bit_inference(name, overrides, f
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
-                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU)")
+@INTERPRETER
 def test_norms_unfused_where_layer_norm_linear_does_not_apply(monkeypatch):
     """Recording autograd, float32 products (cuDNN's, TF32 on a GPU), the reference backend,
     or a hook on the mixer, a norm or a projection (which then sees the call it always saw):
