@@ -59,6 +59,16 @@ def use_triton(op: str, device: torch.device, dtypes: list, backend: str | None)
                  or os.environ.get("PYSSM_UNVERIFIED_CUDA", "") == "1"))
 
 
+def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t (..., K) as the (M, K) matrix the kernels read through a row stride: a view with unit
+    stride along K where t's layout allows one, else a contiguous copy (K of 1 and empty t need
+    no unit stride); None stays None."""
+    if t is None:
+        return None
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 or t2.numel() == 0 else t2.contiguous()
+
+
 def reduction_programs(device: torch.device, tiles: int, groups: int = 1) -> int:
     """Programs for a backward that reduces weight gradients per program (then torch sums the
     partials): about 4 per SM across ``groups`` program columns (4 on the CPU), at most one per

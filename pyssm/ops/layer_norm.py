@@ -101,14 +101,6 @@ def _use_triton(x, weight, bias, residual, out_dtype, backend) -> bool:
     return _triton.use_triton("layer_norm", x.device, dtypes, backend)
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t as an (M, N) view with unit stride along N (a copy only when no such view exists)."""
-    if t is None:
-        return None
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
-
-
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, *,
                residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
@@ -123,8 +115,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None,
                                     return_residual=return_residual, activation=activation)
     out_dtype = out_dtype or _s_dtype(x, residual)
     y, s, _, _ = torch.ops.pyssm.layer_norm_triton(
-        _rows(x), _rows(residual), weight, bias, float(eps), out_dtype, return_residual,
-        activation == "gelu")
+        _triton.rows(x), _triton.rows(residual), weight, bias, float(eps), out_dtype,
+        return_residual, activation == "gelu")
     y = y.view(x.shape)
     return (y, s.view(x.shape)) if return_residual else y
 

@@ -71,13 +71,9 @@ def layer_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor | None,
     if not uses_triton(x, norm_weight, norm_bias, weight, bias, dtype, backend):
         return layer_norm_linear_reference(x, norm_weight, norm_bias, weight, bias, eps=eps,
                                            dtype=dtype)
-    K, N = x.shape[-1], weight.shape[0]
-    x2d = x.reshape(-1, K)  # a view where x's rows allow one
-    if x2d.stride(-1) != 1 and x2d.numel() > 0:
-        x2d = x2d.contiguous()
-    y = torch.ops.pyssm.layer_norm_linear_triton(x2d, norm_weight, norm_bias, weight, bias,
-                                                 float(eps), dtype or x.dtype)
-    return y.view(*x.shape[:-1], N)
+    y = torch.ops.pyssm.layer_norm_linear_triton(_triton.rows(x), norm_weight, norm_bias,
+                                                 weight, bias, float(eps), dtype or x.dtype)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- the op, its fake and its gradient ---------------------------------------------------------

@@ -109,12 +109,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     check_activation(activation)
     if not uses_triton(x, weight, bias, out_dtype, backend):
         return linear_gelu_reference(x, weight, bias, out_dtype=out_dtype, activation=activation)
-    K, N = x.shape[-1], weight.shape[0]
-    x2d = x.reshape(-1, K)  # a view where x's rows allow one
-    if x2d.stride(-1) != 1 and x2d.numel() > 0:
-        x2d = x2d.contiguous()
-    y = torch.ops.pyssm.linear_gelu_triton(x2d, weight, bias, out_dtype or x.dtype, activation)
-    return y.reshape(*x.shape[:-1], N)
+    y = torch.ops.pyssm.linear_gelu_triton(_triton.rows(x), weight, bias, out_dtype or x.dtype,
+                                           activation)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ---- the op, its fake and its gradient ---------------------------------------------------------

@@ -73,6 +73,19 @@ def uses_triton(s, x, weight, bias=None, backend=None) -> bool:
     return _triton.use_triton("linear_residual", x.device, dtypes, backend)
 
 
+def update_rows_(s: torch.Tensor, update) -> torch.Tensor:
+    """``update(s2d)`` on s as an (M, N) matrix with unit stride along N, which it updates in
+    place: a view of s where its layout allows one, else a contiguous copy that is then copied
+    back into s. Returns s."""
+    s2d = rows_view(s)
+    if s2d is not None:
+        update(s2d)
+        return s
+    s2d = s.reshape(-1, s.shape[-1]).contiguous()
+    update(s2d)
+    return s.copy_(s2d.view(s.shape))
+
+
 def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     """t as an (M, N) view with unit stride along N, or None where no such view exists."""
     try:
@@ -89,17 +102,9 @@ def linear_residual_(s: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     check_linear_residual(s, x, weight, bias)
     if not uses_triton(s, x, weight, bias, backend):
         return linear_residual_reference_(s, x, weight, bias)
-    K, N = x.shape[-1], weight.shape[0]
-    x2d = x.reshape(-1, K)  # a view where x's rows allow one
-    if x2d.stride(-1) != 1 and x2d.numel() > 0:
-        x2d = x2d.contiguous()
-    s2d = rows_view(s)
-    if s2d is not None:
-        torch.ops.pyssm.linear_residual_triton(x2d, weight, bias, s2d)
-        return s
-    s2d = s.reshape(-1, N).contiguous()  # (a layout without such a view: updated, copied back)
-    torch.ops.pyssm.linear_residual_triton(x2d, weight, bias, s2d)
-    return s.copy_(s2d.view(s.shape))
+    x2d = _triton.rows(x)
+    return update_rows_(s, lambda s2d: torch.ops.pyssm.linear_residual_triton(x2d, weight, bias,
+                                                                              s2d))
 
 
 # ---- the op and its fake -------------------------------------------------------------------------

@@ -96,12 +96,8 @@ def mlp_gelu(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: torch.Tensor |
     if not uses_triton(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend):
         return mlp_gelu_reference(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                   activation=activation)
-    C = x.shape[-1]
-    x2d = x.reshape(-1, C)  # a view where x's rows allow one
-    if x2d.stride(-1) != 1 and x2d.numel() > 0:
-        x2d = x2d.contiguous()
-    y, _, _ = torch.ops.pyssm.mlp_gelu_triton(x2d, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                              activation)
+    y, _, _ = torch.ops.pyssm.mlp_gelu_triton(_triton.rows(x), fc1_weight, fc1_bias,
+                                              fc2_weight, fc2_bias, activation)
     return y.reshape(*x.shape[:-1], fc2_weight.shape[0])
 
 

@@ -30,7 +30,7 @@ import torch
 from pyssm.ops import _triton, mlp_residual_triton
 from pyssm.ops.linear_gelu import (ACTIVATIONS, check_activation, kernel_operands,
                                    linear_gelu_reference)
-from pyssm.ops.linear_residual import check_sum, linear_residual_reference_, rows_view
+from pyssm.ops.linear_residual import check_sum, linear_residual_reference_, update_rows_
 from pyssm.ops.mlp_gelu import check_mlp_gelu
 
 BACKENDS = _triton.BACKENDS
@@ -68,18 +68,9 @@ def mlp_residual_(s: torch.Tensor, x: torch.Tensor, fc1_weight: torch.Tensor,
     if not uses_triton(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, backend):
         return mlp_residual_reference_(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                        activation=activation)
-    C, N = x.shape[-1], fc2_weight.shape[0]
-    x2d = x.reshape(-1, C)  # a view where x's rows allow one
-    if x2d.stride(-1) != 1 and x2d.numel() > 0:
-        x2d = x2d.contiguous()
-    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    s2d = rows_view(s)
-    if s2d is not None:
-        torch.ops.pyssm.mlp_residual_triton(x2d, *params, s2d, activation)
-        return s
-    s2d = s.reshape(-1, N).contiguous()  # (a layout without such a view: updated, copied back)
-    torch.ops.pyssm.mlp_residual_triton(x2d, *params, s2d, activation)
-    return s.copy_(s2d.view(s.shape))
+    x2d, params = _triton.rows(x), (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return update_rows_(s, lambda s2d: torch.ops.pyssm.mlp_residual_triton(x2d, *params, s2d,
+                                                                           activation))
 
 
 # ---- the op and its fake -------------------------------------------------------------------------
