@@ -45,6 +45,13 @@ def hooked(*modules: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
+def records(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether autograd records a call of ``modules`` on x (x or one of their parameters needs
+    a gradient, and grad mode is on): the inference-only fused paths then step aside."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for m in modules for p in m.parameters()))
+
+
 # other libraries' activation modules the fused ops compute, by (module, class name)
 NAMED_ACTIVATIONS = {
     ("timm.layers.activations", "GELU"): "gelu",
@@ -166,7 +173,7 @@ class Mlp(nn.Module):
         if (self._activation() is None or channels_dim is None or self._low_dtype(x) is None
                 or self._channels_dim(fc2, x) != channels_dim
                 or max(fc1.in_features, fc2.out_features) > FUSED_MLP_WIDTH
-                or hooked(fc1, self.act, fc2) or self._records(x, fc1, fc2)):
+                or hooked(fc1, self.act, fc2) or records(x, fc1, fc2)):
             return False
         return mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                         backend or self.backend)
@@ -193,7 +200,7 @@ class Mlp(nn.Module):
         activation = self._activation()
         if activation is None or channels_dim is None or dtype is None or hooked(fc1, self.act):
             return None
-        if self._records(x, fc1):
+        if records(x, fc1):
             return None
         if not linear_gelu_uses_triton(x, fc1.weight, fc1.bias, dtype, backend):
             return None
@@ -212,12 +219,6 @@ class Mlp(nn.Module):
                          if approximate == act.approximate), None)
         return NAMED_ACTIVATIONS.get((type(act).__module__, type(act).__qualname__))
 
-    @staticmethod
-    def _records(x: torch.Tensor, *layers: nn.Module) -> bool:
-        """Whether autograd records a call of ``layers`` on x."""
-        return torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for layer in layers for p in layer.parameters()))
-
     def _mlp_gelu(self, x: torch.Tensor, backend: str | None) -> torch.Tensor | None:
         """fc2(GELU(fc1(x))) by mlp_gelu's Triton kernels where autograd records (training) in
         16 bits, or None where that does not apply (PYSSM_MLP_GELU=0 among them)."""
@@ -227,7 +228,7 @@ class Mlp(nn.Module):
         channels_dim, dtype = self._channels_dim(fc1, x), self._low_dtype(x)
         activation = self._activation()
         if (activation is None or channels_dim is None or dtype is None
-                or self._channels_dim(fc2, x) != channels_dim or not self._records(x, fc1, fc2)
+                or self._channels_dim(fc2, x) != channels_dim or not records(x, fc1, fc2)
                 or hooked(fc1, self.act, fc2)):
             return None
         x = x.to(dtype)
@@ -313,8 +314,7 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     MLP is one mlp_residual_ pass, ``Mlp.fuses_whole``, which writes no hidden layer). (Under
     torch.compile the plain sum: the compiler plans the buffers itself.) ``backend``, where
     given, goes to ``mlp(h, backend=backend)``."""
-    recording = torch.is_grad_enabled() and (
-        h.requires_grad or s.requires_grad or any(p.requires_grad for p in mlp.parameters()))
+    recording = records(h, mlp) or records(s)
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
     if torch.compiler.is_compiling() or recording or not identity or _same_buffer(s, x):
         out = mlp(h) if backend is None else mlp(h, backend=backend)

@@ -25,16 +25,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pyssm.models.mlp import hooked
+from pyssm.models.mlp import hooked, records
 
 
 def carry_unsummed(blocks: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``blocks`` (a container of blocks with ``forward_unsummed``) should run on the
     unsummed stream: autograd records (``x`` or a parameter of the blocks needs a gradient),
     PYSSM_RESIDUAL_PAIRS is not "0" and no forward hook would miss a block's call."""
-    if os.environ.get("PYSSM_RESIDUAL_PAIRS", "") == "0" or not torch.is_grad_enabled():
-        return False
-    if not (x.requires_grad or any(p.requires_grad for p in blocks.parameters())):
+    if os.environ.get("PYSSM_RESIDUAL_PAIRS", "") == "0" or not records(x, blocks):
         return False
     return not hooked(blocks, *blocks.children())
 

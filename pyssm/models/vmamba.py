@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.mlp import GELU, Mlp, add_mlp, hooked
+from pyssm.models.mlp import GELU, Mlp, add_mlp, hooked, records
 from pyssm.models.norms import LayerNorm, LayerNorm2d, matmul_dtype, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.residual import carry_unsummed, run_unsummed, summed
@@ -152,8 +152,7 @@ class SS2D(nn.Module):
         channel_first = isinstance(norm, LayerNorm2d)
         fits = (type(norm) in (LayerNorm, LayerNorm2d) and type(proj) is (
             Linear2d if channel_first else nn.Linear) and x.dim() == 4)
-        if not fits or hooked(norm, proj) or (torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for m in (norm, proj) for p in m.parameters()))):
+        if not fits or hooked(norm, proj) or records(x, norm, proj):
             return None
         dtype = dtype or x.dtype
         if dtype not in (torch.float16, torch.bfloat16):  # (float32: cuDNN's TF32 products)
