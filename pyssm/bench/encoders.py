@@ -66,6 +66,19 @@ NOTES = [
 ]
 
 
+# the comparisons on a GPU (NOTES): the pyssm model with one fused path switched off, as
+# (provider, modes, switches, the family it applies to or None for both)
+COMPARISONS = [
+    ("pyssm-mlp-unfused", ("forward", "step"),
+     {"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0", "PYSSM_MLP_GELU": "0",
+      "PYSSM_MLP_RESIDUAL": "0"}, None),
+    ("pyssm-mlp-two-pass", ("forward",), {"PYSSM_MLP_RESIDUAL": "0"}, "vmamba"),  # <= 256 wide
+    ("pyssm-norm-unfused", ("forward",), {"PYSSM_NORM_LINEAR": "0"}, "vmamba"),
+    ("pyssm-residual-summed", ("step",), {"PYSSM_RESIDUAL_PAIRS": "0"}, None),
+    ("pyssm-qkv-copied", ("forward", "step"), {"PYSSM_QKVPACKED": "0"}, "vit"),
+]
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -117,11 +130,8 @@ def official_vmamba(name: str, res: int):
 def providers_for(name: str, res: int, device: torch.device,
                   comparisons: bool = True) -> dict[str, list[harness.Provider]]:
     """mode -> providers for one encoder at one resolution (models built once, shared);
-    ``comparisons``: on a GPU, the pyssm model with a fused path switched off too
-    (pyssm-mlp-unfused; ViTs: pyssm-qkv-copied), inference and training, its inference with
-    the MLPs in two passes and the norms apart from the projections (VMamba:
-    pyssm-mlp-two-pass, pyssm-norm-unfused) and its training step with the residual stream
-    summed after each block (pyssm-residual-summed)."""
+    ``comparisons``: on a GPU, the pyssm model again with each of COMPARISONS' fused paths
+    switched off, in its modes, for the families it applies to."""
     family = name.split("_")[0]
     kernel = device.type
     built = device.type == "cpu" or _extension.has_kernel(KERNEL[family], kernel)
@@ -131,30 +141,12 @@ def providers_for(name: str, res: int, device: torch.device,
     status = "ok" if built else f"not built ({KERNEL[family]} has no {kernel} kernel yet)"
     out = {"forward": [harness.Provider("pyssm", infer if built else None, status)],
            "step": [harness.Provider("pyssm", step if built else None, status)]}
-    if device.type == "cuda" and comparisons:  # the same model, its MLPs' fused passes off
-        unfused = {"PYSSM_LINEAR_GELU": "0", "PYSSM_LINEAR_RESIDUAL": "0", "PYSSM_MLP_GELU": "0",
-                   "PYSSM_MLP_RESIDUAL": "0"}
-        out["forward"].append(harness.Provider(
-            "pyssm-mlp-unfused", infer if built else None, status, env=unfused))
-        out["step"].append(harness.Provider(
-            "pyssm-mlp-unfused", step if built else None, status, env=unfused))
-    if device.type == "cuda" and comparisons and family == "vmamba":  # its MLPs up to 256 wide
-        out["forward"].append(harness.Provider(
-            "pyssm-mlp-two-pass", infer if built else None, status,
-            env={"PYSSM_MLP_RESIDUAL": "0"}))
-        out["forward"].append(harness.Provider(
-            "pyssm-norm-unfused", infer if built else None, status,
-            env={"PYSSM_NORM_LINEAR": "0"}))
-    if device.type == "cuda" and comparisons:  # a stream add and a gradient sum a block
-        out["step"].append(harness.Provider(
-            "pyssm-residual-summed", step if built else None, status,
-            env={"PYSSM_RESIDUAL_PAIRS": "0"}))
-    if device.type == "cuda" and comparisons and family == "vit":  # copies and a stack
-        copied = {"PYSSM_QKVPACKED": "0"}
-        out["forward"].append(harness.Provider(
-            "pyssm-qkv-copied", infer if built else None, status, env=copied))
-        out["step"].append(harness.Provider(
-            "pyssm-qkv-copied", step if built else None, status, env=copied))
+    if device.type == "cuda" and comparisons:
+        runners = {"forward": infer, "step": step}
+        for label, modes, env, only in COMPARISONS:
+            for mode in modes if only in (None, family) else ():
+                out[mode].append(harness.Provider(label, runners[mode] if built else None,
+                                                  status, env=env))
     if family == "vit":
         try:
             import timm
