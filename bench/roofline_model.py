@@ -83,6 +83,7 @@ import pyssm.models.norms as norms_module
 import pyssm.models.vit as vit_module
 import pyssm.models.vmamba as vmamba_module
 from pyssm.models import create_encoder
+from pyssm.ops import mlp_residual_triton
 
 BANDWIDTH = 4.3e12      # B/s, device-to-device copy counting bytes read and written
 MATRIX_RATE = 790e12    # FLOP/s, dense bf16 on tensor cores
@@ -302,18 +303,16 @@ def layer_norm_linear_stand_in(x, norm_weight, norm_bias, weight, bias=None, *, 
 def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
                           activation="gelu", backend=None):
     """The whole MLP and the add in one pass: x, the weights and the sum read, the sum
-    written; both products' FLOPs (fc2's output padded to its tile: up to 128 wide a power of
-    two from 16, else 256 wide tiles)."""
+    written; both products' FLOPs, fc2's on the output padded to the kernel's column tiles
+    (mlp_residual_triton.tiles), each of which recomputes fc1."""
     H, C = fc1_weight.shape
     N = fc2_weight.shape[0]
     params = sum(nbytes(p) for p in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
                  if p is not None)  # (cast by the Mlp)
-    tile = max(16, 1 << (N - 1).bit_length()) if N <= 256 else 256
-    padded = -(-N // tile) * tile
-    rows = x.numel() // C
-    columns = -(-N // tile)  # (each column tile recomputes fc1)
+    tile = mlp_residual_triton.tiles(N)[1]
+    columns = -(-N // tile)
     TRACE.add("mlp_residual", "gemm", nbytes(x) + params + nbytes(s), nbytes(s),
-              2 * rows * H * (C * columns + padded))
+              2 * (x.numel() // C) * H * (C + tile) * columns)
     return s
 
 
