@@ -35,11 +35,19 @@ TORCH_LIBRARY(pyssm, m) {
   m.def(
       "ss2d(Tensor x, Tensor x_proj_weight, Tensor dt_projs_weight, Tensor dt_projs_bias, "
       "Tensor A_logs, Tensor Ds, bool channels_first, bool out_float32) -> Tensor");
-  // Gradients of x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds.
+  // ss2d, and the state entering every 64-position tile of each direction's scan, (B, 4,
+  // ceil(H*W / 64), D) in the accumulation type, where the fused CUDA forward keeps them (an
+  // empty tensor elsewhere): for ss2d_backward, which then skips its summary pass (training).
+  m.def(
+      "ss2d_with_states(Tensor x, Tensor x_proj_weight, Tensor dt_projs_weight, "
+      "Tensor dt_projs_bias, Tensor A_logs, Tensor Ds, bool channels_first, bool out_float32) "
+      "-> (Tensor, Tensor)");
+  // Gradients of x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds. states:
+  // ss2d_with_states' second output, or None / empty.
   m.def(
       "ss2d_backward(Tensor dout, Tensor x, Tensor x_proj_weight, Tensor dt_projs_weight, "
-      "Tensor dt_projs_bias, Tensor A_logs, Tensor Ds, bool channels_first) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor dt_projs_bias, Tensor A_logs, Tensor Ds, bool channels_first, "
+      "Tensor? states=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // q: (B, Sq, H, d), k, v: (B, Sk, Hk, d) with H % Hk == 0; packed (T, H, d) with
   // cu_seqlens (int32, nseq + 1). Returns (out like q, lse (B, H, Sq) or (H, T)).
@@ -80,9 +88,9 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 #define PYSSM_NO_AUTOCAST(key)                                                              \
   TORCH_LIBRARY_IMPL(pyssm, key, m) {                                                       \
     for (const char* op : {"cross_scan", "cross_merge", "selective_scan",                   \
-                           "selective_scan_backward", "ss2d", "ss2d_backward", "attention", \
-                           "attention_backward", "attention_qkvpacked",                     \
-                           "attention_qkvpacked_backward"}) {                               \
+                           "selective_scan_backward", "ss2d", "ss2d_with_states",           \
+                           "ss2d_backward", "attention", "attention_backward",              \
+                           "attention_qkvpacked", "attention_qkvpacked_backward"}) {        \
       m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());           \
     }                                                                                       \
   }

@@ -14,11 +14,15 @@ namespace pyssm {
 //   dt_w (4, D, R), dt_b (4, D), A (4*D, N) = -exp(A_logs), Ds (4*D)
 //   y (B, L, D): zeroed by the caller; the four directions add into it
 //   scratch: 3 * B * 4 * chunks * D * N elements when chunks > 1 (chunk summaries, carries)
+//   states (B, 4, ss2d_state_tiles(L), D), v3 only, or null: the state entering every
+//     kSs2dN1Tile-position tile of each direction's scan (from its start, carries included),
+//     for the backward (Ss2dBwdParams::states), which then skips its summary pass
 struct Ss2dParams {
   const void* x;
   const void *z, *dt_w, *dt_b, *A, *Ds;
   void* y;
   void* scratch;
+  void* states;
   int64_t batch, height, width, dim, rank, dstate;
   int64_t chunk_len, chunks;  // the scan of each direction is cut into `chunks` pieces
   bool n1;  // the d_state-1 kernel (ss2d_n1_kernel.cuh, v3); false: the general one (v2)
@@ -63,6 +67,10 @@ inline size_t ss2d_smem_bytes(int64_t dim, int64_t rank, int64_t dstate, size_t 
 //   x, two stages (2 x tile x 32, x's type)
 constexpr int kSs2dN1Lanes = 32, kSs2dN1Warps = 8, kSs2dN1Steps = 8;
 constexpr int kSs2dN1Tile = kSs2dN1Warps * kSs2dN1Steps;
+// The tiles of a scan of `length` positions whose entering states the forward v3 keeps.
+__host__ __device__ constexpr int64_t ss2d_state_tiles(int64_t length) {
+  return (length + kSs2dN1Tile - 1) / kSs2dN1Tile;
+}
 // the launcher's bound; the op also checks the device's opt-in limit (99 KB on sm_86 / sm_89,
 // 163 KB on sm_80, 227 KB on sm_90), taking v2 or the composed core past it
 constexpr size_t kSs2dN1MaxSmem = 200 * 1024;
@@ -112,10 +120,14 @@ inline int64_t ss2d_scratch_elems(const Ss2dParams& p) {
 //     dz's dt part and forms dt_projs_weight's gradient, dpre^T dt
 // scratch: ss2d_bwd_scratch_elems(p) elements (chunk summaries and carries, tile states).
 // chunk_len is a whole number of tiles of ss2d_bwd_tile(dstate) positions.
+// states: v3 only, with one chunk (chunks 1), or null: the forward's (Ss2dParams::states);
+//   given, the main kernel starts each tile from them and the summary and carry launches are
+//   skipped (scratch unused, may be null)
 struct Ss2dBwdParams {
   const void *x, *dy;
   bool dy_acc;
   const void *z, *dt_w, *dt_b, *A, *Ds;
+  const void* states;
   void *dx, *dz, *partial, *dpre, *scratch;
   int64_t batch, height, width, dim, rank, dstate;
   int64_t chunk_len, chunks;

@@ -5,6 +5,9 @@
 // carry kernel (each chunk's entering state and adjoint from the right), the main pass
 // (n1_kernel<..., false>). The summary pass is the main kernel's loads, sweep 1 and chains,
 // tiles first to last; it writes the tile states where v1's 16-position tiles would have them.
+// Given the forward's states (p.states: the state entering every tile, kept by the forward v3
+// in training) and one chunk, the main kernel starts each tile from them and runs alone: no
+// summary pass (about a fifth of this backward's time by the notes' estimate), no carries.
 //
 // v1's main kernel gives each channel one thread that walks its chunk's positions backwards,
 // with h and dt of a 16-position tile in shared memory: a serial chain per thread, as v2's
@@ -205,10 +208,18 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   __syncthreads();
   if (tiles > 0) load_tile(0);
 
-  acc_t* ts_base = tile_states<acc_t>(p) + bkc * tpc * D + dd;  // tile 0 of the chunk
-  acc_t* tdt_base = tile_dts<acc_t>(p, kV1Tile) + bkc * tpc * D + dd;
-  const acc_t h_chunk = !kSummary && active ? summary<acc_t>(p, kStateIn)[sat] : acc_t(0);
-  acc_t carry = !kSummary && active ? summary<acc_t>(p, kAdjIn)[sat] : acc_t(0);  // a g, right
+  // the forward's states (one chunk: nothing enters it from either side), or the summaries
+  const acc_t* fwd_states =
+      !kSummary && p.states != nullptr
+          ? static_cast<const acc_t*>(p.states) + (b * 4 + k) * ss2d_state_tiles(L) * D + dd
+          : nullptr;
+  const bool summaries = !kSummary && fwd_states == nullptr && active;
+  // tile 0 of the chunk in the summaries' scratch (none with the forward's states)
+  acc_t* ts_base = fwd_states == nullptr ? tile_states<acc_t>(p) + bkc * tpc * D + dd : nullptr;
+  acc_t* tdt_base =
+      fwd_states == nullptr ? tile_dts<acc_t>(p, kV1Tile) + bkc * tpc * D + dd : nullptr;
+  const acc_t h_chunk = summaries ? summary<acc_t>(p, kStateIn)[sat] : acc_t(0);
+  acc_t carry = summaries ? summary<acc_t>(p, kAdjIn)[sat] : acc_t(0);  // a g, from the right
   acc_t dA = 0, dDs = 0, dbias = 0;
   // the summary pass: the state from zero, the dt summed, the adjoint summary
   // sum_l (prod_{m <= l} a_m) dy_l C_l and the product of decays, from the chunk's start
@@ -231,7 +242,9 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     }
     // the state entering the tile (summary kernel's tile 4t starts where this one does)
     acc_t h_tile = 0;
-    if (!kSummary && active) {
+    if (fwd_states != nullptr) {
+      h_tile = active ? fwd_states[int64_t(t) * D] : acc_t(0);
+    } else if (!kSummary && active) {
       const int64_t at = int64_t(t) * (kN1Tile / kV1Tile) * D;
       h_tile = ts_base[at] + exp_(A * tdt_base[at]) * h_chunk;
     }
@@ -463,6 +476,11 @@ cudaError_t launch_n1(const Ss2dBwdParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned((p.dim + kN1Lanes - 1) / kN1Lanes), unsigned(p.chunks),
                   unsigned(p.batch * 4));
   const size_t smem = ss2d_bwd_n1_layout(int(p.rank), sizeof(T), sizeof(acc_t)).bytes;
+  if (p.states != nullptr) {  // the forward's states: the main kernel alone
+    if (p.chunks != 1) return cudaErrorInvalidValue;
+    return launch_kernel(n1_kernel<T, kMaxR, false>, grid, dim3(kN1Lanes * kN1Warps), smem,
+                         stream, p);
+  }
   cudaError_t err;
   if (p.n1_summary) {
     err = launch_kernel(n1_kernel<T, kMaxR, true>, grid, dim3(kN1Lanes * kN1Warps), smem,
@@ -492,6 +510,7 @@ cudaError_t bwd(const Ss2dBwdParams& p, cudaStream_t stream) {
   if (p.dstate < 1 || p.dstate > kSs2dMaxState || p.chunks < 1 || p.chunk_len < 1 ||
       p.batch * 4 > 65535 || p.chunks > 65535 || p.height * p.width >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
+  if (p.states != nullptr && !p.n1) return cudaErrorInvalidValue;  // (v3's, at its tiles)
   if (p.n1) {
     if (p.dstate != 1 || p.rank < 1) return cudaErrorInvalidValue;
     if (p.dpre != nullptr) return launch_n1<T, 0>(p, stream);

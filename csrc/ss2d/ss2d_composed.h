@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace pyssm {
@@ -37,6 +38,13 @@ Ss2dSizes check_ss2d_backward_args(const at::Tensor& dout, const at::Tensor& x,
                                    const at::Tensor& dt_projs_bias, const at::Tensor& A_logs,
                                    const at::Tensor& Ds, bool channels_first);
 
+// The forward's states for the backward (ss2d_with_states): (B, 4, ceil(L / kSs2dStateTile),
+// D) in the accumulation type, or empty where the fused forward kept none. Given, non-empty,
+// anything else is an error naming what was expected.
+constexpr int64_t kSs2dStateTile = 64;  // the forward v3's tile (ss2d.cuh: kSs2dN1Tile)
+void check_ss2d_states(const std::optional<at::Tensor>& states, const at::Tensor& x,
+                       const Ss2dSizes& s);
+
 at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
                          const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
                          const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
@@ -46,6 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x,
                        const at::Tensor& x_proj_weight, const at::Tensor& dt_projs_weight,
                        const at::Tensor& dt_projs_bias, const at::Tensor& A_logs,
-                       const at::Tensor& Ds, bool channels_first);
+                       const at::Tensor& Ds, bool channels_first,
+                       const std::optional<at::Tensor>& states);
 
 }  // namespace pyssm

@@ -11,6 +11,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <vector>
+
 #include "checks.h"
 #include "ss2d/ss2d_composed.h"
 
@@ -163,12 +166,30 @@ at::Tensor ss2d_composed(const at::Tensor& x, const at::Tensor& x_proj_weight,
   return ss2d_out_layout(y.to(out_dtype), ss2d_channels_last_out(x, channels_first));
 }
 
+void check_ss2d_states(const std::optional<at::Tensor>& states, const at::Tensor& x,
+                       const Ss2dSizes& s) {
+  if (!states.has_value() || states->numel() == 0) return;
+  const int64_t L = s.height * s.width;
+  const std::vector<int64_t> want{s.batch, 4, (L + kSs2dStateTile - 1) / kSs2dStateTile, s.dim};
+  TORCH_CHECK(states->sizes() == at::IntArrayRef(want), "ss2d_backward: states must be ",
+              "ss2d_with_states' second output, (B, 4, ceil(H*W / ", kSs2dStateTile, "), D) = ",
+              at::IntArrayRef(want), " for x of ", x.sizes(), ", or empty; got ",
+              states->sizes());
+  TORCH_CHECK(states->scalar_type() == acc_type(x.scalar_type()),
+              "ss2d_backward: states must be ", acc_type(x.scalar_type()), " (x is ",
+              x.scalar_type(), "); got ", states->scalar_type());
+  TORCH_CHECK(states->device() == x.device(), "ss2d_backward: states must be on x's device (",
+              x.device(), "); got ", states->device());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
                   const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
-                  const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
+                  const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
+                  const std::optional<at::Tensor>& states) {
   const Ss2dSizes s = check_ss2d_backward_args(dout, x, x_proj_weight, dt_projs_weight,
                                                dt_projs_bias, A_logs, Ds, channels_first);
+  check_ss2d_states(states, x, s);  // (checked, then not needed: the composed core recomputes)
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = acc_type(x.scalar_type());
   const int64_t L = s.height * s.width;
@@ -212,8 +233,19 @@ ss2d_backward_composed(const at::Tensor& dout, const at::Tensor& x, const at::Te
           dDs.to(Ds.scalar_type())};
 }
 
+// ss2d_with_states on the CPU: the composed core keeps no states (the empty tensor).
+std::tuple<at::Tensor, at::Tensor> ss2d_with_states_composed(
+    const at::Tensor& x, const at::Tensor& x_proj_weight, const at::Tensor& dt_projs_weight,
+    const at::Tensor& dt_projs_bias, const at::Tensor& A_logs, const at::Tensor& Ds,
+    bool channels_first, bool out_float32) {
+  at::Tensor y = ss2d_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                               channels_first, out_float32);
+  return {y, at::empty({0}, x.options().dtype(acc_type(x.scalar_type())))};
+}
+
 TORCH_LIBRARY_IMPL(pyssm, CPU, m) {
   m.impl("ss2d", &ss2d_composed);
+  m.impl("ss2d_with_states", &ss2d_with_states_composed);
   m.impl("ss2d_backward", &ss2d_backward_composed);
 }
 

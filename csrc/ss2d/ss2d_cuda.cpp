@@ -25,6 +25,7 @@
 #include "ss2d/ss2d_composed.h"
 
 namespace pyssm {
+static_assert(kSs2dStateTile == kSs2dN1Tile, "ss2d_backward's states check: v3's tiles");
 namespace {
 
 using Launch = cudaError_t (*)(const Ss2dParams&, cudaStream_t);
@@ -177,10 +178,13 @@ bool use_n1(const Ss2dSizes& s, size_t x_bytes, size_t acc_bytes) {
   return bytes <= kSs2dN1MaxSmem && bytes + 1024 <= optin;  // (+ the static pixel tables)
 }
 
-at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
-                     const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
-                     const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
-                     bool out_float32) {
+// The forward, and with keep_states the state entering every tile of each scan (Ss2dParams::
+// states) where v3 runs each scan as one chunk, the backward's condition for using them;
+// elsewhere an empty states tensor (the backward then runs its summary pass).
+std::tuple<at::Tensor, at::Tensor> ss2d_forward_cuda(
+    const at::Tensor& x, const at::Tensor& x_proj_weight, const at::Tensor& dt_projs_weight,
+    const at::Tensor& dt_projs_bias, const at::Tensor& A_logs, const at::Tensor& Ds,
+    bool channels_first, bool out_float32, bool keep_states) {
   const Ss2dSizes s =
       check_ss2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -191,12 +195,14 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   const bool fits = launch != nullptr && s.dstate <= kSs2dMaxState && s.batch * 4 <= 65535 &&
                     (n1 || ss2d_smem_bytes(s.dim, s.rank, s.dstate, x.element_size(),
                                            size_t(acc_bytes)) <= kSs2dMaxSmem);
+  const at::Tensor no_states = at::empty({0}, x.options().dtype(acc));
   if (!fits) {
-    return ss2d_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                         channels_first, out_float32);
+    return {ss2d_composed(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                          channels_first, out_float32),
+            no_states};
   }
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : x.scalar_type();
-  if (x.numel() == 0) return at::zeros(x.sizes(), x.options().dtype(out_dtype));
+  if (x.numel() == 0) return {at::zeros(x.sizes(), x.options().dtype(out_dtype)), no_states};
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, D = s.dim, L = s.height * s.width;
 
@@ -227,6 +233,11 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
                                        : chunking(B, L, D, 1);
   const at::Tensor scratch = at::empty({ss2d_scratch_elems(p)}, x.options().dtype(acc));
   p.scratch = scratch.numel() ? scratch.mutable_data_ptr() : nullptr;
+  const at::Tensor states =
+      keep_states && n1 && p.chunks == 1
+          ? at::empty({B, 4, ss2d_state_tiles(L), D}, x.options().dtype(acc))
+          : no_states;
+  p.states = states.numel() ? states.mutable_data_ptr() : nullptr;
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "ss2d CUDA launch failed: ", cudaGetErrorString(err));
 
@@ -234,15 +245,33 @@ at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
   // channels-first: a (B, D, H, W) view of the channels-last result, kept without a copy when
   // x itself is stored channels-last (ss2d_channels_last_out)
   if (channels_first) out = out.permute({0, 3, 1, 2});
-  return ss2d_out_layout(out.to(out_dtype), ss2d_channels_last_out(x, channels_first));
+  return {ss2d_out_layout(out.to(out_dtype), ss2d_channels_last_out(x, channels_first)), states};
+}
+
+at::Tensor ss2d_cuda(const at::Tensor& x, const at::Tensor& x_proj_weight,
+                     const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
+                     const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
+                     bool out_float32) {
+  return std::get<0>(ss2d_forward_cuda(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
+                                       Ds, channels_first, out_float32, false));
+}
+
+std::tuple<at::Tensor, at::Tensor> ss2d_with_states_cuda(
+    const at::Tensor& x, const at::Tensor& x_proj_weight, const at::Tensor& dt_projs_weight,
+    const at::Tensor& dt_projs_bias, const at::Tensor& A_logs, const at::Tensor& Ds,
+    bool channels_first, bool out_float32) {
+  return ss2d_forward_cuda(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                           channels_first, out_float32, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& x_proj_weight,
                    const at::Tensor& dt_projs_weight, const at::Tensor& dt_projs_bias,
-                   const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first) {
+                   const at::Tensor& A_logs, const at::Tensor& Ds, bool channels_first,
+                   const std::optional<at::Tensor>& states) {
   const Ss2dSizes s = check_ss2d_backward_args(dout, x, x_proj_weight, dt_projs_weight,
                                                dt_projs_bias, A_logs, Ds, channels_first);
+  check_ss2d_states(states, x, s);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const size_t acc_bytes = acc == at::kDouble ? 8 : 4;
   const LaunchBwd launch = bwd_launcher(x.scalar_type());
@@ -263,7 +292,7 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
                     (n1 || ss2d_bwd_smem_bytes(s.dim, s.rank, s.dstate, acc_bytes) <= smem_limit);
   if (!fits) {
     return ss2d_backward_composed(dout, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
-                                  Ds, channels_first);
+                                  Ds, channels_first, std::nullopt);
   }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, D = s.dim, R = s.rank, N = s.dstate, L = s.height * s.width;
@@ -289,7 +318,13 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   p.dstate = N;
   p.n1 = n1;
   p.n1_summary = n1 && bwd_version != "v1-summary";
-  std::tie(p.chunk_len, p.chunks) = chunking(B, L, D, n1 ? kSs2dN1Tile : ss2d_bwd_tile(N));
+  // the forward's states (v3, one chunk): the main kernel alone, over each whole scan;
+  // PYSSM_SS2D_BWD=v1-summary times v1's summary pass, so it runs without them
+  const bool given = n1 && states.has_value() && states->numel() > 0 &&
+                     bwd_version != "v1-summary";
+  std::tie(p.chunk_len, p.chunks) =
+      given ? std::pair<int64_t, int64_t>{ss2d_state_tiles(L) * kSs2dN1Tile, 1}
+            : chunking(B, L, D, n1 ? kSs2dN1Tile : ss2d_bwd_tile(N));
   const at::TensorOptions opts = x.options().dtype(acc);
   at::Tensor dx = at::zeros({B, L, D}, opts);
   at::Tensor dz = at::zeros({B, L, 4, zw}, opts);
@@ -298,7 +333,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   const int64_t planes = N + 2 + (wide ? 0 : R);
   at::Tensor partial = at::zeros({B, 4, p.chunks, planes, D}, opts);
   const at::Tensor dpre = wide ? at::empty({4, B * L, D}, opts) : at::Tensor();
-  const at::Tensor scratch = at::empty({ss2d_bwd_scratch_elems(p)}, opts);
+  const at::Tensor scratch = at::empty({given ? 0 : ss2d_bwd_scratch_elems(p)}, opts);
+  const at::Tensor states_c = given ? states->contiguous() : at::Tensor();
   p.x = xl.const_data_ptr();
   p.dy = dyl.const_data_ptr();
   p.dy_acc = dy_acc;
@@ -311,7 +347,8 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
   p.dz = dz.mutable_data_ptr();
   p.partial = partial.mutable_data_ptr();
   p.dpre = wide ? dpre.mutable_data_ptr() : nullptr;
-  p.scratch = scratch.mutable_data_ptr();
+  p.scratch = given ? nullptr : scratch.mutable_data_ptr();
+  p.states = given ? states_c.const_data_ptr() : nullptr;
   const cudaError_t err = launch(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "ss2d backward CUDA launch failed: ", cudaGetErrorString(err));
 
@@ -352,6 +389,7 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
 
 TORCH_LIBRARY_IMPL(pyssm, CUDA, m) {
   m.impl("ss2d", &ss2d_cuda);
+  m.impl("ss2d_with_states", &ss2d_with_states_cuda);
   m.impl("ss2d_backward", &ss2d_backward_cuda);
 }
 

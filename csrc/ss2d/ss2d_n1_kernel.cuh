@@ -174,6 +174,12 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
   const acc_t Dk = active ? static_cast<const acc_t*>(p.Ds)[k * D + d] : acc_t(0);
   const acc_t A = active ? static_cast<const acc_t*>(p.A)[k * D + d] : acc_t(0);
   const int64_t state_at = ((b * 4 + k) * p.chunks + chunk) * D + (active ? d : d0);
+  // pass 1 with p.states: the state entering each tile, for the backward (warp 0's lanes: a
+  // row of 32 channels a tile)
+  acc_t* states = kPass == 1 && p.states != nullptr && active && warp == 0
+                      ? static_cast<acc_t*>(p.states) +
+                            ((b * 4 + k) * ss2d_state_tiles(L) + l_begin / kN1Tile) * D + d
+                      : nullptr;
   // 16-byte paths: x rows and y rows start 16-byte aligned and hold whole vectors
   const bool x_vec = D % kXVec == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
   const bool y_vec = std::is_same<acc_t, float>::value && D % 4 == 0 &&
@@ -268,6 +274,7 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
       P *= a[i];
       Hs = a[i] * Hs + bu[i];
     }
+    if (states != nullptr) states[int64_t(t) * D] = carry;  // (the state entering tile t)
     // the warps' segments in order: the state entering this warp's positions and the next tile
     Pair<acc_t>* pairs = reinterpret_cast<Pair<acc_t>*>(seg);
     pairs[warp * kN1Lanes + lane] = Pair<acc_t>{P, Hs};
@@ -330,6 +337,8 @@ cudaError_t fwd(const Ss2dParams& p, cudaStream_t stream) {
   if (p.dstate < 1 || p.dstate > kSs2dMaxState || p.chunks < 1 || p.chunk_len < 1 ||
       p.batch * 4 > 65535 || p.chunks > 65535 || p.height * p.width >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
+  if (p.states != nullptr && (!p.n1 || p.chunk_len % kN1Tile != 0))
+    return cudaErrorInvalidValue;  // (the states are v3's, at its tiles)
   if (p.n1) {
     if (p.dstate != 1 || p.rank < 1 ||
         ss2d_n1_layout(int(p.rank), sizeof(T), sizeof(acc_t)).bytes > kSs2dN1MaxSmem)

@@ -19,6 +19,8 @@ out_norm and out_proj of the official SS2D module are the encoder's, not this op
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pyssm import _extension
@@ -84,6 +86,18 @@ def check_ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
         _checks.same_device(t, x, name, "x")
 
 
+def keeps_states(*tensors: torch.Tensor) -> bool:
+    """Whether ss2d runs as ``ss2d_with_states``: where autograd records a call (training),
+    outside torch.compile (the states' shape depends on the kernel the device runs, which a fake
+    cannot know), and PYSSM_SS2D_STATES is not 0 (read at each call; the benchmark's
+    ``pyssm-cuda-no-states`` rows). The fused CUDA forward v3 then keeps the state entering
+    every 64-position tile (B x 4 x D x L / 64 floats, 1/64 of its float32 output) and the
+    backward starts its tiles from them instead of recomputing them in a summary pass."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling()
+            and os.environ.get("PYSSM_SS2D_STATES", "") != "0")
+
+
 def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *, channels_first=False,
          out_float32=False, backend=None):
     """The SS2D core of the module docstring; differentiable in x and every weight."""
@@ -92,8 +106,10 @@ def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *, channe
         with _backend.without_autocast(x.device):
             return ss2d_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
                                   channels_first=channels_first, out_float32=out_float32)
-    return torch.ops.pyssm.ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                                channels_first, out_float32)
+    args = (x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
+    if keeps_states(*args):
+        return torch.ops.pyssm.ss2d_with_states(*args, channels_first, out_float32)[0]
+    return torch.ops.pyssm.ss2d(*args, channels_first, out_float32)
 
 
 if _extension.available():
@@ -107,7 +123,7 @@ if _extension.available():
 
     @torch.library.register_fake("pyssm::ss2d_backward")
     def _ss2d_backward_fake(dout, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                            channels_first):
+                            channels_first, states=None):
         check_ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first)
         _checks.shape(dout, x.shape, "dout", "the shape of x")
         dx = _out_layout(x.new_empty(x.shape), channels_last_out(x, channels_first))
@@ -123,3 +139,19 @@ if _extension.available():
         return (*grads, None, None)
 
     torch.library.register_autograd("pyssm::ss2d", _ss2d_backward, setup_context=_ss2d_setup)
+
+    # ss2d_with_states has no fake: its states are (B, 4, ceil(H*W / 64), D) where the fused
+    # CUDA forward keeps them and empty elsewhere, which only the kernel's own choice decides;
+    # ss2d() does not call it under torch.compile (keeps_states)
+    def _ss2d_states_setup(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(*inputs[:6], output[1])
+        ctx.channels_first = inputs[6]
+
+    def _ss2d_states_backward(ctx, grad, _grad_states):
+        *saved, states = ctx.saved_tensors
+        grads = torch.ops.pyssm.ss2d_backward(grad, *saved, ctx.channels_first, states)
+        return (*grads, None, None)
+
+    torch.library.register_autograd("pyssm::ss2d_with_states", _ss2d_states_backward,
+                                    setup_context=_ss2d_states_setup)

@@ -117,12 +117,14 @@ int64_t emu_selective_scan_carries(const int64_t* sizes) {
   return pyssm::selective_scan_carry_elems(p);
 }
 
-// n1: the d_state-1 kernel (v3) instead of the general one (v2)
+// n1: the d_state-1 kernel (v3) instead of the general one (v2); states (B, 4,
+// ss2d_state_tiles(L), D) or null: where v3 writes the state entering each tile
 int emu_ss2d_fwd(int dtype, const void* x, const void* z, const void* dt_w, const void* dt_b,
                  const void* A, const void* Ds, void* y, void* scratch, const int64_t* sizes,
-                 int n1) {
+                 int n1, void* states) {
   auto p = ss2d_params<pyssm::Ss2dParams>(sizes);
   p.n1 = n1 != 0;
+  p.states = states;
   p.x = x;
   p.z = z;
   p.dt_w = dt_w;
@@ -141,10 +143,11 @@ int64_t emu_ss2d_fwd_scratch(const int64_t* sizes) {
 int emu_ss2d_bwd(int dtype, const void* x, const void* dy, int dy_acc, const void* z,
                  const void* dt_w, const void* dt_b, const void* A, const void* Ds, void* dx,
                  void* dz, void* partial, void* dpre, void* scratch, const int64_t* sizes,
-                 int n1) {
+                 int n1, const void* states) {
   auto p = ss2d_params<pyssm::Ss2dBwdParams>(sizes);
   p.n1 = n1 != 0;  // 1: v3's main kernel after v1's summary; 2: v3's summary too
   p.n1_summary = n1 == 2;
+  p.states = states;  // the forward's (one chunk), or null
   p.x = x;
   p.dy = dy;
   p.dy_acc = dy_acc != 0;
@@ -185,6 +188,7 @@ int emu_ss2d_xproj(int dtype, const void* a, const float* w, const float* add, v
 }
 
 int64_t emu_ss2d_bwd_tile(int64_t dstate) { return pyssm::ss2d_bwd_tile(dstate); }
+int64_t emu_ss2d_state_tiles(int64_t length) { return pyssm::ss2d_state_tiles(length); }
 int64_t emu_ss2d_threads(int64_t dim) { return pyssm::ss2d_threads(dim); }
 
 }  // extern "C"

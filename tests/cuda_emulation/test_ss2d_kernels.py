@@ -27,9 +27,10 @@ CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "ss2d_kernels.cpp")
     for name in ("emu_ss2d_fwd_scratch", "emu_ss2d_bwd_scratch", "emu_ss2d_bwd_tile",
-                 "emu_selective_scan_carries"):
+                 "emu_selective_scan_carries", "emu_ss2d_state_tiles"):
         getattr(lib, name).restype = ctypes.c_int64
     lib.emu_ss2d_bwd_tile.argtypes = [ctypes.c_int64]
+    lib.emu_ss2d_state_tiles.argtypes = [ctypes.c_int64]
     lib.emu_ss2d_xproj.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + \
         [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.emu_cross_scan.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p] + \
@@ -138,23 +139,30 @@ def sizes_of(x, ws, chunk_len, chunks):
     return (ctypes.c_int64 * 8)(B, H, W, D, R, N, chunk_len, chunks)
 
 
-def forward_emulated(emu, x, ws, chunks, n1=False):
+def forward_emulated(emu, x, ws, chunks, n1=False, states=False, whole_tiles=None):
+    """y, and with ``states`` (v3) also the states it kept for the backward, (B, 4,
+    ceil(L / 64), D), poisoned before the launch: (y, states). whole_tiles (default: with
+    states): chunks of whole 64-position tiles, as ss2d_cuda.cpp cuts v3's scans."""
     B, H, W, D = x.shape
     L = H * W
     acc, z, dtw, dtb, A, Ds = prepare(x, ws)
     chunk_len = -(-L // chunks)
+    if states if whole_tiles is None else whole_tiles:
+        chunk_len = -(-chunk_len // 64) * 64
     sizes = sizes_of(x, ws, chunk_len, -(-L // chunk_len))
     y = torch.zeros(B, L, D, dtype=acc)
     scratch = poisoned(emu.emu_ss2d_fwd_scratch(sizes), dtype=acc)
+    kept = poisoned(B, 4, emu.emu_ss2d_state_tiles(L), D, dtype=acc) if states else None
     rc = emu.emu_ss2d_fwd(CODES[x.dtype], ptr(x), ptr(z), ptr(dtw), ptr(dtb), ptr(A), ptr(Ds),
-                          ptr(y), ptr(scratch), sizes, int(n1))
+                          ptr(y), ptr(scratch), sizes, int(n1), ptr(kept))
     assert rc == 0, f"launcher returned cudaError {rc}"
-    return y.view(B, H, W, D)
+    return (y.view(B, H, W, D), kept) if states else y.view(B, H, W, D)
 
 
-def backward_emulated(emu, dy, x, ws, chunks, n1=0, wide=False):
+def backward_emulated(emu, dy, x, ws, chunks, n1=0, wide=False, states=None):
     """n1: 0 v1's kernels; 1 v3's main kernel after v1's summary; 2 v3's summary and main.
-    wide: v3's variant with dpre out at any dt_rank (it always runs over 16)."""
+    wide: v3's variant with dpre out at any dt_rank (it always runs over 16). states: the
+    forward's (one chunk), for v3's main kernel alone (no scratch given: none may be read)."""
     B, H, W, D = x.shape
     L = H * W
     R, N = ws[1].shape[2], ws[3].shape[1]
@@ -171,12 +179,13 @@ def backward_emulated(emu, dy, x, ws, chunks, n1=0, wide=False):
     wide = bool(n1) and (R > 16 or wide)
     partial = torch.zeros(B, 4, chunks, N + 2 + (0 if wide else R), D, dtype=acc)
     dpre = poisoned(4, B * L, D, dtype=acc) if wide else None
-    scratch = poisoned(emu.emu_ss2d_bwd_scratch(sizes), dtype=acc)
+    scratch = None if states is not None else poisoned(emu.emu_ss2d_bwd_scratch(sizes),
+                                                         dtype=acc)
     dy_acc = dy.dtype != x.dtype
     dy = dy.to(acc) if dy_acc else dy
     rc = emu.emu_ss2d_bwd(CODES[x.dtype], ptr(x), ptr(dy.contiguous()), int(dy_acc), ptr(z),
                           ptr(dtw), ptr(dtb), ptr(A), ptr(Ds), ptr(dx), ptr(dz), ptr(partial),
-                          ptr(dpre), ptr(scratch), sizes, int(n1))
+                          ptr(dpre), ptr(scratch), sizes, int(n1), ptr(states))
     assert rc == 0, f"launcher returned cudaError {rc}"
     sums = partial.sum((0, 2))
     if wide:  # ss2d_cuda.cpp's two GEMMs
@@ -313,6 +322,88 @@ def test_ss2d_backward_n1_wide_at_small_ranks(emu, case, dtype):
     dy = torch.randn(B, H, W, D, dtype=dtype)
     got = backward_emulated(emu, dy, x, ws, chunks, n1=2, wide=True)
     assert_gradients(got, x, ws, dy)
+
+
+# The forward v3's states for the backward (training): the state entering every 64-position
+# tile of each direction's scan, and the backward's main kernel alone, started from them.
+
+def states_reference(x, ws):
+    """float64 model of the kept states: (B, 4, ceil(L / 64), D), direction k's state before
+    positions 0, 64, 128, ... of its scan order (DESIGN.md's recurrence at d_state 1)."""
+    from pyssm.ops.cross_scan import cross_scan_reference
+    x, ws = x.double(), [w.double() for w in ws]
+    B, H, W, D = x.shape
+    R, L = ws[1].shape[2], H * W
+    xs = cross_scan_reference(x.permute(0, 3, 1, 2))                   # (B, 4, D, L)
+    z = torch.einsum("kcd,bkdl->bkcl", ws[0], xs)                       # (B, 4, R + 2, L)
+    pre = torch.einsum("kdr,bkrl->bkdl", ws[1], z[:, :, :R]) + ws[2][None, :, :, None]
+    delta = torch.nn.functional.softplus(pre)
+    a = torch.exp(delta * -torch.exp(ws[3]).view(1, 4, D, 1))
+    bu = delta * xs * z[:, :, R:R + 1]
+    h = torch.zeros(B, 4, D, dtype=F64)
+    out = []
+    for step in range(L):
+        if step % 64 == 0:
+            out.append(h.clone())
+        h = a[..., step] * h + bu[..., step]
+    return torch.stack(out, 2)                                          # (B, 4, tiles, D)
+
+
+@pytest.mark.parametrize("case", N1_BWD_CASES, ids=N1_BWD_IDS)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_ss2d_forward_n1_keeps_states(emu, case, dtype):
+    """Every tile's entering state written (the poison gone), equal to the float64 model, with
+    one chunk and with several (their carries included), and y unchanged by writing them."""
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    y, kept = forward_emulated(emu, x, ws, chunks, n1=True, states=True)
+    assert not kept.isnan().any(), "a tile's state not written"
+    want = states_reference(x, ws)
+    tol = 1e-12 if dtype == F64 else 2e-5
+    assert (kept.double() - want).abs().max() <= tol * want.abs().max()
+    assert torch.equal(y, forward_emulated(emu, x, ws, chunks, n1=True, whole_tiles=True))
+
+
+@pytest.mark.parametrize("case", N1_BWD_CASES, ids=N1_BWD_IDS)
+@pytest.mark.parametrize("dtype,dy_dtype", [(F64, F64), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.bfloat16),
+                                            (torch.bfloat16, torch.float32)])
+def test_ss2d_backward_n1_from_forward_states(emu, case, dtype, dy_dtype):
+    """The main kernel alone over each whole scan, from the states the forward kept (cut into
+    the case's chunks: the states do not depend on them), no scratch: every gradient against
+    float64 autograd. dt_rank 17, 24 and 33 take the dpre variant."""
+    B, H, W, D, R, N, chunks = case
+    x, ws = make_case(B, H, W, D, R, N, dtype, F64 if dtype == F64 else torch.float32)
+    dy = torch.randn(B, H, W, D, dtype=dy_dtype)
+    _, kept = forward_emulated(emu, x, ws, chunks, n1=True, states=True)
+    got = backward_emulated(emu, dy, x, ws, 1, n1=2, states=kept)
+    assert_gradients(got, x, ws, dy)
+
+
+def test_ss2d_backward_n1_reads_the_states(emu):
+    """Zeroed states (the ones a summary pass would be needed for) give wrong gradients past
+    the first tile: the kernel starts its tiles from what it is given."""
+    x, ws = make_case(1, 12, 14, 40, 6, 1, torch.float64, F64)
+    dy = torch.randn(1, 12, 14, 40, dtype=F64)
+    _, kept = forward_emulated(emu, x, ws, 1, n1=True, states=True)
+    assert kept[:, :, 1:].abs().max() > 0
+    with pytest.raises(AssertionError):
+        assert_gradients(backward_emulated(emu, dy, x, ws, 1, n1=2,
+                                           states=torch.zeros_like(kept)), x, ws, dy)
+
+
+def test_ss2d_states_launchers_refuse_what_they_cannot_do(emu):
+    """Kept states are v3's: the forward v2 refuses to keep them, and the backward takes them
+    only over one chunk and only in v3 (the host never asks otherwise)."""
+    x, ws = make_case(1, 12, 14, 8, 2, 1, torch.float32, torch.float32)
+    with pytest.raises(AssertionError, match="cudaError"):
+        forward_emulated(emu, x, ws, 1, n1=False, states=True)
+    _, kept = forward_emulated(emu, x, ws, 1, n1=True, states=True)
+    dy = torch.randn_like(x)
+    with pytest.raises(AssertionError, match="cudaError"):
+        backward_emulated(emu, dy, x, ws, 2, n1=2, states=kept)
+    with pytest.raises(AssertionError, match="cudaError"):
+        backward_emulated(emu, dy, x, ws, 1, n1=0, states=kept)
 
 
 # x_proj on tensor cores (ss2d_xproj_kernel.cuh): bf16 mma with W (and fp16 x, and the

@@ -403,3 +403,116 @@ def test_low_precision_gradients(device, backend, dtype, out_float32):
         rounding = (b.to(a.dtype).double() - b).abs().max()
         err = (a.cpu().double() - b).abs().max()
         assert err <= 2 * rounding + 1e-3 * b.abs().max(), (name, err, rounding)
+
+
+# Training keeps the forward's tile states for the backward (ss2d_with_states).
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the pyssm ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pyssm":
+            self.names.append(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def _extension_or_skip():
+    if not _extension.available():
+        pytest.skip("extension not built")
+
+
+def test_training_calls_keep_the_states(monkeypatch):
+    """Where autograd records, ss2d runs as ss2d_with_states (its backward gets the states);
+    under no_grad, with nothing requiring a gradient, or with PYSSM_SS2D_STATES=0, as ss2d;
+    the same values and gradients either way."""
+    _extension_or_skip()
+    x = make_x(2, 5, 3, 4, "cpu", requires_grad=True)
+    ws = make_weights(4, 1, 3, "cpu", requires_grad=True)
+
+    def run(*args, grad=True):
+        with _Ops() as seen, torch.set_grad_enabled(grad):
+            out = ops.ss2d(*args, backend="cpu")
+        return out, seen.names
+
+    out, names = run(x, *ws)
+    assert names == ["ss2d_with_states"]
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *ws], g)
+    assert run(x, *ws, grad=False)[1] == ["ss2d"]
+    assert run(x.detach(), *(w.detach() for w in ws))[1] == ["ss2d"]
+    monkeypatch.setenv("PYSSM_SS2D_STATES", "0")
+    plain, names = run(x, *ws)
+    assert names == ["ss2d"]
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)
+    for a, b in zip(got, torch.autograd.grad(plain, [x, *ws], g)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_states_op_on_the_cpu_keeps_none(dtype):
+    """The composed CPU core keeps no states: y as ss2d's, an empty accumulation-type tensor."""
+    _extension_or_skip()
+    x = make_x(2, 5, 3, 4, "cpu", dtype=dtype)
+    ws = make_weights(4, 1, 3, "cpu")
+    y, states = torch.ops.pyssm.ss2d_with_states(x, *ws, False, False)
+    torch.testing.assert_close(y, torch.ops.pyssm.ss2d(x, *ws, False, False), atol=0, rtol=0)
+    assert states.numel() == 0
+    assert states.dtype == (F64 if dtype == F64 else torch.float32)
+
+
+def test_backward_checks_the_states_it_is_given():
+    """ss2d_backward's states: the forward's shape, dtype and device, or empty / None."""
+    _extension_or_skip()
+    x = make_x(1, 9, 15, 4, "cpu")
+    ws = make_weights(4, 1, 3, "cpu")
+    g = torch.randn_like(x)
+    want = torch.ops.pyssm.ss2d_backward(g, x, *ws, False)
+    for states in (None, torch.empty(0, dtype=F64)):
+        for a, b in zip(torch.ops.pyssm.ss2d_backward(g, x, *ws, False, states), want):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # 135 positions: 3 tiles of 64
+    with pytest.raises(RuntimeError, match=r"states must be .*\[1, 4, 3, 4\].*got \[1, 4, 2, 4\]"):
+        torch.ops.pyssm.ss2d_backward(g, x, *ws, False, torch.zeros(1, 4, 2, 4, dtype=F64))
+    with pytest.raises(RuntimeError, match="states must be Double .*got Float"):
+        torch.ops.pyssm.ss2d_backward(g, x, *ws, False, torch.zeros(1, 4, 3, 4))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d") if p.id == "cuda"])
+@pytest.mark.parametrize("B,H,W,D,R,channels_first", [
+    (68, 9, 13, 40, 6, False),   # 68 x 4 x 2 blocks: one chunk a scan; 2 tiles, a partial one
+    (34, 11, 12, 64, 24, True),  # dt_rank 24 (dpre and the GEMMs), channels-first
+])
+def test_cuda_backward_from_the_forward_states(device, backend, B, H, W, D, R, channels_first,
+                                               monkeypatch):
+    """CUDA, batches whose blocks fill the GPU (2 an SM on up to 132 SMs): the forward keeps
+    the states and the backward runs its main kernel alone from them; every gradient against
+    the float64 CPU kernel and against the summary pass (PYSSM_SS2D_STATES=0)."""
+    x = make_x(B, H, W, D, device, channels_first=channels_first)
+    ws = make_weights(D, 1, R, device)
+    g = torch.randn_like(x)
+    L = H * W
+    assert torch.cuda.get_device_properties(device).multi_processor_count * 2 <= B * 4 * (
+        -(-D // 32)), "a GPU with more SMs chunks these scans: grow B"
+    y, states = torch.ops.pyssm.ss2d_with_states(x.float(), *(w.float() for w in ws),
+                                                  channels_first, False)
+    assert states.shape == (B, 4, -(-L // 64), D) and states.dtype == torch.float32
+
+    def grads(dev, dtype, backend):
+        ts = [t.detach().to(dev, dtype).requires_grad_() for t in (x, *ws)]
+        out = ops.ss2d(*ts, channels_first=channels_first, backend=backend)
+        return [a.double().cpu() for a in torch.autograd.grad(out, ts, g.to(dev, dtype))]
+
+    want = grads("cpu", F64, "cpu")
+    names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
+    kept = grads(device, torch.float32, backend)
+    for name, a, b in zip(names, grads(device, F64, backend), want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=f"d{name} float64")
+    for name, a, b in zip(names, kept, want):
+        assert (a - b).abs().max() <= 2e-4 * b.abs().max() + 1e-6, f"d{name} float32"
+    monkeypatch.setenv("PYSSM_SS2D_STATES", "0")
+    for name, a, b in zip(names, grads(device, torch.float32, backend), kept):
+        assert (a - b).abs().max() <= 2e-4 * b.abs().max() + 1e-6, f"d{name} with / without"
