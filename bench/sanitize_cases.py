@@ -59,12 +59,15 @@ def ss2d_cases():
     # and fourth: the d_state-1 forward (v3), the fourth with dt_projs_weight in shared memory
     # (dt_rank 33) and a partial block of channels, whose backward is v3's over dt_rank 16
     # (dpre written out for the GEMMs); the second and fifth: the x_proj kernel's
-    # forward, the fifth its adjoint too (fp16; bf16's, with dz's split, in the autocast case)
+    # forward, the fifth its adjoint too (fp16; bf16's, with dz's split, in the autocast case);
+    # the sixth a batch whose blocks fill up to 132 SMs at 2 an SM (68 x 4 x 2): the forward
+    # keeps its tile states (a partial last tile) and the backward's main kernel runs from them
     for batch, H, W, dim, dstate, rank, dtype in ((2, 7, 9, 6, 2, 3, torch.float32),
                                                   (1, 45, 47, 8, 1, 1, torch.bfloat16),
                                                   (1, 5, 6, 130, 16, 2, torch.float16),
                                                   (1, 9, 11, 40, 1, 33, torch.float32),
-                                                  (2, 9, 11, 40, 1, 6, torch.float16)):
+                                                  (2, 9, 11, 40, 1, 6, torch.float16),
+                                                  (68, 5, 14, 40, 1, 6, torch.bfloat16)):
         def run(b=batch, h=H, w=W, d=dim, n=dstate, r=rank, dt=dtype):
             return ops.ss2d(rand(b, h, w, d, dtype=dt), rand(4, r + 2 * n, d) * 0.3,
                             rand(4, d, r) * 0.3, rand(4, d) * 0.1 - 3, rand(4 * d, n) * 0.1,

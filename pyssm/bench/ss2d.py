@@ -75,11 +75,10 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     pieces = harness.Provider(f"pyssm-{kernel}-unfused", pieces.fn, pieces.status)
     # the fused kernels with each scan in one chunk (one pass, fewer blocks) instead of the
     # chunks that give ~2 blocks of 8 warps per SM (two passes where the batch alone does not):
-    # which side of that trade wins is for the GPU to say. In the backward, one chunk instead
-    # of v1's chunking (~16 blocks of 128 channels an SM: 9 chunks at VMamba-T stage 1, 224 px
-    # x 64): no chunk carries, the case a forward that kept its tile states would serve
-    # (csrc/ss2d/NOTES.md). (csrc/ss2d/ss2d_cuda.cpp reads PYSSM_SS2D_BLOCKS_PER_SM at every
-    # call.)
+    # which side of that trade wins is for the GPU to say. In the backward the forward then
+    # keeps its tile states at every batch and the main kernel runs alone from them, over the
+    # few blocks of one chunk a scan. (csrc/ss2d/ss2d_cuda.cpp reads PYSSM_SS2D_BLOCKS_PER_SM
+    # at every call.)
     one_chunk = harness.Provider(f"pyssm-{kernel}-1chunk", ours.fn, ours.status,
                                  modes=("forward", "backward"),
                                  env={"PYSSM_SS2D_BLOCKS_PER_SM": "0"})
@@ -91,6 +90,11 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     # default at d_state 1)
     bwd_v1 = harness.Provider(f"pyssm-{kernel}-bwd-v1", ours.fn, ours.status,
                               modes=("backward", "full"), env={"PYSSM_SS2D_BWD": "v1"})
+    # training without the forward's tile states (PYSSM_SS2D_STATES=0): the backward's
+    # summary pass and carries over v1's chunking, as before the states, where `ours` keeps
+    # them (batches whose blocks fill the GPU in one chunk a scan: 224 px x 64 here)
+    no_states = harness.Provider(f"pyssm-{kernel}-no-states", ours.fn, ours.status,
+                                 modes=("backward", "full"), env={"PYSSM_SS2D_STATES": "0"})
     # v3's main kernel after v1's summary pass: which half of the change did what
     bwd_v1_summary = harness.Provider(f"pyssm-{kernel}-bwd-v1-summary", ours.fn, ours.status,
                                       modes=("backward",), env={"PYSSM_SS2D_BWD": "v1-summary"})
@@ -102,8 +106,8 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
         # v3's backward is off (the device check sets this when its smoke failed): the rows
         # that would run its kernels anyway stay off, so that a fault cannot end the run
         off = "skipped: PYSSM_SS2D_BWD=v1 is set (v3's backward off)"
-        bwd_v1_summary, bwd_wide = (harness.Provider(p.name, None, off, modes=p.modes)
-                                    for p in (bwd_v1_summary, bwd_wide))
+        bwd_v1_summary, bwd_wide, no_states = (harness.Provider(p.name, None, off, modes=p.modes)
+                                               for p in (bwd_v1_summary, bwd_wide, no_states))
     # x_proj as before the tensor-core kernel: x cast to float32, then an fp32 GEMM (forward
     # and the backward's recomputation)
     xproj_gemm = harness.Provider(f"pyssm-{kernel}-xproj-gemm", ours.fn, ours.status,
@@ -137,9 +141,10 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
         if device.type != "cuda":
             variants = []
         elif first:
-            variants = [one_chunk, v2, xproj_gemm, bwd_v1, bwd_v1_summary, bwd_wide]
+            variants = [one_chunk, v2, xproj_gemm, no_states, bwd_v1, bwd_v1_summary,
+                        bwd_wide]
         else:  # the later stages: the backward's v3 (dpre and two GEMMs) against v1
-            variants = [bwd_v1]
+            variants = [no_states, bwd_v1]
         out.append(harness.Case(
             op="ss2d", size={"model": model, "stage": stage, "res": res,
                              "grid": f"{grid}x{grid}", "batch": batch, "D": dim,

@@ -66,6 +66,26 @@ def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
     assert ss2d_smoke.main() == status
 
 
+def test_ss2d_smoke_reports_the_states_path_apart(monkeypatch):
+    """A backward wrong only where the forward's states are kept (training with
+    PYSSM_SS2D_STATES on) gives 8, and nothing else."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import ss2d_smoke
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("PYSSM_SS2D_SMOKE_DEVICE", "cpu")
+    real = ss2d_smoke.ops.ss2d
+
+    def off(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        kept = os.environ.get("PYSSM_SS2D_STATES") == "1" and x.requires_grad
+        return out * 1.01 if kept and x.dtype == torch.float32 else out
+
+    monkeypatch.setattr(ss2d_smoke.ops, "ss2d", off)
+    assert ss2d_smoke.main() == 8
+
+
 @pytest.mark.parametrize("norm_conv,fc1,fc2,mlp,whole,norm_linear,status", [
     (1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 0), (0.5, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1),
     (1e-3, float("nan"), 1e-3, 1e-3, 1e-3, 1e-3, 2), (1e-3, None, 1e-3, 1e-3, 1e-3, 1e-3, 2),
@@ -139,12 +159,15 @@ def test_memory_model_runs_and_puts_the_ops_back():
 def test_ss2d_table_keeps_v3_backward_rows_off_when_the_smoke_turned_it_off(setting, monkeypatch):
     """With PYSSM_SS2D_BWD=v1 (device_check.sh's answer to a failed ss2d smoke) the ss2d
     table's rows that would set their own PYSSM_SS2D_BWD and run v3's kernels anyway
-    (v1-summary, v3-wide) do not run; without it they do, and v1's row runs either way."""
+    (v1-summary, v3-wide) do not run, nor does the no-states row (v1 keeps none: the same as
+    the default row); without it they do, and v1's row runs either way."""
     from pyssm.bench import ss2d
     monkeypatch.setenv("PYSSM_SS2D_BWD", setting)
     for case in ss2d.cases(torch.device("cuda"), quick=True):
         runs = {p.name: p.fn is not None for p in case.providers}
         assert runs["pyssm-cuda-bwd-v1"]
-        for name in ("pyssm-cuda-bwd-v1-summary", "pyssm-cuda-bwd-v3-wide"):
+        assert "pyssm-cuda-no-states" in runs
+        for name in ("pyssm-cuda-bwd-v1-summary", "pyssm-cuda-bwd-v3-wide",
+                     "pyssm-cuda-no-states"):
             if name in runs:
                 assert runs[name] == (setting != "v1"), name
