@@ -47,7 +47,10 @@ kernels too:
     read dy and x, dx written;
   - ss2d (csrc/ss2d/ss2d_cuda.cpp's backward): x_proj recomputed, dx and dz zeroed, v3's
     summary and main passes (issue-bound: NOTES.md's instruction counts a warp-step at the
-    full issue rate, the 64-position tiles padded; dx by atomics combined in the L2), over
+    full issue rate, the 64-position tiles padded; dx by atomics combined in the L2; the
+    summary pass not where the forward kept its tile states, B x 4 x ceil(D / 32) blocks at
+    2 an SM on the H200's 132, written by the forward and read by the main pass, unless
+    --no-ss2d-states), over
     dt_rank 16 dpre written and its two GEMMs, x_proj's adjoint (dz and the fp32 dx read, dx
     and dz's bf16 split written) and dW_x's GEMM on the split;
   - attention (flash): q, k, v, the output, its gradient and the LSE read, dq, dk, dv
@@ -88,7 +91,8 @@ from pyssm.ops import mlp_residual_triton
 BANDWIDTH = 4.3e12      # B/s, device-to-device copy counting bytes read and written
 MATRIX_RATE = 790e12    # FLOP/s, dense bf16 on tensor cores
 SCAN_STEP_S = 0.14e-3 / 77e6  # the ss2d forward v3's predicted time per step (see above)
-ISSUE_RATE = 4 * 132 * 1.98e9  # warp instructions a second: 4 an SM a clock, 132 SMs (H200)
+SMS = 132  # the H200's
+ISSUE_RATE = 4 * SMS * 1.98e9  # warp instructions a second: 4 an SM a clock
 LOW = torch.bfloat16
 aten = torch.ops.aten
 
@@ -249,7 +253,8 @@ def conv_silu_stand_in(x, weight, bias, activation="silu", out_dtype=None, backe
 
 
 def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, *,
-                  channels_first=True, out_float32=False, backend=None):
+                  channels_first=True, out_float32=False, backend=None, states_bytes=0):
+    """states_bytes: the tile states the scan kernel also writes (training)."""
     B, D, H, W = x.shape if channels_first else x.permute(0, 3, 1, 2).shape
     L, K = H * W, x_proj_weight.shape[0] * x_proj_weight.shape[1]
     with TRACE.untraced():
@@ -262,7 +267,7 @@ def ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, 
               2 * B * L * D * K)
     TRACE.add("ss2d.zero_y", "ss2d", 0, y_bytes)
     params = sum(nbytes(p) for p in (dt_projs_weight, dt_projs_bias, A_logs, Ds))
-    TRACE.add("ss2d.scan", "ss2d", x_bytes + z_bytes + y_bytes + params, y_bytes,
+    TRACE.add("ss2d.scan", "ss2d", x_bytes + z_bytes + y_bytes + params, y_bytes + states_bytes,
               fixed_s=4 * B * L * D * SCAN_STEP_S)
     if not out_float32:
         TRACE.add("ss2d.cast", "cast/copy", y_bytes, nbytes(out))
@@ -398,13 +403,29 @@ def conv_silu_trainable(x, weight, bias, activation="silu", out_dtype=None, back
     return _ConvSilu.apply(x, weight, bias, out_dtype)
 
 
+# training: whether the ss2d forward keeps its tile states for the backward (PYSSM_SS2D_STATES;
+# main's --no-ss2d-states turns it off)
+SS2D_STATES = True
+
+
+def ss2d_states_bytes(B: int, D: int, L: int) -> int:
+    """The tile states the fused forward keeps in training (float32, one per 64-position
+    tile, direction and channel), or 0 where it keeps none: its scans run in chunks unless
+    B x 4 x ceil(D / 32) blocks reach 2 an SM (csrc/ss2d/ss2d_cuda.cpp)."""
+    if not SS2D_STATES or B * 4 * -(-D // 32) < 2 * SMS:
+        return 0
+    return B * 4 * D * -(-L // 64) * 4
+
+
 class _Ss2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, kwargs):
         ctx.metas = _metas(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
         ctx.channels_first = kwargs["channels_first"]
+        B, D, H, W = x.shape if ctx.channels_first else x.permute(0, 3, 1, 2).shape
+        ctx.states = ss2d_states_bytes(B, D, H * W)
         return ss2d_stand_in(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds,
-                             **kwargs)
+                             states_bytes=ctx.states, **kwargs)
 
     @staticmethod
     def backward(ctx, dy):
@@ -419,10 +440,11 @@ class _Ss2d(torch.autograd.Function):
         warp_steps = B * 4 * -(-D // 32) * -(-L // 64) * 64
         summary, main = ss2d_backward_instructions(R)
         reads = x_bytes + z_bytes + nbytes(dy)
-        TRACE.add("ss2d.backward.summary", "ss2d", reads, 0,
-                  fixed_s=warp_steps * summary / ISSUE_RATE)
-        TRACE.add("ss2d.backward.main", "ss2d", reads + acc_bytes + z_bytes, acc_bytes + z_bytes,
-                  fixed_s=warp_steps * main / ISSUE_RATE)
+        if not ctx.states:  # (with the forward's states the main pass runs alone)
+            TRACE.add("ss2d.backward.summary", "ss2d", reads, 0,
+                      fixed_s=warp_steps * summary / ISSUE_RATE)
+        TRACE.add("ss2d.backward.main", "ss2d", reads + acc_bytes + z_bytes + ctx.states,
+                  acc_bytes + z_bytes, fixed_s=warp_steps * main / ISSUE_RATE)
         if R > 16:  # dpre out, then dz's dt part and dt_projs_weight's gradient by two GEMMs
             dpre = 4 * B * L * D * 4
             TRACE.add("ss2d.backward.dpre", "ss2d", 0, dpre)
@@ -619,7 +641,12 @@ def main(argv=None) -> int:
                              "layer_norm_linear)")
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
+    parser.add_argument("--no-ss2d-states", action="store_true",
+                        help="with --train: the ss2d forward keeps no tile states, so its "
+                             "backward runs the summary pass (PYSSM_SS2D_STATES=0)")
     args = parser.parse_args(argv)
+    global SS2D_STATES
+    SS2D_STATES = not args.no_ss2d_states
     if args.train and (args.unfused_residual or args.unfused_stem or args.two_pass_mlp
                        or args.unfused_norm_linear):
         parser.error("--train traces the training path: no --unfused-residual, --unfused-stem, "
@@ -629,7 +656,8 @@ def main(argv=None) -> int:
     if args.train:
         kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp)
         what = (f"training step (forward, backward; MLP "
-                f"{'as its layers' if args.unfused_mlp else 'as mlp_gelu'})")
+                f"{'as its layers' if args.unfused_mlp else 'as mlp_gelu'}"
+                f"{'; ss2d without tile states' if args.no_ss2d_states else ''})")
     else:
         kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
                                   not args.unfused_stem, not args.unfused_residual,
