@@ -63,6 +63,9 @@ NOTES = [
     "pyssm-residual-summed (GPU, step rows): the pyssm model with each block's output summed "
     "before the next block (PYSSM_RESIDUAL_PAIRS=0), as before the blocks handed the residual "
     "stream on unsummed in training: what the pairs gain, in the same run.",
+    "pyssm-ss2d-no-states (GPU, VMamba step rows): the pyssm model with the ss2d forward "
+    "keeping no tile states (PYSSM_SS2D_STATES=0), so each backward runs its summary pass: "
+    "what the states gain, in the same run.",
 ]
 
 
@@ -76,6 +79,8 @@ COMPARISONS = [
     ("pyssm-norm-unfused", ("forward",), {"PYSSM_NORM_LINEAR": "0"}, "vmamba"),
     ("pyssm-residual-summed", ("step",), {"PYSSM_RESIDUAL_PAIRS": "0"}, None),
     ("pyssm-qkv-copied", ("forward", "step"), {"PYSSM_QKVPACKED": "0"}, "vit"),
+    # the ss2d backward's summary pass, without the forward's tile states
+    ("pyssm-ss2d-no-states", ("step",), {"PYSSM_SS2D_STATES": "0"}, "vmamba"),
 ]
 
 
