@@ -70,7 +70,10 @@ struct alignas(4 * sizeof(acc_t)) Segment {
 // kSummary: the summary pass instead (tiles first to last: the state entering every tile from
 // zero and the dt summed before it, at the tiles where v1's summary would write them, and the
 // chunk's decay, end state and adjoint summary), which needs only sweep 1 and the chains.
-template <typename T, int kMaxR, bool kSummary>
+// kGiven (not with kSummary): the main pass from the forward's states (p.states, one chunk), no
+// summaries read; a variant of its own so that the summaries' path keeps its registers (the
+// runtime choice cost the dt_rank-8 bf16 kernel 12 more bytes of spills each way on sm_90a).
+template <typename T, int kMaxR, bool kSummary, bool kGiven = false>
 __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::type) == 4 ? 2 : 1))
     n1_kernel(const Ss2dBwdParams p) {
   using acc_t = typename Acc<T>::type;
@@ -208,16 +211,16 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
   __syncthreads();
   if (tiles > 0) load_tile(0);
 
-  // the forward's states (one chunk: nothing enters it from either side), or the summaries
-  const acc_t* fwd_states =
-      !kSummary && p.states != nullptr
-          ? static_cast<const acc_t*>(p.states) + (b * 4 + k) * ss2d_state_tiles(L) * D + dd
-          : nullptr;
-  const bool summaries = !kSummary && fwd_states == nullptr && active;
-  // tile 0 of the chunk in the summaries' scratch (none with the forward's states)
-  acc_t* ts_base = fwd_states == nullptr ? tile_states<acc_t>(p) + bkc * tpc * D + dd : nullptr;
-  acc_t* tdt_base =
-      fwd_states == nullptr ? tile_dts<acc_t>(p, kV1Tile) + bkc * tpc * D + dd : nullptr;
+  // the state entering tile 0 of the chunk: the summary pass's (from zero, with the dt summed
+  // before it to carry the chunk's entering state in; 4 of its 16-position tiles a tile), or
+  // (kGiven) the forward's, a tile apart (one chunk: nothing enters it from either side)
+  static_assert(!(kSummary && kGiven), "the summary pass computes the states");
+  const acc_t* given = kGiven ? static_cast<const acc_t*>(p.states) +
+                                    (b * 4 + k) * ss2d_state_tiles(L) * D + dd
+                              : nullptr;
+  acc_t* ts_base = kGiven ? nullptr : tile_states<acc_t>(p) + bkc * tpc * D + dd;
+  acc_t* tdt_base = kGiven ? nullptr : tile_dts<acc_t>(p, kV1Tile) + bkc * tpc * D + dd;
+  const bool summaries = !kSummary && !kGiven && active;
   const acc_t h_chunk = summaries ? summary<acc_t>(p, kStateIn)[sat] : acc_t(0);
   acc_t carry = summaries ? summary<acc_t>(p, kAdjIn)[sat] : acc_t(0);  // a g, from the right
   acc_t dA = 0, dDs = 0, dbias = 0;
@@ -242,8 +245,8 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps, (sizeof(typename Acc<T>::t
     }
     // the state entering the tile (summary kernel's tile 4t starts where this one does)
     acc_t h_tile = 0;
-    if (fwd_states != nullptr) {
-      h_tile = active ? fwd_states[int64_t(t) * D] : acc_t(0);
+    if (kGiven && active) {
+      h_tile = given[int64_t(t) * D];
     } else if (!kSummary && active) {
       const int64_t at = int64_t(t) * (kN1Tile / kV1Tile) * D;
       h_tile = ts_base[at] + exp_(A * tdt_base[at]) * h_chunk;
@@ -478,8 +481,8 @@ cudaError_t launch_n1(const Ss2dBwdParams& p, cudaStream_t stream) {
   const size_t smem = ss2d_bwd_n1_layout(int(p.rank), sizeof(T), sizeof(acc_t)).bytes;
   if (p.states != nullptr) {  // the forward's states: the main kernel alone
     if (p.chunks != 1) return cudaErrorInvalidValue;
-    return launch_kernel(n1_kernel<T, kMaxR, false>, grid, dim3(kN1Lanes * kN1Warps), smem,
-                         stream, p);
+    return launch_kernel(n1_kernel<T, kMaxR, false, true>, grid, dim3(kN1Lanes * kN1Warps),
+                         smem, stream, p);
   }
   cudaError_t err;
   if (p.n1_summary) {

@@ -174,12 +174,6 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
   const acc_t Dk = active ? static_cast<const acc_t*>(p.Ds)[k * D + d] : acc_t(0);
   const acc_t A = active ? static_cast<const acc_t*>(p.A)[k * D + d] : acc_t(0);
   const int64_t state_at = ((b * 4 + k) * p.chunks + chunk) * D + (active ? d : d0);
-  // pass 1 with p.states: the state entering each tile, for the backward (warp 0's lanes: a
-  // row of 32 channels a tile)
-  acc_t* states = kPass == 1 && p.states != nullptr && active && warp == 0
-                      ? static_cast<acc_t*>(p.states) +
-                            ((b * 4 + k) * ss2d_state_tiles(L) + l_begin / kN1Tile) * D + d
-                      : nullptr;
   // 16-byte paths: x rows and y rows start 16-byte aligned and hold whole vectors
   const bool x_vec = D % kXVec == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
   const bool y_vec = std::is_same<acc_t, float>::value && D % 4 == 0 &&
@@ -274,7 +268,14 @@ __global__ void __launch_bounds__(kN1Lanes* kN1Warps,
       P *= a[i];
       Hs = a[i] * Hs + bu[i];
     }
-    if (states != nullptr) states[int64_t(t) * D] = carry;  // (the state entering tile t)
+    // pass 1 with p.states: the state entering tile t, for the backward (warp 0's lanes: a
+    // row of 32 channels), its address from the parameters and the block's indices (not held
+    // in registers over the loop)
+    if (kPass == 1 && p.states != nullptr && tid < channels) {
+      const int64_t tile = int64_t(blockIdx.y) * (p.chunk_len / kN1Tile) + t;
+      static_cast<acc_t*>(p.states)[(int64_t(blockIdx.z) * ss2d_state_tiles(p.height * p.width) +
+                                     tile) * p.dim + int64_t(blockIdx.x) * kN1Lanes + tid] = carry;
+    }
     // the warps' segments in order: the state entering this warp's positions and the next tile
     Pair<acc_t>* pairs = reinterpret_cast<Pair<acc_t>*>(seg);
     pairs[warp * kN1Lanes + lane] = Pair<acc_t>{P, Hs};

@@ -105,7 +105,8 @@ class Mlp(nn.Module):
         hidden = self._fc1_gelu(x, backend)
         return self.fc2(self.act(self.fc1(x)) if hidden is None else hidden)
 
-    def add_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> None:
+    def add_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None = None,
+                 whole: bool | None = None) -> None:
         """``s += self(x)`` in place, where autograd records nothing (add_mlp's in-place path).
         In 16-bit inference, where ``pyssm.ops.linear_residual_``'s kernel runs, fc2 and the
         add are one pass: fc2's output is rounded to 16 bits in registers and added to s there,
@@ -113,12 +114,14 @@ class Mlp(nn.Module):
         check's switch after a failed Triton smoke) keeps fc2 and then the add. Up to
         FUSED_MLP_WIDTH wide, where ``pyssm.ops.mlp_residual_``'s kernel runs, the whole MLP
         and the add are one pass that never writes the hidden layer (the same values as
-        linear_gelu and then linear_residual_; PYSSM_MLP_RESIDUAL=0 keeps those two)."""
+        linear_gelu and then linear_residual_; PYSSM_MLP_RESIDUAL=0 keeps those two).
+        ``whole``: ``fuses_whole(s, x, backend)`` where the caller has it already (add_mlp),
+        so that it is not worked out twice a call."""
         backend = backend or self.backend
         if hooked(self):  # (its hooks see the call and its output)
             s.add_(self(x, backend=backend))
             return
-        if self._mlp_into(s, x, backend):
+        if self._mlp_into(s, x, backend, whole):
             return
         hidden = self._fc1_gelu(x, backend)
         if hidden is None:
@@ -178,10 +181,11 @@ class Mlp(nn.Module):
         return mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
                                         backend or self.backend)
 
-    def _mlp_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None) -> bool:
-        """s += self(x) by mlp_residual_ where ``fuses_whole``; False elsewhere (nothing
-        done)."""
-        if not self.fuses_whole(s, x, backend):
+    def _mlp_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None,
+                  whole: bool | None = None) -> bool:
+        """s += self(x) by mlp_residual_ where ``fuses_whole`` (``whole``, where given);
+        False elsewhere (nothing done)."""
+        if not (self.fuses_whole(s, x, backend) if whole is None else whole):
             return False
         dtype = self._low_dtype(x)
         x = x.to(dtype)
@@ -322,12 +326,13 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
     fc1 = getattr(mlp, "fc1", None)
     ratio = fc1.out_features / fc1.in_features if isinstance(fc1, nn.Linear) else 4
     chunks = batch_slices(h.numel() * ratio * h.element_size())
-    if isinstance(mlp, Mlp) and mlp.fuses_whole(s, h, backend):
+    whole = isinstance(mlp, Mlp) and mlp.fuses_whole(s, h, backend)
+    if whole:
         chunks = 1  # (one mlp_residual_ pass: no hidden layer alive to bound, one launch)
     with mlp.casts_kept() if isinstance(mlp, Mlp) else contextlib.nullcontext():
         for hc, sc in zip(h.chunk(chunks), s.chunk(chunks)):
-            if isinstance(mlp, Mlp):
-                mlp.add_into(sc, hc, backend)  # (fc2 and the add in one pass where it can)
+            if isinstance(mlp, Mlp):  # (fc2 and the add in one pass where it can)
+                mlp.add_into(sc, hc, backend, whole)
             else:
                 sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
     return s

@@ -45,17 +45,23 @@ def test_ss2d_smoke_runs_on_the_cpu_kernels():
     assert "ss2d smoke: ok" in done.stdout
 
 
-@pytest.mark.parametrize("wrong,status", [(torch.float32, 1), (torch.bfloat16, 4)],
-                         ids=["forward", "x_proj"])
-def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
-    """The exit status says which part failed: a forward off by 1% for fp32 x gives 1 (the
-    scan), for bf16 x 4 (x_proj, forward and backward)."""
+def _ss2d_smoke_on_the_cpu(monkeypatch):
+    """bench/ss2d_smoke.py as a module, set to check the CPU kernels."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import ss2d_smoke
     finally:
         sys.path.pop(0)
     monkeypatch.setenv("PYSSM_SS2D_SMOKE_DEVICE", "cpu")
+    return ss2d_smoke
+
+
+@pytest.mark.parametrize("wrong,status", [(torch.float32, 1), (torch.bfloat16, 4)],
+                         ids=["forward", "x_proj"])
+def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
+    """The exit status says which part failed: a forward off by 1% for fp32 x gives 1 (the
+    scan), for bf16 x 4 (x_proj, forward and backward)."""
+    ss2d_smoke = _ss2d_smoke_on_the_cpu(monkeypatch)
     real = ss2d_smoke.ops.ss2d
 
     def off(x, *args, **kwargs):
@@ -69,12 +75,7 @@ def test_ss2d_smoke_reports_what_is_wrong(monkeypatch, wrong, status):
 def test_ss2d_smoke_reports_the_states_path_apart(monkeypatch):
     """A backward wrong only where the forward's states are kept (training with
     PYSSM_SS2D_STATES on) gives 8, and nothing else."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import ss2d_smoke
-    finally:
-        sys.path.pop(0)
-    monkeypatch.setenv("PYSSM_SS2D_SMOKE_DEVICE", "cpu")
+    ss2d_smoke = _ss2d_smoke_on_the_cpu(monkeypatch)
     real = ss2d_smoke.ops.ss2d
 
     def off(x, *args, **kwargs):

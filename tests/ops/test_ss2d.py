@@ -342,6 +342,14 @@ def test_fused_backward_model_matches_autograd(case):
                                    msg=f"d{name}")
 
 
+def _grads(x, ws, g, dev, dtype, backend, channels_first):
+    """ss2d's gradients in every argument at (x, *ws) and output gradient g, all moved to
+    ``dev`` in ``dtype``, as float64 CPU tensors."""
+    ts = [t.detach().to(dev, dtype).requires_grad_() for t in (x, *ws)]
+    out = ops.ss2d(*ts, channels_first=channels_first, backend=backend)
+    return [a.double().cpu() for a in torch.autograd.grad(out, ts, g.to(dev, dtype))]
+
+
 @pytest.mark.parametrize("device,backend", [p for p in backend_params("ss2d") if p.id == "cuda"])
 @pytest.mark.parametrize("B,H,W,D,N,R,channels_first", [
     (1, 23, 23, 5, 1, 2, False),    # one image: chunks with carries both ways
@@ -371,9 +379,7 @@ def test_cuda_fused_backward_at_sizes_that_chunk(device, backend, B, H, W, D, N,
     g = torch.randn_like(x)
 
     def grads(dev, dtype, backend):
-        ts = [t.detach().to(dev, dtype).requires_grad_() for t in (x, *ws)]
-        out = ops.ss2d(*ts, channels_first=channels_first, backend=backend)
-        return [a.double().cpu() for a in torch.autograd.grad(out, ts, g.to(dev, dtype))]
+        return _grads(x, ws, g, dev, dtype, backend, channels_first)
 
     want = grads("cpu", F64, "cpu")
     names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
@@ -502,9 +508,7 @@ def test_cuda_backward_from_the_forward_states(device, backend, B, H, W, D, R, c
     assert states.shape == (B, 4, -(-L // 64), D) and states.dtype == torch.float32
 
     def grads(dev, dtype, backend):
-        ts = [t.detach().to(dev, dtype).requires_grad_() for t in (x, *ws)]
-        out = ops.ss2d(*ts, channels_first=channels_first, backend=backend)
-        return [a.double().cpu() for a in torch.autograd.grad(out, ts, g.to(dev, dtype))]
+        return _grads(x, ws, g, dev, dtype, backend, channels_first)
 
     want = grads("cpu", F64, "cpu")
     names = "x x_proj_weight dt_projs_weight dt_projs_bias A_logs Ds".split()
