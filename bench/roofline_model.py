@@ -564,9 +564,20 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
 
 
 def trace_training(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
-                   **overrides) -> list[Kernel]:
+                   ss2d_states: bool = True, **overrides) -> list[Kernel]:
     """The kernels of one training step of ``batch`` images (module docstring, --train);
-    ``fused_mlp``: each MLP as mlp_gelu (else fc1, the GELU and fc2, with their backwards)."""
+    ``fused_mlp``: each MLP as mlp_gelu (else fc1, the GELU and fc2, with their backwards);
+    ``ss2d_states``: the ss2d forward keeps its tile states where it would on the GPU (else
+    never: each backward runs its summary pass)."""
+    global SS2D_STATES
+    saved, SS2D_STATES = SS2D_STATES, ss2d_states
+    try:
+        return _trace_training(encoder, img_size, batch, fused_mlp, overrides)
+    finally:
+        SS2D_STATES = saved
+
+
+def _trace_training(encoder, img_size, batch, fused_mlp, overrides) -> list[Kernel]:
     def step(model, images):
         with Autocast(model.parameters()):
             loss = model(images).float().mean()
@@ -645,8 +656,6 @@ def main(argv=None) -> int:
                         help="with --train: the ss2d forward keeps no tile states, so its "
                              "backward runs the summary pass (PYSSM_SS2D_STATES=0)")
     args = parser.parse_args(argv)
-    global SS2D_STATES
-    SS2D_STATES = not args.no_ss2d_states
     if args.train and (args.unfused_residual or args.unfused_stem or args.two_pass_mlp
                        or args.unfused_norm_linear):
         parser.error("--train traces the training path: no --unfused-residual, --unfused-stem, "
@@ -654,7 +663,8 @@ def main(argv=None) -> int:
                      "--unfused-mlp traces the MLP as its layers")
     batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
     if args.train:
-        kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp)
+        kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp,
+                                 not args.no_ss2d_states)
         what = (f"training step (forward, backward; MLP "
                 f"{'as its layers' if args.unfused_mlp else 'as mlp_gelu'}"
                 f"{'; ss2d without tile states' if args.no_ss2d_states else ''})")

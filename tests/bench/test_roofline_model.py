@@ -166,10 +166,43 @@ def test_a_training_step_traces_forward_and_backward(encoder, overrides):
         assert back[0].written == 2 * 3 * 17 * 3 * 384 and "aten.stack" not in ops
 
 
+def test_a_training_step_keeps_the_ss2d_states_where_the_gpu_would():
+    """With 66 images the ss2d forward's blocks (66 x 4 x 1 channel group) reach 2 an SM of
+    132: it writes its tile states and the backward has no summary pass; with 65, or with
+    ss2d_states=False, the summary pass runs and nothing is kept."""
+    small = dict(depths=(1, 1, 1, 1), dims=16)  # stage 1: d_inner 16, 16 x 16 pixels at 64 px
+
+    def ops_of(batch, **kw):
+        kernels = rm.trace_training("vmamba_tiny_s1l8", 64, batch, **kw, **small)
+        return kernels, {k.op for k in kernels}
+
+    kept, ops = ops_of(66)
+    assert "ss2d.backward.summary" not in ops
+    # float32, a tile of 64 positions, direction and channel: stages of 16, 32, 64 and 128
+    # channels on 16 x 16 (4 tiles), 8 x 8, 4 x 4 and 2 x 2 pixels (one tile each)
+    states = 66 * 4 * 4 * (16 * 4 + 32 + 64 + 128)
+    plain, plain_ops = ops_of(66, ss2d_states=False)
+    assert "ss2d.backward.summary" in plain_ops
+
+    def total(kernels, op, field):
+        return sum(getattr(k, field) for k in kernels if k.op == op)
+
+    assert total(kept, "ss2d.scan", "written") - total(plain, "ss2d.scan", "written") == states
+    assert (total(kept, "ss2d.backward.main", "read")
+            - total(plain, "ss2d.backward.main", "read")) == states
+    assert "ss2d.backward.summary" in ops_of(65)[1]
+    assert rm.SS2D_STATES  # (put back)
+    totals = [rm.summarize(t)["total"]["ms"] for t in (kept, plain)]
+    assert totals[0] < totals[1]
+
+
 def test_the_cli_takes_train():
     assert rm.main(["--encoder", "vit_small_patch16", "--img-size", "32", "--train",
                     "--batch", "2"]) == 0
     assert rm.main(["--encoder", "vit_small_patch16", "--img-size", "32", "--train",
                     "--unfused-mlp", "--batch", "2"]) == 0
+    assert rm.main(["--encoder", "vmamba_tiny_s1l8", "--img-size", "32", "--train",
+                    "--no-ss2d-states", "--batch", "2"]) == 0
+    assert rm.SS2D_STATES
     with pytest.raises(SystemExit):
         rm.main(["--train", "--unfused-residual"])
