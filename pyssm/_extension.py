@@ -36,8 +36,8 @@ UNVERIFIED_CUDA = frozenset({"ss2d", "cross_scan", "attention", "layer_norm", "l
 
 # Every op csrc/registration.cpp defines: a pyssm._C without one of them is stale
 SCHEMA = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_backward", "ss2d",
-          "ss2d_backward", "attention", "attention_backward", "attention_qkvpacked",
-          "attention_qkvpacked_backward")
+          "ss2d_with_states", "ss2d_backward", "attention", "attention_backward",
+          "attention_qkvpacked", "attention_qkvpacked_backward")
 
 _loaded = False
 _error: str | None = None
