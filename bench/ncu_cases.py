@@ -6,8 +6,10 @@
         python bench/ncu_cases.py
 
 ss2d forward and backward at VMamba-T stage 1 (64 x 56 x 56, D 96, N 1, R 6, bf16) and stage 3
-(64 x 14 x 14, D 384, R 24: the backward's v3 over dt_rank 16; its summary and main passes are
-both `n1_kernel`, in that order); flash
+(64 x 14 x 14, D 384, R 24: the backward's v3 over dt_rank 16); at batch 64 the forward keeps
+its tile states, so each backward is v3's main pass alone (`n1_kernel`, its kGiven variant; the
+summary pass, which runs only without the states, is not profiled here: the ss2d table's
+`pyssm-cuda-no-states` rows time it); flash
 attention forward and backward at ViT-B/16 224 px (197 tokens, 12 heads, head_dim 64, bf16,
 batch 128), then its backward again with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic: the Hopper
 backward's v1 beside v2's TMA reduce-adds); selective_scan forward and backward at the oflex
