@@ -26,6 +26,7 @@ import sys
 import torch
 
 from pyssm import ops
+from pyssm.bench.harness import env_overrides
 
 # (B, H, W, D, dt_rank): one chunk a scan at VMamba-T's width; a batch of one in chunks with
 # two channel blocks and dt_rank 12 (the 16-wide register weights); dt_rank 24 (VMamba-T
@@ -66,15 +67,8 @@ def backward_error(device, dtype, shapes=SHAPES, states=False) -> float:
     """fp32: the scans' backward; bf16 x (fp32 weights, an fp32 output and gradient): x_proj's
     recomputation, its adjoint and dW_x's GEMM besides. ``states``: the training path that
     keeps the forward's tile states (else PYSSM_SS2D_STATES=0: the summary pass)."""
-    saved = os.environ.get("PYSSM_SS2D_STATES")
-    os.environ["PYSSM_SS2D_STATES"] = "1" if states else "0"
-    try:
+    with env_overrides({"PYSSM_SS2D_STATES": "1" if states else "0"}):
         return _backward_error(device, dtype, shapes)
-    finally:
-        if saved is None:
-            os.environ.pop("PYSSM_SS2D_STATES")
-        else:
-            os.environ["PYSSM_SS2D_STATES"] = saved
 
 
 def _backward_error(device, dtype, shapes) -> float:
