@@ -18,6 +18,7 @@ import torch
 from emulation import build, poisoned, ptr
 
 from pyssm import ops
+from pyssm.ops.cross_scan import cross_scan_reference
 
 F64 = torch.float64
 CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -330,7 +331,6 @@ def test_ss2d_backward_n1_wide_at_small_ranks(emu, case, dtype):
 def states_reference(x, ws):
     """float64 model of the kept states: (B, 4, ceil(L / 64), D), direction k's state before
     positions 0, 64, 128, ... of its scan order (DESIGN.md's recurrence at d_state 1)."""
-    from pyssm.ops.cross_scan import cross_scan_reference
     x, ws = x.double(), [w.double() for w in ws]
     B, H, W, D = x.shape
     R, L = ws[1].shape[2], H * W

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatched import Dispatched
 from triton_params import INTERPRETER
 
 from pyssm.models import create_encoder
@@ -135,15 +135,8 @@ def test_block_by_block_where_pairs_do_not_apply(name, size, overrides, blocks, 
     assert sum(runs) == blocks - 3  # (ViT: all 3 blocks; VMamba: the hooked block's stage)
 
 
-class _CountAdds(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.adds = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_):
-            self.adds += 1
-        return func(*args, **kwargs or {})
+def _adds(seen: Dispatched) -> int:
+    return sum(f.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) for f in seen.ops)
 
 
 @INTERPRETER
@@ -161,9 +154,9 @@ def test_fewer_stream_adds_with_the_triton_norms(name, size, overrides, blocks, 
     counts, results = [], []
     for pairs in ("1", "0"):
         monkeypatch.setenv("PYSSM_RESIDUAL_PAIRS", pairs)
-        with _CountAdds() as mode:
+        with Dispatched() as seen:
             results.append(_loss_and_grads(model, x))
-        counts.append(mode.adds)
+        counts.append(_adds(seen))
     stages = 1 if name.startswith("vit") else 4
     # per block past a stage's first: a forward add and a backward sum fewer (ViT: the last
     # block's add too, which the final norm makes; VMamba: each stage's last sum made once)

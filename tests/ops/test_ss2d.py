@@ -6,10 +6,12 @@ import naive
 import pytest
 import torch
 from conftest import backend_params
+from dispatched import Dispatched
 
 from pyssm import _extension, ops
 
 F64 = torch.float64
+EXTENSION = pytest.mark.skipif(not _extension.available(), reason="extension not built")
 
 
 def make_weights(D, N, R, device, dtype=F64, requires_grad=False):
@@ -149,9 +151,8 @@ def test_bad_inputs(backend):
         call(A_logs=al.int())
 
 
+@EXTENSION
 def test_direct_op_call_checks_too():
-    if not _extension.available():
-        pytest.skip("extension not built")
     x = make_x(1, 3, 3, 4, "cpu")
     xp, dtw, dtb, al, ds = make_weights(4, 2, 3, "cpu")
     with pytest.raises(ValueError, match="x_proj_weight must have shape"):
@@ -413,36 +414,18 @@ def test_low_precision_gradients(device, backend, dtype, out_float32):
 
 # Training keeps the forward's tile states for the backward (ss2d_with_states).
 
-class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the pyssm ops a call dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "pyssm":
-            self.names.append(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
-def _extension_or_skip():
-    if not _extension.available():
-        pytest.skip("extension not built")
-
-
+@EXTENSION
 def test_training_calls_keep_the_states(monkeypatch):
     """Where autograd records, ss2d runs as ss2d_with_states (its backward gets the states);
     under no_grad, with nothing requiring a gradient, or with PYSSM_SS2D_STATES=0, as ss2d;
     the same values and gradients either way."""
-    _extension_or_skip()
     x = make_x(2, 5, 3, 4, "cpu", requires_grad=True)
     ws = make_weights(4, 1, 3, "cpu", requires_grad=True)
 
     def run(*args, grad=True):
-        with _Ops() as seen, torch.set_grad_enabled(grad):
+        with Dispatched() as seen, torch.set_grad_enabled(grad):
             out = ops.ss2d(*args, backend="cpu")
-        return out, seen.names
+        return out, [f._opname for f in seen.ops if f.namespace == "pyssm"]
 
     out, names = run(x, *ws)
     assert names == ["ss2d_with_states"]
@@ -458,10 +441,10 @@ def test_training_calls_keep_the_states(monkeypatch):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@EXTENSION
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 def test_states_op_on_the_cpu_keeps_none(dtype):
     """The composed CPU core keeps no states: y as ss2d's, an empty accumulation-type tensor."""
-    _extension_or_skip()
     x = make_x(2, 5, 3, 4, "cpu", dtype=dtype)
     ws = make_weights(4, 1, 3, "cpu")
     y, states = torch.ops.pyssm.ss2d_with_states(x, *ws, False, False)
@@ -470,9 +453,9 @@ def test_states_op_on_the_cpu_keeps_none(dtype):
     assert states.dtype == (F64 if dtype == F64 else torch.float32)
 
 
+@EXTENSION
 def test_backward_checks_the_states_it_is_given():
     """ss2d_backward's states: the forward's shape, dtype and device, or empty / None."""
-    _extension_or_skip()
     x = make_x(1, 9, 15, 4, "cpu")
     ws = make_weights(4, 1, 3, "cpu")
     g = torch.randn_like(x)
