@@ -145,8 +145,9 @@ class SS2D(nn.Module):
         rounded to ``dtype``, never written), or None where that does not apply: autograd
         recording (training keeps the norm's own backward), hooks on either module, other
         module types, a product not in 16 bits, the Triton kernel not running
-        (``norm.backend``'s choice), or PYSSM_NORM_LINEAR=0. x and the result are (B, C, H, W) stored channels-last for
-        channel-first configs, (B, H, W, C) otherwise, as the modules read and write them."""
+        (``norm.backend``'s choice), or PYSSM_NORM_LINEAR=0. x and the result are (B, C, H, W)
+        stored channels-last for channel-first configs, (B, H, W, C) otherwise, as the modules
+        read and write them."""
         if os.environ.get("PYSSM_NORM_LINEAR", "") == "0":
             return None
         channel_first = isinstance(norm, LayerNorm2d)
