@@ -4,8 +4,8 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
-``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu``, ``mlp_residual_`` or
-``layer_norm_linear`` launches for that row width, channel count or (K, N) (their tiles) and
+``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu``, ``mlp_residual_``,
+``norm_mlp_residual`` or ``layer_norm_linear`` launches for that row width, channel count or (K, N) (their tiles) and
 dtypes. Run without
 TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
 the cubin through Triton's bundled cuobjdump when it is there.
@@ -36,6 +36,7 @@ from pyssm.ops import linear_gelu_triton as LG  # noqa: E402
 from pyssm.ops import linear_residual_triton as LR  # noqa: E402
 from pyssm.ops import mlp_gelu_triton as MG  # noqa: E402
 from pyssm.ops import mlp_residual_triton as MR  # noqa: E402
+from pyssm.ops import norm_mlp_residual_triton as NMR  # noqa: E402
 from pyssm.ops.linear_gelu import ACTIVATIONS  # noqa: E402
 
 WIDTHS = (96, 384, 768, 1000, 4096)
@@ -160,6 +161,22 @@ def variants():
             name = "" if act == 0 else f" ({ACTIVATIONS[act]})"
             yield (f"mlp_residual forward{name}", f"{c}->{h}->{c}", f"{x}+fp32", MR._fwd, sig,
                    flags, warps)
+    for c, h in MLPS[:-1]:  # (norm_mlp_residual's kernel takes rows up to 256 wide)
+        # a bf16 branch into the float32 stream, bf16 products (the encoders'), every
+        # activation at 96 wide; float32 throughout at 96
+        for w, act in [("bf16", 0)] + ([("bf16", 1), ("bf16", 2), ("fp32", 0)] if c == 96 else []):
+            block_m, block_c, block_h, warps = NMR.tiles(c, w == "fp32")
+            sig = {"X": "*fp32", "R": f"*{w}", "NW": "*fp32", "NB": "*fp32", "W1": f"*{w}",
+                   "B1": f"*{w}", "W2": f"*{w}", "B2": f"*{w}", "OUT": "*fp32", "M": "i32",
+                   "C": "i32", "H": "i32", "stride_xm": "i32", "stride_rm": "i32",
+                   "stride_om": "i32", "eps": "fp32"}
+            flags = {"HAS_NW": True, "HAS_NB": True, "HAS_B1": True, "HAS_B2": True,
+                     "IEEE": w == "fp32", "EVEN_C": c == block_c, "EVEN_H": h % block_h == 0,
+                     "ACT": act, "BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_H": block_h,
+                     "CPU": False}
+            name = "" if act == 0 else f" ({ACTIVATIONS[act]})"
+            yield (f"norm_mlp_residual forward{name}", f"{c}->{h}->{c}", f"fp32+{w}->fp32",
+                   NMR._fwd, sig, flags, warps)
 
 
 def _mlp_variants(k: int, n: int, x: str, act: int):

@@ -28,11 +28,12 @@ REBUILD_HINT = (
 # the faster of the two there, runs) and attention (its forward v2, cp.async and ldmatrix,
 # came after that run). All three ran in the CPU emulation of tests/cuda_emulation, which
 # checks their logic, not the GPU's behaviour.
-# layer_norm, layer_norm_linear, depthwise_conv2d, linear_gelu, linear_residual, mlp_gelu and
-# mlp_residual (Triton, pyssm/ops/*_triton.py) have run only in Triton's interpreter.
+# layer_norm, layer_norm_linear, depthwise_conv2d, linear_gelu, linear_residual, mlp_gelu,
+# mlp_residual and norm_mlp_residual (Triton, pyssm/ops/*_triton.py) have run only in Triton's
+# interpreter.
 UNVERIFIED_CUDA = frozenset({"ss2d", "cross_scan", "attention", "layer_norm", "layer_norm_linear",
                              "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu",
-                             "mlp_residual"})
+                             "mlp_residual", "norm_mlp_residual"})
 
 # Every op csrc/registration.cpp defines: a pyssm._C without one of them is stale
 SCHEMA = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_backward", "ss2d",

@@ -11,7 +11,9 @@ of the batch when the hidden layer is large, so only a quarter of it is ever ali
 inference fc1 and the GELU can be one pass (``pyssm.ops.linear_gelu``, see ``Mlp``), and so can
 fc2 and that add (``pyssm.ops.linear_residual_``, see ``Mlp.add_into``), or, in MLPs up to 256
 wide, the whole MLP and the add (``pyssm.ops.mlp_residual_``: the hidden layer never written);
-in 16-bit training the whole MLP can be one op with its own backward (``pyssm.ops.mlp_gelu``).
+and with the norm before it and the residual add before that (``norm_add_mlp``:
+``pyssm.ops.norm_mlp_residual``, neither the sum nor its norm written); in 16-bit training the
+whole MLP can be one op with its own backward (``pyssm.ops.mlp_gelu``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pyssm.ops.mlp_gelu import mlp_gelu
 from pyssm.ops.mlp_gelu import uses_triton as mlp_gelu_uses_triton
 from pyssm.ops.mlp_residual import mlp_residual_
 from pyssm.ops.mlp_residual import uses_triton as mlp_residual_uses_triton
+from pyssm.ops.norm_mlp_residual import norm_mlp_residual
+from pyssm.ops.norm_mlp_residual import uses_triton as norm_mlp_residual_uses_triton
 
 # the widest MLP (its input and output width) add_into runs as one mlp_residual_ pass; wider
 # ones take linear_gelu and linear_residual_ (mlp_residual_triton.py says why)
@@ -336,3 +340,46 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
             else:
                 sc.add_(mlp(hc) if backend is None else mlp(hc, backend=backend))
     return s
+
+
+def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch.Tensor,
+                 drop_path: nn.Module | None = None,
+                 backend: str | None = None) -> torch.Tensor | None:
+    """A pre-norm block's second half, ``s + mlp(norm(s))`` with ``s = x + branch``, as one
+    ``pyssm.ops.norm_mlp_residual`` pass (the sum, its norm and the hidden layer never
+    written; the values of ``norm.add(branch, x, for_matmul=True)`` and then ``add_mlp``), or
+    None where that does not apply: PYSSM_NORM_MLP=0, torch.compile tracing, autograd
+    recording, a drop path that is not the identity, hooks on the norm, the MLP or its layers,
+    a norm other than pyssm's LayerNorm / LayerNorm2d or an MLP that ``add_mlp`` would not run
+    as one mlp_residual_ pass (``Mlp.fuses_whole``'s conditions: a GELU MLP up to
+    FUSED_MLP_WIDTH wide in 16-bit products, its layers matching the norm's layout), or the
+    kernel not running (the backend's choice: ``backend``, else the MLP's). x and branch and the
+    result are (B, C, H, W) stored channels-last for VMamba's channel-first configs, (..., C)
+    otherwise."""
+    from pyssm.models.norms import LayerNorm, LayerNorm2d, _out_dtype
+
+    if os.environ.get("PYSSM_NORM_MLP", "") == "0" or torch.compiler.is_compiling():
+        return None
+    identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
+    if (not identity or type(norm) not in (LayerNorm, LayerNorm2d) or not isinstance(mlp, Mlp)
+            or hooked(norm, mlp, mlp.fc1, mlp.act, mlp.fc2)
+            or records(x, norm, mlp) or records(branch)):
+        return None
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    channels_dim = mlp._channels_dim(fc1, x)
+    dtype = _out_dtype(branch, True) or torch.promote_types(x.dtype, branch.dtype)
+    if (mlp._activation() is None or channels_dim != (1 if type(norm) is LayerNorm2d else -1)
+            or mlp._channels_dim(fc2, x) != channels_dim
+            or dtype not in (torch.float16, torch.bfloat16)
+            or max(fc1.in_features, fc2.out_features) > FUSED_MLP_WIDTH):
+        return None
+    backend = backend or mlp.backend
+    if not norm_mlp_residual_uses_triton(x, branch, norm.weight, norm.bias, fc1.weight, fc1.bias,
+                                         fc2.weight, fc2.bias, dtype, backend):
+        return None
+    params = (*mlp._cast_params("fc1", dtype), *mlp._cast_params("fc2", dtype))
+    if channels_dim == 1:  # channels-last storage: (B, H, W, C) views, no copies
+        x, branch = x.permute(0, 2, 3, 1), branch.permute(0, 2, 3, 1)
+    out = norm_mlp_residual(x, branch, norm.weight, norm.bias, *params, eps=norm.eps,
+                            activation=mlp._activation(), dtype=dtype, backend=backend)
+    return out.permute(0, 3, 1, 2) if channels_dim == 1 else out

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.mlp import Mlp, add_mlp
+from pyssm.models.mlp import Mlp, add_mlp, norm_add_mlp
 from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.residual import carry_unsummed, run_unsummed, summed
@@ -104,6 +104,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         nb = triton_backend(backend)
         branch = self.attn(self.norm1(x, for_matmul=True, backend=nb), backend=backend)
+        out = norm_add_mlp(self.norm2, self.mlp, branch, x, backend=nb)  # all of it, one pass
+        if out is not None:
+            return out
         h, s = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
         del branch  # (not held while the MLP's hidden layer is alive)
         return add_mlp(self.mlp, h, s, x, backend=nb)  # s + mlp(h); in place in inference

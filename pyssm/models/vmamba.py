@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssm.models.mlp import GELU, Mlp, add_mlp, hooked, records
+from pyssm.models.mlp import GELU, Mlp, add_mlp, hooked, norm_add_mlp, records
 from pyssm.models.norms import LayerNorm, LayerNorm2d, matmul_dtype, triton_backend
 from pyssm.models.registry import register_encoder, strip_wrapper_prefixes
 from pyssm.models.residual import carry_unsummed, run_unsummed, summed
@@ -219,6 +219,9 @@ class VSSBlock(nn.Module):
             branch = self.drop_path(self.op(x, norm=self.norm))
         if not self.has_mlp:
             return x + branch
+        out = norm_add_mlp(self.norm2, self.mlp, branch, x, self.drop_path)  # all of it, one pass
+        if out is not None:
+            return out
         h, s = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass
         del branch  # (not held while the MLP's hidden layer is alive)
         return add_mlp(self.mlp, h, s, x, self.drop_path)  # s + mlp(h); in place in inference

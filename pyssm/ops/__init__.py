@@ -1,5 +1,6 @@
 """pyssm's ops: each a compiled CPU / CUDA kernel (layer_norm, layer_norm_linear,
-depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu, mlp_residual_: Triton kernels) with
+depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu, mlp_residual_, norm_mlp_residual:
+Triton kernels) with
 a pure-PyTorch reference beside it.
 
 Backends: ``cuda``, ``cpu`` or ``reference``, chosen per call with ``backend=``, globally with
@@ -17,6 +18,7 @@ from pyssm.ops.linear_gelu import linear_gelu, linear_gelu_reference
 from pyssm.ops.linear_residual import linear_residual_, linear_residual_reference_
 from pyssm.ops.mlp_gelu import mlp_gelu, mlp_gelu_reference
 from pyssm.ops.mlp_residual import mlp_residual_, mlp_residual_reference_
+from pyssm.ops.norm_mlp_residual import norm_mlp_residual, norm_mlp_residual_reference
 from pyssm.ops.selective_scan import selective_scan, selective_scan_reference
 from pyssm.ops.ss2d import ss2d, ss2d_reference
 
@@ -26,6 +28,7 @@ __all__ = [
     "depthwise_conv2d_reference", "layer_norm", "layer_norm_linear",
     "layer_norm_linear_reference", "layer_norm_reference", "linear_gelu",
     "linear_gelu_reference", "linear_residual_", "linear_residual_reference_", "mlp_gelu",
-    "mlp_gelu_reference", "mlp_residual_", "mlp_residual_reference_", "selective_scan",
+    "mlp_gelu_reference", "mlp_residual_", "mlp_residual_reference_", "norm_mlp_residual",
+    "norm_mlp_residual_reference", "selective_scan",
     "selective_scan_reference", "ss2d", "ss2d_reference",
 ]

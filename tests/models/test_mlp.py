@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 from triton_params import INTERPRETER
 
-from pyssm.models.mlp import GELU, Mlp, add_mlp
-from pyssm.models.norms import LayerNorm
+from pyssm.models.mlp import GELU, Mlp, add_mlp, norm_add_mlp
+from pyssm.models.norms import LayerNorm, LayerNorm2d
 from pyssm.models.vmamba import Linear2d
 from pyssm.ops import _triton
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.mlp_gelu import mlp_gelu
 from pyssm.ops.mlp_residual import mlp_residual_
+from pyssm.ops.norm_mlp_residual import norm_mlp_residual
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -383,18 +384,36 @@ def test_fc1_weight_cast_once_within_casts_kept(monkeypatch):
     assert "_casts" not in mlp.__dict__
 
 
+def _spy_norm_whole(monkeypatch):
+    """The calls norm_add_mlp makes to norm_mlp_residual, as the products' dtype."""
+    import pyssm.models.mlp as mlp_module
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["dtype"])
+        return norm_mlp_residual(*args, **kwargs)
+
+    monkeypatch.setattr(mlp_module, "norm_mlp_residual", spy)
+    return calls
+
+
 @INTERPRETER
-@pytest.mark.parametrize("whole", [True, False], ids=["mlp_residual", "two-passes"])
+@pytest.mark.parametrize("path", ["norm_mlp_residual", "mlp_residual", "two-passes"])
 @pytest.mark.parametrize("name,size", [("vmamba_tiny_s1l8", 64), ("vit_tiny_patch16", 48)])
-def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, whole, monkeypatch):
+def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, path, monkeypatch):
     """A whole encoder in bf16-autocast inference with every MLP's backend set to Triton (its
     interpreter here; on a GPU set_backend("cuda") sets it): every MLP (these are at most 192
-    wide) runs as one mlp_residual_, or, as wider MLPs do, fc1 + GELU as linear_gelu and fc2 +
-    the add as linear_residual_; the logits are those of torch's ops within bf16 rounding."""
+    wide) runs with its norm and the residual add before it as one norm_mlp_residual; with
+    PYSSM_NORM_MLP=0 as one mlp_residual_ after the norm; or, as wider MLPs do, fc1 + GELU as
+    linear_gelu and fc2 + the add as linear_residual_; the logits are those of torch's ops
+    within bf16 rounding."""
     from pyssm.models import create_encoder
     fc1_calls, fc2_calls = _spy_fused(monkeypatch), _spy_residual(monkeypatch)
-    whole_calls = _spy_whole(monkeypatch)
-    if not whole:
+    whole_calls, norm_calls = _spy_whole(monkeypatch), _spy_norm_whole(monkeypatch)
+    whole = path == "mlp_residual"
+    if path != "norm_mlp_residual":
+        monkeypatch.setenv("PYSSM_NORM_MLP", "0")
+    if path == "two-passes":
         _two_passes(monkeypatch)
     torch.manual_seed(0)
     small = dict(depths=(1, 2, 1, 1), dims=16) if name.startswith("vmamba") else dict(depth=2)
@@ -405,12 +424,16 @@ def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, whole, 
         for m in mlps:
             m.backend = "reference"
         want = model(x).float()
-        assert fc1_calls == [] and fc2_calls == [] and whole_calls == []
+        assert fc1_calls == [] and fc2_calls == [] and whole_calls == [] and norm_calls == []
         for m in mlps:
             m.backend = "triton"
         got = model(x).float()
-    if whole:
+    if path == "norm_mlp_residual":
+        assert norm_calls == [torch.bfloat16] * len(mlps) and len(mlps) > 0
+        assert fc1_calls == [] and fc2_calls == [] and whole_calls == []
+    elif whole:
         assert len(whole_calls) == len(mlps) > 0 and fc1_calls == [] and fc2_calls == []
+        assert norm_calls == []
     else:
         assert len(fc1_calls) == len(fc2_calls) == len(mlps) > 0 and whole_calls == []
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
@@ -479,6 +502,80 @@ def test_whole_mlp_unfused_where_mlp_residual_does_not_apply(monkeypatch):
     assert len(calls) == 1
     for got in results:
         torch.testing.assert_close(got, fused, rtol=0, atol=2 ** -6 * fused.abs().max().item())
+
+
+@INTERPRETER
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_norm_add_mlp_fused_in_16_bit_inference(channel_first, monkeypatch):
+    """bf16 inference, the Triton ops asked for, an MLP up to FUSED_MLP_WIDTH wide: the residual
+    add, the norm and the whole MLP as one norm_mlp_residual, with the values of the norm's add
+    and then add_mlp (the norm rounded to bf16, the hidden layer and the MLP's output too)
+    within bf16's rounding of the MLP's output; x untouched; channels-last (B, C, H, W) in and
+    out for VMamba's channel-first blocks."""
+    calls = _spy_norm_whole(monkeypatch)
+    torch.manual_seed(0)
+    mlp = Mlp(6, 17, Linear2d if channel_first else torch.nn.Linear)
+    norm = (LayerNorm2d if channel_first else LayerNorm)(6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3), norm.bias.normal_(0, 0.2)
+    shape = (3, 6, 5, 7) if channel_first else (3, 5, 6)
+    fmt = torch.channels_last if channel_first else torch.contiguous_format
+    x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=fmt)
+    branch = torch.randn(shape).contiguous(memory_format=fmt)
+    kept = x.clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h, s = norm.add(branch.bfloat16(), x, for_matmul=True, backend="reference")
+        want = add_mlp(mlp, h, s, x, backend="reference")
+        got = norm_add_mlp(norm, mlp, branch.bfloat16(), x, backend="triton")
+    assert calls == [torch.bfloat16]
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+    assert torch.equal(x, kept)
+    torch.testing.assert_close(got, want, rtol=0, atol=2 ** -6 * want.abs().max().item())
+
+
+@INTERPRETER
+def test_norm_add_mlp_steps_aside_where_the_op_does_not_apply(monkeypatch):
+    """None (the caller's norm.add and add_mlp then run) with PYSSM_NORM_MLP=0, a hook on the
+    norm, the MLP or one of its layers, a drop path that drops, autograd recording, float32
+    products, a norm or an activation the op does not compute, an MLP wider than
+    FUSED_MLP_WIDTH, layers in the other layout, or the reference backend; one pass otherwise."""
+    import pyssm.models.mlp as mlp_module
+    from pyssm.models.vmamba import DropPath
+    calls = _spy_norm_whole(monkeypatch)
+    torch.manual_seed(0)
+    mlp, norm = Mlp(8, 32), LayerNorm(8)
+    x, branch = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    dropping = DropPath(0.5).train()
+
+    def fused(norm=norm, mlp=mlp, drop_path=None, backend="triton"):
+        return norm_add_mlp(norm, mlp, branch, x, drop_path, backend=backend)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused() is not None and fused(drop_path=DropPath(0.5).eval()) is not None
+        assert len(calls) == 2
+        with monkeypatch.context() as m:
+            m.setenv("PYSSM_NORM_MLP", "0")
+            assert fused() is None
+        for module in (norm, mlp, mlp.fc1, mlp.act, mlp.fc2):
+            handle = module.register_forward_hook(lambda *a: None)
+            assert fused() is None
+            handle.remove()
+        assert fused(drop_path=dropping) is None
+        assert fused(norm=torch.nn.LayerNorm(8)) is None
+        assert fused(norm=LayerNorm2d(8)) is None  # (nn.Linear layers: channel-last)
+        assert fused(mlp=Mlp(8, 32, Linear2d)) is None
+        gelu, mlp.act = mlp.act, torch.nn.SiLU()
+        assert fused() is None
+        mlp.act = gelu
+        with monkeypatch.context() as m:
+            m.setattr(mlp_module, "FUSED_MLP_WIDTH", 7)
+            assert fused() is None
+        assert fused(backend="reference") is None
+    with torch.no_grad():
+        assert fused() is None  # float32 products
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused() is None  # recording
+    assert len(calls) == 2
 
 
 def _spy_training(monkeypatch):
