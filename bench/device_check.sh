@@ -112,10 +112,12 @@ if [ "${PYSSM_FLASH_SM90:-}" = 0 ] && [ -z "${PYSSM_FLASH_SM90_DQ:-}" ]; then
   [ "${PYSSM_FLASH_SM90:-}" = 0 ] && unset PYSSM_FLASH_SM90_DQ
 fi
 # (exit status bits: 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 4 linear_residual_,
-# 8 mlp_gelu, 16 mlp_residual_, 32 layer_norm_linear; over 63, a timeout or crash: all six)
+# 8 mlp_gelu, 16 mlp_residual_ or norm_mlp_residual, 32 layer_norm_linear; over 63, a timeout
+# or crash: all six)
 # turns off for the later steps all the Triton kernels (PYSSM_TRITON=0), the MLPs' fused
 # fc1 + GELU (PYSSM_LINEAR_GELU=0), fused fc2 + residual add (PYSSM_LINEAR_RESIDUAL=0), fused
-# training MLP (PYSSM_MLP_GELU=0), whole inference MLP (PYSSM_MLP_RESIDUAL=0) or VMamba's norms
+# training MLP (PYSSM_MLP_GELU=0), whole inference MLP, alone or with its norm
+# (PYSSM_MLP_RESIDUAL=0), or VMamba's norms
 # fused into its projections (PYSSM_NORM_LINEAR=0)
 run_step "triton smoke" 60 "$LOGS/triton_smoke.log" "$PY" bench/triton_smoke.py
 if [ $RC = 0 ]; then

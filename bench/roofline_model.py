@@ -23,7 +23,10 @@ kernels are stood in by the kernels' own traffic:
     Mlp's own, traced); and their fc2 + residual add (linear_residual_, Triton): the hidden
     layer, W and the sum read, the sum written once; MLPs up to 256 wide as one mlp_residual_
     pass instead (Triton: x, both weights and the sum read, the sum written; fc2's FLOPs on
-    its padded tile), --two-pass-mlp as the two; --unfused-mlp traces fc1, the GELU, fc2
+    its padded tile), with the residual add and the norm before it as one norm_mlp_residual
+    pass (Triton: x, the branch and the parameters read, the output written;
+    --unfused-norm-mlp: the norm's pass, then mlp_residual_), --two-pass-mlp as the two
+    (linear_gelu, linear_residual_); --unfused-mlp traces fc1, the GELU, fc2
     and the add instead, as before those ops (--unfused-residual: fc2 and the add alone);
   - VMamba's norm -> in_proj and out_norm -> out_proj as layer_norm_linear passes (Triton: x
     and the parameters read, the projection written); --unfused-norm-linear traces each norm
@@ -86,7 +89,7 @@ import pyssm.models.norms as norms_module
 import pyssm.models.vit as vit_module
 import pyssm.models.vmamba as vmamba_module
 from pyssm.models import create_encoder
-from pyssm.ops import mlp_residual_triton
+from pyssm.ops import mlp_residual_triton, norm_mlp_residual_triton
 
 BANDWIDTH = 4.3e12      # B/s, device-to-device copy counting bytes read and written
 MATRIX_RATE = 790e12    # FLOP/s, dense bf16 on tensor cores
@@ -321,6 +324,24 @@ def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
     return s
 
 
+def norm_mlp_residual_stand_in(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                               fc2_weight, fc2_bias, *, eps=1e-5, activation="gelu",
+                               dtype=None, backend=None):
+    """The residual add, the norm and the whole MLP in one pass: x, the branch and the
+    parameters read, the output written; both products' FLOPs, fc1's on the input padded to
+    the kernel's power-of-two width (norm_mlp_residual_triton.tiles)."""
+    H, C = fc1_weight.shape
+    with TRACE.untraced():
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype),
+                          device=x.device)
+    params = sum(nbytes(p) for p in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
+                                     fc2_bias) if p is not None)
+    width = norm_mlp_residual_triton.tiles(C)[1]
+    TRACE.add("norm_mlp_residual", "gemm", nbytes(x) + nbytes(branch) + params, nbytes(out),
+              2 * (x.numel() // C) * H * (width + C))
+    return out
+
+
 def attention_stand_in(qkv, **kwargs):
     """pyssm.ops.attention_qkvpacked on the fused projection (B, N, 3, heads, d), as the ViT
     calls it: q, k and v read in place."""
@@ -532,13 +553,15 @@ def mlp_gelu_trainable(x, w1, b1, w2, b2, *, activation="gelu", backend=None):
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
                     fused_stem: bool = True, fused_residual: bool = True,
                     whole_mlp: bool = True, norm_linear: bool = True,
-                    **overrides) -> list[Kernel]:
+                    norm_mlp: bool = True, **overrides) -> list[Kernel]:
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
     ``fused_mlp``: fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual_
     (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone), and
     ``whole_mlp``: MLPs up to 256 wide as one mlp_residual_ pass (else those two);
     ``norm_linear``: VMamba's norm -> in_proj and out_norm -> out_proj as layer_norm_linear
     passes (else each norm, then its projection);
+    ``norm_mlp``: where an MLP is one mlp_residual_ pass, the residual add and the norm before
+    it in that pass too (norm_mlp_residual; else the norm's pass, then mlp_residual_);
     ``fused_stem``: VMamba's stem norm + GELU as one layer_norm pass (else its modules one by
     one)."""
     stand_ins = [] if fused_stem else [
@@ -553,6 +576,9 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
                  (mlp_module, "mlp_residual_", mlp_residual_stand_in),
                  (mlp_module, "mlp_residual_uses_triton",
                   lambda *a, **k: fused_mlp and fused_residual and whole_mlp),
+                 (mlp_module, "norm_mlp_residual", norm_mlp_residual_stand_in),
+                 (mlp_module, "norm_mlp_residual_uses_triton",
+                  lambda *a, **k: fused_mlp and fused_residual and whole_mlp and norm_mlp),
                  *_kernel_stand_ins(ss2d_stand_in, conv_silu_stand_in, attention_stand_in,
                                     layer_norm_stand_in)]
 
@@ -650,6 +676,9 @@ def main(argv=None) -> int:
     parser.add_argument("--unfused-norm-linear", action="store_true",
                         help="VMamba's norms, then their projections (without "
                              "layer_norm_linear)")
+    parser.add_argument("--unfused-norm-mlp", action="store_true",
+                        help="the norm's pass (with the residual add), then mlp_residual_ "
+                             "(without norm_mlp_residual)")
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
     parser.add_argument("--no-ss2d-states", action="store_true",
@@ -657,9 +686,10 @@ def main(argv=None) -> int:
                              "backward runs the summary pass (PYSSM_SS2D_STATES=0)")
     args = parser.parse_args(argv)
     if args.train and (args.unfused_residual or args.unfused_stem or args.two_pass_mlp
-                       or args.unfused_norm_linear):
+                       or args.unfused_norm_linear or args.unfused_norm_mlp):
         parser.error("--train traces the training path: no --unfused-residual, --unfused-stem, "
-                     "--two-pass-mlp or --unfused-norm-linear (inference-only ops); "
+                     "--two-pass-mlp, --unfused-norm-linear or --unfused-norm-mlp "
+                     "(inference-only ops); "
                      "--unfused-mlp traces the MLP as its layers")
     batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
     if args.train:
@@ -671,11 +701,13 @@ def main(argv=None) -> int:
     else:
         kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
                                   not args.unfused_stem, not args.unfused_residual,
-                                  not args.two_pass_mlp, not args.unfused_norm_linear)
+                                  not args.two_pass_mlp, not args.unfused_norm_linear,
+                                  not args.unfused_norm_mlp)
         mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
                if args.unfused_residual else "fc1 + GELU and fc2 + add fused"
-               if args.two_pass_mlp else "MLP + add as one pass up to 256 wide, else "
-               "fc1 + GELU and fc2 + add fused")
+               if args.two_pass_mlp else "MLP + add as one pass up to 256 wide"
+               f"{' after the norm' if args.unfused_norm_mlp else ' with the add and norm'}"
+               ", else fc1 + GELU and fc2 + add fused")
         what = (f"inference ({mlp}{'; stem norm then GELU' if args.unfused_stem else ''}"
                 f"{'; norms then projections' if args.unfused_norm_linear else ''})")
     print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast {what}, "

@@ -1,5 +1,5 @@
 """pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu,
-mlp_residual_, layer_norm_linear) once, on the GPU, before the rest of the device check: they
+mlp_residual_, norm_mlp_residual, layer_norm_linear) once, on the GPU, before the rest of the device check: they
 have run only in Triton's interpreter, and the encoder benchmarks take them through the models'
 norms (VMamba's into its projections), VMamba's convolutions and the MLPs' fc1 and fc2 (the
 whole MLP up to 256 wide, and in training).
@@ -7,14 +7,15 @@ bench/device_check.sh runs this under a short limit and, where it fails, turns o
 steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops), linear_gelu
 (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), linear_residual_
 (PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add), mlp_gelu (PYSSM_MLP_GELU=0:
-training MLPs run as their layers), mlp_residual_ (PYSSM_MLP_RESIDUAL=0: MLPs up to 256 wide
-in the two passes) or layer_norm_linear (PYSSM_NORM_LINEAR=0: VMamba's norms, then their
+training MLPs run as their layers), mlp_residual_ or norm_mlp_residual (PYSSM_MLP_RESIDUAL=0:
+MLPs up to 256 wide in the two passes, after their norms) or layer_norm_linear (PYSSM_NORM_LINEAR=0: VMamba's norms, then their
 projections), so a Triton compile error or fault costs one short step, not the encoder
 benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
                                   # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),
-                                  # 4 (linear_residual_), 8 (mlp_gelu), 16 (mlp_residual_),
+                                  # 4 (linear_residual_), 8 (mlp_gelu), 16 (mlp_residual_ or
+                                  # norm_mlp_residual),
                                   # 32 (layer_norm_linear)
     PYSSM_TRITON_SMOKE_DEVICE=cpu TRITON_INTERPRET=1 python bench/triton_smoke.py  # a dry run
 """
@@ -35,6 +36,7 @@ from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.mlp_gelu import mlp_gelu
 from pyssm.ops.mlp_residual import mlp_residual_
+from pyssm.ops.norm_mlp_residual import norm_mlp_residual
 
 
 def _relative(pairs) -> float:
@@ -163,6 +165,20 @@ def _mlp_residual(device) -> float:
             mlp_residual_(s, x, w1, b1, w2, b2, backend="triton")
         worst = max(worst, _check(f"mlp_residual_ ({rows}, {width}) -> {hidden}", device, [s],
                                   [s64]))
+        # the same MLP with the residual add and the norm before it (norm_mlp_residual): a
+        # bf16 branch into the float32 stream
+        branch = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+        stream = torch.randn(rows, width, device=device) * 2 + 1
+        nw = 1 + 0.2 * torch.randn(width, device=device)
+        nb = 0.1 * torch.randn(width, device=device)
+        with torch.no_grad():
+            out = norm_mlp_residual(stream, branch, nw, nb, w1, b1, w2, b2, eps=1e-6,
+                                    dtype=torch.bfloat16, backend="triton")
+        sum64 = stream.double() + branch.double()
+        h64 = F.layer_norm(sum64, (width,), nw.double(), nb.double(), 1e-6)
+        out64 = sum64 + F.linear(F.gelu(F.linear(h64, bf[0], bf[1])), bf[2], bf[3])
+        worst = max(worst, _check(f"norm_mlp_residual ({rows}, {width}) -> {hidden}", device,
+                                  [out], [out64]))
     return worst
 
 
@@ -197,8 +213,8 @@ def main() -> int:
               + 16 * int(not worst_whole < BOUND) + 32 * int(not worst_norm < BOUND))
     print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
           f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, linear_residual_ worst "
-          f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, mlp_residual_ worst "
-          f"{worst_whole:.2e}, layer_norm_linear worst {worst_norm:.2e}, bound {BOUND:.0e})")
+          f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, mlp_residual_ and "
+          f"norm_mlp_residual worst {worst_whole:.2e}, layer_norm_linear worst {worst_norm:.2e}, bound {BOUND:.0e})")
     return status
 
 

@@ -57,6 +57,10 @@ NOTES = [
     "pyssm-norm-unfused (GPU, VMamba forward rows): the pyssm model with each norm written "
     "and then read by its projection (PYSSM_NORM_LINEAR=0), not one layer_norm_linear pass: "
     "what that fusion gains, in the same run.",
+    "pyssm-norm-mlp-apart (GPU, VMamba forward rows): the pyssm model with each block's "
+    "second residual add and norm as their own pass and then the MLP up to 256 wide as one "
+    "mlp_residual_ (PYSSM_NORM_MLP=0), not one norm_mlp_residual pass: what that fusion gains "
+    "or loses (its weights read from the L2 twice as often), in the same run.",
     "pyssm-qkv-copied (GPU, ViT rows): the pyssm ViT with its attention on contiguous copies "
     "of q, k and v and their gradients stacked (PYSSM_QKVPACKED=0), as before the kernels read "
     "the fused qkv in place: what attention_qkvpacked gains, in the same run.",
@@ -77,6 +81,7 @@ COMPARISONS = [
       "PYSSM_MLP_RESIDUAL": "0"}, None),
     ("pyssm-mlp-two-pass", ("forward",), {"PYSSM_MLP_RESIDUAL": "0"}, "vmamba"),  # <= 256 wide
     ("pyssm-norm-unfused", ("forward",), {"PYSSM_NORM_LINEAR": "0"}, "vmamba"),
+    ("pyssm-norm-mlp-apart", ("forward",), {"PYSSM_NORM_MLP": "0"}, "vmamba"),  # <= 256 wide
     ("pyssm-residual-summed", ("step",), {"PYSSM_RESIDUAL_PAIRS": "0"}, None),
     ("pyssm-qkv-copied", ("forward", "step"), {"PYSSM_QKVPACKED": "0"}, "vit"),
     # the ss2d backward's summary pass, without the forward's tile states

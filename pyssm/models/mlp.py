@@ -348,8 +348,9 @@ def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch
     """A pre-norm block's second half, ``s + mlp(norm(s))`` with ``s = x + branch``, as one
     ``pyssm.ops.norm_mlp_residual`` pass (the sum, its norm and the hidden layer never
     written; the values of ``norm.add(branch, x, for_matmul=True)`` and then ``add_mlp``), or
-    None where that does not apply: PYSSM_NORM_MLP=0, torch.compile tracing, autograd
-    recording, a drop path that is not the identity, hooks on the norm, the MLP or its layers,
+    None where that does not apply: PYSSM_NORM_MLP=0 or PYSSM_MLP_RESIDUAL=0 (the device
+    check's switch after a failed smoke of either whole-MLP kernel), torch.compile tracing,
+    autograd recording, a drop path that is not the identity, hooks on the norm, the MLP or its layers,
     a norm other than pyssm's LayerNorm / LayerNorm2d or an MLP that ``add_mlp`` would not run
     as one mlp_residual_ pass (``Mlp.fuses_whole``'s conditions: a GELU MLP up to
     FUSED_MLP_WIDTH wide in 16-bit products, its layers matching the norm's layout), or the
@@ -358,7 +359,8 @@ def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch
     otherwise."""
     from pyssm.models.norms import LayerNorm, LayerNorm2d, _out_dtype
 
-    if os.environ.get("PYSSM_NORM_MLP", "") == "0" or torch.compiler.is_compiling():
+    if (os.environ.get("PYSSM_NORM_MLP", "") == "0" or torch.compiler.is_compiling()
+            or os.environ.get("PYSSM_MLP_RESIDUAL", "") == "0"):  # (no whole-MLP pass at all)
         return None
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
     if (not identity or type(norm) not in (LayerNorm, LayerNorm2d) or not isinstance(mlp, Mlp)

@@ -59,10 +59,12 @@ def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
                 rm.norms_module.layer_norm, rm.norms_module._out_dtype, rm.mlp_module.linear_gelu,
                 rm.mlp_module.linear_gelu_uses_triton, rm.mlp_module.linear_residual_,
                 rm.mlp_module.linear_residual_uses_triton, rm.mlp_module.mlp_residual_,
-                rm.mlp_module.mlp_residual_uses_triton)
+                rm.mlp_module.mlp_residual_uses_triton, rm.mlp_module.norm_mlp_residual,
+                rm.mlp_module.norm_mlp_residual_uses_triton)
 
     real = stood_in()
-    whole = rm.trace_inference(encoder, 64, 3, **overrides)
+    normed = rm.trace_inference(encoder, 64, 3, **overrides)
+    whole = rm.trace_inference(encoder, 64, 3, norm_mlp=False, **overrides)
     kernels = rm.trace_inference(encoder, 64, 3, whole_mlp=False, **overrides)
     unfused = rm.trace_inference(encoder, 64, 3, fused_mlp=False, **overrides)
     assert stood_in() == real
@@ -78,6 +80,20 @@ def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
         params = 2 * (64 * 16 + 64 + 16 * 64 + 16)
         assert (first.read, first.written) == (3 * 256 * 16 * (2 + 4) + params, 3 * 256 * 16 * 4)
         assert first.flops == 2 * 3 * 256 * 64 * (16 + 16)
+        # with the residual add and the norm before it: one norm_mlp_residual a block in place
+        # of the norm's pass and mlp_residual_, x (float32) and the bf16 branch read, the
+        # float32 output written; the same FLOPs (16 wide: no padding)
+        fused = [k for k in normed if k.op == "norm_mlp_residual"]
+        assert len(fused) == len(mlps) and not [k for k in normed if k.op == "mlp_residual"]
+        assert (fused[0].read, fused[0].written) == (3 * 256 * 16 * (4 + 2) + params + 2 * 4 * 16,
+                                                     3 * 256 * 16 * 4)
+        assert fused[0].flops == first.flops
+        norms = [rm.summarize(t, "op")["layer_norm"]["kernels"] for t in (normed, whole)]
+        assert norms[1] - norms[0] == len(mlps)
+        # 12 B an element less: h (2 B) and the sum (4 B) neither written nor read again
+        elements = sum(k.written // 4 for k in fused)
+        assert (rm.summarize(whole)["total"]["mb"] - rm.summarize(normed)["total"]["mb"]
+                == pytest.approx(elements * 12 / 1e6, rel=0.01))
     else:
         assert [(k.op, k.read, k.written) for k in whole] == [
             (k.op, k.read, k.written) for k in kernels]
@@ -104,12 +120,12 @@ def test_encoders_trace_the_gpu_inference_path(encoder, overrides):
         # images of 8 channels at 32 x 32), instead of the norm written in float32, the GELU
         # in place on it and the next convolution's cast
         stem = rm.trace_inference(encoder, 64, 3, fused_stem=False, **overrides)
-        fused = [k for k in kernels if k.op == "layer_norm+gelu"]
-        assert [(k.read - 2 * 8 * 4, k.written) for k in fused] == [(2 * 3 * 8 * 32**2,) * 2]
+        stems = [k for k in kernels if k.op == "layer_norm+gelu"]
+        assert [(k.read - 2 * 8 * 4, k.written) for k in stems] == [(2 * 3 * 8 * 32**2,) * 2]
         assert "layer_norm+gelu" not in {k.op for k in stem}
         gelus = [k for k in stem if k.op == "aten.gelu_"]
         assert [(k.read, k.written) for k in gelus] == [(4 * 3 * 8 * 32**2,) * 2]
-        saved = rm.summarize(stem)["total"]["mb"] - rm.summarize(whole)["total"]["mb"]
+        saved = rm.summarize(stem)["total"]["mb"] - rm.summarize(normed)["total"]["mb"]
         assert saved == pytest.approx(16 * 3 * 8 * 32**2 / 1e6)
         x_proj = next(k for k in kernels if k.op == "ss2d.x_proj")
         B, L, D, K = 3, 16 * 16, 16, 4 * (1 + 2)  # stage 1: 64 / 4 px, d_inner 16, dt_rank 1

@@ -535,7 +535,8 @@ def test_norm_add_mlp_fused_in_16_bit_inference(channel_first, monkeypatch):
 
 @INTERPRETER
 def test_norm_add_mlp_steps_aside_where_the_op_does_not_apply(monkeypatch):
-    """None (the caller's norm.add and add_mlp then run) with PYSSM_NORM_MLP=0, a hook on the
+    """None (the caller's norm.add and add_mlp then run) with PYSSM_NORM_MLP=0 or
+    PYSSM_MLP_RESIDUAL=0, a hook on the
     norm, the MLP or one of its layers, a drop path that drops, autograd recording, float32
     products, a norm or an activation the op does not compute, an MLP wider than
     FUSED_MLP_WIDTH, layers in the other layout, or the reference backend; one pass otherwise."""
@@ -553,9 +554,10 @@ def test_norm_add_mlp_steps_aside_where_the_op_does_not_apply(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fused() is not None and fused(drop_path=DropPath(0.5).eval()) is not None
         assert len(calls) == 2
-        with monkeypatch.context() as m:
-            m.setenv("PYSSM_NORM_MLP", "0")
-            assert fused() is None
+        for switch in ("PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL"):
+            with monkeypatch.context() as m:
+                m.setenv(switch, "0")
+                assert fused() is None
         for module in (norm, mlp, mlp.fc1, mlp.act, mlp.fc2):
             handle = module.register_forward_hook(lambda *a: None)
             assert fused() is None
