@@ -100,8 +100,8 @@ smoke() {
 }
 # (a2) the Hopper attention kernels (every later step takes them on an sm_90 GPU; without
 # them the tests' sm90 variants skip) and (a3) the Triton kernels (layer_norm,
-# depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu, mlp_residual_ and
-# layer_norm_linear, which the encoders take; without them torch's own ops run)
+# depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu, mlp_residual_, norm_mlp_residual
+# and layer_norm_linear, which the encoders take; without them torch's own ops run)
 smoke "hopper smoke" PYSSM_FLASH_SM90 bench/hopper_smoke.py
 # the Hopper backward's dQ by TMA reduce-adds (v2, the default) is the newest part: when the
 # smoke failed, once more with v1's atomics, which keep the Hopper path if they pass
@@ -117,8 +117,7 @@ fi
 # turns off for the later steps all the Triton kernels (PYSSM_TRITON=0), the MLPs' fused
 # fc1 + GELU (PYSSM_LINEAR_GELU=0), fused fc2 + residual add (PYSSM_LINEAR_RESIDUAL=0), fused
 # training MLP (PYSSM_MLP_GELU=0), whole inference MLP, alone or with its norm
-# (PYSSM_MLP_RESIDUAL=0), or VMamba's norms
-# fused into its projections (PYSSM_NORM_LINEAR=0)
+# (PYSSM_MLP_RESIDUAL=0), or VMamba's norms fused into its projections (PYSSM_NORM_LINEAR=0)
 run_step "triton smoke" 60 "$LOGS/triton_smoke.log" "$PY" bench/triton_smoke.py
 if [ $RC = 0 ]; then
   note "triton smoke" "$(tail -1 "$LOGS/triton_smoke.log")" "$TOOK"

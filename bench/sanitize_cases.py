@@ -182,14 +182,28 @@ def layer_norm_linear_cases():
                                       rand(130), dtype=torch.bfloat16, backend="triton")
 
 
+def norm_mlp_residual_cases():
+    def fused(c, h):
+        with torch.no_grad():  # (an inference op: its output a leaf, the backward a no-op)
+            return ops.norm_mlp_residual(rand(3, 67, c), rand(3, 67, c, dtype=torch.bfloat16),
+                                         rand(c), rand(c), rand(h, c), rand(h), rand(c, h),
+                                         rand(c), dtype=torch.bfloat16,
+                                         backend="triton").requires_grad_()
+    yield ("(3, 67, 100) float32 + bf16 -> 130 -> 100 (partial row block, padded width, "
+           "partial hidden step)"), lambda: fused(100, 130)
+    yield "(3, 67, 200) float32 + bf16 -> 70 -> 200 (32-row programs, 256 wide)", \
+        lambda: fused(200, 70)
+
+
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
          "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
          "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases,
          "linear_residual": linear_residual_cases, "mlp_gelu": mlp_gelu_cases,
-         "mlp_residual": mlp_residual_cases, "layer_norm_linear": layer_norm_linear_cases}
+         "mlp_residual": mlp_residual_cases, "norm_mlp_residual": norm_mlp_residual_cases,
+         "layer_norm_linear": layer_norm_linear_cases}
 TRITON_OPS = ("layer_norm", "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu",
-              "mlp_residual", "layer_norm_linear")
+              "mlp_residual", "norm_mlp_residual", "layer_norm_linear")
 
 
 def _runs(op: str) -> bool:

@@ -15,13 +15,14 @@ import torch
 from pyssm import _extension
 from pyssm.bench import (attention, cross_scan, depthwise_conv2d, layer_norm,
                          layer_norm_linear, linear_gelu, linear_residual, mlp_gelu, mlp_residual,
-                         selective_scan, ss2d, ss2d_module)
+                         norm_mlp_residual, selective_scan, ss2d, ss2d_module)
 
 MODULES = {"ss2d": ss2d, "ss2d_module": ss2d_module, "selective_scan": selective_scan,
            "cross_scan": cross_scan, "attention": attention, "layer_norm": layer_norm,
            "depthwise_conv2d": depthwise_conv2d, "linear_gelu": linear_gelu,
            "linear_residual": linear_residual, "mlp_gelu": mlp_gelu,
-           "mlp_residual": mlp_residual, "layer_norm_linear": layer_norm_linear}
+           "mlp_residual": mlp_residual, "norm_mlp_residual": norm_mlp_residual,
+           "layer_norm_linear": layer_norm_linear}
 
 
 def _device(request) -> torch.device:

@@ -2,9 +2,10 @@
 
     pyssm bench kernels    ss2d, selective_scan, cross_scan, attention, layer_norm,
                            depthwise_conv2d, linear_gelu, linear_residual, mlp_gelu,
-                           mlp_residual, layer_norm_linear against the reference, torch SDPA,
-                           torch.compile, mamba_ssm / official VMamba when installed, and
-                           the copy and matmul ceilings measured in the same run
+                           mlp_residual, norm_mlp_residual, layer_norm_linear against the
+                           reference, torch SDPA, torch.compile, mamba_ssm / official VMamba
+                           when installed, and the copy and matmul ceilings measured in the
+                           same run
     pyssm bench encoders   img/s and memory against resolution; fitted cost exponents;
                            crossover resolutions; plots
     pyssm bench vlm        time to first token and decode tokens/s with each encoder
@@ -28,7 +29,7 @@ import torch
 
 KERNEL_OPS = ("ss2d", "ss2d_module", "selective_scan", "cross_scan", "attention", "layer_norm",
               "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu", "mlp_residual",
-              "layer_norm_linear")
+              "norm_mlp_residual", "layer_norm_linear")
 
 
 # ---- shared options ---------------------------------------------------------------------------
@@ -118,13 +119,15 @@ def _plot(fn, *args) -> list:
 def run_kernels(run: Run, ops: list[str]) -> list[dict]:
     from pyssm.bench import (attention, ceilings, cross_scan, depthwise_conv2d, layer_norm,
                              layer_norm_linear, linear_gelu, linear_residual, mlp_gelu,
-                             mlp_residual, selective_scan, ss2d, ss2d_module)
+                             mlp_residual, norm_mlp_residual, selective_scan, ss2d,
+                             ss2d_module)
 
     modules = {"ss2d": ss2d, "ss2d_module": ss2d_module, "selective_scan": selective_scan,
                "cross_scan": cross_scan, "attention": attention, "layer_norm": layer_norm,
                "depthwise_conv2d": depthwise_conv2d, "linear_gelu": linear_gelu,
                "linear_residual": linear_residual, "mlp_gelu": mlp_gelu,
-               "mlp_residual": mlp_residual, "layer_norm_linear": layer_norm_linear}
+               "mlp_residual": mlp_residual, "norm_mlp_residual": norm_mlp_residual,
+               "layer_norm_linear": layer_norm_linear}
     unknown = [op for op in ops if op not in modules]
     if unknown:
         raise SystemExit(f"error: --ops: unknown {unknown}; expected some of {KERNEL_OPS}")
@@ -297,7 +300,7 @@ def add_bench_parser(sub) -> None:
     k = bsub.add_parser("kernels", help="ss2d, selective_scan, cross_scan, attention, "
                                          "layer_norm, depthwise_conv2d, linear_gelu, "
                                          "linear_residual, mlp_gelu, mlp_residual, "
-                                         "layer_norm_linear")
+                                         "norm_mlp_residual, layer_norm_linear")
     _common(k)
     k.add_argument("--ops", default=",".join(KERNEL_OPS), help="comma-separated subset")
     k.set_defaults(fn=cmd_kernels)
