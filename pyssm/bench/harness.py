@@ -64,18 +64,21 @@ class Case:
 
 
 def triton_providers(ours: Callable, torchs: Callable, device: torch.device,
-                     quick: bool) -> list[Provider]:
+                     quick: bool, two_pass: Callable | None = None) -> list[Provider]:
     """A Triton op's providers: "pyssm-triton" (``ours``; GPU only, as Triton runs CPU tensors
-    only in its interpreter), "torch" (``torchs``, the unfused ops) and, on full GPU sweeps,
-    "torch-compile" of ``torchs`` (compiling costs ~10-30 s per size and mode)."""
+    only in its interpreter), "pyssm-two-pass" (``two_pass``, where given: pyssm's own unfused
+    passes; GPU only, and no row elsewhere), "torch" (``torchs``, the unfused ops) and, on full
+    GPU sweeps, "torch-compile" of ``torchs`` (compiling costs ~10-30 s per size and mode)."""
     from pyssm.ops import _triton
 
     gpu = device.type == "cuda"
     if gpu and _triton.available():
-        mine = Provider("pyssm-triton", ours)
+        mine = [Provider("pyssm-triton", ours)]
+        if two_pass is not None:
+            mine.append(Provider("pyssm-two-pass", two_pass))
     else:
-        mine = Provider("pyssm-triton", None, "GPU only" if _triton.available() else "no triton")
-    providers = [mine, Provider("torch", torchs)]
+        mine = [Provider("pyssm-triton", None, "GPU only" if _triton.available() else "no triton")]
+    providers = [*mine, Provider("torch", torchs)]
     if gpu and not quick:
         providers.append(Provider("torch-compile", torch.compile(torchs)))
     return providers

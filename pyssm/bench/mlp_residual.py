@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.bench import harness
-from pyssm.ops import _triton
 from pyssm.ops.linear_gelu import linear_gelu
 from pyssm.ops.linear_residual import linear_residual_
 from pyssm.ops.mlp_residual import mlp_residual_
@@ -54,20 +53,27 @@ def sizes(device: torch.device, quick: bool) -> list[tuple[str, int, int, int]]:
     return [("small", 4096, 96, 384)]
 
 
-def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+def whole_mlp_cases(op: str, device: torch.device, quick: bool, inputs, ours, torchs,
+                    two_pass) -> list[harness.Case]:
+    """The cases of an op that runs a whole MLP into the float32 stream (this one,
+    norm_mlp_residual), at ``sizes``: ``inputs(rows, width, hidden)`` makes a call's arguments;
+    10 B an element of the width moved at the least, 4 M C H FLOPs."""
     out = []
     for label, rows, c, h in sizes(device, quick):
-        def make(rows=rows, c=c, h=h):
-            return (torch.randn(rows, c, device=device),
-                    torch.randn(rows, c, device=device, dtype=torch.bfloat16),
-                    *harness.bf16_linear(h, c, device), *harness.bf16_linear(c, h, device))
-
-        providers = harness.triton_providers(pyssm_mlp_residual, torch_mlp_residual, device,
-                                             quick)
-        if device.type == "cuda" and _triton.available():
-            providers.insert(1, harness.Provider("pyssm-two-pass", pyssm_two_pass))
+        providers = harness.triton_providers(ours, torchs, device, quick, two_pass=two_pass)
         out.append(harness.Case(
-            op="mlp_residual", size={"shape": label, "M": rows, "C": c, "H": h},
-            make_inputs=make, providers=providers, modes=("forward",), dtype="bf16+fp32",
-            bytes={"forward": rows * 10 * c}, flops={"forward": 4 * rows * c * h}))
+            op=op, size={"shape": label, "M": rows, "C": c, "H": h},
+            make_inputs=lambda rows=rows, c=c, h=h: inputs(rows, c, h), providers=providers,
+            modes=("forward",), dtype="bf16+fp32", bytes={"forward": rows * 10 * c},
+            flops={"forward": 4 * rows * c * h}))
     return out
+
+
+def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    def inputs(rows, c, h):
+        return (torch.randn(rows, c, device=device),
+                torch.randn(rows, c, device=device, dtype=torch.bfloat16),
+                *harness.bf16_linear(h, c, device), *harness.bf16_linear(c, h, device))
+
+    return whole_mlp_cases("mlp_residual", device, quick, inputs, pyssm_mlp_residual,
+                           torch_mlp_residual, pyssm_two_pass)

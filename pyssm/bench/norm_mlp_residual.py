@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.bench import harness
-from pyssm.bench.mlp_residual import sizes
-from pyssm.ops import _triton
+from pyssm.bench.mlp_residual import whole_mlp_cases
 from pyssm.ops.layer_norm import layer_norm
 from pyssm.ops.mlp_residual import mlp_residual_
 from pyssm.ops.norm_mlp_residual import norm_mlp_residual
@@ -52,20 +51,11 @@ def pyssm_two_pass(x, branch, nw, nb, w1, b1, w2, b2):
 
 
 def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
-    out = []
-    for label, rows, c, h in sizes(device, quick):
-        def make(rows=rows, c=c, h=h):
-            return (torch.randn(rows, c, device=device),
-                    torch.randn(rows, c, device=device, dtype=torch.bfloat16),
-                    1 + 0.1 * torch.randn(c, device=device), 0.1 * torch.randn(c, device=device),
-                    *harness.bf16_linear(h, c, device), *harness.bf16_linear(c, h, device))
+    def inputs(rows, c, h):
+        return (torch.randn(rows, c, device=device),
+                torch.randn(rows, c, device=device, dtype=torch.bfloat16),
+                1 + 0.1 * torch.randn(c, device=device), 0.1 * torch.randn(c, device=device),
+                *harness.bf16_linear(h, c, device), *harness.bf16_linear(c, h, device))
 
-        providers = harness.triton_providers(pyssm_norm_mlp_residual, torch_norm_mlp_residual,
-                                             device, quick)
-        if device.type == "cuda" and _triton.available():
-            providers.insert(1, harness.Provider("pyssm-two-pass", pyssm_two_pass))
-        out.append(harness.Case(
-            op="norm_mlp_residual", size={"shape": label, "M": rows, "C": c, "H": h},
-            make_inputs=make, providers=providers, modes=("forward",), dtype="bf16+fp32",
-            bytes={"forward": rows * 10 * c}, flops={"forward": 4 * rows * c * h}))
-    return out
+    return whole_mlp_cases("norm_mlp_residual", device, quick, inputs, pyssm_norm_mlp_residual,
+                           torch_norm_mlp_residual, pyssm_two_pass)

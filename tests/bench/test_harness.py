@@ -128,3 +128,30 @@ def test_the_pytest_benchmark_microbenchmarks_run():
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert " passed" in done.stdout
+
+
+def test_triton_providers_name_the_gpu_rows():
+    """A Triton op's providers: on the CPU its kernel is a "GPU only" row (or "no triton") and
+    pyssm's own two passes have none; on a CUDA device (no GPU needed to list them) the kernel,
+    the two passes where given, torch, and torch.compile on full sweeps."""
+    from pyssm.ops import _triton
+
+    def ours(x):
+        return x
+
+    def torchs(x):
+        return x + 0
+
+    def two(x):
+        return x * 1
+
+    cpu = harness.triton_providers(ours, torchs, torch.device("cpu"), False, two_pass=two)
+    assert [(p.name, p.fn) for p in cpu] == [("pyssm-triton", None), ("torch", torchs)]
+    assert cpu[0].status == ("GPU only" if _triton.available() else "no triton")
+    if not _triton.available():
+        return
+    gpu = harness.triton_providers(ours, torchs, torch.device("cuda"), False, two_pass=two)
+    assert [p.name for p in gpu] == ["pyssm-triton", "pyssm-two-pass", "torch", "torch-compile"]
+    assert [p.fn for p in gpu[:3]] == [ours, two, torchs]
+    quick = harness.triton_providers(ours, torchs, torch.device("cuda"), True)
+    assert [p.name for p in quick] == ["pyssm-triton", "torch"]
