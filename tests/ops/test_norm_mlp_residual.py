@@ -59,7 +59,8 @@ def _exact(x, branch, nw, nb, w1, b1, w2, b2, eps, dtype, activation="gelu"):
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("lead,C,H", SHAPES)
 @pytest.mark.parametrize("x_dtype,branch_dtype,dtype", [
-    (FP32, FP32, FP32), (FP32, BF16, BF16), (FP32, FP16, FP16), (BF16, BF16, BF16)])
+    (FP32, FP32, FP32), (FP32, BF16, BF16), (FP32, FP16, FP16), (BF16, BF16, BF16),
+    (BF16, FP32, BF16), (FP32, BF16, FP32)])
 @pytest.mark.parametrize("affine", [True, False])
 def test_against_float64(device, backend, lead, C, H, x_dtype, branch_dtype, dtype, affine):
     """Every output within twice the error of torch's own ops in the same dtypes (the
