@@ -5,10 +5,10 @@ own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the 
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
 ``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu``, ``mlp_residual_``,
-``norm_mlp_residual`` or ``layer_norm_linear`` launches for that row width, channel count or (K, N) (their tiles) and
-dtypes. Run without
-TRITON_INTERPRET (the interpreter's kernels cannot be compiled); the register counts come from
-the cubin through Triton's bundled cuobjdump when it is there.
+``norm_mlp_residual`` or ``layer_norm_linear`` launches for that row width, channel count or
+(K, N) (their tiles) and dtypes. Run without TRITON_INTERPRET (the interpreter's kernels cannot
+be compiled); the register counts come from the cubin through Triton's bundled cuobjdump when
+it is there.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """pyssm's Triton kernels (layer_norm, depthwise_conv2d, linear_gelu, linear_residual_, mlp_gelu,
-mlp_residual_, norm_mlp_residual, layer_norm_linear) once, on the GPU, before the rest of the device check: they
-have run only in Triton's interpreter, and the encoder benchmarks take them through the models'
-norms (VMamba's into its projections), VMamba's convolutions and the MLPs' fc1 and fc2 (the
-whole MLP up to 256 wide, and in training).
+mlp_residual_, norm_mlp_residual, layer_norm_linear) once, on the GPU, before the rest of the
+device check: they have run only in Triton's interpreter, and the encoder benchmarks take them
+through the models' norms (VMamba's into its projections), VMamba's convolutions and the MLPs'
+fc1 and fc2 (the whole MLP up to 256 wide, with its norm and residual add, and in training).
 bench/device_check.sh runs this under a short limit and, where it fails, turns off for the later
 steps what failed: all of them (PYSSM_TRITON=0: the models use torch's ops), linear_gelu
 (PYSSM_LINEAR_GELU=0: the MLPs run fc1 and then the GELU), linear_residual_
 (PYSSM_LINEAR_RESIDUAL=0: fc2 and then the residual add), mlp_gelu (PYSSM_MLP_GELU=0:
 training MLPs run as their layers), mlp_residual_ or norm_mlp_residual (PYSSM_MLP_RESIDUAL=0:
-MLPs up to 256 wide in the two passes, after their norms) or layer_norm_linear (PYSSM_NORM_LINEAR=0: VMamba's norms, then their
-projections), so a Triton compile error or fault costs one short step, not the encoder
-benchmarks.
+MLPs up to 256 wide in the two passes, after their norms) or layer_norm_linear
+(PYSSM_NORM_LINEAR=0: VMamba's norms, then their projections), so a Triton compile error or
+fault costs one short step, not the encoder benchmarks.
 
     python bench/triton_smoke.py  # exit 0: ok or skipped (no GPU, no triton); otherwise a sum
                                   # of 1 (layer_norm or depthwise_conv2d failed), 2 (linear_gelu),
@@ -214,7 +214,8 @@ def main() -> int:
     print(f"triton smoke: {'ok' if status == 0 else 'FAILED'} (layer_norm and depthwise_conv2d "
           f"worst {worst:.2e}, linear_gelu worst {worst_fc1:.2e}, linear_residual_ worst "
           f"{worst_fc2:.2e}, mlp_gelu worst {worst_mlp:.2e}, mlp_residual_ and "
-          f"norm_mlp_residual worst {worst_whole:.2e}, layer_norm_linear worst {worst_norm:.2e}, bound {BOUND:.0e})")
+          f"norm_mlp_residual worst {worst_whole:.2e}, layer_norm_linear worst "
+          f"{worst_norm:.2e}, bound {BOUND:.0e})")
     return status
 
 

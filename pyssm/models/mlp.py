@@ -350,9 +350,9 @@ def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch
     written; the values of ``norm.add(branch, x, for_matmul=True)`` and then ``add_mlp``), or
     None where that does not apply: PYSSM_NORM_MLP=0 or PYSSM_MLP_RESIDUAL=0 (the device
     check's switch after a failed smoke of either whole-MLP kernel), torch.compile tracing,
-    autograd recording, a drop path that is not the identity, hooks on the norm, the MLP or its layers,
-    a norm other than pyssm's LayerNorm / LayerNorm2d or an MLP that ``add_mlp`` would not run
-    as one mlp_residual_ pass (``Mlp.fuses_whole``'s conditions: a GELU MLP up to
+    autograd recording, a drop path that is not the identity, hooks on the norm, the MLP or
+    its layers, a norm other than pyssm's LayerNorm / LayerNorm2d or an MLP that ``add_mlp``
+    would not run as one mlp_residual_ pass (``Mlp.fuses_whole``'s conditions: a GELU MLP up to
     FUSED_MLP_WIDTH wide in 16-bit products, its layers matching the norm's layout), or the
     kernel not running (the backend's choice: ``backend``, else the MLP's). x and branch and the
     result are (B, C, H, W) stored channels-last for VMamba's channel-first configs, (..., C)
