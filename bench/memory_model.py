@@ -97,8 +97,8 @@ def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
 
 def norm_mlp_residual_stand_in(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
                                fc2_weight, fc2_bias, *, eps=1e-5, activation="gelu",
-                               dtype=None, backend=None):
-    return torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype))
+                               dtype=None, out_dtype=None, backend=None):
+    return torch.empty(x.shape, dtype=out_dtype or torch.promote_types(x.dtype, branch.dtype))
 
 
 def peak_mb_per_image(encoder: str, img_size: int, batch: int, as_batch: int | None = None,

@@ -326,13 +326,14 @@ def mlp_residual_stand_in(s, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, *,
 
 def norm_mlp_residual_stand_in(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
                                fc2_weight, fc2_bias, *, eps=1e-5, activation="gelu",
-                               dtype=None, backend=None):
+                               dtype=None, out_dtype=None, backend=None):
     """The residual add, the norm and the whole MLP in one pass: x, the branch and the
-    parameters read, the output written; both products' FLOPs, fc1's on the input padded to
-    the kernel's power-of-two width (norm_mlp_residual_triton.tiles)."""
+    parameters read, the output written (in out_dtype where given: a VMamba stage's end, bf16
+    for the downsampling); both products' FLOPs, fc1's on the input padded to the kernel's
+    power-of-two width (norm_mlp_residual_triton.tiles)."""
     H, C = fc1_weight.shape
     with TRACE.untraced():
-        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype),
+        out = torch.empty(x.shape, dtype=out_dtype or torch.promote_types(x.dtype, branch.dtype),
                           device=x.device)
     params = sum(nbytes(p) for p in (norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
                                      fc2_bias) if p is not None)

@@ -343,8 +343,8 @@ def add_mlp(mlp: nn.Module, h: torch.Tensor, s: torch.Tensor, x: torch.Tensor,
 
 
 def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch.Tensor,
-                 drop_path: nn.Module | None = None,
-                 backend: str | None = None) -> torch.Tensor | None:
+                 drop_path: nn.Module | None = None, backend: str | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """A pre-norm block's second half, ``s + mlp(norm(s))`` with ``s = x + branch``, as one
     ``pyssm.ops.norm_mlp_residual`` pass (the sum, its norm and the hidden layer never
     written; the values of ``norm.add(branch, x, for_matmul=True)`` and then ``add_mlp``), or
@@ -356,7 +356,8 @@ def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch
     FUSED_MLP_WIDTH wide in 16-bit products, its layers matching the norm's layout), or the
     kernel not running (the backend's choice: ``backend``, else the MLP's). x and branch and the
     result are (B, C, H, W) stored channels-last for VMamba's channel-first configs, (..., C)
-    otherwise."""
+    otherwise; the result in ``out_dtype`` where given (the op's cast in its pass), else in
+    the promoted dtype of x and branch."""
     from pyssm.models.norms import LayerNorm, LayerNorm2d, _out_dtype
 
     if (os.environ.get("PYSSM_NORM_MLP", "") == "0" or torch.compiler.is_compiling()
@@ -377,11 +378,12 @@ def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch
         return None
     backend = backend or mlp.backend
     if not norm_mlp_residual_uses_triton(x, branch, norm.weight, norm.bias, fc1.weight, fc1.bias,
-                                         fc2.weight, fc2.bias, dtype, backend):
+                                         fc2.weight, fc2.bias, dtype, backend, out_dtype):
         return None
     params = (*mlp._cast_params("fc1", dtype), *mlp._cast_params("fc2", dtype))
     if channels_dim == 1:  # channels-last storage: (B, H, W, C) views, no copies
         x, branch = x.permute(0, 2, 3, 1), branch.permute(0, 2, 3, 1)
     out = norm_mlp_residual(x, branch, norm.weight, norm.bias, *params, eps=norm.eps,
-                            activation=mlp._activation(), dtype=dtype, backend=backend)
+                            activation=mlp._activation(), dtype=dtype, out_dtype=out_dtype,
+                            backend=backend)
     return out.permute(0, 3, 1, 2) if channels_dim == 1 else out

@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Container
 
 import torch
 import torch.nn.functional as F
@@ -212,14 +213,19 @@ class VSSBlock(nn.Module):
             self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio),
                            Linear2d if cfg.channel_first else nn.Linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The block on x. ``out_dtype``: a dtype the output may come in where the block's last
+        pass (norm_mlp_residual) can write it directly, for a caller whose next layer reads it
+        in that dtype only (VMamba._stages: the downsampling convolution under autocast); the
+        output's dtype is x's where that pass does not run."""
         if hooked(self.op) or not isinstance(self.op, SS2D):  # (hooks see what they always saw)
             branch = self.drop_path(self.op(self.norm(x, for_matmul=True)))
         else:  # (the norm fused into in_proj in inference)
             branch = self.drop_path(self.op(x, norm=self.norm))
         if not self.has_mlp:
             return x + branch
-        out = norm_add_mlp(self.norm2, self.mlp, branch, x, self.drop_path)  # all of it, one pass
+        out = norm_add_mlp(self.norm2, self.mlp, branch, x, self.drop_path,  # all of it, one pass
+                           out_dtype=out_dtype)
         if out is not None:
             return out
         h, s = self.norm2.add(branch, x, for_matmul=True)  # x + branch and its norm, one pass
@@ -348,11 +354,15 @@ class VMamba(nn.Module):
 
     # ---- the timm API -----------------------------------------------------------------------
 
-    def _stages(self, x: torch.Tensor, last: int):
-        """Yields each stage's output (before its downsampling), channel-first, up to ``last``.
-        Activations are stored channels-last throughout (torch.channels_last for the (B, C, H, W)
-        tensors of channel-first configs, plain (B, H, W, C) for the others), so LayerNorm, the
-        1x1 and depthwise convolutions and the CUDA ss2d core read them without a layout copy."""
+    def _stages(self, x: torch.Tensor, last: int, kept: Container[int] | None = None):
+        """Yields each stage's output (before its downsampling), channel-first, up to ``last``
+        (whose downsampling does not run). Activations are stored channels-last throughout
+        (torch.channels_last for the (B, C, H, W) tensors of channel-first configs, plain (B, H,
+        W, C) for the others), so LayerNorm, the 1x1 and depthwise convolutions and the CUDA
+        ss2d core read them without a layout copy. ``kept``: the stages whose outputs the caller
+        reads (None: all); another's last block may write its output in the dtype the
+        downsampling convolution reads it in (``_downsampled_dtype``: bf16 under autocast), the
+        values the convolution's own cast would make, without that cast's pass."""
         x = self.patch_embed(self._input(x))
         for i, layer in enumerate(self.layers[: last + 1]):
             if hooked(layer.blocks):  # (its hooks see the call and its output)
@@ -360,10 +370,35 @@ class VMamba(nn.Module):
             elif carry_unsummed(layer.blocks, x):  # (training: one stream add a stage)
                 x = summed(*run_unsummed(layer.blocks, x))
             else:  # one block at a time: each block's input is freed as the next one runs
-                for block in layer.blocks:  # (nn.Sequential's forward keeps the stage's input
-                    x = block(x)            # alive to its end: a fifth of inference's peak)
+                # (nn.Sequential's forward keeps the stage's input alive to its end: a fifth of
+                # inference's peak)
+                unread = i < last and kept is not None and i not in kept
+                cast = self._downsampled_dtype(layer.downsample, x) if unread else None
+                blocks = list(layer.blocks)
+                for j, block in enumerate(blocks):
+                    if (cast is not None and j == len(blocks) - 1 and type(block) is VSSBlock
+                            and not hooked(block)):
+                        x = block(x, out_dtype=cast)
+                    else:
+                        x = block(x)
             yield x if self.cfg.channel_first else x.permute(0, 3, 1, 2)
+            if i == last:
+                return
             x = layer.downsample(x)
+
+    @staticmethod
+    def _downsampled_dtype(down: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+        """The 16-bit dtype a v3 downsampling (a convolution after a layout permute, no forward
+        hooks) reads x in under autocast, None otherwise (the v1 patch merging normalises x
+        first; outside autocast the convolution reads x's dtype)."""
+        dtype = matmul_dtype(x)
+        if dtype not in (torch.float16, torch.bfloat16) or not isinstance(down, nn.Sequential):
+            return None
+        layers = list(down)
+        if (len(layers) < 2 or type(layers[0]) not in (nn.Identity, Permute)
+                or type(layers[1]) is not nn.Conv2d or hooked(down, *layers)):
+            return None
+        return dtype
 
     @staticmethod
     def _input(x: torch.Tensor) -> torch.Tensor:
@@ -377,8 +412,9 @@ class VMamba(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's features after the final norm, (B, C, H/32, W/32)."""
-        *_, last = self._stages(x, len(self.layers) - 1)
-        return self._final_norm(last)
+        last = len(self.layers) - 1
+        *_, y = self._stages(x, last, kept=(last,))
+        return self._final_norm(y)
 
     def _final_norm(self, x_cf: torch.Tensor) -> torch.Tensor:
         if self.cfg.channel_first:
@@ -407,7 +443,8 @@ class VMamba(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         outs, last = [], None
-        for i, y in enumerate(self._stages(x, n - 1 if not intermediates_only else max(take))):
+        end = n - 1 if not intermediates_only else max(take)
+        for i, y in enumerate(self._stages(x, end, kept=(*take, end))):
             last = y
             if i in take:
                 y = self._final_norm(y) if norm and i == n - 1 else y
@@ -429,7 +466,7 @@ class VMamba(nn.Module):
         n = len(self.layers)
         if not 1 <= tap <= n:
             raise ValueError(f"tap must be a stage number from 1 to {n}, got {tap}")
-        *_, y = self._stages(images, tap - 1)
+        *_, y = self._stages(images, tap - 1, kept=(tap - 1,))
         return y.flatten(2).transpose(1, 2)
 
     # ---- checkpoints ------------------------------------------------------------------------

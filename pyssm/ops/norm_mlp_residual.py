@@ -4,21 +4,24 @@ the norm and the whole MLP added back.
     x (..., C) the block's stream, branch (..., C) its first branch's output, norm_weight (C,)
     or None, norm_bias (C,) or None, fc1_weight (H, C), fc1_bias (H,) or None, fc2_weight (C, H),
     fc2_bias (C,) or None (nn.LayerNorm(C)'s, nn.Linear(C, H)'s and nn.Linear(H, C)'s), dtype
-    (the products'; default the promoted dtype of x and branch):
+    (the products'; default the promoted dtype of x and branch), out_dtype (the output's;
+    default the promoted dtype of x and branch, s's):
     s = x + branch in float32 (float64 for float64), as layer_norm adds a residual,
     h = (s - mean(s)) / sqrt(var(s) + eps) * norm_weight + norm_bias rounded to dtype,
     out = round(s) + round(GELU(h fc1_weight^T + fc1_bias)) fc2_weight^T + fc2_bias (the
     hidden layer and the MLP's output rounded to dtype, the weights and biases rounded to dtype
     first when it is 16-bit and the products summed in float32, as CUDA autocast runs the two
-    F.linear's; the activation as linear_gelu's: "gelu", "gelu_tanh" or "quick_gelu"), the add
-    in float32, rounded to the output's dtype, the promoted dtype of x and branch (s's).
+    F.linear's; the activation as linear_gelu's: "gelu", "gelu_tanh" or "quick_gelu"), round(s)
+    rounding s to the promoted dtype of x and branch, the add in float32, rounded to out_dtype.
 
 The same values as ``layer_norm(branch, norm_weight, norm_bias, eps, residual=x,
 out_dtype=dtype, return_residual=True)`` and then ``mlp_residual_`` of the MLP into that sum
 (the encoders' ``norm2.add`` and ``add_mlp``); in one pass (norm_mlp_residual_triton.py) that
 writes neither the sum, nor the normalised sum, nor the hidden layer, for C up to 256
 (``norm_mlp_residual_triton.MAX_WIDTH``; wider, the kernel of each of those two ops, the MLPs
-the encoders fuse whole being that narrow). x is not updated: the output is a new tensor.
+the encoders fuse whole being that narrow). x is not updated: the output is a new tensor, and
+with out_dtype the cast a next layer would make of it comes in the same pass (VMamba's
+downsampling convolution reads a stage's output in bf16 under autocast).
 
 An inference op: it records nothing for autograd, so it refuses to run where autograd would
 record; there use ``layer_norm`` and ``mlp_gelu``.
@@ -45,18 +48,19 @@ BACKENDS = _triton.BACKENDS
 
 def norm_mlp_residual_reference(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
                                 fc2_weight, fc2_bias, *, eps=1e-5, activation="gelu",
-                                dtype=None):
+                                dtype=None, out_dtype=None):
     """Pure-PyTorch norm_mlp_residual (module docstring): layer_norm's reference, then
-    mlp_residual_'s into the sum it returns."""
+    mlp_residual_'s into the sum it returns, then the cast to out_dtype."""
     s_dtype = torch.promote_types(x.dtype, branch.dtype)
     h, s = layer_norm_reference(branch, norm_weight, norm_bias, eps, residual=x,
                                 out_dtype=dtype or s_dtype, return_residual=True)
-    return mlp_residual_reference_(s, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                   activation=activation)
+    out = mlp_residual_reference_(s, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                  activation=activation)
+    return out.to(out_dtype or s_dtype)
 
 
 def check_norm_mlp_residual(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                            fc2_weight, fc2_bias, dtype) -> None:
+                            fc2_weight, fc2_bias, dtype, out_dtype=None) -> None:
     _checks.floating(x, "x")
     _checks.floating(branch, "branch")
     _checks.shape(branch, x.shape, "branch", "(..., C): x's")
@@ -71,8 +75,9 @@ def check_norm_mlp_residual(x, branch, norm_weight, norm_bias, fc1_weight, fc1_b
             _checks.floating(t, name)
             _checks.shape(t, (C,), name, "(C,) with C the last dimension of x")
             _checks.same_device(t, x, name, "x")
-    if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    for d, name in ((dtype, "dtype"), (out_dtype, "out_dtype")):
+        if d is not None and d not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point dtype, got {d}")
     tensors = (x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(
@@ -83,11 +88,11 @@ def check_norm_mlp_residual(x, branch, norm_weight, norm_bias, fc1_weight, fc1_b
 
 
 def uses_triton(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                dtype=None, backend=None) -> bool:
+                dtype=None, backend=None, out_dtype=None) -> bool:
     """Whether norm_mlp_residual with these arguments runs its Triton kernel."""
     dtypes = [t.dtype for t in (x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
                                 fc2_weight, fc2_bias) if t is not None]
-    dtypes += [dtype] if dtype is not None else []
+    dtypes += [d for d in (dtype, out_dtype) if d is not None]
     return _triton.use_triton("norm_mlp_residual", x.device, dtypes, backend)
 
 
@@ -96,26 +101,28 @@ def norm_mlp_residual(x: torch.Tensor, branch: torch.Tensor, norm_weight: torch.
                       fc1_bias: torch.Tensor | None, fc2_weight: torch.Tensor,
                       fc2_bias: torch.Tensor | None, *, eps: float = 1e-5,
                       activation: str = "gelu", dtype: torch.dtype | None = None,
+                      out_dtype: torch.dtype | None = None,
                       backend: str | None = None) -> torch.Tensor:
-    """x + branch + MLP(LayerNorm(x + branch)) of the module docstring, (..., C) in the promoted
-    dtype of x and branch."""
+    """x + branch + MLP(LayerNorm(x + branch)) of the module docstring, (..., C) in out_dtype
+    (default the promoted dtype of x and branch)."""
     check_norm_mlp_residual(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                            fc2_weight, fc2_bias, dtype)
+                            fc2_weight, fc2_bias, dtype, out_dtype)
     check_activation(activation)
     if not uses_triton(x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight,
-                       fc2_bias, dtype, backend):
+                       fc2_bias, dtype, backend, out_dtype):
         return norm_mlp_residual_reference(x, branch, norm_weight, norm_bias, fc1_weight,
                                            fc1_bias, fc2_weight, fc2_bias, eps=eps,
-                                           activation=activation, dtype=dtype)
+                                           activation=activation, dtype=dtype,
+                                           out_dtype=out_dtype)
     s_dtype = torch.promote_types(x.dtype, branch.dtype)
     if x.shape[-1] > norm_mlp_residual_triton.MAX_WIDTH:  # two passes: the norm's, the MLP's
         h, s = layer_norm(branch, norm_weight, norm_bias, eps, residual=x,
                           out_dtype=dtype or s_dtype, return_residual=True, backend=backend)
         return mlp_residual_(s, h, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                             activation=activation, backend=backend)
+                             activation=activation, backend=backend).to(out_dtype or s_dtype)
     out = torch.ops.pyssm.norm_mlp_residual_triton(
         _triton.rows(x), _triton.rows(branch), norm_weight, norm_bias, fc1_weight, fc1_bias,
-        fc2_weight, fc2_bias, float(eps), activation, dtype or s_dtype)
+        fc2_weight, fc2_bias, float(eps), activation, dtype or s_dtype, out_dtype or s_dtype)
     return out.view(x.shape)
 
 
@@ -126,14 +133,15 @@ def _norm_mlp_residual_triton(x2d: torch.Tensor, r2d: torch.Tensor,
                               norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                               fc1_weight: torch.Tensor, fc1_bias: torch.Tensor | None,
                               fc2_weight: torch.Tensor, fc2_bias: torch.Tensor | None,
-                              eps: float, activation: str, dtype: torch.dtype) -> torch.Tensor:
+                              eps: float, activation: str, dtype: torch.dtype,
+                              out_dtype: torch.dtype) -> torch.Tensor:
     return norm_mlp_residual_triton.forward(
         x2d, r2d, norm_weight, norm_bias, eps,
-        *kernel_operands(dtype, fc1_weight, fc1_bias, fc2_weight, fc2_bias),
-        torch.promote_types(x2d.dtype, r2d.dtype), act=ACTIVATIONS.index(activation))
+        *kernel_operands(dtype, fc1_weight, fc1_bias, fc2_weight, fc2_bias), out_dtype,
+        act=ACTIVATIONS.index(activation))
 
 
 @_norm_mlp_residual_triton.register_fake
 def _(x2d, r2d, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps,
-      activation, dtype):
-    return x2d.new_empty(x2d.shape, dtype=torch.promote_types(x2d.dtype, r2d.dtype))
+      activation, dtype, out_dtype):
+    return x2d.new_empty(x2d.shape, dtype=out_dtype)

@@ -52,8 +52,8 @@ def _sums(X, R, rows, M, C, cols, stride_xm, stride_rm, FULL: tl.constexpr):
 @jit
 def _fwd(X, R, NW, NB, W1, B1, W2, B2, OUT, M, C, H, stride_xm, stride_rm, stride_om, eps,
          HAS_NW: tl.constexpr, HAS_NB: tl.constexpr, HAS_B1: tl.constexpr,
-         HAS_B2: tl.constexpr, IEEE: tl.constexpr, EVEN_C: tl.constexpr, EVEN_H: tl.constexpr,
-         ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+         HAS_B2: tl.constexpr, S_OF_R: tl.constexpr, IEEE: tl.constexpr, EVEN_C: tl.constexpr,
+         EVEN_H: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
          BLOCK_H: tl.constexpr, CPU: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)  # the whole width (BLOCK_C >= C)
@@ -99,10 +99,14 @@ def _fwd(X, R, NW, NB, W1, B1, W2, B2, OUT, M, C, H, stride_xm, stride_rm, strid
     if HAS_B2:
         acc += tl.load(B2 + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     # fc2's output as F.linear returns it (rounded to the products' dtype), then the add to
-    # the sum as the norm wrote it (rounded to the output's dtype; read again, not held)
+    # the sum as the norm wrote it (rounded to the promoted dtype of x and the branch, S_OF_R:
+    # the branch's; read again, not held), the result rounded to the output's dtype
     y = rounded(acc, W1.dtype.element_ty, CPU).to(tl.float32)
-    s = rounded(_sums(X, R, rows, M, C, cols, stride_xm, stride_rm, EVEN_C),
-                OUT.dtype.element_ty, CPU).to(tl.float32)
+    s = _sums(X, R, rows, M, C, cols, stride_xm, stride_rm, EVEN_C)
+    if S_OF_R:
+        s = rounded(s, R.dtype.element_ty, CPU).to(tl.float32)
+    else:
+        s = rounded(s, X.dtype.element_ty, CPU).to(tl.float32)
     mask = (rows < M)[:, None] & cmask[None, :]
     tl.store(OUT + rows.to(tl.int64)[:, None] * stride_om + cols[None, :],
              rounded(s + y, OUT.dtype.element_ty, CPU), mask=mask)
@@ -135,8 +139,8 @@ def forward(x2d: torch.Tensor, r2d: torch.Tensor, norm_weight: torch.Tensor | No
             norm_bias: torch.Tensor | None, eps: float, w1: torch.Tensor, b1: torch.Tensor | None,
             w2: torch.Tensor, b2: torch.Tensor | None, out_dtype: torch.dtype,
             act: int = 0) -> torch.Tensor:
-    """out (M, C) in out_dtype: x2d + r2d + round(round(act(round(LN(x2d + r2d)) w1^T + b1))
-    w2^T + b2). x2d and r2d (M, C), C up to MAX_WIDTH, with unit stride along C; the norm's
+    """out (M, C) in out_dtype: round(x2d + r2d) + round(round(act(round(LN(x2d + r2d)) w1^T +
+    b1)) w2^T + b2), the sum rounded to the promoted dtype of x2d and r2d. x2d and r2d (M, C), C up to MAX_WIDTH, with unit stride along C; the norm's
     weight and bias (C,) (any float dtype, applied in float32); w1 (H, C), w2 (C, H)
     contiguous and the biases in the products' dtype. ``act``: the activation's index in
     pyssm.ops.linear_gelu.ACTIVATIONS."""
@@ -150,7 +154,7 @@ def forward(x2d: torch.Tensor, r2d: torch.Tensor, norm_weight: torch.Tensor | No
     if M == 0 or C == 0:
         return out
     if H == 0:  # no hidden units: the MLP's output is its bias (or 0), the sum as the norm's
-        s = (x2d.float() + r2d.float()).to(out_dtype).float()
+        s = (x2d.float() + r2d.float()).to(torch.promote_types(x2d.dtype, r2d.dtype)).float()
         return out.copy_(s if b2 is None else s + b2.float())
     block_m, block_c, block_h, warps = tiles(C, w1.dtype == torch.float32)
     _fwd[(triton.cdiv(M, block_m),)](
@@ -158,7 +162,9 @@ def forward(x2d: torch.Tensor, r2d: torch.Tensor, norm_weight: torch.Tensor | No
         norm_bias if norm_bias is not None else w1, w1, b1 if b1 is not None else w1, w2,
         b2 if b2 is not None else w2, out, M, C, H, x2d.stride(0), r2d.stride(0), out.stride(0),
         float(eps), HAS_NW=norm_weight is not None, HAS_NB=norm_bias is not None,
-        HAS_B1=b1 is not None, HAS_B2=b2 is not None, IEEE=w1.dtype == torch.float32,
+        HAS_B1=b1 is not None, HAS_B2=b2 is not None,
+        S_OF_R=torch.promote_types(x2d.dtype, r2d.dtype) != x2d.dtype,
+        IEEE=w1.dtype == torch.float32,
         EVEN_C=C == block_c, EVEN_H=H % block_h == 0, ACT=act, BLOCK_M=block_m,
         BLOCK_C=block_c, BLOCK_H=block_h, CPU=x2d.device.type == "cpu", num_warps=warps,
         num_stages=3)

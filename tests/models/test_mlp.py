@@ -385,12 +385,14 @@ def test_fc1_weight_cast_once_within_casts_kept(monkeypatch):
 
 
 def _spy_norm_whole(monkeypatch):
-    """The calls norm_add_mlp makes to norm_mlp_residual, as the products' dtype."""
+    """The calls norm_add_mlp makes to norm_mlp_residual, as the products' dtype, or as (that,
+    the output's dtype) where the output's is asked for."""
     import pyssm.models.mlp as mlp_module
     calls = []
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["dtype"])
+        out = kwargs.get("out_dtype")
+        calls.append(kwargs["dtype"] if out is None else (kwargs["dtype"], out))
         return norm_mlp_residual(*args, **kwargs)
 
     monkeypatch.setattr(mlp_module, "norm_mlp_residual", spy)
@@ -428,8 +430,11 @@ def test_encoders_take_the_fused_mlp_ops_in_16_bit_inference(name, size, path, m
         for m in mlps:
             m.backend = "triton"
         got = model(x).float()
-    if path == "norm_mlp_residual":
-        assert norm_calls == [torch.bfloat16] * len(mlps) and len(mlps) > 0
+    if path == "norm_mlp_residual":  # (VMamba: the ends of stages 1-3 written in bf16)
+        ends = 3 if name.startswith("vmamba") else 0
+        assert len(norm_calls) == len(mlps) > 0
+        assert norm_calls.count((torch.bfloat16, torch.bfloat16)) == ends
+        assert norm_calls.count(torch.bfloat16) == len(mlps) - ends
         assert fc1_calls == [] and fc2_calls == [] and whole_calls == []
     elif whole:
         assert len(whole_calls) == len(mlps) > 0 and fc1_calls == [] and fc2_calls == []
@@ -527,10 +532,54 @@ def test_norm_add_mlp_fused_in_16_bit_inference(channel_first, monkeypatch):
         h, s = norm.add(branch.bfloat16(), x, for_matmul=True, backend="reference")
         want = add_mlp(mlp, h, s, x, backend="reference")
         got = norm_add_mlp(norm, mlp, branch.bfloat16(), x, backend="triton")
-    assert calls == [torch.bfloat16]
+        cast = norm_add_mlp(norm, mlp, branch.bfloat16(), x, backend="triton",
+                            out_dtype=torch.bfloat16)
+    assert calls == [torch.bfloat16, (torch.bfloat16, torch.bfloat16)]
+    assert torch.equal(cast, got.bfloat16()) and cast.is_contiguous(memory_format=fmt)
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
     assert torch.equal(x, kept)
     torch.testing.assert_close(got, want, rtol=0, atol=2 ** -6 * want.abs().max().item())
+
+
+@INTERPRETER
+def test_vmamba_stage_ends_written_for_the_downsampling(monkeypatch):
+    """bf16 inference through the Triton ops: in forward the last block of each stage whose
+    output only the downsampling convolution reads writes it in bf16 (norm_mlp_residual's
+    out_dtype), the features bitwise those of forward_intermediates, which keeps every stage's
+    output in float32 (the same values: the convolution's cast made in the pass); tokens() runs
+    no downsampling after its tap; a hook on the last block, or a v1 patch merging (whose norm
+    reads float32), keeps the stage's output float32."""
+    from pyssm.models import create_encoder
+    from pyssm.models.vmamba import PatchMerging2D
+    calls = _spy_norm_whole(monkeypatch)
+    torch.manual_seed(0)
+    model = create_encoder("vmamba_tiny_s1l8", img_size=64, num_classes=0, depths=(1, 2, 1, 1),
+                           dims=16).eval()
+    for m in model.modules():
+        if isinstance(m, Mlp):
+            m.backend = "triton"
+    x = torch.randn(2, 3, 64, 64)
+    downsampled = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.forward_features(x)
+        assert [c for c in calls if isinstance(c, tuple)] == [(torch.bfloat16,) * 2] * 3
+        calls.clear()
+        kept, _ = model.forward_intermediates(x)
+        assert calls == [torch.bfloat16] * 5
+        assert torch.equal(features, kept)
+        handle = model.layers[2].downsample.register_forward_hook(
+            lambda *a: downsampled.append(1))
+        tokens = model.tokens(x, tap=3)
+        handle.remove()
+        assert downsampled == [] and tokens.shape == (2, 4 * 4, 64)
+        calls.clear()
+        handle = model.layers[0].blocks[-1].register_forward_hook(lambda *a: None)
+        model.forward_features(x)
+        handle.remove()
+        assert calls.count((torch.bfloat16,) * 2) == 2  # (stage 1's end stays float32)
+        assert model._downsampled_dtype(model.layers[0].downsample, x) == torch.bfloat16
+        assert model._downsampled_dtype(PatchMerging2D(model.cfg, 16, 32), x) is None
+    assert model._downsampled_dtype(model.layers[0].downsample, x) is None  # (no autocast)
 
 
 @INTERPRETER

@@ -105,6 +105,24 @@ def test_equals_layer_norm_then_mlp_residual(device, backend, activation, stream
 
 
 @pytest.mark.parametrize("device,backend", PARAMS[::2])
+@pytest.mark.parametrize("C,H", [(40, 70), (160, 50), (300, 20)])
+def test_out_dtype_is_the_output_cast(device, backend, C, H):
+    """out_dtype=bf16 from a float32 stream: bitwise the float32 output cast to bf16 (the sum
+    rounded to float32 first, the cast once), a bf16 tensor of x's shape; up to 256 wide in the
+    kernel's pass, wider after the two ops' kernels."""
+    x, branch, *p = _inputs((3, 37), C, H, device, FP32, BF16, seed=4)
+    with torch.no_grad():
+        wide = norm_mlp_residual(x, branch, *p, dtype=BF16, backend=backend)
+        got = norm_mlp_residual(x, branch, *p, dtype=BF16, out_dtype=BF16, backend=backend)
+    assert wide.dtype == FP32 and got.dtype == BF16 and got.shape == x.shape
+    assert torch.equal(got, wide.to(BF16))
+    exact = _exact(x, branch, *p, 1e-5, BF16)
+    own = norm_mlp_residual_reference(x, branch, *p, dtype=BF16, out_dtype=BF16)
+    assert own.dtype == BF16
+    assert err(got, exact) <= 2 * err(own, exact) + 1e-5 * (1 + exact.abs().max().item())
+
+
+@pytest.mark.parametrize("device,backend", PARAMS[::2])
 def test_strided_rows_and_channels_last(device, backend):
     """x and the branch read through their row strides, and a (B, C, H, W) pair stored
     torch.channels_last passed as (B, H, W, C) views (VMamba's channel-first blocks): all as
@@ -140,9 +158,9 @@ def test_opcheck_and_compile(device, backend):
     x, branch, nw, nb, w1, b1, w2, b2 = _inputs((3, 5), 16, 40, device, FP32, BF16)
     op = torch.ops.pyssm.norm_mlp_residual_triton.default
     x2d, b2d = x.reshape(15, 16), branch.reshape(15, 16)
-    torch.library.opcheck(op, (x2d, b2d, nw, nb, w1, b1, w2, b2, 1e-5, "gelu", BF16))
+    torch.library.opcheck(op, (x2d, b2d, nw, nb, w1, b1, w2, b2, 1e-5, "gelu", BF16, FP32))
     torch.library.opcheck(op, (x2d, b2d, None, None, w1, None, w2, None, 1e-6, "quick_gelu",
-                               FP32))
+                               FP32, BF16))
 
     def fn(x, branch):
         return norm_mlp_residual(x, branch, nw, nb, w1, b1, w2, b2, dtype=BF16,
@@ -171,8 +189,11 @@ def test_bad_arguments(backend):
                               backend=backend)
         with pytest.raises(TypeError, match="branch must be a floating-point tensor"):
             norm_mlp_residual(x, branch.long(), nw, None, w1, None, w2, None, backend=backend)
-        with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        with pytest.raises(TypeError, match="^dtype must be a floating-point dtype"):
             norm_mlp_residual(x, branch, nw, None, w1, None, w2, None, dtype=torch.int32,
+                              backend=backend)
+        with pytest.raises(TypeError, match="out_dtype must be a floating-point dtype"):
+            norm_mlp_residual(x, branch, nw, None, w1, None, w2, None, out_dtype=torch.int8,
                               backend=backend)
         with pytest.raises(ValueError, match="activation must be one of"):
             norm_mlp_residual(x, branch, nw, None, w1, None, w2, None, activation="relu",
