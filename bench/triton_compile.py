@@ -163,19 +163,23 @@ def variants():
                    flags, warps)
     for c, h in MLPS[:-1]:  # (norm_mlp_residual's kernel takes rows up to 256 wide)
         # a bf16 branch into the float32 stream, bf16 products (the encoders'), every
-        # activation at 96 wide; float32 throughout at 96
-        for w, act in [("bf16", 0)] + ([("bf16", 1), ("bf16", 2), ("fp32", 0)] if c == 96 else []):
+        # activation at 96 wide; float32 throughout at 96; the output in bf16 (a VMamba
+        # stage's end, for the downsampling) at 96 and 192
+        variants = [("bf16", 0, "fp32")] + ([("bf16", 1, "fp32"), ("bf16", 2, "fp32"),
+                                             ("fp32", 0, "fp32")] if c == 96 else [])
+        variants += [("bf16", 0, "bf16")] if c in (96, 192) else []
+        for w, act, out in variants:
             block_m, block_c, block_h, warps = NMR.tiles(c, w == "fp32")
             sig = {"X": "*fp32", "R": f"*{w}", "NW": "*fp32", "NB": "*fp32", "W1": f"*{w}",
-                   "B1": f"*{w}", "W2": f"*{w}", "B2": f"*{w}", "OUT": "*fp32", "M": "i32",
+                   "B1": f"*{w}", "W2": f"*{w}", "B2": f"*{w}", "OUT": f"*{out}", "M": "i32",
                    "C": "i32", "H": "i32", "stride_xm": "i32", "stride_rm": "i32",
                    "stride_om": "i32", "eps": "fp32"}
             flags = {"HAS_NW": True, "HAS_NB": True, "HAS_B1": True, "HAS_B2": True,
-                     "IEEE": w == "fp32", "EVEN_C": c == block_c, "EVEN_H": h % block_h == 0,
-                     "ACT": act, "BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_H": block_h,
-                     "CPU": False}
+                     "S_OF_R": False, "IEEE": w == "fp32", "EVEN_C": c == block_c,
+                     "EVEN_H": h % block_h == 0, "ACT": act, "BLOCK_M": block_m,
+                     "BLOCK_C": block_c, "BLOCK_H": block_h, "CPU": False}
             name = "" if act == 0 else f" ({ACTIVATIONS[act]})"
-            yield (f"norm_mlp_residual forward{name}", f"{c}->{h}->{c}", f"fp32+{w}->fp32",
+            yield (f"norm_mlp_residual forward{name}", f"{c}->{h}->{c}", f"fp32+{w}->{out}",
                    NMR._fwd, sig, flags, warps)
 
 

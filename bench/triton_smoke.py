@@ -177,8 +177,12 @@ def _mlp_residual(device) -> float:
         sum64 = stream.double() + branch.double()
         h64 = F.layer_norm(sum64, (width,), nw.double(), nb.double(), 1e-6)
         out64 = sum64 + F.linear(F.gelu(F.linear(h64, bf[0], bf[1])), bf[2], bf[3])
+        with torch.no_grad():  # (a VMamba stage's end: the output in bf16)
+            out16 = norm_mlp_residual(stream, branch, nw, nb, w1, b1, w2, b2, eps=1e-6,
+                                      dtype=torch.bfloat16, out_dtype=torch.bfloat16,
+                                      backend="triton")
         worst = max(worst, _check(f"norm_mlp_residual ({rows}, {width}) -> {hidden}", device,
-                                  [out], [out64]))
+                                  [out, out16], [out64, out64]))
     return worst
 
 
