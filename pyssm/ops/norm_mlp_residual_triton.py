@@ -20,9 +20,11 @@ takes the mean and then the variance of the centred values (as the layer_norm ke
 applies the norm's weight and bias and rounds to the products' dtype (the value the norm would
 have written): that tile stays in registers as fc1's A operand for every hidden step, so fc1
 is one product a step, with no K loop. At the end the sum is formed again at the output's
-columns (x and the branch read again, from the L2), rounded to the output's dtype (the sum the
-norm would have written) and the rounded MLP output added to it, as mlp_residual_ adds. The
-output goes to its own buffer (x is not updated in place: a caller may hold it). On CPU
+columns (x and the branch read again, from the L2), rounded to the promoted dtype of x and the
+branch (the sum the norm would have written), and the rounded MLP output added to it, as
+mlp_residual_ adds; the result is rounded to the output's dtype (that of the sum, or bf16 for
+a VMamba stage's end that only the downsampling reads). The output goes to its own buffer (x
+is not updated in place: a caller may hold it). On CPU
 tensors the kernel runs in Triton's interpreter (pyssm/ops/_triton.py), which multiplies 16-bit
 values as float32.
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops._triton import (activation, available, check_device, jit,  # noqa: F401
-                               mma, program_tile, rounded, tl, triton)
+                               mma, rounded, tl, triton)
 
 
 @jit
@@ -123,7 +125,7 @@ def tiles(C: int, fp32: bool = False) -> tuple[int, int, int, int]:
     layer 32 units a step, 8 warps. Triton 3.8's ptxas (bench/triton_compile.py, 2026-12-06):
     233 / 250 registers on sm_80 / sm_90 at 96 wide, 248 / 254 at 128, 255 / 246 at 192 and
     255 / 255 at 256, none spilling; 128 rows spilled 64-448 B up to 128 wide (1.0-1.6 KB
-    above), and 4 warps 56-1700 B. The rows a program takes are how often W1 and W2 are read
+    above), and 4 warps 56-1720 B. The rows a program takes are how often W1 and W2 are read
     from the L2: 64 rows at VMamba-T's stage 1 (M = 401,408 at 224 px x 128) read their 147 KB
     6,272 times, 0.92 GB, twice mlp_residual_'s 128 rows; whether that costs more than the
     0.46 GB of DRAM traffic the fusion saves there is for the device check's benchmark rows.
@@ -140,10 +142,10 @@ def forward(x2d: torch.Tensor, r2d: torch.Tensor, norm_weight: torch.Tensor | No
             w2: torch.Tensor, b2: torch.Tensor | None, out_dtype: torch.dtype,
             act: int = 0) -> torch.Tensor:
     """out (M, C) in out_dtype: round(x2d + r2d) + round(round(act(round(LN(x2d + r2d)) w1^T +
-    b1)) w2^T + b2), the sum rounded to the promoted dtype of x2d and r2d. x2d and r2d (M, C), C up to MAX_WIDTH, with unit stride along C; the norm's
-    weight and bias (C,) (any float dtype, applied in float32); w1 (H, C), w2 (C, H)
-    contiguous and the biases in the products' dtype. ``act``: the activation's index in
-    pyssm.ops.linear_gelu.ACTIVATIONS."""
+    b1)) w2^T + b2), the sum rounded to the promoted dtype of x2d and r2d. x2d and r2d (M, C),
+    C up to MAX_WIDTH, with unit stride along C; the norm's weight and bias (C,) (any float
+    dtype, applied in float32); w1 (H, C), w2 (C, H) contiguous and the biases in the
+    products' dtype. ``act``: the activation's index in pyssm.ops.linear_gelu.ACTIVATIONS."""
     M, C = x2d.shape
     H = w1.shape[0]
     check_device(x2d.device, "norm_mlp_residual")
