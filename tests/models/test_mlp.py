@@ -585,10 +585,10 @@ def test_vmamba_stage_ends_written_for_the_downsampling(monkeypatch):
 @INTERPRETER
 def test_norm_add_mlp_steps_aside_where_the_op_does_not_apply(monkeypatch):
     """None (the caller's norm.add and add_mlp then run) with PYSSM_NORM_MLP=0 or
-    PYSSM_MLP_RESIDUAL=0, a hook on the
-    norm, the MLP or one of its layers, a drop path that drops, autograd recording, float32
-    products, a norm or an activation the op does not compute, an MLP wider than
-    FUSED_MLP_WIDTH, layers in the other layout, or the reference backend; one pass otherwise."""
+    PYSSM_MLP_RESIDUAL=0, a hook on the norm, the MLP or one of its layers, a drop path that
+    drops, autograd recording, float32 products, a norm or an activation the op does not
+    compute, an MLP wider than FUSED_MLP_WIDTH, layers in the other layout, or the reference
+    backend; one pass otherwise."""
     import pyssm.models.mlp as mlp_module
     from pyssm.models.vmamba import DropPath
     calls = _spy_norm_whole(monkeypatch)
