@@ -14,14 +14,14 @@ the trace counts what the model code keeps alive. Peak = torch.profiler's alloca
 summed in order (pyssm.bench.harness.cpu_peak_mb), above what is live before the step, over the
 batch, in float32.
 
---bf16: the GPU's bf16-autocast inference instead, under CPU autocast (whose matrix products
-and convolutions return bf16 as CUDA's do) with CUDA autocast's choices where the two differ
-stood in: pyssm's norms return what they return under CUDA autocast (bf16 before a matrix
-product, float32 elsewhere), and the Triton ops the GPU runs in 16-bit inference allocate only
-their outputs: layer_norm (y, and the sum where returned), linear_gelu (the hidden layer),
+--bf16: the GPU's bf16-autocast inference instead, under CPU autocast (whose matrix products and
+convolutions return bf16 as CUDA's do) with CUDA autocast's choices where the two differ stood
+in: pyssm's norms return what they return under CUDA autocast (bf16 before a matrix product,
+float32 elsewhere), and the Triton ops the GPU runs in 16-bit inference allocate only their
+outputs: layer_norm (y, and the sum where returned), linear_gelu (the hidden layer),
 linear_residual_ and mlp_residual_ (nothing: they add into the sum), layer_norm_linear (the
-projection) and norm_mlp_residual (the block's output). Comparable with ANCHORS.md's official peaks
-(17 / 88 / 354 MB an image at 224 / 512 / 1024 px for VMamba-T), which the issue's target
+projection) and norm_mlp_residual (the block's output). Comparable with ANCHORS.md's official
+peaks (17 / 88 / 354 MB an image at 224 / 512 / 1024 px for VMamba-T), which the issue's target
 divides by four.
 
     python bench/memory_model.py [--encoder vmamba_tiny_s1l8] [--img-size 224] [--batch 8]

@@ -59,8 +59,9 @@ NOTES = [
     "what that fusion gains, in the same run.",
     "pyssm-norm-mlp-apart (GPU, VMamba forward rows): the pyssm model with each block's "
     "second residual add and norm as their own pass and then the MLP up to 256 wide as one "
-    "mlp_residual_ (PYSSM_NORM_MLP=0), not one norm_mlp_residual pass: what that fusion gains "
-    "or loses (its weights read from the L2 twice as often), in the same run.",
+    "mlp_residual_ (PYSSM_NORM_MLP=0), not one norm_mlp_residual pass (nor stages 1-2 ending "
+    "in bf16 for the downsampling): what that fusion gains or loses (its weights read from the "
+    "L2 twice as often), in the same run.",
     "pyssm-qkv-copied (GPU, ViT rows): the pyssm ViT with its attention on contiguous copies "
     "of q, k and v and their gradients stacked (PYSSM_QKVPACKED=0), as before the kernels read "
     "the fused qkv in place: what attention_qkvpacked gains, in the same run.",
