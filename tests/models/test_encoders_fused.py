@@ -31,6 +31,18 @@ TRAINING = {"vmamba_tiny_s1l8": {"mlp_gelu_triton", "depthwise_conv2d_triton",
             "vit_tiny_patch16": {"mlp_gelu_triton", "layer_norm_triton", "attention_qkvpacked"}}
 DEVICES = [pytest.param("cpu", id="cpu-triton-interpreter", marks=INTERPRETER),
            pytest.param("cuda", id="cuda", marks=CUDA)]
+# the switches that would turn a fused path off (README.md, "Switches"; the device check sets
+# some after a failed smoke): cleared, so that a broken kernel fails here as in its op's tests
+SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_LINEAR_GELU", "PYSSM_LINEAR_RESIDUAL",
+            "PYSSM_MLP_RESIDUAL", "PYSSM_NORM_MLP", "PYSSM_MLP_GELU", "PYSSM_NORM_LINEAR",
+            "PYSSM_RESIDUAL_PAIRS", "PYSSM_QKVPACKED", "PYSSM_SS2D_STATES")
+
+
+@pytest.fixture(autouse=True)
+def every_fused_path(monkeypatch):
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")  # (the CUDA and Triton kernels let in)
 
 
 def _models(name: str, device: str) -> tuple[torch.nn.Module, ...]:
@@ -75,10 +87,9 @@ def _error(t: torch.Tensor | None, exact: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_inference_on_the_fused_kernels(name, device, monkeypatch):
+def test_inference_on_the_fused_kernels(name, device):
     """bf16-autocast inference: the fused ops run, and the logits are within twice the error
     the same model on torch's ops makes against float64 (plus 1%)."""
-    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
     fast, ref, exact = _models(name, device)
     x = torch.randn(3, 3, 64, 64, device=device)
     with torch.no_grad():
@@ -94,11 +105,10 @@ def test_inference_on_the_fused_kernels(name, device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_a_training_step_on_the_fused_kernels(name, device, monkeypatch):
+def test_a_training_step_on_the_fused_kernels(name, device):
     """A bf16-autocast training step (the mean of the logits, backward into every parameter):
     the fused training ops run, and every parameter's gradient is within twice the error the
     same model on torch's ops makes against float64 (plus 1% of its norm)."""
-    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
     fast, ref, exact = _models(name, device)
     x = torch.randn(3, 3, 64, 64, device=device)
     with torch.autocast(device, dtype=torch.bfloat16):
