@@ -12,6 +12,7 @@ range has no crossing, from power laws in the resolution (flagged as extrapolate
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 
@@ -93,7 +94,12 @@ def crossover(slow_grower: list[tuple[float, float]],
     exp_b, c_b, _ = fit_power_law(list(b), list(b.values()))
     if exp_a >= exp_b:
         return None, "never"
-    res = (c_a / c_b) ** (1.0 / (exp_b - exp_a))  # c_a r^exp_a = c_b r^exp_b
+    # c_a r^exp_a = c_b r^exp_b, in logs: exponents that nearly agree put the crossing past any
+    # float (noisy CPU timings do), which is never
+    log_res = (math.log(c_a) - math.log(c_b)) / (exp_b - exp_a)
+    if log_res > math.log(sys.float_info.max):
+        return None, "never"
+    res = math.exp(log_res)
     if diffs and res <= max(r for r, _ in diffs):
         return None, "never"  # the fits cross inside the range, where the measurements do not
     return res, "extrapolated"

@@ -63,6 +63,14 @@ def test_crossover_extrapolated_beyond_the_range():
     assert res == pytest.approx(500.0)
 
 
+def test_crossover_past_any_float_is_never():
+    """Exponents that nearly agree (noisy CPU timings) put the fitted crossing past the largest
+    float: "never", not an overflow."""
+    res, how = crossover([(r, 1e6 * r ** 1.0) for r in (32, 64)],
+                         [(r, 1e-6 * r ** 1.001) for r in (32, 64)])
+    assert (res, how) == (None, "never")
+
+
 def test_crossover_always_never_and_too_few():
     assert crossover([(64, 1.0), (128, 2.0)], [(64, 2.0), (128, 8.0)]) == (None, "always")
     assert crossover([(64, 4.0), (128, 16.0)], [(64, 1.0), (128, 2.0)]) == (None, "never")
