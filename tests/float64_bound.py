@@ -34,3 +34,9 @@ def as_multiplied(t64, dtype):
     if t64 is None or dtype not in (torch.float16, torch.bfloat16):
         return t64
     return t64 + (t64.to(dtype).double() - t64).detach()
+
+
+def multiplied64(t, dtype):
+    """A weight or bias of any dtype and device as a linear op multiplies it for x of
+    ``dtype``, in float64 on the CPU (``as_multiplied`` of its float64 copy); None stays None."""
+    return None if t is None else as_multiplied(t.detach().cpu().double(), dtype)

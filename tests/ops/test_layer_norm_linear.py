@@ -5,7 +5,7 @@ reference."""
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_bound import err
+from float64_bound import err, multiplied64
 from triton_params import PARAMS
 
 from pyssm.ops import layer_norm_linear_triton
@@ -31,16 +31,12 @@ def _inputs(lead, K, N, device, x_dtype, seed=0):
     return [t.to(device) for t in (x.to(x_dtype), nw, nb, w, b)]
 
 
-def _rounded(t, dtype):
-    return (t.cpu().to(dtype) if dtype in (BF16, FP16) else t.cpu()).double()
-
-
 def _exact(x, nw, nb, w, b, eps, dtype):
     """float64 math on the op's operands (the weights rounded to the product's dtype), with no
     rounding of the normalised x or the product."""
     h = F.layer_norm(x.cpu().double(), x.shape[-1:], None if nw is None else nw.cpu().double(),
                      None if nb is None else nb.cpu().double(), eps)
-    return F.linear(h, _rounded(w, dtype), None if b is None else _rounded(b, dtype))
+    return F.linear(h, multiplied64(w, dtype), multiplied64(b, dtype))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)

@@ -5,7 +5,7 @@ reference."""
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_bound import err
+from float64_bound import err, multiplied64
 from triton_params import PARAMS
 
 from pyssm.ops import linear_residual_triton
@@ -26,12 +26,6 @@ def _inputs(lead, K, N, device, dtype, s_dtype, seed=0):
     return s, x, w, b
 
 
-def _multiplied(t, dtype):
-    """A float32 weight or bias as the op multiplies it for x of ``dtype``, in float64."""
-    t = t.cpu()
-    return (t.to(dtype) if dtype in (BF16, FP16) else t).double()
-
-
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
 @pytest.mark.parametrize("dtype,s_dtype", [(FP32, FP32), (BF16, FP32), (FP16, FP32),
@@ -42,8 +36,8 @@ def test_against_float64(device, backend, lead, K, N, dtype, s_dtype, with_bias)
     (the reference) against float64, plus a floor of float32 rounding."""
     s, x, w, b = _inputs(lead, K, N, device, dtype, s_dtype)
     b = b if with_bias else None
-    exact = s.cpu().double() + F.linear(x.cpu().double(), _multiplied(w, dtype),
-                                        None if b is None else _multiplied(b, dtype))
+    exact = s.cpu().double() + F.linear(x.cpu().double(), multiplied64(w, dtype),
+                                        multiplied64(b, dtype))
     own = linear_residual_reference_(s.clone(), x, w, b)
     got = s.clone()
     with torch.no_grad():
@@ -59,7 +53,7 @@ def test_the_product_is_rounded_as_fc2_returns_it(device, backend):
     under autocast), not the float32 product; within one bf16 ulp of y (the float32 sum of the
     products can move a value across a rounding boundary)."""
     s, x, w, b = _inputs((4, 37), 96, 70, device, BF16, FP32, seed=3)
-    y = F.linear(x.cpu().double(), _multiplied(w, BF16), _multiplied(b, BF16))
+    y = F.linear(x.cpu().double(), multiplied64(w, BF16), multiplied64(b, BF16))
     got = linear_residual_(s.clone(), x, w, b, backend=backend).cpu().double()
     ulp = torch.finfo(BF16).eps * y.abs().clamp_min(torch.finfo(BF16).tiny)
     rounded = s.cpu().double() + y.to(BF16).double()

@@ -5,7 +5,7 @@ reference."""
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_bound import err
+from float64_bound import err, multiplied64
 from triton_params import PARAMS
 
 from pyssm.ops import mlp_residual_triton
@@ -33,21 +33,13 @@ def _inputs(lead, C, H, N, device, dtype, s_dtype, seed=0):
     return s, x, w1, b1, w2, b2
 
 
-def _multiplied(t, dtype):
-    """A float32 weight or bias as the op multiplies it for x of ``dtype``, in float64."""
-    if t is None:
-        return None
-    t = t.cpu()
-    return (t.to(dtype) if dtype in (BF16, FP16) else t).double()
-
-
 def _exact(s, x, w1, b1, w2, b2, activation="gelu"):
     """float64 math on the op's operands (the weights rounded to x's dtype), no roundings of
     the hidden layer or the product: what the op's own roundings are measured against."""
     d = x.dtype
-    hidden = activate(F.linear(x.cpu().double(), _multiplied(w1, d), _multiplied(b1, d)),
+    hidden = activate(F.linear(x.cpu().double(), multiplied64(w1, d), multiplied64(b1, d)),
                       activation)
-    return s.cpu().double() + F.linear(hidden, _multiplied(w2, d), _multiplied(b2, d))
+    return s.cpu().double() + F.linear(hidden, multiplied64(w2, d), multiplied64(b2, d))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)

@@ -5,7 +5,7 @@ elsewhere) and the reference. The output's memory is poisoned by tests/conftest.
 import pytest
 import torch
 import torch.nn.functional as F
-from float64_bound import err
+from float64_bound import err, multiplied64
 from triton_params import PARAMS
 
 from pyssm.ops import norm_mlp_residual_triton
@@ -38,22 +38,14 @@ def _inputs(lead, C, H, device, x_dtype, branch_dtype, seed=0):
             *(t.to(device) for t in (nw, nb, w1, b1, w2, b2))]
 
 
-def _operand(t, dtype):
-    """A float32 weight or bias as the op multiplies it for products in ``dtype``, float64."""
-    if t is None:
-        return None
-    t = t.cpu()
-    return (t.to(dtype) if dtype in (BF16, FP16) else t).double()
-
-
 def _exact(x, branch, nw, nb, w1, b1, w2, b2, eps, dtype, activation="gelu"):
     """float64 math on the op's operands (the weights rounded to the products' dtype), no
     rounding of the sum, the normalised sum, the hidden layer or the MLP's output."""
     s = x.cpu().double() + branch.cpu().double()
     h = F.layer_norm(s, s.shape[-1:], None if nw is None else nw.cpu().double(),
                      None if nb is None else nb.cpu().double(), eps)
-    hidden = activate(F.linear(h, _operand(w1, dtype), _operand(b1, dtype)), activation)
-    return s + F.linear(hidden, _operand(w2, dtype), _operand(b2, dtype))
+    hidden = activate(F.linear(h, multiplied64(w1, dtype), multiplied64(b1, dtype)), activation)
+    return s + F.linear(hidden, multiplied64(w2, dtype), multiplied64(b2, dtype))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
