@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from pyssm.models.norms import LayerNorm, LayerNorm2d, matmul_dtype
 from pyssm.ops.linear_gelu import GELU_APPROXIMATE, linear_gelu
 from pyssm.ops.linear_gelu import uses_triton as linear_gelu_uses_triton
 from pyssm.ops.linear_residual import linear_residual_
@@ -173,17 +174,27 @@ class Mlp(nn.Module):
         the hidden layer never written): a GELU MLP of nn.Linear or Linear2d layers up to
         FUSED_MLP_WIDTH wide, 16-bit products, nothing recorded, no hooks on its layers, and
         PYSSM_MLP_RESIDUAL not 0."""
-        if os.environ.get("PYSSM_MLP_RESIDUAL", "") == "0":
+        if self._whole_layout(x) is None or self._low_dtype(x) is None:
             return False
         fc1, fc2 = self.fc1, self.fc2
+        return mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                                        backend or self.backend)
+
+    def _whole_layout(self, x: torch.Tensor) -> int | None:
+        """The channels dimension (-1, or 1 for Linear2d layers) where the whole MLP on x can be
+        one pass (mlp_residual_, norm_mlp_residual), whatever the products' dtype: a GELU MLP of
+        nn.Linear or Linear2d layers up to FUSED_MLP_WIDTH wide, nothing recorded, no hooks on
+        its layers, PYSSM_MLP_RESIDUAL not 0; None otherwise."""
+        if os.environ.get("PYSSM_MLP_RESIDUAL", "") == "0":
+            return None
+        fc1, fc2 = self.fc1, self.fc2
         channels_dim = self._channels_dim(fc1, x)
-        if (self._activation() is None or channels_dim is None or self._low_dtype(x) is None
+        if (self._activation() is None or channels_dim is None
                 or self._channels_dim(fc2, x) != channels_dim
                 or max(fc1.in_features, fc2.out_features) > FUSED_MLP_WIDTH
                 or hooked(fc1, self.act, fc2) or records(x, fc1, fc2)):
-            return False
-        return mlp_residual_uses_triton(s, x, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
-                                        backend or self.backend)
+            return None
+        return channels_dim
 
     def _mlp_into(self, s: torch.Tensor, x: torch.Tensor, backend: str | None,
                   whole: bool | None = None) -> bool:
@@ -358,24 +369,18 @@ def norm_add_mlp(norm: nn.Module, mlp: nn.Module, branch: torch.Tensor, x: torch
     result are (B, C, H, W) stored channels-last for VMamba's channel-first configs, (..., C)
     otherwise; the result in ``out_dtype`` where given (the op's cast in its pass), else in
     the promoted dtype of x and branch."""
-    from pyssm.models.norms import LayerNorm, LayerNorm2d, _out_dtype
-
-    if (os.environ.get("PYSSM_NORM_MLP", "") == "0" or torch.compiler.is_compiling()
-            or os.environ.get("PYSSM_MLP_RESIDUAL", "") == "0"):  # (no whole-MLP pass at all)
+    if os.environ.get("PYSSM_NORM_MLP", "") == "0" or torch.compiler.is_compiling():
         return None
     identity = drop_path is None or not drop_path.training or getattr(drop_path, "p", 0) == 0
     if (not identity or type(norm) not in (LayerNorm, LayerNorm2d) or not isinstance(mlp, Mlp)
-            or hooked(norm, mlp, mlp.fc1, mlp.act, mlp.fc2)
-            or records(x, norm, mlp) or records(branch)):
+            or hooked(norm, mlp) or records(x, norm) or records(branch)):
+        return None
+    channels_dim = mlp._whole_layout(x)  # (PYSSM_MLP_RESIDUAL=0: no whole-MLP pass at all)
+    dtype = matmul_dtype(branch) or torch.promote_types(x.dtype, branch.dtype)
+    if (channels_dim != (1 if type(norm) is LayerNorm2d else -1)
+            or dtype not in (torch.float16, torch.bfloat16)):
         return None
     fc1, fc2 = mlp.fc1, mlp.fc2
-    channels_dim = mlp._channels_dim(fc1, x)
-    dtype = _out_dtype(branch, True) or torch.promote_types(x.dtype, branch.dtype)
-    if (mlp._activation() is None or channels_dim != (1 if type(norm) is LayerNorm2d else -1)
-            or mlp._channels_dim(fc2, x) != channels_dim
-            or dtype not in (torch.float16, torch.bfloat16)
-            or max(fc1.in_features, fc2.out_features) > FUSED_MLP_WIDTH):
-        return None
     backend = backend or mlp.backend
     if not norm_mlp_residual_uses_triton(x, branch, norm.weight, norm.bias, fc1.weight, fc1.bias,
                                          fc2.weight, fc2.bias, dtype, backend, out_dtype):
