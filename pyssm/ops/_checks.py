@@ -40,6 +40,22 @@ def same_device(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) ->
             f"the same device")
 
 
+def float_dtype(dtype: torch.dtype | None, name: str) -> None:
+    """An output or product dtype argument: None or a floating-point dtype."""
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point dtype, got {dtype}")
+
+
+def channel_vector(t: torch.Tensor | None, x: torch.Tensor, name: str, width: str) -> None:
+    """A norm's weight or bias: None, or a floating (x.shape[-1],) tensor on x's device;
+    ``width`` is the letter the message names that length by."""
+    if t is None:
+        return
+    floating(t, name)
+    shape(t, x.shape[-1:], name, f"({width},) with {width} the last dimension of x")
+    same_device(t, x, name, "x")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of every pyssm op: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

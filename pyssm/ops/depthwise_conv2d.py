@@ -56,8 +56,7 @@ def check_depthwise_conv2d(x, weight, bias, activation, out_dtype) -> None:
         _checks.same_device(bias, x, "bias", "x")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    _checks.float_dtype(out_dtype, "out_dtype")
 
 
 def uses_triton(x, weight, bias=None, out_dtype=None, backend=None) -> bool:

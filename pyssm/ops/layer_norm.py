@@ -76,20 +76,15 @@ def check_layer_norm(x, weight, bias, residual, out_dtype, return_residual,
     _checks.floating(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the one normalised), got a scalar")
-    n = x.shape[-1]
     for t, name in ((weight, "weight"), (bias, "bias")):
-        if t is not None:
-            _checks.floating(t, name)
-            _checks.shape(t, (n,), name, "(N,) with N the last dimension of x")
-            _checks.same_device(t, x, name, "x")
+        _checks.channel_vector(t, x, name, "N")
     if residual is not None:
         _checks.floating(residual, "residual")
         _checks.shape(residual, x.shape, "residual", "the shape of x")
         _checks.same_device(residual, x, "residual", "x")
     elif return_residual:
         raise ValueError("return_residual=True needs a residual (without one, s is x itself)")
-    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    _checks.float_dtype(out_dtype, "out_dtype")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or 'gelu' (the exact GELU), "
                          f"got {activation!r}")

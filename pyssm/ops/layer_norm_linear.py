@@ -46,12 +46,8 @@ def layer_norm_linear_reference(x, norm_weight, norm_bias, weight, bias=None, *,
 def check_layer_norm_linear(x, norm_weight, norm_bias, weight, bias, dtype) -> None:
     check_linear_gelu(x, weight, bias, None)  # x, and the linear layer's weight and bias
     for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
-        if t is not None:
-            _checks.floating(t, name)
-            _checks.shape(t, x.shape[-1:], name, "(K,) with K the last dimension of x")
-            _checks.same_device(t, x, name, "x")
-    if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        _checks.channel_vector(t, x, name, "K")
+    _checks.float_dtype(dtype, "dtype")
 
 
 def uses_triton(x, norm_weight, norm_bias, weight, bias=None, dtype=None, backend=None) -> bool:

@@ -90,8 +90,7 @@ def check_linear_gelu(x, weight, bias, out_dtype) -> None:
         _checks.floating(bias, "bias")
         _checks.shape(bias, (weight.shape[0],), "bias", "(N,) with N = weight.shape[0]")
         _checks.same_device(bias, x, "bias", "x")
-    if out_dtype is not None and out_dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    _checks.float_dtype(out_dtype, "out_dtype")
 
 
 def uses_triton(x, weight, bias=None, out_dtype=None, backend=None) -> bool:

@@ -71,13 +71,9 @@ def check_norm_mlp_residual(x, branch, norm_weight, norm_bias, fc1_weight, fc1_b
         raise ValueError(f"fc2_weight must have shape ({C}, H) with C = x.shape[-1] (the MLP's "
                          f"output is added to the stream), got {tuple(fc2_weight.shape)}")
     for t, name in ((norm_weight, "norm_weight"), (norm_bias, "norm_bias")):
-        if t is not None:
-            _checks.floating(t, name)
-            _checks.shape(t, (C,), name, "(C,) with C the last dimension of x")
-            _checks.same_device(t, x, name, "x")
-    for d, name in ((dtype, "dtype"), (out_dtype, "out_dtype")):
-        if d is not None and d not in _checks.FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point dtype, got {d}")
+        _checks.channel_vector(t, x, name, "C")
+    _checks.float_dtype(dtype, "dtype")
+    _checks.float_dtype(out_dtype, "out_dtype")
     tensors = (x, branch, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(
