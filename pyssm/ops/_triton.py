@@ -9,7 +9,9 @@ is slow, and it checks the indexing and arithmetic, not the GPU's behaviour or s
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 
 import torch
 
@@ -83,12 +85,48 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """'3.6.0+git1234' -> (3, 6, 0): the leading numbers of a version string."""
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def interpreter_problem(triton_version: str | None = None,
+                        numpy_version: str | None = None) -> str | None:
+    """Why Triton's interpreter cannot run pyssm's kernels with these versions (by default the
+    installed ones), or None. Triton before 3.7 turns a kernel's integer arguments into
+    one-element arrays and loop bounds into ints with int(array), which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars", deep inside the
+    interpreter); Triton 3.7 fixed it. Triton 3.6 is the one torch 2.11 pins."""
+    if triton_version is None:
+        if triton is None:
+            return None
+        triton_version = triton.__version__
+    if numpy_version is None:
+        try:
+            import numpy
+        except ImportError:
+            return None
+        numpy_version = numpy.__version__
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} "
+                f"(it converts arrays to ints in a way NumPy 2.4 refuses): install "
+                f"numpy<2.4, or Triton 3.7 or newer")
+    return None
+
+
+@functools.cache
+def _installed_interpreter_problem() -> str | None:
+    return interpreter_problem()
+
+
 def check_device(device: torch.device, op: str) -> None:
     if device.type == "cpu" and not interpreting():
         raise RuntimeError(
             f"pyssm.ops.{op}: backend='triton' on CPU tensors runs Triton's interpreter, which "
             f"needs TRITON_INTERPRET=1 in the environment before triton is first imported "
             f"(tests/conftest.py sets it on machines without a GPU)")
+    if device.type == "cpu" and (problem := _installed_interpreter_problem()) is not None:
+        raise RuntimeError(f"pyssm.ops.{op}: backend='triton' on CPU tensors: {problem}")
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f"pyssm.ops.{op}: backend='triton' runs on CUDA tensors (or CPU ones "
                            f"in Triton's interpreter), got tensors on {device}")
