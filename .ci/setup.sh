@@ -9,13 +9,16 @@
 #   PYSSM_EXTRAS   the test, model, VLM and benchmark dependencies (default: pytest, numpy,
 #                  timm, safetensors, transformers, tokenizers, tqdm, scikit-learn, matplotlib,
 #                  pytest-benchmark, nvidia-ml-py; all pinned)
+#   PYSSM_NUMPY    the numpy requirement in that default list (default numpy==2.4.6; Triton 3.6,
+#                  the device's, interprets kernels only below 2.4: bench/README.md)
 #   PYSSM_CUDA_ARCHS, PYSSM_BUILD_CUDA, MAX_JOBS   passed to the build (see CMakeLists.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${PYSSM_VENV:-.venv}
 TORCH=${PYSSM_TORCH:-torch==2.14.1 torchvision==0.29.1}
-EXTRAS=${PYSSM_EXTRAS-pytest==9.0.2 numpy==2.4.6 timm==1.0.29 safetensors==0.8.0 transformers==5.24.0 tokenizers==0.23.3 tqdm==4.70.1 scikit-learn==1.9.1 matplotlib==3.11.2 pytest-benchmark==5.3.1 nvidia-ml-py==13.615.71}
+NUMPY=${PYSSM_NUMPY:-numpy==2.4.6}
+EXTRAS=${PYSSM_EXTRAS-pytest==9.0.2 $NUMPY timm==1.0.29 safetensors==0.8.0 transformers==5.24.0 tokenizers==0.23.3 tqdm==4.70.1 scikit-learn==1.9.1 matplotlib==3.11.2 pytest-benchmark==5.3.1 nvidia-ml-py==13.615.71}
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
