@@ -4,6 +4,7 @@ NVML readings (memory, power, clocks) while a measurement runs, when nvidia-ml-p
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import platform
 import re
 import subprocess
@@ -52,6 +53,15 @@ def _nvml():
         return None
 
 
+def _version(package: str) -> str | None:
+    """An installed distribution's version, None where it is not installed (read from its
+    metadata, not by importing it)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(device: torch.device) -> dict:
     import pyssm
 
@@ -61,11 +71,8 @@ def environment(device: torch.device) -> dict:
            "pyssm_git": git_sha(), "pyssm_extension": pyssm.extension_status(),
            "cpu": platform.processor() or platform.machine(),
            "cpu_threads": torch.get_num_threads()}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    for package in ("triton", "numpy", "timm", "transformers"):
+        env[package] = _version(package)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",

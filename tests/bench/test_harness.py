@@ -102,6 +102,11 @@ def test_environment_and_nvml_without_a_gpu():
     env = environment(torch.device("cpu"))
     assert env["device"] == "cpu" and env["torch"] == torch.__version__
     assert "pyssm_git" in env and "date" in env
+    import numpy
+    assert env["numpy"] == numpy.__version__  # the versions a GPU run will be compared by
+    assert env["timm"] is not None and env["transformers"] is not None
+    from pyssm.bench.env import _version
+    assert _version("surely-not-a-package-pyssm-knows") is None
     with NvmlSampler(torch.device("cpu")) as sampler:
         pass
     assert sampler.result() == {}
