@@ -2,7 +2,8 @@
 
 Rows match on what they measure (op, provider, mode, sizes, dtype: every column that is not a
 result). For each match it prints A's and B's time (ms; for VLM rows the time to first token)
-and B / A: below 1, B is faster. Rows only one side has are counted, not hidden.
+and B / A: below 1, B is faster. Rows only one side has are counted, not hidden; what the
+two runs' environments record differently (GPU, driver, torch, Triton, ...) is printed first.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ def compare(a: dict, b: dict) -> dict:
             "geomean": math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else None}
 
 
+# what a timing depends on besides pyssm's code: a ratio across a change here is not a
+# comparison of the code alone
+TIMING_ENV = ("device", "gpu", "capability", "driver", "torch", "cuda", "cudnn", "triton",
+              "python", "cpu", "cpu_threads")
+
+
+def environment_changes(env_a: dict, env_b: dict) -> list[str]:
+    """'key: A -> B' for each of TIMING_ENV that the two runs recorded differently (a key one
+    run lacks counts as a difference; one both lack does not)."""
+    return [f"{k}: {env_a.get(k)} -> {env_b.get(k)}" for k in TIMING_ENV
+            if (k in env_a or k in env_b) and env_a.get(k) != env_b.get(k)]
+
+
 def compare_files(path_a: str, path_b: str) -> str:
     a, b = load_results(path_a), load_results(path_b)
     result = compare(a, b)
@@ -49,7 +63,12 @@ def compare_files(path_a: str, path_b: str) -> str:
     lines = [f"A: {path_a} ({env_a.get('gpu') or env_a.get('device')}, "
              f"{env_a.get('pyssm_git')}, {env_a.get('date')})",
              f"B: {path_b} ({env_b.get('gpu') or env_b.get('device')}, "
-             f"{env_b.get('pyssm_git')}, {env_b.get('date')})", ""]
+             f"{env_b.get('pyssm_git')}, {env_b.get('date')})"]
+    changes = environment_changes(env_a, env_b)
+    if changes:
+        lines.append("The environments differ, so the ratios are not of the code alone: "
+                     + "; ".join(changes))
+    lines.append("")
     rows = [dict(r, ratio=r["ratio"]) for r in result["rows"]]
     lines.append(markdown_table(rows, ["op", "provider", "mode", "size", "dtype", "a_ms", "b_ms",
                                        "ratio"]))

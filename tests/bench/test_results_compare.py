@@ -70,3 +70,20 @@ def test_compare_files_prints_a_table(tmp_path):
                        tmp_path / "b")
     text = compare_files(str(pa), str(pb))
     assert "1.500" in text and "1 rows matched" in text
+
+
+def test_compare_files_names_what_differs_between_the_environments(tmp_path):
+    env = {"device": "cuda", "gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "triton": "3.6.0",
+           "pyssm_git": "abc", "date": "2026-11-28"}
+    row = [_row("ss2d", "pyssm-cuda", 2.0, res=32)]
+    pa = write_results("k", row, env, tmp_path / "a")
+    same = write_results("k", row, dict(env, pyssm_git="def", date="2026-12-06"), tmp_path / "b")
+    assert "differ" not in compare_files(str(pa), str(same))  # the code and the date may differ
+    other = write_results("k", row, dict(env, gpu="NVIDIA H100 80GB HBM3", triton="3.8.0"),
+                          tmp_path / "c")
+    text = compare_files(str(pa), str(other))
+    assert "gpu: NVIDIA H200 -> NVIDIA H100 80GB HBM3" in text
+    assert "triton: 3.6.0 -> 3.8.0" in text and "torch:" not in text
+    older = write_results("k", row, {k: v for k, v in env.items() if k != "triton"},
+                          tmp_path / "d")
+    assert "triton: 3.6.0 -> None" in compare_files(str(pa), str(older))
