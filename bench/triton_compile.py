@@ -2,6 +2,7 @@
 own ptxas), with registers and spills per kernel: what ``-Xptxas -v`` is to the CUDA kernels.
 
     python bench/triton_compile.py [--arch 80,90]     # exit 1 on a compile error or a spill
+    python bench/triton_compile.py --launches PATH [--arch 90]   # exit 1 on a compile error
 
 Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
 ``depthwise_conv2d``, ``linear_gelu``, ``linear_residual_``, ``mlp_gelu``, ``mlp_residual_``,
@@ -9,11 +10,20 @@ Each variant is one that ``pyssm.ops.layer_norm`` (with and without its GELU),
 (K, N) (their tiles) and dtypes. Run without TRITON_INTERPRET (the interpreter's kernels cannot
 be compiled); the register counts come from the cubin through Triton's bundled cuobjdump when
 it is there.
+
+With ``--launches PATH`` it compiles instead every distinct launch that the CPU tests made in
+Triton's interpreter (``pytest --triton-launches=PATH``, tests/triton_launches.py), as a GPU
+would be asked for it: the interpreter-only flags (CPU, BY_BITS) off, the same tiles, flags and
+argument types. The odd sizes those tests run are the device check's ``-m cuda`` tests' sizes,
+so a launch the GPU compiler rejects fails here first. Only compile errors fail that run: a
+spill at a test's size is listed, not an error (the model shapes above are where spills count).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import re
 import shutil
@@ -163,10 +173,11 @@ def variants():
                    flags, warps)
     for c, h in MLPS[:-1]:  # (norm_mlp_residual's kernel takes rows up to 256 wide)
         # a bf16 branch into the float32 stream, bf16 products (the encoders'), every
-        # activation at 96 wide; float32 throughout at 96; the output in bf16 (a VMamba
-        # stage's end, for the downsampling) at 96 and 192
+        # activation at 96 wide; float32 throughout at 96 and 256 (its two warp counts); the
+        # output in bf16 (a VMamba stage's end, for the downsampling) at 96 and 192
         variants = [("bf16", 0, "fp32")] + ([("bf16", 1, "fp32"), ("bf16", 2, "fp32"),
                                              ("fp32", 0, "fp32")] if c == 96 else [])
+        variants += [("fp32", 0, "fp32")] if c == 256 else []
         variants += [("bf16", 0, "bf16")] if c in (96, 192) else []
         for w, act, out in variants:
             block_m, block_c, block_h, warps = NMR.tiles(c, w == "fp32")
@@ -204,10 +215,70 @@ def _mlp_variants(k: int, n: int, x: str, act: int):
     yield f"mlp_gelu backward (da){name}", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
 
 
+# the launchers pass these True for CPU tensors only (Triton's interpreter); a GPU gets False
+INTERPRETER_FLAGS = ("CPU", "BY_BITS")
+
+
+def _kernel(path: str):
+    """'pyssm.ops.layer_norm_triton._bwd' -> that module's kernel (a JITFunction)."""
+    module, _, name = path.rpartition(".")
+    if not module.startswith("pyssm.ops."):
+        raise ValueError(f"a launch names {path!r}, not a kernel in pyssm.ops")
+    return getattr(importlib.import_module(module), name)
+
+
+def compile_launches(path: str, archs: list[int]) -> int:
+    """Compiles each launch recorded in ``path`` for each arch; prints the failures and spills
+    and a count; returns the number of compile errors (and unrecordable launches)."""
+    data = json.loads(Path(path).read_text())
+    launches, failed, spilled = data["launches"], 0, []
+    for problem in data.get("unrecordable", []):
+        failed += 1
+        print(f"| | {problem} | | | | not recorded | |")
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for launch in launches:
+            constants = {k: (False if k in INTERPRETER_FLAGS else v)
+                         for k, v in launch["constants"].items()}
+            fn = _kernel(launch["kernel"])
+            types = ", ".join(f"{k}={v}" for k, v in launch["signature"].items()
+                              if v != "constexpr")
+            flags = ", ".join(f"{k}={v}" for k, v in constants.items()
+                              if k not in INTERPRETER_FLAGS)
+            options = {"num_warps": launch.get("num_warps") or 4}
+            if launch.get("num_stages"):
+                options["num_stages"] = launch["num_stages"]
+            try:
+                compiled = triton.compile(ASTSource(fn, launch["signature"], constants),
+                                          target=target, options=options)
+            except Exception as exc:  # noqa: BLE001 (any compile error is the report)
+                failed += 1
+                print(f"| sm_{arch} | {launch['kernel']} | {flags} | {types} | "
+                      f"{options['num_warps']} | FAILED: {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''} | |")
+                continue
+            usage = _usage(compiled.asm["cubin"])
+            if usage and usage[1]:
+                spilled.append(launch)
+                print(f"| sm_{arch} | {launch['kernel']} | {flags} | {types} | "
+                      f"{options['num_warps']} | {usage[0]} | {usage[1]} |")
+    print(f"\n{len(launches)} recorded launches x {len(archs)} archs compiled: {failed} "
+          f"failed, {len(spilled)} spilled (listed above)")
+    return failed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities")
+    ap.add_argument("--launches", metavar="PATH", default=None,
+                    help="compile the launches recorded by pytest --triton-launches=PATH")
     args = ap.parse_args()
+    if args.launches:
+        print("| arch | kernel | flags | argument types | warps | registers | spill (stack) "
+              "bytes |")
+        print("|---|---|---|---|---|---|---|")
+        return 1 if compile_launches(args.launches,
+                                     [int(a) for a in args.arch.split(",")]) else 0
     failed = 0
     print("| arch | kernel | N or C | dtypes | warps | registers | spill (stack) bytes |")
     print("|---|---|---|---|---|---|---|")
