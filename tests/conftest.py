@@ -53,3 +53,31 @@ def backend_params(op: str) -> list:
 
 def pytest_report_header(config):
     return f"pyssm {pyssm.__version__}, torch {torch.__version__}, extension: {_extension.status()}"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--triton-launches", metavar="PATH", default=None,
+                     help="record each Triton kernel launch made in Triton's interpreter to "
+                          "PATH (JSON), for bench/triton_compile.py --launches PATH")
+
+
+def pytest_configure(config):
+    if config.getoption("--triton-launches"):
+        from pyssm.ops import _triton
+
+        if not (_triton.available() and _triton.interpreting()):
+            raise pytest.UsageError("--triton-launches records the launches Triton's "
+                                    "interpreter makes: it needs triton and no GPU "
+                                    "(TRITON_INTERPRET=1)")
+        import triton_launches
+
+        triton_launches.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--triton-launches")
+    if path:
+        import triton_launches
+
+        count = triton_launches.write(path)
+        print(f"\n{count} distinct Triton launches recorded in {path}")
