@@ -275,15 +275,18 @@ def linear_tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, int
     bound by memory): 64 rows x up to 128 outputs, 4 warps (ptxas sm_90: 226 registers, two
     programs an SM, one's loads under the other's GELU and stores). K from 256 on (bound by
     FLOPs at ViT-B's width): 128 x 128 x 64, 8 warps (255 registers, one program an SM, the
-    K loop's loads pipelined 3 deep in shared memory). Float32 x (IEEE products on the CUDA
-    cores, not the encoders' path): 64 x 64 x 16, 4 warps. bench/triton_compile.py reports
-    each; the benchmark's linear_gelu and linear_residual tables say whether they are the right ones."""
+    K loop's loads pipelined 3 deep in shared memory); outputs up to 64 wide there (no
+    encoder's), 64 rows x 64 on 4 warps (255 registers: 128 rows on 4 warps spilled 64-608 B
+    on sm_90 and up to 3 KB on sm_80, found by compiling the tests' launches). Float32 x (IEEE
+    products on the CUDA cores, not the encoders' path): 64 x 64 x 16, 4 warps.
+    bench/triton_compile.py reports each; the benchmark's linear_gelu and linear_residual
+    tables say whether they are the right ones."""
     if fp32:
         return 64, min(64, max(16, triton.next_power_of_2(N))), 16, 4
     block_n = min(128, max(16, triton.next_power_of_2(N)))
     if K < 256:
         return 64, block_n, 32, 4
-    return 128, block_n, 64, 8 if block_n == 128 else 4
+    return (128, block_n, 64, 8) if block_n == 128 else (64, block_n, 64, 4)
 
 
 def training_tiles(N: int, K: int, fp32: bool = False) -> tuple[int, int, int, int]:
