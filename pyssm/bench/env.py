@@ -71,7 +71,12 @@ def environment(device: torch.device) -> dict:
            "pyssm_git": git_sha(), "pyssm_extension": pyssm.extension_status(),
            "cpu": platform.processor() or platform.machine(),
            "cpu_threads": torch.get_num_threads()}
-    for package in ("triton", "numpy", "timm", "transformers"):
+    try:  # (the module's own version: torch's nightlies ship it as pytorch-triton)
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    for package in ("numpy", "timm", "transformers"):
         env[package] = _version(package)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
