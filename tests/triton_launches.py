@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from pyssm.bench.results import atomic_write
 
 ELEMENT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
            torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int16: "i16",
@@ -107,10 +107,5 @@ def write(path: str | Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"launches": [json.loads(line) for line in sorted(_records)],
             "unrecordable": sorted(set(_unrecordable))}
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
     return len(_records)
