@@ -215,6 +215,17 @@ def _mlp_variants(k: int, n: int, x: str, act: int):
     yield f"mlp_gelu backward (da){name}", f"{k}->{n}", x, MG._dgrad, sig, tiles, warps
 
 
+def _compile(fn, signature: dict, constants: dict, arch: int, options: dict):
+    """(registers, stack bytes) of ``fn`` compiled for sm_<arch> (None without cuobjdump), and
+    None; or None and the compile error's first line."""
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constants),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as exc:  # noqa: BLE001 (any compile error is the report)
+        return None, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    return _usage(compiled.asm["cubin"]), None
+
+
 # the launchers pass these True for CPU tensors only (Triton's interpreter); a GPU gets False
 INTERPRETER_FLAGS = ("CPU", "BY_BITS")
 
@@ -231,12 +242,11 @@ def compile_launches(path: str, archs: list[int]) -> int:
     """Compiles each launch recorded in ``path`` for each arch; prints the failures and spills
     and a count; returns the number of compile errors (and unrecordable launches)."""
     data = json.loads(Path(path).read_text())
-    launches, failed, spilled = data["launches"], 0, []
+    launches, failed, spilled = data["launches"], 0, 0
     for problem in data.get("unrecordable", []):
         failed += 1
         print(f"| | {problem} | | | | not recorded | |")
     for arch in archs:
-        target = GPUTarget("cuda", arch, 32)
         for launch in launches:
             constants = {k: (False if k in INTERPRETER_FLAGS else v)
                          for k, v in launch["constants"].items()}
@@ -248,22 +258,16 @@ def compile_launches(path: str, archs: list[int]) -> int:
             options = {"num_warps": launch.get("num_warps") or 4}
             if launch.get("num_stages"):
                 options["num_stages"] = launch["num_stages"]
-            try:
-                compiled = triton.compile(ASTSource(fn, launch["signature"], constants),
-                                          target=target, options=options)
-            except Exception as exc:  # noqa: BLE001 (any compile error is the report)
+            usage, error = _compile(fn, launch["signature"], constants, arch, options)
+            row = f"| sm_{arch} | {launch['kernel']} | {flags} | {types} | {options['num_warps']}"
+            if error:
                 failed += 1
-                print(f"| sm_{arch} | {launch['kernel']} | {flags} | {types} | "
-                      f"{options['num_warps']} | FAILED: {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''} | |")
-                continue
-            usage = _usage(compiled.asm["cubin"])
-            if usage and usage[1]:
-                spilled.append(launch)
-                print(f"| sm_{arch} | {launch['kernel']} | {flags} | {types} | "
-                      f"{options['num_warps']} | {usage[0]} | {usage[1]} |")
+                print(f"{row} | FAILED: {error[:160]} | |")
+            elif usage and usage[1]:
+                spilled += 1
+                print(f"{row} | {usage[0]} | {usage[1]} |")
     print(f"\n{len(launches)} recorded launches x {len(archs)} archs compiled: {failed} "
-          f"failed, {len(spilled)} spilled (listed above)")
+          f"failed, {spilled} spilled (listed above)")
     return failed
 
 
@@ -283,18 +287,14 @@ def main() -> int:
     print("| arch | kernel | N or C | dtypes | warps | registers | spill (stack) bytes |")
     print("|---|---|---|---|---|---|---|")
     for arch in (int(a) for a in args.arch.split(",")):
-        target = GPUTarget("cuda", arch, 32)
         for kernel, n, dtypes, fn, sig, flags, warps in variants():
             signature = {**sig, **{k: "constexpr" for k in flags}}
-            try:
-                compiled = triton.compile(ASTSource(fn, signature, flags), target=target,
-                                          options={"num_warps": warps})
-            except Exception as exc:  # noqa: BLE001 (any compile error is the report)
+            usage, error = _compile(fn, signature, flags, arch, {"num_warps": warps})
+            if error:
                 failed += 1
                 print(f"| sm_{arch} | {kernel} | {n} | {dtypes} | {warps} | FAILED: "
-                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]} | |")
+                      f"{error[:120]} | |")
                 continue
-            usage = _usage(compiled.asm["cubin"])
             regs, stack = usage if usage else ("?", "?")
             if usage and stack:
                 failed += 1
