@@ -54,6 +54,21 @@ def selective_scan_cases():
         yield f"batch {batch} K {groups} D {dim} N {dstate} L {length} {dtype}", run
 
 
+def selective_scan_with_state_cases():
+    # the kernels that write the last state (one thread a row, after a ragged last tile) and
+    # start the backward's adjoint from its gradient
+    for batch, groups, dim, dstate, length, dtype in ((2, 2, 3, 3, 37, torch.float32),
+                                                      (1, 4, 5, 1, 1100, torch.bfloat16)):
+        def run(b=batch, k=groups, d=dim, n=dstate, L=length, dt=dtype):
+            y, last = ops.selective_scan(
+                rand(b, k * d, L, dtype=dt), rand(b, k * d, L, dtype=dt),
+                (-torch.rand(k * d, n, device=DEV) - 0.5).requires_grad_(),
+                rand(b, k, n, L, dtype=dt), rand(b, k, n, L, dtype=dt), rand(k * d), rand(k * d),
+                delta_softplus=True, return_last_state=True, backend=DEV)
+            return y.float().sum(-1) + last.sum(-1)
+        yield f"batch {batch} K {groups} D {dim} N {dstate} L {length} {dtype}", run
+
+
 def ss2d_cases():
     # the third: two channel blocks (the backward's dz by atomics) and d_state 16; the second
     # and fourth: the d_state-1 forward (v3), the fourth with dt_projs_weight in shared memory
@@ -196,7 +211,8 @@ def norm_mlp_residual_cases():
 
 
 CASES = {"cross_scan": cross_scan_cases, "cross_merge": cross_merge_cases,
-         "selective_scan": selective_scan_cases, "ss2d": ss2d_cases,
+         "selective_scan": selective_scan_cases,
+         "selective_scan_with_state": selective_scan_with_state_cases, "ss2d": ss2d_cases,
          "attention": attention_cases, "layer_norm": layer_norm_cases,
          "depthwise_conv2d": depthwise_conv2d_cases, "linear_gelu": linear_gelu_cases,
          "linear_residual": linear_residual_cases, "mlp_gelu": mlp_gelu_cases,

@@ -25,11 +25,18 @@ TORCH_LIBRARY(pyssm, m) {
   m.def(
       "selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? delta_bias, bool delta_softplus, bool out_float32) -> Tensor");
+  // selective_scan, and the state after the last position, (batch, K*D, N) in the accumulation
+  // type (float32; float64 for float64 u): mamba's return_last_state.
+  m.def(
+      "selective_scan_with_state(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? delta_bias, bool delta_softplus, bool out_float32) "
+      "-> (Tensor, Tensor)");
   // Gradients of u, delta, A, B, C, D, delta_bias (the last two empty when absent).
+  // dlast_state: the gradient of selective_scan_with_state's last state, or None.
   m.def(
       "selective_scan_backward(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, "
-      "Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus, "
+      "Tensor? dlast_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // x: (B, H, W, D) or, with channels_first, (B, D, H, W); output in the same layout.
   m.def(
@@ -88,7 +95,8 @@ void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 #define PYSSM_NO_AUTOCAST(key)                                                              \
   TORCH_LIBRARY_IMPL(pyssm, key, m) {                                                       \
     for (const char* op : {"cross_scan", "cross_merge", "selective_scan",                   \
-                           "selective_scan_backward", "ss2d", "ss2d_with_states",           \
+                           "selective_scan_with_state", "selective_scan_backward", "ss2d",  \
+                           "ss2d_with_states",                                              \
                            "ss2d_backward", "attention", "attention_backward",              \
                            "attention_qkvpacked", "attention_qkvpacked_backward"}) {        \
       m.impl(op, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());           \

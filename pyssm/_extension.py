@@ -26,17 +26,22 @@ REBUILD_HINT = (
 # forward v2 and its autocast fix came after that run) and cross_scan (rewritten after it
 # measured 2.3x slower than torch's own transpose; until its new kernel passes, the reference,
 # the faster of the two there, runs) and attention (its forward v2, cp.async and ldmatrix,
-# came after that run). All three ran in the CPU emulation of tests/cuda_emulation, which
-# checks their logic, not the GPU's behaviour.
+# came after that run) and selective_scan (its forward v1.1 and backward v2 of 2026-12-04 came
+# after that run; they were left out of this set then, an oversight found 2026-12-06; with
+# them selective_scan_with_state, the same kernels' instantiations that also write the last
+# state and take its gradient). All of them ran in the CPU emulation of tests/cuda_emulation,
+# which checks their logic, not the GPU's behaviour.
 # layer_norm, layer_norm_linear, depthwise_conv2d, linear_gelu, linear_residual, mlp_gelu,
 # mlp_residual and norm_mlp_residual (Triton, pyssm/ops/*_triton.py) have run only in Triton's
 # interpreter.
-UNVERIFIED_CUDA = frozenset({"ss2d", "cross_scan", "attention", "layer_norm", "layer_norm_linear",
+UNVERIFIED_CUDA = frozenset({"ss2d", "cross_scan", "attention", "selective_scan",
+                             "selective_scan_with_state", "layer_norm", "layer_norm_linear",
                              "depthwise_conv2d", "linear_gelu", "linear_residual", "mlp_gelu",
                              "mlp_residual", "norm_mlp_residual"})
 
 # Every op csrc/registration.cpp defines: a pyssm._C without one of them is stale
-SCHEMA = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_backward", "ss2d",
+SCHEMA = ("cross_scan", "cross_merge", "selective_scan", "selective_scan_with_state",
+          "selective_scan_backward", "ss2d",
           "ss2d_with_states", "ss2d_backward", "attention", "attention_backward",
           "attention_qkvpacked", "attention_qkvpacked_backward")
 

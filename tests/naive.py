@@ -36,13 +36,15 @@ def cross_merge(ys: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
+def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """y, or with return_last_state (y, the state after the last position (batch, K*D, N))."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
     # Differentiable (autograd through the loops): the tests take gradients of it too.
     batch, channels, L = u.shape
     groups, N = B.shape[1], A.shape[1]
     per_group = channels // groups
-    columns = []
+    columns, states = [], []
     for c in range(channels):
         g = c // per_group
         bias = delta_bias[c].double() if delta_bias is not None else 0.0
@@ -56,7 +58,11 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
             h = torch.exp(dt[:, None] * A[c][None, :]) * h + (dt * u[:, c, l])[:, None] * B[:, g, :, l]
             steps.append((C[:, g, :, l] * h).sum(-1) + skip * u[:, c, l])
         columns.append(torch.stack(steps, -1) if steps else u.new_zeros(batch, 0))
-    return torch.stack(columns, 1) if columns else u.new_zeros(batch, 0, L)
+        states.append(h)
+    y = torch.stack(columns, 1) if columns else u.new_zeros(batch, 0, L)
+    if return_last_state:
+        return y, torch.stack(states, 1) if states else u.new_zeros(batch, 0, N)
+    return y
 
 
 def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_first=False):

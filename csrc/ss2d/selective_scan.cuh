@@ -14,6 +14,10 @@ namespace pyssm {
 struct SelectiveScanParams {
   const void *u, *delta, *A, *B, *C, *D, *delta_bias;
   void* out;  // (batch, channels, L), accumulation type
+  // (batch, channels, N), accumulation type, or null: where the forward writes the state after
+  // the last position (selective_scan_with_state; at L = 0 nothing is written, the caller
+  // zeroes it); the kernels without it are instantiated apart
+  void* last_state;
   int64_t batch, channels, length, groups, dstate;
   bool delta_softplus;
 };
@@ -26,9 +30,11 @@ struct SelectiveScanParams {
 // channels_per_block: channels of one group a backward block takes (dB and dC summed over them
 // on chip, so the atomics into dB, dC drop that many times); 0 picks the most, up to
 // kMaxChannelsPerBlock, that still give every SM four blocks. d_state above 4 takes 1.
+// dlast_state: the gradient of the forward's last state (batch, channels, N) in the
+// accumulation type, or null (no gradient reaches it: the kernels without it are apart).
 struct SelectiveScanBwdParams {
   SelectiveScanParams fwd;
-  const void* dout;
+  const void *dout, *dlast_state;
   void *du, *ddelta, *dA_part, *dB, *dC, *dD_part, *dbias_part, *carries;
   int64_t channels_per_block;
 };

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -108,8 +109,9 @@ ScanInputs to_acc(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
   return in;
 }
 
+// last: (batch, KD, N), the state after the last position, or null.
 template <typename acc_t>
-void scan_forward_kernel(const ScanSizes& s, const ScanInputs& in, acc_t* out,
+void scan_forward_kernel(const ScanSizes& s, const ScanInputs& in, acc_t* out, acc_t* last,
                          bool delta_softplus) {
   const int64_t L = s.length, N = s.dstate;
   const auto [u, delta, A, Bm, Cm, D, bias] = in.ptrs<acc_t>();
@@ -135,6 +137,7 @@ void scan_forward_kernel(const ScanSizes& s, const ScanInputs& in, acc_t* out,
         }
         out_c[l] = y;
       }
+      if (last != nullptr) std::copy(h.begin(), h.end(), last + bc * N);
     }
   });
 }
@@ -143,9 +146,10 @@ struct ScanGrads {
   at::Tensor du, ddelta, dA_part, dB, dC, dD_part, dbias_part;
 };
 
+// dlast: (batch, KD, N), the gradient of the last state, or null (none).
 template <typename acc_t>
 void scan_backward_kernel(const ScanSizes& s, const ScanInputs& in, const acc_t* dout,
-                          ScanGrads& g, bool delta_softplus) {
+                          const acc_t* dlast, ScanGrads& g, bool delta_softplus) {
   const int64_t L = s.length, N = s.dstate;
   const auto [u, delta, A, Bm, Cm, D, bias] = in.ptrs<acc_t>();
   acc_t* du = g.du.mutable_data_ptr<acc_t>();
@@ -181,8 +185,12 @@ void scan_backward_kernel(const ScanSizes& s, const ScanInputs& in, const acc_t*
             hs[l * N + n] = std::exp(dt * A_c[n]) * prev + dtu * B_g[l * N + n];
           }
         }
-        // Adjoint recurrence: gh holds dLoss/dh_l (after adding this step's output term).
-        std::fill(gh.begin(), gh.end(), acc_t(0));
+        // Adjoint recurrence: gh holds dLoss/dh_l (after adding this step's output term),
+        // entering the last position with the last state's gradient.
+        if (dlast != nullptr)
+          std::copy(dlast + bc * N, dlast + (bc + 1) * N, gh.begin());
+        else
+          std::fill(gh.begin(), gh.end(), acc_t(0));
         std::fill(dA_c.begin(), dA_c.end(), acc_t(0));
         acc_t dD_c = 0, dbias_c = 0;
         for (int64_t l = L - 1; l >= 0; --l) {
@@ -214,6 +222,29 @@ void scan_backward_kernel(const ScanSizes& s, const ScanInputs& in, const acc_t*
   });
 }
 
+// The forward, and with `last` also the state after the last position, (batch, KD, N) in the
+// accumulation type.
+at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& C,
+                        const std::optional<at::Tensor>& D,
+                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                        bool out_float32, at::Tensor* last) {
+  const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
+  const at::ScalarType acc = acc_type(u.scalar_type());
+  const at::ScalarType out_dtype = out_float32 ? at::kFloat : u.scalar_type();
+  at::Tensor out = at::empty({s.batch, s.channels, s.length}, u.options().dtype(acc));
+  if (last != nullptr)  // (no positions: the state stays 0)
+    *last = at::zeros({s.batch, s.channels, s.dstate}, u.options().dtype(acc));
+  if (out.numel() == 0) return out.to(out_dtype);
+  const ScanInputs in = to_acc(u, delta, A, B, C, D, delta_bias, acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_cpu", [&] {
+    scan_forward_kernel<scalar_t>(s, in, out.mutable_data_ptr<scalar_t>(),
+                                  last != nullptr ? last->mutable_data_ptr<scalar_t>() : nullptr,
+                                  delta_softplus);
+  });
+  return out.to(out_dtype);
+}
+
 }  // namespace
 
 at::Tensor selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -221,31 +252,40 @@ at::Tensor selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, cons
                               const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                               bool out_float32) {
-  const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
-  const at::ScalarType acc = acc_type(u.scalar_type());
-  const at::ScalarType out_dtype = out_float32 ? at::kFloat : u.scalar_type();
-  at::Tensor out = at::empty({s.batch, s.channels, s.length}, u.options().dtype(acc));
-  if (out.numel() == 0) return out.to(out_dtype);
-  const ScanInputs in = to_acc(u, delta, A, B, C, D, delta_bias, acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_cpu", [&] {
-    scan_forward_kernel<scalar_t>(s, in, out.mutable_data_ptr<scalar_t>(), delta_softplus);
-  });
-  return out.to(out_dtype);
+  return scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_with_state_cpu(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const std::optional<at::Tensor>& D,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool out_float32) {
+  at::Tensor last;
+  at::Tensor out =
+      scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32, &last);
+  return {out, last};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 selective_scan_backward_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                            const std::optional<at::Tensor>& dlast_state) {
   const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
   check_floating(dout, "dout");
   check_shape(dout, u.sizes(), "dout", "(batch, K*D, L), the shape of u");
   check_same_device(dout, u, "dout", "u");
+  if (dlast_state) {
+    check_floating(*dlast_state, "dlast_state");
+    check_shape(*dlast_state, {s.batch, s.channels, s.dstate}, "dlast_state",
+                "(batch, K*D, N), the shape of the last state");
+    check_same_device(*dlast_state, u, "dlast_state", "u");
+  }
   const at::ScalarType acc = acc_type(u.scalar_type());
   const auto opts = u.options().dtype(acc);
   const ScanInputs in = to_acc(u, delta, A, B, C, D, delta_bias, acc);
   const at::Tensor dout_acc = dout.to(acc).contiguous();
+  const at::Tensor dlast_acc = dlast_state ? dlast_state->to(acc).contiguous() : at::Tensor();
 
   ScanGrads g;
   g.du = at::empty({s.batch, s.channels, s.length}, opts);
@@ -257,8 +297,10 @@ selective_scan_backward_cpu(const at::Tensor& dout, const at::Tensor& u, const a
   g.dbias_part = at::zeros({s.batch, s.channels}, opts);
   if (s.batch * s.channels * s.length > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_backward_cpu", [&] {
-      scan_backward_kernel<scalar_t>(s, in, dout_acc.const_data_ptr<scalar_t>(), g,
-                                     delta_softplus);
+      scan_backward_kernel<scalar_t>(
+          s, in, dout_acc.const_data_ptr<scalar_t>(),
+          dlast_acc.defined() ? dlast_acc.const_data_ptr<scalar_t>() : nullptr, g,
+          delta_softplus);
     });
   }
   at::Tensor dD = D ? g.dD_part.sum(0).to(D->scalar_type()) : at::empty({0}, u.options());
@@ -275,6 +317,7 @@ selective_scan_backward_cpu(const at::Tensor& dout, const at::Tensor& u, const a
 
 TORCH_LIBRARY_IMPL(pyssm, CPU, m) {
   m.impl("selective_scan", &selective_scan_cpu);
+  m.impl("selective_scan_with_state", &selective_scan_with_state_cpu);
   m.impl("selective_scan_backward", &selective_scan_backward_cpu);
 }
 

@@ -90,40 +90,75 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                               const at::Tensor& B, const at::Tensor& C,
-                               const std::optional<at::Tensor>& D,
-                               const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                               bool out_float32) {
+// The forward, and with `last` (batch, channels, N) in the accumulation type also the state
+// after the last position.
+at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                        const at::Tensor& B, const at::Tensor& C,
+                        const std::optional<at::Tensor>& D,
+                        const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                        bool out_float32, at::Tensor* last) {
   const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::ScalarType acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : u.scalar_type();
   const auto [fwd, bwd] = launchers(u.scalar_type());
   at::Tensor out = at::empty({s.batch, s.channels, s.length}, u.options().dtype(acc));
+  if (last != nullptr) {  // (no positions: the state stays 0)
+    const auto opts = u.options().dtype(acc);
+    *last = s.length == 0 ? at::zeros({s.batch, s.channels, s.dstate}, opts)
+                          : at::empty({s.batch, s.channels, s.dstate}, opts);
+  }
   if (out.numel() == 0) return out.to(out_dtype);
   const Operands o = prepare(s, u, delta, A, B, C, D, delta_bias, acc);
   SelectiveScanParams p = params(s, o, delta_softplus);
   p.out = out.mutable_data_ptr();
+  p.last_state = last != nullptr ? last->mutable_data_ptr() : nullptr;
   check_launch(fwd(p, at::cuda::getCurrentCUDAStream()), "selective_scan");
   return out.to(out_dtype);
+}
+
+at::Tensor selective_scan_cuda(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                               const at::Tensor& B, const at::Tensor& C,
+                               const std::optional<at::Tensor>& D,
+                               const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                               bool out_float32) {
+  return scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_with_state_cuda(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const std::optional<at::Tensor>& D,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool out_float32) {
+  at::Tensor last;
+  at::Tensor out =
+      scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float32, &last);
+  return {out, last};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 selective_scan_backward_cuda(const at::Tensor& dout, const at::Tensor& u,
                              const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                              const at::Tensor& C, const std::optional<at::Tensor>& D,
-                             const std::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+                             const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                             const std::optional<at::Tensor>& dlast_state) {
   const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
   check_floating(dout, "dout");
   check_shape(dout, u.sizes(), "dout", "(batch, K*D, L), the shape of u");
   check_same_device(dout, u, "dout", "u");
+  if (dlast_state) {
+    check_floating(*dlast_state, "dlast_state");
+    check_shape(*dlast_state, {s.batch, s.channels, s.dstate}, "dlast_state",
+                "(batch, K*D, N), the shape of the last state");
+    check_same_device(*dlast_state, u, "dlast_state", "u");
+  }
   const c10::cuda::CUDAGuard guard(u.device());
   const at::ScalarType acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = u.options().dtype(acc);
   const auto [fwd, bwd] = launchers(u.scalar_type());
   const Operands o = prepare(s, u, delta, A, B, C, D, delta_bias, acc);
   const at::Tensor dout_acc = dout.to(acc).contiguous();
+  const at::Tensor dlast_acc =
+      dlast_state ? dlast_state->to(acc).contiguous() : at::Tensor();
 
   at::Tensor du = at::empty({s.batch, s.channels, s.length}, opts);
   at::Tensor ddelta = at::empty({s.batch, s.channels, s.length}, opts);
@@ -137,6 +172,7 @@ selective_scan_backward_cuda(const at::Tensor& dout, const at::Tensor& u,
     p.fwd = params(s, o, delta_softplus);
     const at::Tensor carries = at::empty({selective_scan_carry_elems(p.fwd)}, opts);
     p.dout = dout_acc.const_data_ptr();
+    p.dlast_state = dlast_acc.defined() ? dlast_acc.const_data_ptr() : nullptr;
     p.du = du.mutable_data_ptr();
     p.ddelta = ddelta.mutable_data_ptr();
     p.dA_part = dA_part.mutable_data_ptr();
@@ -160,6 +196,7 @@ selective_scan_backward_cuda(const at::Tensor& dout, const at::Tensor& u,
 
 TORCH_LIBRARY_IMPL(pyssm, CUDA, m) {
   m.impl("selective_scan", &selective_scan_cuda);
+  m.impl("selective_scan_with_state", &selective_scan_with_state_cuda);
   m.impl("selective_scan_backward", &selective_scan_backward_cuda);
 }
 

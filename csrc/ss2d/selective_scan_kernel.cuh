@@ -184,7 +184,8 @@ struct Row {
   }
 };
 
-template <typename T, int kMaxN>
+// kLastState: also write the state after the last position (p.last_state).
+template <typename T, int kMaxN, bool kLastState>
 __global__ void __launch_bounds__(kThreads)
     selective_scan_fwd_kernel(const SelectiveScanParams p) {
   using acc_t = typename Acc<T>::type;
@@ -248,6 +249,14 @@ __global__ void __launch_bounds__(kThreads)
       if (l < p.length) out[l] = y[i];
     }
   }
+  if constexpr (kLastState) {  // every thread holds the state leaving the last tile
+    if (threadIdx.x == 0) {
+      acc_t* last = static_cast<acc_t*>(p.last_state) + row.bc * p.dstate;
+#pragma unroll
+      for (int n = 0; n < kMaxN; ++n)
+        if (n < p.dstate) last[n] = carry[n];
+    }
+  }
 }
 
 // d_state up to this sums dB and dC over a block's channels in registers; larger ones take
@@ -263,8 +272,9 @@ constexpr int bwd_min_blocks(int max_n) {
 }
 
 // Block: channels c_first .. c_first + nch - 1 of one (batch, group) (bp.channels_per_block of
-// them; see the file comment).
-template <typename T, int kMaxN>
+// them; see the file comment). kLastState: the adjoint enters the last position with the last
+// state's gradient (bp.dlast_state) instead of 0.
+template <typename T, int kMaxN, bool kLastState>
 __global__ void __launch_bounds__(kThreads, bwd_min_blocks<typename Acc<T>::type>(kMaxN))
     selective_scan_bwd_kernel(const SelectiveScanBwdParams bp) {
   using acc_t = typename Acc<T>::type;
@@ -315,8 +325,15 @@ __global__ void __launch_bounds__(kThreads, bwd_min_blocks<typename Acc<T>::type
       }
     }
   }
-  for (int i = threadIdx.x; i < kMaxChannelsPerBlock * kMaxN; i += kThreads)
-    (&q_carry_s[0][0])[i] = 0;
+  for (int i = threadIdx.x; i < kMaxChannelsPerBlock * kMaxN; i += kThreads) {
+    acc_t q_end = 0;  // q past the last position: dLoss/dh_{L-1} from outside the outputs
+    if constexpr (kLastState) {
+      const int j = i / kMaxN, n = i % kMaxN;
+      if (j < nch && n < N)
+        q_end = static_cast<const acc_t*>(bp.dlast_state)[(b * p.channels + c_first + j) * N + n];
+    }
+    (&q_carry_s[0][0])[i] = q_end;
+  }
   for (int i = threadIdx.x; i < kMaxChannelsPerBlock * (kMaxN + 2); i += kThreads)
     (&sums_s[0][0])[i] = 0;
   __syncthreads();  // the carries thread 0 wrote, and the zeroed sums
@@ -447,7 +464,10 @@ inline int64_t rows(const SelectiveScanParams& p) { return p.batch * p.channels;
 
 template <typename T, int kMaxN>
 cudaError_t launch_fwd(const SelectiveScanParams& p, cudaStream_t stream) {
-  return launch_kernel(selective_scan_fwd_kernel<T, kMaxN>, dim3(unsigned(rows(p))),
+  if (p.last_state != nullptr)
+    return launch_kernel(selective_scan_fwd_kernel<T, kMaxN, true>, dim3(unsigned(rows(p))),
+                         dim3(kThreads), 0, stream, p);
+  return launch_kernel(selective_scan_fwd_kernel<T, kMaxN, false>, dim3(unsigned(rows(p))),
                        dim3(kThreads), 0, stream, p);
 }
 
@@ -485,7 +505,10 @@ cudaError_t launch_bwd(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   const int64_t blocks =
       f.batch * f.groups * ((per_group + q.channels_per_block - 1) / q.channels_per_block);
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  return launch_kernel(selective_scan_bwd_kernel<T, kMaxN>, dim3(unsigned(blocks)),
+  if (p.dlast_state != nullptr)
+    return launch_kernel(selective_scan_bwd_kernel<T, kMaxN, true>, dim3(unsigned(blocks)),
+                         dim3(kThreads), 0, stream, q);
+  return launch_kernel(selective_scan_bwd_kernel<T, kMaxN, false>, dim3(unsigned(blocks)),
                        dim3(kThreads), 0, stream, q);
 }
 

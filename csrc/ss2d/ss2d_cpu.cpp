@@ -112,8 +112,8 @@ Grads7 selective_scan_backward_op(const at::Tensor& dout, const at::Tensor& u,
           .typed<Grads7(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                        bool)>();
-  return op.call(dout, u, delta, A, B, C, D, delta_bias, delta_softplus);
+                        bool, const std::optional<at::Tensor>&)>();
+  return op.call(dout, u, delta, A, B, C, D, delta_bias, delta_softplus, std::nullopt);
 }
 
 // The forward intermediates that both directions need, in the accumulation type.

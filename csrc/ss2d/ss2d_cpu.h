@@ -18,10 +18,16 @@ at::Tensor selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta, cons
                               const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                               bool out_float32);
 
+std::tuple<at::Tensor, at::Tensor> selective_scan_with_state_cpu(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const std::optional<at::Tensor>& D,
+    const std::optional<at::Tensor>& delta_bias, bool delta_softplus, bool out_float32);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 selective_scan_backward_cpu(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta,
                             const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                             const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus);
+                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                            const std::optional<at::Tensor>& dlast_state);
 
 }  // namespace pyssm

@@ -4,7 +4,10 @@ GPU: the sizes of ANCHORS.md "The oflex selective-scan kernel alone": K = 4 grou
 channels, d_state 1, (batch, L) = (64, 3136), (12, 16384), (3, 65536); bf16 u, delta, B, C; fp32
 A, D, delta_bias; fp32 out; softplus on delta (as VMamba calls it), with the oflex times beside;
 "pyssm-cuda-bwd-v1" (forward+backward rows) is pyssm's backward with one channel a block
-(PYSSM_SCAN_CHANNELS_PER_BLOCK=1, every channel adding its own dB, dC atomics) beside the default.
+(PYSSM_SCAN_CHANNELS_PER_BLOCK=1, every channel adding its own dB, dC atomics) beside the default;
+"pyssm-<kernel>-last-state" is the op with return_last_state (the kernels that also write the
+state after the last position and, in the backward, start from its gradient, here zeros), whose
+cost over the default should be nothing measurable.
 CPU (float32): K = 4, 64 channels, d_state 1, (2, 256), (2, 1024), (2, 4096).
 """
 
@@ -62,7 +65,11 @@ def _oflex_provider() -> harness.Provider:
         u, dt, A, B, C, D, bias, True, 1, True)[0])
 
 
-def _scan(backend: str, out_float32: bool):
+def _scan(backend: str, out_float32: bool, last_state: bool = False):
+    if last_state:  # (y only: the harness times one output; the state is written all the same)
+        return lambda *inputs: ops.selective_scan(*inputs, delta_softplus=True,
+                                                  out_float32=out_float32, backend=backend,
+                                                  return_last_state=True)[0]
     return lambda *inputs: ops.selective_scan(*inputs, delta_softplus=True,
                                               out_float32=out_float32, backend=backend)
 
@@ -70,6 +77,10 @@ def _scan(backend: str, out_float32: bool):
 def cases(device: torch.device, quick: bool = False, reference: bool = False):
     kernel, gpu = device.type, device.type == "cuda"
     providers = [harness.pyssm_provider("selective_scan", kernel, _scan(kernel, gpu))]
+    with_state = harness.pyssm_provider("selective_scan_with_state", kernel,
+                                        _scan(kernel, gpu, last_state=True))
+    providers.append(harness.Provider(f"{with_state.name}-last-state", with_state.fn,
+                                      with_state.status))
     if gpu and not reference:
         providers.append(harness.Provider("reference", None, "skipped on a GPU (slow)"))
     else:

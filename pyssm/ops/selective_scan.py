@@ -9,7 +9,12 @@ Per channel c (group g = c // D) and state n:
     y[c,l] = sum_n C[g, n, l] * h_l[n] + D[c] * u[c, l]
 
 Accumulates in float32 (float64 for float64 u); returns u's dtype, or float32 with
-``out_float32=True``.
+``out_float32=True``. With ``return_last_state=True`` it returns ``(y, h_{L-1})``, the state
+after the last position as (batch, K*D, N) in the accumulation dtype (zeros at L = 0): mamba's
+``return_last_state``, for a prefill before step-by-step decoding. That state is
+differentiable: its gradient enters the backward's adjoint recurrence at the last position
+(the CUDA kernels that write it and take its gradient are instantiations of their own,
+``selective_scan_with_state`` in the schema).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def softplus_exact(x: torch.Tensor) -> torch.Tensor:
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False,
-                             *, out_float32=False):
+                             *, out_float32=False, return_last_state=False):
     """Pure-PyTorch selective scan, a Python loop over L. Same arguments as selective_scan."""
     acc = _checks.acc_dtype(u.dtype)
     batch, channels, L = u.shape
@@ -49,7 +54,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_s
     y = torch.stack(ys, dim=-1) if ys else u_.new_zeros(batch, channels, 0)
     if D is not None:
         y = y + D.to(acc)[:, None] * u_
-    return y.to(torch.float32 if out_float32 else u.dtype)
+    y = y.to(torch.float32 if out_float32 else u.dtype)
+    return (y, h) if return_last_state else y
 
 
 def check_selective_scan(u, delta, A, B, C, D, delta_bias) -> None:
@@ -79,14 +85,21 @@ def check_selective_scan(u, delta, A, B, C, D, delta_bias) -> None:
 
 
 def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *,
-                   out_float32=False, backend=None):
-    """The selective scan y (batch, K*D, L) of the module docstring. Differentiable in every
-    float tensor argument."""
+                   out_float32=False, return_last_state=False, backend=None):
+    """The selective scan y (batch, K*D, L) of the module docstring, or with
+    ``return_last_state`` ``(y, last_state)``, last_state (batch, K*D, N) in the accumulation
+    dtype. Differentiable in every float tensor argument, through both outputs."""
     check_selective_scan(u, delta, A, B, C, D, delta_bias)
-    if _backend.resolve("selective_scan", u.device, backend) == "reference":
+    op = "selective_scan_with_state" if return_last_state else "selective_scan"
+    if _backend.resolve(op, u.device, backend) == "reference":
         with _backend.without_autocast(u.device):
             return selective_scan_reference(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                            out_float32=out_float32)
+                                            out_float32=out_float32,
+                                            return_last_state=return_last_state)
+    if return_last_state:
+        y, last = torch.ops.pyssm.selective_scan_with_state(u, delta, A, B, C, D, delta_bias,
+                                                             delta_softplus, out_float32)
+        return y, last
     return torch.ops.pyssm.selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus,
                                           out_float32)
 
@@ -98,10 +111,22 @@ if _extension.available():
         check_selective_scan(u, delta, A, B, C, D, delta_bias)
         return u.new_empty(u.shape, dtype=torch.float32 if out_float32 else u.dtype)
 
+    @torch.library.register_fake("pyssm::selective_scan_with_state")
+    def _selective_scan_with_state_fake(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                        out_float32):
+        check_selective_scan(u, delta, A, B, C, D, delta_bias)
+        acc = _checks.acc_dtype(u.dtype)
+        return (u.new_empty(u.shape, dtype=torch.float32 if out_float32 else u.dtype),
+                u.new_empty((*u.shape[:2], A.shape[1]), dtype=acc))
+
     @torch.library.register_fake("pyssm::selective_scan_backward")
-    def _selective_scan_backward_fake(dout, u, delta, A, B, C, D, delta_bias, delta_softplus):
+    def _selective_scan_backward_fake(dout, u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                      dlast_state=None):
         check_selective_scan(u, delta, A, B, C, D, delta_bias)
         _checks.shape(dout, u.shape, "dout", "(batch, K*D, L), the shape of u")
+        if dlast_state is not None:
+            _checks.shape(dlast_state, (*u.shape[:2], A.shape[1]), "dlast_state",
+                          "(batch, K*D, N), the shape of the last state")
         dD = torch.empty_like(D) if D is not None else u.new_empty((0,))
         dbias = torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty((0,))
         return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
@@ -112,12 +137,16 @@ if _extension.available():
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
 
-    def _selective_scan_backward(ctx, grad):
+    def _selective_scan_backward(ctx, grad, dlast=None):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         du, ddelta, dA, dB, dC, dD, dbias = torch.ops.pyssm.selective_scan_backward(
-            grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus)
+            grad, u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, dlast)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None,
                 dbias if delta_bias is not None else None, None, None)
 
     torch.library.register_autograd(
         "pyssm::selective_scan", _selective_scan_backward, setup_context=_selective_scan_setup)
+    # (autograd hands the backward zeros for an output whose gradient is unused)
+    torch.library.register_autograd(
+        "pyssm::selective_scan_with_state", _selective_scan_backward,
+        setup_context=_selective_scan_setup)

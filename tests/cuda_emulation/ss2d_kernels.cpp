@@ -72,11 +72,14 @@ int emu_cross_scan(int dtype, const void* in, void* out, int64_t B, int64_t C, i
 // selective_scan: u, delta, B, C in the input dtype; A, D, bias (D, bias may be null), out and
 // every gradient in the accumulation type. sizes: batch, channels, length, groups, dstate.
 // With dout null only the forward runs. channels_per_block: the backward's (0: its own choice).
+// last_state: where the forward writes the state after the last position, or null; dlast: the
+// backward's gradient of it, or null.
 int emu_selective_scan(int dtype, const void* u, const void* delta, const void* A, const void* B,
                        const void* C, const void* D, const void* bias, void* out,
-                       const int64_t* sizes, int softplus, const void* dout, void* du,
-                       void* ddelta, void* dA_part, void* dB, void* dC, void* dD_part,
-                       void* dbias_part, void* carries, int64_t channels_per_block) {
+                       void* last_state, const int64_t* sizes, int softplus, const void* dout,
+                       const void* dlast, void* du, void* ddelta, void* dA_part, void* dB,
+                       void* dC, void* dD_part, void* dbias_part, void* carries,
+                       int64_t channels_per_block) {
   pyssm::SelectiveScanParams p{};
   p.u = u;
   p.delta = delta;
@@ -86,6 +89,7 @@ int emu_selective_scan(int dtype, const void* u, const void* delta, const void* 
   p.D = D;
   p.delta_bias = bias;
   p.out = out;
+  p.last_state = last_state;
   p.batch = sizes[0];
   p.channels = sizes[1];
   p.length = sizes[2];
@@ -96,6 +100,7 @@ int emu_selective_scan(int dtype, const void* u, const void* delta, const void* 
   pyssm::SelectiveScanBwdParams b{};
   b.fwd = p;
   b.dout = dout;
+  b.dlast_state = dlast;
   b.du = du;
   b.ddelta = ddelta;
   b.dA_part = dA_part;

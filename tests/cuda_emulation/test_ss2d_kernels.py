@@ -72,9 +72,13 @@ SCAN_CASES = [(2, 2, 3, 1, 37), (1, 4, 2, 3, 1100), (1, 1, 2, 16, 513), (1, 2, 1
 @pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "b{}k{}d{}n{}l{}".format(*c))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("per_block", [0, 1, 3, 8], ids=lambda c: f"cpb{c}")
-def test_selective_scan(emu, case, dtype, per_block):
-    """per_block: the channels a backward block takes (0: the launcher's choice; 1: v1's)."""
+@pytest.mark.parametrize("per_block,with_state", [(0, False), (1, True), (3, True), (8, False)],
+                         ids=lambda c: ("state" if c else "no-state") if isinstance(c, bool)
+                         else f"cpb{c}")
+def test_selective_scan(emu, case, dtype, per_block, with_state):
+    """per_block: the channels a backward block takes (0: the launcher's choice; 1: v1's).
+    with_state: the kernels that also write the last state (selective_scan_with_state) and take
+    its gradient into the backward, against the reference's autograd through both outputs."""
     Bt, K, Dg, N, L = case
     C_ = K * Dg
     acc = acc_of(dtype)
@@ -84,25 +88,36 @@ def test_selective_scan(emu, case, dtype, per_block):
     D, bias = torch.randn(C_, dtype=acc), torch.randn(C_, dtype=acc) * 0.3
     sz = (ctypes.c_int64 * 5)(Bt, C_, L, K, N)
     out = poisoned(Bt, C_, L, dtype=acc)
+    last = poisoned(Bt, C_, N, dtype=acc) if with_state else None
     code = CODES[dtype]
-    args = [ptr(t) for t in (u, delta, A, Bm, Cm, D, bias, out)]
-    assert emu.emu_selective_scan(code, *args, sz, 1, *([None] * 9), ctypes.c_int64(0)) == 0
+    args = [ptr(t) for t in (u, delta, A, Bm, Cm, D, bias, out)] + [ptr(last)]
+    assert emu.emu_selective_scan(code, *args, sz, 1, *([None] * 10), ctypes.c_int64(0)) == 0
     exact_in = [t.double().requires_grad_() for t in (u, delta, A, Bm, Cm, D, bias)]
-    want = ops.selective_scan_reference(*exact_in, delta_softplus=True)
+    want, want_last = ops.selective_scan_reference(*exact_in, delta_softplus=True,
+                                                   return_last_state=True)
     tol = 1e-12 if dtype == F64 else 2e-5
     assert (out.double() - want).abs().max() <= tol * want.abs().max(), "out"
+    if with_state:
+        err = (last.double() - want_last).abs().max()
+        assert err <= tol * want_last.abs().max(), ("last state", float(err))
 
     dout = torch.randn(Bt, C_, L, dtype=acc)
+    dlast = torch.randn(Bt, C_, N, dtype=acc) if with_state else None
     grads = [poisoned(Bt, C_, L, dtype=acc), poisoned(Bt, C_, L, dtype=acc),
              torch.zeros(Bt, C_, N, dtype=acc), torch.zeros(Bt, K, N, L, dtype=acc),
              torch.zeros(Bt, K, N, L, dtype=acc), torch.zeros(Bt, C_, dtype=acc),
              torch.zeros(Bt, C_, dtype=acc)]
     carries = poisoned(emu.emu_selective_scan_carries(sz), dtype=acc)
-    assert emu.emu_selective_scan(code, *args, sz, 1, ptr(dout), *(ptr(g) for g in grads),
-                                  ptr(carries), ctypes.c_int64(per_block)) == 0
+    assert emu.emu_selective_scan(code, *args, sz, 1, ptr(dout), ptr(dlast),
+                                  *(ptr(g) for g in grads), ptr(carries),
+                                  ctypes.c_int64(per_block)) == 0
     du, ddelta, dA, dB, dC, dD, dbias = grads
     got = [du, ddelta, dA.sum(0), dB, dC, dD.sum(0), dbias.sum(0)]
-    exact = torch.autograd.grad(want, exact_in, dout.double())
+    outputs, seeds = [want], [dout.double()]
+    if with_state:
+        outputs.append(want_last)
+        seeds.append(dlast.double())
+    exact = torch.autograd.grad(outputs, exact_in, seeds)
     tol = 1e-11 if dtype == F64 else 1e-4
     for name, a, b in zip("u delta A B C D bias".split(), got, exact):
         err = (a.double() - b).abs().max()

@@ -222,3 +222,151 @@ def test_long_sequences_forward_and_backward(device, backend, case):
     expect = torch.autograd.grad(want, cpu_inputs, g.cpu())
     for name, a, b in zip("u delta A B C D delta_bias".split(), got, expect):
         torch.testing.assert_close(a.cpu(), b, atol=1e-8, rtol=1e-8, msg=f"d{name}")
+
+
+# return_last_state: selective_scan_with_state ------------------------------------------------
+
+STATE_CASES = [(1, 1, 1, 1, 1), (2, 1, 3, 17, 1), (2, 4, 2, 9, 16), (3, 2, 5, 13, 4)]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan_with_state"))
+@pytest.mark.parametrize("case", STATE_CASES, ids=lambda c: "b{}k{}d{}l{}n{}".format(*c))
+def test_last_state_matches_recurrence(device, backend, case):
+    """The state after the last position, beside the same y, against the float64 recurrence."""
+    inputs = make_inputs(*case, device=device)
+    y, last = ops.selective_scan(*inputs, delta_softplus=True, return_last_state=True,
+                                 backend=backend)
+    want_y, want_last = naive.selective_scan(*(t.cpu() for t in inputs), delta_softplus=True,
+                                             return_last_state=True)
+    batch, groups, per_group, _, N = case
+    assert last.shape == (batch, groups * per_group, N) and last.dtype == F64
+    torch.testing.assert_close(y.cpu(), want_y, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(last.cpu(), want_last, atol=1e-10, rtol=1e-10)
+    # y is the plain op's
+    torch.testing.assert_close(y, ops.selective_scan(*inputs, delta_softplus=True,
+                                                     backend=backend), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan_with_state"))
+@pytest.mark.parametrize("used", ["both", "state", "y"])
+def test_last_state_gradients_match_independent_math(device, backend, used):
+    """Gradients through y and the last state together, through the state alone (y's gradient
+    zero) and through y alone, against autograd through the float64 recurrence."""
+    inputs = make_inputs(2, 2, 3, 11, 4, device, requires_grad=True)
+    y, last = ops.selective_scan(*inputs, delta_softplus=True, return_last_state=True,
+                                 backend=backend)
+    cpu_inputs = [t.detach().cpu().requires_grad_() for t in inputs]
+    want_y, want_last = naive.selective_scan(*cpu_inputs, delta_softplus=True,
+                                             return_last_state=True)
+    gy, glast = torch.randn_like(y), torch.randn_like(last)
+    pairs = {"both": ([y, last], [want_y, want_last], [gy, glast]),
+             "state": ([last], [want_last], [glast]), "y": ([y], [want_y], [gy])}[used]
+    # (the state alone does not depend on C or D: their gradients are 0, None from autograd
+    # through the references)
+    got = torch.autograd.grad(pairs[0], inputs, pairs[2], allow_unused=True)
+    got = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, got)]
+    want = torch.autograd.grad(pairs[1], cpu_inputs, [g.cpu() for g in pairs[2]],
+                               allow_unused=True)
+    want = [torch.zeros_like(t) if w is None else w for t, w in zip(cpu_inputs, want)]
+    for name, a, b in zip("u delta A B C D delta_bias".split(), got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan_with_state"))
+def test_last_state_gradcheck(device, backend):
+    inputs = make_inputs(1, 2, 2, 5, 3, device, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: ops.selective_scan(*t, delta_softplus=True, return_last_state=True,
+                                      backend=backend), tuple(inputs))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan_with_state"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_last_state_in_the_accumulation_dtype(device, backend, dtype):
+    """16-bit and float32 inputs: the state comes in float32, y in u's dtype (or float32)."""
+    inputs = make_inputs(2, 4, 3, 64, 1, device, dtype=dtype)
+    y, last = ops.selective_scan(*inputs, delta_softplus=True, return_last_state=True,
+                                 backend=backend)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    _, exact = naive.selective_scan(*(t.cpu() for t in inputs), delta_softplus=True,
+                                    return_last_state=True)
+    err = (last.cpu().double() - exact).abs().max()
+    assert err <= 1e-5 * exact.abs().max(), err
+    y32, _ = ops.selective_scan(*inputs, delta_softplus=True, out_float32=True,
+                                return_last_state=True, backend=backend)
+    assert y32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device,backend", backend_params("selective_scan_with_state"))
+def test_last_state_of_empty_scans(device, backend):
+    """No positions: the state is the initial 0; no rows: an empty state."""
+    zero_len = make_inputs(2, 2, 3, 0, 2, device, requires_grad=True)
+    y, last = ops.selective_scan(*zero_len, return_last_state=True, backend=backend)
+    assert y.shape == (2, 6, 0) and last.shape == (2, 6, 2)
+    assert torch.equal(last, torch.zeros_like(last))
+    if last.requires_grad:  # (the kernels' op; the reference's zeros hang on nothing)
+        dA, = torch.autograd.grad(last, [zero_len[2]], torch.ones_like(last))
+        assert torch.equal(dA, torch.zeros_like(dA))  # nothing depends on A
+    empty = make_inputs(0, 2, 3, 10, 2, device)
+    y, last = ops.selective_scan(*empty, return_last_state=True, backend=backend)
+    assert y.shape == (0, 6, 10) and last.shape == (0, 6, 2)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("selective_scan_with_state")
+                                            if p.id == "cuda"])
+@pytest.mark.parametrize("case", LONG_CASES, ids=lambda c: "b{}k{}d{}l{}n{}".format(*c))
+def test_last_state_long_sequences(device, backend, case):
+    """CUDA: the state leaving the last of several tiles, and its gradient entering there,
+    against the float64 CPU kernel."""
+    inputs = make_inputs(*case, device=device, requires_grad=True)
+    y, last = ops.selective_scan(*inputs, delta_softplus=True, return_last_state=True,
+                                 backend=backend)
+    cpu_inputs = [t.detach().cpu().requires_grad_() for t in inputs]
+    want_y, want_last = ops.selective_scan(*cpu_inputs, delta_softplus=True,
+                                           return_last_state=True, backend="cpu")
+    torch.testing.assert_close(last.detach().cpu(), want_last.detach(), atol=1e-9, rtol=1e-9)
+    gy, glast = torch.randn_like(y), torch.randn_like(last)
+    got = torch.autograd.grad([y, last], inputs, [gy, glast])
+    expect = torch.autograd.grad([want_y, want_last], cpu_inputs, [gy.cpu(), glast.cpu()])
+    for name, a, b in zip("u delta A B C D delta_bias".split(), got, expect):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-8, rtol=1e-8, msg=f"d{name}")
+
+
+def test_backward_checks_the_last_states_gradient():
+    if not _extension.available():
+        pytest.skip("extension not built")
+    u, delta, A, B, C, D, bias = make_inputs(2, 2, 3, 10, 2, "cpu")
+    with pytest.raises(ValueError, match=r"dlast_state must have shape \[2, 6, 2\]"):
+        torch.ops.pyssm.selective_scan_backward(torch.randn_like(u), u, delta, A, B, C, D, bias,
+                                                True, torch.randn(2, 6, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("selective_scan_with_state")
+                                            if p.values[1] != "reference"])
+def test_last_state_opcheck(device, backend):
+    inputs = make_inputs(2, 2, 3, 7, 2, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.selective_scan_with_state.default,
+                          (*inputs, True, False))
+    dout = torch.randn(2, 6, 7, dtype=F64, device=device)
+    dlast = torch.randn(2, 6, 2, dtype=F64, device=device)
+    torch.library.opcheck(torch.ops.pyssm.selective_scan_backward.default,
+                          (dout, *(t.detach() for t in inputs), True, dlast))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("selective_scan_with_state")
+                                            if p.values[1] != "reference"])
+def test_last_state_compile_fullgraph(device, backend):
+    inputs = make_inputs(2, 2, 3, 7, 2, device, requires_grad=True)
+
+    def f(*t):
+        y, last = ops.selective_scan(*t, delta_softplus=True, return_last_state=True,
+                                     backend=backend)
+        return y.sum(-1, keepdim=True) * last
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(*inputs)
+    torch.testing.assert_close(out, f(*inputs))
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(f(*inputs), inputs, g)):
+        torch.testing.assert_close(a, b)
