@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pyssm.ops import selective_scan
+from pyssm.ops.selective_scan import softplus_exact
 
 
 def _as_groups(M: torch.Tensor, name: str, batch: int, length: int) -> torch.Tensor:
@@ -56,11 +57,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if z is not None:  # gated in the accumulation dtype, rounded once
         out = out * F.silu(z.to(out.dtype))
     return (out.to(u.dtype), last_state) if return_last_state else out.to(u.dtype)
-
-
-def _softplus(x: torch.Tensor) -> torch.Tensor:
-    """log(1 + e^x), without torch's threshold: the scan's softplus."""
-    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
@@ -104,7 +100,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     acc = torch.float64 if state.dtype == torch.float64 else torch.float32
     step = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0)
     if dt_softplus:
-        step = _softplus(step)
+        step = softplus_exact(step)  # (the scan's: no threshold)
     Bx, Cx = B.to(acc), C.to(acc)
     if heads:  # group g serves heads g * H / G ... (g + 1) * H / G - 1
         Bx = Bx.repeat_interleave(x.shape[1] // B.shape[1], dim=1)
