@@ -17,4 +17,9 @@ ScanSizes check_scan_args(const at::Tensor& u, const at::Tensor& delta, const at
                           const std::optional<at::Tensor>& D,
                           const std::optional<at::Tensor>& delta_bias);
 
+// The backward's own arguments: dout (the shape of u) and the last state's gradient
+// dlast_state (batch, K*D, N) or none.
+void check_scan_grad_args(const ScanSizes& s, const at::Tensor& u, const at::Tensor& dout,
+                          const std::optional<at::Tensor>& dlast_state);
+
 }  // namespace pyssm

@@ -68,6 +68,19 @@ ScanSizes check_scan_args(const at::Tensor& u, const at::Tensor& delta, const at
   return s;
 }
 
+void check_scan_grad_args(const ScanSizes& s, const at::Tensor& u, const at::Tensor& dout,
+                          const std::optional<at::Tensor>& dlast_state) {
+  check_floating(dout, "dout");
+  check_shape(dout, u.sizes(), "dout", "(batch, K*D, L), the shape of u");
+  check_same_device(dout, u, "dout", "u");
+  if (dlast_state) {
+    check_floating(*dlast_state, "dlast_state");
+    check_shape(*dlast_state, {s.batch, s.channels, s.dstate}, "dlast_state",
+                "(batch, K*D, N), the shape of the last state");
+    check_same_device(*dlast_state, u, "dlast_state", "u");
+  }
+}
+
 namespace {
 
 // softplus(x) = log(1 + e^x) without overflow and without a threshold, so float64 stays exact.
@@ -272,15 +285,7 @@ selective_scan_backward_cpu(const at::Tensor& dout, const at::Tensor& u, const a
                             const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                             const std::optional<at::Tensor>& dlast_state) {
   const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
-  check_floating(dout, "dout");
-  check_shape(dout, u.sizes(), "dout", "(batch, K*D, L), the shape of u");
-  check_same_device(dout, u, "dout", "u");
-  if (dlast_state) {
-    check_floating(*dlast_state, "dlast_state");
-    check_shape(*dlast_state, {s.batch, s.channels, s.dstate}, "dlast_state",
-                "(batch, K*D, N), the shape of the last state");
-    check_same_device(*dlast_state, u, "dlast_state", "u");
-  }
+  check_scan_grad_args(s, u, dout, dlast_state);
   const at::ScalarType acc = acc_type(u.scalar_type());
   const auto opts = u.options().dtype(acc);
   const ScanInputs in = to_acc(u, delta, A, B, C, D, delta_bias, acc);

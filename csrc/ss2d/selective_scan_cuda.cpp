@@ -142,15 +142,7 @@ selective_scan_backward_cuda(const at::Tensor& dout, const at::Tensor& u,
                              const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                              const std::optional<at::Tensor>& dlast_state) {
   const ScanSizes s = check_scan_args(u, delta, A, B, C, D, delta_bias);
-  check_floating(dout, "dout");
-  check_shape(dout, u.sizes(), "dout", "(batch, K*D, L), the shape of u");
-  check_same_device(dout, u, "dout", "u");
-  if (dlast_state) {
-    check_floating(*dlast_state, "dlast_state");
-    check_shape(*dlast_state, {s.batch, s.channels, s.dstate}, "dlast_state",
-                "(batch, K*D, N), the shape of the last state");
-    check_same_device(*dlast_state, u, "dlast_state", "u");
-  }
+  check_scan_grad_args(s, u, dout, dlast_state);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::ScalarType acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = u.options().dtype(acc);
