@@ -22,4 +22,8 @@ ScanSizes check_scan_args(const at::Tensor& u, const at::Tensor& delta, const at
 void check_scan_grad_args(const ScanSizes& s, const at::Tensor& u, const at::Tensor& dout,
                           const std::optional<at::Tensor>& dlast_state);
 
+// The last state's output, (batch, K*D, N) with `opts` (the accumulation type): uninitialised
+// for the kernels to write, or zeros where there are no positions (nothing writes it).
+at::Tensor new_last_state(const ScanSizes& s, const at::TensorOptions& opts);
+
 }  // namespace pyssm

@@ -68,6 +68,11 @@ ScanSizes check_scan_args(const at::Tensor& u, const at::Tensor& delta, const at
   return s;
 }
 
+at::Tensor new_last_state(const ScanSizes& s, const at::TensorOptions& opts) {
+  return s.length == 0 ? at::zeros({s.batch, s.channels, s.dstate}, opts)
+                       : at::empty({s.batch, s.channels, s.dstate}, opts);
+}
+
 void check_scan_grad_args(const ScanSizes& s, const at::Tensor& u, const at::Tensor& dout,
                           const std::optional<at::Tensor>& dlast_state) {
   check_floating(dout, "dout");
@@ -246,8 +251,7 @@ at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::
   const at::ScalarType acc = acc_type(u.scalar_type());
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : u.scalar_type();
   at::Tensor out = at::empty({s.batch, s.channels, s.length}, u.options().dtype(acc));
-  if (last != nullptr)  // (no positions: the state stays 0)
-    *last = at::zeros({s.batch, s.channels, s.dstate}, u.options().dtype(acc));
+  if (last != nullptr) *last = new_last_state(s, u.options().dtype(acc));
   if (out.numel() == 0) return out.to(out_dtype);
   const ScanInputs in = to_acc(u, delta, A, B, C, D, delta_bias, acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "selective_scan_cpu", [&] {

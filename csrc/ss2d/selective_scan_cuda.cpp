@@ -103,11 +103,7 @@ at::Tensor scan_forward(const at::Tensor& u, const at::Tensor& delta, const at::
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : u.scalar_type();
   const auto [fwd, bwd] = launchers(u.scalar_type());
   at::Tensor out = at::empty({s.batch, s.channels, s.length}, u.options().dtype(acc));
-  if (last != nullptr) {  // (no positions: the state stays 0)
-    const auto opts = u.options().dtype(acc);
-    *last = s.length == 0 ? at::zeros({s.batch, s.channels, s.dstate}, opts)
-                          : at::empty({s.batch, s.channels, s.dstate}, opts);
-  }
+  if (last != nullptr) *last = new_last_state(s, u.options().dtype(acc));
   if (out.numel() == 0) return out.to(out_dtype);
   const Operands o = prepare(s, u, delta, A, B, C, D, delta_bias, acc);
   SelectiveScanParams p = params(s, o, delta_softplus);
