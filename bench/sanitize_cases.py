@@ -113,6 +113,15 @@ def attention_cases():
         return ops.attention(q, k, v, cu_seqlens=cu, max_seqlen=97, backend=DEV)
     yield "varlen (0, 50, 147) fp16", varlen
 
+    def varlen_keys():  # keys at offsets of their own: one query against 200 keys, Sq > Sk
+        q = rand(131, 4, 64, dtype=torch.bfloat16)
+        k, v = (rand(240, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+        cu = torch.tensor([0, 1, 131], device=DEV, dtype=torch.int32)
+        cu_k = torch.tensor([0, 200, 240], device=DEV, dtype=torch.int32)
+        return ops.attention(q, k, v, cu_seqlens=cu, cu_seqlens_k=cu_k, causal=True,
+                             backend=DEV)
+    yield "varlen q (0, 1, 131), keys (0, 200, 240) bf16 causal", varlen_keys
+
     # q, k and v read in place from one fused qkv (a token stride of 3 H d), and the backward's
     # dq, dk, dv written into one gradient of its shape: dense (Hopper and portable paths at
     # head_dim 64 on sm_90, portable at 32) and packed

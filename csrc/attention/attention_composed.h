@@ -11,20 +11,26 @@
 namespace pyssm {
 
 struct AttnSizes {
-  bool varlen;
+  bool varlen;    // packed (cu_seqlens)
+  bool varlen_k;  // ... with the keys' own offsets (cu_seqlens_k)
   int64_t batch, seqlen_q, seqlen_k, heads, heads_k, head_dim;
-  std::vector<int64_t> starts;  // varlen: cu_seqlens as int64
+  std::vector<int64_t> starts;    // varlen: cu_seqlens as int64
+  std::vector<int64_t> starts_k;  // varlen: the keys' offsets (cu_seqlens_k, or cu_seqlens)
 };
 
-// Every shape, dtype, device and cu_seqlens check of attention. With read_offsets (the
-// default) the offsets are copied to the host (a device sync for CUDA tensors), checked and
-// kept in `starts`, and the longest sequence sets seqlen_q / seqlen_k. Without it (the CUDA
-// kernels, when max_seqlen is given) nothing is read: max_seqlen sizes the grid and `starts`
-// stays empty; pyssm.ops.attention has checked the values (once per tensor) and the kernels
-// clamp every offset into [0, total tokens].
+// Every shape, dtype, device and cu_seqlens check of attention. Packed keys have their own
+// offsets where cu_seqlens_k is given (as many sequences as cu_seqlens; k and v then hold its
+// last offset's tokens), else q's. With read_offsets (the default) the offsets are copied to
+// the host (a device sync for CUDA tensors), checked and kept in `starts` / `starts_k`, and the
+// longest query and key sequences set seqlen_q and seqlen_k. Without it (the CUDA kernels, when
+// max_seqlen, and max_seqlen_k for cu_seqlens_k, are given) nothing is read: they size the
+// grids and `starts` stays empty; pyssm.ops.attention has checked the values (once per tensor)
+// and the kernels clamp every offset into [0, total tokens].
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
-                               std::optional<int64_t> max_seqlen, bool read_offsets = true);
+                               std::optional<int64_t> max_seqlen,
+                               const std::optional<at::Tensor>& cu_seqlens_k,
+                               std::optional<int64_t> max_seqlen_k, bool read_offsets = true);
 
 // ... and those of attention_backward (dout, out, lse, dlse against q's sizes).
 AttnSizes check_attention_backward_args(const at::Tensor& dout,
@@ -34,26 +40,32 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const at::Tensor& lse,
                                         const std::optional<at::Tensor>& cu_seqlens,
                                         std::optional<int64_t> max_seqlen,
+                                        const std::optional<at::Tensor>& cu_seqlens_k,
+                                        std::optional<int64_t> max_seqlen_k,
                                         bool read_offsets = true);
 
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, bool causal,
                                                       std::optional<double> softmax_scale,
                                                       const std::optional<at::Tensor>& cu_seqlens,
-                                                      std::optional<int64_t> max_seqlen);
+                                                      std::optional<int64_t> max_seqlen,
+                                                      const std::optional<at::Tensor>& cu_seqlens_k,
+                                                      std::optional<int64_t> max_seqlen_k);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
-    std::optional<int64_t> max_seqlen);
+    std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
+    std::optional<int64_t> max_seqlen_k);
 
 // The same, written into dq, dk and dv (q's, k's and v's shapes, any strides)
 void attention_backward_composed_into(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
-    std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
+    std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
+    std::optional<int64_t> max_seqlen_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 
 // attention_qkvpacked's backward by `into` (attention_backward_composed_into, or the CUDA
@@ -63,7 +75,8 @@ using AttentionBackwardInto = void (*)(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
-    std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
+    std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
+    std::optional<int64_t> max_seqlen_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 at::Tensor attention_qkvpacked_backward_by(
     AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,

@@ -19,9 +19,56 @@
 
 namespace pyssm {
 
+namespace {
+
+// One packed offsets tensor (cu_seqlens or cu_seqlens_k): int32 (num_sequences + 1,) on q's
+// device
+void check_offsets_tensor(const at::Tensor& cu, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  check_rank(cu, 1, name, "(num_sequences + 1,)");
+  TORCH_CHECK_VALUE(cu.size(0) >= 1, name, " must hold at least one offset (0)");
+  check_same_device(cu, q, name, "q");
+}
+
+// The offsets read to the host and checked against the `total` tokens of `tensors` (q, or k
+// and v) and max_seqlen; returns the longest sequence
+int64_t read_offsets_into(std::vector<int64_t>& starts, const at::Tensor& cu, int64_t total,
+                          const char* name, const char* tensors,
+                          std::optional<int64_t> max_seqlen, const char* max_name) {
+  at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  starts.assign(p, p + c.numel());
+  TORCH_CHECK_VALUE(starts.front() == 0, name, " must start at 0, got ", starts.front());
+  int64_t longest = 0;
+  for (size_t i = 1; i < starts.size(); ++i) {
+    TORCH_CHECK_VALUE(starts[i] >= starts[i - 1], name, " must be non-decreasing, got ",
+                      starts[i - 1], " then ", starts[i]);
+    longest = std::max(longest, starts[i] - starts[i - 1]);
+  }
+  TORCH_CHECK_VALUE(starts.back() == total, name, " must end at the ", total, " tokens of ",
+                    tensors, ", got ", starts.back());
+  if (max_seqlen) {
+    TORCH_CHECK_VALUE(*max_seqlen >= longest, max_name, " (", *max_seqlen,
+                      ") is smaller than the longest sequence in ", name, " (", longest, ")");
+  }
+  return longest;
+}
+
+// max_seqlen / max_seqlen_k where the offsets are not read: given, >= 0
+int64_t given_max(std::optional<int64_t> max_seqlen, const char* max_name, const char* name) {
+  TORCH_CHECK_VALUE(max_seqlen && *max_seqlen >= 0, max_name, " must be given (>= 0) when ",
+                    name, " is not read, got ",
+                    max_seqlen ? std::to_string(*max_seqlen) : std::string("None"));
+  return *max_seqlen;
+}
+
+}  // namespace
+
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
-                               std::optional<int64_t> max_seqlen, bool read_offsets) {
+                               std::optional<int64_t> max_seqlen,
+                               const std::optional<at::Tensor>& cu_seqlens_k,
+                               std::optional<int64_t> max_seqlen_k, bool read_offsets) {
   check_floating(q, "q");
   check_floating(k, "k");
   check_floating(v, "v");
@@ -32,45 +79,42 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
   check_same_device(v, q, "v", "q");
   AttnSizes s;
   s.varlen = cu_seqlens.has_value();
+  s.varlen_k = cu_seqlens_k.has_value();
+  TORCH_CHECK_VALUE(s.varlen || !s.varlen_k,
+                    "cu_seqlens_k is only used with cu_seqlens (the queries' offsets)");
+  TORCH_CHECK_VALUE(s.varlen_k || !max_seqlen_k, "max_seqlen_k is only used with cu_seqlens_k");
   if (s.varlen) {
     const char* layout = "(total_tokens, heads, head_dim) when cu_seqlens is given";
     check_rank(q, 3, "q", layout);
     check_rank(k, 3, "k", layout);
     check_rank(v, 3, "v", layout);
-    TORCH_CHECK_TYPE(cu_seqlens->scalar_type() == at::kInt, "cu_seqlens must be int32, got ",
-                     cu_seqlens->scalar_type());
-    check_rank(*cu_seqlens, 1, "cu_seqlens", "(num_sequences + 1,)");
-    TORCH_CHECK_VALUE(cu_seqlens->size(0) >= 1, "cu_seqlens must hold at least one offset (0)");
-    check_same_device(*cu_seqlens, q, "cu_seqlens", "q");
-    TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-                      "with cu_seqlens, k and v must have the same number of tokens as q (",
-                      q.size(0), "), got ", k.size(0), " and ", v.size(0));
+    check_offsets_tensor(*cu_seqlens, q, "cu_seqlens");
     s.batch = cu_seqlens->size(0) - 1;
-    if (!read_offsets) {
-      TORCH_CHECK_VALUE(max_seqlen && *max_seqlen >= 0,
-                        "max_seqlen must be given (>= 0) when cu_seqlens is not read, got ",
-                        max_seqlen ? std::to_string(*max_seqlen) : std::string("None"));
-      s.seqlen_q = s.seqlen_k = *max_seqlen;
+    if (s.varlen_k) {
+      check_offsets_tensor(*cu_seqlens_k, q, "cu_seqlens_k");
+      TORCH_CHECK_VALUE(cu_seqlens_k->size(0) == cu_seqlens->size(0), "cu_seqlens_k must hold ",
+                        cu_seqlens->size(0), " offsets, as cu_seqlens does, got ",
+                        cu_seqlens_k->size(0));
     } else {
-      at::Tensor cu = cu_seqlens->to(at::kCPU, at::kLong).contiguous();
-      const int64_t* p = cu.const_data_ptr<int64_t>();
-      s.starts.assign(p, p + cu.numel());
-      TORCH_CHECK_VALUE(s.starts.front() == 0, "cu_seqlens must start at 0, got ",
-                        s.starts.front());
-      int64_t longest = 0;
-      for (size_t i = 1; i < s.starts.size(); ++i) {
-        TORCH_CHECK_VALUE(s.starts[i] >= s.starts[i - 1],
-                          "cu_seqlens must be non-decreasing, got ", s.starts[i - 1], " then ",
-                          s.starts[i]);
-        longest = std::max(longest, s.starts[i] - s.starts[i - 1]);
+      TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+                        "with cu_seqlens (and no cu_seqlens_k), k and v must have the same "
+                        "number of tokens as q (", q.size(0), "), got ", k.size(0), " and ",
+                        v.size(0));
+    }
+    if (!read_offsets) {
+      s.seqlen_q = given_max(max_seqlen, "max_seqlen", "cu_seqlens");
+      s.seqlen_k = s.varlen_k ? given_max(max_seqlen_k, "max_seqlen_k", "cu_seqlens_k")
+                              : s.seqlen_q;
+    } else {
+      s.seqlen_q = read_offsets_into(s.starts, *cu_seqlens, q.size(0), "cu_seqlens", "q",
+                                     max_seqlen, "max_seqlen");
+      if (s.varlen_k) {
+        s.seqlen_k = read_offsets_into(s.starts_k, *cu_seqlens_k, k.size(0), "cu_seqlens_k",
+                                       "k and v", max_seqlen_k, "max_seqlen_k");
+      } else {
+        s.starts_k = s.starts;
+        s.seqlen_k = s.seqlen_q;
       }
-      TORCH_CHECK_VALUE(s.starts.back() == q.size(0), "cu_seqlens must end at the ", q.size(0),
-                        " tokens of q, got ", s.starts.back());
-      if (max_seqlen) {
-        TORCH_CHECK_VALUE(*max_seqlen >= longest, "max_seqlen (", *max_seqlen,
-                          ") is smaller than the longest sequence in cu_seqlens (", longest, ")");
-      }
-      s.seqlen_q = s.seqlen_k = longest;
     }
     s.heads = q.size(1);
     s.heads_k = k.size(1);
@@ -106,8 +150,11 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const at::Tensor& v, const at::Tensor& out,
                                         const at::Tensor& lse,
                                         const std::optional<at::Tensor>& cu_seqlens,
-                                        std::optional<int64_t> max_seqlen, bool read_offsets) {
-  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, read_offsets);
+                                        std::optional<int64_t> max_seqlen,
+                                        const std::optional<at::Tensor>& cu_seqlens_k,
+                                        std::optional<int64_t> max_seqlen_k, bool read_offsets) {
+  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
+                                           max_seqlen_k, read_offsets);
   check_shape(dout, q.sizes(), "dout", "the shape of q");
   check_shape(out, q.sizes(), "out", "the shape of q");
   const std::vector<int64_t> lse_shape =
@@ -155,7 +202,8 @@ double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
 
 // The work is split in chunks that bound the score memory: packed sequences one at a time,
 // padded batches kBatchChunk rows at a time. chunk() gives chunk i of a (B, S, H, d) or packed
-// (T, H, d) tensor as (b, S, H, d); lse_chunk() the matching (b, H, S) view of lse.
+// (T, H, d) tensor of queries as (b, S, H, d), chunk_k() of keys; lse_chunk() the (b, H, S)
+// view of lse that matches chunk().
 constexpr int64_t kBatchChunk = 16;
 
 int64_t num_chunks(const AttnSizes& s) {
@@ -165,6 +213,13 @@ int64_t num_chunks(const AttnSizes& s) {
 at::Tensor chunk(const at::Tensor& t, const AttnSizes& s, int64_t i) {
   if (s.varlen) return t.narrow(0, s.starts[i], s.starts[i + 1] - s.starts[i]).unsqueeze(0);
   return t.narrow(0, i * kBatchChunk, std::min(kBatchChunk, s.batch - i * kBatchChunk));
+}
+
+at::Tensor chunk_k(const at::Tensor& t, const AttnSizes& s, int64_t i) {
+  if (s.varlen) {
+    return t.narrow(0, s.starts_k[i], s.starts_k[i + 1] - s.starts_k[i]).unsqueeze(0);
+  }
+  return chunk(t, s, i);
 }
 
 at::Tensor lse_chunk(const at::Tensor& lse, const AttnSizes& s, int64_t i) {
@@ -178,8 +233,11 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                  const at::Tensor& v, bool causal,
                                                  std::optional<double> softmax_scale,
                                                  const std::optional<at::Tensor>& cu_seqlens,
-                                                 std::optional<int64_t> max_seqlen) {
-  const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen);
+                                                 std::optional<int64_t> max_seqlen,
+                                                 const std::optional<at::Tensor>& cu_seqlens_k,
+                                                 std::optional<int64_t> max_seqlen_k) {
+  const AttnSizes s =
+      check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
@@ -189,12 +247,12 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                             : at::empty({s.batch, s.heads, s.seqlen_q}, q.options().dtype(acc));
   for (int64_t i = 0; i < num_chunks(s); ++i) {
     at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
-    at::Tensor kh = heads_first(chunk(k, s, i), group, acc);
-    at::Tensor vh = heads_first(chunk(v, s, i), group, acc);
+    at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
+    at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
     at::Tensor S = scores(qh, kh, scale, causal);
     at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
     at::Tensor P = at::softmax(S, -1);
-    if (causal && s.seqlen_q > s.seqlen_k) {  // rows that see no key: 0, not softmax's NaN
+    if (causal && (s.varlen_k || s.seqlen_q > s.seqlen_k)) {  // rows that see no key: 0
       P.masked_fill_(at::isneginf(lse_i).unsqueeze(-1), 0);
     }
     at::Tensor o = at::matmul(P, vh);
@@ -207,12 +265,14 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
-    const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
+    const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
+    const std::optional<at::Tensor>& cu_seqlens_k, std::optional<int64_t> max_seqlen_k) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                   cu_seqlens, max_seqlen, dq, dk, dv);
+                                   cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, dq, dk,
+                                   dv);
   return {dq, dk, dv};
 }
 
@@ -220,17 +280,18 @@ void attention_backward_composed_into(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
-    std::optional<int64_t> max_seqlen, const at::Tensor& dq, const at::Tensor& dk,
+    std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
+    std::optional<int64_t> max_seqlen_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv) {
-  const AttnSizes s =
-      check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen);
+  const AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
+                                                    max_seqlen, cu_seqlens_k, max_seqlen_k);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
   for (int64_t i = 0; i < num_chunks(s); ++i) {
     at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
-    at::Tensor kh = heads_first(chunk(k, s, i), group, acc);
-    at::Tensor vh = heads_first(chunk(v, s, i), group, acc);
+    at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
+    at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
     at::Tensor doh = heads_first(chunk(dout, s, i), 1, acc);
     at::Tensor oh = heads_first(chunk(out, s, i), 1, acc);
     at::Tensor P = probs(scores(qh, kh, scale, causal), lse_chunk(lse, s, i).to(acc));
@@ -248,8 +309,8 @@ void attention_backward_composed_into(
       dvh = dvh.view({b, s.heads_k, group, Sk, s.head_dim}).sum(2);
     }
     chunk(dq, s, i).copy_(dqh.transpose(1, 2));
-    chunk(dk, s, i).copy_(dkh.transpose(1, 2));
-    chunk(dv, s, i).copy_(dvh.transpose(1, 2));
+    chunk_k(dk, s, i).copy_(dkh.transpose(1, 2));
+    chunk_k(dv, s, i).copy_(dvh.transpose(1, 2));
   }
 }
 
@@ -271,7 +332,8 @@ at::Tensor attention_qkvpacked_backward_by(
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
-  into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen, dq, dk, dv);
+  into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
+       std::nullopt, std::nullopt, dq, dk, dv);
   return dqkv;
 }
 
@@ -281,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
     const at::Tensor& qkv, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
-  return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen);
+  return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
+                            std::nullopt, std::nullopt);
 }
 
 at::Tensor attention_qkvpacked_backward_composed(

@@ -21,15 +21,18 @@ struct TokenLayout {
 
 // q (tokens, heads, d), k, v (tokens, heads_k, d): fp16 / bf16 at their layouts (k's and v's
 // the same), the tokens of sequence b at [start_b, start_b + len_b): start_b = b * seqlen
-// (dense batches) or cu_seqlens[b] (packed). out like q, contiguous. lse: float, (batch, heads,
-// seqlen_q) dense or (heads, total) packed.
+// (dense batches) or cu_seqlens[b] (packed; the keys at cu_seqlens_k[b] where that is given,
+// else at q's offsets). out like q, contiguous. lse: float, (batch, heads, seqlen_q) dense or
+// (heads, total_q) packed.
 struct FlashParams {
   const void *q, *k, *v;
   TokenLayout q_layout, kv_layout;
   void* out;
   float* lse;
   const int* cu_seqlens;       // device pointer, or null for a dense batch
-  int64_t batch, heads, heads_k, seqlen_q, seqlen_k, total_q;  // seqlen_*: max_seqlen packed
+  const int* cu_seqlens_k;     // the keys' own offsets (packed), or null: cu_seqlens
+  int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
+  int64_t total_q, total_k;    // tokens of q, of k and v
   float scale_log2;            // softmax_scale * log2(e)
   bool causal;
 };
@@ -47,7 +50,9 @@ struct FlashBwdParams {
   const float *lse, *dlse;
   float *delta, *dq_accum;
   const int* cu_seqlens;       // device pointer, or null for a dense batch
-  int64_t batch, heads, heads_k, seqlen_q, seqlen_k, total_q;  // seqlen_*: max_seqlen packed
+  const int* cu_seqlens_k;     // the keys' own offsets (packed), or null: cu_seqlens
+  int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
+  int64_t total_q, total_k;    // tokens of q, of k and v
   float scale;                 // softmax_scale
   float scale_log2;            // softmax_scale * log2(e)
   bool causal;

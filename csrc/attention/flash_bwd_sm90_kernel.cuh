@@ -141,18 +141,19 @@ __global__ void __launch_bounds__(384, 1)
   __syncthreads();
 
   const int wg = threadIdx.x / 128;
-  const int row0 = int(packed ? q_start : 0);  // TMA coordinates as in the forward
+  // TMA coordinates as in the forward: packed sequences from their first query and key
+  const int row0 = int(packed ? q_start : 0), k_row0 = int(packed ? seq.k_start : 0);
   const int batch = packed ? 0 : b;
   if (wg == 0) {  // producer
     setmaxnreg_dec<24>();
     if (threadIdx.x == 0) {
       mbar_arrive_expect_tx(kv_full, 2 * Tr::kKVBytes);
-      tma_load_4d(smem + Tr::kK, &maps.k, 0, hk, row0 + int(n0), batch, kv_full);
-      tma_load_4d(smem + Tr::kV, &maps.v, 0, hk, row0 + int(n0), batch, kv_full);
+      tma_load_4d(smem + Tr::kK, &maps.k, 0, hk, k_row0 + int(n0), batch, kv_full);
+      tma_load_4d(smem + Tr::kV, &maps.v, 0, hk, k_row0 + int(n0), batch, kv_full);
       if constexpr (Tr::kTail > 0) {
-        tma_load_4d(smem + Tr::kK + Tr::kKVMain, &maps.k_tail, 64, hk, row0 + int(n0), batch,
+        tma_load_4d(smem + Tr::kK + Tr::kKVMain, &maps.k_tail, 64, hk, k_row0 + int(n0), batch,
                     kv_full);
-        tma_load_4d(smem + Tr::kV + Tr::kKVMain, &maps.v_tail, 64, hk, row0 + int(n0), batch,
+        tma_load_4d(smem + Tr::kV + Tr::kKVMain, &maps.v_tail, 64, hk, k_row0 + int(n0), batch,
                     kv_full);
       }
       for (int it = 0; it < n_iters; ++it) {
@@ -406,7 +407,7 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   if (!flash_bwd::bwd_args_ok(p)) return cudaErrorInvalidValue;
   const bool packed = p.cu_seqlens != nullptr;
   const uint64_t q_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_q);
-  const uint64_t k_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_k);
+  const uint64_t k_tokens = packed ? uint64_t(p.total_k) : uint64_t(p.seqlen_k);
   const uint64_t batches = packed ? 1 : uint64_t(p.batch);
   if (q_tokens + 256 > (uint64_t(1) << 31) || k_tokens + 256 > (uint64_t(1) << 31) ||
       q_tokens == 0 || k_tokens == 0)

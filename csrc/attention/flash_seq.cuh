@@ -2,8 +2,9 @@
 // flash kernel (the portable and Hopper forwards and backwards).
 //
 // Dense batches: sequence b holds rows [b Sq, (b + 1) Sq) of q and [b Sk, (b + 1) Sk) of k / v.
-// Packed batches (cu_seqlens): sequence b holds tokens [cu[b], cu[b + 1]) of one token axis
-// and attends to itself, so Sk = Sq there. Under a causal mask query i sees key j when
+// Packed batches (cu_seqlens): sequence b holds tokens [cu[b], cu[b + 1]) of q, and of k / v
+// [cu_k[b], cu_k[b + 1]) with cu_seqlens_k, else the same tokens as q (Sk = Sq). Under a
+// causal mask query i sees key j when
 // j <= i + Sk - Sq: the mask is aligned to the bottom-right corner, as flash-attn's is, so a
 // query block that ends early in a longer key sequence still sees the keys before it.
 //
@@ -25,16 +26,29 @@ struct SeqSpan {
   int64_t Sq, Sk;            // its query and key lengths
 };
 
-// Packed offsets are clamped into [0, total_q] (and each end to at least its start): the host
+// Packed offsets are clamped into [0, total] (and each end to at least its start): the host
 // need not read them (pyssm.ops.attention checks them once per tensor), and offsets that are
 // wrong anyway give wrong values, never an access out of bounds.
+__device__ __forceinline__ void clamped_span(const int* cu, int b, int64_t total,
+                                             int64_t& start, int64_t& len) {
+  const int64_t lo = cu[b], hi = cu[b + 1];
+  start = lo < 0 ? 0 : (lo > total ? total : lo);
+  const int64_t end = hi < start ? start : (hi > total ? total : hi);
+  len = end - start;
+}
+
 template <typename Params>
 __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
   if (p.cu_seqlens) {
-    const int64_t lo = p.cu_seqlens[b], hi = p.cu_seqlens[b + 1];
-    const int64_t start = lo < 0 ? 0 : (lo > p.total_q ? p.total_q : lo);
-    const int64_t end = hi < start ? start : (hi > p.total_q ? p.total_q : hi);
-    return {start, start, end - start, end - start};
+    SeqSpan s;
+    clamped_span(p.cu_seqlens, b, p.total_q, s.q_start, s.Sq);
+    if (p.cu_seqlens_k) {
+      clamped_span(p.cu_seqlens_k, b, p.total_k, s.k_start, s.Sk);
+    } else {
+      s.k_start = s.q_start;
+      s.Sk = s.Sq;
+    }
+    return s;
   }
   return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k, p.seqlen_q, p.seqlen_k};
 }

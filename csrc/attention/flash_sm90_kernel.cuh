@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(384, 1)
         // TMA coordinates (column, head, token, batch): packed sequences index the one
         // "batch" of all tokens from their start; dense batches their own from token 0
         const int q_row = int(packed ? w.seq.q_start : 0) + w.m_block * Tr::kBlockM;
-        const int k_row = int(packed ? w.seq.q_start : 0);
+        const int k_row = int(packed ? w.seq.k_start : 0);
         const int batch = packed ? 0 : w.b;
         const int hk = w.h / group;
         mbar_wait(q_empty, (tile_iter & 1) ^ 1);  // the consumers are done with the last Q
@@ -355,9 +355,11 @@ cudaError_t fwd(const FlashParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   const bool packed = p.cu_seqlens != nullptr;
   const uint64_t q_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_q);
-  const uint64_t k_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_k);
+  const uint64_t k_tokens = packed ? uint64_t(p.total_k) : uint64_t(p.seqlen_k);
   const uint64_t batches = packed ? 1 : uint64_t(p.batch);
-  if (q_tokens + Tr::kBlockM > (uint64_t(1) << 31) || k_tokens == 0) return cudaErrorNotSupported;
+  if (q_tokens + Tr::kBlockM > (uint64_t(1) << 31) ||
+      k_tokens + Tr::kBlockN > (uint64_t(1) << 31) || k_tokens == 0)
+    return cudaErrorNotSupported;
   Maps maps;
   const uint64_t hq = uint64_t(p.heads), hk = uint64_t(p.heads_k);
   const TokenLayout &ql = p.q_layout, &kvl = p.kv_layout;

@@ -3,7 +3,11 @@
 q (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, heads_k, head_dim), with heads_k
 dividing heads (grouped-query attention). With ``cu_seqlens`` (int32, num_sequences + 1
 offsets) q, k and v are packed as (total_tokens, heads, head_dim) and sequence i is tokens
-cu_seqlens[i] ... cu_seqlens[i+1] - 1 (images of different resolutions in one batch).
+cu_seqlens[i] ... cu_seqlens[i+1] - 1 (images of different resolutions in one batch). With
+``cu_seqlens_k`` as well, k and v (total_k, heads_k, head_dim) have offsets of their own, as
+many sequences: sequence i's queries attend to keys cu_seqlens_k[i] ... cu_seqlens_k[i+1] - 1
+(flash-attn's cu_seqlens_q / cu_seqlens_k: a padded batch decoding against its cache, or
+queries against a different set of tokens).
 
     S = softmax_scale * q k^T   (default scale 1 / sqrt(head_dim))
     causal: query i sees key j when j <= i + seqlen_k - seqlen_q (bottom-right, as flash-attn)
@@ -50,7 +54,8 @@ def _attend(q, k, v, causal, scale):
 
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None,
-                        max_seqlen=None, return_lse=False):
+                        max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None,
+                        return_lse=False):
     """Pure-PyTorch attention (materialises the scores). Same arguments as attention."""
     acc = _checks.acc_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -59,9 +64,11 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
         out, lse = _attend(qa, ka, va, causal, scale)
     else:
         bounds = [int(b) for b in cu_seqlens.tolist()]
+        bounds_k = bounds if cu_seqlens_k is None else [int(b) for b in cu_seqlens_k.tolist()]
         outs, lses = [], []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            o, l_ = _attend(qa[start:end], ka[start:end], va[start:end], causal, scale)
+        for start, end, start_k, end_k in zip(bounds[:-1], bounds[1:], bounds_k[:-1],
+                                              bounds_k[1:]):
+            o, l_ = _attend(qa[start:end], ka[start_k:end_k], va[start_k:end_k], causal, scale)
             outs.append(o)
             lses.append(l_)
         out = torch.cat(outs, 0) if outs else qa.new_zeros(qa.shape)
@@ -70,7 +77,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
     return (out, lse) if return_lse else out
 
 
-def check_attention(q, k, v, cu_seqlens, max_seqlen) -> None:
+def check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None,
+                    max_seqlen_k=None) -> None:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _checks.floating(t, name)
     if not (k.dtype == q.dtype == v.dtype):
@@ -78,19 +86,24 @@ def check_attention(q, k, v, cu_seqlens, max_seqlen) -> None:
                         f"{v.dtype}")
     _checks.same_device(k, q, "k", "q")
     _checks.same_device(v, q, "v", "q")
+    if cu_seqlens_k is not None and cu_seqlens is None:
+        raise ValueError("cu_seqlens_k is only used with cu_seqlens (the queries' offsets)")
+    if max_seqlen_k is not None and cu_seqlens_k is None:
+        raise ValueError("max_seqlen_k is only used with cu_seqlens_k")
     if cu_seqlens is not None:
         layout = "(total_tokens, heads, head_dim) when cu_seqlens is given"
         for t, name in ((q, "q"), (k, "k"), (v, "v")):
             _checks.rank(t, 3, name, layout)
-        if cu_seqlens.dtype != torch.int32:
-            raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
-        _checks.rank(cu_seqlens, 1, "cu_seqlens", "(num_sequences + 1,)")
-        if cu_seqlens.shape[0] < 1:
-            raise ValueError("cu_seqlens must hold at least one offset (0)")
-        _checks.same_device(cu_seqlens, q, "cu_seqlens", "q")
-        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-            raise ValueError(f"with cu_seqlens, k and v must have the same number of tokens as q "
-                             f"({q.shape[0]}), got {k.shape[0]} and {v.shape[0]}")
+        _check_offsets_tensor(cu_seqlens, q, "cu_seqlens")
+        if cu_seqlens_k is not None:
+            _check_offsets_tensor(cu_seqlens_k, q, "cu_seqlens_k")
+            if cu_seqlens_k.shape[0] != cu_seqlens.shape[0]:
+                raise ValueError(f"cu_seqlens_k must hold {cu_seqlens.shape[0]} offsets, as "
+                                 f"cu_seqlens does, got {cu_seqlens_k.shape[0]}")
+        elif k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+            raise ValueError(f"with cu_seqlens (and no cu_seqlens_k), k and v must have the same "
+                             f"number of tokens as q ({q.shape[0]}), got {k.shape[0]} and "
+                             f"{v.shape[0]}")
     else:
         layout = "(batch, seqlen, heads, head_dim)"
         for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -111,16 +124,25 @@ def check_attention(q, k, v, cu_seqlens, max_seqlen) -> None:
         raise ValueError(f"the {heads_k} heads of k and v must divide the {heads} heads of q")
 
 
-def _offsets_summary(cu_seqlens, total) -> int:
+def _check_offsets_tensor(cu, q, name) -> None:
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    _checks.rank(cu, 1, name, "(num_sequences + 1,)")
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one offset (0)")
+    _checks.same_device(cu, q, name, "q")
+
+
+def _offsets_summary(cu_seqlens, total, name, tensors) -> int:
     """Checks the offsets themselves and returns the longest sequence. Reads them: a device
     sync for a CUDA tensor."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+        raise ValueError(f"{name} must start at 0, got {bounds[0]}")
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        raise ValueError(f"{name} must be non-decreasing, got {bounds}")
     if bounds[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the {total} tokens of q, got {bounds[-1]}")
+        raise ValueError(f"{name} must end at the {total} tokens of {tensors}, got {bounds[-1]}")
     return max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
 
 
@@ -134,45 +156,52 @@ def _offsets_summary(cu_seqlens, total) -> int:
 _CHECKED = torch.utils.weak.WeakIdKeyDictionary()
 
 
-def check_cu_seqlens_values(cu_seqlens, total, max_seqlen) -> int:
+def check_cu_seqlens_values(cu_seqlens, total, max_seqlen, name="cu_seqlens", tensors="q",
+                            max_name="max_seqlen") -> int:
     """Checks the offsets against the packed length and max_seqlen, reading them once per
     tensor and version (_CHECKED); returns the longest sequence."""
     cached = _CHECKED.get(cu_seqlens)
     if cached is not None and cached[:2] == (cu_seqlens._version, total):
         longest = cached[2]
     else:
-        longest = _offsets_summary(cu_seqlens, total)
+        longest = _offsets_summary(cu_seqlens, total, name, tensors)
         _CHECKED[cu_seqlens] = (cu_seqlens._version, total, longest)
     if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in "
-                         f"cu_seqlens ({longest})")
+        raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest sequence in "
+                         f"{name} ({longest})")
     return longest
 
 
-def _checked_max_seqlen(q, cu_seqlens, max_seqlen):
+def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
+                        max_name="max_seqlen"):
     """max_seqlen, given or (packed batches, outside torch.compile) the longest sequence, with
-    the offsets checked once per tensor (check_cu_seqlens_values)."""
-    if cu_seqlens is not None and not torch.compiler.is_compiling():
-        longest = check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    the offsets `cu` of t's tokens checked once per tensor (check_cu_seqlens_values)."""
+    if cu is not None and not torch.compiler.is_compiling():
+        longest = check_cu_seqlens_values(cu, t.shape[0], max_seqlen, name, tensors, max_name)
         if max_seqlen is None:   # the CUDA kernels then size their grid without a device read
             max_seqlen = longest
     return max_seqlen
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-              return_lse=False, backend=None):
+              cu_seqlens_k=None, max_seqlen_k=None, return_lse=False, backend=None):
     """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
-    Differentiable in q, k and v (through out and lse). The CUDA kernels read q, k and v in
-    place at any strides that keep head_dim contiguous and 16-byte aligned (views into a fused
-    qkv projection, torch SDPA's (B, H, N, d) layout transposed); other layouts are copied
-    first."""
-    check_attention(q, k, v, cu_seqlens, max_seqlen)
+    Differentiable in q, k and v (through out and lse). max_seqlen (max_seqlen_k): at least
+    the longest query (key) sequence, read from the offsets when not given. The CUDA kernels
+    read q, k and v in place at any strides that keep head_dim contiguous and 16-byte aligned
+    (views into a fused qkv projection, torch SDPA's (B, H, N, d) layout transposed); other
+    layouts are copied first."""
+    check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    max_seqlen_k = _checked_max_seqlen(k, cu_seqlens_k, max_seqlen_k, "cu_seqlens_k", "k and v",
+                                       "max_seqlen_k")
     return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
-                lambda scale, longest: torch.ops.pyssm.attention(q, k, v, causal, scale,
-                                                                 cu_seqlens, longest))
+                lambda scale, longest: torch.ops.pyssm.attention(
+                    q, k, v, causal, scale, cu_seqlens, longest, cu_seqlens_k, max_seqlen_k),
+                cu_seqlens_k, max_seqlen_k)
 
 
-def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op):
+def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op,
+         cu_seqlens_k=None, max_seqlen_k=None):
     """attention of checked q, k, v by the backend chosen: the reference, or ``op(scale,
     max_seqlen)`` -> (out, lse), the compiled op."""
     max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
@@ -180,6 +209,7 @@ def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, bac
         with _backend.without_autocast(q.device):
             return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
                                        return_lse=return_lse)
     out, lse = op(None if softmax_scale is None else float(softmax_scale), max_seqlen)
     return (out, lse) if return_lse else out
@@ -231,32 +261,35 @@ if _extension.available():
     # (every output contiguous, as the kernels allocate them, whatever q's, k's and v's strides:
     # torch.empty_like would keep a dense input's permutation, heads-first q say)
     @torch.library.register_fake("pyssm::attention")
-    def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
-        check_attention(q, k, v, cu_seqlens, max_seqlen)
+    def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
+                        cu_seqlens_k=None, max_seqlen_k=None):
+        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
         lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
         return q.new_empty(q.shape), lse
 
     @torch.library.register_fake("pyssm::attention_backward")
     def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                 cu_seqlens, max_seqlen):
-        check_attention(q, k, v, cu_seqlens, max_seqlen)
+                                 cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None):
+        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
         _checks.shape(dout, q.shape, "dout", "the shape of q")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup(ctx, inputs, output):
-        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen = inputs
+        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k = (
+            inputs)
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.args = (causal, softmax_scale, max_seqlen)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k)
+        ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k)
 
     def _attention_backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        causal, softmax_scale, max_seqlen = ctx.args
+        q, k, v, out, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+        causal, softmax_scale, max_seqlen, max_seqlen_k = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.pyssm.attention_backward(
-            dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen)
-        return dq, dk, dv, None, None, None, None
+            dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
+            cu_seqlens_k, max_seqlen_k)
+        return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd(
         "pyssm::attention", _attention_backward, setup_context=_attention_setup)

@@ -8,16 +8,20 @@
 
 namespace {
 
-// sizes: batch, heads, heads_k, seqlen_q, seqlen_k, total_q
+// sizes: batch, heads, heads_k, seqlen_q, seqlen_k, total_q, total_k; cu_k: the keys' own
+// packed offsets, or null
 template <typename P>
-void set_sizes(P& p, const int64_t* sizes, const int* cu, float scale, int causal) {
+void set_sizes(P& p, const int64_t* sizes, const int* cu, const int* cu_k, float scale,
+               int causal) {
   p.cu_seqlens = cu;
+  p.cu_seqlens_k = cu_k;
   p.batch = sizes[0];
   p.heads = sizes[1];
   p.heads_k = sizes[2];
   p.seqlen_q = sizes[3];
   p.seqlen_k = sizes[4];
   p.total_q = sizes[5];
+  p.total_k = sizes[6];
   p.scale_log2 = scale * 1.4426950408889634f;
   p.causal = causal != 0;
 }
@@ -78,10 +82,10 @@ extern "C" {
 
 // dtype: 2 float16, 3 bfloat16; sm90: the Hopper forward (flash_sm90_kernel.cuh: TMA,
 // mbarriers and wgmma emulated) instead of the portable one; strides: q's token, head and
-// batch strides, then k's and v's (FlashParams' q_layout, kv_layout)
+// batch strides, then k's and v's (FlashParams' q_layout, kv_layout); sizes: set_sizes'.
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
-                      const int64_t* sizes, float scale, int causal) {
+                      const int* cu_k, const int64_t* sizes, float scale, int causal) {
   pyssm::FlashParams p{};
   p.q = q;
   p.k = k;
@@ -90,7 +94,7 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.kv_layout = {strides[3], strides[4], strides[5]};
   p.out = out;
   p.lse = lse;
-  set_sizes(p, sizes, cu, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, scale, causal);
   if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
@@ -103,8 +107,8 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
 int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, const void* out, const void* dout,
                       void* dq, void* dk, void* dv, const float* lse, const float* dlse,
-                      float* delta, float* dq_accum, const int* cu, const int64_t* sizes,
-                      float scale, int causal) {
+                      float* delta, float* dq_accum, const int* cu, const int* cu_k,
+                      const int64_t* sizes, float scale, int causal) {
   pyssm::FlashBwdParams p{};
   p.q = q;
   p.k = k;
@@ -124,7 +128,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.dq_accum = dq_accum;
   p.scale = scale;
   p.dq_atomics = sm90 == 2;
-  set_sizes(p, sizes, cu, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, scale, causal);
   if (sm90) {
     if (dtype == 2) return int(bwd_sm90<__half>(head_dim, p));
     if (dtype == 3) return int(bwd_sm90<__nv_bfloat16>(head_dim, p));

@@ -25,28 +25,59 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "attention_kernels.cpp")
-    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 8 + \
+    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 9 + \
         [ctypes.c_float, ctypes.c_int]
-    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 15 + \
+    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 16 + \
         [ctypes.c_float, ctypes.c_int]
     return lib
 
 
-def layout(B, Sq, Sk, H, Hk, lengths):
-    """(batch, seqlen_q, seqlen_k, total_q, cu_seqlens) as attention_cuda.cpp sets them."""
+# A case's `lengths`: None (a dense batch), the packed sequences' lengths (keys packed with
+# the queries), or a pair (query lengths, key lengths): keys with offsets of their own
+# (cu_seqlens_k).
+def split_lengths(lengths):
+    return lengths if isinstance(lengths, tuple) else (lengths, None)
+
+
+def cumulative(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def offsets(lengths):
+    """(cu_seqlens, cu_seqlens_k) of a case's lengths (None where not packed / shared)."""
     if lengths is None:
-        return B, Sq, Sk, B * Sq, None
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    return len(lengths), max(lengths), max(lengths), int(cu[-1]), cu
+        return None, None
+    lq, lk = split_lengths(lengths)
+    return cumulative(lq), None if lk is None else cumulative(lk)
+
+
+def layout(B, Sq, Sk, H, Hk, lengths):
+    """(batch, seqlen_q, seqlen_k, total_q, total_k, cu_seqlens, cu_seqlens_k) as
+    attention_cuda.cpp sets them."""
+    if lengths is None:
+        return B, Sq, Sk, B * Sq, B * Sk, None, None
+    lq, lk = split_lengths(lengths)
+    cu, cu_k = offsets(lengths)
+    lk = lq if lk is None else lk
+    return len(lq), max(lq), max(lk), sum(lq), sum(lk), cu, cu_k
+
+
+def case_id(case):
+    """b{B}q{Sq}k{Sk}h{H}hk{Hk}d{d}c{causal}, -varlen for packed sequences, -varlen-k where the
+    keys have offsets of their own."""
+    lengths = case[7]
+    return "b{}q{}k{}h{}hk{}d{}c{:d}".format(*case[:7]) + (
+        "" if lengths is None else "-varlen-k" if isinstance(lengths, tuple) else "-varlen")
 
 
 def inputs(dtype, B, Sq, Sk, H, Hk, d, lengths):
     if lengths is None:
         return (torch.randn(B, Sq, H, d, dtype=dtype), torch.randn(B, Sk, Hk, d, dtype=dtype),
                 torch.randn(B, Sk, Hk, d, dtype=dtype))
-    total = sum(lengths)
-    return (torch.randn(total, H, d, dtype=dtype), torch.randn(total, Hk, d, dtype=dtype),
-            torch.randn(total, Hk, d, dtype=dtype))
+    lq, lk = split_lengths(lengths)
+    total_q, total_k = sum(lq), sum(lq if lk is None else lk)
+    return (torch.randn(total_q, H, d, dtype=dtype), torch.randn(total_k, Hk, d, dtype=dtype),
+            torch.randn(total_k, Hk, d, dtype=dtype))
 
 
 def strides_of(t):
@@ -83,14 +114,14 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
     """q, k and v may be strided as FlashParams allows (strides_of; k's and v's equal)."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
-    batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
+    batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
     assert strides_of(k) == strides_of(v)
     out = poisoned(*q.shape, dtype=q.dtype)
     lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
     rows = sizes(*strides_of(q), *strides_of(k))
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
-                               ptr(out), ptr(lse), ptr(cu),
-                               sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
+                               ptr(out), ptr(lse), ptr(cu), ptr(cu_k),
+                               sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
                                int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return out, lse
@@ -102,7 +133,7 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
     as FlashBwdParams allows), else fresh poisoned ones."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
-    batch, seqlen_q, seqlen_k, total_q, cu = layout(B, Sq, Sk, H, Hk, lengths)
+    batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
     dq, dk, dv = grads or (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
     assert strides_of(k) == strides_of(v) and token_stride(dk) == token_stride(dv)
     delta = poisoned(*lse.shape, dtype=torch.float32)
@@ -110,18 +141,18 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
     rows = sizes(*strides_of(q), *strides_of(k), token_stride(dq), token_stride(dk))
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(dout), ptr(dq), ptr(dk), ptr(dv), ptr(lse), None,
-                               ptr(delta), ptr(dq_accum), ptr(cu),
-                               sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q), scale,
+                               ptr(delta), ptr(dq_accum), ptr(cu), ptr(cu_k),
+                               sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
                                int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return dq, dk, dv
 
 
-def check_forward(out, lse, exact_in, causal, cu, dtype):
+def check_forward(out, lse, exact_in, causal, cu, dtype, cu_k=None):
     """out within 4 eps of the dtype of float64 attention from the same rounded inputs, lse
     within 1e-3, and -inf exactly on the rows that see no key; returns the float64 output."""
     want, want_lse = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu,
-                                             return_lse=True)
+                                             cu_seqlens_k=cu_k, return_lse=True)
     bound = 4 * EPS[dtype] * want.abs().max()
     assert (out.double() - want).abs().max() <= bound, "out"
     visible = torch.isfinite(want_lse)
@@ -151,8 +182,12 @@ CASES = [
     (1, 200, 150, 2, 1, 64, True, None),   # two 128-row blocks (2 row tiles per warp), causal
     (1, 130, 130, 1, 1, 32, False, None),
     (1, 128, 129, 1, 1, 64, True, None),   # a full block's last row sees one key past a tile
+    # keys with offsets of their own: Sq < Sk under causal, no query (dk, dv zeros), Sq > Sk
+    # (rows that see no key), no key (out 0, lse -inf), one query against two key blocks
+    (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 70, 0, 200])),
+    (0, 0, 0, 2, 2, 72, False, ([1, 3, 70], [140, 0, 9])),
 ]
-IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "") for c in CASES]
+IDS = [case_id(c) for c in CASES]
 
 
 @pytest.mark.parametrize("dtype", list(CODES))
@@ -161,10 +196,10 @@ def test_flash_forward_and_backward(emu, case, dtype):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    cu, cu_k = offsets(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = check_forward(out, lse, exact_in, causal, cu, dtype)
+    want = check_forward(out, lse, exact_in, causal, cu, dtype, cu_k)
 
     dout = torch.randn_like(q)
     got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths)
@@ -190,9 +225,10 @@ SM90_CASES = [
     (2, 33, 130, 1, 1, 80, False, None),
     (0, 0, 0, 1, 1, 96, False, [5, 300]),
     (1, 128, 129, 1, 1, 64, True, None),  # a full block's last row sees one key past a tile
+    (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 260, 0, 300])),   # keys' own offsets
+    (0, 0, 0, 1, 1, 128, False, ([140, 3], [0, 257])),
 ]
-SM90_IDS = ["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
-            for c in SM90_CASES]
+SM90_IDS = [case_id(c) for c in SM90_CASES]
 
 
 @pytest.mark.parametrize("dtype", list(CODES))
@@ -201,9 +237,9 @@ def test_flash_forward_sm90(emu, case, dtype):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    cu, cu_k = offsets(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=True)
-    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, cu, dtype)
+    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, cu, dtype, cu_k)
 
 
 # The Hopper backward (flash_bwd_sm90_kernel.cuh: blocks of 128 keys, query tiles of 64 in a
@@ -227,22 +263,23 @@ SM90_BWD_CASES = [
     (1, 97, 130, 2, 1, 96, True, None),
     (2, 70, 33, 2, 2, 128, False, None),
     (0, 0, 0, 2, 1, 128, True, [0, 1, 140, 17]),
+    (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 140, 0, 200])),   # keys' own offsets
+    (0, 0, 0, 1, 1, 80, False, ([70, 3], [0, 150])),
 ]
 
 
 @pytest.mark.parametrize("dtype", list(CODES))
 @pytest.mark.parametrize("case", SM90_BWD_CASES,
-                         ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
-                              for c in SM90_BWD_CASES])
+                         ids=[case_id(c) for c in SM90_BWD_CASES])
 @pytest.mark.parametrize("dq", [1, 2], ids=["dq_tma", "dq_atomic"])
 def test_flash_backward_sm90(emu, case, dtype, dq):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    cu, cu_k = offsets(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu)
+    want = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu, cu_seqlens_k=cu_k)
     dout = torch.randn_like(q)
     got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=dq)
     grads = torch.autograd.grad(want, exact_in, dout.double())
@@ -259,7 +296,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     cu = torch.tensor([0, 60, 400, 900], dtype=torch.int32)
     qkv = [torch.cat([torch.randn(total, H, d, dtype=dtype),
                       poisoned(guard, H, d, dtype=dtype)]) for _ in range(3)]
-    dims = sizes(3, H, H, 340, 340, total)       # max_seqlen 340: the clamped lengths fit
+    dims = sizes(3, H, H, 340, 340, total, total)  # max_seqlen 340: the clamped lengths fit
     scale = 1.0 / math.sqrt(d)
 
     def sentinel(*shape):
@@ -270,7 +307,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     lse[:H * total] = float("nan")
     strides = (H * d, d, (total + guard) * H * d) * 2
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*strides),
-                               ptr(out), ptr(lse), ptr(cu), dims, scale, 0)
+                               ptr(out), ptr(lse), ptr(cu), None, dims, scale, 0)
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
     clamped = torch.tensor([0, 60, total], dtype=torch.int32)
@@ -286,7 +323,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv),
                                sizes(*strides, H * d, H * d),
                                ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
-                               ptr(dq_accum), ptr(cu), dims, scale, 0)
+                               ptr(dq_accum), ptr(cu), None, dims, scale, 0)
     assert rc == 0
     for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
         assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
@@ -304,23 +341,23 @@ STRIDED_CASES = [
     (2, 70, 33, 2, 2, 64, False, None),
     (1, 97, 130, 2, 1, 72, True, None),
     (0, 0, 0, 2, 1, 128, True, [0, 1, 140, 17]),
+    (0, 0, 0, 2, 1, 64, True, ([3, 40], [70, 5])),
 ]
 
 
 @pytest.mark.parametrize("kernel", ["portable", "sm90", "sm90_dq_atomic"])
 @pytest.mark.parametrize("case", STRIDED_CASES,
-                         ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
-                              for c in STRIDED_CASES])
+                         ids=[case_id(c) for c in STRIDED_CASES])
 def test_flash_strided_tokens(emu, case, kernel):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     dtype, sm90 = torch.bfloat16, {"portable": 0, "sm90": 1, "sm90_dq_atomic": 2}[kernel]
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    cu, cu_k = offsets(lengths)
     qs, ks, vs = spread(q, 24)[0], spread(k, 40)[0], spread(v, 40)[0]
     out, lse = forward_emulated(emu, qs, ks, vs, causal, scale, lengths, sm90=sm90 > 0)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = check_forward(out, lse, exact_in, causal, cu, dtype)
+    want = check_forward(out, lse, exact_in, causal, cu, dtype, cu_k)
 
     dout = torch.randn_like(q)
     spread_grads = [spread(torch.full_like(t, float("nan")), 8, fill=7.0) for t in (q, k, v)]
@@ -349,8 +386,7 @@ def heads_first(t, pad):
 
 @pytest.mark.parametrize("kernel", ["portable", "sm90", "sm90_dq_atomic"])
 @pytest.mark.parametrize("case", STRIDED_CASES,
-                         ids=["b{}q{}k{}h{}hk{}d{}c{:d}".format(*c[:7]) + ("-varlen" if c[7] else "")
-                              for c in STRIDED_CASES])
+                         ids=[case_id(c) for c in STRIDED_CASES])
 def test_flash_heads_first_layout(emu, case, kernel):
     """q, k and v in torch SDPA's heads-first layout, transposed to (B, S, H, d) (the head
     stride larger than the token stride; TokenLayout's batch stride), read in place by every
@@ -359,12 +395,12 @@ def test_flash_heads_first_layout(emu, case, kernel):
     dtype, sm90 = torch.bfloat16, {"portable": 0, "sm90": 1, "sm90_dq_atomic": 2}[kernel]
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu = None if lengths is None else layout(B, Sq, Sk, H, Hk, lengths)[4]
+    cu, cu_k = offsets(lengths)
     qs, ks, vs = heads_first(q, 8), heads_first(k, 3), heads_first(v, 3)
     assert strides_of(qs)[1] > strides_of(qs)[0]
     out, lse = forward_emulated(emu, qs, ks, vs, causal, scale, lengths, sm90=sm90 > 0)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = check_forward(out, lse, exact_in, causal, cu, dtype)
+    want = check_forward(out, lse, exact_in, causal, cu, dtype, cu_k)
     dout = torch.randn_like(q)
     got = backward_emulated(emu, qs, ks, vs, out, dout, lse, causal, scale, lengths, sm90=sm90)
     check_grads(got, torch.autograd.grad(want, exact_in, dout.double()), dout, v, dtype)

@@ -96,6 +96,64 @@ def test_varlen_equals_separate_sequences(device, backend, causal):
         start += n
 
 
+# Keys packed with offsets of their own (cu_seqlens_k): Sq < Sk, Sq > Sk (under causal the
+# first rows see no key), a sequence with no query, one with no key, one query against many
+# keys.
+LENGTHS_Q, LENGTHS_K = [5, 0, 13, 4, 1, 7], [9, 4, 6, 0, 23, 7]
+
+
+def offsets(lengths, device):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32,
+                        device=device)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_key_offsets_equal_separate_sequences(device, backend, causal):
+    """Each sequence's queries against its own keys, forward (out, lse) and gradients (through
+    both) against row-by-row float64 attention over that sequence alone."""
+    cu, cu_k = offsets(LENGTHS_Q, device), offsets(LENGTHS_K, device)
+    q = torch.randn(sum(LENGTHS_Q), 4, 16, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(sum(LENGTHS_K), 2, 16, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    out, lse = ops.attention(q, k, v, causal=causal, cu_seqlens=cu, cu_seqlens_k=cu_k,
+                             return_lse=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (4, sum(LENGTHS_Q))
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = [], []
+    for (s, e), (sk, ek) in zip(zip(cu.tolist(), cu.tolist()[1:]),
+                                zip(cu_k.tolist(), cu_k.tolist()[1:])):
+        o, l_ = naive.attention(cpu[0][None, s:e], cpu[1][None, sk:ek], cpu[2][None, sk:ek],
+                                causal)
+        want_out.append(o[0])
+        want_lse.append(l_[0])
+    want_out, want_lse = torch.cat(want_out), torch.cat(want_lse, -1)
+    torch.testing.assert_close(out.detach().cpu(), want_out.detach(), atol=1e-10, rtol=1e-10)
+    finite = torch.isfinite(want_lse)
+    assert not finite.all(), "the case has rows that see no key"
+    assert torch.equal(torch.isfinite(lse.detach().cpu()), finite)
+    torch.testing.assert_close(lse.detach().cpu()[finite], want_lse.detach()[finite],
+                               atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    g_lse = torch.where(finite.to(device), torch.randn_like(lse), torch.zeros_like(lse))
+    got = torch.autograd.grad((out * g).sum() + (lse * g_lse).nan_to_num().sum(), (q, k, v))
+    want = torch.autograd.grad((want_out * g.cpu()).sum()
+                               + (want_lse * g_lse.cpu()).nan_to_num().sum(), cpu)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_varlen_key_offsets_equal_to_the_queries_change_nothing(device, backend):
+    """cu_seqlens_k equal to cu_seqlens (and max_seqlen_k given) is the shared-offsets call."""
+    cu = offsets([6, 0, 11], device)
+    q, k, v = (torch.randn(17, 2, 32, dtype=F64, device=device) for _ in range(3))
+    want = ops.attention(q, k, v, causal=True, cu_seqlens=cu, backend=backend)
+    got = ops.attention(q, k, v, causal=True, cu_seqlens=cu, cu_seqlens_k=cu.clone(),
+                        max_seqlen_k=11, backend=backend)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision(device, backend, dtype):
@@ -154,6 +212,36 @@ def test_bad_inputs(backend):
                       max_seqlen=3, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_key_offsets(backend):
+    q, kv = torch.randn(10, 2, 32, dtype=F64), torch.randn(7, 1, 32, dtype=F64)
+    cu, cu_k = offsets([4, 6], "cpu"), offsets([2, 5], "cpu")
+    dense = qkv(2, 5, 5, 2, 1, 32, "cpu")
+    with pytest.raises(ValueError, match="cu_seqlens_k is only used with cu_seqlens"):
+        ops.attention(*dense, cu_seqlens_k=cu_k, backend=backend)
+    with pytest.raises(ValueError, match="max_seqlen_k is only used with cu_seqlens_k"):
+        ops.attention(q, q, q, cu_seqlens=cu, max_seqlen_k=6, backend=backend)
+    with pytest.raises(ValueError, match="k and v must have the same number of tokens as q"):
+        ops.attention(q, kv, kv, cu_seqlens=cu, backend=backend)
+    with pytest.raises(TypeError, match="cu_seqlens_k must be int32"):
+        ops.attention(q, kv, kv, cu_seqlens=cu, cu_seqlens_k=cu_k.long(), backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens_k must hold 3 offsets, as cu_seqlens does"):
+        ops.attention(q, kv, kv, cu_seqlens=cu, cu_seqlens_k=offsets([7], "cpu"),
+                      backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens_k must end at the 7 tokens of k and v"):
+        ops.attention(q, kv, kv, cu_seqlens=cu, cu_seqlens_k=offsets([2, 4], "cpu"),
+                      backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        ops.attention(q, kv, kv, cu_seqlens=cu,
+                      cu_seqlens_k=torch.tensor([0, 8, 7], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match=r"max_seqlen_k \(4\) is smaller than the longest "
+                                         r"sequence in cu_seqlens_k \(5\)"):
+        ops.attention(q, kv, kv, cu_seqlens=cu, cu_seqlens_k=cu_k, max_seqlen_k=4,
+                      backend=backend)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        ops.attention(q, kv, kv[:6], cu_seqlens=cu, cu_seqlens_k=cu_k, backend=backend)
+
+
 def test_packed_offsets_are_read_once_per_tensor_and_version(monkeypatch):
     """A vision tower passes the same cu_seqlens to every layer: its values are read (a device
     sync on a GPU) once, read again after an in-place write, and still checked against
@@ -162,7 +250,8 @@ def test_packed_offsets_are_read_once_per_tensor_and_version(monkeypatch):
     reads = []
     summary = attention_module._offsets_summary
     monkeypatch.setattr(attention_module, "_offsets_summary",
-                        lambda cu, total: reads.append(total) or summary(cu, total))
+                        lambda cu, total, *names: reads.append(total) or summary(cu, total,
+                                                                                 *names))
     packed = torch.randn(10, 2, 32, dtype=F64)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     want = ops.attention(packed, packed, packed, cu_seqlens=cu.clone(), backend="reference")
@@ -195,6 +284,10 @@ def test_direct_op_call_checks_too():
     with pytest.raises(ValueError, match="cu_seqlens must end at the 10 tokens"):
         torch.ops.pyssm.attention(packed, packed, packed, False, None,
                                   torch.tensor([0, 4, 12], dtype=torch.int32), None)
+    with pytest.raises(ValueError, match="cu_seqlens_k must end at the 10 tokens of k and v"):
+        torch.ops.pyssm.attention(packed, packed, packed, False, None,
+                                  torch.tensor([0, 4, 10], dtype=torch.int32), None,
+                                  torch.tensor([0, 4, 9], dtype=torch.int32), None)
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
@@ -213,6 +306,11 @@ def test_opcheck(device, backend, causal):
                    for t in (q, k, v)]
     torch.library.opcheck(torch.ops.pyssm.attention.default,
                           (*heads_first, causal, None, None, None))
+    # keys with offsets of their own
+    cu_k = torch.tensor([0, 6, 7], dtype=torch.int32, device=device)
+    keys = [torch.randn(7, 1, 32, dtype=F64, device=device, requires_grad=True) for _ in range(2)]
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (packed[0], *keys, causal, None, cu, 5, cu_k, 6))
 
 
 @pytest.mark.slow
@@ -573,12 +671,13 @@ def test_flash_backward_model_varlen(causal, head_dim):
                                    msg=f"d{name}")
 
 
-def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None):
+def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None):
     """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     cu = None if cu_seqlens is None else cu_seqlens.cpu()
+    cu_k = None if cu_seqlens_k is None else cu_seqlens_k.cpu()
     out, lse = ops.attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale,
-                                       cu_seqlens=cu, return_lse=True)
+                                       cu_seqlens=cu, cu_seqlens_k=cu_k, return_lse=True)
     loss = (out * g.cpu().double()).sum()
     if g_lse is not None:
         loss = loss + (lse * g_lse.cpu().double()).nan_to_num().sum()
@@ -659,6 +758,56 @@ def test_cuda_flash_backward_lse_gradient_and_varlen(device, backend, flash_path
         assert torch.isfinite(a).all(), f"d{name} not finite"
         rel = (a.cpu().double() - e).norm() / e.norm()
         assert rel < bound, (name, rel)
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, causal):
+    """The flash kernels with keys packed at offsets of their own (cu_seqlens_k), bf16, grouped
+    heads: a padded batch decoding (one query against 300 keys), Sq > Sk (rows that see no key
+    under causal), a sequence with no key and one with no query, several key blocks. Forward
+    and gradients (through out and lse) against float64 within bf16's rounding; a query that
+    sees no key gives 0 and lse -inf; no synchronisation once the offsets are read."""
+    if flash_path == "sm90" and head_dim == 32:
+        pytest.skip("the Hopper path takes head_dim 64 to 128")
+    lq, lk = [1, 200, 17, 0, 130, 1], [300, 70, 0, 40, 260, 1]
+    cu, cu_k = offsets(lq, device), offsets(lk, device)
+    dtype = torch.bfloat16
+    q = torch.randn(sum(lq), 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 2, head_dim, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    call = dict(causal=causal, cu_seqlens=cu, cu_seqlens_k=cu_k, return_lse=True,
+                backend=backend)
+    ops.attention(q, k, v, **call)   # reads the offsets
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = ops.attention(q, k, v, **call)
+        g = torch.randn_like(out)
+        finite = torch.isfinite(lse)
+        g_lse = torch.where(finite, torch.randn_like(lse), torch.zeros_like(lse))
+        got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).nan_to_num().sum(),
+                                  (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
+                                             causal=causal, cu_seqlens=cu.cpu(),
+                                             cu_seqlens_k=cu_k.cpu(), return_lse=True)
+    assert torch.equal(finite.cpu(), torch.isfinite(want_lse))
+    assert (out.detach().transpose(0, 1)[~finite] == 0).all(), "a query that sees no key"
+    err = (out.detach().cpu().double() - want).abs().max()
+    assert err <= 2.0 ** -6 * want.abs().max(), err
+    torch.testing.assert_close(lse.detach().cpu().double()[finite.cpu()],
+                               want_lse[finite.cpu()], atol=2e-3, rtol=2e-3)
+    exact = _exact_grads(q, k, v, g, g_lse, causal, cu_seqlens=cu, cu_seqlens_k=cu_k)
+    for name, a, e in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - e).norm() / e.norm()
+        assert rel < 3e-2, (name, rel)
+    no_query = slice(sum(lk[:3]), sum(lk[:4]))   # the keys of the sequence with no query
+    assert (got[1][no_query] == 0).all() and (got[2][no_query] == 0).all()
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
