@@ -8,15 +8,13 @@ Same arguments, same layout ((batch, seqlen, heads, head_dim); packed (total, he
 with int32 ``cu_seqlens``; qkvpacked (batch, seqlen, 3, heads, head_dim) or (total, 3, heads,
 head_dim), whose gradient comes back as one tensor), same return values: the output, or with ``return_attn_probs=True``
 (out, softmax_lse, None), lse as (batch, heads, seqlen_q) or, packed, (heads, total_q); the
-third value, flash-attn's dropout mask, is never formed. Grouped-query heads and bottom-right
-causal masking as in flash-attn. What pyssm does not compute raises NotImplementedError:
-dropout, sliding windows, soft-capping, ALiBi, a paged KV cache, and packed queries and keys
-with different sequence boundaries (cu_seqlens_q != cu_seqlens_k).
+third value, flash-attn's dropout mask, is never formed. Grouped-query heads, bottom-right
+causal masking and packed queries and keys with different sequence boundaries (cu_seqlens_q
+and cu_seqlens_k) as in flash-attn. What pyssm does not compute raises NotImplementedError:
+dropout, sliding windows, soft-capping, ALiBi and a paged KV cache.
 """
 
 from __future__ import annotations
-
-import torch
 
 from pyssm.ops import attention, attention_qkvpacked
 
@@ -51,20 +49,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *,
                            backend: str | None = None):
-    """Packed q (total_q, heads, d), k, v (total_k, heads_k, d), sequence i being tokens
-    cu_seqlens[i] ... cu_seqlens[i + 1] - 1 -> out like q."""
+    """Packed q (total_q, heads, d), k, v (total_k, heads_k, d): sequence i's queries are
+    tokens cu_seqlens_q[i] ... cu_seqlens_q[i + 1] - 1 of q, its keys tokens cu_seqlens_k[i]
+    ... cu_seqlens_k[i + 1] - 1 of k and v -> out like q."""
     _check_extras(dropout_p, window_size, softcap, alibi_slopes)
     if block_table is not None:
         raise _unsupported("a paged KV cache (block_table)")
-    if cu_seqlens_q is not cu_seqlens_k and not (
-            cu_seqlens_q.shape == cu_seqlens_k.shape
-            and bool(torch.equal(cu_seqlens_q, cu_seqlens_k))):
-        raise _unsupported("queries and keys packed with different boundaries "
-                           "(cu_seqlens_q != cu_seqlens_k)")
-    max_seqlen = max(int(max_seqlen_q), int(max_seqlen_k))
+    keys = {} if cu_seqlens_k is cu_seqlens_q else dict(cu_seqlens_k=cu_seqlens_k,
+                                                        max_seqlen_k=int(max_seqlen_k))
+    max_seqlen = int(max_seqlen_q) if keys else max(int(max_seqlen_q), int(max_seqlen_k))
     result = attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                        cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen,
-                       return_lse=return_attn_probs, backend=backend)
+                       return_lse=return_attn_probs, backend=backend, **keys)
     return (*result, None) if return_attn_probs else result
 
 

@@ -13,7 +13,8 @@ takes no dense mask: the model hands it either no mask (every key visible, or pl
 the 2D padding mask, and the attention function unpads the valid tokens into pyssm's packed
 variable-length form (``cu_seqlens``), causal per sequence where the model is causal. Causal
 masking is bottom-right aligned, so decoding with a KV cache (one query against the cache)
-is right. What pyssm does not compute raises instead of being dropped: attention dropout while
+is right; a padded batch's decoding step packs each row's new queries against its own valid
+keys (``cu_seqlens_k``), one call for the batch. What pyssm does not compute raises instead of being dropped: attention dropout while
 training, soft-capping, sliding windows, position biases (T5-style), attention sinks, and
 attention probabilities (``output_attentions``).
 
@@ -108,13 +109,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = q.new_zeros(q.shape)
         out.reshape(-1, *q.shape[2:])[attention_mask.bool().reshape(-1)] = out_p
         return out, None
-    # queries are the last Sq positions (decoding with a cache): one row at a time, each
-    # against its own valid keys
-    rows = []
-    for b in range(B):
-        keep = attention_mask[b].bool()
-        rows.append(attention(q[b:b + 1], k[b:b + 1, keep], v[b:b + 1, keep], **call))
-    return torch.cat(rows, 0).contiguous(), None
+    # queries are the last Sq positions (decoding with a cache): every row's Sq queries
+    # against its own valid keys, the keys packed with offsets of their own (cu_seqlens_k)
+    (kp, vp), cu_k, longest_k = _packed(attention_mask, k, v)
+    cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
+    out = attention(q.reshape(B * Sq, *q.shape[2:]), kp, vp, cu_seqlens=cu_q, max_seqlen=Sq,
+                    cu_seqlens_k=cu_k, max_seqlen_k=longest_k, **call)
+    return out.view(q.shape), None
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,

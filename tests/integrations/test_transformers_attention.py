@@ -80,7 +80,10 @@ def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
         assert (unmasked[valid] - want[valid]).abs().max() > 1e-2
 
 
-def test_llama_generate_with_cache_and_left_padding_matches_sdpa():
+def test_llama_generate_with_cache_and_left_padding_matches_sdpa(monkeypatch):
+    """Cached greedy decoding of a left-padded batch gives sdpa's tokens; each decoding step
+    is one packed call a layer (the rows' new queries against their own valid cached keys,
+    cu_seqlens_k), not one call a row."""
     from transformers import LlamaForCausalLM
 
     ref, ours = _pair(LlamaForCausalLM, _llama_config())
@@ -91,8 +94,10 @@ def test_llama_generate_with_cache_and_left_padding_matches_sdpa():
     mask[2, :6] = 0
     ids = ids.masked_fill(mask == 0, 0)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    torch.testing.assert_close(ours.generate(input_ids=ids, **kw),
-                               ref.generate(input_ids=ids, **kw), atol=0, rtol=0)
+    want = ref.generate(input_ids=ids, **kw)
+    calls = _spy(monkeypatch)
+    torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
+    assert len(calls) == 2 * 8 and all(calls)   # 2 layers x (prefill + 7 steps), all packed
 
 
 def test_clip_vision_matches_sdpa(monkeypatch):
