@@ -122,6 +122,13 @@ def attention_cases():
                              backend=DEV)
     yield "varlen q (0, 1, 131), keys (0, 200, 240) bf16 causal", varlen_keys
 
+    def kv_cache():  # a dense cache of 300 slots used to 0, 1, 130 and 300 keys
+        q = rand(4, 3, 4, 128, dtype=torch.bfloat16)
+        k, v = (rand(4, 300, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+        used = torch.tensor([0, 1, 130, 300], device=DEV, dtype=torch.int32)
+        return ops.attention(q, k, v, seqused_k=used, causal=True, backend=DEV)
+    yield "seqused_k (0, 1, 130, 300) of 300 bf16 hd128 causal", kv_cache
+
     # q, k and v read in place from one fused qkv (a token stride of 3 H d), and the backward's
     # dq, dk, dv written into one gradient of its shape: dense (Hopper and portable paths at
     # head_dim 64 on sm_90, portable at 32) and packed

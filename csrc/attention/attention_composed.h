@@ -16,6 +16,8 @@ struct AttnSizes {
   int64_t batch, seqlen_q, seqlen_k, heads, heads_k, head_dim;
   std::vector<int64_t> starts;    // varlen: cu_seqlens as int64
   std::vector<int64_t> starts_k;  // varlen: the keys' offsets (cu_seqlens_k, or cu_seqlens)
+  bool used_k = false;            // dense: seqused_k given (each sequence's first keys)
+  std::vector<int64_t> used;      // ... its values, where read (read_seqused)
 };
 
 // Every shape, dtype, device and cu_seqlens check of attention. Packed keys have their own
@@ -25,12 +27,16 @@ struct AttnSizes {
 // longest query and key sequences set seqlen_q and seqlen_k. Without it (the CUDA kernels, when
 // max_seqlen, and max_seqlen_k for cu_seqlens_k, are given) nothing is read: they size the
 // grids and `starts` stays empty; pyssm.ops.attention has checked the values (once per tensor)
-// and the kernels clamp every offset into [0, total tokens].
+// and the kernels clamp every offset into [0, total tokens]. seqused_k (dense batches: int32
+// (batch,), sequence b attends to its first seqused_k[b] keys) is checked here but never read:
+// the composed path reads it (read_seqused), the kernels clamp it into [0, seqlen_k].
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
                                std::optional<int64_t> max_seqlen,
                                const std::optional<at::Tensor>& cu_seqlens_k,
-                               std::optional<int64_t> max_seqlen_k, bool read_offsets = true);
+                               std::optional<int64_t> max_seqlen_k,
+                               const std::optional<at::Tensor>& seqused_k,
+                               bool read_offsets = true);
 
 // ... and those of attention_backward (dout, out, lse, dlse against q's sizes).
 AttnSizes check_attention_backward_args(const at::Tensor& dout,
@@ -42,6 +48,7 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         std::optional<int64_t> max_seqlen,
                                         const std::optional<at::Tensor>& cu_seqlens_k,
                                         std::optional<int64_t> max_seqlen_k,
+                                        const std::optional<at::Tensor>& seqused_k,
                                         bool read_offsets = true);
 
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
@@ -50,14 +57,15 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& cu_seqlens,
                                                       std::optional<int64_t> max_seqlen,
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
-                                                      std::optional<int64_t> max_seqlen_k);
+                                                      std::optional<int64_t> max_seqlen_k,
+                                                      const std::optional<at::Tensor>& seqused_k);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k);
+    std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k);
 
 // The same, written into dq, dk and dv (q's, k's and v's shapes, any strides)
 void attention_backward_composed_into(
@@ -65,7 +73,8 @@ void attention_backward_composed_into(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k, const at::Tensor& dq, const at::Tensor& dk,
+    std::optional<int64_t> max_seqlen_k,
+    const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 
 // attention_qkvpacked's backward by `into` (attention_backward_composed_into, or the CUDA
@@ -76,7 +85,8 @@ using AttentionBackwardInto = void (*)(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k, const at::Tensor& dq, const at::Tensor& dk,
+    std::optional<int64_t> max_seqlen_k,
+    const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 at::Tensor attention_qkvpacked_backward_by(
     AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,

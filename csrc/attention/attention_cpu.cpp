@@ -68,7 +68,8 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
                                const std::optional<at::Tensor>& cu_seqlens,
                                std::optional<int64_t> max_seqlen,
                                const std::optional<at::Tensor>& cu_seqlens_k,
-                               std::optional<int64_t> max_seqlen_k, bool read_offsets) {
+                               std::optional<int64_t> max_seqlen_k,
+                               const std::optional<at::Tensor>& seqused_k, bool read_offsets) {
   check_floating(q, "q");
   check_floating(k, "k");
   check_floating(v, "v");
@@ -141,8 +142,35 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
                     " (the last dim of q), got ", shape_str(k));
   TORCH_CHECK_VALUE(s.heads_k >= 1 && s.heads % s.heads_k == 0, "the ", s.heads_k,
                     " heads of k and v must divide the ", s.heads, " heads of q");
+  if (seqused_k) {
+    TORCH_CHECK_VALUE(!s.varlen, "seqused_k is for dense batches (a KV cache); packed keys "
+                      "give their lengths in cu_seqlens_k");
+    TORCH_CHECK_TYPE(seqused_k->scalar_type() == at::kInt, "seqused_k must be int32, got ",
+                     seqused_k->scalar_type());
+    check_rank(*seqused_k, 1, "seqused_k", "(batch,)");
+    TORCH_CHECK_VALUE(seqused_k->size(0) == s.batch, "seqused_k must hold the ", s.batch,
+                      " key lengths of the batch, got ", seqused_k->size(0));
+    check_same_device(*seqused_k, q, "seqused_k", "q");
+    s.used_k = true;
+  }
   return s;
 }
+
+namespace {
+
+// seqused_k's values read to the host (a device sync for a CUDA tensor), each in [0, seqlen_k]
+std::vector<int64_t> read_seqused(const at::Tensor& seqused_k, int64_t seqlen_k) {
+  at::Tensor c = seqused_k.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  std::vector<int64_t> used(p, p + c.numel());
+  for (size_t b = 0; b < used.size(); ++b) {
+    TORCH_CHECK_VALUE(used[b] >= 0 && used[b] <= seqlen_k, "seqused_k[", b, "] must be in [0, ",
+                      seqlen_k, "] (the keys of k and v), got ", used[b]);
+  }
+  return used;
+}
+
+}  // namespace
 
 AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const std::optional<at::Tensor>& dlse,
@@ -152,9 +180,11 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const std::optional<at::Tensor>& cu_seqlens,
                                         std::optional<int64_t> max_seqlen,
                                         const std::optional<at::Tensor>& cu_seqlens_k,
-                                        std::optional<int64_t> max_seqlen_k, bool read_offsets) {
+                                        std::optional<int64_t> max_seqlen_k,
+                                        const std::optional<at::Tensor>& seqused_k,
+                                        bool read_offsets) {
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
-                                           max_seqlen_k, read_offsets);
+                                           max_seqlen_k, seqused_k, read_offsets);
   check_shape(dout, q.sizes(), "dout", "the shape of q");
   check_shape(out, q.sizes(), "out", "the shape of q");
   const std::vector<int64_t> lse_shape =
@@ -201,30 +231,36 @@ double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
 }
 
 // The work is split in chunks that bound the score memory: packed sequences one at a time,
-// padded batches kBatchChunk rows at a time. chunk() gives chunk i of a (B, S, H, d) or packed
-// (T, H, d) tensor of queries as (b, S, H, d), chunk_k() of keys; lse_chunk() the (b, H, S)
-// view of lse that matches chunk().
+// dense batches kBatchChunk rows at a time (one at a time with seqused_k, whose rows use
+// different numbers of keys). chunk() gives chunk i of a (B, S, H, d) or packed (T, H, d)
+// tensor of queries as (b, S, H, d), chunk_k() of keys (the used ones: s.used read);
+// lse_chunk() the (b, H, S) view of lse that matches chunk().
 constexpr int64_t kBatchChunk = 16;
 
+int64_t chunk_rows(const AttnSizes& s) { return s.used_k ? 1 : kBatchChunk; }
+
 int64_t num_chunks(const AttnSizes& s) {
-  return s.varlen ? s.batch : (s.batch + kBatchChunk - 1) / kBatchChunk;
+  return s.varlen ? s.batch : (s.batch + chunk_rows(s) - 1) / chunk_rows(s);
 }
 
 at::Tensor chunk(const at::Tensor& t, const AttnSizes& s, int64_t i) {
   if (s.varlen) return t.narrow(0, s.starts[i], s.starts[i + 1] - s.starts[i]).unsqueeze(0);
-  return t.narrow(0, i * kBatchChunk, std::min(kBatchChunk, s.batch - i * kBatchChunk));
+  const int64_t rows = chunk_rows(s);
+  return t.narrow(0, i * rows, std::min(rows, s.batch - i * rows));
 }
 
 at::Tensor chunk_k(const at::Tensor& t, const AttnSizes& s, int64_t i) {
   if (s.varlen) {
     return t.narrow(0, s.starts_k[i], s.starts_k[i + 1] - s.starts_k[i]).unsqueeze(0);
   }
-  return chunk(t, s, i);
+  at::Tensor c = chunk(t, s, i);
+  return s.used_k ? c.narrow(1, 0, s.used[i]) : c;
 }
 
 at::Tensor lse_chunk(const at::Tensor& lse, const AttnSizes& s, int64_t i) {
   if (s.varlen) return lse.narrow(1, s.starts[i], s.starts[i + 1] - s.starts[i]).unsqueeze(0);
-  return lse.narrow(0, i * kBatchChunk, std::min(kBatchChunk, s.batch - i * kBatchChunk));
+  const int64_t rows = chunk_rows(s);
+  return lse.narrow(0, i * rows, std::min(rows, s.batch - i * rows));
 }
 
 }  // namespace
@@ -235,9 +271,11 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                  const std::optional<at::Tensor>& cu_seqlens,
                                                  std::optional<int64_t> max_seqlen,
                                                  const std::optional<at::Tensor>& cu_seqlens_k,
-                                                 std::optional<int64_t> max_seqlen_k) {
-  const AttnSizes s =
-      check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k);
+                                                 std::optional<int64_t> max_seqlen_k,
+                                                 const std::optional<at::Tensor>& seqused_k) {
+  AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
+                                     max_seqlen_k, seqused_k);
+  if (seqused_k) s.used = read_seqused(*seqused_k, s.seqlen_k);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
@@ -252,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
     at::Tensor S = scores(qh, kh, scale, causal);
     at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
     at::Tensor P = at::softmax(S, -1);
-    if (causal && (s.varlen_k || s.seqlen_q > s.seqlen_k)) {  // rows that see no key: 0
+    if (causal && (s.varlen_k || s.used_k || s.seqlen_q > s.seqlen_k)) {  // rows seeing no key: 0
       P.masked_fill_(at::isneginf(lse_i).unsqueeze(-1), 0);
     }
     at::Tensor o = at::matmul(P, vh);
@@ -266,13 +304,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
-    const std::optional<at::Tensor>& cu_seqlens_k, std::optional<int64_t> max_seqlen_k) {
+    const std::optional<at::Tensor>& cu_seqlens_k, std::optional<int64_t> max_seqlen_k,
+    const std::optional<at::Tensor>& seqused_k) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                   cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, dq, dk,
-                                   dv);
+                                   cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                                   dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -281,13 +320,19 @@ void attention_backward_composed_into(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k, const at::Tensor& dq, const at::Tensor& dk,
+    std::optional<int64_t> max_seqlen_k,
+    const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv) {
-  const AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
-                                                    max_seqlen, cu_seqlens_k, max_seqlen_k);
+  AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
+                                              max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
+  if (seqused_k) {  // keys past a sequence's used ones get no gradient
+    s.used = read_seqused(*seqused_k, s.seqlen_k);
+    dk.zero_();
+    dv.zero_();
+  }
   for (int64_t i = 0; i < num_chunks(s); ++i) {
     at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
     at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
@@ -333,7 +378,7 @@ at::Tensor attention_qkvpacked_backward_by(
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
   into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-       std::nullopt, std::nullopt, dq, dk, dv);
+       std::nullopt, std::nullopt, std::nullopt, dq, dk, dv);
   return dqkv;
 }
 
@@ -344,7 +389,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                            std::nullopt, std::nullopt);
+                            std::nullopt, std::nullopt, std::nullopt);
 }
 
 at::Tensor attention_qkvpacked_backward_composed(

@@ -170,11 +170,12 @@ bool offsets_unread(const std::optional<at::Tensor>& cu_seqlens,
 }
 
 // The fields FlashParams and FlashBwdParams share: q, k, v, the sizes, scale and masking.
-// cu, cu_k: the packed offsets (contiguous), cu_k undefined where the keys share q's.
+// cu, cu_k: the packed offsets (contiguous), cu_k undefined where the keys share q's; used:
+// seqused_k (contiguous) or undefined.
 template <typename Params>
 void set_common(Params& p, const KernelInput& q, const KernelInput& k, const KernelInput& v,
-                const AttnSizes& s, const at::Tensor& cu, const at::Tensor& cu_k, double scale,
-                bool causal) {
+                const AttnSizes& s, const at::Tensor& cu, const at::Tensor& cu_k,
+                const at::Tensor& used, double scale, bool causal) {
   p.q = q.t.const_data_ptr();
   p.k = k.t.const_data_ptr();
   p.v = v.t.const_data_ptr();
@@ -182,6 +183,7 @@ void set_common(Params& p, const KernelInput& q, const KernelInput& k, const Ker
   p.kv_layout = k.layout;
   p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
   p.cu_seqlens_k = s.varlen_k ? cu_k.const_data_ptr<int>() : nullptr;
+  p.seqused_k = s.used_k ? used.const_data_ptr<int>() : nullptr;
   p.batch = s.batch;
   p.heads = s.heads;
   p.heads_k = s.heads_k;
@@ -199,14 +201,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& cu_seqlens,
                                                   std::optional<int64_t> max_seqlen,
                                                   const std::optional<at::Tensor>& cu_seqlens_k,
-                                                  std::optional<int64_t> max_seqlen_k) {
+                                                  std::optional<int64_t> max_seqlen_k,
+                                                  const std::optional<at::Tensor>& seqused_k) {
   const bool read_offsets = !offsets_unread(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k);
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
-                                           max_seqlen_k, read_offsets);
+                                           max_seqlen_k, seqused_k, read_offsets);
   const Launch launch = launcher<Launch>(q.scalar_type(), s.head_dim);
   if (launch == nullptr || s.batch > 65535 || s.heads > 65535) {
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                              cu_seqlens_k, max_seqlen_k);
+                              cu_seqlens_k, max_seqlen_k, seqused_k);
   }
   const c10::cuda::CUDAGuard guard(q.device());
   const auto [qr, kr, vr] = kernel_inputs(q, k, v);
@@ -214,13 +217,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(at::kFloat))
                             : at::empty({s.batch, s.heads, s.seqlen_q},
                                         q.options().dtype(at::kFloat));
-  at::Tensor cu, cu_k;
+  at::Tensor cu, cu_k, used;
   if (s.varlen) cu = cu_seqlens->contiguous();
   if (s.varlen_k) cu_k = cu_seqlens_k->contiguous();
+  if (s.used_k) used = seqused_k->contiguous();
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashParams p{};
-  set_common(p, qr, kr, vr, s, cu, cu_k, scale, causal);
+  set_common(p, qr, kr, vr, s, cu, cu_k, used, scale, causal);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -241,18 +245,19 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
                                   const std::optional<at::Tensor>& cu_seqlens,
                                   std::optional<int64_t> max_seqlen,
                                   const std::optional<at::Tensor>& cu_seqlens_k,
-                                  std::optional<int64_t> max_seqlen_k, const at::Tensor& dq,
+                                  std::optional<int64_t> max_seqlen_k,
+                                  const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq,
                                   const at::Tensor& dk, const at::Tensor& dv) {
   const AttnSizes s = check_attention_backward_args(
-      dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+      dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
       !offsets_unread(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k));
   const BwdLaunch launch = launcher<BwdLaunch>(q.scalar_type(), s.head_dim);
   const at::ScalarType t = q.scalar_type();
   if (launch == nullptr || s.batch > 65535 || s.heads_k > 65535 || dout.scalar_type() != t ||
       out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
     attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                     cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, dq, dk,
-                                     dv);
+                                     cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                                     dq, dk, dv);
     return;
   }
   const int64_t dq_row = packed_token_stride(dq), dk_row = packed_token_stride(dk);
@@ -263,15 +268,20 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
   const at::Tensor oc = for_kernel(out), doc = for_kernel(dout), lc = lse.contiguous();
   at::Tensor dlc;
   if (dlse) dlc = dlse->to(at::kFloat).contiguous();
-  at::Tensor cu, cu_k;
+  at::Tensor cu, cu_k, used;
   if (s.varlen) cu = cu_seqlens->contiguous();
   if (s.varlen_k) cu_k = cu_seqlens_k->contiguous();
+  if (s.used_k) {  // the kernels write the used keys' gradients only
+    used = seqused_k->contiguous();
+    dk.zero_();
+    dv.zero_();
+  }
   at::Tensor delta = at::empty(lc.sizes(), lc.options());
   at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed there
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashBwdParams p{};
-  set_common(p, qr, kr, vr, s, cu, cu_k, scale, causal);
+  set_common(p, qr, kr, vr, s, cu, cu_k, used, scale, causal);
   p.scale = static_cast<float>(scale);
   p.out = oc.const_data_ptr();
   p.dout = doc.const_data_ptr();
@@ -298,12 +308,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k) {
+    std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
-                               max_seqlen, cu_seqlens_k, max_seqlen_k, dq, dk, dv);
+                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -312,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_cuda(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_cuda(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, std::nullopt,
-                        std::nullopt);
+                        std::nullopt, std::nullopt);
 }
 
 // dqkv in qkv's shape: the kernels write dq, dk and dv into its slices

@@ -1,7 +1,9 @@
 // Where one sequence of a batch lives and which keys its queries see: written once for every
 // flash kernel (the portable and Hopper forwards and backwards).
 //
-// Dense batches: sequence b holds rows [b Sq, (b + 1) Sq) of q and [b Sk, (b + 1) Sk) of k / v.
+// Dense batches: sequence b holds rows [b Sq, (b + 1) Sq) of q and [b Sk, (b + 1) Sk) of k / v,
+// of which it uses the first seqused_k[b] keys where seqused_k is given (a KV cache filled to
+// different lengths; clamped into [0, Sk], unread on the host like packed offsets).
 // Packed batches (cu_seqlens): sequence b holds tokens [cu[b], cu[b + 1]) of q, and of k / v
 // [cu_k[b], cu_k[b + 1]) with cu_seqlens_k, else the same tokens as q (Sk = Sq). Under a
 // causal mask query i sees key j when
@@ -50,7 +52,12 @@ __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
     }
     return s;
   }
-  return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k, p.seqlen_q, p.seqlen_k};
+  int64_t used = p.seqlen_k;
+  if (p.seqused_k) {
+    const int64_t u = p.seqused_k[b];
+    used = u < 0 ? 0 : (u < used ? u : used);
+  }
+  return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k, p.seqlen_q, used};
 }
 
 // Where head h of sequence b's first token (`start`, seq_span's q_start or k_start) lies in an

@@ -7,7 +7,9 @@ cu_seqlens[i] ... cu_seqlens[i+1] - 1 (images of different resolutions in one ba
 ``cu_seqlens_k`` as well, k and v (total_k, heads_k, head_dim) have offsets of their own, as
 many sequences: sequence i's queries attend to keys cu_seqlens_k[i] ... cu_seqlens_k[i+1] - 1
 (flash-attn's cu_seqlens_q / cu_seqlens_k: a padded batch decoding against its cache, or
-queries against a different set of tokens).
+queries against a different set of tokens). A dense batch with ``seqused_k`` (int32, batch)
+uses the first seqused_k[b] keys of row b: a KV cache filled to different lengths, read in
+place (flash-attn's cache_seqlens).
 
     S = softmax_scale * q k^T   (default scale 1 / sqrt(head_dim))
     causal: query i sees key j when j <= i + seqlen_k - seqlen_q (bottom-right, as flash-attn)
@@ -54,13 +56,19 @@ def _attend(q, k, v, causal, scale):
 
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None,
-                        max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None,
+                        max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None,
                         return_lse=False):
     """Pure-PyTorch attention (materialises the scores). Same arguments as attention."""
     acc = _checks.acc_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    if cu_seqlens is None:
+    if seqused_k is not None:   # dense, row by row over its used keys
+        rows = [_attend(qa[b:b + 1], ka[b:b + 1, :u], va[b:b + 1, :u], causal, scale)
+                for b, u in enumerate(seqused_k.tolist())]
+        out = torch.cat([o for o, _ in rows]) if rows else qa.new_zeros(qa.shape)
+        lse = (torch.cat([l_ for _, l_ in rows]) if rows
+               else qa.new_zeros(q.shape[0], q.shape[2], q.shape[1]))
+    elif cu_seqlens is None:
         out, lse = _attend(qa, ka, va, causal, scale)
     else:
         bounds = [int(b) for b in cu_seqlens.tolist()]
@@ -78,7 +86,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 
 
 def check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None,
-                    max_seqlen_k=None) -> None:
+                    max_seqlen_k=None, seqused_k=None) -> None:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _checks.floating(t, name)
     if not (k.dtype == q.dtype == v.dtype):
@@ -122,6 +130,17 @@ def check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None,
     heads, heads_k = q.shape[-2], k.shape[-2]
     if heads_k < 1 or heads % heads_k != 0:
         raise ValueError(f"the {heads_k} heads of k and v must divide the {heads} heads of q")
+    if seqused_k is not None:
+        if cu_seqlens is not None:
+            raise ValueError("seqused_k is for dense batches (a KV cache); packed keys give "
+                             "their lengths in cu_seqlens_k")
+        if seqused_k.dtype != torch.int32:
+            raise TypeError(f"seqused_k must be int32, got {seqused_k.dtype}")
+        _checks.rank(seqused_k, 1, "seqused_k", "(batch,)")
+        if seqused_k.shape[0] != q.shape[0]:
+            raise ValueError(f"seqused_k must hold the {q.shape[0]} key lengths of the batch, "
+                             f"got {seqused_k.shape[0]}")
+        _checks.same_device(seqused_k, q, "seqused_k", "q")
 
 
 def _check_offsets_tensor(cu, q, name) -> None:
@@ -172,6 +191,29 @@ def check_cu_seqlens_values(cu_seqlens, total, max_seqlen, name="cu_seqlens", te
     return longest
 
 
+# seqused_k tensors checked already: tensor -> (its version counter, the keys they were
+# checked against), as _CHECKED (every layer of a decoding step shares one)
+_CHECKED_USED = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def check_seqused_values(seqused_k, seqlen_k, name="seqused_k", limit="the keys of k and v"):
+    """Checks each used length against the `seqlen_k` keys there are (`limit` says what they
+    are), reading the tensor once per tensor and version."""
+    if _CHECKED_USED.get(seqused_k) == (seqused_k._version, seqlen_k):
+        return
+    bad = [(b, u) for b, u in enumerate(seqused_k.tolist()) if not 0 <= u <= seqlen_k]
+    if bad:
+        raise ValueError(f"{name}[{bad[0][0]}] must be in [0, {seqlen_k}] ({limit}), got "
+                         f"{bad[0][1]}")
+    _CHECKED_USED[seqused_k] = (seqused_k._version, seqlen_k)
+
+
+def trust_seqused(seqused_k, seqlen_k) -> None:
+    """Records seqused_k as checked against seqlen_k keys without reading it: for a tensor
+    derived from one that was checked (a KV cache's lengths plus the tokens just written)."""
+    _CHECKED_USED[seqused_k] = (seqused_k._version, seqlen_k)
+
+
 def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
                         max_name="max_seqlen"):
     """max_seqlen, given or (packed batches, outside torch.compile) the longest sequence, with
@@ -184,33 +226,36 @@ def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-              cu_seqlens_k=None, max_seqlen_k=None, return_lse=False, backend=None):
+              cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, return_lse=False,
+              backend=None):
     """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
-    Differentiable in q, k and v (through out and lse). max_seqlen (max_seqlen_k): at least
-    the longest query (key) sequence, read from the offsets when not given. The CUDA kernels
-    read q, k and v in place at any strides that keep head_dim contiguous and 16-byte aligned
-    (views into a fused qkv projection, torch SDPA's (B, H, N, d) layout transposed); other
-    layouts are copied first."""
-    check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    Differentiable in q, k and v (through out and lse; keys past seqused_k get zero gradient).
+    max_seqlen (max_seqlen_k): at least the longest query (key) sequence, read from the offsets
+    when not given. The CUDA kernels read q, k and v in place at any strides that keep head_dim
+    contiguous and 16-byte aligned (views into a fused qkv projection, torch SDPA's (B, H, N, d)
+    layout transposed); other layouts are copied first."""
+    check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
     max_seqlen_k = _checked_max_seqlen(k, cu_seqlens_k, max_seqlen_k, "cu_seqlens_k", "k and v",
                                        "max_seqlen_k")
+    if seqused_k is not None and not torch.compiler.is_compiling():
+        check_seqused_values(seqused_k, k.shape[1])
     return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
                 lambda scale, longest: torch.ops.pyssm.attention(
-                    q, k, v, causal, scale, cu_seqlens, longest, cu_seqlens_k, max_seqlen_k),
-                cu_seqlens_k, max_seqlen_k)
+                    q, k, v, causal, scale, cu_seqlens, longest, cu_seqlens_k, max_seqlen_k,
+                    seqused_k),
+                dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k))
 
 
 def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op,
-         cu_seqlens_k=None, max_seqlen_k=None):
-    """attention of checked q, k, v by the backend chosen: the reference, or ``op(scale,
-    max_seqlen)`` -> (out, lse), the compiled op."""
+         keys=None):
+    """attention of checked q, k, v by the backend chosen: the reference (with ``keys``, the
+    key-side arguments), or ``op(scale, max_seqlen)`` -> (out, lse), the compiled op."""
     max_seqlen = _checked_max_seqlen(q, cu_seqlens, max_seqlen)
     if _backend.resolve("attention", q.device, backend) == "reference":
         with _backend.without_autocast(q.device):
             return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                       cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
-                                       return_lse=return_lse)
+                                       return_lse=return_lse, **(keys or {}))
     out, lse = op(None if softmax_scale is None else float(softmax_scale), max_seqlen)
     return (out, lse) if return_lse else out
 
@@ -262,34 +307,35 @@ if _extension.available():
     # torch.empty_like would keep a dense input's permutation, heads-first q say)
     @torch.library.register_fake("pyssm::attention")
     def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                        cu_seqlens_k=None, max_seqlen_k=None):
-        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+                        cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None):
+        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
         lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
         return q.new_empty(q.shape), lse
 
     @torch.library.register_fake("pyssm::attention_backward")
     def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
-                                 cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None):
-        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+                                 cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None,
+                                 seqused_k=None):
+        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
         _checks.shape(dout, q.shape, "dout", "the shape of q")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup(ctx, inputs, output):
-        q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k = (
-            inputs)
+        (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
+         seqused_k) = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k)
         ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k)
 
     def _attention_backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k = ctx.saved_tensors
         causal, softmax_scale, max_seqlen, max_seqlen_k = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.pyssm.attention_backward(
             dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-            cu_seqlens_k, max_seqlen_k)
-        return dq, dk, dv, None, None, None, None, None, None
+            cu_seqlens_k, max_seqlen_k, seqused_k)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
         "pyssm::attention", _attention_backward, setup_context=_attention_setup)

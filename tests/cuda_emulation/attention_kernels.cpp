@@ -9,12 +9,13 @@
 namespace {
 
 // sizes: batch, heads, heads_k, seqlen_q, seqlen_k, total_q, total_k; cu_k: the keys' own
-// packed offsets, or null
+// packed offsets, or null; used: seqused_k (dense), or null
 template <typename P>
-void set_sizes(P& p, const int64_t* sizes, const int* cu, const int* cu_k, float scale,
-               int causal) {
+void set_sizes(P& p, const int64_t* sizes, const int* cu, const int* cu_k, const int* used,
+               float scale, int causal) {
   p.cu_seqlens = cu;
   p.cu_seqlens_k = cu_k;
+  p.seqused_k = used;
   p.batch = sizes[0];
   p.heads = sizes[1];
   p.heads_k = sizes[2];
@@ -85,7 +86,8 @@ extern "C" {
 // batch strides, then k's and v's (FlashParams' q_layout, kv_layout); sizes: set_sizes'.
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
-                      const int* cu_k, const int64_t* sizes, float scale, int causal) {
+                      const int* cu_k, const int* used, const int64_t* sizes, float scale,
+                      int causal) {
   pyssm::FlashParams p{};
   p.q = q;
   p.k = k;
@@ -94,7 +96,7 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.kv_layout = {strides[3], strides[4], strides[5]};
   p.out = out;
   p.lse = lse;
-  set_sizes(p, sizes, cu, cu_k, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, scale, causal);
   if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
@@ -108,7 +110,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
                       const void* v, const int64_t* strides, const void* out, const void* dout,
                       void* dq, void* dk, void* dv, const float* lse, const float* dlse,
                       float* delta, float* dq_accum, const int* cu, const int* cu_k,
-                      const int64_t* sizes, float scale, int causal) {
+                      const int* used, const int64_t* sizes, float scale, int causal) {
   pyssm::FlashBwdParams p{};
   p.q = q;
   p.k = k;
@@ -128,7 +130,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.dq_accum = dq_accum;
   p.scale = scale;
   p.dq_atomics = sm90 == 2;
-  set_sizes(p, sizes, cu, cu_k, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, scale, causal);
   if (sm90) {
     if (dtype == 2) return int(bwd_sm90<__half>(head_dim, p));
     if (dtype == 3) return int(bwd_sm90<__nv_bfloat16>(head_dim, p));

@@ -25,18 +25,22 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "attention_kernels.cpp")
-    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 9 + \
+    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 10 + \
         [ctypes.c_float, ctypes.c_int]
-    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 16 + \
+    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 17 + \
         [ctypes.c_float, ctypes.c_int]
     return lib
 
 
 # A case's `lengths`: None (a dense batch), the packed sequences' lengths (keys packed with
-# the queries), or a pair (query lengths, key lengths): keys with offsets of their own
-# (cu_seqlens_k).
+# the queries), a pair (query lengths, key lengths): keys with offsets of their own
+# (cu_seqlens_k), or {"used": [...]}: a dense batch using each row's first keys (seqused_k).
 def split_lengths(lengths):
     return lengths if isinstance(lengths, tuple) else (lengths, None)
+
+
+def dense(lengths):
+    return lengths is None or isinstance(lengths, dict)
 
 
 def cumulative(lengths):
@@ -45,16 +49,26 @@ def cumulative(lengths):
 
 def offsets(lengths):
     """(cu_seqlens, cu_seqlens_k) of a case's lengths (None where not packed / shared)."""
-    if lengths is None:
+    if dense(lengths):
         return None, None
     lq, lk = split_lengths(lengths)
     return cumulative(lq), None if lk is None else cumulative(lk)
 
 
+def seqused(lengths):
+    return torch.tensor(lengths["used"], dtype=torch.int32) if isinstance(lengths, dict) else None
+
+
+def key_args(lengths):
+    """The reference's arguments for a case's lengths."""
+    cu, cu_k = offsets(lengths)
+    return dict(cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=seqused(lengths))
+
+
 def layout(B, Sq, Sk, H, Hk, lengths):
     """(batch, seqlen_q, seqlen_k, total_q, total_k, cu_seqlens, cu_seqlens_k) as
     attention_cuda.cpp sets them."""
-    if lengths is None:
+    if dense(lengths):
         return B, Sq, Sk, B * Sq, B * Sk, None, None
     lq, lk = split_lengths(lengths)
     cu, cu_k = offsets(lengths)
@@ -67,11 +81,12 @@ def case_id(case):
     keys have offsets of their own."""
     lengths = case[7]
     return "b{}q{}k{}h{}hk{}d{}c{:d}".format(*case[:7]) + (
-        "" if lengths is None else "-varlen-k" if isinstance(lengths, tuple) else "-varlen")
+        "" if lengths is None else "-used" if isinstance(lengths, dict)
+        else "-varlen-k" if isinstance(lengths, tuple) else "-varlen")
 
 
 def inputs(dtype, B, Sq, Sk, H, Hk, d, lengths):
-    if lengths is None:
+    if dense(lengths):
         return (torch.randn(B, Sq, H, d, dtype=dtype), torch.randn(B, Sk, Hk, d, dtype=dtype),
                 torch.randn(B, Sk, Hk, d, dtype=dtype))
     lq, lk = split_lengths(lengths)
@@ -113,14 +128,15 @@ def spread(t, pad, fill=float("nan")):
 def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
     """q, k and v may be strided as FlashParams allows (strides_of; k's and v's equal)."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
+    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
+    used = seqused(lengths)
     assert strides_of(k) == strides_of(v)
     out = poisoned(*q.shape, dtype=q.dtype)
     lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
     rows = sizes(*strides_of(q), *strides_of(k))
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
-                               ptr(out), ptr(lse), ptr(cu), ptr(cu_k),
+                               ptr(out), ptr(lse), ptr(cu), ptr(cu_k), ptr(used),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
                                int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
@@ -132,27 +148,33 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
     one with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic). grads: dq, dk, dv to write (strided
     as FlashBwdParams allows), else fresh poisoned ones."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if lengths is None else (0, 0, 0)
+    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
+    used = seqused(lengths)
     dq, dk, dv = grads or (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
+    if used is not None:   # as attention_cuda.cpp: the kernels write the used keys' only
+        dk.zero_()
+        dv.zero_()
     assert strides_of(k) == strides_of(v) and token_stride(dk) == token_stride(dv)
     delta = poisoned(*lse.shape, dtype=torch.float32)
     dq_accum = poisoned(*q.shape, dtype=torch.float32)
     rows = sizes(*strides_of(q), *strides_of(k), token_stride(dq), token_stride(dk))
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(dout), ptr(dq), ptr(dk), ptr(dv), ptr(lse), None,
-                               ptr(delta), ptr(dq_accum), ptr(cu), ptr(cu_k),
+                               ptr(delta), ptr(dq_accum), ptr(cu), ptr(cu_k), ptr(used),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
                                int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return dq, dk, dv
 
 
-def check_forward(out, lse, exact_in, causal, cu, dtype, cu_k=None):
+def check_forward(out, lse, exact_in, causal, dtype, cu_seqlens=None, cu_seqlens_k=None,
+                  seqused_k=None):
     """out within 4 eps of the dtype of float64 attention from the same rounded inputs, lse
     within 1e-3, and -inf exactly on the rows that see no key; returns the float64 output."""
-    want, want_lse = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu,
-                                             cu_seqlens_k=cu_k, return_lse=True)
+    want, want_lse = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu_seqlens,
+                                             cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
+                                             return_lse=True)
     bound = 4 * EPS[dtype] * want.abs().max()
     assert (out.double() - want).abs().max() <= bound, "out"
     visible = torch.isfinite(want_lse)
@@ -186,6 +208,10 @@ CASES = [
     # (rows that see no key), no key (out 0, lse -inf), one query against two key blocks
     (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 70, 0, 200])),
     (0, 0, 0, 2, 2, 72, False, ([1, 3, 70], [140, 0, 9])),
+    # a dense batch using each row's first keys (seqused_k: a KV cache): none, one, a key
+    # block and a bit, all of them; causal (bottom-right at the used length)
+    (4, 3, 150, 2, 1, 64, True, {"used": [0, 1, 70, 150]}),
+    (2, 1, 40, 2, 2, 128, False, {"used": [33, 7]}),
 ]
 IDS = [case_id(c) for c in CASES]
 
@@ -196,10 +222,10 @@ def test_flash_forward_and_backward(emu, case, dtype):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu, cu_k = offsets(lengths)
+    keys = key_args(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = check_forward(out, lse, exact_in, causal, cu, dtype, cu_k)
+    want = check_forward(out, lse, exact_in, causal, dtype, **keys)
 
     dout = torch.randn_like(q)
     got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths)
@@ -227,6 +253,8 @@ SM90_CASES = [
     (1, 128, 129, 1, 1, 64, True, None),  # a full block's last row sees one key past a tile
     (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 260, 0, 300])),   # keys' own offsets
     (0, 0, 0, 1, 1, 128, False, ([140, 3], [0, 257])),
+    (4, 3, 300, 2, 1, 64, True, {"used": [0, 1, 130, 300]}),   # seqused_k
+    (2, 130, 200, 1, 1, 80, False, {"used": [200, 57]}),
 ]
 SM90_IDS = [case_id(c) for c in SM90_CASES]
 
@@ -237,9 +265,9 @@ def test_flash_forward_sm90(emu, case, dtype):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu, cu_k = offsets(lengths)
+    keys = key_args(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=True)
-    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, cu, dtype, cu_k)
+    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, dtype, **keys)
 
 
 # The Hopper backward (flash_bwd_sm90_kernel.cuh: blocks of 128 keys, query tiles of 64 in a
@@ -265,6 +293,7 @@ SM90_BWD_CASES = [
     (0, 0, 0, 2, 1, 128, True, [0, 1, 140, 17]),
     (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 140, 0, 200])),   # keys' own offsets
     (0, 0, 0, 1, 1, 80, False, ([70, 3], [0, 150])),
+    (3, 70, 200, 2, 1, 64, True, {"used": [0, 140, 200]}),   # seqused_k
 ]
 
 
@@ -276,10 +305,10 @@ def test_flash_backward_sm90(emu, case, dtype, dq):
     B, Sq, Sk, H, Hk, d, causal, lengths = case
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu, cu_k = offsets(lengths)
+    keys = key_args(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu, cu_seqlens_k=cu_k)
+    want = ops.attention_reference(*exact_in, causal=causal, **keys)
     dout = torch.randn_like(q)
     got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=dq)
     grads = torch.autograd.grad(want, exact_in, dout.double())
@@ -307,12 +336,13 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     lse[:H * total] = float("nan")
     strides = (H * d, d, (total + guard) * H * d) * 2
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*strides),
-                               ptr(out), ptr(lse), ptr(cu), None, dims, scale, 0)
+                               ptr(out), ptr(lse), ptr(cu), None, None, dims, scale, 0)
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
     clamped = torch.tensor([0, 60, total], dtype=torch.int32)
     exact_in = [t[:total].double().requires_grad_() for t in qkv]
-    check_forward(out[:total], lse[:H * total].view(H, total), exact_in, False, clamped, dtype)
+    check_forward(out[:total], lse[:H * total].view(H, total), exact_in, False, dtype,
+                  cu_seqlens=clamped)
 
     dout = torch.randn(total, H, d, dtype=dtype)
     grads = [sentinel(total + guard, H, d).to(dtype) for _ in range(3)]
@@ -323,7 +353,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv),
                                sizes(*strides, H * d, H * d),
                                ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
-                               ptr(dq_accum), ptr(cu), None, dims, scale, 0)
+                               ptr(dq_accum), ptr(cu), None, None, dims, scale, 0)
     assert rc == 0
     for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
         assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
@@ -353,11 +383,11 @@ def test_flash_strided_tokens(emu, case, kernel):
     dtype, sm90 = torch.bfloat16, {"portable": 0, "sm90": 1, "sm90_dq_atomic": 2}[kernel]
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu, cu_k = offsets(lengths)
+    keys = key_args(lengths)
     qs, ks, vs = spread(q, 24)[0], spread(k, 40)[0], spread(v, 40)[0]
     out, lse = forward_emulated(emu, qs, ks, vs, causal, scale, lengths, sm90=sm90 > 0)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = check_forward(out, lse, exact_in, causal, cu, dtype, cu_k)
+    want = check_forward(out, lse, exact_in, causal, dtype, **keys)
 
     dout = torch.randn_like(q)
     spread_grads = [spread(torch.full_like(t, float("nan")), 8, fill=7.0) for t in (q, k, v)]
@@ -395,12 +425,12 @@ def test_flash_heads_first_layout(emu, case, kernel):
     dtype, sm90 = torch.bfloat16, {"portable": 0, "sm90": 1, "sm90_dq_atomic": 2}[kernel]
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     scale = 1.0 / math.sqrt(d)
-    cu, cu_k = offsets(lengths)
+    keys = key_args(lengths)
     qs, ks, vs = heads_first(q, 8), heads_first(k, 3), heads_first(v, 3)
     assert strides_of(qs)[1] > strides_of(qs)[0]
     out, lse = forward_emulated(emu, qs, ks, vs, causal, scale, lengths, sm90=sm90 > 0)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = check_forward(out, lse, exact_in, causal, cu, dtype, cu_k)
+    want = check_forward(out, lse, exact_in, causal, dtype, **keys)
     dout = torch.randn_like(q)
     got = backward_emulated(emu, qs, ks, vs, out, dout, lse, causal, scale, lengths, sm90=sm90)
     check_grads(got, torch.autograd.grad(want, exact_in, dout.double()), dout, v, dtype)

@@ -155,6 +155,49 @@ def test_varlen_key_offsets_equal_to_the_queries_change_nothing(device, backend)
 
 
 @pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqused_k_attends_to_each_rows_first_keys(device, backend, causal):
+    """A dense batch with seqused_k (a KV cache filled to different lengths): row b equals
+    attention over its first seqused_k[b] keys alone (none, one, fewer than the queries, all),
+    out, lse and gradients (through both) against row-by-row float64; the keys past a row's
+    used ones get exactly zero gradient."""
+    used = [0, 1, 2, 9, 5]
+    q = torch.randn(5, 3, 4, 16, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(5, 9, 2, 16, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    out, lse = ops.attention(q, k, v, causal=causal, seqused_k=seqused, return_lse=True,
+                             backend=backend)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    rows = [naive.attention(cpu[0][b:b + 1], cpu[1][b:b + 1, :u], cpu[2][b:b + 1, :u], causal)
+            for b, u in enumerate(used)]
+    want_out, want_lse = torch.cat([o for o, _ in rows]), torch.cat([l_ for _, l_ in rows])
+    torch.testing.assert_close(out.detach().cpu(), want_out.detach(), atol=1e-10, rtol=1e-10)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.detach().cpu()), finite)
+    torch.testing.assert_close(lse.detach().cpu()[finite], want_lse.detach()[finite],
+                               atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    g_lse = torch.where(finite.to(device), torch.randn_like(lse), torch.zeros_like(lse))
+    got = torch.autograd.grad((out * g).sum() + (lse * g_lse).nan_to_num().sum(), (q, k, v))
+    want = torch.autograd.grad((want_out * g.cpu()).sum()
+                               + (want_lse * g_lse.cpu()).nan_to_num().sum(), cpu)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+    for b, u in enumerate(used):
+        assert (got[1][b, u:] == 0).all() and (got[2][b, u:] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_seqused_k_of_every_key_changes_nothing(device, backend):
+    q, k, v = qkv(2, 5, 7, 2, 2, 32, device)
+    full = torch.full((2,), 7, dtype=torch.int32, device=device)
+    torch.testing.assert_close(
+        ops.attention(q, k, v, causal=True, seqused_k=full, backend=backend),
+        ops.attention(q, k, v, causal=True, backend=backend), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision(device, backend, dtype):
     q, k, v = qkv(2, 33, 33, 2, 2, 64, device, dtype=dtype)
@@ -242,6 +285,31 @@ def test_bad_key_offsets(backend):
         ops.attention(q, kv, kv[:6], cu_seqlens=cu, cu_seqlens_k=cu_k, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_seqused_k(backend):
+    q, k, v = qkv(2, 3, 5, 2, 1, 32, "cpu")
+    used = torch.tensor([5, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="seqused_k is for dense batches"):
+        packed = torch.randn(6, 2, 32, dtype=F64)
+        ops.attention(packed, packed, packed, cu_seqlens=offsets([2, 4], "cpu"), seqused_k=used,
+                      backend=backend)
+    with pytest.raises(TypeError, match="seqused_k must be int32"):
+        ops.attention(q, k, v, seqused_k=used.long(), backend=backend)
+    with pytest.raises(ValueError, match="seqused_k must hold the 2 key lengths of the batch"):
+        ops.attention(q, k, v, seqused_k=used[:1], backend=backend)
+    with pytest.raises(ValueError, match=r"seqused_k\[0\] must be in \[0, 5\] \(the keys of k "
+                                         r"and v\), got 6"):
+        ops.attention(q, k, v, seqused_k=torch.tensor([6, 2], dtype=torch.int32),
+                      backend=backend)
+    bad = torch.tensor([5, -1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"seqused_k\[1\] must be in \[0, 5\]"):
+        ops.attention(q, k, v, seqused_k=bad, backend=backend)
+    ops.attention(q, k, v, seqused_k=used, backend=backend)   # checked once, then cached ...
+    used[0] = 7                                                # ... until written to
+    with pytest.raises(ValueError, match=r"seqused_k\[0\] must be in \[0, 5\]"):
+        ops.attention(q, k, v, seqused_k=used, backend=backend)
+
+
 def test_packed_offsets_are_read_once_per_tensor_and_version(monkeypatch):
     """A vision tower passes the same cu_seqlens to every layer: its values are read (a device
     sync on a GPU) once, read again after an in-place write, and still checked against
@@ -288,6 +356,10 @@ def test_direct_op_call_checks_too():
         torch.ops.pyssm.attention(packed, packed, packed, False, None,
                                   torch.tensor([0, 4, 10], dtype=torch.int32), None,
                                   torch.tensor([0, 4, 9], dtype=torch.int32), None)
+    dense = packed.view(2, 5, 2, 32)
+    with pytest.raises(ValueError, match=r"seqused_k\[1\] must be in \[0, 5\]"):
+        torch.ops.pyssm.attention(dense, dense, dense, False, None, None, None, None, None,
+                                  torch.tensor([5, 6], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
@@ -311,6 +383,10 @@ def test_opcheck(device, backend, causal):
     keys = [torch.randn(7, 1, 32, dtype=F64, device=device, requires_grad=True) for _ in range(2)]
     torch.library.opcheck(torch.ops.pyssm.attention.default,
                           (packed[0], *keys, causal, None, cu, 5, cu_k, 6))
+    # a dense batch using each row's first keys
+    used = torch.tensor([7, 2], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (q, k, v, causal, None, None, None, None, None, used))
 
 
 @pytest.mark.slow
@@ -808,6 +884,50 @@ def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, ca
         assert rel < 3e-2, (name, rel)
     no_query = slice(sum(lk[:3]), sum(lk[:4]))   # the keys of the sequence with no query
     assert (got[1][no_query] == 0).all() and (got[2][no_query] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal):
+    """The flash kernels on a dense KV cache filled to different lengths (seqused_k), bf16,
+    grouped heads: rows using no key, one, fewer keys than queries, a key block and a bit, all
+    300. Forward and gradients against float64 within bf16's rounding, zero gradient past each
+    row's used keys, no synchronisation once seqused_k is read."""
+    if flash_path == "sm90" and head_dim == 32:
+        pytest.skip("the Hopper path takes head_dim 64 to 128")
+    dtype, used = torch.bfloat16, [0, 1, 5, 130, 300]
+    q = torch.randn(5, 17, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(5, 300, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    seqused = torch.tensor(used, dtype=torch.int32, device=device)
+    call = dict(causal=causal, seqused_k=seqused, return_lse=True, backend=backend)
+    ops.attention(q, k, v, **call)   # reads seqused_k
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = ops.attention(q, k, v, **call)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
+                                             causal=causal, seqused_k=seqused.cpu(),
+                                             return_lse=True)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    err = (out.detach().cpu().double() - want).abs().max()
+    assert err <= 2.0 ** -6 * want.abs().max(), err
+    exact_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = ops.attention_reference(*exact_in, causal=causal, seqused_k=seqused.cpu())
+    exact = torch.autograd.grad((ref * g.cpu().double()).sum(), exact_in)
+    for name, a, x in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - x).norm() / x.norm()
+        assert rel < 3e-2, (name, rel)
+    for b, u in enumerate(used):
+        assert (got[1][b, u:] == 0).all() and (got[2][b, u:] == 0).all()
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
