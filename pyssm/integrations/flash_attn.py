@@ -1,6 +1,6 @@
-"""Drop-ins for flash-attn's ``flash_attn_func`` and ``flash_attn_varlen_func``, and their
-qkvpacked forms, on pyssm's attention, so code written against flash-attn switches by changing
-one import:
+"""Drop-ins for flash-attn's ``flash_attn_func``, ``flash_attn_varlen_func``, their qkvpacked
+forms and ``flash_attn_with_kvcache``, on pyssm's attention, so code written against flash-attn
+switches by changing one import:
 
     from pyssm.integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
 
@@ -11,12 +11,19 @@ head_dim), whose gradient comes back as one tensor), same return values: the out
 third value, flash-attn's dropout mask, is never formed. Grouped-query heads, bottom-right
 causal masking and packed queries and keys with different sequence boundaries (cu_seqlens_q
 and cu_seqlens_k) as in flash-attn. What pyssm does not compute raises NotImplementedError:
-dropout, sliding windows, soft-capping, ALiBi and a paged KV cache.
+dropout, sliding windows, soft-capping, ALiBi and a paged KV cache; in
+``flash_attn_with_kvcache`` also rotary embedding, cache_batch_idx and cache_leftpad.
 """
 
 from __future__ import annotations
 
+import importlib
+
+import torch
+
 from pyssm.ops import attention, attention_qkvpacked
+
+_attention_module = importlib.import_module("pyssm.ops.attention")  # (ops.attention: the op)
 
 
 def _unsupported(what: str) -> NotImplementedError:
@@ -86,3 +93,67 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                  cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen),
                                  return_lse=return_attn_probs, backend=backend)
     return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
+                            rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
+                            cache_leftpad=None, block_table=None, softmax_scale=None,
+                            causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False, *, backend: str | None = None):
+    """Decoding against a KV cache, as flash-attn's: q (batch, seqlen_q, heads, d), k_cache,
+    v_cache (batch, seqlen_cache, heads_k, d); row b attends to its first cache_seqlens[b] keys
+    (an int or int32 (batch,); None: the whole cache), after k and v (batch, seqlen_new,
+    heads_k, d), when given, are written into the caches in place at positions
+    cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1. Causal masking is bottom-right
+    aligned at each row's length. The caches are read in place (``seqused_k``), never gathered.
+    Returns out like q, or (out, softmax_lse (batch, heads, seqlen_q)) with
+    return_softmax_lse. ``num_splits`` is flash-attn's tuning knob and ignored."""
+    _check_extras(0.0, window_size, softcap, alibi_slopes)
+    if rotary_cos is not None or rotary_sin is not None:
+        raise _unsupported("rotary embedding inside attention (rotary_cos / rotary_sin); "
+                           "apply it to q and k first")
+    if cache_batch_idx is not None:
+        raise _unsupported("cache_batch_idx")
+    if cache_leftpad is not None:
+        raise _unsupported("cache_leftpad")
+    if block_table is not None:
+        raise _unsupported("a paged KV cache (block_table)")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must be (batch, seqlen_cache, heads_k, head_dim) "
+                         f"of one shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    batch, capacity = k_cache.shape[:2]
+    if (k is None) != (v is None):
+        raise ValueError("k and v are given together (the new keys and values) or not at all")
+    new = 0 if k is None else k.shape[1]
+    if k is not None:
+        if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k and v must be (batch, seqlen_new, heads_k, head_dim) = "
+                             f"({batch}, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens must say where k and v go in the caches")
+    if cache_seqlens is None:
+        used = None
+    else:
+        if isinstance(cache_seqlens, int):
+            cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32,
+                                       device=k_cache.device)
+        if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (batch,):
+            raise ValueError(f"cache_seqlens must be an int or int32 ({batch},), got "
+                             f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        # read once per tensor and version (every layer of a step shares it); the new tokens
+        # must fit behind each row's cached ones
+        _attention_module.check_seqused_values(
+            cache_seqlens, capacity - new, "cache_seqlens",
+            f"the cache's {capacity} slots less the {new} new tokens")
+        used = cache_seqlens
+        if new:
+            rows = torch.arange(batch, device=k_cache.device)[:, None]
+            slots = cache_seqlens.long()[:, None] + torch.arange(new, device=k_cache.device)
+            k_cache[rows, slots] = k.to(k_cache.dtype)
+            v_cache[rows, slots] = v.to(v_cache.dtype)
+            used = cache_seqlens + new
+            _attention_module.trust_seqused(used, capacity)   # (within it, as checked above)
+    return attention(q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
+                     seqused_k=used, return_lse=return_softmax_lse, backend=backend)

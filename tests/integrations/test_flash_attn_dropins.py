@@ -6,7 +6,8 @@ import torch
 import naive
 from pyssm.integrations.flash_attn import (flash_attn_func, flash_attn_qkvpacked_func,
                                           flash_attn_varlen_func,
-                                          flash_attn_varlen_qkvpacked_func)
+                                          flash_attn_varlen_qkvpacked_func,
+                                          flash_attn_with_kvcache)
 
 F64 = torch.float64
 
@@ -64,6 +65,68 @@ def test_flash_attn_varlen_func_with_separate_key_offsets(causal):
         loss = loss + (want[0] * g[s:e]).sum()
     for name, a, b in zip("qkv", got, torch.autograd.grad(loss, exact_in)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_with_kvcache_appends_and_attends(causal):
+    """Two new tokens a row written into the caches in place behind each row's cached ones
+    (0, 5 and 9 of 12 slots), then each row's queries against its first cache_seqlens + 2
+    keys (bottom-right causal): out and lse against float64, the other slots untouched."""
+    B, cap, H, Hk, d, new = 3, 12, 4, 2, 16, 2
+    k_cache, v_cache = torch.randn(B, cap, Hk, d, dtype=F64), torch.randn(B, cap, Hk, d, dtype=F64)
+    before = k_cache.clone(), v_cache.clone()
+    q = torch.randn(B, new, H, d, dtype=F64)
+    k, v = torch.randn(B, new, Hk, d, dtype=F64), torch.randn(B, new, Hk, d, dtype=F64)
+    lengths = [0, 5, 9]
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens,
+                                       causal=causal, return_softmax_lse=True)
+    assert out.shape == q.shape and lse.shape == (B, H, new)
+    assert seqlens.tolist() == lengths                      # the caller advances it
+    for b, n in enumerate(lengths):
+        for cache, was, fresh in ((k_cache, before[0], k), (v_cache, before[1], v)):
+            assert torch.equal(cache[b, n:n + new], fresh[b])
+            assert torch.equal(cache[b, :n], was[b, :n]) and torch.equal(cache[b, n + new:],
+                                                                       was[b, n + new:])
+        want, want_lse = naive.attention(q[b:b + 1], k_cache[b:b + 1, :n + new],
+                                         v_cache[b:b + 1, :n + new], causal=causal)
+        torch.testing.assert_close(out[b:b + 1], want, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(lse[b:b + 1], want_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_flash_attn_with_kvcache_reads_the_cache_as_it_is():
+    """No new tokens: an int cache_seqlens, and None (the whole cache)."""
+    k_cache, v_cache = torch.randn(2, 7, 1, 8, dtype=F64), torch.randn(2, 7, 1, 8, dtype=F64)
+    q = torch.randn(2, 1, 2, 8, dtype=F64)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=4)
+    torch.testing.assert_close(out, naive.attention(q, k_cache[:, :4], v_cache[:, :4])[0],
+                               atol=1e-10, rtol=1e-10)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, causal=True)
+    torch.testing.assert_close(out, naive.attention(q, k_cache, v_cache, causal=True)[0],
+                               atol=1e-10, rtol=1e-10)
+
+
+def test_flash_attn_with_kvcache_bad_arguments():
+    k_cache = torch.randn(2, 6, 1, 8)
+    q, k = torch.randn(2, 1, 2, 8), torch.randn(2, 2, 1, 8)
+    seqlens = torch.tensor([4, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] must be in \[0, 4\] \(the "
+                                         r"cache's 6 slots less the 2 new tokens\), got 5"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(),
+                                cache_seqlens=seqlens)
+    with pytest.raises(ValueError, match="k and v are given together"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, cache_seqlens=seqlens)
+    with pytest.raises(ValueError, match="cache_seqlens must say where k and v go"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone())
+    with pytest.raises(ValueError, match=r"cache_seqlens must be an int or int32 \(2,\)"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=seqlens.long())
+    with pytest.raises(NotImplementedError, match="rotary embedding"):
+        flash_attn_with_kvcache(q, k_cache, k_cache, rotary_cos=torch.ones(6, 4),
+                                rotary_sin=torch.zeros(6, 4))
+    with pytest.raises(NotImplementedError, match="a paged KV cache"):
+        flash_attn_with_kvcache(q, k_cache, k_cache, block_table=torch.zeros(2, 1))
+    with pytest.raises(NotImplementedError, match="sliding windows"):
+        flash_attn_with_kvcache(q, k_cache, k_cache, window_size=(4, 0))
 
 
 @pytest.mark.parametrize("causal", [False, True])
