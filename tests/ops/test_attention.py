@@ -407,6 +407,36 @@ def test_compile_fullgraph(device, backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
+                                            if p.values[1] != "reference"])
+def test_compile_fullgraph_key_offsets_and_seqused_k(device, backend):
+    """cu_seqlens_k / max_seqlen_k and seqused_k through torch.compile (fullgraph: the fake
+    functions take them, no graph break), forward and backward equal to eager."""
+    q = torch.randn(9, 2, 32, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(12, 1, 32, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    cu, cu_k = offsets([4, 5], device), offsets([10, 2], device)
+    dense = [t.detach().view(3, 3, *t.shape[1:]).requires_grad_() for t in (q,)] + \
+        [t.detach().view(3, 4, *t.shape[1:]).requires_grad_() for t in (k, v)]
+    used = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+
+    def f(q, k, v, dq, dk, dv):
+        packed = ops.attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=5,
+                               cu_seqlens_k=cu_k, max_seqlen_k=10, backend=backend)
+        cache = ops.attention(dq, dk, dv, causal=True, seqused_k=used, backend=backend)
+        return packed * 2, cache * 2
+
+    inputs = (q, k, v, *dense)
+    got = torch.compile(f, fullgraph=True)(*inputs)
+    want = f(*inputs)
+    g = [torch.randn_like(t) for t in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("device,backend", backend_params("attention"))
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_independent_math(device, backend, causal):
