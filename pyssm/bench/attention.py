@@ -22,6 +22,15 @@ op on the three unbound views (the same kernels; the backward's three gradients 
 unbind's backward); "pyssm-copied" on contiguous copies of them (what the kernels were given
 before they read strided inputs); SDPA (the default choice, cuDNN on an H200) as timm calls
 it, on qkv permuted to (3, B, H, N, d) and unbound.
+
+"attention_decode" rows: one decoding step of a language model against its KV cache, the
+caches filled to different lengths (GPU: bf16, 32 heads over 8 KV heads, head_dim 128, a
+4096-slot cache; CPU: float32, small): "pyssm-<backend>" reads the cache in place with
+seqused_k (flash_attn_with_kvcache's path); "pyssm-gathered" packs the used keys first and
+passes cu_seqlens_k (the transformers backend's path for a left-padded batch: a boolean-mask
+gather, which reads and writes the used cache again and syncs to size it); "sdpa-default
+(masked)" is torch SDPA with the padding mask over the whole cache, as transformers' sdpa
+runs it. GB/s counts the used keys and values read once (decoding's floor).
 """
 
 from __future__ import annotations
@@ -112,7 +121,59 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     {"forward": lambda n: 2, "full": lambda n: 2})]
     out = [case for heads, head_dim, seqlens, batches in configs
            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
-    return out + qkv_cases(device, quick)
+    return out + qkv_cases(device, quick) + decode_cases(device, quick)
+
+
+def decode_providers(kernel: str) -> list[harness.Provider]:
+    """The attention_decode rows' providers (module docstring), each fn(q, k_cache, v_cache,
+    used) -> (B, Sq, H, d)."""
+    def gathered(q, k, v, used):
+        batch, sq = q.shape[:2]
+        keep = torch.arange(k.shape[1], device=k.device)[None, :] < used[:, None]
+        cu_k = F.pad(used.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(0, (batch + 1) * sq, sq, dtype=torch.int32, device=q.device)
+        out = ops.attention(q.reshape(batch * sq, *q.shape[2:]), k[keep], v[keep],
+                            cu_seqlens=cu_q, max_seqlen=sq, cu_seqlens_k=cu_k,
+                            max_seqlen_k=k.shape[1], backend=kernel)
+        return out.view(q.shape)
+
+    def sdpa_masked(q, k, v, used):
+        mask = (torch.arange(k.shape[1], device=k.device)[None, :] < used[:, None])[:, None, None]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+    return [harness.pyssm_provider("attention", kernel, lambda q, k, v, used: ops.attention(
+                q, k, v, seqused_k=used, backend=kernel)),
+            dataclasses.replace(harness.pyssm_provider("attention", kernel, gathered),
+                                name="pyssm-gathered"),
+            harness.Provider("sdpa-default (masked)", sdpa_masked)]
+
+
+def decode_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    heads, heads_k, head_dim, capacity = (32, 8, 128, 4096) if gpu else (4, 2, 32, 65)
+    batches = ([16] if quick else [16, 64]) if gpu else [3]
+    out = []
+    for batch in batches:
+        # lengths spread over the upper half of the cache, the last row full
+        used = torch.linspace(capacity // 2, capacity, batch).round().int().tolist()
+        keys = sum(used)
+        out.append(harness.Case(
+            op="attention_decode",
+            size={"batch": batch, "cache": capacity, "mean_used": round(keys / batch),
+                  "heads": heads, "heads_k": heads_k, "head_dim": head_dim},
+            make_inputs=lambda b=batch, u=used: (
+                torch.randn(b, 1, heads, head_dim, device=device, dtype=dtype),
+                torch.randn(b, capacity, heads_k, head_dim, device=device, dtype=dtype),
+                torch.randn(b, capacity, heads_k, head_dim, device=device, dtype=dtype),
+                torch.tensor(u, dtype=torch.int32, device=device)),
+            providers=decode_providers(device.type), modes=("forward",),
+            dtype=str(dtype).removeprefix("torch."),
+            flops={"forward": 4 * keys * heads * head_dim},
+            bytes={"forward": 2 * keys * heads_k * head_dim * dtype.itemsize}))
+    return out
 
 
 def qkv_providers(kernel: str) -> list[harness.Provider]:

@@ -1,0 +1,19 @@
+"""pyssm/bench/attention.py's decoding rows: every provider computes the same attention (so the
+table compares like with like), and the case's byte count is the used keys and values."""
+
+import torch
+
+from pyssm.bench import attention
+
+
+def test_decode_providers_agree_on_the_cpu():
+    (case,) = attention.decode_cases(torch.device("cpu"))
+    q, k, v, used = case.make_inputs()
+    assert used.tolist()[-1] == k.shape[1] and used.tolist()[0] < k.shape[1]
+    outs = {p.name: p.fn(q, k, v, used) for p in case.providers if p.fn is not None}
+    assert {"pyssm-gathered", "sdpa-default (masked)"} <= set(outs)
+    want = outs["sdpa-default (masked)"]
+    for name, out in outs.items():
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
+    keys = int(used.sum())
+    assert case.bytes["forward"] == 2 * keys * k.shape[2] * k.shape[3] * k.element_size()
