@@ -1,14 +1,15 @@
 """Drop-ins for flash-attn's ``flash_attn_func``, ``flash_attn_varlen_func``, their qkvpacked
-forms and ``flash_attn_with_kvcache``, on pyssm's attention, so code written against flash-attn
-switches by changing one import:
+and kvpacked forms and ``flash_attn_with_kvcache``, on pyssm's attention, so code written
+against flash-attn switches by changing one import:
 
     from pyssm.integrations.flash_attn import flash_attn_func, flash_attn_varlen_func
 
 Same arguments, same layout ((batch, seqlen, heads, head_dim); packed (total, heads, head_dim)
 with int32 ``cu_seqlens``; qkvpacked (batch, seqlen, 3, heads, head_dim) or (total, 3, heads,
-head_dim), whose gradient comes back as one tensor), same return values: the output, or with ``return_attn_probs=True``
-(out, softmax_lse, None), lse as (batch, heads, seqlen_q) or, packed, (heads, total_q); the
-third value, flash-attn's dropout mask, is never formed. Grouped-query heads, bottom-right
+head_dim), whose gradient comes back as one tensor; kvpacked kv (batch, seqlen_k, 2, heads_k,
+head_dim) or (total_k, 2, heads_k, head_dim)), same return values: the output, or with
+``return_attn_probs=True`` (out, softmax_lse, None), lse as (batch, heads, seqlen_q) or,
+packed, (heads, total_q); the third value, flash-attn's dropout mask, is never formed. Grouped-query heads, bottom-right
 causal masking and packed queries and keys with different sequence boundaries (cu_seqlens_q
 and cu_seqlens_k) as in flash-attn. What pyssm does not compute raises NotImplementedError:
 dropout, sliding windows, soft-capping, ALiBi and a paged KV cache; in
@@ -69,6 +70,39 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                        cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen,
                        return_lse=return_attn_probs, backend=backend, **keys)
     return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False, *,
+                             backend: str | None = None):
+    """q (batch, seqlen_q, heads, d), kv (batch, seqlen_k, 2, heads_k, d) -> out like q. The
+    kernels read k and v as views of kv, in place."""
+    _check_extras(dropout_p, window_size, softcap, alibi_slopes)
+    k, v = _unbind_kv(kv, 5, "(batch, seqlen_k, 2, heads_k, head_dim)")
+    return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                           return_attn_probs=return_attn_probs, backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+                                    causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False,
+                                    return_attn_probs=False, *, backend: str | None = None):
+    """Packed q (total_q, heads, d), kv (total_k, 2, heads_k, d), offsets as
+    flash_attn_varlen_func -> out like q."""
+    _check_extras(dropout_p, window_size, softcap, alibi_slopes)
+    k, v = _unbind_kv(kv, 4, "(total_k, 2, heads_k, head_dim)")
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
+                                  return_attn_probs=return_attn_probs, backend=backend)
+
+
+def _unbind_kv(kv, dims, layout):
+    if kv.dim() != dims or kv.shape[-3] != 2:
+        raise ValueError(f"kv must be {layout} (k and v along its dim -3), got "
+                         f"{tuple(kv.shape)}")
+    return kv.unbind(-3)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import naive
-from pyssm.integrations.flash_attn import (flash_attn_func, flash_attn_qkvpacked_func,
-                                          flash_attn_varlen_func,
+from pyssm.integrations.flash_attn import (flash_attn_func, flash_attn_kvpacked_func,
+                                          flash_attn_qkvpacked_func, flash_attn_varlen_func,
+                                          flash_attn_varlen_kvpacked_func,
                                           flash_attn_varlen_qkvpacked_func,
                                           flash_attn_with_kvcache)
 
@@ -153,6 +154,34 @@ def test_flash_attn_varlen_qkvpacked_func_packs_like_flash_attn():
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         want, _ = naive.attention(*qkv[None, s:e].unbind(2), causal=True)
         torch.testing.assert_close(out[s:e], want[0], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_kvpacked_funcs_match_math(causal):
+    """kv (batch, seqlen_k, 2, heads_k, d), dense and packed with their own offsets: the values
+    of the unpacked calls, and kv's gradient as one tensor of its shape."""
+    q = torch.randn(2, 5, 4, 8, dtype=F64)
+    kv = torch.randn(2, 7, 2, 2, 8, dtype=F64, requires_grad=True)
+    out, lse, _ = flash_attn_kvpacked_func(q, kv, causal=causal, return_attn_probs=True)
+    want, want_lse = naive.attention(q, *kv.detach().unbind(2), causal=causal)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, kv, g)
+    exact = kv.detach().clone().requires_grad_()
+    (want_g,) = torch.autograd.grad(naive.attention(q, *exact.unbind(2), causal=causal)[0],
+                                    exact, g)
+    assert got.shape == kv.shape
+    torch.testing.assert_close(got, want_g, atol=1e-10, rtol=1e-10)
+
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 7], dtype=torch.int32)
+    packed_kv = torch.randn(7, 2, 2, 8, dtype=F64)
+    packed = flash_attn_varlen_kvpacked_func(q[0], packed_kv, cu_q, cu_k, 3, 6, causal=causal)
+    torch.testing.assert_close(packed, flash_attn_varlen_func(
+        q[0], *packed_kv.unbind(1), cu_q, cu_k, 3, 6, causal=causal), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"kv must be \(batch, seqlen_k, 2, heads_k, head_dim\)"):
+        flash_attn_kvpacked_func(q, kv.detach()[:, :, :1])
 
 
 def test_what_is_not_supported_says_so():
