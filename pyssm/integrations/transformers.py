@@ -14,7 +14,11 @@ the 2D padding mask, and the attention function unpads the valid tokens into pys
 variable-length form (``cu_seqlens``), causal per sequence where the model is causal. Causal
 masking is bottom-right aligned, so decoding with a KV cache (one query against the cache)
 is right; a padded batch's decoding step packs each row's new queries against its own valid
-keys (``cu_seqlens_k``), one call for the batch. What pyssm does not compute raises instead of being dropped: attention dropout while
+keys (``cu_seqlens_k``), one call for the batch. A static cache (more slots than keys written:
+``cache_implementation="static"``) is read in place up to the keys written (``seqused_k``,
+counted on the device, so nothing is read on the host) or, with padding, packed likewise. A
+model whose mask is not plain causal or bidirectional attention with padding (image tokens
+attending both ways, sequences packed by position_ids, chunked or sliding attention) raises. What pyssm does not compute raises instead of being dropped: attention dropout while
 training, soft-capping, sliding windows, position biases (T5-style), attention sinks, and
 attention probabilities (``output_attentions``).
 
@@ -90,14 +94,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     k, v = k.to(dtype), v.to(dtype)
     call = dict(causal=causal, softmax_scale=scaling, backend=_backend)
 
+    if attention_mask is not None and attention_mask.dtype == torch.int32:
+        if attention_mask.shape != (B,):
+            raise ValueError(f"attn_implementation='{NAME}': a static cache's key counts must be "
+                             f"int32 ({B},), got {tuple(attention_mask.shape)}")
+        # a static cache without padding: each row's first keys, read in place
+        return attention(q, k, v, seqused_k=attention_mask, **call).contiguous(), None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"attn_implementation='{NAME}' expects the 2D padding mask its mask "
                              f"function makes, got shape {tuple(attention_mask.shape)}; was "
                              f"register() called before the model was built?")
         if attention_mask.shape[1] != Sk:
-            raise _unsupported(f"a padding mask over {attention_mask.shape[1]} keys for {Sk} "
-                               f"keys (a static KV cache)")
+            raise ValueError(f"attn_implementation='{NAME}': a padding mask over "
+                             f"{attention_mask.shape[1]} keys for {Sk} keys")
         if bool(attention_mask.all()):
             attention_mask = None
     if attention_mask is None:
@@ -118,19 +128,49 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.view(q.shape), None
 
 
-def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0,
+def _check_mask_function(mask_function) -> None:
+    """Only plain causal or bidirectional masks (with padding) are pyssm's to compute: a model
+    that bends them (image tokens attending both ways, sequences packed by position_ids,
+    chunked or sliding attention) gets an error, not plain causal attention."""
+    from transformers import masking_utils
+
+    plain = (None, masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
+    if not any(mask_function is f for f in plain):
+        name = getattr(mask_function, "__name__", type(mask_function).__name__)
+        raise _unsupported(f"the attention mask this model builds ({name}: not plain causal or "
+                           f"bidirectional attention with padding)")
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
                  kv_offset: int = 0, mask_function=None,
-                 attention_mask: torch.Tensor | None = None, **kwargs):
-    """The mask transformers builds for "pyssm": None when no token is padding, otherwise
-    the boolean (batch, kv_length) padding mask (the attention function unpads with it)."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
+                 attention_mask: torch.Tensor | None = None, device=None, **kwargs):
+    """The mask transformers builds for "pyssm": None when every key is there to be seen;
+    the boolean (batch, kv_length) padding mask when some are padding (the attention function
+    unpads with it); or, for a static cache (kv_length slots, of which the first q_offset +
+    q_length are written) with no padding, the int32 (batch,) number of keys written, which the
+    attention function passes as seqused_k: the cache read in place, nothing read on the host
+    (q_offset is a tensor there)."""
+    _check_mask_function(mask_function)
+    if attention_mask is not None and attention_mask.dtype == torch.int32 and \
+            attention_mask.shape == (batch_size,):
+        return attention_mask   # made here already (generate builds masks ahead of the model)
+    if kv_offset:
+        raise _unsupported(f"a key offset (kv_offset={kv_offset}: a sliding-window cache)")
+    if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
                          f"(batch, length), got shape {tuple(attention_mask.shape)}")
+    static = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length
+    if attention_mask is None or bool(attention_mask[:, -kv_length:].all()):
+        if not static:
+            return None
+        if device is None:
+            device = attention_mask.device if attention_mask is not None else q_offset.device
+        return (torch.as_tensor(q_offset, device=device) + q_length).to(
+            torch.int32).reshape(1).expand(batch_size).contiguous()
     attention_mask = attention_mask[:, -kv_length:].bool()
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
-        return None
+    if attention_mask.shape[1] < kv_length:   # a static cache's slots not written yet
+        attention_mask = torch.nn.functional.pad(attention_mask,
+                                                 (0, kv_length - attention_mask.shape[1]))
     return attention_mask
 
 

@@ -100,6 +100,52 @@ def test_llama_generate_with_cache_and_left_padding_matches_sdpa(monkeypatch):
     assert len(calls) == 2 * 8 and all(calls)   # 2 layers x (prefill + 7 steps), all packed
 
 
+@pytest.mark.parametrize("side", ["none", "left"])
+def test_llama_generate_with_a_static_cache_matches_sdpa(side, monkeypatch):
+    """A static cache (cache_implementation="static": more slots than keys written) gives
+    sdpa's tokens. Without padding every call reads the cache in place up to the keys written
+    (seqused_k, one count a row, never read on the host); with left padding the valid keys are
+    packed (cu_seqlens_k)."""
+    from transformers import LlamaForCausalLM
+
+    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    if side == "left":
+        mask[0, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    want = ref.generate(input_ids=ids, **kw)
+    seen = []
+    real = ops.attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("seqused_k") is not None, kwargs.get("cu_seqlens_k") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyssm_hf, "attention", spy)
+    torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
+    assert len(seen) == 2 * 6
+    assert all(seen_ == ((True, False) if side == "none" else (False, True)) for seen_ in seen)
+
+
+def test_masks_pyssm_cannot_compute_raise():
+    """A mask function other than plain causal / bidirectional (here: sequences packed by
+    position_ids, no padding mask) raises rather than running plain causal attention."""
+    from transformers import LlamaForCausalLM
+
+    _, ours = _pair(LlamaForCausalLM, _llama_config())
+    ids = torch.randint(3, 97, (1, 8))
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="the attention mask this "
+                                                                 "model builds"):
+        ours(input_ids=ids, position_ids=packed_positions, use_cache=False)
+    with pytest.raises(NotImplementedError, match="a key offset"):
+        pyssm_hf.padding_mask(1, 1, 4, q_offset=9, kv_offset=6)
+
+
 def test_clip_vision_matches_sdpa(monkeypatch):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
