@@ -260,6 +260,11 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
                                      dq, dk, dv);
     return;
   }
+  // raises under torch.use_deterministic_algorithms(True) (warns with warn_only), as torch's
+  // own ops that add floats by atomics do (the composed path above is deterministic)
+  at::globalContext().alertNotDeterministic(
+      "pyssm::attention_backward on CUDA (its flash kernels add dq by float atomics or TMA "
+      "reduce-adds; backend='reference' is deterministic)");
   const int64_t dq_row = packed_token_stride(dq), dk_row = packed_token_stride(dk);
   TORCH_CHECK(dq_row > 0 && dk_row > 0 && packed_token_stride(dv) == dk_row,
               "attention backward: gradient buffers the kernels cannot address");

@@ -156,6 +156,11 @@ selective_scan_backward_cuda(const at::Tensor& dout, const at::Tensor& u,
   at::Tensor dD_part = at::zeros({s.batch, s.channels}, opts);
   at::Tensor dbias_part = at::zeros({s.batch, s.channels}, opts);
   if (du.numel() > 0) {
+    // raises under torch.use_deterministic_algorithms(True) (warns with warn_only), as torch's
+    // own ops that add floats by atomics do
+    at::globalContext().alertNotDeterministic(
+        "pyssm::selective_scan_backward on CUDA (its kernel sums dA, dB, dC, dD and the bias "
+        "gradient by float atomics; backend='reference' is deterministic)");
     SelectiveScanBwdParams p{};
     p.fwd = params(s, o, delta_softplus);
     const at::Tensor carries = at::empty({selective_scan_carry_elems(p.fwd)}, opts);

@@ -203,6 +203,11 @@ std::tuple<at::Tensor, at::Tensor> ss2d_forward_cuda(
   }
   const at::ScalarType out_dtype = out_float32 ? at::kFloat : x.scalar_type();
   if (x.numel() == 0) return {at::zeros(x.sizes(), x.options().dtype(out_dtype)), no_states};
+  // raises under torch.use_deterministic_algorithms(True) (warns with warn_only), as torch's
+  // own ops that add floats by atomics do: the sums' order, and so their last bits, vary
+  at::globalContext().alertNotDeterministic(
+      "pyssm::ss2d on CUDA (its kernels add the four scan directions into y by float "
+      "atomics; backend='reference' is deterministic)");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, D = s.dim, L = s.height * s.width;
 
@@ -294,6 +299,9 @@ ss2d_backward_cuda(const at::Tensor& dout, const at::Tensor& x, const at::Tensor
     return ss2d_backward_composed(dout, x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs,
                                   Ds, channels_first, std::nullopt);
   }
+  at::globalContext().alertNotDeterministic(
+      "pyssm::ss2d_backward on CUDA (its kernels add the four directions' gradients into dx "
+      "by float atomics; backend='reference' is deterministic)");
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t B = s.batch, D = s.dim, R = s.rank, N = s.dstate, L = s.height * s.width;
   const int64_t zw = R + 2 * N;
