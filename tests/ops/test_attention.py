@@ -128,19 +128,27 @@ def test_varlen_key_offsets_equal_separate_sequences(device, backend, causal):
         want_out.append(o[0])
         want_lse.append(l_[0])
     want_out, want_lse = torch.cat(want_out), torch.cat(want_lse, -1)
+    assert not torch.isfinite(want_lse).all(), "the case has rows that see no key"
+    assert_out_lse_and_grads(out, lse, want_out, want_lse, (q, k, v), cpu)
+
+
+def assert_out_lse_and_grads(out, lse, want_out, want_lse, inputs, exact_inputs):
+    """out and lse (-inf exactly where want_lse is) against float64, then the gradients of
+    q, k, v through both against autograd through the float64 ones (exact_inputs: CPU leaves);
+    returns the gradients."""
     torch.testing.assert_close(out.detach().cpu(), want_out.detach(), atol=1e-10, rtol=1e-10)
     finite = torch.isfinite(want_lse)
-    assert not finite.all(), "the case has rows that see no key"
     assert torch.equal(torch.isfinite(lse.detach().cpu()), finite)
     torch.testing.assert_close(lse.detach().cpu()[finite], want_lse.detach()[finite],
                                atol=1e-10, rtol=1e-10)
     g = torch.randn_like(out)
-    g_lse = torch.where(finite.to(device), torch.randn_like(lse), torch.zeros_like(lse))
-    got = torch.autograd.grad((out * g).sum() + (lse * g_lse).nan_to_num().sum(), (q, k, v))
+    g_lse = torch.where(finite.to(lse.device), torch.randn_like(lse), torch.zeros_like(lse))
+    got = torch.autograd.grad((out * g).sum() + (lse * g_lse).nan_to_num().sum(), inputs)
     want = torch.autograd.grad((want_out * g.cpu()).sum()
-                               + (want_lse * g_lse.cpu()).nan_to_num().sum(), cpu)
+                               + (want_lse * g_lse.cpu()).nan_to_num().sum(), exact_inputs)
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+    return got
 
 
 @pytest.mark.parametrize("device,backend", backend_params("attention"))
@@ -172,18 +180,7 @@ def test_seqused_k_attends_to_each_rows_first_keys(device, backend, causal):
     rows = [naive.attention(cpu[0][b:b + 1], cpu[1][b:b + 1, :u], cpu[2][b:b + 1, :u], causal)
             for b, u in enumerate(used)]
     want_out, want_lse = torch.cat([o for o, _ in rows]), torch.cat([l_ for _, l_ in rows])
-    torch.testing.assert_close(out.detach().cpu(), want_out.detach(), atol=1e-10, rtol=1e-10)
-    finite = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(lse.detach().cpu()), finite)
-    torch.testing.assert_close(lse.detach().cpu()[finite], want_lse.detach()[finite],
-                               atol=1e-10, rtol=1e-10)
-    g = torch.randn_like(out)
-    g_lse = torch.where(finite.to(device), torch.randn_like(lse), torch.zeros_like(lse))
-    got = torch.autograd.grad((out * g).sum() + (lse * g_lse).nan_to_num().sum(), (q, k, v))
-    want = torch.autograd.grad((want_out * g.cpu()).sum()
-                               + (want_lse * g_lse.cpu()).nan_to_num().sum(), cpu)
-    for name, a, b in zip("qkv", got, want):
-        torch.testing.assert_close(a.cpu(), b, atol=1e-10, rtol=1e-10, msg=f"d{name}")
+    got = assert_out_lse_and_grads(out, lse, want_out, want_lse, (q, k, v), cpu)
     for b, u in enumerate(used):
         assert (got[1][b, u:] == 0).all() and (got[2][b, u:] == 0).all()
 
