@@ -30,14 +30,19 @@ void check_offsets_tensor(const at::Tensor& cu, const at::Tensor& q, const char*
   check_same_device(cu, q, name, "q");
 }
 
+// An int tensor's values on the host (a device sync for a CUDA tensor)
+std::vector<int64_t> host_values(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  return {p, p + c.numel()};
+}
+
 // The offsets read to the host and checked against the `total` tokens of `tensors` (q, or k
 // and v) and max_seqlen; returns the longest sequence
 int64_t read_offsets_into(std::vector<int64_t>& starts, const at::Tensor& cu, int64_t total,
                           const char* name, const char* tensors,
                           std::optional<int64_t> max_seqlen, const char* max_name) {
-  at::Tensor c = cu.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = c.const_data_ptr<int64_t>();
-  starts.assign(p, p + c.numel());
+  starts = host_values(cu);
   TORCH_CHECK_VALUE(starts.front() == 0, name, " must start at 0, got ", starts.front());
   int64_t longest = 0;
   for (size_t i = 1; i < starts.size(); ++i) {
@@ -158,11 +163,9 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
 
 namespace {
 
-// seqused_k's values read to the host (a device sync for a CUDA tensor), each in [0, seqlen_k]
+// seqused_k's values read to the host (host_values), each checked to be in [0, seqlen_k]
 std::vector<int64_t> read_seqused(const at::Tensor& seqused_k, int64_t seqlen_k) {
-  at::Tensor c = seqused_k.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = c.const_data_ptr<int64_t>();
-  std::vector<int64_t> used(p, p + c.numel());
+  std::vector<int64_t> used = host_values(seqused_k);
   for (size_t b = 0; b < used.size(); ++b) {
     TORCH_CHECK_VALUE(used[b] >= 0 && used[b] <= seqlen_k, "seqused_k[", b, "] must be in [0, ",
                       seqlen_k, "] (the keys of k and v), got ", used[b]);

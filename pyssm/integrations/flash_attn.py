@@ -9,22 +9,19 @@ with int32 ``cu_seqlens``; qkvpacked (batch, seqlen, 3, heads, head_dim) or (tot
 head_dim), whose gradient comes back as one tensor; kvpacked kv (batch, seqlen_k, 2, heads_k,
 head_dim) or (total_k, 2, heads_k, head_dim)), same return values: the output, or with
 ``return_attn_probs=True`` (out, softmax_lse, None), lse as (batch, heads, seqlen_q) or,
-packed, (heads, total_q); the third value, flash-attn's dropout mask, is never formed. Grouped-query heads, bottom-right
-causal masking and packed queries and keys with different sequence boundaries (cu_seqlens_q
-and cu_seqlens_k) as in flash-attn. What pyssm does not compute raises NotImplementedError:
+packed, (heads, total_q); the third value, flash-attn's dropout mask, is never formed.
+Grouped-query heads, bottom-right causal masking and packed queries and keys with different
+sequence boundaries (cu_seqlens_q and cu_seqlens_k) as in flash-attn. What pyssm does not compute raises NotImplementedError:
 dropout, sliding windows, soft-capping, ALiBi and a paged KV cache; in
 ``flash_attn_with_kvcache`` also rotary embedding, cache_batch_idx and cache_leftpad.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from pyssm.ops import attention, attention_qkvpacked
-
-_attention_module = importlib.import_module("pyssm.ops.attention")  # (ops.attention: the op)
+from pyssm.ops.attention import check_seqused_values, trust_seqused
 
 
 def _unsupported(what: str) -> NotImplementedError:
@@ -178,7 +175,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
         # read once per tensor and version (every layer of a step shares it); the new tokens
         # must fit behind each row's cached ones
-        _attention_module.check_seqused_values(
+        check_seqused_values(
             cache_seqlens, capacity - new, "cache_seqlens",
             f"the cache's {capacity} slots less the {new} new tokens")
         used = cache_seqlens
@@ -188,6 +185,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             k_cache[rows, slots] = k.to(k_cache.dtype)
             v_cache[rows, slots] = v.to(v_cache.dtype)
             used = cache_seqlens + new
-            _attention_module.trust_seqused(used, capacity)   # (within it, as checked above)
+            trust_seqused(used, capacity)   # (within it, as checked above)
     return attention(q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
                      seqused_k=used, return_lse=return_softmax_lse, backend=backend)

@@ -18,9 +18,10 @@ keys (``cu_seqlens_k``), one call for the batch. A static cache (more slots than
 ``cache_implementation="static"``) is read in place up to the keys written (``seqused_k``,
 counted on the device, so nothing is read on the host) or, with padding, packed likewise. A
 model whose mask is not plain causal or bidirectional attention with padding (image tokens
-attending both ways, sequences packed by position_ids, chunked or sliding attention) raises. What pyssm does not compute raises instead of being dropped: attention dropout while
-training, soft-capping, sliding windows, position biases (T5-style), attention sinks, and
-attention probabilities (``output_attentions``).
+attending both ways, sequences packed by position_ids, chunked or sliding attention) raises.
+What pyssm does not compute raises instead of being dropped: attention dropout while training,
+soft-capping, sliding windows, position biases (T5-style), attention sinks, and attention
+probabilities (``output_attentions``).
 
 ``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP and Siglip2MLP (fc1, activation, fc2) by
 ``MLP``, the encoders' MLP (``pyssm.models.mlp.Mlp``) over the same layers: the same state dict,
@@ -160,14 +161,15 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
                          f"(batch, length), got shape {tuple(attention_mask.shape)}")
     static = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length
-    if attention_mask is None or bool(attention_mask[:, -kv_length:].all()):
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -kv_length:].bool()
+    if attention_mask is None or bool(attention_mask.all()):
         if not static:
             return None
-        if device is None:
-            device = attention_mask.device if attention_mask is not None else q_offset.device
+        if device is None and attention_mask is not None:
+            device = attention_mask.device
         return (torch.as_tensor(q_offset, device=device) + q_length).to(
             torch.int32).reshape(1).expand(batch_size).contiguous()
-    attention_mask = attention_mask[:, -kv_length:].bool()
     if attention_mask.shape[1] < kv_length:   # a static cache's slots not written yet
         attention_mask = torch.nn.functional.pad(attention_mask,
                                                  (0, kv_length - attention_mask.shape[1]))
