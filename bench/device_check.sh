@@ -111,6 +111,9 @@ if [ "${PYSSM_FLASH_SM90:-}" = 0 ] && [ -z "${PYSSM_FLASH_SM90_DQ:-}" ]; then
   smoke "hopper smoke, dQ atomics" PYSSM_FLASH_SM90 bench/hopper_smoke.py
   [ "${PYSSM_FLASH_SM90:-}" = 0 ] && unset PYSSM_FLASH_SM90_DQ
 fi
+# (a2') the flash-decoding attention kernel (every later step gives it the forwards with few
+# queries a group of heads)
+smoke "decode smoke" PYSSM_FLASH_DECODE bench/decode_smoke.py
 # (exit status bits: 1 layer_norm / depthwise_conv2d, 2 linear_gelu, 4 linear_residual_,
 # 8 mlp_gelu, 16 mlp_residual_ or norm_mlp_residual, 32 layer_norm_linear; over 63, a timeout
 # or crash: all six)
@@ -202,7 +205,7 @@ if [ -z "$NCU" ]; then
 else
   run_step ncu 90 "$LOGS/ncu.log" "$NCU" --clock-control none --section SpeedOfLight \
     --section Occupancy --section WarpStateStats \
-    -k 'regex:ss2d|xproj|n1_kernel|summary_kernel|main_kernel|flash|selective_scan' --launch-count 24 \
+    -k 'regex:ss2d|xproj|n1_kernel|summary_kernel|main_kernel|flash|selective_scan' --launch-count 28 \
     "$PY" bench/ncu_cases.py
   note ncu "$(outcome "$LOGS/ncu.log") (logs/ncu.log)" "$TOOK"
 fi

@@ -12,7 +12,8 @@ summary pass, which runs only without the states, is not profiled here: the ss2d
 `pyssm-cuda-no-states` rows time it); flash
 attention forward and backward at ViT-B/16 224 px (197 tokens, 12 heads, head_dim 64, bf16,
 batch 128), then its backward again with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic: the Hopper
-backward's v1 beside v2's TMA reduce-adds); selective_scan forward and backward at the oflex
+backward's v1 beside v2's TMA reduce-adds), and the flash-decoding forward and its merge at the
+attention_decode rows' shape (batch 16, 32 / 8 heads, hd128, 4096-slot caches); selective_scan forward and backward at the oflex
 anchor's (64, 384, 3136), d_state 1, bf16. The device check runs it after the benchmarks
 (bench/device_check.sh).
 PYSSM_NCU_DEVICE=cpu runs the same calls at batch 2 on the CPU kernels (a check of this script)."""
@@ -50,6 +51,14 @@ def main() -> None:
         o.backward(torch.randn_like(o))
     os.environ.pop("PYSSM_FLASH_SM90_DQ")
 
+    # the flash-decoding forward and its merge at the attention_decode row's shape (batch 16,
+    # 32 heads over 8, head_dim 128, caches of 4096 slots used 2048 ... 4096)
+    B_dec, slots = (16, 4096) if dev == "cuda" else (2, 256)
+    q = torch.randn(B_dec, 1, 32, 128, device=dev, dtype=bf16)
+    k, v = (torch.randn(B_dec, slots, 8, 128, device=dev, dtype=bf16) for _ in range(2))
+    used = torch.linspace(slots // 2, slots, B_dec, device=dev).round().int()
+    ops.attention(q, k, v, seqused_k=used, backend=dev)
+
     B_scan, L = (64, 3136) if dev == "cuda" else (2, 256)
     u, delta = (torch.randn(B_scan, 384, L, device=dev, dtype=bf16, requires_grad=True)
                 for _ in range(2))
@@ -62,7 +71,7 @@ def main() -> None:
     if dev == "cuda":
         torch.cuda.synchronize()
     print("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by "
-          "atomics), selective_scan fwd + bwd: done")
+          "atomics), flash-decoding, selective_scan fwd + bwd: done")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from pyssm import _extension, ops
+from pyssm.bench.harness import env_overrides
 
 DEV = os.environ.get("PYSSM_SANITIZE_DEVICE", "cuda")  # "cpu" to try the cases without a GPU
 
@@ -128,6 +129,19 @@ def attention_cases():
         used = torch.tensor([0, 1, 130, 300], device=DEV, dtype=torch.int32)
         return ops.attention(q, k, v, seqused_k=used, causal=True, backend=DEV)
     yield "seqused_k (0, 1, 130, 300) of 300 bf16 hd128 causal", kv_cache
+
+    def kv_cache_prefill_kernels():  # the same call on the prefill kernels (PYSSM_FLASH_DECODE=0)
+        with env_overrides({"PYSSM_FLASH_DECODE": "0"}):
+            return kv_cache()
+    yield "seqused_k (0, 1, 130, 300) of 300, prefill kernels", kv_cache_prefill_kernels
+
+    def decode_split():  # flash-decoding split over keys: 8 heads over 2, caches of 3000 slots
+        q = rand(3, 1, 8, 96, dtype=torch.float16)
+        k, v = (rand(3, 3000, 2, 96, dtype=torch.float16) for _ in range(2))
+        used = torch.tensor([0, 1500, 3000], device=DEV, dtype=torch.int32)
+        return ops.attention(q, k, v, seqused_k=used, backend=DEV)
+    yield "flash-decoding: 1 query x 8 heads / 2, seqused_k (0, 1500, 3000) fp16 hd96", \
+        decode_split
 
     # q, k and v read in place from one fused qkv (a token stride of 3 H d), and the backward's
     # dq, dk, dv written into one gradient of its shape: dense (Hopper and portable paths at

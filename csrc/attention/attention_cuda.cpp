@@ -3,7 +3,9 @@
 // (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp. On an
 // sm_90 GPU the forward and the backward at head_dim 64, 72, 80, 96 and 128 take the
 // Hopper kernels (flash_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh) unless the environment
-// says PYSSM_FLASH_SM90=0.
+// says PYSSM_FLASH_SM90=0. A forward with few queries a group of heads (seqlen_q x heads /
+// heads_k <= 16: decoding) takes the flash-decoding kernel (flash_decode_kernel.cuh) before
+// either, unless the environment says PYSSM_FLASH_DECODE=0.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +25,7 @@ namespace {
 
 using Launch = cudaError_t (*)(const FlashParams&, cudaStream_t);
 using BwdLaunch = cudaError_t (*)(const FlashBwdParams&, cudaStream_t);
+using DecodeLaunch = cudaError_t (*)(const FlashParams&, const FlashSplit&, cudaStream_t);
 
 // the forward's (Launch) or the backward's (BwdLaunch) launcher, or null
 template <typename L>
@@ -44,6 +47,52 @@ L launcher(at::ScalarType t, int64_t d) {
 #undef PYSSM_FLASH_CASES
 #undef PYSSM_FLASH_CASE
   return nullptr;
+}
+
+// The flash-decoding forward's launcher (flash_decode_kernel.cuh), or null
+DecodeLaunch decode_launcher(at::ScalarType t, int64_t d) {
+#define PYSSM_DECODE_CASE(tag, hd) \
+  if (d == hd) return flash_decode_fwd_##tag##_hd##hd;
+#define PYSSM_DECODE_CASES(tag)                                                  \
+  PYSSM_DECODE_CASE(tag, 32) PYSSM_DECODE_CASE(tag, 64) PYSSM_DECODE_CASE(tag, 72) \
+  PYSSM_DECODE_CASE(tag, 80) PYSSM_DECODE_CASE(tag, 96) PYSSM_DECODE_CASE(tag, 128)
+  if (t == at::kHalf) {
+    PYSSM_DECODE_CASES(fp16)
+  } else if (t == at::kBFloat16) {
+    PYSSM_DECODE_CASES(bf16)
+  }
+#undef PYSSM_DECODE_CASES
+#undef PYSSM_DECODE_CASE
+  return nullptr;
+}
+
+// Whether the flash-decoding forward takes the calls it fits (few queries a group of heads:
+// flash_decode_fits): PYSSM_FLASH_DECODE not "0" (read at every call, so a test or the
+// benchmark can compare it with the prefill kernels)
+bool decode_allowed() {
+  const char* env = std::getenv("PYSSM_FLASH_DECODE");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// Runs the flash-decoding forward where it fits and is allowed, with its split over keys and
+// that split's workspace; cudaErrorNotSupported where it does not take the call
+cudaError_t run_decode(const FlashParams& p, const at::Tensor& q, const AttnSizes& s,
+                       cudaStream_t stream) {
+  if (!flash_decode_fits(s.heads, s.heads_k, s.seqlen_q) || !decode_allowed())
+    return cudaErrorNotSupported;
+  const DecodeLaunch decode = decode_launcher(q.scalar_type(), s.head_dim);
+  if (decode == nullptr) return cudaErrorNotSupported;
+  const int sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
+  FlashSplit split = flash_decode_plan(s.batch, s.heads_k, s.seqlen_k, sms);
+  at::Tensor out_part, lse_part;  // (freed after the launch: the allocator orders by stream)
+  if (split.splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    out_part = at::empty({split.splits, p.total_q, s.heads, s.head_dim}, f32);
+    lse_part = at::empty({split.splits, s.heads, p.total_q}, f32);
+    split.out_part = out_part.mutable_data_ptr<float>();
+    split.lse_part = lse_part.mutable_data_ptr<float>();
+  }
+  return decode(p, split, stream);
 }
 
 // Whether the Hopper kernels may run for this call: an sm_90 GPU and PYSSM_FLASH_SM90 not "0"
@@ -228,8 +277,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t err = cudaErrorNotSupported;
-  if (const Launch hopper = sm90_launcher(q, s.head_dim)) err = hopper(p, stream);
+  cudaError_t err = run_decode(p, q, s, stream);
+  if (err == cudaErrorNotSupported) {
+    if (const Launch hopper = sm90_launcher(q, s.head_dim)) err = hopper(p, stream);
+  }
   if (err == cudaErrorNotSupported) err = launch(p, stream);
   TORCH_CHECK(err == cudaSuccess, "attention CUDA launch failed: ", cudaGetErrorString(err));
   return {out, lse};

@@ -77,6 +77,55 @@ PYSSM_FLASH_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_DECLARE_ALL
 #undef PYSSM_FLASH_DECLARE
 
+// Flash-decoding (flash_decode_kernel.cuh; flash_decode_<dtype>_hd<head_dim>.cu): the forward
+// for few queries against many keys (a decoding step, speculative or chunked decoding). One
+// block takes one (sequence, KV head) and one chunk of its keys; its 16 query rows are the
+// group's heads times the sequence's queries (row r: query r / group, head r % group), so a
+// group's heads read each K / V tile once. With several chunks, each block writes its rows'
+// partial output and log-sum-exp into workspace, and a second kernel merges them.
+// Where it applies: seqlen_q x (heads / heads_k) <= 16 (flash_decode_fits); head sizes as the
+// portable forward; FlashParams' contract unchanged (out, lse as the forward's).
+constexpr int64_t kFlashDecodeRows = 16;
+constexpr int64_t kFlashDecodeTile = 64;  // keys per tile; a chunk is a whole number of tiles
+
+struct FlashSplit {
+  int64_t splits;    // key chunks per (sequence, KV head): 1 writes out and lse directly
+  int64_t chunk;     // keys per chunk, a multiple of kFlashDecodeTile
+  float* out_part;   // splits > 1: (splits, total_q, heads, head_dim), each chunk's output
+  float* lse_part;   // splits > 1: (splits, heads, total_q), each chunk's lse (log2 domain)
+};
+
+inline bool flash_decode_fits(int64_t heads, int64_t heads_k, int64_t seqlen_q) {
+  return heads_k > 0 && heads % heads_k == 0 && seqlen_q >= 1 &&
+         seqlen_q * (heads / heads_k) <= kFlashDecodeRows;
+}
+
+// How many chunks: enough blocks for about two waves of `sms` multiprocessors, each chunk at
+// least two tiles (128 keys) and at most 128 chunks. seqlen_k: the longest sequence's keys.
+inline FlashSplit flash_decode_plan(int64_t batch, int64_t heads_k, int64_t seqlen_k, int sms) {
+  const int64_t tiles = (seqlen_k + kFlashDecodeTile - 1) / kFlashDecodeTile;
+  const int64_t base = batch * heads_k > 0 ? batch * heads_k : 1;
+  int64_t splits = (2 * int64_t(sms > 0 ? sms : 1) + base - 1) / base;
+  const int64_t most = (tiles + 1) / 2 < 128 ? (tiles + 1) / 2 : 128;
+  if (splits > most) splits = most;
+  if (splits < 1) splits = 1;
+  const int64_t chunk_tiles = tiles > 0 ? (tiles + splits - 1) / splits : 1;
+  splits = tiles > 0 ? (tiles + chunk_tiles - 1) / chunk_tiles : 1;
+  return {splits, chunk_tiles * kFlashDecodeTile, nullptr, nullptr};
+}
+
+#define PYSSM_FLASH_DECODE_DECLARE(tag, hd)                                      \
+  cudaError_t flash_decode_fwd_##tag##_hd##hd(const FlashParams& p, const FlashSplit& split, \
+                                              cudaStream_t stream);
+#define PYSSM_FLASH_DECODE_DECLARE_ALL(tag)                                               \
+  PYSSM_FLASH_DECODE_DECLARE(tag, 32) PYSSM_FLASH_DECODE_DECLARE(tag, 64)                 \
+  PYSSM_FLASH_DECODE_DECLARE(tag, 72) PYSSM_FLASH_DECODE_DECLARE(tag, 80)                 \
+  PYSSM_FLASH_DECODE_DECLARE(tag, 96) PYSSM_FLASH_DECODE_DECLARE(tag, 128)
+PYSSM_FLASH_DECODE_DECLARE_ALL(fp16)
+PYSSM_FLASH_DECODE_DECLARE_ALL(bf16)
+#undef PYSSM_FLASH_DECODE_DECLARE_ALL
+#undef PYSSM_FLASH_DECODE_DECLARE
+
 // The forward's Hopper path (flash_sm90_kernel.cuh; flash_sm90_<dtype>_hd<head_dim>.cu), for
 // sm_90 GPUs and head_dim 64, 72, 80, 96 and 128. Returns cudaErrorNotSupported where it
 // cannot run (a build without sm_90a code, no driver entry point for tensor maps): the caller

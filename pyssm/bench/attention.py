@@ -26,7 +26,9 @@ it, on qkv permuted to (3, B, H, N, d) and unbound.
 "attention_decode" rows: one decoding step of a language model against its KV cache, the
 caches filled to different lengths (GPU: bf16, 32 heads over 8 KV heads, head_dim 128, a
 4096-slot cache; CPU: float32, small): "pyssm-<backend>" reads the cache in place with
-seqused_k (flash_attn_with_kvcache's path); "pyssm-gathered" packs the used keys first and
+seqused_k (flash_attn_with_kvcache's path; on a GPU the flash-decoding kernel, split over
+keys); "pyssm-cuda-prefill-kernels" the same call with the flash-decoding kernel turned off
+(PYSSM_FLASH_DECODE=0: the prefill kernels, one head a block); "pyssm-gathered" packs the used keys first and
 passes cu_seqlens_k (the transformers backend's path for a left-padded batch: a boolean-mask
 gather, which reads and writes the used cache again and syncs to size it); "sdpa-default
 (masked)" is torch SDPA with the padding mask over the whole cache, as transformers' sdpa
@@ -89,6 +91,8 @@ def switched_provider(name: str, env: dict[str, str]) -> harness.Provider:
 # (v1) rather than TMA reduce-adds (v2, the default); the latter only where a backward runs.
 PORTABLE = "pyssm-cuda-portable"
 DQ_ATOMIC = "pyssm-cuda-dq-atomic"
+# attention_decode rows: the same call with the flash-decoding kernel turned off
+PREFILL = "pyssm-cuda-prefill-kernels"
 
 
 def anchor(mode: str, seqlen: int, provider: str, head_dim: int = 64) -> dict:
@@ -143,8 +147,10 @@ def decode_providers(kernel: str) -> list[harness.Provider]:
                                               v.transpose(1, 2), attn_mask=mask,
                                               enable_gqa=True).transpose(1, 2)
 
-    return [harness.pyssm_provider("attention", kernel, lambda q, k, v, used: ops.attention(
-                q, k, v, seqused_k=used, backend=kernel)),
+    in_place = harness.pyssm_provider("attention", kernel, lambda q, k, v, used: ops.attention(
+        q, k, v, seqused_k=used, backend=kernel))
+    prefill = [dataclasses.replace(in_place, name=PREFILL, env={"PYSSM_FLASH_DECODE": "0"})]
+    return [in_place, *(prefill if kernel == "cuda" else []),
             dataclasses.replace(harness.pyssm_provider("attention", kernel, gathered),
                                 name="pyssm-gathered"),
             harness.Provider("sdpa-default (masked)", sdpa_masked)]

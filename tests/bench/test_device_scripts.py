@@ -1,7 +1,7 @@
 """The scripts the device check runs on a GPU, run here on the CPU kernels (their CPU modes), so
 that a broken script is found before it costs device time: bench/sanitize_cases.py,
-bench/ncu_cases.py, bench/hopper_smoke.py, bench/ss2d_smoke.py, bench/triton_smoke.py's exit
-status, and bench/device_check.sh's syntax."""
+bench/ncu_cases.py, bench/hopper_smoke.py, bench/decode_smoke.py, bench/ss2d_smoke.py,
+bench/triton_smoke.py's exit status, and bench/device_check.sh's syntax."""
 
 import os
 import subprocess
@@ -30,7 +30,30 @@ def test_ncu_cases_run_on_the_cpu_kernels():
     done = run([sys.executable, "bench/ncu_cases.py"], PYSSM_NCU_DEVICE="cpu")
     assert done.returncode == 0, done.stderr[-2000:]
     assert ("ncu cases: ss2d fwd + bwd (stages 1 and 3), attention fwd + bwd (dQ by TMA, by "
-            "atomics), selective_scan fwd + bwd: done") in done.stdout
+            "atomics), flash-decoding, selective_scan fwd + bwd: done") in done.stdout
+
+
+def test_decode_smoke_skips_without_a_gpu():
+    done = run([sys.executable, "bench/decode_smoke.py"], PYSSM_DECODE_SMOKE_DEVICE="cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "decode smoke: skipped" in done.stdout
+
+
+def test_decode_smoke_cases_are_decode_shaped():
+    """Every smoke call is one the CUDA forward gives the flash-decoding kernel (seqlen_q x
+    heads / heads_k <= 16) and, on the CPU, agrees with the reference."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import decode_smoke
+    finally:
+        sys.path.pop(0)
+    from pyssm import ops
+    for name, q, k, v, kw in decode_smoke.cases("cpu"):
+        seqlen_q = q.shape[1] if q.dim() == 4 else kw["max_seqlen"]
+        assert seqlen_q * q.shape[-2] // k.shape[-2] <= 16, name
+        got = ops.attention(q.float(), k.float(), v.float(), backend="cpu", **kw)
+        want = ops.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+        assert (got.double() - want).abs().max() < 1e-4, name
 
 
 def test_hopper_smoke_skips_without_an_sm90_gpu():

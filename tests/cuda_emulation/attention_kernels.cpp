@@ -2,6 +2,7 @@
 // shuffles and mma.sync emulated), behind a C interface that test_attention_kernels.py calls
 // through ctypes: the real launchers and kernel code, nothing rewritten.
 #include "attention/flash_bwd_kernel.cuh"
+#include "attention/flash_decode_kernel.cuh"
 #include "attention/flash_kernel.cuh"
 #include "attention/flash_bwd_sm90_kernel.cuh"
 #include "attention/flash_sm90_kernel.cuh"
@@ -36,6 +37,19 @@ cudaError_t fwd(int head_dim, const pyssm::FlashParams& p) {
     case 80: return pyssm::flash::fwd<T, 80>(p, nullptr);
     case 96: return pyssm::flash::fwd<T, 96>(p, nullptr);
     case 128: return pyssm::flash::fwd<T, 128>(p, nullptr);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t decode(int head_dim, const pyssm::FlashParams& p, const pyssm::FlashSplit& split) {
+  switch (head_dim) {
+    case 32: return pyssm::flash_decode::fwd<T, 32>(p, split, nullptr);
+    case 64: return pyssm::flash_decode::fwd<T, 64>(p, split, nullptr);
+    case 72: return pyssm::flash_decode::fwd<T, 72>(p, split, nullptr);
+    case 80: return pyssm::flash_decode::fwd<T, 80>(p, split, nullptr);
+    case 96: return pyssm::flash_decode::fwd<T, 96>(p, split, nullptr);
+    case 128: return pyssm::flash_decode::fwd<T, 128>(p, split, nullptr);
   }
   return cudaErrorInvalidValue;
 }
@@ -101,6 +115,38 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
   return int(cudaErrorInvalidValue);
+}
+
+// The flash-decoding forward (flash_decode_kernel.cuh): arguments as emu_flash_fwd_any's, then
+// the split over keys: splits chunks of `chunk` keys, their workspace (out_part, lse_part: may
+// be null with one chunk).
+int emu_flash_decode_any(int dtype, int head_dim, const void* q, const void* k, const void* v,
+                         const int64_t* strides, void* out, float* lse, const int* cu,
+                         const int* cu_k, const int* used, const int64_t* sizes, float scale,
+                         int causal, int64_t splits, int64_t chunk, float* out_part,
+                         float* lse_part) {
+  pyssm::FlashParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.q_layout = {strides[0], strides[1], strides[2]};
+  p.kv_layout = {strides[3], strides[4], strides[5]};
+  p.out = out;
+  p.lse = lse;
+  set_sizes(p, sizes, cu, cu_k, used, scale, causal);
+  const pyssm::FlashSplit split{splits, chunk, out_part, lse_part};
+  if (dtype == 2) return int(decode<__half>(head_dim, p, split));
+  if (dtype == 3) return int(decode<__nv_bfloat16>(head_dim, p, split));
+  return int(cudaErrorInvalidValue);
+}
+
+// The split flash_decode_plan chooses (flash.cuh), as attention_cuda.cpp calls it: into
+// plan[0] (chunks) and plan[1] (keys a chunk)
+void emu_flash_decode_plan(int64_t batch, int64_t heads_k, int64_t seqlen_k, int sms,
+                           int64_t* plan) {
+  const pyssm::FlashSplit s = pyssm::flash_decode_plan(batch, heads_k, seqlen_k, sms);
+  plan[0] = s.splits;
+  plan[1] = s.chunk;
 }
 
 // sm90: the Hopper backward instead of the portable one, adding dQ by TMA reduce-adds (1) or

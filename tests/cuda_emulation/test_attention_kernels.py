@@ -434,3 +434,96 @@ def test_flash_heads_first_layout(emu, case, kernel):
     dout = torch.randn_like(q)
     got = backward_emulated(emu, qs, ks, vs, out, dout, lse, causal, scale, lengths, sm90=sm90)
     check_grads(got, torch.autograd.grad(want, exact_in, dout.double()), dout, v, dtype)
+
+
+# The flash-decoding forward (flash_decode_kernel.cuh: 16 query rows a block, the group's heads
+# times the sequence's queries; a split over keys merged by a second kernel). Cases: one query
+# of a group of 4 heads; a KV cache's used lengths with a row using no key; 4 queries x 4 heads
+# (16 rows) under a causal mask (per query, bottom-right) at head_dim 72; packed sequences
+# with keys of their own offsets, one with no query; 16 queries of one head; 2 queries x 8
+# heads over 500 keys; Sq > Sk under causal (rows that see no key).
+DECODE_CASES = [
+    (3, 1, 200, 8, 2, 128, False, None),
+    (2, 1, 150, 4, 4, 64, True, {"used": [0, 150]}),
+    (1, 4, 300, 8, 2, 72, True, None),
+    (0, 0, 0, 4, 1, 80, True, ([1, 3, 0, 2], [70, 3, 9, 130])),
+    (2, 16, 100, 2, 2, 32, False, None),
+    (1, 2, 500, 16, 2, 96, False, None),
+    (4, 1, 40, 2, 1, 64, False, {"used": [33, 7, 40, 1]}),
+    (1, 3, 2, 4, 4, 64, True, None),
+]
+
+
+def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
+    """The decode kernel with `splits` chunks of `chunk` keys, its workspace NaN-poisoned."""
+    H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
+    batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
+    out = poisoned(*q.shape, dtype=q.dtype)
+    lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
+    out_part = poisoned(splits, total_q, H, d, dtype=torch.float32) if splits > 1 else None
+    lse_part = poisoned(splits, H, total_q, dtype=torch.float32) if splits > 1 else None
+    used = seqused(lengths)  # (held: a pointer to a temporary would dangle)
+    rc = emu.emu_flash_decode_any(CODES[q.dtype], d, ptr(q), ptr(k), ptr(v),
+                                  sizes(*strides_of(q), *strides_of(k)), ptr(out), ptr(lse),
+                                  ptr(cu), ptr(cu_k), ptr(used),
+                                  sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k),
+                                  scale, int(causal), splits, chunk, ptr(out_part),
+                                  ptr(lse_part))
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    return out, lse
+
+
+@pytest.fixture
+def emu_decode(emu):
+    emu.emu_flash_decode_any.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 10 + \
+        [ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
+    emu.emu_flash_decode_plan.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p]
+    return emu
+
+
+# the split over keys: one chunk (out written directly), one tile a chunk (the last chunks of
+# short sequences not run, nor read by the merge), and two chunks of one tile where more keys
+# are left (the last chunk takes them all)
+SPLITS = {"one": lambda Sk: (1, 64), "tiles": lambda Sk: (max(1, -(-Sk // 64)), 64),
+          "short": lambda Sk: (2, 64)}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[case_id(c) for c in DECODE_CASES])
+def test_flash_decode_forward(emu_decode, case, dtype, split):
+    B, Sq, Sk, H, Hk, d, causal, lengths = case
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    scale = 1.0 / math.sqrt(d)
+    seqlen_k = layout(B, Sq, Sk, H, Hk, lengths)[2]
+    splits, chunk = SPLITS[split](seqlen_k)
+    out, lse = decode_emulated(emu_decode, q, k, v, causal, scale, lengths, splits, chunk)
+    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, dtype, **key_args(lengths))
+
+
+def test_flash_decode_strided_inputs(emu_decode):
+    """q, k and v read at their strides (spread apart with NaN between tokens; heads-first)."""
+    B, Sq, Sk, H, Hk, d, causal, lengths = 2, 2, 140, 8, 2, 64, True, {"used": [140, 77]}
+    dtype = torch.bfloat16
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    qs, ks, vs = heads_first(q, 5), spread(k, 40)[0], spread(v, 40)[0]
+    out, lse = decode_emulated(emu_decode, qs, ks, vs, causal, 0.125, lengths, 3, 64)
+    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, dtype,
+                  **key_args(lengths))
+
+
+@pytest.mark.parametrize("batch,heads_k,seqlen_k,sms", [
+    (16, 8, 4096, 132), (1, 8, 4096, 132), (1, 1, 100, 132), (64, 32, 8192, 132),
+    (1, 1, 1, 3), (2, 1, 0, 3), (1, 2, 300000, 132)])
+def test_flash_decode_plan(emu_decode, batch, heads_k, seqlen_k, sms):
+    """flash_decode_plan's split covers every key with whole tiles, runs no empty chunk, keeps
+    two tiles a chunk or more, and aims at about two blocks a multiprocessor."""
+    plan = sizes(0, 0)
+    emu_decode.emu_flash_decode_plan(batch, heads_k, seqlen_k, sms, plan)
+    splits, chunk = plan[0], plan[1]
+    assert chunk % 64 == 0 and 1 <= splits <= 128
+    assert splits * chunk >= seqlen_k and (splits == 1 or (splits - 1) * chunk < seqlen_k)
+    if splits > 1:
+        assert chunk >= 128
+        assert batch * heads_k * (splits - 1) < 2 * sms, "more chunks than two waves need"

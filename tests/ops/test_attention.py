@@ -561,6 +561,9 @@ def flash_path(request, monkeypatch):
         pytest.skip("the Hopper path is turned off here (PYSSM_FLASH_SM90=0, as the device "
                     "check sets it when bench/hopper_smoke.py fails)")
     monkeypatch.setenv("PYSSM_FLASH_SM90", "1" if request.param == "sm90" else "0")
+    # the prefill kernels, also for the few-query calls the flash-decoding kernel would take
+    # (test_cuda_flash_decode tests that one)
+    monkeypatch.setenv("PYSSM_FLASH_DECODE", "0")
     return request.param
 
 
@@ -774,13 +777,15 @@ def test_flash_backward_model_varlen(causal, head_dim):
                                    msg=f"d{name}")
 
 
-def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None):
+def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None,
+                 seqused_k=None):
     """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    cu = None if cu_seqlens is None else cu_seqlens.cpu()
-    cu_k = None if cu_seqlens_k is None else cu_seqlens_k.cpu()
+    cu, cu_k, used = (None if t is None else t.cpu() for t in (cu_seqlens, cu_seqlens_k,
+                                                               seqused_k))
     out, lse = ops.attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale,
-                                       cu_seqlens=cu, cu_seqlens_k=cu_k, return_lse=True)
+                                       cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=used,
+                                       return_lse=True)
     loss = (out * g.cpu().double()).sum()
     if g_lse is not None:
         loss = loss + (lse * g_lse.cpu().double()).nan_to_num().sum()
@@ -955,6 +960,79 @@ def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal):
         assert rel < 3e-2, (name, rel)
     for b, u in enumerate(used):
         assert (got[1][b, u:] == 0).all() and (got[2][b, u:] == 0).all()
+
+
+# Calls the flash-decoding forward takes (csrc/attention/flash_decode_kernel.cuh: seqlen_q x
+# heads / heads_k <= 16): one query of a group of 4 heads against 3000 keys (split over keys on
+# any GPU), a KV cache filled to different lengths (a row using none), 4 queries x 4 heads
+# under causal (speculative decoding: per-query masks), 16 queries of one head, packed
+# sequences with keys of their own offsets (a sequence with no query, one longer than a chunk).
+DECODE_CASES = {
+    "gqa": dict(shape=(3, 1, 3000, 32, 8)),
+    "kv-cache": dict(shape=(4, 1, 700, 8, 2), used=[0, 1, 333, 700]),
+    "speculative": dict(shape=(2, 4, 777, 8, 2), causal=True),
+    "mha-16": dict(shape=(1, 16, 129, 4, 4), causal=True),
+    "varlen-k": dict(lengths=([1, 3, 0, 2], [3000, 3, 9, 130]), heads=(8, 2), causal=True),
+}
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
+    """The flash-decoding forward: out and lse against float64 within the dtype's rounding and
+    as close to it as the prefill kernels' (PYSSM_FLASH_DECODE=0) on the same inputs; rows that
+    see no key give 0 and lse -inf; gradients (the flash backward from the decoding kernel's
+    out and lse) against float64; no synchronisation once the offsets / lengths are read."""
+    c = DECODE_CASES[case]
+    causal = c.get("causal", False)
+    call = dict(causal=causal, return_lse=True, backend=backend)
+    if "lengths" in c:
+        (lq, lk), (H, Hk) = c["lengths"], c["heads"]
+        call.update(cu_seqlens=offsets(lq, device), cu_seqlens_k=offsets(lk, device))
+        q_shape, kv_shape = (sum(lq), H, head_dim), (sum(lk), Hk, head_dim)
+    else:
+        B, Sq, Sk, H, Hk = c["shape"]
+        q_shape, kv_shape = (B, Sq, H, head_dim), (B, Sk, Hk, head_dim)
+        if "used" in c:
+            call["seqused_k"] = torch.tensor(c["used"], dtype=torch.int32, device=device)
+    q = torch.randn(q_shape, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(kv_shape, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    monkeypatch.setenv("PYSSM_FLASH_DECODE", "0")
+    prefill, prefill_lse = ops.attention(q, k, v, **call)   # (also reads offsets / lengths)
+    monkeypatch.setenv("PYSSM_FLASH_DECODE", "1")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = ops.attention(q, k, v, **call)
+        g = torch.randn_like(out)
+        finite = torch.isfinite(lse)
+        g_lse = torch.where(finite, torch.randn_like(lse), torch.zeros_like(lse))
+        got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).nan_to_num().sum(),
+                                  (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    keys = {n: call[n].cpu() for n in ("cu_seqlens", "cu_seqlens_k", "seqused_k") if n in call}
+    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
+                                             causal=causal, return_lse=True, **keys)
+    assert torch.equal(finite.cpu(), torch.isfinite(want_lse))
+    heads_first = out.detach().movedim(-2, 0)   # (H, ..., d): lse's row order
+    assert (heads_first[~finite.movedim(-2, 0) if lse.dim() == 3 else ~finite] == 0).all(), \
+        "a query that sees no key"
+    eps = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    err = (out.detach().cpu().double() - want).abs().max()
+    err_prefill = (prefill.detach().cpu().double() - want).abs().max()
+    assert err <= 4 * eps * want.abs().max(), err
+    assert err <= 2 * err_prefill + eps * want.abs().max(), (err, err_prefill)
+    torch.testing.assert_close(lse.detach().cpu().double()[finite.cpu()],
+                               want_lse[finite.cpu()], atol=2e-3, rtol=2e-3)
+    exact = _exact_grads(q, k, v, g, g_lse, causal, **keys)
+    for name, a, e in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - e).norm() / e.norm()
+        assert rel < 3e-2, (name, rel)
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
