@@ -11,9 +11,11 @@ head_dim) or (total_k, 2, heads_k, head_dim)), same return values: the output, o
 ``return_attn_probs=True`` (out, softmax_lse, None), lse as (batch, heads, seqlen_q) or,
 packed, (heads, total_q); the third value, flash-attn's dropout mask, is never formed.
 Grouped-query heads, bottom-right causal masking and packed queries and keys with different
-sequence boundaries (cu_seqlens_q and cu_seqlens_k) as in flash-attn. What pyssm does not compute raises NotImplementedError:
-dropout, sliding windows, soft-capping, ALiBi and a paged KV cache; in
-``flash_attn_with_kvcache`` also rotary embedding, cache_batch_idx and cache_leftpad.
+sequence boundaries (cu_seqlens_q and cu_seqlens_k) as in flash-attn; in
+``flash_attn_with_kvcache`` rotary embedding of q and the new k (rotary_cos / rotary_sin,
+interleaved or not) too. What pyssm does not compute raises NotImplementedError: dropout,
+sliding windows, soft-capping, ALiBi and a paged KV cache; in ``flash_attn_with_kvcache`` also
+cache_batch_idx and cache_leftpad.
 """
 
 from __future__ import annotations
@@ -126,6 +128,40 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     return (*result, None) if return_attn_probs else result
 
 
+def _rotate(x, cos, sin, positions, interleaved):
+    """x (batch, seqlen, heads, d) with its first rotary_dim = 2 cos.shape[1] dimensions rotated
+    by the rows `positions` (batch, seqlen) of cos / sin (seqlen_ro, rotary_dim / 2): pairs of
+    dimensions (2i, 2i + 1) when interleaved (GPT-J), else (i, i + rotary_dim / 2) (GPT-NeoX);
+    in float32 (float64 for float64), returned in x's dtype."""
+    half, work = cos.shape[1], torch.promote_types(x.dtype, torch.float32)
+    c, s = (t[positions].unsqueeze(2).to(work) for t in (cos, sin))  # (batch, seqlen, 1, half)
+    head = x[..., :2 * half].to(work)
+    if interleaved:
+        x1, x2 = head[..., 0::2], head[..., 1::2]
+        turned = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = head[..., :half], head[..., half:]
+        turned = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((turned.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def _check_rotary(rotary_cos, rotary_sin, k, head_dim, positions):
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin are given together or not at all")
+    if k is None:
+        raise ValueError("rotary_cos / rotary_sin rotate the new k: give k and v too")
+    if (rotary_cos.dim() != 2 or rotary_sin.shape != rotary_cos.shape
+            or not 0 < 2 * rotary_cos.shape[1] <= head_dim):
+        raise ValueError(f"rotary_cos and rotary_sin must be (seqlen_ro, rotary_dim / 2) of one "
+                         f"shape with rotary_dim <= head_dim {head_dim}, got "
+                         f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+    if rotary_cos.shape[0] < positions:
+        raise ValueError(f"rotary_cos and rotary_sin must have a row for each of the "
+                         f"{positions} positions q and k may take (seqlen_ro >= seqlen_cache, "
+                         f"and under causal >= the last free slot + seqlen_q), got "
+                         f"{rotary_cos.shape[0]}")
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
                             rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
                             cache_leftpad=None, block_table=None, softmax_scale=None,
@@ -138,12 +174,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     heads_k, d), when given, are written into the caches in place at positions
     cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1. Causal masking is bottom-right
     aligned at each row's length. The caches are read in place (``seqused_k``), never gathered.
-    Returns out like q, or (out, softmax_lse (batch, heads, seqlen_q)) with
+    With rotary_cos and rotary_sin (seqlen_ro, rotary_dim / 2), the new k is rotated at
+    positions cache_seqlens[b] + j before it is written, and q at cache_seqlens[b] + i under a
+    causal mask, else at cache_seqlens[b] (every query at the first new position), as
+    flash-attn does; rotary_interleaved pairs dimensions (2i, 2i + 1), else (i, i + rotary_dim
+    / 2). Returns out like q, or (out, softmax_lse (batch, heads, seqlen_q)) with
     return_softmax_lse. ``num_splits`` is flash-attn's tuning knob and ignored."""
     _check_extras(0.0, window_size, softcap, alibi_slopes)
-    if rotary_cos is not None or rotary_sin is not None:
-        raise _unsupported("rotary embedding inside attention (rotary_cos / rotary_sin); "
-                           "apply it to q and k first")
     if cache_batch_idx is not None:
         raise _unsupported("cache_batch_idx")
     if cache_leftpad is not None:
@@ -164,6 +201,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
         if cache_seqlens is None:
             raise ValueError("cache_seqlens must say where k and v go in the caches")
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary:
+        # (causal: query i at cache_seqlens + i, at most the cache's last free slot + i)
+        positions = capacity - new + (q.shape[1] if causal else 1)
+        _check_rotary(rotary_cos, rotary_sin, k, k_cache.shape[3], max(capacity, positions))
     if cache_seqlens is None:
         used = None
     else:
@@ -182,6 +224,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if new:
             rows = torch.arange(batch, device=k_cache.device)[:, None]
             slots = cache_seqlens.long()[:, None] + torch.arange(new, device=k_cache.device)
+            if rotary:
+                k = _rotate(k, rotary_cos, rotary_sin, slots, rotary_interleaved)
+                at = cache_seqlens.long()[:, None] + torch.arange(
+                    q.shape[1], device=q.device) * int(causal)
+                q = _rotate(q, rotary_cos, rotary_sin, at, rotary_interleaved)
             k_cache[rows, slots] = k.to(k_cache.dtype)
             v_cache[rows, slots] = v.to(v_cache.dtype)
             used = cache_seqlens + new

@@ -95,6 +95,50 @@ def test_flash_attn_with_kvcache_appends_and_attends(causal):
         torch.testing.assert_close(lse[b:b + 1], want_lse, atol=1e-10, rtol=1e-10)
 
 
+def _rotated(x, angles, positions, interleaved):
+    """x (B, S, H, d) with its first 2 angles.shape[1] dimensions turned by angles[positions],
+    as complex numbers: pairs (2i, 2i + 1) interleaved, else (i, i + half)."""
+    half = angles.shape[1]
+    head = x[..., :2 * half]
+    if interleaved:
+        z = torch.complex(head[..., 0::2], head[..., 1::2])
+    else:
+        z = torch.complex(head[..., :half], head[..., half:])
+    z = z * torch.polar(torch.ones_like(angles), angles)[positions][:, :, None]
+    pairs = (torch.stack((z.real, z.imag), -1).flatten(-2) if interleaved
+             else torch.cat((z.real, z.imag), -1))
+    return torch.cat((pairs, x[..., 2 * half:]), -1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_flash_attn_with_kvcache_rotary(causal, interleaved):
+    """rotary_cos / rotary_sin over the first 8 of 16 dimensions: the new k written into the
+    cache rotated at positions cache_seqlens + j, v as given, and q rotated at cache_seqlens + i
+    (causal) or cache_seqlens (every query, otherwise), as flash-attn does; out against
+    float64 attention over the rotated q and keys."""
+    B, cap, H, Hk, d, new = 3, 12, 4, 2, 16, 2
+    k_cache, v_cache = torch.randn(B, cap, Hk, d, dtype=F64), torch.randn(B, cap, Hk, d, dtype=F64)
+    q = torch.randn(B, new, H, d, dtype=F64)
+    k, v = torch.randn(B, new, Hk, d, dtype=F64), torch.randn(B, new, Hk, d, dtype=F64)
+    lengths = [0, 5, 10]
+    angles = torch.arange(cap, dtype=F64)[:, None] * 10000.0 ** -(torch.arange(4) / 4)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor(
+        lengths, dtype=torch.int32), rotary_cos=angles.cos(), rotary_sin=angles.sin(),
+        causal=causal, rotary_interleaved=interleaved)
+    slots = torch.tensor(lengths)[:, None] + torch.arange(new)
+    q_at = torch.tensor(lengths)[:, None] + torch.arange(new) * int(causal)
+    q_rot = _rotated(q, angles, q_at, interleaved)
+    k_rot = _rotated(k, angles, slots, interleaved)
+    assert not torch.allclose(k_rot[1], k[1]) and torch.equal(k_rot[..., 8:], k[..., 8:])
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(k_cache[b, n:n + new], k_rot[b], atol=1e-12, rtol=1e-12)
+        assert torch.equal(v_cache[b, n:n + new], v[b])
+        want, _ = naive.attention(q_rot[b:b + 1], k_cache[b:b + 1, :n + new],
+                                  v_cache[b:b + 1, :n + new], causal=causal)
+        torch.testing.assert_close(out[b:b + 1], want, atol=1e-10, rtol=1e-10)
+
+
 def test_flash_attn_with_kvcache_reads_the_cache_as_it_is():
     """No new tokens: an int cache_seqlens, and None (the whole cache)."""
     k_cache, v_cache = torch.randn(2, 7, 1, 8, dtype=F64), torch.randn(2, 7, 1, 8, dtype=F64)
@@ -121,9 +165,18 @@ def test_flash_attn_with_kvcache_bad_arguments():
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone())
     with pytest.raises(ValueError, match=r"cache_seqlens must be an int or int32 \(2,\)"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=seqlens.long())
-    with pytest.raises(NotImplementedError, match="rotary embedding"):
+    with pytest.raises(ValueError, match="rotate the new k: give k and v too"):
         flash_attn_with_kvcache(q, k_cache, k_cache, rotary_cos=torch.ones(6, 4),
                                 rotary_sin=torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin are given together"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(), cache_seqlens=2,
+                                rotary_cos=torch.ones(6, 4))
+    with pytest.raises(ValueError, match=r"rotary_dim <= head_dim 8, got \(6, 5\)"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(), cache_seqlens=2,
+                                rotary_cos=torch.ones(6, 5), rotary_sin=torch.ones(6, 5))
+    with pytest.raises(ValueError, match=r"a row for each of the 6 positions .* got 5"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(), cache_seqlens=2,
+                                rotary_cos=torch.ones(5, 2), rotary_sin=torch.ones(5, 2))
     with pytest.raises(NotImplementedError, match="a paged KV cache"):
         flash_attn_with_kvcache(q, k_cache, k_cache, block_table=torch.zeros(2, 1))
     with pytest.raises(NotImplementedError, match="sliding windows"):
