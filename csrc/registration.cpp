@@ -63,13 +63,13 @@ TORCH_LIBRARY(pyssm, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, "
       "Tensor? cu_seqlens, int? max_seqlen, Tensor? cu_seqlens_k=None, int? max_seqlen_k=None, "
-      "Tensor? seqused_k=None) -> (Tensor, Tensor)");
+      "Tensor? seqused_k=None, Tensor? leftpad_k=None) -> (Tensor, Tensor)");
   // dlse (optional) is the gradient of the lse output.
   m.def(
       "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, bool causal, float? softmax_scale, Tensor? cu_seqlens, int? max_seqlen, "
-      "Tensor? cu_seqlens_k=None, int? max_seqlen_k=None, Tensor? seqused_k=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? cu_seqlens_k=None, int? max_seqlen_k=None, Tensor? seqused_k=None, "
+      "Tensor? leftpad_k=None) -> (Tensor, Tensor, Tensor)");
   // The same with q, k, v packed in one qkv: (B, S, 3, H, d), or (T, 3, H, d) with cu_seqlens
   // (a fused qkv projection, unreshaped); the backward returns dqkv, qkv's shape.
   m.def(

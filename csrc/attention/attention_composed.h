@@ -17,7 +17,9 @@ struct AttnSizes {
   std::vector<int64_t> starts;    // varlen: cu_seqlens as int64
   std::vector<int64_t> starts_k;  // varlen: the keys' offsets (cu_seqlens_k, or cu_seqlens)
   bool used_k = false;            // dense: seqused_k given (each sequence's first keys)
-  std::vector<int64_t> used;      // ... its values, where read (read_seqused)
+  std::vector<int64_t> used;      // ... its values, where read (read_key_ranges)
+  bool lead_k = false;            // dense: leftpad_k given (each sequence's first key)
+  std::vector<int64_t> lead;      // ... its values, where read (read_key_ranges)
 };
 
 // Every shape, dtype, device and cu_seqlens check of attention. Packed keys have their own
@@ -28,14 +30,16 @@ struct AttnSizes {
 // max_seqlen, and max_seqlen_k for cu_seqlens_k, are given) nothing is read: they size the
 // grids and `starts` stays empty; pyssm.ops.attention has checked the values (once per tensor)
 // and the kernels clamp every offset into [0, total tokens]. seqused_k (dense batches: int32
-// (batch,), sequence b attends to its first seqused_k[b] keys) is checked here but never read:
-// the composed path reads it (read_seqused), the kernels clamp it into [0, seqlen_k].
+// (batch,), sequence b attends to its first seqused_k[b] keys) and leftpad_k (likewise; none
+// before key leftpad_k[b]) are checked here but never read: the composed path reads them
+// (read_key_ranges), the kernels clamp them into [0, seqlen_k] and [0, the end].
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& cu_seqlens,
                                std::optional<int64_t> max_seqlen,
                                const std::optional<at::Tensor>& cu_seqlens_k,
                                std::optional<int64_t> max_seqlen_k,
                                const std::optional<at::Tensor>& seqused_k,
+                               const std::optional<at::Tensor>& leftpad_k,
                                bool read_offsets = true);
 
 // ... and those of attention_backward (dout, out, lse, dlse against q's sizes).
@@ -49,6 +53,7 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const std::optional<at::Tensor>& cu_seqlens_k,
                                         std::optional<int64_t> max_seqlen_k,
                                         const std::optional<at::Tensor>& seqused_k,
+                                        const std::optional<at::Tensor>& leftpad_k,
                                         bool read_offsets = true);
 
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
@@ -58,14 +63,16 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                       std::optional<int64_t> max_seqlen,
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       std::optional<int64_t> max_seqlen_k,
-                                                      const std::optional<at::Tensor>& seqused_k);
+                                                      const std::optional<at::Tensor>& seqused_k,
+                                                      const std::optional<at::Tensor>& leftpad_k);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k);
+    std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& leftpad_k);
 
 // The same, written into dq, dk and dv (q's, k's and v's shapes, any strides)
 void attention_backward_composed_into(
@@ -74,7 +81,8 @@ void attention_backward_composed_into(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k,
-    const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq, const at::Tensor& dk,
+    const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 
 // attention_qkvpacked's backward by `into` (attention_backward_composed_into, or the CUDA
@@ -86,7 +94,8 @@ using AttentionBackwardInto = void (*)(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k,
-    const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq, const at::Tensor& dk,
+    const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 at::Tensor attention_qkvpacked_backward_by(
     AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,

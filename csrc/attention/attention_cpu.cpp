@@ -74,7 +74,8 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
                                std::optional<int64_t> max_seqlen,
                                const std::optional<at::Tensor>& cu_seqlens_k,
                                std::optional<int64_t> max_seqlen_k,
-                               const std::optional<at::Tensor>& seqused_k, bool read_offsets) {
+                               const std::optional<at::Tensor>& seqused_k,
+                               const std::optional<at::Tensor>& leftpad_k, bool read_offsets) {
   check_floating(q, "q");
   check_floating(k, "k");
   check_floating(v, "v");
@@ -158,6 +159,17 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
     check_same_device(*seqused_k, q, "seqused_k", "q");
     s.used_k = true;
   }
+  if (leftpad_k) {
+    TORCH_CHECK_VALUE(!s.varlen, "leftpad_k is for dense batches (a left-padded KV cache); "
+                      "packed keys give their starts in cu_seqlens_k");
+    TORCH_CHECK_TYPE(leftpad_k->scalar_type() == at::kInt, "leftpad_k must be int32, got ",
+                     leftpad_k->scalar_type());
+    check_rank(*leftpad_k, 1, "leftpad_k", "(batch,)");
+    TORCH_CHECK_VALUE(leftpad_k->size(0) == s.batch, "leftpad_k must hold the ", s.batch,
+                      " first keys of the batch, got ", leftpad_k->size(0));
+    check_same_device(*leftpad_k, q, "leftpad_k", "q");
+    s.lead_k = true;
+  }
   return s;
 }
 
@@ -173,6 +185,22 @@ std::vector<int64_t> read_seqused(const at::Tensor& seqused_k, int64_t seqlen_k)
   return used;
 }
 
+// The key ranges of a dense batch with seqused_k and / or leftpad_k, read to the host: s.used
+// (each sequence's end, seqlen_k without seqused_k) and s.lead (its first key, 0 without
+// leftpad_k), each lead checked to be in [0, its end]
+void read_key_ranges(AttnSizes& s, const std::optional<at::Tensor>& seqused_k,
+                     const std::optional<at::Tensor>& leftpad_k) {
+  s.used = seqused_k ? read_seqused(*seqused_k, s.seqlen_k)
+                     : std::vector<int64_t>(size_t(s.batch), s.seqlen_k);
+  s.lead = leftpad_k ? host_values(*leftpad_k) : std::vector<int64_t>(size_t(s.batch), 0);
+  for (size_t b = 0; b < s.lead.size(); ++b) {
+    TORCH_CHECK_VALUE(s.lead[b] >= 0 && s.lead[b] <= s.used[b], "leftpad_k[", b,
+                      "] must be in [0, ", s.used[b], "] (", seqused_k ? "seqused_k[" : "",
+                      seqused_k ? std::to_string(b) + "]" : std::string("the keys of k and v"),
+                      "), got ", s.lead[b]);
+  }
+}
+
 }  // namespace
 
 AttnSizes check_attention_backward_args(const at::Tensor& dout,
@@ -185,9 +213,10 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const std::optional<at::Tensor>& cu_seqlens_k,
                                         std::optional<int64_t> max_seqlen_k,
                                         const std::optional<at::Tensor>& seqused_k,
+                                        const std::optional<at::Tensor>& leftpad_k,
                                         bool read_offsets) {
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
-                                           max_seqlen_k, seqused_k, read_offsets);
+                                           max_seqlen_k, seqused_k, leftpad_k, read_offsets);
   check_shape(dout, q.sizes(), "dout", "the shape of q");
   check_shape(out, q.sizes(), "out", "the shape of q");
   const std::vector<int64_t> lse_shape =
@@ -234,13 +263,13 @@ double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
 }
 
 // The work is split in chunks that bound the score memory: packed sequences one at a time,
-// dense batches kBatchChunk rows at a time (one at a time with seqused_k, whose rows use
-// different numbers of keys). chunk() gives chunk i of a (B, S, H, d) or packed (T, H, d)
-// tensor of queries as (b, S, H, d), chunk_k() of keys (the used ones: s.used read);
+// dense batches kBatchChunk rows at a time (one at a time with seqused_k or leftpad_k, whose
+// rows use different keys). chunk() gives chunk i of a (B, S, H, d) or packed (T, H, d)
+// tensor of queries as (b, S, H, d), chunk_k() of keys (the used ones: s.used, s.lead read);
 // lse_chunk() the (b, H, S) view of lse that matches chunk().
 constexpr int64_t kBatchChunk = 16;
 
-int64_t chunk_rows(const AttnSizes& s) { return s.used_k ? 1 : kBatchChunk; }
+int64_t chunk_rows(const AttnSizes& s) { return s.used_k || s.lead_k ? 1 : kBatchChunk; }
 
 int64_t num_chunks(const AttnSizes& s) {
   return s.varlen ? s.batch : (s.batch + chunk_rows(s) - 1) / chunk_rows(s);
@@ -257,7 +286,7 @@ at::Tensor chunk_k(const at::Tensor& t, const AttnSizes& s, int64_t i) {
     return t.narrow(0, s.starts_k[i], s.starts_k[i + 1] - s.starts_k[i]).unsqueeze(0);
   }
   at::Tensor c = chunk(t, s, i);
-  return s.used_k ? c.narrow(1, 0, s.used[i]) : c;
+  return s.used_k || s.lead_k ? c.narrow(1, s.lead[i], s.used[i] - s.lead[i]) : c;
 }
 
 at::Tensor lse_chunk(const at::Tensor& lse, const AttnSizes& s, int64_t i) {
@@ -275,10 +304,11 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                  std::optional<int64_t> max_seqlen,
                                                  const std::optional<at::Tensor>& cu_seqlens_k,
                                                  std::optional<int64_t> max_seqlen_k,
-                                                 const std::optional<at::Tensor>& seqused_k) {
+                                                 const std::optional<at::Tensor>& seqused_k,
+                                                 const std::optional<at::Tensor>& leftpad_k) {
   AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
-                                     max_seqlen_k, seqused_k);
-  if (seqused_k) s.used = read_seqused(*seqused_k, s.seqlen_k);
+                                     max_seqlen_k, seqused_k, leftpad_k);
+  if (seqused_k || leftpad_k) read_key_ranges(s, seqused_k, leftpad_k);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
@@ -293,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
     at::Tensor S = scores(qh, kh, scale, causal);
     at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
     at::Tensor P = at::softmax(S, -1);
-    if (causal && (s.varlen_k || s.used_k || s.seqlen_q > s.seqlen_k)) {  // rows seeing no key: 0
+    if (causal && (s.varlen_k || s.used_k || s.lead_k || s.seqlen_q > s.seqlen_k)) {  // no key: 0
       P.masked_fill_(at::isneginf(lse_i).unsqueeze(-1), 0);
     }
     at::Tensor o = at::matmul(P, vh);
@@ -308,12 +338,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
     const std::optional<at::Tensor>& cu_seqlens_k, std::optional<int64_t> max_seqlen_k,
-    const std::optional<at::Tensor>& seqused_k) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& leftpad_k) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                    cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                                   leftpad_k,
                                    dq, dk, dv);
   return {dq, dk, dv};
 }
@@ -324,15 +355,17 @@ void attention_backward_composed_into(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k,
-    const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq, const at::Tensor& dk,
+    const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv) {
   AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
-                                              max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k);
+                                              max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                                              leftpad_k);
   const at::ScalarType acc = acc_type(q.scalar_type());
   const double scale = resolve_scale(softmax_scale, s.head_dim);
   const int64_t group = s.heads / s.heads_k;
-  if (seqused_k) {  // keys past a sequence's used ones get no gradient
-    s.used = read_seqused(*seqused_k, s.seqlen_k);
+  if (seqused_k || leftpad_k) {  // keys outside a sequence's used ones get no gradient
+    read_key_ranges(s, seqused_k, leftpad_k);
     dk.zero_();
     dv.zero_();
   }
@@ -381,7 +414,7 @@ at::Tensor attention_qkvpacked_backward_by(
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
   into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-       std::nullopt, std::nullopt, std::nullopt, dq, dk, dv);
+       std::nullopt, std::nullopt, std::nullopt, std::nullopt, dq, dk, dv);
   return dqkv;
 }
 
@@ -392,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                            std::nullopt, std::nullopt, std::nullopt);
+                            std::nullopt, std::nullopt, std::nullopt, std::nullopt);
 }
 
 at::Tensor attention_qkvpacked_backward_composed(

@@ -220,11 +220,11 @@ bool offsets_unread(const std::optional<at::Tensor>& cu_seqlens,
 
 // The fields FlashParams and FlashBwdParams share: q, k, v, the sizes, scale and masking.
 // cu, cu_k: the packed offsets (contiguous), cu_k undefined where the keys share q's; used:
-// seqused_k (contiguous) or undefined.
+// seqused_k, lead: leftpad_k (contiguous) or undefined.
 template <typename Params>
 void set_common(Params& p, const KernelInput& q, const KernelInput& k, const KernelInput& v,
                 const AttnSizes& s, const at::Tensor& cu, const at::Tensor& cu_k,
-                const at::Tensor& used, double scale, bool causal) {
+                const at::Tensor& used, const at::Tensor& lead, double scale, bool causal) {
   p.q = q.t.const_data_ptr();
   p.k = k.t.const_data_ptr();
   p.v = v.t.const_data_ptr();
@@ -233,6 +233,7 @@ void set_common(Params& p, const KernelInput& q, const KernelInput& k, const Ker
   p.cu_seqlens = s.varlen ? cu.const_data_ptr<int>() : nullptr;
   p.cu_seqlens_k = s.varlen_k ? cu_k.const_data_ptr<int>() : nullptr;
   p.seqused_k = s.used_k ? used.const_data_ptr<int>() : nullptr;
+  p.leftpad_k = s.lead_k ? lead.const_data_ptr<int>() : nullptr;
   p.batch = s.batch;
   p.heads = s.heads;
   p.heads_k = s.heads_k;
@@ -251,14 +252,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   std::optional<int64_t> max_seqlen,
                                                   const std::optional<at::Tensor>& cu_seqlens_k,
                                                   std::optional<int64_t> max_seqlen_k,
-                                                  const std::optional<at::Tensor>& seqused_k) {
+                                                  const std::optional<at::Tensor>& seqused_k,
+                                                  const std::optional<at::Tensor>& leftpad_k) {
   const bool read_offsets = !offsets_unread(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k);
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
-                                           max_seqlen_k, seqused_k, read_offsets);
+                                           max_seqlen_k, seqused_k, leftpad_k, read_offsets);
   const Launch launch = launcher<Launch>(q.scalar_type(), s.head_dim);
   if (launch == nullptr || s.batch > 65535 || s.heads > 65535) {
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                              cu_seqlens_k, max_seqlen_k, seqused_k);
+                              cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k);
   }
   const c10::cuda::CUDAGuard guard(q.device());
   const auto [qr, kr, vr] = kernel_inputs(q, k, v);
@@ -266,14 +268,15 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(at::kFloat))
                             : at::empty({s.batch, s.heads, s.seqlen_q},
                                         q.options().dtype(at::kFloat));
-  at::Tensor cu, cu_k, used;
+  at::Tensor cu, cu_k, used, lead;
   if (s.varlen) cu = cu_seqlens->contiguous();
   if (s.varlen_k) cu_k = cu_seqlens_k->contiguous();
   if (s.used_k) used = seqused_k->contiguous();
+  if (s.lead_k) lead = leftpad_k->contiguous();
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashParams p{};
-  set_common(p, qr, kr, vr, s, cu, cu_k, used, scale, causal);
+  set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -297,10 +300,12 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
                                   std::optional<int64_t> max_seqlen,
                                   const std::optional<at::Tensor>& cu_seqlens_k,
                                   std::optional<int64_t> max_seqlen_k,
-                                  const std::optional<at::Tensor>& seqused_k, const at::Tensor& dq,
+                                  const std::optional<at::Tensor>& seqused_k,
+                                  const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq,
                                   const at::Tensor& dk, const at::Tensor& dv) {
   const AttnSizes s = check_attention_backward_args(
       dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+      leftpad_k,
       !offsets_unread(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k));
   const BwdLaunch launch = launcher<BwdLaunch>(q.scalar_type(), s.head_dim);
   const at::ScalarType t = q.scalar_type();
@@ -308,7 +313,7 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
       out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
     attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                      cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
-                                     dq, dk, dv);
+                                     leftpad_k, dq, dk, dv);
     return;
   }
   // raises under torch.use_deterministic_algorithms(True) (warns with warn_only), as torch's
@@ -324,11 +329,12 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
   const at::Tensor oc = for_kernel(out), doc = for_kernel(dout), lc = lse.contiguous();
   at::Tensor dlc;
   if (dlse) dlc = dlse->to(at::kFloat).contiguous();
-  at::Tensor cu, cu_k, used;
+  at::Tensor cu, cu_k, used, lead;
   if (s.varlen) cu = cu_seqlens->contiguous();
   if (s.varlen_k) cu_k = cu_seqlens_k->contiguous();
-  if (s.used_k) {  // the kernels write the used keys' gradients only
-    used = seqused_k->contiguous();
+  if (s.used_k) used = seqused_k->contiguous();
+  if (s.lead_k) lead = leftpad_k->contiguous();
+  if (s.used_k || s.lead_k) {  // the kernels write the used keys' gradients only
     dk.zero_();
     dv.zero_();
   }
@@ -337,7 +343,7 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashBwdParams p{};
-  set_common(p, qr, kr, vr, s, cu, cu_k, used, scale, causal);
+  set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal);
   p.scale = static_cast<float>(scale);
   p.out = oc.const_data_ptr();
   p.dout = doc.const_data_ptr();
@@ -364,12 +370,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
-    std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k) {
+    std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& leftpad_k) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
-                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k, dq, dk, dv);
+                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, dq,
+                               dk, dv);
   return {dq, dk, dv};
 }
 
@@ -378,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_cuda(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_cuda(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, std::nullopt,
-                        std::nullopt, std::nullopt);
+                        std::nullopt, std::nullopt, std::nullopt);
 }
 
 // dqkv in qkv's shape: the kernels write dq, dk and dv into its slices

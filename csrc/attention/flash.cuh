@@ -22,8 +22,10 @@ struct TokenLayout {
 // q (tokens, heads, d), k, v (tokens, heads_k, d): fp16 / bf16 at their layouts (k's and v's
 // the same), the tokens of sequence b at [start_b, start_b + len_b): start_b = b * seqlen
 // (dense batches) or cu_seqlens[b] (packed; the keys at cu_seqlens_k[b] where that is given,
-// else at q's offsets); a dense batch with seqused_k uses the first seqused_k[b] of its keys.
-// out like q, contiguous. lse: float, (batch, heads, seqlen_q) dense or (heads, total_q) packed.
+// else at q's offsets); a dense batch with seqused_k uses the first seqused_k[b] of its keys,
+// and with leftpad_k none before key leftpad_k[b] (a left-padded KV cache: keys [leftpad_k[b],
+// seqused_k[b] or seqlen_k)). out like q, contiguous. lse: float, (batch, heads, seqlen_q)
+// dense or (heads, total_q) packed.
 struct FlashParams {
   const void *q, *k, *v;
   TokenLayout q_layout, kv_layout;
@@ -32,6 +34,7 @@ struct FlashParams {
   const int* cu_seqlens;       // device pointer, or null for a dense batch
   const int* cu_seqlens_k;     // the keys' own offsets (packed), or null: cu_seqlens
   const int* seqused_k;        // dense: keys [0, seqused_k[b]) of sequence b (a KV cache), or null
+  const int* leftpad_k;        // dense: its first key, leftpad_k[b] (a left-padded cache), or null
   int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
   int64_t total_q, total_k;    // tokens of q, of k and v
   float scale_log2;            // softmax_scale * log2(e)
@@ -53,6 +56,7 @@ struct FlashBwdParams {
   const int* cu_seqlens;       // device pointer, or null for a dense batch
   const int* cu_seqlens_k;     // the keys' own offsets (packed), or null: cu_seqlens
   const int* seqused_k;        // dense: keys [0, seqused_k[b]) of sequence b (a KV cache), or null
+  const int* leftpad_k;        // dense: its first key, leftpad_k[b] (a left-padded cache), or null
   int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
   int64_t total_q, total_k;    // tokens of q, of k and v
   float scale;                 // softmax_scale

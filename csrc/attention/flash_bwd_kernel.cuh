@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
   const int kw = warp * 16;  // this warp's keys in the tile: kw + g and kw + g + 8
 
   const int o_row = int(p.heads) * kHeadDim;  // out, dout and dq_accum: contiguous
-  const int64_t kv_off = flash::head_start(p, p.kv_layout, b, k_start, hk);
+  const int64_t kv_off = flash::kv_head_start(p, seq, b, hk);
   const int64_t kv_row = p.kv_layout.row;
   load_tile<T, kHeadDim>(k_s, static_cast<const T*>(p.k) + kv_off, kv_row, n0, Sk, kBlockN);
   load_tile<T, kHeadDim>(v_s, static_cast<const T*>(p.v) + kv_off, kv_row, n0, Sk, kBlockN);

@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool ok[2] = {query[0] < Sq, query[1] < Sq};
 
   const T* q = static_cast<const T*>(p.q) + flash::head_start(p, p.q_layout, b, seq.q_start, 0);
-  const int64_t kv_off = flash::head_start(p, p.kv_layout, b, seq.k_start, hk);
+  const int64_t kv_off = flash::kv_head_start(p, seq, b, hk);
   const T* k = static_cast<const T*>(p.k) + kv_off;
   const T* v = static_cast<const T*>(p.v) + kv_off;
   const int64_t kv_row = p.kv_layout.row;
@@ -256,11 +256,13 @@ __global__ void __launch_bounds__(kThreads)
       *reinterpret_cast<uint32_t*>(dst) = Pack<T>::pack(o0 * inv, o1 * inv);
       if (c == 0) {
         // dense (batch, heads, seqlen_q); packed (heads, total)
-        const int64_t at = p.cu_seqlens ? h * p.total_q + tok : (int64_t(b) * p.heads + h) * Sq + qi;
+        const int64_t at =
+            p.cu_seqlens ? h * p.total_q + tok : (int64_t(b) * p.heads + h) * Sq + qi;
         p.lse[at] = lse2 == -INFINITY ? -INFINITY : lse2 * kLn2;
       }
     } else {
-      float* dst = split.out_part + ((int64_t(part) * p.total_q + tok) * p.heads + h) * kHeadDim + c;
+      float* dst =
+          split.out_part + ((int64_t(part) * p.total_q + tok) * p.heads + h) * kHeadDim + c;
       dst[0] = o0 * inv;
       dst[1] = o1 * inv;
       if (c == 0) split.lse_part[(int64_t(part) * p.heads + h) * p.total_q + tok] = lse2;
@@ -314,7 +316,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (lane == 0) {
     constexpr float kLn2 = 0.6931471805599453f;
-    const int64_t at = p.cu_seqlens ? h * p.total_q + tok : (int64_t(b) * p.heads + h) * seq.Sq + qi;
+    const int64_t at =
+        p.cu_seqlens ? h * p.total_q + tok : (int64_t(b) * p.heads + h) * seq.Sq + qi;
     p.lse[at] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
   }
 }

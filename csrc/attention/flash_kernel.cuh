@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
 
   const int b = blockIdx.z, h = blockIdx.y, m_block = blockIdx.x;
   const SeqSpan seq = seq_span(p, b);
-  const int64_t q_start = seq.q_start, k_start = seq.k_start, Sq = seq.Sq, Sk = seq.Sk;
+  const int64_t q_start = seq.q_start, Sq = seq.Sq, Sk = seq.Sk;
   if (int64_t(m_block) * Tr::kBlockM >= Sq) return;  // the whole block: before any barrier
   const int64_t hk = h / (p.heads / p.heads_k);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   }
 
   const T* q = static_cast<const T*>(p.q) + head_start(p, p.q_layout, b, q_start, h);
-  const int64_t kv_off = head_start(p, p.kv_layout, b, k_start, hk);
+  const int64_t kv_off = kv_head_start(p, seq, b, hk);
   const T* k = static_cast<const T*>(p.k) + kv_off;
   const T* v = static_cast<const T*>(p.v) + kv_off;
   const int64_t kv_row = p.kv_layout.row;

@@ -138,9 +138,10 @@ __global__ void __launch_bounds__(384, 1)
         const Tile w = tile_at<Tr::kBlockM, Tr::kBlockN>(p, index, m_blocks);
         if (!w.valid) continue;
         // TMA coordinates (column, head, token, batch): packed sequences index the one
-        // "batch" of all tokens from their start; dense batches their own from token 0
+        // "batch" of all tokens from their start; dense batches their own from token 0 (keys
+        // from their first, k_lead)
         const int q_row = int(packed ? w.seq.q_start : 0) + w.m_block * Tr::kBlockM;
-        const int k_row = int(packed ? w.seq.k_start : 0);
+        const int k_row = int(packed ? w.seq.k_start : w.seq.k_lead);
         const int batch = packed ? 0 : w.b;
         const int hk = w.h / group;
         mbar_wait(q_empty, (tile_iter & 1) ^ 1);  // the consumers are done with the last Q

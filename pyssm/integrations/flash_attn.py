@@ -13,9 +13,10 @@ packed, (heads, total_q); the third value, flash-attn's dropout mask, is never f
 Grouped-query heads, bottom-right causal masking and packed queries and keys with different
 sequence boundaries (cu_seqlens_q and cu_seqlens_k) as in flash-attn; in
 ``flash_attn_with_kvcache`` rotary embedding of q and the new k (rotary_cos / rotary_sin,
-interleaved or not) too. What pyssm does not compute raises NotImplementedError: dropout,
-sliding windows, soft-capping, ALiBi and a paged KV cache; in ``flash_attn_with_kvcache`` also
-cache_batch_idx and cache_leftpad.
+interleaved or not) and left-padded caches (cache_leftpad) too. What pyssm does not compute
+raises NotImplementedError: dropout, sliding windows, soft-capping, ALiBi and a paged KV cache;
+in ``flash_attn_with_kvcache`` also cache_batch_idx, and rotary embedding of a left-padded
+cache.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops import attention, attention_qkvpacked
-from pyssm.ops.attention import check_seqused_values, trust_seqused
+from pyssm.ops.attention import (check_leftpad_values, check_seqused_values, trust_leftpad,
+                                 trust_seqused)
 
 
 def _unsupported(what: str) -> NotImplementedError:
@@ -173,7 +175,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (an int or int32 (batch,); None: the whole cache), after k and v (batch, seqlen_new,
     heads_k, d), when given, are written into the caches in place at positions
     cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1. Causal masking is bottom-right
-    aligned at each row's length. The caches are read in place (``seqused_k``), never gathered.
+    aligned at each row's length. With cache_leftpad (int32 (batch,)) row b's keys start at
+    cache_leftpad[b] (a left-padded cache: keys cache_leftpad[b] ... cache_seqlens[b] + seqlen_new
+    - 1). The caches are read in place (``seqused_k``, ``leftpad_k``), never gathered.
     With rotary_cos and rotary_sin (seqlen_ro, rotary_dim / 2), the new k is rotated at
     positions cache_seqlens[b] + j before it is written, and q at cache_seqlens[b] + i under a
     causal mask, else at cache_seqlens[b] (every query at the first new position), as
@@ -183,8 +187,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_extras(0.0, window_size, softcap, alibi_slopes)
     if cache_batch_idx is not None:
         raise _unsupported("cache_batch_idx")
-    if cache_leftpad is not None:
-        raise _unsupported("cache_leftpad")
+    if cache_leftpad is not None and (rotary_cos is not None or rotary_sin is not None):
+        raise _unsupported("rotary embedding with cache_leftpad")
     if block_table is not None:
         raise _unsupported("a paged KV cache (block_table)")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -233,5 +237,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             v_cache[rows, slots] = v.to(v_cache.dtype)
             used = cache_seqlens + new
             trust_seqused(used, capacity)   # (within it, as checked above)
+    if cache_leftpad is not None:
+        if cache_leftpad.dtype != torch.int32 or cache_leftpad.shape != (batch,):
+            raise ValueError(f"cache_leftpad must be int32 ({batch},), got "
+                             f"{cache_leftpad.dtype} {tuple(cache_leftpad.shape)}")
+        # against the cached keys' end, once per tensor and version (every layer of a step
+        # shares them); the keys just written only move the end further
+        check_leftpad_values(cache_leftpad, cache_seqlens, capacity, "cache_leftpad",
+                             "cache_seqlens")
+        trust_leftpad(cache_leftpad, used, capacity)
     return attention(q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
-                     seqused_k=used, return_lse=return_softmax_lse, backend=backend)
+                     seqused_k=used, leftpad_k=cache_leftpad, return_lse=return_softmax_lse,
+                     backend=backend)

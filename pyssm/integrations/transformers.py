@@ -13,10 +13,12 @@ takes no dense mask: the model hands it either no mask (every key visible, or pl
 the 2D padding mask, and the attention function unpads the valid tokens into pyssm's packed
 variable-length form (``cu_seqlens``), causal per sequence where the model is causal. Causal
 masking is bottom-right aligned, so decoding with a KV cache (one query against the cache)
-is right; a padded batch's decoding step packs each row's new queries against its own valid
-keys (``cu_seqlens_k``), one call for the batch. A static cache (more slots than keys written:
-``cache_implementation="static"``) is read in place up to the keys written (``seqused_k``,
-counted on the device, so nothing is read on the host) or, with padding, packed likewise. A
+is right; a padded batch's decoding step reads each row's valid keys in place when they are
+one run (left padding, as ``generate`` pads: ``leftpad_k`` and ``seqused_k``, the mask read
+once a step rather than once a layer), else packs each row's new queries against its own
+valid keys (``cu_seqlens_k``), one call for the batch. A static cache (more slots than keys
+written: ``cache_implementation="static"``) is read in place up to the keys written
+(``seqused_k``, counted on the device, so nothing is read on the host), with padding likewise. A
 model whose mask is not plain causal or bidirectional attention with padding (image tokens
 attending both ways, sequences packed by position_ids, chunked or sliding attention) raises.
 What pyssm does not compute raises instead of being dropped: attention dropout while training,
@@ -35,11 +37,13 @@ Tested with transformers 5.24 (CLIP and SigLIP vision towers, Llama, LLaVA; test
 from __future__ import annotations
 
 import torch
+import torch.utils.weak
 from torch import nn
 
 from pyssm.integrations.swap import swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.ops import attention
+from pyssm.ops.attention import trust_leftpad, trust_seqused
 
 NAME = "pyssm"
 _backend: str | None = None
@@ -61,6 +65,31 @@ def _packed(mask_2d: torch.Tensor, *tensors: torch.Tensor):
     flat = keep.reshape(-1)
     packed = [t.reshape(-1, *t.shape[2:])[flat] for t in tensors]
     return packed, cu, int(lengths.max()) if lengths.numel() else 0
+
+
+# 2D padding masks summarised already: mask -> (its version counter, _mask_summary's result).
+# The model passes one mask to every layer of a forward, so a decoding step reads it once.
+_MASKS = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _mask_summary(mask: torch.Tensor):
+    """(all_valid, lead, end) of a 2D padding mask (B, S), read once per mask tensor and
+    version (one device sync): all_valid when every key is valid; lead and end (int32 (B,))
+    when each row's valid keys are one run [lead, end) (left padding, a static cache's unwritten
+    slots after), else None for both."""
+    cached = _MASKS.get(mask)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    valid = mask.bool()
+    count = valid.sum(1, dtype=torch.int32)
+    lead = (valid.cumsum(1) == 0).sum(1, dtype=torch.int32)
+    end = lead + count
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    one_run = (valid == ((slots >= lead[:, None]) & (slots < end[:, None]))).all()
+    all_valid, one_run = torch.stack([(count == valid.shape[1]).all(), one_run]).tolist()
+    summary = (bool(all_valid), lead, end) if one_run else (bool(all_valid), None, None)
+    _MASKS[mask] = (mask._version, summary)
+    return summary
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -109,7 +138,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if attention_mask.shape[1] != Sk:
             raise ValueError(f"attn_implementation='{NAME}': a padding mask over "
                              f"{attention_mask.shape[1]} keys for {Sk} keys")
-        if bool(attention_mask.all()):
+        all_valid, lead, end = _mask_summary(attention_mask)
+        if all_valid:
             attention_mask = None
     if attention_mask is None:
         return attention(q, k, v, **call).contiguous(), None
@@ -121,7 +151,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out.reshape(-1, *q.shape[2:])[attention_mask.bool().reshape(-1)] = out_p
         return out, None
     # queries are the last Sq positions (decoding with a cache): every row's Sq queries
-    # against its own valid keys, the keys packed with offsets of their own (cu_seqlens_k)
+    # against its own valid keys, read in place where they are one run (checked with the mask:
+    # lead <= end <= Sk) ...
+    if lead is not None:
+        trust_seqused(end, Sk)
+        trust_leftpad(lead, end, Sk)
+        return attention(q, k, v, seqused_k=end, leftpad_k=lead, **call).contiguous(), None
+    # ... else packed with offsets of their own (cu_seqlens_k)
     (kp, vp), cu_k, longest_k = _packed(attention_mask, k, v)
     cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
     out = attention(q.reshape(B * Sq, *q.shape[2:]), kp, vp, cu_seqlens=cu_q, max_seqlen=Sq,

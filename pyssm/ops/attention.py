@@ -9,7 +9,10 @@ many sequences: sequence i's queries attend to keys cu_seqlens_k[i] ... cu_seqle
 (flash-attn's cu_seqlens_q / cu_seqlens_k: a padded batch decoding against its cache, or
 queries against a different set of tokens). A dense batch with ``seqused_k`` (int32, batch)
 uses the first seqused_k[b] keys of row b: a KV cache filled to different lengths, read in
-place (flash-attn's cache_seqlens).
+place (flash-attn's cache_seqlens); with ``leftpad_k`` (int32, batch) too, none before key
+leftpad_k[b]: row b's keys are leftpad_k[b] ... seqused_k[b] - 1 (or the cache's last), a
+left-padded cache read in place (flash-attn's cache_leftpad). Causal masks align at those
+keys' end.
 
     S = softmax_scale * q k^T   (default scale 1 / sqrt(head_dim))
     causal: query i sees key j when j <= i + seqlen_k - seqlen_q (bottom-right, as flash-attn)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import torch.utils.weak
@@ -57,14 +61,16 @@ def _attend(q, k, v, causal, scale):
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None,
                         max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None,
-                        return_lse=False):
+                        leftpad_k=None, return_lse=False):
     """Pure-PyTorch attention (materialises the scores). Same arguments as attention."""
     acc = _checks.acc_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    if seqused_k is not None:   # dense, row by row over its used keys
-        rows = [_attend(qa[b:b + 1], ka[b:b + 1, :u], va[b:b + 1, :u], causal, scale)
-                for b, u in enumerate(seqused_k.tolist())]
+    if seqused_k is not None or leftpad_k is not None:   # dense, row by row over its keys
+        ends = seqused_k.tolist() if seqused_k is not None else [k.shape[1]] * k.shape[0]
+        starts = leftpad_k.tolist() if leftpad_k is not None else [0] * k.shape[0]
+        rows = [_attend(qa[b:b + 1], ka[b:b + 1, s:u], va[b:b + 1, s:u], causal, scale)
+                for b, (s, u) in enumerate(zip(starts, ends))]
         out = torch.cat([o for o, _ in rows]) if rows else qa.new_zeros(qa.shape)
         lse = (torch.cat([l_ for _, l_ in rows]) if rows
                else qa.new_zeros(q.shape[0], q.shape[2], q.shape[1]))
@@ -86,7 +92,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 
 
 def check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None,
-                    max_seqlen_k=None, seqused_k=None) -> None:
+                    max_seqlen_k=None, seqused_k=None, leftpad_k=None) -> None:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _checks.floating(t, name)
     if not (k.dtype == q.dtype == v.dtype):
@@ -141,6 +147,17 @@ def check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None,
             raise ValueError(f"seqused_k must hold the {q.shape[0]} key lengths of the batch, "
                              f"got {seqused_k.shape[0]}")
         _checks.same_device(seqused_k, q, "seqused_k", "q")
+    if leftpad_k is not None:
+        if cu_seqlens is not None:
+            raise ValueError("leftpad_k is for dense batches (a left-padded KV cache); packed "
+                             "keys give their starts in cu_seqlens_k")
+        if leftpad_k.dtype != torch.int32:
+            raise TypeError(f"leftpad_k must be int32, got {leftpad_k.dtype}")
+        _checks.rank(leftpad_k, 1, "leftpad_k", "(batch,)")
+        if leftpad_k.shape[0] != q.shape[0]:
+            raise ValueError(f"leftpad_k must hold the {q.shape[0]} first keys of the batch, "
+                             f"got {leftpad_k.shape[0]}")
+        _checks.same_device(leftpad_k, q, "leftpad_k", "q")
 
 
 def _check_offsets_tensor(cu, q, name) -> None:
@@ -214,6 +231,49 @@ def trust_seqused(seqused_k, seqlen_k) -> None:
     _CHECKED_USED[seqused_k] = (seqused_k._version, seqlen_k)
 
 
+# leftpad_k tensors checked already: tensor -> (its version counter, the keys, a weak
+# reference to the seqused_k tensor it was checked with (or None) and that one's version), as
+# _CHECKED_USED
+_CHECKED_LEAD = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _lead_record(leftpad_k, seqused_k, seqlen_k):
+    used = None if seqused_k is None else (weakref.ref(seqused_k), seqused_k._version)
+    return (leftpad_k._version, seqlen_k, used)
+
+
+def _lead_checked(leftpad_k, seqused_k, seqlen_k) -> bool:
+    record = _CHECKED_LEAD.get(leftpad_k)
+    if record is None or record[:2] != (leftpad_k._version, seqlen_k):
+        return False
+    if record[2] is None or seqused_k is None:
+        return record[2] is None and seqused_k is None
+    ref, version = record[2]
+    return ref() is seqused_k and version == seqused_k._version
+
+
+def check_leftpad_values(leftpad_k, seqused_k, seqlen_k, name="leftpad_k",
+                         used_name="seqused_k"):
+    """Checks each first key against its row's end (seqused_k[b], or the `seqlen_k` keys),
+    reading the tensors once per pair of tensors and versions."""
+    if _lead_checked(leftpad_k, seqused_k, seqlen_k):
+        return
+    ends = seqused_k.tolist() if seqused_k is not None else [seqlen_k] * leftpad_k.shape[0]
+    bad = [(b, s, e) for b, (s, e) in enumerate(zip(leftpad_k.tolist(), ends))
+           if not 0 <= s <= e]
+    if bad:
+        b, s, e = bad[0]
+        end = f"{used_name}[{b}]" if seqused_k is not None else "the keys of k and v"
+        raise ValueError(f"{name}[{b}] must be in [0, {e}] ({end}), got {s}")
+    _CHECKED_LEAD[leftpad_k] = _lead_record(leftpad_k, seqused_k, seqlen_k)
+
+
+def trust_leftpad(leftpad_k, seqused_k, seqlen_k) -> None:
+    """Records leftpad_k as checked (with seqused_k, against seqlen_k keys) without reading
+    it: for tensors derived on the device from a mask that was checked."""
+    _CHECKED_LEAD[leftpad_k] = _lead_record(leftpad_k, seqused_k, seqlen_k)
+
+
 def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
                         max_name="max_seqlen"):
     """max_seqlen, given or (packed batches, outside torch.compile) the longest sequence, with
@@ -226,24 +286,30 @@ def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
-              cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, return_lse=False,
-              backend=None):
+              cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None,
+              return_lse=False, backend=None):
     """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
-    Differentiable in q, k and v (through out and lse; keys past seqused_k get zero gradient).
+    Differentiable in q, k and v (through out and lse; keys outside [leftpad_k, seqused_k) get
+    zero gradient).
     max_seqlen (max_seqlen_k): at least the longest query (key) sequence, read from the offsets
     when not given. The CUDA kernels read q, k and v in place at any strides that keep head_dim
     contiguous and 16-byte aligned (views into a fused qkv projection, torch SDPA's (B, H, N, d)
     layout transposed); other layouts are copied first."""
-    check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
+    check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                    leftpad_k)
     max_seqlen_k = _checked_max_seqlen(k, cu_seqlens_k, max_seqlen_k, "cu_seqlens_k", "k and v",
                                        "max_seqlen_k")
-    if seqused_k is not None and not torch.compiler.is_compiling():
-        check_seqused_values(seqused_k, k.shape[1])
+    if not torch.compiler.is_compiling():
+        if seqused_k is not None:
+            check_seqused_values(seqused_k, k.shape[1])
+        if leftpad_k is not None:
+            check_leftpad_values(leftpad_k, seqused_k, k.shape[1])
     return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
                 lambda scale, longest: torch.ops.pyssm.attention(
                     q, k, v, causal, scale, cu_seqlens, longest, cu_seqlens_k, max_seqlen_k,
-                    seqused_k),
-                dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k))
+                    seqused_k, leftpad_k),
+                dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k,
+                     leftpad_k=leftpad_k))
 
 
 def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op,
@@ -307,35 +373,37 @@ if _extension.available():
     # torch.empty_like would keep a dense input's permutation, heads-first q say)
     @torch.library.register_fake("pyssm::attention")
     def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                        cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None):
-        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
+                        cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None):
+        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                        leftpad_k)
         lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
         return q.new_empty(q.shape), lse
 
     @torch.library.register_fake("pyssm::attention_backward")
     def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                  cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None,
-                                 seqused_k=None):
-        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k)
+                                 seqused_k=None, leftpad_k=None):
+        check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
+                        leftpad_k)
         _checks.shape(dout, q.shape, "dout", "the shape of q")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup(ctx, inputs, output):
         (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
-         seqused_k) = inputs
+         seqused_k, leftpad_k) = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k)
         ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k)
 
     def _attention_backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k = ctx.saved_tensors
         causal, softmax_scale, max_seqlen, max_seqlen_k = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.pyssm.attention_backward(
             dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-            cu_seqlens_k, max_seqlen_k, seqused_k)
-        return dq, dk, dv, None, None, None, None, None, None, None
+            cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
         "pyssm::attention", _attention_backward, setup_context=_attention_setup)

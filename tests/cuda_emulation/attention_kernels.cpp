@@ -10,13 +10,14 @@
 namespace {
 
 // sizes: batch, heads, heads_k, seqlen_q, seqlen_k, total_q, total_k; cu_k: the keys' own
-// packed offsets, or null; used: seqused_k (dense), or null
+// packed offsets, or null; used: seqused_k (dense), or null; lead: leftpad_k (dense), or null
 template <typename P>
 void set_sizes(P& p, const int64_t* sizes, const int* cu, const int* cu_k, const int* used,
-               float scale, int causal) {
+               const int* lead, float scale, int causal) {
   p.cu_seqlens = cu;
   p.cu_seqlens_k = cu_k;
   p.seqused_k = used;
+  p.leftpad_k = lead;
   p.batch = sizes[0];
   p.heads = sizes[1];
   p.heads_k = sizes[2];
@@ -100,8 +101,8 @@ extern "C" {
 // batch strides, then k's and v's (FlashParams' q_layout, kv_layout); sizes: set_sizes'.
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
-                      const int* cu_k, const int* used, const int64_t* sizes, float scale,
-                      int causal) {
+                      const int* cu_k, const int* used, const int* lead, const int64_t* sizes,
+                      float scale, int causal) {
   pyssm::FlashParams p{};
   p.q = q;
   p.k = k;
@@ -110,7 +111,7 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.kv_layout = {strides[3], strides[4], strides[5]};
   p.out = out;
   p.lse = lse;
-  set_sizes(p, sizes, cu, cu_k, used, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
   if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
@@ -122,8 +123,9 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
 // be null with one chunk).
 int emu_flash_decode_any(int dtype, int head_dim, const void* q, const void* k, const void* v,
                          const int64_t* strides, void* out, float* lse, const int* cu,
-                         const int* cu_k, const int* used, const int64_t* sizes, float scale,
-                         int causal, int64_t splits, int64_t chunk, float* out_part,
+                         const int* cu_k, const int* used, const int* lead,
+                         const int64_t* sizes, float scale, int causal, int64_t splits,
+                         int64_t chunk, float* out_part,
                          float* lse_part) {
   pyssm::FlashParams p{};
   p.q = q;
@@ -133,7 +135,7 @@ int emu_flash_decode_any(int dtype, int head_dim, const void* q, const void* k, 
   p.kv_layout = {strides[3], strides[4], strides[5]};
   p.out = out;
   p.lse = lse;
-  set_sizes(p, sizes, cu, cu_k, used, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
   const pyssm::FlashSplit split{splits, chunk, out_part, lse_part};
   if (dtype == 2) return int(decode<__half>(head_dim, p, split));
   if (dtype == 3) return int(decode<__nv_bfloat16>(head_dim, p, split));
@@ -156,7 +158,8 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
                       const void* v, const int64_t* strides, const void* out, const void* dout,
                       void* dq, void* dk, void* dv, const float* lse, const float* dlse,
                       float* delta, float* dq_accum, const int* cu, const int* cu_k,
-                      const int* used, const int64_t* sizes, float scale, int causal) {
+                      const int* used, const int* lead, const int64_t* sizes, float scale,
+                      int causal) {
   pyssm::FlashBwdParams p{};
   p.q = q;
   p.k = k;
@@ -176,7 +179,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.dq_accum = dq_accum;
   p.scale = scale;
   p.dq_atomics = sm90 == 2;
-  set_sizes(p, sizes, cu, cu_k, used, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
   if (sm90) {
     if (dtype == 2) return int(bwd_sm90<__half>(head_dim, p));
     if (dtype == 3) return int(bwd_sm90<__nv_bfloat16>(head_dim, p));

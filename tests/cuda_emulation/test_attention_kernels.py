@@ -25,16 +25,17 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "attention_kernels.cpp")
-    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 10 + \
+    lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11 + \
         [ctypes.c_float, ctypes.c_int]
-    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 17 + \
+    lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 18 + \
         [ctypes.c_float, ctypes.c_int]
     return lib
 
 
 # A case's `lengths`: None (a dense batch), the packed sequences' lengths (keys packed with
 # the queries), a pair (query lengths, key lengths): keys with offsets of their own
-# (cu_seqlens_k), or {"used": [...]}: a dense batch using each row's first keys (seqused_k).
+# (cu_seqlens_k), or {"used": [...], "lead": [...]} (either or both): a dense batch using
+# each row's keys [lead, used) (seqused_k, leftpad_k).
 def split_lengths(lengths):
     return lengths if isinstance(lengths, tuple) else (lengths, None)
 
@@ -56,13 +57,22 @@ def offsets(lengths):
 
 
 def seqused(lengths):
-    return torch.tensor(lengths["used"], dtype=torch.int32) if isinstance(lengths, dict) else None
+    if isinstance(lengths, dict) and "used" in lengths:
+        return torch.tensor(lengths["used"], dtype=torch.int32)
+    return None
+
+
+def leftpad(lengths):
+    if isinstance(lengths, dict) and "lead" in lengths:
+        return torch.tensor(lengths["lead"], dtype=torch.int32)
+    return None
 
 
 def key_args(lengths):
     """The reference's arguments for a case's lengths."""
     cu, cu_k = offsets(lengths)
-    return dict(cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=seqused(lengths))
+    return dict(cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=seqused(lengths),
+                leftpad_k=leftpad(lengths))
 
 
 def layout(B, Sq, Sk, H, Hk, lengths):
@@ -78,11 +88,13 @@ def layout(B, Sq, Sk, H, Hk, lengths):
 
 def case_id(case):
     """b{B}q{Sq}k{Sk}h{H}hk{Hk}d{d}c{causal}, -varlen for packed sequences, -varlen-k where the
-    keys have offsets of their own."""
+    keys have offsets of their own, -used / -lead for seqused_k / leftpad_k."""
     lengths = case[7]
+    if isinstance(lengths, dict):
+        return "b{}q{}k{}h{}hk{}d{}c{:d}".format(*case[:7]) + "".join(
+            f"-{name}" for name in ("used", "lead") if name in lengths)
     return "b{}q{}k{}h{}hk{}d{}c{:d}".format(*case[:7]) + (
-        "" if lengths is None else "-used" if isinstance(lengths, dict)
-        else "-varlen-k" if isinstance(lengths, tuple) else "-varlen")
+        "" if lengths is None else "-varlen-k" if isinstance(lengths, tuple) else "-varlen")
 
 
 def inputs(dtype, B, Sq, Sk, H, Hk, d, lengths):
@@ -130,13 +142,13 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
-    used = seqused(lengths)
+    used, lead = seqused(lengths), leftpad(lengths)
     assert strides_of(k) == strides_of(v)
     out = poisoned(*q.shape, dtype=q.dtype)
     lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
     rows = sizes(*strides_of(q), *strides_of(k))
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
-                               ptr(out), ptr(lse), ptr(cu), ptr(cu_k), ptr(used),
+                               ptr(out), ptr(lse), ptr(cu), ptr(cu_k), ptr(used), ptr(lead),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
                                int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
@@ -150,9 +162,9 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
     batch, seqlen_q, seqlen_k, total_q, total_k, cu, cu_k = layout(B, Sq, Sk, H, Hk, lengths)
-    used = seqused(lengths)
+    used, lead = seqused(lengths), leftpad(lengths)
     dq, dk, dv = grads or (poisoned(*t.shape, dtype=t.dtype) for t in (q, k, v))
-    if used is not None:   # as attention_cuda.cpp: the kernels write the used keys' only
+    if used is not None or lead is not None:   # as attention_cuda.cpp: the used keys' only
         dk.zero_()
         dv.zero_()
     assert strides_of(k) == strides_of(v) and token_stride(dk) == token_stride(dv)
@@ -162,6 +174,7 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(dout), ptr(dq), ptr(dk), ptr(dv), ptr(lse), None,
                                ptr(delta), ptr(dq_accum), ptr(cu), ptr(cu_k), ptr(used),
+                               ptr(lead),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
                                int(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
@@ -169,12 +182,12 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
 
 
 def check_forward(out, lse, exact_in, causal, dtype, cu_seqlens=None, cu_seqlens_k=None,
-                  seqused_k=None):
+                  seqused_k=None, leftpad_k=None):
     """out within 4 eps of the dtype of float64 attention from the same rounded inputs, lse
     within 1e-3, and -inf exactly on the rows that see no key; returns the float64 output."""
     want, want_lse = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu_seqlens,
                                              cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                                             return_lse=True)
+                                             leftpad_k=leftpad_k, return_lse=True)
     bound = 4 * EPS[dtype] * want.abs().max()
     assert (out.double() - want).abs().max() <= bound, "out"
     visible = torch.isfinite(want_lse)
@@ -212,6 +225,10 @@ CASES = [
     # block and a bit, all of them; causal (bottom-right at the used length)
     (4, 3, 150, 2, 1, 64, True, {"used": [0, 1, 70, 150]}),
     (2, 1, 40, 2, 2, 128, False, {"used": [33, 7]}),
+    # a left-padded cache (leftpad_k): keys [lead, used) of each row: none (lead = used), one,
+    # a key block and a bit from past the first, all of them; and lead alone (keys to the end)
+    (4, 3, 150, 2, 1, 64, True, {"used": [70, 150, 150, 150], "lead": [70, 149, 5, 0]}),
+    (2, 2, 100, 2, 2, 72, False, {"lead": [3, 99]}),
 ]
 IDS = [case_id(c) for c in CASES]
 
@@ -255,6 +272,8 @@ SM90_CASES = [
     (0, 0, 0, 1, 1, 128, False, ([140, 3], [0, 257])),
     (4, 3, 300, 2, 1, 64, True, {"used": [0, 1, 130, 300]}),   # seqused_k
     (2, 130, 200, 1, 1, 80, False, {"used": [200, 57]}),
+    (3, 3, 300, 2, 1, 64, True, {"used": [260, 300, 10], "lead": [130, 7, 10]}),  # leftpad_k
+    (2, 130, 200, 1, 1, 128, False, {"lead": [0, 71]}),
 ]
 SM90_IDS = [case_id(c) for c in SM90_CASES]
 
@@ -294,6 +313,8 @@ SM90_BWD_CASES = [
     (0, 0, 0, 2, 1, 64, True, ([5, 0, 130, 17, 1], [9, 4, 140, 0, 200])),   # keys' own offsets
     (0, 0, 0, 1, 1, 80, False, ([70, 3], [0, 150])),
     (3, 70, 200, 2, 1, 64, True, {"used": [0, 140, 200]}),   # seqused_k
+    (3, 70, 200, 2, 1, 64, True, {"used": [140, 200, 60], "lead": [3, 130, 0]}),  # leftpad_k
+    (2, 33, 150, 2, 2, 80, False, {"lead": [149, 20]}),
 ]
 
 
@@ -336,7 +357,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     lse[:H * total] = float("nan")
     strides = (H * d, d, (total + guard) * H * d) * 2
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*strides),
-                               ptr(out), ptr(lse), ptr(cu), None, None, dims, scale, 0)
+                               ptr(out), ptr(lse), ptr(cu), None, None, None, dims, scale, 0)
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
     clamped = torch.tensor([0, 60, total], dtype=torch.int32)
@@ -353,7 +374,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv),
                                sizes(*strides, H * d, H * d),
                                ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
-                               ptr(dq_accum), ptr(cu), None, None, dims, scale, 0)
+                               ptr(dq_accum), ptr(cu), None, None, None, dims, scale, 0)
     assert rc == 0
     for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
         assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
@@ -451,6 +472,8 @@ DECODE_CASES = [
     (1, 2, 500, 16, 2, 96, False, None),
     (4, 1, 40, 2, 1, 64, False, {"used": [33, 7, 40, 1]}),
     (1, 3, 2, 4, 4, 64, True, None),
+    (3, 2, 300, 8, 2, 128, True, {"used": [300, 200, 5], "lead": [100, 0, 5]}),
+    (2, 1, 150, 4, 1, 64, False, {"lead": [0, 149]}),
 ]
 
 
@@ -463,10 +486,10 @@ def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
     lse = poisoned(*((batch, H, seqlen_q) if cu is None else (H, total_q)), dtype=torch.float32)
     out_part = poisoned(splits, total_q, H, d, dtype=torch.float32) if splits > 1 else None
     lse_part = poisoned(splits, H, total_q, dtype=torch.float32) if splits > 1 else None
-    used = seqused(lengths)  # (held: a pointer to a temporary would dangle)
+    used, lead = seqused(lengths), leftpad(lengths)  # (held: pointers to temporaries dangle)
     rc = emu.emu_flash_decode_any(CODES[q.dtype], d, ptr(q), ptr(k), ptr(v),
                                   sizes(*strides_of(q), *strides_of(k)), ptr(out), ptr(lse),
-                                  ptr(cu), ptr(cu_k), ptr(used),
+                                  ptr(cu), ptr(cu_k), ptr(used), ptr(lead),
                                   sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k),
                                   scale, int(causal), splits, chunk, ptr(out_part),
                                   ptr(lse_part))
@@ -476,7 +499,7 @@ def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
 
 @pytest.fixture
 def emu_decode(emu):
-    emu.emu_flash_decode_any.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 10 + \
+    emu.emu_flash_decode_any.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 11 + \
         [ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
     emu.emu_flash_decode_plan.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p]
     return emu
@@ -504,7 +527,8 @@ def test_flash_decode_forward(emu_decode, case, dtype, split):
 
 def test_flash_decode_strided_inputs(emu_decode):
     """q, k and v read at their strides (spread apart with NaN between tokens; heads-first)."""
-    B, Sq, Sk, H, Hk, d, causal, lengths = 2, 2, 140, 8, 2, 64, True, {"used": [140, 77]}
+    B, Sq, Sk, H, Hk, d, causal, lengths = 2, 2, 140, 8, 2, 64, True, {"used": [140, 77],
+                                                                         "lead": [9, 70]}
     dtype = torch.bfloat16
     q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
     qs, ks, vs = heads_first(q, 5), spread(k, 40)[0], spread(v, 40)[0]

@@ -139,6 +139,35 @@ def test_flash_attn_with_kvcache_rotary(causal, interleaved):
         torch.testing.assert_close(out[b:b + 1], want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_with_kvcache_left_padded(causal):
+    """cache_leftpad: row b's keys are cache_leftpad[b] ... cache_seqlens[b] + 2 - 1 after the
+    two new tokens are written at cache_seqlens[b] (rows starting at 1, at their new tokens, at
+    0); out and lse against float64 over those keys alone."""
+    B, cap, H, Hk, d, new = 3, 12, 4, 2, 16, 2
+    k_cache, v_cache = torch.randn(B, cap, Hk, d, dtype=F64), torch.randn(B, cap, Hk, d, dtype=F64)
+    q = torch.randn(B, new, H, d, dtype=F64)
+    k, v = torch.randn(B, new, Hk, d, dtype=F64), torch.randn(B, new, Hk, d, dtype=F64)
+    lengths, lead = [3, 5, 9], [1, 5, 0]
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=torch.tensor(lengths, dtype=torch.int32),
+        cache_leftpad=torch.tensor(lead, dtype=torch.int32), causal=causal,
+        return_softmax_lse=True)
+    for b, (n, s) in enumerate(zip(lengths, lead)):
+        assert torch.equal(k_cache[b, n:n + new], k[b]) and torch.equal(v_cache[b, n:n + new], v[b])
+        want, want_lse = naive.attention(q[b:b + 1], k_cache[b:b + 1, s:n + new],
+                                         v_cache[b:b + 1, s:n + new], causal=causal)
+        torch.testing.assert_close(out[b:b + 1], want, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(lse[b:b + 1], want_lse, atol=1e-10, rtol=1e-10)
+    # no new tokens, no cache_seqlens: the keys from cache_leftpad[b] to the cache's end
+    out = flash_attn_with_kvcache(q, k_cache, v_cache,
+                                  cache_leftpad=torch.tensor(lead, dtype=torch.int32))
+    for b, s in enumerate(lead):
+        torch.testing.assert_close(out[b:b + 1], naive.attention(q[b:b + 1], k_cache[b:b + 1, s:],
+                                                                 v_cache[b:b + 1, s:])[0],
+                                   atol=1e-10, rtol=1e-10)
+
+
 def test_flash_attn_with_kvcache_reads_the_cache_as_it_is():
     """No new tokens: an int cache_seqlens, and None (the whole cache)."""
     k_cache, v_cache = torch.randn(2, 7, 1, 8, dtype=F64), torch.randn(2, 7, 1, 8, dtype=F64)
@@ -177,6 +206,17 @@ def test_flash_attn_with_kvcache_bad_arguments():
     with pytest.raises(ValueError, match=r"a row for each of the 6 positions .* got 5"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(), cache_seqlens=2,
                                 rotary_cos=torch.ones(5, 2), rotary_sin=torch.ones(5, 2))
+    with pytest.raises(ValueError, match=r"cache_leftpad\[1\] must be in \[0, 3\] "
+                                         r"\(cache_seqlens\[1\]\), got 4"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(),
+                                cache_seqlens=torch.tensor([4, 3], dtype=torch.int32),
+                                cache_leftpad=torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"cache_leftpad must be int32 \(2,\)"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_leftpad=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="rotary embedding with cache_leftpad"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k.clone(), cache_seqlens=2,
+                                cache_leftpad=torch.zeros(2, dtype=torch.int32),
+                                rotary_cos=torch.ones(6, 4), rotary_sin=torch.ones(6, 4))
     with pytest.raises(NotImplementedError, match="a paged KV cache"):
         flash_attn_with_kvcache(q, k_cache, k_cache, block_table=torch.zeros(2, 1))
     with pytest.raises(NotImplementedError, match="sliding windows"):

@@ -80,10 +80,27 @@ def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
         assert (unmasked[valid] - want[valid]).abs().max() > 1e-2
 
 
-def test_llama_generate_with_cache_and_left_padding_matches_sdpa(monkeypatch):
+def _path_spy(monkeypatch):
+    """Records each attention call's key arguments: (cu_seqlens_k given, seqused_k given,
+    leftpad_k given)."""
+    seen = []
+    real = ops.attention
+
+    def spy(*args, **kwargs):
+        seen.append(tuple(kwargs.get(n) is not None
+                          for n in ("cu_seqlens_k", "seqused_k", "leftpad_k")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyssm_hf, "attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["left-padded", "holes"])
+def test_llama_generate_with_cache_and_left_padding_matches_sdpa(holes, monkeypatch):
     """Cached greedy decoding of a left-padded batch gives sdpa's tokens; each decoding step
-    is one packed call a layer (the rows' new queries against their own valid cached keys,
-    cu_seqlens_k), not one call a row."""
+    is one call a layer, not one a row: the rows' valid cached keys read in place from their
+    first (leftpad_k, seqused_k) when each row's are one run, else the rows' new queries packed
+    against their own valid keys (cu_seqlens_k), as with a mask with holes."""
     from transformers import LlamaForCausalLM
 
     ref, ours = _pair(LlamaForCausalLM, _llama_config())
@@ -92,20 +109,39 @@ def test_llama_generate_with_cache_and_left_padding_matches_sdpa(monkeypatch):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     mask[2, :6] = 0
+    if holes:
+        mask[1, 4] = 0
     ids = ids.masked_fill(mask == 0, 0)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     want = ref.generate(input_ids=ids, **kw)
-    calls = _spy(monkeypatch)
+    seen = _path_spy(monkeypatch)
     torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
-    assert len(calls) == 2 * 8 and all(calls)   # 2 layers x (prefill + 7 steps), all packed
+    assert len(seen) == 2 * 8   # 2 layers x (prefill + 7 steps)
+    assert seen[:2] == [(False, False, False)] * 2   # the prompt: packed q, k and v
+    step = (True, False, False) if holes else (False, True, True)
+    assert seen[2:] == [step] * 14
+
+
+def test_mask_summary_is_read_once_per_mask():
+    """The padding mask's key runs: [lead, end) per row when each row's valid keys are one run
+    (left padding, a static cache's unwritten slots after), None with holes; read once per mask
+    tensor and version."""
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    all_valid, lead, end = pyssm_hf._mask_summary(mask)
+    assert not all_valid and lead.tolist() == [2, 0, 1] and end.tolist() == [5, 5, 3]
+    assert lead.dtype == end.dtype == torch.int32
+    assert pyssm_hf._mask_summary(mask)[1] is lead            # cached
+    mask[2, 4] = True                                          # in place: read again
+    assert pyssm_hf._mask_summary(mask)[1:] == (None, None)    # a hole at 3
+    assert pyssm_hf._mask_summary(torch.ones(2, 4, dtype=torch.long))[0]
 
 
 @pytest.mark.parametrize("side", ["none", "left"])
 def test_llama_generate_with_a_static_cache_matches_sdpa(side, monkeypatch):
     """A static cache (cache_implementation="static": more slots than keys written) gives
-    sdpa's tokens. Without padding every call reads the cache in place up to the keys written
-    (seqused_k, one count a row, never read on the host); with left padding the valid keys are
-    packed (cu_seqlens_k)."""
+    sdpa's tokens. Every call reads the cache in place: without padding up to the keys written
+    (seqused_k, one count a row, never read on the host), with left padding also from each
+    row's first valid key (leftpad_k: the mask read once a step)."""
     from transformers import LlamaForCausalLM
 
     ref, ours = _pair(LlamaForCausalLM, _llama_config())
@@ -118,17 +154,10 @@ def test_llama_generate_with_a_static_cache_matches_sdpa(side, monkeypatch):
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
               cache_implementation="static")
     want = ref.generate(input_ids=ids, **kw)
-    seen = []
-    real = ops.attention
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs.get("seqused_k") is not None, kwargs.get("cu_seqlens_k") is not None))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pyssm_hf, "attention", spy)
+    seen = _path_spy(monkeypatch)
     torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
     assert len(seen) == 2 * 6
-    assert all(seen_ == ((True, False) if side == "none" else (False, True)) for seen_ in seen)
+    assert seen == [(False, True, side == "left")] * 12
 
 
 def test_masks_pyssm_cannot_compute_raise():

@@ -186,6 +186,34 @@ def test_seqused_k_attends_to_each_rows_first_keys(device, backend, causal):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_used", [True, False], ids=["used", "lead-only"])
+def test_leftpad_k_attends_to_each_rows_keys_from_its_first(device, backend, causal, with_used):
+    """A dense batch with leftpad_k (a left-padded KV cache), with seqused_k or alone: row b
+    equals attention over its keys [leftpad_k[b], seqused_k[b]) alone (none, one, fewer than the
+    queries, all but the first, all), causal aligned at their end; out, lse and gradients
+    against row-by-row float64; the keys outside get exactly zero gradient."""
+    lead, used = [3, 8, 0, 1, 0], [3, 9, 2, 9, 9]
+    if not with_used:
+        used = [9] * 5
+    q = torch.randn(5, 3, 4, 16, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(5, 9, 2, 16, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    keys = dict(leftpad_k=torch.tensor(lead, dtype=torch.int32, device=device))
+    if with_used:
+        keys["seqused_k"] = torch.tensor(used, dtype=torch.int32, device=device)
+    out, lse = ops.attention(q, k, v, causal=causal, return_lse=True, backend=backend, **keys)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    rows = [naive.attention(cpu[0][b:b + 1], cpu[1][b:b + 1, s:u], cpu[2][b:b + 1, s:u], causal)
+            for b, (s, u) in enumerate(zip(lead, used))]
+    want_out, want_lse = torch.cat([o for o, _ in rows]), torch.cat([l_ for _, l_ in rows])
+    got = assert_out_lse_and_grads(out, lse, want_out, want_lse, (q, k, v), cpu)
+    for b, (s, u) in enumerate(zip(lead, used)):
+        for g in got[1:]:
+            assert (g[b, :s] == 0).all() and (g[b, u:] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
 def test_seqused_k_of_every_key_changes_nothing(device, backend):
     q, k, v = qkv(2, 5, 7, 2, 2, 32, device)
     full = torch.full((2,), 7, dtype=torch.int32, device=device)
@@ -307,6 +335,41 @@ def test_bad_seqused_k(backend):
         ops.attention(q, k, v, seqused_k=used, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_leftpad_k(backend):
+    q, k, v = qkv(2, 3, 5, 2, 1, 32, "cpu")
+    lead, used = torch.tensor([1, 2], dtype=torch.int32), torch.tensor([5, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="leftpad_k is for dense batches"):
+        packed = torch.randn(6, 2, 32, dtype=F64)
+        ops.attention(packed, packed, packed, cu_seqlens=offsets([2, 4], "cpu"), leftpad_k=lead,
+                      backend=backend)
+    with pytest.raises(TypeError, match="leftpad_k must be int32"):
+        ops.attention(q, k, v, leftpad_k=lead.long(), backend=backend)
+    with pytest.raises(ValueError, match="leftpad_k must hold the 2 first keys of the batch"):
+        ops.attention(q, k, v, leftpad_k=lead[:1], backend=backend)
+    with pytest.raises(ValueError, match=r"leftpad_k\[1\] must be in \[0, 5\] \(the keys of k "
+                                         r"and v\), got 6"):
+        ops.attention(q, k, v, leftpad_k=torch.tensor([0, 6], dtype=torch.int32),
+                      backend=backend)
+    with pytest.raises(ValueError, match=r"leftpad_k\[1\] must be in \[0, 2\] \(seqused_k\[1\]\), "
+                                         r"got 3"):
+        ops.attention(q, k, v, leftpad_k=torch.tensor([0, 3], dtype=torch.int32),
+                      seqused_k=used, backend=backend)
+    with pytest.raises(ValueError, match=r"leftpad_k\[0\] must be in \[0, 5\]"):
+        ops.attention(q, k, v, leftpad_k=torch.tensor([-1, 0], dtype=torch.int32),
+                      backend=backend)
+    ops.attention(q, k, v, leftpad_k=lead, seqused_k=used, backend=backend)  # checked, cached
+    used[1] = 1                         # ... until seqused_k is written to
+    with pytest.raises(ValueError, match=r"leftpad_k\[1\] must be in \[0, 1\]"):
+        ops.attention(q, k, v, leftpad_k=lead, seqused_k=used, backend=backend)
+    used[1] = 2
+    ops.attention(q, k, v, leftpad_k=lead, seqused_k=used, backend=backend)
+    other = used.clone()                # ... or another seqused_k comes with it
+    other[1] = 0
+    with pytest.raises(ValueError, match=r"leftpad_k\[1\] must be in \[0, 0\]"):
+        ops.attention(q, k, v, leftpad_k=lead, seqused_k=other, backend=backend)
+
+
 def test_packed_offsets_are_read_once_per_tensor_and_version(monkeypatch):
     """A vision tower passes the same cu_seqlens to every layer: its values are read (a device
     sync on a GPU) once, read again after an in-place write, and still checked against
@@ -357,6 +420,10 @@ def test_direct_op_call_checks_too():
     with pytest.raises(ValueError, match=r"seqused_k\[1\] must be in \[0, 5\]"):
         torch.ops.pyssm.attention(dense, dense, dense, False, None, None, None, None, None,
                                   torch.tensor([5, 6], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"leftpad_k\[0\] must be in \[0, 4\] \(seqused_k\[0\]\)"):
+        torch.ops.pyssm.attention(dense, dense, dense, False, None, None, None, None, None,
+                                  torch.tensor([4, 5], dtype=torch.int32),
+                                  torch.tensor([5, 0], dtype=torch.int32))
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
@@ -384,6 +451,10 @@ def test_opcheck(device, backend, causal):
     used = torch.tensor([7, 2], dtype=torch.int32, device=device)
     torch.library.opcheck(torch.ops.pyssm.attention.default,
                           (q, k, v, causal, None, None, None, None, None, used))
+    # ... and from its first (a left-padded cache)
+    lead = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (q, k, v, causal, None, None, None, None, None, used, lead))
 
 
 @pytest.mark.slow
@@ -962,14 +1033,62 @@ def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal):
         assert (got[1][b, u:] == 0).all() and (got[2][b, u:] == 0).all()
 
 
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_flash_leftpad_k(device, backend, flash_path, head_dim, causal):
+    """The flash kernels on a left-padded KV cache (leftpad_k with seqused_k), bf16, grouped
+    heads: rows using keys [lead, used) = none, one, fewer than the queries, a key block and a
+    bit from past the first, all 300. Forward and gradients against float64 within bf16's
+    rounding, zero gradient outside each row's keys, no synchronisation once they are read."""
+    if flash_path == "sm90" and head_dim == 32:
+        pytest.skip("the Hopper path takes head_dim 64 to 128")
+    dtype, lead, used = torch.bfloat16, [7, 299, 3, 150, 0], [7, 300, 8, 290, 300]
+    q = torch.randn(5, 17, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(5, 300, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    keys = dict(seqused_k=torch.tensor(used, dtype=torch.int32, device=device),
+                leftpad_k=torch.tensor(lead, dtype=torch.int32, device=device))
+    call = dict(causal=causal, return_lse=True, backend=backend, **keys)
+    ops.attention(q, k, v, **call)   # reads seqused_k and leftpad_k
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = ops.attention(q, k, v, **call)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    cpu_keys = {n: t.cpu() for n, t in keys.items()}
+    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
+                                             causal=causal, return_lse=True, **cpu_keys)
+    assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))
+    err = (out.detach().cpu().double() - want).abs().max()
+    assert err <= 2.0 ** -6 * want.abs().max(), err
+    exact_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = ops.attention_reference(*exact_in, causal=causal, **cpu_keys)
+    exact = torch.autograd.grad((ref * g.cpu().double()).sum(), exact_in)
+    for name, a, x in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - x).norm() / x.norm()
+        assert rel < 3e-2, (name, rel)
+    for b, (s, u) in enumerate(zip(lead, used)):
+        for a in got[1:]:
+            assert (a[b, :s] == 0).all() and (a[b, u:] == 0).all()
+
+
 # Calls the flash-decoding forward takes (csrc/attention/flash_decode_kernel.cuh: seqlen_q x
 # heads / heads_k <= 16): one query of a group of 4 heads against 3000 keys (split over keys on
-# any GPU), a KV cache filled to different lengths (a row using none), 4 queries x 4 heads
+# any GPU), a KV cache filled to different lengths (a row using none) or left-padded (2
+# queries, causal, a row whose keys start at its last), 4 queries x 4 heads
 # under causal (speculative decoding: per-query masks), 16 queries of one head, packed
 # sequences with keys of their own offsets (a sequence with no query, one longer than a chunk).
 DECODE_CASES = {
     "gqa": dict(shape=(3, 1, 3000, 32, 8)),
     "kv-cache": dict(shape=(4, 1, 700, 8, 2), used=[0, 1, 333, 700]),
+    "left-padded": dict(shape=(4, 2, 700, 8, 2), used=[700, 333, 700, 5], lead=[0, 100, 699, 5],
+                        causal=True),
     "speculative": dict(shape=(2, 4, 777, 8, 2), causal=True),
     "mha-16": dict(shape=(1, 16, 129, 4, 4), causal=True),
     "varlen-k": dict(lengths=([1, 3, 0, 2], [3000, 3, 9, 130]), heads=(8, 2), causal=True),
@@ -997,6 +1116,8 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
         q_shape, kv_shape = (B, Sq, H, head_dim), (B, Sk, Hk, head_dim)
         if "used" in c:
             call["seqused_k"] = torch.tensor(c["used"], dtype=torch.int32, device=device)
+        if "lead" in c:
+            call["leftpad_k"] = torch.tensor(c["lead"], dtype=torch.int32, device=device)
     q = torch.randn(q_shape, dtype=dtype, device=device, requires_grad=True)
     k, v = (torch.randn(kv_shape, dtype=dtype, device=device, requires_grad=True)
             for _ in range(2))
@@ -1014,7 +1135,8 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
                                   (q, k, v))
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    keys = {n: call[n].cpu() for n in ("cu_seqlens", "cu_seqlens_k", "seqused_k") if n in call}
+    keys = {n: call[n].cpu() for n in ("cu_seqlens", "cu_seqlens_k", "seqused_k", "leftpad_k")
+            if n in call}
     want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
                                              causal=causal, return_lse=True, **keys)
     assert torch.equal(finite.cpu(), torch.isfinite(want_lse))
