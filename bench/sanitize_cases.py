@@ -135,6 +135,14 @@ def attention_cases():
             return kv_cache()
     yield "seqused_k (0, 1, 130, 300) of 300, prefill kernels", kv_cache_prefill_kernels
 
+    def left_padded():  # keys [lead, used) of a 300-slot cache: none, one, past a block, all
+        q = rand(4, 17, 4, 64, dtype=torch.bfloat16)
+        k, v = (rand(4, 300, 2, 64, dtype=torch.bfloat16) for _ in range(2))
+        used = torch.tensor([7, 300, 290, 300], device=DEV, dtype=torch.int32)
+        lead = torch.tensor([7, 299, 150, 0], device=DEV, dtype=torch.int32)
+        return ops.attention(q, k, v, seqused_k=used, leftpad_k=lead, causal=True, backend=DEV)
+    yield "leftpad_k (7, 299, 150, 0) to (7, 300, 290, 300) of 300 bf16 causal", left_padded
+
     def decode_split():  # flash-decoding split over keys: 8 heads over 2, caches of 3000 slots
         q = rand(3, 1, 8, 96, dtype=torch.float16)
         k, v = (rand(3, 3000, 2, 96, dtype=torch.float16) for _ in range(2))

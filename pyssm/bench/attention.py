@@ -26,13 +26,14 @@ it, on qkv permuted to (3, B, H, N, d) and unbound.
 "attention_decode" rows: one decoding step of a language model against its KV cache, the
 caches filled to different lengths (GPU: bf16, 32 heads over 8 KV heads, head_dim 128, a
 4096-slot cache; CPU: float32, small): "pyssm-<backend>" reads the cache in place with
-seqused_k (flash_attn_with_kvcache's path; on a GPU the flash-decoding kernel, split over
-keys); "pyssm-cuda-prefill-kernels" the same call with the flash-decoding kernel turned off
-(PYSSM_FLASH_DECODE=0: the prefill kernels, one head a block); "pyssm-gathered" packs the used keys first and
-passes cu_seqlens_k (the transformers backend's path for a left-padded batch: a boolean-mask
-gather, which reads and writes the used cache again and syncs to size it); "sdpa-default
-(masked)" is torch SDPA with the padding mask over the whole cache, as transformers' sdpa
-runs it. GB/s counts the used keys and values read once (decoding's floor).
+seqused_k (flash_attn_with_kvcache's path, and the transformers backend's for left padding
+with leftpad_k, the same kernels; on a GPU the flash-decoding kernel, split over keys);
+"pyssm-cuda-prefill-kernels" the same call with the flash-decoding kernel turned off
+(PYSSM_FLASH_DECODE=0: the prefill kernels, one head a block); "pyssm-gathered" packs the used
+keys first and passes cu_seqlens_k (the transformers backend's path for a padding mask with
+holes: a boolean-mask gather, which reads and writes the used cache again and syncs to size
+it); "sdpa-default (masked)" is torch SDPA with the padding mask over the whole cache, as
+transformers' sdpa runs it. GB/s counts the used keys and values read once (decoding's floor).
 """
 
 from __future__ import annotations
