@@ -67,6 +67,22 @@ int64_t given_max(std::optional<int64_t> max_seqlen, const char* max_name, const
   return *max_seqlen;
 }
 
+// seqused_k / leftpad_k: absent, or int32 (batch,) on q's device, for dense batches; whether
+// given
+bool check_cache_rows(const std::optional<at::Tensor>& t, const char* name, const char* cache,
+                      const char* packed_gives, const char* holds, const at::Tensor& q,
+                      const AttnSizes& s) {
+  if (!t) return false;
+  TORCH_CHECK_VALUE(!s.varlen, name, " is for dense batches (", cache, "); packed keys give their ",
+                    packed_gives, " in cu_seqlens_k");
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, name, " must be int32, got ", t->scalar_type());
+  check_rank(*t, 1, name, "(batch,)");
+  TORCH_CHECK_VALUE(t->size(0) == s.batch, name, " must hold the ", s.batch, " ", holds,
+                    " of the batch, got ", t->size(0));
+  check_same_device(*t, q, name, "q");
+  return true;
+}
+
 }  // namespace
 
 AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -148,28 +164,10 @@ AttnSizes check_attention_args(const at::Tensor& q, const at::Tensor& k, const a
                     " (the last dim of q), got ", shape_str(k));
   TORCH_CHECK_VALUE(s.heads_k >= 1 && s.heads % s.heads_k == 0, "the ", s.heads_k,
                     " heads of k and v must divide the ", s.heads, " heads of q");
-  if (seqused_k) {
-    TORCH_CHECK_VALUE(!s.varlen, "seqused_k is for dense batches (a KV cache); packed keys "
-                      "give their lengths in cu_seqlens_k");
-    TORCH_CHECK_TYPE(seqused_k->scalar_type() == at::kInt, "seqused_k must be int32, got ",
-                     seqused_k->scalar_type());
-    check_rank(*seqused_k, 1, "seqused_k", "(batch,)");
-    TORCH_CHECK_VALUE(seqused_k->size(0) == s.batch, "seqused_k must hold the ", s.batch,
-                      " key lengths of the batch, got ", seqused_k->size(0));
-    check_same_device(*seqused_k, q, "seqused_k", "q");
-    s.used_k = true;
-  }
-  if (leftpad_k) {
-    TORCH_CHECK_VALUE(!s.varlen, "leftpad_k is for dense batches (a left-padded KV cache); "
-                      "packed keys give their starts in cu_seqlens_k");
-    TORCH_CHECK_TYPE(leftpad_k->scalar_type() == at::kInt, "leftpad_k must be int32, got ",
-                     leftpad_k->scalar_type());
-    check_rank(*leftpad_k, 1, "leftpad_k", "(batch,)");
-    TORCH_CHECK_VALUE(leftpad_k->size(0) == s.batch, "leftpad_k must hold the ", s.batch,
-                      " first keys of the batch, got ", leftpad_k->size(0));
-    check_same_device(*leftpad_k, q, "leftpad_k", "q");
-    s.lead_k = true;
-  }
+  s.used_k = check_cache_rows(seqused_k, "seqused_k", "a KV cache", "lengths", "key lengths", q,
+                              s);
+  s.lead_k = check_cache_rows(leftpad_k, "leftpad_k", "a left-padded KV cache", "starts",
+                              "first keys", q, s);
   return s;
 }
 

@@ -27,13 +27,15 @@ using Launch = cudaError_t (*)(const FlashParams&, cudaStream_t);
 using BwdLaunch = cudaError_t (*)(const FlashBwdParams&, cudaStream_t);
 using DecodeLaunch = cudaError_t (*)(const FlashParams&, const FlashSplit&, cudaStream_t);
 
-// the forward's (Launch) or the backward's (BwdLaunch) launcher, or null
+// the forward's (Launch), the backward's (BwdLaunch) or the flash-decoding forward's
+// (DecodeLaunch) launcher, or null
 template <typename L>
 L launcher(at::ScalarType t, int64_t d) {
-  constexpr bool fwd = std::is_same_v<L, Launch>;
+  constexpr bool fwd = std::is_same_v<L, Launch>, decode = std::is_same_v<L, DecodeLaunch>;
 #define PYSSM_FLASH_CASE(tag, hd) \
   if (d == hd) {                                                                           \
     if constexpr (fwd) return flash_fwd_##tag##_hd##hd;                                    \
+    else if constexpr (decode) return flash_decode_fwd_##tag##_hd##hd;                     \
     else return flash_bwd_##tag##_hd##hd;                                                  \
   }
 #define PYSSM_FLASH_CASES(tag)                                                         \
@@ -46,23 +48,6 @@ L launcher(at::ScalarType t, int64_t d) {
   }
 #undef PYSSM_FLASH_CASES
 #undef PYSSM_FLASH_CASE
-  return nullptr;
-}
-
-// The flash-decoding forward's launcher (flash_decode_kernel.cuh), or null
-DecodeLaunch decode_launcher(at::ScalarType t, int64_t d) {
-#define PYSSM_DECODE_CASE(tag, hd) \
-  if (d == hd) return flash_decode_fwd_##tag##_hd##hd;
-#define PYSSM_DECODE_CASES(tag)                                                  \
-  PYSSM_DECODE_CASE(tag, 32) PYSSM_DECODE_CASE(tag, 64) PYSSM_DECODE_CASE(tag, 72) \
-  PYSSM_DECODE_CASE(tag, 80) PYSSM_DECODE_CASE(tag, 96) PYSSM_DECODE_CASE(tag, 128)
-  if (t == at::kHalf) {
-    PYSSM_DECODE_CASES(fp16)
-  } else if (t == at::kBFloat16) {
-    PYSSM_DECODE_CASES(bf16)
-  }
-#undef PYSSM_DECODE_CASES
-#undef PYSSM_DECODE_CASE
   return nullptr;
 }
 
@@ -80,7 +65,7 @@ cudaError_t run_decode(const FlashParams& p, const at::Tensor& q, const AttnSize
                        cudaStream_t stream) {
   if (!flash_decode_fits(s.heads, s.heads_k, s.seqlen_q) || !decode_allowed())
     return cudaErrorNotSupported;
-  const DecodeLaunch decode = decode_launcher(q.scalar_type(), s.head_dim);
+  const DecodeLaunch decode = launcher<DecodeLaunch>(q.scalar_type(), s.head_dim);
   if (decode == nullptr) return cudaErrorNotSupported;
   const int sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
   FlashSplit split = flash_decode_plan(s.batch, s.heads_k, s.seqlen_k, sms);

@@ -136,28 +136,26 @@ def check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k=None,
     heads, heads_k = q.shape[-2], k.shape[-2]
     if heads_k < 1 or heads % heads_k != 0:
         raise ValueError(f"the {heads_k} heads of k and v must divide the {heads} heads of q")
-    if seqused_k is not None:
-        if cu_seqlens is not None:
-            raise ValueError("seqused_k is for dense batches (a KV cache); packed keys give "
-                             "their lengths in cu_seqlens_k")
-        if seqused_k.dtype != torch.int32:
-            raise TypeError(f"seqused_k must be int32, got {seqused_k.dtype}")
-        _checks.rank(seqused_k, 1, "seqused_k", "(batch,)")
-        if seqused_k.shape[0] != q.shape[0]:
-            raise ValueError(f"seqused_k must hold the {q.shape[0]} key lengths of the batch, "
-                             f"got {seqused_k.shape[0]}")
-        _checks.same_device(seqused_k, q, "seqused_k", "q")
-    if leftpad_k is not None:
-        if cu_seqlens is not None:
-            raise ValueError("leftpad_k is for dense batches (a left-padded KV cache); packed "
-                             "keys give their starts in cu_seqlens_k")
-        if leftpad_k.dtype != torch.int32:
-            raise TypeError(f"leftpad_k must be int32, got {leftpad_k.dtype}")
-        _checks.rank(leftpad_k, 1, "leftpad_k", "(batch,)")
-        if leftpad_k.shape[0] != q.shape[0]:
-            raise ValueError(f"leftpad_k must hold the {q.shape[0]} first keys of the batch, "
-                             f"got {leftpad_k.shape[0]}")
-        _checks.same_device(leftpad_k, q, "leftpad_k", "q")
+    _check_cache_rows(seqused_k, "seqused_k", "a KV cache", "lengths", "key lengths", q,
+                      cu_seqlens)
+    _check_cache_rows(leftpad_k, "leftpad_k", "a left-padded KV cache", "starts", "first keys",
+                      q, cu_seqlens)
+
+
+def _check_cache_rows(t, name, cache, packed_gives, holds, q, cu_seqlens) -> None:
+    """seqused_k / leftpad_k: None, or int32 (batch,) on q's device, for dense batches."""
+    if t is None:
+        return
+    if cu_seqlens is not None:
+        raise ValueError(f"{name} is for dense batches ({cache}); packed keys give their "
+                         f"{packed_gives} in cu_seqlens_k")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    _checks.rank(t, 1, name, "(batch,)")
+    if t.shape[0] != q.shape[0]:
+        raise ValueError(f"{name} must hold the {q.shape[0]} {holds} of the batch, got "
+                         f"{t.shape[0]}")
+    _checks.same_device(t, q, name, "q")
 
 
 def _check_offsets_tensor(cu, q, name) -> None:

@@ -92,6 +92,23 @@ cudaError_t bwd_sm90(int head_dim, const pyssm::FlashBwdParams& p) {
   return cudaErrorInvalidValue;
 }
 
+// The forwards' FlashParams from emu_flash_fwd_any's / emu_flash_decode_any's arguments
+pyssm::FlashParams fwd_params(const void* q, const void* k, const void* v,
+                              const int64_t* strides, void* out, float* lse, const int* cu,
+                              const int* cu_k, const int* used, const int* lead,
+                              const int64_t* sizes, float scale, int causal) {
+  pyssm::FlashParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.q_layout = {strides[0], strides[1], strides[2]};
+  p.kv_layout = {strides[3], strides[4], strides[5]};
+  p.out = out;
+  p.lse = lse;
+  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
+  return p;
+}
+
 }  // namespace
 
 extern "C" {
@@ -103,15 +120,8 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
                       const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
                       const int* cu_k, const int* used, const int* lead, const int64_t* sizes,
                       float scale, int causal) {
-  pyssm::FlashParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.q_layout = {strides[0], strides[1], strides[2]};
-  p.kv_layout = {strides[3], strides[4], strides[5]};
-  p.out = out;
-  p.lse = lse;
-  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
+  const pyssm::FlashParams p =
+      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, causal);
   if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
@@ -125,17 +135,9 @@ int emu_flash_decode_any(int dtype, int head_dim, const void* q, const void* k, 
                          const int64_t* strides, void* out, float* lse, const int* cu,
                          const int* cu_k, const int* used, const int* lead,
                          const int64_t* sizes, float scale, int causal, int64_t splits,
-                         int64_t chunk, float* out_part,
-                         float* lse_part) {
-  pyssm::FlashParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.q_layout = {strides[0], strides[1], strides[2]};
-  p.kv_layout = {strides[3], strides[4], strides[5]};
-  p.out = out;
-  p.lse = lse;
-  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
+                         int64_t chunk, float* out_part, float* lse_part) {
+  const pyssm::FlashParams p =
+      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, causal);
   const pyssm::FlashSplit split{splits, chunk, out_part, lse_part};
   if (dtype == 2) return int(decode<__half>(head_dim, p, split));
   if (dtype == 3) return int(decode<__nv_bfloat16>(head_dim, p, split));
