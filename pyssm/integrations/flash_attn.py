@@ -176,8 +176,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     heads_k, d), when given, are written into the caches in place at positions
     cache_seqlens[b] ... cache_seqlens[b] + seqlen_new - 1. Causal masking is bottom-right
     aligned at each row's length. With cache_leftpad (int32 (batch,)) row b's keys start at
-    cache_leftpad[b] (a left-padded cache: keys cache_leftpad[b] ... cache_seqlens[b] + seqlen_new
-    - 1). The caches are read in place (``seqused_k``, ``leftpad_k``), never gathered.
+    cache_leftpad[b]: a left-padded cache, keys cache_leftpad[b] ... cache_seqlens[b] +
+    seqlen_new - 1. The caches are read in place (``seqused_k``, ``leftpad_k``), never
+    gathered.
     With rotary_cos and rotary_sin (seqlen_ro, rotary_dim / 2), the new k is rotated at
     positions cache_seqlens[b] + j before it is written, and q at cache_seqlens[b] + i under a
     causal mask, else at cache_seqlens[b] (every query at the first new position), as
@@ -225,14 +226,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             cache_seqlens, capacity - new, "cache_seqlens",
             f"the cache's {capacity} slots less the {new} new tokens")
         used = cache_seqlens
+        if rotary:   # (k is given: _check_rotary)
+            at = cache_seqlens.long()[:, None] + torch.arange(
+                q.shape[1], device=q.device) * int(causal)
+            q = _rotate(q, rotary_cos, rotary_sin, at, rotary_interleaved)
         if new:
             rows = torch.arange(batch, device=k_cache.device)[:, None]
             slots = cache_seqlens.long()[:, None] + torch.arange(new, device=k_cache.device)
             if rotary:
                 k = _rotate(k, rotary_cos, rotary_sin, slots, rotary_interleaved)
-                at = cache_seqlens.long()[:, None] + torch.arange(
-                    q.shape[1], device=q.device) * int(causal)
-                q = _rotate(q, rotary_cos, rotary_sin, at, rotary_interleaved)
             k_cache[rows, slots] = k.to(k_cache.dtype)
             v_cache[rows, slots] = v.to(v_cache.dtype)
             used = cache_seqlens + new
