@@ -92,17 +92,23 @@ cudaError_t bwd_sm90(int head_dim, const pyssm::FlashBwdParams& p) {
   return cudaErrorInvalidValue;
 }
 
+// q, k, v and their layouts (strides: q's token, head and batch strides, then k's and v's)
+template <typename P>
+void set_inputs(P& p, const void* q, const void* k, const void* v, const int64_t* strides) {
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.q_layout = {strides[0], strides[1], strides[2]};
+  p.kv_layout = {strides[3], strides[4], strides[5]};
+}
+
 // The forwards' FlashParams from emu_flash_fwd_any's / emu_flash_decode_any's arguments
 pyssm::FlashParams fwd_params(const void* q, const void* k, const void* v,
                               const int64_t* strides, void* out, float* lse, const int* cu,
                               const int* cu_k, const int* used, const int* lead,
                               const int64_t* sizes, float scale, int causal) {
   pyssm::FlashParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.q_layout = {strides[0], strides[1], strides[2]};
-  p.kv_layout = {strides[3], strides[4], strides[5]};
+  set_inputs(p, q, k, v, strides);
   p.out = out;
   p.lse = lse;
   set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
@@ -163,11 +169,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
                       const int* used, const int* lead, const int64_t* sizes, float scale,
                       int causal) {
   pyssm::FlashBwdParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.q_layout = {strides[0], strides[1], strides[2]};
-  p.kv_layout = {strides[3], strides[4], strides[5]};
+  set_inputs(p, q, k, v, strides);
   p.out = out;
   p.dout = dout;
   p.dq = dq;

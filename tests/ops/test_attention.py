@@ -311,17 +311,26 @@ def test_bad_key_offsets(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name,holds", [("seqused_k", "key lengths"),
+                                        ("leftpad_k", "first keys")])
+def test_bad_cache_rows_tensor(backend, name, holds):
+    """seqused_k and leftpad_k: dense batches only, int32, one value a row."""
+    q, k, v = qkv(2, 3, 5, 2, 1, 32, "cpu")
+    rows = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match=f"{name} is for dense batches"):
+        packed = torch.randn(6, 2, 32, dtype=F64)
+        ops.attention(packed, packed, packed, cu_seqlens=offsets([2, 4], "cpu"),
+                      backend=backend, **{name: rows})
+    with pytest.raises(TypeError, match=f"{name} must be int32"):
+        ops.attention(q, k, v, backend=backend, **{name: rows.long()})
+    with pytest.raises(ValueError, match=f"{name} must hold the 2 {holds} of the batch"):
+        ops.attention(q, k, v, backend=backend, **{name: rows[:1]})
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_bad_seqused_k(backend):
     q, k, v = qkv(2, 3, 5, 2, 1, 32, "cpu")
     used = torch.tensor([5, 2], dtype=torch.int32)
-    with pytest.raises(ValueError, match="seqused_k is for dense batches"):
-        packed = torch.randn(6, 2, 32, dtype=F64)
-        ops.attention(packed, packed, packed, cu_seqlens=offsets([2, 4], "cpu"), seqused_k=used,
-                      backend=backend)
-    with pytest.raises(TypeError, match="seqused_k must be int32"):
-        ops.attention(q, k, v, seqused_k=used.long(), backend=backend)
-    with pytest.raises(ValueError, match="seqused_k must hold the 2 key lengths of the batch"):
-        ops.attention(q, k, v, seqused_k=used[:1], backend=backend)
     with pytest.raises(ValueError, match=r"seqused_k\[0\] must be in \[0, 5\] \(the keys of k "
                                          r"and v\), got 6"):
         ops.attention(q, k, v, seqused_k=torch.tensor([6, 2], dtype=torch.int32),
@@ -339,14 +348,6 @@ def test_bad_seqused_k(backend):
 def test_bad_leftpad_k(backend):
     q, k, v = qkv(2, 3, 5, 2, 1, 32, "cpu")
     lead, used = torch.tensor([1, 2], dtype=torch.int32), torch.tensor([5, 2], dtype=torch.int32)
-    with pytest.raises(ValueError, match="leftpad_k is for dense batches"):
-        packed = torch.randn(6, 2, 32, dtype=F64)
-        ops.attention(packed, packed, packed, cu_seqlens=offsets([2, 4], "cpu"), leftpad_k=lead,
-                      backend=backend)
-    with pytest.raises(TypeError, match="leftpad_k must be int32"):
-        ops.attention(q, k, v, leftpad_k=lead.long(), backend=backend)
-    with pytest.raises(ValueError, match="leftpad_k must hold the 2 first keys of the batch"):
-        ops.attention(q, k, v, leftpad_k=lead[:1], backend=backend)
     with pytest.raises(ValueError, match=r"leftpad_k\[1\] must be in \[0, 5\] \(the keys of k "
                                          r"and v\), got 6"):
         ops.attention(q, k, v, leftpad_k=torch.tensor([0, 6], dtype=torch.int32),
