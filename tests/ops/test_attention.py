@@ -849,15 +849,33 @@ def test_flash_backward_model_varlen(causal, head_dim):
                                    msg=f"d{name}")
 
 
+def _attend_without_sync(q, k, v, call):
+    """ops.attention(q, k, v, **call) (return_lse) and its gradients through out and lse, under
+    torch's sync debug mode (a device sync raises): (out, lse, g, g_lse, (dq, dk, dv)), g and
+    g_lse the random output gradients (g_lse zero where lse is -inf)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = ops.attention(q, k, v, **call)
+        g = torch.randn_like(out)
+        finite = torch.isfinite(lse)
+        g_lse = torch.where(finite, torch.randn_like(lse), torch.zeros_like(lse))
+        got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).nan_to_num().sum(),
+                                  (q, k, v))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return out, lse, g, g_lse, got
+
+
 def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None,
-                 seqused_k=None):
+                 seqused_k=None, leftpad_k=None):
     """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    cu, cu_k, used = (None if t is None else t.cpu() for t in (cu_seqlens, cu_seqlens_k,
-                                                               seqused_k))
+    cu, cu_k, used, lead = (None if t is None else t.cpu()
+                            for t in (cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k))
     out, lse = ops.attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale,
                                        cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=used,
-                                       return_lse=True)
+                                       leftpad_k=lead, return_lse=True)
     loss = (out * g.cpu().double()).sum()
     if g_lse is not None:
         loss = loss + (lse * g_lse.cpu().double()).nan_to_num().sum()
@@ -961,17 +979,8 @@ def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, ca
     call = dict(causal=causal, cu_seqlens=cu, cu_seqlens_k=cu_k, return_lse=True,
                 backend=backend)
     ops.attention(q, k, v, **call)   # reads the offsets
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, lse = ops.attention(q, k, v, **call)
-        g = torch.randn_like(out)
-        finite = torch.isfinite(lse)
-        g_lse = torch.where(finite, torch.randn_like(lse), torch.zeros_like(lse))
-        got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).nan_to_num().sum(),
-                                  (q, k, v))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
+    finite = torch.isfinite(lse)
     want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
                                              causal=causal, cu_seqlens=cu.cpu(),
                                              cu_seqlens_k=cu_k.cpu(), return_lse=True)
@@ -990,86 +999,42 @@ def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, ca
     assert (got[1][no_query] == 0).all() and (got[2][no_query] == 0).all()
 
 
-@pytest.mark.parametrize("device,backend", CUDA_ONLY)
-@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
-@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal):
-    """The flash kernels on a dense KV cache filled to different lengths (seqused_k), bf16,
-    grouped heads: rows using no key, one, fewer keys than queries, a key block and a bit, all
-    300. Forward and gradients against float64 within bf16's rounding, zero gradient past each
-    row's used keys, no synchronisation once seqused_k is read."""
-    if flash_path == "sm90" and head_dim == 32:
-        pytest.skip("the Hopper path takes head_dim 64 to 128")
-    dtype, used = torch.bfloat16, [0, 1, 5, 130, 300]
-    q = torch.randn(5, 17, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
-    k, v = (torch.randn(5, 300, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
-            for _ in range(2))
-    seqused = torch.tensor(used, dtype=torch.int32, device=device)
-    call = dict(causal=causal, seqused_k=seqused, return_lse=True, backend=backend)
-    ops.attention(q, k, v, **call)   # reads seqused_k
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, lse = ops.attention(q, k, v, **call)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), g)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
-                                             causal=causal, seqused_k=seqused.cpu(),
-                                             return_lse=True)
-    finite = torch.isfinite(want_lse)
-    assert torch.equal(torch.isfinite(lse.cpu()), finite)
-    err = (out.detach().cpu().double() - want).abs().max()
-    assert err <= 2.0 ** -6 * want.abs().max(), err
-    exact_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref = ops.attention_reference(*exact_in, causal=causal, seqused_k=seqused.cpu())
-    exact = torch.autograd.grad((ref * g.cpu().double()).sum(), exact_in)
-    for name, a, x in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - x).norm() / x.norm()
-        assert rel < 3e-2, (name, rel)
-    for b, u in enumerate(used):
-        assert (got[1][b, u:] == 0).all() and (got[2][b, u:] == 0).all()
+# A dense KV cache's rows: filled to different lengths (seqused_k: none, one, fewer keys than
+# queries, a key block and a bit, all 300) or left-padded too (leftpad_k: keys [lead, used) =
+# none, one, fewer than the queries, a key block and a bit from past the first, all 300)
+CACHE_ROWS = {"used": dict(used=[0, 1, 5, 130, 300]),
+              "left-padded": dict(used=[7, 300, 8, 290, 300], lead=[7, 299, 3, 150, 0])}
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
 @pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
 @pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_flash_leftpad_k(device, backend, flash_path, head_dim, causal):
-    """The flash kernels on a left-padded KV cache (leftpad_k with seqused_k), bf16, grouped
-    heads: rows using keys [lead, used) = none, one, fewer than the queries, a key block and a
-    bit from past the first, all 300. Forward and gradients against float64 within bf16's
-    rounding, zero gradient outside each row's keys, no synchronisation once they are read."""
+@pytest.mark.parametrize("rows", list(CACHE_ROWS))
+def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal, rows):
+    """The flash kernels on a dense KV cache (CACHE_ROWS), bf16, grouped heads, 17 queries (the
+    prefill kernels). Forward and gradients against float64 within bf16's rounding, zero
+    gradient outside each row's keys, no synchronisation once seqused_k / leftpad_k are read."""
     if flash_path == "sm90" and head_dim == 32:
         pytest.skip("the Hopper path takes head_dim 64 to 128")
-    dtype, lead, used = torch.bfloat16, [7, 299, 3, 150, 0], [7, 300, 8, 290, 300]
+    dtype, used = torch.bfloat16, CACHE_ROWS[rows]["used"]
+    lead = CACHE_ROWS[rows].get("lead", [0] * len(used))
     q = torch.randn(5, 17, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
     k, v = (torch.randn(5, 300, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
             for _ in range(2))
-    keys = dict(seqused_k=torch.tensor(used, dtype=torch.int32, device=device),
-                leftpad_k=torch.tensor(lead, dtype=torch.int32, device=device))
+    keys = dict(seqused_k=torch.tensor(used, dtype=torch.int32, device=device))
+    if "lead" in CACHE_ROWS[rows]:
+        keys["leftpad_k"] = torch.tensor(lead, dtype=torch.int32, device=device)
     call = dict(causal=causal, return_lse=True, backend=backend, **keys)
-    ops.attention(q, k, v, **call)   # reads seqused_k and leftpad_k
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, lse = ops.attention(q, k, v, **call)
-        g = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), g)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    ops.attention(q, k, v, **call)   # reads seqused_k (and leftpad_k)
+    out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
     cpu_keys = {n: t.cpu() for n, t in keys.items()}
     want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
                                              causal=causal, return_lse=True, **cpu_keys)
     assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))
     err = (out.detach().cpu().double() - want).abs().max()
     assert err <= 2.0 ** -6 * want.abs().max(), err
-    exact_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref = ops.attention_reference(*exact_in, causal=causal, **cpu_keys)
-    exact = torch.autograd.grad((ref * g.cpu().double()).sum(), exact_in)
+    exact = _exact_grads(q, k, v, g, g_lse, causal, **cpu_keys)
     for name, a, x in zip("qkv", got, exact):
         assert torch.isfinite(a).all(), f"d{name} not finite"
         rel = (a.cpu().double() - x).norm() / x.norm()
@@ -1125,17 +1090,8 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
     monkeypatch.setenv("PYSSM_FLASH_DECODE", "0")
     prefill, prefill_lse = ops.attention(q, k, v, **call)   # (also reads offsets / lengths)
     monkeypatch.setenv("PYSSM_FLASH_DECODE", "1")
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        out, lse = ops.attention(q, k, v, **call)
-        g = torch.randn_like(out)
-        finite = torch.isfinite(lse)
-        g_lse = torch.where(finite, torch.randn_like(lse), torch.zeros_like(lse))
-        got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).nan_to_num().sum(),
-                                  (q, k, v))
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
+    finite = torch.isfinite(lse)
     keys = {n: call[n].cpu() for n in ("cu_seqlens", "cu_seqlens_k", "seqused_k", "leftpad_k")
             if n in call}
     want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
