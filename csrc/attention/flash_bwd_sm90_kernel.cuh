@@ -142,7 +142,8 @@ __global__ void __launch_bounds__(384, 1)
 
   const int wg = threadIdx.x / 128;
   // TMA coordinates as in the forward: packed sequences from their first query and key
-  const int row0 = int(packed ? q_start : 0), k_row0 = int(packed ? seq.k_start : seq.k_lead);
+  const int row0 = int(packed ? q_start : 0);
+  const int k_row0 = int(packed ? seq.k_start : flash::k_lead(p, seq, b));
   const int batch = packed ? 0 : b;
   if (wg == 0) {  // producer
     setmaxnreg_dec<24>();

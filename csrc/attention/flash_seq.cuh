@@ -5,7 +5,8 @@
 // of which it uses the first seqused_k[b] keys where seqused_k is given (a KV cache filled to
 // different lengths; clamped into [0, Sk], unread on the host like packed offsets), and none
 // before key leftpad_k[b] where leftpad_k is given (a left-padded cache; clamped into [0, the
-// keys used]): its keys are then the rows [leftpad, used) of its cache, k_lead = leftpad.
+// keys used]): its keys are then the rows [leftpad, used) of its cache (k_lead: leftpad, from
+// k_start, which moves by it; a field of its own made ptxas spill in the Hopper forward).
 // Packed batches (cu_seqlens): sequence b holds tokens [cu[b], cu[b + 1]) of q, and of k / v
 // [cu_k[b], cu_k[b + 1]) with cu_seqlens_k, else the same tokens as q (Sk = Sq). Under a
 // causal mask query i sees key j when
@@ -28,7 +29,6 @@ namespace flash {
 struct SeqSpan {
   int64_t q_start, k_start;  // first token of the sequence in q and in k / v
   int64_t Sq, Sk;            // its query and key lengths
-  int64_t k_lead;            // dense: the cache rows before its first key (leftpad_k); packed 0
 };
 
 // Packed offsets are clamped into [0, total] (and each end to at least its start): the host
@@ -53,7 +53,6 @@ __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
       s.k_start = s.q_start;
       s.Sk = s.Sq;
     }
-    s.k_lead = 0;
     return s;
   }
   int64_t used = p.seqlen_k;
@@ -63,7 +62,13 @@ __device__ __forceinline__ SeqSpan seq_span(const Params& p, int b) {
   }
   const int64_t l = p.leftpad_k ? p.leftpad_k[b] : 0;
   const int64_t lead = l < 0 ? 0 : (l < used ? l : used);
-  return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k + lead, p.seqlen_q, used - lead, lead};
+  return {int64_t(b) * p.seqlen_q, int64_t(b) * p.seqlen_k + lead, p.seqlen_q, used - lead};
+}
+
+// A dense sequence's cache rows before its first key (leftpad_k, from k_start); packed 0
+template <typename Params>
+__device__ __forceinline__ int64_t k_lead(const Params& p, const SeqSpan& s, int b) {
+  return p.cu_seqlens ? 0 : s.k_start - int64_t(b) * p.seqlen_k;
 }
 
 // Where head h of sequence b's first token (`start`, seq_span's q_start or k_start) lies in an
@@ -80,8 +85,7 @@ __device__ __forceinline__ int64_t head_start(const Params& p, const TokenLayout
 template <typename Params>
 __device__ __forceinline__ int64_t kv_head_start(const Params& p, const SeqSpan& s, int b,
                                                  int64_t hk) {
-  return head_start(p, p.kv_layout, b, s.k_start, hk) +
-         (p.cu_seqlens ? 0 : s.k_lead * p.kv_layout.row);
+  return head_start(p, p.kv_layout, b, s.k_start, hk) + k_lead(p, s, b) * p.kv_layout.row;
 }
 
 // The keys [0, end) a block of queries up to `last_row` (inclusive) has to visit.

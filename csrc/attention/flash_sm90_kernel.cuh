@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(384, 1)
         // "batch" of all tokens from their start; dense batches their own from token 0 (keys
         // from their first, k_lead)
         const int q_row = int(packed ? w.seq.q_start : 0) + w.m_block * Tr::kBlockM;
-        const int k_row = int(packed ? w.seq.k_start : w.seq.k_lead);
+        const int k_row = int(packed ? w.seq.k_start : flash::k_lead(p, w.seq, w.b));
         const int batch = packed ? 0 : w.b;
         const int hk = w.h / group;
         mbar_wait(q_empty, (tile_iter & 1) ^ 1);  // the consumers are done with the last Q
