@@ -14,8 +14,8 @@ attention forward and backward at ViT-B/16 224 px (197 tokens, 12 heads, head_di
 batch 128), then its backward again with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic: the Hopper
 backward's v1 beside v2's TMA reduce-adds), and the flash-decoding forward and its merge at the
 attention_decode rows' shape (batch 16, 32 / 8 heads, hd128, 4096-slot caches); selective_scan
-forward and backward at the oflex anchor's (64, 384, 3136), d_state 1, bf16. The device check runs it after the benchmarks
-(bench/device_check.sh).
+forward and backward at the oflex anchor's (64, 384, 3136), d_state 1, bf16. The device check
+runs it after the benchmarks (bench/device_check.sh).
 PYSSM_NCU_DEVICE=cpu runs the same calls at batch 2 on the CPU kernels (a check of this script)."""
 
 from __future__ import annotations
