@@ -10,20 +10,19 @@ CLIP and SigLIP towers.
 ``register()`` adds "pyssm" to transformers' ``AttentionInterface`` (the attention function)
 and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like flash-attn, pyssm
 takes no dense mask: the model hands it either no mask (every key visible, or plain causal) or
-the 2D padding mask, and the attention function unpads the valid tokens into pyssm's packed
-variable-length form (``cu_seqlens``), causal per sequence where the model is causal. Causal
-masking is bottom-right aligned, so decoding with a KV cache (one query against the cache)
-is right. A padded batch reads each row's valid keys in place when they are one run
-(``leftpad_k`` and ``seqused_k``, the mask read once a step rather than once a layer): a
-decoding step with left padding, as ``generate`` pads, and a prefill whose rows end together
-(left padding) or that is not causal; the padding's own queries then see no key under a causal
-mask (out = 0) and every valid key without one. Otherwise (right padding under a causal mask,
-holes) it packs: a prefill's valid tokens (``cu_seqlens``), a decoding step's new queries
-against each row's own valid keys (``cu_seqlens_k``), one call for the batch. A static cache (more slots than keys
-written: ``cache_implementation="static"``) is read in place up to the keys written
-(``seqused_k``, counted on the device, so nothing is read on the host), with padding likewise. A
-model whose mask is not plain causal or bidirectional attention with padding (image tokens
-attending both ways, sequences packed by position_ids, chunked or sliding attention) raises.
+the 2D padding mask. Causal masking is bottom-right aligned, so decoding with a KV cache (one
+query against the cache) is right. A padded batch reads each row's valid keys in place when
+they are one run (``leftpad_k`` and ``seqused_k``, the mask read once a step rather than once
+a layer): a decoding step with left padding, as ``generate`` pads, and a prefill whose rows
+end together (left padding) or that is not causal; the padding's own queries then see no key
+under a causal mask (out = 0) and every valid key without one. Otherwise (right padding under
+a causal mask, holes) it packs, one call for the batch: a prefill's valid tokens into pyssm's
+variable-length form (``cu_seqlens``), a decoding step's new queries against each row's own
+valid keys (``cu_seqlens_k``). A static cache (more slots than keys written:
+``cache_implementation="static"``) is read in place up to the keys written (``seqused_k``,
+counted on the device, so nothing is read on the host), with padding likewise. A model whose
+mask is not plain causal or bidirectional attention with padding (image tokens attending both
+ways, sequences packed by position_ids, chunked or sliding attention) raises.
 What pyssm does not compute raises instead of being dropped: attention dropout while training,
 soft-capping, sliding windows, position biases (T5-style), attention sinks, and attention
 probabilities (``output_attentions``).
