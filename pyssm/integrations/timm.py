@@ -2,10 +2,12 @@
 untouched):
 
     import timm
-    from pyssm.integrations.timm import swap_attention, swap_mlp
+    from pyssm.integrations.timm import swap_attention, swap_blocks, swap_mlp
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
     swap_attention(model)            # every timm Attention -> pyssm.integrations.timm.Attention
     swap_mlp(model)                  # every timm Mlp -> pyssm.integrations.timm.Mlp
+    # or the whole blocks, their norms and residual adds too (their attention and MLP swapped):
+    swap_blocks(model)               # every timm ViT Block -> pyssm.integrations.timm.Block
 
 The new modules take over the old ones' submodules under the same names (Attention: qkv, q_norm,
 k_norm, norm, gate, proj, proj_drop; Mlp: fc1, act, drop1, norm, fc2, drop2), so the state dict,
@@ -18,7 +20,11 @@ while training are not supported and raise. Mlp runs as the encoders' MLP
 16-bit training the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton
 kernels run, for the exact GELU, its tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's);
 with dropout active in training, a norm between the layers, another activation or 1 x 1
-convolutions it runs timm's layers as they are.
+convolutions it runs timm's layers as they are. Block is a pre-norm ViT block as pyssm's own
+ViT computes it (``pyssm.models.vit.Block``): the first residual add and the second norm as one
+``layer_norm`` pass, and in 16-bit inference that add, the norm, the whole MLP and the second
+add as one ``norm_mlp_residual`` pass, where their Triton kernels run; LayerScale, drop path
+and an MLP that runs timm's layers stay timm's modules, applied where timm applies them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from torch import nn
 
 from pyssm.integrations.swap import swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
+from pyssm.models.mlp import add_mlp, norm_add_mlp
+from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.ops import attention, attention_qkvpacked
 
 
@@ -107,3 +115,85 @@ def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
     from timm.layers import Mlp as TimmMlp
 
     return swap_modules(model, (TimmMlp,), lambda m: Mlp(m, backend=backend))
+
+
+def _layer_norm(norm: nn.LayerNorm) -> LayerNorm:
+    """pyssm's LayerNorm over ``norm``'s parameters (the same Parameter objects)."""
+    out = LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False, bias=False)
+    out.weight, out.bias = norm.weight, norm.bias   # (None without an affine part)
+    return out
+
+
+def _swappable_block(block: nn.Module) -> bool:
+    """A timm ViT Block whose norms are LayerNorms over the channels (nn.LayerNorm or timm's)
+    and whose attention is timm's Attention (or pyssm's already): what ``Block`` computes."""
+    from timm.layers import Attention as TimmAttention
+    from timm.layers import LayerNorm as TimmLayerNorm
+
+    norms = all(type(n) in (nn.LayerNorm, TimmLayerNorm) and len(n.normalized_shape) == 1
+                for n in (block.norm1, block.norm2))
+    return norms and type(block.attn) in (TimmAttention, Attention)
+
+
+class Block(nn.Module):
+    """timm's ViT ``Block`` (``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``, each
+    branch through its drop path) on pyssm's fused ops (module docstring). Its attention and
+    MLP are swapped as by swap_attention and swap_mlp; the norms are pyssm's LayerNorm over the
+    same parameters, so the state dict keeps its keys."""
+
+    def __init__(self, timm_block: nn.Module, backend: str | None = None):
+        super().__init__()
+        b = timm_block
+        self.norm1 = _layer_norm(b.norm1)
+        self.attn = b.attn if isinstance(b.attn, Attention) else Attention(b.attn, backend)
+        self.ls1, self.drop_path1 = b.ls1, b.drop_path1
+        self.norm2 = _layer_norm(b.norm2)
+        from timm.layers import Mlp as TimmMlp
+        self.mlp = Mlp(b.mlp, backend) if type(b.mlp) is TimmMlp else b.mlp
+        self.ls2, self.drop_path2 = b.ls2, b.drop_path2
+        self.backend = backend
+
+    def _fused_mlp(self) -> bool:
+        """Whether the MLP branch may go to add_mlp / norm_add_mlp: pyssm's MLP with nothing
+        of timm's to run (Mlp._layers) and no LayerScale after it."""
+        return (isinstance(self.mlp, Mlp) and not self.mlp._layers()
+                and isinstance(self.ls2, nn.Identity))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        nb = triton_backend(self.backend)
+        h = self.norm1(x, for_matmul=True, backend=nb)
+        branch = self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask,
+                                                    is_causal=is_causal)))
+        del h
+        fused = self._fused_mlp()
+        if fused:   # the add, the norm, the MLP and the add in one pass
+            out = norm_add_mlp(self.norm2, self.mlp, branch, x, drop_path=self.drop_path2,
+                               backend=nb)
+            if out is not None:
+                return out
+        h, s = self.norm2.add(branch, x, for_matmul=True, backend=nb)  # the add and norm fused
+        del branch
+        if fused:   # s + mlp(h), in place in inference
+            return add_mlp(self.mlp, h, s, x, drop_path=self.drop_path2, backend=nb)
+        return s + self.drop_path2(self.ls2(self.mlp(h)))
+
+
+def swap_blocks(model: nn.Module, backend: str | None = None) -> int:
+    """Replaces every ``timm.models.vision_transformer.Block`` in ``model`` whose norms are
+    LayerNorms and whose attention is timm's Attention (in place) by pyssm's ``Block``; returns
+    how many it replaced. Other blocks (other norms or attention classes, other block
+    classes: ResPostBlock, ParallelScalingBlock, EVA's) are left as they are."""
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    swapped = 0
+
+    def make(block: nn.Module) -> nn.Module:
+        nonlocal swapped
+        if not _swappable_block(block):
+            return block
+        swapped += 1
+        return Block(block, backend=backend)
+
+    swap_modules(model, (TimmBlock,), make)
+    return swapped

@@ -1,15 +1,18 @@
 """Swapping pyssm's modules into timm ViTs (pyssm.integrations.timm) keeps outputs and weights:
-the attention, and the fused MLP, which takes linear_gelu in 16-bit inference and mlp_gelu in
-16-bit training where their kernels run (Triton's interpreter here), timm's layers elsewhere."""
+the attention, the fused MLP, which takes linear_gelu in 16-bit inference and mlp_gelu in
+16-bit training where their kernels run (Triton's interpreter here), timm's layers elsewhere,
+and whole blocks, whose norms and residual adds take layer_norm and norm_mlp_residual."""
 
 import pytest
 import torch
+from dispatched import Dispatched
 from triton_params import INTERPRETER
 
 timm = pytest.importorskip("timm")
 
 import pyssm.models.mlp as mlp_module  # noqa: E402
-from pyssm.integrations.timm import Attention, Mlp, swap_attention, swap_mlp  # noqa: E402
+from pyssm.integrations.timm import (Attention, Block, Mlp, swap_attention,  # noqa: E402
+                                     swap_blocks, swap_mlp)
 
 
 @pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {}),
@@ -117,3 +120,110 @@ def test_swapped_mlp_runs_timms_layers_where_nothing_fuses(grad, monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         Mlp(timm.layers.Mlp(8, 32), backend="triton")(h)
     assert fc1_calls == [torch.bfloat16]
+
+
+# timm ViTs whose blocks the swap takes: plain, with LayerScale (DINOv2's), q / k norms,
+# register tokens and no class token, a norm inside the MLP (timm's layers run it), drop path
+BLOCK_CASES = {"plain": {}, "layer-scale": dict(init_values=0.3),
+               "qk-norm-registers": dict(qk_norm=True, reg_tokens=3, class_token=False,
+                                         global_pool="avg"),
+               "mlp-norm": dict(scale_mlp_norm=True), "drop-path": dict(drop_path_rate=0.3)}
+
+
+def _block_pair(kw: dict, depth: int = 3):
+    """(timm's ViT, the same weights with its blocks swapped), float64, with norms' affine maps
+    and biases drawn away from their 1 / 0 initialisation."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth,
+                            **kw).double()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.normal_(1, 0.3), m.bias.normal_(0, 0.3)
+            elif isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.2)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth,
+                              **kw).double()
+    model.load_state_dict(ref.state_dict())
+    keys = list(model.state_dict())
+    assert swap_blocks(model) == depth
+    assert all(type(b) is Block for b in model.blocks)
+    assert list(model.state_dict()) == keys   # checkpoints load unchanged
+    return ref, model
+
+
+@pytest.mark.parametrize("kw", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_swapped_blocks_give_timms_outputs_and_gradients(kw, training):
+    """float64 (torch's ops under pyssm's): timm's features, and in training (drop path drawn
+    from the same seed) timm's gradients for every parameter."""
+    ref, model = _block_pair(kw)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for m in (ref, model):
+        m.train(training)
+        torch.manual_seed(5)
+        with torch.set_grad_enabled(training):
+            out = m.forward_features(x)
+        grads = torch.autograd.grad(out.square().mean(), list(m.parameters()),
+                                    allow_unused=True) if training else ()
+        results.append((out.detach(), grads))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    for (name, _), g, w in zip(model.named_parameters(), got_g, want_g):
+        assert (g is None) == (w is None) == name.startswith(("head.", "fc_norm.")), name
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8, msg=name)
+    if "drop_path_rate" in kw and training:   # (the drop path did drop: the seed mattered)
+        torch.manual_seed(6)
+        assert not torch.allclose(model.forward_features(x), got)
+
+
+def _pyssm_ops(seen: Dispatched) -> list[str]:
+    return [op._schema.name.split("::")[1] for op in seen.ops
+            if op._schema.name.startswith("pyssm::")]
+
+
+@INTERPRETER
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_swapped_blocks_take_the_fused_ops_in_bf16(training, monkeypatch):
+    """bf16 autocast with the Triton backend: in inference each block's second half is one
+    norm_mlp_residual pass, in training its first add and second norm one layer_norm pass and
+    its MLP one mlp_gelu; the features are timm's within bf16."""
+    for name in ("PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL", "PYSSM_MLP_GELU"):
+        monkeypatch.delenv(name, raising=False)
+    ref, model = _block_pair({}, depth=2)
+    ref, model = ref.float(), model.float()
+    assert swap_blocks(model) == 0   # (swapped already)
+    for block in model.blocks:
+        block.norm1.backend = block.norm2.backend = block.mlp.backend = "triton"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref.train(training).forward_features(x).float()
+        with Dispatched() as seen:
+            got = model.train(training).forward_features(x).float()
+    ran = _pyssm_ops(seen)
+    if training:
+        assert ran.count("mlp_gelu_triton") == 2 and "layer_norm_triton" in ran
+        assert "norm_mlp_residual_triton" not in ran
+    else:
+        assert ran.count("norm_mlp_residual_triton") == 2 and "mlp_gelu_triton" not in ran
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_blocks_the_swap_does_not_take():
+    """Blocks with RMSNorm, attention classes other than timm's Attention, or of other block
+    classes stay timm's; a swapped block refuses an attention mask."""
+    torch.manual_seed(0)
+    rms = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                            norm_layer="rmsnorm")
+    assert swap_blocks(rms) == 0
+    assert type(rms.blocks[0]).__name__ == "Block" and not isinstance(rms.blocks[0], Block)
+    post = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                             block_fn=timm.models.vision_transformer.ResPostBlock)
+    assert swap_blocks(post) == 0
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    swap_mlp(model)
+    assert swap_blocks(model) == 1 and isinstance(model.blocks[0].mlp, Mlp)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        model.blocks[0](torch.randn(1, 5, 192), attn_mask=torch.ones(5, 5, dtype=torch.bool))
