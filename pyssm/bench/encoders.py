@@ -71,6 +71,9 @@ NOTES = [
     "pyssm-ss2d-no-states (GPU, VMamba step rows): the pyssm model with the ss2d forward "
     "keeping no tile states (PYSSM_SS2D_STATES=0), so each backward runs its summary pass: "
     "what the states gain, in the same run.",
+    "timm-pyssm-blocks (ViT rows; --quick: the first resolution only): timm's model with the "
+    "same weights and its blocks swapped for pyssm's (pyssm.integrations.timm.swap_blocks): "
+    "what the integration gives a timm user, beside timm and pyssm's own ViT.",
 ]
 
 
@@ -180,6 +183,18 @@ def providers_for(name: str, res: int, device: torch.device,
         o_infer, o_step = _runners(other.to(device).eval(), device)
         out["forward"].append(harness.Provider(label, o_infer))
         out["step"].append(harness.Provider(label, o_step))
+    if family == "vit" and other is not None and comparisons:
+        # timm's model again, its blocks swapped for pyssm's (pyssm.integrations.timm)
+        from pyssm.integrations.timm import swap_blocks
+
+        swapped = timm.create_model(f"{name}_224", pretrained=False, img_size=res)
+        swapped.load_state_dict(pyssm_model.state_dict())
+        swap_blocks(swapped, backend=kernel if built else None)
+        s_infer, s_step = _runners(swapped.to(device).eval(), device)
+        out["forward"].append(harness.Provider("timm-pyssm-blocks", s_infer if built else None,
+                                               status))
+        out["step"].append(harness.Provider("timm-pyssm-blocks", s_step if built else None,
+                                            status))
     return out
 
 

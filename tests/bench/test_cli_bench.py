@@ -65,6 +65,19 @@ def test_bench_encoders_notes_missing_providers(tmp_path, monkeypatch):
         _png(tmp_path / f"{name}.png")
 
 
+def test_bench_encoders_times_timm_with_pyssm_blocks(tmp_path):
+    """With timm installed, the ViT rows include timm's model with its blocks swapped for
+    pyssm's (at the first resolution under --quick), measured as the others are."""
+    pytest.importorskip("timm")
+    assert main(["bench", "encoders", *FAST, "--encoders", "vit_tiny_patch16",
+                 "--out", str(tmp_path)]) == 0
+    rows = _json(tmp_path / "encoders.json")["rows"]
+    swapped = [r for r in rows if r["provider"] == "timm-pyssm-blocks"]
+    assert {r["mode"] for r in swapped} == {"forward", "step"}
+    assert all(r["status"] == "ok" and r["img_s"] > 0 for r in swapped)
+    assert {r["res"] for r in swapped} == {min(r["res"] for r in rows)}
+
+
 def test_bench_vlm(tmp_path):
     assert main(["bench", "vlm", *FAST, "--encoders", "vit_tiny_patch16",
                  "--new-tokens", "3", "--out", str(tmp_path)]) == 0
