@@ -6,6 +6,7 @@ CLIP and SigLIP towers.
     model = AutoModel.from_pretrained(path, attn_implementation="pyssm")
     # or per sub-model: attn_implementation={"text_config": "pyssm", "vision_config": "sdpa"}
     pyssm_hf.swap_mlp(model)                              # CLIP / SigLIP MLPs -> pyssm's
+    pyssm_hf.swap_layers(model)       # or their whole encoder layers: norms and adds fused too
 
 ``register()`` adds "pyssm" to transformers' ``AttentionInterface`` (the attention function)
 and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like flash-attn, pyssm
@@ -32,6 +33,13 @@ probabilities (``output_attentions``).
 and in 16-bit inference fc1 and the activation as one ``linear_gelu`` pass, in 16-bit training
 the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton kernels run, for
 CLIP's quick GELU, SigLIP's tanh GELU and the exact GELU (another activation: the layers).
+``swap_layers(model)`` replaces every CLIPEncoderLayer, SiglipEncoderLayer and
+Siglip2EncoderLayer (pre-norm: layer_norm1, self_attn, layer_norm2, mlp) by ``EncoderLayer``,
+which runs them as pyssm's ViT runs its blocks: its MLP swapped as by swap_mlp, its norms
+pyssm's LayerNorm over the same parameters, the first residual add and the second norm as one
+``layer_norm`` pass, and in 16-bit inference the add, the norm, the whole MLP and the second add
+as one ``norm_mlp_residual`` pass, where their Triton kernels run. Its attention stays the
+model's (whichever ``attn_implementation``), and so do gradient checkpointing and the state dict.
 
 Tested with transformers 5.24 (CLIP and SigLIP vision towers, Llama, LLaVA; tests/integrations).
 """
@@ -44,6 +52,8 @@ from torch import nn
 
 from pyssm.integrations.swap import swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
+from pyssm.models.mlp import add_mlp, norm_add_mlp
+from pyssm.models.norms import LayerNorm, triton_backend
 from pyssm.ops import attention
 from pyssm.ops.attention import trust_leftpad, trust_seqused
 
@@ -260,13 +270,102 @@ def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
     """Replaces every CLIPMLP, SiglipMLP and Siglip2MLP in ``model`` (in place) by ``MLP``;
     returns how many it replaced. ``backend``: the fused ops' ("triton", "reference"; None:
     their automatic choice, Triton on CUDA tensors once verified on a GPU)."""
+    return swap_modules(model, _classes(MLP_CLASSES), lambda m: MLP(m, backend=backend))
+
+
+# (transformers' module, class): the pre-norm encoder layers swap_layers takes
+LAYER_CLASSES = (("clip", "CLIPEncoderLayer"), ("siglip", "SiglipEncoderLayer"),
+                 ("siglip2", "Siglip2EncoderLayer"))
+
+
+def _classes(pairs) -> tuple[type, ...]:
     import importlib
 
     classes = []
-    for module, name in MLP_CLASSES:
+    for module, name in pairs:
         try:
             classes.append(getattr(importlib.import_module(
                 f"transformers.models.{module}.modeling_{module}"), name))
         except (ImportError, AttributeError):  # (an older transformers without the model)
             continue
-    return swap_modules(model, tuple(classes), lambda m: MLP(m, backend=backend))
+    return tuple(classes)
+
+
+def _layer_norm(norm: nn.LayerNorm) -> LayerNorm:
+    """pyssm's LayerNorm over ``norm``'s parameters (the same Parameter objects)."""
+    out = LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False, bias=False)
+    out.weight, out.bias = norm.weight, norm.bias
+    return out
+
+
+def _encoder_layer_class():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class EncoderLayer(GradientCheckpointingLayer):
+        """transformers' CLIPEncoderLayer / SiglipEncoderLayer / Siglip2EncoderLayer on
+        pyssm's fused ops (module docstring): ``s = x + self_attn(layer_norm1(x))``, then
+        ``s + mlp(layer_norm2(s))``, under the same submodule names."""
+
+        def __init__(self, hf_layer: nn.Module, backend: str | None = None):
+            super().__init__()
+            self.embed_dim = hf_layer.embed_dim
+            for name, child in hf_layer.named_children():   # (in its order: the state dict's)
+                if name in ("layer_norm1", "layer_norm2"):
+                    child = _layer_norm(child)
+                elif name == "mlp" and not isinstance(child, MLP):
+                    child = MLP(child, backend=backend)
+                setattr(self, name, child)
+            self.gradient_checkpointing = hf_layer.gradient_checkpointing
+            if hasattr(hf_layer, "_gradient_checkpointing_func"):
+                self._gradient_checkpointing_func = hf_layer._gradient_checkpointing_func
+            self.backend = backend
+
+        def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    **kwargs) -> torch.Tensor:
+            x, nb = hidden_states, triton_backend(self.backend)
+            h = self.layer_norm1(x, for_matmul=True, backend=nb)
+            branch, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, **kwargs)
+            del h
+            out = norm_add_mlp(self.layer_norm2, self.mlp, branch, x, backend=nb)
+            if out is not None:   # the add, the norm, the MLP and the add in one pass
+                return out
+            h, s = self.layer_norm2.add(branch, x, for_matmul=True, backend=nb)
+            del branch
+            return add_mlp(self.mlp, h, s, x, backend=nb)   # in place in inference
+
+    return EncoderLayer
+
+
+_ENCODER_LAYER = None
+
+
+def encoder_layer(hf_layer: nn.Module, backend: str | None = None) -> nn.Module:
+    """``EncoderLayer`` (swap_layers' replacement) over ``hf_layer``'s modules."""
+    global _ENCODER_LAYER
+    if _ENCODER_LAYER is None:   # (defined on first use: transformers is optional)
+        _ENCODER_LAYER = _encoder_layer_class()
+    return _ENCODER_LAYER(hf_layer, backend=backend)
+
+
+def _swappable_layer(layer: nn.Module) -> bool:
+    """LayerNorms over the channels, and an MLP swap_mlp takes (or has taken)."""
+    norms = all(type(n) is nn.LayerNorm and len(n.normalized_shape) == 1
+                for n in (layer.layer_norm1, layer.layer_norm2))
+    return norms and (isinstance(layer.mlp, MLP) or type(layer.mlp) in _classes(MLP_CLASSES))
+
+
+def swap_layers(model: nn.Module, backend: str | None = None) -> int:
+    """Replaces every CLIPEncoderLayer, SiglipEncoderLayer and Siglip2EncoderLayer in ``model``
+    (in place) by ``EncoderLayer``; returns how many it replaced. ``backend``: the fused ops'
+    ("triton", "reference"; None: their automatic choice)."""
+    swapped = 0
+
+    def make(layer: nn.Module) -> nn.Module:
+        nonlocal swapped
+        if not _swappable_layer(layer):
+            return layer
+        swapped += 1
+        return encoder_layer(layer, backend=backend)
+
+    swap_modules(model, _classes(LAYER_CLASSES), make)
+    return swapped
