@@ -13,13 +13,14 @@ and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like f
 takes no dense mask: the model hands it either no mask (every key visible, or plain causal) or
 the 2D padding mask. Causal masking is bottom-right aligned, so decoding with a KV cache (one
 query against the cache) is right. A padded batch reads each row's valid keys in place when
-they are one run (``leftpad_k`` and ``seqused_k``, the mask read once a step rather than once
-a layer): a decoding step with left padding, as ``generate`` pads, and a prefill whose rows
-end together (left padding) or that is not causal; the padding's own queries then see no key
-under a causal mask (out = 0) and every valid key without one. Otherwise (right padding under
-a causal mask, holes) it packs, one call for the batch: a prefill's valid tokens into pyssm's
-variable-length form (``cu_seqlens``), a decoding step's new queries against each row's own
-valid keys (``cu_seqlens_k``). A static cache (more slots than keys written:
+they are one run (``leftpad_k``, and ``seqused_k`` where the keys after the run must stay
+unread; the mask read once a step rather than once a layer): left padding, as ``generate``
+pads (the prompt and each cached decoding step), and right padding, as training batches are
+padded. The padding's own outputs are then not zeros but finite values no valid token depends
+on (leading padding sees no key under a causal mask: out = 0). A mask with holes packs, one
+call for the batch: a prefill's valid tokens into pyssm's variable-length form
+(``cu_seqlens``), a decoding step's new queries against each row's own valid keys
+(``cu_seqlens_k``). A static cache (more slots than keys written:
 ``cache_implementation="static"``) is read in place up to the keys written (``seqused_k``,
 counted on the device, so nothing is read on the host), with padding likewise. A model whose
 mask is not plain causal or bidirectional attention with padding (image tokens attending both
@@ -85,11 +86,10 @@ _MASKS = torch.utils.weak.WeakIdKeyDictionary()
 
 
 def _mask_summary(mask: torch.Tensor):
-    """(all_valid, flush, lead, end) of a 2D padding mask (B, S), read once per mask tensor and
+    """(all_valid, lead, end) of a 2D padding mask (B, S), read once per mask tensor and
     version (one device sync): all_valid when every key is valid; lead and end (int32 (B,))
-    when each row's valid keys are one run [lead, end) (left padding, a static cache's unwritten
-    slots after), else None for both; flush when moreover every run ends at S (no padding
-    after the valid keys: left padding)."""
+    when each row's valid keys are one run [lead, end) (left or right padding, a static cache's
+    unwritten slots after), else None for both."""
     cached = _MASKS.get(mask)
     if cached is not None and cached[0] == mask._version:
         return cached[1]
@@ -99,10 +99,8 @@ def _mask_summary(mask: torch.Tensor):
     end = lead + count
     slots = torch.arange(valid.shape[1], device=valid.device)
     one_run = (valid == ((slots >= lead[:, None]) & (slots < end[:, None]))).all()
-    all_valid, one_run, flush = torch.stack(
-        [(count == valid.shape[1]).all(), one_run, (end == valid.shape[1]).all()]).tolist()
-    summary = (bool(all_valid), bool(one_run and flush), lead, end) if one_run else \
-        (bool(all_valid), False, None, None)
+    all_valid, one_run = torch.stack([(count == valid.shape[1]).all(), one_run]).tolist()
+    summary = (bool(all_valid), lead, end) if one_run else (bool(all_valid), None, None)
     _MASKS[mask] = (mask._version, summary)
     return summary
 
@@ -153,22 +151,25 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         if attention_mask.shape[1] != Sk:
             raise ValueError(f"attn_implementation='{NAME}': a padding mask over "
                              f"{attention_mask.shape[1]} keys for {Sk} keys")
-        all_valid, flush, lead, end = _mask_summary(attention_mask)
+        all_valid, lead, end = _mask_summary(attention_mask)
         if all_valid:
             attention_mask = None
     if attention_mask is None:
         return attention(q, k, v, **call).contiguous(), None
 
-    # each row's valid keys read in place where they are one run (lead <= end <= Sk, checked
-    # with the mask), when the queries line up with them: the queries are the last Sq
-    # positions, which a causal mask aligns to each row's last valid key, so in a prefill the
-    # runs must end at Sk (left padding); a decoding step's queries are the last keys written
-    in_place = lead is not None and (Sq != Sk or flush or not causal)
-    if in_place:
+    # each row's valid keys, one run [lead, end) (lead <= end <= Sk, checked with the mask),
+    # read in place. A causal mask aligns the queries with the last key read. In a prefill
+    # (Sq == Sk) that must be key Sk - 1, so the keys after each run are read too: no valid
+    # query sees them (they come after it), only the trailing padding's queries do. A decoding
+    # step's queries are the last keys written (end: a static cache's slots after stay unread).
+    if lead is not None and causal and Sq == Sk:
+        trust_leftpad(lead, None, Sk)
+        return attention(q, k, v, leftpad_k=lead, **call).contiguous(), None
+    if lead is not None:
         trust_seqused(end, Sk)
         trust_leftpad(lead, end, Sk)
         return attention(q, k, v, seqused_k=end, leftpad_k=lead, **call).contiguous(), None
-    if Sq == Sk:  # prefill / encoder (right padding, holes): every row's valid tokens, packed
+    if Sq == Sk:  # prefill / encoder with holes in the mask: every row's valid tokens, packed
         (qp, kp, vp), cu, longest = _packed(attention_mask, q, k, v)
         out_p = attention(qp, kp, vp, cu_seqlens=cu, max_seqlen=longest, **call)
         out = q.new_zeros(q.shape)

@@ -71,14 +71,13 @@ def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
         got = ours(input_ids=ids, attention_mask=mask).logits
-    # right padding packed (causal queries align to the last key, which is padding); left
-    # padding read in place from each row's first valid key
-    path = {"none": (False, False, False), "left": (False, True, True),
-            "right": (True, False, False)}[side]
+    # padding on either side read in place from each row's first valid key (leftpad_k) to the
+    # last key (causal: no valid query sees the right padding)
+    path = (False, False, False) if side == "none" else (False, False, True)
     assert seen == [path] * 2
     valid = mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
-    assert got.isfinite().all()   # the padding's queries too (they see no key: out = 0)
+    assert got.isfinite().all()   # the padding's queries too
     if side == "left":  # the padding mattered: ignoring it changes the outputs
         with torch.no_grad():
             unmasked = ours(input_ids=ids).logits
@@ -123,7 +122,7 @@ def test_llama_generate_with_cache_and_left_padding_matches_sdpa(holes, monkeypa
     seen = _path_spy(monkeypatch)
     torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
     assert len(seen) == 2 * 8   # 2 layers x (prefill + 7 steps)
-    prompt = (False, False, False) if holes else (False, True, True)
+    prompt = (False, False, False) if holes else (False, False, True)
     assert seen[:2] == [prompt] * 2
     step = (True, False, False) if holes else (False, True, True)
     assert seen[2:] == [step] * 14
@@ -131,47 +130,49 @@ def test_llama_generate_with_cache_and_left_padding_matches_sdpa(holes, monkeypa
 
 def test_mask_summary_is_read_once_per_mask():
     """The padding mask's key runs: [lead, end) per row when each row's valid keys are one run
-    (left padding, a static cache's unwritten slots after), None with holes, and whether every
-    run ends at the last key; read once per mask tensor and version."""
+    (left or right padding, a static cache's unwritten slots after), None with holes; read once
+    per mask tensor and version."""
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
-    all_valid, flush, lead, end = pyssm_hf._mask_summary(mask)
-    assert not all_valid and not flush
-    assert lead.tolist() == [2, 0, 1] and end.tolist() == [5, 5, 3]
+    all_valid, lead, end = pyssm_hf._mask_summary(mask)
+    assert not all_valid and lead.tolist() == [2, 0, 1] and end.tolist() == [5, 5, 3]
     assert lead.dtype == end.dtype == torch.int32
-    assert pyssm_hf._mask_summary(mask)[2] is lead            # cached
+    assert pyssm_hf._mask_summary(mask)[1] is lead            # cached
     mask[2, 4] = True                                          # in place: read again
-    assert pyssm_hf._mask_summary(mask)[1:] == (False, None, None)    # a hole at 3
-    mask[2, 3] = True
-    assert pyssm_hf._mask_summary(mask)[:2] == (False, True)  # left padding only
-    assert pyssm_hf._mask_summary(torch.ones(2, 4, dtype=torch.long))[:2] == (True, True)
+    assert pyssm_hf._mask_summary(mask)[1:] == (None, None)    # a hole at 3
+    assert pyssm_hf._mask_summary(torch.ones(2, 4, dtype=torch.long))[0]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("pads", [((3, 0), (0, 0), (6, 0)), ((0, 2), (1, 3), (0, 0)),
-                                  ((0, 0), (2, 0), (0, 4)), ((1, 0), (0, 1), (0, 0))],
-                         ids=["left", "both-sides", "mixed", "left-and-right"])
+                                  ((0, 0), (2, 0), (0, 4)), ((1, 0), (0, 1), (0, 0)),
+                                  ((2, 0), (0, 3), (5, 0), "hole")],
+                         ids=["left", "both-sides", "mixed", "left-and-right", "holes"])
 def test_padded_prefill_against_float64(causal, pads, monkeypatch):
     """The attention function on a padded prefill (Sq == Sk, each row's valid tokens one run
-    [lead, S - trail)) against a float64 reference over each row's valid tokens: read in place
-    (leftpad_k, seqused_k) where the queries line up with the keys (no causal mask, or every
-    run ending at S), else packed (cu_seqlens); valid rows exact, every row finite."""
+    [lead, S - trail), or with a hole) against a float64 reference over each row's valid
+    tokens: one runs read in place (leftpad_k; seqused_k without a causal mask), holes packed
+    (cu_seqlens); valid rows exact, every row finite."""
+    holes = pads[-1] == "hole"
+    pads = pads[:-1] if holes else pads
     torch.manual_seed(len(pads) + sum(map(sum, pads)))
     B, S, H, Hk, d = len(pads), 11, 4, 2, 24
     mask = torch.ones(B, S, dtype=torch.bool)
     for row, (lead, trail) in enumerate(pads):
         mask[row, :lead] = False
         mask[row, S - trail:] = False
+    if holes:
+        mask[1, 4] = False
     q = torch.randn(B, H, S, d)
     k, v = torch.randn(B, Hk, S, d), torch.randn(B, Hk, S, d)
     module = torch.nn.Module()
     module.is_causal = causal
-    seen = _path_spy(monkeypatch, "cu_seqlens", "leftpad_k")
+    seen = _path_spy(monkeypatch, "cu_seqlens", "seqused_k", "leftpad_k")
     out, _ = pyssm_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
-    in_place = not causal or all(trail == 0 for _, trail in pads)
-    assert seen == [(not in_place, in_place)]
+    assert seen == [(True, False, False) if holes else (False, not causal, True)]
     assert out.shape == (B, S, H, d) and out.isfinite().all()
-    for row, (lead, trail) in enumerate(pads):
-        rows = slice(lead, S - trail)
+    for row in range(B):
+        rows = mask[row].nonzero()[:, 0]
+        lead = int(rows[0])
         qr, kr, vr = (t[row, :, rows].double() for t in (q, k, v))
         kr, vr = (t.repeat_interleave(H // Hk, 0) for t in (kr, vr))
         scores = 0.3 * qr @ kr.transpose(-1, -2)
@@ -180,6 +181,8 @@ def test_padded_prefill_against_float64(causal, pads, monkeypatch):
             scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         want = (scores.softmax(-1) @ vr).transpose(0, 1)
         torch.testing.assert_close(out[row, rows].double(), want, atol=1e-5, rtol=1e-5)
+        if holes:   # (packed: the padding's outputs zeros)
+            assert (out[row][~mask[row]] == 0).all()
         if causal:   # the left padding's queries see no key
             assert (out[row, :lead] == 0).all()
 
