@@ -149,9 +149,10 @@ def test_mask_summary_is_read_once_per_mask():
                          ids=["left", "both-sides", "mixed", "left-and-right", "holes"])
 def test_padded_prefill_against_float64(causal, pads, monkeypatch):
     """The attention function on a padded prefill (Sq == Sk, each row's valid tokens one run
-    [lead, S - trail), or with a hole) against a float64 reference over each row's valid
-    tokens: one runs read in place (leftpad_k; seqused_k without a causal mask), holes packed
-    (cu_seqlens); valid rows exact, every row finite."""
+    [lead, S - trail), or with a hole) in float64 against a reference over each row's valid
+    tokens alone: one runs read in place (leftpad_k; seqused_k without a causal mask), holes
+    packed (cu_seqlens). The valid rows' outputs, and the gradients of a loss over them (what a
+    training batch's padding leaves), are the reference's; every output is finite."""
     holes = pads[-1] == "hole"
     pads = pads[:-1] if holes else pads
     torch.manual_seed(len(pads) + sum(map(sum, pads)))
@@ -162,29 +163,36 @@ def test_padded_prefill_against_float64(causal, pads, monkeypatch):
         mask[row, S - trail:] = False
     if holes:
         mask[1, 4] = False
-    q = torch.randn(B, H, S, d)
-    k, v = torch.randn(B, Hk, S, d), torch.randn(B, Hk, S, d)
+    q = torch.randn(B, H, S, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hk, S, d, dtype=torch.float64, requires_grad=True) for _ in "kv")
     module = torch.nn.Module()
     module.is_causal = causal
     seen = _path_spy(monkeypatch, "cu_seqlens", "seqused_k", "leftpad_k")
     out, _ = pyssm_hf.attention_forward(module, q, k, v, mask, scaling=0.3)
     assert seen == [(True, False, False) if holes else (False, not causal, True)]
     assert out.shape == (B, S, H, d) and out.isfinite().all()
+    weights = torch.randn(B, S, H, d, dtype=torch.float64)
+    got_grads = torch.autograd.grad((out * weights)[mask].sum(), (q, k, v))
+    want_loss = 0
     for row in range(B):
         rows = mask[row].nonzero()[:, 0]
         lead = int(rows[0])
-        qr, kr, vr = (t[row, :, rows].double() for t in (q, k, v))
+        qr, kr, vr = (t[row, :, rows] for t in (q, k, v))
         kr, vr = (t.repeat_interleave(H // Hk, 0) for t in (kr, vr))
         scores = 0.3 * qr @ kr.transpose(-1, -2)
         if causal:
             n = scores.shape[-1]
             scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         want = (scores.softmax(-1) @ vr).transpose(0, 1)
-        torch.testing.assert_close(out[row, rows].double(), want, atol=1e-5, rtol=1e-5)
+        want_loss = want_loss + (want * weights[row, rows]).sum()
+        torch.testing.assert_close(out[row, rows], want, atol=1e-12, rtol=1e-12)
         if holes:   # (packed: the padding's outputs zeros)
             assert (out[row][~mask[row]] == 0).all()
         if causal:   # the left padding's queries see no key
             assert (out[row, :lead] == 0).all()
+    want_grads = torch.autograd.grad(want_loss, (q, k, v))
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=f"d{name}")
 
 
 @pytest.mark.parametrize("side", ["none", "left"])
