@@ -6,7 +6,7 @@ and whole blocks, whose norms and residual adds take layer_norm and norm_mlp_res
 import pytest
 import torch
 from dispatched import Dispatched
-from triton_params import INTERPRETER
+from triton_params import CUDA, INTERPRETER
 
 timm = pytest.importorskip("timm")
 
@@ -184,21 +184,30 @@ def _pyssm_ops(seen: Dispatched) -> list[str]:
             if op._schema.name.startswith("pyssm::")]
 
 
-@INTERPRETER
+# Triton's interpreter on CPU tensors, or on a GPU (the device check's CUDA tests) the Triton
+# kernels and the CUDA attention, let in before they are verified (PYSSM_UNVERIFIED_CUDA=1)
+DEVICES = [pytest.param("cpu", id="cpu-triton-interpreter", marks=INTERPRETER),
+           pytest.param("cuda", id="cuda", marks=CUDA)]
+SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL",
+            "PYSSM_MLP_GELU", "PYSSM_LINEAR_GELU", "PYSSM_QKVPACKED")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_swapped_blocks_take_the_fused_ops_in_bf16(training, monkeypatch):
+def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, monkeypatch):
     """bf16 autocast with the Triton backend: in inference each block's second half is one
     norm_mlp_residual pass, in training its first add and second norm one layer_norm pass and
     its MLP one mlp_gelu; the features are timm's within bf16."""
-    for name in ("PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL", "PYSSM_MLP_GELU"):
+    for name in SWITCHES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
     ref, model = _block_pair({}, depth=2)
-    ref, model = ref.float(), model.float()
+    ref, model = ref.float().to(device), model.float().to(device)
     assert swap_blocks(model) == 0   # (swapped already)
     for block in model.blocks:
         block.norm1.backend = block.norm2.backend = block.mlp.backend = "triton"
-    x = torch.randn(2, 3, 32, 32)
-    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(2, 3, 32, 32, device=device)
+    with torch.set_grad_enabled(training), torch.autocast(device, dtype=torch.bfloat16):
         want = ref.train(training).forward_features(x).float()
         with Dispatched() as seen:
             got = model.train(training).forward_features(x).float()
@@ -208,6 +217,7 @@ def test_swapped_blocks_take_the_fused_ops_in_bf16(training, monkeypatch):
         assert "norm_mlp_residual_triton" not in ran
     else:
         assert ran.count("norm_mlp_residual_triton") == 2 and "mlp_gelu_triton" not in ran
+    assert ran.count("attention_qkvpacked") == 2
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 

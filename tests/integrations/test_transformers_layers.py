@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from dispatched import Dispatched
-from triton_params import INTERPRETER
+from triton_params import CUDA, INTERPRETER
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,21 +101,32 @@ def _pyssm_ops(seen: Dispatched) -> list[str]:
             if op._schema.name.startswith("pyssm::")]
 
 
-@INTERPRETER
+# Triton's interpreter on CPU tensors, or on a GPU (the device check's CUDA tests) the Triton
+# kernels and the CUDA attention, let in before they are verified (PYSSM_UNVERIFIED_CUDA=1)
+DEVICES = [pytest.param("cpu", id="cpu-triton-interpreter", marks=INTERPRETER),
+           pytest.param("cuda", id="cuda", marks=CUDA)]
+SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL",
+            "PYSSM_MLP_GELU", "PYSSM_LINEAR_GELU")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["clip-vision", "siglip-vision"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_swapped_layers_take_the_fused_ops_in_bf16(name, training, monkeypatch):
+def test_swapped_layers_take_the_fused_ops_in_bf16(device, name, training, monkeypatch):
     """bf16 autocast with the Triton backend, attention on pyssm's: in inference each layer's
     second half is one norm_mlp_residual pass, in a training step its first add and second norm
     one layer_norm pass and its MLP one mlp_gelu; the features are the model's within bf16."""
-    for switch in ("PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL", "PYSSM_MLP_GELU"):
+    for switch in SWITCHES:
         monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
     pyssm_hf.register()
     ref, ours, inputs = _pair(name, attn="pyssm")
+    ref, ours = ref.to(device), ours.to(device)
+    inputs = {key: value.to(device) for key, value in inputs.items()}
     for m in ours.modules():
         if type(m).__name__ == "EncoderLayer":
             m.layer_norm1.backend = m.layer_norm2.backend = m.mlp.backend = "triton"
-    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.set_grad_enabled(training), torch.autocast(device, dtype=torch.bfloat16):
         want = ref.train(training)(**inputs).last_hidden_state.float()
         with Dispatched() as seen:
             got = ours.train(training)(**inputs).last_hidden_state.float()
@@ -125,6 +136,7 @@ def test_swapped_layers_take_the_fused_ops_in_bf16(name, training, monkeypatch):
         assert "norm_mlp_residual_triton" not in ran
     else:
         assert ran.count("norm_mlp_residual_triton") == 3
+    assert ran.count("attention") == 3
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
