@@ -22,9 +22,11 @@ call for the batch: a prefill's valid tokens into pyssm's variable-length form
 (``cu_seqlens``), a decoding step's new queries against each row's own valid keys
 (``cu_seqlens_k``). A static cache (more slots than keys written:
 ``cache_implementation="static"``) is read in place up to the keys written (``seqused_k``,
-counted on the device, so nothing is read on the host), with padding likewise. A model whose
-mask is not plain causal or bidirectional attention with padding (image tokens attending both
-ways, sequences packed by position_ids, chunked or sliding attention) raises.
+counted on the device, so nothing is read on the host), with padding likewise. Sequences
+packed along each row by position_ids (padding-free training, as transformers'
+DataCollatorWithFlattening makes them) run as pyssm's packed batches (``cu_seqlens``, read once
+a forward), q, k and v in place. A model whose mask is not plain causal or bidirectional
+attention with padding (image tokens attending both ways, chunked or sliding attention) raises.
 What pyssm does not compute raises instead of being dropped: attention dropout while training,
 soft-capping, sliding windows, position biases (T5-style), attention sinks, and attention
 probabilities (``output_attentions``).
@@ -105,6 +107,27 @@ def _mask_summary(mask: torch.Tensor):
     return summary
 
 
+# packed-sequence ids summarised already: ids -> (their version counter, (cu_seqlens, longest))
+_SEQUENCES = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _sequence_offsets(ids: torch.Tensor):
+    """(int32 cu_seqlens, the longest sequence) of the sequences packed in ``ids`` (B, S), the
+    sequence index of each token (transformers' packed_sequence_mask: a run of equal values a
+    sequence, every row starting its own): read once per tensor and version (one device sync)."""
+    cached = _SEQUENCES.get(ids)
+    if cached is not None and cached[0] == ids._version:
+        return cached[1]
+    B, S = ids.shape
+    starts = torch.ones(B, S, dtype=torch.bool, device=ids.device)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    first = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
+    cu = torch.cat([first, first.new_full((1,), B * S)])
+    result = (cu, int((cu[1:] - cu[:-1]).max()) if B * S else 0)
+    _SEQUENCES[ids] = (ids._version, result)
+    return result
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None,
                       dropout: float = 0.0, scaling: float | None = None,
@@ -137,6 +160,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     k, v = k.to(dtype), v.to(dtype)
     call = dict(causal=causal, softmax_scale=scaling, backend=_backend)
 
+    if attention_mask is not None and attention_mask.dtype == torch.int64:
+        # sequences packed along each row (position_ids restarting): each attends to itself
+        if attention_mask.shape != (B, Sq) or Sq != Sk:
+            raise ValueError(f"attn_implementation='{NAME}': packed sequences' ids must be "
+                             f"int64 ({B}, {Sq}) for {Sq} queries and keys, got "
+                             f"{tuple(attention_mask.shape)} for {Sk} keys")
+        cu, longest = _sequence_offsets(attention_mask)
+        flat = [t.reshape(B * Sq, *t.shape[2:]) for t in (q, k, v)]   # (views: B, S adjacent)
+        return attention(*flat, cu_seqlens=cu, max_seqlen=longest, **call).view(q.shape), None
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         if attention_mask.shape != (B,):
             raise ValueError(f"attn_implementation='{NAME}': a static cache's key counts must be "
@@ -184,10 +216,39 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.view(q.shape), None
 
 
+def _closure(fn) -> dict:
+    """The variables a nested function closes over, by name ({} for anything else)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code else {}
+
+
+def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
+    """The sequence ids (B, S) when ``mask_function`` is the one transformers builds for
+    sequences packed by position_ids (masking_utils: ``and_masks`` of a plain causal or
+    bidirectional mask on the positions remapped per sequence, and ``packed_sequence_mask_
+    function``: one sequence attends only to itself); None for any other mask function."""
+    from transformers import masking_utils
+
+    name = getattr(mask_function, "__qualname__", "")
+    parts = _closure(mask_function).get("mask_functions")
+    if name != "and_masks.<locals>.and_mask" or not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    remapped, same_sequence = parts
+    plain = (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
+    if (getattr(remapped, "__qualname__", "")
+            != "remap_positions_for_packed_sequence.<locals>.inner_mask"
+            or not any(_closure(remapped).get("mask_function") is f for f in plain)
+            or getattr(same_sequence, "__qualname__", "")
+            != "packed_sequence_mask_function.<locals>.inner_mask"):
+        return None
+    ids = _closure(same_sequence).get("packed_sequence_mask")
+    return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+
 def _check_mask_function(mask_function) -> None:
     """Only plain causal or bidirectional masks (with padding) are pyssm's to compute: a model
-    that bends them (image tokens attending both ways, sequences packed by position_ids,
-    chunked or sliding attention) gets an error, not plain causal attention."""
+    that bends them (image tokens attending both ways, chunked or sliding attention) gets an
+    error, not plain causal attention. (Sequences packed by position_ids: padding_mask.)"""
     from transformers import masking_utils
 
     plain = (None, masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
@@ -205,7 +266,15 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     unpads with it); or, for a static cache (kv_length slots, of which the first q_offset +
     q_length are written) with no padding, the int32 (batch,) number of keys written, which the
     attention function passes as seqused_k: the cache read in place, nothing read on the host
-    (q_offset is a tensor there)."""
+    (q_offset is a tensor there); or, for sequences packed along each row by position_ids (no
+    padding mask, no cache: padding-free training), the int64 (batch, length) sequence index
+    of each token, from which the attention function takes cu_seqlens once a forward."""
+    ids = _packed_sequence_ids(mask_function)
+    if ids is not None:
+        if attention_mask is not None or not isinstance(q_offset, int) or q_offset or kv_offset or \
+                ids.shape != (batch_size, q_length) or q_length != kv_length:
+            raise _unsupported("sequences packed by position_ids with a padding mask or a cache")
+        return ids.to(torch.int64)
     _check_mask_function(mask_function)
     if attention_mask is not None and attention_mask.dtype == torch.int32 and \
             attention_mask.shape == (batch_size,):

@@ -219,17 +219,62 @@ def test_llama_generate_with_a_static_cache_matches_sdpa(side, monkeypatch):
     assert seen == [(False, True, side == "left")] * 12
 
 
-def test_masks_pyssm_cannot_compute_raise():
-    """A mask function other than plain causal / bidirectional (here: sequences packed by
-    position_ids, no padding mask) raises rather than running plain causal attention."""
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_llama_sequences_packed_by_position_ids_match_sdpa(training, monkeypatch):
+    """Sequences packed along each row by position_ids (no padding mask, no cache: padding-free
+    training) run as one packed batch, q, k and v in place (cu_seqlens from the rows' sequence
+    ids, one call a layer): sdpa's logits and gradients, and each sequence's logits as when it
+    runs alone."""
     from transformers import LlamaForCausalLM
 
-    _, ours = _pair(LlamaForCausalLM, _llama_config())
-    ids = torch.randint(3, 97, (1, 8))
-    packed_positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="the attention mask this "
-                                                                 "model builds"):
-        ours(input_ids=ids, position_ids=packed_positions, use_cache=False)
+    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+    torch.manual_seed(4)
+    ids = torch.randint(3, 97, (3, 12))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3], list(range(12)),
+                              [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])
+    offsets = []
+    real = ops.attention
+    monkeypatch.setattr(pyssm_hf, "attention", lambda *a, **k: offsets.append(
+        k["cu_seqlens"].tolist() if "cu_seqlens" in k else None) or real(*a, **k))
+    results = []
+    for model in (ref, ours):
+        model.train(training)
+        with torch.set_grad_enabled(training):
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        grads = torch.autograd.grad(logits.square().mean(), list(model.parameters())) \
+            if training else ()
+        results.append((logits.detach(), grads))
+    # (B, S) as one packed batch, a call a layer; every row starts a sequence (row 1, one
+    # sequence of id 0, ends where row 2's first sequence, also of id 0, starts)
+    assert offsets[:2] == [[0, 3, 8, 12, 24, 30, 36]] * 2
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    for (name, _), g, w in zip(ours.named_parameters(), got_g, want_g):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-3, msg=name)
+    with torch.no_grad():
+        alone = ours.eval()(input_ids=ids[:1, 3:8], position_ids=positions[:1, 3:8],
+                            use_cache=False).logits
+    torch.testing.assert_close(got[0, 3:8], alone[0], atol=2e-4, rtol=2e-4)
+    assert offsets[2:] == [None] * 2   # (one sequence: plain causal)
+
+
+def test_masks_pyssm_cannot_compute_raise():
+    """A mask function other than plain causal / bidirectional (here: a sliding window), or
+    packed sequences with a padding mask, raises rather than running plain causal attention."""
+    from transformers import masking_utils
+
+    sliding = masking_utils.and_masks(masking_utils.causal_mask_function,
+                                      masking_utils.sliding_window_overlay(4))
+    with pytest.raises(NotImplementedError, match="the attention mask this model builds"):
+        pyssm_hf.padding_mask(1, 8, 8, mask_function=sliding)
+    packed = masking_utils.and_masks(
+        masking_utils.remap_positions_for_packed_sequence(masking_utils.causal_mask_function,
+                                                          torch.tensor([[0, 1, 0, 1]])),
+        masking_utils.packed_sequence_mask_function(torch.tensor([[0, 0, 1, 1]])))
+    assert pyssm_hf.padding_mask(1, 4, 4, mask_function=packed).tolist() == [[0, 0, 1, 1]]
+    with pytest.raises(NotImplementedError, match="packed by position_ids with a padding mask"):
+        pyssm_hf.padding_mask(1, 4, 4, mask_function=packed,
+                              attention_mask=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="a key offset"):
         pyssm_hf.padding_mask(1, 1, 4, q_offset=9, kv_offset=6)
 
