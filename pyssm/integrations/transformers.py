@@ -31,20 +31,22 @@ What pyssm does not compute raises instead of being dropped: attention dropout w
 soft-capping, sliding windows, position biases (T5-style), attention sinks, and attention
 probabilities (``output_attentions``).
 
-``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP and Siglip2MLP (fc1, activation, fc2) by
-``MLP``, the encoders' MLP (``pyssm.models.mlp.Mlp``) over the same layers: the same state dict,
+``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP, Siglip2MLP and the vision MLPs of
+Idefics2, Idefics3 and SmolVLM (fc1, activation, fc2; MLP_CLASSES) by ``MLP``, the encoders' MLP (``pyssm.models.mlp.Mlp``) over the same layers: the same state dict,
 and in 16-bit inference fc1 and the activation as one ``linear_gelu`` pass, in 16-bit training
 the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton kernels run, for
 CLIP's quick GELU, SigLIP's tanh GELU and the exact GELU (another activation: the layers).
-``swap_layers(model)`` replaces every CLIPEncoderLayer, SiglipEncoderLayer and
-Siglip2EncoderLayer (pre-norm: layer_norm1, self_attn, layer_norm2, mlp) by ``EncoderLayer``,
+``swap_layers(model)`` replaces every CLIPEncoderLayer, SiglipEncoderLayer,
+Siglip2EncoderLayer and the Idefics2, Idefics3 and SmolVLM vision towers' encoder layers
+(pre-norm: layer_norm1, self_attn, layer_norm2, mlp; LAYER_CLASSES) by ``EncoderLayer``,
 which runs them as pyssm's ViT runs its blocks: its MLP swapped as by swap_mlp, its norms
 pyssm's LayerNorm over the same parameters, the first residual add and the second norm as one
 ``layer_norm`` pass, and in 16-bit inference the add, the norm, the whole MLP and the second add
 as one ``norm_mlp_residual`` pass, where their Triton kernels run. Its attention stays the
 model's (whichever ``attn_implementation``), and so do gradient checkpointing and the state dict.
 
-Tested with transformers 5.24 (CLIP and SigLIP vision towers, Llama, LLaVA; tests/integrations).
+Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
+Llama, LLaVA; tests/integrations).
 """
 
 from __future__ import annotations
@@ -318,11 +320,13 @@ def register(name: str = NAME, backend: str | None = None) -> str:
 
 
 # (transformers' module, class): the MLPs whose forward is fc2(activation_fn(fc1(x)))
-MLP_CLASSES = (("clip", "CLIPMLP"), ("siglip", "SiglipMLP"), ("siglip2", "Siglip2MLP"))
+MLP_CLASSES = (("clip", "CLIPMLP"), ("siglip", "SiglipMLP"), ("siglip2", "Siglip2MLP"),
+               ("idefics2", "Idefics2VisionMLP"), ("idefics3", "Idefics3VisionMLP"),
+               ("smolvlm", "SmolVLMVisionMLP"))
 
 
 class MLP(_PyssmMlp):
-    """transformers' CLIPMLP / SiglipMLP / Siglip2MLP on pyssm's fused MLP ops (module
+    """transformers' MLP_CLASSES (CLIPMLP, SiglipMLP, ...) on pyssm's fused MLP ops (module
     docstring): their fc1, activation_fn and fc2 under the same names."""
 
     def __init__(self, hf_mlp: nn.Module, backend: str | None = None):
@@ -337,7 +341,7 @@ class MLP(_PyssmMlp):
 
 
 def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
-    """Replaces every CLIPMLP, SiglipMLP and Siglip2MLP in ``model`` (in place) by ``MLP``;
+    """Replaces every MLP of MLP_CLASSES in ``model`` (in place) by ``MLP``;
     returns how many it replaced. ``backend``: the fused ops' ("triton", "reference"; None:
     their automatic choice, Triton on CUDA tensors once verified on a GPU)."""
     return swap_modules(model, _classes(MLP_CLASSES), lambda m: MLP(m, backend=backend))
@@ -345,7 +349,8 @@ def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
 
 # (transformers' module, class): the pre-norm encoder layers swap_layers takes
 LAYER_CLASSES = (("clip", "CLIPEncoderLayer"), ("siglip", "SiglipEncoderLayer"),
-                 ("siglip2", "Siglip2EncoderLayer"))
+                 ("siglip2", "Siglip2EncoderLayer"), ("idefics2", "Idefics2EncoderLayer"),
+                 ("idefics3", "Idefics3EncoderLayer"), ("smolvlm", "SmolVLMEncoderLayer"))
 
 
 def _classes(pairs) -> tuple[type, ...]:
@@ -372,7 +377,7 @@ def _encoder_layer_class():
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     class EncoderLayer(GradientCheckpointingLayer):
-        """transformers' CLIPEncoderLayer / SiglipEncoderLayer / Siglip2EncoderLayer on
+        """transformers' LAYER_CLASSES (CLIPEncoderLayer, SiglipEncoderLayer, ...) on
         pyssm's fused ops (module docstring): ``s = x + self_attn(layer_norm1(x))``, then
         ``s + mlp(layer_norm2(s))``, under the same submodule names."""
 
@@ -425,7 +430,7 @@ def _swappable_layer(layer: nn.Module) -> bool:
 
 
 def swap_layers(model: nn.Module, backend: str | None = None) -> int:
-    """Replaces every CLIPEncoderLayer, SiglipEncoderLayer and Siglip2EncoderLayer in ``model``
+    """Replaces every encoder layer of LAYER_CLASSES in ``model`` whose norms are LayerNorms
     (in place) by ``EncoderLayer``; returns how many it replaced. ``backend``: the fused ops'
     ("triton", "reference"; None: their automatic choice)."""
     swapped = 0

@@ -1,7 +1,8 @@
-"""swap_layers runs transformers' CLIP and SigLIP encoder layers on pyssm's fused ops: the state
-dict and gradient checkpointing stay, float64 outputs and gradients are the unswapped model's
-(CLIP's text tower too, with its causal and padding masks), and in bf16 each layer's second half
-is one norm_mlp_residual pass in inference (Triton's interpreter here)."""
+"""swap_layers runs transformers' CLIP, SigLIP and SmolVLM encoder layers on pyssm's fused ops:
+the state dict and activation checkpointing stay, float64 outputs and gradients are the
+unswapped model's (CLIP's text tower with its causal and padding masks, SmolVLM's with padding
+patches), and in bf16 each layer's second half is one norm_mlp_residual pass in inference
+(Triton's interpreter here, the kernels on a GPU)."""
 
 import copy
 
@@ -33,6 +34,16 @@ def _model(name):
         mask[0, 6:] = 0   # right padding, as CLIP's tokenizer pads
         mask[2, 4:] = 0
         return CLIPTextModel, config, dict(input_ids=ids, attention_mask=mask)
+    if name == "smolvlm-vision":   # (padding patches masked: a padded image batch)
+        from transformers import SmolVLMVisionConfig
+        from transformers.models.smolvlm.modeling_smolvlm import SmolVLMVisionTransformer
+        config = SmolVLMVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                     intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4)
+        patches = torch.ones(2, 4, 4, dtype=torch.bool)
+        patches[1, :, 3:] = False   # the second image is 24 px wide
+        return SmolVLMVisionTransformer, config, dict(pixel_values=torch.randn(2, 3, 32, 32),
+                                                      patch_attention_mask=patches)
     from transformers import SiglipVisionConfig, SiglipVisionModel
     config = SiglipVisionConfig(image_size=36, patch_size=6, hidden_size=40, intermediate_size=80,
                                 num_hidden_layers=3, num_attention_heads=5)
@@ -63,7 +74,7 @@ def _pair(name, attn="sdpa"):
     return ref, ours, inputs
 
 
-@pytest.mark.parametrize("name", ["clip-vision", "siglip-vision", "clip-text"])
+@pytest.mark.parametrize("name", ["clip-vision", "siglip-vision", "clip-text", "smolvlm-vision"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointed"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_swapped_layers_give_the_models_outputs_and_gradients(name, checkpointing, training,
@@ -84,6 +95,8 @@ def test_swapped_layers_give_the_models_outputs_and_gradients(name, checkpointin
             out = model(**inp).last_hidden_state
         if "attention_mask" in inputs:
             out = out[inputs["attention_mask"].bool()]
+        if "patch_attention_mask" in inputs:
+            out = out[inputs["patch_attention_mask"].flatten(1)]
         grads = torch.autograd.grad(out.square().mean(), list(model.parameters()),
                                     allow_unused=True) if training else ()
         results.append((out.detach(), grads))
@@ -110,7 +123,7 @@ SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDU
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", ["clip-vision", "siglip-vision"])
+@pytest.mark.parametrize("name", ["clip-vision", "siglip-vision", "smolvlm-vision"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_swapped_layers_take_the_fused_ops_in_bf16(device, name, training, monkeypatch):
     """bf16 autocast with the Triton backend, attention on pyssm's: in inference each layer's
