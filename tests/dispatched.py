@@ -15,3 +15,8 @@ class Dispatched(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func)
         return func(*args, **kwargs or {})
+
+    def pyssm_ops(self) -> list[str]:
+        """The pyssm ops among them, by name (in order, repeated as dispatched)."""
+        return [op._schema.name.split("::")[1] for op in self.ops
+                if op._schema.name.startswith("pyssm::")]

@@ -7,15 +7,27 @@ from typing import Callable
 
 from torch import nn
 
+from pyssm.models.norms import LayerNorm
+
 
 def swap_modules(model: nn.Module, classes: tuple[type, ...],
-                 make: Callable[[nn.Module], nn.Module]) -> int:
+                 make: Callable[[nn.Module], nn.Module],
+                 when: Callable[[nn.Module], bool] | None = None) -> int:
     """Replaces (in place) every submodule of ``model`` whose type is exactly one of ``classes``
-    (not a subclass, whose forward may differ) by ``make(module)``; returns how many."""
+    (not a subclass, whose forward may differ), and for which ``when(module)`` holds where
+    given, by ``make(module)``; returns how many."""
     targets = [(name, module) for name, module in model.named_modules()
-               if type(module) in classes]
+               if type(module) in classes and (when is None or when(module))]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, make(module))
     return len(targets)
+
+
+def shared_layer_norm(norm: nn.LayerNorm) -> LayerNorm:
+    """pyssm's LayerNorm over ``norm``'s parameters (the same Parameter objects, so a module
+    holding it keeps the state dict's keys and shares the weights)."""
+    out = LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False, bias=False)
+    out.weight, out.bias = norm.weight, norm.bias   # (None without an affine part)
+    return out

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyssm.integrations.swap import swap_modules
+from pyssm.integrations.swap import shared_layer_norm, swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.models.mlp import add_mlp, norm_add_mlp
-from pyssm.models.norms import LayerNorm, triton_backend
+from pyssm.models.norms import triton_backend
 from pyssm.ops import attention, attention_qkvpacked
 
 
@@ -117,13 +117,6 @@ def swap_mlp(model: nn.Module, backend: str | None = None) -> int:
     return swap_modules(model, (TimmMlp,), lambda m: Mlp(m, backend=backend))
 
 
-def _layer_norm(norm: nn.LayerNorm) -> LayerNorm:
-    """pyssm's LayerNorm over ``norm``'s parameters (the same Parameter objects)."""
-    out = LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False, bias=False)
-    out.weight, out.bias = norm.weight, norm.bias   # (None without an affine part)
-    return out
-
-
 def _swappable_block(block: nn.Module) -> bool:
     """A timm ViT Block whose norms are LayerNorms over the channels (nn.LayerNorm or timm's)
     and whose attention is timm's Attention (or pyssm's already): what ``Block`` computes."""
@@ -144,10 +137,10 @@ class Block(nn.Module):
     def __init__(self, timm_block: nn.Module, backend: str | None = None):
         super().__init__()
         b = timm_block
-        self.norm1 = _layer_norm(b.norm1)
+        self.norm1 = shared_layer_norm(b.norm1)
         self.attn = b.attn if isinstance(b.attn, Attention) else Attention(b.attn, backend)
         self.ls1, self.drop_path1 = b.ls1, b.drop_path1
-        self.norm2 = _layer_norm(b.norm2)
+        self.norm2 = shared_layer_norm(b.norm2)
         from timm.layers import Mlp as TimmMlp
         self.mlp = Mlp(b.mlp, backend) if type(b.mlp) is TimmMlp else b.mlp
         self.ls2, self.drop_path2 = b.ls2, b.drop_path2
@@ -186,14 +179,5 @@ def swap_blocks(model: nn.Module, backend: str | None = None) -> int:
     classes: ResPostBlock, ParallelScalingBlock, EVA's) are left as they are."""
     from timm.models.vision_transformer import Block as TimmBlock
 
-    swapped = 0
-
-    def make(block: nn.Module) -> nn.Module:
-        nonlocal swapped
-        if not _swappable_block(block):
-            return block
-        swapped += 1
-        return Block(block, backend=backend)
-
-    swap_modules(model, (TimmBlock,), make)
-    return swapped
+    return swap_modules(model, (TimmBlock,), lambda m: Block(m, backend=backend),
+                        when=_swappable_block)

@@ -55,10 +55,10 @@ import torch
 import torch.utils.weak
 from torch import nn
 
-from pyssm.integrations.swap import swap_modules
+from pyssm.integrations.swap import shared_layer_norm, swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.models.mlp import add_mlp, norm_add_mlp
-from pyssm.models.norms import LayerNorm, triton_backend
+from pyssm.models.norms import triton_backend
 from pyssm.ops import attention
 from pyssm.ops.attention import trust_leftpad, trust_seqused
 
@@ -366,13 +366,6 @@ def _classes(pairs) -> tuple[type, ...]:
     return tuple(classes)
 
 
-def _layer_norm(norm: nn.LayerNorm) -> LayerNorm:
-    """pyssm's LayerNorm over ``norm``'s parameters (the same Parameter objects)."""
-    out = LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False, bias=False)
-    out.weight, out.bias = norm.weight, norm.bias
-    return out
-
-
 def _encoder_layer_class():
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -386,7 +379,7 @@ def _encoder_layer_class():
             self.embed_dim = hf_layer.embed_dim
             for name, child in hf_layer.named_children():   # (in its order: the state dict's)
                 if name in ("layer_norm1", "layer_norm2"):
-                    child = _layer_norm(child)
+                    child = shared_layer_norm(child)
                 elif name == "mlp" and not isinstance(child, MLP):
                     child = MLP(child, backend=backend)
                 setattr(self, name, child)
@@ -433,14 +426,5 @@ def swap_layers(model: nn.Module, backend: str | None = None) -> int:
     """Replaces every encoder layer of LAYER_CLASSES in ``model`` whose norms are LayerNorms
     (in place) by ``EncoderLayer``; returns how many it replaced. ``backend``: the fused ops'
     ("triton", "reference"; None: their automatic choice)."""
-    swapped = 0
-
-    def make(layer: nn.Module) -> nn.Module:
-        nonlocal swapped
-        if not _swappable_layer(layer):
-            return layer
-        swapped += 1
-        return encoder_layer(layer, backend=backend)
-
-    swap_modules(model, _classes(LAYER_CLASSES), make)
-    return swapped
+    return swap_modules(model, _classes(LAYER_CLASSES),
+                        lambda m: encoder_layer(m, backend=backend), when=_swappable_layer)

@@ -6,7 +6,7 @@ and whole blocks, whose norms and residual adds take layer_norm and norm_mlp_res
 import pytest
 import torch
 from dispatched import Dispatched
-from triton_params import CUDA, INTERPRETER
+from triton_params import INTERPRETER, KERNEL_DEVICES, every_fused_path
 
 timm = pytest.importorskip("timm")
 
@@ -179,28 +179,13 @@ def test_swapped_blocks_give_timms_outputs_and_gradients(kw, training):
         assert not torch.allclose(model.forward_features(x), got)
 
 
-def _pyssm_ops(seen: Dispatched) -> list[str]:
-    return [op._schema.name.split("::")[1] for op in seen.ops
-            if op._schema.name.startswith("pyssm::")]
-
-
-# Triton's interpreter on CPU tensors, or on a GPU (the device check's CUDA tests) the Triton
-# kernels and the CUDA attention, let in before they are verified (PYSSM_UNVERIFIED_CUDA=1)
-DEVICES = [pytest.param("cpu", id="cpu-triton-interpreter", marks=INTERPRETER),
-           pytest.param("cuda", id="cuda", marks=CUDA)]
-SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL",
-            "PYSSM_MLP_GELU", "PYSSM_LINEAR_GELU", "PYSSM_QKVPACKED")
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, monkeypatch):
     """bf16 autocast with the Triton backend: in inference each block's second half is one
     norm_mlp_residual pass, in training its first add and second norm one layer_norm pass and
     its MLP one mlp_gelu; the features are timm's within bf16."""
-    for name in SWITCHES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
+    every_fused_path(monkeypatch)
     ref, model = _block_pair({}, depth=2)
     ref, model = ref.float().to(device), model.float().to(device)
     assert swap_blocks(model) == 0   # (swapped already)
@@ -211,7 +196,7 @@ def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, monkeypatch
         want = ref.train(training).forward_features(x).float()
         with Dispatched() as seen:
             got = model.train(training).forward_features(x).float()
-    ran = _pyssm_ops(seen)
+    ran = seen.pyssm_ops()
     if training:
         assert ran.count("mlp_gelu_triton") == 2 and "layer_norm_triton" in ran
         assert "norm_mlp_residual_triton" not in ran

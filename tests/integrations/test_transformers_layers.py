@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from dispatched import Dispatched
-from triton_params import CUDA, INTERPRETER
+from triton_params import KERNEL_DEVICES, every_fused_path
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,29 +109,14 @@ def test_swapped_layers_give_the_models_outputs_and_gradients(name, checkpointin
     assert len(calls) == (6 if checkpointing and training else 3)   # (float64: add_mlp's path)
 
 
-def _pyssm_ops(seen: Dispatched) -> list[str]:
-    return [op._schema.name.split("::")[1] for op in seen.ops
-            if op._schema.name.startswith("pyssm::")]
-
-
-# Triton's interpreter on CPU tensors, or on a GPU (the device check's CUDA tests) the Triton
-# kernels and the CUDA attention, let in before they are verified (PYSSM_UNVERIFIED_CUDA=1)
-DEVICES = [pytest.param("cpu", id="cpu-triton-interpreter", marks=INTERPRETER),
-           pytest.param("cuda", id="cuda", marks=CUDA)]
-SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_NORM_MLP", "PYSSM_MLP_RESIDUAL",
-            "PYSSM_MLP_GELU", "PYSSM_LINEAR_GELU")
-
-
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("name", ["clip-vision", "siglip-vision", "smolvlm-vision"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_swapped_layers_take_the_fused_ops_in_bf16(device, name, training, monkeypatch):
     """bf16 autocast with the Triton backend, attention on pyssm's: in inference each layer's
     second half is one norm_mlp_residual pass, in a training step its first add and second norm
     one layer_norm pass and its MLP one mlp_gelu; the features are the model's within bf16."""
-    for switch in SWITCHES:
-        monkeypatch.delenv(switch, raising=False)
-    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")
+    every_fused_path(monkeypatch)
     pyssm_hf.register()
     ref, ours, inputs = _pair(name, attn="pyssm")
     ref, ours = ref.to(device), ours.to(device)
@@ -143,7 +128,7 @@ def test_swapped_layers_take_the_fused_ops_in_bf16(device, name, training, monke
         want = ref.train(training)(**inputs).last_hidden_state.float()
         with Dispatched() as seen:
             got = ours.train(training)(**inputs).last_hidden_state.float()
-    ran = _pyssm_ops(seen)
+    ran = seen.pyssm_ops()
     if training:
         assert ran.count("mlp_gelu_triton") >= 3 and ran.count("layer_norm_triton") >= 6
         assert "norm_mlp_residual_triton" not in ran

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dispatched import Dispatched
-from triton_params import CUDA, INTERPRETER
+from triton_params import KERNEL_DEVICES, every_fused_path
 
 from pyssm.models import create_encoder
 from pyssm.models.mlp import Mlp
@@ -29,20 +29,12 @@ INFERENCE = {"vmamba_tiny_s1l8": {"norm_mlp_residual_triton", "layer_norm_linear
 TRAINING = {"vmamba_tiny_s1l8": {"mlp_gelu_triton", "depthwise_conv2d_triton",
                                  "layer_norm_triton", "ss2d_with_states"},
             "vit_tiny_patch16": {"mlp_gelu_triton", "layer_norm_triton", "attention_qkvpacked"}}
-DEVICES = [pytest.param("cpu", id="cpu-triton-interpreter", marks=INTERPRETER),
-           pytest.param("cuda", id="cuda", marks=CUDA)]
-# the switches that would turn a fused path off (README.md, "Switches"; the device check sets
-# some after a failed smoke): cleared, so that a broken kernel fails here as in its op's tests
-SWITCHES = ("PYSSM_BACKEND", "PYSSM_TRITON", "PYSSM_LINEAR_GELU", "PYSSM_LINEAR_RESIDUAL",
-            "PYSSM_MLP_RESIDUAL", "PYSSM_NORM_MLP", "PYSSM_MLP_GELU", "PYSSM_NORM_LINEAR",
-            "PYSSM_RESIDUAL_PAIRS", "PYSSM_QKVPACKED", "PYSSM_SS2D_STATES")
+DEVICES = KERNEL_DEVICES
 
 
 @pytest.fixture(autouse=True)
-def every_fused_path(monkeypatch):
-    for name in SWITCHES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("PYSSM_UNVERIFIED_CUDA", "1")  # (the CUDA and Triton kernels let in)
+def fused_paths(monkeypatch):
+    every_fused_path(monkeypatch)   # (no switch off; the CUDA and Triton kernels let in)
 
 
 def _models(name: str, device: str) -> tuple[torch.nn.Module, ...]:
@@ -76,8 +68,7 @@ def _models(name: str, device: str) -> tuple[torch.nn.Module, ...]:
 
 
 def _ran(seen: Dispatched) -> set[str]:
-    return {op._schema.name.split("::")[1] for op in seen.ops
-            if op._schema.name.startswith("pyssm::")}
+    return set(seen.pyssm_ops())
 
 
 def _error(t: torch.Tensor | None, exact: torch.Tensor) -> float:
