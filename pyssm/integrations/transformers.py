@@ -32,10 +32,11 @@ soft-capping, sliding windows, position biases (T5-style), attention sinks, and 
 probabilities (``output_attentions``).
 
 ``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP, Siglip2MLP and the vision MLPs of
-Idefics2, Idefics3 and SmolVLM (fc1, activation, fc2; MLP_CLASSES) by ``MLP``, the encoders' MLP (``pyssm.models.mlp.Mlp``) over the same layers: the same state dict,
-and in 16-bit inference fc1 and the activation as one ``linear_gelu`` pass, in 16-bit training
-the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton kernels run, for
-CLIP's quick GELU, SigLIP's tanh GELU and the exact GELU (another activation: the layers).
+Idefics2, Idefics3 and SmolVLM (fc1, activation, fc2; MLP_CLASSES) by ``MLP``, the encoders' MLP
+(``pyssm.models.mlp.Mlp``) over the same layers: the same state dict, and in 16-bit inference
+fc1 and the activation as one ``linear_gelu`` pass, in 16-bit training the whole MLP as one
+``mlp_gelu`` with its fused backward, where their Triton kernels run, for CLIP's quick GELU,
+SigLIP's tanh GELU and the exact GELU (another activation: the layers).
 ``swap_layers(model)`` replaces every CLIPEncoderLayer, SiglipEncoderLayer,
 Siglip2EncoderLayer and the Idefics2, Idefics3 and SmolVLM vision towers' encoder layers
 (pre-norm: layer_norm1, self_attn, layer_norm2, mlp; LAYER_CLASSES) by ``EncoderLayer``,
