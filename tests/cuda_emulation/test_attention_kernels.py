@@ -229,6 +229,9 @@ CASES = [
     # a key block and a bit from past the first, all of them; and lead alone (keys to the end)
     (4, 3, 150, 2, 1, 64, True, {"used": [70, 150, 150, 150], "lead": [70, 149, 5, 0]}),
     (2, 2, 100, 2, 2, 72, False, {"lead": [3, 99]}),
+    # a padded prefill read in place (the transformers backend): causal, Sq = Sk, lead alone,
+    # so the queries before each row's lead see no key (out 0, lse -inf, dq 0)
+    (3, 140, 140, 2, 1, 64, True, {"lead": [0, 37, 139]}),
 ]
 IDS = [case_id(c) for c in CASES]
 
@@ -274,6 +277,7 @@ SM90_CASES = [
     (2, 130, 200, 1, 1, 80, False, {"used": [200, 57]}),
     (3, 3, 300, 2, 1, 64, True, {"used": [260, 300, 10], "lead": [130, 7, 10]}),  # leftpad_k
     (2, 130, 200, 1, 1, 128, False, {"lead": [0, 71]}),
+    (3, 140, 140, 2, 1, 64, True, {"lead": [0, 37, 139]}),   # a padded prefill in place
 ]
 SM90_IDS = [case_id(c) for c in SM90_CASES]
 
@@ -315,6 +319,7 @@ SM90_BWD_CASES = [
     (3, 70, 200, 2, 1, 64, True, {"used": [0, 140, 200]}),   # seqused_k
     (3, 70, 200, 2, 1, 64, True, {"used": [140, 200, 60], "lead": [3, 130, 0]}),  # leftpad_k
     (2, 33, 150, 2, 2, 80, False, {"lead": [149, 20]}),
+    (3, 140, 140, 2, 1, 64, True, {"lead": [0, 37, 139]}),   # a padded prefill in place
 ]
 
 
