@@ -22,9 +22,11 @@ kernels run, for the exact GELU, its tanh form (SigLIP's) and the quick GELU (Op
 with dropout active in training, a norm between the layers, another activation or 1 x 1
 convolutions it runs timm's layers as they are. Block is a pre-norm ViT block as pyssm's own
 ViT computes it (``pyssm.models.vit.Block``): the first residual add and the second norm as one
-``layer_norm`` pass, and in 16-bit inference that add, the norm, the whole MLP and the second
-add as one ``norm_mlp_residual`` pass, where their Triton kernels run; LayerScale, drop path
-and an MLP that runs timm's layers stay timm's modules, applied where timm applies them.
+``layer_norm`` pass, and in 16-bit inference fc2 and the second add as one pass
+(``linear_residual_``), or, for blocks up to 256 channels wide (``FUSED_MLP_WIDTH``), the first
+add, the norm, the whole MLP and the second add as one ``norm_mlp_residual`` pass, where their
+Triton kernels run; LayerScale, drop path and an MLP that runs timm's layers stay timm's
+modules, applied where timm applies them.
 """
 
 from __future__ import annotations

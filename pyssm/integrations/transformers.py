@@ -42,9 +42,11 @@ Siglip2EncoderLayer and the Idefics2, Idefics3 and SmolVLM vision towers' encode
 (pre-norm: layer_norm1, self_attn, layer_norm2, mlp; LAYER_CLASSES) by ``EncoderLayer``,
 which runs them as pyssm's ViT runs its blocks: its MLP swapped as by swap_mlp, its norms
 pyssm's LayerNorm over the same parameters, the first residual add and the second norm as one
-``layer_norm`` pass, and in 16-bit inference the add, the norm, the whole MLP and the second add
-as one ``norm_mlp_residual`` pass, where their Triton kernels run. Its attention stays the
-model's (whichever ``attn_implementation``), and so do gradient checkpointing and the state dict.
+``layer_norm`` pass, and in 16-bit inference fc2 and the second add as one pass
+(``linear_residual_``), or, for layers up to 256 channels wide, the first add, the norm, the
+whole MLP and the second add as one ``norm_mlp_residual`` pass, where their Triton kernels run.
+Its attention stays the model's (whichever ``attn_implementation``), and so do gradient
+checkpointing and the state dict.
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
 Llama, LLaVA; tests/integrations).

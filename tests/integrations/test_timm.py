@@ -130,20 +130,18 @@ BLOCK_CASES = {"plain": {}, "layer-scale": dict(init_values=0.3),
                "mlp-norm": dict(scale_mlp_norm=True), "drop-path": dict(drop_path_rate=0.3)}
 
 
-def _block_pair(kw: dict, depth: int = 3):
+def _block_pair(kw: dict, depth: int = 3, name: str = "vit_tiny_patch16_224"):
     """(timm's ViT, the same weights with its blocks swapped), float64, with norms' affine maps
     and biases drawn away from their 1 / 0 initialisation."""
     torch.manual_seed(0)
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth,
-                            **kw).double()
+    ref = timm.create_model(name, pretrained=False, img_size=32, depth=depth, **kw).double()
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
                 m.weight.normal_(1, 0.3), m.bias.normal_(0, 0.3)
             elif isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.normal_(0, 0.2)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth,
-                              **kw).double()
+    model = timm.create_model(name, pretrained=False, img_size=32, depth=depth, **kw).double()
     model.load_state_dict(ref.state_dict())
     keys = list(model.state_dict())
     assert swap_blocks(model) == depth
@@ -181,12 +179,16 @@ def test_swapped_blocks_give_timms_outputs_and_gradients(kw, training):
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, monkeypatch):
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch16_224"],
+                         ids=["192-wide", "384-wide"])
+def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, name, monkeypatch):
     """bf16 autocast with the Triton backend: in inference each block's second half is one
-    norm_mlp_residual pass, in training its first add and second norm one layer_norm pass and
-    its MLP one mlp_gelu; the features are timm's within bf16."""
+    norm_mlp_residual pass up to 256 channels (FUSED_MLP_WIDTH), wider its add and norm one
+    layer_norm pass, fc1 and the GELU one linear_gelu, fc2 and the add one linear_residual_; in
+    training the add and norm one layer_norm pass and the MLP one mlp_gelu; the features are
+    timm's within bf16."""
     every_fused_path(monkeypatch)
-    ref, model = _block_pair({}, depth=2)
+    ref, model = _block_pair({}, depth=2, name=name)
     ref, model = ref.float().to(device), model.float().to(device)
     assert swap_blocks(model) == 0   # (swapped already)
     for block in model.blocks:
@@ -200,8 +202,12 @@ def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, monkeypatch
     if training:
         assert ran.count("mlp_gelu_triton") == 2 and "layer_norm_triton" in ran
         assert "norm_mlp_residual_triton" not in ran
-    else:
+    elif name == "vit_tiny_patch16_224":
         assert ran.count("norm_mlp_residual_triton") == 2 and "mlp_gelu_triton" not in ran
+    else:
+        assert "norm_mlp_residual_triton" not in ran
+        assert ran.count("linear_gelu_triton") == ran.count("linear_residual_triton") == 2
+        assert ran.count("layer_norm_triton") == 4   # (norm1, and add + norm2, a block)
     assert ran.count("attention_qkvpacked") == 2
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
