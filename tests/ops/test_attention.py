@@ -1044,6 +1044,38 @@ def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal, row
             assert (a[b, :s] == 0).all() and (a[b, u:] == 0).all()
 
 
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_flash_padded_prefill(device, backend, flash_path, head_dim):
+    """A padded prefill read in place, as the transformers backend runs one: causal, as many
+    queries as keys, leftpad_k alone (left padding; right padding is past every valid query).
+    The queries before each row's first key see none (out 0, lse -inf); forward and gradients
+    against float64 within bf16's rounding, zero gradient for the keys before each lead."""
+    dtype, lead = torch.bfloat16, [0, 37, 149]
+    q = torch.randn(3, 150, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(3, 150, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
+            for _ in range(2))
+    keys = dict(leftpad_k=torch.tensor(lead, dtype=torch.int32, device=device))
+    call = dict(causal=True, return_lse=True, backend=backend, **keys)
+    ops.attention(q, k, v, **call)   # reads leftpad_k
+    out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
+    cpu_keys = {n: t.cpu() for n, t in keys.items()}
+    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
+                                             causal=True, return_lse=True, **cpu_keys)
+    assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))
+    err = (out.detach().cpu().double() - want).abs().max()
+    assert err <= 2.0 ** -6 * want.abs().max(), err
+    for b, s in enumerate(lead):
+        assert (out[b, :s] == 0).all() and (got[0][b, :s] == 0).all()
+        assert (got[1][b, :s] == 0).all() and (got[2][b, :s] == 0).all()
+    exact = _exact_grads(q, k, v, g, g_lse, True, **cpu_keys)
+    for name, a, x in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - x).norm() / x.norm()
+        assert rel < 3e-2, (name, rel)
+
+
 # Calls the flash-decoding forward takes (csrc/attention/flash_decode_kernel.cuh: seqlen_q x
 # heads / heads_k <= 16): one query of a group of 4 heads against 3000 keys (split over keys on
 # any GPU), a KV cache filled to different lengths (a row using none) or left-padded (2
