@@ -64,8 +64,14 @@ Floor of a kernel = max(bytes / bandwidth, FLOPs / matrix rate), with the ceilin
 an H200 here (/work/.library/device/KINDS.md: a 4.3 TB/s device-to-device copy, 790 TFLOP/s
 for an 8192^3 bf16 product); launch overheads are not counted, their number is reported.
 
+With --timm (ViT names only), timm's model of that name instead of pyssm's, the same weights'
+shapes: "own", timm's modules as they are (its F.scaled_dot_product_attention stood in by a
+flash kernel's traffic: q, k, v read, the output written, 4 N^2 d FLOPs a head), or
+"swapped", its blocks swapped for pyssm's (pyssm.integrations.timm.swap_blocks), whose pyssm
+ops are stood in as above. Inference only.
+
     python bench/roofline_model.py [--encoder vmamba_tiny_s1l8] [--img-size 224] [--batch 128]
-                                   [--train]
+                                   [--train] [--timm own|swapped]
 """
 
 from __future__ import annotations
@@ -343,6 +349,18 @@ def norm_mlp_residual_stand_in(x, branch, norm_weight, norm_bias, fc1_weight, fc
     return out
 
 
+def sdpa_stand_in(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  **kwargs):
+    """F.scaled_dot_product_attention (B, heads, N, d) as a flash kernel: q, k, v read once,
+    the output written once."""
+    B, heads, N, d = q.shape
+    with TRACE.untraced():
+        out = torch.empty_like(q)
+    TRACE.add("attention", "attention", nbytes(q) + nbytes(k) + nbytes(v), nbytes(out),
+              4 * B * heads * N * k.shape[-2] * d)
+    return out
+
+
 def attention_stand_in(qkv, **kwargs):
     """pyssm.ops.attention_qkvpacked on the fused projection (B, N, 3, heads, d), as the ViT
     calls it: q, k and v read in place."""
@@ -554,7 +572,8 @@ def mlp_gelu_trainable(x, w1, b1, w2, b2, *, activation="gelu", backend=None):
 def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
                     fused_stem: bool = True, fused_residual: bool = True,
                     whole_mlp: bool = True, norm_linear: bool = True,
-                    norm_mlp: bool = True, **overrides) -> list[Kernel]:
+                    norm_mlp: bool = True, timm_model: str | None = None,
+                    **overrides) -> list[Kernel]:
     """The kernels of one bf16-autocast inference step of ``batch`` images (module docstring);
     ``fused_mlp``: fc1 + GELU as linear_gelu and fc2 + the residual add as linear_residual_
     (else fc1, the GELU, fc2, the add; ``fused_residual=False``: fc2 and the add alone), and
@@ -564,7 +583,7 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
     ``norm_mlp``: where an MLP is one mlp_residual_ pass, the residual add and the norm before
     it in that pass too (norm_mlp_residual; else the norm's pass, then mlp_residual_);
     ``fused_stem``: VMamba's stem norm + GELU as one layer_norm pass (else its modules one by
-    one)."""
+    one); ``timm_model``: "own" or "swapped", timm's model instead (module docstring)."""
     stand_ins = [] if fused_stem else [
         (vmamba_module.PatchEmbed2, "forward", torch.nn.Sequential.forward)]
     stand_ins += [(mlp_module, "linear_gelu", linear_gelu_stand_in),
@@ -582,12 +601,16 @@ def trace_inference(encoder: str, img_size: int, batch: int, fused_mlp: bool = T
                   lambda *a, **k: fused_mlp and fused_residual and whole_mlp and norm_mlp),
                  *_kernel_stand_ins(ss2d_stand_in, conv_silu_stand_in, attention_stand_in,
                                     layer_norm_stand_in)]
+    if timm_model is not None:
+        import pyssm.integrations.timm as timm_integration
+        stand_ins += [(F, "scaled_dot_product_attention", sdpa_stand_in),
+                      (timm_integration, "attention_qkvpacked", attention_stand_in)]
 
     def infer(model, images):
         with Autocast(model.parameters()), torch.no_grad():
             model(images)
 
-    return _trace(encoder, img_size, batch, stand_ins, infer, overrides)
+    return _trace(encoder, img_size, batch, stand_ins, infer, overrides, timm_model)
 
 
 def trace_training(encoder: str, img_size: int, batch: int, fused_mlp: bool = True,
@@ -627,12 +650,32 @@ def _kernel_stand_ins(ss2d, conv_silu, attention, layer_norm) -> list:
             (norms_module, "_out_dtype", cuda_out_dtype)]
 
 
-def _trace(encoder, img_size, batch, stand_ins, run, overrides) -> list[Kernel]:
+def _model(encoder, img_size, overrides, timm_model):
+    """pyssm's encoder, or timm's model of that name as it is ("own") or with its blocks
+    swapped for pyssm's ("swapped")."""
+    if timm_model is None:
+        return create_encoder(encoder, img_size=img_size, **overrides)
+    if timm_model not in ("own", "swapped") or not encoder.startswith("vit_"):
+        raise ValueError(f"timm_model must be 'own' or 'swapped' for a ViT, got {timm_model!r} "
+                         f"for {encoder}")
+    import timm
+
+    from pyssm.integrations.timm import swap_blocks
+
+    model = timm.create_model(f"{encoder}_224", pretrained=False, img_size=img_size,
+                              **overrides)
+    if timm_model == "swapped":
+        swap_blocks(model)
+    return model
+
+
+def _trace(encoder, img_size, batch, stand_ins, run, overrides,
+           timm_model=None) -> list[Kernel]:
     """The kernels ``run(model, images)`` dispatches on meta tensors with ``stand_ins`` set."""
     global TRACE
     try:
         with stood_in(stand_ins):
-            model = create_encoder(encoder, img_size=img_size, **overrides).eval().to("meta")
+            model = _model(encoder, img_size, overrides, timm_model).eval().to("meta")
             images = torch.empty(batch, 3, img_size, img_size, device="meta")
             TRACE = KernelTrace()
             with TRACE:
@@ -682,6 +725,9 @@ def main(argv=None) -> int:
                              "(without norm_mlp_residual)")
     parser.add_argument("--unfused-stem", action="store_true",
                         help="VMamba's stem module by module (its norm, then the GELU)")
+    parser.add_argument("--timm", choices=("own", "swapped"), default=None,
+                        help="timm's ViT of that name instead of pyssm's: as it is, or with its "
+                             "blocks swapped for pyssm's (inference only)")
     parser.add_argument("--no-ss2d-states", action="store_true",
                         help="with --train: the ss2d forward keeps no tile states, so its "
                              "backward runs the summary pass (PYSSM_SS2D_STATES=0)")
@@ -692,6 +738,8 @@ def main(argv=None) -> int:
                      "--two-pass-mlp, --unfused-norm-linear or --unfused-norm-mlp "
                      "(inference-only ops); "
                      "--unfused-mlp traces the MLP as its layers")
+    if args.timm and args.train:
+        parser.error("--timm traces inference only")
     batch = args.batch or max(1, round((64 if args.train else 128) * (224 / args.img_size) ** 2))
     if args.train:
         kernels = trace_training(args.encoder, args.img_size, batch, not args.unfused_mlp,
@@ -703,7 +751,7 @@ def main(argv=None) -> int:
         kernels = trace_inference(args.encoder, args.img_size, batch, not args.unfused_mlp,
                                   not args.unfused_stem, not args.unfused_residual,
                                   not args.two_pass_mlp, not args.unfused_norm_linear,
-                                  not args.unfused_norm_mlp)
+                                  not args.unfused_norm_mlp, timm_model=args.timm)
         mlp = ("MLP unfused" if args.unfused_mlp else "fc1 + GELU fused, fc2 then add"
                if args.unfused_residual else "fc1 + GELU and fc2 + add fused"
                if args.two_pass_mlp else "MLP + add as one pass up to 256 wide"
@@ -711,7 +759,11 @@ def main(argv=None) -> int:
                ", else fc1 + GELU and fc2 + add fused")
         what = (f"inference ({mlp}{'; stem norm then GELU' if args.unfused_stem else ''}"
                 f"{'; norms then projections' if args.unfused_norm_linear else ''})")
-    print(f"{args.encoder}, {args.img_size} px x {batch}, bf16 autocast {what}, "
+        if args.timm:
+            what = ("inference, timm's modules as they are (SDPA as flash)" if args.timm == "own"
+                    else f"inference, timm's blocks swapped for pyssm's ({mlp})")
+    model = f"timm's {args.encoder} ({args.timm})" if args.timm else args.encoder
+    print(f"{model}, {args.img_size} px x {batch}, bf16 autocast {what}, "
           f"floors at {BANDWIDTH / 1e12:.1f} TB/s and {MATRIX_RATE / 1e12:.0f} TFLOP/s")
     for by in ("kind", "op"):
         rows = summarize(kernels, by)

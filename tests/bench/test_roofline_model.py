@@ -228,3 +228,29 @@ def test_the_cli_takes_train():
     assert rm.SS2D_STATES
     with pytest.raises(SystemExit):
         rm.main(["--train", "--unfused-residual"])
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16", "vit_small_patch16"])
+def test_timm_models_traced_as_they_are_and_swapped(name):
+    """--timm: timm's ViT with its blocks swapped traces the same kernels as pyssm's ViT (the
+    swap computes its blocks; only the final norm, timm's own, differs); timm's own modules
+    trace more bytes (norms in float32, the GELU and the adds as kernels of their own), SDPA
+    counted as flash (ViT-Ti's whole-MLP pass adds FLOPs on its padded tile, not bytes)."""
+    pytest.importorskip("timm")
+    ours = rm.trace_inference(name, 224, 16, depth=2)
+    swapped = rm.trace_inference(name, 224, 16, timm_model="swapped", depth=2)
+    own = rm.trace_inference(name, 224, 16, timm_model="own", depth=2)
+    key = lambda k: (k.op, k.read, k.written, k.flops)  # noqa: E731
+    differ = [(a.op, b.op) for a, b in zip(ours, swapped) if key(a) != key(b)]
+    assert len(swapped) == len(ours) and differ == [("layer_norm", "aten.native_layer_norm")]
+    total = {k: rm.summarize(t)["total"] for k, t in (("own", own), ("ours", ours),
+                                                       ("swapped", swapped))}
+    assert total["swapped"]["mb"] == pytest.approx(total["ours"]["mb"], rel=1e-3)
+    assert total["own"]["gflop"] <= total["ours"]["gflop"]
+    assert total["own"]["mb"] > 1.3 * total["ours"]["mb"]
+    assert [k.flops for k in own if k.kind == "attention"] == \
+        [k.flops for k in ours if k.kind == "attention"]
+    with pytest.raises(ValueError, match="timm_model"):
+        rm.trace_inference("vmamba_tiny_s1l8", 64, 3, timm_model="own")
+    with pytest.raises(SystemExit):
+        rm.main(["--encoder", name, "--timm", "own", "--train"])
