@@ -369,53 +369,54 @@ def _classes(pairs) -> tuple[type, ...]:
     return tuple(classes)
 
 
-def _encoder_layer_class():
-    from transformers.modeling_layers import GradientCheckpointingLayer
+class EncoderLayer(nn.Module):
+    """transformers' LAYER_CLASSES (CLIPEncoderLayer, SiglipEncoderLayer, ...) on pyssm's
+    fused ops (module docstring): ``s = x + self_attn(layer_norm1(x))``, then
+    ``s + mlp(layer_norm2(s))``, under the same submodule names. swap_layers makes each layer
+    an instance of a subclass of both this and the layer's own class (``encoder_layer``), so
+    that transformers' isinstance checks hold (its hidden-state and attention recorders hook
+    the layers by class) and its activation checkpointing wraps the forward."""
 
-    class EncoderLayer(GradientCheckpointingLayer):
-        """transformers' LAYER_CLASSES (CLIPEncoderLayer, SiglipEncoderLayer, ...) on
-        pyssm's fused ops (module docstring): ``s = x + self_attn(layer_norm1(x))``, then
-        ``s + mlp(layer_norm2(s))``, under the same submodule names."""
+    def __init__(self, hf_layer: nn.Module, backend: str | None = None):
+        nn.Module.__init__(self)   # (not the transformers class's: it would build new layers)
+        self.embed_dim = hf_layer.embed_dim
+        for name, child in hf_layer.named_children():   # (in its order: the state dict's)
+            if name in ("layer_norm1", "layer_norm2"):
+                child = shared_layer_norm(child)
+            elif name == "mlp" and not isinstance(child, MLP):
+                child = MLP(child, backend=backend)
+            setattr(self, name, child)
+        self.gradient_checkpointing = hf_layer.gradient_checkpointing
+        if hasattr(hf_layer, "_gradient_checkpointing_func"):
+            self._gradient_checkpointing_func = hf_layer._gradient_checkpointing_func
+        self.backend = backend
 
-        def __init__(self, hf_layer: nn.Module, backend: str | None = None):
-            super().__init__()
-            self.embed_dim = hf_layer.embed_dim
-            for name, child in hf_layer.named_children():   # (in its order: the state dict's)
-                if name in ("layer_norm1", "layer_norm2"):
-                    child = shared_layer_norm(child)
-                elif name == "mlp" and not isinstance(child, MLP):
-                    child = MLP(child, backend=backend)
-                setattr(self, name, child)
-            self.gradient_checkpointing = hf_layer.gradient_checkpointing
-            if hasattr(hf_layer, "_gradient_checkpointing_func"):
-                self._gradient_checkpointing_func = hf_layer._gradient_checkpointing_func
-            self.backend = backend
-
-        def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    **kwargs) -> torch.Tensor:
-            x, nb = hidden_states, triton_backend(self.backend)
-            h = self.layer_norm1(x, for_matmul=True, backend=nb)
-            branch, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, **kwargs)
-            del h
-            out = norm_add_mlp(self.layer_norm2, self.mlp, branch, x, backend=nb)
-            if out is not None:   # the add, the norm, the MLP and the add in one pass
-                return out
-            h, s = self.layer_norm2.add(branch, x, for_matmul=True, backend=nb)
-            del branch
-            return add_mlp(self.mlp, h, s, x, backend=nb)   # in place in inference
-
-    return EncoderLayer
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        x, nb = hidden_states, triton_backend(self.backend)
+        h = self.layer_norm1(x, for_matmul=True, backend=nb)
+        branch, _ = self.self_attn(hidden_states=h, attention_mask=attention_mask, **kwargs)
+        del h
+        out = norm_add_mlp(self.layer_norm2, self.mlp, branch, x, backend=nb)
+        if out is not None:   # the add, the norm, the MLP and the add in one pass
+            return out
+        h, s = self.layer_norm2.add(branch, x, for_matmul=True, backend=nb)
+        del branch
+        return add_mlp(self.mlp, h, s, x, backend=nb)   # in place in inference
 
 
-_ENCODER_LAYER = None
+# transformers' layer class -> its EncoderLayer subclass
+_LAYER_TYPES: dict[type, type] = {}
 
 
-def encoder_layer(hf_layer: nn.Module, backend: str | None = None) -> nn.Module:
-    """``EncoderLayer`` (swap_layers' replacement) over ``hf_layer``'s modules."""
-    global _ENCODER_LAYER
-    if _ENCODER_LAYER is None:   # (defined on first use: transformers is optional)
-        _ENCODER_LAYER = _encoder_layer_class()
-    return _ENCODER_LAYER(hf_layer, backend=backend)
+def encoder_layer(hf_layer: nn.Module, backend: str | None = None) -> EncoderLayer:
+    """swap_layers' replacement for ``hf_layer``: an instance of ``EncoderLayer`` and of
+    ``type(hf_layer)`` (``Pyssm<its class name>``) over its modules."""
+    cls = type(hf_layer)
+    if cls not in _LAYER_TYPES:   # (transformers' GradientCheckpointingLayer wraps its forward)
+        _LAYER_TYPES[cls] = type(f"Pyssm{cls.__name__}", (EncoderLayer, cls),
+                                 {"__module__": __name__, "__doc__": EncoderLayer.__doc__})
+    return _LAYER_TYPES[cls](hf_layer, backend=backend)
 
 
 def _swappable_layer(layer: nn.Module) -> bool:

@@ -225,6 +225,13 @@ def test_blocks_the_swap_does_not_take():
     assert swap_blocks(post) == 0
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
     swap_mlp(model)
+    seen = []   # (a hook on the block before the swap sees the new block's calls)
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(type(m)))
     assert swap_blocks(model) == 1 and isinstance(model.blocks[0].mlp, Mlp)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        handle.remove()
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [Block]
     with pytest.raises(NotImplementedError, match="attn_mask"):
         model.blocks[0](torch.randn(1, 5, 192), attn_mask=torch.ones(5, 5, dtype=torch.bool))

@@ -315,6 +315,7 @@ def test_llava_matches_sdpa(monkeypatch):
     config = LlavaConfig(vision_config=vision, text_config=_llama_config(), image_token_id=96,
                          vision_feature_layer=-1, vision_feature_select_strategy="full")
     ref, ours = _pair(LlavaForConditionalGeneration, config)
+    assert pyssm_hf.swap_layers(ours) == 2   # (the vision tower's layers, on pyssm's ops too)
     assert ours.config.vision_config._attn_implementation == "pyssm"
     assert ours.config.text_config._attn_implementation == "pyssm"
     torch.manual_seed(3)

@@ -69,7 +69,7 @@ def _pair(name, attn="sdpa"):
     keys = list(ours.state_dict())
     assert pyssm_hf.swap_layers(ours) == 3
     assert list(ours.state_dict()) == keys   # checkpoints load unchanged
-    layers = [m for m in ours.modules() if type(m).__name__ == "EncoderLayer"]
+    layers = [m for m in ours.modules() if isinstance(m, pyssm_hf.EncoderLayer)]
     assert len(layers) == 3 and all(isinstance(m.mlp, pyssm_hf.MLP) for m in layers)
     return ref, ours, inputs
 
@@ -122,7 +122,7 @@ def test_swapped_layers_take_the_fused_ops_in_bf16(device, name, training, monke
     ref, ours = ref.to(device), ours.to(device)
     inputs = {key: value.to(device) for key, value in inputs.items()}
     for m in ours.modules():
-        if type(m).__name__ == "EncoderLayer":
+        if isinstance(m, pyssm_hf.EncoderLayer):
             m.layer_norm1.backend = m.layer_norm2.backend = m.mlp.backend = "triton"
     with torch.set_grad_enabled(training), torch.autocast(device, dtype=torch.bfloat16):
         want = ref.train(training)(**inputs).last_hidden_state.float()
@@ -144,3 +144,37 @@ def test_models_without_those_layers_are_left_alone():
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4)
     assert pyssm_hf.swap_layers(LlamaForCausalLM(config)) == 0
+
+
+def test_hidden_states_and_hooks_survive_the_swap():
+    """The swapped layers are instances of transformers' own classes, so its output recorders
+    hook them (hidden states, as LLaVA's vision_feature_layer reads them); hooks on a layer
+    before the swap (transformers' recorders after an earlier forward, a user's) move to the
+    new layer, and their handles still remove them."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    cls, config, inputs = _model("clip-vision")
+    torch.manual_seed(0)
+    ref = cls(copy.deepcopy(config)).eval()
+    early, late = (cls(copy.deepcopy(config)).eval() for _ in range(2))
+    for model in (early, late):
+        model.load_state_dict(ref.state_dict())
+    calls = []
+    with torch.no_grad():
+        want = ref(**inputs, output_hidden_states=True).hidden_states
+        early(**inputs, output_hidden_states=True)   # (its recorders hook the layers now)
+        handle = early.encoder.layers[1].register_forward_hook(
+            lambda *args: calls.append(1))
+        for model in (early, late):
+            assert pyssm_hf.swap_layers(model) == 3
+            layers = model.encoder.layers
+            assert all(isinstance(m, CLIPEncoderLayer) and isinstance(m, pyssm_hf.EncoderLayer)
+                       for m in layers)
+            got = model(**inputs, output_hidden_states=True).hidden_states
+            assert len(got) == len(want) == 4
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert calls == [1]
+        handle.remove()
+        early(**inputs)
+    assert calls == [1]
