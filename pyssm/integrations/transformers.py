@@ -54,6 +54,8 @@ Llama, LLaVA; tests/integrations).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.utils.weak
 from torch import nn
@@ -87,19 +89,27 @@ def _packed(mask_2d: torch.Tensor, *tensors: torch.Tensor):
     return packed, cu, int(lengths.max()) if lengths.numel() else 0
 
 
-# 2D padding masks summarised already: mask -> (its version counter, _mask_summary's result).
-# The model passes one mask to every layer of a forward, so a decoding step reads it once.
-_MASKS = torch.utils.weak.WeakIdKeyDictionary()
+def _once_per_version(summarise):
+    """``summarise(t)``, worked out once per tensor ``t`` and version (its device reads with
+    it): the model passes one mask to every layer of a forward, so a step reads it once."""
+    done = torch.utils.weak.WeakIdKeyDictionary()   # t -> (its version counter, the result)
+
+    @functools.wraps(summarise)
+    def once(t: torch.Tensor):
+        hit = done.get(t)
+        if hit is None or hit[0] != t._version:
+            hit = done[t] = (t._version, summarise(t))
+        return hit[1]
+
+    return once
 
 
+@_once_per_version
 def _mask_summary(mask: torch.Tensor):
     """(all_valid, lead, end) of a 2D padding mask (B, S), read once per mask tensor and
     version (one device sync): all_valid when every key is valid; lead and end (int32 (B,))
     when each row's valid keys are one run [lead, end) (left or right padding, a static cache's
     unwritten slots after), else None for both."""
-    cached = _MASKS.get(mask)
-    if cached is not None and cached[0] == mask._version:
-        return cached[1]
     valid = mask.bool()
     count = valid.sum(1, dtype=torch.int32)
     lead = (valid.cumsum(1) == 0).sum(1, dtype=torch.int32)
@@ -107,30 +117,20 @@ def _mask_summary(mask: torch.Tensor):
     slots = torch.arange(valid.shape[1], device=valid.device)
     one_run = (valid == ((slots >= lead[:, None]) & (slots < end[:, None]))).all()
     all_valid, one_run = torch.stack([(count == valid.shape[1]).all(), one_run]).tolist()
-    summary = (bool(all_valid), lead, end) if one_run else (bool(all_valid), None, None)
-    _MASKS[mask] = (mask._version, summary)
-    return summary
+    return (bool(all_valid), lead, end) if one_run else (bool(all_valid), None, None)
 
 
-# packed-sequence ids summarised already: ids -> (their version counter, (cu_seqlens, longest))
-_SEQUENCES = torch.utils.weak.WeakIdKeyDictionary()
-
-
+@_once_per_version
 def _sequence_offsets(ids: torch.Tensor):
     """(int32 cu_seqlens, the longest sequence) of the sequences packed in ``ids`` (B, S), the
     sequence index of each token (transformers' packed_sequence_mask: a run of equal values a
     sequence, every row starting its own): read once per tensor and version (one device sync)."""
-    cached = _SEQUENCES.get(ids)
-    if cached is not None and cached[0] == ids._version:
-        return cached[1]
     B, S = ids.shape
     starts = torch.ones(B, S, dtype=torch.bool, device=ids.device)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     first = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
     cu = torch.cat([first, first.new_full((1,), B * S)])
-    result = (cu, int((cu[1:] - cu[:-1]).max()) if B * S else 0)
-    _SEQUENCES[ids] = (ids._version, result)
-    return result
+    return cu, (int((cu[1:] - cu[:-1]).max()) if B * S else 0)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

@@ -32,18 +32,6 @@ def _pair(cls, config, **kw):
     return ref, ours
 
 
-def _spy(monkeypatch):
-    calls = []
-    real = ops.attention
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("cu_seqlens") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pyssm_hf, "attention", counting)
-    return calls
-
-
 def _llama_config(**kw):
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -286,7 +274,7 @@ def test_clip_vision_matches_sdpa(monkeypatch):
                               num_hidden_layers=2, num_attention_heads=4, initializer_factor=3.0)
     ref, ours = _pair(CLIPVisionModel, config)
     pixels = torch.randn(2, 3, 40, 40)
-    calls = _spy(monkeypatch)
+    calls = _path_spy(monkeypatch, "cu_seqlens")
     with torch.no_grad():
         want = ref(pixel_values=pixels).last_hidden_state
         got = ours(pixel_values=pixels).last_hidden_state
@@ -324,7 +312,7 @@ def test_llava_matches_sdpa(monkeypatch):
     mask = torch.ones_like(ids)
     mask[1, 0] = 0
     pixels = torch.randn(2, 3, 32, 32)
-    calls = _spy(monkeypatch)
+    calls = _path_spy(monkeypatch, "cu_seqlens")
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
         got = ours(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
