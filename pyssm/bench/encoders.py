@@ -19,6 +19,7 @@ speed does not depend on them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 import sys
@@ -187,8 +188,7 @@ def providers_for(name: str, res: int, device: torch.device,
         # timm's model again, its blocks swapped for pyssm's (pyssm.integrations.timm)
         from pyssm.integrations.timm import swap_blocks
 
-        swapped = timm.create_model(f"{name}_224", pretrained=False, img_size=res)
-        swapped.load_state_dict(pyssm_model.state_dict())
+        swapped = copy.deepcopy(other)   # (the same weights, not built and loaded again)
         swap_blocks(swapped, backend=kernel if built else None)
         s_infer, s_step = _runners(swapped.to(device).eval(), device)
         out["forward"].append(harness.Provider("timm-pyssm-blocks", s_infer if built else None,
