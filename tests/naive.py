@@ -89,8 +89,11 @@ def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_
     return y if channels_first else y.permute(0, 2, 3, 1)
 
 
-def attention(q, k, v, causal=False, softmax_scale=None):
-    """q (B, Sq, H, d), k, v (B, Sk, Hk, d) -> out (B, Sq, H, d), lse (B, H, Sq)."""
+def attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
+    """q (B, Sq, H, d), k, v (B, Sk, Hk, d) -> out (B, Sq, H, d), lse (B, H, Sq). Query i sees
+    key j when j <= i + Sk - Sq (causal) and i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    for window_size (left, right), a side of -1 unbounded."""
+    left, right = window_size
     q, k, v = q.double(), k.double(), v.double()
     B, Sq, H, d = q.shape
     Sk, Hk = k.shape[1], k.shape[2]
@@ -101,7 +104,9 @@ def attention(q, k, v, causal=False, softmax_scale=None):
         for h in range(H):
             hk = h // (H // Hk)
             for i in range(Sq):
-                keys = [j for j in range(Sk) if not causal or j <= i + Sk - Sq]
+                diag = i + Sk - Sq
+                keys = [j for j in range(Sk) if (not causal or j <= diag)
+                        and (left < 0 or j >= diag - left) and (right < 0 or j <= diag + right)]
                 if not keys:
                     continue
                 s = torch.stack([(q[b, i, h] * k[b, j, hk]).sum() * scale for j in keys])

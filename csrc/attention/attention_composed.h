@@ -56,6 +56,17 @@ AttnSizes check_attention_backward_args(const at::Tensor& dout,
                                         const std::optional<at::Tensor>& leftpad_k,
                                         bool read_offsets = true);
 
+// The mask's arguments as the ops take them (flash-attn's window_size): window_left and
+// window_right each >= 0 or -1 (no bound); causal is window_right 0, so with causal a
+// window_right other than 0 or -1 is an error rather than silently replaced.
+inline void check_window(bool causal, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                    "window_left and window_right must be >= 0, or -1 for no bound, got (",
+                    window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(!causal || window_right <= 0, "causal=True bounds each query's keys at its "
+                    "own position (window_right 0), got window_right ", window_right);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, bool causal,
                                                       std::optional<double> softmax_scale,
@@ -64,7 +75,8 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                       const std::optional<at::Tensor>& cu_seqlens_k,
                                                       std::optional<int64_t> max_seqlen_k,
                                                       const std::optional<at::Tensor>& seqused_k,
-                                                      const std::optional<at::Tensor>& leftpad_k);
+                                                      const std::optional<at::Tensor>& leftpad_k,
+                                                      int64_t window_left, int64_t window_right);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
@@ -72,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k);
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right);
 
 // The same, written into dq, dk and dv (q's, k's and v's shapes, any strides)
 void attention_backward_composed_into(
@@ -82,7 +94,8 @@ void attention_backward_composed_into(
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq, const at::Tensor& dk,
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
+    const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 
 // attention_qkvpacked's backward by `into` (attention_backward_composed_into, or the CUDA
@@ -95,7 +108,8 @@ using AttentionBackwardInto = void (*)(
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq, const at::Tensor& dk,
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
+    const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 at::Tensor attention_qkvpacked_backward_by(
     AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,

@@ -2,9 +2,11 @@
 // float64 inputs, float32 otherwise), in chunks of sequences so the scores stay small. It is
 // the CPU kernel, and on CUDA the path for what the flash kernel does not take (float32 /
 // float64, other head sizes), forward and backward (attention_cuda.cpp):
-//   S = scale q k^T (causal: key j visible to query i when j <= i + Sk - Sq, flash-attn's
+//   S = scale q k^T (key j visible to query i when i + Sk - Sq - window_left <= j <=
+//   i + Sk - Sq + window_right, a bound of -1 absent, causal: window_right 0; flash-attn's
 //   bottom-right alignment), lse = logsumexp_j S, P = exp(S - lse), o = P v.
-// A row that sees no key (causal with Sq > Sk) gives o = 0 and lse = -inf.
+// A row that sees no key (causal with Sq > Sk, a window past the keys) gives o = 0 and
+// lse = -inf.
 // Backward: dv = P^T do, dP = do v^T, dS = P (dP - rowsum(do * o)), dq = scale dS k,
 // dk = scale dS^T q; grouped-query heads (H = G * Hk) sum their dk, dv over the group.
 #include <ATen/ATen.h>
@@ -238,13 +240,21 @@ at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
 }
 
 // Scaled, masked scores (b, H, Sq, Sk).
-at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal) {
+at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal,
+                  int64_t window_left, int64_t window_right) {
   at::Tensor S = at::matmul(qh * scale, kh.transpose(-1, -2));  // scale the smaller operand
-  if (causal) {
+  if (causal) window_right = 0;
+  if (window_left >= 0 || window_right >= 0) {
     const int64_t Sq = S.size(-2), Sk = S.size(-1);
-    at::Tensor i = at::arange(Sq, S.options().dtype(at::kLong)).unsqueeze(1);
+    at::Tensor diag = at::arange(Sq, S.options().dtype(at::kLong)).unsqueeze(1) + (Sk - Sq);
     at::Tensor j = at::arange(Sk, S.options().dtype(at::kLong)).unsqueeze(0);
-    S = S.masked_fill(j > i + (Sk - Sq), -std::numeric_limits<double>::infinity());
+    at::Tensor hidden;
+    if (window_right >= 0) hidden = j > diag + window_right;
+    if (window_left >= 0) {
+      at::Tensor before = j < diag - window_left;
+      hidden = hidden.defined() ? hidden.logical_or(before) : before;
+    }
+    S = S.masked_fill(hidden, -std::numeric_limits<double>::infinity());
   }
   return S;
 }
@@ -303,7 +313,9 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                  const std::optional<at::Tensor>& cu_seqlens_k,
                                                  std::optional<int64_t> max_seqlen_k,
                                                  const std::optional<at::Tensor>& seqused_k,
-                                                 const std::optional<at::Tensor>& leftpad_k) {
+                                                 const std::optional<at::Tensor>& leftpad_k,
+                                                 int64_t window_left, int64_t window_right) {
+  check_window(causal, window_left, window_right);
   AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
                                      max_seqlen_k, seqused_k, leftpad_k);
   if (seqused_k || leftpad_k) read_key_ranges(s, seqused_k, leftpad_k);
@@ -318,10 +330,10 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
     at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
     at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
     at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
-    at::Tensor S = scores(qh, kh, scale, causal);
+    at::Tensor S = scores(qh, kh, scale, causal, window_left, window_right);
     at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
     at::Tensor P = at::softmax(S, -1);
-    if (causal && (s.varlen_k || s.used_k || s.lead_k || s.seqlen_q > s.seqlen_k)) {  // no key: 0
+    if (causal || window_left >= 0 || window_right >= 0) {  // a row that sees no key: 0
       P.masked_fill_(at::isneginf(lse_i).unsqueeze(-1), 0);
     }
     at::Tensor o = at::matmul(P, vh);
@@ -336,14 +348,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& out, const at::Tensor& lse, bool causal, std::optional<double> softmax_scale,
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
     const std::optional<at::Tensor>& cu_seqlens_k, std::optional<int64_t> max_seqlen_k,
-    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& leftpad_k) {
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& leftpad_k,
+    int64_t window_left, int64_t window_right) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                    cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
-                                   leftpad_k,
-                                   dq, dk, dv);
+                                   leftpad_k, window_left, window_right, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -354,8 +366,9 @@ void attention_backward_composed_into(
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq, const at::Tensor& dk,
-    const at::Tensor& dv) {
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
+    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  check_window(causal, window_left, window_right);
   AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
                                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                                               leftpad_k);
@@ -373,7 +386,8 @@ void attention_backward_composed_into(
     at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
     at::Tensor doh = heads_first(chunk(dout, s, i), 1, acc);
     at::Tensor oh = heads_first(chunk(out, s, i), 1, acc);
-    at::Tensor P = probs(scores(qh, kh, scale, causal), lse_chunk(lse, s, i).to(acc));
+    at::Tensor P = probs(scores(qh, kh, scale, causal, window_left, window_right),
+                         lse_chunk(lse, s, i).to(acc));
     // dlse/dS = P, so an lse gradient enters as P * dlse.
     at::Tensor rowdot = (doh * oh).sum(-1, /*keepdim=*/true);
     if (dlse) rowdot = rowdot - lse_chunk(*dlse, s, i).to(acc).unsqueeze(-1);
@@ -412,7 +426,7 @@ at::Tensor attention_qkvpacked_backward_by(
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
   into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-       std::nullopt, std::nullopt, std::nullopt, std::nullopt, dq, dk, dv);
+       std::nullopt, std::nullopt, std::nullopt, std::nullopt, -1, -1, dq, dk, dv);
   return dqkv;
 }
 
@@ -423,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                            std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+                            std::nullopt, std::nullopt, std::nullopt, std::nullopt, -1, -1);
 }
 
 at::Tensor attention_qkvpacked_backward_composed(

@@ -68,7 +68,8 @@ cudaError_t run_decode(const FlashParams& p, const at::Tensor& q, const AttnSize
   const DecodeLaunch decode = launcher<DecodeLaunch>(q.scalar_type(), s.head_dim);
   if (decode == nullptr) return cudaErrorNotSupported;
   const int sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
-  FlashSplit split = flash_decode_plan(s.batch, s.heads_k, s.seqlen_k, sms);
+  FlashSplit split = flash_decode_plan(
+      s.batch, s.heads_k, flash_decode_keys(s.seqlen_q, s.seqlen_k, p.window_left), sms);
   at::Tensor out_part, lse_part;  // (freed after the launch: the allocator orders by stream)
   if (split.splits > 1) {
     const auto f32 = q.options().dtype(at::kFloat);
@@ -209,7 +210,8 @@ bool offsets_unread(const std::optional<at::Tensor>& cu_seqlens,
 template <typename Params>
 void set_common(Params& p, const KernelInput& q, const KernelInput& k, const KernelInput& v,
                 const AttnSizes& s, const at::Tensor& cu, const at::Tensor& cu_k,
-                const at::Tensor& used, const at::Tensor& lead, double scale, bool causal) {
+                const at::Tensor& used, const at::Tensor& lead, double scale, bool causal,
+                int64_t window_left, int64_t window_right) {
   p.q = q.t.const_data_ptr();
   p.k = k.t.const_data_ptr();
   p.v = v.t.const_data_ptr();
@@ -227,7 +229,7 @@ void set_common(Params& p, const KernelInput& q, const KernelInput& k, const Ker
   p.total_q = s.varlen ? q.t.size(0) : s.batch * s.seqlen_q;
   p.total_k = s.varlen ? k.t.size(0) : s.batch * s.seqlen_k;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
+  set_window(p, causal, window_left, window_right);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -238,14 +240,17 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   const std::optional<at::Tensor>& cu_seqlens_k,
                                                   std::optional<int64_t> max_seqlen_k,
                                                   const std::optional<at::Tensor>& seqused_k,
-                                                  const std::optional<at::Tensor>& leftpad_k) {
+                                                  const std::optional<at::Tensor>& leftpad_k,
+                                                  int64_t window_left, int64_t window_right) {
+  check_window(causal, window_left, window_right);
   const bool read_offsets = !offsets_unread(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k);
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
                                            max_seqlen_k, seqused_k, leftpad_k, read_offsets);
   const Launch launch = launcher<Launch>(q.scalar_type(), s.head_dim);
   if (launch == nullptr || s.batch > 65535 || s.heads > 65535) {
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                              cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k);
+                              cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, window_left,
+                              window_right);
   }
   const c10::cuda::CUDAGuard guard(q.device());
   const auto [qr, kr, vr] = kernel_inputs(q, k, v);
@@ -261,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashParams p{};
-  set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal);
+  set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal, window_left, window_right);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -286,8 +291,10 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
                                   const std::optional<at::Tensor>& cu_seqlens_k,
                                   std::optional<int64_t> max_seqlen_k,
                                   const std::optional<at::Tensor>& seqused_k,
-                                  const std::optional<at::Tensor>& leftpad_k, const at::Tensor& dq,
+                                  const std::optional<at::Tensor>& leftpad_k,
+                                  int64_t window_left, int64_t window_right, const at::Tensor& dq,
                                   const at::Tensor& dk, const at::Tensor& dv) {
+  check_window(causal, window_left, window_right);
   const AttnSizes s = check_attention_backward_args(
       dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
       leftpad_k,
@@ -298,7 +305,7 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
       out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
     attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                      cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
-                                     leftpad_k, dq, dk, dv);
+                                     leftpad_k, window_left, window_right, dq, dk, dv);
     return;
   }
   // raises under torch.use_deterministic_algorithms(True) (warns with warn_only), as torch's
@@ -328,7 +335,7 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
   const double scale =
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashBwdParams p{};
-  set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal);
+  set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal, window_left, window_right);
   p.scale = static_cast<float>(scale);
   p.out = oc.const_data_ptr();
   p.dout = doc.const_data_ptr();
@@ -356,13 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k) {
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
-                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, dq,
-                               dk, dv);
+                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k,
+                               window_left, window_right, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -371,7 +378,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_cuda(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_cuda(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, std::nullopt,
-                        std::nullopt, std::nullopt, std::nullopt);
+                        std::nullopt, std::nullopt, std::nullopt, -1, -1);
 }
 
 // dqkv in qkv's shape: the kernels write dq, dk and dv into its slices

@@ -25,7 +25,10 @@ struct TokenLayout {
 // else at q's offsets); a dense batch with seqused_k uses the first seqused_k[b] of its keys,
 // and with leftpad_k none before key leftpad_k[b] (a left-padded KV cache: keys [leftpad_k[b],
 // seqused_k[b] or seqlen_k)). out like q, contiguous. lse: float, (batch, heads, seqlen_q)
-// dense or (heads, total_q) packed.
+// dense or (heads, total_q) packed. The mask: query i of a sequence sees key j when
+// i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right (flash-attn's window_size,
+// aligned to the bottom-right corner; causal is window_right 0), each bound kNoWindow where
+// it is absent (set_window).
 struct FlashParams {
   const void *q, *k, *v;
   TokenLayout q_layout, kv_layout;
@@ -38,7 +41,7 @@ struct FlashParams {
   int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
   int64_t total_q, total_k;    // tokens of q, of k and v
   float scale_log2;            // softmax_scale * log2(e)
-  bool causal;
+  int64_t window_left, window_right;  // >= 0, or kNoWindow
 };
 
 // Backward. q, k, v as FlashParams says (q_layout, kv_layout); out, dout contiguous, q's
@@ -61,9 +64,22 @@ struct FlashBwdParams {
   int64_t total_q, total_k;    // tokens of q, of k and v
   float scale;                 // softmax_scale
   float scale_log2;            // softmax_scale * log2(e)
-  bool causal;
+  int64_t window_left, window_right;  // as FlashParams'
   bool dq_atomics;             // Hopper backward: dQ by fp32 atomics, not TMA reduce-adds
 };
+
+// An absent window bound: far past any sequence (lengths fit in int32), so the kernels' mask
+// and loop bounds need no case of their own for it, and sums of it with positions stay far
+// inside int64.
+constexpr int64_t kNoWindow = int64_t(1) << 40;
+
+// The mask's bounds from the op's arguments: window_left / window_right >= 0, or -1 for none
+// (flash-attn's window_size); causal makes window_right 0.
+template <typename Params>
+inline void set_window(Params& p, bool causal, int64_t window_left, int64_t window_right) {
+  p.window_left = window_left < 0 ? kNoWindow : window_left;
+  p.window_right = causal ? 0 : (window_right < 0 ? kNoWindow : window_right);
+}
 
 // head sizes with a kernel (others run the composed path)
 inline bool flash_supported_head_dim(int64_t d) {
@@ -116,6 +132,14 @@ inline FlashSplit flash_decode_plan(int64_t batch, int64_t heads_k, int64_t seql
   const int64_t chunk_tiles = tiles > 0 ? (tiles + splits - 1) / splits : 1;
   splits = tiles > 0 ? (tiles + chunk_tiles - 1) / chunk_tiles : 1;
   return {splits, chunk_tiles * kFlashDecodeTile, nullptr, nullptr};
+}
+
+// The keys a plan splits: the most any sequence's queries see between them, seqlen_k, or under
+// a window (window_left, set_window's) seqlen_q + window_left (from the first query's first
+// key to the last query's end, at most the sequence's keys).
+inline int64_t flash_decode_keys(int64_t seqlen_q, int64_t seqlen_k, int64_t window_left) {
+  return window_left < kNoWindow && seqlen_q + window_left < seqlen_k ? seqlen_q + window_left
+                                                                      : seqlen_k;
 }
 
 #define PYSSM_FLASH_DECODE_DECLARE(tag, hd)                                      \

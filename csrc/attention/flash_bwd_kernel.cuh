@@ -5,7 +5,7 @@
 //   1. delta: Delta = rowsum(dO * O) - dlse per query row and head (fp32, lse's layout).
 //   2. main: one block of 4 warps per (64-key tile, kv head, sequence); each warp owns 16 keys
 //      and keeps their dK and dV in registers (fp32) over every q head of the kv head's group
-//      and every query tile that can see the keys (causal: earlier tiles are skipped). Per
+//      and every query tile that can see the keys (causal, windows: the others skipped). Per
 //      query tile of kBlockM rows, in registers, transposed so the keys are the mma rows:
 //        S^T = K Q^T;  P^T = exp2(S^T scale log2(e) - lse log2(e)) (0 where masked)
 //        dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T (dP^T - Delta);  dK += dS^T Q
@@ -230,8 +230,11 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
 
-  // causal: start at the tile of the first query that sees key n0
-  const int64_t m_begin = flash::first_query(seq, p.causal, n0, kM);
+  // the query tiles that see the block's keys: from the one of the first query that sees key
+  // n0 (causal, window) to the last query that sees its last key (window)
+  const int64_t m_begin = flash::first_query(seq, p, n0, kM);
+  const int64_t m_end = flash::queries_to_visit(seq, p, n0 + kBlockN - 1);
+  const int64_t diag = Sk - Sq;
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t o_off = (q_start * p.heads + h) * kHeadDim;
@@ -239,7 +242,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
     const T* dout = static_cast<const T*>(p.dout) + o_off;
     float* dq = p.dq_accum + o_off;
     const int64_t stat = p.cu_seqlens ? h * p.total_q + q_start : (int64_t(b) * p.heads + h) * Sq;
-    for (int64_t m0 = m_begin; m0 < Sq; m0 += kM) {
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += kM) {
       // No barrier needed before these stores: every warp read the previous tile's Q, dO, lse
       // and Delta before the barrier after the dS stores, and the dS of this tile is stored
       // only after the next barrier, which every warp reaches after its previous dQ.
@@ -260,7 +263,8 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + 2 * t + (e & 1);
           const int64_t key = n0 + kw + g + (e & 2 ? 8 : 0), row = m0 + qi;
-          const bool visible = key < Sk && row < Sq && (!p.causal || key <= row + Sk - Sq);
+          const bool visible = key < Sk && row < Sq && key <= row + diag + p.window_right &&
+                               key + p.window_left >= row + diag;
           s[j][e] = visible ? exp2f(s[j][e] * p.scale_log2 - lse_s[qi]) : 0.f;
         }
       }

@@ -5,7 +5,7 @@
 //
 // A block owns 128 keys of one (sequence, kv head): K and V come in once (TMA), and dK, dV
 // stay in registers while the block walks the query tiles of 64 rows of every q head of the
-// group (from the first tile that can see its keys under a causal mask). 384 threads:
+// group (those that can see its keys under a causal or window mask). 384 threads:
 // - warpgroup 0, the producer (setmaxnreg 24): one thread loads K and V, then each query tile's
 //   Q and dO into a ring of 2 stages (q_full / q_empty barriers, as the forward).
 // - warpgroups 1 and 2, the consumers (setmaxnreg 240), 64 keys each. Per query tile:
@@ -125,9 +125,12 @@ __global__ void __launch_bounds__(384, 1)
   const int64_t q_start = seq.q_start, Sq = seq.Sq, Sk = seq.Sk;
   if (n0 >= Sk) return;  // the whole block: before any barrier
   const int group = int(p.heads / p.heads_k);
-  // causal: start at the tile of the first query that sees key n0
-  const int64_t m_begin = flash::first_query(seq, p.causal, n0, Tr::kBlockM);
-  const int m_tiles = m_begin < Sq ? int((Sq - m_begin + Tr::kBlockM - 1) / Tr::kBlockM) : 0;
+  // the query tiles that see the block's keys: from the one of the first query that sees key
+  // n0 (causal, window) to the last query that sees its last key (window)
+  const int64_t m_begin = flash::first_query(seq, p, n0, Tr::kBlockM);
+  const int64_t m_end = flash::queries_to_visit(seq, p, n0 + Tr::kBlockN - 1);
+  const int m_tiles =
+      m_begin < m_end ? int((m_end - m_begin + Tr::kBlockM - 1) / Tr::kBlockM) : 0;
   const int n_iters = group * m_tiles;  // (q head, query tile) pairs, q head outer
 
   if (threadIdx.x == 0) {
@@ -255,7 +258,9 @@ __global__ void __launch_bounds__(384, 1)
       for (int e = 0; e < 4; ++e) {
         const int c = 2 * i + (e & 1);
         const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
-        const bool visible = key < Sk && q < Sq && (!p.causal || key <= q + Sk - Sq);
+        const int64_t d = q + Sk - Sq;
+        const bool visible =
+            key < Sk && q < Sq && key <= d + p.window_right && key + p.window_left >= d;
         const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
         st[4 * i + e] = pt;
         dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);

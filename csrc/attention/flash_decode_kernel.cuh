@@ -11,9 +11,11 @@
 //   at the end the four warps' (max, sum, output) merge through shared memory;
 // - with one chunk (split.splits == 1) the block writes out and lse; with several, each block
 //   writes its rows' normalised partial output and lse (log2 domain) into workspace and
-//   flash_decode_combine merges them (the chunks past a sequence's last visible key are
-//   neither run nor read).
-// Causal masks are aligned bottom-right, per query (row r sees keys j <= r / G + Sk - Sq).
+//   flash_decode_combine merges them. The chunks split the keys the sequence's queries see
+//   (from its first query's first under a window to its last query's end), so a sliding
+//   window over a long cache splits only the window's keys.
+// Causal and window masks are aligned bottom-right, per query (row r sees keys j <= r / G +
+// Sk - Sq + window_right and j >= r / G + Sk - Sq - window_left).
 #pragma once
 
 #include <cmath>
@@ -65,9 +67,10 @@ __global__ void __launch_bounds__(kThreads)
   const flash::SeqSpan seq = flash::seq_span(p, b);
   const int64_t Sq = seq.Sq, Sk = seq.Sk;
   const int64_t G = p.heads / p.heads_k;
-  // the keys the sequence's last query sees bound every row's
-  const int64_t key_end = flash::keys_to_visit(seq, p.causal, Sq - 1);
-  const int64_t n_begin = int64_t(part) * split.chunk;
+  // the keys the sequence's queries see: from its first query's first to its last one's end
+  const int64_t key_begin = flash::first_key(seq, p, 0);
+  const int64_t key_end = flash::keys_to_visit(seq, p, Sq - 1);
+  const int64_t n_begin = key_begin + int64_t(part) * split.chunk;
   if (Sq == 0) return;  // (before any barrier: the whole block)
   if (split.splits > 1 && n_begin >= key_end) return;  // combine reads no chunk past key_end
   // the last chunk takes every key left (a sequence longer than seqlen_k is still whole)
@@ -146,7 +149,8 @@ __global__ void __launch_bounds__(kThreads)
       mma<T>(s[1], qf[st], bf[2], bf[3]);
     }
 
-    // scale into the log2 domain, mask (past the keys, causal per query), online softmax
+    // scale into the log2 domain, mask (past the keys, causal or window per query), online
+    // softmax
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -154,7 +158,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < 4; ++e) {
         const int64_t key = n0 + 16 * warp + 8 * j + 2 * t + (e & 1);
         const int half = e >> 1;
-        const bool visible = key < Sk && (!p.causal || key <= query[half] + Sk - Sq);
+        const int64_t d = query[half] + Sk - Sq;
+        const bool visible = key < Sk && key <= d + p.window_right && key + p.window_left >= d;
         s[j][e] = visible ? s[j][e] * p.scale_log2 : -INFINITY;
         mx[half] = fmaxf(mx[half], s[j][e]);
       }
@@ -281,8 +286,10 @@ __global__ void __launch_bounds__(kThreads)
   const flash::SeqSpan seq = flash::seq_span(p, b);
   const int64_t qi = pair / p.heads, h = pair % p.heads;
   if (qi >= seq.Sq) return;  // (no barriers in this kernel)
-  const int64_t key_end = flash::keys_to_visit(seq, p.causal, seq.Sq - 1);
-  const int64_t need = (key_end + split.chunk - 1) / split.chunk;
+  const int64_t key_begin = flash::first_key(seq, p, 0);
+  const int64_t key_end = flash::keys_to_visit(seq, p, seq.Sq - 1);
+  const int64_t need = key_end > key_begin ? (key_end - key_begin + split.chunk - 1) / split.chunk
+                                           : 0;
   const int64_t ran = need < split.splits ? need : split.splits;
   const int64_t tok = seq.q_start + qi;
 

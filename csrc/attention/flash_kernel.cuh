@@ -11,7 +11,8 @@
 // S = Q K^T is computed into registers, masked, turned into probabilities with an online
 // softmax in the log2 domain (the scale folded into one multiply), and multiplied into O
 // straight from the S registers (the C fragment of one mma is the A fragment of the next).
-// Causal blocks stop at their last visible key tile. Head sizes that are not a multiple of 16
+// Causal and windowed blocks visit only the key tiles their rows see (a window's first tile on),
+// and mask only the tiles its edges cross. Head sizes that are not a multiple of 16
 // (72) are zero-padded to one in shared memory and registers only for the Q K^T reduction
 // (72 -> 80, not 128); O keeps exactly head_dim columns.
 
@@ -101,8 +102,15 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
     l_run[mt][0] = l_run[mt][1] = 0.f;
   }
 
-  // causal: the block's last row bounds the keys to visit
-  const int64_t key_end = keys_to_visit(seq, p.causal, (int64_t(m_block) + 1) * Tr::kBlockM - 1);
+  // the keys the block's rows see: [its first row's first, its last row's end); tiles inside
+  // [its last row's first, its first row's end) need no mask
+  const int64_t first_row = int64_t(m_block) * Tr::kBlockM;
+  const int64_t last_row = first_row + Tr::kBlockM - 1;
+  const int64_t key_begin = first_key(seq, p, first_row) / kBlockN * kBlockN;
+  const int64_t key_end = keys_to_visit(seq, p, last_row);
+  const int64_t unmasked_begin = first_key(seq, p, last_row < Sq ? last_row : Sq - 1);
+  const int64_t unmasked_end = keys_to_visit(seq, p, first_row);
+  const int64_t diag = Sk - Sq;  // row r's keys: [r + diag - window_left, r + diag + window_right]
 
   // K and V rows [n0, n0 + kBlockN) into stage `stage`, 16 bytes per cp.async; rows past the
   // sequence and the columns that pad head_dim (72 -> 80) are zero-filled (P V must see zeros,
@@ -121,11 +129,11 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   // ldmatrix row addresses of this lane: matrix i = lane / 8 takes its row lane % 8
   const int mat = lane / 8, mrow = lane % 8;
 
-  const int64_t n_tiles = (key_end + kBlockN - 1) / kBlockN;
-  if (n_tiles > 0) load_tiles(0, 0);
+  const int64_t n_tiles = key_end > key_begin ? (key_end - key_begin + kBlockN - 1) / kBlockN : 0;
+  if (n_tiles > 0) load_tiles(key_begin, 0);
   cp_async_commit();
   for (int64_t it = 0; it < n_tiles; ++it) {
-    const int64_t n0 = it * kBlockN;
+    const int64_t n0 = key_begin + it * kBlockN;
     if (it + 1 < n_tiles) load_tiles(n0 + kBlockN, int((it + 1) & 1));
     cp_async_commit();     // (an empty group on the last tile)
     cp_async_wait<1>();    // this thread's copies of tile `it` have landed
@@ -156,20 +164,27 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
       }
     }
 
-    // per row tile: scale into the log2 domain, mask (past the sequence, or causal), online
-    // softmax; then P's A fragments
+    // per row tile: scale into the log2 domain, mask (past the sequence, the causal or window
+    // edges) where the tile crosses one, online softmax; then P's A fragments
+    const bool masked = n0 < unmasked_begin || n0 + kBlockN > unmasked_end;
     uint32_t pf[kM][kBlockN / 16][4];
 #pragma unroll
     for (int mt = 0; mt < kM; ++mt) {
       float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
       for (int j = 0; j < kBlockN / 8; ++j) {
+        if (masked) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = n0 + j * 8 + 2 * t + (e & 1);
-          const int64_t r = row[mt][e >> 1];
-          const bool visible = key < Sk && (!p.causal || key <= r + Sk - Sq);
-          s[mt][j][e] = visible ? s[mt][j][e] * p.scale_log2 : -INFINITY;
+          for (int e = 0; e < 4; ++e) {
+            const int64_t key = n0 + j * 8 + 2 * t + (e & 1);
+            const int64_t d = row[mt][e >> 1] + diag;
+            const bool visible =
+                key < Sk && key <= d + p.window_right && key + p.window_left >= d;
+            s[mt][j][e] = visible ? s[mt][j][e] * p.scale_log2 : -INFINITY;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][j][e] *= p.scale_log2;
         }
         mx0 = fmaxf(mx0, fmaxf(s[mt][j][0], s[mt][j][1]));
         mx1 = fmaxf(mx1, fmaxf(s[mt][j][2], s[mt][j][3]));

@@ -8,14 +8,16 @@
 // keys used]): its keys are then the rows [leftpad, used) of its cache (k_lead: leftpad, from
 // k_start, which moves by it; a field of its own made ptxas spill in the Hopper forward).
 // Packed batches (cu_seqlens): sequence b holds tokens [cu[b], cu[b + 1]) of q, and of k / v
-// [cu_k[b], cu_k[b + 1]) with cu_seqlens_k, else the same tokens as q (Sk = Sq). Under a
-// causal mask query i sees key j when
-// j <= i + Sk - Sq: the mask is aligned to the bottom-right corner, as flash-attn's is, so a
-// query block that ends early in a longer key sequence still sees the keys before it.
+// [cu_k[b], cu_k[b + 1]) with cu_seqlens_k, else the same tokens as q (Sk = Sq). Query i sees
+// key j when i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right (a causal mask:
+// window_right 0; an absent bound: kNoWindow): the mask is aligned to the bottom-right
+// corner, as flash-attn's is, so a query block that ends early in a longer key sequence
+// still sees the keys before it.
 //
-// The per-score test itself, key < Sk && (!causal || key <= row + Sk - Sq), stays written out
-// in each kernel's masking loop: as a bool-returning helper (with the backwards' row < Sq) it
-// cost the backwards 40-90 SASS instructions, predicates turned into values (P2R, SEL).
+// The per-score test itself, key < Sk && key <= diag + right && key + left >= diag with
+// diag = row + Sk - Sq, stays written out in each kernel's masking loop: as a bool-returning
+// helper (with the backwards' row < Sq) it cost the backwards 40-90 SASS instructions,
+// predicates turned into values (P2R, SEL).
 #pragma once
 
 #include <cstdint>
@@ -88,21 +90,37 @@ __device__ __forceinline__ int64_t kv_head_start(const Params& p, const SeqSpan&
   return head_start(p, p.kv_layout, b, s.k_start, hk) + k_lead(p, s, b) * p.kv_layout.row;
 }
 
-// The keys [0, end) a block of queries up to `last_row` (inclusive) has to visit.
-__device__ __forceinline__ int64_t keys_to_visit(const SeqSpan& s, bool causal,
-                                               int64_t last_row) {
-  if (!causal) return s.Sk;
-  const int64_t limit = last_row + s.Sk - s.Sq + 1;
+// The keys [first_key(first_row), keys_to_visit(last_row)) that the queries [first_row,
+// last_row] see between them (with no window: [0, Sk); causal: [0, last_row + Sk - Sq + 1)).
+template <typename Params>
+__device__ __forceinline__ int64_t keys_to_visit(const SeqSpan& s, const Params& p,
+                                                 int64_t last_row) {
+  const int64_t limit = last_row + s.Sk - s.Sq + p.window_right + 1;
   return limit < s.Sk ? (limit > 0 ? limit : 0) : s.Sk;
 }
 
-// The first query, rounded down to a multiple of `block`, that sees key `n0` (a backward
-// block of keys starts its walk over the queries there).
-__device__ __forceinline__ int64_t first_query(const SeqSpan& s, bool causal, int64_t n0,
+template <typename Params>
+__device__ __forceinline__ int64_t first_key(const SeqSpan& s, const Params& p,
+                                             int64_t first_row) {
+  const int64_t first = first_row + s.Sk - s.Sq - p.window_left;
+  return first > 0 ? (first < s.Sk ? first : s.Sk) : 0;
+}
+
+// The queries that see keys [n0, last_key]: from first_query(n0), rounded down to a multiple
+// of `block` (a backward block of keys starts its walk over the queries there), to
+// queries_to_visit(last_key) (exclusive).
+template <typename Params>
+__device__ __forceinline__ int64_t first_query(const SeqSpan& s, const Params& p, int64_t n0,
                                                int64_t block) {
-  if (!causal) return 0;
-  const int64_t first = n0 - (s.Sk - s.Sq);
+  const int64_t first = n0 - (s.Sk - s.Sq) - p.window_right;
   return first > 0 ? first / block * block : 0;
+}
+
+template <typename Params>
+__device__ __forceinline__ int64_t queries_to_visit(const SeqSpan& s, const Params& p,
+                                                    int64_t last_key) {
+  const int64_t limit = last_key - (s.Sk - s.Sq) + p.window_left + 1;
+  return limit < s.Sq ? (limit > 0 ? limit : 0) : s.Sq;
 }
 
 }  // namespace flash

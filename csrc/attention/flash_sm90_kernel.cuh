@@ -74,7 +74,7 @@ struct Maps {
 // block fastest, last row block first (under a causal mask the last ones have the most keys,
 // and a persistent grid should start on those), then heads, then sequences.
 struct Tile {
-  int b, h, m_block, n_tiles;
+  int b, h, m_block, n_first, n_tiles;  // key tiles [n_first, n_first + n_tiles)
   flash::SeqSpan seq;
   bool valid;  // false: rows past a packed sequence's end (nothing to do)
 };
@@ -86,10 +86,12 @@ __device__ __forceinline__ Tile tile_at(const FlashParams& p, int index, int m_b
   w.b = index / (m_blocks * int(p.heads));
   w.seq = flash::seq_span(p, w.b);
   w.valid = int64_t(w.m_block) * kBlockM < w.seq.Sq;
-  // causal: the tile's last row bounds the keys to visit
-  const int64_t key_end =
-      flash::keys_to_visit(w.seq, p.causal, (int64_t(w.m_block) + 1) * kBlockM - 1);
-  w.n_tiles = int((key_end + kBlockN - 1) / kBlockN);
+  // the keys its rows see: from its first row's first (a window's) to its last row's end
+  const int64_t first_row = int64_t(w.m_block) * kBlockM;
+  const int64_t key_begin = flash::first_key(w.seq, p, first_row);
+  const int64_t key_end = flash::keys_to_visit(w.seq, p, first_row + kBlockM - 1);
+  w.n_first = int(key_begin / kBlockN);
+  w.n_tiles = key_end > key_begin ? int((key_end + kBlockN - 1) / kBlockN) - w.n_first : 0;
   return w;
 }
 
@@ -153,7 +155,7 @@ __global__ void __launch_bounds__(384, 1)
           const int s = kv_iter % Tr::kStages;
           mbar_wait(&empty[s], ((kv_iter / Tr::kStages) & 1) ^ 1);
           mbar_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
-          const int row = k_row + j * Tr::kBlockN;
+          const int row = k_row + (w.n_first + j) * Tr::kBlockN;
           tma_load_4d(k_tile(s), &maps.k, 0, hk, row, batch, &full[s]);
           tma_load_4d(v_tile(s), &maps.v, 0, hk, row, batch, &full[s]);
           if (Tr::kTail) {
@@ -224,22 +226,25 @@ __global__ void __launch_bounds__(384, 1)
     if (!w.valid) continue;
     const int64_t first_row = int64_t(w.m_block) * Tr::kBlockM + 64 * cw;
     const int64_t row0 = first_row + 16 * warp + g, row1 = row0 + 8;
-    // keys every row of this consumer sees (its first row's): tiles ending before them need
-    // no mask
-    const int64_t unmasked_end = flash::keys_to_visit(w.seq, p.causal, first_row);
+    // keys every row of this consumer sees, from its last row's first (a window's) to its
+    // first row's end: tiles inside them need no mask
+    const int64_t last_row = first_row + 63 < w.seq.Sq ? first_row + 63 : w.seq.Sq - 1;
+    const int64_t unmasked_begin = flash::first_key(w.seq, p, last_row);
+    const int64_t unmasked_end = flash::keys_to_visit(w.seq, p, first_row);
+    const int64_t diag = w.seq.Sk - w.seq.Sq;
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
     // softmax of the key tile at n0: probabilities into s (scaled by the new running max),
     // row sums into l_run, and in alpha the factors that rescale O
     auto softmax = [&](int64_t n0) {
-      if (n0 + Tr::kBlockN > unmasked_end) {
+      if (n0 < unmasked_begin || n0 + Tr::kBlockN > unmasked_end) {
 #pragma unroll
         for (int i = 0; i < Tr::kKeyChunks; ++i)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int64_t key = n0 + 8 * i + 2 * t + (e & 1);
-            const int64_t r = e < 2 ? row0 : row1;
+            const int64_t d = (e < 2 ? row0 : row1) + diag;
             const bool visible =
-                key < w.seq.Sk && (!p.causal || key <= r + w.seq.Sk - w.seq.Sq);
+                key < w.seq.Sk && key <= d + p.window_right && key + p.window_left >= d;
             s[4 * i + e] = visible ? s[4 * i + e] * p.scale_log2 : -INFINITY;
           }
       } else {
@@ -280,7 +285,8 @@ __global__ void __launch_bounds__(384, 1)
       qk(kv_iter % Tr::kStages);
       wgmma_wait<0>();
       fence_operands(s);
-      softmax(0);  // (O is still zero: nothing to rescale)
+      const int64_t n_first = int64_t(w.n_first) * Tr::kBlockN;
+      softmax(n_first);  // (O is still zero: nothing to rescale)
       to_a_fragments();
       // every key tile but the last: S of the next tile is issued before P V of this one, and
       // its softmax runs while P V does (no branch on "is there a next tile" in the loop: with
@@ -293,7 +299,7 @@ __global__ void __launch_bounds__(384, 1)
         pv(stage);
         wgmma_wait<1>();  // S of tile j + 1 (P V of tile j may still run)
         fence_operands(s);
-        softmax(int64_t(j + 1) * Tr::kBlockN);
+        softmax(n_first + int64_t(j + 1) * Tr::kBlockN);
         fence_operands(s);
         // The wait for P V behind a branch that is always taken (batch > 0 here): in one basic
         // block with the softmax, ptxas scheduled the wait first and the softmax's shuffles and

@@ -25,11 +25,15 @@ call for the batch: a prefill's valid tokens into pyssm's variable-length form
 counted on the device, so nothing is read on the host), with padding likewise. Sequences
 packed along each row by position_ids (padding-free training, as transformers'
 DataCollatorWithFlattening makes them) run as pyssm's packed batches (``cu_seqlens``, read once
-a forward), q, k and v in place. A model whose mask is not plain causal or bidirectional
-attention with padding (image tokens attending both ways, chunked or sliding attention) raises.
-What pyssm does not compute raises instead of being dropped: attention dropout while training,
-soft-capping, sliding windows, position biases (T5-style), attention sinks, and attention
-probabilities (``output_attentions``).
+a forward), q, k and v in place. Causal sliding-window layers (Mistral, Qwen2, Gemma 2 and 3's
+local layers: ``sliding_window`` w, each query seeing itself and the w - 1 keys before it) run
+pyssm's windowed kernels (``window_size=(w - 1, 0)``), the sliding cache's trimmed keys (a
+key offset) and left padding included; a sliding layer with holes in its padding mask raises
+(packing would move the window). A model whose mask is not plain causal, causal sliding or
+bidirectional attention with padding (image tokens attending both ways, chunked or
+bidirectional sliding attention) raises. What pyssm does not compute raises instead of being
+dropped: attention dropout while training, soft-capping, position biases (T5-style), attention
+sinks, and attention probabilities (``output_attentions``).
 
 ``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP, Siglip2MLP and the vision MLPs of
 Idefics2, Idefics3 and SmolVLM (fc1, activation, fc2; MLP_CLASSES) by ``MLP``, the encoders' MLP
@@ -146,8 +150,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                            f"config's attention_dropout to 0")
     if softcap:
         raise _unsupported("attention soft-capping")
-    if sliding_window is not None:
-        raise _unsupported(f"sliding-window attention (sliding_window={sliding_window})")
     if position_bias is not None:
         raise _unsupported("an additive position bias")
     if s_aux is not None:
@@ -158,12 +160,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise _unsupported(f"a value head size ({value.shape[-1]}) different from the query's "
                            f"({query.shape[-1]})")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    window = _window(sliding_window, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, heads, d)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     # what the model computes in: the dtype of the projections' weights, as the other backends
     dtype = q.dtype
     k, v = k.to(dtype), v.to(dtype)
-    call = dict(causal=causal, softmax_scale=scaling, backend=_backend)
+    call = dict(causal=causal, softmax_scale=scaling, window_size=window, backend=_backend)
 
     if attention_mask is not None and attention_mask.dtype == torch.int64:
         # sequences packed along each row (position_ids restarting): each attends to itself
@@ -206,6 +209,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         trust_seqused(end, Sk)
         trust_leftpad(lead, end, Sk)
         return attention(q, k, v, seqused_k=end, leftpad_k=lead, **call).contiguous(), None
+    if window != (-1, -1):
+        raise _unsupported(f"sliding-window attention (sliding_window={sliding_window}) with "
+                           f"holes in the padding mask (packing the valid tokens would move "
+                           f"the window)")
     if Sq == Sk:  # prefill / encoder with holes in the mask: every row's valid tokens, packed
         (qp, kp, vp), cu, longest = _packed(attention_mask, q, k, v)
         out_p = attention(qp, kp, vp, cu_seqlens=cu, max_seqlen=longest, **call)
@@ -219,6 +226,22 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = attention(q.reshape(B * Sq, *q.shape[2:]), kp, vp, cu_seqlens=cu_q, max_seqlen=Sq,
                     cu_seqlens_k=cu_k, max_seqlen_k=longest_k, **call)
     return out.view(q.shape), None
+
+
+def _window(sliding_window, causal) -> tuple[int, int]:
+    """pyssm's window_size for transformers' sliding_window w: a causal layer's query sees
+    itself and the w - 1 keys before it (masking_utils' sliding_window_overlay:
+    kv_idx > q_idx - w)."""
+    if sliding_window is None:
+        return (-1, -1)
+    if not causal:
+        raise _unsupported(f"bidirectional sliding-window attention (sliding_window="
+                           f"{sliding_window})")
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or \
+            sliding_window < 1:
+        raise ValueError(f"attn_implementation='{NAME}': sliding_window must be a positive int, "
+                         f"got {sliding_window!r}")
+    return (sliding_window - 1, 0)
 
 
 def _closure(fn) -> dict:
@@ -250,14 +273,36 @@ def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
     return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
 
 
+def _sliding_window_of(mask_function) -> int | None:
+    """w when ``mask_function`` is transformers' causal sliding-window mask
+    (masking_utils.sliding_window_causal_mask_function(w): ``and_masks`` of the window overlay
+    and the causal mask); None for any other."""
+    from transformers import masking_utils
+
+    parts = _closure(mask_function).get("mask_functions")
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or \
+            not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    causal = [f for f in parts if f is masking_utils.causal_mask_function]
+    overlay = [f for f in parts if getattr(f, "__qualname__", "")
+               == "sliding_window_overlay.<locals>.inner_mask"]
+    if len(causal) != 1 or len(overlay) != 1:
+        return None
+    overlay = overlay[0]
+    w = _closure(overlay).get("sliding_window")
+    return w if isinstance(w, int) else None
+
+
 def _check_mask_function(mask_function) -> None:
-    """Only plain causal or bidirectional masks (with padding) are pyssm's to compute: a model
-    that bends them (image tokens attending both ways, chunked or sliding attention) gets an
-    error, not plain causal attention. (Sequences packed by position_ids: padding_mask.)"""
+    """Only plain causal or bidirectional masks and causal sliding windows (with padding) are
+    pyssm's to compute: a model that bends them (image tokens attending both ways, chunked or
+    bidirectional sliding attention) gets an error, not plain causal attention. (Sequences
+    packed by position_ids: padding_mask. The window itself: the attention function's
+    sliding_window, which every sliding layer passes.)"""
     from transformers import masking_utils
 
     plain = (None, masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
-    if not any(mask_function is f for f in plain):
+    if not any(mask_function is f for f in plain) and _sliding_window_of(mask_function) is None:
         name = getattr(mask_function, "__name__", type(mask_function).__name__)
         raise _unsupported(f"the attention mask this model builds ({name}: not plain causal or "
                            f"bidirectional attention with padding)")
@@ -284,12 +329,16 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if attention_mask is not None and attention_mask.dtype == torch.int32 and \
             attention_mask.shape == (batch_size,):
         return attention_mask   # made here already (generate builds masks ahead of the model)
-    if kv_offset:
-        raise _unsupported(f"a key offset (kv_offset={kv_offset}: a sliding-window cache)")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
                          f"(batch, length), got shape {tuple(attention_mask.shape)}")
     static = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length
+    # a dynamic sliding cache keeps its last keys only: key j is token kv_offset + j, the last
+    # key the last query, as the bottom-right aligned window wants (and the padding mask's last
+    # kv_length columns are those tokens')
+    if kv_offset and (static or _sliding_window_of(mask_function) is None):
+        raise _unsupported(f"a key offset (kv_offset={kv_offset}) outside a dynamic "
+                           f"sliding-window cache")
     if attention_mask is not None:
         attention_mask = attention_mask[:, -kv_length:].bool()
     if attention_mask is None or bool(attention_mask.all()):

@@ -11,11 +11,14 @@ queries against a different set of tokens). A dense batch with ``seqused_k`` (in
 uses the first seqused_k[b] keys of row b: a KV cache filled to different lengths, read in
 place (flash-attn's cache_seqlens); with ``leftpad_k`` (int32, batch) too, none before key
 leftpad_k[b]: row b's keys are leftpad_k[b] ... seqused_k[b] - 1 (or the cache's last), a
-left-padded cache read in place (flash-attn's cache_leftpad). Causal masks align at those
-keys' end.
+left-padded cache read in place (flash-attn's cache_leftpad). Causal and window masks align at
+those keys' end.
 
     S = softmax_scale * q k^T   (default scale 1 / sqrt(head_dim))
     causal: query i sees key j when j <= i + seqlen_k - seqlen_q (bottom-right, as flash-attn)
+    window_size (left, right): query i sees key j when
+        i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right
+        (flash-attn's sliding window; -1: that side unbounded; causal is right = 0)
     lse = logsumexp_j S;  out = softmax(S) v
 
 Returns out (the shape and dtype of q) and, with ``return_lse=True``, also lse: (batch, heads,
@@ -36,7 +39,23 @@ from pyssm import _extension
 from pyssm.ops import _backend, _checks
 
 
-def _attend(q, k, v, causal, scale):
+def check_window(causal, window_size) -> tuple[int, int]:
+    """window_size as (left, right) ints, each >= 0 or -1 (no bound); causal=True is right = 0,
+    so a positive right with it is an error rather than silently dropped."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in (left, right)):
+        raise ValueError(f"window_size must be two ints, each >= 0 or -1 for no bound, got "
+                         f"{tuple(window_size)!r}")
+    if causal and right > 0:
+        raise ValueError(f"causal=True bounds each query's keys at its own position (window "
+                         f"right 0), got window_size={tuple(window_size)!r}")
+    return left, right
+
+
+def _attend(q, k, v, causal, scale, window=(-1, -1)):
     """q (..., Sq, H, d), k, v (..., Sk, Hk, d) in the accumulation dtype -> out, lse."""
     qh, kh, vh = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
     group = qh.shape[-3] // kh.shape[-3]
@@ -44,11 +63,17 @@ def _attend(q, k, v, causal, scale):
         kh = kh.repeat_interleave(group, dim=-3)
         vh = vh.repeat_interleave(group, dim=-3)
     S = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    if causal:
+    left, right = window[0], 0 if causal else window[1]
+    if left >= 0 or right >= 0:
         Sq, Sk = S.shape[-2], S.shape[-1]
-        i = torch.arange(Sq, device=S.device)[:, None]
+        diag = torch.arange(Sq, device=S.device)[:, None] + (Sk - Sq)
         j = torch.arange(Sk, device=S.device)[None, :]
-        S = S.masked_fill(j > i + (Sk - Sq), float("-inf"))
+        hidden = torch.zeros(Sq, Sk, dtype=torch.bool, device=S.device)
+        if right >= 0:
+            hidden |= j > diag + right
+        if left >= 0:
+            hidden |= j < diag - left
+        S = S.masked_fill(hidden, float("-inf"))
     # Stable softmax; the shift m cancels exactly, so it carries no gradient.
     m = S.amax(dim=-1, keepdim=True).detach() if S.shape[-1] else S.new_zeros(*S.shape[:-1], 1)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -61,28 +86,30 @@ def _attend(q, k, v, causal, scale):
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None,
                         max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None,
-                        leftpad_k=None, return_lse=False):
+                        leftpad_k=None, window_size=(-1, -1), return_lse=False):
     """Pure-PyTorch attention (materialises the scores). Same arguments as attention."""
+    window = check_window(causal, window_size)
     acc = _checks.acc_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     if seqused_k is not None or leftpad_k is not None:   # dense, row by row over its keys
         ends = seqused_k.tolist() if seqused_k is not None else [k.shape[1]] * k.shape[0]
         starts = leftpad_k.tolist() if leftpad_k is not None else [0] * k.shape[0]
-        rows = [_attend(qa[b:b + 1], ka[b:b + 1, s:u], va[b:b + 1, s:u], causal, scale)
+        rows = [_attend(qa[b:b + 1], ka[b:b + 1, s:u], va[b:b + 1, s:u], causal, scale, window)
                 for b, (s, u) in enumerate(zip(starts, ends))]
         out = torch.cat([o for o, _ in rows]) if rows else qa.new_zeros(qa.shape)
         lse = (torch.cat([l_ for _, l_ in rows]) if rows
                else qa.new_zeros(q.shape[0], q.shape[2], q.shape[1]))
     elif cu_seqlens is None:
-        out, lse = _attend(qa, ka, va, causal, scale)
+        out, lse = _attend(qa, ka, va, causal, scale, window)
     else:
         bounds = [int(b) for b in cu_seqlens.tolist()]
         bounds_k = bounds if cu_seqlens_k is None else [int(b) for b in cu_seqlens_k.tolist()]
         outs, lses = [], []
         for start, end, start_k, end_k in zip(bounds[:-1], bounds[1:], bounds_k[:-1],
                                               bounds_k[1:]):
-            o, l_ = _attend(qa[start:end], ka[start_k:end_k], va[start_k:end_k], causal, scale)
+            o, l_ = _attend(qa[start:end], ka[start_k:end_k], va[start_k:end_k], causal, scale,
+                            window)
             outs.append(o)
             lses.append(l_)
         out = torch.cat(outs, 0) if outs else qa.new_zeros(qa.shape)
@@ -285,16 +312,18 @@ def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
               cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None,
-              return_lse=False, backend=None):
+              window_size=(-1, -1), return_lse=False, backend=None):
     """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
     Differentiable in q, k and v (through out and lse; keys outside [leftpad_k, seqused_k) get
-    zero gradient).
+    zero gradient, as do keys no query's window reaches).
+    window_size (left, right): a sliding window, -1 a side without bound (flash-attn's).
     max_seqlen (max_seqlen_k): at least the longest query (key) sequence, read from the offsets
     when not given. The CUDA kernels read q, k and v in place at any strides that keep head_dim
     contiguous and 16-byte aligned (views into a fused qkv projection, torch SDPA's (B, H, N, d)
     layout transposed); other layouts are copied first."""
     check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                     leftpad_k)
+    left, right = check_window(causal, window_size)
     max_seqlen_k = _checked_max_seqlen(k, cu_seqlens_k, max_seqlen_k, "cu_seqlens_k", "k and v",
                                        "max_seqlen_k")
     if not torch.compiler.is_compiling():
@@ -305,9 +334,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
                 lambda scale, longest: torch.ops.pyssm.attention(
                     q, k, v, causal, scale, cu_seqlens, longest, cu_seqlens_k, max_seqlen_k,
-                    seqused_k, leftpad_k),
+                    seqused_k, leftpad_k, left, right),
                 dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k,
-                     leftpad_k=leftpad_k))
+                     leftpad_k=leftpad_k, window_size=(left, right)))
 
 
 def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op,
@@ -341,7 +370,7 @@ def unbind_qkvpacked(qkv, cu_seqlens, max_seqlen):
 
 
 def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=None,
-                        max_seqlen=None, return_lse=False, backend=None):
+                        max_seqlen=None, window_size=(-1, -1), return_lse=False, backend=None):
     """attention of q, k and v packed in one tensor as a fused qkv projection gives them (the
     layout of flash-attn's qkvpacked functions): qkv (batch, seqlen, 3, heads, head_dim), or
     (total_tokens, 3, heads, head_dim) with cu_seqlens. The values of
@@ -349,8 +378,13 @@ def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=Non
     tensor of its shape, which the CUDA backward writes dq, dk and dv into (rather than three
     gradients that unbind's backward stacks: one more read and write of all three).
     ``PYSSM_QKVPACKED=0`` (read at each call) runs it as ``attention`` on contiguous copies of q,
-    k and v instead, the path a fused projection took before: the benchmarks' comparison."""
+    k and v instead, the path a fused projection took before: the benchmarks' comparison.
+    A sliding window (window_size other than (-1, -1)) runs as ``attention`` on qkv's views."""
     q, k, v = unbind_qkvpacked(qkv, cu_seqlens, max_seqlen)
+    if tuple(check_window(causal, window_size)) != (-1, -1):
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window_size=window_size,
+                         return_lse=return_lse, backend=backend)
     if os.environ.get("PYSSM_QKVPACKED") == "0":  # the comparison: copies and a stack
         return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal,
                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
@@ -371,37 +405,41 @@ if _extension.available():
     # torch.empty_like would keep a dense input's permutation, heads-first q say)
     @torch.library.register_fake("pyssm::attention")
     def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                        cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None):
+                        cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None,
+                        window_left=-1, window_right=-1):
         check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                         leftpad_k)
+        check_window(causal, (window_left, window_right))
         lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
         return q.new_empty(q.shape), lse
 
     @torch.library.register_fake("pyssm::attention_backward")
     def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                  cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None,
-                                 seqused_k=None, leftpad_k=None):
+                                 seqused_k=None, leftpad_k=None, window_left=-1,
+                                 window_right=-1):
         check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                         leftpad_k)
+        check_window(causal, (window_left, window_right))
         _checks.shape(dout, q.shape, "dout", "the shape of q")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup(ctx, inputs, output):
         (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
-         seqused_k, leftpad_k) = inputs
+         seqused_k, leftpad_k, window_left, window_right) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k)
-        ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k)
+        ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k, window_left, window_right)
 
     def _attention_backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k = ctx.saved_tensors
-        causal, softmax_scale, max_seqlen, max_seqlen_k = ctx.args
+        causal, softmax_scale, max_seqlen, max_seqlen_k, window_left, window_right = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.pyssm.attention_backward(
             dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-            cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+            cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, window_left, window_right)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
         "pyssm::attention", _attention_backward, setup_context=_attention_setup)

@@ -10,10 +10,11 @@
 namespace {
 
 // sizes: batch, heads, heads_k, seqlen_q, seqlen_k, total_q, total_k; cu_k: the keys' own
-// packed offsets, or null; used: seqused_k (dense), or null; lead: leftpad_k (dense), or null
+// packed offsets, or null; used: seqused_k (dense), or null; lead: leftpad_k (dense), or null;
+// mask: causal (0 / 1), window_left, window_right (-1: none), as the op takes them
 template <typename P>
 void set_sizes(P& p, const int64_t* sizes, const int* cu, const int* cu_k, const int* used,
-               const int* lead, float scale, int causal) {
+               const int* lead, float scale, const int64_t* mask) {
   p.cu_seqlens = cu;
   p.cu_seqlens_k = cu_k;
   p.seqused_k = used;
@@ -26,7 +27,7 @@ void set_sizes(P& p, const int64_t* sizes, const int* cu, const int* cu_k, const
   p.total_q = sizes[5];
   p.total_k = sizes[6];
   p.scale_log2 = scale * 1.4426950408889634f;
-  p.causal = causal != 0;
+  pyssm::set_window(p, mask[0] != 0, mask[1], mask[2]);
 }
 
 template <typename T>
@@ -106,12 +107,12 @@ void set_inputs(P& p, const void* q, const void* k, const void* v, const int64_t
 pyssm::FlashParams fwd_params(const void* q, const void* k, const void* v,
                               const int64_t* strides, void* out, float* lse, const int* cu,
                               const int* cu_k, const int* used, const int* lead,
-                              const int64_t* sizes, float scale, int causal) {
+                              const int64_t* sizes, float scale, const int64_t* mask) {
   pyssm::FlashParams p{};
   set_inputs(p, q, k, v, strides);
   p.out = out;
   p.lse = lse;
-  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, lead, scale, mask);
   return p;
 }
 
@@ -125,9 +126,9 @@ extern "C" {
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
                       const int* cu_k, const int* used, const int* lead, const int64_t* sizes,
-                      float scale, int causal) {
+                      float scale, const int64_t* mask) {
   const pyssm::FlashParams p =
-      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, causal);
+      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, mask);
   if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
@@ -140,10 +141,10 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
 int emu_flash_decode_any(int dtype, int head_dim, const void* q, const void* k, const void* v,
                          const int64_t* strides, void* out, float* lse, const int* cu,
                          const int* cu_k, const int* used, const int* lead,
-                         const int64_t* sizes, float scale, int causal, int64_t splits,
+                         const int64_t* sizes, float scale, const int64_t* mask, int64_t splits,
                          int64_t chunk, float* out_part, float* lse_part) {
   const pyssm::FlashParams p =
-      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, causal);
+      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, mask);
   const pyssm::FlashSplit split{splits, chunk, out_part, lse_part};
   if (dtype == 2) return int(decode<__half>(head_dim, p, split));
   if (dtype == 3) return int(decode<__nv_bfloat16>(head_dim, p, split));
@@ -167,7 +168,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
                       void* dq, void* dk, void* dv, const float* lse, const float* dlse,
                       float* delta, float* dq_accum, const int* cu, const int* cu_k,
                       const int* used, const int* lead, const int64_t* sizes, float scale,
-                      int causal) {
+                      const int64_t* mask) {
   pyssm::FlashBwdParams p{};
   set_inputs(p, q, k, v, strides);
   p.out = out;
@@ -183,7 +184,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.dq_accum = dq_accum;
   p.scale = scale;
   p.dq_atomics = sm90 == 2;
-  set_sizes(p, sizes, cu, cu_k, used, lead, scale, causal);
+  set_sizes(p, sizes, cu, cu_k, used, lead, scale, mask);
   if (sm90) {
     if (dtype == 2) return int(bwd_sm90<__half>(head_dim, p));
     if (dtype == 3) return int(bwd_sm90<__nv_bfloat16>(head_dim, p));

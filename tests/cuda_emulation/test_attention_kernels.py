@@ -26,10 +26,25 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "attention_kernels.cpp")
     lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11 + \
-        [ctypes.c_float, ctypes.c_int]
+        [ctypes.c_float, ctypes.c_void_p]
     lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 18 + \
-        [ctypes.c_float, ctypes.c_int]
+        [ctypes.c_float, ctypes.c_void_p]
     return lib
+
+
+# A case's `causal`: False, True, or a sliding window (left, right) (flash-attn's window_size,
+# -1 a side without bound) with causal False.
+def mask_args(causal):
+    """The reference's mask arguments for a case's `causal`."""
+    if isinstance(causal, tuple):
+        return dict(causal=False, window_size=causal)
+    return dict(causal=causal, window_size=(-1, -1))
+
+
+def mask_codes(causal):
+    """The harness's mask argument: causal, window_left, window_right."""
+    m = mask_args(causal)
+    return sizes(int(m["causal"]), *m["window_size"])
 
 
 # A case's `lengths`: None (a dense batch), the packed sequences' lengths (keys packed with
@@ -87,13 +102,15 @@ def layout(B, Sq, Sk, H, Hk, lengths):
 
 
 def case_id(case):
-    """b{B}q{Sq}k{Sk}h{H}hk{Hk}d{d}c{causal}, -varlen for packed sequences, -varlen-k where the
-    keys have offsets of their own, -used / -lead for seqused_k / leftpad_k."""
-    lengths = case[7]
+    """b{B}q{Sq}k{Sk}h{H}hk{Hk}d{d}c{causal} (w{left}_{right} for a window), -varlen for
+    packed sequences, -varlen-k where the keys have offsets of their own, -used / -lead for
+    seqused_k / leftpad_k."""
+    lengths, causal = case[7], case[6]
+    mask = f"w{causal[0]}_{causal[1]}" if isinstance(causal, tuple) else f"c{causal:d}"
+    head = "b{}q{}k{}h{}hk{}d{}".format(*case[:6]) + mask
     if isinstance(lengths, dict):
-        return "b{}q{}k{}h{}hk{}d{}c{:d}".format(*case[:7]) + "".join(
-            f"-{name}" for name in ("used", "lead") if name in lengths)
-    return "b{}q{}k{}h{}hk{}d{}c{:d}".format(*case[:7]) + (
+        return head + "".join(f"-{name}" for name in ("used", "lead") if name in lengths)
+    return head + (
         "" if lengths is None else "-varlen-k" if isinstance(lengths, tuple) else "-varlen")
 
 
@@ -150,7 +167,7 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(lse), ptr(cu), ptr(cu_k), ptr(used), ptr(lead),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
-                               int(causal))
+                               mask_codes(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return out, lse
 
@@ -176,7 +193,7 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
                                ptr(delta), ptr(dq_accum), ptr(cu), ptr(cu_k), ptr(used),
                                ptr(lead),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
-                               int(causal))
+                               mask_codes(causal))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return dq, dk, dv
 
@@ -185,7 +202,7 @@ def check_forward(out, lse, exact_in, causal, dtype, cu_seqlens=None, cu_seqlens
                   seqused_k=None, leftpad_k=None):
     """out within 4 eps of the dtype of float64 attention from the same rounded inputs, lse
     within 1e-3, and -inf exactly on the rows that see no key; returns the float64 output."""
-    want, want_lse = ops.attention_reference(*exact_in, causal=causal, cu_seqlens=cu_seqlens,
+    want, want_lse = ops.attention_reference(*exact_in, **mask_args(causal), cu_seqlens=cu_seqlens,
                                              cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
                                              leftpad_k=leftpad_k, return_lse=True)
     bound = 4 * EPS[dtype] * want.abs().max()
@@ -232,6 +249,19 @@ CASES = [
     # a padded prefill read in place (the transformers backend): causal, Sq = Sk, lead alone,
     # so the queries before each row's lead see no key (out 0, lse -inf, dq 0)
     (3, 140, 140, 2, 1, 64, True, {"lead": [0, 37, 139]}),
+    # sliding windows (left, right): causal with 70 keys back (later blocks start past key 0,
+    # tiles inside the band unmasked), two-sided with Sq < Sk, left only, right only with
+    # Sq > Sk (rows that see no key), the diagonal alone, key blocks no query sees (dk, dv 0),
+    # packed sequences, keys of their own offsets, a left-padded cache
+    (1, 300, 300, 2, 1, 64, (70, 0), None),
+    (1, 200, 250, 2, 2, 72, (30, 20), None),
+    (2, 150, 100, 1, 1, 32, (5, -1), None),
+    (2, 150, 100, 1, 1, 128, (-1, 5), None),
+    (1, 70, 70, 1, 1, 64, (0, 0), None),
+    (1, 150, 400, 2, 1, 64, (20, 0), None),
+    (0, 0, 0, 2, 1, 64, (40, 10), [0, 1, 200, 65]),
+    (0, 0, 0, 2, 1, 80, (16, 0), ([5, 130, 1], [9, 200, 300])),
+    (3, 3, 300, 2, 1, 64, (100, 0), {"used": [300, 150, 20], "lead": [0, 30, 0]}),
 ]
 IDS = [case_id(c) for c in CASES]
 
@@ -278,6 +308,13 @@ SM90_CASES = [
     (3, 3, 300, 2, 1, 64, True, {"used": [260, 300, 10], "lead": [130, 7, 10]}),  # leftpad_k
     (2, 130, 200, 1, 1, 128, False, {"lead": [0, 71]}),
     (3, 140, 140, 2, 1, 64, True, {"lead": [0, 37, 139]}),   # a padded prefill in place
+    # sliding windows: causal 130 back over 4 key tiles (the last block starts at tile 1),
+    # two-sided, right only with rows that see no key, packed, a left-padded cache
+    (1, 400, 400, 1, 1, 64, (130, 0), None),
+    (1, 200, 330, 2, 1, 128, (50, 60), None),
+    (2, 150, 100, 1, 1, 80, (-1, 5), None),
+    (0, 0, 0, 2, 1, 64, (40, 10), [0, 1, 300, 65]),
+    (3, 3, 300, 2, 1, 64, (100, 0), {"used": [300, 150, 20], "lead": [0, 30, 0]}),
 ]
 SM90_IDS = [case_id(c) for c in SM90_CASES]
 
@@ -320,6 +357,13 @@ SM90_BWD_CASES = [
     (3, 70, 200, 2, 1, 64, True, {"used": [140, 200, 60], "lead": [3, 130, 0]}),  # leftpad_k
     (2, 33, 150, 2, 2, 80, False, {"lead": [149, 20]}),
     (3, 140, 140, 2, 1, 64, True, {"lead": [0, 37, 139]}),   # a padded prefill in place
+    # sliding windows: causal 70 back (key blocks walk only their band's query tiles),
+    # two-sided, right only with Sq > Sk, key blocks no query sees (dk, dv 0), packed
+    (1, 300, 300, 2, 1, 64, (70, 0), None),
+    (1, 200, 250, 2, 2, 128, (30, 20), None),
+    (2, 150, 100, 1, 1, 72, (-1, 5), None),
+    (1, 150, 400, 2, 1, 64, (20, 0), None),
+    (0, 0, 0, 2, 1, 64, (40, 10), [0, 1, 200, 65]),
 ]
 
 
@@ -334,7 +378,7 @@ def test_flash_backward_sm90(emu, case, dtype, dq):
     keys = key_args(lengths)
     out, lse = forward_emulated(emu, q, k, v, causal, scale, lengths)
     exact_in = [t.double().requires_grad_() for t in (q, k, v)]
-    want = ops.attention_reference(*exact_in, causal=causal, **keys)
+    want = ops.attention_reference(*exact_in, **mask_args(causal), **keys)
     dout = torch.randn_like(q)
     got = backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=dq)
     grads = torch.autograd.grad(want, exact_in, dout.double())
@@ -362,7 +406,8 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     lse[:H * total] = float("nan")
     strides = (H * d, d, (total + guard) * H * d) * 2
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*strides),
-                               ptr(out), ptr(lse), ptr(cu), None, None, None, dims, scale, 0)
+                               ptr(out), ptr(lse), ptr(cu), None, None, None, dims, scale,
+                               mask_codes(False))
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
     clamped = torch.tensor([0, 60, total], dtype=torch.int32)
@@ -379,7 +424,8 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     rc = emu.emu_flash_bwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv),
                                sizes(*strides, H * d, H * d),
                                ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
-                               ptr(dq_accum), ptr(cu), None, None, None, dims, scale, 0)
+                               ptr(dq_accum), ptr(cu), None, None, None, dims, scale,
+                               mask_codes(False))
     assert rc == 0
     for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
         assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
@@ -479,6 +525,11 @@ DECODE_CASES = [
     (1, 3, 2, 4, 4, 64, True, None),
     (3, 2, 300, 8, 2, 128, True, {"used": [300, 200, 5], "lead": [100, 0, 5]}),
     (2, 1, 150, 4, 1, 64, False, {"lead": [0, 149]}),
+    # sliding windows: a decoding step 100 keys back (the chunks split the window's keys
+    # only), two-sided over 3 queries, and in a left-padded cache
+    (2, 1, 500, 8, 2, 128, (100, 0), None),
+    (2, 3, 200, 4, 4, 72, (10, 5), None),
+    (3, 2, 300, 8, 2, 64, (64, -1), {"used": [300, 200, 5], "lead": [100, 0, 5]}),
 ]
 
 
@@ -496,7 +547,7 @@ def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
                                   sizes(*strides_of(q), *strides_of(k)), ptr(out), ptr(lse),
                                   ptr(cu), ptr(cu_k), ptr(used), ptr(lead),
                                   sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k),
-                                  scale, int(causal), splits, chunk, ptr(out_part),
+                                  scale, mask_codes(causal), splits, chunk, ptr(out_part),
                                   ptr(lse_part))
     assert rc == 0, f"launcher returned cudaError {rc}"
     return out, lse
@@ -505,7 +556,7 @@ def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
 @pytest.fixture
 def emu_decode(emu):
     emu.emu_flash_decode_any.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 11 + \
-        [ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
+        [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
     emu.emu_flash_decode_plan.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p]
     return emu
 

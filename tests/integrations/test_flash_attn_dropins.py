@@ -219,8 +219,6 @@ def test_flash_attn_with_kvcache_bad_arguments():
                                 rotary_cos=torch.ones(6, 4), rotary_sin=torch.ones(6, 4))
     with pytest.raises(NotImplementedError, match="a paged KV cache"):
         flash_attn_with_kvcache(q, k_cache, k_cache, block_table=torch.zeros(2, 1))
-    with pytest.raises(NotImplementedError, match="sliding windows"):
-        flash_attn_with_kvcache(q, k_cache, k_cache, window_size=(4, 0))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -281,8 +279,6 @@ def test_what_is_not_supported_says_so():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(NotImplementedError, match="dropout"):
         flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="sliding windows"):
-        flash_attn_func(q, q, q, window_size=(2, 0))
     with pytest.raises(NotImplementedError, match="soft-capping"):
         flash_attn_func(q, q, q, softcap=30.0)
     with pytest.raises(NotImplementedError, match="ALiBi"):
@@ -294,5 +290,48 @@ def test_what_is_not_supported_says_so():
                                block_table=torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(NotImplementedError, match="dropout"):
         flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 8), dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="sliding windows"):
-        flash_attn_varlen_qkvpacked_func(torch.randn(6, 3, 2, 8), cu_q, 4, window_size=(1, 1))
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        flash_attn_func(q, q, q, window_size=3)
+
+
+def test_sliding_windows_as_flash_attn():
+    """window_size in every entry point, as flash-attn's: (left, right) around each query's
+    bottom-right aligned position; with causal=True the right side is 0 whatever was given
+    (transformers passes (w - 1, w - 1) with causal=True)."""
+    q, k, v = (torch.randn(2, 9, 2, 8, dtype=F64) for _ in range(3))
+    want = naive.attention(q, k, v, window_size=(3, 1))[0]
+    torch.testing.assert_close(flash_attn_func(q, k, v, window_size=(3, 1)), want,
+                               atol=1e-12, rtol=1e-12)
+    causal = naive.attention(q, k, v, window_size=(3, 0))[0]
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True, window_size=(3, 3)), causal,
+                               atol=1e-12, rtol=1e-12)
+    assert (causal - naive.attention(q, k, v, causal=True)[0]).abs().max() > 1e-3
+    kv = torch.stack([k, v], dim=2)
+    torch.testing.assert_close(flash_attn_kvpacked_func(q, kv, window_size=(3, 1)), want,
+                               atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2),
+                                                         window_size=(3, 1)),
+                               want, atol=1e-12, rtol=1e-12)
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    flat = [t.reshape(18, 2, 8) for t in (q, k, v)]
+    torch.testing.assert_close(
+        flash_attn_varlen_func(*flat, cu, cu, 9, 9, window_size=(3, 1)).view(q.shape), want,
+        atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        flash_attn_varlen_qkvpacked_func(torch.stack(flat, dim=1), cu, 9,
+                                         window_size=(3, 1)).view(q.shape),
+        want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        flash_attn_varlen_kvpacked_func(flat[0], torch.stack(flat[1:], dim=1), cu, cu, 9, 9,
+                                        window_size=(3, 1)).view(q.shape),
+        want, atol=1e-12, rtol=1e-12)
+    # a decoding step: 2 new tokens written at each row's length, the window aligned there
+    k_cache, v_cache = (torch.randn(2, 12, 2, 8, dtype=F64) for _ in range(2))
+    new_k, new_v = k[:, :2].clone(), v[:, :2].clone()
+    lengths = torch.tensor([5, 10], dtype=torch.int32)
+    got = flash_attn_with_kvcache(q[:, :2], k_cache, v_cache, new_k, new_v,
+                                  cache_seqlens=lengths, causal=True, window_size=(4, 4))
+    for b, n in enumerate((7, 12)):
+        row, _ = naive.attention(q[b:b + 1, :2], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
+                                 window_size=(4, 0))
+        torch.testing.assert_close(got[b:b + 1], row, atol=1e-12, rtol=1e-12)

@@ -246,15 +246,103 @@ def test_llama_sequences_packed_by_position_ids_match_sdpa(training, monkeypatch
     assert offsets[2:] == [None] * 2   # (one sequence: plain causal)
 
 
+def _window_spy(monkeypatch):
+    """Records the window_size of each attention call."""
+    windows = []
+    real = ops.attention
+
+    def spy(*args, **kwargs):
+        windows.append(kwargs.get("window_size"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyssm_hf, "attention", spy)
+    return windows
+
+
+def _mistral_config(**kw):
+    from transformers import MistralConfig
+    return MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, initializer_range=0.3, sliding_window=4, **kw)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_mistral_sliding_window_matches_sdpa(side, monkeypatch):
+    """Mistral's sliding window (4: each query sees itself and the 3 keys before it) runs as
+    pyssm's window (3, 0), padded rows read in place, against sdpa's sliding mask."""
+    from transformers import MistralForCausalLM
+
+    ref, ours = _pair(MistralForCausalLM, _mistral_config())
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (3, 13))
+    mask = torch.ones_like(ids)
+    if side != "none":
+        for row, pad in enumerate((5, 1, 0)):
+            if pad:
+                mask[row, :pad] = 0 if side == "left" else 1
+                if side == "right":
+                    mask[row, -pad:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    windows = _window_spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert windows == [(3, 0)] * 2
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
+    with torch.no_grad():  # the window mattered: plain causal attention differs
+        monkeypatch.setattr(pyssm_hf, "attention",
+                            lambda *a, **kw: ops.attention(*a, **{**kw, "window_size": (-1, -1)}))
+        unwindowed = ours(input_ids=ids, attention_mask=mask).logits
+    assert (unwindowed[valid] - want[valid]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_mistral_generate_with_a_sliding_cache_matches_sdpa(padded, monkeypatch):
+    """Cached greedy decoding past the window: the sliding cache keeps the last keys only (a
+    key offset), read in place with the window aligned at the last key; sdpa's tokens."""
+    from transformers import MistralForCausalLM
+
+    ref, ours = _pair(MistralForCausalLM, _mistral_config())
+    torch.manual_seed(2)
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = ref.generate(input_ids=ids, **kw)
+    windows = _window_spy(monkeypatch)
+    torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
+    assert windows == [(3, 0)] * (2 * 8)   # 2 layers x (prefill + 7 steps)
+
+
+def test_mistral_sliding_window_with_holes_raises():
+    from transformers import MistralForCausalLM
+
+    _, ours = _pair(MistralForCausalLM, _mistral_config())
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 3] = 0
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="holes in the padding mask"):
+        ours(input_ids=torch.randint(3, 97, (2, 7)), attention_mask=mask)
+
+
 def test_masks_pyssm_cannot_compute_raise():
-    """A mask function other than plain causal / bidirectional (here: a sliding window), or
-    packed sequences with a padding mask, raises rather than running plain causal attention."""
+    """A mask function other than plain causal / bidirectional or a causal sliding window
+    (here: chunked attention, a bidirectional window), or packed sequences with a padding mask,
+    raises rather than running plain causal attention."""
     from transformers import masking_utils
 
     sliding = masking_utils.and_masks(masking_utils.causal_mask_function,
                                       masking_utils.sliding_window_overlay(4))
-    with pytest.raises(NotImplementedError, match="the attention mask this model builds"):
-        pyssm_hf.padding_mask(1, 8, 8, mask_function=sliding)
+    assert pyssm_hf.padding_mask(1, 8, 8, mask_function=sliding) is None
+    assert pyssm_hf.padding_mask(1, 1, 4, q_offset=9, kv_offset=6,
+                                 mask_function=sliding) is None   # a sliding cache's keys
+    for other in (masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
+                  masking_utils.sliding_window_bidirectional_mask_function(4)):
+        with pytest.raises(NotImplementedError, match="the attention mask this model builds"):
+            pyssm_hf.padding_mask(1, 8, 8, mask_function=other)
     packed = masking_utils.and_masks(
         masking_utils.remap_positions_for_packed_sequence(masking_utils.causal_mask_function,
                                                           torch.tensor([[0, 1, 0, 1]])),

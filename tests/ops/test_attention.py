@@ -868,14 +868,14 @@ def _attend_without_sync(q, k, v, call):
 
 
 def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None,
-                 seqused_k=None, leftpad_k=None):
+                 seqused_k=None, leftpad_k=None, window_size=(-1, -1)):
     """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     cu, cu_k, used, lead = (None if t is None else t.cpu()
                             for t in (cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k))
     out, lse = ops.attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale,
                                        cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=used,
-                                       leftpad_k=lead, return_lse=True)
+                                       leftpad_k=lead, window_size=window_size, return_lse=True)
     loss = (out * g.cpu().double()).sum()
     if g_lse is not None:
         loss = loss + (lse * g_lse.cpu().double()).nan_to_num().sum()
@@ -1090,6 +1090,10 @@ DECODE_CASES = {
     "speculative": dict(shape=(2, 4, 777, 8, 2), causal=True),
     "mha-16": dict(shape=(1, 16, 129, 4, 4), causal=True),
     "varlen-k": dict(lengths=([1, 3, 0, 2], [3000, 3, 9, 130]), heads=(8, 2), causal=True),
+    # a sliding window (the chunks split the window's keys only), and in a left-padded cache
+    "sliding": dict(shape=(3, 1, 3000, 32, 8), window=(700, 0)),
+    "sliding-left-padded": dict(shape=(4, 2, 700, 8, 2), used=[700, 333, 700, 5],
+                                lead=[0, 100, 699, 5], causal=True, window=(100, 0)),
 }
 
 
@@ -1103,8 +1107,8 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
     see no key give 0 and lse -inf; gradients (the flash backward from the decoding kernel's
     out and lse) against float64; no synchronisation once the offsets / lengths are read."""
     c = DECODE_CASES[case]
-    causal = c.get("causal", False)
-    call = dict(causal=causal, return_lse=True, backend=backend)
+    causal, window = c.get("causal", False), c.get("window", (-1, -1))
+    call = dict(causal=causal, window_size=window, return_lse=True, backend=backend)
     if "lengths" in c:
         (lq, lk), (H, Hk) = c["lengths"], c["heads"]
         call.update(cu_seqlens=offsets(lq, device), cu_seqlens_k=offsets(lk, device))
@@ -1127,7 +1131,8 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
     keys = {n: call[n].cpu() for n in ("cu_seqlens", "cu_seqlens_k", "seqused_k", "leftpad_k")
             if n in call}
     want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
-                                             causal=causal, return_lse=True, **keys)
+                                             causal=causal, window_size=window, return_lse=True,
+                                             **keys)
     assert torch.equal(finite.cpu(), torch.isfinite(want_lse))
     heads_first = out.detach().movedim(-2, 0)   # (H, ..., d): lse's row order
     assert (heads_first[~finite.movedim(-2, 0) if lse.dim() == 3 else ~finite] == 0).all(), \
@@ -1139,7 +1144,7 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
     assert err <= 2 * err_prefill + eps * want.abs().max(), (err, err_prefill)
     torch.testing.assert_close(lse.detach().cpu().double()[finite.cpu()],
                                want_lse[finite.cpu()], atol=2e-3, rtol=2e-3)
-    exact = _exact_grads(q, k, v, g, g_lse, causal, **keys)
+    exact = _exact_grads(q, k, v, g, g_lse, causal, window_size=window, **keys)
     for name, a, e in zip("qkv", got, exact):
         assert torch.isfinite(a).all(), f"d{name} not finite"
         rel = (a.cpu().double() - e).norm() / e.norm()
@@ -1191,3 +1196,171 @@ def test_cuda_flash_reads_qkv_views_in_place_and_writes_dqkv(device, backend, fl
     assert torch.equal(got_grads[1], want_grads[1]) and torch.equal(got_grads[2], want_grads[2])
     torch.testing.assert_close(got_grads[0], want_grads[0], rtol=0,
                                atol=2.0 ** -6 * float(want_grads[0].abs().max()))
+
+
+# Sliding windows (window_size=(left, right), flash-attn's): query i sees key j when
+# i + Sk - Sq - left <= j <= i + Sk - Sq + right, -1 a side without bound, causal right = 0.
+WINDOWS = [(3, 0), (2, 2), (0, 0), (-1, 1), (4, -1), (0, -1), (20, 20)]
+WINDOW_CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim: Sq = Sk, <, >
+    (2, 11, 11, 2, 1, 16), (1, 6, 13, 4, 2, 8), (2, 13, 6, 2, 2, 8)]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "b{}q{}k{}h{}hk{}d{}".format(*c))
+@pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"w{w[0]}_{w[1]}")
+def test_window_matches_softmax_over_the_window(device, backend, case, window):
+    """out, lse and gradients (through both) against the looped float64 definition
+    (naive.attention); rows whose window holds no key give 0 and lse -inf."""
+    q, k, v = qkv(*case, device=device, requires_grad=True)
+    out, lse = ops.attention(q, k, v, window_size=window, return_lse=True, backend=backend)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = naive.attention(*cpu, window_size=window)
+    assert_out_lse_and_grads(out, lse, want_out, want_lse, (q, k, v), cpu)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("left", [-1, 0, 3])
+def test_causal_is_a_window_right_of_zero(device, backend, left):
+    """causal=True with window_size (left, -1) or (left, 0) equals window_size (left, 0)."""
+    q, k, v = qkv(2, 9, 12, 2, 1, 16, device)
+    want = ops.attention(q, k, v, window_size=(left, 0), backend=backend)
+    for right in (-1, 0):
+        got = ops.attention(q, k, v, causal=True, window_size=(left, right), backend=backend)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    if left == -1:
+        torch.testing.assert_close(ops.attention(q, k, v, causal=True, backend=backend), want,
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("window", [(2, 0), (1, 3)], ids=lambda w: f"w{w[0]}_{w[1]}")
+def test_window_with_packed_sequences_and_key_offsets(device, backend, window):
+    """Packed sequences (the window aligned at each one's own keys' end): each equals
+    attention over it alone, with keys sharing q's offsets and with offsets of their own;
+    out, lse and gradients against float64 sequence by sequence."""
+    lq, lk = [4, 0, 9, 1], [7, 3, 9, 0]
+    for keys_own in (False, True):
+        lengths_k = lk if keys_own else lq
+        q = torch.randn(sum(lq), 2, 8, dtype=F64, device=device, requires_grad=True)
+        k, v = (torch.randn(sum(lengths_k), 1, 8, dtype=F64, device=device, requires_grad=True)
+                for _ in range(2))
+        extra = dict(cu_seqlens_k=offsets(lk, device)) if keys_own else {}
+        out, lse = ops.attention(q, k, v, cu_seqlens=offsets(lq, device), window_size=window,
+                                 return_lse=True, backend=backend, **extra)
+        cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+        outs, lses, a, c = [], [], 0, 0
+        for n, m in zip(lq, lengths_k):
+            o, l_ = naive.attention(cpu[0][None, a:a + n], cpu[1][None, c:c + m],
+                                    cpu[2][None, c:c + m], window_size=window)
+            outs.append(o[0])
+            lses.append(l_[0])
+            a, c = a + n, c + m
+        assert_out_lse_and_grads(out, lse, torch.cat(outs), torch.cat(lses, -1), (q, k, v), cpu)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_window_in_a_left_padded_cache(device, backend):
+    """seqused_k and leftpad_k with a window: row b's keys are [lead, used), the window aligned
+    at used; keys outside every query's window get zero gradient."""
+    used, lead, window = [9, 5, 9, 0], [0, 2, 6, 0], (2, 0)
+    q = torch.randn(4, 3, 2, 8, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(4, 9, 1, 8, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    rows = dict(seqused_k=torch.tensor(used, dtype=torch.int32, device=device),
+                leftpad_k=torch.tensor(lead, dtype=torch.int32, device=device))
+    out, lse = ops.attention(q, k, v, causal=True, window_size=window, return_lse=True,
+                             backend=backend, **rows)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    parts = [naive.attention(cpu[0][b:b + 1], cpu[1][b:b + 1, s:u], cpu[2][b:b + 1, s:u],
+                             causal=True, window_size=window)
+             for b, (s, u) in enumerate(zip(lead, used))]
+    got = assert_out_lse_and_grads(out, lse, torch.cat([o for o, _ in parts]),
+                                   torch.cat([l_ for _, l_ in parts]), (q, k, v), cpu)
+    for b, u in enumerate(used):   # 3 queries, each seeing itself and 2 back: keys >= u - 5
+        first = max(lead[b], u - 5)
+        for g in got[1:]:
+            assert (g[b, :first] == 0).all() and (g[b, u:] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_qkvpacked_window_equals_attention(device, backend):
+    qkv_t = torch.randn(2, 10, 3, 2, 16, dtype=F64, device=device, requires_grad=True)
+    got = ops.attention_qkvpacked(qkv_t, window_size=(3, 1), backend=backend)
+    want = ops.attention(*qkv_t.unbind(2), window_size=(3, 1), backend=backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, qkv_t, g)[0],
+                               torch.autograd.grad(want, qkv_t, g)[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_window(backend):
+    q, k, v = qkv(1, 4, 4, 1, 1, 8, "cpu")
+    for bad, match in (((-2, 0), "each >= 0 or -1"), ((1.5, 0), "each >= 0 or -1"),
+                       ((True, 0), "each >= 0 or -1"), ((1, 2, 3), "a pair"), (4, "a pair")):
+        with pytest.raises(ValueError, match=match):
+            ops.attention(q, k, v, window_size=bad, backend=backend)
+    with pytest.raises(ValueError, match="causal=True bounds each query"):
+        ops.attention(q, k, v, causal=True, window_size=(2, 1), backend=backend)
+
+
+@pytest.mark.skipif(not _extension.available(), reason="needs the compiled extension")
+def test_direct_op_call_checks_the_window():
+    q, k, v = qkv(1, 4, 4, 1, 1, 8, "cpu")
+    with pytest.raises(ValueError, match="window_left and window_right must be >= 0, or -1"):
+        torch.ops.pyssm.attention(q, k, v, False, None, None, None, window_left=-3)
+    with pytest.raises(ValueError, match="causal=True bounds each query"):
+        torch.ops.pyssm.attention(q, k, v, True, None, None, None, window_right=2)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
+                                            if p.values[1] != "reference"])
+def test_window_opcheck(device, backend):
+    q, k, v = qkv(2, 5, 7, 4, 2, 32, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (q, k, v, False, None, None, None),
+                          dict(window_left=2, window_right=1))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+    packed = [torch.randn(8, 2, 32, dtype=F64, device=device, requires_grad=True) for _ in range(3)]
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (*packed, True, None, cu, 5), dict(window_left=1, window_right=0))
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("window,causal", [((256, 0), True), ((100, 150), False),
+                                           ((-1, 40), False)], ids=["causal-256", "100-150",
+                                                                    "right-40"])
+def test_cuda_flash_sliding_window(device, backend, flash_path, head_dim, window, causal):
+    """The flash kernels' windows: 1100 queries against 1000 keys (bands across many key
+    tiles, rows that see no key under right 40) and packed sequences, forward and gradients
+    against float64 within bf16's rounding, no synchronisation, zero gradient outside every
+    window."""
+    dtype = torch.bfloat16
+    for packed in (False, True):
+        call = dict(causal=causal, window_size=window, return_lse=True, backend=backend)
+        if packed:
+            lq = [700, 0, 1, 399]
+            call.update(cu_seqlens=offsets(lq, device), max_seqlen=700)
+            q_shape, kv_shape = (sum(lq), 4, head_dim), (sum(lq), 2, head_dim)
+        else:
+            q_shape, kv_shape = (2, 1100, 4, head_dim), (2, 1000, 2, head_dim)
+        q = torch.randn(q_shape, dtype=dtype, device=device, requires_grad=True)
+        k, v = (torch.randn(kv_shape, dtype=dtype, device=device, requires_grad=True)
+                for _ in range(2))
+        ops.attention(q, k, v, **call)   # (reads the offsets once)
+        out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
+        keys = {n: call[n].cpu() for n in ("cu_seqlens",) if n in call}
+        want, want_lse = ops.attention_reference(
+            *(t.detach().cpu().double() for t in (q, k, v)), causal=causal, window_size=window,
+            return_lse=True, **keys)
+        assert torch.equal(torch.isfinite(lse.detach().cpu()), torch.isfinite(want_lse))
+        err = (out.detach().cpu().double() - want).abs().max()
+        assert err <= 2.0 ** -6 * want.abs().max(), err
+        exact = _exact_grads(q, k, v, g, g_lse, causal, window_size=window, **keys)
+        for name, a, x in zip("qkv", got, exact):
+            assert torch.isfinite(a).all(), f"d{name} not finite"
+            assert (a.cpu()[x == 0] == 0).all(), f"d{name} outside every window"
+            rel = (a.cpu().double() - x).norm() / x.norm()
+            assert rel < 3e-2, (name, rel)
