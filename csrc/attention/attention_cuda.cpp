@@ -230,6 +230,12 @@ void set_common(Params& p, const KernelInput& q, const KernelInput& k, const Ker
   p.total_k = s.varlen ? k.t.size(0) : s.batch * s.seqlen_k;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   set_window(p, causal, window_left, window_right);
+  // the kernels' masks work a sequence's positions out in 32-bit ints (flash.cuh: kNoWindow)
+  constexpr int64_t kMaxTokens = int64_t(1) << 30;
+  TORCH_CHECK(p.total_q < kMaxTokens && p.total_k < kMaxTokens && p.seqlen_q < kMaxTokens &&
+                  p.seqlen_k < kMaxTokens,
+              "attention: the CUDA kernels take fewer than 2^30 tokens of q and of k, got ",
+              p.total_q, " and ", p.total_k);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k,

@@ -68,17 +68,21 @@ struct FlashBwdParams {
   bool dq_atomics;             // Hopper backward: dQ by fp32 atomics, not TMA reduce-adds
 };
 
-// An absent window bound: far past any sequence (lengths fit in int32), so the kernels' mask
-// and loop bounds need no case of their own for it, and sums of it with positions stay far
-// inside int64.
+// An absent window bound: far past any sequence (the kernels take fewer than 2^30 tokens),
+// so sums of it with positions stay far inside int64 where a helper adds it, and a bound
+// below it fits in 30 bits, so the Hopper forward's producer works its key range out in int32.
 constexpr int64_t kNoWindow = int64_t(1) << 40;
+constexpr int64_t kMaxWindow = (int64_t(1) << 30) - 1;  // a larger bound reaches every key
 
 // The mask's bounds from the op's arguments: window_left / window_right >= 0, or -1 for none
-// (flash-attn's window_size); causal makes window_right 0.
+// (flash-attn's window_size), a bound past kMaxWindow none as well (it spans any sequence
+// the kernels take); causal makes window_right 0.
 template <typename Params>
 inline void set_window(Params& p, bool causal, int64_t window_left, int64_t window_right) {
-  p.window_left = window_left < 0 ? kNoWindow : window_left;
-  p.window_right = causal ? 0 : (window_right < 0 ? kNoWindow : window_right);
+  p.window_left = window_left < 0 || window_left > kMaxWindow ? kNoWindow : window_left;
+  p.window_right = causal ? 0
+                          : (window_right < 0 || window_right > kMaxWindow ? kNoWindow
+                                                                            : window_right);
 }
 
 // head sizes with a kernel (others run the composed path)

@@ -232,9 +232,9 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
 
   // the query tiles that see the block's keys: from the one of the first query that sees key
   // n0 (causal, window) to the last query that sees its last key (window)
+  // (the end as an int: one register, not two, live over the walk)
   const int64_t m_begin = flash::first_query(seq, p, n0, kM);
-  const int64_t m_end = flash::queries_to_visit(seq, p, n0 + kBlockN - 1);
-  const int64_t diag = Sk - Sq;
+  const int m_end = int(flash::queries_to_visit(seq, p, n0 + kBlockN - 1));
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t o_off = (q_start * p.heads + h) * kHeadDim;
@@ -255,6 +255,10 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
       }
       __syncthreads();
 
+      // the tile's queries (from m0) that see each of this thread's keys kw + g, kw + g + 8
+      int lo0, hi0, lo1, hi1;
+      flash::queries_of_key(seq, p, n0 + kw + g, m0, lo0, hi0);
+      flash::queries_of_key(seq, p, n0 + kw + g + 8, m0, lo1, hi1);
       float s[Tr::kQTiles][4];  // S^T, then P^T
       rows_times_rows<T, kHeadDim>(s, k_s + kw * S, q_s, lane);
 #pragma unroll
@@ -262,9 +266,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + 2 * t + (e & 1);
-          const int64_t key = n0 + kw + g + (e & 2 ? 8 : 0), row = m0 + qi;
-          const bool visible = key < Sk && row < Sq && key <= row + diag + p.window_right &&
-                               key + p.window_left >= row + diag;
+          const bool visible = e & 2 ? qi >= lo1 && qi <= hi1 : qi >= lo0 && qi <= hi0;
           s[j][e] = visible ? exp2f(s[j][e] * p.scale_log2 - lse_s[qi]) : 0.f;
         }
       }

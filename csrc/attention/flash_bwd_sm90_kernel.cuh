@@ -186,6 +186,11 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t key0 = n0 + 64 * cw + 16 * warp + g, key1 = key0 + 8;
+  // the queries that see each of this thread's keys, [lo, hi] (int compares in the loop: with
+  // the 64-bit bounds written out there the window made ptxas spill 96-180 bytes at hd128)
+  int lo0, hi0, lo1, hi1;
+  flash::queries_of_key(seq, p, key0, 0, lo0, hi0);
+  flash::queries_of_key(seq, p, key1, 0, lo1, hi1);
   const uint32_t k_addr = smem_u32(smem + Tr::kK), v_addr = smem_u32(smem + Tr::kV);
   constexpr float kLog2e = 1.4426950408889634f;
 
@@ -257,10 +262,8 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = 2 * i + (e & 1);
-        const int64_t key = e < 2 ? key0 : key1, q = m0 + 8 * i + 2 * t + (e & 1);
-        const int64_t d = q + Sk - Sq;
-        const bool visible =
-            key < Sk && q < Sq && key <= d + p.window_right && key + p.window_left >= d;
+        const int q = int(m0) + 8 * i + 2 * t + (e & 1);
+        const bool visible = e < 2 ? q >= lo0 && q <= hi0 : q >= lo1 && q <= hi1;
         const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
         st[4 * i + e] = pt;
         dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);

@@ -123,5 +123,20 @@ __device__ __forceinline__ int64_t queries_to_visit(const SeqSpan& s, const Para
   return limit < s.Sq ? (limit > 0 ? limit : 0) : s.Sq;
 }
 
+// The queries [lo, hi] that see key `key` (none past the keys), counted from query `origin`,
+// as ints: a backward thread's mask for one of its keys over the query tile at `origin`, two
+// 32-bit compares a score (a sequence is shorter than 2^30 tokens: attention_cuda.cpp checks).
+// Computed per query tile, where the mask is applied: kept live over the whole walk, the four
+// bounds of a thread's two keys made ptxas spill in the portable backward, as did the mask
+// written out in 64-bit positions there.
+template <typename Params>
+__device__ __forceinline__ void queries_of_key(const SeqSpan& s, const Params& p, int64_t key,
+                                               int64_t origin, int& lo, int& hi) {
+  const int64_t first = key - (s.Sk - s.Sq) - p.window_right;
+  const int64_t last = key - (s.Sk - s.Sq) + p.window_left;
+  lo = int((first > 0 ? (first < s.Sq ? first : s.Sq) : 0) - origin);
+  hi = int((key < s.Sk ? (last < s.Sq - 1 ? (last > -1 ? last : -1) : s.Sq - 1) : -1) - origin);
+}
+
 }  // namespace flash
 }  // namespace pyssm

@@ -74,11 +74,33 @@ struct Maps {
 // block fastest, last row block first (under a causal mask the last ones have the most keys,
 // and a persistent grid should start on those), then heads, then sequences.
 struct Tile {
-  int b, h, m_block, n_first, n_tiles;  // key tiles [n_first, n_first + n_tiles)
+  int b, h, m_block, n_first, n_end;  // key tiles [n_first, n_end)
   flash::SeqSpan seq;
   bool valid;  // false: rows past a packed sequence's end (nothing to do)
 };
+// The key tiles [n_first, n_end) a work tile's rows see: from its first row's first key (a
+// window's) to its last row's end, in 32-bit arithmetic (the producer works this out in 24
+// registers: flash_seq.cuh's 64-bit helpers spilled there). Fits: sequences are shorter than
+// 2^30 tokens and a window bound is below 2^30 or kNoWindow (set_window), so
+// |first_row + Sk - Sq| < 2^30 and every sum below stays inside int32.
 template <int kBlockM, int kBlockN>
+__device__ __forceinline__ void key_tiles(const FlashParams& p, Tile& w) {
+  const int Sq = int(w.seq.Sq), Sk = int(w.seq.Sk), diag = w.m_block * kBlockM + Sk - Sq;
+  int key_begin = 0, key_end = Sk;
+  if (p.window_left < kNoWindow) {
+    key_begin = diag - int(p.window_left);
+    key_begin = key_begin > 0 ? (key_begin < Sk ? key_begin : Sk) : 0;
+  }
+  if (p.window_right < kNoWindow) {
+    key_end = diag + kBlockM + int(p.window_right);
+    key_end = key_end < Sk ? (key_end > 0 ? key_end : 0) : Sk;
+  }
+  w.n_first = key_begin / kBlockN;
+  w.n_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : w.n_first;
+}
+
+// kKeys: with its key tiles (key_tiles) too
+template <int kBlockM, int kBlockN, bool kKeys = true>
 __device__ __forceinline__ Tile tile_at(const FlashParams& p, int index, int m_blocks) {
   Tile w;
   w.m_block = m_blocks - 1 - index % m_blocks;
@@ -86,12 +108,7 @@ __device__ __forceinline__ Tile tile_at(const FlashParams& p, int index, int m_b
   w.b = index / (m_blocks * int(p.heads));
   w.seq = flash::seq_span(p, w.b);
   w.valid = int64_t(w.m_block) * kBlockM < w.seq.Sq;
-  // the keys its rows see: from its first row's first (a window's) to its last row's end
-  const int64_t first_row = int64_t(w.m_block) * kBlockM;
-  const int64_t key_begin = flash::first_key(w.seq, p, first_row);
-  const int64_t key_end = flash::keys_to_visit(w.seq, p, first_row + kBlockM - 1);
-  w.n_first = int(key_begin / kBlockN);
-  w.n_tiles = key_end > key_begin ? int((key_end + kBlockN - 1) / kBlockN) - w.n_first : 0;
+  if (kKeys && w.valid) key_tiles<kBlockM, kBlockN>(p, w);
   return w;
 }
 
@@ -137,7 +154,9 @@ __global__ void __launch_bounds__(384, 1)
     if (threadIdx.x == 0) {
       int kv_iter = 0, tile_iter = 0;
       for (int index = blockIdx.x; index < n_work; index += gridDim.x) {
-        const Tile w = tile_at<Tr::kBlockM, Tr::kBlockN>(p, index, m_blocks);
+        // (its key tiles worked out after Q's load is issued: fewer values live at once, in
+        // this thread's 24 registers)
+        Tile w = tile_at<Tr::kBlockM, Tr::kBlockN, false>(p, index, m_blocks);
         if (!w.valid) continue;
         // TMA coordinates (column, head, token, batch): packed sequences index the one
         // "batch" of all tokens from their start; dense batches their own from token 0 (keys
@@ -151,11 +170,13 @@ __global__ void __launch_bounds__(384, 1)
         tma_load_4d(smem + Tr::kQ, &maps.q, 0, w.h, q_row, batch, q_full);
         if (Tr::kTail)
           tma_load_4d(smem + Tr::kQ + Tr::kMainBytes, &maps.q_tail, 64, w.h, q_row, batch, q_full);
-        for (int j = 0; j < w.n_tiles; ++j, ++kv_iter) {
+        key_tiles<Tr::kBlockM, Tr::kBlockN>(p, w);
+        // (a running row and a count down: the fewest registers, this thread has 24)
+        int row = k_row + w.n_first * Tr::kBlockN;
+        for (int j = w.n_end - w.n_first; j > 0; --j, ++kv_iter, row += Tr::kBlockN) {
           const int s = kv_iter % Tr::kStages;
           mbar_wait(&empty[s], ((kv_iter / Tr::kStages) & 1) ^ 1);
           mbar_arrive_expect_tx(&full[s], 2 * Tr::kTileBytes);
-          const int row = k_row + (w.n_first + j) * Tr::kBlockN;
           tma_load_4d(k_tile(s), &maps.k, 0, hk, row, batch, &full[s]);
           tma_load_4d(v_tile(s), &maps.v, 0, hk, row, batch, &full[s]);
           if (Tr::kTail) {
@@ -226,25 +247,31 @@ __global__ void __launch_bounds__(384, 1)
     if (!w.valid) continue;
     const int64_t first_row = int64_t(w.m_block) * Tr::kBlockM + 64 * cw;
     const int64_t row0 = first_row + 16 * warp + g, row1 = row0 + 8;
-    // keys every row of this consumer sees, from its last row's first (a window's) to its
-    // first row's end: tiles inside them need no mask
+    // The key tiles inside every row's keys need no mask: from the first at or past its last
+    // row's first key to the last ending by its first row's end.
     const int64_t last_row = first_row + 63 < w.seq.Sq ? first_row + 63 : w.seq.Sq - 1;
-    const int64_t unmasked_begin = flash::first_key(w.seq, p, last_row);
-    const int64_t unmasked_end = flash::keys_to_visit(w.seq, p, first_row);
-    const int64_t diag = w.seq.Sk - w.seq.Sq;
+    const int unmasked_from =
+        int((flash::first_key(w.seq, p, last_row) + Tr::kBlockN - 1) / Tr::kBlockN);
+    const int unmasked_to = int(flash::keys_to_visit(w.seq, p, first_row) / Tr::kBlockN);
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
-    // softmax of the key tile at n0: probabilities into s (scaled by the new running max),
+    // softmax of key tile j: probabilities into s (scaled by the new running max),
     // row sums into l_run, and in alpha the factors that rescale O
-    auto softmax = [&](int64_t n0) {
-      if (n0 < unmasked_begin || n0 + Tr::kBlockN > unmasked_end) {
+    auto softmax = [&](int j) {
+      if (j < unmasked_from || j >= unmasked_to) {
+        // each of this thread's rows sees the tile's keys [lo, hi] (from n0; past the keys
+        // folded in), as ints (a sequence is shorter than 2^30 tokens: the host checks),
+        // worked out on the masked tiles only: two 32-bit compares a score
+        const int64_t n0 = int64_t(j) * Tr::kBlockN;
+        const int lo0 = int(flash::first_key(w.seq, p, row0) - n0);
+        const int hi0 = int(flash::keys_to_visit(w.seq, p, row0) - n0) - 1;
+        const int lo1 = int(flash::first_key(w.seq, p, row1) - n0);
+        const int hi1 = int(flash::keys_to_visit(w.seq, p, row1) - n0) - 1;
 #pragma unroll
         for (int i = 0; i < Tr::kKeyChunks; ++i)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int64_t key = n0 + 8 * i + 2 * t + (e & 1);
-            const int64_t d = (e < 2 ? row0 : row1) + diag;
-            const bool visible =
-                key < w.seq.Sk && key <= d + p.window_right && key + p.window_left >= d;
+            const int key = 8 * i + 2 * t + (e & 1);
+            const bool visible = e < 2 ? key >= lo0 && key <= hi0 : key >= lo1 && key <= hi1;
             s[4 * i + e] = visible ? s[4 * i + e] * p.scale_log2 : -INFINITY;
           }
       } else {
@@ -280,26 +307,28 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
     mbar_wait(q_full, tile_iter & 1);
-    if (w.n_tiles > 0) {
+    if (w.n_end > w.n_first) {
+      // key tile j's place in the stage ring: base + j (tile indices, not a count from the
+      // first: no register for the first tile's index over the loop)
+      const int base = kv_iter - w.n_first;
       mbar_wait(&full[kv_iter % Tr::kStages], (kv_iter / Tr::kStages) & 1);
       qk(kv_iter % Tr::kStages);
       wgmma_wait<0>();
       fence_operands(s);
-      const int64_t n_first = int64_t(w.n_first) * Tr::kBlockN;
-      softmax(n_first);  // (O is still zero: nothing to rescale)
+      softmax(w.n_first);  // (O is still zero: nothing to rescale)
       to_a_fragments();
       // every key tile but the last: S of the next tile is issued before P V of this one, and
       // its softmax runs while P V does (no branch on "is there a next tile" in the loop: with
       // one, ptxas could not follow the wgmma groups and serialised them)
-      for (int j = 0; j + 1 < w.n_tiles; ++j) {
-        const int it = kv_iter + j;
+      for (int j = w.n_first; j + 1 < w.n_end; ++j) {
+        const int it = base + j;
         const int stage = it % Tr::kStages, ns = (it + 1) % Tr::kStages;
         mbar_wait(&full[ns], ((it + 1) / Tr::kStages) & 1);
         qk(ns);
         pv(stage);
         wgmma_wait<1>();  // S of tile j + 1 (P V of tile j may still run)
         fence_operands(s);
-        softmax(n_first + int64_t(j + 1) * Tr::kBlockN);
+        softmax(j + 1);
         fence_operands(s);
         // The wait for P V behind a branch that is always taken (batch > 0 here): in one basic
         // block with the softmax, ptxas scheduled the wait first and the softmax's shuffles and
@@ -316,12 +345,12 @@ __global__ void __launch_bounds__(384, 1)
         }
         to_a_fragments();
       }
-      const int last = (kv_iter + w.n_tiles - 1) % Tr::kStages;
+      const int last = (base + w.n_end - 1) % Tr::kStages;
       pv(last);
       wgmma_wait<0>();
       fence_operands(o);
       mbar_arrive(&empty[last]);
-      kv_iter += w.n_tiles;
+      kv_iter = base + w.n_end;
     }
     mbar_arrive(q_empty);  // Q is no longer read: the producer may load the next tile's
     ++tile_iter;

@@ -34,6 +34,14 @@ keys first and passes cu_seqlens_k (the transformers backend's path for a paddin
 holes: a boolean-mask gather, which reads and writes the used cache again and syncs to size
 it); "sdpa-default (masked)" is torch SDPA with the padding mask over the whole cache, as
 transformers' sdpa runs it. GB/s counts the used keys and values read once (decoding's floor).
+
+"attention_window" rows: a language model's prefill under a causal sliding window (Mistral's:
+each token sees itself and the w - 1 before it; GPU: bf16, 32 heads over 8 KV heads, head_dim
+128, N = 8192, w = 1024 and 4096; CPU: float32, small): "pyssm-<backend>" with
+window_size=(w - 1, 0), whose kernels visit only the key tiles the window reaches;
+"pyssm-<backend>-causal" plain causal attention over the same tokens (the work the window
+saves); "sdpa-default (masked)" torch SDPA with the sliding mask as a boolean tensor, as
+transformers' sdpa runs such a layer. TFLOP/s count the visible (query, key) pairs only.
 """
 
 from __future__ import annotations
@@ -126,7 +134,48 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
                     {"forward": lambda n: 2, "full": lambda n: 2})]
     out = [case for heads, head_dim, seqlens, batches in configs
            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
-    return out + qkv_cases(device, quick) + decode_cases(device, quick)
+    return out + qkv_cases(device, quick) + decode_cases(device, quick) + \
+        window_cases(device, quick)
+
+
+def window_providers(kernel: str, window: int) -> list[harness.Provider]:
+    """The attention_window rows' providers (module docstring), each fn(q, k, v) -> like q."""
+    def sdpa_masked(q, k, v):
+        n = q.shape[1]
+        i = torch.arange(n, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+    windowed = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
+        q, k, v, causal=True, window_size=(window - 1, 0), backend=kernel))
+    causal = dataclasses.replace(harness.pyssm_provider(
+        "attention", kernel, lambda q, k, v: ops.attention(q, k, v, causal=True, backend=kernel)),
+        name=f"pyssm-{kernel}-causal")
+    return [windowed, causal, harness.Provider("sdpa-default (masked)", sdpa_masked)]
+
+
+def window_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch, n, heads, heads_k, head_dim = (2, 8192, 32, 8, 128) if gpu else (2, 129, 4, 2, 32)
+    windows = ([1024] if quick else [1024, 4096]) if gpu else [16]
+    out = []
+    for window in windows:
+        pairs = sum(min(i + 1, window) for i in range(n))   # visible (query, key) pairs
+        flops = 4 * batch * heads * pairs * head_dim
+        out.append(harness.Case(
+            op="attention_window",
+            size={"N": n, "window": window, "batch": batch, "heads": heads, "heads_k": heads_k,
+                  "head_dim": head_dim},
+            make_inputs=lambda: (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype),
+                                 *(torch.randn(batch, n, heads_k, head_dim, device=device,
+                                               dtype=dtype) for _ in range(2))),
+            providers=window_providers(device.type, window), modes=("forward", "full"),
+            dtype=str(dtype).removeprefix("torch."),
+            flops={"forward": flops, "full": 3.5 * flops}))
+    return out
 
 
 def decode_providers(kernel: str) -> list[harness.Provider]:
