@@ -14,10 +14,12 @@
 // corner, as flash-attn's is, so a query block that ends early in a longer key sequence
 // still sees the keys before it.
 //
-// The per-score test itself, key < Sk && key <= diag + right && key + left >= diag with
-// diag = row + Sk - Sq, stays written out in each kernel's masking loop: as a bool-returning
-// helper (with the backwards' row < Sq) it cost the backwards 40-90 SASS instructions,
-// predicates turned into values (P2R, SEL).
+// The per-score test itself stays written out in each kernel's masking loop (as a
+// bool-returning helper, with the backwards' row < Sq, it once cost the backwards 40-90 SASS
+// instructions, predicates turned into values: P2R, SEL): the portable forward and decoding
+// compare key < Sk && key <= diag + right && key + left >= diag (diag = row + Sk - Sq); the
+// Hopper forward and both backwards compare 32-bit positions within the tile against bounds
+// worked out per tile (first_key / keys_to_visit, queries_of_key), which spared registers.
 #pragma once
 
 #include <cstdint>

@@ -40,11 +40,9 @@ def _llama_config(**kw):
                        **kw)
 
 
-@pytest.mark.parametrize("side", ["left", "right", "none"])
-def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
-    from transformers import LlamaForCausalLM
-
-    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+def _padded_batch(side):
+    """(ids, mask) of 3 rows of 13 tokens, padded on `side` ("left", "right" or "none") by 5, 1
+    and 0 tokens (the padding's ids 0)."""
     torch.manual_seed(1)
     ids = torch.randint(3, 97, (3, 13))
     mask = torch.ones_like(ids)
@@ -54,7 +52,15 @@ def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
                 mask[row, :pad] = 0 if side == "left" else 1
                 if side == "right":
                     mask[row, -pad:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_llama_logits_match_sdpa_with_padding(side, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+    ids, mask = _padded_batch(side)
     seen = _path_spy(monkeypatch, "cu_seqlens", "seqused_k", "leftpad_k")
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
@@ -274,16 +280,7 @@ def test_mistral_sliding_window_matches_sdpa(side, monkeypatch):
     from transformers import MistralForCausalLM
 
     ref, ours = _pair(MistralForCausalLM, _mistral_config())
-    torch.manual_seed(1)
-    ids = torch.randint(3, 97, (3, 13))
-    mask = torch.ones_like(ids)
-    if side != "none":
-        for row, pad in enumerate((5, 1, 0)):
-            if pad:
-                mask[row, :pad] = 0 if side == "left" else 1
-                if side == "right":
-                    mask[row, -pad:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = _padded_batch(side)
     windows = _window_spy(monkeypatch)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask).logits
