@@ -27,8 +27,8 @@ packed along each row by position_ids (padding-free training, as transformers'
 DataCollatorWithFlattening makes them) run as pyssm's packed batches (``cu_seqlens``, read once
 a forward), q, k and v in place. Causal sliding-window layers (Mistral, Qwen2, Gemma 2 and 3's
 local layers: ``sliding_window`` w, each query seeing itself and the w - 1 keys before it) run
-pyssm's windowed kernels (``window_size=(w - 1, 0)``), the sliding cache's trimmed keys (a
-key offset) and left padding included; a sliding layer with holes in its padding mask raises
+pyssm's windowed kernels (``window_size=(w - 1, 0)``), left padding and dynamic or static
+sliding caches included (a dynamic one's trimmed keys come with a key offset); a sliding layer with holes in its padding mask raises
 (packing would move the window). A model whose mask is not plain causal, causal sliding or
 bidirectional attention with padding (image tokens attending both ways, chunked or
 bidirectional sliding attention) raises. What pyssm does not compute raises instead of being

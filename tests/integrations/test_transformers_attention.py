@@ -295,10 +295,12 @@ def test_mistral_sliding_window_matches_sdpa(side, monkeypatch):
     assert (unwindowed[valid] - want[valid]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-def test_mistral_generate_with_a_sliding_cache_matches_sdpa(padded, monkeypatch):
+def test_mistral_generate_with_a_sliding_cache_matches_sdpa(padded, cache, monkeypatch):
     """Cached greedy decoding past the window: the sliding cache keeps the last keys only (a
-    key offset), read in place with the window aligned at the last key; sdpa's tokens."""
+    key offset; a static one its window's slots), read in place with the window aligned at the
+    last key; sdpa's tokens."""
     from transformers import MistralForCausalLM
 
     ref, ours = _pair(MistralForCausalLM, _mistral_config())
@@ -308,7 +310,8 @@ def test_mistral_generate_with_a_sliding_cache_matches_sdpa(padded, monkeypatch)
     if padded:
         mask[0, :3] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+              cache_implementation=cache)
     want = ref.generate(input_ids=ids, **kw)
     windows = _window_spy(monkeypatch)
     torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
