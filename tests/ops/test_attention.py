@@ -791,10 +791,7 @@ def test_cuda_hopper_backward_dq_by_tma_and_by_atomics(device, backend, head_dim
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), g)
     exact = _exact_grads(q, k, v, g, None, True, cu_seqlens=cu)
-    for name, a, e in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - e).norm() / e.norm()
-        assert rel < 3e-2, (name, rel)
+    _assert_grads_close(got, exact)
 
 
 MODEL_CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, causal
@@ -882,6 +879,26 @@ def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seql
     return torch.autograd.grad(loss, (q64, k64, v64))
 
 
+def _assert_out_close(out, lse, q, k, v, **reference):
+    """out within bf16's rounding (2^-6 of its largest value) of the float64 reference on the
+    CPU from the same (rounded) inputs (``reference``: its mask and key arguments, on the CPU),
+    lse -inf exactly where the reference's is; returns the reference's out."""
+    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
+                                             return_lse=True, **reference)
+    assert torch.equal(torch.isfinite(lse.detach().cpu()), torch.isfinite(want_lse))
+    err = (out.detach().cpu().double() - want).abs().max()
+    assert err <= 2.0 ** -6 * want.abs().max(), err
+    return want
+
+
+def _assert_grads_close(got, exact, bound=3e-2):
+    """dq, dk, dv finite and within `bound` (relative, in norm) of the float64 gradients."""
+    for name, a, x in zip("qkv", got, exact):
+        assert torch.isfinite(a).all(), f"d{name} not finite"
+        rel = (a.cpu().double() - x).norm() / x.norm()
+        assert rel < bound, (name, rel)
+
+
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
 @pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -952,10 +969,7 @@ def test_cuda_flash_backward_lse_gradient_and_varlen(device, backend, flash_path
     got = torch.autograd.grad((out * g).float().sum() + (lse * g_lse).sum(), (q, k, v))
     exact = _exact_grads(q, k, v, g, g_lse, causal, cu_seqlens=cu)
     bound = 1e-2 if dtype == torch.float16 else 3e-2
-    for name, a, e in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - e).norm() / e.norm()
-        assert rel < bound, (name, rel)
+    _assert_grads_close(got, exact, bound)
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
@@ -991,10 +1005,7 @@ def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, ca
     torch.testing.assert_close(lse.detach().cpu().double()[finite.cpu()],
                                want_lse[finite.cpu()], atol=2e-3, rtol=2e-3)
     exact = _exact_grads(q, k, v, g, g_lse, causal, cu_seqlens=cu, cu_seqlens_k=cu_k)
-    for name, a, e in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - e).norm() / e.norm()
-        assert rel < 3e-2, (name, rel)
+    _assert_grads_close(got, exact)
     no_query = slice(sum(lk[:3]), sum(lk[:4]))   # the keys of the sequence with no query
     assert (got[1][no_query] == 0).all() and (got[2][no_query] == 0).all()
 
@@ -1029,16 +1040,9 @@ def test_cuda_flash_seqused_k(device, backend, flash_path, head_dim, causal, row
     ops.attention(q, k, v, **call)   # reads seqused_k (and leftpad_k)
     out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
     cpu_keys = {n: t.cpu() for n, t in keys.items()}
-    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
-                                             causal=causal, return_lse=True, **cpu_keys)
-    assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))
-    err = (out.detach().cpu().double() - want).abs().max()
-    assert err <= 2.0 ** -6 * want.abs().max(), err
+    _assert_out_close(out, lse, q, k, v, causal=causal, **cpu_keys)
     exact = _exact_grads(q, k, v, g, g_lse, causal, **cpu_keys)
-    for name, a, x in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - x).norm() / x.norm()
-        assert rel < 3e-2, (name, rel)
+    _assert_grads_close(got, exact)
     for b, (s, u) in enumerate(zip(lead, used)):
         for a in got[1:]:
             assert (a[b, :s] == 0).all() and (a[b, u:] == 0).all()
@@ -1061,19 +1065,12 @@ def test_cuda_flash_padded_prefill(device, backend, flash_path, head_dim):
     ops.attention(q, k, v, **call)   # reads leftpad_k
     out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
     cpu_keys = {n: t.cpu() for n, t in keys.items()}
-    want, want_lse = ops.attention_reference(*(t.detach().cpu().double() for t in (q, k, v)),
-                                             causal=True, return_lse=True, **cpu_keys)
-    assert torch.equal(torch.isfinite(lse.cpu()), torch.isfinite(want_lse))
-    err = (out.detach().cpu().double() - want).abs().max()
-    assert err <= 2.0 ** -6 * want.abs().max(), err
+    _assert_out_close(out, lse, q, k, v, causal=True, **cpu_keys)
     for b, s in enumerate(lead):
         assert (out[b, :s] == 0).all() and (got[0][b, :s] == 0).all()
         assert (got[1][b, :s] == 0).all() and (got[2][b, :s] == 0).all()
     exact = _exact_grads(q, k, v, g, g_lse, True, **cpu_keys)
-    for name, a, x in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - x).norm() / x.norm()
-        assert rel < 3e-2, (name, rel)
+    _assert_grads_close(got, exact)
 
 
 # Calls the flash-decoding forward takes (csrc/attention/flash_decode_kernel.cuh: seqlen_q x
@@ -1145,10 +1142,7 @@ def test_cuda_flash_decode(monkeypatch, device, backend, dtype, head_dim, case):
     torch.testing.assert_close(lse.detach().cpu().double()[finite.cpu()],
                                want_lse[finite.cpu()], atol=2e-3, rtol=2e-3)
     exact = _exact_grads(q, k, v, g, g_lse, causal, window_size=window, **keys)
-    for name, a, e in zip("qkv", got, exact):
-        assert torch.isfinite(a).all(), f"d{name} not finite"
-        rel = (a.cpu().double() - e).norm() / e.norm()
-        assert rel < 3e-2, (name, rel)
+    _assert_grads_close(got, exact)
 
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
@@ -1352,15 +1346,8 @@ def test_cuda_flash_sliding_window(device, backend, flash_path, head_dim, window
         ops.attention(q, k, v, **call)   # (reads the offsets once)
         out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
         keys = {n: call[n].cpu() for n in ("cu_seqlens",) if n in call}
-        want, want_lse = ops.attention_reference(
-            *(t.detach().cpu().double() for t in (q, k, v)), causal=causal, window_size=window,
-            return_lse=True, **keys)
-        assert torch.equal(torch.isfinite(lse.detach().cpu()), torch.isfinite(want_lse))
-        err = (out.detach().cpu().double() - want).abs().max()
-        assert err <= 2.0 ** -6 * want.abs().max(), err
+        _assert_out_close(out, lse, q, k, v, causal=causal, window_size=window, **keys)
         exact = _exact_grads(q, k, v, g, g_lse, causal, window_size=window, **keys)
+        _assert_grads_close(got, exact)
         for name, a, x in zip("qkv", got, exact):
-            assert torch.isfinite(a).all(), f"d{name} not finite"
             assert (a.cpu()[x == 0] == 0).all(), f"d{name} outside every window"
-            rel = (a.cpu().double() - x).norm() / x.norm()
-            assert rel < 3e-2, (name, rel)
