@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from pyssm.ops import attention, attention_qkvpacked
-from pyssm.ops.attention import (check_leftpad_values, check_seqused_values, trust_leftpad,
-                                 trust_seqused)
+from pyssm.ops.attention import (check_leftpad_values, check_seqused_values, check_window,
+                                 trust_leftpad, trust_seqused)
 
 
 def _unsupported(what: str) -> NotImplementedError:
@@ -46,10 +46,7 @@ def _window(window_size, causal) -> tuple:
     """flash-attn's window_size as pyssm's attention takes it: under causal=True its right
     side is 0 whatever was given (flash-attn replaces it so; transformers passes (w, w) with
     causal=True for Mistral-style sliding windows)."""
-    try:
-        left, right = window_size
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    left, right = check_window(False, window_size)   # (a pair of ints >= -1; causal below)
     return (left, 0) if causal else (left, right)
 
 
