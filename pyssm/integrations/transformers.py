@@ -250,6 +250,16 @@ def _closure(fn) -> dict:
     return dict(zip(code.co_freevars, (c.cell_contents for c in cells))) if code else {}
 
 
+def _and_mask_parts(mask_function) -> tuple | None:
+    """The two mask functions an ``and_masks`` of two combines (masking_utils), or None for
+    any other mask function."""
+    parts = _closure(mask_function).get("mask_functions")
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or \
+            not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    return parts
+
+
 def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
     """The sequence ids (B, S) when ``mask_function`` is the one transformers builds for
     sequences packed by position_ids (masking_utils: ``and_masks`` of a plain causal or
@@ -257,9 +267,8 @@ def _packed_sequence_ids(mask_function) -> torch.Tensor | None:
     function``: one sequence attends only to itself); None for any other mask function."""
     from transformers import masking_utils
 
-    name = getattr(mask_function, "__qualname__", "")
-    parts = _closure(mask_function).get("mask_functions")
-    if name != "and_masks.<locals>.and_mask" or not isinstance(parts, tuple) or len(parts) != 2:
+    parts = _and_mask_parts(mask_function)
+    if parts is None:
         return None
     remapped, same_sequence = parts
     plain = (masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
@@ -279,9 +288,8 @@ def _sliding_window_of(mask_function) -> int | None:
     and the causal mask); None for any other."""
     from transformers import masking_utils
 
-    parts = _closure(mask_function).get("mask_functions")
-    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask" or \
-            not isinstance(parts, tuple) or len(parts) != 2:
+    parts = _and_mask_parts(mask_function)
+    if parts is None:
         return None
     causal = [f for f in parts if f is masking_utils.causal_mask_function]
     overlay = [f for f in parts if getattr(f, "__qualname__", "")
