@@ -5,6 +5,7 @@ untouched):
     from pyssm.integrations.timm import swap_attention, swap_blocks, swap_mlp
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
     swap_attention(model)            # every timm Attention -> pyssm.integrations.timm.Attention
+                                     # (EvaAttention, AttentionRope -> RopeAttention)
     swap_mlp(model)                  # every timm Mlp -> pyssm.integrations.timm.Mlp
     # or the whole blocks, their norms and residual adds too (their attention and MLP swapped):
     swap_blocks(model)               # every timm ViT Block -> pyssm.integrations.timm.Block
@@ -15,7 +16,13 @@ checkpoints and the outputs stay the same. Attention reads q, k, v straight out 
 projection in the flash layout (batch, tokens, heads, head_dim), without the transposes timm
 makes for SDPA (with no q / k norm, as ``attention_qkvpacked``: the kernels read them in place
 and the backward writes one gradient for the projection); attention masks and attention dropout
-while training are not supported and raise. Mlp runs as the encoders' MLP
+while training are not supported and raise. RopeAttention does the same for the rotary-embedding
+attention of timm's ``Eva`` models (EVA and EVA-02's EvaAttention, and AttentionRope: Perception
+Encoder, timm's RoPE ViTs): their projections (one fused qkv with EVA's q / v biases, or three),
+q / k norms, the rotation of the tokens after the prefix by timm's own ``apply_rot_embed_cat``
+(every sin / cos table shape timm hands over: shared, per head, per image after patch dropout),
+then the kernels on q, k and v in the flash layout. Head sizes the flash kernels lack (EVA-CLIP
+giant's 88) run on the composed path. Mlp runs as the encoders' MLP
 (``pyssm.models.mlp.Mlp``): in 16-bit inference fc1 and the GELU as one ``linear_gelu`` pass, in
 16-bit training the whole MLP as one ``mlp_gelu`` with its fused backward, where their Triton
 kernels run, for the exact GELU, its tanh form (SigLIP's) and the quick GELU (OpenAI CLIP's);
@@ -32,6 +39,7 @@ modules, applied where timm applies them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyssm.integrations.swap import shared_layer_norm, swap_modules
@@ -50,43 +58,145 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.scale = a.num_heads, a.head_dim, a.scale
         self.attn_dim = getattr(a, "attn_dim", a.num_heads * a.head_dim)
         self.qkv, self.q_norm, self.k_norm = a.qkv, a.q_norm, a.k_norm
+        self._take_output_layers(a)
+        self.backend = backend
+
+    def _take_output_layers(self, a: nn.Module) -> None:
+        """What follows the attention in timm's module: output norm, gate, projection."""
         self.norm = getattr(a, "norm", nn.Identity())
         self.gate = getattr(a, "gate", None)
         self.proj, self.proj_drop = a.proj, a.proj_drop
         self.attn_drop_p = a.attn_drop.p
-        self.backend = backend
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def _check(self, attn_mask: torch.Tensor | None) -> None:
+        name = type(self).__name__
         if attn_mask is not None:
-            raise NotImplementedError("pyssm's timm Attention takes no attn_mask")
+            raise NotImplementedError(f"pyssm's timm {name} takes no attn_mask")
         if self.training and self.attn_drop_p > 0:
-            raise NotImplementedError(f"pyssm's timm Attention has no attention dropout "
+            raise NotImplementedError(f"pyssm's timm {name} has no attention dropout "
                                       f"(attn_drop={self.attn_drop_p}) in training")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
-            # q, k and v read in place, one gradient of qkv's shape
-            x = attention_qkvpacked(qkv, causal=is_causal, softmax_scale=self.scale,
-                                    backend=self.backend)
-        else:
-            q, k, v = qkv.unbind(2)
-            q, k = self.q_norm(q), self.k_norm(k)  # over head_dim: the same in either layout
-            x = attention(q, k, v, causal=is_causal, softmax_scale=self.scale,
-                          backend=self.backend)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                qkv: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """Attention of q, k, v (batch, tokens, heads, head_dim); from ``qkv`` (batch, tokens,
+        3, heads, head_dim) in place when q, k and v are still its views."""
+        if qkv is not None:   # q, k and v read in place, one gradient of qkv's shape
+            return attention_qkvpacked(qkv, causal=is_causal, softmax_scale=self.scale,
+                                       backend=self.backend)
+        return attention(q, k, v, causal=is_causal, softmax_scale=self.scale,
+                         backend=self.backend)
+
+    def _output(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        B, N = x.shape[:2]
         x = self.norm(x.reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
         return self.proj_drop(self.proj(x))
 
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        self._check(attn_mask)
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            q, k, qkv = self.q_norm(q), self.k_norm(k), None  # over head_dim: either layout
+        return self._output(self._attend(q, k, v, qkv, is_causal), gate)
+
+
+def rotate(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int,
+           rotate_half: bool) -> torch.Tensor:
+    """timm's rotary embedding (``apply_rot_embed_cat``) of t (batch, tokens, heads, head_dim)
+    past its first ``num_prefix_tokens`` tokens. ``rope`` is timm's sin / cos table as timm's
+    attention modules take it, in their (batch, heads, tokens, head_dim) layout: (tokens,
+    2 head_dim), (heads, tokens, 2 head_dim) per-head (mixed) frequencies, or either with a
+    leading batch dim after patch dropout."""
+    from timm.layers import apply_rot_embed_cat
+
+    if not 2 <= rope.dim() <= 4 or rope.shape[-1] != 2 * t.shape[-1]:
+        raise ValueError(f"rope must be (tokens, 2 * head_dim) = (tokens, {2 * t.shape[-1]}), "
+                         f"optionally with leading (batch, heads) dims, got {tuple(rope.shape)}")
+    r = rope.reshape((1,) * (4 - rope.dim()) + tuple(rope.shape)).transpose(1, 2)
+    rotated = apply_rot_embed_cat(t[:, num_prefix_tokens:], r, half=rotate_half)
+    return torch.cat([t[:, :num_prefix_tokens], rotated], dim=1)
+
+
+class RopeAttention(Attention):
+    """timm's rotary-embedding attention, ``timm.models.eva.EvaAttention`` (EVA, EVA-02,
+    EVA-CLIP) and ``timm.layers.AttentionRope`` (Perception Encoder, timm's RoPE ViTs),
+    computed by ``pyssm.ops.attention`` in the flash layout: the projections (fused with EVA's
+    q / v biases and zero k bias, or three), q / k norms, the rotation past the prefix tokens
+    (timm's own function) and the output layers as timm's module computes them."""
+
+    def __init__(self, timm_attention: nn.Module, backend: str | None = None):
+        nn.Module.__init__(self)
+        a = timm_attention
+        self.num_heads, self.head_dim, self.scale = a.num_heads, a.head_dim, a.scale
+        self.attn_dim = a.num_heads * a.head_dim
+        self.num_prefix_tokens, self.rotate_half = a.num_prefix_tokens, a.rotate_half
+        self.qkv_bias_separate = getattr(a, "qkv_bias_separate", False)
+        # registered in timm's order, so the state dict lists its keys in timm's order
+        self.qkv = a.qkv
+        self.q_bias = getattr(a, "q_bias", None)
+        k_bias = getattr(a, "k_bias", None)   # (EVA's: a zero buffer, not in the state dict)
+        if k_bias is not None:
+            self.register_buffer("k_bias", k_bias, persistent=False)
+        else:
+            self.k_bias = None
+        self.v_bias = getattr(a, "v_bias", None)
+        self.q_proj, self.k_proj, self.v_proj = a.q_proj, a.k_proj, a.v_proj
+        self.q_norm, self.k_norm = a.q_norm, a.k_norm
+        self._take_output_layers(a)
+        self.backend = backend
+
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.qkv_bias_separate:
+            out = self.qkv(x)
+            out += bias
+            return out
+        return F.linear(x, self.qkv.weight, bias)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        self._check(attn_mask)
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        shape = (B, N, self.num_heads, self.head_dim)
+        if self.qkv is not None:
+            qkv = self._qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+            q, k, v = qkv.unbind(2)
+        else:
+            qkv = None
+            q, k, v = (p(x).reshape(shape) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            q, k, qkv = self.q_norm(q), self.k_norm(k), None
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, self.rotate_half
+            q = rotate(q, rope, npt, half).type_as(v)
+            k = rotate(k, rope, npt, half).type_as(v)
+            qkv = None
+        return self._output(self._attend(q, k, v, qkv, is_causal), gate)
+
 
 def swap_attention(model: nn.Module, backend: str | None = None) -> int:
-    """Replaces every ``timm.layers.Attention`` in ``model`` (in place) by pyssm's; returns how
-    many it replaced. Other attention classes (RoPE, pooling) are left as they are."""
+    """Replaces every ``timm.layers.Attention`` in ``model`` (in place) by pyssm's
+    ``Attention``, and every ``timm.models.eva.EvaAttention`` and ``timm.layers.AttentionRope``
+    by pyssm's ``RopeAttention``; returns how many it replaced. Other attention classes
+    (pooling, 2D) are left as they are."""
     from timm.layers import Attention as TimmAttention
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention
 
-    return swap_modules(model, (TimmAttention,), lambda m: Attention(m, backend=backend))
+    def make(m: nn.Module) -> nn.Module:
+        cls = Attention if type(m) is TimmAttention else RopeAttention
+        return cls(m, backend=backend)
+
+    return swap_modules(model, (TimmAttention, EvaAttention, AttentionRope), make)
 
 
 class Mlp(_PyssmMlp):

@@ -6,13 +6,15 @@ and whole blocks, whose norms and residual adds take layer_norm and norm_mlp_res
 import pytest
 import torch
 from dispatched import Dispatched
-from triton_params import INTERPRETER, KERNEL_DEVICES, every_fused_path
+from triton_params import CUDA, INTERPRETER, KERNEL_DEVICES, every_fused_path
 
 timm = pytest.importorskip("timm")
 
+import pyssm.integrations.timm as timm_integration  # noqa: E402
 import pyssm.models.mlp as mlp_module  # noqa: E402
-from pyssm.integrations.timm import (Attention, Block, Mlp, swap_attention,  # noqa: E402
-                                     swap_blocks, swap_mlp)
+from pyssm import _extension  # noqa: E402
+from pyssm.integrations.timm import (Attention, Block, Mlp, RopeAttention,  # noqa: E402
+                                     swap_attention, swap_blocks, swap_mlp)
 
 
 @pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {}),
@@ -235,3 +237,148 @@ def test_blocks_the_swap_does_not_take():
     assert seen == [Block]
     with pytest.raises(NotImplementedError, match="attn_mask"):
         model.blocks[0](torch.randn(1, 5, 192), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+
+
+# timm's rotary-embedding ViTs (timm.models.eva.Eva), whose attention is EvaAttention (EVA,
+# EVA-02, EVA-CLIP) or AttentionRope (attn_type="rope": Perception Encoder, timm's RoPE ViTs)
+ROPE_CASES = {
+    "eva02": dict(use_rot_pos_emb=True, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+                  ref_feat_shape=(3, 3)),
+    "eva-unfused-qkv": dict(use_rot_pos_emb=True, qkv_fused=False),
+    "eva-no-rope": dict(),
+    "rotate-half-no-cls": dict(use_rot_pos_emb=True, rope_rotate_half=True, class_token=False),
+    "pe": dict(attn_type="rope", use_rot_pos_emb=True, use_abs_pos_emb=False,
+               rope_grid_offset=1.0, rope_grid_indexing="xy", use_pre_transformer_norm=True),
+    "pe-registers-unfused": dict(attn_type="rope", use_rot_pos_emb=True, num_reg_tokens=2,
+                                 qkv_fused=False, no_embed_class=True),
+    "pe-dynamic-size": dict(attn_type="rope", use_rot_pos_emb=True, dynamic_img_size=True),
+    "patch-dropout": dict(use_rot_pos_emb=True, patch_drop_rate=0.4, drop_path_rate=0.2),
+    # per-head learned frequencies: timm builds them in float32 only
+    "mixed-rope": dict(attn_type="rope", use_rot_pos_emb=True, rope_type="mixed",
+                       num_reg_tokens=1),
+    "mixed-rope-patch-dropout": dict(use_rot_pos_emb=True, rope_type="mixed",
+                                     patch_drop_rate=0.4),
+}
+
+
+def _rope_pair(kw: dict, dtype: torch.dtype):
+    """(timm's Eva, the same weights with its attention swapped), tiny (48 wide, 2 heads of 24,
+    two blocks), biases and norms' affine maps drawn away from their initialisation."""
+    from timm.models.eva import Eva
+
+    def make():
+        torch.manual_seed(0)
+        return Eva(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+                   num_classes=0, **kw).to(dtype)
+
+    ref, model = make(), make()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias") or ".norm" in name or "_bias" in name:
+                p.normal_(0.3, 0.3)
+    model.load_state_dict(ref.state_dict())
+    keys = list(model.state_dict())
+    assert swap_attention(model) == 2
+    assert all(type(b.attn) is RopeAttention for b in model.blocks)
+    assert list(model.state_dict()) == keys   # checkpoints load unchanged, keys in timm's order
+    return ref, model
+
+
+@pytest.mark.parametrize("kw", ROPE_CASES.values(), ids=ROPE_CASES.keys())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_swapped_rope_attention_gives_timms_outputs_and_gradients(kw, training, monkeypatch):
+    """float64 (float32 for timm's mixed rope): timm's features and, in training (patch and
+    path dropout drawn from the same seed), timm's gradients for every parameter; every block's
+    attention ran through pyssm's op."""
+    mixed = kw.get("rope_type") == "mixed"
+    dtype, tol = (torch.float32, 1e-5) if mixed else (torch.float64, 1e-10)
+    ref, model = _rope_pair(kw, dtype)
+    calls = []
+    real = timm_integration.attention
+    monkeypatch.setattr(timm_integration, "attention",
+                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    size = (40, 24) if kw.get("dynamic_img_size") else (32, 32)
+    x = torch.randn(2, 3, *size, dtype=dtype)
+    results = []
+    for m in (ref, model):
+        m.train(training)
+        torch.manual_seed(5)
+        with torch.set_grad_enabled(training):
+            out = m.forward_features(x)
+        grads = torch.autograd.grad(out.square().mean(), list(m.parameters()),
+                                    allow_unused=True) if training else ()
+        results.append((out.detach(), grads))
+    (want, want_g), (got, got_g) = results
+    tokens = want.shape[1]
+    if kw.get("use_rot_pos_emb"):   # (with rope: q and k apart, never packed)
+        assert calls == [(2, tokens, 2, 24)] * 2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for (name, _), g, w in zip(model.named_parameters(), got_g, want_g):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol * 100, msg=name)
+    if "patch_drop_rate" in kw and training:   # (the patches were dropped: the seed mattered)
+        assert tokens < 1 + 16
+        torch.manual_seed(6)
+        assert not torch.allclose(model.forward_features(x), got)
+
+
+@pytest.mark.parametrize("cls_name", ["EvaAttention", "AttentionRope"])
+@pytest.mark.parametrize("rope_shape", ["tokens", "heads", "batch", "batch-heads"])
+def test_rope_attention_modules_alone(cls_name, rope_shape):
+    """The modules with what Eva does not build: q / k norms, a gate, EVA's bias added apart,
+    AttentionRope's own head_dim (3 heads of 20 over 32 channels; EvaAttention's output
+    reshape takes only heads x head_dim = channels), a causal mask, and timm's sin / cos tables
+    of every shape it hands over, over 3 prefix tokens; float64, timm's values."""
+    from timm.layers import AttentionRope
+    from timm.models.eva import EvaAttention
+
+    torch.manual_seed(0)
+    kw = dict(num_prefix_tokens=3, qk_norm=True, norm_layer=torch.nn.LayerNorm, gated=True)
+    if cls_name == "EvaAttention":
+        H, D = 2, 16
+        ref = EvaAttention(32, num_heads=H, qkv_bias_separate=True, **kw).double()
+    else:
+        H, D = 3, 20
+        ref = AttentionRope(32, num_heads=H, attn_head_dim=D, qkv_fused=False, scale_norm=True,
+                            **kw).double()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.5)
+    B, N = 2, 11
+    shape = {"tokens": (N - 3, 2 * D), "heads": (H, N - 3, 2 * D),
+             "batch": (B, 1, N - 3, 2 * D), "batch-heads": (B, H, N - 3, 2 * D)}[rope_shape]
+    rope = torch.randn(shape, dtype=torch.float64)
+    x = torch.randn(B, N, 32, dtype=torch.float64, requires_grad=True)
+    model = RopeAttention(ref)
+    for causal in (False, True):
+        want = ref(x, rope=rope, is_causal=causal)
+        got = model(x, rope=rope, is_causal=causal)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+        gw, = torch.autograd.grad(want.sum(), x)
+        gg, = torch.autograd.grad(got.sum(), x)
+        torch.testing.assert_close(gg, gw, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"rope must be \(tokens, 2 \* head_dim\)"):
+        model(x, rope=rope[..., :D])
+    with pytest.raises(NotImplementedError, match="RopeAttention takes no attn_mask"):
+        model(x, rope=rope, attn_mask=torch.ones(N, N, dtype=torch.bool))
+    ref.attn_drop.p = model.attn_drop_p = 0.1
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        model.train()(x, rope=rope)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_swapped_eva02_in_bf16(device):
+    """bf16 autocast, EVA-02's and PE's blocks: timm's features within bf16, through pyssm's
+    attention op (the flash kernels on a GPU)."""
+    for kw in (ROPE_CASES["eva02"], ROPE_CASES["pe"]):
+        ref, model = _rope_pair(kw, torch.float32)
+        ref, model = ref.eval().to(device), model.eval().to(device)
+        x = torch.randn(2, 3, 32, 32, device=device)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            want = ref.forward_features(x).float()
+            with Dispatched() as seen:
+                got = model.forward_features(x).float()
+        if _extension.available():
+            assert seen.pyssm_ops().count("attention") == 2
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
