@@ -144,15 +144,26 @@ def run_kernels(run: Run, ops: list[str]) -> list[dict]:
     return run.cases("kernels", cases, notes, post)
 
 
-def run_encoders(run: Run, names: list[str] | None) -> dict:
+def check_encoders(names: list[str] | None, timm_rope: bool = False) -> None:
+    """SystemExit naming what --encoders names that is not an encoder; ``timm_rope``: timm's
+    rotary ViTs (encoders.TIMM_ROPE) count, which only the encoders benchmark times (the VLM
+    benchmark builds pyssm's encoders)."""
+    from pyssm.bench import encoders
+    from pyssm.models import list_encoders
+
+    known = list_encoders() + (list(encoders.TIMM_ROPE) if timm_rope else [])
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        also = f" or one of timm's rotary ViTs {list(encoders.TIMM_ROPE)}" if timm_rope else ""
+        raise SystemExit(f"error: --encoders: unknown {unknown}; see `pyssm encoders`{also}")
+
+
+def run_encoders(run: Run, names: list[str] | None, timm_rope: bool = False) -> dict:
+    """``timm_rope``: as check_encoders takes it."""
     from pyssm.bench import encoders, fit, plots
     from pyssm.bench.results import write_results
 
-    if names:
-        from pyssm.models import list_encoders
-        unknown = [n for n in names if n not in list_encoders()]
-        if unknown:
-            raise SystemExit(f"error: --encoders: unknown {unknown}; see `pyssm encoders`")
+    check_encoders(names, timm_rope)
     rows = run.cases("encoders", encoders.cases(run.device, run.args.quick, names),
                      encoders.NOTES, encoders.add_rates)
     laws = fit.fits(rows)
@@ -205,7 +216,7 @@ def cmd_encoders(args) -> int:
     from pyssm.bench.results import markdown_table, short_table
 
     run = Run(args)
-    result = run_encoders(run, _csv(args.encoders) if args.encoders else None)
+    result = run_encoders(run, _csv(args.encoders) if args.encoders else None, timm_rope=True)
     print(short_table(result["rows"]))
     if result["fits"]:
         print(markdown_table(result["fits"], ["encoder", "provider", "mode", "exponent", "r2"]))
@@ -234,6 +245,7 @@ def cmd_all(args) -> int:
     start = time.perf_counter()
     run = Run(args)
     names = _csv(args.encoders) if args.encoders else None
+    check_encoders(names)   # (before the kernels' minutes)
     kernel_rows = run_kernels(run, list(KERNEL_OPS))
     enc = run_encoders(run, names)
     vl = run_vlm(run, names, args.lm, args.batch, args.new_tokens)
@@ -307,7 +319,9 @@ def add_bench_parser(sub) -> None:
     e = bsub.add_parser("encoders", help="encoder img/s and memory against resolution")
     _common(e)
     e.add_argument("--encoders", default=None,
-                   help="comma-separated names (default: VMamba-T and ViT-S; more on a GPU)")
+                   help="comma-separated names: pyssm's encoders, or timm's rotary ViTs "
+                        "vit_pe_core_base_patch16_224 and eva02_base_patch14_224 (default: "
+                        "VMamba-T, ViT-S and those two; more on a GPU)")
     e.set_defaults(fn=cmd_encoders)
 
     def vlm_opts(p):

@@ -8,6 +8,8 @@ mean logit, all parameters) at round(64 (224/R)^2) for 224 and 512; ANCHORS.md's
 not built yet on this device say so instead of running the slow reference.
 CPU (float32): VMamba-T s1l8 and ViT-S/16 at 64, 96, 128, 160 and 224 px (--quick: 64, 96),
 batch 2, a training step at 64 px.
+The default run also times timm's rotary ViTs (TIMM_ROPE: Perception Encoder core B/16 and
+EVA-02 B/14) at the same resolutions, as timm builds them and with pyssm's attention swapped in.
 
 Each row carries "tokens", the visual tokens the encoder gives the VLM at that resolution
 (ViT: (R / patch)^2; VMamba: its stage-3 map, (R / 16)^2): the x axis of the cost fits.
@@ -75,7 +77,15 @@ NOTES = [
     "timm-pyssm-blocks (ViT rows; --quick: the first resolution only): timm's model with the "
     "same weights and its blocks swapped for pyssm's (pyssm.integrations.timm.swap_blocks): "
     "what the integration gives a timm user, beside timm and pyssm's own ViT.",
+    "timm-pyssm-attention (rows of timm's rotary ViTs, Perception Encoder and EVA-02, which "
+    "have no pyssm model): timm's model with its attention swapped for pyssm's "
+    "(pyssm.integrations.timm.swap_attention), beside timm's own.",
 ]
+
+# timm's rotary-embedding ViTs (TIMM_ROPE_NAMES: timm name -> patch size), timed as timm
+# builds them and with their attention swapped for pyssm's: Perception Encoder's core tower and
+# EVA-02, vision towers of VLMs that pyssm has no model of
+TIMM_ROPE = {"vit_pe_core_base_patch16_224": 16, "eva02_base_patch14_224": 14}
 
 
 # the comparisons on a GPU (NOTES): the pyssm model with one fused path switched off, as
@@ -118,6 +128,8 @@ def _runners(model: torch.nn.Module, device: torch.device):
 
 def visual_tokens(name: str, res: int) -> int:
     """Tokens the encoder hands the VLM at ``res`` px: ViT patches, VMamba's stage-3 map."""
+    if name in TIMM_ROPE:
+        return (res // TIMM_ROPE[name]) ** 2
     if name.startswith("vit_"):
         patch = int(name.rsplit("patch", 1)[1])
         return (res // patch) ** 2
@@ -198,6 +210,31 @@ def providers_for(name: str, res: int, device: torch.device,
     return out
 
 
+def timm_rope_providers(name: str, res: int,
+                        device: torch.device) -> dict[str, list[harness.Provider]]:
+    """mode -> providers for one of timm's rotary ViTs (TIMM_ROPE): timm's model, and the same
+    model (the same weights) with its attention swapped for pyssm's."""
+    labels = ("timm", "timm-pyssm-attention")
+    try:
+        import timm
+    except ImportError:
+        return {mode: [harness.Provider(label, None, "not installed") for label in labels]
+                for mode in ("forward", "step")}
+    from pyssm.integrations.timm import swap_attention
+
+    kernel = device.type
+    built = device.type == "cpu" or _extension.has_kernel("attention", kernel)
+    status = "ok" if built else f"not built (attention has no {kernel} kernel yet)"
+    model = timm.create_model(name, pretrained=False, img_size=res)
+    swapped = copy.deepcopy(model)
+    swap_attention(swapped, backend=kernel if built else None)
+    runners = [_runners(model.to(device).eval(), device),
+               _runners(swapped.to(device).eval(), device)]
+    return {mode: [harness.Provider(labels[0], runners[0][i]),
+                   harness.Provider(labels[1], runners[1][i] if built else None, status)]
+            for i, mode in enumerate(("forward", "step"))}
+
+
 def cases(device: torch.device, quick: bool = False,
           names: list[str] | None = None) -> list[harness.Case]:
     gpu = device.type == "cuda"
@@ -213,11 +250,15 @@ def cases(device: torch.device, quick: bool = False,
         default = ["vmamba_tiny_s1l8", "vit_small_patch16"]
         resolutions, train_at = ([64, 96] if quick else [64, 96, 128, 160, 224]), {64}
         batch = {"forward": lambda r: 2, "step": lambda r: 2}
+    if names is None:
+        default += list(TIMM_ROPE)
     out = []
     for name in names or default:
         for res in resolutions:
-            # (--quick: the comparison rows at the first resolution only)
-            providers = providers_for(name, res, device, not quick or res == resolutions[0])
+            if name in TIMM_ROPE:
+                providers = timm_rope_providers(name, res, device)
+            else:   # (--quick: the comparison rows at the first resolution only)
+                providers = providers_for(name, res, device, not quick or res == resolutions[0])
             for mode in ("forward", "step"):
                 if mode == "step" and res not in train_at:
                     continue

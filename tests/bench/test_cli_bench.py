@@ -141,3 +141,19 @@ def test_python_m_pyssm_bench_help():
     done = subprocess.run([sys.executable, "-m", "pyssm.bench", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "kernels" in done.stdout and "compare" in done.stdout
+
+
+def test_bench_encoders_times_timms_rotary_vits_with_pyssm_attention(tmp_path):
+    """timm's rotary ViTs (EVA-02 here) as timm builds them and with swap_attention, measured
+    as the others are; bench all, whose VLM benchmark builds pyssm's encoders, refuses them."""
+    pytest.importorskip("timm")
+    assert main(["bench", "encoders", *FAST, "--encoders", "eva02_base_patch14_224",
+                 "--out", str(tmp_path)]) == 0
+    rows = _json(tmp_path / "encoders.json")["rows"]
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("timm", "timm-pyssm-attention") for m in ("forward", "step")}
+    assert all(r["status"] == "ok" and r["img_s"] > 0 for r in rows)
+    assert {r["tokens"] for r in rows} == {(64 // 14) ** 2, (96 // 14) ** 2}
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["bench", "all", *FAST, "--encoders", "eva02_base_patch14_224",
+              "--out", str(tmp_path)])
