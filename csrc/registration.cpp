@@ -60,18 +60,20 @@ TORCH_LIBRARY(pyssm, m) {
   // seqused_k[b] keys where seqused_k (int32, B) is given; packed (T, H, d) with cu_seqlens
   // (int32, nseq + 1), k and v (Tk, Hk, d) with their own offsets where cu_seqlens_k is given.
   // Query i sees key j when i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right (a
-  // bound of -1 absent; causal: window_right 0). Returns (out like q, lse (B, H, Sq) or (H, T)).
+  // bound of -1 absent; causal: window_right 0). softcap > 0 caps the scores:
+  // S = softcap tanh(scale q k^T / softcap) (Gemma 2's). Returns (out like q, lse (B, H, Sq) or
+  // (H, T)).
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, bool causal, float? softmax_scale, "
       "Tensor? cu_seqlens, int? max_seqlen, Tensor? cu_seqlens_k=None, int? max_seqlen_k=None, "
       "Tensor? seqused_k=None, Tensor? leftpad_k=None, int window_left=-1, "
-      "int window_right=-1) -> (Tensor, Tensor)");
+      "int window_right=-1, float softcap=0.0) -> (Tensor, Tensor)");
   // dlse (optional) is the gradient of the lse output.
   m.def(
       "attention_backward(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, bool causal, float? softmax_scale, Tensor? cu_seqlens, int? max_seqlen, "
       "Tensor? cu_seqlens_k=None, int? max_seqlen_k=None, Tensor? seqused_k=None, "
-      "Tensor? leftpad_k=None, int window_left=-1, int window_right=-1) "
+      "Tensor? leftpad_k=None, int window_left=-1, int window_right=-1, float softcap=0.0) "
       "-> (Tensor, Tensor, Tensor)");
   // The same with q, k, v packed in one qkv: (B, S, 3, H, d), or (T, 3, H, d) with cu_seqlens
   // (a fused qkv projection, unreshaped); the backward returns dqkv, qkv's shape.

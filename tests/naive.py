@@ -89,10 +89,11 @@ def ss2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channels_
     return y if channels_first else y.permute(0, 2, 3, 1)
 
 
-def attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
+def attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), softcap=0.0):
     """q (B, Sq, H, d), k, v (B, Sk, Hk, d) -> out (B, Sq, H, d), lse (B, H, Sq). Query i sees
     key j when j <= i + Sk - Sq (causal) and i + Sk - Sq - left <= j <= i + Sk - Sq + right
-    for window_size (left, right), a side of -1 unbounded."""
+    for window_size (left, right), a side of -1 unbounded; softcap > 0: each score s is
+    softcap * tanh(s / softcap)."""
     left, right = window_size
     q, k, v = q.double(), k.double(), v.double()
     B, Sq, H, d = q.shape
@@ -110,6 +111,8 @@ def attention(q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1)):
                 if not keys:
                     continue
                 s = torch.stack([(q[b, i, h] * k[b, j, hk]).sum() * scale for j in keys])
+                if softcap:
+                    s = softcap * torch.tanh(s / softcap)
                 m = s.max()
                 lse[b, h, i] = m + torch.log(torch.exp(s - m).sum())
                 p = torch.exp(s - lse[b, h, i])

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -67,6 +68,13 @@ inline void check_window(bool causal, int64_t window_left, int64_t window_right)
                     "own position (window_right 0), got window_right ", window_right);
 }
 
+// Soft-capping (Gemma 2's logit soft-capping): 0 for none, or the cap c > 0 of
+// S = c tanh(scale q k^T / c)
+inline void check_softcap(double softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0,
+                    "softcap must be a finite number >= 0 (0: no soft-capping), got ", softcap);
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, bool causal,
                                                       std::optional<double> softmax_scale,
@@ -76,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                       std::optional<int64_t> max_seqlen_k,
                                                       const std::optional<at::Tensor>& seqused_k,
                                                       const std::optional<at::Tensor>& leftpad_k,
-                                                      int64_t window_left, int64_t window_right);
+                                                      int64_t window_left, int64_t window_right,
+                                                      double softcap);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
@@ -84,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right);
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
+    double softcap);
 
 // The same, written into dq, dk and dv (q's, k's and v's shapes, any strides)
 void attention_backward_composed_into(
@@ -95,7 +105,7 @@ void attention_backward_composed_into(
     std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
-    const at::Tensor& dq, const at::Tensor& dk,
+    double softcap, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 
 // attention_qkvpacked's backward by `into` (attention_backward_composed_into, or the CUDA
@@ -109,7 +119,7 @@ using AttentionBackwardInto = void (*)(
     std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
-    const at::Tensor& dq, const at::Tensor& dk,
+    double softcap, const at::Tensor& dq, const at::Tensor& dk,
     const at::Tensor& dv);
 at::Tensor attention_qkvpacked_backward_by(
     AttentionBackwardInto into, const at::Tensor& dout, const std::optional<at::Tensor>& dlse,

@@ -4,11 +4,13 @@
 // float64, other head sizes), forward and backward (attention_cuda.cpp):
 //   S = scale q k^T (key j visible to query i when i + Sk - Sq - window_left <= j <=
 //   i + Sk - Sq + window_right, a bound of -1 absent, causal: window_right 0; flash-attn's
-//   bottom-right alignment), lse = logsumexp_j S, P = exp(S - lse), o = P v.
+//   bottom-right alignment), with softcap > 0 S = softcap tanh(scale q k^T / softcap),
+//   lse = logsumexp_j S, P = exp(S - lse), o = P v.
 // A row that sees no key (causal with Sq > Sk, a window past the keys) gives o = 0 and
 // lse = -inf.
-// Backward: dv = P^T do, dP = do v^T, dS = P (dP - rowsum(do * o)), dq = scale dS k,
-// dk = scale dS^T q; grouped-query heads (H = G * Hk) sum their dk, dv over the group.
+// Backward: dv = P^T do, dP = do v^T, dS = P (dP - rowsum(do * o)) (times 1 - (S / softcap)^2,
+// tanh's derivative, with soft-capping), dq = scale dS k, dk = scale dS^T q; grouped-query heads
+// (H = G * Hk) sum their dk, dv over the group.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -239,10 +241,11 @@ at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
   return group == 1 ? h : h.repeat_interleave(group, 1);
 }
 
-// Scaled, masked scores (b, H, Sq, Sk).
+// Scaled, soft-capped, masked scores (b, H, Sq, Sk).
 at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal,
-                  int64_t window_left, int64_t window_right) {
+                  int64_t window_left, int64_t window_right, double softcap) {
   at::Tensor S = at::matmul(qh * scale, kh.transpose(-1, -2));  // scale the smaller operand
+  if (softcap > 0) S = at::tanh(S / softcap) * softcap;
   if (causal) window_right = 0;
   if (window_left >= 0 || window_right >= 0) {
     const int64_t Sq = S.size(-2), Sk = S.size(-1);
@@ -314,8 +317,10 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
                                                  std::optional<int64_t> max_seqlen_k,
                                                  const std::optional<at::Tensor>& seqused_k,
                                                  const std::optional<at::Tensor>& leftpad_k,
-                                                 int64_t window_left, int64_t window_right) {
+                                                 int64_t window_left, int64_t window_right,
+                                                 double softcap) {
   check_window(causal, window_left, window_right);
+  check_softcap(softcap);
   AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
                                      max_seqlen_k, seqused_k, leftpad_k);
   if (seqused_k || leftpad_k) read_key_ranges(s, seqused_k, leftpad_k);
@@ -330,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
     at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
     at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
     at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
-    at::Tensor S = scores(qh, kh, scale, causal, window_left, window_right);
+    at::Tensor S = scores(qh, kh, scale, causal, window_left, window_right, softcap);
     at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
     at::Tensor P = at::softmax(S, -1);
     if (causal || window_left >= 0 || window_right >= 0) {  // a row that sees no key: 0
@@ -349,13 +354,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_composed(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen,
     const std::optional<at::Tensor>& cu_seqlens_k, std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& leftpad_k,
-    int64_t window_left, int64_t window_right) {
+    int64_t window_left, int64_t window_right, double softcap) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                    cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
-                                   leftpad_k, window_left, window_right, dq, dk, dv);
+                                   leftpad_k, window_left, window_right, softcap, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -367,8 +372,9 @@ void attention_backward_composed_into(
     std::optional<int64_t> max_seqlen_k,
     const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
-    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+    double softcap, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   check_window(causal, window_left, window_right);
+  check_softcap(softcap);
   AttnSizes s = check_attention_backward_args(dout, dlse, q, k, v, out, lse, cu_seqlens,
                                               max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                                               leftpad_k);
@@ -386,14 +392,17 @@ void attention_backward_composed_into(
     at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
     at::Tensor doh = heads_first(chunk(dout, s, i), 1, acc);
     at::Tensor oh = heads_first(chunk(out, s, i), 1, acc);
-    at::Tensor P = probs(scores(qh, kh, scale, causal, window_left, window_right),
-                         lse_chunk(lse, s, i).to(acc));
+    const at::Tensor S = scores(qh, kh, scale, causal, window_left, window_right, softcap);
+    at::Tensor P = probs(S, lse_chunk(lse, s, i).to(acc));
     // dlse/dS = P, so an lse gradient enters as P * dlse.
     at::Tensor rowdot = (doh * oh).sum(-1, /*keepdim=*/true);
     if (dlse) rowdot = rowdot - lse_chunk(*dlse, s, i).to(acc).unsqueeze(-1);
     at::Tensor dvh = at::matmul(P.transpose(-1, -2), doh);
     at::Tensor dP = at::matmul(doh, vh.transpose(-1, -2));
     at::Tensor dS = P * (dP - rowdot);
+    if (softcap > 0) {  // d(c tanh(x / c))/dx = 1 - (S / c)^2; masked scores (-inf, P = 0): 0
+      dS = dS * at::where(at::isinf(S), at::zeros_like(S), 1 - (S / softcap).square());
+    }
     at::Tensor dqh = at::matmul(dS, kh) * scale;
     at::Tensor dkh = at::matmul(dS.transpose(-1, -2), qh) * scale;
     if (group > 1) {  // (b, H, Sk, d) -> (b, Hk, G, Sk, d) -> sum over the group
@@ -426,7 +435,7 @@ at::Tensor attention_qkvpacked_backward_by(
   at::Tensor dqkv = at::empty(qkv.sizes(), qkv.options());
   const auto [dq, dk, dv] = unbind_qkv(dqkv, cu_seqlens);
   into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-       std::nullopt, std::nullopt, std::nullopt, std::nullopt, -1, -1, dq, dk, dv);
+       std::nullopt, std::nullopt, std::nullopt, std::nullopt, -1, -1, 0.0, dq, dk, dv);
   return dqkv;
 }
 
@@ -437,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_composed(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
-                            std::nullopt, std::nullopt, std::nullopt, std::nullopt, -1, -1);
+                            std::nullopt, std::nullopt, std::nullopt, std::nullopt, -1, -1, 0.0);
 }
 
 at::Tensor attention_qkvpacked_backward_composed(

@@ -5,7 +5,8 @@
 // Hopper kernels (flash_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh) unless the environment
 // says PYSSM_FLASH_SM90=0. A forward with few queries a group of heads (seqlen_q x heads /
 // heads_k <= 16: decoding) takes the flash-decoding kernel (flash_decode_kernel.cuh) before
-// either, unless the environment says PYSSM_FLASH_DECODE=0.
+// either, unless the environment says PYSSM_FLASH_DECODE=0. Soft-capping (softcap > 0) runs in
+// the three forward kernels (set_scale); its backward runs the composed path.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -247,8 +248,10 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
                                                   std::optional<int64_t> max_seqlen_k,
                                                   const std::optional<at::Tensor>& seqused_k,
                                                   const std::optional<at::Tensor>& leftpad_k,
-                                                  int64_t window_left, int64_t window_right) {
+                                                  int64_t window_left, int64_t window_right,
+                                                  double softcap) {
   check_window(causal, window_left, window_right);
+  check_softcap(softcap);
   const bool read_offsets = !offsets_unread(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k);
   const AttnSizes s = check_attention_args(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k,
                                            max_seqlen_k, seqused_k, leftpad_k, read_offsets);
@@ -256,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   if (launch == nullptr || s.batch > 65535 || s.heads > 65535) {
     return attention_composed(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
                               cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, window_left,
-                              window_right);
+                              window_right, softcap);
   }
   const c10::cuda::CUDAGuard guard(q.device());
   const auto [qr, kr, vr] = kernel_inputs(q, k, v);
@@ -273,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashParams p{};
   set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal, window_left, window_right);
+  set_scale(p, scale, softcap);
   p.out = out.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -298,9 +302,11 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
                                   std::optional<int64_t> max_seqlen_k,
                                   const std::optional<at::Tensor>& seqused_k,
                                   const std::optional<at::Tensor>& leftpad_k,
-                                  int64_t window_left, int64_t window_right, const at::Tensor& dq,
-                                  const at::Tensor& dk, const at::Tensor& dv) {
+                                  int64_t window_left, int64_t window_right, double softcap,
+                                  const at::Tensor& dq, const at::Tensor& dk,
+                                  const at::Tensor& dv) {
   check_window(causal, window_left, window_right);
+  check_softcap(softcap);
   const AttnSizes s = check_attention_backward_args(
       dout, dlse, q, k, v, out, lse, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
       leftpad_k,
@@ -308,10 +314,10 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
   const BwdLaunch launch = launcher<BwdLaunch>(q.scalar_type(), s.head_dim);
   const at::ScalarType t = q.scalar_type();
   if (launch == nullptr || s.batch > 65535 || s.heads_k > 65535 || dout.scalar_type() != t ||
-      out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
+      out.scalar_type() != t || lse.scalar_type() != at::kFloat || softcap > 0) {
     attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                      cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
-                                     leftpad_k, window_left, window_right, dq, dk, dv);
+                                     leftpad_k, window_left, window_right, softcap, dq, dk, dv);
     return;
   }
   // raises under torch.use_deterministic_algorithms(True) (warns with warn_only), as torch's
@@ -369,13 +375,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     bool causal, std::optional<double> softmax_scale, const std::optional<at::Tensor>& cu_seqlens,
     std::optional<int64_t> max_seqlen, const std::optional<at::Tensor>& cu_seqlens_k,
     std::optional<int64_t> max_seqlen_k, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right) {
+    const std::optional<at::Tensor>& leftpad_k, int64_t window_left, int64_t window_right,
+    double softcap) {
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   attention_backward_cuda_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens,
                                max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k,
-                               window_left, window_right, dq, dk, dv);
+                               window_left, window_right, softcap, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -384,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor> attention_qkvpacked_cuda(
     const std::optional<at::Tensor>& cu_seqlens, std::optional<int64_t> max_seqlen) {
   const auto [q, k, v] = unbind_qkv(qkv, cu_seqlens);
   return attention_cuda(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, std::nullopt,
-                        std::nullopt, std::nullopt, std::nullopt, -1, -1);
+                        std::nullopt, std::nullopt, std::nullopt, -1, -1, 0.0);
 }
 
 // dqkv in qkv's shape: the kernels write dq, dk and dv into its slices

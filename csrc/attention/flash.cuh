@@ -40,8 +40,9 @@ struct FlashParams {
   const int* leftpad_k;        // dense: its first key, leftpad_k[b] (a left-padded cache), or null
   int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
   int64_t total_q, total_k;    // tokens of q, of k and v
-  float scale_log2;            // softmax_scale * log2(e)
+  float scale_log2;            // softmax_scale * log2(e), or softcap * log2(e) (set_scale)
   int64_t window_left, window_right;  // >= 0, or kNoWindow
+  float softcap_prescale;      // softmax_scale / softcap, or 0: no soft-capping (set_scale)
 };
 
 // Backward. q, k, v as FlashParams says (q_layout, kv_layout); out, dout contiguous, q's
@@ -83,6 +84,16 @@ inline void set_window(Params& p, bool causal, int64_t window_left, int64_t wind
   p.window_right = causal ? 0
                           : (window_right < 0 || window_right > kMaxWindow ? kNoWindow
                                                                             : window_right);
+}
+
+// The forwards' scores: S = softmax_scale q k^T, taken into the log2 domain by scale_log2; with
+// soft-capping (softcap > 0, Gemma 2's) S = softcap tanh(softmax_scale q k^T / softcap): the
+// kernels take each product x to tanh(x softcap_prescale) (flash::softcap_tanh) and softcap
+// rides in scale_log2, so the softmax after it and the lse (in S's units) are unchanged.
+inline void set_scale(FlashParams& p, double softmax_scale, double softcap) {
+  constexpr double kLog2e = 1.4426950408889634;
+  p.scale_log2 = static_cast<float>((softcap > 0 ? softcap : softmax_scale) * kLog2e);
+  p.softcap_prescale = softcap > 0 ? static_cast<float>(softmax_scale / softcap) : 0.f;
 }
 
 // head sizes with a kernel (others run the composed path)

@@ -149,6 +149,13 @@ __global__ void __launch_bounds__(kThreads)
       mma<T>(s[1], qf[st], bf[2], bf[3]);
     }
 
+    if (p.softcap_prescale > 0.f) {  // soft-capping: tanh of the scaled scores (set_scale)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = flash::softcap_tanh(s[j][e] * p.softcap_prescale);
+    }
+
     // scale into the log2 domain, mask (past the keys, causal or window per query), online
     // softmax
     float mx[2] = {-INFINITY, -INFINITY};

@@ -164,6 +164,16 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
       }
     }
 
+    if (p.softcap_prescale > 0.f) {  // soft-capping: tanh of the scaled scores (set_scale)
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            s[mt][j][e] = flash::softcap_tanh(s[mt][j][e] * p.softcap_prescale);
+    }
+
     // per row tile: scale into the log2 domain, mask (past the sequence, the causal or window
     // edges) where the tile crosses one, online softmax; then P's A fragments
     const bool masked = n0 < unmasked_begin || n0 + kBlockN > unmasked_end;

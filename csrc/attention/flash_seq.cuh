@@ -30,6 +30,14 @@
 namespace pyssm {
 namespace flash {
 
+// tanh(x) for soft-capped scores (set_scale), as 1 - 2 / (e^2x + 1): one exp2 and one
+// division (fast math), absolute error about 1e-7 at any x, so a score capped at c moves by
+// about c 1e-7 (tanh.approx.f32, relative error 2^-11, would move a score capped at 50 by up to
+// 0.025); e^2x overflowing to inf gives 1, underflowing to 0 gives -1.
+__device__ __forceinline__ float softcap_tanh(float x) {
+  return 1.f - 2.f / (exp2f(x * 2.8853900817779268f) + 1.f);
+}
+
 struct SeqSpan {
   int64_t q_start, k_start;  // first token of the sequence in q and in k / v
   int64_t Sq, Sk;            // its query and key lengths

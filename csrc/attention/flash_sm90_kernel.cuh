@@ -257,6 +257,11 @@ __global__ void __launch_bounds__(384, 1)
     // softmax of key tile j: probabilities into s (scaled by the new running max),
     // row sums into l_run, and in alpha the factors that rescale O
     auto softmax = [&](int j) {
+      if (p.softcap_prescale > 0.f) {  // soft-capping: tanh of the scaled scores (set_scale)
+#pragma unroll
+        for (int i = 0; i < Tr::kBlockN / 2; ++i)
+          s[i] = flash::softcap_tanh(s[i] * p.softcap_prescale);
+      }
       if (j < unmasked_from || j >= unmasked_to) {
         // each of this thread's rows sees the tile's keys [lo, hi] (from n0; past the keys
         // folded in), as ints (a sequence is shorter than 2^30 tokens: the host checks),

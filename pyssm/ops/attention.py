@@ -15,6 +15,7 @@ left-padded cache read in place (flash-attn's cache_leftpad). Causal and window 
 those keys' end.
 
     S = softmax_scale * q k^T   (default scale 1 / sqrt(head_dim))
+    softcap > 0: S = softcap * tanh(S / softcap)   (logit soft-capping, Gemma 2's)
     causal: query i sees key j when j <= i + seqlen_k - seqlen_q (bottom-right, as flash-attn)
     window_size (left, right): query i sees key j when
         i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right
@@ -55,7 +56,16 @@ def check_window(causal, window_size) -> tuple[int, int]:
     return left, right
 
 
-def _attend(q, k, v, causal, scale, window=(-1, -1)):
+def check_softcap(softcap) -> float:
+    """softcap as a float: 0 (none), or the cap c > 0 of S = c tanh(S / c)."""
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap) or softcap < 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: no soft-capping), got "
+                         f"{softcap!r}")
+    return float(softcap)
+
+
+def _attend(q, k, v, causal, scale, window=(-1, -1), softcap=0.0):
     """q (..., Sq, H, d), k, v (..., Sk, Hk, d) in the accumulation dtype -> out, lse."""
     qh, kh, vh = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)
     group = qh.shape[-3] // kh.shape[-3]
@@ -63,6 +73,8 @@ def _attend(q, k, v, causal, scale, window=(-1, -1)):
         kh = kh.repeat_interleave(group, dim=-3)
         vh = vh.repeat_interleave(group, dim=-3)
     S = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if softcap:
+        S = torch.tanh(S / softcap) * softcap
     left, right = window[0], 0 if causal else window[1]
     if left >= 0 or right >= 0:
         Sq, Sk = S.shape[-2], S.shape[-1]
@@ -86,22 +98,24 @@ def _attend(q, k, v, causal, scale, window=(-1, -1)):
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None,
                         max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None,
-                        leftpad_k=None, window_size=(-1, -1), return_lse=False):
+                        leftpad_k=None, window_size=(-1, -1), softcap=0.0, return_lse=False):
     """Pure-PyTorch attention (materialises the scores). Same arguments as attention."""
     window = check_window(causal, window_size)
+    softcap = check_softcap(softcap)
     acc = _checks.acc_dtype(q.dtype)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     if seqused_k is not None or leftpad_k is not None:   # dense, row by row over its keys
         ends = seqused_k.tolist() if seqused_k is not None else [k.shape[1]] * k.shape[0]
         starts = leftpad_k.tolist() if leftpad_k is not None else [0] * k.shape[0]
-        rows = [_attend(qa[b:b + 1], ka[b:b + 1, s:u], va[b:b + 1, s:u], causal, scale, window)
+        rows = [_attend(qa[b:b + 1], ka[b:b + 1, s:u], va[b:b + 1, s:u], causal, scale, window,
+                        softcap)
                 for b, (s, u) in enumerate(zip(starts, ends))]
         out = torch.cat([o for o, _ in rows]) if rows else qa.new_zeros(qa.shape)
         lse = (torch.cat([l_ for _, l_ in rows]) if rows
                else qa.new_zeros(q.shape[0], q.shape[2], q.shape[1]))
     elif cu_seqlens is None:
-        out, lse = _attend(qa, ka, va, causal, scale, window)
+        out, lse = _attend(qa, ka, va, causal, scale, window, softcap)
     else:
         bounds = [int(b) for b in cu_seqlens.tolist()]
         bounds_k = bounds if cu_seqlens_k is None else [int(b) for b in cu_seqlens_k.tolist()]
@@ -109,7 +123,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
         for start, end, start_k, end_k in zip(bounds[:-1], bounds[1:], bounds_k[:-1],
                                               bounds_k[1:]):
             o, l_ = _attend(qa[start:end], ka[start_k:end_k], va[start_k:end_k], causal, scale,
-                            window)
+                            window, softcap)
             outs.append(o)
             lses.append(l_)
         out = torch.cat(outs, 0) if outs else qa.new_zeros(qa.shape)
@@ -312,11 +326,13 @@ def _checked_max_seqlen(t, cu, max_seqlen, name="cu_seqlens", tensors="q",
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None,
               cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None,
-              window_size=(-1, -1), return_lse=False, backend=None):
+              window_size=(-1, -1), softcap=0.0, return_lse=False, backend=None):
     """Softmax attention of the module docstring; out, or (out, lse) with return_lse.
     Differentiable in q, k and v (through out and lse; keys outside [leftpad_k, seqused_k) get
     zero gradient, as do keys no query's window reaches).
     window_size (left, right): a sliding window, -1 a side without bound (flash-attn's).
+    softcap: 0, or the cap c > 0 of the scores, c tanh(S / c) (flash-attn's softcap). On CUDA
+    the forward kernels cap the scores; the backward with a cap runs the composed path.
     max_seqlen (max_seqlen_k): at least the longest query (key) sequence, read from the offsets
     when not given. The CUDA kernels read q, k and v in place at any strides that keep head_dim
     contiguous and 16-byte aligned (views into a fused qkv projection, torch SDPA's (B, H, N, d)
@@ -324,6 +340,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                     leftpad_k)
     left, right = check_window(causal, window_size)
+    softcap = check_softcap(softcap)
     max_seqlen_k = _checked_max_seqlen(k, cu_seqlens_k, max_seqlen_k, "cu_seqlens_k", "k and v",
                                        "max_seqlen_k")
     if not torch.compiler.is_compiling():
@@ -334,9 +351,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     return _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend,
                 lambda scale, longest: torch.ops.pyssm.attention(
                     q, k, v, causal, scale, cu_seqlens, longest, cu_seqlens_k, max_seqlen_k,
-                    seqused_k, leftpad_k, left, right),
+                    seqused_k, leftpad_k, left, right, softcap),
                 dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k,
-                     leftpad_k=leftpad_k, window_size=(left, right)))
+                     leftpad_k=leftpad_k, window_size=(left, right), softcap=softcap))
 
 
 def _run(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, return_lse, backend, op,
@@ -370,7 +387,8 @@ def unbind_qkvpacked(qkv, cu_seqlens, max_seqlen):
 
 
 def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=None,
-                        max_seqlen=None, window_size=(-1, -1), return_lse=False, backend=None):
+                        max_seqlen=None, window_size=(-1, -1), softcap=0.0, return_lse=False,
+                        backend=None):
     """attention of q, k and v packed in one tensor as a fused qkv projection gives them (the
     layout of flash-attn's qkvpacked functions): qkv (batch, seqlen, 3, heads, head_dim), or
     (total_tokens, 3, heads, head_dim) with cu_seqlens. The values of
@@ -379,12 +397,13 @@ def attention_qkvpacked(qkv, *, causal=False, softmax_scale=None, cu_seqlens=Non
     gradients that unbind's backward stacks: one more read and write of all three).
     ``PYSSM_QKVPACKED=0`` (read at each call) runs it as ``attention`` on contiguous copies of q,
     k and v instead, the path a fused projection took before: the benchmarks' comparison.
-    A sliding window (window_size other than (-1, -1)) runs as ``attention`` on qkv's views."""
+    A sliding window (window_size other than (-1, -1)) or soft-capping runs as ``attention`` on
+    qkv's views."""
     q, k, v = unbind_qkvpacked(qkv, cu_seqlens, max_seqlen)
-    if tuple(check_window(causal, window_size)) != (-1, -1):
+    if tuple(check_window(causal, window_size)) != (-1, -1) or check_softcap(softcap):
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                          cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window_size=window_size,
-                         return_lse=return_lse, backend=backend)
+                         softcap=softcap, return_lse=return_lse, backend=backend)
     if os.environ.get("PYSSM_QKVPACKED") == "0":  # the comparison: copies and a stack
         return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal,
                          softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
@@ -406,10 +425,11 @@ if _extension.available():
     @torch.library.register_fake("pyssm::attention")
     def _attention_fake(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen,
                         cu_seqlens_k=None, max_seqlen_k=None, seqused_k=None, leftpad_k=None,
-                        window_left=-1, window_right=-1):
+                        window_left=-1, window_right=-1, softcap=0.0):
         check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                         leftpad_k)
         check_window(causal, (window_left, window_right))
+        check_softcap(softcap)
         lse = q.new_empty(_lse_shape(q, cu_seqlens), dtype=_checks.acc_dtype(q.dtype))
         return q.new_empty(q.shape), lse
 
@@ -417,29 +437,32 @@ if _extension.available():
     def _attention_backward_fake(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                  cu_seqlens, max_seqlen, cu_seqlens_k=None, max_seqlen_k=None,
                                  seqused_k=None, leftpad_k=None, window_left=-1,
-                                 window_right=-1):
+                                 window_right=-1, softcap=0.0):
         check_attention(q, k, v, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                         leftpad_k)
         check_window(causal, (window_left, window_right))
+        check_softcap(softcap)
         _checks.shape(dout, q.shape, "dout", "the shape of q")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attention_setup(ctx, inputs, output):
         (q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k,
-         seqused_k, leftpad_k, window_left, window_right) = inputs
+         seqused_k, leftpad_k, window_left, window_right, softcap) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k)
-        ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k, window_left, window_right)
+        ctx.args = (causal, softmax_scale, max_seqlen, max_seqlen_k, window_left, window_right,
+                    softcap)
 
     def _attention_backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k = ctx.saved_tensors
-        causal, softmax_scale, max_seqlen, max_seqlen_k, window_left, window_right = ctx.args
+        (causal, softmax_scale, max_seqlen, max_seqlen_k, window_left, window_right,
+         softcap) = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.pyssm.attention_backward(
             dout, dlse, q, k, v, out, lse, causal, softmax_scale, cu_seqlens, max_seqlen,
-            cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, window_left, window_right)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+            cu_seqlens_k, max_seqlen_k, seqused_k, leftpad_k, window_left, window_right, softcap)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd(
         "pyssm::attention", _attention_backward, setup_context=_attention_setup)

@@ -107,12 +107,14 @@ void set_inputs(P& p, const void* q, const void* k, const void* v, const int64_t
 pyssm::FlashParams fwd_params(const void* q, const void* k, const void* v,
                               const int64_t* strides, void* out, float* lse, const int* cu,
                               const int* cu_k, const int* used, const int* lead,
-                              const int64_t* sizes, float scale, const int64_t* mask) {
+                              const int64_t* sizes, float scale, const int64_t* mask,
+                              float softcap) {
   pyssm::FlashParams p{};
   set_inputs(p, q, k, v, strides);
   p.out = out;
   p.lse = lse;
   set_sizes(p, sizes, cu, cu_k, used, lead, scale, mask);
+  pyssm::set_scale(p, scale, softcap);
   return p;
 }
 
@@ -122,13 +124,14 @@ extern "C" {
 
 // dtype: 2 float16, 3 bfloat16; sm90: the Hopper forward (flash_sm90_kernel.cuh: TMA,
 // mbarriers and wgmma emulated) instead of the portable one; strides: q's token, head and
-// batch strides, then k's and v's (FlashParams' q_layout, kv_layout); sizes: set_sizes'.
+// batch strides, then k's and v's (FlashParams' q_layout, kv_layout); sizes: set_sizes';
+// softcap: 0, or the scores' cap (set_scale).
 int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, void* out, float* lse, const int* cu,
                       const int* cu_k, const int* used, const int* lead, const int64_t* sizes,
-                      float scale, const int64_t* mask) {
+                      float scale, const int64_t* mask, float softcap) {
   const pyssm::FlashParams p =
-      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, mask);
+      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, mask, softcap);
   if (dtype == 2) return int(sm90 ? fwd_sm90<__half>(head_dim, p) : fwd<__half>(head_dim, p));
   if (dtype == 3)
     return int(sm90 ? fwd_sm90<__nv_bfloat16>(head_dim, p) : fwd<__nv_bfloat16>(head_dim, p));
@@ -137,14 +140,14 @@ int emu_flash_fwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
 
 // The flash-decoding forward (flash_decode_kernel.cuh): arguments as emu_flash_fwd_any's, then
 // the split over keys: splits chunks of `chunk` keys, their workspace (out_part, lse_part: may
-// be null with one chunk).
+// be null with one chunk); softcap last.
 int emu_flash_decode_any(int dtype, int head_dim, const void* q, const void* k, const void* v,
                          const int64_t* strides, void* out, float* lse, const int* cu,
                          const int* cu_k, const int* used, const int* lead,
                          const int64_t* sizes, float scale, const int64_t* mask, int64_t splits,
-                         int64_t chunk, float* out_part, float* lse_part) {
+                         int64_t chunk, float* out_part, float* lse_part, float softcap) {
   const pyssm::FlashParams p =
-      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, mask);
+      fwd_params(q, k, v, strides, out, lse, cu, cu_k, used, lead, sizes, scale, mask, softcap);
   const pyssm::FlashSplit split{splits, chunk, out_part, lse_part};
   if (dtype == 2) return int(decode<__half>(head_dim, p, split));
   if (dtype == 3) return int(decode<__nv_bfloat16>(head_dim, p, split));

@@ -26,7 +26,7 @@ EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 def emu(tmp_path_factory):
     lib = build(tmp_path_factory, "attention_kernels.cpp")
     lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11 + \
-        [ctypes.c_float, ctypes.c_void_p]
+        [ctypes.c_float, ctypes.c_void_p, ctypes.c_float]
     lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 18 + \
         [ctypes.c_float, ctypes.c_void_p]
     return lib
@@ -154,7 +154,7 @@ def spread(t, pad, fill=float("nan")):
     return buf.as_strided(t.shape, strides), buf
 
 
-def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
+def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False, softcap=0.0):
     """q, k and v may be strided as FlashParams allows (strides_of; k's and v's equal)."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
@@ -167,7 +167,7 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False):
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[q.dtype], d, ptr(q), ptr(k), ptr(v), rows,
                                ptr(out), ptr(lse), ptr(cu), ptr(cu_k), ptr(used), ptr(lead),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
-                               mask_codes(causal))
+                               mask_codes(causal), softcap)
     assert rc == 0, f"launcher returned cudaError {rc}"
     return out, lse
 
@@ -199,12 +199,13 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
 
 
 def check_forward(out, lse, exact_in, causal, dtype, cu_seqlens=None, cu_seqlens_k=None,
-                  seqused_k=None, leftpad_k=None):
+                  seqused_k=None, leftpad_k=None, softcap=0.0, scale=None):
     """out within 4 eps of the dtype of float64 attention from the same rounded inputs, lse
     within 1e-3, and -inf exactly on the rows that see no key; returns the float64 output."""
     want, want_lse = ops.attention_reference(*exact_in, **mask_args(causal), cu_seqlens=cu_seqlens,
                                              cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
-                                             leftpad_k=leftpad_k, return_lse=True)
+                                             leftpad_k=leftpad_k, softcap=softcap,
+                                             softmax_scale=scale, return_lse=True)
     bound = 4 * EPS[dtype] * want.abs().max()
     assert (out.double() - want).abs().max() <= bound, "out"
     visible = torch.isfinite(want_lse)
@@ -533,7 +534,7 @@ DECODE_CASES = [
 ]
 
 
-def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
+def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk, softcap=0.0):
     """The decode kernel with `splits` chunks of `chunk` keys, its workspace NaN-poisoned."""
     H, Hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     B, Sq, Sk = (q.shape[0], q.shape[1], k.shape[1]) if dense(lengths) else (0, 0, 0)
@@ -548,7 +549,7 @@ def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
                                   ptr(cu), ptr(cu_k), ptr(used), ptr(lead),
                                   sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k),
                                   scale, mask_codes(causal), splits, chunk, ptr(out_part),
-                                  ptr(lse_part))
+                                  ptr(lse_part), softcap)
     assert rc == 0, f"launcher returned cudaError {rc}"
     return out, lse
 
@@ -556,7 +557,8 @@ def decode_emulated(emu, q, k, v, causal, scale, lengths, splits, chunk):
 @pytest.fixture
 def emu_decode(emu):
     emu.emu_flash_decode_any.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 11 + \
-        [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 2
+        [ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + \
+        [ctypes.c_void_p] * 2 + [ctypes.c_float]
     emu.emu_flash_decode_plan.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_void_p]
     return emu
 
@@ -607,3 +609,44 @@ def test_flash_decode_plan(emu_decode, batch, heads_k, seqlen_k, sms):
     if splits > 1:
         assert chunk >= 128
         assert batch * heads_k * (splits - 1) < 2 * sms, "more chunks than two waves need"
+
+
+# Soft-capping (softcap > 0: each score s becomes softcap tanh(s / softcap), Gemma 2's) in the
+# three forwards: a tight cap (2: most scores on tanh's flat part; scale 3 makes the inputs'
+# scores large) and Gemma 2's 50, over the portable and Hopper prefill kernels' cases (full,
+# causal, packed, a window, a left-padded cache) and the decode kernel's, split in chunks.
+SOFTCAP_CASES = [
+    (1, 97, 97, 2, 1, 64, False, None),
+    (1, 200, 150, 2, 1, 128, True, None),
+    (0, 0, 0, 2, 1, 80, True, [0, 1, 65, 17]),
+    (1, 200, 250, 2, 2, 72, (30, 20), None),
+    (3, 3, 300, 2, 1, 64, True, {"used": [260, 300, 10], "lead": [130, 7, 10]}),
+]
+SOFTCAP_DECODE_CASES = [
+    (3, 1, 200, 8, 2, 128, False, None),
+    (2, 3, 200, 4, 4, 72, (10, 5), None),
+    (3, 2, 300, 8, 2, 64, True, {"used": [300, 200, 5], "lead": [100, 0, 5]}),
+]
+
+
+@pytest.mark.parametrize("softcap", [2.0, 50.0])
+@pytest.mark.parametrize("kernel", ["portable", "sm90", "decode"])
+@pytest.mark.parametrize("dtype", list(CODES))
+def test_flash_forward_softcap(emu_decode, kernel, dtype, softcap):
+    for case in SOFTCAP_DECODE_CASES if kernel == "decode" else SOFTCAP_CASES:
+        B, Sq, Sk, H, Hk, d, causal, lengths = case
+        q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+        if kernel == "decode":
+            splits, chunk = SPLITS["tiles"](layout(B, Sq, Sk, H, Hk, lengths)[2])
+            out, lse = decode_emulated(emu_decode, q, k, v, causal, 3.0, lengths, splits, chunk,
+                                       softcap=softcap)
+        else:
+            out, lse = forward_emulated(emu_decode, q, k, v, causal, 3.0, lengths,
+                                        sm90=kernel == "sm90", softcap=softcap)
+        exact = [t.double() for t in (q, k, v)]
+        want = check_forward(out, lse, exact, causal, dtype, softcap=softcap, scale=3.0,
+                             **key_args(lengths))
+        if softcap == 2.0:   # (the cap changed the result: the check can tell)
+            uncapped = ops.attention_reference(*exact, **mask_args(causal), softmax_scale=3.0,
+                                               **key_args(lengths))
+            assert (uncapped - want).abs().max() > 0.1

@@ -865,14 +865,15 @@ def _attend_without_sync(q, k, v, call):
 
 
 def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None,
-                 seqused_k=None, leftpad_k=None, window_size=(-1, -1)):
+                 seqused_k=None, leftpad_k=None, window_size=(-1, -1), softcap=0.0):
     """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     cu, cu_k, used, lead = (None if t is None else t.cpu()
                             for t in (cu_seqlens, cu_seqlens_k, seqused_k, leftpad_k))
     out, lse = ops.attention_reference(q64, k64, v64, causal=causal, softmax_scale=scale,
                                        cu_seqlens=cu, cu_seqlens_k=cu_k, seqused_k=used,
-                                       leftpad_k=lead, window_size=window_size, return_lse=True)
+                                       leftpad_k=lead, window_size=window_size, softcap=softcap,
+                                       return_lse=True)
     loss = (out * g.cpu().double()).sum()
     if g_lse is not None:
         loss = loss + (lse * g_lse.cpu().double()).nan_to_num().sum()
@@ -1351,3 +1352,131 @@ def test_cuda_flash_sliding_window(device, backend, flash_path, head_dim, window
         _assert_grads_close(got, exact)
         for name, a, x in zip("qkv", got, exact):
             assert (a.cpu()[x == 0] == 0).all(), f"d{name} outside every window"
+
+
+# Soft-capping (softcap=c > 0, flash-attn's and Gemma 2's): each score s becomes c tanh(s / c).
+# Caps of 0.7 (most scores well into tanh's flat part) and 30 (Gemma 2's attention cap 50 at
+# these score sizes: nearly linear).
+SOFTCAPS = [0.7, 30.0]
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "b{}q{}k{}h{}hk{}d{}".format(*c))
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window_size=(2, 1))],
+                         ids=["full", "causal", "window"])
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+def test_softcap_matches_the_capped_softmax(device, backend, case, mask, softcap):
+    """out, lse and gradients (through both) against the looped float64 definition with each
+    score capped (naive.attention), scale 0.9 so the cap does not sit on the default one."""
+    q, k, v = qkv(*case, device=device, requires_grad=True)
+    out, lse = ops.attention(q, k, v, softmax_scale=0.9, softcap=softcap, return_lse=True,
+                             backend=backend, **mask)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = naive.attention(*cpu, softmax_scale=0.9, softcap=softcap, **mask)
+    assert_out_lse_and_grads(out, lse, want_out, want_lse, (q, k, v), cpu)
+    if softcap < 1:   # (the cap changed the result: the test can tell)
+        assert not torch.allclose(out, ops.attention(q, k, v, softmax_scale=0.9,
+                                                     backend=backend, **mask))
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_softcap_with_packed_sequences_and_a_padded_cache(device, backend):
+    """The cap with the key arguments: packed sequences with keys of their own, and a dense
+    batch reading each row's keys [leftpad_k, seqused_k); against float64 row by row."""
+    lq, lk = [4, 0, 9, 1], [7, 3, 9, 0]
+    q = torch.randn(sum(lq), 2, 8, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 1, 8, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    out, lse = ops.attention(q, k, v, cu_seqlens=offsets(lq, device),
+                             cu_seqlens_k=offsets(lk, device), causal=True, softcap=1.5,
+                             return_lse=True, backend=backend)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    outs, lses, a, c = [], [], 0, 0
+    for n, m in zip(lq, lk):
+        o, l_ = naive.attention(cpu[0][None, a:a + n], cpu[1][None, c:c + m],
+                                cpu[2][None, c:c + m], causal=True, softcap=1.5)
+        outs.append(o[0])
+        lses.append(l_[0])
+        a, c = a + n, c + m
+    assert_out_lse_and_grads(out, lse, torch.cat(outs), torch.cat(lses, -1), (q, k, v), cpu)
+
+    used, lead = [9, 5, 9, 0], [0, 2, 6, 0]
+    q = torch.randn(4, 3, 2, 8, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(4, 9, 1, 8, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    rows = dict(seqused_k=torch.tensor(used, dtype=torch.int32, device=device),
+                leftpad_k=torch.tensor(lead, dtype=torch.int32, device=device))
+    out, lse = ops.attention(q, k, v, causal=True, softcap=1.5, return_lse=True,
+                             backend=backend, **rows)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    parts = [naive.attention(cpu[0][b:b + 1], cpu[1][b:b + 1, s:u], cpu[2][b:b + 1, s:u],
+                             causal=True, softcap=1.5)
+             for b, (s, u) in enumerate(zip(lead, used))]
+    assert_out_lse_and_grads(out, lse, torch.cat([o for o, _ in parts]),
+                             torch.cat([l_ for _, l_ in parts]), (q, k, v), cpu)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_qkvpacked_softcap_equals_attention(device, backend):
+    qkv_t = torch.randn(2, 10, 3, 2, 16, dtype=F64, device=device, requires_grad=True)
+    got = ops.attention_qkvpacked(qkv_t, causal=True, softcap=0.8, backend=backend)
+    want = ops.attention(*qkv_t.unbind(2), causal=True, softcap=0.8, backend=backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, qkv_t, g)[0],
+                               torch.autograd.grad(want, qkv_t, g)[0], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_softcap(backend):
+    q, k, v = qkv(1, 4, 4, 1, 1, 8, "cpu")
+    for bad in (-1.0, float("nan"), float("inf"), True, "50", None):
+        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+            ops.attention(q, k, v, softcap=bad, backend=backend)
+    torch.testing.assert_close(ops.attention(q, k, v, softcap=0, backend=backend),
+                               ops.attention(q, k, v, backend=backend), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not _extension.available(), reason="needs the compiled extension")
+def test_direct_op_call_checks_the_softcap():
+    q, k, v = qkv(1, 4, 4, 1, 1, 8, "cpu")
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+            torch.ops.pyssm.attention(q, k, v, False, None, None, None, softcap=bad)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params("attention")
+                                            if p.values[1] != "reference"])
+def test_softcap_opcheck(device, backend):
+    q, k, v = qkv(2, 5, 7, 4, 2, 32, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyssm.attention.default,
+                          (q, k, v, True, None, None, None), dict(softcap=2.0))
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_softcap(device, backend, flash_path, head_dim, causal):
+    """bf16 with Gemma 2's cap (50) and a tight one (2): 700 queries against 1000 keys and
+    packed sequences, forward and gradients against float64 within bf16's rounding."""
+    dtype = torch.bfloat16
+    for softcap in (50.0, 2.0):
+        for packed in (False, True):
+            call = dict(causal=causal, softcap=softcap, return_lse=True, backend=backend)
+            if packed:
+                lq = [700, 0, 1, 399]
+                call.update(cu_seqlens=offsets(lq, device), max_seqlen=700)
+                q_shape, kv_shape = (sum(lq), 4, head_dim), (sum(lq), 2, head_dim)
+            else:
+                q_shape, kv_shape = (2, 700, 4, head_dim), (2, 1000, 2, head_dim)
+            q = torch.randn(q_shape, dtype=dtype, device=device, requires_grad=True)
+            k, v = (torch.randn(kv_shape, dtype=dtype, device=device, requires_grad=True)
+                    for _ in range(2))
+            out, lse = ops.attention(q, k, v, **call)
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, (q, k, v), g)
+            keys = {n: call[n].cpu() for n in ("cu_seqlens",) if n in call}
+            _assert_out_close(out, lse, q, k, v, causal=causal, softcap=softcap, **keys)
+            exact = _exact_grads(q, k, v, g, None, causal, softcap=softcap, **keys)
+            _assert_grads_close(got, exact)
