@@ -11,11 +11,12 @@ head_dim) or (total_k, 2, heads_k, head_dim)), same return values: the output, o
 ``return_attn_probs=True`` (out, softmax_lse, None), lse as (batch, heads, seqlen_q) or,
 packed, (heads, total_q); the third value, flash-attn's dropout mask, is never formed.
 Grouped-query heads, bottom-right causal masking, sliding windows (``window_size=(left,
-right)``; with ``causal=True`` right is 0, as flash-attn makes it) and packed queries and keys
+right)``; with ``causal=True`` right is 0, as flash-attn makes it), soft-capping (``softcap``:
+each score s becomes softcap tanh(s / softcap), Gemma 2's) and packed queries and keys
 with different sequence boundaries (cu_seqlens_q and cu_seqlens_k) as in flash-attn; in
 ``flash_attn_with_kvcache`` rotary embedding of q and the new k (rotary_cos / rotary_sin,
 interleaved or not) and left-padded caches (cache_leftpad) too. What pyssm does not compute
-raises NotImplementedError: dropout, soft-capping, ALiBi and a paged KV cache;
+raises NotImplementedError: dropout, ALiBi and a paged KV cache;
 in ``flash_attn_with_kvcache`` also cache_batch_idx, and rotary embedding of a left-padded
 cache.
 """
@@ -33,11 +34,9 @@ def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(f"pyssm's flash_attn drop-in does not support {what}")
 
 
-def _check_extras(dropout_p, softcap, alibi_slopes) -> None:
+def _check_extras(dropout_p, alibi_slopes) -> None:
     if dropout_p:
         raise _unsupported(f"dropout (dropout_p={dropout_p}); pass 0.0")
-    if softcap:
-        raise _unsupported(f"soft-capping (softcap={softcap})")
     if alibi_slopes is not None:
         raise _unsupported("ALiBi (alibi_slopes)")
 
@@ -54,9 +53,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                     return_attn_probs=False, *, backend: str | None = None):
     """q (batch, seqlen_q, heads, d); k, v (batch, seqlen_k, heads_k, d) -> out like q."""
-    _check_extras(dropout_p, softcap, alibi_slopes)
+    _check_extras(dropout_p, alibi_slopes)
     result = attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                       window_size=_window(window_size, causal),
+                       window_size=_window(window_size, causal), softcap=softcap,
                        return_lse=return_attn_probs, backend=backend)
     return (*result, None) if return_attn_probs else result
 
@@ -69,7 +68,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Packed q (total_q, heads, d), k, v (total_k, heads_k, d): sequence i's queries are
     tokens cu_seqlens_q[i] ... cu_seqlens_q[i + 1] - 1 of q, its keys tokens cu_seqlens_k[i]
     ... cu_seqlens_k[i + 1] - 1 of k and v -> out like q."""
-    _check_extras(dropout_p, softcap, alibi_slopes)
+    _check_extras(dropout_p, alibi_slopes)
     if block_table is not None:
         raise _unsupported("a paged KV cache (block_table)")
     keys = {} if cu_seqlens_k is cu_seqlens_q else dict(cu_seqlens_k=cu_seqlens_k,
@@ -77,7 +76,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_seqlen = int(max_seqlen_q) if keys else max(int(max_seqlen_q), int(max_seqlen_k))
     result = attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                        cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen,
-                       window_size=_window(window_size, causal),
+                       window_size=_window(window_size, causal), softcap=softcap,
                        return_lse=return_attn_probs, backend=backend, **keys)
     return (*result, None) if return_attn_probs else result
 
@@ -88,11 +87,11 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              backend: str | None = None):
     """q (batch, seqlen_q, heads, d), kv (batch, seqlen_k, 2, heads_k, d) -> out like q. The
     kernels read k and v as views of kv, in place."""
-    _check_extras(dropout_p, softcap, alibi_slopes)
+    _check_extras(dropout_p, alibi_slopes)
     k, v = _unbind_kv(kv, 5, "(batch, seqlen_k, 2, heads_k, head_dim)")
     return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
-                           window_size=window_size, return_attn_probs=return_attn_probs,
-                           backend=backend)
+                           window_size=window_size, softcap=softcap,
+                           return_attn_probs=return_attn_probs, backend=backend)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -102,11 +101,11 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     return_attn_probs=False, *, backend: str | None = None):
     """Packed q (total_q, heads, d), kv (total_k, 2, heads_k, d), offsets as
     flash_attn_varlen_func -> out like q."""
-    _check_extras(dropout_p, softcap, alibi_slopes)
+    _check_extras(dropout_p, alibi_slopes)
     k, v = _unbind_kv(kv, 4, "(total_k, 2, heads_k, head_dim)")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-                                  window_size=window_size,
+                                  window_size=window_size, softcap=softcap,
                                   return_attn_probs=return_attn_probs, backend=backend)
 
 
@@ -122,9 +121,9 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               deterministic=False, return_attn_probs=False, *,
                               backend: str | None = None):
     """qkv (batch, seqlen, 3, heads, d) -> out (batch, seqlen, heads, d)."""
-    _check_extras(dropout_p, softcap, alibi_slopes)
+    _check_extras(dropout_p, alibi_slopes)
     result = attention_qkvpacked(qkv, causal=causal, softmax_scale=softmax_scale,
-                                 window_size=_window(window_size, causal),
+                                 window_size=_window(window_size, causal), softcap=softcap,
                                  return_lse=return_attn_probs, backend=backend)
     return (*result, None) if return_attn_probs else result
 
@@ -135,10 +134,10 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False, *, backend: str | None = None):
     """Packed qkv (total, 3, heads, d), sequence i being tokens cu_seqlens[i] ...
     cu_seqlens[i + 1] - 1 -> out (total, heads, d)."""
-    _check_extras(dropout_p, softcap, alibi_slopes)
+    _check_extras(dropout_p, alibi_slopes)
     result = attention_qkvpacked(qkv, causal=causal, softmax_scale=softmax_scale,
                                  cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen),
-                                 window_size=_window(window_size, causal),
+                                 window_size=_window(window_size, causal), softcap=softcap,
                                  return_lse=return_attn_probs, backend=backend)
     return (*result, None) if return_attn_probs else result
 
@@ -199,7 +198,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     / 2). Returns out like q, or (out, softmax_lse (batch, heads, seqlen_q)) with
     return_softmax_lse. A sliding window (window_size) aligns at each row's end as the causal
     mask does. ``num_splits`` is flash-attn's tuning knob and ignored."""
-    _check_extras(0.0, softcap, alibi_slopes)
+    _check_extras(0.0, alibi_slopes)
     if cache_batch_idx is not None:
         raise _unsupported("cache_batch_idx")
     if cache_leftpad is not None and (rotary_cos is not None or rotary_sin is not None):
@@ -264,5 +263,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         trust_leftpad(cache_leftpad, used, capacity)
     return attention(q, k_cache, v_cache, causal=causal, softmax_scale=softmax_scale,
                      seqused_k=used, leftpad_k=cache_leftpad,
-                     window_size=_window(window_size, causal), return_lse=return_softmax_lse,
-                     backend=backend)
+                     window_size=_window(window_size, causal), softcap=softcap,
+                     return_lse=return_softmax_lse, backend=backend)

@@ -31,8 +31,9 @@ pyssm's windowed kernels (``window_size=(w - 1, 0)``), left padding and dynamic 
 sliding caches included (a dynamic one's trimmed keys come with a key offset); a sliding layer with holes in its padding mask raises
 (packing would move the window). A model whose mask is not plain causal, causal sliding or
 bidirectional attention with padding (image tokens attending both ways, chunked or
-bidirectional sliding attention) raises. What pyssm does not compute raises instead of being
-dropped: attention dropout while training, soft-capping, position biases (T5-style), attention
+bidirectional sliding attention) raises. Gemma 2's attention soft-capping (the config's
+attn_logit_softcapping) runs as pyssm's ``softcap``. What pyssm does not compute raises instead
+of being dropped: attention dropout while training, position biases (T5-style), attention
 sinks, and attention probabilities (``output_attentions``).
 
 ``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP, Siglip2MLP and the vision MLPs of
@@ -53,7 +54,7 @@ Its attention stays the model's (whichever ``attn_implementation``), and so do g
 checkpointing and the state dict.
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
-Llama, LLaVA; tests/integrations).
+Llama, Mistral, Gemma 2, LLaVA; tests/integrations).
 """
 
 from __future__ import annotations
@@ -148,8 +149,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if dropout and module.training:
         raise _unsupported(f"attention dropout while training (dropout={dropout}); set the "
                            f"config's attention_dropout to 0")
-    if softcap:
-        raise _unsupported("attention soft-capping")
     if position_bias is not None:
         raise _unsupported("an additive position bias")
     if s_aux is not None:
@@ -166,7 +165,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # what the model computes in: the dtype of the projections' weights, as the other backends
     dtype = q.dtype
     k, v = k.to(dtype), v.to(dtype)
-    call = dict(causal=causal, softmax_scale=scaling, window_size=window, backend=_backend)
+    call = dict(causal=causal, softmax_scale=scaling, window_size=window,
+                softcap=softcap or 0.0, backend=_backend)
 
     if attention_mask is not None and attention_mask.dtype == torch.int64:
         # sequences packed along each row (position_ids restarting): each attends to itself

@@ -279,8 +279,6 @@ def test_what_is_not_supported_says_so():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(NotImplementedError, match="dropout"):
         flash_attn_func(q, q, q, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        flash_attn_func(q, q, q, softcap=30.0)
     with pytest.raises(NotImplementedError, match="ALiBi"):
         flash_attn_func(q, q, q, alibi_slopes=torch.ones(2))
     packed = torch.randn(6, 2, 8)
@@ -335,3 +333,46 @@ def test_sliding_windows_as_flash_attn():
         row, _ = naive.attention(q[b:b + 1, :2], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
                                  window_size=(4, 0))
         torch.testing.assert_close(got[b:b + 1], row, atol=1e-12, rtol=1e-12)
+
+
+def test_softcap_as_flash_attn():
+    """softcap in every entry point, as flash-attn's: each score s becomes
+    softcap * tanh(s / softcap); with windows, packed sequences and a decoding step."""
+    q, k, v = (torch.randn(2, 9, 2, 8, dtype=F64) for _ in range(3))
+    want = naive.attention(q, k, v, softcap=0.6)[0]
+    assert (want - naive.attention(q, k, v)[0]).abs().max() > 1e-2   # (the cap matters)
+    torch.testing.assert_close(flash_attn_func(q, k, v, softcap=0.6), want, atol=1e-12,
+                               rtol=1e-12)
+    kv = torch.stack([k, v], dim=2)
+    torch.testing.assert_close(flash_attn_kvpacked_func(q, kv, softcap=0.6), want, atol=1e-12,
+                               rtol=1e-12)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(torch.stack([q, k, v], dim=2),
+                                                         softcap=0.6),
+                               want, atol=1e-12, rtol=1e-12)
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    flat = [t.reshape(18, 2, 8) for t in (q, k, v)]
+    torch.testing.assert_close(
+        flash_attn_varlen_func(*flat, cu, cu, 9, 9, softcap=0.6).view(q.shape), want,
+        atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        flash_attn_varlen_qkvpacked_func(torch.stack(flat, dim=1), cu, 9,
+                                         softcap=0.6).view(q.shape), want,
+        atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        flash_attn_varlen_kvpacked_func(flat[0], torch.stack(flat[1:], dim=1), cu, cu, 9, 9,
+                                        softcap=0.6).view(q.shape), want,
+        atol=1e-12, rtol=1e-12)
+    windowed = naive.attention(q, k, v, window_size=(3, 0), softcap=0.6)[0]
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True, window_size=(3, 3),
+                                               softcap=0.6), windowed, atol=1e-12, rtol=1e-12)
+    k_cache, v_cache = (torch.randn(2, 12, 2, 8, dtype=F64) for _ in range(2))
+    lengths = torch.tensor([5, 10], dtype=torch.int32)
+    got = flash_attn_with_kvcache(q[:, :2], k_cache, v_cache, k[:, :2].clone(),
+                                  v[:, :2].clone(), cache_seqlens=lengths, causal=True,
+                                  softcap=0.6)
+    for b, n in enumerate((7, 12)):
+        row, _ = naive.attention(q[b:b + 1, :2], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
+                                 causal=True, softcap=0.6)
+        torch.testing.assert_close(got[b:b + 1], row, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+        flash_attn_func(q, k, v, softcap=-1.0)

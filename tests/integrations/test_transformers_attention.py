@@ -18,17 +18,17 @@ def registered():
     pyssm_hf.register()
 
 
-def _pair(cls, config, **kw):
-    """(sdpa model, pyssm model) with the same weights; separate configs so that setting one's
-    attention backend cannot change the other's."""
+def _pair(cls, config, ref_impl="sdpa", **kw):
+    """(sdpa model (or ``ref_impl``'s), pyssm model) with the same weights; separate configs so
+    that setting one's attention backend cannot change the other's."""
     torch.manual_seed(0)
     ref = cls(copy.deepcopy(config), **kw).eval()
-    ref.set_attn_implementation("sdpa")
+    ref.set_attn_implementation(ref_impl)
     ours = cls(copy.deepcopy(config), **kw).eval()
     ours.load_state_dict(ref.state_dict())
     ours.set_attn_implementation("pyssm")
     assert ours.config._attn_implementation == "pyssm"
-    assert ref.config._attn_implementation == "sdpa"
+    assert ref.config._attn_implementation == ref_impl
     return ref, ours
 
 
@@ -316,6 +316,70 @@ def test_mistral_generate_with_a_sliding_cache_matches_sdpa(padded, cache, monke
     windows = _window_spy(monkeypatch)
     torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
     assert windows == [(3, 0)] * (2 * 8)   # 2 layers x (prefill + 7 steps)
+
+
+def _gemma2_config(**kw):
+    from transformers import Gemma2Config
+    return Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
+                        sliding_window=4, attn_logit_softcapping=3.0, **kw)
+
+
+def _call_spy(monkeypatch):
+    """Records (window_size, softcap) of each attention call."""
+    calls = []
+    real = ops.attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("window_size"), kwargs.get("softcap")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyssm_hf, "attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_gemma2_soft_capping_matches_eager(side, monkeypatch):
+    """Gemma 2's attention soft-capping (3 here) runs as pyssm's softcap, in its sliding layer
+    (window 4: (3, 0)) and its global one, padded rows read in place, against eager attention
+    (Gemma 2 has no sdpa: sdpa cannot cap)."""
+    from transformers import Gemma2ForCausalLM
+
+    ref, ours = _pair(Gemma2ForCausalLM, _gemma2_config(), ref_impl="eager")
+    ids, mask = _padded_batch(side)
+    calls = _call_spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(input_ids=ids, attention_mask=mask).logits
+    assert calls == [((3, 0), 3.0), ((-1, -1), 3.0)]
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
+    with torch.no_grad():  # the cap mattered: attention without it differs
+        monkeypatch.setattr(pyssm_hf, "attention",
+                            lambda *a, **kw: ops.attention(*a, **{**kw, "softcap": 0.0}))
+        uncapped = ours(input_ids=ids, attention_mask=mask).logits
+    assert (uncapped[valid] - want[valid]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_gemma2_generate_matches_eager(padded, monkeypatch):
+    """Cached greedy decoding past the window with soft-capping: eager's tokens."""
+    from transformers import Gemma2ForCausalLM
+
+    ref, ours = _pair(Gemma2ForCausalLM, _gemma2_config(), ref_impl="eager")
+    torch.manual_seed(2)
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = ref.generate(input_ids=ids, **kw)
+    calls = _call_spy(monkeypatch)
+    torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
+    assert calls == [((3, 0), 3.0), ((-1, -1), 3.0)] * 8   # (prefill + 7 steps)
 
 
 def test_mistral_sliding_window_with_holes_raises():
