@@ -42,6 +42,14 @@ window_size=(w - 1, 0), whose kernels visit only the key tiles the window reache
 "pyssm-<backend>-causal" plain causal attention over the same tokens (the work the window
 saves); "sdpa-default (masked)" torch SDPA with the sliding mask as a boolean tensor, as
 transformers' sdpa runs such a layer. TFLOP/s count the visible (query, key) pairs only.
+
+"attention_softcap" rows: a causal prefill with Gemma 2's soft-capped scores (c = 50: each
+score s becomes c tanh(s / c); GPU: bf16, Gemma 2 27B's 32 heads over 16 KV heads, head_dim
+128, N = 4096; CPU: float32, small): "pyssm-<backend>" with softcap=50 (on a GPU the forward
+kernels cap, the backward runs the composed path), "pyssm-<backend>-uncapped" the same call
+without the cap (what capping costs), and "eager (capped)" the scores formed, capped, masked
+and softmaxed by torch's ops, as transformers' eager attention runs Gemma 2 (its sdpa cannot
+cap). TFLOP/s count the causal (query, key) pairs.
 """
 
 from __future__ import annotations
@@ -135,7 +143,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     out = [case for heads, head_dim, seqlens, batches in configs
            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
     return out + qkv_cases(device, quick) + decode_cases(device, quick) + \
-        window_cases(device, quick)
+        window_cases(device, quick) + softcap_cases(device, quick)
 
 
 def window_providers(kernel: str, window: int) -> list[harness.Provider]:
@@ -176,6 +184,47 @@ def window_cases(device: torch.device, quick: bool = False) -> list[harness.Case
             dtype=str(dtype).removeprefix("torch."),
             flops={"forward": flops, "full": 3.5 * flops}))
     return out
+
+
+SOFTCAP = 50.0   # Gemma 2's attn_logit_softcapping
+
+
+def softcap_providers(kernel: str) -> list[harness.Provider]:
+    """The attention_softcap rows' providers (module docstring), each fn(q, k, v) -> like q."""
+    def eager(q, k, v):
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        group = qh.shape[1] // kh.shape[1]
+        kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+        scores = qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5
+        scores = torch.tanh(scores / SOFTCAP) * SOFTCAP
+        n = scores.shape[-1]
+        hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1, dtype=torch.float32)
+        return (probs.to(q.dtype) @ vh).transpose(1, 2)
+
+    capped = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
+        q, k, v, causal=True, softcap=SOFTCAP, backend=kernel))
+    uncapped = dataclasses.replace(harness.pyssm_provider(
+        "attention", kernel, lambda q, k, v: ops.attention(q, k, v, causal=True, backend=kernel)),
+        name=f"pyssm-{kernel}-uncapped")
+    return [capped, uncapped, harness.Provider("eager (capped)", eager)]
+
+
+def softcap_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch, n, heads, heads_k, head_dim = (2, 4096, 32, 16, 128) if gpu else (2, 129, 4, 2, 32)
+    flops = 4 * batch * heads * (n * (n + 1) // 2) * head_dim
+    return [harness.Case(
+        op="attention_softcap",
+        size={"N": n, "softcap": SOFTCAP, "batch": batch, "heads": heads, "heads_k": heads_k,
+              "head_dim": head_dim},
+        make_inputs=lambda: (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype),
+                             *(torch.randn(batch, n, heads_k, head_dim, device=device,
+                                           dtype=dtype) for _ in range(2))),
+        providers=softcap_providers(device.type), modes=("forward", "full"),
+        dtype=str(dtype).removeprefix("torch."),
+        flops={"forward": flops, "full": 3.5 * flops})]
 
 
 def decode_providers(kernel: str) -> list[harness.Provider]:
