@@ -15,7 +15,12 @@ k_norm, norm, gate, proj, proj_drop; Mlp: fc1, act, drop1, norm, fc2, drop2), so
 checkpoints and the outputs stay the same. Attention reads q, k, v straight out of the fused qkv
 projection in the flash layout (batch, tokens, heads, head_dim), without the transposes timm
 makes for SDPA (with no q / k norm, as ``attention_qkvpacked``: the kernels read them in place
-and the backward writes one gradient for the projection); attention masks and attention dropout
+and the backward writes one gradient for the projection). Padding masks, as timm's NaFlex ViTs
+make them (``create_attention_mask`` from patch_valid: symmetric or key-only, boolean or
+additive), are read once a forward (``pyssm.integrations.padding.key_padding``): each row's
+valid keys, when they are one run, are read in place (``seqused_k`` / ``leftpad_k``), else
+packed (``cu_seqlens_k``); every valid token gets timm's value, a padding token a finite one
+nothing valid reads. Other masks (causal, per head, additive biases) and attention dropout
 while training are not supported and raise. RopeAttention does the same for the rotary-embedding
 attention of timm's ``Eva`` models (EVA and EVA-02's EvaAttention, and AttentionRope: Perception
 Encoder, timm's RoPE ViTs): their projections (one fused qkv with EVA's q / v biases, or three),
@@ -42,11 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyssm.integrations.padding import key_padding, rows_for
 from pyssm.integrations.swap import shared_layer_norm, swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.models.mlp import add_mlp, norm_add_mlp
 from pyssm.models.norms import triton_backend
 from pyssm.ops import attention, attention_qkvpacked
+from pyssm.ops.attention import trust_leftpad, trust_seqused
 
 
 class Attention(nn.Module):
@@ -68,23 +75,51 @@ class Attention(nn.Module):
         self.proj, self.proj_drop = a.proj, a.proj_drop
         self.attn_drop_p = a.attn_drop.p
 
-    def _check(self, attn_mask: torch.Tensor | None) -> None:
+    def _check(self, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
         name = type(self).__name__
-        if attn_mask is not None:
-            raise NotImplementedError(f"pyssm's timm {name} takes no attn_mask")
+        if attn_mask is not None and is_causal:
+            raise ValueError(f"pyssm's timm {name}: attn_mask and is_causal together (torch's "
+                             f"SDPA refuses them too)")
         if self.training and self.attn_drop_p > 0:
             raise NotImplementedError(f"pyssm's timm {name} has no attention dropout "
                                       f"(attn_drop={self.attn_drop_p}) in training")
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                qkv: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+                qkv: torch.Tensor | None, is_causal: bool,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of q, k, v (batch, tokens, heads, head_dim); from ``qkv`` (batch, tokens,
-        3, heads, head_dim) in place when q, k and v are still its views."""
+        3, heads, head_dim) in place when q, k and v are still its views; under a padding
+        ``attn_mask`` (padding.key_padding) each query sees its row's valid keys."""
+        call = dict(softmax_scale=self.scale, backend=self.backend)
+        if attn_mask is not None:
+            return self._attend_padded(q, k, v, attn_mask, call)
         if qkv is not None:   # q, k and v read in place, one gradient of qkv's shape
-            return attention_qkvpacked(qkv, causal=is_causal, softmax_scale=self.scale,
-                                       backend=self.backend)
-        return attention(q, k, v, causal=is_causal, softmax_scale=self.scale,
-                         backend=self.backend)
+            return attention_qkvpacked(qkv, causal=is_causal, **call)
+        return attention(q, k, v, causal=is_causal, **call)
+
+    @staticmethod
+    def _attend_padded(q, k, v, attn_mask, call):
+        B, N = q.shape[:2]
+        shape = tuple(attn_mask.shape)
+        if shape[-1] != N or (len(shape) >= 2 and shape[-2] not in (1, N)) or \
+                (len(shape) == 4 and shape[0] not in (1, B)):
+            raise ValueError(f"attn_mask must be (batch, 1, queries, keys) for {B} rows of {N} "
+                             f"tokens (queries {N} or 1, batch {B} or 1), got {shape}")
+        pad = rows_for(key_padding(attn_mask), B)   # (read once a mask and batch size)
+        if pad["all_valid"]:
+            return attention(q, k, v, **call)
+        if pad["lead"] is not None:   # each row's valid keys one run, read in place
+            end, lead = pad["end"], pad["lead"]
+            trust_seqused(end, N)
+            trust_leftpad(lead, end, N)
+            return attention(q, k, v, seqused_k=end, leftpad_k=lead, **call)
+        # holes: every row's N queries against its valid keys, packed with offsets of their own
+        idx = pad["keys"]
+        kp, vp = (t.reshape(B * N, *t.shape[2:]).index_select(0, idx) for t in (k, v))
+        out = attention(q.reshape(B * N, *q.shape[2:]), kp, vp, cu_seqlens=pad["cu_seqlens"],
+                        max_seqlen=N, cu_seqlens_k=pad["cu_seqlens_k"],
+                        max_seqlen_k=pad["longest_k"], **call)
+        return out.view(q.shape)
 
     def _output(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         B, N = x.shape[:2]
@@ -95,14 +130,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        self._check(attn_mask)
+        self._check(attn_mask, is_causal)
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)
         if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
             q, k, qkv = self.q_norm(q), self.k_norm(k), None  # over head_dim: either layout
-        return self._output(self._attend(q, k, v, qkv, is_causal), gate)
+        return self._output(self._attend(q, k, v, qkv, is_causal, attn_mask), gate)
 
 
 def rotate(t: torch.Tensor, rope: torch.Tensor, num_prefix_tokens: int,
@@ -163,7 +198,7 @@ class RopeAttention(Attention):
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        self._check(attn_mask)
+        self._check(attn_mask, is_causal)
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         shape = (B, N, self.num_heads, self.head_dim)
@@ -180,7 +215,7 @@ class RopeAttention(Attention):
             q = rotate(q, rope, npt, half).type_as(v)
             k = rotate(k, rope, npt, half).type_as(v)
             qkv = None
-        return self._output(self._attend(q, k, v, qkv, is_causal), gate)
+        return self._output(self._attend(q, k, v, qkv, is_causal, attn_mask), gate)
 
 
 def swap_attention(model: nn.Module, backend: str | None = None) -> int:

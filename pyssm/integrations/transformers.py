@@ -59,12 +59,12 @@ Llama, Mistral, Gemma 2, LLaVA; tests/integrations).
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.utils.weak
 from torch import nn
 
+from pyssm.integrations.padding import mask_summary as _mask_summary
+from pyssm.integrations.padding import once_per_version as _once_per_version
+from pyssm.integrations.padding import packed as _packed
 from pyssm.integrations.swap import shared_layer_norm, swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.models.mlp import add_mlp, norm_add_mlp
@@ -80,49 +80,6 @@ def _unsupported(what: str) -> NotImplementedError:
     return NotImplementedError(
         f"attn_implementation='{NAME}' does not support {what}; use 'sdpa' or 'eager' for this "
         f"model (or this sub-model, with a per-sub-config attn_implementation dict)")
-
-
-def _packed(mask_2d: torch.Tensor, *tensors: torch.Tensor):
-    """The tokens of (B, S, ...) tensors where ``mask_2d`` (B, S) is true, packed as
-    (T, ...), with int32 cu_seqlens (B + 1) and the longest sequence."""
-    keep = mask_2d.bool()
-    lengths = keep.sum(1, dtype=torch.int32)
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=mask_2d.device)
-    cu[1:] = torch.cumsum(lengths, 0)
-    flat = keep.reshape(-1)
-    packed = [t.reshape(-1, *t.shape[2:])[flat] for t in tensors]
-    return packed, cu, int(lengths.max()) if lengths.numel() else 0
-
-
-def _once_per_version(summarise):
-    """``summarise(t)``, worked out once per tensor ``t`` and version (its device reads with
-    it): the model passes one mask to every layer of a forward, so a step reads it once."""
-    done = torch.utils.weak.WeakIdKeyDictionary()   # t -> (its version counter, the result)
-
-    @functools.wraps(summarise)
-    def once(t: torch.Tensor):
-        hit = done.get(t)
-        if hit is None or hit[0] != t._version:
-            hit = done[t] = (t._version, summarise(t))
-        return hit[1]
-
-    return once
-
-
-@_once_per_version
-def _mask_summary(mask: torch.Tensor):
-    """(all_valid, lead, end) of a 2D padding mask (B, S), read once per mask tensor and
-    version (one device sync): all_valid when every key is valid; lead and end (int32 (B,))
-    when each row's valid keys are one run [lead, end) (left or right padding, a static cache's
-    unwritten slots after), else None for both."""
-    valid = mask.bool()
-    count = valid.sum(1, dtype=torch.int32)
-    lead = (valid.cumsum(1) == 0).sum(1, dtype=torch.int32)
-    end = lead + count
-    slots = torch.arange(valid.shape[1], device=valid.device)
-    one_run = (valid == ((slots >= lead[:, None]) & (slots < end[:, None]))).all()
-    all_valid, one_run = torch.stack([(count == valid.shape[1]).all(), one_run]).tolist()
-    return (bool(all_valid), lead, end) if one_run else (bool(all_valid), None, None)
 
 
 @_once_per_version

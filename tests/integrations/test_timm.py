@@ -43,8 +43,9 @@ def test_swapped_attention_trains_and_rejects_what_it_lacks():
     model.train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        model.blocks[0].attn(torch.randn(1, 5, 192), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    with pytest.raises(NotImplementedError, match="padding masks only"):
+        model.blocks[0].attn(torch.randn(1, 5, 192), attn_mask=causal)
     dropped = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1,
                                 attn_drop_rate=0.1)
     swap_attention(dropped)
@@ -216,7 +217,7 @@ def test_swapped_blocks_take_the_fused_ops_in_bf16(device, training, name, monke
 
 def test_blocks_the_swap_does_not_take():
     """Blocks with RMSNorm, attention classes other than timm's Attention, or of other block
-    classes stay timm's; a swapped block refuses an attention mask."""
+    classes stay timm's; a swapped block refuses an attention mask that is not padding."""
     torch.manual_seed(0)
     rms = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
                             norm_layer="rmsnorm")
@@ -235,8 +236,9 @@ def test_blocks_the_swap_does_not_take():
         handle.remove()
         model(torch.randn(1, 3, 32, 32))
     assert seen == [Block]
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        model.blocks[0](torch.randn(1, 5, 192), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="padding masks only"):
+        model.blocks[0](torch.randn(1, 5, 192),
+                        attn_mask=torch.ones(5, 5, dtype=torch.bool).tril())
 
 
 # timm's rotary-embedding ViTs (timm.models.eva.Eva), whose attention is EvaAttention (EVA,
@@ -360,8 +362,8 @@ def test_rope_attention_modules_alone(cls_name, rope_shape):
         torch.testing.assert_close(gg, gw, atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match=r"rope must be \(tokens, 2 \* head_dim\)"):
         model(x, rope=rope[..., :D])
-    with pytest.raises(NotImplementedError, match="RopeAttention takes no attn_mask"):
-        model(x, rope=rope, attn_mask=torch.ones(N, N, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="padding masks only"):
+        model(x, rope=rope, attn_mask=torch.ones(N, N, dtype=torch.bool).tril())
     ref.attn_drop.p = model.attn_drop_p = 0.1
     with pytest.raises(NotImplementedError, match="attention dropout"):
         model.train()(x, rope=rope)
@@ -382,3 +384,146 @@ def test_swapped_eva02_in_bf16(device):
         if _extension.available():
             assert seen.pyssm_ops().count("attention") == 2
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+# Padding masks (timm's NaFlex ViTs: variable resolutions batched with padding patches, the
+# mask made by timm's create_attention_mask from patch_valid): rows all valid, padded at the end
+# (each row's valid keys one run: read in place), and with holes (valid keys packed)
+PATCH_VALID = {"all-valid": [], "end-padded": [(1, slice(8, None))],
+               "holes": [(1, slice(8, None)), (2, slice(3, 4)), (2, slice(10, None))]}
+
+
+def _naflex_inputs(holes):
+    B, N = 3, 12
+    torch.manual_seed(3)
+    patches = torch.randn(B, N, 16 * 16 * 3, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    for row, cols in holes:
+        valid[row, cols] = False
+    return dict(patches=patches, patch_coord=grid.reshape(1, N, 2).expand(B, N, 2),
+                patch_valid=valid)
+
+
+@pytest.mark.parametrize("holes", PATCH_VALID.values(), ids=PATCH_VALID.keys())
+@pytest.mark.parametrize("key_only", [False, True], ids=["symmetric", "key-only"])
+@pytest.mark.parametrize("swap", [swap_attention, swap_blocks])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_naflex_padding_masks(holes, key_only, swap, training, monkeypatch):
+    """A NaFlex ViT (float64, 4 prefix tokens) with swapped attention or blocks: timm's tokens
+    wherever they are valid, timm's pooled output and, in training, timm's gradients for every
+    parameter; the mask read once a forward (padding.key_padding)."""
+    import pyssm.integrations.padding as padding
+
+    torch.manual_seed(0)
+    kw = dict(pretrained=False, depth=2, embed_dim=64, num_heads=2, num_classes=5,
+              use_key_only_attn_mask=key_only)
+    ref = timm.create_model("naflexvit_base_patch16_gap", **kw).double()
+    with torch.no_grad():   # (weights large enough that attention moves the tokens)
+        for name, p in ref.named_parameters():
+            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.3)
+    model = timm.create_model("naflexvit_base_patch16_gap", **kw).double()
+    model.load_state_dict(ref.state_dict())
+    assert swap(model) == 2
+    reads = []
+    real = padding.mask_summary
+    monkeypatch.setattr(padding, "mask_summary", lambda m: reads.append(1) or real(m))
+    inputs = _naflex_inputs(holes)
+    valid = torch.cat([torch.ones(3, ref.num_prefix_tokens, dtype=torch.bool),
+                       inputs["patch_valid"]], 1)
+    results = []
+    for m in (ref, model):
+        m.train(training)
+        with torch.set_grad_enabled(training):
+            tokens = m.forward_features(**inputs)["patches"]
+            pooled = m.forward_head(tokens, patch_valid=inputs["patch_valid"])
+        grads = torch.autograd.grad(pooled.square().mean(), list(m.parameters()),
+                                    allow_unused=True) if training else ()
+        results.append((tokens.detach()[valid], pooled.detach(), grads))
+    (want_t, want_p, want_g), (got_t, got_p, got_g) = results
+    torch.testing.assert_close(got_t, want_t, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got_p, want_p, atol=1e-10, rtol=1e-10)
+    for (name, _), g, w in zip(model.named_parameters(), got_g, want_g):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-8, msg=name)
+    assert len(reads) == 1   # (one mask, two blocks)
+    if holes:   # (the mask mattered: attention over every token differs)
+        with torch.no_grad():
+            unmasked = model.forward_features(inputs["patches"].clone(), inputs["patch_coord"],
+                                              torch.ones_like(inputs["patch_valid"]))
+        assert (unmasked["patches"][valid] - want_t).abs().max() > 1e-3
+
+
+def test_padding_masks_in_rope_attention():
+    """Eva's rotary attention under a padding mask (timm's create_attention_mask): timm's
+    values at the valid tokens, float64."""
+    from timm.models.naflexvit import create_attention_mask
+
+    ref, model = _rope_pair(ROPE_CASES["pe"], torch.float64)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, 5:] = False
+    mask = create_attention_mask(valid, num_prefix_tokens=1, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = (m.eval().forward_features(x, attn_mask=mask) for m in (ref, model))
+    keep = torch.cat([torch.ones(2, 1, dtype=torch.bool), valid], 1)
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-10, rtol=1e-10)
+
+
+def test_masks_the_swap_refuses():
+    """What is not padding raises instead of being dropped: a causal mask, a mask per head, an
+    additive bias, a mask with is_causal, a mask of the wrong size."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1)
+    swap_attention(model)
+    attn, x = model.blocks[0].attn.eval(), torch.randn(2, 5, 192)
+    bias = torch.zeros(2, 1, 5, 5)
+    bias[0, 0, :, 1] = -2.0
+    for mask in (torch.ones(5, 5, dtype=torch.bool).tril(), torch.ones(2, 3, 5, 5) == 1, bias):
+        with pytest.raises(NotImplementedError, match="padding mask|one mask for every head"):
+            attn(x, attn_mask=mask)
+    with pytest.raises(ValueError, match="attn_mask and is_causal together"):
+        attn(x, attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match=r"attn_mask must be \(batch, 1, queries, keys\)"):
+        attn(x, attn_mask=torch.ones(2, 1, 5, 6, dtype=torch.bool))
+    # a mask hiding the same keys by -inf, by timm's finfo.min or as booleans: one result
+    keys = torch.tensor([True, True, False, True, False])
+    want = attn(x, attn_mask=keys.expand(5, 5))
+    for fill in (float("-inf"), torch.finfo(torch.float32).min):
+        additive = torch.zeros(1, 1, 1, 5).masked_fill(~keys, fill)
+        torch.testing.assert_close(attn(x, attn_mask=additive), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["bool", "additive"])
+def test_padding_masks_of_every_layout(form):
+    """The swapped Attention against timm's own under masks NaFlex does not make: padding in
+    front (a run from key 2: leftpad_k), a run in the middle, holes, a row with no valid key,
+    one mask broadcast over the batch, key-only (B, 1, 1, N) and 2D ones; float64, timm's
+    values at every query that sees a key."""
+    from timm.layers import Attention as TimmAttention
+
+    torch.manual_seed(0)
+    ref = TimmAttention(32, num_heads=2).double().eval()
+    ours = Attention(ref)
+    x = torch.randn(3, 7, 32, dtype=torch.float64)
+    runs = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    holes = torch.tensor([[1, 0, 1, 1, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0]])
+
+    def as_mask(valid, symmetric=True):
+        v = valid.bool()
+        ok = (v[:, :, None] & v[:, None, :]) if symmetric else v[:, None, :]
+        ok = ok[:, None]
+        return ok if form == "bool" else torch.zeros(ok.shape, dtype=torch.float64).masked_fill(
+            ~ok, torch.finfo(torch.float64).min)
+
+    cases = [(as_mask(runs), runs), (as_mask(holes), holes), (as_mask(runs, False), None),
+             (as_mask(holes, False), None), (as_mask(holes[:1], False), None),
+             (as_mask(holes[:1], False)[0, 0], None)]
+    for mask, queries in cases:
+        with torch.no_grad():
+            want, got = ref(x, attn_mask=mask), ours(x, attn_mask=mask)
+        seen = torch.ones(3, 7, dtype=torch.bool) if queries is None else queries.bool()
+        if mask.shape[-2] == 1:   # key-only: rows with no valid key see nothing
+            seen &= (mask.reshape(-1, 7) == (True if form == "bool" else 0)).any(-1)[:, None]
+        torch.testing.assert_close(got[seen], want[seen], atol=1e-12, rtol=1e-12)
