@@ -6,7 +6,7 @@
 // says PYSSM_FLASH_SM90=0. A forward with few queries a group of heads (seqlen_q x heads /
 // heads_k <= 16: decoding) takes the flash-decoding kernel (flash_decode_kernel.cuh) before
 // either, unless the environment says PYSSM_FLASH_DECODE=0. Soft-capping (softcap > 0) runs in
-// the three forward kernels (set_scale); its backward runs the composed path.
+// every kernel (set_scale, flash.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -314,7 +314,7 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
   const BwdLaunch launch = launcher<BwdLaunch>(q.scalar_type(), s.head_dim);
   const at::ScalarType t = q.scalar_type();
   if (launch == nullptr || s.batch > 65535 || s.heads_k > 65535 || dout.scalar_type() != t ||
-      out.scalar_type() != t || lse.scalar_type() != at::kFloat || softcap > 0) {
+      out.scalar_type() != t || lse.scalar_type() != at::kFloat) {
     attention_backward_composed_into(dout, dlse, q, k, v, out, lse, causal, softmax_scale,
                                      cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k, seqused_k,
                                      leftpad_k, window_left, window_right, softcap, dq, dk, dv);
@@ -348,6 +348,7 @@ void attention_backward_cuda_into(const at::Tensor& dout, const std::optional<at
       softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(s.head_dim));
   FlashBwdParams p{};
   set_common(p, qr, kr, vr, s, cu, cu_k, used, lead, scale, causal, window_left, window_right);
+  set_scale(p, scale, softcap);
   p.scale = static_cast<float>(scale);
   p.out = oc.const_data_ptr();
   p.dout = doc.const_data_ptr();

@@ -64,8 +64,9 @@ struct FlashBwdParams {
   int64_t batch, heads, heads_k, seqlen_q, seqlen_k;  // seqlen_*: max_seqlen(_k) packed
   int64_t total_q, total_k;    // tokens of q, of k and v
   float scale;                 // softmax_scale
-  float scale_log2;            // softmax_scale * log2(e)
+  float scale_log2;            // softmax_scale * log2(e), or softcap * log2(e) (set_scale)
   int64_t window_left, window_right;  // as FlashParams'
+  float softcap_prescale;      // as FlashParams'
   bool dq_atomics;             // Hopper backward: dQ by fp32 atomics, not TMA reduce-adds
 };
 
@@ -89,8 +90,11 @@ inline void set_window(Params& p, bool causal, int64_t window_left, int64_t wind
 // The forwards' scores: S = softmax_scale q k^T, taken into the log2 domain by scale_log2; with
 // soft-capping (softcap > 0, Gemma 2's) S = softcap tanh(softmax_scale q k^T / softcap): the
 // kernels take each product x to tanh(x softcap_prescale) (flash::softcap_tanh) and softcap
-// rides in scale_log2, so the softmax after it and the lse (in S's units) are unchanged.
-inline void set_scale(FlashParams& p, double softmax_scale, double softcap) {
+// rides in scale_log2, so the softmax after it and the lse (in S's units) are unchanged. The
+// backwards recompute P so, and scale dS by tanh's derivative 1 - t^2 (dS / dx = scale (1 -
+// t^2); their final scale is FlashBwdParams' softmax_scale, as without a cap).
+template <typename Params>
+inline void set_scale(Params& p, double softmax_scale, double softcap) {
   constexpr double kLog2e = 1.4426950408889634;
   p.scale_log2 = static_cast<float>((softcap > 0 ? softcap : softmax_scale) * kLog2e);
   p.softcap_prescale = softcap > 0 ? static_cast<float>(softmax_scale / softcap) : 0.f;

@@ -261,6 +261,12 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
       flash::queries_of_key(seq, p, n0 + kw + g + 8, m0, lo1, hi1);
       float s[Tr::kQTiles][4];  // S^T, then P^T
       rows_times_rows<T, kHeadDim>(s, k_s + kw * S, q_s, lane);
+      if (p.softcap_prescale > 0.f) {  // soft-capping: tanh of the scaled scores (set_scale)
+#pragma unroll
+        for (int j = 0; j < Tr::kQTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] = flash::softcap_tanh(s[j][e] * p.softcap_prescale);
+      }
 #pragma unroll
       for (int j = 0; j < Tr::kQTiles; ++j) {
 #pragma unroll
@@ -280,6 +286,12 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const FlashBwdParam
         for (int e = 0; e < 4; ++e) {
           const int qi = j * 8 + 2 * t + (e & 1);
           ds[j][e] = s[j][e] * (ds[j][e] - delta_s[qi]);
+          if (p.softcap_prescale > 0.f) {
+            // times tanh's derivative 1 - t^2, t worked back from P = exp2(t scale_log2 -
+            // lse) rather than kept over dV's products in registers (P = 0: dS is 0)
+            const float tc = (log2f(s[j][e]) + lse_s[qi]) / p.scale_log2;
+            ds[j][e] *= s[j][e] > 0.f ? 1.f - tc * tc : 0.f;
+          }
           ds_s[qi * Tr::kDsStride + kw + g + (e & 2 ? 8 : 0)] = Pack<T>::from_float(ds[j][e]);
         }
       }

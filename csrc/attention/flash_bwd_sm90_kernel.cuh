@@ -73,6 +73,10 @@ struct Traits {
   static constexpr int kQMain = kBlockM * 128;        // a Q or dO tile's first block
   static constexpr int kQBytes = kQMain + kBlockM * kTailSpan;
   static constexpr int kDsBytes = kBlockN * 128;      // dS^T: 128 keys x 64 queries
+  // soft-capping (set_scale) compiled in below head_dim 128: at 128 the consumers have no
+  // registers for it (every variant tried spilled 48-236 bytes there, the uncapped path too),
+  // so bwd() refuses a capped call and the portable backward takes it
+  static constexpr bool kSoftcap = kHeadDim < 128;
   // v2: a dQ buffer: each consumer's 32 columns (64 rows of 128 bytes, 8 KB, consumer c at
   // c 8 KB), then each consumer's tail columns (64 rows of kTailPartSpan bytes)
   static constexpr int kDqMain = kBlockM * 128;
@@ -264,9 +268,16 @@ __global__ void __launch_bounds__(384, 1)
         const int c = 2 * i + (e & 1);
         const int q = int(m0) + 8 * i + 2 * t + (e & 1);
         const bool visible = e < 2 ? q >= lo0 && q <= hi0 : q >= lo1 && q <= hi1;
-        const float pt = visible ? exp2f(st[4 * i + e] * p.scale_log2 - lse[c]) : 0.f;
+        float x = st[4 * i + e], dtanh = 1.f;
+        if constexpr (Tr::kSoftcap) {
+          if (p.softcap_prescale > 0.f) {  // soft-capping (set_scale): t = tanh, dS (1 - t^2)
+            x = flash::softcap_tanh(x * p.softcap_prescale);
+            dtanh = 1.f - x * x;
+          }
+        }
+        const float pt = visible ? exp2f(x * p.scale_log2 - lse[c]) : 0.f;
         st[4 * i + e] = pt;
-        dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]);
+        dpt[4 * i + e] = pt * (dpt[4 * i + e] - delta[c]) * dtanh;
       }
     uint32_t pa[4][4], da[4][4];  // A fragments over the 64 queries, 16 a step
 #pragma unroll
@@ -414,6 +425,7 @@ cudaError_t bwd(const FlashBwdParams& p, cudaStream_t stream) {
   using Tr = Traits<T, kHeadDim>;
   if (flash_bwd::bwd_empty(p)) return cudaSuccess;
   if (!flash_bwd::bwd_args_ok(p)) return cudaErrorInvalidValue;
+  if (p.softcap_prescale > 0.f && !Tr::kSoftcap) return cudaErrorNotSupported;
   const bool packed = p.cu_seqlens != nullptr;
   const uint64_t q_tokens = packed ? uint64_t(p.total_q) : uint64_t(p.seqlen_q);
   const uint64_t k_tokens = packed ? uint64_t(p.total_k) : uint64_t(p.seqlen_k);

@@ -45,8 +45,8 @@ transformers' sdpa runs such a layer. TFLOP/s count the visible (query, key) pai
 
 "attention_softcap" rows: a causal prefill with Gemma 2's soft-capped scores (c = 50: each
 score s becomes c tanh(s / c); GPU: bf16, Gemma 2 27B's 32 heads over 16 KV heads, head_dim
-128, N = 4096; CPU: float32, small): "pyssm-<backend>" with softcap=50 (on a GPU the forward
-kernels cap, the backward runs the composed path), "pyssm-<backend>-uncapped" the same call
+128, N = 4096; CPU: float32, small): "pyssm-<backend>" with softcap=50,
+"pyssm-<backend>-uncapped" the same call
 without the cap (what capping costs), and "eager (capped)" the scores formed, capped, masked
 and softmaxed by torch's ops, as transformers' eager attention runs Gemma 2 (its sdpa cannot
 cap). TFLOP/s count the causal (query, key) pairs.

@@ -331,8 +331,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     Differentiable in q, k and v (through out and lse; keys outside [leftpad_k, seqused_k) get
     zero gradient, as do keys no query's window reaches).
     window_size (left, right): a sliding window, -1 a side without bound (flash-attn's).
-    softcap: 0, or the cap c > 0 of the scores, c tanh(S / c) (flash-attn's softcap). On CUDA
-    the forward kernels cap the scores; the backward with a cap runs the composed path.
+    softcap: 0, or the cap c > 0 of the scores, c tanh(S / c) (flash-attn's softcap), in every
+    kernel (the CUDA forwards, backwards and decoding too).
     max_seqlen (max_seqlen_k): at least the longest query (key) sequence, read from the offsets
     when not given. The CUDA kernels read q, k and v in place at any strides that keep head_dim
     contiguous and 16-byte aligned (views into a fused qkv projection, torch SDPA's (B, H, N, d)

@@ -165,13 +165,13 @@ void emu_flash_decode_plan(int64_t batch, int64_t heads_k, int64_t seqlen_k, int
 
 // sm90: the Hopper backward instead of the portable one, adding dQ by TMA reduce-adds (1) or
 // by atomics (2); strides: q's and k's and v's layouts as the forward's, then the token strides
-// of dq and of dk and dv (FlashBwdParams' dq_row, dkv_row)
+// of dq and of dk and dv (FlashBwdParams' dq_row, dkv_row); softcap as emu_flash_fwd_any's
 int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const void* k,
                       const void* v, const int64_t* strides, const void* out, const void* dout,
                       void* dq, void* dk, void* dv, const float* lse, const float* dlse,
                       float* delta, float* dq_accum, const int* cu, const int* cu_k,
                       const int* used, const int* lead, const int64_t* sizes, float scale,
-                      const int64_t* mask) {
+                      const int64_t* mask, float softcap) {
   pyssm::FlashBwdParams p{};
   set_inputs(p, q, k, v, strides);
   p.out = out;
@@ -188,6 +188,7 @@ int emu_flash_bwd_any(int sm90, int dtype, int head_dim, const void* q, const vo
   p.scale = scale;
   p.dq_atomics = sm90 == 2;
   set_sizes(p, sizes, cu, cu_k, used, lead, scale, mask);
+  pyssm::set_scale(p, scale, softcap);
   if (sm90) {
     if (dtype == 2) return int(bwd_sm90<__half>(head_dim, p));
     if (dtype == 3) return int(bwd_sm90<__nv_bfloat16>(head_dim, p));

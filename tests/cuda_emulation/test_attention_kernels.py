@@ -28,7 +28,7 @@ def emu(tmp_path_factory):
     lib.emu_flash_fwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 11 + \
         [ctypes.c_float, ctypes.c_void_p, ctypes.c_float]
     lib.emu_flash_bwd_any.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 18 + \
-        [ctypes.c_float, ctypes.c_void_p]
+        [ctypes.c_float, ctypes.c_void_p, ctypes.c_float]
     return lib
 
 
@@ -172,7 +172,8 @@ def forward_emulated(emu, q, k, v, causal, scale, lengths, sm90=False, softcap=0
     return out, lse
 
 
-def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=0, grads=None):
+def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90=0, grads=None,
+                      softcap=0.0, rc_expected=0):
     """sm90: 0 the portable backward, 1 the Hopper one (dQ by TMA reduce-adds), 2 the Hopper
     one with dQ by atomics (PYSSM_FLASH_SM90_DQ=atomic). grads: dq, dk, dv to write (strided
     as FlashBwdParams allows), else fresh poisoned ones."""
@@ -193,8 +194,8 @@ def backward_emulated(emu, q, k, v, out, dout, lse, causal, scale, lengths, sm90
                                ptr(delta), ptr(dq_accum), ptr(cu), ptr(cu_k), ptr(used),
                                ptr(lead),
                                sizes(batch, H, Hk, seqlen_q, seqlen_k, total_q, total_k), scale,
-                               mask_codes(causal))
-    assert rc == 0, f"launcher returned cudaError {rc}"
+                               mask_codes(causal), softcap)
+    assert rc == rc_expected, f"launcher returned cudaError {rc}"
     return dq, dk, dv
 
 
@@ -408,7 +409,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
     strides = (H * d, d, (total + guard) * H * d) * 2
     rc = emu.emu_flash_fwd_any(int(sm90), CODES[dtype], d, *map(ptr, qkv), sizes(*strides),
                                ptr(out), ptr(lse), ptr(cu), None, None, None, dims, scale,
-                               mask_codes(False))
+                               mask_codes(False), 0.0)
     assert rc == 0
     assert (out[total:] == 7).all() and (lse[H * total:] == 7).all(), "wrote past the tokens"
     clamped = torch.tensor([0, 60, total], dtype=torch.int32)
@@ -426,7 +427,7 @@ def test_offsets_past_the_packed_tokens_are_clamped(emu, sm90):
                                sizes(*strides, H * d, H * d),
                                ptr(out), ptr(dout), *map(ptr, grads), ptr(lse), None, ptr(delta),
                                ptr(dq_accum), ptr(cu), None, None, None, dims, scale,
-                               mask_codes(False))
+                               mask_codes(False), 0.0)
     assert rc == 0
     for name, t in zip(("dq", "dk", "dv", "dq_accum"), (*grads, dq_accum)):
         assert (t[total:] == 7).all(), f"{name}: wrote past the tokens"
@@ -650,3 +651,31 @@ def test_flash_forward_softcap(emu_decode, kernel, dtype, softcap):
             uncapped = ops.attention_reference(*exact, **mask_args(causal), softmax_scale=3.0,
                                                **key_args(lengths))
             assert (uncapped - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("softcap", [2.0, 50.0])
+@pytest.mark.parametrize("kernel", [0, 1, 2], ids=["portable", "sm90_dq_tma", "sm90_dq_atomic"])
+@pytest.mark.parametrize("dtype", list(CODES))
+def test_flash_backward_softcap(emu, kernel, dtype, softcap):
+    """The backwards with soft-capping (P recomputed through tanh, dS times 1 - t^2; the
+    portable one works t back from P): gradients against float64 autograd through the capped
+    reference, from the emulated forward's out and lse, scale 3 (large scores). The Hopper one
+    refuses a capped call at head_dim 128 (cudaErrorNotSupported: attention_cuda.cpp then runs
+    the portable one), having no registers for it there."""
+    for case in SOFTCAP_CASES:
+        B, Sq, Sk, H, Hk, d, causal, lengths = case
+        q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+        keys = key_args(lengths)
+        out, lse = forward_emulated(emu, q, k, v, causal, 3.0, lengths, softcap=softcap)
+        exact_in = [t.double().requires_grad_() for t in (q, k, v)]
+        want = ops.attention_reference(*exact_in, **mask_args(causal), softmax_scale=3.0,
+                                       softcap=softcap, **keys)
+        dout = torch.randn_like(q)
+        if kernel and d == 128:
+            backward_emulated(emu, q, k, v, out, dout, lse, causal, 3.0, lengths, sm90=kernel,
+                              softcap=softcap, rc_expected=801)
+            continue
+        got = backward_emulated(emu, q, k, v, out, dout, lse, causal, 3.0, lengths, sm90=kernel,
+                                softcap=softcap)
+        grads = torch.autograd.grad(want, exact_in, dout.double())
+        check_grads(got, grads, dout, v, dtype)
