@@ -1,5 +1,5 @@
 """Padding masks as pyssm's attention takes them: each row's valid keys read once per mask
-(one device sync a forward, not one a layer) as one run [lead, end) where they are one
+(device reads once a forward, not once a layer) as one run [lead, end) where they are one
 (``leftpad_k`` / ``seqused_k``, read in place), else the valid tokens packed (``cu_seqlens``).
 Shared by the transformers backend and the timm modules (pyssm.integrations)."""
 
@@ -76,15 +76,13 @@ def key_padding(attn_mask: torch.Tensor) -> dict:
         raise NotImplementedError(f"pyssm's timm attention takes one mask for every head, got "
                                   f"shape {tuple(attn_mask.shape)}")
     m = m[:, 0]
-    if m.dtype == torch.bool:
-        ok, values_ok = m, torch.ones((), dtype=torch.bool, device=m.device)
-    else:
-        ok = m == 0
-        values_ok = (ok | (m <= MASKED_BIAS)).all()
+    ok = m if m.dtype == torch.bool else m == 0
     keys = ok.any(-2)                      # (B, N): seen by some query
     queries = ok.any(-1)                   # (B, Nq): seeing some key
-    padding = torch.equal(ok, queries[:, :, None] & keys[:, None, :]) if ok.numel() else True
-    if not (padding and bool(values_ok)):
+    padding = (ok == (queries[:, :, None] & keys[:, None, :])).all()
+    if m.dtype != torch.bool:              # (and every hidden entry hides: no other bias)
+        padding &= (ok | (m <= MASKED_BIAS)).all()
+    if not padding.item():                 # (one device read)
         raise NotImplementedError(
             "pyssm's timm attention takes padding masks only (each query sees every valid key "
             "or none; additive entries 0 or masked), not a causal or arbitrary mask or bias")
@@ -92,8 +90,8 @@ def key_padding(attn_mask: torch.Tensor) -> dict:
 
 
 def rows(keys: torch.Tensor) -> dict:
-    """The key arguments for a batch whose valid keys are ``keys`` (B, N) bool (one device
-    sync): ``all_valid``; ``lead`` / ``end`` (int32 (B,)) where each row's valid keys are one
+    """The key arguments for a batch whose valid keys are ``keys`` (B, N) bool (device reads:
+    one, or three with holes): ``all_valid``; ``lead`` / ``end`` (int32 (B,)) where each row's valid keys are one
     run [lead, end); otherwise ``keys`` (the flat indices of the valid keys over B x N), their
     ``cu_seqlens_k``, ``longest_k`` and ``cu_seqlens`` (every row's N queries); and ``batch``
     B, ``valid`` the keys. A one-row mask for a batch of B rows: ``rows_for(pad, B)``."""
