@@ -527,3 +527,28 @@ def test_padding_masks_of_every_layout(form):
         if mask.shape[-2] == 1:   # key-only: rows with no valid key see nothing
             seen &= (mask.reshape(-1, 7) == (True if form == "bool" else 0)).any(-1)[:, None]
         torch.testing.assert_close(got[seen], want[seen], atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_naflex_padding_masks_in_bf16(device):
+    """bf16 autocast (on a GPU the kernels): a NaFlex ViT with end padding and holes, its attention swapped
+    (the kernels reading the valid keys in place, and packed): timm's valid tokens within
+    bf16, through pyssm's attention op."""
+    torch.manual_seed(0)
+    kw = dict(pretrained=False, depth=2, embed_dim=128, num_heads=2, num_classes=0)
+    ref = timm.create_model("naflexvit_base_patch16_gap", **kw).to(device).eval()
+    model = timm.create_model("naflexvit_base_patch16_gap", **kw).to(device).eval()
+    model.load_state_dict(ref.state_dict())
+    swap_attention(model)
+    for holes in (PATCH_VALID["end-padded"], PATCH_VALID["holes"]):
+        inputs = {k: v.to(device) for k, v in _naflex_inputs(holes).items()}
+        inputs["patches"] = inputs["patches"].float()
+        valid = torch.cat([torch.ones(3, ref.num_prefix_tokens, dtype=torch.bool,
+                                      device=device), inputs["patch_valid"]], 1)
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            want = ref.forward_features(**inputs)["patches"].float()
+            with Dispatched() as seen:
+                got = model.forward_features(**inputs)["patches"].float()
+        if _extension.available():
+            assert seen.pyssm_ops().count("attention") == 2
+        torch.testing.assert_close(got[valid], want[valid], rtol=0.05, atol=0.05)
