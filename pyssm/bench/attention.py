@@ -146,6 +146,14 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
         window_cases(device, quick) + softcap_cases(device, quick)
 
 
+def _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim) -> tuple:
+    """q (batch, n, heads, head_dim), k and v (batch, n, heads_k, head_dim): a language
+    model's prefill with grouped-query heads."""
+    q = torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype)
+    return (q, *(torch.randn(batch, n, heads_k, head_dim, device=device, dtype=dtype)
+                 for _ in range(2)))
+
+
 def window_providers(kernel: str, window: int) -> list[harness.Provider]:
     """The attention_window rows' providers (module docstring), each fn(q, k, v) -> like q."""
     def sdpa_masked(q, k, v):
@@ -158,10 +166,16 @@ def window_providers(kernel: str, window: int) -> list[harness.Provider]:
 
     windowed = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
         q, k, v, causal=True, window_size=(window - 1, 0), backend=kernel))
-    causal = dataclasses.replace(harness.pyssm_provider(
+    return [windowed, _plain_causal(kernel, "causal"),
+            harness.Provider("sdpa-default (masked)", sdpa_masked)]
+
+
+def _plain_causal(kernel: str, suffix: str) -> harness.Provider:
+    """pyssm's plain causal attention, "pyssm-<kernel>-<suffix>": what a window or a cap is
+    measured against."""
+    return dataclasses.replace(harness.pyssm_provider(
         "attention", kernel, lambda q, k, v: ops.attention(q, k, v, causal=True, backend=kernel)),
-        name=f"pyssm-{kernel}-causal")
-    return [windowed, causal, harness.Provider("sdpa-default (masked)", sdpa_masked)]
+        name=f"pyssm-{kernel}-{suffix}")
 
 
 def window_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
@@ -177,9 +191,7 @@ def window_cases(device: torch.device, quick: bool = False) -> list[harness.Case
             op="attention_window",
             size={"N": n, "window": window, "batch": batch, "heads": heads, "heads_k": heads_k,
                   "head_dim": head_dim},
-            make_inputs=lambda: (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype),
-                                 *(torch.randn(batch, n, heads_k, head_dim, device=device,
-                                               dtype=dtype) for _ in range(2))),
+            make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
             providers=window_providers(device.type, window), modes=("forward", "full"),
             dtype=str(dtype).removeprefix("torch."),
             flops={"forward": flops, "full": 3.5 * flops}))
@@ -204,10 +216,7 @@ def softcap_providers(kernel: str) -> list[harness.Provider]:
 
     capped = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
         q, k, v, causal=True, softcap=SOFTCAP, backend=kernel))
-    uncapped = dataclasses.replace(harness.pyssm_provider(
-        "attention", kernel, lambda q, k, v: ops.attention(q, k, v, causal=True, backend=kernel)),
-        name=f"pyssm-{kernel}-uncapped")
-    return [capped, uncapped, harness.Provider("eager (capped)", eager)]
+    return [capped, _plain_causal(kernel, "uncapped"), harness.Provider("eager (capped)", eager)]
 
 
 def softcap_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
@@ -219,9 +228,7 @@ def softcap_cases(device: torch.device, quick: bool = False) -> list[harness.Cas
         op="attention_softcap",
         size={"N": n, "softcap": SOFTCAP, "batch": batch, "heads": heads, "heads_k": heads_k,
               "head_dim": head_dim},
-        make_inputs=lambda: (torch.randn(batch, n, heads, head_dim, device=device, dtype=dtype),
-                             *(torch.randn(batch, n, heads_k, head_dim, device=device,
-                                           dtype=dtype) for _ in range(2))),
+        make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
         providers=softcap_providers(device.type), modes=("forward", "full"),
         dtype=str(dtype).removeprefix("torch."),
         flops={"forward": flops, "full": 3.5 * flops})]

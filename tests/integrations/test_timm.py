@@ -153,6 +153,18 @@ def _block_pair(kw: dict, depth: int = 3, name: str = "vit_tiny_patch16_224"):
     return ref, model
 
 
+def _features_and_grads(m, x, training):
+    """m's features of x and, in training, the gradients of their mean square for every
+    parameter (None where unused), drop paths and patch dropout drawn from seed 5."""
+    m.train(training)
+    torch.manual_seed(5)
+    with torch.set_grad_enabled(training):
+        out = m.forward_features(x)
+    grads = torch.autograd.grad(out.square().mean(), list(m.parameters()),
+                                allow_unused=True) if training else ()
+    return out.detach(), grads
+
+
 @pytest.mark.parametrize("kw", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_swapped_blocks_give_timms_outputs_and_gradients(kw, training):
@@ -160,16 +172,7 @@ def test_swapped_blocks_give_timms_outputs_and_gradients(kw, training):
     from the same seed) timm's gradients for every parameter."""
     ref, model = _block_pair(kw)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    results = []
-    for m in (ref, model):
-        m.train(training)
-        torch.manual_seed(5)
-        with torch.set_grad_enabled(training):
-            out = m.forward_features(x)
-        grads = torch.autograd.grad(out.square().mean(), list(m.parameters()),
-                                    allow_unused=True) if training else ()
-        results.append((out.detach(), grads))
-    (want, want_g), (got, got_g) = results
+    (want, want_g), (got, got_g) = (_features_and_grads(m, x, training) for m in (ref, model))
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     for (name, _), g, w in zip(model.named_parameters(), got_g, want_g):
         assert (g is None) == (w is None) == name.startswith(("head.", "fc_norm.")), name
@@ -301,16 +304,7 @@ def test_swapped_rope_attention_gives_timms_outputs_and_gradients(kw, training, 
                         lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     size = (40, 24) if kw.get("dynamic_img_size") else (32, 32)
     x = torch.randn(2, 3, *size, dtype=dtype)
-    results = []
-    for m in (ref, model):
-        m.train(training)
-        torch.manual_seed(5)
-        with torch.set_grad_enabled(training):
-            out = m.forward_features(x)
-        grads = torch.autograd.grad(out.square().mean(), list(m.parameters()),
-                                    allow_unused=True) if training else ()
-        results.append((out.detach(), grads))
-    (want, want_g), (got, got_g) = results
+    (want, want_g), (got, got_g) = (_features_and_grads(m, x, training) for m in (ref, model))
     tokens = want.shape[1]
     if kw.get("use_rot_pos_emb"):   # (with rope: q and k apart, never packed)
         assert calls == [(2, tokens, 2, 24)] * 2

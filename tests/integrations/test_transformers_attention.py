@@ -265,6 +265,16 @@ def _window_spy(monkeypatch):
     return windows
 
 
+def _prompt(padded):
+    """(ids, mask) of 2 prompts of 9 tokens, the first left-padded by 3 when ``padded``."""
+    torch.manual_seed(2)
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 def _mistral_config(**kw):
     from transformers import MistralConfig
     return MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
@@ -304,12 +314,7 @@ def test_mistral_generate_with_a_sliding_cache_matches_sdpa(padded, cache, monke
     from transformers import MistralForCausalLM
 
     ref, ours = _pair(MistralForCausalLM, _mistral_config())
-    torch.manual_seed(2)
-    ids = torch.randint(3, 97, (2, 9))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[0, :3] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = _prompt(padded)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
               cache_implementation=cache)
     want = ref.generate(input_ids=ids, **kw)
@@ -369,12 +374,7 @@ def test_gemma2_generate_matches_eager(padded, monkeypatch):
     from transformers import Gemma2ForCausalLM
 
     ref, ours = _pair(Gemma2ForCausalLM, _gemma2_config(), ref_impl="eager")
-    torch.manual_seed(2)
-    ids = torch.randint(3, 97, (2, 9))
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[0, :3] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = _prompt(padded)
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     want = ref.generate(input_ids=ids, **kw)
     calls = _call_spy(monkeypatch)

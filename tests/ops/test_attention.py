@@ -864,6 +864,19 @@ def _attend_without_sync(q, k, v, call):
     return out, lse, g, g_lse, got
 
 
+def _bf16_case(packed, seqlen_q, head_dim, device, call):
+    """bf16 q (4 heads), k, v (2 heads) needing gradients: seqlen_q queries against 1000 keys
+    in 2 rows, or packed sequences of 700, 0, 1 and 399 tokens (their offsets put in ``call``)."""
+    if packed:
+        lq = [700, 0, 1, 399]
+        call.update(cu_seqlens=offsets(lq, device), max_seqlen=700)
+        q_shape, kv_shape = (sum(lq), 4, head_dim), (sum(lq), 2, head_dim)
+    else:
+        q_shape, kv_shape = (2, seqlen_q, 4, head_dim), (2, 1000, 2, head_dim)
+    return [torch.randn(shape, dtype=torch.bfloat16, device=device, requires_grad=True)
+            for shape in (q_shape, kv_shape, kv_shape)]
+
+
 def _exact_grads(q, k, v, g, g_lse, causal, scale=None, cu_seqlens=None, cu_seqlens_k=None,
                  seqused_k=None, leftpad_k=None, window_size=(-1, -1), softcap=0.0):
     """float64 autograd through the reference on the CPU, from the same (rounded) inputs."""
@@ -1278,10 +1291,14 @@ def test_window_in_a_left_padded_cache(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("attention"))
-def test_qkvpacked_window_equals_attention(device, backend):
+@pytest.mark.parametrize("extra", [dict(window_size=(3, 1)), dict(causal=True, softcap=0.8)],
+                         ids=["window", "softcap"])
+def test_qkvpacked_window_or_softcap_equals_attention(device, backend, extra):
+    """A window or a cap: qkvpacked runs as attention on qkv's views, the same values and
+    gradients."""
     qkv_t = torch.randn(2, 10, 3, 2, 16, dtype=F64, device=device, requires_grad=True)
-    got = ops.attention_qkvpacked(qkv_t, window_size=(3, 1), backend=backend)
-    want = ops.attention(*qkv_t.unbind(2), window_size=(3, 1), backend=backend)
+    got = ops.attention_qkvpacked(qkv_t, backend=backend, **extra)
+    want = ops.attention(*qkv_t.unbind(2), backend=backend, **extra)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     g = torch.randn_like(got)
     torch.testing.assert_close(torch.autograd.grad(got, qkv_t, g)[0],
@@ -1332,18 +1349,9 @@ def test_cuda_flash_sliding_window(device, backend, flash_path, head_dim, window
     tiles, rows that see no key under right 40) and packed sequences, forward and gradients
     against float64 within bf16's rounding, no synchronisation, zero gradient outside every
     window."""
-    dtype = torch.bfloat16
     for packed in (False, True):
         call = dict(causal=causal, window_size=window, return_lse=True, backend=backend)
-        if packed:
-            lq = [700, 0, 1, 399]
-            call.update(cu_seqlens=offsets(lq, device), max_seqlen=700)
-            q_shape, kv_shape = (sum(lq), 4, head_dim), (sum(lq), 2, head_dim)
-        else:
-            q_shape, kv_shape = (2, 1100, 4, head_dim), (2, 1000, 2, head_dim)
-        q = torch.randn(q_shape, dtype=dtype, device=device, requires_grad=True)
-        k, v = (torch.randn(kv_shape, dtype=dtype, device=device, requires_grad=True)
-                for _ in range(2))
+        q, k, v = _bf16_case(packed, 1100, head_dim, device, call)
         ops.attention(q, k, v, **call)   # (reads the offsets once)
         out, lse, g, g_lse, got = _attend_without_sync(q, k, v, call)
         keys = {n: call[n].cpu() for n in ("cu_seqlens",) if n in call}
@@ -1416,17 +1424,6 @@ def test_softcap_with_packed_sequences_and_a_padded_cache(device, backend):
                              torch.cat([l_ for _, l_ in parts]), (q, k, v), cpu)
 
 
-@pytest.mark.parametrize("device,backend", backend_params("attention"))
-def test_qkvpacked_softcap_equals_attention(device, backend):
-    qkv_t = torch.randn(2, 10, 3, 2, 16, dtype=F64, device=device, requires_grad=True)
-    got = ops.attention_qkvpacked(qkv_t, causal=True, softcap=0.8, backend=backend)
-    want = ops.attention(*qkv_t.unbind(2), causal=True, softcap=0.8, backend=backend)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    g = torch.randn_like(got)
-    torch.testing.assert_close(torch.autograd.grad(got, qkv_t, g)[0],
-                               torch.autograd.grad(want, qkv_t, g)[0], atol=1e-12, rtol=1e-12)
-
-
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_bad_softcap(backend):
     q, k, v = qkv(1, 4, 4, 1, 1, 8, "cpu")
@@ -1460,19 +1457,10 @@ def test_softcap_opcheck(device, backend):
 def test_cuda_softcap(device, backend, flash_path, head_dim, causal):
     """bf16 with Gemma 2's cap (50) and a tight one (2): 700 queries against 1000 keys and
     packed sequences, forward and gradients against float64 within bf16's rounding."""
-    dtype = torch.bfloat16
     for softcap in (50.0, 2.0):
         for packed in (False, True):
             call = dict(causal=causal, softcap=softcap, return_lse=True, backend=backend)
-            if packed:
-                lq = [700, 0, 1, 399]
-                call.update(cu_seqlens=offsets(lq, device), max_seqlen=700)
-                q_shape, kv_shape = (sum(lq), 4, head_dim), (sum(lq), 2, head_dim)
-            else:
-                q_shape, kv_shape = (2, 700, 4, head_dim), (2, 1000, 2, head_dim)
-            q = torch.randn(q_shape, dtype=dtype, device=device, requires_grad=True)
-            k, v = (torch.randn(kv_shape, dtype=dtype, device=device, requires_grad=True)
-                    for _ in range(2))
+            q, k, v = _bf16_case(packed, 700, head_dim, device, call)
             out, lse = ops.attention(q, k, v, **call)
             g = torch.randn_like(out)
             got = torch.autograd.grad(out, (q, k, v), g)
