@@ -9,7 +9,8 @@ not built yet on this device say so instead of running the slow reference.
 CPU (float32): VMamba-T s1l8 and ViT-S/16 at 64, 96, 128, 160 and 224 px (--quick: 64, 96),
 batch 2, a training step at 64 px.
 The default run also times timm's rotary ViTs (TIMM_ROPE: Perception Encoder core B/16 and
-EVA-02 B/14) at the same resolutions, as timm builds them and with pyssm's attention swapped in.
+EVA-02 B/14) as timm builds them and with pyssm's attention swapped in: on a GPU at the same
+resolutions, on the CPU at the first only.
 
 Each row carries "tokens", the visual tokens the encoder gives the VLM at that resolution
 (ViT: (R / patch)^2; VMamba: its stage-3 map, (R / 16)^2): the x axis of the cost fits.
@@ -254,7 +255,9 @@ def cases(device: torch.device, quick: bool = False,
         default += list(TIMM_ROPE)
     out = []
     for name in names or default:
-        for res in resolutions:
+        # (timm's rotary ViTs: base-sized, two copies a resolution, all built before the run:
+        # on the CPU the first resolution only, which keeps the main job's memory down)
+        for res in resolutions[:1] if name in TIMM_ROPE and not gpu else resolutions:
             if name in TIMM_ROPE:
                 providers = timm_rope_providers(name, res, device)
             else:   # (--quick: the comparison rows at the first resolution only)
