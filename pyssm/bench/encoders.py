@@ -83,7 +83,7 @@ NOTES = [
     "(pyssm.integrations.timm.swap_attention), beside timm's own.",
 ]
 
-# timm's rotary-embedding ViTs (TIMM_ROPE_NAMES: timm name -> patch size), timed as timm
+# timm's rotary-embedding ViTs (timm name -> patch size), timed as timm
 # builds them and with their attention swapped for pyssm's: Perception Encoder's core tower and
 # EVA-02, vision towers of VLMs that pyssm has no model of
 TIMM_ROPE = {"vit_pe_core_base_patch16_224": 16, "eva02_base_patch14_224": 14}
