@@ -11,18 +11,6 @@ import torch
 import torch.utils.weak
 
 
-def packed(mask_2d: torch.Tensor, *tensors: torch.Tensor):
-    """The tokens of (B, S, ...) tensors where ``mask_2d`` (B, S) is true, packed as
-    (T, ...), with int32 cu_seqlens (B + 1) and the longest sequence."""
-    keep = mask_2d.bool()
-    lengths = keep.sum(1, dtype=torch.int32)
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=mask_2d.device)
-    cu[1:] = torch.cumsum(lengths, 0)
-    flat = keep.reshape(-1)
-    out = [t.reshape(-1, *t.shape[2:])[flat] for t in tensors]
-    return out, cu, int(lengths.max()) if lengths.numel() else 0
-
-
 def once_per_version(summarise):
     """``summarise(t)``, worked out once per tensor ``t`` and version (its device reads with
     it): the model passes one mask to every layer of a forward, so a step reads it once."""

@@ -64,7 +64,7 @@ from torch import nn
 
 from pyssm.integrations.padding import mask_summary as _mask_summary
 from pyssm.integrations.padding import once_per_version as _once_per_version
-from pyssm.integrations.padding import packed as _packed
+from pyssm.integrations import padding as _padding
 from pyssm.integrations.swap import shared_layer_norm, swap_modules
 from pyssm.models.mlp import Mlp as _PyssmMlp
 from pyssm.models.mlp import add_mlp, norm_add_mlp
@@ -93,6 +93,14 @@ def _sequence_offsets(ids: torch.Tensor):
     first = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
     cu = torch.cat([first, first.new_full((1,), B * S)])
     return cu, (int((cu[1:] - cu[:-1]).max()) if B * S else 0)
+
+
+@_once_per_version
+def _rows(mask: torch.Tensor) -> dict:
+    """A padding mask with holes: its valid keys' flat indices, cu_seqlens_k and longest row
+    (padding.rows), read once per mask tensor and version: the model passes one mask to every
+    layer, so the layers gather with index_select and none reads the device."""
+    return _padding.rows(mask)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -170,18 +178,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise _unsupported(f"sliding-window attention (sliding_window={sliding_window}) with "
                            f"holes in the padding mask (packing the valid tokens would move "
                            f"the window)")
+    pad = _rows(attention_mask)   # the valid keys' flat indices and offsets, once a mask
+    flat = [t.reshape(B * Sk, *t.shape[2:]) for t in (k, v)]
+    kp, vp = (t.index_select(0, pad["keys"]) for t in flat)
     if Sq == Sk:  # prefill / encoder with holes in the mask: every row's valid tokens, packed
-        (qp, kp, vp), cu, longest = _packed(attention_mask, q, k, v)
-        out_p = attention(qp, kp, vp, cu_seqlens=cu, max_seqlen=longest, **call)
-        out = q.new_zeros(q.shape)
-        out.reshape(-1, *q.shape[2:])[attention_mask.bool().reshape(-1)] = out_p
-        return out, None
+        qp = q.reshape(B * Sq, *q.shape[2:]).index_select(0, pad["keys"])
+        out_p = attention(qp, kp, vp, cu_seqlens=pad["cu_seqlens_k"],
+                          max_seqlen=pad["longest_k"], **call)
+        out = out_p.new_zeros(B * Sq, *out_p.shape[1:]).index_copy(0, pad["keys"], out_p)
+        return out.view(q.shape), None
     # a decoding step with holes in the mask: every row's Sq queries against its own valid
     # keys, packed with offsets of their own (cu_seqlens_k)
-    (kp, vp), cu_k, longest_k = _packed(attention_mask, k, v)
     cu_q = torch.arange(0, (B + 1) * Sq, Sq, dtype=torch.int32, device=q.device)
     out = attention(q.reshape(B * Sq, *q.shape[2:]), kp, vp, cu_seqlens=cu_q, max_seqlen=Sq,
-                    cu_seqlens_k=cu_k, max_seqlen_k=longest_k, **call)
+                    cu_seqlens_k=pad["cu_seqlens_k"], max_seqlen_k=pad["longest_k"], **call)
     return out.view(q.shape), None
 
 

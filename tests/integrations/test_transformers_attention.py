@@ -93,6 +93,19 @@ def _path_spy(monkeypatch, *names):
     return seen
 
 
+def _call_counter(monkeypatch, owner, name):
+    """Records a None for each call of ``owner.name`` (which still runs)."""
+    calls = []
+    real = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("holes", [False, True], ids=["left-padded", "holes"])
 def test_llama_generate_with_cache_and_left_padding_matches_sdpa(holes, monkeypatch):
     """Cached greedy decoding of a left-padded batch gives sdpa's tokens; the prompt and each
@@ -114,8 +127,10 @@ def test_llama_generate_with_cache_and_left_padding_matches_sdpa(holes, monkeypa
     kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     want = ref.generate(input_ids=ids, **kw)
     seen = _path_spy(monkeypatch)
+    reads = _call_counter(monkeypatch, pyssm_hf._padding, "rows")
     torch.testing.assert_close(ours.generate(input_ids=ids, **kw), want, atol=0, rtol=0)
     assert len(seen) == 2 * 8   # 2 layers x (prefill + 7 steps)
+    assert reads == ([None] * 8 if holes else [])   # a mask with holes read once a step
     prompt = (False, False, False) if holes else (False, False, True)
     assert seen[:2] == [prompt] * 2
     step = (True, False, False) if holes else (False, True, True)
