@@ -29,9 +29,14 @@ a forward), q, k and v in place. Causal sliding-window layers (Mistral, Qwen2, G
 local layers: ``sliding_window`` w, each query seeing itself and the w - 1 keys before it) run
 pyssm's windowed kernels (``window_size=(w - 1, 0)``), left padding and dynamic or static
 sliding caches included (a dynamic one's trimmed keys come with a key offset); a sliding layer with holes in its padding mask raises
-(packing would move the window). A model whose mask is not plain causal, causal sliding or
-bidirectional attention with padding (image tokens attending both ways, chunked or
-bidirectional sliding attention) raises. Gemma 2's attention soft-capping (the config's
+(packing would move the window), and so does padding between the valid queries of a step
+with a cache (a prompt chunk, or a prompt into a static cache, with holes). Blocks of tokens
+attending both ways on top of a causal mask (transformers' block_sequence_ids: PaliGemma's
+image-and-prompt prefix, Gemma 3's images, with or without a sliding window) run as two calls
+a layer: every query causally, then each block's queries, packed for the batch, over their
+row's valid keys up to the block's end (the mask read once a forward, ``block_mask``). The
+mask brings the causality: PaliGemma's attention modules say is_causal=False. A model whose
+mask is none of these (chunked or bidirectional sliding attention) raises. Gemma 2's attention soft-capping (the config's
 attn_logit_softcapping) runs as pyssm's ``softcap``. What pyssm does not compute raises instead
 of being dropped: attention dropout while training, position biases (T5-style), attention
 sinks, and attention probabilities (``output_attentions``).
@@ -54,7 +59,8 @@ Its attention stays the model's (whichever ``attn_implementation``), and so do g
 checkpointing and the state dict.
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
-Llama, Mistral, Gemma 2, LLaVA; tests/integrations).
+Llama, Mistral, Gemma 2, LLaVA, PaliGemma; Gemma 3's block masks against transformers' dense
+mask; tests/integrations).
 """
 
 from __future__ import annotations
@@ -124,6 +130,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise _unsupported(f"a value head size ({value.shape[-1]}) different from the query's "
                            f"({query.shape[-1]})")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    if attention_mask is not None and attention_mask.dim() == 4:
+        causal = True   # (a block mask is causal whatever the module says: PaliGemma's says not)
     window = _window(sliding_window, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, heads, d)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
@@ -142,6 +150,26 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         cu, longest = _sequence_offsets(attention_mask)
         flat = [t.reshape(B * Sq, *t.shape[2:]) for t in (q, k, v)]   # (views: B, S adjacent)
         return attention(*flat, cu_seqlens=cu, max_seqlen=longest, **call).view(q.shape), None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        # image or prefix tokens attending both ways within their block (block_mask): every
+        # query causally as below, then each block's queries again over their row's valid keys
+        # up to the block's end, one packed call for the batch, their outputs put in place
+        plan = _block_plan(attention_mask, Sq)
+        if plan["holes"] and window != (-1, -1):
+            raise _unsupported(f"sliding-window attention (sliding_window={sliding_window}) with "
+                               f"holes in the padding mask before an image block (packing the "
+                               f"valid tokens would move the window)")
+        out, _ = attention_forward(module, query, key, value, plan["valid"], dropout, scaling,
+                                   True, sliding_window, softcap, **kwargs)
+        if plan["queries"] is None:
+            return out, None
+        qb = q.reshape(B * Sq, *q.shape[2:]).index_select(0, plan["queries"])
+        kb, vb = (t.reshape(B * Sk, *t.shape[2:]).index_select(0, plan["keys"]) for t in (k, v))
+        blocks = attention(qb, kb, vb, cu_seqlens=plan["cu_seqlens"], max_seqlen=plan["longest"],
+                           cu_seqlens_k=plan["cu_seqlens_k"], max_seqlen_k=plan["longest_k"],
+                           **dict(call, causal=False, window_size=(window[0], -1)))
+        out = out.reshape(B * Sq, *out.shape[2:]).index_copy(0, plan["queries"], blocks)
+        return out.view(q.shape), None
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         if attention_mask.shape != (B,):
             raise ValueError(f"attn_implementation='{NAME}': a static cache's key counts must be "
@@ -193,6 +221,102 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = attention(q.reshape(B * Sq, *q.shape[2:]), kp, vp, cu_seqlens=cu_q, max_seqlen=Sq,
                     cu_seqlens_k=pad["cu_seqlens_k"], max_seqlen_k=pad["longest_k"], **call)
     return out.view(q.shape), None
+
+
+def _align_queries(valid: torch.Tensor, first, q_length: int):
+    """A cached step's padding mask (B, S) as a causal call needs it: its queries, the slots
+    [first, first + q_length), are aligned with the last keys read, so the padding among them
+    after each row's last valid query is made valid (only padding queries come after it, so
+    only they see it). Returns that mask and whether some padding query sits between two
+    valid ones (which no alignment reads right) as a device bool."""
+    slots = torch.arange(valid.shape[1], device=valid.device)
+    first = torch.as_tensor(first, device=valid.device)
+    queries = (slots >= first) & (slots < first + q_length)
+    valid_queries = valid & queries
+    before = valid_queries.cumsum(1) > 0                   # a valid query at or before
+    after = valid_queries.flip(1).cumsum(1).flip(1) > 0    # a valid query at or after
+    return valid | (queries & ~after), (queries & ~valid & before & after).any()
+
+
+def _hole_among_queries() -> NotImplementedError:
+    return _unsupported("padding between the valid queries of a step with a cache (a chunk "
+                        "of a prompt, or a prompt into a static cache, with holes in its "
+                        "padding mask)")
+
+
+# block_mask's entries (besides a block's index, >= 0): a key in no block, a padding key, a
+# static cache's slot not written yet
+TEXT, PADDING, UNWRITTEN = -1, -2, -3
+
+
+@_once_per_version
+def _block_plans(kinds: torch.Tensor) -> dict:
+    """The plans (_plan_blocks) of one block mask, by query count: one mask a forward."""
+    return {}
+
+
+def _block_plan(kinds: torch.Tensor, Sq: int) -> dict:
+    plans = _block_plans(kinds)
+    if Sq not in plans:
+        plans[Sq] = _plan_blocks(kinds, Sq)
+    return plans[Sq]
+
+
+def _plan_blocks(kinds: torch.Tensor, Sq: int) -> dict:
+    """How to attend with a block mask (block_mask: (B, 1, 1, Sk) int32, each key's block, or
+    TEXT, PADDING, UNWRITTEN) for the last Sq keys written as queries (one device read):
+    ``valid`` the padding mask (B, Sk) of the causal call (None: every key valid and written);
+    the block call's ``queries`` (flat over B x Sq) and ``keys`` (flat over B x Sk), each block
+    a sequence of its own (``cu_seqlens``, ``cu_seqlens_k``, ``longest``, ``longest_k``), or
+    None for both when no query is in a block; ``holes`` when some block's keys have a hole."""
+    if kinds.dtype != torch.int32 or kinds.shape[1:3] != (1, 1):
+        raise ValueError(f"attn_implementation='{NAME}': a block mask must be int32 (batch, 1, "
+                         f"1, keys), got {kinds.dtype} {tuple(kinds.shape)}; was register() "
+                         f"called before the model was built?")
+    device, host = kinds.device, kinds[:, 0, 0].cpu()
+    B, Sk = host.shape
+    written = (host != UNWRITTEN).sum(1)
+    W = int(written[0])
+    if not (written == W).all() or (host[:, :W] == UNWRITTEN).any() or W < Sq:
+        raise ValueError(f"attn_implementation='{NAME}': a block mask's unwritten slots must be "
+                         f"each row's last, the same in every row, and leave the {Sq} queries")
+    first_query = W - Sq
+    valid = host >= TEXT
+    if 1 < Sq < Sk:   # a cached step of several queries, or a prefill into a static cache
+        valid, hole = _align_queries(valid, first_query, Sq)
+        if hole:
+            raise _hole_among_queries()
+    queries, keys, cu_q, cu_k, holes = [], [], [0], [0], False
+    for b in range(B):
+        pos = valid[b].nonzero()[:, 0]            # the row's valid keys, by position
+        groups = host[b, pos]
+        starts = torch.ones_like(groups, dtype=torch.bool)
+        starts[1:] = groups[1:] != groups[:-1]
+        run = starts.cumsum(0) - 1                 # each valid key's run of one group
+        run_groups = groups[starts]
+        blocks = run_groups[run_groups >= 0]
+        if blocks.unique().numel() != blocks.numel():
+            raise _unsupported("a block of image tokens split by other tokens (a block's "
+                               "tokens must be one run of the row's valid tokens)")
+        for r in (run_groups >= 0).nonzero()[:, 0].tolist():
+            members = pos[run == r]
+            seen = pos[pos <= members[-1]]        # every valid key up to the block's end
+            mine = members[members >= first_query]
+            if mine.numel() < 2:                  # (a block's last token sees what causal does)
+                continue
+            holes |= bool(seen.numel() and seen[-1] - seen[0] + 1 != seen.numel())
+            queries.append(b * Sq + mine - first_query)
+            keys.append(b * Sk + seen)
+            cu_q.append(cu_q[-1] + mine.numel())
+            cu_k.append(cu_k[-1] + seen.numel())
+    plan = dict(valid=None if valid[:, :W].all() and W == Sk else valid.to(device),
+                queries=None, holes=holes)
+    if queries:
+        offsets = [torch.tensor(cu, dtype=torch.int32) for cu in (cu_q, cu_k)]
+        plan.update(queries=torch.cat(queries).to(device), keys=torch.cat(keys).to(device),
+                    cu_seqlens=offsets[0].to(device), cu_seqlens_k=offsets[1].to(device),
+                    longest=int(offsets[0].diff().max()), longest_k=int(offsets[1].diff().max()))
+    return plan
 
 
 def _window(sliding_window, causal) -> tuple[int, int]:
@@ -268,6 +392,94 @@ def _sliding_window_of(mask_function) -> int | None:
     return w if isinstance(w, int) else None
 
 
+def _or_mask_parts(mask_function) -> tuple | None:
+    """The two mask functions an ``or_masks`` of two combines, or None for any other."""
+    parts = _closure(mask_function).get("mask_functions")
+    if getattr(mask_function, "__qualname__", "") != "or_masks.<locals>.or_mask" or \
+            not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    return parts
+
+
+def _blockwise_of(mask_function) -> tuple | None:
+    """(block ids (B, keys), w, inside) when ``mask_function`` is a causal mask with blocks
+    attending both ways (masking_utils' blockwise_overlay of block_sequence_ids, or'ed on:
+    PaliGemma's prefix, Gemma 3's images): w None without a window; a causal sliding window
+    or'ed with the blocks (inside False: create_sliding_window_causal_mask) or and'ed over
+    both (inside True: Gemma 3's sliding layers). None for any other mask function."""
+    def blocks_on(f):   # (ids, the other part) of an or_masks(part, blockwise)
+        parts = _or_mask_parts(f)
+        if parts is None or getattr(parts[1], "__qualname__", "") != \
+                "blockwise_overlay.<locals>.inner_mask":
+            return None
+        ids = _closure(parts[1]).get("block_sequence_ids")
+        return (ids, parts[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+    from transformers import masking_utils
+
+    found = blocks_on(mask_function)
+    if found is not None:
+        ids, base = found
+        if base is masking_utils.causal_mask_function:
+            return ids, None, False
+        w = _sliding_window_of(base)
+        return None if w is None else (ids, w, False)
+    parts = _and_mask_parts(mask_function)
+    if parts is None or getattr(parts[1], "__qualname__", "") != \
+            "sliding_window_overlay.<locals>.inner_mask":
+        return None
+    found, w = blocks_on(parts[0]), _closure(parts[1]).get("sliding_window")
+    if found is None or found[1] is not masking_utils.causal_mask_function or \
+            not isinstance(w, int):
+        return None
+    return found[0], w, True
+
+
+def block_mask(ids: torch.Tensor, window: int | None, inside: bool, batch_size: int,
+               q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+               attention_mask: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """The mask "pyssm" makes for a causal mask with blocks attending both ways (_blockwise_of):
+    int32 (batch, 1, 1, kv_length), each key's block (>= 0), or TEXT (no block), PADDING, or
+    UNWRITTEN (a static cache's slot after the keys written). Four dimensions so that a
+    language model handed it (PaliGemma's) takes it as made, as it takes sdpa's 4D mask."""
+    if kv_offset and window is None:
+        raise _unsupported(f"a key offset (kv_offset={kv_offset}) outside a dynamic "
+                           f"sliding-window cache")
+    if ids is None:   # (no blocks)
+        if device is None and attention_mask is not None:
+            device = attention_mask.device
+        ids = torch.full((batch_size, kv_offset + kv_length), TEXT, device=device)
+    if ids.shape[0] != batch_size or ids.shape[1] < kv_offset + kv_length:
+        raise ValueError(f"attn_implementation='{NAME}': block ids of shape {tuple(ids.shape)} "
+                         f"for {batch_size} rows of {kv_offset + kv_length} keys")
+    ids = ids[:, kv_offset:kv_offset + kv_length]
+    kinds = torch.where(ids >= 0, ids, TEXT).to(torch.int32)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
+                             f"(batch, length), got shape {tuple(attention_mask.shape)}")
+        valid = attention_mask[:, -kv_length:].bool().to(kinds.device)
+        valid = torch.nn.functional.pad(valid, (0, kv_length - valid.shape[1]))
+        kinds = kinds.masked_fill(~valid, PADDING)
+    if isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length:   # static
+        slots = torch.arange(kv_length, device=kinds.device)
+        kinds = kinds.masked_fill(slots >= torch.as_tensor(q_offset, device=kinds.device) +
+                                  q_length, UNWRITTEN)
+    if window is not None and not inside:
+        # the window or'ed on outside the blocks: a block query i sees keys from min(block
+        # start, i - w + 1), the same as the window over both while each block's valid keys
+        # span at most w positions
+        host = kinds.cpu()
+        for row in host:
+            for g in row[row >= 0].unique().tolist():
+                at = (row == g).nonzero()[:, 0]
+                if int(at[-1] - at[0]) + 1 > window:
+                    raise _unsupported(f"a block of {int(at[-1] - at[0]) + 1} image or prefix "
+                                       f"tokens longer than the sliding window ({window}) it "
+                                       f"is or'ed with")
+    return kinds.reshape(batch_size, 1, 1, kv_length)
+
+
 def _check_mask_function(mask_function) -> None:
     """Only plain causal or bidirectional masks and causal sliding windows (with padding) are
     pyssm's to compute: a model that bends them (image tokens attending both ways, chunked or
@@ -300,6 +512,19 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
                 ids.shape != (batch_size, q_length) or q_length != kv_length:
             raise _unsupported("sequences packed by position_ids with a padding mask or a cache")
         return ids.to(torch.int64)
+    blockwise = _blockwise_of(mask_function)
+    config = kwargs.get("config")
+    if blockwise is None and getattr(config, "use_bidirectional_attention", False):
+        # a causal mask for attention modules built bidirectional (PaliGemma's language model
+        # without token types, or a decoding step): its causality must come with the mask
+        from transformers import masking_utils
+        if mask_function is masking_utils.causal_mask_function:
+            blockwise = None, None, True
+        elif _sliding_window_of(mask_function) is not None:
+            blockwise = None, _sliding_window_of(mask_function), True
+    if blockwise is not None:
+        return block_mask(*blockwise, batch_size, q_length, kv_length, q_offset, kv_offset,
+                          attention_mask, device)
     _check_mask_function(mask_function)
     if attention_mask is not None and attention_mask.dtype == torch.int32 and \
             attention_mask.shape == (batch_size,):
@@ -326,6 +551,10 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if attention_mask.shape[1] < kv_length:   # a static cache's slots not written yet
         attention_mask = torch.nn.functional.pad(attention_mask,
                                                  (0, kv_length - attention_mask.shape[1]))
+    if q_length > 1 and (static or q_offset):   # a cached step of several queries (a chunk)
+        attention_mask, hole = _align_queries(attention_mask, q_offset - kv_offset, q_length)
+        if bool(hole):
+            raise _hole_among_queries()
     return attention_mask
 
 

@@ -1,0 +1,246 @@
+"""attn_implementation="pyssm" with blocks of tokens attending both ways on top of a causal
+mask (transformers' block_sequence_ids: PaliGemma's image-and-prompt prefix, Gemma 3's
+images), against the dense mask transformers builds for sdpa, in float64 (CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import pyssm.integrations.transformers as pyssm_hf  # noqa: E402
+from pyssm import ops  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    pyssm_hf.register()
+
+
+def _block_ids(S):
+    """(ids, padding mask) of 3 rows: two image blocks among text (the second a single token
+    at the end); a prefix block after 2 left-padding tokens (PaliGemma: the padding in the
+    prefix's group), then text; no block, 3 right-padding tokens."""
+    ids = torch.full((3, S), -1)
+    ids[0, 2:6] = 0
+    ids[0, 8:11] = 1
+    ids[0, S - 1] = 2
+    ids[1, :8] = 0
+    mask = torch.ones(3, S, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[2, S - 3:] = False
+    return ids, mask
+
+
+def _mask_function(kind, ids, w):
+    from transformers import masking_utils as mu
+    blocks = mu.blockwise_overlay(ids)
+    if kind == "causal":        # (no blocks: the padding-mask path)
+        return mu.causal_mask_function
+    if kind == "window":
+        return mu.sliding_window_causal_mask_function(w)
+    if kind == "full":
+        return mu.or_masks(mu.causal_mask_function, blocks)
+    if kind == "window-or":     # create_sliding_window_causal_mask with block ids
+        return mu.or_masks(mu.sliding_window_causal_mask_function(w), blocks)
+    # Gemma 3's sliding layers: the window over both
+    return mu.and_masks(mu.or_masks(mu.causal_mask_function, blocks), mu.sliding_window_overlay(w))
+
+
+def _spy(monkeypatch):
+    """Records (causal, window_size, cu_seqlens_k given) of each attention call."""
+    seen, real = [], ops.attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["causal"], kwargs["window_size"],
+                     kwargs.get("cu_seqlens_k") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyssm_hf, "attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind,w", [("full", None), ("window-or", 6), ("window-and", 3),
+                                    ("causal", None), ("window", 4)])
+@pytest.mark.parametrize("step", ["prefill", "chunk", "static"])
+def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
+    """Every valid query's output, and the gradients of a loss over them, equal attention
+    under the dense boolean mask transformers builds from the same mask function (sdpa_mask)
+    for: a whole prefill, a chunk of 5 queries after 8 cached keys (blocks across the chunk's
+    start), and a prefill into a static cache with 3 slots to spare. Two calls a layer: the
+    causal (or windowed) one, then every block's queries, packed, over their row's keys up to
+    the block's end; the mask read on the host once. Without blocks (a causal mask, a causal
+    window) the same holds for the padding-mask path, one call a layer: in the chunk, the
+    right-padded row's padding queries come after its valid ones."""
+    from transformers import masking_utils as mu
+
+    torch.manual_seed(3)
+    S, H, Hk, d = 13, 4, 2, 8
+    ids, pad = _block_ids(S)
+    slots = S + 3 if step == "static" else S
+    ids = torch.nn.functional.pad(ids, (0, slots - S), value=-1)
+    fn = _mask_function(kind, ids, w)
+    Sq, q_offset = (5, 8) if step == "chunk" else (S, 0)
+    sizes = dict(batch_size=3, q_length=Sq, kv_length=slots, q_offset=q_offset, kv_offset=0,
+                 mask_function=fn, attention_mask=pad)
+    ours = pyssm_hf.padding_mask(**sizes)
+    blocks = kind not in ("causal", "window")
+    assert ours.shape == ((3, 1, 1, slots) if blocks else (3, slots))
+    dense = mu.sdpa_mask(**sizes, allow_is_causal_skip=False)[:, 0]     # (B, Sq, slots)
+    q = torch.randn(3, H, Sq, d, dtype=F64, requires_grad=True)
+    k, v = (torch.randn(3, Hk, slots, d, dtype=F64, requires_grad=True) for _ in "kv")
+    module = torch.nn.Module()
+    module.is_causal = True
+    seen = _spy(monkeypatch)
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **kw: reads.append(1) or
+                        real_cpu(t, *a, **kw))
+    for _ in range(2):   # two layers: one plan
+        out, _ = pyssm_hf.attention_forward(module, q, k, v, ours, scaling=0.4,
+                                            sliding_window=w if kind != "full" else None)
+    monkeypatch.undo()
+    window = (-1, -1) if w is None else (w - 1, 0)
+    if blocks:
+        assert len(reads) == 1
+        assert seen[:2] == [(True, window, False), (False, (window[0], -1), True)]
+    else:
+        assert seen == [(True, window, False)] * 2
+    assert out.shape == (3, Sq, H, d) and out.isfinite().all()
+
+    kr, vr = (t.repeat_interleave(H // Hk, 1) for t in (k, v))
+    scores = 0.4 * q @ kr.transpose(-1, -2)                  # (B, H, Sq, slots)
+    valid_q = pad[:, q_offset:q_offset + Sq]
+    probs = scores.masked_fill(~dense[:, None], float("-inf")).softmax(-1)
+    want = (probs.nan_to_num() @ vr).transpose(1, 2)
+    torch.testing.assert_close(out[valid_q], want[valid_q], atol=1e-12, rtol=1e-12)
+    weights = torch.randn(3, Sq, H, d, dtype=F64)
+    got = torch.autograd.grad((out * weights)[valid_q].sum(), (q, k, v))
+    wanted = torch.autograd.grad((want * weights)[valid_q].sum(), (q, k, v))
+    for name, g, r in zip("qkv", got, wanted):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10, msg=f"d{name}")
+
+
+def _forward(mask, S=13, Sq=None, w=None):
+    q = torch.randn(mask.shape[0], 2, Sq or S, 8, dtype=F64)
+    k, v = (torch.randn(mask.shape[0], 2, mask.shape[-1], 8, dtype=F64) for _ in "kv")
+    module = torch.nn.Module()
+    module.is_causal = True
+    return pyssm_hf.attention_forward(module, q, k, v, mask, sliding_window=w)
+
+
+def test_what_block_masks_cannot_do_raises():
+    """NotImplementedError, not a wrong answer: a block split by other tokens; a block longer
+    than a window or'ed on outside the blocks (PaliGemma 2's sliding layers over a long
+    prefix); a window with a hole in the padding before a block; padding between a chunk's
+    valid queries."""
+    from transformers import masking_utils as mu
+
+    S = 13
+    ids, pad = _block_ids(S)
+    sizes = dict(batch_size=3, q_length=S, kv_length=S, attention_mask=pad)
+    split = ids.clone()
+    split[0, 7] = 0
+    with pytest.raises(NotImplementedError, match="split by other tokens"):
+        _forward(pyssm_hf.padding_mask(**sizes, mask_function=_mask_function("full", split, 0)))
+    with pytest.raises(NotImplementedError, match="longer than the sliding window"):
+        pyssm_hf.padding_mask(**sizes, mask_function=_mask_function("window-or", ids, 5))
+    holed = pad.clone()
+    holed[0, 1] = False
+    mask = pyssm_hf.padding_mask(**dict(sizes, attention_mask=holed),
+                                 mask_function=_mask_function("window-and", ids, 3))
+    with pytest.raises(NotImplementedError, match="holes in the padding mask before"):
+        _forward(mask, w=3)
+    _forward(mask)          # (without a window the hole packs)
+    chunk = pad.clone()
+    chunk[2, 9] = False     # the right-padded row's chunk [8, 13): valid, padding, valid
+    chunk[2, 10] = True
+    for fn in (mu.causal_mask_function, _mask_function("full", ids, None)):
+        with pytest.raises(NotImplementedError, match="between the valid queries"):
+            _forward(pyssm_hf.padding_mask(**dict(sizes, q_length=5, q_offset=8,
+                                                  attention_mask=chunk), mask_function=fn),
+                     Sq=5)
+
+
+def _paligemma_pair():
+    """(sdpa PaliGemma, pyssm PaliGemma) in float64 with the same weights: a 1-layer SigLIP
+    tower of 4 image tokens and a 2-layer Gemma (its attention built bidirectional, as
+    PaliGemma's config sets it: the mask brings the causality)."""
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                              SiglipVisionConfig)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=16, patch_size=8)
+    text = GemmaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=98,
+                             projection_dim=32)
+    torch.manual_seed(0)
+    ref = PaliGemmaForConditionalGeneration(copy.deepcopy(config)).to(F64).eval()
+    ref.set_attn_implementation("sdpa")
+    ours = PaliGemmaForConditionalGeneration(copy.deepcopy(config)).to(F64).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation({"text_config": "pyssm", "vision_config": "sdpa"})
+    return ref, ours
+
+
+def _paligemma_inputs():
+    """Two rows of 12: 4 image tokens, a prompt, a 3-token suffix (token type 1); the first
+    row left-padded by 2 (its image tokens after the padding)."""
+    torch.manual_seed(4)
+    ids = torch.randint(3, 97, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :2] = 0
+    ids[0, :2] = 0
+    ids[0, 2:6] = 98
+    ids[1, :4] = 98
+    types = torch.zeros(2, 12, dtype=torch.long)
+    types[:, 9:] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                pixel_values=torch.randn(2, 3, 16, 16, dtype=F64))
+
+
+@pytest.mark.parametrize("types", [True, False], ids=["prefix", "no-token-types"])
+def test_paligemma_prefix_lm_matches_sdpa(types, monkeypatch):
+    """PaliGemma's language model on pyssm: with token types the image and prompt prefix
+    attends both ways (a block call besides the causal one), without them plain causal
+    attention, though its attention modules say is_causal=False. Logits of the valid tokens
+    and, in training, every gradient equal sdpa's; the prefix control (plain causal) does not."""
+    ref, ours = _paligemma_pair()
+    inputs = _paligemma_inputs()
+    if not types:
+        del inputs["token_type_ids"]
+    valid = inputs["attention_mask"].bool()
+    seen = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(**inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-10, rtol=1e-10)
+    assert [c for c, _, packed in seen] == ([True, False] * 2 if types else [True] * 2)
+    if types:   # (the prefix changes the answer)
+        with torch.no_grad():
+            plain = ref(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
+        assert (plain[valid] - want[valid]).abs().max() > 1e-3
+    # (PaliGemma's labels: the suffix only, each predicted from a valid token)
+    labels = inputs["input_ids"].clone()
+    labels[:, :9] = -100
+    for model in (ref, ours):
+        model.train()
+        model(**inputs, labels=labels).loss.backward()
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-8, msg=name)
+
+
+def test_paligemma_generate_matches_sdpa():
+    """Cached greedy generation from a left-padded prefix batch gives sdpa's tokens (the
+    prefill with its prefix block, each step causal over the cache)."""
+    ref, ours = _paligemma_pair()
+    inputs = _paligemma_inputs()
+    inputs["token_type_ids"][:, 9:] = 0         # a prompt only: the model writes the suffix
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
+                               atol=0, rtol=0)
