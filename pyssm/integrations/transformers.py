@@ -505,7 +505,11 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     attention function passes as seqused_k: the cache read in place, nothing read on the host
     (q_offset is a tensor there); or, for sequences packed along each row by position_ids (no
     padding mask, no cache: padding-free training), the int64 (batch, length) sequence index
-    of each token, from which the attention function takes cu_seqlens once a forward."""
+    of each token, from which the attention function takes cu_seqlens once a forward; or, for
+    a causal mask with blocks attending both ways, or any causal mask where the config builds
+    its attention modules bidirectional (use_bidirectional_attention: PaliGemma), the int32
+    (batch, 1, 1, kv_length) ``block_mask``. A cached step of several queries has the padding
+    after each row's last valid query made valid (_align_queries)."""
     ids = _packed_sequence_ids(mask_function)
     if ids is not None:
         if attention_mask is not None or not isinstance(q_offset, int) or q_offset or kv_offset or \
