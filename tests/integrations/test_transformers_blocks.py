@@ -244,3 +244,62 @@ def test_paligemma_generate_matches_sdpa():
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
                                atol=0, rtol=0)
+
+
+def test_gemma3_image_blocks_match_sdpa(monkeypatch):
+    """Gemma 3 with two images in one row and one after left padding in the other: each
+    image's 4 tokens attend both ways, in the global layer and in the sliding one, whose
+    window (3) is shorter than an image (the window over both: a block call with window
+    (2, -1)). Logits of the valid tokens, training gradients and cached greedy generation
+    equal sdpa's; without the token types (plain causal) the logits differ."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              SiglipVisionConfig)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=16, patch_size=4)
+    text = Gemma3TextConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                            initializer_range=0.3, sliding_window=3,
+                            layer_types=["sliding_attention", "full_attention"])
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          image_token_index=98, boi_token_index=96, eoi_token_index=97)
+    torch.manual_seed(0)
+    ref = Gemma3ForConditionalGeneration(copy.deepcopy(config)).to(F64).eval()
+    ref.set_attn_implementation("sdpa")
+    ours = Gemma3ForConditionalGeneration(copy.deepcopy(config)).to(F64).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation({"text_config": "pyssm", "vision_config": "sdpa"})
+
+    torch.manual_seed(4)
+    ids = torch.randint(3, 90, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    ids[0, 1:5] = ids[0, 8:12] = 98
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    ids[1, 5:9] = 98
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=(ids == 98).long(),
+                  pixel_values=torch.randn(3, 3, 16, 16, dtype=F64))
+    valid = mask.bool()
+    seen = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(**inputs).logits
+        plain = ref(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-10, rtol=1e-10)
+    assert (plain[valid] - want[valid]).abs().max() > 1e-3
+    assert seen == [(True, (2, 0), False), (False, (2, -1), True),
+                    (True, (-1, -1), False), (False, (-1, -1), True)]
+    monkeypatch.undo()
+
+    labels = ids.masked_fill((ids == 98) | ~valid, -100)
+    labels[1, 3] = -100                  # (predicted from a padding position)
+    for model in (ref, ours):
+        model.train()
+        model(**inputs, labels=labels).loss.backward()
+        model.eval()
+    for (name, a), b in zip(ref.named_parameters(), ours.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-8, msg=name)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
+                               atol=0, rtol=0)
