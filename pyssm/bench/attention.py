@@ -31,8 +31,8 @@ with leftpad_k, the same kernels; on a GPU the flash-decoding kernel, split over
 "pyssm-cuda-prefill-kernels" the same call with the flash-decoding kernel turned off
 (PYSSM_FLASH_DECODE=0: the prefill kernels, one head a block); "pyssm-gathered" packs the used
 keys first and passes cu_seqlens_k (the transformers backend's path for a padding mask with
-holes: a boolean-mask gather, which reads and writes the used cache again and syncs to size
-it); "sdpa-default (masked)" is torch SDPA with the padding mask over the whole cache, as
+holes: the used keys' indices worked out once per mask, then an index_select a layer, which
+reads and writes the used cache again); "sdpa-default (masked)" is torch SDPA with the padding mask over the whole cache, as
 transformers' sdpa runs it. GB/s counts the used keys and values read once (decoding's floor).
 
 "attention_window" rows: a language model's prefill under a causal sliding window (Mistral's:
@@ -50,6 +50,16 @@ score s becomes c tanh(s / c); GPU: bf16, Gemma 2 27B's 32 heads over 16 KV head
 without the cap (what capping costs), and "eager (capped)" the scores formed, capped, masked
 and softmaxed by torch's ops, as transformers' eager attention runs Gemma 2 (its sdpa cannot
 cap). TFLOP/s count the causal (query, key) pairs.
+
+"attention_prefix" rows: a prefix-LM prefill as PaliGemma runs its language model (the image
+tokens and the prompt, the prefix, attending both ways, the suffix causally; GPU: bf16,
+PaliGemma 2 28B's 32 heads over 16 KV heads, head_dim 128, at 896 px: a 4128-token prefix of
+4096 image tokens and a 32-token prompt, then a 32-token suffix; CPU: float32, small):
+"pyssm-<backend>" is the transformers backend's attention function on the block mask its
+mask function makes (pyssm.integrations.transformers: every query causally, then the prefix
+again over itself, two calls); "pyssm-<backend>-causal" plain causal attention over the same
+tokens (the first of the two); "sdpa-default (masked)" torch SDPA with the dense boolean mask,
+as transformers' sdpa runs PaliGemma. TFLOP/s count the visible (query, key) pairs.
 """
 
 from __future__ import annotations
@@ -143,7 +153,7 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     out = [case for heads, head_dim, seqlens, batches in configs
            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
     return out + qkv_cases(device, quick) + decode_cases(device, quick) + \
-        window_cases(device, quick) + softcap_cases(device, quick)
+        window_cases(device, quick) + softcap_cases(device, quick) + prefix_cases(device, quick)
 
 
 def _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim) -> tuple:
@@ -234,16 +244,77 @@ def softcap_cases(device: torch.device, quick: bool = False) -> list[harness.Cas
         flops={"forward": flops, "full": 3.5 * flops})]
 
 
+def prefix_providers(kernel: str, prefix: int) -> list[harness.Provider]:
+    """The attention_prefix rows' providers (module docstring), each fn(q, k, v) -> like q."""
+    from pyssm.integrations import transformers as pyssm_hf
+
+    masks = {}   # (shape, device) -> the block mask, made once: the backend reads it once
+
+    def block_mask(q):
+        key = (tuple(q.shape), q.device)
+        if key not in masks:
+            ids = torch.full(q.shape[:2], -1, device=q.device)
+            ids[:, :prefix] = 0
+            masks[key] = pyssm_hf.block_mask(ids, None, False, q.shape[0], q.shape[1],
+                                             q.shape[1])
+        return masks[key]
+
+    module = torch.nn.Module()
+    module.is_causal = False   # (as PaliGemma builds its attention: the mask says causal)
+
+    def backend(q, k, v):
+        old, pyssm_hf._backend = pyssm_hf._backend, kernel
+        try:
+            return pyssm_hf.attention_forward(module, *(t.transpose(1, 2) for t in (q, k, v)),
+                                              block_mask(q))[0]
+        finally:
+            pyssm_hf._backend = old
+
+    def sdpa_masked(q, k, v):
+        n = q.shape[1]
+        i = torch.arange(n, device=q.device)
+        mask = (i[None, :] <= i[:, None]) | ((i[None, :] < prefix) & (i[:, None] < prefix))
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                              v.transpose(1, 2), attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+    return [harness.pyssm_provider("attention", kernel, backend), _plain_causal(kernel, "causal"),
+            harness.Provider("sdpa-default (masked)", sdpa_masked)]
+
+
+def prefix_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    batch, n, prefix, heads, heads_k, head_dim = (2, 4160, 4128, 32, 16, 128) if gpu else \
+        (2, 80, 64, 4, 2, 32)
+    pairs = prefix * prefix + sum(i + 1 for i in range(prefix, n))   # visible (query, key)
+    flops = 4 * batch * heads * pairs * head_dim
+    return [harness.Case(
+        op="attention_prefix",
+        size={"N": n, "prefix": prefix, "batch": batch, "heads": heads, "heads_k": heads_k,
+              "head_dim": head_dim},
+        make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
+        providers=prefix_providers(device.type, prefix), modes=("forward", "full"),
+        dtype=str(dtype).removeprefix("torch."),
+        flops={"forward": flops, "full": 3.5 * flops})]
+
+
 def decode_providers(kernel: str) -> list[harness.Provider]:
     """The attention_decode rows' providers (module docstring), each fn(q, k_cache, v_cache,
     used) -> (B, Sq, H, d)."""
+    packs = {}   # the used keys' flat indices and offsets, once per `used` (a step's mask)
+
     def gathered(q, k, v, used):
         batch, sq = q.shape[:2]
-        keep = torch.arange(k.shape[1], device=k.device)[None, :] < used[:, None]
-        cu_k = F.pad(used.cumsum(0, dtype=torch.int32), (1, 0))
-        cu_q = torch.arange(0, (batch + 1) * sq, sq, dtype=torch.int32, device=q.device)
-        out = ops.attention(q.reshape(batch * sq, *q.shape[2:]), k[keep], v[keep],
-                            cu_seqlens=cu_q, max_seqlen=sq, cu_seqlens_k=cu_k,
+        if packs.get("used") is not used:
+            keep = torch.arange(k.shape[1], device=k.device)[None, :] < used[:, None]
+            packs.update(used=used, keys=keep.reshape(-1).nonzero()[:, 0],
+                         cu_k=F.pad(used.cumsum(0, dtype=torch.int32), (1, 0)),
+                         cu_q=torch.arange(0, (batch + 1) * sq, sq, dtype=torch.int32,
+                                           device=q.device))
+        kp, vp = (t.reshape(-1, *t.shape[2:]).index_select(0, packs["keys"]) for t in (k, v))
+        out = ops.attention(q.reshape(batch * sq, *q.shape[2:]), kp, vp,
+                            cu_seqlens=packs["cu_q"], max_seqlen=sq, cu_seqlens_k=packs["cu_k"],
                             max_seqlen_k=k.shape[1], backend=kernel)
         return out.view(q.shape)
 

@@ -1,5 +1,6 @@
-"""pyssm/bench/attention.py's decoding rows: every provider computes the same attention (so the
-table compares like with like), and the case's byte count is the used keys and values."""
+"""pyssm/bench/attention.py's decoding and prefix-LM rows: every provider computes the same
+attention (so the table compares like with like), and the decoding case's byte count is the
+used keys and values."""
 
 import torch
 
@@ -17,3 +18,16 @@ def test_decode_providers_agree_on_the_cpu():
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
     keys = int(used.sum())
     assert case.bytes["forward"] == 2 * keys * k.shape[2] * k.shape[3] * k.element_size()
+
+
+def test_prefix_providers_agree_on_the_cpu():
+    (case,) = attention.prefix_cases(torch.device("cpu"))
+    q, k, v = case.make_inputs()
+    outs = {p.name: p.fn(q, k, v) for p in case.providers if p.fn is not None}
+    assert set(outs) == {"pyssm-cpu", "pyssm-cpu-causal", "sdpa-default (masked)"}
+    want = outs["sdpa-default (masked)"]
+    torch.testing.assert_close(outs["pyssm-cpu"], want, atol=1e-5, rtol=1e-5)
+    prefix = case.size["prefix"]   # (the causal floor differs in the prefix only)
+    torch.testing.assert_close(outs["pyssm-cpu-causal"][:, prefix:], want[:, prefix:],
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outs["pyssm-cpu-causal"][:, :prefix], want[:, :prefix])

@@ -29,7 +29,8 @@ def test_bench_kernels(tmp_path, capsys):
     rows = _json(tmp_path / "kernels.json")["rows"]
     ops = {r["op"] for r in rows}
     assert ops == {"ceiling", "cross_scan", "cross_merge", "attention", "attention_qkv",
-                   "attention_decode", "attention_window", "attention_softcap"}
+                   "attention_decode", "attention_window", "attention_softcap",
+                   "attention_prefix"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
     qkv_rows = {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_qkv"}
     assert qkv_rows == {(p, m) for p in ("pyssm-cpu", "pyssm-unbound", "pyssm-copied",
@@ -41,6 +42,9 @@ def test_bench_kernels(tmp_path, capsys):
         for m in ("forward", "full")}
     assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_softcap"} == {
         (p, m) for p in ("pyssm-cpu", "pyssm-cpu-uncapped", "eager (capped)")
+        for m in ("forward", "full")}
+    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_prefix"} == {
+        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-causal", "sdpa-default (masked)")
         for m in ("forward", "full")}
     assert any("of_copy" in r for r in rows if r["op"] == "cross_scan")
     assert any("of_matmul" in r for r in rows if r["op"] == "attention")
