@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import pyssm.integrations.transformers as pyssm_hf  # noqa: E402
+from conftest import backend_params  # noqa: E402
 from pyssm import ops  # noqa: E402
 
 F64 = torch.float64
@@ -303,3 +304,50 @@ def test_gemma3_image_blocks_match_sdpa(monkeypatch):
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
                                atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+def test_block_masks_on_each_backend(device, backend, monkeypatch):
+    """The block path on each of pyssm's backends at a kernel head size (64; on a GPU the
+    flash kernels in bf16, both calls: causal over 3 x 77 tokens, then the packed blocks),
+    prefill and a 9-query chunk: valid outputs and gradients against the dense mask's
+    attention in float64 from the same inputs."""
+    from transformers import masking_utils as mu
+
+    monkeypatch.setattr(pyssm_hf, "_backend", backend)
+    dtype, tol = (torch.bfloat16, 3e-2) if device == "cuda" else (F64, 1e-10)
+    torch.manual_seed(5)
+    S, H, Hk, d = 77, 4, 2, 64
+    ids = torch.full((3, S), -1)
+    ids[0, 5:40] = 0
+    ids[0, 50:70] = 1
+    ids[1, :60] = 0                  # (PaliGemma: a prefix, left padding in its group)
+    pad = torch.ones(3, S, dtype=torch.bool)
+    pad[1, :7] = False
+    pad[2, S - 10:] = False
+    for Sq in (S, 9):
+        fn = _mask_function("full", ids.to(device), None)
+        sizes = dict(batch_size=3, q_length=Sq, kv_length=S, q_offset=S - Sq, kv_offset=0,
+                     mask_function=fn, attention_mask=pad.to(device), device=device)
+        mask = pyssm_hf.padding_mask(**sizes)
+        dense = mu.sdpa_mask(**sizes, allow_is_causal_skip=False)[:, 0].cpu()
+        q = torch.randn(3, H, Sq, d, device=device, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(3, Hk, S, d, device=device, dtype=dtype, requires_grad=True)
+                for _ in "kv")
+        module = torch.nn.Module()
+        module.is_causal = True
+        out, _ = pyssm_hf.attention_forward(module, q, k, v, mask, scaling=d ** -0.5)
+        valid_q = pad[:, S - Sq:]
+        weights = torch.randn(3, Sq, H, d, dtype=F64)
+        got = torch.autograd.grad((out.cpu().double() * weights)[valid_q].sum(), (q, k, v))
+        q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+        kr, vr = (t.repeat_interleave(H // Hk, 1) for t in (k64, v64))
+        probs = (d ** -0.5 * q64 @ kr.transpose(-1, -2)).masked_fill(
+            ~dense[:, None], float("-inf")).softmax(-1)
+        want = (probs.nan_to_num() @ vr).transpose(1, 2)
+        torch.testing.assert_close(out.cpu().double()[valid_q], want[valid_q], atol=tol,
+                                   rtol=tol)
+        wanted = torch.autograd.grad((want * weights)[valid_q].sum(), (q64, k64, v64))
+        for name, g, r in zip("qkv", got, wanted):
+            torch.testing.assert_close(g.cpu().double(), r, atol=10 * tol, rtol=10 * tol,
+                                       msg=f"d{name} ({Sq} queries)")
