@@ -166,22 +166,26 @@ def test_what_block_masks_cannot_do_raises():
                      Sq=5)
 
 
-def _paligemma_pair():
+def _paligemma_pair(window=None):
     """(sdpa PaliGemma, pyssm PaliGemma) in float64 with the same weights: a 1-layer SigLIP
     tower of 4 image tokens and a 2-layer Gemma (its attention built bidirectional, as
-    PaliGemma's config sets it: the mask brings the causality)."""
-    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                              SiglipVisionConfig)
+    PaliGemma's config sets it: the mask brings the causality); with a ``window``, PaliGemma
+    2's: a Gemma 2, its first layer sliding (and eager attention the reference: Gemma 2 caps
+    its scores)."""
+    from transformers import (Gemma2Config, GemmaConfig, PaliGemmaConfig,
+                              PaliGemmaForConditionalGeneration, SiglipVisionConfig)
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=2, image_size=16, patch_size=8)
-    text = GemmaConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    sizes = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                 bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    text = GemmaConfig(**sizes) if window is None else Gemma2Config(**sizes,
+                                                                     sliding_window=window)
     config = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_id=98,
                              projection_dim=32)
     torch.manual_seed(0)
     ref = PaliGemmaForConditionalGeneration(copy.deepcopy(config)).to(F64).eval()
-    ref.set_attn_implementation("sdpa")
+    ref.set_attn_implementation("sdpa" if window is None else "eager")
     ours = PaliGemmaForConditionalGeneration(copy.deepcopy(config)).to(F64).eval()
     ours.load_state_dict(ref.state_dict())
     ours.set_attn_implementation({"text_config": "pyssm", "vision_config": "sdpa"})
@@ -245,6 +249,30 @@ def test_paligemma_generate_matches_sdpa():
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
                                atol=0, rtol=0)
+
+
+def test_paligemma2_sliding_layers(monkeypatch):
+    """PaliGemma 2 (Gemma 2, sliding and global layers): the sliding layers' window is or'ed
+    with the prefix outside it. With a window of 16 over a prefix of 7 or 9 tokens (the
+    window over both computes the same) the logits and cached generation equal eager
+    attention's (which takes the softmax in float32); with a window of 4 it raises."""
+    ref, ours = _paligemma_pair(window=16)
+    inputs = _paligemma_inputs()
+    valid = inputs["attention_mask"].bool()
+    seen = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(**inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    assert [w for _, w, _ in seen] == [(15, 0), (15, -1), (-1, -1), (-1, -1)]
+    monkeypatch.undo()
+    inputs["token_type_ids"][:, 9:] = 0
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
+                               atol=0, rtol=0)
+    _, ours = _paligemma_pair(window=4)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="longer than the sliding"):
+        ours(**inputs)
 
 
 def test_gemma3_image_blocks_match_sdpa(monkeypatch):
