@@ -25,7 +25,9 @@ call for the batch: a prefill's valid tokens into pyssm's variable-length form
 counted on the device, so nothing is read on the host), with padding likewise. Sequences
 packed along each row by position_ids (padding-free training, as transformers'
 DataCollatorWithFlattening makes them) run as pyssm's packed batches (``cu_seqlens``, read once
-a forward), q, k and v in place. Causal sliding-window layers (Mistral, Qwen2, Gemma 2 and 3's
+a forward), q, k and v in place; offsets that come as flash-attn's keyword arguments
+(cu_seq_lens_q / _k, max_length_q / _k: the collator's return_flash_attn_kwargs) are taken as
+given, nothing read. Causal sliding-window layers (Mistral, Qwen2, Gemma 2 and 3's
 local layers: ``sliding_window`` w, each query seeing itself and the w - 1 keys before it) run
 pyssm's windowed kernels (``window_size=(w - 1, 0)``), left padding and dynamic or static
 sliding caches included (a dynamic one's trimmed keys come with a key offset); a sliding layer with holes in its padding mask raises
@@ -140,6 +142,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     call = dict(causal=causal, softmax_scale=scaling, window_size=window,
                 softcap=softcap or 0.0, backend=_backend)
 
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return _varlen(q, k, v, attention_mask, kwargs, call), None
     if attention_mask is not None and attention_mask.dtype == torch.int64:
         # sequences packed along each row (position_ids restarting): each attends to itself
         if attention_mask.shape != (B, Sq) or Sq != Sk:
@@ -220,6 +224,29 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = attention(q.reshape(B * Sq, *q.shape[2:]), kp, vp, cu_seqlens=cu_q, max_seqlen=Sq,
                     cu_seqlens_k=pad["cu_seqlens_k"], max_seqlen_k=pad["longest_k"], **call)
     return out.view(q.shape), None
+
+
+def _varlen(q, k, v, attention_mask, kwargs: dict, call: dict) -> torch.Tensor:
+    """flash-attn's variable-length form as transformers' FlashAttentionKwargs bring it
+    (cu_seq_lens_q / _k and max_length_q / _k: DataCollatorWithFlattening's
+    return_flash_attn_kwargs, or a model that packs its own sequences): one row of packed
+    sequences, their offsets taken as given (the mask, the same sequences by position_ids,
+    not read)."""
+    cu_q, cu_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k")
+    if q.shape[0] != 1:
+        raise ValueError(f"attn_implementation='{NAME}': cu_seq_lens_q packs sequences along one "
+                         f"row, got a batch of {q.shape[0]}")
+    if attention_mask is not None and attention_mask.dtype != torch.int64:
+        raise _unsupported("cu_seq_lens_q together with a padding mask")
+    def longest(name):   # (an int, or a 0-d tensor read once: flash-attn's is an int)
+        n = kwargs.get(name)
+        return int(n) if isinstance(n, torch.Tensor) else n
+
+    lengths = dict(max_seqlen=longest("max_length_q"))
+    if cu_k is not None and cu_k is not cu_q:
+        lengths.update(cu_seqlens_k=cu_k.to(torch.int32), max_seqlen_k=longest("max_length_k"))
+    out = attention(q[0], k[0], v[0], cu_seqlens=cu_q.to(torch.int32), **lengths, **call)
+    return out.unsqueeze(0)
 
 
 def _align_queries(valid: torch.Tensor, first, q_length: int):

@@ -267,6 +267,40 @@ def test_llama_sequences_packed_by_position_ids_match_sdpa(training, monkeypatch
     assert offsets[2:] == [None] * 2   # (one sequence: plain causal)
 
 
+def test_llama_flash_attn_kwargs_match_sdpa(monkeypatch):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True): the sequences' offsets come
+    as cu_seq_lens_q / _k with max_length_q / _k (FlashAttentionKwargs) and are taken as
+    given, one call a layer, the position_ids' mask not read; logits and gradients equal
+    sdpa's on the same batch (its mask from position_ids). A batch of two rows raises."""
+    from transformers import DataCollatorWithFlattening, LlamaForCausalLM
+
+    ref, ours = _pair(LlamaForCausalLM, _llama_config())
+    torch.manual_seed(5)
+    features = [{"input_ids": torch.randint(3, 97, (n,)).tolist()} for n in (3, 5, 4)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 8, 12]
+    seen = []
+    real = ops.attention
+    monkeypatch.setattr(pyssm_hf, "attention", lambda *a, **k: seen.append(
+        (k["cu_seqlens"].tolist(), k["max_seqlen"], "cu_seqlens_k" in k)) or real(*a, **k))
+    reads = _call_counter(monkeypatch, pyssm_hf, "_sequence_offsets")
+    results = []
+    for model in (ref, ours):
+        model.train()
+        out = model(**batch, use_cache=False)
+        results.append((out.logits.detach(), torch.autograd.grad(out.loss, list(
+            model.parameters()))))
+    assert seen == [([0, 3, 8, 12], 5, True)] * 2 and reads == []   # (the keys: cu_seq_lens_k)
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    for (name, _), g, w in zip(ours.named_parameters(), got_g, want_g):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-3, msg=name)
+    two = {k: (v.expand(2, -1) if k in ("input_ids", "position_ids") else v)
+           for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), pytest.raises(ValueError, match="along one row"):
+        ours(**two, use_cache=False)
+
+
 def _window_spy(monkeypatch):
     """Records the window_size of each attention call."""
     windows = []
