@@ -61,7 +61,7 @@ Its attention stays the model's (whichever ``attn_implementation``), and so do g
 checkpointing and the state dict.
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
-Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3; tests/integrations).
+Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL; tests/integrations).
 """
 
 from __future__ import annotations

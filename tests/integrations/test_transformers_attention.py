@@ -522,6 +522,53 @@ def test_llava_matches_sdpa(monkeypatch):
     torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
 
 
+def test_qwen2_5_vl_matches_sdpa(monkeypatch):
+    """Qwen2.5-VL on pyssm throughout, in float64: its vision tower (windowed and global
+    layers, each window or image one bidirectional call, as transformers splits them for
+    backends other than flash-attn) and its language model (multimodal rotary positions, a
+    left-padded row): the valid tokens' logits and cached greedy generation equal sdpa's."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=1, window_size=16,
+                  fullatt_block_indexes=[1], out_hidden_size=32, in_channels=3)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=150,
+                              video_token_id=151, vision_start_token_id=152,
+                              vision_end_token_id=153)
+    torch.manual_seed(0)
+    ref = Qwen2_5_VLForConditionalGeneration(copy.deepcopy(config)).double().eval()
+    ref.set_attn_implementation("sdpa")
+    ours = Qwen2_5_VLForConditionalGeneration(copy.deepcopy(config)).double().eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.set_attn_implementation("pyssm")
+    # two images, 8 x 8 patches (16 tokens after merging) and 4 x 4 (4 tokens)
+    grid = torch.tensor([[1, 8, 8], [1, 4, 4]])
+    torch.manual_seed(3)
+    pixels = torch.randn(64 + 16, 3 * 4 * 4, dtype=torch.float64)
+    ids = torch.randint(3, 140, (2, 24))
+    ids[0, 2], ids[0, 3:19], ids[0, 19] = 152, 150, 153
+    ids[1, 9], ids[1, 10:14], ids[1, 14] = 152, 150, 153
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids[1, :5] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
+    calls = _path_spy(monkeypatch, "cu_seqlens")
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(**inputs).logits
+    assert len(calls) > 4 and calls[-2:] == [(False,)] * 2   # (the vision calls, then 2 text)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-10, rtol=1e-10)
+    monkeypatch.undo()
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
+                               atol=0, rtol=0)
+
+
 def test_what_pyssm_does_not_compute_raises():
     from transformers import LlamaForCausalLM
 
