@@ -7,6 +7,7 @@ CLIP and SigLIP towers.
     # or per sub-model: attn_implementation={"text_config": "pyssm", "vision_config": "sdpa"}
     pyssm_hf.swap_mlp(model)                              # CLIP / SigLIP MLPs -> pyssm's
     pyssm_hf.swap_layers(model)       # or their whole encoder layers: norms and adds fused too
+    pyssm_hf.swap_vision_attention(model)   # Qwen2/2.5/3-VL, GLM-4V towers: one packed call
 
 ``register()`` adds "pyssm" to transformers' ``AttentionInterface`` (the attention function)
 and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like flash-attn, pyssm
@@ -59,6 +60,11 @@ pyssm's LayerNorm over the same parameters, the first residual add and the secon
 whole MLP and the second add as one ``norm_mlp_residual`` pass, where their Triton kernels run.
 Its attention stays the model's (whichever ``attn_implementation``), and so do gradient
 checkpointing and the state dict.
+
+``swap_vision_attention(model)`` replaces the vision attention of Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL and GLM-4V (VISION_ATTENTION_CLASSES), which transformers runs one image or window at
+a time for every backend but flash-attn, by ``VisionAttention``: all of them in one packed call
+a layer (their cu_seqlens), the same qkv, rotation and proj.
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
 Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL; tests/integrations).
@@ -715,3 +721,69 @@ def swap_layers(model: nn.Module, backend: str | None = None) -> int:
     ("triton", "reference"; None: their automatic choice)."""
     return swap_modules(model, _classes(LAYER_CLASSES),
                         lambda m: encoder_layer(m, backend=backend), when=_swappable_layer)
+
+
+# (transformers' module, class): the packed vision attentions (Qwen2-VL's lineage: a fused qkv
+# projection, the vision rotary embedding, the images or windows as cu_seqlens, proj) that run
+# one call per image or window under any backend but flash-attn's
+VISION_ATTENTION_CLASSES = (("qwen2_vl", "VisionAttention"),
+                            ("qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
+                            ("qwen3_vl", "Qwen3VLVisionAttention"),
+                            ("glm4v", "Glm4vVisionAttention"))
+
+
+class VisionAttention(nn.Module):
+    """transformers' VISION_ATTENTION_CLASSES on pyssm's attention op: q, k and v of every
+    image (or window) of the batch in one packed call (``cu_seqlens`` as the model gives it,
+    the longest read once per offsets tensor), where transformers' own forward, for any
+    backend other than flash-attn, splits them and attends one at a time. Its qkv and proj
+    are the module's (the same state dict), its rotation the model's own
+    apply_rotary_pos_emb_vision."""
+
+    def __init__(self, hf_attention: nn.Module, backend: str | None = None):
+        import sys
+
+        nn.Module.__init__(self)
+        self.config = hf_attention.config
+        self.num_heads, self.head_dim = hf_attention.num_heads, hf_attention.head_dim
+        self.scaling = hf_attention.scaling
+        self.qkv, self.proj = hf_attention.qkv, hf_attention.proj
+        self.rotate = sys.modules[type(hf_attention).__module__].apply_rotary_pos_emb_vision
+        self.backend = backend
+
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
+        if getattr(self.config, "attention_dropout", 0.0) and self.training:
+            raise _unsupported("attention dropout while training in the vision tower")
+        n = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
+        cos, sin = position_embeddings
+        q, k = self.rotate(q, k, cos, sin)      # (n, heads, head_dim): the packed layout
+        out = attention(q, k, v.to(q.dtype), cu_seqlens=cu_seqlens.to(torch.int32),
+                        max_seqlen=None if max_seqlen is None else int(max_seqlen),
+                        softmax_scale=self.scaling, backend=self.backend or _backend)
+        return self.proj(out.reshape(n, -1))
+
+
+_VISION_TYPES: dict[type, type] = {}
+
+
+def vision_attention(hf_attention: nn.Module, backend: str | None = None) -> VisionAttention:
+    """swap_vision_attention's replacement for ``hf_attention``: an instance of
+    ``VisionAttention`` and of ``type(hf_attention)`` (as encoder_layer makes them: transformers'
+    recorders hook modules by class)."""
+    cls = type(hf_attention)
+    if cls not in _VISION_TYPES:
+        _VISION_TYPES[cls] = type(f"Pyssm{cls.__name__}", (VisionAttention, cls),
+                                  {"__module__": __name__, "__doc__": VisionAttention.__doc__})
+    return _VISION_TYPES[cls](hf_attention, backend=backend)
+
+
+def swap_vision_attention(model: nn.Module, backend: str | None = None) -> int:
+    """Replaces every vision attention of VISION_ATTENTION_CLASSES in ``model`` (in place) by
+    ``VisionAttention`` (one packed call a layer for all the images or windows); returns how
+    many it replaced. ``backend``: pyssm's attention backend (None: register()'s, else chosen
+    per call)."""
+    return swap_modules(model, _classes(VISION_ATTENTION_CLASSES),
+                        lambda m: vision_attention(m, backend=backend))

@@ -522,11 +522,13 @@ def test_llava_matches_sdpa(monkeypatch):
     torch.testing.assert_close(got[valid], want[valid], atol=2e-4, rtol=2e-4)
 
 
-def test_qwen2_5_vl_matches_sdpa(monkeypatch):
+@pytest.mark.parametrize("swapped", [False, True], ids=["backend", "swap_vision_attention"])
+def test_qwen2_5_vl_matches_sdpa(swapped, monkeypatch):
     """Qwen2.5-VL on pyssm throughout, in float64: its vision tower (windowed and global
-    layers, each window or image one bidirectional call, as transformers splits them for
-    backends other than flash-attn) and its language model (multimodal rotary positions, a
-    left-padded row): the valid tokens' logits and cached greedy generation equal sdpa's."""
+    layers: each window or image one bidirectional call, as transformers splits them for
+    backends other than flash-attn; swapped by swap_vision_attention, one packed call a
+    layer) and its language model (multimodal rotary positions, a left-padded row): the valid
+    tokens' logits, the vision tower's gradients and cached greedy generation equal sdpa's."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -545,6 +547,11 @@ def test_qwen2_5_vl_matches_sdpa(monkeypatch):
     ours = Qwen2_5_VLForConditionalGeneration(copy.deepcopy(config)).double().eval()
     ours.load_state_dict(ref.state_dict())
     ours.set_attn_implementation("pyssm")
+    if swapped:   # (Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and GLM-4V's classes all there)
+        assert len(pyssm_hf._classes(pyssm_hf.VISION_ATTENTION_CLASSES)) == 4
+        assert pyssm_hf.swap_vision_attention(ours) == 2
+        assert isinstance(ours.model.visual.blocks[0].attn, pyssm_hf.VisionAttention)
+        assert ours.state_dict().keys() == ref.state_dict().keys()
     # two images, 8 x 8 patches (16 tokens after merging) and 4 x 4 (4 tokens)
     grid = torch.tensor([[1, 8, 8], [1, 4, 4]])
     torch.manual_seed(3)
@@ -560,10 +567,20 @@ def test_qwen2_5_vl_matches_sdpa(monkeypatch):
     with torch.no_grad():
         want = ref(**inputs).logits
         got = ours(**inputs).logits
-    assert len(calls) > 4 and calls[-2:] == [(False,)] * 2   # (the vision calls, then 2 text)
+    # the vision calls (swapped: one a layer, packed), then 2 text layers
+    assert calls == [(True,)] * 2 + [(False,)] * 2 if swapped else \
+        len(calls) > 6 and set(calls) == {(False,)}
     valid = mask.bool()
     torch.testing.assert_close(got[valid], want[valid], atol=1e-10, rtol=1e-10)
     monkeypatch.undo()
+    grads = []
+    for model in (ref, ours):
+        features = model.model.get_image_features(pixels, grid).pooler_output
+        features = torch.cat(features) if isinstance(features, (list, tuple)) else features
+        grads.append(torch.autograd.grad(features.square().sum(),
+                                         list(model.model.visual.parameters())))
+    for (name, _), g, w in zip(ref.model.visual.named_parameters(), grads[1], grads[0]):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-8, msg=name)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
                                atol=0, rtol=0)
