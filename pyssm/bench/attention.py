@@ -60,6 +60,14 @@ mask function makes (pyssm.integrations.transformers: every query causally, then
 again over itself, two calls); "pyssm-<backend>-causal" plain causal attention over the same
 tokens (the first of the two); "sdpa-default (masked)" torch SDPA with the dense boolean mask,
 as transformers' sdpa runs PaliGemma. TFLOP/s count the visible (query, key) pairs.
+
+"attention_vision_windows" rows: a Qwen2.5-VL vision tower's windowed attention layer over one
+image (GPU: bf16, Qwen2.5-VL-7B's 16 heads of head_dim 80, a 1008 x 1008 px image: 5184
+patches in 81 windows of 64; CPU: float32, small), the windows packed along one row:
+"pyssm-<backend>" one call with their cu_seqlens (swap_vision_attention's),
+"pyssm-<backend>-per-window" one pyssm call a window (what transformers does for any backend
+but flash-attn, the "pyssm" attention backend included), and "sdpa-default (per window)" torch
+SDPA a window, as transformers' sdpa runs it. TFLOP/s count the pairs within each window.
 """
 
 from __future__ import annotations
@@ -153,7 +161,8 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     out = [case for heads, head_dim, seqlens, batches in configs
            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
     return out + qkv_cases(device, quick) + decode_cases(device, quick) + \
-        window_cases(device, quick) + softcap_cases(device, quick) + prefix_cases(device, quick)
+        window_cases(device, quick) + softcap_cases(device, quick) + \
+        prefix_cases(device, quick) + vision_window_cases(device, quick)
 
 
 def _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim) -> tuple:
@@ -296,6 +305,53 @@ def prefix_cases(device: torch.device, quick: bool = False) -> list[harness.Case
         make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
         providers=prefix_providers(device.type, prefix), modes=("forward", "full"),
         dtype=str(dtype).removeprefix("torch."),
+        flops={"forward": flops, "full": 3.5 * flops})]
+
+
+def vision_window_providers(kernel: str) -> list[harness.Provider]:
+    """The attention_vision_windows rows' providers (module docstring), each fn(q, k, v, cu)
+    -> like q, q, k and v (tokens, heads, head_dim) and cu the windows' int32 offsets."""
+    scale = {}
+
+    def lengths(cu):   # (the windows' sizes, read once: the model splits on the host too)
+        if scale.get("cu") is not cu:
+            scale.update(cu=cu, lengths=(cu[1:] - cu[:-1]).tolist())
+        return scale["lengths"]
+
+    def per_window(q, k, v, cu):
+        parts = zip(*(t.split(lengths(cu)) for t in (q, k, v)))
+        return torch.cat([ops.attention(*(t[None] for t in part), backend=kernel)[0]
+                          for part in parts])
+
+    def sdpa_per_window(q, k, v, cu):
+        parts = zip(*(t.transpose(0, 1)[None].split(lengths(cu), dim=2) for t in (q, k, v)))
+        return torch.cat([F.scaled_dot_product_attention(*part) for part in parts],
+                         dim=2)[0].transpose(0, 1)
+
+    packed = harness.pyssm_provider("attention", kernel, lambda q, k, v, cu: ops.attention(
+        q, k, v, cu_seqlens=cu, max_seqlen=max(lengths(cu)), backend=kernel))
+    return [packed, dataclasses.replace(harness.pyssm_provider("attention", kernel, per_window),
+                                        name=f"pyssm-{kernel}-per-window"),
+            harness.Provider("sdpa-default (per window)", sdpa_per_window)]
+
+
+def vision_window_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    windows, size, heads, head_dim = (81, 64, 16, 80) if gpu else (9, 16, 4, 32)
+    tokens = windows * size
+    flops = 4 * heads * windows * size * size * head_dim
+
+    def make_inputs():
+        q, k, v = (torch.randn(tokens, heads, head_dim, device=device, dtype=dtype)
+                   for _ in range(3))
+        return q, k, v, torch.arange(0, tokens + 1, size, device=device, dtype=torch.int32)
+
+    return [harness.Case(
+        op="attention_vision_windows",
+        size={"N": tokens, "windows": windows, "heads": heads, "head_dim": head_dim},
+        make_inputs=make_inputs, providers=vision_window_providers(device.type),
+        modes=("forward", "full"), dtype=str(dtype).removeprefix("torch."),
         flops={"forward": flops, "full": 3.5 * flops})]
 
 

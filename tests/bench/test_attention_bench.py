@@ -1,9 +1,10 @@
-"""pyssm/bench/attention.py's decoding and prefix-LM rows: every provider computes the same
+"""pyssm/bench/attention.py's decoding, prefix-LM and vision-window rows: every provider computes the same
 attention (so the table compares like with like), and the decoding case's byte count is the
 used keys and values."""
 
 import torch
 
+from pyssm import ops
 from pyssm.bench import attention
 
 
@@ -31,3 +32,15 @@ def test_prefix_providers_agree_on_the_cpu():
     torch.testing.assert_close(outs["pyssm-cpu-causal"][:, prefix:], want[:, prefix:],
                                atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outs["pyssm-cpu-causal"][:, :prefix], want[:, :prefix])
+
+
+def test_vision_window_providers_agree_on_the_cpu():
+    (case,) = attention.vision_window_cases(torch.device("cpu"))
+    q, k, v, cu = case.make_inputs()
+    outs = {p.name: p.fn(q, k, v, cu) for p in case.providers if p.fn is not None}
+    assert set(outs) == {"pyssm-cpu", "pyssm-cpu-per-window", "sdpa-default (per window)"}
+    want = outs["sdpa-default (per window)"]
+    for name, out in outs.items():
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
+    # (windows, not one sequence: attention over all tokens differs)
+    assert not torch.allclose(ops.attention(q[None], k[None], v[None])[0], want, atol=1e-3)
