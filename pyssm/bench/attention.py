@@ -56,9 +56,10 @@ tokens and the prompt, the prefix, attending both ways, the suffix causally; GPU
 PaliGemma 2 28B's 32 heads over 16 KV heads, head_dim 128, at 896 px: a 4128-token prefix of
 4096 image tokens and a 32-token prompt, then a 32-token suffix; CPU: float32, small):
 "pyssm-<backend>" is the transformers backend's attention function on the block mask its
-mask function makes (pyssm.integrations.transformers: every query causally, then the prefix
-again over itself, two calls); "pyssm-<backend>-causal" plain causal attention over the same
-tokens (the first of the two); "sdpa-default (masked)" torch SDPA with the dense boolean mask,
+mask function makes (pyssm.integrations.transformers: the suffix causally and the prefix both
+ways, two packed calls, each over its keys gathered); "pyssm-<backend>-causal" plain causal
+attention over the same tokens, in place (about the same pairs); "sdpa-default (masked)" torch
+SDPA with the dense boolean mask,
 as transformers' sdpa runs PaliGemma. TFLOP/s count the visible (query, key) pairs.
 
 "attention_vision_windows" rows: a Qwen2.5-VL vision tower's windowed attention layer over one

@@ -35,9 +35,10 @@ sliding caches included (a dynamic one's trimmed keys come with a key offset); a
 (packing would move the window), and so does padding between the valid queries of a step
 with a cache (a prompt chunk, or a prompt into a static cache, with holes). Blocks of tokens
 attending both ways on top of a causal mask (transformers' block_sequence_ids: PaliGemma's
-image-and-prompt prefix, Gemma 3's images, with or without a sliding window) run as two calls
-a layer: every query causally, then each block's queries, packed for the batch, over their
-row's valid keys up to the block's end (the mask read once a forward, ``block_mask``). The
+image-and-prompt prefix, Gemma 3's images, with or without a sliding window) run as two
+packed calls a layer: the runs of queries outside the blocks causally, each block's queries
+both ways, every run over its row's valid keys up to its end (the mask read once a forward,
+``block_mask``). The
 mask brings the causality: PaliGemma's attention modules say is_causal=False. A model whose
 mask is none of these (chunked or bidirectional sliding attention) raises. Gemma 2's attention soft-capping (the config's
 attn_logit_softcapping) runs as pyssm's ``softcap``. What pyssm does not compute raises instead
@@ -160,24 +161,30 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         flat = [t.reshape(B * Sq, *t.shape[2:]) for t in (q, k, v)]   # (views: B, S adjacent)
         return attention(*flat, cu_seqlens=cu, max_seqlen=longest, **call).view(q.shape), None
     if attention_mask is not None and attention_mask.dim() == 4:
-        # image or prefix tokens attending both ways within their block (block_mask): every
-        # query causally as below, then each block's queries again over their row's valid keys
-        # up to the block's end, one packed call for the batch, their outputs put in place
+        # image or prefix tokens attending both ways within their block (block_mask): the
+        # runs of queries outside the blocks causally and each block's queries both ways, each
+        # run over its row's valid keys up to its end, one packed call a kind for the batch
         plan = _block_plan(attention_mask, Sq)
         if plan["holes"] and window != (-1, -1):
             raise _unsupported(f"sliding-window attention (sliding_window={sliding_window}) with "
                                f"holes in the padding mask before an image block (packing the "
                                f"valid tokens would move the window)")
-        out, _ = attention_forward(module, query, key, value, plan["valid"], dropout, scaling,
-                                   True, sliding_window, softcap, **kwargs)
-        if plan["queries"] is None:
-            return out, None
-        qb = q.reshape(B * Sq, *q.shape[2:]).index_select(0, plan["queries"])
-        kb, vb = (t.reshape(B * Sk, *t.shape[2:]).index_select(0, plan["keys"]) for t in (k, v))
-        blocks = attention(qb, kb, vb, cu_seqlens=plan["cu_seqlens"], max_seqlen=plan["longest"],
-                           cu_seqlens_k=plan["cu_seqlens_k"], max_seqlen_k=plan["longest_k"],
-                           **dict(call, causal=False, window_size=(window[0], -1)))
-        out = out.reshape(B * Sq, *out.shape[2:]).index_copy(0, plan["queries"], blocks)
+        if plan["blocks"] is None:   # no block of two queries: plain causal, in place
+            return attention_forward(module, query, key, value, plan["valid"], dropout,
+                                     scaling, True, sliding_window, softcap, **kwargs)
+        out = q.new_zeros(B * Sq, *q.shape[2:])
+        for part, both_ways in ((plan["text"], False), (plan["blocks"], True)):
+            if part is None:
+                continue
+            qp = q.reshape(B * Sq, *q.shape[2:]).index_select(0, part["queries"])
+            kp, vp = (t.reshape(B * Sk, *t.shape[2:]).index_select(0, part["keys"])
+                      for t in (k, v))
+            res = attention(qp, kp, vp, cu_seqlens=part["cu_seqlens"],
+                            max_seqlen=part["longest"], cu_seqlens_k=part["cu_seqlens_k"],
+                            max_seqlen_k=part["longest_k"],
+                            **dict(call, causal=not both_ways,
+                                   window_size=(window[0], -1) if both_ways else window))
+            out = out.index_copy(0, part["queries"], res.to(out.dtype))
         return out.view(q.shape), None
     if attention_mask is not None and attention_mask.dtype == torch.int32:
         if attention_mask.shape != (B,):
@@ -296,11 +303,14 @@ def _block_plan(kinds: torch.Tensor, Sq: int) -> dict:
 
 def _plan_blocks(kinds: torch.Tensor, Sq: int) -> dict:
     """How to attend with a block mask (block_mask: (B, 1, 1, Sk) int32, each key's block, or
-    TEXT, PADDING, UNWRITTEN) for the last Sq keys written as queries (one device read):
-    ``valid`` the padding mask (B, Sk) of the causal call (None: every key valid and written);
-    the block call's ``queries`` (flat over B x Sq) and ``keys`` (flat over B x Sk), each block
-    a sequence of its own (``cu_seqlens``, ``cu_seqlens_k``, ``longest``, ``longest_k``), or
-    None for both when no query is in a block; ``holes`` when some block's keys have a hole."""
+    TEXT, PADDING, UNWRITTEN) for the last Sq keys written as queries (one device read).
+    ``valid``: the padding mask (B, Sk) of a plain causal call (None: every key valid and
+    written), for when no block holds two queries or more. Otherwise ``blocks`` and ``text``:
+    each row's runs of queries in one block, and of queries outside any (each a sequence of
+    its own, its keys the row's valid keys up to its end), packed: ``queries`` (flat over
+    B x Sq), ``keys`` (flat over B x Sk), ``cu_seqlens``, ``cu_seqlens_k``, ``longest``,
+    ``longest_k`` (None for a kind without queries). ``holes``: some sequence's keys have a
+    hole."""
     if kinds.dtype != torch.int32 or kinds.shape[1:3] != (1, 1):
         raise ValueError(f"attn_implementation='{NAME}': a block mask must be int32 (batch, 1, "
                          f"1, keys), got {kinds.dtype} {tuple(kinds.shape)}; was register() "
@@ -318,7 +328,8 @@ def _plan_blocks(kinds: torch.Tensor, Sq: int) -> dict:
         valid, hole = _align_queries(valid, first_query, Sq)
         if hole:
             raise _hole_among_queries()
-    queries, keys, cu_q, cu_k, holes = [], [], [0], [0], False
+    runs = {"blocks": [], "text": []}   # (flat query indices, flat key indices)
+    holes = wide = False
     for b in range(B):
         pos = valid[b].nonzero()[:, 0]            # the row's valid keys, by position
         groups = host[b, pos]
@@ -330,24 +341,28 @@ def _plan_blocks(kinds: torch.Tensor, Sq: int) -> dict:
         if blocks.unique().numel() != blocks.numel():
             raise _unsupported("a block of image tokens split by other tokens (a block's "
                                "tokens must be one run of the row's valid tokens)")
-        for r in (run_groups >= 0).nonzero()[:, 0].tolist():
+        for r, group in enumerate(run_groups.tolist()):
             members = pos[run == r]
-            seen = pos[pos <= members[-1]]        # every valid key up to the block's end
             mine = members[members >= first_query]
-            if mine.numel() < 2:                  # (a block's last token sees what causal does)
+            if not mine.numel():
                 continue
-            holes |= bool(seen.numel() and seen[-1] - seen[0] + 1 != seen.numel())
-            queries.append(b * Sq + mine - first_query)
-            keys.append(b * Sk + seen)
-            cu_q.append(cu_q[-1] + mine.numel())
-            cu_k.append(cu_k[-1] + seen.numel())
+            seen = pos[pos <= members[-1]]        # every valid key up to the run's end
+            holes |= bool(seen[-1] - seen[0] + 1 != seen.numel())
+            wide |= group >= 0 and mine.numel() > 1
+            runs["blocks" if group >= 0 else "text"].append(
+                (b * Sq + mine - first_query, b * Sk + seen))
     plan = dict(valid=None if valid[:, :W].all() and W == Sk else valid.to(device),
-                queries=None, holes=holes)
-    if queries:
-        offsets = [torch.tensor(cu, dtype=torch.int32) for cu in (cu_q, cu_k)]
-        plan.update(queries=torch.cat(queries).to(device), keys=torch.cat(keys).to(device),
-                    cu_seqlens=offsets[0].to(device), cu_seqlens_k=offsets[1].to(device),
-                    longest=int(offsets[0].diff().max()), longest_k=int(offsets[1].diff().max()))
+                blocks=None, text=None, holes=holes)
+    if not wide:   # (a block's last token sees what a causal query sees)
+        return plan
+    for kind, parts in runs.items():
+        if parts:
+            cu = [torch.tensor([0] + [len(p[i]) for p in parts]).cumsum(0).to(torch.int32)
+                  for i in (0, 1)]
+            plan[kind] = dict(queries=torch.cat([p[0] for p in parts]).to(device),
+                              keys=torch.cat([p[1] for p in parts]).to(device),
+                              cu_seqlens=cu[0].to(device), cu_seqlens_k=cu[1].to(device),
+                              longest=int(cu[0].diff().max()), longest_k=int(cu[1].diff().max()))
     return plan
 
 

@@ -71,9 +71,9 @@ def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
     """Every valid query's output, and the gradients of a loss over them, equal attention
     under the dense boolean mask transformers builds from the same mask function (sdpa_mask)
     for: a whole prefill, a chunk of 5 queries after 8 cached keys (blocks across the chunk's
-    start), and a prefill into a static cache with 3 slots to spare. Two calls a layer: the
-    causal (or windowed) one, then every block's queries, packed, over their row's keys up to
-    the block's end; the mask read on the host once. Without blocks (a causal mask, a causal
+    start), and a prefill into a static cache with 3 slots to spare. Two packed calls a layer:
+    the runs of queries outside the blocks causally (or windowed), then every block's queries
+    both ways, each run over its row's keys up to its end; the mask read on the host once. Without blocks (a causal mask, a causal
     window) the same holds for the padding-mask path, one call a layer: in the chunk, the
     right-padded row's padding queries come after its valid ones."""
     from transformers import masking_utils as mu
@@ -107,7 +107,7 @@ def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
     window = (-1, -1) if w is None else (w - 1, 0)
     if blocks:
         assert len(reads) == 1
-        assert seen[:2] == [(True, window, False), (False, (window[0], -1), True)]
+        assert seen[:2] == [(True, window, True), (False, (window[0], -1), True)]
     else:
         assert seen == [(True, window, False)] * 2
     assert out.shape == (3, Sq, H, d) and out.isfinite().all()
@@ -211,9 +211,10 @@ def _paligemma_inputs():
 @pytest.mark.parametrize("types", [True, False], ids=["prefix", "no-token-types"])
 def test_paligemma_prefix_lm_matches_sdpa(types, monkeypatch):
     """PaliGemma's language model on pyssm: with token types the image and prompt prefix
-    attends both ways (a block call besides the causal one), without them plain causal
-    attention, though its attention modules say is_causal=False. Logits of the valid tokens
-    and, in training, every gradient equal sdpa's; the prefix control (plain causal) does not."""
+    attends both ways (the suffix causally, the prefix both ways: a packed call each), without
+    them plain causal attention, though its attention modules say is_causal=False. Logits of
+    the valid tokens and, in training, every gradient equal sdpa's; the prefix control (plain
+    causal) does not."""
     ref, ours = _paligemma_pair()
     inputs = _paligemma_inputs()
     if not types:
@@ -278,7 +279,7 @@ def test_paligemma2_sliding_layers(monkeypatch):
 def test_gemma3_image_blocks_match_sdpa(monkeypatch):
     """Gemma 3 with two images in one row and one after left padding in the other: each
     image's 4 tokens attend both ways, in the global layer and in the sliding one, whose
-    window (3) is shorter than an image (the window over both: a block call with window
+    window (3) is shorter than an image (the window over both: the block call with window
     (2, -1)). Logits of the valid tokens, training gradients and cached greedy generation
     equal sdpa's; without the token types (plain causal) the logits differ."""
     from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
@@ -316,8 +317,8 @@ def test_gemma3_image_blocks_match_sdpa(monkeypatch):
         plain = ref(**{k: v for k, v in inputs.items() if k != "token_type_ids"}).logits
     torch.testing.assert_close(got[valid], want[valid], atol=1e-10, rtol=1e-10)
     assert (plain[valid] - want[valid]).abs().max() > 1e-3
-    assert seen == [(True, (2, 0), False), (False, (2, -1), True),
-                    (True, (-1, -1), False), (False, (-1, -1), True)]
+    assert seen == [(True, (2, 0), True), (False, (2, -1), True),
+                    (True, (-1, -1), True), (False, (-1, -1), True)]
     monkeypatch.undo()
 
     labels = ids.masked_fill((ids == 98) | ~valid, -100)
