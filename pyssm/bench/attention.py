@@ -174,6 +174,20 @@ def _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim) -> tuple:
                  for _ in range(2)))
 
 
+def _lm_case(device: torch.device, op: str, size: dict, providers: list, pairs: int
+             ) -> harness.Case:
+    """A case of a language model's prefill (``_lm_inputs`` of ``size``: batch, N, heads,
+    heads_k, head_dim; bf16 on a GPU, float32 on the CPU), forward and forward+backward,
+    TFLOP/s counting ``pairs`` visible (query, key) pairs a row and head."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = [size[k] for k in ("batch", "N", "heads", "heads_k", "head_dim")]
+    flops = 4 * size["batch"] * size["heads"] * pairs * size["head_dim"]
+    return harness.Case(op=op, size=size, make_inputs=lambda: _lm_inputs(device, dtype, *shape),
+                        providers=providers, modes=("forward", "full"),
+                        dtype=str(dtype).removeprefix("torch."),
+                        flops={"forward": flops, "full": 3.5 * flops})
+
+
 def window_providers(kernel: str, window: int) -> list[harness.Provider]:
     """The attention_window rows' providers (module docstring), each fn(q, k, v) -> like q."""
     def sdpa_masked(q, k, v):
@@ -200,22 +214,14 @@ def _plain_causal(kernel: str, suffix: str) -> harness.Provider:
 
 def window_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
     batch, n, heads, heads_k, head_dim = (2, 8192, 32, 8, 128) if gpu else (2, 129, 4, 2, 32)
     windows = ([1024] if quick else [1024, 4096]) if gpu else [16]
-    out = []
-    for window in windows:
-        pairs = sum(min(i + 1, window) for i in range(n))   # visible (query, key) pairs
-        flops = 4 * batch * heads * pairs * head_dim
-        out.append(harness.Case(
-            op="attention_window",
-            size={"N": n, "window": window, "batch": batch, "heads": heads, "heads_k": heads_k,
-                  "head_dim": head_dim},
-            make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
-            providers=window_providers(device.type, window), modes=("forward", "full"),
-            dtype=str(dtype).removeprefix("torch."),
-            flops={"forward": flops, "full": 3.5 * flops}))
-    return out
+    return [_lm_case(device, "attention_window",
+                     {"N": n, "window": window, "batch": batch, "heads": heads,
+                      "heads_k": heads_k, "head_dim": head_dim},
+                     window_providers(device.type, window),
+                     sum(min(i + 1, window) for i in range(n)))   # visible (query, key) pairs
+            for window in windows]
 
 
 SOFTCAP = 50.0   # Gemma 2's attn_logit_softcapping
@@ -241,17 +247,11 @@ def softcap_providers(kernel: str) -> list[harness.Provider]:
 
 def softcap_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
     batch, n, heads, heads_k, head_dim = (2, 4096, 32, 16, 128) if gpu else (2, 129, 4, 2, 32)
-    flops = 4 * batch * heads * (n * (n + 1) // 2) * head_dim
-    return [harness.Case(
-        op="attention_softcap",
-        size={"N": n, "softcap": SOFTCAP, "batch": batch, "heads": heads, "heads_k": heads_k,
-              "head_dim": head_dim},
-        make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
-        providers=softcap_providers(device.type), modes=("forward", "full"),
-        dtype=str(dtype).removeprefix("torch."),
-        flops={"forward": flops, "full": 3.5 * flops})]
+    return [_lm_case(device, "attention_softcap",
+                     {"N": n, "softcap": SOFTCAP, "batch": batch, "heads": heads,
+                      "heads_k": heads_k, "head_dim": head_dim},
+                     softcap_providers(device.type), n * (n + 1) // 2)]
 
 
 def prefix_providers(kernel: str, prefix: int) -> list[harness.Provider]:
@@ -294,19 +294,13 @@ def prefix_providers(kernel: str, prefix: int) -> list[harness.Provider]:
 
 def prefix_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
     batch, n, prefix, heads, heads_k, head_dim = (2, 4160, 4128, 32, 16, 128) if gpu else \
         (2, 80, 64, 4, 2, 32)
-    pairs = prefix * prefix + sum(i + 1 for i in range(prefix, n))   # visible (query, key)
-    flops = 4 * batch * heads * pairs * head_dim
-    return [harness.Case(
-        op="attention_prefix",
-        size={"N": n, "prefix": prefix, "batch": batch, "heads": heads, "heads_k": heads_k,
-              "head_dim": head_dim},
-        make_inputs=lambda: _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim),
-        providers=prefix_providers(device.type, prefix), modes=("forward", "full"),
-        dtype=str(dtype).removeprefix("torch."),
-        flops={"forward": flops, "full": 3.5 * flops})]
+    return [_lm_case(device, "attention_prefix",
+                     {"N": n, "prefix": prefix, "batch": batch, "heads": heads,
+                      "heads_k": heads_k, "head_dim": head_dim},
+                     prefix_providers(device.type, prefix),
+                     prefix * prefix + sum(i + 1 for i in range(prefix, n)))]
 
 
 def vision_window_providers(kernel: str) -> list[harness.Provider]:

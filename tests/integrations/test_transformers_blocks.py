@@ -208,6 +208,18 @@ def _paligemma_inputs():
                 pixel_values=torch.randn(2, 3, 16, 16, dtype=F64))
 
 
+def _logits_match(ref, ours, inputs, monkeypatch, tol):
+    """Runs both models on ``inputs`` and checks the valid tokens' logits agree within
+    ``tol``; returns (the valid tokens, the reference's logits, ours' attention calls)."""
+    valid = inputs["attention_mask"].bool()
+    seen = _spy(monkeypatch)
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(**inputs).logits
+    torch.testing.assert_close(got[valid], want[valid], atol=tol, rtol=tol)
+    return valid, want, seen
+
+
 @pytest.mark.parametrize("types", [True, False], ids=["prefix", "no-token-types"])
 def test_paligemma_prefix_lm_matches_sdpa(types, monkeypatch):
     """PaliGemma's language model on pyssm: with token types the image and prompt prefix
@@ -219,12 +231,7 @@ def test_paligemma_prefix_lm_matches_sdpa(types, monkeypatch):
     inputs = _paligemma_inputs()
     if not types:
         del inputs["token_type_ids"]
-    valid = inputs["attention_mask"].bool()
-    seen = _spy(monkeypatch)
-    with torch.no_grad():
-        want = ref(**inputs).logits
-        got = ours(**inputs).logits
-    torch.testing.assert_close(got[valid], want[valid], atol=1e-10, rtol=1e-10)
+    valid, want, seen = _logits_match(ref, ours, inputs, monkeypatch, 1e-10)
     assert [c for c, _, packed in seen] == ([True, False] * 2 if types else [True] * 2)
     if types:   # (the prefix changes the answer)
         with torch.no_grad():
@@ -259,12 +266,7 @@ def test_paligemma2_sliding_layers(monkeypatch):
     attention's (which takes the softmax in float32); with a window of 4 it raises."""
     ref, ours = _paligemma_pair(window=16)
     inputs = _paligemma_inputs()
-    valid = inputs["attention_mask"].bool()
-    seen = _spy(monkeypatch)
-    with torch.no_grad():
-        want = ref(**inputs).logits
-        got = ours(**inputs).logits
-    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+    _, _, seen = _logits_match(ref, ours, inputs, monkeypatch, 1e-5)
     assert [w for _, w, _ in seen] == [(15, 0), (15, -1), (-1, -1), (-1, -1)]
     monkeypatch.undo()
     inputs["token_type_ids"][:, 9:] = 0
