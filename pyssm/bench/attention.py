@@ -32,8 +32,8 @@ with leftpad_k, the same kernels; on a GPU the flash-decoding kernel, split over
 (PYSSM_FLASH_DECODE=0: the prefill kernels, one head a block); "pyssm-gathered" packs the used
 keys first and passes cu_seqlens_k (the transformers backend's path for a padding mask with
 holes: the used keys' indices worked out once per mask, then an index_select a layer, which
-reads and writes the used cache again); "sdpa-default (masked)" is torch SDPA with the padding mask over the whole cache, as
-transformers' sdpa runs it. GB/s counts the used keys and values read once (decoding's floor).
+reads and writes the used cache again); "sdpa-default (masked)" is torch SDPA with the padding
+mask over the whole cache, as transformers' sdpa runs it. GB/s counts the used keys and values read once (decoding's floor).
 
 "attention_window" rows: a language model's prefill under a causal sliding window (Mistral's:
 each token sees itself and the w - 1 before it; GPU: bf16, 32 heads over 8 KV heads, head_dim

@@ -28,22 +28,22 @@ packed along each row by position_ids (padding-free training, as transformers'
 DataCollatorWithFlattening makes them) run as pyssm's packed batches (``cu_seqlens``, read once
 a forward), q, k and v in place; offsets that come as flash-attn's keyword arguments
 (cu_seq_lens_q / _k, max_length_q / _k: the collator's return_flash_attn_kwargs) are taken as
-given, nothing read. Causal sliding-window layers (Mistral, Qwen2, Gemma 2 and 3's
-local layers: ``sliding_window`` w, each query seeing itself and the w - 1 keys before it) run
-pyssm's windowed kernels (``window_size=(w - 1, 0)``), left padding and dynamic or static
-sliding caches included (a dynamic one's trimmed keys come with a key offset); a sliding layer with holes in its padding mask raises
-(packing would move the window), and so does padding between the valid queries of a step
-with a cache (a prompt chunk, or a prompt into a static cache, with holes). Blocks of tokens
-attending both ways on top of a causal mask (transformers' block_sequence_ids: PaliGemma's
-image-and-prompt prefix, Gemma 3's images, with or without a sliding window) run as two
-packed calls a layer: the runs of queries outside the blocks causally, each block's queries
+given, nothing read. Causal sliding-window layers (Mistral, Qwen2, Gemma 2 and 3's local layers:
+``sliding_window`` w, each query seeing itself and the w - 1 keys before it) run pyssm's
+windowed kernels (``window_size=(w - 1, 0)``), left padding and dynamic or static sliding caches
+included (a dynamic one's trimmed keys come with a key offset); a sliding layer with holes in
+its padding mask raises (packing would move the window), and so does padding between the valid
+queries of a step with a cache (a prompt chunk, or a prompt into a static cache, with holes).
+Blocks of tokens attending both ways on top of a causal mask (transformers' block_sequence_ids:
+PaliGemma's image-and-prompt prefix, Gemma 3's images, with or without a sliding window) run as
+two packed calls a layer: the runs of queries outside the blocks causally, each block's queries
 both ways, every run over its row's valid keys up to its end (the mask read once a forward,
-``block_mask``). The
-mask brings the causality: PaliGemma's attention modules say is_causal=False. A model whose
-mask is none of these (chunked or bidirectional sliding attention) raises. Gemma 2's attention soft-capping (the config's
-attn_logit_softcapping) runs as pyssm's ``softcap``. What pyssm does not compute raises instead
-of being dropped: attention dropout while training, position biases (T5-style), attention
-sinks, and attention probabilities (``output_attentions``).
+``block_mask``). The mask brings the causality: PaliGemma's attention modules say
+is_causal=False. A model whose mask is none of these (chunked or bidirectional sliding
+attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
+as pyssm's ``softcap``. What pyssm does not compute raises instead of being dropped: attention
+dropout while training, position biases (T5-style), attention sinks, and attention
+probabilities (``output_attentions``).
 
 ``swap_mlp(model)`` replaces every CLIPMLP, SiglipMLP, Siglip2MLP and the vision MLPs of
 Idefics2, Idefics3 and SmolVLM (fc1, activation, fc2; MLP_CLASSES) by ``MLP``, the encoders' MLP
@@ -167,8 +167,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         plan = _block_plan(attention_mask, Sq)
         if plan["holes"] and window != (-1, -1):
             raise _unsupported(f"sliding-window attention (sliding_window={sliding_window}) with "
-                               f"holes in the padding mask before an image block (packing the "
-                               f"valid tokens would move the window)")
+                               f"holes in the padding mask before a run of queries (packing "
+                               f"the valid tokens would move the window)")
         if plan["blocks"] is None:   # no block of two queries: plain causal, in place
             return attention_forward(module, query, key, value, plan["valid"], dropout,
                                      scaling, True, sliding_window, softcap, **kwargs)

@@ -1,6 +1,6 @@
-"""pyssm/bench/attention.py's decoding, prefix-LM and vision-window rows: every provider computes the same
-attention (so the table compares like with like), and the decoding case's byte count is the
-used keys and values."""
+"""pyssm/bench/attention.py's decoding, prefix-LM and vision-window rows: every provider
+computes the same attention (so the table compares like with like), and the decoding case's
+byte count is the used keys and values."""
 
 import torch
 

@@ -73,9 +73,10 @@ def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
     for: a whole prefill, a chunk of 5 queries after 8 cached keys (blocks across the chunk's
     start), and a prefill into a static cache with 3 slots to spare. Two packed calls a layer:
     the runs of queries outside the blocks causally (or windowed), then every block's queries
-    both ways, each run over its row's keys up to its end; the mask read on the host once. Without blocks (a causal mask, a causal
-    window) the same holds for the padding-mask path, one call a layer: in the chunk, the
-    right-padded row's padding queries come after its valid ones."""
+    both ways, each run over its row's keys up to its end; the mask read on the host once.
+    Without blocks (a causal mask, a causal window) the same holds for the padding-mask path,
+    one call a layer: in the chunk, the right-padded row's padding queries come after its
+    valid ones."""
     from transformers import masking_utils as mu
 
     torch.manual_seed(3)
