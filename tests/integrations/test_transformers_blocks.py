@@ -249,13 +249,15 @@ def test_paligemma_prefix_lm_matches_sdpa(types, monkeypatch):
             torch.testing.assert_close(b.grad, a.grad, atol=1e-9, rtol=1e-8, msg=name)
 
 
-def test_paligemma_generate_matches_sdpa():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_paligemma_generate_matches_sdpa(cache):
     """Cached greedy generation from a left-padded prefix batch gives sdpa's tokens (the
-    prefill with its prefix block, each step causal over the cache)."""
+    prefill with its prefix block, each step causal over the cache), with a dynamic or a
+    static cache (its slots not written yet marked in the block mask)."""
     ref, ours = _paligemma_pair()
     inputs = _paligemma_inputs()
     inputs["token_type_ids"][:, 9:] = 0         # a prompt only: the model writes the suffix
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache)
     torch.testing.assert_close(ours.generate(**inputs, **kw), ref.generate(**inputs, **kw),
                                atol=0, rtol=0)
 
