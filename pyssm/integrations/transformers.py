@@ -294,6 +294,13 @@ def _block_plans(kinds: torch.Tensor) -> dict:
     return {}
 
 
+@_once_per_version
+def _host_kinds(kinds: torch.Tensor) -> torch.Tensor:
+    """A block mask's kinds (B, Sk) on the host: one device read a mask, shared by
+    block_mask's window check and _plan_blocks."""
+    return kinds[:, 0, 0].cpu()
+
+
 def _block_plan(kinds: torch.Tensor, Sq: int) -> dict:
     plans = _block_plans(kinds)
     if Sq not in plans:
@@ -315,7 +322,7 @@ def _plan_blocks(kinds: torch.Tensor, Sq: int) -> dict:
         raise ValueError(f"attn_implementation='{NAME}': a block mask must be int32 (batch, 1, "
                          f"1, keys), got {kinds.dtype} {tuple(kinds.shape)}; was register() "
                          f"called before the model was built?")
-    device, host = kinds.device, kinds[:, 0, 0].cpu()
+    device, host = kinds.device, _host_kinds(kinds)
     B, Sk = host.shape
     written = (host != UNWRITTEN).sum(1)
     W = int(written[0])
@@ -512,19 +519,19 @@ def block_mask(ids: torch.Tensor, window: int | None, inside: bool, batch_size: 
         slots = torch.arange(kv_length, device=kinds.device)
         kinds = kinds.masked_fill(slots >= torch.as_tensor(q_offset, device=kinds.device) +
                                   q_length, UNWRITTEN)
+    kinds = kinds.reshape(batch_size, 1, 1, kv_length)
     if window is not None and not inside:
         # the window or'ed on outside the blocks: a block query i sees keys from min(block
         # start, i - w + 1), the same as the window over both while each block's valid keys
         # span at most w positions
-        host = kinds.cpu()
-        for row in host:
+        for row in _host_kinds(kinds):
             for g in row[row >= 0].unique().tolist():
                 at = (row == g).nonzero()[:, 0]
                 if int(at[-1] - at[0]) + 1 > window:
                     raise _unsupported(f"a block of {int(at[-1] - at[0]) + 1} image or prefix "
                                        f"tokens longer than the sliding window ({window}) it "
                                        f"is or'ed with")
-    return kinds.reshape(batch_size, 1, 1, kv_length)
+    return kinds
 
 
 def _check_mask_function(mask_function) -> None:
@@ -569,10 +576,11 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         # a causal mask for attention modules built bidirectional (PaliGemma's language model
         # without token types, or a decoding step): its causality must come with the mask
         from transformers import masking_utils
+        w = _sliding_window_of(mask_function)
         if mask_function is masking_utils.causal_mask_function:
             blockwise = None, None, True
-        elif _sliding_window_of(mask_function) is not None:
-            blockwise = None, _sliding_window_of(mask_function), True
+        elif w is not None:
+            blockwise = None, w, True
     if blockwise is not None:
         return block_mask(*blockwise, batch_size, q_length, kv_length, q_offset, kv_offset,
                           attention_mask, device)
@@ -709,18 +717,26 @@ class EncoderLayer(nn.Module):
         return add_mlp(self.mlp, h, s, x, backend=nb)   # in place in inference
 
 
-# transformers' layer class -> its EncoderLayer subclass
-_LAYER_TYPES: dict[type, type] = {}
+# (pyssm's class, transformers' class) -> their hybrid
+_HYBRIDS: dict[tuple[type, type], type] = {}
+
+
+def _hybrid(ours: type, hf_module: nn.Module, backend: str | None) -> nn.Module:
+    """``ours`` built over ``hf_module`` as an instance of a subclass of both (``Pyssm<its
+    class name>``, made once per pair), so that transformers' isinstance checks hold: its
+    hidden-state and attention recorders hook modules by class, and its
+    GradientCheckpointingLayer wraps the forward."""
+    cls = type(hf_module)
+    if (ours, cls) not in _HYBRIDS:
+        _HYBRIDS[ours, cls] = type(f"Pyssm{cls.__name__}", (ours, cls),
+                                   {"__module__": __name__, "__doc__": ours.__doc__})
+    return _HYBRIDS[ours, cls](hf_module, backend=backend)
 
 
 def encoder_layer(hf_layer: nn.Module, backend: str | None = None) -> EncoderLayer:
     """swap_layers' replacement for ``hf_layer``: an instance of ``EncoderLayer`` and of
     ``type(hf_layer)`` (``Pyssm<its class name>``) over its modules."""
-    cls = type(hf_layer)
-    if cls not in _LAYER_TYPES:   # (transformers' GradientCheckpointingLayer wraps its forward)
-        _LAYER_TYPES[cls] = type(f"Pyssm{cls.__name__}", (EncoderLayer, cls),
-                                 {"__module__": __name__, "__doc__": EncoderLayer.__doc__})
-    return _LAYER_TYPES[cls](hf_layer, backend=backend)
+    return _hybrid(EncoderLayer, hf_layer, backend)
 
 
 def _swappable_layer(layer: nn.Module) -> bool:
@@ -781,18 +797,10 @@ class VisionAttention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
-_VISION_TYPES: dict[type, type] = {}
-
-
 def vision_attention(hf_attention: nn.Module, backend: str | None = None) -> VisionAttention:
     """swap_vision_attention's replacement for ``hf_attention``: an instance of
-    ``VisionAttention`` and of ``type(hf_attention)`` (as encoder_layer makes them: transformers'
-    recorders hook modules by class)."""
-    cls = type(hf_attention)
-    if cls not in _VISION_TYPES:
-        _VISION_TYPES[cls] = type(f"Pyssm{cls.__name__}", (VisionAttention, cls),
-                                  {"__module__": __name__, "__doc__": VisionAttention.__doc__})
-    return _VISION_TYPES[cls](hf_attention, backend=backend)
+    ``VisionAttention`` and of ``type(hf_attention)`` (``Pyssm<its class name>``)."""
+    return _hybrid(VisionAttention, hf_attention, backend)
 
 
 def swap_vision_attention(model: nn.Module, backend: str | None = None) -> int:

@@ -73,7 +73,8 @@ def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
     for: a whole prefill, a chunk of 5 queries after 8 cached keys (blocks across the chunk's
     start), and a prefill into a static cache with 3 slots to spare. Two packed calls a layer:
     the runs of queries outside the blocks causally (or windowed), then every block's queries
-    both ways, each run over its row's keys up to its end; the mask read on the host once.
+    both ways, each run over its row's keys up to its end; the mask read on the host once, its
+    making and the plan sharing the read where the or'ed window's check needs one.
     Without blocks (a causal mask, a causal window) the same holds for the padding-mask path,
     one call a layer: in the chunk, the right-padded row's padding queries come after its
     valid ones."""
@@ -88,7 +89,12 @@ def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
     Sq, q_offset = (5, 8) if step == "chunk" else (S, 0)
     sizes = dict(batch_size=3, q_length=Sq, kv_length=slots, q_offset=q_offset, kv_offset=0,
                  mask_function=fn, attention_mask=pad)
+    reads = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **kw: reads.append(1) or
+                        real_cpu(t, *a, **kw))
     ours = pyssm_hf.padding_mask(**sizes)
+    monkeypatch.undo()
     blocks = kind not in ("causal", "window")
     assert ours.shape == ((3, 1, 1, slots) if blocks else (3, slots))
     dense = mu.sdpa_mask(**sizes, allow_is_causal_skip=False)[:, 0]     # (B, Sq, slots)
@@ -97,8 +103,6 @@ def test_block_masks_against_the_dense_mask(kind, w, step, monkeypatch):
     module = torch.nn.Module()
     module.is_causal = True
     seen = _spy(monkeypatch)
-    reads = []
-    real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **kw: reads.append(1) or
                         real_cpu(t, *a, **kw))
     for _ in range(2):   # two layers: one plan
