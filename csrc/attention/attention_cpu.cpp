@@ -1,5 +1,5 @@
 // Attention composed from ATen ops, forward and backward, in the accumulation type (float64 for
-// float64 inputs, float32 otherwise), in chunks of sequences so the scores stay small. It is
+// float64 inputs, float32 otherwise), in pieces that keep the scores small (pieces()). It is
 // the CPU kernel, and on CUDA the path for what the flash kernel does not take (float32 /
 // float64, other head sizes), forward and backward (attention_cuda.cpp):
 //   S = scale q k^T (key j visible to query i when i + Sk - Sq - window_left <= j <=
@@ -14,9 +14,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "attention/attention_composed.h"
 #include "checks.h"
@@ -241,20 +244,77 @@ at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
   return group == 1 ? h : h.repeat_interleave(group, 1);
 }
 
-// Scaled, soft-capped, masked scores (b, H, Sq, Sk).
-at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, bool causal,
-                  int64_t window_left, int64_t window_right, double softcap) {
+// The window's bounds with causal folded in (window_right 0); -1: no bound on that side.
+struct Bounds {
+  int64_t left, right;
+  bool any() const { return left >= 0 || right >= 0; }
+};
+
+Bounds bounds(bool causal, int64_t window_left, int64_t window_right) {
+  return {window_left, causal ? 0 : window_right};
+}
+
+// One piece of a chunk's work: its queries [row0, row0 + rows) and the keys they can see,
+// [col0, col0 + cols) (cols 0: none).
+struct Piece {
+  int64_t row0, rows, col0, cols;
+};
+
+// The largest number of score elements (batch rows x heads x queries x keys) one piece may
+// hold: PYSSM_COMPOSED_SCORES, read at every call, else 2^24 (64 MB of float32 scores; the
+// forward holds about three such tensors at once, the backward about six).
+int64_t score_budget() {
+  const char* env = std::getenv("PYSSM_COMPOSED_SCORES");
+  if (env == nullptr || *env == '\0') return int64_t(1) << 24;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && v >= 1, "PYSSM_COMPOSED_SCORES must be a positive number "
+                    "of score elements, got '", env, "'");
+  return v;
+}
+
+// A chunk's b x heads x (Sq x Sk) scores cut into pieces of consecutive queries, each with
+// only the keys its rows' windows reach (a causal piece stops at its last row's diagonal, a
+// sliding window's piece starts at its first row's first key), as many queries a piece as
+// keep it within the budget.
+std::vector<Piece> pieces(int64_t b, int64_t heads, int64_t Sq, int64_t Sk, Bounds w) {
+  std::vector<Piece> out;
+  if (Sq == 0) return out;
+  // keys a row sees at most; a piece of n rows spans at most n - 1 + width of them
+  const int64_t width = w.left >= 0 && w.right >= 0 ? std::min(Sk, w.left + w.right + 1) : Sk;
+  const double per_row = std::max<double>(1.0, double(score_budget()) / double(b * heads));
+  const double wm1 = double(std::max<int64_t>(width, 1) - 1);
+  // n (n - 1 + width) <= per_row, or n Sk <= per_row (a piece never spans more than Sk)
+  int64_t n = int64_t((-wm1 + std::sqrt(wm1 * wm1 + 4.0 * per_row)) / 2.0);
+  n = std::max(n, int64_t(per_row / double(std::max<int64_t>(Sk, 1))));
+  n = std::clamp<int64_t>(n, 1, Sq);
+  const int64_t diag = Sk - Sq;  // row i's keys: [i + diag - left, i + diag + right]
+  for (int64_t r = 0; r < Sq; r += n) {
+    const int64_t rows = std::min(n, Sq - r);
+    const int64_t lo = w.left >= 0 ? std::clamp<int64_t>(r + diag - w.left, 0, Sk) : 0;
+    const int64_t hi =
+        w.right >= 0 ? std::clamp<int64_t>(r + rows - 1 + diag + w.right + 1, 0, Sk) : Sk;
+    out.push_back({r, rows, lo, std::max<int64_t>(hi - lo, 0)});
+  }
+  return out;
+}
+
+// Scaled, soft-capped, masked scores (b, H, rows, cols) of a piece: its queries qh (b, H, rows,
+// d) against its keys kh (b, H, cols, d), in a chunk of Sq queries and Sk keys.
+at::Tensor scores(const at::Tensor& qh, const at::Tensor& kh, double scale, Bounds w,
+                  double softcap, const Piece& piece, int64_t Sq, int64_t Sk) {
   at::Tensor S = at::matmul(qh * scale, kh.transpose(-1, -2));  // scale the smaller operand
   if (softcap > 0) S = at::tanh(S / softcap) * softcap;
-  if (causal) window_right = 0;
-  if (window_left >= 0 || window_right >= 0) {
-    const int64_t Sq = S.size(-2), Sk = S.size(-1);
-    at::Tensor diag = at::arange(Sq, S.options().dtype(at::kLong)).unsqueeze(1) + (Sk - Sq);
-    at::Tensor j = at::arange(Sk, S.options().dtype(at::kLong)).unsqueeze(0);
+  if (w.any()) {
+    // in the piece's columns, row i's keys: [i + diag - left, i + diag + right]
+    const int64_t rows = S.size(-2), cols = S.size(-1);
+    at::Tensor diag = at::arange(rows, S.options().dtype(at::kLong)).unsqueeze(1) +
+                      (piece.row0 + Sk - Sq - piece.col0);
+    at::Tensor j = at::arange(cols, S.options().dtype(at::kLong)).unsqueeze(0);
     at::Tensor hidden;
-    if (window_right >= 0) hidden = j > diag + window_right;
-    if (window_left >= 0) {
-      at::Tensor before = j < diag - window_left;
+    if (w.right >= 0) hidden = j > diag + w.right;
+    if (w.left >= 0) {
+      at::Tensor before = j < diag - w.left;
       hidden = hidden.defined() ? hidden.logical_or(before) : before;
     }
     S = S.masked_fill(hidden, -std::numeric_limits<double>::infinity());
@@ -273,14 +333,17 @@ double resolve_scale(std::optional<double> softmax_scale, int64_t head_dim) {
   return softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
-// The work is split in chunks that bound the score memory: packed sequences one at a time,
-// dense batches kBatchChunk rows at a time (one at a time with seqused_k or leftpad_k, whose
-// rows use different keys). chunk() gives chunk i of a (B, S, H, d) or packed (T, H, d)
-// tensor of queries as (b, S, H, d), chunk_k() of keys (the used ones: s.used, s.lead read);
-// lse_chunk() the (b, H, S) view of lse that matches chunk().
-constexpr int64_t kBatchChunk = 16;
-
-int64_t chunk_rows(const AttnSizes& s) { return s.used_k || s.lead_k ? 1 : kBatchChunk; }
+// The work is split in chunks: packed sequences one at a time, dense batches as many rows at a
+// time as keep their scores within the budget (one at a time with seqused_k or leftpad_k, whose
+// rows use different keys), and each chunk in pieces of queries (pieces()). chunk() gives
+// chunk i of a (B, S, H, d) or packed (T, H, d) tensor of queries as (b, S, H, d), chunk_k()
+// of keys (the used ones: s.used, s.lead read); lse_chunk() the (b, H, S) view of lse that
+// matches chunk().
+int64_t chunk_rows(const AttnSizes& s) {
+  if (s.used_k || s.lead_k) return 1;
+  const int64_t per_row = std::max<int64_t>(s.heads * s.seqlen_q * s.seqlen_k, 1);
+  return std::clamp<int64_t>(score_budget() / per_row, 1, std::max<int64_t>(s.batch, 1));
+}
 
 int64_t num_chunks(const AttnSizes& s) {
   return s.varlen ? s.batch : (s.batch + chunk_rows(s) - 1) / chunk_rows(s);
@@ -331,19 +394,28 @@ std::tuple<at::Tensor, at::Tensor> attention_composed(const at::Tensor& q, const
   // lse: (B, H, Sq), or (H, total) packed.
   at::Tensor lse = s.varlen ? at::empty({s.heads, q.size(0)}, q.options().dtype(acc))
                             : at::empty({s.batch, s.heads, s.seqlen_q}, q.options().dtype(acc));
+  const Bounds w = bounds(causal, window_left, window_right);
   for (int64_t i = 0; i < num_chunks(s); ++i) {
-    at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
+    at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);  // (b, H, Sq, d)
     at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
     at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
-    at::Tensor S = scores(qh, kh, scale, causal, window_left, window_right, softcap);
-    at::Tensor lse_i = at::logsumexp(S, -1);  // (b, H, Sq)
-    at::Tensor P = at::softmax(S, -1);
-    if (causal || window_left >= 0 || window_right >= 0) {  // a row that sees no key: 0
-      P.masked_fill_(at::isneginf(lse_i).unsqueeze(-1), 0);
+    const int64_t Sq = qh.size(2), Sk = kh.size(2);
+    at::Tensor out_i = chunk(out, s, i), lse_i = lse_chunk(lse, s, i);
+    for (const Piece& p : pieces(qh.size(0), s.heads, Sq, Sk, w)) {
+      at::Tensor o_p = out_i.narrow(1, p.row0, p.rows), lse_p = lse_i.narrow(2, p.row0, p.rows);
+      if (p.cols == 0) {  // rows that see no key: 0, lse -inf
+        o_p.zero_();
+        lse_p.fill_(-std::numeric_limits<double>::infinity());
+        continue;
+      }
+      at::Tensor S = scores(qh.narrow(2, p.row0, p.rows), kh.narrow(2, p.col0, p.cols), scale,
+                            w, softcap, p, Sq, Sk);
+      at::Tensor lse_s = at::logsumexp(S, -1);  // (b, H, rows)
+      at::Tensor P = at::softmax(S, -1);
+      if (w.any()) P.masked_fill_(at::isneginf(lse_s).unsqueeze(-1), 0);  // no key seen: 0
+      o_p.copy_(at::matmul(P, vh.narrow(2, p.col0, p.cols)).transpose(1, 2));
+      lse_p.copy_(lse_s);
     }
-    at::Tensor o = at::matmul(P, vh);
-    chunk(out, s, i).copy_(o.transpose(1, 2));
-    lse_chunk(lse, s, i).copy_(lse_i);
   }
   return {out, lse};
 }
@@ -386,25 +458,35 @@ void attention_backward_composed_into(
     dk.zero_();
     dv.zero_();
   }
+  const Bounds w = bounds(causal, window_left, window_right);
   for (int64_t i = 0; i < num_chunks(s); ++i) {
-    at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);
+    at::Tensor qh = heads_first(chunk(q, s, i), 1, acc);  // (b, H, Sq, d)
     at::Tensor kh = heads_first(chunk_k(k, s, i), group, acc);
     at::Tensor vh = heads_first(chunk_k(v, s, i), group, acc);
     at::Tensor doh = heads_first(chunk(dout, s, i), 1, acc);
     at::Tensor oh = heads_first(chunk(out, s, i), 1, acc);
-    const at::Tensor S = scores(qh, kh, scale, causal, window_left, window_right, softcap);
-    at::Tensor P = probs(S, lse_chunk(lse, s, i).to(acc));
+    at::Tensor lse_i = lse_chunk(lse, s, i).to(acc);
     // dlse/dS = P, so an lse gradient enters as P * dlse.
     at::Tensor rowdot = (doh * oh).sum(-1, /*keepdim=*/true);
     if (dlse) rowdot = rowdot - lse_chunk(*dlse, s, i).to(acc).unsqueeze(-1);
-    at::Tensor dvh = at::matmul(P.transpose(-1, -2), doh);
-    at::Tensor dP = at::matmul(doh, vh.transpose(-1, -2));
-    at::Tensor dS = P * (dP - rowdot);
-    if (softcap > 0) {  // d(c tanh(x / c))/dx = 1 - (S / c)^2; masked scores (-inf, P = 0): 0
-      dS = dS * at::where(at::isinf(S), at::zeros_like(S), 1 - (S / softcap).square());
+    const int64_t Sq = qh.size(2), Sk = kh.size(2);
+    at::Tensor dqh = at::zeros(qh.sizes(), qh.options()), dkh = at::zeros(kh.sizes(), kh.options()),
+               dvh = at::zeros(vh.sizes(), vh.options());
+    for (const Piece& p : pieces(qh.size(0), s.heads, Sq, Sk, w)) {
+      if (p.cols == 0) continue;  // rows that see no key: no gradient
+      at::Tensor q_p = qh.narrow(2, p.row0, p.rows), do_p = doh.narrow(2, p.row0, p.rows);
+      at::Tensor k_p = kh.narrow(2, p.col0, p.cols), v_p = vh.narrow(2, p.col0, p.cols);
+      const at::Tensor S = scores(q_p, k_p, scale, w, softcap, p, Sq, Sk);
+      at::Tensor P = probs(S, lse_i.narrow(2, p.row0, p.rows));
+      dvh.narrow(2, p.col0, p.cols).add_(at::matmul(P.transpose(-1, -2), do_p));
+      at::Tensor dP = at::matmul(do_p, v_p.transpose(-1, -2));
+      at::Tensor dS = P * (dP - rowdot.narrow(2, p.row0, p.rows));
+      if (softcap > 0) {  // d(c tanh(x / c))/dx = 1 - (S / c)^2; masked scores (-inf, P = 0): 0
+        dS = dS * at::where(at::isinf(S), at::zeros_like(S), 1 - (S / softcap).square());
+      }
+      dqh.narrow(2, p.row0, p.rows).copy_(at::matmul(dS, k_p) * scale);
+      dkh.narrow(2, p.col0, p.cols).add_(at::matmul(dS.transpose(-1, -2), q_p), scale);
     }
-    at::Tensor dqh = at::matmul(dS, kh) * scale;
-    at::Tensor dkh = at::matmul(dS.transpose(-1, -2), qh) * scale;
     if (group > 1) {  // (b, H, Sk, d) -> (b, Hk, G, Sk, d) -> sum over the group
       const int64_t b = dkh.size(0), Sk = dkh.size(2);
       dkh = dkh.view({b, s.heads_k, group, Sk, s.head_dim}).sum(2);

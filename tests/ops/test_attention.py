@@ -1468,3 +1468,90 @@ def test_cuda_softcap(device, backend, flash_path, head_dim, causal):
             _assert_out_close(out, lse, q, k, v, causal=causal, softcap=softcap, **keys)
             exact = _exact_grads(q, k, v, g, None, causal, softcap=softcap, **keys)
             _assert_grads_close(got, exact)
+
+
+# The composed path (the CPU kernel; on CUDA float64 and the head sizes the flash kernels do not
+# take) cuts each chunk of sequences into pieces of queries within PYSSM_COMPOSED_SCORES score
+# elements, each piece over only the keys its rows' windows reach.
+COMPOSED = [p for p in backend_params("attention") if p.id != "reference"]
+PIECE_CASES = [  # batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, causal, window, softcap
+    (3, 11, 11, 2, 1, 8, False, (-1, -1), 0.0), (2, 9, 13, 4, 2, 8, True, (-1, -1), 0.0),
+    (2, 13, 6, 2, 2, 8, True, (3, -1), 0.0), (1, 12, 12, 2, 1, 16, False, (2, 2), 5.0),
+    (2, 7, 12, 2, 2, 8, False, (-1, 1), 0.0), (2, 10, 10, 3, 1, 8, False, (4, 0), 2.0)]
+
+
+@pytest.mark.parametrize("device,backend", COMPOSED)
+@pytest.mark.parametrize("case", PIECE_CASES,
+                         ids=lambda c: "b{}q{}k{}h{}hk{}d{}-causal{}-w{}_{}-cap{}".format(
+                             *c[:7], *c[7], c[8]))
+@pytest.mark.parametrize("budget", [1, 23, 150, 1000])
+def test_composed_pieces_against_float64(device, backend, case, budget, monkeypatch):
+    """With a score budget of one element (a query a piece, a batch row a chunk) up to a
+    whole chunk: out, lse and gradients (through both) against the looped float64 definition,
+    rows that see no key 0 with lse -inf."""
+    monkeypatch.setenv("PYSSM_COMPOSED_SCORES", str(budget))
+    *sizes, causal, window, softcap = case
+    q, k, v = qkv(*sizes, device=device, requires_grad=True)
+    out, lse = ops.attention(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                             return_lse=True, backend=backend)
+    cpu = [t.detach().cpu().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = naive.attention(*cpu, causal, None, window, softcap)
+    assert_out_lse_and_grads(out, lse, want_out, want_lse, (q, k, v), cpu)
+
+
+@pytest.mark.parametrize("device,backend", COMPOSED)
+@pytest.mark.parametrize("budget", [1, 40])
+def test_composed_pieces_with_packed_sequences_and_key_ranges(device, backend, budget,
+                                                             monkeypatch):
+    """Packed sequences with keys of their own (a window, and causal), and dense rows with
+    seqused_k and leftpad_k: out, lse and gradients in pieces equal those in one piece (which
+    the tests above check against float64) to rounding."""
+    def run(budget, window, **kw):
+        monkeypatch.setenv("PYSSM_COMPOSED_SCORES", str(budget))
+        out, lse = ops.attention(*inputs, window_size=window, return_lse=True, backend=backend,
+                                 **kw)
+        finite = torch.isfinite(lse)
+        loss = (out * g).sum() + (lse * torch.where(finite, g_lse, 0)).nan_to_num().sum()
+        return (out, lse, *torch.autograd.grad(loss, inputs))
+
+    lq, lk = [4, 0, 9, 1], [7, 3, 9, 0]
+    packed = dict(cu_seqlens=offsets(lq, device), cu_seqlens_k=offsets(lk, device))
+    q = torch.randn(sum(lq), 2, 8, dtype=F64, device=device, requires_grad=True)
+    k, v = (torch.randn(sum(lk), 1, 8, dtype=F64, device=device, requires_grad=True)
+            for _ in range(2))
+    dense_q, dense_k, dense_v = qkv(3, 5, 9, 2, 2, 8, device, requires_grad=True)
+    ranges = dict(seqused_k=torch.tensor([9, 4, 6], dtype=torch.int32, device=device),
+                  leftpad_k=torch.tensor([0, 2, 5], dtype=torch.int32, device=device))
+    for inputs, window, kw in [((q, k, v), (2, 0), packed), ((q, k, v), (-1, -1), packed),
+                               ((dense_q, dense_k, dense_v), (1, 0), ranges)]:
+        g = torch.randn_like(inputs[0])
+        g_lse = torch.randn(inputs[0].shape[0], 2, inputs[0].shape[1], dtype=F64, device=device)
+        if "cu_seqlens" in kw:
+            g_lse = torch.randn(2, inputs[0].shape[0], dtype=F64, device=device)
+        whole = run(1 << 30, window, **kw)
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], run(budget, window, **kw),
+                              whole):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", COMPOSED)
+def test_composed_pieces_read_only_the_keys_their_rows_see(device, backend, monkeypatch):
+    """A query a piece: a NaN value at a key no row but the last sees (causal), or that only
+    the first rows see (a window of 2 left), reaches those rows' outputs and no other."""
+    monkeypatch.setenv("PYSSM_COMPOSED_SCORES", "1")
+    q, k, v = qkv(1, 9, 9, 2, 1, 8, device)
+    for window, key, seen in [((-1, 0), 8, [8]), ((2, 0), 0, [0, 1, 2])]:
+        poisoned = v.clone()
+        poisoned[:, key] = float("nan")
+        out = ops.attention(q, k, poisoned, window_size=window, backend=backend)
+        nan_rows = out.isnan().any(-1).any(-1)[0].nonzero()[:, 0].tolist()
+        assert nan_rows == seen, window
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "lots", "1.5"])
+def test_bad_composed_score_budget(value, monkeypatch):
+    monkeypatch.setenv("PYSSM_COMPOSED_SCORES", value)
+    q, k, v = qkv(1, 3, 3, 1, 1, 8, "cpu")
+    with pytest.raises(ValueError, match=f"PYSSM_COMPOSED_SCORES must be a positive number of "
+                                         f"score elements, got '{value}'"):
+        ops.attention(q, k, v, backend="cpu")
