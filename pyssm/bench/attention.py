@@ -51,6 +51,16 @@ without the cap (what capping costs), and "eager (capped)" the scores formed, ca
 and softmaxed by torch's ops, as transformers' eager attention runs Gemma 2 (its sdpa cannot
 cap). TFLOP/s count the causal (query, key) pairs.
 
+"attention_hd256" rows: a causal prefill at head_dim 256 (Gemma 3 4B's 8 heads over 4 KV heads;
+GPU: bf16, N = 8192, plain causal and under its local layers' sliding window of 1024; CPU:
+float32, N = 2049 under a window of 256), a head size pyssm's flash kernels do not take, so
+pyssm runs its composed path (ATen matrix products in float32, on a GPU too): "pyssm-<backend>"
+as it runs, the scores in pieces of queries within a budget (PYSSM_COMPOSED_SCORES, 2^24
+elements), each over only the keys its rows see; "pyssm-<backend>-one-piece" with the budget
+past any chunk (all of a sequence's scores at once: the path before pieces), so the peak memory
+and the work the pieces save sit side by side; "sdpa-default" torch SDPA (with the window as a
+boolean mask). TFLOP/s count the visible (query, key) pairs only.
+
 "attention_prefix" rows: a prefix-LM prefill as PaliGemma runs its language model (the image
 tokens and the prompt, the prefix, attending both ways, the suffix causally; GPU: bf16,
 PaliGemma 2 28B's 32 heads over 16 KV heads, head_dim 128, at 896 px: a 4128-token prefix of
@@ -163,7 +173,8 @@ def cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
            for case in _cases_at(device, providers, dtype, heads, head_dim, seqlens, batches)]
     return out + qkv_cases(device, quick) + decode_cases(device, quick) + \
         window_cases(device, quick) + softcap_cases(device, quick) + \
-        prefix_cases(device, quick) + vision_window_cases(device, quick)
+        prefix_cases(device, quick) + vision_window_cases(device, quick) + \
+        hd256_cases(device, quick)
 
 
 def _lm_inputs(device, dtype, batch, n, heads, heads_k, head_dim) -> tuple:
@@ -348,6 +359,47 @@ def vision_window_cases(device: torch.device, quick: bool = False) -> list[harne
         make_inputs=make_inputs, providers=vision_window_providers(device.type),
         modes=("forward", "full"), dtype=str(dtype).removeprefix("torch."),
         flops={"forward": flops, "full": 3.5 * flops})]
+
+
+# attention_hd256 rows: "pyssm-<backend>-one-piece" sets the composed path's score budget past
+# any chunk, so that it forms all of a chunk's scores at once (the path before pieces)
+ONE_PIECE = {"PYSSM_COMPOSED_SCORES": str(1 << 62)}
+
+
+def hd256_providers(kernel: str, window: int | None) -> list[harness.Provider]:
+    """The attention_hd256 rows' providers (module docstring), each fn(q, k, v) -> like q:
+    causal, under a sliding window of ``window`` keys (None: none)."""
+    left = -1 if window is None else window - 1
+
+    def sdpa(q, k, v):
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        if window is None:
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                                  enable_gqa=True).transpose(1, 2)
+        i = torch.arange(q.shape[1], device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                              enable_gqa=True).transpose(1, 2)
+
+    ours = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
+        q, k, v, causal=True, window_size=(left, 0), backend=kernel))
+    return [ours, dataclasses.replace(ours, name=f"pyssm-{kernel}-one-piece", env=ONE_PIECE),
+            harness.Provider("sdpa-default" + (" (masked)" if window else ""), sdpa)]
+
+
+def hd256_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:
+    gpu = device.type == "cuda"
+    if gpu:
+        batch, n, heads, heads_k, windows = 1, 8192, 8, 4, [None, 1024]
+    else:
+        batch, n, heads, heads_k, windows = (1, 257, 2, 1, [64]) if quick else \
+            (1, 2049, 8, 4, [256])
+    return [_lm_case(device, "attention_hd256",
+                     {"N": n, "window": window or n, "batch": batch, "heads": heads,
+                      "heads_k": heads_k, "head_dim": 256},
+                     hd256_providers(device.type, window),
+                     sum(min(i + 1, window or n) for i in range(n)))
+            for window in windows]
 
 
 def decode_providers(kernel: str) -> list[harness.Provider]:

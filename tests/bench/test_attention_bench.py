@@ -1,6 +1,6 @@
-"""pyssm/bench/attention.py's decoding, prefix-LM and vision-window rows: every provider
-computes the same attention (so the table compares like with like), and the decoding case's
-byte count is the used keys and values."""
+"""pyssm/bench/attention.py's decoding, prefix-LM, vision-window and head_dim 256 rows: every
+provider computes the same attention (so the table compares like with like), and the decoding
+case's byte count is the used keys and values."""
 
 import torch
 
@@ -44,3 +44,22 @@ def test_vision_window_providers_agree_on_the_cpu():
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5, msg=name)
     # (windows, not one sequence: attention over all tokens differs)
     assert not torch.allclose(ops.attention(q[None], k[None], v[None])[0], want, atol=1e-3)
+
+
+def test_hd256_providers_agree_on_the_cpu(monkeypatch):
+    """The pieces and the one piece (its budget set while it runs) against SDPA; the pieces
+    really are several at the CPU row's size (a budget of the default 2^24 score elements)."""
+    for quick in (True, False):
+        (case,) = attention.hd256_cases(torch.device("cpu"), quick)
+        q, k, v = case.make_inputs()
+        outs = {}
+        for p in case.providers:
+            with monkeypatch.context() as env:
+                for name, value in (p.env or {}).items():
+                    env.setenv(name, value)
+                outs[p.name] = p.fn(q, k, v)
+        assert set(outs) == {"pyssm-cpu", "pyssm-cpu-one-piece", "sdpa-default (masked)"}
+        for name, out in outs.items():
+            torch.testing.assert_close(out, outs["sdpa-default (masked)"], atol=1e-5, rtol=1e-5,
+                                       msg=name)
+    assert case.size["heads"] * case.size["N"] ** 2 > 2 * (1 << 24)

@@ -30,7 +30,7 @@ def test_bench_kernels(tmp_path, capsys):
     ops = {r["op"] for r in rows}
     assert ops == {"ceiling", "cross_scan", "cross_merge", "attention", "attention_qkv",
                    "attention_decode", "attention_window", "attention_softcap",
-                   "attention_prefix", "attention_vision_windows"}
+                   "attention_prefix", "attention_vision_windows", "attention_hd256"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
     qkv_rows = {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_qkv"}
     assert qkv_rows == {(p, m) for p in ("pyssm-cpu", "pyssm-unbound", "pyssm-copied",
@@ -49,6 +49,9 @@ def test_bench_kernels(tmp_path, capsys):
         for m in ("forward", "full")}
     assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_prefix"} == {
         (p, m) for p in ("pyssm-cpu", "pyssm-cpu-causal", "sdpa-default (masked)")
+        for m in ("forward", "full")}
+    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_hd256"} == {
+        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-one-piece", "sdpa-default (masked)")
         for m in ("forward", "full")}
     assert any("of_copy" in r for r in rows if r["op"] == "cross_scan")
     assert any("of_matmul" in r for r in rows if r["op"] == "attention")
