@@ -244,14 +244,16 @@ at::Tensor heads_first(const at::Tensor& t, int64_t group, at::ScalarType acc) {
   return group == 1 ? h : h.repeat_interleave(group, 1);
 }
 
-// The window's bounds with causal folded in (window_right 0); -1: no bound on that side.
+// The window's bounds with causal folded in (window_right 0); -1: no bound on that side. A
+// bound past 2^40 (beyond any sequence) is taken as 2^40, so sums with positions stay in range.
 struct Bounds {
   int64_t left, right;
   bool any() const { return left >= 0 || right >= 0; }
 };
 
 Bounds bounds(bool causal, int64_t window_left, int64_t window_right) {
-  return {window_left, causal ? 0 : window_right};
+  constexpr int64_t kFar = int64_t(1) << 40;
+  return {std::min(window_left, kFar), causal ? 0 : std::min(window_right, kFar)};
 }
 
 // One piece of a chunk's work: its queries [row0, row0 + rows) and the keys they can see,
@@ -282,12 +284,14 @@ std::vector<Piece> pieces(int64_t b, int64_t heads, int64_t Sq, int64_t Sk, Boun
   if (Sq == 0) return out;
   // keys a row sees at most; a piece of n rows spans at most n - 1 + width of them
   const int64_t width = w.left >= 0 && w.right >= 0 ? std::min(Sk, w.left + w.right + 1) : Sk;
-  const double per_row = std::max<double>(1.0, double(score_budget()) / double(b * heads));
+  const double per_row =
+      std::max(1.0, double(score_budget()) / double(std::max<int64_t>(b * heads, 1)));
   const double wm1 = double(std::max<int64_t>(width, 1) - 1);
-  // n (n - 1 + width) <= per_row, or n Sk <= per_row (a piece never spans more than Sk)
-  int64_t n = int64_t((-wm1 + std::sqrt(wm1 * wm1 + 4.0 * per_row)) / 2.0);
-  n = std::max(n, int64_t(per_row / double(std::max<int64_t>(Sk, 1))));
-  n = std::clamp<int64_t>(n, 1, Sq);
+  // n (n - 1 + width) <= per_row, or n Sk <= per_row (a piece never spans more than Sk);
+  // clamped to [1, Sq] before it becomes an integer
+  const double fit = std::max((-wm1 + std::sqrt(wm1 * wm1 + 4.0 * per_row)) / 2.0,
+                              per_row / double(std::max<int64_t>(Sk, 1)));
+  const int64_t n = std::clamp<int64_t>(int64_t(std::min(fit, double(Sq))), 1, Sq);
   const int64_t diag = Sk - Sq;  // row i's keys: [i + diag - left, i + diag + right]
   for (int64_t r = 0; r < Sq; r += n) {
     const int64_t rows = std::min(n, Sq - r);

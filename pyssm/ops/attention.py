@@ -40,9 +40,15 @@ from pyssm import _extension
 from pyssm.ops import _backend, _checks
 
 
+# A window bound this far or farther reaches past any sequence: check_window takes it as this,
+# so that positions plus bounds stay within int64 (the composed path clamps likewise)
+FAR = 2 ** 40
+
+
 def check_window(causal, window_size) -> tuple[int, int]:
-    """window_size as (left, right) ints, each >= 0 or -1 (no bound); causal=True is right = 0,
-    so a positive right with it is an error rather than silently dropped."""
+    """window_size as (left, right) ints, each >= 0 or -1 (no bound), one past FAR taken as
+    FAR (the same keys); causal=True is right = 0, so a positive right with it is an error
+    rather than silently dropped."""
     try:
         left, right = window_size
     except (TypeError, ValueError):
@@ -53,7 +59,7 @@ def check_window(causal, window_size) -> tuple[int, int]:
     if causal and right > 0:
         raise ValueError(f"causal=True bounds each query's keys at its own position (window "
                          f"right 0), got window_size={tuple(window_size)!r}")
-    return left, right
+    return min(left, FAR), min(right, FAR)
 
 
 def check_softcap(softcap) -> float:

@@ -1555,3 +1555,23 @@ def test_bad_composed_score_budget(value, monkeypatch):
     with pytest.raises(ValueError, match=f"PYSSM_COMPOSED_SCORES must be a positive number of "
                                          f"score elements, got '{value}'"):
         ops.attention(q, k, v, backend="cpu")
+
+
+@pytest.mark.parametrize("device,backend", backend_params("attention"))
+@pytest.mark.parametrize("budget", ["1", "16777216"])
+def test_window_bounds_past_any_sequence_are_no_bounds(device, backend, budget, monkeypatch):
+    """A window bound far past the sequence (up to int64's largest) sees what no bound sees,
+    on both sides, with causal too; the composed path in pieces of one query and in one."""
+    monkeypatch.setenv("PYSSM_COMPOSED_SCORES", budget)
+    q, k, v = qkv(2, 9, 12, 2, 1, 8, device)
+    free = ops.attention(q, k, v, backend=backend)
+    causal = ops.attention(q, k, v, causal=True, backend=backend)
+    for bound in (2 ** 40, 2 ** 62, 2 ** 63 - 1):
+        torch.testing.assert_close(ops.attention(q, k, v, window_size=(bound, bound),
+                                                 backend=backend), free, atol=0, rtol=0)
+        torch.testing.assert_close(ops.attention(q, k, v, window_size=(bound, 0),
+                                                 backend=backend), causal, atol=0, rtol=0)
+        if backend != "reference":   # the op itself, without the Python wrapper's clamp
+            torch.testing.assert_close(torch.ops.pyssm.attention(
+                q, k, v, False, None, None, None, window_left=bound, window_right=bound)[0],
+                free, atol=0, rtol=0)
