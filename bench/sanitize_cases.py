@@ -102,7 +102,8 @@ def ss2d_cases():
 
 def attention_cases():
     for batch, seqlen, heads, head_dim, causal in ((2, 97, 3, 64, False), (1, 197, 2, 80, True),
-                                                   (1, 33, 1, 128, False)):
+                                                   (1, 33, 1, 128, False),
+                                                   (1, 70, 2, 256, True)):
         def run(b=batch, n=seqlen, h=heads, d=head_dim, c=causal):
             q, k, v = (rand(b, n, h, d, dtype=torch.bfloat16) for _ in range(3))
             return ops.attention(q, k, v, causal=c, backend=DEV)

@@ -1,12 +1,12 @@
 // Torch side of attention on CUDA tensors. The flash kernels (forward flash_kernel.cuh, backward
-// flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128; anything else
-// (float32, float64, other head sizes) runs the composed ATen path of attention_cpu.cpp. On an
-// sm_90 GPU the forward and the backward at head_dim 64, 72, 80, 96 and 128 take the
-// Hopper kernels (flash_sm90_kernel.cuh, flash_bwd_sm90_kernel.cuh) unless the environment
-// says PYSSM_FLASH_SM90=0. A forward with few queries a group of heads (seqlen_q x heads /
-// heads_k <= 16: decoding) takes the flash-decoding kernel (flash_decode_kernel.cuh) before
-// either, unless the environment says PYSSM_FLASH_DECODE=0. Soft-capping (softcap > 0) runs in
-// every kernel (set_scale, flash.cuh).
+// flash_bwd_kernel.cuh) take fp16 / bf16 and head_dim 32, 64, 72, 80, 96, 128, and the forward
+// 256 too; anything else (float32, float64, other head sizes, the backward at 256) runs the
+// composed ATen path of attention_cpu.cpp. On an sm_90 GPU the forward and the backward at
+// head_dim 64, 72, 80, 96 and 128 take the Hopper kernels (flash_sm90_kernel.cuh,
+// flash_bwd_sm90_kernel.cuh) unless the environment says PYSSM_FLASH_SM90=0. A forward with
+// few queries a group of heads (seqlen_q x heads / heads_k <= 16: decoding) takes the
+// flash-decoding kernel (flash_decode_kernel.cuh) before either, unless the environment says
+// PYSSM_FLASH_DECODE=0. Soft-capping (softcap > 0) runs in every kernel (set_scale, flash.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -44,8 +44,10 @@ L launcher(at::ScalarType t, int64_t d) {
   PYSSM_FLASH_CASE(tag, 80) PYSSM_FLASH_CASE(tag, 96) PYSSM_FLASH_CASE(tag, 128)
   if (t == at::kHalf) {
     PYSSM_FLASH_CASES(fp16)
+    if constexpr (fwd) if (d == 256) return flash_fwd_fp16_hd256;
   } else if (t == at::kBFloat16) {
     PYSSM_FLASH_CASES(bf16)
+    if constexpr (fwd) if (d == 256) return flash_fwd_bf16_hd256;
   }
 #undef PYSSM_FLASH_CASES
 #undef PYSSM_FLASH_CASE

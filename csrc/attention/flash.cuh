@@ -100,11 +100,6 @@ inline void set_scale(Params& p, double softmax_scale, double softcap) {
   p.softcap_prescale = softcap > 0 ? static_cast<float>(softmax_scale / softcap) : 0.f;
 }
 
-// head sizes with a kernel (others run the composed path)
-inline bool flash_supported_head_dim(int64_t d) {
-  return d == 32 || d == 64 || d == 72 || d == 80 || d == 96 || d == 128;
-}
-
 #define PYSSM_FLASH_DECLARE(tag, hd) \
   cudaError_t flash_fwd_##tag##_hd##hd(const FlashParams& p, cudaStream_t stream); \
   cudaError_t flash_bwd_##tag##_hd##hd(const FlashBwdParams& p, cudaStream_t stream);
@@ -115,6 +110,9 @@ PYSSM_FLASH_DECLARE_ALL(fp16)
 PYSSM_FLASH_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_DECLARE_ALL
 #undef PYSSM_FLASH_DECLARE
+// head_dim 256 (Gemma's): the forward only (its backward runs the composed path)
+cudaError_t flash_fwd_fp16_hd256(const FlashParams& p, cudaStream_t stream);
+cudaError_t flash_fwd_bf16_hd256(const FlashParams& p, cudaStream_t stream);
 
 // Flash-decoding (flash_decode_kernel.cuh; flash_decode_<dtype>_hd<head_dim>.cu): the forward
 // for few queries against many keys (a decoding step, speculative or chunked decoding). One

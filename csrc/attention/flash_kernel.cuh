@@ -14,7 +14,8 @@
 // Causal and windowed blocks visit only the key tiles their rows see (a window's first tile on),
 // and mask only the tiles its edges cross. Head sizes that are not a multiple of 16
 // (72) are zero-padded to one in shared memory and registers only for the Q K^T reduction
-// (72 -> 80, not 128); O keeps exactly head_dim columns.
+// (72 -> 80, not 128); O keeps exactly head_dim columns. At head_dim 256 key tiles are 32 wide
+// (Traits::kBlockN).
 
 // (mma fragment layouts: flash_mma.cuh)
 #pragma once
@@ -31,19 +32,21 @@ namespace flash {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kBlockN = 64;  // keys per tile
 
 template <typename T, int kHeadDim>
 struct Traits {
   static constexpr int kMTiles = kHeadDim <= 64 ? 2 : 1;      // 16-row tiles per warp
   static constexpr int kBlockM = 16 * kMTiles * kWarps;       // query rows per block
+  // keys per tile: 64; 32 above head_dim 128 (256: Gemma's), where Q's fragments (64
+  // registers a thread) and O's accumulators (128) leave too few for a 64-key tile's scores
+  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;
   static constexpr int kPadDim = (kHeadDim + 15) / 16 * 16;  // the Q K^T reduction length
   static constexpr int kKSteps = kPadDim / 16;
   static constexpr int kDimTiles = kHeadDim / 8;              // O columns in 8-wide tiles
   static constexpr int kSmemStride = kPadDim + 8;             // +16 bytes: no bank conflicts
   static constexpr int kChunks = kPadDim / 8;                 // 16-byte chunks per smem row
   static constexpr int kTileElems = kBlockN * kSmemStride;    // one K or V tile
-  // two stages of K and V tiles (dynamic shared memory: 69.6 KB at head_dim 128)
+  // two stages of K and V tiles (dynamic shared memory: 69.6 KB at head_dim 128, 67.6 KB at 256)
   static constexpr size_t kSmem = size_t(2 * 2 * kTileElems) * sizeof(T);
   static_assert(kHeadDim % 8 == 0, "head_dim must be a multiple of 8");
 };
@@ -51,7 +54,7 @@ struct Traits {
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p) {
   using Tr = Traits<T, kHeadDim>;
-  constexpr int kM = Tr::kMTiles;
+  constexpr int kM = Tr::kMTiles, kBlockN = Tr::kBlockN;
   PYSSM_DYNAMIC_SMEM(smem);
   T* const tiles = reinterpret_cast<T*>(smem);  // stage s: K at 2 s, V at 2 s + 1 (x kTileElems)
 
@@ -141,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
     const T* k_tile = tiles + (2 * (it & 1)) * Tr::kTileElems;
     const T* v_tile = k_tile + Tr::kTileElems;
 
-    // S = Q K^T for this warp's rows and the tile's 64 keys. One ldmatrix.x4 gives the B
+    // S = Q K^T for this warp's rows and the tile's kBlockN keys. One ldmatrix.x4 gives the B
     // fragments of two 8-key groups for one 16-wide step: matrices (keys 8j.., dims 16st..),
     // (8j.., 16st + 8..), (8j + 8.., 16st..), (8j + 8.., 16st + 8..); each feeds every row tile.
     float s[kM][kBlockN / 8][4];

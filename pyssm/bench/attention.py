@@ -53,13 +53,15 @@ cap). TFLOP/s count the causal (query, key) pairs.
 
 "attention_hd256" rows: a causal prefill at head_dim 256 (Gemma 3 4B's 8 heads over 4 KV heads;
 GPU: bf16, N = 8192, plain causal and under its local layers' sliding window of 1024; CPU:
-float32, N = 2049 under a window of 256), a head size pyssm's flash kernels do not take, so
-pyssm runs its composed path (ATen matrix products in float32, on a GPU too): "pyssm-<backend>"
-as it runs, the scores in pieces of queries within a budget (PYSSM_COMPOSED_SCORES, 2^24
-elements), each over only the keys its rows see; "pyssm-<backend>-one-piece" with the budget
-past any chunk (all of a sequence's scores at once: the path before pieces), so the peak memory
-and the work the pieces save sit side by side; "sdpa-default" torch SDPA (with the window as a
-boolean mask). TFLOP/s count the visible (query, key) pairs only.
+float32, N = 2049 under a window of 256). On a GPU pyssm's forward is the portable flash
+kernel (32-key tiles at this head size) and its backward the composed path (ATen matrix
+products in float32); on the CPU both are composed. "pyssm-<backend>" as it runs, the composed
+path's scores in pieces of queries within a budget (PYSSM_COMPOSED_SCORES, 2^24 elements), each
+over only the keys its rows see; "pyssm-<backend>-one-piece" with the budget past any chunk
+(all of a sequence's scores at once: the composed path before pieces; on a GPU that changes
+the backward only), so the peak memory and the work the pieces save sit side by side;
+"sdpa-default" torch SDPA (with the window as a boolean mask). TFLOP/s count the visible
+(query, key) pairs only.
 
 "attention_prefix" rows: a prefix-LM prefill as PaliGemma runs its language model (the image
 tokens and the prompt, the prefix, attending both ways, the suffix causally; GPU: bf16,

@@ -39,6 +39,7 @@ cudaError_t fwd(int head_dim, const pyssm::FlashParams& p) {
     case 80: return pyssm::flash::fwd<T, 80>(p, nullptr);
     case 96: return pyssm::flash::fwd<T, 96>(p, nullptr);
     case 128: return pyssm::flash::fwd<T, 128>(p, nullptr);
+    case 256: return pyssm::flash::fwd<T, 256>(p, nullptr);
   }
   return cudaErrorInvalidValue;
 }

@@ -285,6 +285,29 @@ def test_flash_forward_and_backward(emu, case, dtype):
     check_grads(got, grads, dout, v, dtype)
 
 
+# The portable forward at head_dim 256 (32-key tiles: Traits::kBlockN; its backward is the
+# composed path's): one tile and several, a tail tile, causal with Sq > Sk (rows that see no
+# key), grouped heads, packed sequences with keys of their own offsets (an empty one), a
+# sliding window, seqused_k with leftpad_k.
+HD256_CASES = [
+    (1, 17, 17, 1, 1, 256, False, None),
+    (1, 70, 97, 2, 1, 256, True, None),
+    (2, 40, 20, 1, 1, 256, True, None),
+    (0, 0, 0, 2, 1, 256, False, ([5, 0, 70], [33, 4, 1])),
+    (1, 90, 90, 1, 1, 256, (20, 0), None),
+    (3, 2, 70, 2, 2, 256, True, {"used": [70, 33, 1], "lead": [0, 3, 0]}),
+]
+
+
+@pytest.mark.parametrize("dtype", list(CODES))
+@pytest.mark.parametrize("case", HD256_CASES, ids=[case_id(c) for c in HD256_CASES])
+def test_flash_forward_head_dim_256(emu, case, dtype):
+    B, Sq, Sk, H, Hk, d, causal, lengths = case
+    q, k, v = inputs(dtype, B, Sq, Sk, H, Hk, d, lengths)
+    out, lse = forward_emulated(emu, q, k, v, causal, 1.0 / math.sqrt(d), lengths)
+    check_forward(out, lse, [t.double() for t in (q, k, v)], causal, dtype, **key_args(lengths))
+
+
 # The Hopper forward (flash_sm90_kernel.cuh: 128-row blocks, 128-key tiles in a ring of two
 # stages): one and several key tiles (a third tile reuses stage 0, so the empty barriers'
 # phases matter), a tail tile, causal with Sq != Sk and rows that see no key, grouped heads,

@@ -642,7 +642,7 @@ def flash_path(request, monkeypatch):
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
 @pytest.mark.parametrize("flash_path", FLASH_PATHS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 80, 96, 128, 256])
 @pytest.mark.parametrize("shape,causal", [((2, 197, 197, 4, 4), False), ((1, 97, 300, 4, 2), True),
                                           ((1, 130, 65, 2, 1), True), ((3, 1, 1, 2, 2), False),
                                           ((1, 300, 555, 2, 1), False)])
@@ -652,8 +652,8 @@ def test_cuda_flash_kernel_error_within_twice_torchs(device, backend, flash_path
     mid-way, grouped heads, causal with Sq < Sk and Sq > Sk, several query blocks and key
     tiles): forward error against float64 at most about twice that of torch's own SDPA in the
     same dtype; lse against float64 too."""
-    if flash_path == "sm90" and head_dim == 32:
-        pytest.skip("the Hopper path takes head_dim 64 to 128")
+    if flash_path == "sm90" and head_dim in (32, 256):
+        pytest.skip("the Hopper path takes head_dim 64 to 128 (the portable path's test runs)")
     B, Sq, Sk, H, Hk = shape
     q, k, v = qkv(B, Sq, Sk, H, Hk, head_dim, device, dtype=dtype)
     out, lse = ops.attention(q, k, v, causal=causal, return_lse=True, backend=backend)
@@ -1022,6 +1022,42 @@ def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, ca
     _assert_grads_close(got, exact)
     no_query = slice(sum(lk[:3]), sum(lk[:4]))   # the keys of the sequence with no query
     assert (got[1][no_query] == 0).all() and (got[2][no_query] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("extra", ["packed", "window", "cache", "softcap"])
+def test_cuda_flash_forward_head_dim_256(device, backend, dtype, extra):
+    """head_dim 256 (Gemma's): the flash forward (32-key tiles) on packed sequences with keys of
+    their own offsets (one with no key, one with no query), a sliding window, a left-padded
+    cache (seqused_k and leftpad_k) and soft-capping, against float64 within the dtype's
+    rounding (rows that see no key 0, lse -inf); its gradients, by the composed backward from
+    the kernel's out and lse, against float64 too."""
+    lq, lk = [1, 70, 17, 0, 40], [90, 33, 0, 5, 40]
+    if extra == "packed":
+        q = torch.randn(sum(lq), 4, 256, dtype=dtype, device=device)
+        k, v = (torch.randn(sum(lk), 2, 256, dtype=dtype, device=device) for _ in range(2))
+        call = dict(causal=True, cu_seqlens=offsets(lq, device), cu_seqlens_k=offsets(lk, device))
+    else:
+        q, k, v = qkv(3, 37 if extra != "cache" else 5, 90, 4, 2, 256, device, dtype=dtype)
+        call = dict(window=dict(causal=True, window_size=(30, 0)), softcap=dict(softcap=30.0),
+                    cache=dict(causal=True, seqused_k=torch.tensor(
+                        [90, 40, 3], dtype=torch.int32, device=device), leftpad_k=torch.tensor(
+                        [0, 7, 3], dtype=torch.int32, device=device)))[extra]
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = ops.attention(q, k, v, return_lse=True, backend=backend, **call)
+    cpu = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in call.items()}
+    exact_in = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    want, want_lse = ops.attention_reference(*exact_in, return_lse=True, **cpu)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.detach().cpu()), finite)
+    err = (out.detach().cpu().double() - want).abs().max()
+    assert err <= 4 * (2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7) * want.abs().max()
+    torch.testing.assert_close(lse.detach().cpu().double()[finite], want_lse[finite], atol=2e-3,
+                               rtol=2e-3)
+    g = torch.randn_like(out)
+    _assert_grads_close(torch.autograd.grad(out, (q, k, v), g),
+                        torch.autograd.grad(want, exact_in, g.cpu().double()))
 
 
 # A dense KV cache's rows: filled to different lengths (seqused_k: none, one, fewer keys than
