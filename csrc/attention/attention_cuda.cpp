@@ -44,10 +44,16 @@ L launcher(at::ScalarType t, int64_t d) {
   PYSSM_FLASH_CASE(tag, 80) PYSSM_FLASH_CASE(tag, 96) PYSSM_FLASH_CASE(tag, 128)
   if (t == at::kHalf) {
     PYSSM_FLASH_CASES(fp16)
-    if constexpr (fwd) if (d == 256) return flash_fwd_fp16_hd256;
+    if (d == 256) {  // (the forwards only)
+      if constexpr (fwd) return flash_fwd_fp16_hd256;
+      else if constexpr (decode) return flash_decode_fwd_fp16_hd256;
+    }
   } else if (t == at::kBFloat16) {
     PYSSM_FLASH_CASES(bf16)
-    if constexpr (fwd) if (d == 256) return flash_fwd_bf16_hd256;
+    if (d == 256) {
+      if constexpr (fwd) return flash_fwd_bf16_hd256;
+      else if constexpr (decode) return flash_decode_fwd_bf16_hd256;
+    }
   }
 #undef PYSSM_FLASH_CASES
 #undef PYSSM_FLASH_CASE

@@ -110,7 +110,8 @@ PYSSM_FLASH_DECLARE_ALL(fp16)
 PYSSM_FLASH_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_DECLARE_ALL
 #undef PYSSM_FLASH_DECLARE
-// head_dim 256 (Gemma's): the forward only (its backward runs the composed path)
+// head_dim 256 (Gemma's): the forward only (its backward runs the composed path); the
+// flash-decoding forward below takes 256 too
 cudaError_t flash_fwd_fp16_hd256(const FlashParams& p, cudaStream_t stream);
 cudaError_t flash_fwd_bf16_hd256(const FlashParams& p, cudaStream_t stream);
 
@@ -165,7 +166,8 @@ inline int64_t flash_decode_keys(int64_t seqlen_q, int64_t seqlen_k, int64_t win
 #define PYSSM_FLASH_DECODE_DECLARE_ALL(tag)                                               \
   PYSSM_FLASH_DECODE_DECLARE(tag, 32) PYSSM_FLASH_DECODE_DECLARE(tag, 64)                 \
   PYSSM_FLASH_DECODE_DECLARE(tag, 72) PYSSM_FLASH_DECODE_DECLARE(tag, 80)                 \
-  PYSSM_FLASH_DECODE_DECLARE(tag, 96) PYSSM_FLASH_DECODE_DECLARE(tag, 128)
+  PYSSM_FLASH_DECODE_DECLARE(tag, 96) PYSSM_FLASH_DECODE_DECLARE(tag, 128)             \
+  PYSSM_FLASH_DECODE_DECLARE(tag, 256)
 PYSSM_FLASH_DECODE_DECLARE_ALL(fp16)
 PYSSM_FLASH_DECODE_DECLARE_ALL(bf16)
 #undef PYSSM_FLASH_DECODE_DECLARE_ALL

@@ -344,6 +344,19 @@ cudaError_t fwd(const FlashParams& p, const FlashSplit& split, cudaStream_t stre
       split.chunk % kBlockN != 0 ||
       (split.splits > 1 && (split.out_part == nullptr || split.lse_part == nullptr)))
     return cudaErrorInvalidValue;
+#ifndef PYSSM_CUDA_EMULATION
+  if constexpr (Traits<T, kHeadDim>::kSmem > 99 * 1024) {
+    // head_dim 256's two stages of 64-key tiles (132 KB) pass sm_86's and sm_89's most a
+    // block (99 KB): there the prefill forward takes the call (attention_cuda.cpp)
+    int device = 0, most = 0;
+    const cudaError_t got = cudaGetDevice(&device);
+    if (got != cudaSuccess) return got;
+    const cudaError_t asked =
+        cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (asked != cudaSuccess) return asked;
+    if (Traits<T, kHeadDim>::kSmem > size_t(most)) return cudaErrorNotSupported;
+  }
+#endif
   const dim3 grid(unsigned(split.splits), unsigned(p.heads_k), unsigned(p.batch));
   cudaError_t err = launch_kernel(flash_decode_kernel<T, kHeadDim>, grid, dim3(kThreads),
                                   Traits<T, kHeadDim>::kSmem, stream, p, split);

@@ -53,6 +53,7 @@ cudaError_t decode(int head_dim, const pyssm::FlashParams& p, const pyssm::Flash
     case 80: return pyssm::flash_decode::fwd<T, 80>(p, split, nullptr);
     case 96: return pyssm::flash_decode::fwd<T, 96>(p, split, nullptr);
     case 128: return pyssm::flash_decode::fwd<T, 128>(p, split, nullptr);
+    case 256: return pyssm::flash_decode::fwd<T, 256>(p, split, nullptr);
   }
   return cudaErrorInvalidValue;
 }

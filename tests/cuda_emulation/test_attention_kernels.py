@@ -555,6 +555,8 @@ DECODE_CASES = [
     (2, 1, 500, 8, 2, 128, (100, 0), None),
     (2, 3, 200, 4, 4, 72, (10, 5), None),
     (3, 2, 300, 8, 2, 64, (64, -1), {"used": [300, 200, 5], "lead": [100, 0, 5]}),
+    # head_dim 256 (Gemma's: 132 KB of tiles): a step over grouped heads, a cache's rows
+    (2, 1, 150, 8, 4, 256, True, {"used": [150, 66], "lead": [0, 7]}),
 ]
 
 

@@ -1026,18 +1026,22 @@ def test_cuda_flash_varlen_key_offsets(device, backend, flash_path, head_dim, ca
 
 @pytest.mark.parametrize("device,backend", CUDA_ONLY)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("extra", ["packed", "window", "cache", "softcap"])
+@pytest.mark.parametrize("extra", ["packed", "window", "cache", "softcap", "decode"])
 def test_cuda_flash_forward_head_dim_256(device, backend, dtype, extra):
     """head_dim 256 (Gemma's): the flash forward (32-key tiles) on packed sequences with keys of
-    their own offsets (one with no key, one with no query), a sliding window, a left-padded
-    cache (seqused_k and leftpad_k) and soft-capping, against float64 within the dtype's
-    rounding (rows that see no key 0, lse -inf); its gradients, by the composed backward from
-    the kernel's out and lse, against float64 too."""
+    their own offsets (one with no key, one with no query), a sliding window and soft-capping;
+    the flash-decoding forward (few queries a group of heads) on a left-padded cache
+    (seqused_k and leftpad_k) and on one query against 700 keys (split over keys); each against
+    float64 within the dtype's rounding (rows that see no key 0, lse -inf); its gradients, by
+    the composed backward from the kernel's out and lse, against float64 too."""
     lq, lk = [1, 70, 17, 0, 40], [90, 33, 0, 5, 40]
     if extra == "packed":
         q = torch.randn(sum(lq), 4, 256, dtype=dtype, device=device)
         k, v = (torch.randn(sum(lk), 2, 256, dtype=dtype, device=device) for _ in range(2))
         call = dict(causal=True, cu_seqlens=offsets(lq, device), cu_seqlens_k=offsets(lk, device))
+    elif extra == "decode":
+        q, k, v = qkv(2, 1, 700, 8, 2, 256, device, dtype=dtype)
+        call = dict(causal=True)
     else:
         q, k, v = qkv(3, 37 if extra != "cache" else 5, 90, 4, 2, 256, device, dtype=dtype)
         call = dict(window=dict(causal=True, window_size=(30, 0)), softcap=dict(softcap=30.0),
