@@ -474,8 +474,9 @@ void attention_backward_composed_into(
     at::Tensor rowdot = (doh * oh).sum(-1, /*keepdim=*/true);
     if (dlse) rowdot = rowdot - lse_chunk(*dlse, s, i).to(acc).unsqueeze(-1);
     const int64_t Sq = qh.size(2), Sk = kh.size(2);
-    at::Tensor dqh = at::zeros(qh.sizes(), qh.options()), dkh = at::zeros(kh.sizes(), kh.options()),
-               dvh = at::zeros(vh.sizes(), vh.options());
+    at::Tensor dqh = at::zeros(qh.sizes(), qh.options());
+    at::Tensor dkh = at::zeros(kh.sizes(), kh.options());  // (b, H, Sk, d): pieces add in
+    at::Tensor dvh = at::zeros(vh.sizes(), vh.options());
     for (const Piece& p : pieces(qh.size(0), s.heads, Sq, Sk, w)) {
       if (p.cols == 0) continue;  // rows that see no key: no gradient
       at::Tensor q_p = qh.narrow(2, p.row0, p.rows), do_p = doh.narrow(2, p.row0, p.rows);
