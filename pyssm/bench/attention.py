@@ -201,20 +201,27 @@ def _lm_case(device: torch.device, op: str, size: dict, providers: list, pairs: 
                         flops={"forward": flops, "full": 3.5 * flops})
 
 
-def window_providers(kernel: str, window: int) -> list[harness.Provider]:
-    """The attention_window rows' providers (module docstring), each fn(q, k, v) -> like q."""
-    def sdpa_masked(q, k, v):
-        n = q.shape[1]
-        i = torch.arange(n, device=q.device)
+def _sdpa_causal(window: int | None) -> harness.Provider:
+    """torch SDPA, causal ("sdpa-default"), or under a sliding window of ``window`` keys given
+    as a boolean mask, as transformers' sdpa runs such a layer ("sdpa-default (masked)")."""
+    def attend(q, k, v):
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        if window is None:
+            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
+                                                  enable_gqa=True).transpose(1, 2)
+        i = torch.arange(q.shape[1], device=q.device)
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                              v.transpose(1, 2), attn_mask=mask,
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
                                               enable_gqa=True).transpose(1, 2)
 
+    return harness.Provider("sdpa-default" + ("" if window is None else " (masked)"), attend)
+
+
+def window_providers(kernel: str, window: int) -> list[harness.Provider]:
+    """The attention_window rows' providers (module docstring), each fn(q, k, v) -> like q."""
     windowed = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
         q, k, v, causal=True, window_size=(window - 1, 0), backend=kernel))
-    return [windowed, _plain_causal(kernel, "causal"),
-            harness.Provider("sdpa-default (masked)", sdpa_masked)]
+    return [windowed, _plain_causal(kernel, "causal"), _sdpa_causal(window)]
 
 
 def _plain_causal(kernel: str, suffix: str) -> harness.Provider:
@@ -372,21 +379,10 @@ def hd256_providers(kernel: str, window: int | None) -> list[harness.Provider]:
     """The attention_hd256 rows' providers (module docstring), each fn(q, k, v) -> like q:
     causal, under a sliding window of ``window`` keys (None: none)."""
     left = -1 if window is None else window - 1
-
-    def sdpa(q, k, v):
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-        if window is None:
-            return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True,
-                                                  enable_gqa=True).transpose(1, 2)
-        i = torch.arange(q.shape[1], device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
-                                              enable_gqa=True).transpose(1, 2)
-
     ours = harness.pyssm_provider("attention", kernel, lambda q, k, v: ops.attention(
         q, k, v, causal=True, window_size=(left, 0), backend=kernel))
     return [ours, dataclasses.replace(ours, name=f"pyssm-{kernel}-one-piece", env=ONE_PIECE),
-            harness.Provider("sdpa-default" + (" (masked)" if window else ""), sdpa)]
+            _sdpa_causal(window)]
 
 
 def hd256_cases(device: torch.device, quick: bool = False) -> list[harness.Case]:

@@ -5,7 +5,7 @@ case's byte count is the used keys and values."""
 import torch
 
 from pyssm import ops
-from pyssm.bench import attention
+from pyssm.bench import attention, harness
 
 
 def test_decode_providers_agree_on_the_cpu():
@@ -46,7 +46,7 @@ def test_vision_window_providers_agree_on_the_cpu():
     assert not torch.allclose(ops.attention(q[None], k[None], v[None])[0], want, atol=1e-3)
 
 
-def test_hd256_providers_agree_on_the_cpu(monkeypatch):
+def test_hd256_providers_agree_on_the_cpu():
     """The pieces and the one piece (its budget set while it runs) against SDPA; the pieces
     really are several at the CPU row's size (a budget of the default 2^24 score elements)."""
     for quick in (True, False):
@@ -54,9 +54,7 @@ def test_hd256_providers_agree_on_the_cpu(monkeypatch):
         q, k, v = case.make_inputs()
         outs = {}
         for p in case.providers:
-            with monkeypatch.context() as env:
-                for name, value in (p.env or {}).items():
-                    env.setenv(name, value)
+            with harness.env_overrides(p.env):   # (as the harness measures it)
                 outs[p.name] = p.fn(q, k, v)
         assert set(outs) == {"pyssm-cpu", "pyssm-cpu-one-piece", "sdpa-default (masked)"}
         for name, out in outs.items():

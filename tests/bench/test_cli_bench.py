@@ -32,27 +32,26 @@ def test_bench_kernels(tmp_path, capsys):
                    "attention_decode", "attention_window", "attention_softcap",
                    "attention_prefix", "attention_vision_windows", "attention_hd256"}
     assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
-    qkv_rows = {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_qkv"}
-    assert qkv_rows == {(p, m) for p in ("pyssm-cpu", "pyssm-unbound", "pyssm-copied",
-                                         "sdpa-default (timm)") for m in ("forward", "full")}
+    def runs(op):   # the (provider, mode) pairs of op's rows
+        return {(r["provider"], r["mode"]) for r in rows if r["op"] == op}
+
+    def both_modes(*providers):
+        return {(p, m) for p in providers for m in ("forward", "full")}
+
+    assert runs("attention_qkv") == both_modes("pyssm-cpu", "pyssm-unbound", "pyssm-copied",
+                                               "sdpa-default (timm)")
     assert {r["provider"] for r in rows if r["op"] == "attention_decode"} == {
         "pyssm-cpu", "pyssm-gathered", "sdpa-default (masked)"}
-    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_window"} == {
-        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-causal", "sdpa-default (masked)")
-        for m in ("forward", "full")}
-    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_softcap"} == {
-        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-uncapped", "eager (capped)")
-        for m in ("forward", "full")}
-    assert {(r["provider"], r["mode"]) for r in rows
-            if r["op"] == "attention_vision_windows"} == {
-        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-per-window", "sdpa-default (per window)")
-        for m in ("forward", "full")}
-    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_prefix"} == {
-        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-causal", "sdpa-default (masked)")
-        for m in ("forward", "full")}
-    assert {(r["provider"], r["mode"]) for r in rows if r["op"] == "attention_hd256"} == {
-        (p, m) for p in ("pyssm-cpu", "pyssm-cpu-one-piece", "sdpa-default (masked)")
-        for m in ("forward", "full")}
+    assert runs("attention_window") == both_modes("pyssm-cpu", "pyssm-cpu-causal",
+                                                  "sdpa-default (masked)")
+    assert runs("attention_softcap") == both_modes("pyssm-cpu", "pyssm-cpu-uncapped",
+                                                   "eager (capped)")
+    assert runs("attention_vision_windows") == both_modes(
+        "pyssm-cpu", "pyssm-cpu-per-window", "sdpa-default (per window)")
+    assert runs("attention_prefix") == both_modes("pyssm-cpu", "pyssm-cpu-causal",
+                                                  "sdpa-default (masked)")
+    assert runs("attention_hd256") == both_modes("pyssm-cpu", "pyssm-cpu-one-piece",
+                                                 "sdpa-default (masked)")
     assert any("of_copy" in r for r in rows if r["op"] == "cross_scan")
     assert any("of_matmul" in r for r in rows if r["op"] == "attention")
     assert "| attention |" in capsys.readouterr().out
