@@ -7,7 +7,7 @@ CLIP and SigLIP towers.
     # or per sub-model: attn_implementation={"text_config": "pyssm", "vision_config": "sdpa"}
     pyssm_hf.swap_mlp(model)                              # CLIP / SigLIP MLPs -> pyssm's
     pyssm_hf.swap_layers(model)       # or their whole encoder layers: norms and adds fused too
-    pyssm_hf.swap_vision_attention(model)   # Qwen2/2.5/3-VL, GLM-4V towers: one packed call
+    pyssm_hf.swap_vision_attention(model)   # Qwen-VL, GLM-4V, ... towers: one packed call
 
 ``register()`` adds "pyssm" to transformers' ``AttentionInterface`` (the attention function)
 and to its ``AttentionMaskInterface`` (the mask the model builds for it). Like flash-attn, pyssm
@@ -62,16 +62,22 @@ whole MLP and the second add as one ``norm_mlp_residual`` pass, where their Trit
 Its attention stays the model's (whichever ``attn_implementation``), and so do gradient
 checkpointing and the state dict.
 
-``swap_vision_attention(model)`` replaces the vision attention of Qwen2-VL, Qwen2.5-VL,
-Qwen3-VL and GLM-4V (VISION_ATTENTION_CLASSES), which transformers runs one image or window at
-a time for every backend but flash-attn, by ``VisionAttention``: all of them in one packed call
-a layer (their cu_seqlens), the same qkv, rotation and proj.
+``swap_vision_attention(model)`` packs the vision towers' attention: transformers runs the
+vision attention of Qwen2-VL and its lineage (Qwen2.5-VL, Qwen3-VL, Qwen3.5, the Omni models),
+GLM-4V and its kin, ERNIE-4.5-VL, PaddleOCR-VL, VideoLLaMA3, Kimi-K2.5, MiniCPM-V, HunYuan-VL and
+others (VISION_ATTENTION_CLASSES, 34 classes, the Omni and ASR models' audio towers among them)
+one image, window or clip at a time for every backend whose name lacks "flash". Each becomes a
+``VisionAttention``: the model's own forward (projections, norms, rotation, the same state
+dict), taking its packed branch into one pyssm call a layer (their cu_seqlens).
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
 Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL; tests/integrations).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -118,7 +124,7 @@ def _rows(mask: torch.Tensor) -> dict:
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, sliding_window: int | None = None,
                       softcap: float | None = None, position_bias: torch.Tensor | None = None,
@@ -146,8 +152,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # what the model computes in: the dtype of the projections' weights, as the other backends
     dtype = q.dtype
     k, v = k.to(dtype), v.to(dtype)
-    call = dict(causal=causal, softmax_scale=scaling, window_size=window,
-                softcap=softcap or 0.0, backend=_backend)
+    call = dict(causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap or 0.0,
+                backend=getattr(module, "pyssm_backend", None) or _backend)
 
     if kwargs.get("cu_seq_lens_q") is not None:
         return _varlen(q, k, v, attention_mask, kwargs, call), None
@@ -754,47 +760,97 @@ def swap_layers(model: nn.Module, backend: str | None = None) -> int:
                         lambda m: encoder_layer(m, backend=backend), when=_swappable_layer)
 
 
-# (transformers' module, class): the packed vision attentions (Qwen2-VL's lineage: a fused qkv
-# projection, the vision rotary embedding, the images or windows as cu_seqlens, proj) that run
-# one call per image or window under any backend but flash-attn's
-VISION_ATTENTION_CLASSES = (("qwen2_vl", "VisionAttention"),
-                            ("qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
-                            ("qwen3_vl", "Qwen3VLVisionAttention"),
-                            ("glm4v", "Glm4vVisionAttention"))
+# (transformers' module, class): the attentions of vision (and audio) towers that pack their
+# images, windows or clips as cu_seqlens and, under any backend whose name lacks "flash", attend
+# one at a time (transformers' is_flash_attention_requested picks the packed branch)
+VISION_ATTENTION_CLASSES = (
+    ("qwen2_vl", "VisionAttention"), ("qwen2_5_vl", "Qwen2_5_VLVisionAttention"),
+    ("qwen3_vl", "Qwen3VLVisionAttention"), ("qwen3_vl_moe", "Qwen3VLMoeVisionAttention"),
+    ("qwen3_5", "Qwen3_5VisionAttention"), ("qwen3_5_moe", "Qwen3_5MoeVisionAttention"),
+    ("qwen4_exp", "Qwen4ExpVisionAttention"),
+    ("qwen2_5_omni", "Qwen2_5OmniVisionAttention"), ("qwen2_5_omni", "Qwen2_5OmniAudioAttention"),
+    ("qwen3_omni_moe", "Qwen3OmniMoeVisionAttention"),
+    ("qwen3_omni_moe", "Qwen3OmniMoeAudioAttention"), ("qwen3_asr", "Qwen3ASRAudioAttention"),
+    ("glm4v", "Glm4vVisionAttention"), ("glm4v_moe", "Glm4vMoeVisionAttention"),
+    ("glm5_next", "Glm5NextVisionAttention"), ("glm_image", "GlmImageVisionAttention"),
+    ("glm_ocr", "GlmOcrVisionAttention"), ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionAttention"),
+    ("paddleocr_vl", "PaddleOCRVisionAttention"), ("video_llama_3", "VideoLlama3VisionAttention"),
+    ("kimi_k25", "Kimi_K25VisionAttention"), ("minicpm_ocr", "MiniCPMOcrVisionAttention"),
+    ("minicpmv4_6", "MiniCPMV4_6VisionAttention"), ("minicpmv4_7", "MiniCPMV4_7VisionAttention"),
+    ("minimax_m3_vl", "MiniMaxM3VLVisionAttention"), ("lfm3_vl", "Lfm3VlVisionAttention"),
+    ("hunyuan_vl", "HunYuanVLVisionAttention"), ("hy_v4_vl", "HYV4VLVisionAttention"),
+    ("exaone4_5", "Exaone4_5_VisionAttention"), ("cohere_compass", "CohereCompassVisionAttention"),
+    ("dots3_note", "Dots3NoteVisionAttention"), ("inkling2", "Inkling2VisionAttention"),
+    ("muse_glimmer", "MuseGlimmerVisionAttention"), ("muse_spark", "MuseSparkVisionAttention"))
+
+# the name under which swapped vision attentions find pyssm's attention function: "flash" in it
+# is what sends their forward down the packed branch (the name is swap_vision_attention's own,
+# not one to pass as attn_implementation: transformers would look for a flash-attn kernel)
+PACKED_NAME = "pyssm_flash_packed"
+
+
+class _PackedConfig:
+    """A swapped vision attention's config: the model's own (every attribute read and written
+    there, so later changes show) but for the attention implementation, PACKED_NAME."""
+
+    __slots__ = ("_config",)
+    _attn_implementation = PACKED_NAME
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, name):   # (only for names not found here: not _attn_implementation)
+        return getattr(object.__getattribute__(self, "_config"), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._config, name, value)
+
+    def __getstate__(self):   # (copies and pickles: the model's config, copied with it)
+        return self._config
+
+    def __setstate__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    def __repr__(self) -> str:
+        return f"_PackedConfig({self._config!r})"
+
+
+@_once_per_version
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence of packed offsets, read once per offsets tensor and version: the
+    vision model hands one cu_seqlens to all its layers."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
 class VisionAttention(nn.Module):
-    """transformers' VISION_ATTENTION_CLASSES on pyssm's attention op: q, k and v of every
-    image (or window) of the batch in one packed call (``cu_seqlens`` as the model gives it,
-    the longest read once per offsets tensor), where transformers' own forward, for any
-    backend other than flash-attn, splits them and attends one at a time. Its qkv and proj
-    are the module's (the same state dict), its rotation the model's own
-    apply_rotary_pos_emb_vision."""
+    """transformers' VISION_ATTENTION_CLASSES with every image, window or clip of a batch in one
+    packed pyssm call a layer (``cu_seqlens`` as the model gives it), where transformers' own
+    forward, for any backend whose name lacks "flash", splits them and attends one at a time.
+    The forward is the model's own (its projections, norms and rotation; the same state dict):
+    its config answers PACKED_NAME as the attention implementation (``_PackedConfig``), which
+    takes the forward's packed branch to pyssm's attention function; the longest sequence is
+    read once per cu_seqlens (``_longest``), not once a layer."""
 
     def __init__(self, hf_attention: nn.Module, backend: str | None = None):
-        import sys
-
         nn.Module.__init__(self)
-        self.config = hf_attention.config
-        self.num_heads, self.head_dim = hf_attention.num_heads, hf_attention.head_dim
-        self.scaling = hf_attention.scaling
-        self.qkv, self.proj = hf_attention.qkv, hf_attention.proj
-        self.rotate = sys.modules[type(hf_attention).__module__].apply_rotary_pos_emb_vision
-        self.backend = backend
+        for key, value in vars(hf_attention).items():   # its modules, parameters, attributes
+            object.__setattr__(self, key, dict(value) if type(value) is dict else value)
+        config = hf_attention.config
+        self.config = config if isinstance(config, _PackedConfig) else _PackedConfig(config)
+        self.pyssm_backend = backend   # (pyssm's attention backend: None, register()'s)
+        self.hf_class = type(hf_attention)   # (whose forward runs)
 
-    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                max_seqlen: int | None = None, **kwargs) -> torch.Tensor:
-        if getattr(self.config, "attention_dropout", 0.0) and self.training:
-            raise _unsupported("attention dropout while training in the vision tower")
-        n = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = position_embeddings
-        q, k = self.rotate(q, k, cos, sin)      # (n, heads, head_dim): the packed layout
-        out = attention(q, k, v.to(q.dtype), cu_seqlens=cu_seqlens.to(torch.int32),
-                        max_seqlen=None if max_seqlen is None else int(max_seqlen),
-                        softmax_scale=self.scaling, backend=self.backend or _backend)
-        return self.proj(out.reshape(n, -1))
+    def forward(self, *args, **kwargs):
+        signature = _signature(self.hf_class)
+        bound = signature.bind_partial(self, *args, **kwargs)   # (max_seqlen may be required)
+        if "max_seqlen" in signature.parameters and bound.arguments.get("max_seqlen") is None:
+            bound.arguments["max_seqlen"] = _longest(bound.arguments["cu_seqlens"])
+        return self.hf_class.forward(*bound.args, **bound.kwargs)
 
 
 def vision_attention(hf_attention: nn.Module, backend: str | None = None) -> VisionAttention:
@@ -804,9 +860,12 @@ def vision_attention(hf_attention: nn.Module, backend: str | None = None) -> Vis
 
 
 def swap_vision_attention(model: nn.Module, backend: str | None = None) -> int:
-    """Replaces every vision attention of VISION_ATTENTION_CLASSES in ``model`` (in place) by
-    ``VisionAttention`` (one packed call a layer for all the images or windows); returns how
-    many it replaced. ``backend``: pyssm's attention backend (None: register()'s, else chosen
-    per call)."""
+    """Replaces every attention of VISION_ATTENTION_CLASSES in ``model`` (in place) by
+    ``VisionAttention`` (one packed call a layer for all the images, windows or audio clips,
+    whatever the model's attn_implementation); returns how many it replaced. ``backend``:
+    pyssm's attention backend (None: register()'s, else chosen per call)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_NAME, attention_forward)
     return swap_modules(model, _classes(VISION_ATTENTION_CLASSES),
                         lambda m: vision_attention(m, backend=backend))
