@@ -76,7 +76,10 @@ cudaError_t run_decode(const FlashParams& p, const at::Tensor& q, const AttnSize
     return cudaErrorNotSupported;
   const DecodeLaunch decode = launcher<DecodeLaunch>(q.scalar_type(), s.head_dim);
   if (decode == nullptr) return cudaErrorNotSupported;
-  const int sms = at::cuda::getDeviceProperties(q.device().index())->multiProcessorCount;
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(q.device().index());
+  // (before the workspace: head_dim 256's tiles pass sm_86's and sm_89's most a block)
+  if (flash_decode_smem(s.head_dim) > props->sharedMemPerBlockOptin) return cudaErrorNotSupported;
+  const int sms = props->multiProcessorCount;
   FlashSplit split = flash_decode_plan(
       s.batch, s.heads_k, flash_decode_keys(s.seqlen_q, s.seqlen_k, p.window_left), sms);
   at::Tensor out_part, lse_part;  // (freed after the launch: the allocator orders by stream)

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace pyssm {
@@ -132,6 +133,17 @@ struct FlashSplit {
   float* out_part;   // splits > 1: (splits, total_q, heads, head_dim), each chunk's output
   float* lse_part;   // splits > 1: (splits, heads, total_q), each chunk's lse (log2 domain)
 };
+
+// The shared memory a flash-decoding block takes at `head_dim` (16-bit elements): two stages
+// of K and V tiles, rows padded to 16 columns plus 8, or the warps' merge if larger
+// (flash_decode_kernel.cuh's Traits::kSmem, which asserts it equal). 132 KB at 256: more than
+// sm_86's and sm_89's 99 KB a block, where run_decode leaves the step to the prefill forward.
+constexpr size_t flash_decode_smem(int64_t head_dim) {
+  const int64_t pad = (head_dim + 15) / 16 * 16, o_cols = (head_dim / 8 + 1) / 2 * 2 * 8;
+  const size_t tiles = size_t(2 * 2 * kFlashDecodeTile * (pad + 8)) * 2;
+  const size_t merge = size_t(4 * kFlashDecodeRows * (2 + o_cols + 4)) * sizeof(float);
+  return tiles > merge ? tiles : merge;
+}
 
 inline bool flash_decode_fits(int64_t heads, int64_t heads_k, int64_t seqlen_q) {
   return heads_k > 0 && heads % heads_k == 0 && seqlen_q >= 1 &&

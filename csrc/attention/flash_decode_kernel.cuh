@@ -54,6 +54,8 @@ struct Traits {
   static constexpr size_t kSmem = kTileBytes > kMergeBytes ? kTileBytes : kMergeBytes;
   static_assert(kHeadDim % 8 == 0, "head_dim must be a multiple of 8");
   static_assert(kOCols <= kPadDim, "O's column tiles stay inside the zero-padded tile");
+  static_assert(sizeof(T) == 2 && kSmem == flash_decode_smem(kHeadDim),
+                "flash.cuh's flash_decode_smem, which run_decode checks, is this block's");
 };
 
 template <typename T, int kHeadDim>
