@@ -77,16 +77,17 @@ def key_padding(attn_mask: torch.Tensor) -> dict:
     return rows(keys)
 
 
-def rows(keys: torch.Tensor) -> dict:
+def rows(keys: torch.Tensor, packed: bool = False) -> dict:
     """The key arguments for a batch whose valid keys are ``keys`` (B, N) bool (device reads:
-    one, or three with holes): ``all_valid``; ``lead`` / ``end`` (int32 (B,)) where each row's valid keys are one
-    run [lead, end); otherwise ``keys`` (the flat indices of the valid keys over B x N), their
-    ``cu_seqlens_k``, ``longest_k`` and ``cu_seqlens`` (every row's N queries); and ``batch``
-    B, ``valid`` the keys. A one-row mask for a batch of B rows: ``rows_for(pad, B)``."""
+    one, or three with holes): ``all_valid``; ``lead`` / ``end`` (int32 (B,)) where each row's
+    valid keys are one run [lead, end); with holes (or ``packed``, some key padding) also
+    ``keys`` (the flat indices of the valid keys over B x N), their ``cu_seqlens_k``,
+    ``longest_k`` and ``cu_seqlens`` (every row's N queries); and ``batch`` B, ``valid`` the
+    keys. A one-row mask for a batch of B rows: ``rows_for(pad, B)``."""
     all_valid, lead, end = mask_summary(keys)
     B, N = keys.shape
     out = dict(all_valid=all_valid, lead=lead, end=end, batch=B, valid=keys)
-    if lead is None and not all_valid:
+    if (lead is None or packed) and not all_valid:
         lengths = keys.sum(1, dtype=torch.int32)
         cu_k = torch.zeros(B + 1, dtype=torch.int32, device=keys.device)
         cu_k[1:] = torch.cumsum(lengths, 0)

@@ -39,8 +39,10 @@ PaliGemma's image-and-prompt prefix, Gemma 3's images, with or without a sliding
 two packed calls a layer: the runs of queries outside the blocks causally, each block's queries
 both ways, every run over its row's valid keys up to its end (the mask read once a forward,
 ``block_mask``). The mask brings the causality: PaliGemma's attention modules say
-is_causal=False. A model whose mask is none of these (chunked or bidirectional sliding
-attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
+is_causal=False. Encoders attending both ways within a window (ModernBERT, EmbeddingGemma:
+``sliding_window`` w on a bidirectional layer) run pyssm's centred window
+(``window_size=(w - 1, w - 1)``, as transformers' flash-attn path sets it), a padded row's
+valid run packed. A model whose mask is none of these (chunked attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
 as pyssm's ``softcap``. What pyssm does not compute raises instead of being dropped: attention
 dropout while training, position biases (T5-style), attention sinks, and attention
 probabilities (``output_attentions``).
@@ -71,7 +73,8 @@ one image, window or clip at a time for every backend whose name lacks "flash". 
 dict), taking its packed branch into one pyssm call a layer (their cu_seqlens).
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
-Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL; tests/integrations).
+Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL, ModernBERT,
+EmbeddingGemma, and each of VISION_ATTENTION_CLASSES alone; tests/integrations).
 """
 
 from __future__ import annotations
@@ -117,10 +120,11 @@ def _sequence_offsets(ids: torch.Tensor):
 
 @_once_per_version
 def _rows(mask: torch.Tensor) -> dict:
-    """A padding mask with holes: its valid keys' flat indices, cu_seqlens_k and longest row
-    (padding.rows), read once per mask tensor and version: the model passes one mask to every
-    layer, so the layers gather with index_select and none reads the device."""
-    return _padding.rows(mask)
+    """A padding mask's valid keys packed (one with holes, or a bidirectional window's): their
+    flat indices, cu_seqlens_k and longest row (padding.rows), read once per mask tensor and
+    version: the model passes one mask to every layer, so the layers gather with index_select
+    and none reads the device."""
+    return _padding.rows(mask, packed=True)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -220,18 +224,24 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if lead is not None and causal and Sq == Sk:
         trust_leftpad(lead, None, Sk)
         return attention(q, k, v, leftpad_k=lead, **call).contiguous(), None
-    if lead is not None:
+    # A bidirectional window is centred on its query only where a row's queries and keys are
+    # the same tokens: its valid run, packed (in place, the keys' alignment would shift it).
+    centred = window != (-1, -1) and not causal
+    if lead is not None and not centred:
         trust_seqused(end, Sk)
         trust_leftpad(lead, end, Sk)
         return attention(q, k, v, seqused_k=end, leftpad_k=lead, **call).contiguous(), None
-    if window != (-1, -1):
+    if window != (-1, -1) and lead is None:
         raise _unsupported(f"sliding-window attention (sliding_window={sliding_window}) with "
                            f"holes in the padding mask (packing the valid tokens would move "
                            f"the window)")
+    if centred and Sq != Sk:
+        raise _unsupported(f"bidirectional sliding-window attention (sliding_window="
+                           f"{sliding_window}) with padding over a cache")
     pad = _rows(attention_mask)   # the valid keys' flat indices and offsets, once a mask
     flat = [t.reshape(B * Sk, *t.shape[2:]) for t in (k, v)]
     kp, vp = (t.index_select(0, pad["keys"]) for t in flat)
-    if Sq == Sk:  # prefill / encoder with holes in the mask: every row's valid tokens, packed
+    if Sq == Sk:  # prefill / encoder with holes (or a centred window): the valid tokens, packed
         qp = q.reshape(B * Sq, *q.shape[2:]).index_select(0, pad["keys"])
         out_p = attention(qp, kp, vp, cu_seqlens=pad["cu_seqlens_k"],
                           max_seqlen=pad["longest_k"], **call)
@@ -382,17 +392,16 @@ def _plan_blocks(kinds: torch.Tensor, Sq: int) -> dict:
 def _window(sliding_window, causal) -> tuple[int, int]:
     """pyssm's window_size for transformers' sliding_window w: a causal layer's query sees
     itself and the w - 1 keys before it (masking_utils' sliding_window_overlay:
-    kv_idx > q_idx - w)."""
+    kv_idx > q_idx - w); a bidirectional layer's the w - 1 keys on either side, as
+    transformers' flash-attn path sets it (the models pass w to match: ModernBERT's half-width
+    plus one, EmbeddingGemma's window)."""
     if sliding_window is None:
         return (-1, -1)
-    if not causal:
-        raise _unsupported(f"bidirectional sliding-window attention (sliding_window="
-                           f"{sliding_window})")
     if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or \
             sliding_window < 1:
         raise ValueError(f"attn_implementation='{NAME}': sliding_window must be a positive int, "
                          f"got {sliding_window!r}")
-    return (sliding_window - 1, 0)
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
 def _closure(fn) -> dict:
@@ -540,12 +549,43 @@ def block_mask(ids: torch.Tensor, window: int | None, inside: bool, batch_size: 
     return kinds
 
 
+def _both_ways(mask_function, batch_size: int, q_length: int, kv_length: int, q_offset,
+               kv_offset: int, device) -> bool:
+    """Whether ``mask_function`` lets each query see keys on both sides, within a window or
+    not, in the forms transformers' models build: masking_utils'
+    sliding_window_bidirectional_mask_function (ModernBERT, NeoMME, UltraBERT), or a causal
+    mask (sliding or not) or'ed with a model's own overlay that opens it both ways (Gemma 3's
+    use_bidirectional_attention: EmbeddingGemma), that one checked by evaluating it over the
+    batch's (query, key) grid, once a forward, as sdpa's mask would be: every pair visible, or
+    exactly those less than w apart. The window itself is the attention function's
+    sliding_window, as for flash-attn."""
+    from transformers import masking_utils
+
+    parts = _and_mask_parts(mask_function)
+    if parts is not None:
+        names = sorted(getattr(f, "__qualname__", "") for f in parts)
+        return masking_utils.bidirectional_mask_function in parts and \
+            "sliding_window_bidirectional_overlay.<locals>.inner_mask" in names
+    parts = _or_mask_parts(mask_function)
+    if parts is None or not isinstance(q_offset, int):
+        return False
+    w = _sliding_window_of(parts[0])
+    if parts[0] is not masking_utils.causal_mask_function and w is None:
+        return False
+    q = torch.arange(q_offset, q_offset + q_length, device=device).view(1, 1, -1, 1)
+    k = torch.arange(kv_offset, kv_offset + kv_length, device=device).view(1, 1, 1, -1)
+    b = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
+    got = torch.as_tensor(mask_function(b, torch.zeros_like(b), q, k), device=device)
+    want = torch.ones((), dtype=torch.bool, device=device) if w is None else (q - k).abs() < w
+    return bool((got.bool() == want).all())
+
+
 def _check_mask_function(mask_function) -> None:
     """Only plain causal or bidirectional masks and causal sliding windows (with padding) are
-    pyssm's to compute: a model that bends them (image tokens attending both ways, chunked or
-    bidirectional sliding attention) gets an error, not plain causal attention. (Sequences
-    packed by position_ids: padding_mask. The window itself: the attention function's
-    sliding_window, which every sliding layer passes.)"""
+    pyssm's to compute: a model that bends them otherwise (chunked attention) gets an error,
+    not plain causal attention. (Sequences packed by position_ids, blocks attending both ways,
+    bidirectional windows: padding_mask, before this. The window itself: the attention
+    function's sliding_window, which every sliding layer passes.)"""
     from transformers import masking_utils
 
     plain = (None, masking_utils.causal_mask_function, masking_utils.bidirectional_mask_function)
@@ -590,6 +630,13 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if blockwise is not None:
         return block_mask(*blockwise, batch_size, q_length, kv_length, q_offset, kv_offset,
                           attention_mask, device)
+    if _both_ways(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device):
+        if not isinstance(q_offset, int) or q_offset or kv_offset or q_length != kv_length:
+            raise _unsupported("bidirectional attention over a cache")
+        if attention_mask is None:
+            return None
+        attention_mask = attention_mask[:, -kv_length:].bool()
+        return None if bool(attention_mask.all()) else attention_mask
     _check_mask_function(mask_function)
     if attention_mask is not None and attention_mask.dtype == torch.int32 and \
             attention_mask.shape == (batch_size,):

@@ -441,9 +441,85 @@ def test_mistral_sliding_window_with_holes_raises():
         ours(input_ids=torch.randint(3, 97, (2, 7)), attention_mask=mask)
 
 
+def _bidirectional_encoder(kind):
+    """(model class, tiny config) of an encoder with bidirectional sliding windows: ModernBERT
+    (local_attention 4: each token sees the 2 on either side; every third layer global) or
+    EmbeddingGemma (Gemma 3 with use_bidirectional_attention, sliding_window 5, which its
+    config makes 5 // 2 + 1 = 3: the tokens less than 3 apart; a sliding and a full layer)."""
+    if kind == "modernbert":
+        from transformers import ModernBertConfig, ModernBertModel
+        return ModernBertModel, ModernBertConfig(
+            vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, local_attention=4, global_attn_every_n_layers=3,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+            initializer_range=0.3)
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+    return Gemma3TextModel, Gemma3TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        max_position_embeddings=64, sliding_window=5, use_bidirectional_attention=True,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, initializer_range=0.3)
+
+
+@pytest.mark.parametrize("side", ["left", "right", "none", "holes"])
+@pytest.mark.parametrize("kind", ["modernbert", "embeddinggemma"])
+def test_bidirectional_sliding_windows_match_sdpa(kind, side, monkeypatch):
+    """Encoders attending both ways within a window run it as pyssm's centred window
+    (transformers' sliding_window w: the w - 1 keys on either side, as its flash-attn path
+    sets it), full layers both ways unwindowed; a padded row's valid run packed (in place the
+    window would shift with the padding). Against sdpa's masks, on the valid tokens; holes in
+    the padding mask of a windowed layer raise."""
+    cls, config = _bidirectional_encoder(kind)
+    ref, ours = _pair(cls, config)
+    ids, mask = _padded_batch("left" if side == "holes" else side)
+    if side == "holes":
+        mask[2, 6] = 0
+    calls = _call_spy(monkeypatch)
+    with torch.no_grad():
+        if side == "holes":
+            with pytest.raises(NotImplementedError, match="holes in the padding mask"):
+                ours(input_ids=ids, attention_mask=mask)
+            return
+        got = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    windows = [((2, 2), 0.0), ((-1, -1), 0.0)]
+    assert calls == ([windows[1], windows[0], windows[0]] if kind == "modernbert" else windows)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=2e-5)
+
+
+def test_bidirectional_masks_recognised():
+    """padding_mask takes masking_utils' bidirectional sliding window and a causal mask (sliding
+    or not) or'ed open both ways (checked over the grid: all pairs, or those less than w
+    apart), giving the padding; an overlay opening anything else, or a cache, raises."""
+    from transformers import masking_utils as mu
+
+    def near(w):   # (as Gemma 3's _bidirectional_window_overlay)
+        return lambda b, h, q, k: (q - k).abs() < w
+
+    anything = lambda b, h, q, k: torch.tensor(True)   # noqa: E731
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    for both in (mu.sliding_window_bidirectional_mask_function(3),
+                 mu.or_masks(mu.causal_mask_function, anything),
+                 mu.or_masks(mu.sliding_window_causal_mask_function(3), near(3))):
+        assert pyssm_hf.padding_mask(2, 8, 8, mask_function=both) is None
+        got = pyssm_hf.padding_mask(2, 8, 8, mask_function=both, attention_mask=mask)
+        assert got.tolist() == mask.bool().tolist()
+        with pytest.raises(NotImplementedError, match="bidirectional attention over a cache"):
+            pyssm_hf.padding_mask(2, 1, 8, q_offset=7, mask_function=both)
+    for other in (mu.or_masks(mu.sliding_window_causal_mask_function(3), near(4)),
+                  mu.or_masks(mu.sliding_window_causal_mask_function(3), anything),
+                  mu.or_masks(mu.causal_mask_function, near(3)),
+                  mu.or_masks(mu.causal_mask_function, lambda b, h, q, k: b == 0)):
+        with pytest.raises(NotImplementedError, match="the attention mask this model builds"):
+            pyssm_hf.padding_mask(2, 8, 8, mask_function=other)
+
+
 def test_masks_pyssm_cannot_compute_raise():
-    """A mask function other than plain causal / bidirectional or a causal sliding window
-    (here: chunked attention, a bidirectional window), or packed sequences with a padding mask,
+    """A mask function other than plain causal / bidirectional or a sliding window (here:
+    chunked attention), or packed sequences with a padding mask,
     raises rather than running plain causal attention."""
     from transformers import masking_utils
 
@@ -452,8 +528,7 @@ def test_masks_pyssm_cannot_compute_raise():
     assert pyssm_hf.padding_mask(1, 8, 8, mask_function=sliding) is None
     assert pyssm_hf.padding_mask(1, 1, 4, q_offset=9, kv_offset=6,
                                  mask_function=sliding) is None   # a sliding cache's keys
-    for other in (masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),
-                  masking_utils.sliding_window_bidirectional_mask_function(4)):
+    for other in (masking_utils.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)),):
         with pytest.raises(NotImplementedError, match="the attention mask this model builds"):
             pyssm_hf.padding_mask(1, 8, 8, mask_function=other)
     packed = masking_utils.and_masks(
