@@ -48,6 +48,32 @@ MASKED_BIAS = -1e4
 
 
 @once_per_version
+def diagonal_blocks(mask: torch.Tensor):
+    """(cu_seqlens (int32), longest) when a dense (B or 1, 1, S, S) mask, boolean (True: attend)
+    or additive (0: attend, at most MASKED_BIAS: hidden), is block-diagonal: runs of tokens
+    along each row that attend exactly to their own run (images packed along a row, as
+    transformers' Pixtral tower masks them), the runs of all B rows as one packed batch over
+    B x S tokens; None for any other mask. Read once per mask tensor and version (three device
+    reads)."""
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        return None
+    m = mask[:, 0]
+    ok = m if m.dtype == torch.bool else m == 0
+    B, S, _ = ok.shape
+    tokens = torch.arange(S, device=ok.device)
+    starts = ok.int().argmax(-1) == tokens            # (B, S): a run's first token
+    run = starts.cumsum(-1)
+    exact = (ok == (run[:, :, None] == run[:, None, :])).all()
+    if m.dtype != torch.bool:                         # (and every hidden entry hides)
+        exact &= (ok | (m <= MASKED_BIAS)).all()
+    if S == 0 or not bool(exact):
+        return None
+    first = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
+    cu = torch.cat([first, first.new_full((1,), B * S)])
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+@once_per_version
 def key_padding(attn_mask: torch.Tensor) -> dict:
     """timm's attention mask read as padding, once per mask tensor and version (the model
     passes one mask to every block): boolean (True: attend) or additive (0: attend, at most

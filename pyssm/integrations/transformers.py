@@ -42,7 +42,10 @@ both ways, every run over its row's valid keys up to its end (the mask read once
 is_causal=False. Encoders attending both ways within a window (ModernBERT, EmbeddingGemma:
 ``sliding_window`` w on a bidirectional layer) run pyssm's centred window
 (``window_size=(w - 1, w - 1)``, as transformers' flash-attn path sets it), a padded row's
-valid run packed. A model whose mask is none of these (chunked attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
+valid run packed. A dense 4D mask a model builds itself, bypassing the mask interface, runs
+where it is block-diagonal (images packed along a row, each attending to itself: Pixtral's
+vision tower, Mistral Small 3.1's and Pixtral 12B's): one packed call a layer, its blocks read
+once a forward. A model whose mask is none of these (chunked attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
 as pyssm's ``softcap``. What pyssm does not compute raises instead of being dropped: attention
 dropout while training, position biases (T5-style), attention sinks, and attention
 probabilities (``output_attentions``).
@@ -73,8 +76,8 @@ one image, window or clip at a time for every backend whose name lacks "flash". 
 dict), taking its packed branch into one pyssm call a layer (their cu_seqlens).
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
-Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL, ModernBERT,
-EmbeddingGemma, and each of VISION_ATTENTION_CLASSES alone; tests/integrations).
+Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL, Pixtral's vision
+tower, ModernBERT, EmbeddingGemma, and each of VISION_ATTENTION_CLASSES alone; tests/integrations).
 """
 
 from __future__ import annotations
@@ -148,7 +151,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise _unsupported(f"a value head size ({value.shape[-1]}) different from the query's "
                            f"({query.shape[-1]})")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-    if attention_mask is not None and attention_mask.dim() == 4:
+    block_mask_given = attention_mask is not None and attention_mask.dim() == 4 and \
+        attention_mask.dtype == torch.int32
+    if block_mask_given:
         causal = True   # (a block mask is causal whatever the module says: PaliGemma's says not)
     window = _window(sliding_window, causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, heads, d)
@@ -170,7 +175,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         cu, longest = _sequence_offsets(attention_mask)
         flat = [t.reshape(B * Sq, *t.shape[2:]) for t in (q, k, v)]   # (views: B, S adjacent)
         return attention(*flat, cu_seqlens=cu, max_seqlen=longest, **call).view(q.shape), None
-    if attention_mask is not None and attention_mask.dim() == 4:
+    if attention_mask is not None and attention_mask.dim() == 4 and not block_mask_given:
+        # a dense mask the model built itself: taken where block-diagonal (images packed along
+        # a row, each attending to itself: Pixtral's tower), one packed call for the batch
+        blocks = _padding.diagonal_blocks(attention_mask) if Sq == Sk else None
+        if blocks is None or attention_mask.shape[0] not in (1, B):
+            raise _unsupported(f"a dense {tuple(attention_mask.shape)} attention mask that is not "
+                               f"block-diagonal over the {Sq} queries and keys")
+        cu, longest = blocks
+        if attention_mask.shape[0] != B:   # (one row's blocks for every row of the batch)
+            rows = torch.arange(B, dtype=cu.dtype, device=cu.device)[:, None] * Sq
+            cu = torch.cat([(cu[None, :-1] + rows).reshape(-1), cu.new_full((1,), B * Sq)])
+        flat = [t.reshape(B * Sq, *t.shape[2:]) for t in (q, k, v)]
+        return attention(*flat, cu_seqlens=cu, max_seqlen=longest, **call).view(q.shape), None
+    if block_mask_given:
         # image or prefix tokens attending both ways within their block (block_mask): the
         # runs of queries outside the blocks causally and each block's queries both ways, each
         # run over its row's valid keys up to its end, one packed call a kind for the batch

@@ -662,6 +662,56 @@ def test_qwen2_5_vl_matches_sdpa(swapped, monkeypatch):
                                atol=0, rtol=0)
 
 
+def test_pixtral_vision_matches_sdpa(monkeypatch):
+    """Pixtral's vision tower (Mistral Small 3.1's, Pixtral 12B's) packs its images along one
+    row under a dense block-diagonal mask it builds itself: one packed pyssm call a layer (the
+    mask's blocks read once a forward), outputs and gradients equal to sdpa's in float64, two
+    images of different sizes."""
+    from transformers import PixtralVisionConfig, PixtralVisionModel
+
+    config = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, head_dim=8, image_size=32, patch_size=4)
+    ref, ours = _pair(PixtralVisionModel, config)
+    ref, ours = ref.double(), ours.double()
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    sizes = torch.tensor([[16, 12], [8, 8]])   # 4 x 3 and 2 x 2 patches: runs of 12 and 4
+    calls = _path_spy(monkeypatch, "cu_seqlens")
+    got = ours(pixel_values=pixels, image_sizes=sizes).last_hidden_state
+    want = ref(pixel_values=pixels, image_sizes=sizes).last_hidden_state
+    assert calls == [(True,)] * 2
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    for g, w, (name, _) in zip(torch.autograd.grad(got.square().sum(), list(ours.parameters())),
+                               torch.autograd.grad(want.square().sum(), list(ref.parameters())),
+                               ours.named_parameters()):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-8, msg=name)
+
+
+def test_dense_block_diagonal_masks():
+    """A dense 4D mask a model builds itself runs as one packed call when block-diagonal
+    (boolean or additive, one row's blocks broadcast over the batch, float64 against SDPA with
+    the mask); any other dense mask (causal, padding, a bias) raises."""
+    torch.manual_seed(4)
+    B, H, S, d = 3, 2, 9, 8
+    q, k, v = (torch.randn(B, H, S, d, dtype=torch.float64) for _ in range(3))
+    run = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2, 2])
+    visible = (run[:, None] == run[None, :])[None, None]
+    module = torch.nn.Module()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    additive = torch.zeros(1, 1, S, S, dtype=torch.float64).masked_fill(
+        ~visible, torch.finfo(torch.float64).min)
+    for mask in (visible, visible.expand(B, 1, S, S), additive):
+        got, _ = pyssm_hf.attention_forward(module, q, k, v, mask)
+        torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-12, rtol=1e-12)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()[None, None]
+    padded = visible.clone()
+    padded[..., 3] = False
+    biased = additive.masked_fill(visible, 0.5)
+    for mask in (causal, padded, biased, visible[..., :8, :]):
+        with pytest.raises(NotImplementedError, match="not block-diagonal"):
+            pyssm_hf.attention_forward(module, q, k, v, mask)
+
+
 def test_what_pyssm_does_not_compute_raises():
     from transformers import LlamaForCausalLM
 
