@@ -42,7 +42,10 @@ both ways, every run over its row's valid keys up to its end (the mask read once
 is_causal=False. Encoders attending both ways within a window (ModernBERT, EmbeddingGemma:
 ``sliding_window`` w on a bidirectional layer) run pyssm's centred window
 (``window_size=(w - 1, w - 1)``, as transformers' flash-attn path sets it), a padded row's
-valid run packed. A dense 4D mask a model builds itself, bypassing the mask interface, runs
+valid run packed. Cross-attention (fewer queries than keys: BLIP-2's Q-Former, perceiver
+resamplers, SigLIP 2's pooling head) sees every key, or the padding mask's; a padding mask
+both ways comes as (batch, 1, 1, keys), sdpa's layout, for models that reshape it for other
+modules (that pooling head's nn.MultiheadAttention). A dense 4D mask a model builds itself, bypassing the mask interface, runs
 where it is block-diagonal (images packed along a row, each attending to itself: Pixtral's
 vision tower, Mistral Small 3.1's and Pixtral 12B's): one packed call a layer, its blocks read
 once a forward. A model whose mask is none of these (chunked attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
@@ -122,6 +125,14 @@ def _sequence_offsets(ids: torch.Tensor):
 
 
 @_once_per_version
+def _key_padding(mask: torch.Tensor) -> torch.Tensor:
+    """The (B, keys) padding of a both-ways mask padding_mask gives as (B, 1, 1, keys) (sdpa's
+    broadcastable layout, which models that reuse the mask for other modules expect: SigLIP 2's
+    pooling head), one tensor per mask and version, so the reads keyed on it happen once."""
+    return mask[:, 0, 0].clone()
+
+
+@_once_per_version
 def _rows(mask: torch.Tensor) -> dict:
     """A padding mask's valid keys packed (one with holes, or a bidirectional window's): their
     flat indices, cu_seqlens_k and longest row (padding.rows), read once per mask tensor and
@@ -151,6 +162,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise _unsupported(f"a value head size ({value.shape[-1]}) different from the query's "
                            f"({query.shape[-1]})")
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    if attention_mask is not None and attention_mask.dim() == 4 and \
+            attention_mask.dtype == torch.bool and attention_mask.shape[1:3] == (1, 1):
+        attention_mask = _key_padding(attention_mask)   # (a both-ways mask's padding: 2D)
     block_mask_given = attention_mask is not None and attention_mask.dim() == 4 and \
         attention_mask.dtype == torch.int32
     if block_mask_given:
@@ -618,7 +632,9 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
                  attention_mask: torch.Tensor | None = None, device=None, **kwargs):
     """The mask transformers builds for "pyssm": None when every key is there to be seen;
     the boolean (batch, kv_length) padding mask when some are padding (the attention function
-    unpads with it); or, for a static cache (kv_length slots, of which the first q_offset +
+    unpads with it), or (batch, 1, 1, kv_length) for a mask both ways (bidirectional, with a
+    window or not: sdpa's broadcastable layout, which models reusing the mask for other modules
+    expect, SigLIP 2's pooling head); or, for a static cache (kv_length slots, of which the first q_offset +
     q_length are written) with no padding, the int32 (batch,) number of keys written, which the
     attention function passes as seqused_k: the cache read in place, nothing read on the host
     (q_offset is a tensor there); or, for sequences packed along each row by position_ids (no
@@ -654,7 +670,7 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         if attention_mask is None:
             return None
         attention_mask = attention_mask[:, -kv_length:].bool()
-        return None if bool(attention_mask.all()) else attention_mask
+        return None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
     _check_mask_function(mask_function)
     if attention_mask is not None and attention_mask.dtype == torch.int32 and \
             attention_mask.shape == (batch_size,):
@@ -662,6 +678,18 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
                          f"(batch, length), got shape {tuple(attention_mask.shape)}")
+    from transformers import masking_utils
+    if mask_function is masking_utils.bidirectional_mask_function and not kv_offset:
+        # both ways, as sdpa reads it whatever the lengths: every key the padding mask shows
+        # (every key without one), an encoder's, cross-attention's (BLIP-2's Q-Former, a
+        # perceiver resampler, SigLIP 2's pooling head: fewer queries than keys) or over a cache
+        if attention_mask is None:
+            return None
+        attention_mask = attention_mask[:, -kv_length:].bool()
+        if attention_mask.shape[1] < kv_length:   # (a static cache's slots not written yet)
+            attention_mask = torch.nn.functional.pad(attention_mask,
+                                                     (0, kv_length - attention_mask.shape[1]))
+        return None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
     static = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length
     # a dynamic sliding cache keeps its last keys only: key j is token kv_offset + j, the last
     # key the last query, as the bottom-right aligned window wants (and the padding mask's last

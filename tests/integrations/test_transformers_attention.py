@@ -506,7 +506,7 @@ def test_bidirectional_masks_recognised():
                  mu.or_masks(mu.sliding_window_causal_mask_function(3), near(3))):
         assert pyssm_hf.padding_mask(2, 8, 8, mask_function=both) is None
         got = pyssm_hf.padding_mask(2, 8, 8, mask_function=both, attention_mask=mask)
-        assert got.tolist() == mask.bool().tolist()
+        assert got.tolist() == mask.bool()[:, None, None, :].tolist()   # (sdpa's layout)
         with pytest.raises(NotImplementedError, match="bidirectional attention over a cache"):
             pyssm_hf.padding_mask(2, 1, 8, q_offset=7, mask_function=both)
     for other in (mu.or_masks(mu.sliding_window_causal_mask_function(3), near(4)),
@@ -569,6 +569,65 @@ def test_siglip_vision_matches_sdpa():
         torch.testing.assert_close(ours(pixel_values=pixels).last_hidden_state,
                                    ref(pixel_values=pixels).last_hidden_state,
                                    atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["mixed_sizes", "all_full"])
+def test_siglip2_naflex_with_pooling_head_matches_sdpa(full):
+    """SigLIP 2 NaFlex with its pooling head (vision_use_head: the image embedding), images of
+    16, 12 and 6 patches padded to 16: the head's cross-attention (one probe query, the
+    patches as keys) builds its mask through the model's mask interface and reshapes it for
+    nn.MultiheadAttention as sdpa's 4D layout, which padding_mask gives for masks both ways;
+    with every image full, no mask. In float64 against sdpa: the patches and the pooled
+    embedding."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, patch_size=4, num_patches=16,
+                                 vision_use_head=True)
+    ref, ours = _pair(Siglip2VisionModel, config)
+    ref, ours = ref.double(), ours.double()
+    torch.manual_seed(5)
+    pixels = torch.randn(3, 16, 3 * 4 * 4, dtype=torch.float64)
+    shapes = torch.tensor([[4, 4]] * 3 if full else [[4, 4], [3, 4], [2, 3]])
+    mask = torch.zeros(3, 16, dtype=torch.long)
+    for row, (h, w) in enumerate(shapes.tolist()):
+        mask[row, :h * w] = 1
+    inputs = dict(pixel_values=pixels, pixel_attention_mask=mask, spatial_shapes=shapes)
+    with torch.no_grad():
+        got, want = ours(**inputs), ref(**inputs)
+    valid = mask.bool()
+    torch.testing.assert_close(got.last_hidden_state[valid], want.last_hidden_state[valid],
+                               atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("encoder_mask", ["none", "all_ones", "padded"])
+def test_blip2_qformer_cross_attention_matches_sdpa(encoder_mask):
+    """BLIP-2's Q-Former (InstructBLIP's too): 4 learned queries attend to 16 image tokens
+    (cross-attention, fewer queries than keys, no cache): every image token is seen, or the
+    padding mask's (BLIP-2 passes an all-ones one). pyssm once read a mask both ways with
+    fewer queries than keys as a static cache's first slots: only 4 keys seen."""
+    from transformers.models.blip_2.configuration_blip_2 import Blip2QFormerConfig
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
+
+    config = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, encoder_hidden_size=24,
+                                cross_attention_frequency=1)
+    ref, ours = _pair(Blip2QFormerModel, config)
+    ref, ours = ref.double(), ours.double()
+    torch.manual_seed(6)
+    queries = torch.randn(2, 4, 32, dtype=torch.float64)
+    image = torch.randn(2, 16, 24, dtype=torch.float64)
+    mask = None if encoder_mask == "none" else torch.ones(2, 16, dtype=torch.long)
+    if encoder_mask == "padded":
+        mask[1, 9:] = 0
+    inputs = dict(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=mask)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).last_hidden_state,
+                                   ref(**inputs).last_hidden_state, atol=1e-10, rtol=1e-10)
+    assert pyssm_hf.padding_mask(2, 4, 16, mask_function=transformers.masking_utils
+                                 .bidirectional_mask_function,
+                                 attention_mask=torch.ones(2, 16, dtype=torch.bool)) is None
 
 
 def test_llava_matches_sdpa(monkeypatch):
