@@ -73,7 +73,7 @@ checkpointing and the state dict.
 ``swap_vision_attention(model)`` packs the vision towers' attention: transformers runs the
 vision attention of Qwen2-VL and its lineage (Qwen2.5-VL, Qwen3-VL, Qwen3.5, the Omni models),
 GLM-4V and its kin, ERNIE-4.5-VL, PaddleOCR-VL, VideoLLaMA3, Kimi-K2.5, MiniCPM-V, HunYuan-VL and
-others (VISION_ATTENTION_CLASSES, 34 classes, the Omni and ASR models' audio towers among them)
+others (VISION_ATTENTION_CLASSES, 36 classes: RADIO's, and the Omni and ASR models' audio towers)
 one image, window or clip at a time for every backend whose name lacks "flash". Each becomes a
 ``VisionAttention``: the model's own forward (projections, norms, rotation, the same state
 dict), taking its packed branch into one pyssm call a layer (their cu_seqlens).
@@ -874,7 +874,8 @@ VISION_ATTENTION_CLASSES = (
     ("hunyuan_vl", "HunYuanVLVisionAttention"), ("hy_v4_vl", "HYV4VLVisionAttention"),
     ("exaone4_5", "Exaone4_5_VisionAttention"), ("cohere_compass", "CohereCompassVisionAttention"),
     ("dots3_note", "Dots3NoteVisionAttention"), ("inkling2", "Inkling2VisionAttention"),
-    ("muse_glimmer", "MuseGlimmerVisionAttention"), ("muse_spark", "MuseSparkVisionAttention"))
+    ("muse_glimmer", "MuseGlimmerVisionAttention"), ("muse_spark", "MuseSparkVisionAttention"),
+    ("radio", "RadioAttention"), ("cosmos3_edge", "Cosmos3EdgeVisionAttention"))
 
 # the name under which swapped vision attentions find pyssm's attention function: "flash" in it
 # is what sends their forward down the packed branch (the name is swap_vision_attention's own,
@@ -927,7 +928,8 @@ class VisionAttention(nn.Module):
     The forward is the model's own (its projections, norms and rotation; the same state dict):
     its config answers PACKED_NAME as the attention implementation (``_PackedConfig``), which
     takes the forward's packed branch to pyssm's attention function; the longest sequence is
-    read once per cu_seqlens (``_longest``), not once a layer."""
+    read once per cu_seqlens (``_longest``), not once a layer, where the forward takes max_seqlen
+    (RADIO's does not: transformers reads it a layer)."""
 
     def __init__(self, hf_attention: nn.Module, backend: str | None = None):
         nn.Module.__init__(self)

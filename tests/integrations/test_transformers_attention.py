@@ -683,7 +683,7 @@ def test_qwen2_5_vl_matches_sdpa(swapped, monkeypatch):
     ours.set_attn_implementation("pyssm")
     if swapped:   # (every class of the list there in the pinned transformers)
         assert len(pyssm_hf._classes(pyssm_hf.VISION_ATTENTION_CLASSES)) == \
-            len(pyssm_hf.VISION_ATTENTION_CLASSES) == 34
+            len(pyssm_hf.VISION_ATTENTION_CLASSES) == 36
         assert pyssm_hf.swap_vision_attention(ours) == 2
         assert isinstance(ours.model.visual.blocks[0].attn, pyssm_hf.VisionAttention)
         assert ours.state_dict().keys() == ref.state_dict().keys()

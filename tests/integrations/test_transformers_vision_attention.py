@@ -71,7 +71,8 @@ def _inputs(attn: nn.Module) -> dict:
     torch.manual_seed(1)
     x = torch.randn(n, width, dtype=torch.float64)
     base = dict(cu_seqlens=torch.tensor([0, 5, 6, 15], dtype=torch.int32))
-    if params["max_seqlen"].default is inspect.Parameter.empty:   # (MiniCPM-V's: required)
+    if "max_seqlen" in params and params["max_seqlen"].default is inspect.Parameter.empty:
+        # (MiniCPM-V's: required)
         base["max_seqlen"] = None
     d = attn.head_dim
     rotary = [None]
@@ -126,7 +127,7 @@ def test_swapped_attention_matches_transformers(module, name, monkeypatch):
     calls = _spy(monkeypatch)
     got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     got = ours(**dict(inputs, hidden_states=got_x))
-    assert calls == [(True, max(LENGTHS))]   # one packed call, its longest read once
+    assert calls == [(True, max(LENGTHS))]   # one packed call, given its longest
     want = ref(**dict(inputs, hidden_states=want_x))
     assert len(calls) == 1                   # (sdpa's own: not pyssm's)
     got = got[0] if isinstance(got, tuple) else got
