@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import pyssm.integrations.transformers as pyssm_hf  # noqa: E402
+from pyssm.integrations import transformers_swaps  # noqa: E402
 from pyssm import ops  # noqa: E402
 
 
@@ -682,7 +683,7 @@ def test_qwen2_5_vl_matches_sdpa(swapped, monkeypatch):
     ours.load_state_dict(ref.state_dict())
     ours.set_attn_implementation("pyssm")
     if swapped:   # (every class of the list there in the pinned transformers)
-        assert len(pyssm_hf._classes(pyssm_hf.VISION_ATTENTION_CLASSES)) == \
+        assert len(transformers_swaps._classes(pyssm_hf.VISION_ATTENTION_CLASSES)) == \
             len(pyssm_hf.VISION_ATTENTION_CLASSES) == 36
         assert pyssm_hf.swap_vision_attention(ours) == 2
         assert isinstance(ours.model.visual.blocks[0].attn, pyssm_hf.VisionAttention)

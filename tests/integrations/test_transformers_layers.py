@@ -14,6 +14,7 @@ from triton_params import KERNEL_DEVICES, every_fused_path
 transformers = pytest.importorskip("transformers")
 
 import pyssm.integrations.transformers as pyssm_hf  # noqa: E402
+from pyssm.integrations import transformers_swaps  # noqa: E402
 
 
 def _model(name):
@@ -83,8 +84,9 @@ def test_swapped_layers_give_the_models_outputs_and_gradients(name, checkpointin
     activation checkpointing the swapped layers run again in the backward."""
     ref, ours, inputs = _pair(name)
     calls = []
-    real = pyssm_hf.add_mlp
-    monkeypatch.setattr(pyssm_hf, "add_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = transformers_swaps.add_mlp
+    monkeypatch.setattr(transformers_swaps, "add_mlp",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     results = []
     for model in (ref, ours):
         model.double().train(training)
