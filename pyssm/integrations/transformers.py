@@ -41,21 +41,23 @@ both ways, every run over its row's valid keys up to its end (the mask read once
 ``block_mask``). The mask brings the causality: PaliGemma's attention modules say
 is_causal=False. Encoders attending both ways within a window (ModernBERT, EmbeddingGemma:
 ``sliding_window`` w on a bidirectional layer) run pyssm's centred window
-(``window_size=(w - 1, w - 1)``, as transformers' flash-attn path sets it), a padded row's
-valid run packed. Cross-attention (fewer queries than keys: BLIP-2's Q-Former, perceiver
-resamplers, SigLIP 2's pooling head) sees every key, or the padding mask's; a padding mask
-both ways comes as (batch, 1, 1, keys), sdpa's layout, for models that reshape it for other
-modules (that pooling head's nn.MultiheadAttention). A dense 4D mask a model builds itself, bypassing the mask interface, runs
-where it is block-diagonal (images packed along a row, each attending to itself: Pixtral's
+(``window_size=(w - 1, w - 1)``, as transformers' flash-attn path sets it), a padded row's valid
+run packed.
+Cross-attention (fewer queries than keys: BLIP-2's Q-Former, perceiver resamplers, SigLIP 2's
+pooling head) sees every key, or the padding mask's; a padding mask both ways comes as (batch,
+1, 1, keys), sdpa's layout, for models that reshape it for other modules (that pooling head's
+nn.MultiheadAttention). A dense 4D mask a model builds itself, bypassing the mask interface,
+runs where it is block-diagonal (images packed along a row, each attending to itself: Pixtral's
 vision tower, Mistral Small 3.1's and Pixtral 12B's): one packed call a layer, its blocks read
-once a forward. A model whose mask is none of these (chunked attention) raises. Gemma 2's attention soft-capping (the config's attn_logit_softcapping) runs
-as pyssm's ``softcap``. What pyssm does not compute raises instead of being dropped: attention
-dropout while training, position biases (T5-style), attention sinks, and attention
-probabilities (``output_attentions``).
+once a forward. A model whose mask is none of these (chunked attention) raises. Gemma 2's
+attention soft-capping (the config's attn_logit_softcapping) runs as pyssm's ``softcap``. What
+pyssm does not compute raises instead of being dropped: attention dropout while training,
+position biases (T5-style), attention sinks, and attention probabilities
+(``output_attentions``).
 
-``swap_mlp``, ``swap_layers`` and ``swap_vision_attention`` (pyssm.integrations.transformers_swaps,
-re-exported here) put pyssm's fused MLP and norms into CLIP / SigLIP-family towers and pack the
-vision attention of Qwen-VL-family towers.
+``swap_mlp``, ``swap_layers`` and ``swap_vision_attention`` (re-exported here from
+pyssm.integrations.transformers_swaps, whose docstring describes them) put pyssm's fused MLP and
+norms into CLIP / SigLIP-family towers and pack the vision attention of Qwen-VL-family towers.
 
 Tested with transformers 5.24 (CLIP vision and text towers, SigLIP and SmolVLM vision towers,
 Llama, Mistral, Gemma 2, LLaVA, PaliGemma 1 and 2, Gemma 3, Qwen2.5-VL, Pixtral's vision
@@ -63,7 +65,6 @@ tower, ModernBERT, EmbeddingGemma, and each of VISION_ATTENTION_CLASSES alone; t
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -603,19 +604,20 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
                  kv_offset: int = 0, mask_function=None,
                  attention_mask: torch.Tensor | None = None, device=None, **kwargs):
     """The mask transformers builds for "pyssm": None when every key is there to be seen;
-    the boolean (batch, kv_length) padding mask when some are padding (the attention function
-    unpads with it), or (batch, 1, 1, kv_length) for a mask both ways (bidirectional, with a
-    window or not: sdpa's broadcastable layout, which models reusing the mask for other modules
-    expect, SigLIP 2's pooling head); or, for a static cache (kv_length slots, of which the first q_offset +
-    q_length are written) with no padding, the int32 (batch,) number of keys written, which the
-    attention function passes as seqused_k: the cache read in place, nothing read on the host
-    (q_offset is a tensor there); or, for sequences packed along each row by position_ids (no
-    padding mask, no cache: padding-free training), the int64 (batch, length) sequence index
-    of each token, from which the attention function takes cu_seqlens once a forward; or, for
-    a causal mask with blocks attending both ways, or any causal mask where the config builds
-    its attention modules bidirectional (use_bidirectional_attention: PaliGemma), the int32
-    (batch, 1, 1, kv_length) ``block_mask``. A cached step of several queries has the padding
-    after each row's last valid query made valid (_align_queries)."""
+    the boolean (batch, kv_length) padding mask when some are padding (the attention
+    function unpads with it), or (batch, 1, 1, kv_length) for a mask both ways
+    (bidirectional, with a window or not: sdpa's broadcastable layout, which models reusing
+    the mask for other modules expect, SigLIP 2's pooling head); or, for a static cache
+    (kv_length slots, of which the first q_offset + q_length are written) with no padding,
+    the int32 (batch,) number of keys written, which the attention function passes as
+    seqused_k: the cache read in place, nothing read on the host (q_offset is a tensor
+    there); or, for sequences packed along each row by position_ids (no padding mask, no
+    cache: padding-free training), the int64 (batch, length) sequence index of each token,
+    from which the attention function takes cu_seqlens once a forward; or, for a causal mask
+    with blocks attending both ways, or any causal mask where the config builds its
+    attention modules bidirectional (use_bidirectional_attention: PaliGemma), the int32
+    (batch, 1, 1, kv_length) ``block_mask``. A cached step of several queries has the
+    padding after each row's last valid query made valid (_align_queries)."""
     ids = _packed_sequence_ids(mask_function)
     if ids is not None:
         if attention_mask is not None or not isinstance(q_offset, int) or q_offset or kv_offset or \
