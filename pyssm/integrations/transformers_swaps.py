@@ -129,16 +129,34 @@ class EncoderLayer(nn.Module):
 _HYBRIDS: dict[tuple[type, type], type] = {}
 
 
-def _hybrid(ours: type, hf_module: nn.Module, backend: str | None) -> nn.Module:
-    """``ours`` built over ``hf_module`` as an instance of a subclass of both (``Pyssm<its
-    class name>``, made once per pair), so that transformers' isinstance checks hold: its
-    hidden-state and attention recorders hook modules by class, and its
-    GradientCheckpointingLayer wraps the forward."""
-    cls = type(hf_module)
+def _hybrid_class(ours: type, cls: type) -> type:
+    """The subclass of both ``ours`` and transformers' ``cls`` (``Pyssm<its name>``), made once
+    per pair. Built at run time, it is not found by name in this module, so its instances
+    pickle as (_unpickled, (ours, cls)) and their state: torch.save of a swapped model, and
+    torch.load in a fresh process, work."""
     if (ours, cls) not in _HYBRIDS:
         _HYBRIDS[ours, cls] = type(f"Pyssm{cls.__name__}", (ours, cls),
-                                   {"__module__": __name__, "__doc__": ours.__doc__})
-    return _HYBRIDS[ours, cls](hf_module, backend=backend)
+                                   {"__module__": __name__, "__doc__": ours.__doc__,
+                                    "__reduce_ex__": _reduce_hybrid})
+    return _HYBRIDS[ours, cls]
+
+
+def _reduce_hybrid(module: nn.Module, protocol: int):
+    return _unpickled, type(module).__bases__, module.__dict__.copy()
+
+
+def _unpickled(ours: type, cls: type) -> nn.Module:
+    """An empty instance of the hybrid of ``ours`` and ``cls``, which pickle fills with its
+    state (nn.Module.__setstate__)."""
+    return object.__new__(_hybrid_class(ours, cls))
+
+
+def _hybrid(ours: type, hf_module: nn.Module, backend: str | None) -> nn.Module:
+    """``ours`` built over ``hf_module`` as an instance of a subclass of both
+    (``_hybrid_class``), so that transformers' isinstance checks hold: its hidden-state and
+    attention recorders hook modules by class, and its GradientCheckpointingLayer wraps the
+    forward."""
+    return _hybrid_class(ours, type(hf_module))(hf_module, backend=backend)
 
 
 def encoder_layer(hf_layer: nn.Module, backend: str | None = None) -> EncoderLayer:

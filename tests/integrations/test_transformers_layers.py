@@ -75,6 +75,20 @@ def _pair(name, attn="sdpa"):
     return ref, ours, inputs
 
 
+def test_a_swapped_model_pickles(monkeypatch, tmp_path):
+    """torch.save of a whole swapped model and torch.load with no hybrid class made yet (as in a
+    fresh process): the layers come back as the same hybrids, with the same outputs."""
+    ref, ours, inputs = _pair("clip-vision")
+    torch.save(ours, tmp_path / "model.pt")
+    monkeypatch.setattr(transformers_swaps, "_HYBRIDS", {})
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    layers = [m for m in back.modules() if isinstance(m, pyssm_hf.EncoderLayer)]
+    assert len(layers) == 3 and type(layers[0]).__name__ == "PyssmCLIPEncoderLayer"
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs).last_hidden_state,
+                                   ours(**inputs).last_hidden_state, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["clip-vision", "siglip-vision", "clip-text", "smolvlm-vision"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointed"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

@@ -168,3 +168,21 @@ def test_swap_keeps_the_config_live_and_copies():
         torch.testing.assert_close(twin(**inputs), want, atol=1e-10, rtol=1e-10)
         # max_seqlen as the caller gives it (here, larger than needed: still valid)
         torch.testing.assert_close(ours(**inputs, max_seqlen=40), want, atol=1e-10, rtol=1e-10)
+
+
+def test_a_swapped_attention_pickles(monkeypatch, tmp_path):
+    """torch.save and torch.load (no hybrid class made yet, as in a fresh process) of a swapped
+    attention: the same class, its config still the packed view, the same outputs."""
+    from pyssm.integrations import transformers_swaps
+
+    ref = _build("qwen2_vl", "VisionAttention")
+    inputs = _inputs(ref)
+    holder = nn.ModuleDict({"attn": copy.deepcopy(ref)})
+    pyssm_hf.swap_vision_attention(holder)
+    torch.save(holder, tmp_path / "attn.pt")
+    monkeypatch.setattr(transformers_swaps, "_HYBRIDS", {})
+    back = torch.load(tmp_path / "attn.pt", weights_only=False)["attn"]
+    assert type(back).__name__ == "PyssmVisionAttention"
+    assert back.config._attn_implementation == pyssm_hf.PACKED_NAME
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs), ref(**inputs), atol=1e-10, rtol=1e-10)
