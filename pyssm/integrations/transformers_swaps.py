@@ -270,8 +270,10 @@ class VisionAttention(nn.Module):
     def forward(self, *args, **kwargs):
         signature = _signature(self.hf_class)
         bound = signature.bind_partial(self, *args, **kwargs)   # (max_seqlen may be required)
-        if "max_seqlen" in signature.parameters and bound.arguments.get("max_seqlen") is None:
-            bound.arguments["max_seqlen"] = _longest(bound.arguments["cu_seqlens"])
+        given = bound.arguments
+        if "max_seqlen" in signature.parameters and given.get("max_seqlen") is None and \
+                given.get("cu_seqlens") is not None:
+            given["max_seqlen"] = _longest(given["cu_seqlens"])
         return self.hf_class.forward(*bound.args, **bound.kwargs)
 
 
