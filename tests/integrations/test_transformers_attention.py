@@ -631,6 +631,28 @@ def test_blip2_qformer_cross_attention_matches_sdpa(encoder_mask):
                                  attention_mask=torch.ones(2, 16, dtype=torch.bool)) is None
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["all_valid", "padded"])
+def test_idefics2_perceiver_resampler_matches_sdpa(padded):
+    """Idefics2's connector: 4 latents attend to 16 image tokens and themselves (20 keys for 4
+    queries, no cache), with an all-ones or a padded image mask, in float64 against sdpa."""
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
+
+    config = Idefics2PerceiverConfig(hidden_size=32, resampler_n_latents=4, resampler_depth=2,
+                                     resampler_n_heads=4, resampler_head_dim=8,
+                                     num_key_value_heads=2)
+    ref, ours = _pair(Idefics2PerceiverResampler, config)
+    ref, ours = ref.double(), ours.double()
+    torch.manual_seed(7)
+    context = torch.randn(2, 16, 32, dtype=torch.float64)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    if padded:
+        mask[1, 10:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(ours(context, mask), ref(context, mask),
+                                   atol=1e-10, rtol=1e-10)
+
+
 def test_llava_matches_sdpa(monkeypatch):
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
