@@ -68,9 +68,17 @@ def diagonal_blocks(mask: torch.Tensor):
         exact &= (ok | (m <= MASKED_BIAS)).all()
     if S == 0 or not bool(exact):
         return None
+    return run_offsets(starts)
+
+
+def run_offsets(starts: torch.Tensor):
+    """(int32 cu_seqlens, the longest run) of runs of tokens packed over B x S, from ``starts``
+    (B, S) bool, True at each run's first token (every row's first token among them). One
+    device sync."""
+    B, S = starts.shape
     first = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
     cu = torch.cat([first, first.new_full((1,), B * S)])
-    return cu, int((cu[1:] - cu[:-1]).max())
+    return cu, (int((cu[1:] - cu[:-1]).max()) if B * S else 0)
 
 
 @once_per_version

@@ -92,9 +92,7 @@ def _sequence_offsets(ids: torch.Tensor):
     B, S = ids.shape
     starts = torch.ones(B, S, dtype=torch.bool, device=ids.device)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    first = starts.reshape(-1).nonzero()[:, 0].to(torch.int32)
-    cu = torch.cat([first, first.new_full((1,), B * S)])
-    return cu, (int((cu[1:] - cu[:-1]).max()) if B * S else 0)
+    return _padding.run_offsets(starts)
 
 
 @_once_per_version
@@ -600,6 +598,18 @@ def _check_mask_function(mask_function) -> None:
                            f"bidirectional attention with padding)")
 
 
+def _both_ways_padding(attention_mask: torch.Tensor | None, kv_length: int):
+    """padding_mask's answer for a mask both ways: None when every key is seen, else the
+    padding of the last kv_length keys (a static cache's slots past the mask hidden) as
+    (batch, 1, 1, kv_length), sdpa's layout."""
+    if attention_mask is None:
+        return None
+    valid = attention_mask[:, -kv_length:].bool()
+    if valid.shape[1] < kv_length:   # (a static cache's slots not written yet)
+        valid = torch.nn.functional.pad(valid, (0, kv_length - valid.shape[1]))
+    return None if bool(valid.all()) else valid[:, None, None, :]
+
+
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
                  kv_offset: int = 0, mask_function=None,
                  attention_mask: torch.Tensor | None = None, device=None, **kwargs):
@@ -618,6 +628,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     attention modules bidirectional (use_bidirectional_attention: PaliGemma), the int32
     (batch, 1, 1, kv_length) ``block_mask``. A cached step of several queries has the
     padding after each row's last valid query made valid (_align_queries)."""
+    from transformers import masking_utils
+
     ids = _packed_sequence_ids(mask_function)
     if ids is not None:
         if attention_mask is not None or not isinstance(q_offset, int) or q_offset or kv_offset or \
@@ -629,7 +641,6 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if blockwise is None and getattr(config, "use_bidirectional_attention", False):
         # a causal mask for attention modules built bidirectional (PaliGemma's language model
         # without token types, or a decoding step): its causality must come with the mask
-        from transformers import masking_utils
         w = _sliding_window_of(mask_function)
         if mask_function is masking_utils.causal_mask_function:
             blockwise = None, None, True
@@ -641,10 +652,7 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if _both_ways(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, device):
         if not isinstance(q_offset, int) or q_offset or kv_offset or q_length != kv_length:
             raise _unsupported("bidirectional attention over a cache")
-        if attention_mask is None:
-            return None
-        attention_mask = attention_mask[:, -kv_length:].bool()
-        return None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        return _both_ways_padding(attention_mask, kv_length)
     _check_mask_function(mask_function)
     if attention_mask is not None and attention_mask.dtype == torch.int32 and \
             attention_mask.shape == (batch_size,):
@@ -652,18 +660,11 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask "
                          f"(batch, length), got shape {tuple(attention_mask.shape)}")
-    from transformers import masking_utils
     if mask_function is masking_utils.bidirectional_mask_function and not kv_offset:
         # both ways, as sdpa reads it whatever the lengths: every key the padding mask shows
         # (every key without one), an encoder's, cross-attention's (BLIP-2's Q-Former, a
         # perceiver resampler, SigLIP 2's pooling head: fewer queries than keys) or over a cache
-        if attention_mask is None:
-            return None
-        attention_mask = attention_mask[:, -kv_length:].bool()
-        if attention_mask.shape[1] < kv_length:   # (a static cache's slots not written yet)
-            attention_mask = torch.nn.functional.pad(attention_mask,
-                                                     (0, kv_length - attention_mask.shape[1]))
-        return None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+        return _both_ways_padding(attention_mask, kv_length)
     static = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_length
     # a dynamic sliding cache keeps its last keys only: key j is token kv_offset + j, the last
     # key the last query, as the bottom-right aligned window wants (and the padding mask's last
