@@ -19,9 +19,10 @@ def registered():
     pyssm_hf.register()
 
 
-def _pair(cls, config, ref_impl="sdpa", **kw):
-    """(sdpa model (or ``ref_impl``'s), pyssm model) with the same weights; separate configs so
-    that setting one's attention backend cannot change the other's."""
+def _pair(cls, config, ref_impl="sdpa", double=False, **kw):
+    """(sdpa model (or ``ref_impl``'s), pyssm model) with the same weights (float64 where
+    ``double``); separate configs so that setting one's attention backend cannot change the
+    other's."""
     torch.manual_seed(0)
     ref = cls(copy.deepcopy(config), **kw).eval()
     ref.set_attn_implementation(ref_impl)
@@ -30,6 +31,8 @@ def _pair(cls, config, ref_impl="sdpa", **kw):
     ours.set_attn_implementation("pyssm")
     assert ours.config._attn_implementation == "pyssm"
     assert ref.config._attn_implementation == ref_impl
+    if double:
+        ref, ours = ref.double(), ours.double()
     return ref, ours
 
 
@@ -585,8 +588,7 @@ def test_siglip2_naflex_with_pooling_head_matches_sdpa(full):
     config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, patch_size=4, num_patches=16,
                                  vision_use_head=True)
-    ref, ours = _pair(Siglip2VisionModel, config)
-    ref, ours = ref.double(), ours.double()
+    ref, ours = _pair(Siglip2VisionModel, config, double=True)
     torch.manual_seed(5)
     pixels = torch.randn(3, 16, 3 * 4 * 4, dtype=torch.float64)
     shapes = torch.tensor([[4, 4]] * 3 if full else [[4, 4], [3, 4], [2, 3]])
@@ -614,8 +616,7 @@ def test_blip2_qformer_cross_attention_matches_sdpa(encoder_mask):
     config = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=64, encoder_hidden_size=24,
                                 cross_attention_frequency=1)
-    ref, ours = _pair(Blip2QFormerModel, config)
-    ref, ours = ref.double(), ours.double()
+    ref, ours = _pair(Blip2QFormerModel, config, double=True)
     torch.manual_seed(6)
     queries = torch.randn(2, 4, 32, dtype=torch.float64)
     image = torch.randn(2, 16, 24, dtype=torch.float64)
@@ -641,8 +642,7 @@ def test_idefics2_perceiver_resampler_matches_sdpa(padded):
     config = Idefics2PerceiverConfig(hidden_size=32, resampler_n_latents=4, resampler_depth=2,
                                      resampler_n_heads=4, resampler_head_dim=8,
                                      num_key_value_heads=2)
-    ref, ours = _pair(Idefics2PerceiverResampler, config)
-    ref, ours = ref.double(), ours.double()
+    ref, ours = _pair(Idefics2PerceiverResampler, config, double=True)
     torch.manual_seed(7)
     context = torch.randn(2, 16, 32, dtype=torch.float64)
     mask = torch.ones(2, 16, dtype=torch.long)
@@ -753,8 +753,7 @@ def test_pixtral_vision_matches_sdpa(monkeypatch):
 
     config = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, head_dim=8, image_size=32, patch_size=4)
-    ref, ours = _pair(PixtralVisionModel, config)
-    ref, ours = ref.double(), ours.double()
+    ref, ours = _pair(PixtralVisionModel, config, double=True)
     torch.manual_seed(3)
     pixels = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     sizes = torch.tensor([[16, 12], [8, 8]])   # 4 x 3 and 2 x 2 patches: runs of 12 and 4
